@@ -1,0 +1,58 @@
+"""Every exception meterstream raises, under one root.
+
+A bad *event* is never an exception: it is a :class:`pipeline.events.Rejection`
+(data, dead-lettered with a reason). Exceptions here are for bad configuration
+and broken dependencies, which stop the worker loudly.
+"""
+
+from __future__ import annotations
+
+
+class MeterstreamError(Exception):
+    """Root of every meterstream exception."""
+
+
+class ConfigError(MeterstreamError):
+    """Configuration is invalid; ``problems`` lists every problem found, each with its path."""
+
+    def __init__(self, problems: list[str], source: str = "configuration") -> None:
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{source} has {len(self.problems)} problem(s):\n{lines}")
+
+
+class DependencyError(MeterstreamError):
+    """A dependency (broker, ClickHouse, Stripe) failed."""
+
+
+class ClickHouseError(DependencyError):
+    """ClickHouse rejected or failed a statement; keeps the server's error code."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        self.code = code
+        super().__init__(message if code is None else f"[ClickHouse {code}] {message}")
+
+
+class MigrationError(ClickHouseError):
+    """A schema migration failed; the worker must not start."""
+
+
+class StripeError(DependencyError):
+    """Stripe (or the emulator) answered with an error; keeps Stripe's error code."""
+
+    def __init__(
+        self, message: str, code: str | None = None, status: int | None = None
+    ) -> None:
+        self.code = code
+        self.status = status
+        super().__init__(message)
+
+    @property
+    def retryable(self) -> bool:
+        """429, 5xx and network failures (no status) are retried with the same identifier."""
+        return self.status is None or self.status == 429 or self.status >= 500
+
+
+class BrokerError(DependencyError):
+    """The Kafka broker could not be started or reached."""

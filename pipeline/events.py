@@ -1,0 +1,232 @@
+"""The usage event contract (DESIGN.md, "The event") and its validation.
+
+``parse_event`` turns one Kafka record value into a :class:`UsageEvent` or a
+:class:`Rejection`. A rejection is data, not an exception: the worker sends it
+to the dead-letter topic with its machine-readable reason.
+
+Numbers are exact: JSON numbers with a fraction or exponent are parsed as
+``Decimal`` and written back unchanged by :func:`canonical_json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+import simplejson
+
+MAX_EVENT_BYTES = 64 * 1024
+MAX_FUTURE_MS = 5 * 60 * 1000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EVENT_FIELDS = frozenset({"event_name", "customer_id", "idempotency_key", "timestamp", "properties"})
+
+
+class Reason(StrEnum):
+    """Machine-readable dead-letter reasons."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_EVENT = "invalid_event"
+    TOO_LARGE = "too_large"
+    TOO_LATE = "too_late"
+    FUTURE_TIMESTAMP = "future_timestamp"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    INVALID_VALUE = "invalid_value"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One accepted usage event. ``timestamp_ms`` is event time, epoch milliseconds UTC."""
+
+    event_name: str
+    customer_id: str
+    idempotency_key: str
+    timestamp_ms: int
+    properties: dict[str, Any]
+    key_derived: bool = False
+    fingerprint: str = field(default="", compare=False)
+
+    @property
+    def timestamp(self) -> datetime:
+        return datetime.fromtimestamp(self.timestamp_ms / 1000, tz=UTC)
+
+    def to_json(self) -> str:
+        """The event as producers send it, canonical (sorted keys, exact numbers)."""
+        return canonical_json(
+            {
+                "event_name": self.event_name,
+                "customer_id": self.customer_id,
+                "idempotency_key": self.idempotency_key,
+                "timestamp": self.timestamp_ms,
+                "properties": self.properties,
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An event that is not counted, with why. Goes to the dead-letter topic and ClickHouse."""
+
+    reason: Reason
+    detail: str
+    raw: bytes
+    customer_id: str = ""
+    idempotency_key: str = ""
+    meter: str = ""
+
+    def to_dlq(self, received_at_ms: int) -> dict[str, Any]:
+        return {
+            "reason": str(self.reason),
+            "detail": self.detail,
+            "raw": self.raw.decode("utf-8", errors="replace"),
+            "customer_id": self.customer_id,
+            "idempotency_key": self.idempotency_key,
+            "meter": self.meter,
+            "received_at": received_at_ms,
+        }
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no spaces, exact decimals: equal content gives equal text."""
+    return str(
+        simplejson.dumps(
+            obj, use_decimal=True, sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+    )
+
+
+def loads_exact(raw: bytes | str) -> Any:
+    """JSON with non-integer numbers as Decimal (never float)."""
+    return simplejson.loads(raw, use_decimal=True)
+
+
+def content_fingerprint(event_name: str, timestamp_ms: int, properties: dict[str, Any]) -> str:
+    """Hash of what a duplicate must repeat to be an exact duplicate (not a conflict)."""
+    text = canonical_json([event_name, timestamp_ms, properties])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def derive_idempotency_key(
+    event_name: str, customer_id: str, timestamp_ms: int, properties: dict[str, Any]
+) -> str:
+    """Deterministic key for events sent without one: same content, same key."""
+    text = canonical_json([event_name, customer_id, timestamp_ms, properties])
+    return "drv_" + hashlib.sha256(text.encode()).hexdigest()[:40]
+
+
+def parse_timestamp(value: Any) -> int:
+    """RFC 3339 string (with offset) or epoch milliseconds -> epoch ms. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be an RFC 3339 string or epoch milliseconds")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, Decimal) and value == value.to_integral_value():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"timestamp {value!r} is not RFC 3339") from None
+        if parsed.tzinfo is None:
+            raise ValueError(f"timestamp {value!r} has no UTC offset (RFC 3339 requires one)")
+        return (parsed - _EPOCH) // timedelta(milliseconds=1)
+    raise ValueError("timestamp must be an RFC 3339 string or epoch milliseconds")
+
+
+def _check_string(doc: dict[str, Any], name: str, limit: int, problems: list[str]) -> str:
+    value = doc.get(name)
+    if not isinstance(value, str) or not value:
+        problems.append(f"{name}: required string of 1-{limit} characters")
+        return ""
+    if len(value) > limit:
+        problems.append(f"{name}: longer than {limit} characters")
+    return value
+
+
+def validate_document(
+    doc: Any, *, record_timestamp_ms: int
+) -> tuple[UsageEvent | None, list[str]]:
+    """Check the shape of a decoded event; returns the event or every problem found."""
+    if not isinstance(doc, dict):
+        return None, ["event must be a JSON object"]
+    problems: list[str] = [
+        f"{name}: unknown field" for name in sorted(set(doc) - EVENT_FIELDS)
+    ]
+    event_name = _check_string(doc, "event_name", 100, problems)
+    customer_id = _check_string(doc, "customer_id", 200, problems)
+    key = doc.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= 200):
+        problems.append("idempotency_key: must be a string of 1-200 characters")
+    properties = doc.get("properties", {})
+    if not isinstance(properties, dict):
+        problems.append("properties: must be a JSON object")
+    timestamp_ms = record_timestamp_ms
+    if doc.get("timestamp") is not None:
+        try:
+            timestamp_ms = parse_timestamp(doc["timestamp"])
+        except ValueError as exc:
+            problems.append(f"timestamp: {exc}")
+    if problems:
+        return None, problems
+    derived = key is None
+    if derived:
+        key = derive_idempotency_key(event_name, customer_id, timestamp_ms, properties)
+    return (
+        UsageEvent(
+            event_name=event_name,
+            customer_id=customer_id,
+            idempotency_key=key,
+            timestamp_ms=timestamp_ms,
+            properties=properties,
+            key_derived=derived,
+            fingerprint=content_fingerprint(event_name, timestamp_ms, properties),
+        ),
+        [],
+    )
+
+
+def parse_event(
+    raw: bytes,
+    *,
+    record_timestamp_ms: int,
+    now_ms: int,
+    horizon_ms: int,
+    max_bytes: int = MAX_EVENT_BYTES,
+) -> UsageEvent | Rejection:
+    """Decode and validate one record value against the event contract."""
+    if len(raw) > max_bytes:
+        return Rejection(Reason.TOO_LARGE, f"{len(raw)} bytes > limit {max_bytes}", raw[:max_bytes])
+    try:
+        doc = loads_exact(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return Rejection(Reason.INVALID_JSON, str(exc)[:300], raw)
+    event, problems = validate_document(doc, record_timestamp_ms=record_timestamp_ms)
+    if event is None:
+        ids = doc if isinstance(doc, dict) else {}
+        return Rejection(
+            Reason.INVALID_EVENT,
+            "; ".join(problems),
+            raw,
+            customer_id=str(ids.get("customer_id") or "")[:200],
+            idempotency_key=str(ids.get("idempotency_key") or "")[:200],
+        )
+    if event.timestamp_ms > now_ms + MAX_FUTURE_MS:
+        return Rejection(
+            Reason.FUTURE_TIMESTAMP,
+            f"timestamp {event.timestamp.isoformat()} is more than 5 minutes in the future",
+            raw,
+            event.customer_id,
+            event.idempotency_key,
+        )
+    if event.timestamp_ms < now_ms - horizon_ms:
+        return Rejection(
+            Reason.TOO_LATE,
+            f"timestamp {event.timestamp.isoformat()} is older than the dedup horizon",
+            raw,
+            event.customer_id,
+            event.idempotency_key,
+        )
+    return event

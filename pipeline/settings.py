@@ -1,0 +1,91 @@
+"""Typed, frozen settings from the environment (prefix ``METERSTREAM_``).
+
+Anything left unset that has an embedded stand-in (Kafka, ClickHouse, Stripe)
+is started by ``meterstream run``. Secrets are ``SecretStr`` and never logged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.errors import ConfigError
+
+DEFAULT_STATE_DIR = Path(".meterstream")
+STRIPE_API_BASE = "https://api.stripe.com"
+STRIPE_METER_EVENTS_BASE = "https://meter-events.stripe.com"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="METERSTREAM_", frozen=True, extra="ignore")
+
+    # Kafka
+    kafka_bootstrap_servers: str | None = None
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
+        "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    topic_prefix: str = ""
+    partitions: int = Field(default=4, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1)
+    app_id: str = "meterstream"
+    processing_guarantee: Literal["auto", "at_least_once", "exactly_once"] = "auto"
+
+    # ClickHouse
+    clickhouse_dsn: str | None = None
+    clickhouse_user: str | None = None
+    clickhouse_password: SecretStr | None = None
+    clickhouse_database: str = "meterstream"
+    clickhouse_flush_rows: int = Field(default=5000, ge=1)
+    clickhouse_flush_seconds: float = Field(default=1.0, gt=0)
+
+    # Stripe
+    stripe_api_key: SecretStr | None = None
+    stripe_api_base: str | None = None
+    stripe_meter_events_base: str | None = None
+    stripe_grace_seconds: int = Field(default=300, ge=0)
+    stripe_rate_limit_per_second: float = Field(default=25.0, gt=0)
+
+    # Worker
+    state_dir: Path = DEFAULT_STATE_DIR
+    meters_file: Path | None = None
+    dedup_horizon_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    store: Literal["memory", "rocksdb"] = "memory"
+    store_path: Path | None = None
+    batch_max_events: int = Field(default=2000, ge=1)
+    batch_max_seconds: float = Field(default=0.25, gt=0)
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=6066, ge=0, le=65535)
+    log_format: Literal["auto", "json", "text"] = "auto"
+
+    @field_validator("clickhouse_dsn")
+    @classmethod
+    def _dsn_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("chdb://", "http://", "https://")):
+            raise ValueError("must start with chdb://, http:// or https://")
+        return value
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+    @property
+    def embedded_clickhouse_dsn(self) -> str:
+        return f"chdb://{(self.state_dir / 'clickhouse').resolve()}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment plus overrides; every problem reported at once."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = [
+            f"METERSTREAM_{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise ConfigError(problems, source="settings") from None
