@@ -41,9 +41,7 @@ class MigrationError(ClickHouseError):
 class StripeError(DependencyError):
     """Stripe (or the emulator) answered with an error; keeps Stripe's error code."""
 
-    def __init__(
-        self, message: str, code: str | None = None, status: int | None = None
-    ) -> None:
+    def __init__(self, message: str, code: str | None = None, status: int | None = None) -> None:
         self.code = code
         self.status = status
         super().__init__(message)

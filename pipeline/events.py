@@ -22,7 +22,9 @@ import simplejson
 MAX_EVENT_BYTES = 64 * 1024
 MAX_FUTURE_MS = 5 * 60 * 1000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-EVENT_FIELDS = frozenset({"event_name", "customer_id", "idempotency_key", "timestamp", "properties"})
+EVENT_FIELDS = frozenset(
+    {"event_name", "customer_id", "idempotency_key", "timestamp", "properties"}
+)
 
 
 class Reason(StrEnum):
@@ -35,6 +37,9 @@ class Reason(StrEnum):
     FUTURE_TIMESTAMP = "future_timestamp"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     INVALID_VALUE = "invalid_value"
+    DUPLICATE = (
+        "duplicate"  # exact duplicate: recorded in ClickHouse for analysts, not dead-lettered
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,15 +151,11 @@ def _check_string(doc: dict[str, Any], name: str, limit: int, problems: list[str
     return value
 
 
-def validate_document(
-    doc: Any, *, record_timestamp_ms: int
-) -> tuple[UsageEvent | None, list[str]]:
+def validate_document(doc: Any, *, record_timestamp_ms: int) -> tuple[UsageEvent | None, list[str]]:
     """Check the shape of a decoded event; returns the event or every problem found."""
     if not isinstance(doc, dict):
         return None, ["event must be a JSON object"]
-    problems: list[str] = [
-        f"{name}: unknown field" for name in sorted(set(doc) - EVENT_FIELDS)
-    ]
+    problems: list[str] = [f"{name}: unknown field" for name in sorted(set(doc) - EVENT_FIELDS)]
     event_name = _check_string(doc, "event_name", 100, problems)
     customer_id = _check_string(doc, "customer_id", 200, problems)
     key = doc.get("idempotency_key")
@@ -172,13 +173,16 @@ def validate_document(
     if problems:
         return None, problems
     derived = key is None
-    if derived:
-        key = derive_idempotency_key(event_name, customer_id, timestamp_ms, properties)
+    idempotency_key: str = (
+        derive_idempotency_key(event_name, customer_id, timestamp_ms, properties)
+        if key is None
+        else key
+    )
     return (
         UsageEvent(
             event_name=event_name,
             customer_id=customer_id,
-            idempotency_key=key,
+            idempotency_key=idempotency_key,
             timestamp_ms=timestamp_ms,
             properties=properties,
             key_derived=derived,

@@ -24,9 +24,7 @@ class Settings(BaseSettings):
 
     # Kafka
     kafka_bootstrap_servers: str | None = None
-    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
-        "PLAINTEXT"
-    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
@@ -35,6 +33,11 @@ class Settings(BaseSettings):
     partitions: int = Field(default=4, ge=1, le=1024)
     replication_factor: int = Field(default=1, ge=1)
     app_id: str = "meterstream"
+    # A new consumer group member waits up to this long for the others to join.
+    rebalance_timeout_seconds: float = Field(default=60.0, gt=0)
+    # A worker that stops heartbeating for this long loses its partitions. The
+    # embedded broker also holds a group join for about half of it.
+    session_timeout_seconds: float = Field(default=10.0, ge=2)
     processing_guarantee: Literal["auto", "at_least_once", "exactly_once"] = "auto"
 
     # ClickHouse

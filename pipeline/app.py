@@ -1,0 +1,425 @@
+"""The Faust app: topics, tables and one agent that wires the pure batch logic
+(pipeline/processor.py) to Kafka and ClickHouse. No business rules live here.
+
+Order of side effects for one batch (each step only after the previous succeeded):
+
+1. Insert accepted events into ClickHouse ``usage_events`` and bad ones into
+   ``rejected_events`` (idempotent: ReplacingMergeTree on (customer_id,
+   idempotency_key) plus an insert deduplication token), and send bad ones to
+   ``usage-events-dlq``. The record is now complete for this batch.
+2. Compute the new state of every touched window: the table's state merged with
+   the batch's contribution, or, where the table has no state (new window, lost
+   or unrecovered state) or the events were recorded but never counted, the
+   exact state recomputed from the record. Insert them into ``meter_windows``
+   with a fresh version.
+3. Write window states and dedup keys to the Faust tables (one changelog record
+   per key per batch).
+4. Return to Faust, which acks the batch; offsets are committed after Faust
+   flushes its producer (changelogs included). A crash anywhere before this
+   replays the batch: step 1 is idempotent and step 2 recomputes from the record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+import orjson
+from faust.types import EventT
+
+from pipeline import processor
+from pipeline.aggregation import WindowState, aggregator_for
+from pipeline.chio import ClickHouseIO
+from pipeline.dedup import DedupEntry, DedupKey
+from pipeline.events import Reason, Rejection, UsageEvent
+from pipeline.meters import MetersConfig
+from pipeline.settings import Settings
+from pipeline.state import delete_by_partition, write_by_partition
+from sinks.clickhouse import queries, writer
+from topics import USAGE_EVENTS, USAGE_EVENTS_DLQ
+
+log = logging.getLogger("meterstream.worker")
+EXIT_BATCH_FAILED = 70
+SWEEP_EVERY_SECONDS = 60.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class BatchReport:
+    records: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    windows_written: int = 0
+    windows_recomputed: int = 0
+
+
+class Pipeline:
+    """Everything one worker needs to process batches; built once per worker."""
+
+    def __init__(
+        self, app: faust.App, settings: Settings, meters: MetersConfig, chio: ClickHouseIO
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.meters = meters
+        self.chio = chio
+        self.metrics = chio.metrics
+        self.horizon_ms = settings.dedup_horizon_seconds * 1000
+        self.dlq = app.topic(
+            settings.topic(USAGE_EVENTS_DLQ.name),
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=settings.partitions,
+        )
+        schema = faust.Schema(
+            key_type=bytes, value_type=None, key_serializer="raw", value_serializer="json"
+        )
+        self.dedup = app.Table("dedup", partitions=settings.partitions, schema=schema)
+        self.windows = app.Table("windows", partitions=settings.partitions, schema=schema)
+        self._last_sweep = time.monotonic()
+
+    # -- the batch -------------------------------------------------------------------
+
+    async def process(self, batch: Sequence[EventT]) -> BatchReport:
+        received = now_ms()
+        report = BatchReport(records=len(batch))
+        context: dict[int, EventT] = {ev.message.partition: ev for ev in batch}
+        records = [
+            processor.SourceRecord(
+                value=ev.message.value or b"",
+                partition=ev.message.partition,
+                offset=ev.message.offset,
+                timestamp_ms=int(ev.message.timestamp * 1000),
+            )
+            for ev in batch
+        ]
+        decoded, rejections = processor.decode_batch(
+            records, now_ms=received, horizon_ms=self.horizon_ms
+        )
+        partition_of_customer = {ev.customer_id: rec.partition for rec, ev in decoded}
+        events = [ev for _, ev in decoded]
+
+        # Dedup: the table knows what was counted; the record knows what was accepted.
+        keys = {DedupKey.of(ev) for ev in events}
+        counted: dict[DedupKey, str] = {}
+        for key in keys:
+            raw = self.dedup.get(key.encode().encode())
+            if raw is not None:
+                counted[key] = DedupEntry.load(raw).fingerprint
+        unknown = [key for key in keys if key not in counted]
+        recorded = await self.chio.call(queries.existing_keys, unknown) if unknown else {}
+        dd = processor.resolve_duplicates(events, counted, recorded)
+
+        deltas, invalid, unmetered = processor.contributions(self.meters, dd.fresh)
+        bad = rejections + dd.conflicts + invalid
+
+        # 1. The record.
+        await self._write_record(dd.fresh, bad, dd.duplicates, received)
+        await self._send_dlq(bad, received)
+
+        # 2. Windows.
+        table_states: dict[processor.WindowKey, WindowState] = {}
+        for key in deltas:
+            raw = self.windows.get(key.encode().encode())
+            if raw is not None:
+                table_states[key] = aggregator_for(self.meters.by_name(key.meter).aggregation).load(
+                    raw
+                )
+        rebuild = {k for k in deltas if k not in table_states} | processor.windows_of(
+            self.meters, dd.recorded_uncounted
+        )
+        new_states = processor.merge_into(
+            self.meters, table_states, {k: v for k, v in deltas.items() if k not in rebuild}
+        )
+        if rebuild:
+            new_states.update(await self._recompute(rebuild))
+        if new_states:
+            await self._write_windows(new_states, received)
+
+        # 3. Tables, one write per key per batch, in the customer's partition.
+        window_items = {
+            key.encode(): aggregator_for(self.meters.by_name(key.meter).aggregation).dump(state)
+            for key, state in new_states.items()
+        }
+        write_by_partition(
+            self._bytes_table(self.windows),
+            window_items,
+            {k.encode(): partition_of_customer[k.customer_id] for k in new_states},
+            context,
+        )
+        dedup_items = {
+            DedupKey.of(ev).encode(): DedupEntry(ev.fingerprint, ev.timestamp_ms).dump()
+            for ev in (*dd.fresh, *dd.recorded_uncounted)
+        }
+        write_by_partition(
+            self._bytes_table(self.dedup),
+            dedup_items,
+            {
+                DedupKey.of(ev).encode(): partition_of_customer[ev.customer_id]
+                for ev in (*dd.fresh, *dd.recorded_uncounted)
+            },
+            context,
+        )
+        if time.monotonic() - self._last_sweep > SWEEP_EVERY_SECONDS:
+            self._sweep(received, context)
+
+        report.accepted = len(dd.fresh)
+        report.duplicates = len(dd.duplicates)
+        report.rejected.update(str(r.reason) for r in bad)
+        report.windows_written = len(new_states)
+        report.windows_recomputed = len(rebuild)
+        self._count(report, unmetered, deltas)
+        return report
+
+    @staticmethod
+    def _bytes_table(table: Any) -> Any:
+        """Tables are keyed by the UTF-8 bytes of the key text (raw key serializer)."""
+        return _EncodedKeys(table)
+
+    async def _write_record(
+        self,
+        accepted: list[UsageEvent],
+        bad: list[Rejection],
+        duplicates: list[UsageEvent],
+        received: int,
+    ) -> None:
+        if accepted:
+            rows = [writer.usage_event_row(ev, received) for ev in accepted]
+            await self._insert(writer.USAGE_EVENTS, rows, writer.USAGE_EVENTS_COLUMNS)
+        rejected = [writer.rejected_row(r, received) for r in bad] + [
+            writer.rejected_row(
+                Rejection(
+                    Reason.DUPLICATE,
+                    "exact duplicate of an event already counted",
+                    b"",
+                    ev.customer_id,
+                    ev.idempotency_key,
+                ),
+                received,
+            )
+            for ev in duplicates
+        ]
+        if rejected:
+            await self._insert(writer.REJECTED_EVENTS, rejected, writer.REJECTED_EVENTS_COLUMNS)
+
+    async def _insert(
+        self, table: str, rows: list[tuple[Any, ...]], columns: Sequence[str]
+    ) -> None:
+        token = writer.dedup_token(table, columns, rows)
+        started = time.perf_counter()
+        await self.chio.call(
+            lambda ch: ch.insert(table, rows, column_names=list(columns), dedup_token=token)
+        )
+        self.metrics.sink_batch_rows.observe(len(rows), table=table)
+        self.metrics.sink_seconds.observe(time.perf_counter() - started, table=table)
+
+    async def _send_dlq(self, bad: list[Rejection], received: int) -> None:
+        futures = [
+            await self.dlq.send(key=r.customer_id.encode(), value=orjson.dumps(r.to_dlq(received)))
+            for r in bad
+        ]
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def _recompute(
+        self, keys: set[processor.WindowKey]
+    ) -> dict[processor.WindowKey, WindowState]:
+        """Exact states from the record, one query per distinct window range."""
+        ranges: dict[tuple[int, int], set[processor.WindowKey]] = {}
+        for key in keys:
+            meter = self.meters.by_name(key.meter)
+            bounds = meter.window_bounds(key.window_start_ms)
+            ranges.setdefault(bounds, set()).add(key)
+        states: dict[processor.WindowKey, WindowState] = {}
+        for (start, end), group in ranges.items():
+            customers = sorted({k.customer_id for k in group})
+            names = sorted({self.meters.by_name(k.meter).event_name for k in group})
+            rows = await self.chio.call(queries.events_in_range, customers, names, start, end)
+            record = [UsageEvent(**row) for row in rows]
+            states.update(processor.recompute_windows(self.meters, group, record))
+        self.metrics.windows_recomputed.inc(len(keys))
+        return states
+
+    async def _write_windows(
+        self, states: dict[processor.WindowKey, WindowState], received: int
+    ) -> None:
+        version = time.time_ns()
+        rows = []
+        for key, state in states.items():
+            meter = self.meters.by_name(key.meter)
+            start, end = meter.window_bounds(key.window_start_ms)
+            agg = aggregator_for(meter.aggregation)
+            rows.append(
+                writer.meter_window_row(
+                    meter.name,
+                    meter.aggregation,
+                    key.customer_id,
+                    key.group_key,
+                    start,
+                    end,
+                    state,
+                    version,
+                    received,
+                    value=agg.result(state),
+                )
+            )
+        await self._insert(writer.METER_WINDOWS, rows, writer.METER_WINDOWS_COLUMNS)
+
+    def _sweep(self, now: int, context: dict[int, EventT]) -> None:
+        """Forget dedup keys and window states older than the horizon (tombstones)."""
+        self._last_sweep = time.monotonic()
+        cutoff = now - self.horizon_ms
+        old_keys = [k for k, v in self.dedup.items() if DedupEntry.load(v).timestamp_ms < cutoff]
+        old_windows = [
+            k
+            for k in self.windows
+            if processor.WindowKey.decode(k.decode()).window_start_ms < cutoff
+        ]
+        n = self.settings.partitions
+        partition_of = {k: customer_partition(orjson.loads(k)[0], n) for k in old_keys} | {
+            k: customer_partition(processor.WindowKey.decode(k.decode()).customer_id, n)
+            for k in old_windows
+        }
+        deleted = delete_by_partition(self.dedup, old_keys, partition_of, context)
+        deleted += delete_by_partition(self.windows, old_windows, partition_of, context)
+        if deleted:
+            log.info("expired %d dedup keys and window states older than the horizon", deleted)
+
+    def _count(self, report: BatchReport, unmetered: int, deltas: dict[Any, WindowState]) -> None:
+        m = self.metrics
+        m.events_in.inc(report.records)
+        m.accepted.inc(report.accepted)
+        m.duplicates.inc(report.duplicates)
+        m.unmetered.inc(unmetered)
+        for reason, n in report.rejected.items():
+            m.rejected.inc(n, reason=reason)
+        for key, state in deltas.items():
+            m.meter_updates.inc(state.event_count, meter=key.meter)
+
+
+class _EncodedKeys:
+    """Adapter: write text keys into a table keyed by bytes."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.table[key.encode()] = value
+
+
+def customer_partition(customer_id: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives a customer_id key."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+def create_app(
+    settings: Settings, meters: MetersConfig, chio: ClickHouseIO, bootstrap: str
+) -> tuple[faust.App, Pipeline]:
+    """The worker's Faust app with its agent; web routes are added by pipeline.web."""
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{bootstrap}",
+        broker_credentials=kafka_credentials(settings),
+        store="rocksdb://" if settings.store == "rocksdb" else "memory://",
+        datadir=str(settings.store_path or settings.state_dir / "faust"),
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        processing_guarantee=(
+            "exactly_once" if settings.processing_guarantee == "exactly_once" else "at_least_once"
+        ),
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_in_thread=False,
+        consumer_auto_offset_reset="earliest",
+        producer_linger_ms=5,
+        producer_max_batch_size=256 * 1024,
+        stream_buffer_maxsize=max(4096, settings.clickhouse_flush_rows * 2),
+        broker_commit_every=max(10_000, settings.clickhouse_flush_rows * 2),
+        table_cleanup_interval=3600,
+        recovery_consistency_check=False,
+        broker_rebalance_timeout=settings.rebalance_timeout_seconds,
+        broker_session_timeout=settings.session_timeout_seconds,
+        broker_heartbeat_interval=settings.session_timeout_seconds / 5,
+    )
+    pipeline = Pipeline(app, settings, meters, chio)
+    source = app.topic(
+        settings.topic(USAGE_EVENTS.name),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+        retention=USAGE_EVENTS.retention_ms / 1000 if USAGE_EVENTS.retention_ms else None,
+    )
+
+    @app.agent(source, name="meterstream.process")
+    async def process(stream: faust.StreamT[bytes]) -> None:
+        async for batch in stream.take_events(
+            settings.clickhouse_flush_rows, within=settings.clickhouse_flush_seconds
+        ):
+            await run_batch_to_completion(pipeline, batch)
+
+    return app, pipeline
+
+
+async def run_batch_to_completion(pipeline: Pipeline, batch: Sequence[EventT]) -> None:
+    """Process a batch; never let Faust ack a batch that did not finish.
+
+    Faust acks a ``take_events`` batch when the agent returns to the loop, and
+    also when the loop unwinds. So a cancelled batch (worker stopping) is
+    finished first, and a batch that fails unexpectedly ends the process at once
+    (``os._exit``) before any offset can be committed; it is replayed on restart.
+    """
+    task = asyncio.ensure_future(pipeline.process(batch))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            await asyncio.wait_for(task, timeout=60)
+        except BaseException:
+            log.critical("batch could not finish while stopping; exiting without commit")
+            os._exit(EXIT_BATCH_FAILED)
+        raise
+    except Exception:
+        log.critical("batch failed; exiting without committing its offsets", exc_info=True)
+        logging.shutdown()
+        os._exit(EXIT_BATCH_FAILED)
+
+
+def kafka_credentials(settings: Settings) -> Any:
+    if settings.kafka_security_protocol == "PLAINTEXT":
+        return None
+    import ssl
+
+    ssl_context = None
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        ssl_context = ssl.create_default_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None
+        )
+    if settings.kafka_security_protocol == "SSL":
+        return faust.SSLCredentials(ssl_context)
+    password = (
+        settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
+    )
+    return faust.SASLCredentials(
+        username=settings.kafka_sasl_username or "",
+        password=password,
+        mechanism=settings.kafka_sasl_mechanism or "PLAIN",
+        ssl_context=ssl_context,
+    )

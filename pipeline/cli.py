@@ -1,0 +1,201 @@
+"""``meterstream`` command line. Every command takes ``--state-dir``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError, MeterstreamError
+from pipeline.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides: dict[str, Any] = dict(extra)
+    if getattr(args, "state_dir", None):
+        overrides["state_dir"] = Path(args.state_dir)
+    if getattr(args, "meters", None):
+        overrides["meters_file"] = Path(args.meters)
+    return load_settings(**overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.run import run_stack
+
+    return run_stack(_settings(args), demo=args.demo, duration=args.duration, rate=args.rate)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline.worker import main
+
+    return main(_settings(args))
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from pipeline.embedded import EmbeddedBroker
+
+    broker = EmbeddedBroker(port=args.port).start()
+    print(f"Kafka-protocol broker (Tansu, memory storage) on {broker.bootstrap}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while broker.proc is not None and broker.proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+    return 0
+
+
+def cmd_stripe_emulator(args: argparse.Namespace) -> int:
+    from sinks.stripe.emulator import run_emulator
+
+    run_emulator("127.0.0.1", args.port)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from pipeline.produce import produce_file
+
+    settings = _settings(args)
+    return asyncio.run(produce_file(settings, args.file))
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from pipeline.query import print_result, run_sql
+
+    columns, rows = run_sql(_settings(args), args.query)
+    print_result(columns, rows, args.format)
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from pipeline.query import print_usage
+
+    print_usage(_settings(args), args.customer, args.meter, args.period, args.format)
+    return 0
+
+
+def cmd_meters_check(args: argparse.Namespace) -> int:
+    from pipeline.meters import load_meters
+
+    config = load_meters(Path(args.file))
+    for meter in config.meters:
+        print(f"ok  {meter.name}: {meter.aggregation} of {meter.event_name} per {meter.window}")
+    print(f"{args.file}: {len(config.meters)} meter(s), no problems")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from pipeline.worker import open_clickhouse
+    from sinks.clickhouse.migrate import migrate
+
+    ch = open_clickhouse(_settings(args))
+    applied = migrate(ch)
+    if applied:
+        for name in applied:
+            print(f"applied {name}")
+    else:
+        print("nothing pending: the schema is up to date")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from pipeline.query import reconcile_command
+
+    return reconcile_command(_settings(args), args.start, args.end, args.repair)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meterstream", description="Usage events in, exact billable totals out."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", help="state directory (default .meterstream/)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", parents=[common], help="start the stack (embedded where unset)")
+    p.add_argument("--meters", help="meters YAML file (default meters.example.yaml)")
+    p.add_argument("--demo", action="store_true", help="produce a synthetic load and show totals")
+    p.add_argument("--duration", type=float, help="stop cleanly after this many seconds")
+    p.add_argument("--rate", type=float, default=200.0, help="demo events per second")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "worker", parents=[common], help="run one worker against configured services"
+    )
+    p.add_argument("--meters", help="meters YAML file")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("broker", parents=[common], help="run the embedded Kafka broker alone")
+    p.add_argument("--port", type=int, default=9092)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser(
+        "stripe-emulator", parents=[common], help="run the Stripe meter API emulator"
+    )
+    p.add_argument("--port", type=int, default=12111)
+    p.set_defaults(func=cmd_stripe_emulator)
+
+    p = sub.add_parser("produce", parents=[common], help="send JSON-lines events to usage-events")
+    p.add_argument("file", help="JSON-lines file, or - for standard input")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("sql", parents=[common], help="read-only SQL against ClickHouse")
+    p.add_argument("query")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("usage", parents=[common], help="a customer's usage totals")
+    p.add_argument("customer")
+    p.add_argument("--meter")
+    p.add_argument("--period", help="YYYY-MM (default: the current month)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_usage)
+
+    meters = sub.add_parser("meters", help="meter definitions")
+    msub = meters.add_subparsers(dest="meters_command", required=True)
+    p = msub.add_parser("check", parents=[common], help="validate a meters file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_meters_check)
+
+    p = sub.add_parser("migrate", parents=[common], help="apply pending ClickHouse migrations")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("reconcile", parents=[common], help="compare windows with the record")
+    p.add_argument("--meters", help="meters YAML file")
+    p.add_argument("--from", dest="start", help="RFC 3339 start (default: this month)")
+    p.add_argument("--to", dest="end", help="RFC 3339 end (default: now)")
+    p.add_argument(
+        "--repair", action="store_true", help="rewrite differing windows from the record"
+    )
+    p.set_defaults(func=cmd_reconcile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"meterstream: {exc}", file=sys.stderr)
+        return 2
+    except MeterstreamError as exc:
+        print(f"meterstream: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Process-local counters and gauges, rendered in the Prometheus text format.
+
+Deliberately tiny (no client library): labelled counters, gauges and summaries
+(count + sum), which is what /metrics needs.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Iterable
+
+Labels = tuple[tuple[str, str], ...]
+
+
+def _labels(labels: dict[str, str]) -> Labels:
+    return tuple(sorted(labels.items()))
+
+
+def _fmt(labels: Labels) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(
+        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+        for k, v in labels
+    )
+    return "{" + inner + "}"
+
+
+class Metric:
+    def __init__(self, name: str, help_text: str, kind: str) -> None:
+        self.name = name
+        self.help = help_text
+        self.kind = kind
+        self.values: dict[Labels, float] = defaultdict(float)
+        self._lock = threading.Lock()
+
+    def inc(self, amount: float = 1, **labels: str) -> None:
+        with self._lock:
+            self.values[_labels(labels)] += amount
+
+    def set(self, value: float, **labels: str) -> None:
+        with self._lock:
+            self.values[_labels(labels)] = value
+
+    def get(self, **labels: str) -> float:
+        return self.values.get(_labels(labels), 0.0)
+
+    def total(self) -> float:
+        return sum(self.values.values())
+
+    def render(self) -> Iterable[str]:
+        yield f"# HELP {self.name} {self.help}"
+        yield f"# TYPE {self.name} {self.kind}"
+        for labels, value in sorted(self.values.items()):
+            yield f"{self.name}{_fmt(labels)} {value:g}"
+
+
+class Summary:
+    """count and sum of observations (e.g. batch sizes, latencies)."""
+
+    def __init__(self, name: str, help_text: str) -> None:
+        self.count = Metric(f"{name}_count", help_text, "counter")
+        self.sum = Metric(f"{name}_sum", help_text, "counter")
+
+    def observe(self, value: float, **labels: str) -> None:
+        self.count.inc(1, **labels)
+        self.sum.inc(value, **labels)
+
+    def render(self) -> Iterable[str]:
+        yield from self.count.render()
+        yield from self.sum.render()
+
+
+class Metrics:
+    def __init__(self) -> None:
+        c, g = "counter", "gauge"
+        self.events_in = Metric("meterstream_events_in_total", "Records read from usage-events", c)
+        self.accepted = Metric(
+            "meterstream_events_accepted_total", "Events accepted into the record", c
+        )
+        self.duplicates = Metric(
+            "meterstream_events_duplicate_total", "Exact duplicates dropped", c
+        )
+        self.rejected = Metric(
+            "meterstream_events_rejected_total", "Events dead-lettered, by reason", c
+        )
+        self.unmetered = Metric(
+            "meterstream_events_unmetered_total", "Accepted events matching no meter", c
+        )
+        self.meter_updates = Metric(
+            "meterstream_meter_updates_total", "Event contributions per meter", c
+        )
+        self.windows_recomputed = Metric(
+            "meterstream_windows_recomputed_total", "Window states rebuilt from the record", c
+        )
+        self.repairs = Metric(
+            "meterstream_window_repairs_total", "Windows whose total differed from the record", c
+        )
+        self.sink_batch_rows = Summary("meterstream_sink_batch_rows", "Rows per ClickHouse insert")
+        self.sink_seconds = Summary("meterstream_sink_seconds", "Seconds per ClickHouse insert")
+        self.sink_retries = Metric(
+            "meterstream_sink_retries_total", "ClickHouse inserts retried", c
+        )
+        self.stripe_requests = Metric(
+            "meterstream_stripe_requests_total", "Stripe meter event requests, by outcome", c
+        )
+        self.stripe_waiting = Metric(
+            "meterstream_stripe_waiting_customers",
+            "Series held back because no Stripe customer id is known yet",
+            g,
+        )
+        self.consumer_lag = Metric(
+            "meterstream_consumer_lag", "Records behind the end, by partition", g
+        )
+
+    def all(self) -> list[Metric | Summary]:
+        return [v for v in vars(self).values() if isinstance(v, Metric | Summary)]
+
+    def render(self) -> str:
+        return "\n".join(line for metric in self.all() for line in metric.render()) + "\n"

@@ -1,0 +1,147 @@
+"""The record is the source of truth: recompute windows from it, compare, repair.
+
+Used before every Stripe forward (verify closed windows) and by
+``meterstream reconcile``. The recomputation runs the same pure meter and
+aggregation code as the worker over the deduplicated raw events in
+``usage_events``, so "what the record says" and "what the worker says" can
+only differ if the worker lost or missed state.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+
+from pipeline.aggregation import WindowState, aggregator_for
+from pipeline.events import UsageEvent
+from pipeline.meters import Meter, MetersConfig
+from pipeline.processor import WindowKey, recompute_windows
+from sinks.clickhouse import queries, writer
+from sinks.clickhouse.client import ClickHouse
+
+
+@dataclass(frozen=True)
+class Difference:
+    key: WindowKey
+    stored_value: Decimal | None
+    stored_count: int | None
+    record_value: Decimal
+    record_count: int
+
+    def describe(self) -> str:
+        k = self.key
+        start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(k.window_start_ms / 1000))
+        return (
+            f"{k.meter} customer={k.customer_id} group={k.group_key} window={start}: "
+            f"stored {self.stored_value} ({self.stored_count} events), "
+            f"record {self.record_value} ({self.record_count} events)"
+        )
+
+
+def record_states(
+    ch: ClickHouse, meters: MetersConfig, meter: Meter, start_ms: int, end_ms: int
+) -> dict[WindowKey, WindowState]:
+    """Every window of ``meter`` with events in [start, end), computed from the record."""
+    events = [
+        UsageEvent(**row)
+        for row in queries.events_in_range(ch, None, [meter.event_name], start_ms, end_ms)
+    ]
+    keys = set()
+    for event in events:
+        if meter.matches(event):
+            ws, _ = meter.window_bounds(event.timestamp_ms)
+            keys.add(WindowKey(meter.name, event.customer_id, meter.group_key(event), ws))
+    return recompute_windows(meters, keys, events)
+
+
+def stored_states(
+    ch: ClickHouse, meter: Meter, start_ms: int, end_ms: int
+) -> dict[WindowKey, tuple[Decimal, int]]:
+    rows = queries.latest_windows(ch, meter=meter.name, start_ms=start_ms, end_ms=end_ms)
+    return {
+        WindowKey(r["meter"], r["customer_id"], r["group_key"], r["window_start_ms"]): (
+            Decimal(r["value"]),
+            int(r["event_count"]),
+        )
+        for r in rows
+    }
+
+
+def compare(
+    meter: Meter,
+    record: dict[WindowKey, WindowState],
+    stored: dict[WindowKey, tuple[Decimal, int]],
+) -> list[Difference]:
+    agg = aggregator_for(meter.aggregation)
+    diffs = []
+    for key in sorted(set(record) | set(stored)):
+        state = record.get(key) or agg.start()
+        value, count = agg.result(state), state.event_count
+        have = stored.get(key)
+        if have is None and count == 0:
+            continue
+        if have is None or have[0] != value or have[1] != count:
+            diffs.append(
+                Difference(
+                    key,
+                    have[0] if have else None,
+                    have[1] if have else None,
+                    value,
+                    count,
+                )
+            )
+    return diffs
+
+
+def repair(
+    ch: ClickHouse,
+    meters: MetersConfig,
+    record: dict[WindowKey, WindowState],
+    diffs: list[Difference],
+) -> int:
+    """Write the record's state of each differing window as its newest version."""
+    if not diffs:
+        return 0
+    version = time.time_ns()
+    now_ms = version // 1_000_000
+    rows = []
+    for diff in diffs:
+        meter = meters.by_name(diff.key.meter)
+        agg = aggregator_for(meter.aggregation)
+        state = record.get(diff.key) or agg.start()
+        start, end = meter.window_bounds(diff.key.window_start_ms)
+        rows.append(
+            writer.meter_window_row(
+                meter.name,
+                meter.aggregation,
+                diff.key.customer_id,
+                diff.key.group_key,
+                start,
+                end,
+                state,
+                version,
+                now_ms,
+                value=agg.result(state),
+            )
+        )
+    ch.insert(writer.METER_WINDOWS, rows, column_names=list(writer.METER_WINDOWS_COLUMNS))
+    return len(rows)
+
+
+def reconcile_meter(
+    ch: ClickHouse,
+    meters: MetersConfig,
+    meter: Meter,
+    start_ms: int,
+    end_ms: int,
+    *,
+    fix: bool,
+) -> tuple[list[Difference], dict[WindowKey, WindowState]]:
+    """Differences between stored windows and the record for windows in [start, end)."""
+    record = record_states(ch, meters, meter, start_ms, end_ms)
+    stored = stored_states(ch, meter, start_ms, end_ms)
+    diffs = compare(meter, record, stored)
+    if fix:
+        repair(ch, meters, record, diffs)
+    return diffs, record

@@ -1,0 +1,237 @@
+"""``meterstream run``: start what is not configured, then the worker; optionally a demo.
+
+Children (broker, Stripe emulator, worker) run in their own sessions, so a
+Ctrl-C reaches only this supervisor, which then stops them in order: demo,
+worker (drains and commits), emulator, broker. Each child also gets a signal
+from the kernel if this process dies abruptly (``PR_SET_PDEATHSIG``), so none
+outlives meterstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from pipeline.embedded import (
+    EmbeddedBroker,
+    die_with_parent,
+    free_port,
+    stop_process,
+    wait_for_port,
+    write_endpoints,
+)
+from pipeline.errors import MeterstreamError
+from pipeline.logs import configure_logging
+from pipeline.meters import MetersConfig, load_meters
+from pipeline.settings import Settings
+from pipeline.worker import meters_path
+
+TOTALS_SQL = """
+SELECT meter, customer_id, any(aggregation) AS aggregation,
+       sum(value) AS total, max(value) AS maximum, min(value) AS minimum,
+       length(groupUniqArrayArray(distinct_values)) AS distinct_count,
+       argMax(value, (latest_ts, latest_key)) AS latest
+FROM (
+    SELECT meter, customer_id, group_key, window_start,
+           argMax(aggregation, version) AS aggregation, argMax(value, version) AS value,
+           argMax(distinct_values, version) AS distinct_values,
+           argMax(latest_ts, version) AS latest_ts, argMax(latest_key, version) AS latest_key,
+           argMax(window_end, version) AS window_end
+    FROM meter_windows
+    GROUP BY meter, customer_id, group_key, window_start
+)
+{where}
+GROUP BY meter, customer_id
+ORDER BY meter, customer_id
+"""
+
+
+def period_totals(rows: list[dict[str, Any]]) -> dict[tuple[str, str], Decimal]:
+    """(meter, customer) -> total, picking the column that fits each aggregation."""
+    pick = {
+        "sum": "total",
+        "count": "total",
+        "max": "maximum",
+        "min": "minimum",
+        "unique_count": "distinct_count",
+        "latest": "latest",
+    }
+    return {(r["meter"], r["customer_id"]): Decimal(str(r[pick[r["aggregation"]]])) for r in rows}
+
+
+def http_json(url: str, body: dict[str, Any] | None = None, timeout: float = 30) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read(), parse_float=Decimal)
+
+
+def sql_rows(web_url: str, sql: str) -> list[dict[str, Any]]:
+    result = http_json(f"{web_url}/v1/sql", {"sql": sql})
+    return [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
+
+
+def stripe_totals(api_base: str, meters: MetersConfig) -> dict[tuple[str, str], Decimal]:
+    """What the emulator received, per (meter, meterstream customer), by the meter's formula."""
+    from sinks.stripe.payloads import formula_for
+
+    events = http_json(f"{api_base}/_emulator/events")
+    if isinstance(events, dict):
+        events = events.get("data", [])
+    by_name = {m.stripe.event_name: m for m in meters.meters if m.stripe}
+    totals: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
+    last: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for i, ev in enumerate(events):
+        meter = by_name.get(ev["event_name"])
+        if meter is None or meter.stripe is None:
+            continue
+        stripe_customer = ev["payload"][meter.stripe.customer_key]
+        customer = stripe_customer.removeprefix("cus_demo_")
+        value = Decimal(ev["payload"][meter.stripe.value_key])
+        key = (meter.name, customer)
+        if formula_for(meter.aggregation) == "sum":
+            totals[key] += value
+        elif key not in last or (ev["timestamp"], i) >= last[key][:2]:
+            last[key] = (ev["timestamp"], i, value)
+            totals[key] = value
+    return dict(totals)
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    state_dir: Path
+    broker: EmbeddedBroker | None = None
+    emulator: subprocess.Popen[bytes] | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+    def start(self, meters_file: Path) -> None:
+        s = self.settings
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        bootstrap = s.kafka_bootstrap_servers
+        if not bootstrap:
+            self.broker = EmbeddedBroker(log=self.state_dir / "broker.log").start()
+            bootstrap = self.broker.bootstrap
+        api_base = s.stripe_api_base
+        if not api_base and s.stripe_api_key is None:
+            port = free_port()
+            self.emulator = self._spawn(
+                ["stripe-emulator", "--port", str(port)], "emulator.log", {}
+            )
+            wait_for_port("127.0.0.1", port, 30, self.emulator)
+            api_base = f"http://127.0.0.1:{port}"
+        dsn = s.clickhouse_dsn or s.embedded_clickhouse_dsn
+        web_port = free_port()
+        env = {
+            "METERSTREAM_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "METERSTREAM_CLICKHOUSE_DSN": dsn,
+            "METERSTREAM_WEB_PORT": str(web_port),
+            "METERSTREAM_STATE_DIR": str(self.state_dir),
+            "METERSTREAM_METERS_FILE": str(meters_file.resolve()),
+        }
+        if api_base:
+            env["METERSTREAM_STRIPE_API_BASE"] = api_base
+            env["METERSTREAM_STRIPE_METER_EVENTS_BASE"] = s.stripe_meter_events_base or api_base
+        self.worker = self._spawn(["worker"], "worker.log", env)
+        web_url = f"http://127.0.0.1:{web_port}"
+        self._wait_healthy(web_url, timeout=120)
+        self.endpoints = {
+            "kafka_bootstrap": bootstrap,
+            "clickhouse_dsn": dsn,
+            "stripe_api_base": api_base or "https://api.stripe.com",
+            "web_url": web_url,
+        }
+        write_endpoints(self.state_dir, self.endpoints)
+
+    def _spawn(
+        self, args: list[str], log_name: str, env: dict[str, str]
+    ) -> subprocess.Popen[bytes]:
+        log = open(self.state_dir / log_name, "ab")  # noqa: SIM115
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
+
+    def _wait_healthy(self, web_url: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.worker is not None
+            if self.worker.poll() is not None:
+                raise MeterstreamError(
+                    f"the worker exited with code {self.worker.returncode} while starting:\n"
+                    + self.log_tail("worker.log")
+                )
+            with contextlib.suppress(OSError):
+                http_json(f"{web_url}/healthz", timeout=2)
+                return
+            time.sleep(0.2)
+        raise MeterstreamError("the worker did not become healthy:\n" + self.log_tail("worker.log"))
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        try:
+            text = (self.state_dir / name).read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            stop_process(self.worker, signal.SIGTERM, timeout=60)
+        if self.emulator is not None:
+            stop_process(self.emulator, signal.SIGTERM)
+        if self.broker is not None:
+            self.broker.stop()
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / "endpoints.json").unlink()
+
+
+def run_stack(settings: Settings, *, demo: bool, duration: float | None, rate: float) -> int:
+    configure_logging(settings.log_format)
+    path = meters_path(settings)
+    meters = load_meters(path)  # a bad file stops here, before anything starts
+    stack = Stack(settings, settings.state_dir)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        stack.start(path)
+        print(f"meterstream is running: {json.dumps(stack.endpoints)}", flush=True)
+        print(f"logs in {settings.state_dir}/ (worker.log, broker.log, emulator.log)", flush=True)
+        if demo:
+            from pipeline.demo_runner import run_demo
+
+            return asyncio.run(run_demo(stack, meters, duration, rate))
+        deadline = time.monotonic() + duration if duration else None
+        while deadline is None or time.monotonic() < deadline:
+            assert stack.worker is not None
+            if stack.worker.poll() is not None:
+                print("the worker stopped:\n" + stack.log_tail("worker.log"), file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        return 0
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stack.stop()

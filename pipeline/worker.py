@@ -1,0 +1,115 @@
+"""Start one worker: check configuration, migrate ClickHouse, run the Faust app.
+
+Start-up refuses to go on with a bad meters file or bad settings (every problem
+listed) and with a failed migration (the ClickHouse error shown).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import logging
+import sys
+from pathlib import Path
+
+import faust
+
+from pipeline import web
+from pipeline.app import create_app
+from pipeline.chio import ClickHouseIO
+from pipeline.errors import ConfigError, MeterstreamError
+from pipeline.logs import configure_logging
+from pipeline.meters import MetersConfig, load_meters
+from pipeline.metrics import Metrics
+from pipeline.settings import Settings
+from sinks.clickhouse.client import ClickHouse, connect
+from sinks.clickhouse.migrate import migrate
+from topics.admin import ensure_topics
+
+log = logging.getLogger("meterstream.worker")
+DEFAULT_METERS_FILE = Path("meters.example.yaml")
+
+
+def meters_path(settings: Settings) -> Path:
+    path = settings.meters_file or DEFAULT_METERS_FILE
+    if not path.exists():
+        raise ConfigError(
+            [f"meters file {path} not found (set --meters or METERSTREAM_METERS_FILE)"],
+            source="meters",
+        )
+    return path
+
+
+def open_clickhouse(settings: Settings) -> ClickHouse:
+    dsn = settings.clickhouse_dsn or settings.embedded_clickhouse_dsn
+    if dsn.startswith("chdb://"):
+        Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+    return connect(
+        dsn,
+        database=settings.clickhouse_database,
+        user=settings.clickhouse_user,
+        password=settings.clickhouse_password,
+    )
+
+
+def prepare(settings: Settings) -> tuple[MetersConfig, ClickHouse]:
+    """Everything that must be right before the worker consumes a single event."""
+    meters = load_meters(meters_path(settings))
+    if not settings.kafka_bootstrap_servers:
+        raise ConfigError(["METERSTREAM_KAFKA_BOOTSTRAP_SERVERS: required for the worker"])
+    ch = open_clickhouse(settings)
+    applied = migrate(ch)
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+    return meters, ch
+
+
+def build_worker(settings: Settings) -> faust.App:
+    meters, ch = prepare(settings)
+    (settings.store_path or settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
+    bootstrap = settings.kafka_bootstrap_servers or ""
+    asyncio.run(
+        ensure_topics(
+            bootstrap,
+            prefix=settings.topic_prefix,
+            partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+        )
+    )
+    metrics = Metrics()
+    chio = ClickHouseIO(ch, metrics)
+    app, pipeline = create_app(settings, meters, chio, bootstrap)
+
+    async def ready() -> dict[str, str]:
+        checks = {"broker": "ok" if app.consumer and app.producer else "starting"}
+        try:
+            await chio.call_once(lambda c: c.query_rows("SELECT 1"))
+            checks["clickhouse"] = "ok"
+        except Exception as exc:  # reported, not raised: this is a probe
+            checks["clickhouse"] = f"error: {type(exc).__name__}"
+        checks["stripe"] = "ok"
+        return checks
+
+    web.register(app, chio, metrics, ready)
+    from pipeline.forwarding import install_forwarder
+
+    install_forwarder(app, settings, meters, chio, metrics)
+    return app
+
+
+def main(settings: Settings) -> int:
+    configure_logging(settings.log_format)
+    try:
+        app = build_worker(settings)
+    except MeterstreamError as exc:
+        print(f"meterstream worker: {exc}", file=sys.stderr)
+        return 2
+    worker = faust.Worker(
+        app,
+        loglevel="INFO" if os.environ.get("METERSTREAM_DEBUG") else "WARN",
+        quiet=True,
+        redirect_stdouts=False,
+        override_logging=False,
+    )
+    worker.execute_from_commandline()
+    return 0

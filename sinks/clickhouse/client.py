@@ -1,0 +1,344 @@
+"""One synchronous ClickHouse wrapper for both targets: a server and embedded chdb.
+
+``connect("http(s)://host:8123", database=...)`` talks to a ClickHouse server;
+``connect("chdb:///abs/path", database=...)`` runs the embedded engine in this
+process (one data path per process, one process per path). The same SQL runs
+on both: every table is addressed unqualified and resolved through the
+client's database, which clickhouse-connect selects on either backend.
+
+What differs on chdb, measured with chdb 4.4 / engine 26.9 and clickhouse-connect 1.12:
+
+- ``DateTime64(3, 'UTC')`` comes back as a *naive* datetime holding UTC wall
+  time (also with ``TZ`` set to another zone); we return aware UTC datetimes.
+  A naive datetime *written* to chdb is read as process-local time, so the
+  row builders always write aware UTC datetimes (see writer.py).
+- Per-call ``settings`` reach chdb as a ``SETTINGS`` clause for SELECTs and
+  inserts, but as ``SET`` then restore for commands and INSERT statements
+  sent as queries. With ``readonly=1`` the restore is itself refused, so the
+  session stays read-only forever. :meth:`ClickHouse.readonly_query`
+  therefore runs on its own client (own chdb handle / HTTP session) created
+  with ``readonly=1``, never on the writer's client.
+- ``readonly=1`` is enforced by chdb: INSERT, CREATE, DROP, ALTER, TRUNCATE,
+  OPTIMIZE, SET, table functions such as ``file()`` are refused with code 164.
+  We also refuse, before sending, anything that is not one SELECT / WITH /
+  SHOW / DESCRIBE / EXPLAIN statement (defence in depth on both targets).
+- An empty result on chdb carries no column names (chdb emits no Native
+  block for zero rows), so ``readonly_query`` may return ``([], [])``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import Error as DriverError
+from pydantic import SecretStr
+
+from pipeline.errors import ClickHouseError
+
+T = TypeVar("T")
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CODE_IN_MESSAGE = re.compile(r"Code: (\d+)")
+READONLY_STATEMENTS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN")
+
+
+def quote_identifier(name: str) -> str:
+    """Backtick-quote a plain identifier (letters, digits, underscore); refuse anything else."""
+    if not _IDENTIFIER.match(name):
+        raise ValueError(f"{name!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)")
+    return f"`{name}`"
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split SQL text on ``;`` outside quotes and comments; drop empty / comment-only parts.
+
+    Handles '...', "...", `...` (with backslash escapes and doubled quotes),
+    ``-- ...`` / ``# ...`` line comments and ``/* ... */`` block comments.
+    Each returned statement keeps its own comments and is stripped.
+    """
+    statements: list[str] = []
+    current: list[str] = []
+    has_code = False
+    i, n = 0, len(sql)
+    while i < n:
+        ch = sql[i]
+        if ch in "'\"`":
+            j = i + 1
+            while j < n:
+                if sql[j] == "\\":
+                    j += 2
+                    continue
+                if sql[j] == ch:
+                    if j + 1 < n and sql[j + 1] == ch:  # doubled quote
+                        j += 2
+                        continue
+                    break
+                j += 1
+            current.append(sql[i : j + 1])
+            has_code = True
+            i = j + 1
+        elif sql.startswith("--", i) or ch == "#":
+            j = sql.find("\n", i)
+            j = n if j < 0 else j
+            current.append(sql[i:j])
+            i = j
+        elif sql.startswith("/*", i):
+            j = sql.find("*/", i + 2)
+            j = n if j < 0 else j + 2
+            current.append(sql[i:j])
+            i = j
+        elif ch == ";":
+            if has_code:
+                statements.append("".join(current).strip())
+            current, has_code = [], False
+            i += 1
+        else:
+            current.append(ch)
+            if not ch.isspace():
+                has_code = True
+            i += 1
+    if has_code:
+        statements.append("".join(current).strip())
+    return statements
+
+
+def _strip_leading_comments(sql: str) -> str:
+    text = sql.lstrip()
+    while True:
+        if text.startswith("--") or text.startswith("#"):
+            newline = text.find("\n")
+            text = "" if newline < 0 else text[newline + 1 :].lstrip()
+        elif text.startswith("/*"):
+            end = text.find("*/")
+            text = "" if end < 0 else text[end + 2 :].lstrip()
+        else:
+            return text
+
+
+def check_readonly_statement(sql: str) -> str:
+    """Return the single read statement in ``sql`` or raise ClickHouseError (code 164, READONLY).
+
+    Accepts exactly one statement starting with SELECT, WITH, SHOW, DESCRIBE,
+    DESC or EXPLAIN (after comments and opening parentheses).
+    """
+    statements = split_statements(sql)
+    if len(statements) != 1:
+        raise ClickHouseError(
+            f"read-only queries take exactly one statement, got {len(statements)}", 164
+        )
+    body = _strip_leading_comments(statements[0]).lstrip("( \t\r\n")
+    match = re.match(r"[A-Za-z]+", body)
+    keyword = match.group(0).upper() if match else ""
+    if keyword not in READONLY_STATEMENTS:
+        allowed = ", ".join(READONLY_STATEMENTS)
+        got = keyword or sql[:40]
+        raise ClickHouseError(f"read-only queries must be one of {allowed}; got {got!r}", 164)
+    return statements[0]
+
+
+def _error_code(exc: BaseException) -> int | None:
+    code = getattr(exc, "code", None)
+    if isinstance(code, int):
+        return code
+    if isinstance(code, str) and code.isdigit():
+        return int(code)
+    match = _CODE_IN_MESSAGE.search(str(exc))
+    return int(match.group(1)) if match else None
+
+
+def as_clickhouse_error(exc: BaseException) -> ClickHouseError:
+    """A driver/network exception as ClickHouseError, keeping the ClickHouse error code."""
+    if isinstance(exc, ClickHouseError):
+        return exc
+    message = str(exc).strip() or type(exc).__name__
+    return ClickHouseError(message, _error_code(exc))
+
+
+def _utc(value: Any) -> Any:
+    """Naive datetimes from the driver hold UTC wall time (every column is declared 'UTC')."""
+    if isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class ClickHouse:
+    """A clickhouse-connect client with a lock, UTC datetimes and ClickHouseError errors.
+
+    Every method is synchronous and serialised by one lock: the worker calls it
+    from a single executor thread, and the lock keeps accidental concurrent use
+    safe (a chdb handle must not be used by two threads at once).
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        *,
+        database: str,
+        backend: str,
+        readonly_factory: Callable[[], Client] | None = None,
+    ) -> None:
+        self._client = client
+        self._readonly_factory = readonly_factory
+        self._readonly_client: Client | None = None
+        self._lock = threading.RLock()
+        self.database = database
+        self.backend = backend  # "chdb" or "server"
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        with self._lock:
+            try:
+                return fn()
+            except (DriverError, OSError) as exc:
+                raise as_clickhouse_error(exc) from exc
+
+    def command(self, sql: str, settings: Mapping[str, Any] | None = None) -> Any:
+        """Run one statement that returns no rows (DDL, INSERT ... SELECT, OPTIMIZE)."""
+        return self._call(lambda: self._client.command(sql, settings=dict(settings or {})))
+
+    def query_rows(
+        self,
+        sql: str,
+        parameters: Mapping[str, Any] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> list[tuple[Any, ...]]:
+        result = self._call(
+            lambda: self._client.query(
+                sql, parameters=dict(parameters or {}) or None, settings=dict(settings or {})
+            )
+        )
+        return [tuple(_utc(v) for v in row) for row in result.result_rows]
+
+    def query_dicts(
+        self,
+        sql: str,
+        parameters: Mapping[str, Any] | None = None,
+        settings: Mapping[str, Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        def run() -> tuple[Sequence[str], list[Any]]:
+            result = self._client.query(
+                sql, parameters=dict(parameters or {}) or None, settings=dict(settings or {})
+            )
+            return result.column_names, list(result.result_rows)
+
+        names, rows = self._call(run)
+        return [{k: _utc(v) for k, v in zip(names, row, strict=True)} for row in rows]
+
+    def insert(
+        self,
+        table: str,
+        rows: Sequence[Sequence[Any]],
+        column_names: Sequence[str],
+        dedup_token: str | None = None,
+    ) -> None:
+        """One INSERT of all ``rows``. With ``dedup_token`` a retry of the same insert is dropped
+
+        by ClickHouse (tables carry ``non_replicated_deduplication_window``), on a
+        server and on chdb alike (measured).
+        """
+        if not rows:
+            return
+        settings: dict[str, Any] = {}
+        if dedup_token is not None:
+            settings = {"insert_deduplicate": 1, "insert_deduplication_token": dedup_token}
+        self._call(
+            lambda: self._client.insert(
+                table, list(rows), column_names=list(column_names), settings=settings
+            )
+        )
+
+    def readonly_query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """Run one analyst statement with ``readonly=1``; returns (column names, rows).
+
+        The statement must be a single SELECT / WITH / SHOW / DESCRIBE / EXPLAIN
+        (checked before sending) and runs on a separate client whose session is
+        ``readonly=1``, so ClickHouse itself refuses any write (code 164).
+        """
+        statement = check_readonly_statement(sql)
+        with self._lock:
+            try:
+                if self._readonly_client is None:
+                    if self._readonly_factory is None:
+                        raise ClickHouseError("this connection has no read-only client", 164)
+                    self._readonly_client = self._readonly_factory()
+                result = self._readonly_client.query(statement)
+                names = list(result.column_names)
+                rows = [tuple(_utc(v) for v in row) for row in result.result_rows]
+            except ClickHouseError:
+                raise
+            except Exception as exc:  # analyst SQL: any driver failure is a ClickHouse error
+                raise as_clickhouse_error(exc) from exc
+        return names, rows
+
+    def close(self) -> None:
+        with self._lock:
+            for client in (self._readonly_client, self._client):
+                if client is not None:
+                    with contextlib.suppress(Exception):  # closing is best effort
+                        client.close()
+            self._readonly_client = None
+
+    def __enter__(self) -> ClickHouse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(
+    dsn: str,
+    *,
+    database: str,
+    user: str | None = None,
+    password: SecretStr | None = None,
+    create_database: bool = True,
+    client_options: Mapping[str, Any] | None = None,
+) -> ClickHouse:
+    """Connect to ``dsn`` (``chdb:///abs/path``, ``http://host:8123``, ``https://host:8443``).
+
+    ``database`` is created when missing (``create_database``) and selected on
+    the client, so unqualified table names resolve to it on both targets.
+    ``user``/``password`` (and TLS options in ``client_options``, e.g.
+    ``verify``/``ca_cert``) apply to servers; chdb has no authentication.
+    """
+    quoted = quote_identifier(database)
+    is_chdb = dsn.startswith("chdb:")
+    if not is_chdb and not dsn.startswith(("http://", "https://")):
+        raise ClickHouseError(
+            f"unsupported ClickHouse DSN {dsn!r}: use chdb://, http:// or https://"
+        )
+    base: dict[str, Any] = dict(client_options or {})
+    if not is_chdb:
+        if user is not None:
+            base["username"] = user
+        if password is not None:
+            base["password"] = password.get_secret_value()
+
+    def make(db: str | None, settings: Mapping[str, Any] | None = None) -> Client:
+        kwargs = dict(base)
+        if settings:
+            kwargs["settings"] = dict(settings)
+        return clickhouse_connect.get_client(dsn=dsn, database=db, **kwargs)
+
+    try:
+        if create_database:
+            bootstrap = make(None)
+            try:
+                bootstrap.command(f"CREATE DATABASE IF NOT EXISTS {quoted}")
+            finally:
+                bootstrap.close()
+        client = make(database)
+    except (DriverError, OSError) as exc:
+        raise as_clickhouse_error(exc) from exc
+    return ClickHouse(
+        client,
+        database=database,
+        backend="chdb" if is_chdb else "server",
+        readonly_factory=lambda: make(database, {"readonly": 1}),
+    )

@@ -1,0 +1,428 @@
+"""Read side of ClickHouse: pure SQL builders plus small functions taking a :class:`ClickHouse`.
+
+All builders return plain SQL text with values inlined as escaped literals
+(no server-side parameters): the same text runs on chdb and on a server, it
+is golden-tested, and large key lists travel in the POST body rather than in
+URL parameters. Timestamps cross the boundary as epoch milliseconds
+(``toUnixTimestamp64Milli`` / ``fromUnixTimestamp64Milli(..., 'UTC')``), so no
+timezone conversion happens in the driver on either engine.
+
+Window reads use the latest version of each window: ``argMax(tuple(...), version)``
+grouped by the table's ORDER BY key, in a subquery. We do not use ``FINAL``:
+``FINAL`` gives the same answer on chdb and on servers (measured on chdb), but
+it depends on engine settings (``do_not_merge_across_partitions_select_final``)
+and on how the engine treats equal versions, whereas a GROUP BY with ``argMax``
+of one tuple is plain aggregation that every ClickHouse version evaluates the
+same way, takes every column from the same row, and is correct before and
+after background merges. Filters are applied inside the subquery only on key
+columns (meter, customer_id, window_start), which cannot change which version
+of a kept window wins.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal
+
+from pipeline.events import loads_exact
+
+if TYPE_CHECKING:
+    from sinks.clickhouse.client import ClickHouse
+
+Period = Literal["hour", "day", "month"]
+PERIODS: dict[str, str] = {
+    "hour": "toStartOfHour",
+    "day": "toStartOfDay",
+    "month": "toStartOfMonth",
+}
+VIEW_NAMES: dict[str, str] = {
+    "hour": "meter_usage_hourly",
+    "day": "meter_usage_daily",
+    "month": "meter_usage_monthly",
+}
+AGGREGATIONS = ("sum", "count", "max", "min", "unique_count", "latest")
+# Keep each IN-list query well under ClickHouse's default max_query_size (256 KiB).
+MAX_SQL_BYTES = 200_000
+
+
+# ---------------------------------------------------------------- literals
+
+
+def sql_string(value: str) -> str:
+    """A ClickHouse string literal: backslash and quote escaped."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def sql_string_list(values: Iterable[str]) -> str:
+    """``('a', 'b')``: distinct values, sorted for deterministic text."""
+    return "(" + ", ".join(sql_string(v) for v in sorted(set(values))) + ")"
+
+
+def sql_ms(epoch_ms: int) -> str:
+    """A DateTime64(3, 'UTC') literal from epoch milliseconds."""
+    return f"fromUnixTimestamp64Milli(toInt64({int(epoch_ms)}), 'UTC')"
+
+
+# ---------------------------------------------------------------- windows and views
+
+
+def latest_windows_sql(where: str = "") -> str:
+    """The latest version of each window (key: meter, customer_id, group_key, window_start).
+
+    Columns: meter, customer_id, group_key, window_start, aggregation,
+    window_end, w_value, w_event_count, w_distinct_values, latest_ts,
+    latest_key, version, updated_at. ``w_`` names keep the outer aggregates
+    (``sum(w_value) AS value``) free of alias cycles.
+    """
+    where_clause = f"\n    WHERE {where}" if where else ""
+    return (
+        "SELECT\n"
+        "    meter,\n"
+        "    customer_id,\n"
+        "    group_key,\n"
+        "    window_start,\n"
+        "    toLowCardinality(w.1) AS aggregation,\n"
+        "    w.2 AS window_end,\n"
+        "    w.3 AS w_value,\n"
+        "    w.4 AS w_event_count,\n"
+        "    w.5 AS w_distinct_values,\n"
+        "    w.6 AS latest_ts,\n"
+        "    w.7 AS latest_key,\n"
+        "    w.8 AS version,\n"
+        "    w.9 AS updated_at\n"
+        "FROM\n"
+        "(\n"
+        "    SELECT\n"
+        "        meter,\n"
+        "        customer_id,\n"
+        "        group_key,\n"
+        "        window_start,\n"
+        "        argMax(\n"
+        "            (aggregation, window_end, value, event_count, distinct_values,"
+        " latest_ts, latest_key, version, updated_at),\n"
+        "            version\n"
+        "        ) AS w\n"
+        f"    FROM meter_windows{where_clause}\n"
+        "    GROUP BY meter, customer_id, group_key, window_start\n"
+        ")"
+    )
+
+
+MERGED_VALUE_SQL = (
+    "CAST(multiIf(\n"
+    "        aggregation IN ('sum', 'count'), sum(w_value),\n"
+    "        aggregation = 'max', max(w_value),\n"
+    "        aggregation = 'min', min(w_value),\n"
+    "        aggregation = 'unique_count',"
+    " toDecimal128(length(groupUniqArrayArray(w_distinct_values)), 9),\n"
+    "        aggregation = 'latest', argMax(w_value, (latest_ts, latest_key)),\n"
+    "        toDecimal128(0, 9)\n"
+    "    ), 'Decimal(38, 9)')"
+)
+"""Per-aggregation merge of windows into one total (DESIGN.md: mergeable aggregations).
+
+sum/count add window values; max/min take the max/min; unique_count is the
+exact size of the union of the windows' distinct values (never a sum of
+per-window counts); latest is the value of the window whose (latest_ts,
+latest_key) is greatest (key compared bytewise, as the aggregator does).
+"""
+
+
+def merge_windows_sql(period: Period | None, where: str = "") -> str:
+    """Totals per (period_start,) meter, aggregation, customer_id, group_key.
+
+    With ``period`` the result starts with ``period`` and ``period_start``
+    columns (the view shape); with ``None`` it is one total per key over all
+    windows that pass ``where`` (applied to meter_windows key columns).
+    A window coarser than the period (a day window in the hourly view)
+    counts at its own window start.
+    """
+    inner = textwrap.indent(latest_windows_sql(where), "    ")
+    if period is None:
+        head, group = "", "meter, aggregation, customer_id, group_key"
+    else:
+        start_fn = PERIODS[period]
+        head = (
+            f"    CAST('{period}' AS LowCardinality(String)) AS period,\n"
+            f"    toDateTime64({start_fn}(window_start), 3, 'UTC') AS period_start,\n"
+        )
+        group = "period_start, meter, aggregation, customer_id, group_key"
+    return (
+        "SELECT\n"
+        f"{head}"
+        "    meter,\n"
+        "    aggregation,\n"
+        "    customer_id,\n"
+        "    group_key,\n"
+        f"    {MERGED_VALUE_SQL} AS value,\n"
+        "    toUInt64(sum(w_event_count)) AS event_count,\n"
+        "    toUInt64(count()) AS windows\n"
+        "FROM\n"
+        "(\n"
+        f"{inner}\n"
+        ")\n"
+        f"GROUP BY {group}"
+    )
+
+
+def meter_usage_view_sql(period: Period) -> str:
+    """``CREATE OR REPLACE VIEW meter_usage_{hourly,daily,monthly}``."""
+    return f"CREATE OR REPLACE VIEW {VIEW_NAMES[period]} AS\n{merge_windows_sql(period)}"
+
+
+def meter_usage_union_view_sql() -> str:
+    """``meter_usage``: the three period views, with their ``period`` column."""
+    parts = [f"SELECT * FROM {VIEW_NAMES[p]}" for p in ("hour", "day", "month")]
+    return "CREATE OR REPLACE VIEW meter_usage AS\n" + "\nUNION ALL\n".join(parts)
+
+
+def views_migration_sql() -> str:
+    """The exact text of migrations/0005_meter_usage_views.sql (golden-tested)."""
+    header = (
+        "-- Analyst views over meter_windows, generated by\n"
+        "-- sinks.clickhouse.queries.views_migration_sql(); a unit test keeps this file\n"
+        "-- and the generator identical. To change a view, add a new migration.\n"
+        "--\n"
+        "-- Each view reads the latest version of every window with argMax over the\n"
+        "-- ORDER BY key (not FINAL: same result before and after merges on every\n"
+        "-- ClickHouse, independent of FINAL's settings), then merges windows per\n"
+        "-- aggregation: sum/count add, max/min, unique_count = size of the union of\n"
+        "-- distinct values, latest = value of the greatest (latest_ts, latest_key).\n"
+        "-- A window coarser than the period (a day window in the hourly view)\n"
+        "-- appears at its own window start.\n"
+    )
+    statements = [meter_usage_view_sql(p) for p in ("hour", "day", "month")]
+    statements.append(meter_usage_union_view_sql())
+    return header + "\n" + ";\n\n".join(statements) + ";\n"
+
+
+# ---------------------------------------------------------------- builders for the helpers
+
+
+def _key_filters(
+    meter: str | None, customer_id: str | None, start_ms: int | None, end_ms: int | None
+) -> str:
+    parts = []
+    if meter is not None:
+        parts.append(f"meter = {sql_string(meter)}")
+    if customer_id is not None:
+        parts.append(f"customer_id = {sql_string(customer_id)}")
+    if start_ms is not None:
+        parts.append(f"window_start >= {sql_ms(start_ms)}")
+    if end_ms is not None:
+        parts.append(f"window_start < {sql_ms(end_ms)}")
+    return " AND ".join(parts)
+
+
+def existing_keys_sql(pairs: Sequence[tuple[str, str]]) -> str:
+    """Fingerprint of each (customer_id, idempotency_key) present in usage_events.
+
+    ``customer_id IN`` prunes by the primary key prefix; the tuple IN matches
+    exact pairs (also served by the primary key (customer_id, idempotency_key)).
+    """
+    tuples = ", ".join(f"({sql_string(c)}, {sql_string(k)})" for c, k in sorted(set(pairs)))
+    return (
+        "SELECT customer_id, idempotency_key, any(fingerprint) AS fingerprint\n"
+        "FROM usage_events\n"
+        f"WHERE customer_id IN {sql_string_list(c for c, _ in pairs)}\n"
+        f"  AND (customer_id, idempotency_key) IN ({tuples})\n"
+        "GROUP BY customer_id, idempotency_key"
+    )
+
+
+def events_in_range_sql(
+    customer_ids: Sequence[str] | None,
+    event_names: Sequence[str] | None,
+    start_ms: int,
+    end_ms: int,
+) -> str:
+    """Raw events with ``start_ms <= timestamp < end_ms``, one row per (customer_id, key).
+
+    ``LIMIT 1 BY`` (first ingested wins) rather than FINAL: it does not depend
+    on merges or on duplicates sharing a partition, and keeps the result
+    deterministic.
+    """
+    names = "" if event_names is None else f"  AND event_name IN {sql_string_list(event_names)}\n"
+    customers = "1" if customer_ids is None else f"customer_id IN {sql_string_list(customer_ids)}"
+    return (
+        "SELECT event_name, customer_id, idempotency_key,"
+        " toUnixTimestamp64Milli(timestamp) AS timestamp_ms,\n"
+        "       properties, key_derived, fingerprint\n"
+        "FROM usage_events\n"
+        f"WHERE {customers}\n"
+        f"{names}"
+        f"  AND timestamp >= {sql_ms(start_ms)}\n"
+        f"  AND timestamp < {sql_ms(end_ms)}\n"
+        "ORDER BY customer_id, idempotency_key, ingested_at\n"
+        "LIMIT 1 BY customer_id, idempotency_key"
+    )
+
+
+WINDOW_COLUMNS_SQL = (
+    "meter, aggregation, customer_id, group_key,"
+    " toUnixTimestamp64Milli(window_start) AS window_start_ms,"
+    " toUnixTimestamp64Milli(window_end) AS window_end_ms,"
+    " w_value AS value, w_event_count AS event_count,"
+    " w_distinct_values AS distinct_values,"
+    " toUnixTimestamp64Milli(latest_ts) AS latest_ts_ms, latest_key, version,"
+    " toUnixTimestamp64Milli(updated_at) AS updated_at_ms"
+)
+
+
+def latest_windows_query_sql(
+    meter: str | None = None,
+    customer_id: str | None = None,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+) -> str:
+    """Latest version of each window whose start is in [start_ms, end_ms)."""
+    where = _key_filters(meter, customer_id, start_ms, end_ms)
+    inner = textwrap.indent(latest_windows_sql(where), "    ")
+    return (
+        f"SELECT {WINDOW_COLUMNS_SQL}\n"
+        "FROM\n(\n"
+        f"{inner}\n"
+        ")\n"
+        "ORDER BY meter, customer_id, group_key, window_start_ms"
+    )
+
+
+def usage_sql(
+    customer_id: str,
+    meter: str | None = None,
+    from_ms: int | None = None,
+    to_ms: int | None = None,
+    period: Period | None = None,
+) -> str:
+    """Totals per meter and group for windows starting in [from_ms, to_ms).
+
+    Same SQL as the views (``merge_windows_sql``) with the filter pushed into
+    the latest-version subquery; ``period_start`` comes back as epoch ms.
+    """
+    merged = merge_windows_sql(period, _key_filters(meter, customer_id, from_ms, to_ms))
+    head = "period, toUnixTimestamp64Milli(period_start) AS period_start_ms, " if period else ""
+    order = "period_start_ms, " if period else ""
+    return (
+        f"SELECT {head}meter, aggregation, customer_id, group_key, value, event_count, windows\n"
+        "FROM\n(\n"
+        f"{textwrap.indent(merged, '    ')}\n"
+        ")\n"
+        f"ORDER BY {order}meter, group_key"
+    )
+
+
+REJECTED_COUNTS_SQL = (
+    "SELECT reason, count() AS n FROM rejected_events GROUP BY reason ORDER BY reason"
+)
+
+
+# ---------------------------------------------------------------- functions
+
+
+def _chunks_by_size(items: Sequence[tuple[str, str]], limit: int) -> list[list[tuple[str, str]]]:
+    chunks: list[list[tuple[str, str]]] = [[]]
+    size = 0
+    for pair in items:
+        # "(c, k), " in the tuple list, plus c again in the customer IN list (upper bound)
+        customer = len(sql_string(pair[0]).encode())
+        cost = 2 * customer + len(sql_string(pair[1]).encode()) + 8
+        if chunks[-1] and size + cost > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(pair)
+        size += cost
+    return chunks
+
+
+def existing_keys(ch: ClickHouse, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """Map each (customer_id, idempotency_key) already in usage_events to its fingerprint.
+
+    One query per call for ordinary batches (2000 pairs of ~40-byte ids is
+    ~200 KB of SQL); only batches whose literals would pass ``MAX_SQL_BYTES``
+    are split, to stay under the server's default ``max_query_size``.
+    """
+    unique = sorted(set(pairs))
+    found: dict[tuple[str, str], str] = {}
+    if not unique:
+        return found
+    for chunk in _chunks_by_size(unique, MAX_SQL_BYTES):
+        for customer_id, key, fingerprint in ch.query_rows(existing_keys_sql(chunk)):
+            found[(customer_id, key)] = fingerprint
+    return found
+
+
+def events_in_range(
+    ch: ClickHouse,
+    customer_ids: Sequence[str] | None,
+    event_names: Sequence[str] | None,
+    start_ms: int,
+    end_ms: int,
+) -> list[dict[str, Any]]:
+    """Accepted events in [start_ms, end_ms), one per (customer_id, idempotency_key).
+
+    Each dict has exactly the :class:`pipeline.events.UsageEvent` fields
+    (event_name, customer_id, idempotency_key, timestamp_ms, properties parsed
+    with exact decimals, key_derived, fingerprint), so ``UsageEvent(**row)``
+    works. ``None`` means every customer / every event name; empty lists match nothing.
+    """
+    if customer_ids is not None and not customer_ids:
+        return []
+    if event_names is not None and not event_names:
+        return []
+    rows = ch.query_dicts(events_in_range_sql(customer_ids, event_names, start_ms, end_ms))
+    for row in rows:
+        row["timestamp_ms"] = int(row["timestamp_ms"])
+        row["properties"] = loads_exact(row["properties"]) if row["properties"] else {}
+        row["key_derived"] = bool(row["key_derived"])
+    return rows
+
+
+def latest_windows(
+    ch: ClickHouse,
+    meter: str | None = None,
+    customer_id: str | None = None,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+) -> list[dict[str, Any]]:
+    """Latest version of each window (window_start in [start_ms, end_ms)); times in epoch ms."""
+    rows = ch.query_dicts(latest_windows_query_sql(meter, customer_id, start_ms, end_ms))
+    for row in rows:
+        for name in ("window_start_ms", "window_end_ms", "latest_ts_ms", "updated_at_ms"):
+            row[name] = int(row[name])
+        row["value"] = Decimal(row["value"])
+        row["distinct_values"] = list(row["distinct_values"])
+    return rows
+
+
+def usage(
+    ch: ClickHouse,
+    customer_id: str,
+    meter: str | None = None,
+    from_ms: int | None = None,
+    to_ms: int | None = None,
+    period: Period | None = None,
+) -> list[dict[str, Any]]:
+    """Usage of one customer per meter and group (Subscribd's ``usageThisPeriod``).
+
+    ``period=None``: one total per (meter, group) over windows starting in
+    [from_ms, to_ms), merged per aggregation exactly like the views. With a
+    period: one row per period start (``period_start_ms``), like the views.
+    ``value`` is a Decimal; ``group_key`` is canonical JSON ('{}' when none).
+    """
+    if period is not None and period not in PERIODS:
+        raise ValueError(f"period must be one of {sorted(PERIODS)} or None, got {period!r}")
+    rows = ch.query_dicts(usage_sql(customer_id, meter, from_ms, to_ms, period))
+    for row in rows:
+        row["value"] = Decimal(row["value"])
+        row["event_count"] = int(row["event_count"])
+        row["windows"] = int(row["windows"])
+        if period is not None:
+            row["period_start_ms"] = int(row["period_start_ms"])
+    return rows
+
+
+def rejected_counts(ch: ClickHouse) -> dict[str, int]:
+    """Rejected events per reason."""
+    return {str(reason): int(n) for reason, n in ch.query_rows(REJECTED_COUNTS_SQL)}

@@ -1,0 +1,319 @@
+"""Write side of ClickHouse: pure row builders and an idempotent batch writer.
+
+Row builders turn pipeline objects into tuples in the column order of the
+``*_COLUMNS`` constants. Datetimes are always written timezone-aware (UTC):
+a naive datetime written to chdb is read as process-local time (measured).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
+from typing import Any, Protocol
+
+from pipeline.events import Rejection, UsageEvent, canonical_json, content_fingerprint
+from sinks.clickhouse.client import ClickHouse
+
+USAGE_EVENTS = "usage_events"
+METER_WINDOWS = "meter_windows"
+REJECTED_EVENTS = "rejected_events"
+STRIPE_METER_EVENTS = "stripe_meter_events"
+
+USAGE_EVENTS_COLUMNS: tuple[str, ...] = (
+    "idempotency_key",
+    "customer_id",
+    "event_name",
+    "timestamp",
+    "properties",
+    "fingerprint",
+    "key_derived",
+    "ingested_at",
+)
+METER_WINDOWS_COLUMNS: tuple[str, ...] = (
+    "meter",
+    "aggregation",
+    "customer_id",
+    "group_key",
+    "window_start",
+    "window_end",
+    "value",
+    "event_count",
+    "distinct_values",
+    "latest_ts",
+    "latest_key",
+    "version",
+    "updated_at",
+)
+REJECTED_EVENTS_COLUMNS: tuple[str, ...] = (
+    "received_at",
+    "reason",
+    "detail",
+    "raw",
+    "customer_id",
+    "idempotency_key",
+    "meter",
+)
+STRIPE_METER_EVENTS_COLUMNS: tuple[str, ...] = (
+    "identifier",
+    "meter",
+    "customer_id",
+    "stripe_customer_id",
+    "period",
+    "value",
+    "exact_total",
+    "status",
+    "error_code",
+    "attempts",
+    "sent_at",
+    "updated_at",
+    "version",
+)
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    USAGE_EVENTS: USAGE_EVENTS_COLUMNS,
+    METER_WINDOWS: METER_WINDOWS_COLUMNS,
+    REJECTED_EVENTS: REJECTED_EVENTS_COLUMNS,
+    STRIPE_METER_EVENTS: STRIPE_METER_EVENTS_COLUMNS,
+}
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SCALE = Decimal("1e-9")
+_DECIMAL_38_9_LIMIT = Decimal(10) ** 29  # 38 digits, 9 of them after the point
+_CONTEXT = Context(prec=80)
+
+
+class WindowStateLike(Protocol):
+    """What ``meter_window_row`` reads from pipeline.aggregation.WindowState."""
+
+    event_count: int
+    distinct: set[str] | None
+    latest_ts: int
+    latest_key: str
+
+
+def utc_datetime(epoch_ms: int) -> datetime:
+    """Exact aware UTC datetime from epoch milliseconds (no float rounding)."""
+    return _EPOCH + timedelta(milliseconds=int(epoch_ms))
+
+
+def decimal_38_9(value: Decimal) -> Decimal:
+    """``value`` rounded half-even to 9 places, as stored in Decimal(38, 9).
+
+    The driver would silently truncate extra places; rounding here makes the
+    stored value explicit and testable. Raises ValueError beyond the type's range.
+    """
+    try:
+        quantized = Decimal(value).quantize(_SCALE, rounding=ROUND_HALF_EVEN, context=_CONTEXT)
+    except InvalidOperation:
+        raise ValueError(f"{value} does not fit Decimal(38, 9)") from None
+    if not quantized.is_finite() or quantized.copy_abs() >= _DECIMAL_38_9_LIMIT:
+        raise ValueError(f"{value} does not fit Decimal(38, 9)")
+    return quantized
+
+
+def usage_event_row(event: UsageEvent, ingested_at_ms: int) -> tuple[Any, ...]:
+    """A usage_events row (USAGE_EVENTS_COLUMNS order).
+
+    Pass the Kafka record timestamp as ``ingested_at_ms`` rather than the wall
+    clock: a batch rebuilt after a crash is then byte-identical and its
+    deduplication token matches.
+    """
+    fingerprint = event.fingerprint or content_fingerprint(
+        event.event_name, event.timestamp_ms, event.properties
+    )
+    return (
+        event.idempotency_key,
+        event.customer_id,
+        event.event_name,
+        utc_datetime(event.timestamp_ms),
+        canonical_json(event.properties),
+        fingerprint,
+        1 if event.key_derived else 0,
+        utc_datetime(ingested_at_ms),
+    )
+
+
+def rejected_row(rejection: Rejection, received_at_ms: int) -> tuple[Any, ...]:
+    """A rejected_events row (REJECTED_EVENTS_COLUMNS order)."""
+    return (
+        utc_datetime(received_at_ms),
+        str(rejection.reason),
+        rejection.detail,
+        rejection.raw.decode("utf-8", errors="replace"),
+        rejection.customer_id,
+        rejection.idempotency_key,
+        rejection.meter,
+    )
+
+
+def meter_window_row(
+    meter_name: str,
+    aggregation: str,
+    customer_id: str,
+    group_key: str,
+    window_start_ms: int,
+    window_end_ms: int,
+    state: WindowStateLike,
+    version: int,
+    updated_at_ms: int,
+    *,
+    value: Decimal,
+) -> tuple[Any, ...]:
+    """A meter_windows row (METER_WINDOWS_COLUMNS order).
+
+    ``value`` is the window result computed by the caller (keyword-only, so it
+    is never confused with a state field). ``distinct_values`` is written for
+    unique_count only (sorted, so equal sets give equal rows) and
+    ``latest_ts``/``latest_key`` for latest only; other aggregations write
+    ``[]``, epoch 0 and ``''``.
+    """
+    distinct: list[str] = []
+    if aggregation == "unique_count" and state.distinct:
+        distinct = sorted(state.distinct)
+    is_latest = aggregation == "latest"
+    return (
+        meter_name,
+        aggregation,
+        customer_id,
+        group_key,
+        utc_datetime(window_start_ms),
+        utc_datetime(window_end_ms),
+        decimal_38_9(value),
+        int(state.event_count),
+        distinct,
+        utc_datetime(state.latest_ts if is_latest else 0),
+        state.latest_key if is_latest else "",
+        int(version),
+        utc_datetime(updated_at_ms),
+    )
+
+
+def dedup_token(table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Deterministic ``insert_deduplication_token``: sha256 of table, columns and rows.
+
+    Values are hashed by type name and ``repr`` (str, int, Decimal, aware
+    datetime and list reprs are stable across processes).
+    """
+    digest = hashlib.sha256()
+    digest.update(table.encode())
+    digest.update(b"\x00" + ",".join(columns).encode())
+    for row in rows:
+        digest.update(b"\x1e")
+        for value in row:
+            digest.update(b"\x1f" + type(value).__name__.encode() + b":" + repr(value).encode())
+    return f"{table}-{len(rows)}-{digest.hexdigest()}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    table: str
+    rows: tuple[tuple[Any, ...], ...]
+    token: str
+
+
+class BatchWriter:
+    """Buffers rows per table; flushes on ``max_rows`` pending rows or ``max_seconds`` age.
+
+    Not thread-safe by itself: the worker owns it from one task/thread.
+    """
+
+    def __init__(
+        self,
+        max_rows: int = 5000,
+        max_seconds: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_rows = max_rows
+        self.max_seconds = max_seconds
+        self._clock = clock
+        self._buffers: dict[str, list[tuple[Any, ...]]] = {}
+        self._sealed: list[_Batch] = []
+        self._first_row_at: float | None = None
+
+    # -- buffering
+    def add(self, table: str, row: Sequence[Any]) -> None:
+        if table not in TABLE_COLUMNS:
+            raise ValueError(f"unknown table {table!r}")
+        columns = TABLE_COLUMNS[table]
+        if len(row) != len(columns):
+            raise ValueError(f"{table} rows have {len(columns)} columns, got {len(row)}")
+        if self._first_row_at is None:
+            self._first_row_at = self._clock()
+        self._buffers.setdefault(table, []).append(tuple(row))
+
+    def add_event(self, event: UsageEvent, ingested_at_ms: int) -> None:
+        self.add(USAGE_EVENTS, usage_event_row(event, ingested_at_ms))
+
+    def add_rejection(self, rejection: Rejection, received_at_ms: int) -> None:
+        self.add(REJECTED_EVENTS, rejected_row(rejection, received_at_ms))
+
+    def add_window(self, row: Sequence[Any]) -> None:
+        self.add(METER_WINDOWS, row)
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows not yet inserted: buffered plus sealed by a failed flush."""
+        return sum(len(rows) for rows in self._buffers.values()) + sum(
+            len(batch.rows) for batch in self._sealed
+        )
+
+    def pending(self, table: str) -> int:
+        return len(self._buffers.get(table, ())) + sum(
+            len(b.rows) for b in self._sealed if b.table == table
+        )
+
+    def should_flush(self, now: float | None = None) -> bool:
+        """True when ``max_rows`` rows are pending or the oldest is ``max_seconds`` old.
+
+        ``now`` is on the writer's clock (``time.monotonic`` by default).
+        """
+        pending = self.pending_rows
+        if pending == 0:
+            return False
+        if pending >= self.max_rows or self._sealed:
+            return True
+        now = self._clock() if now is None else now
+        return self._first_row_at is not None and now - self._first_row_at >= self.max_seconds
+
+    # -- flushing
+    def flush(self, ch: ClickHouse) -> dict[str, int]:
+        """Insert everything pending: ONE insert per table; returns rows inserted per table.
+
+        Order of side effects, and what each guarantees:
+
+        1. The buffers are *sealed* into one batch per table, each with a
+           deterministic ``insert_deduplication_token`` (sha256 of the rows).
+           Rows added after this go to new buffers, so a sealed batch never
+           changes and its token never changes.
+        2. Each sealed batch is inserted in one INSERT carrying its token, and
+           dropped from memory only when ClickHouse acknowledged it. If the
+           insert fails (or its acknowledgement is lost), the batch stays
+           sealed and ClickHouseError is raised: nothing is lost, and the next
+           ``flush`` resends the identical batch with the identical token, which
+           ClickHouse drops if the first attempt had in fact been written
+           (tables keep ``non_replicated_deduplication_window = 1000``; the same
+           holds per part when one insert spans several partitions).
+        3. Only after ``flush`` returns does the caller commit the Kafka offsets
+           of the records in the batch. A crash before the commit replays those
+           records; the rebuilt rows are identical when the builders were given
+           record timestamps, so the token matches again, and in any case
+           usage_events and meter_windows collapse duplicates by key
+           (ReplacingMergeTree, read with LIMIT 1 BY / argMax).
+        """
+        for table, rows in self._buffers.items():
+            if rows:
+                self._sealed.append(
+                    _Batch(table, tuple(rows), dedup_token(table, TABLE_COLUMNS[table], rows))
+                )
+        self._buffers = {}
+        self._first_row_at = None
+        inserted: dict[str, int] = {}
+        while self._sealed:
+            batch = self._sealed[0]
+            ch.insert(batch.table, batch.rows, TABLE_COLUMNS[batch.table], dedup_token=batch.token)
+            self._sealed.pop(0)
+            inserted[batch.table] = inserted.get(batch.table, 0) + len(batch.rows)
+        return inserted

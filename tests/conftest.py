@@ -1,0 +1,47 @@
+"""Session-wide real components: one embedded broker, one Stripe emulator, one chdb path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.embedded import EmbeddedBroker
+from tests.harness import StackSlice, http_json
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    log = tmp_path_factory.mktemp("broker") / "broker.log"
+    with EmbeddedBroker(log=log) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def stripe_emulator() -> Iterator[str]:
+    from sinks.stripe.emulator import BackgroundEmulator
+
+    emulator = BackgroundEmulator().start()
+    try:
+        yield emulator.url
+    finally:
+        emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def worker_chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chdb path worker processes use (one at a time); not opened by pytest itself."""
+    return tmp_path_factory.mktemp("worker-clickhouse")
+
+
+@pytest.fixture
+def stack(
+    broker: EmbeddedBroker, stripe_emulator: str, worker_chdb_path: Path, tmp_path: Path
+) -> Iterator[StackSlice]:
+    http_json(f"{stripe_emulator}/_emulator/reset", {})
+    test_stack = StackSlice(broker.bootstrap, worker_chdb_path, stripe_emulator, tmp_path)
+    try:
+        yield test_stack
+    finally:
+        test_stack.stop_all()

@@ -1,0 +1,462 @@
+"""The Stripe meter emulator, driven through the real ``stripe`` SDK and StripeMeterClient."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import stripe
+
+from pipeline.errors import StripeError
+from sinks.stripe.client import SendResult, StripeMeterClient
+from sinks.stripe.emulator import BackgroundEmulator
+from sinks.stripe.payloads import build_meter_event, meter_event_identifier
+
+DAY = 86400
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[BackgroundEmulator]:
+    with BackgroundEmulator() as emu:
+        yield emu
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(emulator: BackgroundEmulator) -> None:
+    emulator.reset()
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def client(emulator: BackgroundEmulator, sleeps: list[float]) -> StripeMeterClient:
+    def record_and_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        time.sleep(seconds)
+
+    return StripeMeterClient(
+        None,
+        emulator.url,
+        rate_limit_per_second=None,
+        max_retries=12,
+        backoff_base=0.001,
+        backoff_cap=0.005,
+        sleep=record_and_sleep,
+    )
+
+
+def raw_sdk(emulator: BackgroundEmulator) -> stripe.StripeClient:
+    return stripe.StripeClient(
+        "sk_test_emulator", base_addresses={"api": emulator.url}, max_network_retries=0
+    )
+
+
+def raw_create(sdk: stripe.StripeClient, params: Any, options: Any = None) -> Any:
+    """``POST /v1/billing/meter_events`` straight through the SDK, params unchecked."""
+    return sdk.v1.billing.meter_events.create(params, options)
+
+
+def new_meter(client: StripeMeterClient, formula: Any = "sum") -> dict[str, Any]:
+    event_name = f"ev_{uuid.uuid4().hex[:10]}"
+    return client.create_meter(f"Meter {event_name}", event_name, formula)
+
+
+def minute_start(ts: int) -> int:
+    return ts - ts % 60
+
+
+def test_create_and_list_meters(client: StripeMeterClient) -> None:
+    meter = new_meter(client)
+    assert meter["id"].startswith("mtr_")
+    assert meter["object"] == "billing.meter"
+    assert meter["status"] == "active"
+    assert meter["default_aggregation"] == {"formula": "sum"}
+    assert meter["customer_mapping"] == {"event_payload_key": "stripe_customer_id", "type": "by_id"}
+    assert meter["value_settings"] == {"event_payload_key": "value"}
+    assert meter["livemode"] is False
+    assert [m["id"] for m in client.list_meters()] == [meter["id"]]
+
+    with pytest.raises(StripeError) as err:
+        client.create_meter("again", meter["event_name"], "sum")
+    assert err.value.status == 400
+    assert err.value.code == "resource_already_exists"
+    assert not err.value.retryable
+    assert client.ensure_meter("x", meter["event_name"], "sum")["id"] == meter["id"]
+    with pytest.raises(StripeError, match="expected"):
+        client.ensure_meter("x", meter["event_name"], "last")
+
+
+def test_events_sum_into_event_summaries(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
+    meter = new_meter(client)
+    now = int(time.time())
+    start = minute_start(now) - 3600
+    values = [5, 7, -2, 30]
+    for i, value in enumerate(values):
+        params = build_meter_event(
+            meter["event_name"],
+            meter_event_identifier("api", "cus_a", "p1", i),
+            "cus_a",
+            value,
+            start + 60 * i,
+        )
+        assert client.send_meter_event(params) == SendResult("sent", 1)
+    client.send_meter_event(
+        build_meter_event(meter["event_name"], "other-customer", "cus_b", 1000, start)
+    )
+    [summary] = client.event_summaries(meter["id"], "cus_a", start, minute_start(now) + 60)
+    assert summary.aggregated_value == Decimal(sum(values))
+    assert summary.meter == meter["id"]
+
+    accepted = emulator.events(customer="cus_a")
+    assert [e["value"] for e in accepted] == ["5", "7", "-2", "30"]
+    assert all(e["payload"]["value"] == e["value"] for e in accepted)
+    assert emulator.stats()["accepted"] == 5
+
+
+def test_hourly_grouping(client: StripeMeterClient) -> None:
+    meter = new_meter(client)
+    hour = int(time.time()) // 3600 * 3600 - 3 * 3600
+    for i, (offset, value) in enumerate([(10, 1), (20, 2), (3600 + 5, 4)]):
+        client.send_meter_event(
+            build_meter_event(meter["event_name"], f"h{i}", "cus_h", value, hour + offset)
+        )
+    summaries = client.event_summaries(
+        meter["id"], "cus_h", hour, hour + 3 * 3600, value_grouping_window="hour"
+    )
+    assert [(s.start_time - hour, s.aggregated_value) for s in summaries] == [
+        (0, Decimal(3)),
+        (3600, Decimal(4)),
+    ]
+
+
+def test_duplicate_identifier_counts_as_success_and_is_accepted_once(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
+    meter = new_meter(client)
+    identifier = meter_event_identifier(meter["event_name"], "cus_d", "2025-01", 0)
+    params = build_meter_event(meter["event_name"], identifier, "cus_d", 9, int(time.time()))
+    first = client.send_meter_event(params)
+    second = client.send_meter_event(params)
+    assert first == SendResult("sent", 1)
+    assert second.status == "duplicate" and second.duplicate
+    assert len(emulator.events(identifier=identifier)) == 1
+    stats = emulator.stats()
+    assert stats["accepted"] == 1
+    assert stats["rejected_duplicates"] == 1
+
+    # What Stripe answers to a repeated identifier: 400, its message, no code.
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        raw_create(raw_sdk(emulator), params)
+    assert err.value.http_status == 400
+    assert err.value.code is None
+    assert f"An event already exists with identifier {identifier}." == err.value.user_message
+
+
+def test_identifier_is_unique_for_24_hours_only() -> None:
+    clock = FakeClock(1_800_000_000)
+    with BackgroundEmulator(clock=clock) as emu:
+        client = StripeMeterClient(None, emu.url, rate_limit_per_second=None)
+        meter = new_meter(client)
+
+        def send(ts: float) -> SendResult:
+            return client.send_meter_event(
+                build_meter_event(meter["event_name"], "same-id", "cus_t", 1, int(ts))
+            )
+
+        assert send(clock.now).status == "sent"
+        clock.advance(DAY - 1)
+        assert send(clock.now).status == "duplicate"
+        clock.advance(2)
+        assert send(clock.now).status == "sent"
+        assert emu.stats()["accepted"] == 2
+
+
+def test_whole_number_and_string_rules(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
+    meter = new_meter(client)
+    sdk = raw_sdk(emulator)
+    now = int(time.time())
+    base: Any = {"event_name": meter["event_name"], "timestamp": now}
+    for bad in ["1.5", "1e3", "+1", " 1", "", "abc", "1.0"]:
+        with pytest.raises(stripe.InvalidRequestError) as err:
+            raw_create(sdk, {**base, "payload": {"stripe_customer_id": "cus_w", "value": bad}})
+        assert err.value.http_status == 400, bad
+        assert err.value.code == "meter_event_invalid_value", bad
+        assert err.value.param == "payload[value]"
+
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        raw_create(sdk, {**base, "payload": {"value": "1"}})
+    assert err.value.code == "meter_event_no_customer_defined"
+
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        raw_create(sdk, {**base, "payload": {"stripe_customer_id": "cus_w", "value": "1" * 20}})
+    assert err.value.code == "meter_event_value_too_many_digits"
+
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        raw_create(
+            sdk,
+            {**base, "identifier": "x" * 101, "payload": {"stripe_customer_id": "c", "value": "1"}},
+        )
+    assert err.value.param == "identifier"
+
+    # Negative whole numbers are whole numbers.
+    event = raw_create(sdk, {**base, "payload": {"stripe_customer_id": "cus_w", "value": "-4"}})
+    assert event.payload["value"] == "-4"
+    assert event.identifier  # generated when absent
+
+    # v2 JSON bodies: a payload value that is not a string is refused.
+    with pytest.raises(stripe.StripeError) as v2err:
+        sdk.v2.billing.meter_events.create(
+            {"event_name": meter["event_name"], "payload": {"stripe_customer_id": "c", "value": 3}}  # type: ignore[dict-item]
+        )
+    assert v2err.value.http_status == 400
+
+    # Through our client a rule violation is a permanent StripeError, not retried.
+    with pytest.raises(StripeError) as perm:
+        client.send_meter_event({**base, "payload": {"stripe_customer_id": "c", "value": "2.5"}})
+    assert perm.value.code == "meter_event_invalid_value"
+    assert perm.value.status == 400
+    assert not perm.value.retryable
+    stats = emulator.stats()
+    assert stats["accepted"] == 1
+    assert stats["rejected_other"] == 12
+
+
+def test_timestamp_window(client: StripeMeterClient) -> None:
+    meter = new_meter(client)
+    now = int(time.time())
+
+    def send(ts: int, ident: str) -> SendResult:
+        return client.send_meter_event(
+            build_meter_event(meter["event_name"], ident, "cus_ts", 1, ts)
+        )
+
+    with pytest.raises(StripeError) as old:
+        send(now - 35 * DAY - 60, "too-old")
+    assert (old.value.code, old.value.status, old.value.retryable) == (
+        "timestamp_too_far_in_past",
+        400,
+        False,
+    )
+    with pytest.raises(StripeError) as ahead:
+        send(now + 6 * 60, "too-far-ahead")
+    assert ahead.value.code == "timestamp_in_future"
+    assert send(now - 35 * DAY + 60, "old-but-ok").status == "sent"
+    assert send(now + 4 * 60, "ahead-but-ok").status == "sent"
+
+
+def test_last_formula_takes_latest_event_time(client: StripeMeterClient) -> None:
+    meter = new_meter(client, "last")
+    assert meter["default_aggregation"] == {"formula": "last"}
+    now = int(time.time())
+    start = minute_start(now) - 600
+    # Sent out of order: the greatest timestamp wins, not the last received.
+    for ident, value, offset in [("l1", 10, 300), ("l2", 99, 120), ("l3", 42, 60)]:
+        client.send_meter_event(
+            build_meter_event(meter["event_name"], ident, "cus_l", value, start + offset)
+        )
+    [summary] = client.event_summaries(meter["id"], "cus_l", start, start + 600)
+    assert summary.aggregated_value == Decimal(10)
+    # A tie on timestamp: the later received wins.
+    client.send_meter_event(build_meter_event(meter["event_name"], "l4", "cus_l", 7, start + 300))
+    [summary] = client.event_summaries(meter["id"], "cus_l", start, start + 600)
+    assert summary.aggregated_value == Decimal(7)
+
+
+def test_count_formula_counts_events(client: StripeMeterClient) -> None:
+    meter = new_meter(client, "count")
+    now = int(time.time())
+    for i in range(4):
+        client.send_meter_event(
+            build_meter_event(meter["event_name"], f"c{i}", "cus_c", 100, now - 120)
+        )
+    [summary] = client.event_summaries(
+        meter["id"], "cus_c", minute_start(now) - 600, minute_start(now) + 60
+    )
+    assert summary.aggregated_value == Decimal(4)
+
+
+def test_faults_every_event_arrives_exactly_once(
+    client: StripeMeterClient, emulator: BackgroundEmulator, sleeps: list[float]
+) -> None:
+    meter = new_meter(client)
+    emulator.set_faults(rate_429=0.3, rate_500=0.1, seed=1)
+    now = int(time.time())
+    identifiers = [meter_event_identifier(meter["event_name"], "cus_f", "p", i) for i in range(50)]
+    results = [
+        client.send_meter_event(build_meter_event(meter["event_name"], ident, "cus_f", i, now))
+        for i, ident in enumerate(identifiers)
+    ]
+    emulator.set_faults(rate_429=0.0, rate_500=0.0)
+
+    assert all(r.status == "sent" for r in results)
+    stats = emulator.stats()
+    assert stats["faults_injected"] > 10
+    assert stats["accepted"] == 50
+    assert stats["rejected_duplicates"] == 0
+    assert sum(r.attempts - 1 for r in results) == stats["faults_injected"]
+    assert len(sleeps) == stats["faults_injected"]
+    assert all(0 <= s <= 0.005 for s in sleeps)
+    accepted = emulator.events(event_name=meter["event_name"])
+    assert sorted(e["identifier"] for e in accepted) == sorted(identifiers)
+    [summary] = client.event_summaries(
+        meter["id"], "cus_f", minute_start(now) - 60, minute_start(now) + 60
+    )
+    assert summary.aggregated_value == Decimal(sum(range(50)))
+
+
+def test_unknown_customer_is_permanent(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
+    meter = new_meter(client)
+    now = int(time.time())
+    # By default (empty registry) any customer is accepted, as Stripe v1 does.
+    assert (
+        client.send_meter_event(
+            build_meter_event(meter["event_name"], "u0", "cus_anyone", 1, now)
+        ).status
+        == "sent"
+    )
+
+    emulator.register_customers("cus_known")
+    assert (
+        client.send_meter_event(
+            build_meter_event(meter["event_name"], "u1", "cus_known", 1, now)
+        ).status
+        == "sent"
+    )
+    requests_before = emulator.stats()["requests"]
+    with pytest.raises(StripeError) as err:
+        client.send_meter_event(build_meter_event(meter["event_name"], "u2", "cus_nobody", 1, now))
+    assert err.value.code == "resource_missing"
+    assert err.value.status == 400
+    assert err.value.retryable is False
+    assert emulator.stats()["requests"] == requests_before + 1  # not retried
+    assert [e["identifier"] for e in emulator.events()] == ["u0", "u1"]
+
+
+def test_unknown_event_name(client: StripeMeterClient) -> None:
+    with pytest.raises(StripeError) as err:
+        client.send_meter_event(build_meter_event("no_such_meter", "n1", "c", 1, int(time.time())))
+    assert err.value.code == "no_meter"
+    assert not err.value.retryable
+
+
+def test_idempotency_key_replays_the_first_answer(emulator: BackgroundEmulator) -> None:
+    client = StripeMeterClient(None, emulator.url, rate_limit_per_second=None)
+    meter = new_meter(client)
+    sdk = raw_sdk(emulator)
+    params: Any = build_meter_event(meter["event_name"], "idem-1", "cus_i", 1, int(time.time()))
+    first = raw_create(sdk, params, {"idempotency_key": "k1"})
+    again = raw_create(sdk, params, {"idempotency_key": "k1"})
+    assert first.identifier == again.identifier == "idem-1"
+    assert emulator.stats()["accepted"] == 1
+    with pytest.raises(stripe.IdempotencyError):
+        raw_create(sdk, {**params, "identifier": "idem-2"}, {"idempotency_key": "k1"})
+
+
+def test_emulator_rate_limit_is_retried() -> None:
+    clock = FakeClock(1_800_000_000)
+    with BackgroundEmulator(clock=clock) as emu:
+        client = StripeMeterClient(
+            None, emu.url, rate_limit_per_second=None, sleep=lambda _s: clock.advance(1)
+        )
+        meter = new_meter(client)
+        emu.set_faults(rate_limit_per_second=3)
+        results = [
+            client.send_meter_event(
+                build_meter_event(meter["event_name"], f"r{i}", "cus_r", 1, int(clock.now))
+            )
+            for i in range(10)
+        ]
+        stats = emu.stats()
+        assert stats["accepted"] == 10
+        assert stats["rate_limited"] >= 3
+        assert sum(r.attempts - 1 for r in results) == stats["rate_limited"]
+
+
+def test_network_errors_are_retryable() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    sleeps: list[float] = []
+    client = StripeMeterClient(
+        None,
+        f"http://127.0.0.1:{port}",
+        rate_limit_per_second=None,
+        max_retries=2,
+        sleep=sleeps.append,
+    )
+    with pytest.raises(StripeError) as err:
+        client.send_meter_event(build_meter_event("m", "net", "c", 1, int(time.time())))
+    assert err.value.status is None
+    assert err.value.retryable
+    assert len(sleeps) == 2
+    assert "sk_test_emulator" not in repr(client)
+
+
+def test_v2_stream_batches_share_the_identifier_store(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
+    meter = new_meter(client)
+    now = int(time.time())
+    batch = [
+        build_meter_event(meter["event_name"], f"v2-{i}", "cus_v", i, now - 30) for i in range(100)
+    ]
+    assert client.send_batch_v2(batch).status == "sent"
+    assert client.send_batch_v2(batch).status == "sent"  # a resend is dropped by identifier
+    assert client.send_meter_event(batch[0]).status == "duplicate"  # v1 sees v2's identifiers
+    stats = emulator.stats()
+    assert stats["accepted"] == 100
+    with pytest.raises(ValueError):
+        client.send_batch_v2([*batch, batch[0]])
+    [summary] = client.event_summaries(
+        meter["id"], "cus_v", minute_start(now) - 120, minute_start(now) + 60
+    )
+    assert summary.aggregated_value == Decimal(sum(range(100)))
+
+
+def test_v2_expired_session_is_renewed() -> None:
+    clock = FakeClock(time.time())
+    with BackgroundEmulator(clock=clock) as emu:
+        client = StripeMeterClient(None, emu.url, rate_limit_per_second=None, sleep=lambda _s: None)
+        meter = new_meter(client)
+        first = build_meter_event(meter["event_name"], "s1", "cus_s", 1, int(clock.now))
+        assert client.send_batch_v2([first]) == SendResult("sent", 1)
+        clock.advance(16 * 60)  # the emulator's session (15 min) has expired
+        second = build_meter_event(meter["event_name"], "s2", "cus_s", 1, int(clock.now))
+        assert client.send_batch_v2([second]) == SendResult("sent", 2)
+        assert [e["identifier"] for e in emu.events()] == ["s1", "s2"]
+
+        sdk = stripe.StripeClient(
+            "sk_test_emulator", base_addresses={"api": emu.url, "meter_events": emu.url}
+        )
+        session = sdk.v2.billing.meter_event_session.create()
+        clock.advance(15 * 60)
+        with pytest.raises(stripe.TemporarySessionExpiredError):
+            sdk.v2.billing.meter_event_stream.create(
+                {"events": [{"event_name": meter["event_name"], "payload": {}}]},
+                {"api_key": session.authentication_token},
+            )
