@@ -84,7 +84,7 @@ class Pipeline:
             value_serializer="raw",
             partitions=settings.partitions,
         )
-        schema = faust.Schema(
+        schema: faust.Schema = faust.Schema(
             key_type=bytes, value_type=None, key_serializer="raw", value_serializer="json"
         )
         self.dedup = app.Table("dedup", partitions=settings.partitions, schema=schema)
@@ -120,7 +120,8 @@ class Pipeline:
             if raw is not None:
                 counted[key] = DedupEntry.load(raw).fingerprint
         unknown = [key for key in keys if key not in counted]
-        recorded = await self.chio.call(queries.existing_keys, unknown) if unknown else {}
+        found = await self.chio.call(queries.existing_keys, unknown) if unknown else {}
+        recorded = {DedupKey(*pair): fingerprint for pair, fingerprint in found.items()}
         dd = processor.resolve_duplicates(events, counted, recorded)
 
         deltas, invalid, unmetered = processor.contributions(self.meters, dd.fresh)
@@ -132,12 +133,11 @@ class Pipeline:
 
         # 2. Windows.
         table_states: dict[processor.WindowKey, WindowState] = {}
-        for key in deltas:
-            raw = self.windows.get(key.encode().encode())
+        for wkey in deltas:
+            raw = self.windows.get(wkey.encode().encode())
             if raw is not None:
-                table_states[key] = aggregator_for(self.meters.by_name(key.meter).aggregation).load(
-                    raw
-                )
+                agg = aggregator_for(self.meters.by_name(wkey.meter).aggregation)
+                table_states[wkey] = agg.load(raw)
         rebuild = {k for k in deltas if k not in table_states} | processor.windows_of(
             self.meters, dd.recorded_uncounted
         )
@@ -369,7 +369,7 @@ def create_app(
     )
 
     @app.agent(source, name="meterstream.process")
-    async def process(stream: faust.StreamT[bytes]) -> None:
+    async def process(stream: Any) -> None:
         async for batch in stream.take_events(
             settings.clickhouse_flush_rows, within=settings.clickhouse_flush_seconds
         ):

@@ -76,7 +76,10 @@ class DemoLoad:
             event["event_name"] = "server_heartbeat"
             props.update(servers=self.rng.randrange(1, 30))
             current = self.maxes["active_servers"].get(customer)
-            self.maxes["active_servers"][customer] = max(current or 0, Decimal(props["servers"]))
+            servers = Decimal(props["servers"])
+            self.maxes["active_servers"][customer] = (
+                servers if current is None else max(current, servers)
+            )
         elif kind < 0.88:
             event["event_name"] = "compute"
             units = Decimal(self.rng.randrange(1, 5000)) / 100

@@ -6,7 +6,7 @@ import asyncio
 import sys
 import time
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
 
@@ -27,7 +27,7 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-async def _to_thread(fn, *args):  # type: ignore[no-untyped-def]
+async def _to_thread(fn: Any, *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 

@@ -83,7 +83,8 @@ class DedupResult:
 def _conflict(event: UsageEvent) -> Rejection:
     return Rejection(
         Reason.IDEMPOTENCY_CONFLICT,
-        "same idempotency_key as an event already counted, different content; the first copy counts",
+        "same idempotency_key as an event already counted, different content; "
+        "the first copy counts",
         event.to_json().encode(),
         event.customer_id,
         event.idempotency_key,

@@ -7,6 +7,7 @@ open ClickHouse directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -36,10 +37,8 @@ def _http(url: str, body: dict[str, Any] | None = None) -> Any:
             return json.loads(response.read(), parse_float=Decimal)
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
-        try:
+        with contextlib.suppress(ValueError):
             detail = json.loads(detail).get("error", detail)
-        except ValueError:
-            pass
         raise ClickHouseError(str(detail)) from None
     except urllib.error.URLError as exc:
         raise MeterstreamError(f"worker at {url} not reachable: {exc.reason}") from None

@@ -7,8 +7,8 @@ listed) and with a failed migration (the ClickHouse error shown).
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -78,7 +78,7 @@ def build_worker(settings: Settings) -> faust.App:
     )
     metrics = Metrics()
     chio = ClickHouseIO(ch, metrics)
-    app, pipeline = create_app(settings, meters, chio, bootstrap)
+    app, _pipeline = create_app(settings, meters, chio, bootstrap)
 
     async def ready() -> dict[str, str]:
         checks = {"broker": "ok" if app.consumer and app.producer else "starting"}

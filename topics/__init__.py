@@ -23,7 +23,7 @@ class TopicSpec:
     partitions: int | None = None  # None: the configured pipeline partition count
 
     def config(self) -> dict[str, str]:
-        cfg = {"cleanup.policy": self.cleanup_policy}
+        cfg: dict[str, str] = {"cleanup.policy": self.cleanup_policy}
         if self.retention_ms is not None:
             cfg["retention.ms"] = str(self.retention_ms)
         return cfg
@@ -39,7 +39,9 @@ USAGE_EVENTS = TopicSpec(
 USAGE_EVENTS_DLQ = TopicSpec(
     name="usage-events-dlq",
     key="customer_id (UTF-8, may be empty)",
-    value='JSON {"reason", "detail", "raw", "customer_id", "idempotency_key", "meter", "received_at"}',
+    value=(
+        'JSON {"reason", "detail", "raw", "customer_id", "idempotency_key", "meter", "received_at"}'
+    ),
     retention_ms=30 * DAY_MS,
     cleanup_policy="delete",
 )

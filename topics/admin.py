@@ -17,7 +17,7 @@ async def ensure_topics(
     **client_options: object,
 ) -> list[str]:
     """Create each missing topic; returns the names created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options)  # type: ignore[arg-type]
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, **client_options)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
