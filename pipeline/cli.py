@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair", action="store_true", help="rewrite differing windows from the record"
     )
     p.set_defaults(func=cmd_reconcile)
+
+    from pipeline import stripe_cli
+
+    stripe_cli.register(sub, common)
     return parser
 
 

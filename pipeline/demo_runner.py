@@ -75,7 +75,10 @@ async def run_demo(stack: Stack, meters: MetersConfig, duration: float | None, r
                 print(("\x1b[2J\x1b[H" if tty else "\n") + table, flush=True)
         await producer.flush()
     except (KeyboardInterrupt, asyncio.CancelledError):
-        await producer.flush()
+        # Ctrl-C: stop now. The record and the windows stay exact (offsets are
+        # committed only after ClickHouse has the rows); the summary is for --duration.
+        print("\ninterrupted: stopping without the final summary", flush=True)
+        return 130
     finally:
         await producer.stop()
     return await summary(stack, meters, load)

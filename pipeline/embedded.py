@@ -105,6 +105,7 @@ class EmbeddedBroker:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a terminal's Ctrl-C reaches only our process
             preexec_fn=die_with_parent(signal.SIGINT),
         )
         wait_for_port(self.host, self.port, timeout, self.proc)

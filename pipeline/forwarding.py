@@ -3,34 +3,87 @@
 Every interval, for each meter with a ``stripe`` block and each customer whose
 partition this worker owns:
 
-1. Verify: recompute the period's closed windows (ended at least ``grace``
-   ago) from the record and repair any stored window that differs
-   (pipeline/reconcile.py). What is forwarded is therefore the record's total,
-   exact on any broker.
-2. Plan (:func:`plan_sends`, pure): sum/count meters send the whole-number
-   delta since the last send (fraction carried, Stripe formula ``sum``);
-   max/min/unique_count/latest send the period-to-date value when it changed
-   (Stripe formula ``last``).
-3. Side effects, in this order: write the ledger rows as ``pending``
-   (ClickHouse ``stripe_meter_events``), send each with its deterministic
-   identifier, write ``sent`` or ``error``. A crash between 1 and 3 leaves a
-   ``pending`` row that the next run resends with the same identifier;
-   Stripe's duplicate answer counts as success, so nothing is billed twice.
+1. **Verify.** Recompute the period's closed windows (ended at least
+   ``grace`` ago) from the record and repair any stored window that differs
+   (pipeline/reconcile.py). What is forwarded is therefore the record's
+   total, exact on any broker.
+2. **Plan** (:func:`plan_sends`, pure). The formula contract:
+
+   * ``sum`` and ``count`` meters send the whole-number *delta* since the
+     last send; the Stripe meter's formula is ``sum``, so Stripe's period
+     total is the sum of what was sent.
+   * ``max``, ``min``, ``unique_count`` and ``latest`` send the
+     *period-to-date value* whenever its whole-number form changes; the
+     Stripe meter's formula is ``last``. Each forward is stamped with the
+     forward time (clamped into the period), so a later forward has a later
+     timestamp and wins at Stripe.
+
+   The billing period is the UTC calendar month; the previous month keeps
+   being corrected for ``LATE_PERIOD_DAYS`` into the next one.
+3. **Whole numbers, per meter** (``stripe.rounding``, default ``carry``).
+   The rule applies to the *running* period total, never to one forward, so
+   a fraction is carried to the next forward instead of being lost:
+
+   * ``carry``: sum of sent == the exact total rounded half up; Stripe stays
+     within +/-0.5 of the truth.
+   * ``up``: sum of sent == ceil(exact total); never under-bills (< +1).
+   * ``down``: sum of sent == floor(exact total); never over-bills (> -1).
+
+   For ``last`` meters the period-to-date value is rounded once by the same
+   rule (half up / ceil / floor).
+4. **Identifiers.** ``ms_{meter}_{period}_{sequence}_{sha256 digest}`` (at most
+   100 chars, sinks/stripe/payloads.py): deterministic per (meter, customer,
+   period, sequence), so a resend is a no-op at Stripe and Stripe's
+   duplicate answer counts as success.
+5. **The ledger, then the send.** ClickHouse ``stripe_meter_events`` holds one
+   row per identifier (newest version wins): written ``pending`` *before*
+   the send, then ``sent`` or ``error`` (with Stripe's error code). A crash
+   between the two leaves ``pending`` rows that the next forward resends with
+   the same identifiers. The ledger is deliberately in ClickHouse and not in a
+   Faust changelog table: the embedded broker keeps everything in memory and
+   loses it on restart, and a lost ledger would restart the sequences and
+   re-send the whole period under new identifiers (double billing).
+   ClickHouse is the durable store we already trust with the record.
+6. **Errors.** Retryable failures (429, 5xx, network) are retried by the
+   client with jittered backoff and the same identifier; if they persist the
+   row stays ``pending`` for the next forward. Permanent ones (unknown
+   customer, no such meter, invalid value) mark the row ``error`` with
+   Stripe's code and go to topic ``stripe-errors``; that (meter, customer)
+   is then held, nothing newer is sent for it, until ``meterstream stripe
+   retry`` re-sends the failed rows (same identifiers, the Stripe customer id
+   re-resolved) after the cause is fixed.
+7. **Customers.** ``stripe.customer_id_from`` is an event property (the
+   latest non-empty value in the record) or ``mapping`` (the ``customers``
+   topic, pipeline/customers.py). A customer with no Stripe id is held, not
+   dropped, and counted in ``meterstream_stripe_waiting_customers``.
+8. **Transport** (``METERSTREAM_STRIPE_TRANSPORT``): ``v1`` sends each event
+   with ``POST /v1/billing/meter_events`` (errors answered synchronously);
+   ``v2`` sends batches of at most 100 through the v2 meter event stream (a
+   session token renewed before its 15-minute expiry); Stripe validates
+   stream events asynchronously, so a v2 event Stripe refuses later shows up
+   in Stripe's meter error reports, not in the ledger. ``auto`` (default)
+   is v2 with a live key (``sk_live_``/``rk_live_``) and v1 otherwise (test
+   mode and the emulator). One thread sends, so there is at most one request
+   in flight per (customer, meter) (and overall), under the client's rate
+   limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import faust
+import orjson
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.aggregation import WindowState, aggregator_for
 from pipeline.chio import ClickHouseIO
@@ -38,12 +91,12 @@ from pipeline.errors import StripeError
 from pipeline.meters import Meter, MetersConfig
 from pipeline.metrics import Metrics
 from pipeline.processor import WindowKey
-from pipeline.reconcile import reconcile_meter
+from pipeline.reconcile import reconcile_meter, record_states
 from pipeline.settings import Settings
 from pipeline.windows import month_bounds, period_label
 from sinks.clickhouse.client import ClickHouse
 from sinks.stripe import ledger
-from sinks.stripe.client import StripeMeterClient
+from sinks.stripe.client import MAX_V2_BATCH, StripeMeterClient
 from sinks.stripe.ledger import LedgerRow
 from sinks.stripe.payloads import (
     Rounding,
@@ -53,9 +106,34 @@ from sinks.stripe.payloads import (
     next_delta,
     period_value,
 )
+from topics import STRIPE_ERRORS
 
 log = logging.getLogger("meterstream.stripe")
 LATE_PERIOD_DAYS = 3  # keep correcting the previous month for this long into the next
+
+Transport = Literal["v1", "v2"]
+ResolveIds = Callable[[Meter, list[str]], Awaitable[dict[str, str]]]
+PublishError = Callable[[LedgerRow, str], Awaitable[None]]
+
+
+class ForwardingSettings(BaseSettings):
+    """Forwarding settings not (yet) in :class:`pipeline.settings.Settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="METERSTREAM_", frozen=True, extra="ignore")
+
+    stripe_transport: Literal["auto", "v1", "v2"] = "auto"
+
+
+def choose_transport(settings: Settings, requested: str | None = None) -> Transport:
+    """v1 or v2 (see the module docstring, point 8)."""
+    choice = requested or ForwardingSettings().stripe_transport
+    if choice in ("v1", "v2"):
+        return choice  # type: ignore[return-value]
+    key = settings.stripe_api_key.get_secret_value() if settings.stripe_api_key else ""
+    return "v2" if key.startswith(("sk_live_", "rk_live_")) else "v1"
+
+
+# ------------------------------------------------------------------ pure planning
 
 
 @dataclass(frozen=True)
@@ -76,6 +154,29 @@ def customer_totals(meter: Meter, states: dict[WindowKey, WindowState]) -> dict[
     return {customer: agg.result(state) for customer, state in merged.items()}
 
 
+def sequence_of(
+    meter: str, customer: str, period: str, rows: Iterable[LedgerRow]
+) -> dict[str, int]:
+    """identifier -> sequence number of one (meter, customer, period)'s ledger rows.
+
+    Identifiers do not sort by sequence (``_10_`` < ``_9_``, and the readable
+    part may be truncated), so the sequence is found by recomputing them.
+    Unknown identifiers (none expected) get 0.
+    """
+    rows = list(rows)
+    known = {meter_event_identifier(meter, customer, period, i): i for i in range(1, len(rows) + 1)}
+    return {r.identifier: known.get(r.identifier, 0) for r in rows}
+
+
+def expected_whole(meter: Meter, exact: Decimal) -> int:
+    """What Stripe's period total should be once ``exact`` is fully forwarded."""
+    assert meter.stripe is not None
+    rounding = Rounding(meter.stripe.rounding)
+    if formula_for(meter.aggregation) == "sum":
+        return next_delta(exact, 0, rounding)
+    return period_value(exact, rounding)
+
+
 def plan_sends(
     meter: Meter,
     period: str,
@@ -83,7 +184,14 @@ def plan_sends(
     stripe_ids: dict[str, str],
     rows: Iterable[LedgerRow],
 ) -> Plan:
-    """What to send for one meter and period, given the ledger so far (pure)."""
+    """What to send for one meter and period, given the ledger so far (pure).
+
+    Per customer: an ``error`` row holds the customer (nothing resent or
+    planned); ``pending`` rows are resent as they are; a new row is planned
+    when the whole-number value to send is not zero (``sum``: the delta
+    against everything sent or pending) or differs from the last one sent
+    (``last``); a customer without a Stripe id is held.
+    """
     assert meter.stripe is not None
     rounding = Rounding(meter.stripe.rounding)
     by_customer: dict[str, list[LedgerRow]] = defaultdict(list)
@@ -95,7 +203,9 @@ def plan_sends(
     held_error: list[str] = []
     formula = formula_for(meter.aggregation)
     for customer in sorted(set(totals) | set(by_customer)):
-        history = sorted(by_customer.get(customer, []), key=lambda r: r.identifier)
+        history = by_customer.get(customer, [])
+        seq = sequence_of(meter.name, customer, period, history)
+        history = sorted(history, key=lambda r: (seq[r.identifier], r.identifier))
         if any(r.status == "error" for r in history):
             held_error.append(customer)
             continue
@@ -114,18 +224,148 @@ def plan_sends(
                 continue
         else:
             value = period_value(exact, rounding)
-            last = max(counted, key=lambda r: r.identifier, default=None)
+            last = counted[-1] if counted else None
             if last is not None and last.value == value:
                 continue
-        identifier = meter_event_identifier(meter.name, customer, period, len(history) + 1)
+        next_seq = max(seq.values(), default=0) + 1
+        identifier = meter_event_identifier(meter.name, customer, period, next_seq)
         new.append(
             LedgerRow(identifier, meter.name, customer, stripe_id, period, value, exact, "pending")
         )
     return Plan(resend, new, held_no_customer, held_error)
 
 
+def event_timestamp_s(period: str, now_ms: int) -> int:
+    """The timestamp of a forward: now, clamped into the period, minus 1 s."""
+    _, p_end = month_bounds(period)
+    return (min(now_ms, p_end) - 1000) // 1000
+
+
+# ------------------------------------------------------------------ reconcile (pure parts)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One (meter, customer) of a period: what Stripe should hold."""
+
+    meter: str
+    customer_id: str
+    stripe_customer_id: str
+    exact: Decimal
+    expected: int
+    unsent: int  # ledger rows pending or in error
+
+
+@dataclass(frozen=True)
+class StripeDifference:
+    check: Check
+    stripe_value: Decimal | None
+
+    def describe(self) -> str:
+        c = self.check
+        got = "no Stripe customer id" if self.stripe_value is None else str(self.stripe_value)
+        note = f", {c.unsent} unsent ledger row(s)" if c.unsent else ""
+        return (
+            f"{c.meter} customer={c.customer_id} stripe_customer={c.stripe_customer_id or '-'}: "
+            f"stripe {got}, meterstream {c.expected} (exact {c.exact}){note}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.check), "stripe_value": self.stripe_value}
+
+
+def build_checks(
+    meter: Meter,
+    totals: dict[str, Decimal],
+    rows: list[LedgerRow],
+    resolved: dict[str, str],
+) -> list[Check]:
+    """Per customer: the expected Stripe total; the Stripe id from the ledger, else ``resolved``."""
+    ids: dict[str, str] = {}
+    unsent: dict[str, int] = defaultdict(int)
+    for row in rows:
+        if row.status == "sent" or row.customer_id not in ids:
+            ids[row.customer_id] = row.stripe_customer_id
+        if row.status != "sent":
+            unsent[row.customer_id] += 1
+    checks = []
+    for customer in sorted(set(totals) | set(ids)):
+        exact = totals.get(customer, Decimal(0))
+        checks.append(
+            Check(
+                meter.name,
+                customer,
+                ids.get(customer) or resolved.get(customer, ""),
+                exact,
+                expected_whole(meter, exact),
+                unsent[customer],
+            )
+        )
+    return checks
+
+
+def differences(
+    checks: list[Check], stripe_values: dict[tuple[str, str], Decimal]
+) -> list[StripeDifference]:
+    """Checks whose Stripe value (keyed by (meter, stripe customer)) differs."""
+    out = []
+    for check in checks:
+        if not check.stripe_customer_id:
+            if check.expected != 0:
+                out.append(StripeDifference(check, None))
+            continue
+        got = stripe_values.get((check.meter, check.stripe_customer_id), Decimal(0))
+        if got != check.expected:
+            out.append(StripeDifference(check, got))
+    return out
+
+
+def period_data(
+    ch: ClickHouse, meters: MetersConfig, period: str
+) -> list[tuple[Meter, dict[str, Decimal], list[LedgerRow]]]:
+    """Record totals and ledger rows of every Stripe meter for ``period`` (ClickHouse)."""
+    start, end = month_bounds(period)
+    out = []
+    for meter in meters.meters:
+        if meter.stripe is None:
+            continue
+        totals = customer_totals(meter, record_states(ch, meters, meter, start, end))
+        out.append((meter, totals, ledger.for_period(ch, meter.name, period)))
+    return out
+
+
+def stripe_period_values(
+    client: StripeMeterClient, meters: MetersConfig, checks: list[Check], period: str, now_ms: int
+) -> dict[tuple[str, str], Decimal]:
+    """Stripe's aggregated value per (meter, stripe customer) over the period (so far)."""
+    start, end = month_bounds(period)
+    end = min(end, (now_ms // 60_000 + 1) * 60_000)
+    by_event = {m["event_name"]: m["id"] for m in client.list_meters() if m["status"] == "active"}
+    values: dict[tuple[str, str], Decimal] = {}
+    for check in checks:
+        key = (check.meter, check.stripe_customer_id)
+        if not check.stripe_customer_id or key in values:
+            continue
+        stripe_block = meters.by_name(check.meter).stripe
+        assert stripe_block is not None
+        meter_id = by_event.get(stripe_block.event_name)
+        if meter_id is None:
+            values[key] = Decimal(0)
+            continue
+        summaries = client.event_summaries(
+            meter_id, check.stripe_customer_id, start // 1000, end // 1000
+        )
+        values[key] = sum((s.aggregated_value for s in summaries), Decimal(0))
+    return values
+
+
+# ------------------------------------------------------------------ side effects
+
+
 def stripe_customer_ids(ch: ClickHouse, path: str, customers: list[str]) -> dict[str, str]:
     """The latest non-empty value of ``path`` (e.g. properties.stripe_customer_id) per customer."""
+    if path == "customer_id":
+        return {c: c for c in customers}
     if not customers or not path.startswith("properties."):
         return {}
     parts = path.split(".")[1:]
@@ -145,6 +385,26 @@ def stripe_customer_ids(ch: ClickHouse, path: str, customers: list[str]) -> dict
     return {str(c): str(s) for c, s in rows}
 
 
+def error_message(row: LedgerRow, message: str) -> bytes:
+    """The ``stripe-errors`` record value: the failed ledger row and Stripe's message."""
+    return orjson.dumps(
+        {
+            "identifier": row.identifier,
+            "meter": row.meter,
+            "customer_id": row.customer_id,
+            "stripe_customer_id": row.stripe_customer_id,
+            "period": row.period,
+            "value": row.value,
+            "exact_total": str(row.exact_total),
+            "status": row.status,
+            "error_code": row.error_code,
+            "attempts": row.attempts,
+            "message": message,
+            "failed_at": time.time_ns() // 1_000_000,
+        }
+    )
+
+
 class Forwarder:
     def __init__(
         self,
@@ -153,22 +413,34 @@ class Forwarder:
         chio: ClickHouseIO,
         metrics: Metrics,
         client: StripeMeterClient,
-        owns_customer: Any = None,
+        owns_customer: Callable[[str], bool] | None = None,
+        *,
+        mapping: Callable[[list[str]], dict[str, str]] | None = None,
+        publish_error: PublishError | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.meters = meters
         self.chio = chio
         self.metrics = metrics
         self.client = client
         self.owns_customer = owns_customer or (lambda customer: True)
+        self.mapping = mapping or (lambda customers: {})
+        self.publish_error = publish_error
+        self.transport: Transport = transport or choose_transport(settings)
         self.stripe_meters = [m for m in meters.meters if m.stripe is not None]
         self._last_run: dict[str, float] = {}
         self._meter_ready: set[str] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stripe")
+        self._lock = asyncio.Lock()
 
     @property
     def tick_seconds(self) -> float:
         intervals = [m.stripe.interval_seconds for m in self.stripe_meters if m.stripe]
         return max(1.0, min(intervals, default=60) / 2)
+
+    async def _stripe(self, fn: Callable[..., Any], *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args))
 
     async def tick(self, now_ms: int | None = None, force: bool = False) -> int:
         """Forward every meter that is due; returns the number of events sent."""
@@ -185,21 +457,28 @@ class Forwarder:
 
     async def ensure_stripe_meter(self, meter: Meter) -> None:
         """Create the Stripe meter if missing; refuse one whose formula contradicts ours."""
-        assert meter.stripe is not None
+        stripe_block = meter.stripe
+        assert stripe_block is not None
         if meter.name in self._meter_ready:
             return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            self._executor,
-            lambda: self.client.ensure_meter(
-                meter.description or meter.name,
-                meter.stripe.event_name,  # type: ignore[union-attr]
-                formula_for(meter.aggregation),
-                meter.stripe.customer_key,  # type: ignore[union-attr]
-                meter.stripe.value_key,  # type: ignore[union-attr]
-            ),
+        await self._stripe(
+            self.client.ensure_meter,
+            meter.description or meter.name,
+            stripe_block.event_name,
+            formula_for(meter.aggregation),
+            stripe_block.customer_key,
+            stripe_block.value_key,
         )
         self._meter_ready.add(meter.name)
+
+    async def stripe_ids(self, meter: Meter, customers: list[str]) -> dict[str, str]:
+        assert meter.stripe is not None
+        if not customers:
+            return {}
+        source = meter.stripe.customer_id_from
+        if source == "mapping":
+            return self.mapping(customers)
+        return await self.chio.call(stripe_customer_ids, source, customers)
 
     async def forward(self, meter: Meter, now_ms: int) -> int:
         assert meter.stripe is not None
@@ -211,12 +490,13 @@ class Forwarder:
         if upto - month_bounds(periods[0])[0] < LATE_PERIOD_DAYS * 86_400_000:
             periods.insert(0, previous)
         sent = 0
-        for period in periods:
-            p_start, p_end = month_bounds(period)
-            end = min(upto, p_end)
-            if end <= p_start:
-                continue
-            sent += await self._forward_period(meter, period, p_start, end, now_ms)
+        async with self._lock:
+            for period in periods:
+                p_start, p_end = month_bounds(period)
+                end = min(upto, p_end)
+                if end <= p_start:
+                    continue
+                sent += await self._forward_period(meter, period, p_start, end, now_ms)
         return sent
 
     async def _forward_period(
@@ -231,46 +511,152 @@ class Forwarder:
             for diff in diffs[:20]:
                 log.warning("repaired from the record before forwarding: %s", diff.describe())
         totals = {c: v for c, v in customer_totals(meter, record).items() if self.owns_customer(c)}
-        path = meter.stripe.customer_id_from
-        ids = await self.chio.call(stripe_customer_ids, path, sorted(totals))
+        ids = await self.stripe_ids(meter, sorted(totals))
         rows = await self.chio.call(ledger.for_period, meter.name, period)
         rows = [r for r in rows if self.owns_customer(r.customer_id)]
         plan = plan_sends(meter, period, totals, ids, rows)
         self.metrics.stripe_waiting.set(len(plan.held_no_customer), meter=meter.name)
-        todo = plan.resend + plan.new
-        if not todo:
-            return 0
+        if plan.held_no_customer:
+            log.info(
+                "%s: %d customer(s) held until their Stripe customer id is known: %s",
+                meter.name,
+                len(plan.held_no_customer),
+                ", ".join(plan.held_no_customer[:10]),
+            )
+        if plan.held_error:
+            log.warning(
+                "%s: %d customer(s) held by a Stripe error until `meterstream stripe retry`: %s",
+                meter.name,
+                len(plan.held_error),
+                ", ".join(plan.held_error[:10]),
+            )
         if plan.new:
             await self.chio.call(ledger.write, plan.new)
-        timestamp_s = (min(now_ms, end) - 1000) // 1000
-        done = []
-        for row in todo:
-            done.append(await self._send(meter, row, timestamp_s))
-        await self.chio.call(ledger.write, done)
+        timestamp_s = event_timestamp_s(period, now_ms)
+        todo = [(r, timestamp_s - 1) for r in plan.resend] + [(r, timestamp_s) for r in plan.new]
+        if not todo:
+            return 0
+        done = await self.deliver(meter, todo)
         return sum(1 for r in done if r.status == "sent")
 
-    async def _send(self, meter: Meter, row: LedgerRow, timestamp_s: int) -> LedgerRow:
-        assert meter.stripe is not None
-        params = build_meter_event(
-            meter.stripe.event_name,
-            row.identifier,
-            row.stripe_customer_id,
-            row.value,
-            timestamp_s,
-            customer_key=meter.stripe.customer_key,
-            value_key=meter.stripe.value_key,
-        )
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(
-                self._executor, self.client.send_meter_event, params
+    # -- delivery ------------------------------------------------------------------
+
+    async def deliver(self, meter: Meter, todo: list[tuple[LedgerRow, int]]) -> list[LedgerRow]:
+        """Send ``pending`` rows (with their timestamps) in order; record each outcome.
+
+        Stops at a retryable failure that outlived the client's retries: that
+        row and the rest stay ``pending`` for the next forward.
+        """
+        stripe_block = meter.stripe
+        assert stripe_block is not None
+        params = [
+            build_meter_event(
+                stripe_block.event_name,
+                row.identifier,
+                row.stripe_customer_id,
+                row.value,
+                ts,
+                customer_key=stripe_block.customer_key,
+                value_key=stripe_block.value_key,
             )
-        except StripeError as exc:
-            self.metrics.stripe_requests.inc(outcome="error")
-            log.error("Stripe rejected %s: %s (%s)", row.identifier, exc, exc.code)
-            return row.with_status("error", exc.code or "unknown")
-        self.metrics.stripe_requests.inc(outcome=result.status)
-        return row.with_status("sent", attempts=result.attempts)
+            for row, ts in todo
+        ]
+        rows = [row for row, _ in todo]
+        done: list[LedgerRow] = []
+        failed: list[tuple[LedgerRow, str]] = []
+        step = 1 if self.transport == "v1" else MAX_V2_BATCH
+        for i in range(0, len(rows), step):
+            chunk, chunk_params = rows[i : i + step], params[i : i + step]
+            try:
+                if self.transport == "v1":
+                    result = await self._stripe(self.client.send_meter_event, chunk_params[0])
+                else:
+                    result = await self._stripe(self.client.send_batch_v2, chunk_params)
+            except StripeError as exc:
+                if exc.retryable:
+                    self.metrics.stripe_requests.inc(outcome="retry_later")
+                    log.warning(
+                        "Stripe unavailable for %s (%s); %d row(s) stay pending",
+                        meter.name,
+                        exc,
+                        len(rows) - i,
+                    )
+                    break
+                self.metrics.stripe_requests.inc(outcome="error")
+                code = exc.code or f"http_{exc.status}"
+                for row in chunk:
+                    log.error("Stripe rejected %s: %s (%s)", row.identifier, exc, code)
+                    bad = row.with_status("error", code, attempts=row.attempts + 1)
+                    done.append(bad)
+                    failed.append((bad, str(exc)))
+                continue
+            self.metrics.stripe_requests.inc(outcome=result.status)
+            done += [
+                r.with_status("sent", attempts=r.attempts + max(1, result.attempts)) for r in chunk
+            ]
+        if done:
+            await self.chio.call(ledger.write, done)
+        if self.publish_error is not None:
+            for row, message in failed:
+                await self.publish_error(row, message)
+        return done
+
+    async def retry_errors(self, now_ms: int | None = None) -> list[LedgerRow]:
+        """``stripe retry``: re-send every ``error`` row with its identifier.
+
+        Each row's Stripe customer id is resolved again (the usual fix is a
+        corrected mapping), the row becomes ``pending`` and is delivered now
+        when this worker owns its customer (otherwise by the owner's next
+        forward). Returns the rows in their new state.
+        """
+        now = now_ms or time.time_ns() // 1_000_000
+        async with self._lock:
+            failed = await self.chio.call(ledger.by_status, "error")
+            by_meter: dict[str, list[LedgerRow]] = defaultdict(list)
+            for row in failed:
+                by_meter[row.meter].append(row)
+            results: list[LedgerRow] = []
+            for name, rows in sorted(by_meter.items()):
+                try:
+                    meter = self.meters.by_name(name)
+                except KeyError:
+                    log.warning("stripe retry: meter %s is no longer configured; skipped", name)
+                    results += rows
+                    continue
+                if meter.stripe is None:
+                    results += rows
+                    continue
+                await self.ensure_stripe_meter(meter)
+                ids = await self.stripe_ids(meter, sorted({r.customer_id for r in rows}))
+                flipped = [
+                    dataclasses.replace(
+                        r,
+                        stripe_customer_id=ids.get(r.customer_id, r.stripe_customer_id),
+                        status="pending",
+                        error_code="",
+                    )
+                    for r in rows
+                ]
+                await self.chio.call(ledger.write, flipped)
+                mine = [r for r in flipped if self.owns_customer(r.customer_id)]
+                todo = [(r, event_timestamp_s(r.period, now)) for r in mine]
+                done = {r.identifier: r for r in await self.deliver(meter, todo)} if todo else {}
+                results += [done.get(r.identifier, r) for r in flipped]
+            return results
+
+    async def reconcile(self, period: str, now_ms: int | None = None) -> list[StripeDifference]:
+        """``stripe reconcile``: Stripe's summaries against meterstream's period totals."""
+        now = now_ms or time.time_ns() // 1_000_000
+        data = await self.chio.call(period_data, self.meters, period)
+        checks: list[Check] = []
+        for meter, totals, rows in data:
+            known = {r.customer_id for r in rows}
+            resolved = await self.stripe_ids(meter, sorted(set(totals) - known))
+            checks += build_checks(meter, totals, rows, resolved)
+        values = await self._stripe(
+            stripe_period_values, self.client, self.meters, checks, period, now
+        )
+        return differences(checks, values)
 
 
 def stripe_client(settings: Settings) -> StripeMeterClient:
@@ -282,21 +668,63 @@ def stripe_client(settings: Settings) -> StripeMeterClient:
     )
 
 
+def row_summary(row: LedgerRow) -> dict[str, Any]:
+    return {
+        "identifier": row.identifier,
+        "meter": row.meter,
+        "customer_id": row.customer_id,
+        "stripe_customer_id": row.stripe_customer_id,
+        "period": row.period,
+        "value": row.value,
+        "status": row.status,
+        "error_code": row.error_code,
+    }
+
+
 def install_forwarder(
     app: faust.App, settings: Settings, meters: MetersConfig, chio: ClickHouseIO, metrics: Metrics
 ) -> Forwarder | None:
-    """A timer on the worker that forwards the customers of its own partitions."""
+    """A timer on the worker that forwards the customers of its own partitions.
+
+    Also: the customer mapping GlobalTable, the ``stripe-errors`` topic, and
+    the ``/v1/stripe/retry`` and ``/v1/stripe/reconcile`` routes that the
+    ``meterstream stripe`` commands use while this worker holds ClickHouse.
+    """
     if not any(m.stripe for m in meters.meters):
         return None
+    from faust.web import Request, Response, View
+
+    from pipeline import customers
     from pipeline.app import customer_partition
+    from pipeline.web import dumps
 
     source = settings.topic("usage-events")
+    table = customers.mapping_table(app, settings)
+    errors_topic = app.topic(
+        settings.topic(STRIPE_ERRORS.name),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
 
     def owns(customer: str) -> bool:
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source}
         return customer_partition(customer, settings.partitions) in assigned
 
-    forwarder = Forwarder(settings, meters, chio, metrics, stripe_client(settings), owns)
+    async def publish_error(row: LedgerRow, message: str) -> None:
+        await errors_topic.send(key=row.identifier.encode(), value=error_message(row, message))
+
+    forwarder = Forwarder(
+        settings,
+        meters,
+        chio,
+        metrics,
+        stripe_client(settings),
+        owns,
+        mapping=lambda ids: customers.lookup(table, ids),
+        publish_error=publish_error,
+    )
 
     @app.timer(forwarder.tick_seconds)
     async def forward_to_stripe() -> None:
@@ -304,5 +732,38 @@ def install_forwarder(
             await forwarder.tick()
         except StripeError as exc:
             log.error("Stripe forwarding failed, will retry next interval: %s", exc)
+
+    def respond(view: View, body: Any, status: int = 200) -> Response:
+        return view.bytes(dumps(body), content_type="application/json", status=status)
+
+    @app.page("/v1/stripe/retry")
+    class Retry(View):
+        async def post(self, request: Request) -> Response:
+            try:
+                rows = await forwarder.retry_errors()
+            except StripeError as exc:
+                return respond(self, {"error": str(exc), "code": exc.code}, 502)
+            return respond(self, {"rows": [row_summary(r) for r in rows]})
+
+    @app.page("/v1/stripe/reconcile")
+    class Reconcile(View):
+        async def get(self, request: Request) -> Response:
+            period = request.query.get("period") or period_label(time.time_ns() // 1_000_000)
+            try:
+                month_bounds(period)
+            except ValueError as exc:
+                return respond(self, {"error": str(exc)}, 400)
+            try:
+                diffs = await forwarder.reconcile(period)
+            except StripeError as exc:
+                return respond(self, {"error": str(exc), "code": exc.code}, 502)
+            return respond(
+                self,
+                {
+                    "period": period,
+                    "differences": [d.as_dict() for d in diffs],
+                    "lines": [d.describe() for d in diffs],
+                },
+            )
 
     return forwarder

@@ -213,6 +213,8 @@ def run_stack(settings: Settings, *, demo: bool, duration: float | None, rate: f
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # Installed explicitly: a parent may have started us with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stack.start(path)
         print(f"meterstream is running: {json.dumps(stack.endpoints)}", flush=True)

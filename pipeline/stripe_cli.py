@@ -1,0 +1,290 @@
+"""``meterstream customers ...`` and ``meterstream stripe ...``.
+
+* ``customers set ID STRIPE_ID`` / ``unset ID`` / ``get ID`` / ``list``: the
+  customer mapping on the compacted ``customers`` topic (pipeline/customers.py).
+* ``stripe create-meters``: creates the missing Stripe meters with the formula
+  each aggregation needs (sum/count -> ``sum``; max/min/unique_count/latest ->
+  ``last``); refuses (exit 1) an existing meter whose formula or payload keys
+  contradict it.
+* ``stripe retry``: re-sends the ledger rows in ``error`` with their
+  identifiers, the Stripe customer id resolved again (exit 1 if any still fails).
+* ``stripe reconcile --period YYYY-MM``: Stripe's meter event summaries against
+  meterstream's period totals, per meter and customer; prints every
+  difference (exit 1 if any).
+
+retry and reconcile need ClickHouse: while a worker holds the embedded engine
+(``endpoints.json`` names its web server, or ``--worker URL``) they run inside
+it (``/v1/stripe/retry``, ``/v1/stripe/reconcile``); otherwise they open
+ClickHouse directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.parse
+from typing import Any
+
+from pipeline.errors import MeterstreamError, StripeError
+from pipeline.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from pipeline.cli import _settings as cli_settings
+
+    return cli_settings(args)
+
+
+def _worker_url(args: argparse.Namespace, settings: Settings) -> str | None:
+    from pipeline.endpoints import web_url
+
+    return getattr(args, "worker_url", None) or web_url(settings)
+
+
+# ------------------------------------------------------------------ customers
+
+
+def cmd_customers_set(args: argparse.Namespace) -> int:
+    from pipeline.customers import write_mapping
+
+    asyncio.run(write_mapping(_settings(args), args.customer_id, args.stripe_customer_id))
+    print(f"{args.customer_id} -> {args.stripe_customer_id}")
+    return 0
+
+
+def cmd_customers_unset(args: argparse.Namespace) -> int:
+    from pipeline.customers import write_mapping
+
+    asyncio.run(write_mapping(_settings(args), args.customer_id, None))
+    print(f"{args.customer_id} -> (no mapping)")
+    return 0
+
+
+def cmd_customers_get(args: argparse.Namespace) -> int:
+    from pipeline.customers import read_mapping_sync
+
+    mapping = read_mapping_sync(_settings(args))
+    found = mapping.get(args.customer_id)
+    if found is None:
+        print(f"{args.customer_id}: no mapping", file=sys.stderr)
+        return 1
+    print(found)
+    return 0
+
+
+def cmd_customers_list(args: argparse.Namespace) -> int:
+    from pipeline.customers import read_mapping_sync
+
+    mapping = read_mapping_sync(_settings(args))
+    if args.format == "json":
+        print(json.dumps(mapping, sort_keys=True))
+    else:
+        for customer, stripe_id in sorted(mapping.items()):
+            print(f"{customer}\t{stripe_id}")
+        print(f"({len(mapping)} mapping(s))", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------ stripe
+
+
+def cmd_create_meters(args: argparse.Namespace) -> int:
+    from pipeline.forwarding import stripe_client
+    from pipeline.meters import load_meters
+    from pipeline.worker import meters_path
+    from sinks.stripe.payloads import formula_for
+
+    settings = _settings(args)
+    meters = load_meters(meters_path(settings))
+    client = stripe_client(settings)
+    existing = {m["event_name"] for m in client.list_meters() if m.get("status") == "active"}
+    refused = 0
+    for meter in meters.meters:
+        block = meter.stripe
+        if block is None:
+            continue
+        formula = formula_for(meter.aggregation)
+        try:
+            stripe_meter = client.ensure_meter(
+                meter.description or meter.name,
+                block.event_name,
+                formula,
+                block.customer_key,
+                block.value_key,
+            )
+        except StripeError as exc:
+            if exc.code != "meter_mismatch":
+                raise
+            refused += 1
+            print(
+                f"REFUSED {meter.name}: {exc}. A {meter.aggregation} meter needs formula "
+                f"{formula!r}; Stripe meters cannot be changed: deactivate that meter in Stripe "
+                "or use another stripe.event_name.",
+                file=sys.stderr,
+            )
+            continue
+        verb = "exists " if block.event_name in existing else "created"
+        print(
+            f"{verb} {meter.name}: Stripe meter {stripe_meter['id']} "
+            f"(event {block.event_name}, formula {formula})"
+        )
+    return 1 if refused else 0
+
+
+def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
+    """A Forwarder over a direct ClickHouse connection (no worker is running)."""
+    from pipeline.chio import ClickHouseIO
+    from pipeline.customers import read_mapping
+    from pipeline.forwarding import Forwarder, error_message, stripe_client
+    from pipeline.meters import load_meters
+    from pipeline.metrics import Metrics
+    from pipeline.worker import meters_path, open_clickhouse
+    from sinks.stripe.ledger import LedgerRow
+    from topics import STRIPE_ERRORS
+
+    meters = load_meters(meters_path(settings))
+    chio = ClickHouseIO(open_clickhouse(settings), Metrics(), max_backoff=1.0)
+    mapping: dict[str, str] = {}
+    if any(m.stripe and m.stripe.customer_id_from == "mapping" for m in meters.meters):
+        mapping = asyncio.run(read_mapping(settings))
+
+    async def publish_error(row: LedgerRow, message: str) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        from pipeline.endpoints import kafka_bootstrap
+
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                settings.topic(STRIPE_ERRORS.name),
+                key=row.identifier.encode(),
+                value=error_message(row, message),
+            )
+        finally:
+            await producer.stop()
+
+    forwarder = Forwarder(
+        settings,
+        meters,
+        chio,
+        Metrics(),
+        stripe_client(settings),
+        mapping=lambda ids: {c: mapping[c] for c in ids if c in mapping},
+        publish_error=publish_error,
+    )
+    return forwarder, chio
+
+
+def _get_json(url: str, body: dict[str, Any] | None = None) -> Any:
+    from pipeline.query import _http
+
+    try:
+        return _http(url, body)
+    except MeterstreamError:
+        raise
+    except Exception as exc:  # pragma: no cover - reported, not raised
+        raise MeterstreamError(f"worker request {url} failed: {exc}") from None
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    url = _worker_url(args, settings)
+    if url:
+        result = _get_json(f"{url}/v1/stripe/retry", {})
+        if "error" in result:
+            raise MeterstreamError(f"the worker could not retry: {result['error']}")
+        rows = list(result["rows"])
+    else:
+        from pipeline.forwarding import row_summary
+
+        forwarder, chio = _direct_forwarder(settings)
+        try:
+            rows = [row_summary(r) for r in asyncio.run(forwarder.retry_errors())]
+        finally:
+            chio.close()
+    if not rows:
+        print("nothing to retry: no ledger row is in error")
+        return 0
+    failed = 0
+    for row in rows:
+        status = row["status"]
+        failed += status == "error"
+        extra = f" ({row['error_code']})" if row.get("error_code") else ""
+        if status == "pending":
+            extra = " (queued: the worker that owns this customer sends it next)"
+        print(
+            f"{status:8} {row['identifier']} {row['meter']} customer={row['customer_id']} "
+            f"stripe_customer={row['stripe_customer_id']} value={row['value']}{extra}"
+        )
+    print(f"{len(rows) - failed} of {len(rows)} delivered or queued", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from pipeline.windows import month_bounds
+
+    settings = _settings(args)
+    try:
+        month_bounds(args.period)
+    except ValueError as exc:
+        raise MeterstreamError(str(exc)) from None
+    url = _worker_url(args, settings)
+    if url:
+        query = urllib.parse.urlencode({"period": args.period})
+        result = _get_json(f"{url}/v1/stripe/reconcile?{query}")
+        if "error" in result:
+            raise MeterstreamError(f"the worker could not reconcile: {result['error']}")
+        lines = list(result["lines"])
+    else:
+        forwarder, chio = _direct_forwarder(settings)
+        try:
+            lines = [d.describe() for d in asyncio.run(forwarder.reconcile(args.period))]
+        finally:
+            chio.close()
+    for line in lines:
+        print(line)
+    print(
+        f"{args.period}: {len(lines)} difference(s) between Stripe and meterstream", file=sys.stderr
+    )
+    return 1 if lines else 0
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``customers`` and ``stripe`` command groups to the ``meterstream`` parser."""
+    customers = sub.add_parser("customers", help="customer -> Stripe customer mapping")
+    csub = customers.add_subparsers(dest="customers_command", required=True)
+    p = csub.add_parser("set", parents=[common], help="map a customer to a Stripe customer id")
+    p.add_argument("customer_id")
+    p.add_argument("stripe_customer_id")
+    p.set_defaults(func=cmd_customers_set)
+    p = csub.add_parser("unset", parents=[common], help="delete a customer's mapping")
+    p.add_argument("customer_id")
+    p.set_defaults(func=cmd_customers_unset)
+    p = csub.add_parser("get", parents=[common], help="a customer's Stripe customer id")
+    p.add_argument("customer_id")
+    p.set_defaults(func=cmd_customers_get)
+    p = csub.add_parser("list", parents=[common], help="every mapping")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_customers_list)
+
+    stripe = sub.add_parser("stripe", help="Stripe meters, retries and reconciliation")
+    ssub = stripe.add_subparsers(dest="stripe_command", required=True)
+    p = ssub.add_parser(
+        "create-meters", parents=[common], help="create missing Stripe meters (refuse mismatches)"
+    )
+    p.add_argument("--meters", help="meters YAML file")
+    p.set_defaults(func=cmd_create_meters)
+    p = ssub.add_parser("retry", parents=[common], help="re-send ledger rows in error")
+    p.add_argument("--meters", help="meters YAML file")
+    p.add_argument("--worker", dest="worker_url", help="the running worker's web URL")
+    p.set_defaults(func=cmd_retry)
+    p = ssub.add_parser(
+        "reconcile", parents=[common], help="compare Stripe's summaries with meterstream's totals"
+    )
+    p.add_argument("--period", required=True, help="billing period YYYY-MM")
+    p.add_argument("--meters", help="meters YAML file")
+    p.add_argument("--worker", dest="worker_url", help="the running worker's web URL")
+    p.set_defaults(func=cmd_reconcile)
