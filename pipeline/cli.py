@@ -57,7 +57,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_stripe_emulator(args: argparse.Namespace) -> int:
     from sinks.stripe.emulator import run_emulator
 
-    run_emulator("127.0.0.1", args.port)
+    run_emulator(args.host, args.port)
     return 0
 
 
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "stripe-emulator", parents=[common], help="run the Stripe meter API emulator"
     )
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other hosts")
     p.add_argument("--port", type=int, default=12111)
     p.set_defaults(func=cmd_stripe_emulator)
 

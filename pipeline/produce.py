@@ -6,11 +6,13 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
 from pipeline.endpoints import kafka_bootstrap
 from pipeline.events import loads_exact, validate_document
+from pipeline.kafka import client_options
 from pipeline.settings import Settings
 from topics import USAGE_EVENTS
 
@@ -37,8 +39,10 @@ def check_lines(lines: Iterable[bytes]) -> tuple[list[tuple[bytes, bytes]], list
     return good, bad
 
 
-async def send_events(bootstrap: str, topic: str, events: list[tuple[bytes, bytes]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+async def send_events(
+    bootstrap: str, topic: str, events: list[tuple[bytes, bytes]], **options: Any
+) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, **options)
     await producer.start()
     try:
         for key, value in events:
@@ -59,6 +63,11 @@ async def produce_file(settings: Settings, file: str) -> int:
     for message in bad:
         print(message, file=sys.stderr)
     if good:
-        await send_events(kafka_bootstrap(settings), settings.topic(USAGE_EVENTS.name), good)
+        await send_events(
+            kafka_bootstrap(settings),
+            settings.topic(USAGE_EVENTS.name),
+            good,
+            **client_options(settings),
+        )
     print(f"sent {len(good)} event(s); {len(bad)} bad line(s) not sent", file=sys.stderr)
     return 1 if bad else 0

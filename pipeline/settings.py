@@ -67,6 +67,21 @@ class Settings(BaseSettings):
     web_port: int = Field(default=6066, ge=0, le=65535)
     log_format: Literal["auto", "json", "text"] = "auto"
 
+    @field_validator(
+        "kafka_bootstrap_servers",
+        "kafka_sasl_password",
+        "clickhouse_dsn",
+        "clickhouse_password",
+        "stripe_api_key",
+        "stripe_api_base",
+        "stripe_meter_events_base",
+        mode="before",
+    )
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """``VAR=`` (as compose files and manifests often leave it) means not set."""
+        return None if value == "" else value
+
     @field_validator("clickhouse_dsn")
     @classmethod
     def _dsn_scheme(cls, value: str | None) -> str | None:

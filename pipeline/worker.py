@@ -18,6 +18,7 @@ from pipeline import web
 from pipeline.app import create_app
 from pipeline.chio import ClickHouseIO
 from pipeline.errors import ConfigError, MeterstreamError
+from pipeline.kafka import client_options
 from pipeline.logs import configure_logging
 from pipeline.meters import MetersConfig, load_meters
 from pipeline.metrics import Metrics
@@ -74,6 +75,7 @@ def build_worker(settings: Settings) -> faust.App:
             prefix=settings.topic_prefix,
             partitions=settings.partitions,
             replication_factor=settings.replication_factor,
+            **client_options(settings),
         )
     )
     metrics = Metrics()

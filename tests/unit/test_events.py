@@ -1,0 +1,152 @@
+"""The event contract: what is accepted, what is dead-lettered and why."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from pipeline.events import (
+    MAX_EVENT_BYTES,
+    Reason,
+    Rejection,
+    UsageEvent,
+    canonical_json,
+    derive_idempotency_key,
+    parse_event,
+    parse_timestamp,
+)
+
+NOW = 1_790_000_000_000
+HORIZON = 7 * 24 * 3600 * 1000
+
+
+def parse(raw: bytes | str, record_ts: int = NOW) -> UsageEvent | Rejection:
+    data = raw.encode() if isinstance(raw, str) else raw
+    return parse_event(data, record_timestamp_ms=record_ts, now_ms=NOW, horizon_ms=HORIZON)
+
+
+def test_valid_event_keeps_exact_decimals() -> None:
+    event = parse(
+        '{"event_name":"ai_chat","customer_id":"c1","idempotency_key":"k","timestamp":'
+        f'{NOW - 1000},"properties":{{"tokens":0.1,"nested":{{"x":1e-3}}}}}}'
+    )
+    assert isinstance(event, UsageEvent)
+    assert event.properties["tokens"] == Decimal("0.1")
+    assert event.properties["nested"]["x"] == Decimal("0.001")
+    assert event.timestamp_ms == NOW - 1000
+    assert not event.key_derived
+
+
+@pytest.mark.parametrize(
+    ("text", "expected_ms"),
+    [
+        ("2026-09-21T10:00:00Z", 1_789_984_800_000),
+        ("2026-09-21T12:00:00.123+02:00", 1_789_984_800_123),
+        (1_790_071_200_456, 1_790_071_200_456),
+    ],
+)
+def test_timestamps_rfc3339_or_epoch_ms(text: object, expected_ms: int) -> None:
+    assert parse_timestamp(text) == expected_ms
+
+
+def test_timestamp_without_offset_is_rejected() -> None:
+    with pytest.raises(ValueError, match="UTC offset"):
+        parse_timestamp("2026-09-21T10:00:00")
+
+
+def test_missing_timestamp_uses_the_record_timestamp() -> None:
+    event = parse('{"event_name":"e","customer_id":"c","idempotency_key":"k"}', NOW - 5)
+    assert isinstance(event, UsageEvent)
+    assert event.timestamp_ms == NOW - 5
+    assert event.properties == {}
+
+
+def test_missing_key_is_derived_deterministically() -> None:
+    raw = f'{{"event_name":"e","customer_id":"c","timestamp":{NOW},"properties":{{"a":1}}}}'
+    first, second = parse(raw), parse(raw)
+    assert isinstance(first, UsageEvent) and isinstance(second, UsageEvent)
+    assert first.key_derived
+    assert first.idempotency_key == second.idempotency_key
+    assert first.idempotency_key == derive_idempotency_key("e", "c", NOW, {"a": 1})
+    other = parse(raw.replace('"a":1', '"a":2'))
+    assert isinstance(other, UsageEvent)
+    assert other.idempotency_key != first.idempotency_key
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "detail"),
+    [
+        ("{not json", Reason.INVALID_JSON, ""),
+        ("[1,2]", Reason.INVALID_EVENT, "JSON object"),
+        ('{"customer_id":"c"}', Reason.INVALID_EVENT, "event_name: required"),
+        ('{"event_name":"e"}', Reason.INVALID_EVENT, "customer_id: required"),
+        ('{"event_name":"","customer_id":"c"}', Reason.INVALID_EVENT, "event_name"),
+        ('{"event_name":"e","customer_id":"c","properties":[]}', Reason.INVALID_EVENT, "object"),
+        ('{"event_name":"e","customer_id":"c","timestmp":1}', Reason.INVALID_EVENT, "unknown"),
+        ('{"event_name":"e","customer_id":"c","timestamp":"x"}', Reason.INVALID_EVENT, "RFC"),
+        ('{"event_name":"e","customer_id":"c","idempotency_key":5}', Reason.INVALID_EVENT, "key"),
+        (f'{{"event_name":"e","customer_id":"c","timestamp":{NOW + 301_000}}}',
+         Reason.FUTURE_TIMESTAMP, "future"),
+        (f'{{"event_name":"e","customer_id":"c","timestamp":{NOW - HORIZON - 1}}}',
+         Reason.TOO_LATE, "horizon"),
+    ],
+)  # fmt: skip
+def test_bad_events_are_rejected_with_a_reason(raw: str, reason: Reason, detail: str) -> None:
+    result = parse(raw)
+    assert isinstance(result, Rejection)
+    assert result.reason is reason
+    assert detail in result.detail
+    assert result.raw == raw.encode()
+
+
+def test_every_problem_is_listed_at_once() -> None:
+    result = parse('{"event_name":5,"customer_id":"","properties":3,"extra":1}')
+    assert isinstance(result, Rejection)
+    for part in ("extra: unknown", "event_name", "customer_id", "properties"):
+        assert part in result.detail
+
+
+def test_five_minutes_ahead_is_still_accepted() -> None:
+    assert isinstance(
+        parse(f'{{"event_name":"e","customer_id":"c","timestamp":{NOW + 300_000}}}'), UsageEvent
+    )
+
+
+def test_too_large() -> None:
+    raw = (
+        b'{"event_name":"e","customer_id":"c","properties":{"x":"' + b"a" * MAX_EVENT_BYTES + b'"}}'
+    )
+    result = parse(raw)
+    assert isinstance(result, Rejection)
+    assert result.reason is Reason.TOO_LARGE
+
+
+def test_rejection_identifies_the_event_when_it_can() -> None:
+    result = parse(
+        f'{{"event_name":"e","customer_id":"c","idempotency_key":"k","timestamp":{NOW * 2}}}'
+    )
+    assert isinstance(result, Rejection)
+    assert (result.customer_id, result.idempotency_key) == ("c", "k")
+    assert result.to_dlq(NOW)["reason"] == "future_timestamp"
+
+
+def test_canonical_json_is_stable_and_exact() -> None:
+    assert canonical_json({"b": Decimal("1.10"), "a": [1, "é"]}) == '{"a":[1,"é"],"b":1.10}'
+
+
+def test_fingerprint_ignores_key_order_but_not_content() -> None:
+    a = parse(
+        f'{{"event_name":"e","customer_id":"c","idempotency_key":"k","timestamp":{NOW},'
+        '"properties":{"x":1,"y":2}}'
+    )
+    b = parse(
+        f'{{"properties":{{"y":2,"x":1}},"timestamp":{NOW},"idempotency_key":"k",'
+        '"customer_id":"c","event_name":"e"}'
+    )
+    c = parse(
+        f'{{"event_name":"e","customer_id":"c","idempotency_key":"k","timestamp":{NOW},'
+        '"properties":{"x":1,"y":3}}'
+    )
+    assert isinstance(a, UsageEvent) and isinstance(b, UsageEvent) and isinstance(c, UsageEvent)
+    assert a.fingerprint == b.fingerprint != c.fingerprint
