@@ -50,7 +50,9 @@ def test_produce_reports_bad_lines_and_sends_good_ones(stack: StackSlice) -> Non
     worker = stack.start_worker(stack.meters_file(COUNT_METER))
     now = time.time_ns() // 1_000_000
     lines = [
-        json.dumps({"event_name": "call", "customer_id": "c1", "idempotency_key": "a", "timestamp": now}),
+        json.dumps(
+            {"event_name": "call", "customer_id": "c1", "idempotency_key": "a", "timestamp": now}
+        ),
         "{broken",
         json.dumps({"event_name": "call", "customer_id": "c2", "idempotency_key": "b"}),
         json.dumps({"event_name": "call"}),
