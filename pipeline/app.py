@@ -124,11 +124,12 @@ class Pipeline:
         recorded = {DedupKey(*pair): fingerprint for pair, fingerprint in found.items()}
         dd = processor.resolve_duplicates(events, counted, recorded)
 
-        deltas, invalid, unmetered = processor.contributions(self.meters, dd.fresh)
-        bad = rejections + dd.conflicts + invalid
+        contrib = processor.contributions(self.meters, dd.fresh)
+        deltas = contrib.states
+        bad = rejections + dd.conflicts + contrib.rejections
 
         # 1. The record.
-        await self._write_record(dd.fresh, bad, dd.duplicates, received)
+        await self._write_record(dd.fresh, contrib.counted_by, bad, dd.duplicates, received)
         await self._send_dlq(bad, received)
 
         # 2. Windows.
@@ -181,7 +182,7 @@ class Pipeline:
         report.rejected.update(str(r.reason) for r in bad)
         report.windows_written = len(new_states)
         report.windows_recomputed = len(rebuild)
-        self._count(report, unmetered, deltas)
+        self._count(report, contrib.unmetered, deltas)
         return report
 
     @staticmethod
@@ -192,12 +193,16 @@ class Pipeline:
     async def _write_record(
         self,
         accepted: list[UsageEvent],
+        counted_by: dict[DedupKey, list[str]],
         bad: list[Rejection],
         duplicates: list[UsageEvent],
         received: int,
     ) -> None:
         if accepted:
-            rows = [writer.usage_event_row(ev, received) for ev in accepted]
+            rows = [
+                writer.usage_event_row(ev, received, counted_by[DedupKey.of(ev)])
+                for ev in accepted
+            ]
             await self._insert(writer.USAGE_EVENTS, rows, writer.USAGE_EVENTS_COLUMNS)
         rejected = [writer.rejected_row(r, received) for r in bad] + [
             writer.rejected_row(

@@ -131,24 +131,33 @@ def _window_key(meter: Meter, event: UsageEvent) -> WindowKey:
     return WindowKey(meter.name, event.customer_id, meter.group_key(event), start)
 
 
-def contributions(
-    meters: MetersConfig, events: Iterable[UsageEvent]
-) -> tuple[dict[WindowKey, WindowState], list[Rejection], int]:
+@dataclass
+class Contributions:
+    """What a batch of fresh events adds to the windows."""
+
+    states: dict[WindowKey, WindowState] = field(default_factory=dict)
+    rejections: list[Rejection] = field(default_factory=list)
+    counted_by: dict[DedupKey, list[str]] = field(default_factory=dict)
+
+    @property
+    def unmetered(self) -> int:
+        return sum(1 for names in self.counted_by.values() if not names)
+
+
+def contributions(meters: MetersConfig, events: Iterable[UsageEvent]) -> Contributions:
     """Partial window states from ``events``, the invalid_value rejections, and
-    the number of events that matched no meter."""
-    states: dict[WindowKey, WindowState] = {}
-    rejections: list[Rejection] = []
-    unmetered = 0
+    the meters that counted each event (empty: it matched no meter)."""
+    out = Contributions()
+    states = out.states
     for event in events:
-        matched = False
+        counted = out.counted_by[DedupKey.of(event)] = []
         for meter in meters.for_event_name(event.event_name):
             if not meter.matches(event):
                 continue
-            matched = True
             try:
                 value = meter.extract(event)
             except InvalidValue as exc:
-                rejections.append(
+                out.rejections.append(
                     Rejection(
                         Reason.INVALID_VALUE,
                         str(exc),
@@ -165,8 +174,8 @@ def contributions(
             if state is None:
                 state = states[key] = agg.start()
             states[key] = agg.add(state, value, event.timestamp_ms, event.idempotency_key)
-        unmetered += not matched
-    return states, rejections, unmetered
+            counted.append(meter.name)
+    return out
 
 
 def windows_of(meters: MetersConfig, events: Iterable[UsageEvent]) -> set[WindowKey]:

@@ -32,6 +32,7 @@ USAGE_EVENTS_COLUMNS: tuple[str, ...] = (
     "fingerprint",
     "key_derived",
     "ingested_at",
+    "meters",
 )
 METER_WINDOWS_COLUMNS: tuple[str, ...] = (
     "meter",
@@ -114,8 +115,10 @@ def decimal_38_9(value: Decimal) -> Decimal:
     return quantized
 
 
-def usage_event_row(event: UsageEvent, ingested_at_ms: int) -> tuple[Any, ...]:
-    """A usage_events row (USAGE_EVENTS_COLUMNS order).
+def usage_event_row(
+    event: UsageEvent, ingested_at_ms: int, meters: Sequence[str] = ()
+) -> tuple[Any, ...]:
+    """A usage_events row (USAGE_EVENTS_COLUMNS order); ``meters`` counted the event.
 
     Pass the Kafka record timestamp as ``ingested_at_ms`` rather than the wall
     clock: a batch rebuilt after a crash is then byte-identical and its
@@ -133,6 +136,7 @@ def usage_event_row(event: UsageEvent, ingested_at_ms: int) -> tuple[Any, ...]:
         fingerprint,
         1 if event.key_derived else 0,
         utc_datetime(ingested_at_ms),
+        sorted(meters),
     )
 
 

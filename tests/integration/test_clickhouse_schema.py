@@ -48,6 +48,7 @@ ALL_MIGRATIONS = [
     "0003_rejected_events",
     "0004_stripe_meter_events",
     "0005_meter_usage_views",
+    "0006_usage_events_meters",
 ]
 
 

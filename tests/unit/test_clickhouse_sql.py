@@ -149,10 +149,11 @@ def test_migration_files_are_versioned_in_order() -> None:
         "0003_rejected_events",
         "0004_stripe_meter_events",
         "0005_meter_usage_views",
+        "0006_usage_events_meters",
     ]
-    assert [m.version for m in migrations] == [1, 2, 3, 4, 5]
+    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6]
     assert all(m.checksum == checksum(m.sql) for m in migrations)
-    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4]
+    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1]
 
 
 def _squash(sql: str) -> str:
@@ -385,8 +386,10 @@ def test_usage_event_row() -> None:
         ),
         1,
         datetime(2024, 2, 1, 0, 0, 1, tzinfo=UTC),
+        [],
     )
     assert usage_event_row(_event(fingerprint="given"), 0)[5] == "given"
+    assert usage_event_row(_event(), 0, ["b", "a"])[-1] == ["a", "b"]
 
 
 def test_rejected_row() -> None:

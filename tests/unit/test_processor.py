@@ -82,10 +82,12 @@ def test_recorded_but_uncounted_events_trigger_a_recompute_not_an_increment() ->
 
 
 def test_contributions_fold_a_batch_per_window_and_group() -> None:
-    states, rejected, unmetered = contributions(
+    out = contributions(
         METERS, [ev("1", 5), ev("2", "2.5"), ev("3", 1, model="b"), ev("4", 4, ts=T0 + HOUR)]
     )
-    assert rejected == [] and unmetered == 0
+    states = out.states
+    assert out.rejections == [] and out.unmetered == 0
+    assert out.counted_by[DedupKey("c", "1")] == ["tokens", "chats", "peak"]
     sums = {
         (k.group_key, k.window_start_ms): aggregator_for("sum").result(s)
         for k, s in states.items()
@@ -101,8 +103,10 @@ def test_contributions_fold_a_batch_per_window_and_group() -> None:
 
 
 def test_invalid_value_is_dead_lettered_for_that_meter_only() -> None:
-    states, rejected, _ = contributions(METERS, [ev("1", "lots")])
-    assert [(r.reason, r.meter) for r in rejected] == [
+    out = contributions(METERS, [ev("1", "lots")])
+    states = out.states
+    assert out.counted_by[DedupKey("c", "1")] == ["chats"]
+    assert [(r.reason, r.meter) for r in out.rejections] == [
         (Reason.INVALID_VALUE, "tokens"),
         (Reason.INVALID_VALUE, "peak"),
     ]
@@ -111,8 +115,8 @@ def test_invalid_value_is_dead_lettered_for_that_meter_only() -> None:
 
 def test_unmetered_events_are_counted() -> None:
     other = UsageEvent("other", "c", "k", T0, {})
-    _, _, unmetered = contributions(METERS, [other])
-    assert unmetered == 1
+    out = contributions(METERS, [other])
+    assert out.unmetered == 1 and out.counted_by[DedupKey("c", "k")] == []
 
 
 def test_window_key_round_trip() -> None:
@@ -145,7 +149,7 @@ def test_batches_with_duplicates_equal_recompute_from_the_record(
     for start in range(0, len(events), size):
         batch = events[start : start + size]
         result = resolve_duplicates(batch, counted, {})
-        deltas, _, _ = contributions(METERS, result.fresh)
+        deltas = contributions(METERS, result.fresh).states
         state.update(merge_into(METERS, state, deltas))  # type: ignore[arg-type]
         for e in result.fresh:
             counted[DedupKey.of(e)] = e.fingerprint
