@@ -200,8 +200,7 @@ class Pipeline:
     ) -> None:
         if accepted:
             rows = [
-                writer.usage_event_row(ev, received, counted_by[DedupKey.of(ev)])
-                for ev in accepted
+                writer.usage_event_row(ev, received, counted_by[DedupKey.of(ev)]) for ev in accepted
             ]
             await self._insert(writer.USAGE_EVENTS, rows, writer.USAGE_EVENTS_COLUMNS)
         rejected = [writer.rejected_row(r, received) for r in bad] + [

@@ -6,10 +6,9 @@ null value (tombstone) deletes the mapping. The latest record per key wins.
 
 * ``meterstream customers set ID STRIPE_ID`` / ``unset ID`` write it;
   ``customers get ID`` / ``customers list`` read the topic from the beginning.
-* The worker keeps the whole mapping in a Faust ``GlobalTable`` whose
-  changelog *is* this topic (:func:`mapping_table`): every worker reads every
-  partition and keeps following it, so a new mapping reaches the forwarder
-  within one forward interval. Meters with ``stripe.customer_id_from:
+* The worker keeps the whole mapping in memory (:class:`MappingFollower`):
+  every worker reads every partition and keeps following it, so a new
+  mapping reaches the forwarder within one forward interval. Meters with ``stripe.customer_id_from:
   mapping`` read it; customers without a mapping are held (never dropped) and
   counted in ``meterstream_stripe_waiting_customers`` until it appears.
 """
@@ -21,13 +20,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import faust
 import orjson
 
 from pipeline.settings import Settings
 from topics import CUSTOMERS
-
-TABLE_NAME = "customers"
 
 
 def encode_mapping(stripe_customer_id: str | None) -> bytes | None:
@@ -51,35 +47,64 @@ def stripe_id_of(value: Any) -> str | None:
     return None
 
 
-def mapping_table(app: faust.App, settings: Settings) -> Any:
-    """A GlobalTable over the ``customers`` topic (its changelog; the worker never writes it)."""
-    schema: faust.Schema = faust.Schema(
-        key_type=bytes, value_type=None, key_serializer="raw", value_serializer="json"
-    )
-    changelog = app.topic(
-        settings.topic(CUSTOMERS.name),
-        schema=schema,
-        partitions=settings.partitions,
-        compacting=True,
-        deleting=False,
-    )
-    return app.GlobalTable(
-        TABLE_NAME,
-        partitions=settings.partitions,
-        schema=schema,
-        changelog_topic=changelog,
-        recovery_buffer_size=1,
-    )
+class MappingFollower:
+    """The whole mapping, kept in memory by following every partition of the topic.
 
+    Every worker reads the topic from the beginning (no consumer group) and
+    keeps following it, so a new mapping reaches the forwarder within one
+    forward interval. ``ready`` is set once the records present at start-up
+    have been read.
 
-def lookup(table: Any, customers: list[str]) -> dict[str, str]:
-    """Stripe customer ids of ``customers`` found in the mapping table."""
-    out: dict[str, str] = {}
-    for customer in customers:
-        stripe_id = stripe_id_of(table.get(customer.encode()))
+    Why not a Faust ``GlobalTable`` with this topic as its changelog: with
+    faust-streaming 0.15.3 on the embedded broker the worker's first group
+    assignment never completes once a GlobalTable is declared (the worker
+    stays in "performing partition assignments"), so nothing is consumed.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.mapping: dict[str, str] = {}
+        self.ready = asyncio.Event()
+
+    def apply(self, key: bytes | None, value: bytes | None) -> None:
+        customer = (key or b"").decode()
+        stripe_id = stripe_id_of(value) if value is not None else None
         if stripe_id:
-            out[customer] = stripe_id
-    return out
+            self.mapping[customer] = stripe_id
+        else:
+            self.mapping.pop(customer, None)
+
+    def lookup(self, customers: list[str]) -> dict[str, str]:
+        return {c: self.mapping[c] for c in customers if c in self.mapping}
+
+    async def run(self, bootstrap: str) -> None:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        topic = self.settings.topic(CUSTOMERS.name)
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            partitions: set[int] = set()
+            while not partitions:
+                await consumer.topics()
+                partitions = consumer.partitions_for_topic(topic) or set()
+                if not partitions:
+                    await asyncio.sleep(1.0)
+            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            while True:
+                batches = await consumer.getmany(timeout_ms=500)
+                for records in batches.values():
+                    for record in records:
+                        self.apply(record.key, record.value)
+                if not self.ready.is_set():
+                    positions = [await consumer.position(tp) for tp in tps]
+                    if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+                        self.ready.set()
+        finally:
+            await consumer.stop()
 
 
 # -------------------------------------------------------------- the topic, from outside

@@ -71,6 +71,7 @@ partition this worker owns:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -83,7 +84,6 @@ from typing import Any, Literal
 
 import faust
 import orjson
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.aggregation import WindowState, aggregator_for
 from pipeline.chio import ClickHouseIO
@@ -110,23 +110,16 @@ from topics import STRIPE_ERRORS
 
 log = logging.getLogger("meterstream.stripe")
 LATE_PERIOD_DAYS = 3  # keep correcting the previous month for this long into the next
+MAPPING_WAIT_SECONDS = 30.0
 
 Transport = Literal["v1", "v2"]
 ResolveIds = Callable[[Meter, list[str]], Awaitable[dict[str, str]]]
 PublishError = Callable[[LedgerRow, str], Awaitable[None]]
 
 
-class ForwardingSettings(BaseSettings):
-    """Forwarding settings not (yet) in :class:`pipeline.settings.Settings`."""
-
-    model_config = SettingsConfigDict(env_prefix="METERSTREAM_", frozen=True, extra="ignore")
-
-    stripe_transport: Literal["auto", "v1", "v2"] = "auto"
-
-
 def choose_transport(settings: Settings, requested: str | None = None) -> Transport:
     """v1 or v2 (see the module docstring, point 8)."""
-    choice = requested or ForwardingSettings().stripe_transport
+    choice = requested or settings.stripe_transport
     if choice in ("v1", "v2"):
         return choice  # type: ignore[return-value]
     key = settings.stripe_api_key.get_secret_value() if settings.stripe_api_key else ""
@@ -416,6 +409,7 @@ class Forwarder:
         owns_customer: Callable[[str], bool] | None = None,
         *,
         mapping: Callable[[list[str]], dict[str, str]] | None = None,
+        mapping_ready: asyncio.Event | None = None,
         publish_error: PublishError | None = None,
         transport: Transport | None = None,
     ) -> None:
@@ -425,6 +419,7 @@ class Forwarder:
         self.client = client
         self.owns_customer = owns_customer or (lambda customer: True)
         self.mapping = mapping or (lambda customers: {})
+        self.mapping_ready = mapping_ready
         self.publish_error = publish_error
         self.transport: Transport = transport or choose_transport(settings)
         self.stripe_meters = [m for m in meters.meters if m.stripe is not None]
@@ -477,6 +472,11 @@ class Forwarder:
             return {}
         source = meter.stripe.customer_id_from
         if source == "mapping":
+            if self.mapping_ready is not None and not self.mapping_ready.is_set():
+                # Wait for the mapping present at start-up; if it takes too long,
+                # go on: customers not found yet are held, never dropped.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.mapping_ready.wait(), MAPPING_WAIT_SECONDS)
             return self.mapping(customers)
         return await self.chio.call(stripe_customer_ids, source, customers)
 
@@ -686,7 +686,7 @@ def install_forwarder(
 ) -> Forwarder | None:
     """A timer on the worker that forwards the customers of its own partitions.
 
-    Also: the customer mapping GlobalTable, the ``stripe-errors`` topic, and
+    Also: the customer mapping follower, the ``stripe-errors`` topic, and
     the ``/v1/stripe/retry`` and ``/v1/stripe/reconcile`` routes that the
     ``meterstream stripe`` commands use while this worker holds ClickHouse.
     """
@@ -699,7 +699,7 @@ def install_forwarder(
     from pipeline.web import dumps
 
     source = settings.topic("usage-events")
-    table = customers.mapping_table(app, settings)
+    follower = customers.MappingFollower(settings)
     errors_topic = app.topic(
         settings.topic(STRIPE_ERRORS.name),
         key_type=bytes,
@@ -722,9 +722,16 @@ def install_forwarder(
         metrics,
         stripe_client(settings),
         owns,
-        mapping=lambda ids: customers.lookup(table, ids),
+        mapping=follower.lookup,
+        mapping_ready=follower.ready,
         publish_error=publish_error,
     )
+
+    if any(m.stripe and m.stripe.customer_id_from == "mapping" for m in meters.meters):
+
+        @app.task
+        async def follow_customer_mapping() -> None:
+            await follower.run(settings.kafka_bootstrap_servers or "")
 
     @app.timer(forwarder.tick_seconds)
     async def forward_to_stripe() -> None:

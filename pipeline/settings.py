@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     stripe_api_key: SecretStr | None = None
     stripe_api_base: str | None = None
     stripe_meter_events_base: str | None = None
-    stripe_grace_seconds: int = Field(default=300, ge=0)
     stripe_rate_limit_per_second: float = Field(default=25.0, gt=0)
+    # v2 meter event stream (batches of 100) or v1 meter_events; auto = v2 with a live key.
+    stripe_transport: Literal["auto", "v1", "v2"] = "auto"
 
     # Worker
     state_dir: Path = DEFAULT_STATE_DIR
