@@ -14,6 +14,7 @@ import logging
 import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.errors import ClickHouseError
@@ -25,8 +26,15 @@ log = logging.getLogger("meterstream.clickhouse")
 
 
 class ClickHouseIO:
-    def __init__(self, ch: ClickHouse, metrics: Metrics, max_backoff: float = 5.0) -> None:
+    def __init__(
+        self,
+        ch: ClickHouse,
+        metrics: Metrics,
+        max_backoff: float = 5.0,
+        down_file: Path | None = None,
+    ) -> None:
         self.ch = ch
+        self.down_file = down_file
         self.metrics = metrics
         self.max_backoff = max_backoff
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
@@ -38,7 +46,7 @@ class ClickHouseIO:
         while True:
             try:
                 return await loop.run_in_executor(
-                    self._executor, lambda: fn(self.ch, *args, **kwargs)
+                    self._executor, lambda: self._guarded(fn, *args, **kwargs)
                 )
             except ClickHouseError as exc:
                 attempt += 1
@@ -56,7 +64,14 @@ class ClickHouseIO:
     async def call_once(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(ch, ...)`` in the ClickHouse thread once; errors go to the caller."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(self.ch, *args, **kwargs))
+        return await loop.run_in_executor(
+            self._executor, lambda: self._guarded(fn, *args, **kwargs)
+        )
+
+    def _guarded(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self.down_file is not None and self.down_file.exists():
+            raise ClickHouseError(f"injected outage: {self.down_file} exists", code=210)
+        return fn(self.ch, *args, **kwargs)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -113,6 +113,10 @@ class Metrics:
         self.consumer_lag = Metric(
             "meterstream_consumer_lag", "Records behind the end, by partition", g
         )
+        self.table_keys = Metric("meterstream_table_keys", "Keys held in a worker table", g)
+        self.guarantee = Metric(
+            "meterstream_processing_guarantee", "1 for the guarantee the worker runs with", g
+        )
 
     def all(self) -> list[Metric | Summary]:
         return [v for v in vars(self).values() if isinstance(v, Metric | Summary)]

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=0, le=65535)
     log_format: Literal["auto", "json", "text"] = "auto"
+    # End each batch's changelog writes with a one-record batch (see Pipeline._end_markers).
+    changelog_end_markers: bool = True
+    # Fault injection for tests: while this file exists, every ClickHouse call fails.
+    fault_clickhouse_down_file: Path | None = None
 
     @field_validator(
         "kafka_bootstrap_servers",

@@ -18,6 +18,7 @@ from pipeline import web
 from pipeline.app import create_app
 from pipeline.chio import ClickHouseIO
 from pipeline.errors import ConfigError, MeterstreamError
+from pipeline.guarantee import broker_supports_transactions, choose
 from pipeline.kafka import client_options
 from pipeline.logs import configure_logging
 from pipeline.meters import MetersConfig, load_meters
@@ -78,9 +79,25 @@ def build_worker(settings: Settings) -> faust.App:
             **client_options(settings),
         )
     )
+    transactions = settings.processing_guarantee != "at_least_once" and asyncio.run(
+        broker_supports_transactions(bootstrap, **client_options(settings))
+    )
+    if settings.processing_guarantee == "exactly_once" and not transactions:
+        raise ConfigError(
+            ["METERSTREAM_PROCESSING_GUARANTEE: exactly_once needs a broker with transactions"]
+        )
+    guarantee = choose(settings, transactions)
+    log.info("processing guarantee: %s", guarantee)
     metrics = Metrics()
-    chio = ClickHouseIO(ch, metrics)
-    app, _pipeline = create_app(settings, meters, chio, bootstrap)
+    metrics.guarantee.set(1, guarantee=guarantee)
+    chio = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)
+    app, pipeline = create_app(settings, meters, chio, bootstrap, guarantee)
+
+    @app.timer(10.0)
+    async def table_gauges() -> None:
+        if settings.store == "memory":  # len() of a RocksDB table scans it
+            for name, size in pipeline.table_sizes().items():
+                metrics.table_keys.set(size, table=name)
 
     async def ready() -> dict[str, str]:
         checks = {"broker": "ok" if app.consumer and app.producer else "starting"}

@@ -1,0 +1,1 @@
+"""The meterstream benchmark (issue 7): `python -m bench.run`, see bench/README.md."""

@@ -1,0 +1,106 @@
+"""The bare-Faust ceiling: the pipeline's own faust.App settings, an agent that
+only reads and decodes the source topic in batches of the pipeline's size.
+
+Run as a subprocess with the worker's environment (``METERSTREAM_*``):
+
+    python -m bench.bare_faust RESULT_JSON EXPECTED_RECORDS
+
+The app is built with exactly the arguments ``pipeline.app.create_app`` passes
+to ``faust.App`` (captured by calling it with ``faust.App`` patched), so a
+setting that raises Faust's ceiling raises this number and the pipeline's
+alike. The agent uses ``take_events`` with the pipeline's batch size and
+timeout and decodes every value with orjson; no tables, no sinks. When it has
+seen EXPECTED_RECORDS it writes the timings to RESULT_JSON; the parent then
+stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import faust
+import orjson
+
+
+class _Captured(Exception):
+    pass
+
+
+def pipeline_app_arguments(settings: Any, bootstrap: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The (args, kwargs) pipeline.app.create_app gives faust.App for these settings."""
+    from pipeline import app as pipeline_app
+
+    def capture(*args: Any, **kwargs: Any) -> None:
+        raise _Captured(args, kwargs)
+
+    with mock.patch.object(pipeline_app.faust, "App", capture):
+        try:
+            pipeline_app.create_app(settings, None, None, bootstrap)  # type: ignore[arg-type]
+        except _Captured as captured:
+            args, kwargs = captured.args
+            return tuple(args), dict(kwargs)
+    raise RuntimeError("pipeline.app.create_app did not construct a faust.App")
+
+
+def main(result_path: str, expected: int) -> None:
+    from pipeline.settings import load_settings
+    from topics import USAGE_EVENTS
+
+    settings = load_settings()
+    bootstrap = settings.kafka_bootstrap_servers or ""
+    (settings.store_path or settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
+    args, kwargs = pipeline_app_arguments(settings, bootstrap)
+    app = faust.App(*args, **kwargs)
+    source = app.topic(
+        settings.topic(USAGE_EVENTS.name),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=settings.partitions,
+    )
+    state: dict[str, Any] = {"n": 0, "batches": 0, "first": None, "last": None, "done": False}
+    batch_size, within = settings.clickhouse_flush_rows, settings.clickhouse_flush_seconds
+
+    @app.agent(source, name="bench.bare")
+    async def bare(stream: Any) -> None:
+        loads = orjson.loads
+        async for batch in stream.take_events(batch_size, within=within):
+            if state["first"] is None:
+                state["first"] = time.time()
+            for event in batch:
+                loads(event.message.value)
+            state["n"] += len(batch)
+            state["batches"] += 1
+            state["last"] = time.time()
+            if state["n"] >= expected and not state["done"]:
+                state["done"] = True
+                tmp = Path(result_path + ".tmp")
+                tmp.write_text(
+                    json.dumps(
+                        {
+                            "records": state["n"],
+                            "batches": state["batches"],
+                            "first_batch_at": state["first"],
+                            "last_batch_at": state["last"],
+                            "batch_size": batch_size,
+                            "within": within,
+                            "app_kwargs": sorted(kwargs),
+                        }
+                    )
+                )
+                tmp.rename(result_path)
+
+    worker = faust.Worker(
+        app, loglevel="WARN", quiet=True, redirect_stdouts=False, override_logging=False
+    )
+    worker.execute_from_commandline()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,676 @@
+"""The benchmark (issue 7): the pipeline against this machine's physical limit.
+
+``python -m bench.run [--events N] [--customers N] [--quick] [--soak SECONDS]``
+
+One embedded broker, one fresh topic prefix, one load produced once; then, in
+order, on that same topic:
+
+a. raw aiokafka consume (``getmany`` + orjson decode): the physical limit;
+   the bare-Faust ceiling: a subprocess with the pipeline's own faust.App
+   arguments whose agent only reads and decodes in ``take_events`` batches;
+b. the pipeline: a real worker (``python -m pipeline.cli worker``) from its
+   first consumed batch to the last window visible in ClickHouse; then the
+   self-check (ClickHouse totals == the generator's totals, per meter and
+   customer) - a mismatch exits 1 without ratio lines;
+c. latency at a fixed produce rate of half the pipeline's measured rate;
+d. Stripe requests (emulator stats); e. the worker's peak RSS;
+optionally a soak at half load sampling RSS every 10 s.
+
+Prints a table, writes bench/results.json; the last two lines are
+``pipeline/raw ratio: X.XXX`` and ``pipeline/faust ratio: X.XXX``.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from bench.load import METERS, EventMaker, Load, closed_end_ms, customer_ids, generate
+from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
+from pipeline.embedded import EmbeddedBroker, stop_process
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_EVENTS = 300_000
+QUICK_EVENTS = 30_000
+STRIPE_METERS = ("ai_tokens", "api_requests", "peak_servers")  # as in bench/meters.yaml
+STRIPE_INTERVAL_S = 30
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- Kafka
+
+
+async def produce_all(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]) -> float:
+    """Send every record (batched producer); returns records/s."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=20, max_batch_size=512 * 1024, acks=1
+    )
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        pending = []
+        for key, value in records:
+            pending.append(await producer.send(topic, key=key, value=value))
+            if len(pending) >= 20_000:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+        await producer.flush()
+        return len(records) / (time.perf_counter() - started)
+    finally:
+        await producer.stop()
+
+
+async def raw_consume(bootstrap: str, topic: str, partitions: int, expected: int) -> dict[str, Any]:
+    """aiokafka getmany + orjson.loads of every value, no group: the physical limit."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+        await consumer.seek_to_beginning()
+        n, first, last = 0, 0.0, 0.0
+        deadline = time.monotonic() + 120
+        loads = orjson.loads
+        while n < expected:
+            if time.monotonic() > deadline:
+                raise BenchError(f"raw consume read {n} of {expected} records in 120 s")
+            asked = time.perf_counter()
+            batches = await consumer.getmany(timeout_ms=1000, max_records=10_000)
+            if batches and not first:
+                first = asked  # the wait for the first data counts
+            for messages in batches.values():
+                for message in messages:
+                    loads(message.value)
+                n += len(messages)
+            last = time.perf_counter()
+        return {"records": n, "seconds": last - first, "rate": n / (last - first)}
+    finally:
+        await consumer.stop()
+
+
+async def produce_at_rate(
+    bootstrap: str,
+    topic: str,
+    rate: float,
+    seconds: float,
+    tag: str,
+    customers: list[str],
+    sent: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """Live events (timestamp = send time, key ``tag + seq``) at a fixed rate."""
+    from aiokafka import AIOKafkaProducer
+
+    maker = EventMaker(random.Random(tag), customers, None)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, acks=1)
+    await producer.start()
+    try:
+        started = time.perf_counter()
+        i = 0
+        while (elapsed := time.perf_counter() - started) < seconds:
+            target = int(rate * elapsed)
+            while i < target:
+                key = f"{tag}{i:09d}"
+                ts = time.time_ns() // 1_000_000
+                k, v = maker.make(key, ts)
+                if sent is not None:
+                    sent[key] = ts
+                await producer.send(topic, key=k, value=v)
+                i += 1
+            await asyncio.sleep(0.005)
+        await producer.flush()
+        return {"records": i, "rate": i / (time.perf_counter() - started)}
+    finally:
+        await producer.stop()
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def run_bare_faust(stack: StackEnv, expected: int) -> dict[str, Any]:
+    result = stack.tmp / "bare-result.json"
+    log_path = stack.tmp / "bare-faust.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.bare_faust", str(result), str(expected)],
+        cwd=REPO,
+        env=stack.env("bare-faust"),
+        stdout=open(log_path, "wb"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+
+        def finished() -> bool:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise BenchError(f"bare Faust agent exited {proc.returncode}:\n{tail}")
+            return result.exists()
+
+        wait_until(finished, timeout=300, what="bare Faust agent to read every record")
+    finally:
+        stop_process(proc, signal.SIGTERM, 30)
+    data = json.loads(result.read_text())
+    seconds = data["last_batch_at"] - data["first_batch_at"]
+    data.update(seconds=seconds, rate=data["records"] / seconds)
+    return data
+
+
+class Spy:
+    """py-spy record on a pid until stopped (SIGINT makes it write the profile)."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not Path(exe).exists():
+            raise BenchError("--profile needs py-spy (.venv/bin/pip install py-spy)")
+        fmt = "flamegraph" if out.suffix == ".svg" else "raw"
+        self.out = out
+        self.proc = subprocess.Popen(
+            [
+                *(exe, "record", "--pid", str(pid), "--threads", "-r", "100"),
+                "-f",
+                fmt,
+                "-o",
+                str(out),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(out.with_suffix(out.suffix + ".log"), "wb"),  # noqa: SIM115
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def measure_pipeline(worker: Worker, load: Load, profile: Path | None) -> dict[str, Any]:
+    """Wait until the worker has processed every record; events/s first batch -> last window."""
+    healthy_at = time.time()
+    spy = Spy(worker.proc.pid, profile) if profile else None
+    first_done = done = 0.0
+    last_n, last_change = -1.0, time.monotonic()
+    rss_peak_seen = 0
+    try:
+        while True:
+            worker.alive()
+            n = worker.metrics().get("meterstream_events_in_total", 0.0)
+            now = time.time()
+            if n and not first_done:
+                first_done = now
+            if n >= load.events:
+                done = now
+                break
+            if n != last_n:
+                last_n, last_change = n, time.monotonic()
+            elif time.monotonic() - last_change > 180:
+                raise BenchError(f"pipeline stuck at {n:.0f} of {load.events} records")
+            rss_peak_seen = max(rss_peak_seen, worker.memory_kb().get("VmRSS", 0))
+            time.sleep(0.1)
+    finally:
+        if spy:
+            spy.stop()
+    first_ms = worker.sql("SELECT toUnixTimestamp64Milli(min(ingested_at)) AS t FROM usage_events")[
+        0
+    ]["t"]
+    first = int(first_ms) / 1000
+    # ingested_at is the batch's receive time (pipeline/app.py); if that ever
+    # changes meaning, fall back to the first completed batch (an underestimate
+    # of the span, so an overestimate of the rate: flagged in the results).
+    source = "min(usage_events.ingested_at) = first batch received"
+    if not healthy_at - 30 <= first <= done:
+        first, source = first_done, "first batch completed (/metrics), fallback"
+    metrics = worker.metrics()
+    return {
+        "records": load.events,
+        "seconds": done - first,
+        "rate": load.events / (done - first),
+        "first_consumed_source": source,
+        "worker_metrics": {k: v for k, v in metrics.items() if k.startswith("meterstream_")},
+    }
+
+
+CHECK_SQL = """
+SELECT meter, customer_id,
+       toString(sum(v)) AS sum_v, toString(max(v)) AS max_v, toString(min(v)) AS min_v,
+       length(groupUniqArrayArray(dv)) AS uniq_v, toString(argMax(v, (lts, lk))) AS latest_v,
+       sum(c) AS n
+FROM (
+    SELECT meter, customer_id, group_key, window_start,
+           argMax(value, version) AS v, argMax(event_count, version) AS c,
+           argMax(distinct_values, version) AS dv, argMax(latest_ts, version) AS lts,
+           argMax(latest_key, version) AS lk
+    FROM meter_windows
+    GROUP BY meter, customer_id, group_key, window_start
+)
+GROUP BY meter, customer_id
+"""
+COLUMN = {
+    "sum": "sum_v",
+    "count": "sum_v",
+    "max": "max_v",
+    "min": "min_v",
+    "unique_count": "uniq_v",
+    "latest": "latest_v",
+}
+
+
+def self_check(worker: Worker, load: Load) -> dict[str, Any]:
+    """ClickHouse totals == the generator's totals for every meter and customer."""
+    got = {(r["meter"], r["customer_id"]): r for r in worker.sql(CHECK_SQL)}
+    problems: list[str] = []
+    compared = 0
+    for meter, per_customer in load.expected.totals().items():
+        column = COLUMN[METERS[meter]]
+        for customer, (value, count) in sorted(per_customer.items()):
+            row = got.pop((meter, customer), None)
+            compared += 1
+            if row is None:
+                problems.append(f"{meter}/{customer}: missing (expected {value}, {count} events)")
+                continue
+            actual, n = Decimal(str(row[column])), int(row["n"])
+            if actual != value or n != count:
+                problems.append(
+                    f"{meter}/{customer}: got {actual} ({n} events), expected {value} ({count})"
+                )
+    problems += [f"{m}/{c}: unexpected window row {r}" for (m, c), r in sorted(got.items())]
+    unique = int(
+        worker.sql(
+            "SELECT count() AS n FROM (SELECT 1 FROM usage_events GROUP BY customer_id,"
+            " idempotency_key)"
+        )[0]["n"]
+    )
+    if unique != load.unique:
+        problems.append(f"usage_events holds {unique} distinct events, expected {load.unique}")
+    dups = worker.metrics().get("meterstream_events_duplicate_total", 0.0)
+    if int(dups) != load.duplicates:
+        problems.append(f"worker counted {dups:.0f} duplicates, generator sent {load.duplicates}")
+    if problems:
+        raise BenchError(
+            f"SELF-CHECK FAILED: {len(problems)} of {compared} meter/customer totals "
+            "(and counts) differ from the generator's:\n  " + "\n  ".join(problems[:30])
+        )
+    return {
+        "meter_customer_totals": compared,
+        "distinct_events": unique,
+        "duplicates": load.duplicates,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def measure_latency(
+    worker: Worker, stack: StackEnv, rate: float, seconds: float, customers: list[str]
+) -> dict[str, Any]:
+    """Events stamped with their send time; a poller sees them appear in usage_events.
+
+    visible latency = the time the poll that first returned the event came back
+    minus its timestamp (an upper bound: poll period 0.1 s plus the query);
+    pickup latency = ClickHouse ingested_at (the batch's receive time) minus its
+    timestamp (a lower bound: before the batch was processed).
+    """
+    tag = f"lat{uuid.uuid4().hex[:6]}-"
+    sent: dict[str, int] = {}
+    seen: dict[str, tuple[float, int]] = {}
+    stop = threading.Event()
+    poll_errors: list[str] = []
+    started_ms = time.time_ns() // 1_000_000
+
+    def poll() -> None:
+        cursor = started_ms - 1000
+        while not stop.is_set():
+            t0 = time.time()
+            try:
+                rows = worker.sql(
+                    "SELECT idempotency_key AS k, toUnixTimestamp64Milli(ingested_at) AS i"
+                    " FROM usage_events"
+                    f" WHERE ingested_at >= fromUnixTimestamp64Milli(toInt64({cursor}), 'UTC')"
+                    f" AND startsWith(idempotency_key, '{tag}')"
+                )
+            except Exception as exc:  # reported with the result
+                poll_errors.append(repr(exc))
+                time.sleep(0.5)
+                continue
+            back_ms = time.time() * 1000
+            for row in rows:
+                if row["k"] not in seen:
+                    seen[row["k"]] = (back_ms, int(row["i"]))
+                    cursor = max(cursor, int(row["i"]))
+            time.sleep(max(0.0, 0.1 - (time.time() - t0)))
+
+    poller = threading.Thread(target=poll, name="latency-poll", daemon=True)
+    poller.start()
+    try:
+        produced = asyncio.run(
+            produce_at_rate(stack.bootstrap, stack.topic, rate, seconds, tag, customers, sent)
+        )
+        deadline = time.monotonic() + 60
+        while len(seen) < len(sent) and time.monotonic() < deadline:
+            worker.alive()
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        poller.join(10)
+    missing = len(sent) - len(seen)
+    if missing:
+        raise BenchError(f"{missing} of {len(sent)} latency events never reached ClickHouse")
+    visible = [(seen[k][0] - ts) / 1000 for k, ts in sent.items()]
+    pickup = [(seen[k][1] - ts) / 1000 for k, ts in sent.items()]
+    return {
+        "target_rate": rate,
+        "produced": produced,
+        "events": len(sent),
+        "visible_p50_s": percentile(visible, 0.50),
+        "visible_p99_s": percentile(visible, 0.99),
+        "visible_max_s": max(visible),
+        "pickup_p50_s": percentile(pickup, 0.50),
+        "pickup_p99_s": percentile(pickup, 0.99),
+        "poll_errors": poll_errors[:5],
+    }
+
+
+def soak(
+    worker: Worker, stack: StackEnv, rate: float, seconds: float, customers: list[str]
+) -> dict[str, Any]:
+    """Half load for ``seconds``; worker RSS every 10 s."""
+    result: dict[str, Any] = {}
+
+    def producer() -> None:
+        result["produced"] = asyncio.run(
+            produce_at_rate(stack.bootstrap, stack.topic, rate, seconds, "soak-", customers)
+        )
+
+    thread = threading.Thread(target=producer, name="soak-producer", daemon=True)
+    started = time.monotonic()
+    thread.start()
+    samples: list[dict[str, Any]] = []
+    while thread.is_alive():
+        thread.join(max(0.0, 10 - (time.monotonic() - started) % 10))
+        worker.alive()
+        mem = worker.memory_kb()
+        samples.append(
+            {
+                "t_s": round(time.monotonic() - started, 1),
+                "rss_mb": round(mem["VmRSS"] / 1024, 1),
+                "events_in": worker.metrics().get("meterstream_events_in_total", 0.0),
+            }
+        )
+        log(f"soak t={samples[-1]['t_s']:.0f}s rss={samples[-1]['rss_mb']} MB")
+    rss = [s["rss_mb"] for s in samples]
+    # drift: last sample against the first after one minute of warm-up (or the first)
+    base = next((s["rss_mb"] for s in samples if s["t_s"] >= 60), rss[0])
+    return {
+        "seconds": seconds,
+        "rate": rate,
+        "produced": result.get("produced"),
+        "samples": samples,
+        "rss_first_mb": rss[0],
+        "rss_base_mb": base,
+        "rss_last_mb": rss[-1],
+        "rss_max_mb": max(rss),
+        "rss_drift_pct": 100 * (rss[-1] - base) / base,
+    }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def table(results: dict[str, Any]) -> list[str]:
+    raw, bare, pipe = results["raw"], results["bare_faust"], results["pipeline"]
+    lat, stripe, mem = results["latency"], results["stripe"], results["worker_memory"]
+    rows = [
+        (
+            "load",
+            f"{results['config']['events']:,} records, "
+            f"{results['config']['customers']:,} customers, "
+            f"{results['load']['duplicates']:,} duplicates, 6 meters",
+        ),
+        ("produce (aiokafka, batched)", f"{results['produce_rate']:,.0f} records/s"),
+        ("(a) raw consume getmany+orjson", f"{raw['rate']:,.0f} records/s"),
+        (
+            "(a) bare Faust ceiling",
+            f"{bare['rate']:,.0f} records/s "
+            f"(take_events {bare['batch_size']}, within {bare['within']} s)",
+        ),
+        (
+            "(b) pipeline first batch->last window",
+            f"{pipe['rate']:,.0f} records/s ({pipe['seconds']:.1f} s)",
+        ),
+        (
+            "    self-check",
+            f"OK: {results['check']['meter_customer_totals']:,} "
+            f"meter/customer totals, {results['check']['distinct_events']:,} distinct events",
+        ),
+        (
+            "(c) latency @ half load",
+            f"{lat['produced']['rate']:,.0f} records/s for "
+            f"{results['config']['latency_seconds']} s: visible p50 {lat['visible_p50_s']:.2f} s, "
+            f"p99 {lat['visible_p99_s']:.2f} s (pickup p50 {lat['pickup_p50_s']:.2f} s, "
+            f"p99 {lat['pickup_p99_s']:.2f} s)",
+        ),
+        (
+            "(d) Stripe requests",
+            f"{stripe['requests_after_pipeline']:,} by end of (b), "
+            f"{stripe['requests']:,} in all ({stripe['accepted']:,} meter events accepted; "
+            f"bound {stripe['bound_per_interval']:,} per {STRIPE_INTERVAL_S} s interval)",
+        ),
+        (
+            "(e) worker peak RSS (VmHWM)",
+            f"{mem['peak_after_pipeline_mb']:.0f} MB after (b), {mem['peak_mb']:.0f} MB at end",
+        ),
+    ]
+    if results.get("soak"):
+        s = results["soak"]
+        rows.append(
+            (
+                "soak RSS drift",
+                f"{s['rss_drift_pct']:+.1f}% over {s['seconds']:.0f} s "
+                f"({s['rss_base_mb']:.0f} -> {s['rss_last_mb']:.0f} MB, max "
+                f"{s['rss_max_mb']:.0f} MB)",
+            )
+        )
+    width = max(len(name) for name, _ in rows)
+    return [f"{name:<{width}}  {value}" for name, value in rows]
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    p.add_argument("--events", type=int, default=None, help=f"records (default {DEFAULT_EVENTS:,})")
+    p.add_argument("--customers", type=int, default=1000)
+    p.add_argument("--duplicates", type=float, default=0.05, help="fraction resent (0.05)")
+    p.add_argument("--partitions", type=int, default=None, help="default: the pipeline's")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_EVENTS:,} records")
+    p.add_argument("--latency-seconds", type=float, default=None, help="default 30 (quick 10)")
+    p.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="half-load RSS soak")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy the worker during (b): .svg flamegraph, else raw collapsed stacks",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, chdb)")
+    p.add_argument("--results", type=Path, default=HERE / "results.json")
+    args = p.parse_args(argv)
+    if args.events is None:
+        args.events = QUICK_EVENTS if args.quick else DEFAULT_EVENTS
+    if args.latency_seconds is None:
+        args.latency_seconds = 10.0 if args.quick else 30.0
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.settings import Settings
+    from sinks.stripe.emulator import BackgroundEmulator
+    from topics.admin import ensure_topics
+
+    partitions = args.partitions or Settings.model_fields["partitions"].default
+    tmp = Path(tempfile.mkdtemp(prefix="meterstream-bench-"))
+    prefix = f"bench{uuid.uuid4().hex[:6]}-"
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": {
+            "events": args.events,
+            "customers": args.customers,
+            "duplicate_rate": args.duplicates,
+            "partitions": partitions,
+            "latency_seconds": args.latency_seconds,
+            "topic_prefix": prefix,
+        },
+    }
+    broker = EmbeddedBroker(log=tmp / "broker.log").start()
+    emulator = BackgroundEmulator().start()
+    worker: Worker | None = None
+    stack = StackEnv(
+        broker.bootstrap,
+        tmp / "clickhouse",
+        emulator.url,
+        tmp,
+        prefix,
+        partitions,
+        HERE / "meters.yaml",
+    )
+    try:
+        log(f"generating {args.events:,} records for {args.customers:,} customers")
+        load = generate(
+            args.events,
+            args.customers,
+            end_ms=closed_end_ms(time.time_ns() // 1_000_000),
+            dup_rate=args.duplicates,
+        )
+        results["load"] = {
+            "records": load.events,
+            "duplicates": load.duplicates,
+            "distinct": load.unique,
+            "end_ms": load.end_ms,
+        }
+        asyncio.run(ensure_topics(broker.bootstrap, prefix=prefix, partitions=partitions))
+        results["produce_rate"] = asyncio.run(
+            produce_all(broker.bootstrap, stack.topic, load.records)
+        )
+        log(f"produced at {results['produce_rate']:,.0f}/s; raw consume")
+        results["raw"] = asyncio.run(
+            raw_consume(broker.bootstrap, stack.topic, partitions, load.events)
+        )
+        log(f"raw {results['raw']['rate']:,.0f}/s; bare Faust agent")
+        results["bare_faust"] = run_bare_faust(stack, load.events)
+        log(f"bare Faust {results['bare_faust']['rate']:,.0f}/s; starting the pipeline worker")
+        worker = Worker.start(stack)
+        log(f"worker pid {worker.proc.pid} healthy; measuring the pipeline")
+        results["pipeline"] = measure_pipeline(worker, load, args.profile)
+        log(f"pipeline {results['pipeline']['rate']:,.0f}/s; self-check")
+        results["worker_memory"] = {"peak_after_pipeline_mb": worker.memory_kb()["VmHWM"] / 1024}
+        stripe_after = emulator.stats()
+        results["check"] = self_check(worker, load)
+        log("self-check passed; latency at half load")
+        half = results["pipeline"]["rate"] / 2
+        customers = customer_ids(args.customers)
+        results["latency"] = measure_latency(worker, stack, half, args.latency_seconds, customers)
+        if args.soak:
+            log(f"soak: {args.soak:.0f} s at {half:,.0f} records/s")
+            results["soak"] = soak(worker, stack, half, args.soak, customers)
+        stats = emulator.stats()
+        results["stripe"] = {
+            **stats,
+            "requests_after_pipeline": stripe_after["requests"],
+            "stripe_meters": len(STRIPE_METERS),
+            "bound_per_interval": args.customers * len(STRIPE_METERS),
+        }
+        mem = worker.memory_kb()
+        results["worker_memory"].update(peak_mb=mem["VmHWM"] / 1024, rss_mb=mem["VmRSS"] / 1024)
+        results["ratios"] = {
+            "pipeline_raw": results["pipeline"]["rate"] / results["raw"]["rate"],
+            "pipeline_faust": results["pipeline"]["rate"] / results["bare_faust"]["rate"],
+        }
+        return results
+    except BenchError:
+        if worker is not None:
+            print(
+                f"--- worker log tail ({worker.log_path}) ---\n{worker.log_tail()}", file=sys.stderr
+            )
+        raise
+    finally:
+        if worker is not None:
+            worker.stop()
+        emulator.stop()
+        broker.stop()
+        if args.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        results = run(args)
+    except BenchError as exc:
+        print(f"\nBENCHMARK FAILED: {exc}", file=sys.stderr)
+        return 1
+    args.results.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print()
+    for line in table(results):
+        print(line)
+    print(f"results: {args.results}")
+    print(f"pipeline/raw ratio: {results['ratios']['pipeline_raw']:.3f}")
+    print(f"pipeline/faust ratio: {results['ratios']['pipeline_faust']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
