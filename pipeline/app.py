@@ -39,6 +39,8 @@ from pipeline.aggregation import WindowState, aggregator_for
 from pipeline.chio import ClickHouseIO
 from pipeline.dedup import DedupEntry, DedupKey
 from pipeline.events import Reason, Rejection, UsageEvent
+from pipeline.gaps import GapFiller
+from pipeline.kafka import client_options
 from pipeline.meters import MetersConfig
 from pipeline.settings import Settings
 from pipeline.state import delete_by_partition, write_by_partition
@@ -90,6 +92,7 @@ class Pipeline:
         self.dedup = app.Table("dedup", partitions=settings.partitions, key_type=bytes)
         self.windows = app.Table("windows", partitions=settings.partitions, key_type=bytes)
         self._last_sweep = time.monotonic()
+        self.gaps: GapFiller | None = None
 
     # -- the batch -------------------------------------------------------------------
 
@@ -97,6 +100,14 @@ class Pipeline:
         received = now_ms()
         report = BatchReport(records=len(batch))
         context: dict[int, EventT] = {ev.message.partition: ev for ev in batch}
+        if log.isEnabledFor(logging.DEBUG):
+            spans: dict[int, list[int]] = {}
+            for ev in batch:
+                spans.setdefault(ev.message.partition, []).append(ev.message.offset)
+            log.debug(
+                "batch offsets %s",
+                {p: (min(o), max(o), len(o)) for p, o in sorted(spans.items())},
+            )
         records = [
             processor.SourceRecord(
                 value=ev.message.value or b"",
@@ -106,6 +117,19 @@ class Pipeline:
             )
             for ev in batch
         ]
+        if self.gaps is not None:
+            offsets: dict[int, list[int]] = {}
+            for rec in records:
+                offsets.setdefault(rec.partition, []).append(rec.offset)
+            skipped = await self.gaps.missing(batch[-1].message.generation_id, offsets)
+            if skipped:
+                self.metrics.gap_records.inc(len(skipped))
+                records.extend(
+                    processor.SourceRecord(r.value or b"", r.partition, r.offset, r.timestamp)
+                    for r in skipped
+                )
+                # first copy wins in offset order, per partition (= per customer)
+                records.sort(key=lambda r: (r.partition, r.offset))
         decoded, rejections = processor.decode_batch(
             records, now_ms=received, horizon_ms=self.horizon_ms
         )
@@ -399,6 +423,9 @@ def create_app(
         broker_heartbeat_interval=settings.session_timeout_seconds / 5,
     )
     pipeline = Pipeline(app, settings, meters, chio)
+    pipeline.gaps = GapFiller(
+        bootstrap, settings.topic(USAGE_EVENTS.name), settings.app_id, **client_options(settings)
+    )
     source = app.topic(
         settings.topic(USAGE_EVENTS.name),
         key_type=bytes,
@@ -411,7 +438,11 @@ def create_app(
 
     @app.agent(source, name="meterstream.process")
     async def process(stream: Any) -> None:
-        async for batch in stream.take_events(
+        # noack(): the only acks are take_events' acks of batches we finished. On a
+        # plain stream take_events restores auto-acks when it ends, and while the
+        # worker stops, Faust's background drainer then acks (and commits) events
+        # it pulled but no batch ever processed: lost events on every SIGTERM.
+        async for batch in stream.noack().take_events(
             settings.clickhouse_flush_rows, within=settings.clickhouse_flush_seconds
         ):
             await run_batch_to_completion(pipeline, batch)
@@ -423,9 +454,10 @@ async def run_batch_to_completion(pipeline: Pipeline, batch: Sequence[EventT]) -
     """Process a batch; never let Faust ack a batch that did not finish.
 
     Faust acks a ``take_events`` batch when the agent returns to the loop, and
-    also when the loop unwinds. So a cancelled batch (worker stopping) is
-    finished first, and a batch that fails unexpectedly ends the process at once
-    (``os._exit``) before any offset can be committed; it is replayed on restart.
+    also when the loop unwinds (the stream is ``noack()``, so nothing else acks). So a
+    cancelled batch (worker stopping) is finished first, and a batch that fails
+    unexpectedly ends the process at once (``os._exit``) before any offset can be
+    committed; it is replayed on restart.
     """
     task = asyncio.ensure_future(pipeline.process(batch))
     try:

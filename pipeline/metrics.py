@@ -113,6 +113,11 @@ class Metrics:
         self.consumer_lag = Metric(
             "meterstream_consumer_lag", "Records behind the end, by partition", g
         )
+        self.gap_records = Metric(
+            "meterstream_gap_records_total",
+            "Records Faust skipped, read directly by offset and processed",
+            c,
+        )
         self.table_keys = Metric("meterstream_table_keys", "Keys held in a worker table", g)
         self.guarantee = Metric(
             "meterstream_processing_guarantee", "1 for the guarantee the worker runs with", g

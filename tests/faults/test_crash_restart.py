@@ -1,0 +1,188 @@
+"""No event lost, none counted twice: worker crashes, restarts, a ClickHouse outage,
+and the embedded stack restarting with nothing but ClickHouse kept."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.embedded import EmbeddedBroker
+from tests.faults.fault_load import METERS, first_copies, make_load, reference, stripe_reference
+from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
+
+pytestmark = pytest.mark.faults
+
+
+def record_count(worker: Worker) -> int:
+    return int(worker.sql("SELECT count() AS n FROM usage_events FINAL")[0]["n"])
+
+
+def window_totals(worker: Worker) -> dict[tuple[str, str, int], Decimal]:
+    rows = worker.sql(
+        """SELECT meter, customer_id, toUnixTimestamp64Milli(window_start) AS ws,
+                  argMax(value, version) AS v
+           FROM meter_windows GROUP BY meter, customer_id, group_key, window_start"""
+    )
+    return {(r["meter"], r["customer_id"], int(r["ws"])): Decimal(str(r["v"])) for r in rows}
+
+
+def record_totals(worker: Worker) -> dict[tuple[str, str, int], Decimal]:
+    rows = worker.sql(
+        """SELECT customer_id, toUnixTimestamp(toStartOfHour(timestamp)) * 1000 AS ws,
+                  sum(toDecimal128(JSONExtractString(properties, 'cost'), 9)) AS spend,
+                  count() AS calls
+           FROM (SELECT * FROM usage_events LIMIT 1 BY customer_id, idempotency_key)
+           GROUP BY customer_id, ws"""
+    )
+    out: dict[tuple[str, str, int], Decimal] = {}
+    for r in rows:
+        out[("spend", r["customer_id"], int(r["ws"]))] = Decimal(str(r["spend"]))
+        out[("calls", r["customer_id"], int(r["ws"]))] = Decimal(str(r["calls"]))
+    return out
+
+
+def stripe_totals(stripe_url: str) -> dict[tuple[str, str], int]:
+    events = http_json(f"{stripe_url}/_emulator/events")
+    events = events["data"] if isinstance(events, dict) else events
+    identifiers = [e["identifier"] for e in events]
+    assert len(identifiers) == len(set(identifiers)), "an identifier was accepted twice"
+    totals: dict[tuple[str, str], int] = defaultdict(int)
+    for e in events:
+        totals[(e["event_name"], e["payload"]["stripe_customer_id"])] += int(e["payload"]["value"])
+    return {k: v for k, v in totals.items() if v}
+
+
+def produce_in_background(
+    stack: StackSlice, records: list[dict[str, Any]], chunk: int
+) -> threading.Thread:
+    def run() -> None:
+        for i in range(0, len(records), chunk):
+            stack.produce(records[i : i + chunk])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def reconcile_and_read(stack: StackSlice, meters_file: Path) -> dict[tuple[str, str, int], Decimal]:
+    """`meterstream reconcile --repair` with the worker stopped, then the windows."""
+    env = stack.env(meters_file)
+    env.pop("METERSTREAM_WEB_PORT", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "reconcile", "--repair", "--from",
+         "2000-01-01T00:00:00Z"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    sql = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "sql", "--format", "json",
+         "SELECT meter, customer_id, toUnixTimestamp64Milli(window_start) AS ws,"
+         " toString(argMax(value, version)) AS v FROM meter_windows"
+         " GROUP BY meter, customer_id, group_key, window_start"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert sql.returncode == 0, sql.stderr
+    return {
+        (r["meter"], r["customer_id"], int(r["ws"])): Decimal(r["v"])
+        for r in json.loads(sql.stdout)
+    }
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals) -> None:
+    records, counted = make_load(unique=45_000, duplicates=5_000, seed=int(sig))
+    ref = reference(counted)
+    meters_file = stack.meters_file(METERS)
+    worker = stack.start_worker(meters_file)
+    producer = produce_in_background(stack, records, chunk=2_500)
+    rng = random.Random(int(sig))
+    for _ in range(3):
+        time.sleep(rng.uniform(3, 8))
+        if sig == signal.SIGKILL:
+            worker.kill()
+        else:
+            worker.stop(sig)
+        worker = stack.start_worker(meters_file)
+    producer.join()
+    wait_until(lambda: record_count(worker) == len(counted), timeout=300, what="record complete")
+    assert record_totals(worker) == ref
+    wait_until(lambda: window_totals(worker) == ref, timeout=60, what="windows exact")
+    expected_stripe = stripe_reference(ref)
+    wait_until(lambda: stripe_totals(stack.stripe_url) == expected_stripe, timeout=120,
+               what="Stripe totals")  # fmt: skip
+    worker.stop()
+    assert reconcile_and_read(stack, meters_file) == ref
+
+
+def test_clickhouse_outage_of_30_seconds(stack: StackSlice) -> None:
+    records, counted = make_load(unique=15_000, duplicates=1_500, seed=30)
+    ref = reference(counted)
+    down = stack.tmp / "clickhouse-down"
+    worker = stack.start_worker(
+        stack.meters_file(METERS), METERSTREAM_FAULT_CLICKHOUSE_DOWN_FILE=str(down)
+    )
+    producer = produce_in_background(stack, records, chunk=1_000)
+    time.sleep(3)
+    down.touch()
+    time.sleep(30)
+    down.unlink()
+    producer.join()
+    wait_until(lambda: record_count(worker) == len(counted), timeout=240, what="record complete")
+    raw_rows = int(worker.sql("SELECT count() AS n FROM usage_events")[0]["n"])
+    assert raw_rows == len(counted), "a retried insert left duplicate rows"
+    assert record_totals(worker) == ref
+    wait_until(lambda: window_totals(worker) == ref, timeout=60, what="windows exact")
+    retries = [
+        ln for ln in worker.metrics().splitlines() if ln.startswith("meterstream_sink_retries")
+    ]
+    assert retries and float(retries[0].split()[-1]) > 0, "the outage was never hit"
+
+
+def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: Path) -> None:
+    """The embedded broker keeps nothing across a restart; ClickHouse keeps the record.
+    Duplicates of earlier events and new events for the same windows must not make any
+    total regress or double."""
+    first_records, _ = make_load(unique=4_000, duplicates=400, seed=41)
+    later_new, _ = make_load(unique=2_000, duplicates=0, seed=42)
+    rng = random.Random(43)
+    resent = rng.sample(first_records, 600)
+    resent_changed = [
+        {**r, "properties": {**r["properties"], "cost": "12345"}}
+        for r in rng.sample(first_records, 200)
+    ]
+    all_records = first_records + resent + resent_changed + later_new
+    ref = reference(first_copies(all_records))
+    meters_file = stack.meters_file(METERS)
+
+    with EmbeddedBroker(log=tmp_path / "broker1.log") as broker1:
+        stack.bootstrap = broker1.bootstrap
+        worker = stack.start_worker(meters_file)
+        stack.produce(first_records)
+        before_ref = reference(first_copies(first_records))
+        wait_until(lambda: window_totals(worker) == before_ref, timeout=120, what="first windows")
+        before = window_totals(worker)
+        worker.stop()
+    with EmbeddedBroker(log=tmp_path / "broker2.log") as broker2:
+        stack.bootstrap = broker2.bootstrap
+        worker = stack.start_worker(meters_file)
+        stack.produce(resent + resent_changed + later_new)
+        wait_until(lambda: window_totals(worker) == ref, timeout=120, what="windows exact")
+        after = window_totals(worker)
+        assert all(after[k] >= v for k, v in before.items()), "a window regressed"
+        assert record_count(worker) == len(first_copies(all_records))
+        expected_stripe = stripe_reference(ref)
+        wait_until(lambda: stripe_totals(stack.stripe_url) == expected_stripe, timeout=120,
+                   what="Stripe totals")  # fmt: skip
+        worker.stop()
