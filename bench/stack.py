@@ -122,8 +122,8 @@ class Worker:
     log_path: Path
 
     @classmethod
-    def start(cls, stack: StackEnv, name: str = "meterstream") -> Worker:
-        env = stack.env(name)
+    def start(cls, stack: StackEnv, name: str = "meterstream", **extra_env: str) -> Worker:
+        env = stack.env(name, **extra_env)
         log_path = stack.tmp / f"{name}.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", "worker"],

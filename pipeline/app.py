@@ -130,6 +130,7 @@ class Pipeline:
                 )
                 # first copy wins in offset order, per partition (= per customer)
                 records.sort(key=lambda r: (r.partition, r.offset))
+        report.records = len(records)
         decoded, rejections = processor.decode_batch(
             records, now_ms=received, horizon_ms=self.horizon_ms
         )

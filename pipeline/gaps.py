@@ -61,6 +61,10 @@ class GapFiller:
             self._consumer = consumer
         return self._consumer
 
+    def next_offsets(self) -> dict[int, int]:
+        """Per partition, the next offset this worker will process."""
+        return dict(self._expected)
+
     async def _start_offset(self, partition: int) -> int:
         consumer = await self._ensure_started()
         tp = TopicPartition(self.topic, partition)

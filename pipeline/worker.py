@@ -93,11 +93,19 @@ def build_worker(settings: Settings) -> faust.App:
     chio = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)
     app, pipeline = create_app(settings, meters, chio, bootstrap, guarantee)
 
+    source = settings.topic("usage-events")
+
     @app.timer(10.0)
-    async def table_gauges() -> None:
+    async def gauges() -> None:
         if settings.store == "memory":  # len() of a RocksDB table scans it
             for name, size in pipeline.table_sizes().items():
                 metrics.table_keys.set(size, table=name)
+        processed = pipeline.gaps.next_offsets() if pipeline.gaps else {}
+        for tp in app.assignor.assigned_actives():
+            if tp.topic == source and tp.partition in processed:
+                end = app.consumer.highwater(tp) or 0
+                lag = max(0, end - processed[tp.partition])
+                metrics.consumer_lag.set(lag, partition=str(tp.partition))
 
     async def ready() -> dict[str, str]:
         checks = {"broker": "ok" if app.consumer and app.producer else "starting"}

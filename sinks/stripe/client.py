@@ -26,6 +26,7 @@ import logging
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -209,6 +210,25 @@ class StripeMeterClient:
 
         _, attempts = self._with_retries(send, what=f"v2 batch of {len(events)}")
         return SendResult("sent", attempts)
+
+    def cancel_meter_event(self, event_name: str, identifier: str) -> dict[str, Any]:
+        """Cancel an accepted meter event (``POST /v1/billing/meter_event_adjustments``).
+
+        Stripe only cancels events it received within the past 24 hours; it
+        applies the cancellation asynchronously (the answer's ``status`` is
+        ``"pending"``). Retries reuse one idempotency key, so a retry after a
+        lost answer replays the first answer instead of failing as "already
+        canceled". Returns the ``billing.meter_event_adjustment`` as a dict;
+        raises :class:`StripeError` if Stripe refuses the cancellation.
+        """
+        params = {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}}
+        options = {"idempotency_key": f"meterstream-cancel-{uuid.uuid4()}"}
+        create = self._stripe.v1.billing.meter_event_adjustments.create
+        adjustment, _ = self._with_retries(
+            lambda: create(cast(Any, params), cast(Any, options)),
+            what=f"cancel meter event {identifier}",
+        )
+        return adjustment.to_dict()
 
     def _session_token(self) -> str:
         with self._session_lock:

@@ -39,6 +39,31 @@ Error bodies are Stripe-shaped (``{"error": {"type", "code", "message",
 * An expired v2 meter event session: ``401``, type
   ``temporary_session_expired``, code ``billing_meter_event_session_expired``.
 
+Meter event adjustments (``POST /v1/billing/meter_event_adjustments``, form;
+``POST /v2/billing/meter_event_adjustments``, JSON; both ``type=cancel`` with
+``cancel[identifier]``) cancel one accepted event, found by ``event_name`` and
+``identifier``, within 24 hours of its receipt (emulator clock). A cancelled
+event stays in ``/_emulator/events`` (``cancelled: true``) but no longer counts
+in event summaries; its identifier stays taken for the rest of its 24 hours.
+The answer is Stripe's object with ``status: "pending"`` (Stripe applies
+adjustments asynchronously; the emulator applies them at once). As Stripe
+documents them, the v1 ``billing.meter_event_adjustment`` has no ``id``; the
+v2 ``v2.billing.meter_event_adjustment`` has ``id`` and ``created``. Errors:
+
+* a missing ``event_name``/``type``/v1 ``cancel[identifier]``:
+  ``parameter_missing``; a ``type`` other than ``cancel``: no code (Stripe's
+  usual answer to an invalid enum value);
+* v2 without ``cancel.identifier``: ``invalid_cancel_configuration``, the one
+  error code Stripe documents for this endpoint (OpenAPI
+  ``v2.error.invalid_cancel_configuration``);
+* no meter has that ``event_name``: ``no_meter``, as for meter events;
+* no event with that identifier under that ``event_name`` (unknown, or sent
+  under another event name): ``resource_missing``;
+* the event was received more than 24 hours ago, or is already cancelled:
+  ``400 invalid_request_error`` with **no code** and a descriptive message.
+  Stripe documents the 24-hour limit but no code or message for these cases,
+  so these messages are the emulator's own.
+
 Test controls live under ``/_emulator``: accepted events, stats, reset,
 customer registry, fault injection (429/500 with a seeded RNG, latency) and a
 per-second rate limit. Faults are injected before anything is recorded: a
@@ -155,6 +180,8 @@ class Stats:
     faults_injected: int = 0
     rate_limited: int = 0
     requests: int = 0
+    cancelled: int = 0
+    rejected_cancellations: int = 0
 
 
 @dataclass
@@ -169,6 +196,8 @@ class _Event:
     value: str | None
     seq: int
     api: Literal["v1", "v2"]
+    cancelled: bool = False
+    cancelled_at: float | None = None
 
     def public(self) -> dict[str, Any]:
         out = asdict(self)
@@ -836,6 +865,119 @@ async def meter_event_stream(request: web.Request) -> web.Response:
     return web.json_response({})
 
 
+# ---------------------------------------------------------------- adjustments
+
+
+def _cancel_event(state: EmulatorState, *, event_name: str, identifier: str, param: str) -> _Event:
+    """Cancel the latest event with this identifier under ``event_name``, or raise ApiError."""
+    now = state.clock()
+    if not any(m["event_name"] == event_name for m in state.meters.values()):
+        raise ApiError(
+            400,
+            f"Invalid event_name: {event_name}. No meter found with this event name.",
+            code="no_meter",
+            param="event_name",
+        )
+    event = next(
+        (
+            e
+            for e in reversed(state.events)
+            if e.identifier == identifier and e.event_name == event_name
+        ),
+        None,
+    )
+    if event is None:
+        raise ApiError(
+            400,
+            f"No such meter event: no event with identifier '{identifier}' and event_name "
+            f"'{event_name}'.",
+            code="resource_missing",
+            param=param,
+        )
+    if event.cancelled:
+        raise ApiError(
+            400,
+            f"The meter event with identifier '{identifier}' has already been canceled.",
+            param=param,
+        )
+    if now - event.received_at > IDENTIFIER_TTL_SECONDS:
+        raise ApiError(
+            400,
+            f"The meter event with identifier '{identifier}' can no longer be canceled: "
+            "events can only be canceled within 24 hours of Stripe receiving them.",
+            param=param,
+        )
+    event.cancelled = True
+    event.cancelled_at = now
+    state.stats.cancelled += 1
+    return event
+
+
+def _adjustment_params(params: Mapping[str, Any], *, v2: bool) -> tuple[str, str, str]:
+    """``(event_name, identifier, identifier param name)`` of a cancel adjustment."""
+    event_name = _required_str(params, "event_name", MAX_EVENT_NAME_LENGTH)
+    kind = _required_str(params, "type")
+    if kind != "cancel":
+        raise ApiError(400, f"Invalid type: must be one of cancel (got '{kind}').", param="type")
+    cancel = params.get("cancel")
+    raw = cancel.get("identifier") if isinstance(cancel, dict) else None
+    param = "cancel.identifier" if v2 else "cancel[identifier]"
+    if v2 and (not isinstance(raw, str) or not raw.strip()):
+        raise ApiError(
+            400,
+            "The adjustment configuration is invalid for the adjustment type: "
+            "cancel.identifier is required.",
+            code="invalid_cancel_configuration",
+            param=param,
+        )
+    identifier = _required_str({param: raw}, param, MAX_IDENTIFIER_LENGTH)
+    return event_name, identifier, param
+
+
+def _cancel_request(state: EmulatorState, params: Mapping[str, Any], *, v2: bool) -> _Event:
+    try:
+        event_name, identifier, param = _adjustment_params(params, v2=v2)
+        return _cancel_event(state, event_name=event_name, identifier=identifier, param=param)
+    except ApiError:
+        state.stats.rejected_cancellations += 1
+        raise
+
+
+async def create_meter_event_adjustment(request: web.Request) -> web.Response:
+    _require_api_key(request)
+    state = request.app[STATE_KEY]
+    event = _cancel_request(state, await _params(request), v2=False)
+    return web.json_response(
+        {
+            "object": "billing.meter_event_adjustment",
+            "cancel": {"identifier": event.identifier},
+            "event_name": event.event_name,
+            "livemode": False,
+            "status": "pending",
+            "type": "cancel",
+        }
+    )
+
+
+async def create_meter_event_adjustment_v2(request: web.Request) -> web.Response:
+    _require_api_key(request)
+    state = request.app[STATE_KEY]
+    event = _cancel_request(state, await _params(request), v2=True)
+    assert event.cancelled_at is not None
+    return web.json_response(
+        {
+            "id": _new_id("mtr_event_adj"),
+            "object": "v2.billing.meter_event_adjustment",
+            "cancel": {"identifier": event.identifier},
+            "created": _rfc3339(event.cancelled_at),
+            "event_name": event.event_name,
+            "livemode": False,
+            "status": "pending",
+            "type": "cancel",
+        }
+    )
+
+
 # ---------------------------------------------------------------- summaries
 
 
@@ -879,7 +1021,10 @@ async def event_summaries(request: web.Request) -> web.Response:
     matching = [
         e
         for e in state.events
-        if e.meter == meter["id"] and e.customer == customer and start <= e.timestamp < end
+        if e.meter == meter["id"]
+        and e.customer == customer
+        and not e.cancelled
+        and start <= e.timestamp < end
     ]
     formula = meter["default_aggregation"]["formula"]
     summaries = []
@@ -986,6 +1131,8 @@ def create_emulator_app(
             web.post("/v1/billing/meters/{id}/deactivate", deactivate_meter),
             web.get("/v1/billing/meters/{id}/event_summaries", event_summaries),
             web.post("/v1/billing/meter_events", create_meter_event),
+            web.post("/v1/billing/meter_event_adjustments", create_meter_event_adjustment),
+            web.post("/v2/billing/meter_event_adjustments", create_meter_event_adjustment_v2),
             web.post("/v2/billing/meter_event_session", create_session),
             web.post("/v2/billing/meter_event_stream", meter_event_stream),
             web.post("/v2/billing/meter_events", create_meter_event_v2),

@@ -152,3 +152,20 @@ def test_events_to_clickhouse_and_stripe(stack: StackSlice) -> None:
     wait_until(lambda: stripe_totals() == expected_stripe, timeout=60, what="Stripe totals")
     stats = http_json(f"{stack.stripe_url}/_emulator/stats")
     assert stats["rejected_duplicates"] == 0
+
+    # /metrics agrees with ClickHouse.
+    metrics = {}
+    for line in worker.metrics().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            metrics[name] = float(value)
+    assert metrics["meterstream_events_in_total"] == len(records)
+    assert metrics["meterstream_events_accepted_total"] == len(good)
+    assert metrics["meterstream_events_duplicate_total"] == 1
+    for reason, rows in by_reason.items():
+        if reason != "duplicate":
+            assert metrics[f'meterstream_events_rejected_total{{reason="{reason}"}}'] == len(rows)
+    assert metrics['meterstream_meter_updates_total{meter="tokens"}'] == 4
+    assert metrics['meterstream_meter_updates_total{meter="requests"}'] == 3
+    assert metrics['meterstream_stripe_requests_total{outcome="sent"}'] == len(stripe_events())
+    assert metrics['meterstream_sink_batch_rows_sum{table="usage_events"}'] == len(good)

@@ -460,3 +460,204 @@ def test_v2_expired_session_is_renewed() -> None:
                 {"events": [{"event_name": meter["event_name"], "payload": {}}]},
                 {"api_key": session.authentication_token},
             )
+
+
+# ---------------------------------------------------------------- meter event adjustments
+
+
+def send_events(
+    client: StripeMeterClient, event_name: str, customer: str, values: list[int], ts: int
+) -> list[str]:
+    identifiers = [f"{event_name}-{customer}-{i}" for i in range(len(values))]
+    for ident, value in zip(identifiers, values, strict=True):
+        params = build_meter_event(event_name, ident, customer, value, ts)
+        assert client.send_meter_event(params).status == "sent"
+    return identifiers
+
+
+def test_cancel_within_24_hours_removes_the_value_from_summaries(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
+    meter = new_meter(client)
+    now = int(time.time())
+    start, end = minute_start(now) - 600, minute_start(now) + 60
+    ids = send_events(client, meter["event_name"], "cus_x", [5, 7, 30], now - 120)
+    [before] = client.event_summaries(meter["id"], "cus_x", start, end)
+    assert before.aggregated_value == Decimal(42)
+
+    adjustment = client.cancel_meter_event(meter["event_name"], ids[2])
+    # Stripe's v1 billing.meter_event_adjustment, which has no id.
+    assert adjustment == {
+        "object": "billing.meter_event_adjustment",
+        "cancel": {"identifier": ids[2]},
+        "event_name": meter["event_name"],
+        "livemode": False,
+        "status": "pending",
+        "type": "cancel",
+    }
+    [after] = client.event_summaries(meter["id"], "cus_x", start, end)
+    assert after.aggregated_value == Decimal(12)
+
+    events = {e["identifier"]: e for e in emulator.events(customer="cus_x")}
+    assert [events[i]["cancelled"] for i in ids] == [False, False, True]
+    assert events[ids[2]]["cancelled_at"] is not None
+    assert events[ids[0]]["cancelled_at"] is None
+    stats = emulator.stats()
+    assert (stats["accepted"], stats["cancelled"], stats["rejected_cancellations"]) == (3, 1, 0)
+    # The cancelled identifier stays taken: resending it is still a duplicate.
+    resend = build_meter_event(meter["event_name"], ids[2], "cus_x", 30, now - 120)
+    assert client.send_meter_event(resend).status == "duplicate"
+
+
+def test_cancel_the_latest_event_of_a_last_meter(client: StripeMeterClient) -> None:
+    meter = new_meter(client, "last")
+    start = minute_start(int(time.time())) - 600
+    for ident, customer, value, offset in [
+        ("l-early", "cus_l", 10, 60),
+        ("l-late", "cus_l", 99, 120),
+        ("m-late", "cus_m", 77, 120),
+    ]:
+        client.send_meter_event(
+            build_meter_event(meter["event_name"], ident, customer, value, start + offset)
+        )
+    [summary] = client.event_summaries(meter["id"], "cus_l", start, start + 600)
+    assert summary.aggregated_value == Decimal(99)
+    client.cancel_meter_event(meter["event_name"], "l-late")
+    # The cancelled event no longer is the latest: the earlier one is.
+    [summary] = client.event_summaries(meter["id"], "cus_l", start, start + 600)
+    assert summary.aggregated_value == Decimal(10)
+    [other] = client.event_summaries(meter["id"], "cus_m", start, start + 600)
+    assert other.aggregated_value == Decimal(77)
+
+
+def test_cancel_after_24_hours_is_refused() -> None:
+    clock = FakeClock(1_800_000_000)
+    with BackgroundEmulator(clock=clock) as emu:
+        client = StripeMeterClient(None, emu.url, rate_limit_per_second=None)
+        meter = new_meter(client)
+        [old, edge] = send_events(client, meter["event_name"], "cus_t", [3, 4], int(clock.now))
+        clock.advance(DAY)  # exactly 24 h: still cancellable
+        assert client.cancel_meter_event(meter["event_name"], edge)["status"] == "pending"
+        clock.advance(1)
+        requests_before = emu.stats()["requests"]
+        with pytest.raises(StripeError) as err:
+            client.cancel_meter_event(meter["event_name"], old)
+        assert (err.value.status, err.value.code, err.value.retryable) == (400, None, False)
+        assert "within 24 hours" in str(err.value)
+        assert emu.stats()["requests"] == requests_before + 1  # permanent: not retried
+        assert [e["cancelled"] for e in emu.events()] == [False, True]
+        stats = emu.stats()
+        assert (stats["cancelled"], stats["rejected_cancellations"]) == (1, 1)
+
+
+def test_cancel_unknown_identifier_or_other_event_name_is_refused(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
+    meter, other = new_meter(client), new_meter(client)
+    [ident] = send_events(client, meter["event_name"], "cus_u", [1], int(time.time()))
+
+    with pytest.raises(StripeError) as unknown:
+        client.cancel_meter_event(meter["event_name"], "never-sent")
+    assert (unknown.value.status, unknown.value.code) == (400, "resource_missing")
+    assert not unknown.value.retryable
+
+    with pytest.raises(StripeError) as wrong_name:
+        client.cancel_meter_event(other["event_name"], ident)
+    assert wrong_name.value.code == "resource_missing"
+
+    with pytest.raises(StripeError) as no_meter:
+        client.cancel_meter_event("no_such_meter", ident)
+    assert no_meter.value.code == "no_meter"
+
+    sdk = raw_sdk(emulator)
+    with pytest.raises(stripe.InvalidRequestError) as missing:
+        sdk.v1.billing.meter_event_adjustments.create(
+            {"event_name": meter["event_name"], "type": "cancel"}
+        )
+    assert (missing.value.code, missing.value.param) == ("parameter_missing", "cancel[identifier]")
+    with pytest.raises(stripe.InvalidRequestError) as bad_type:
+        sdk.v1.billing.meter_event_adjustments.create(
+            {"event_name": meter["event_name"], "type": "void", "cancel": {"identifier": ident}}  # type: ignore[typeddict-item]
+        )
+    assert bad_type.value.param == "type"
+
+    assert [e["cancelled"] for e in emulator.events()] == [False]
+    stats = emulator.stats()
+    assert (stats["cancelled"], stats["rejected_cancellations"]) == (0, 5)
+
+
+def test_double_cancel_is_refused(client: StripeMeterClient, emulator: BackgroundEmulator) -> None:
+    meter = new_meter(client)
+    now = int(time.time())
+    [ident] = send_events(client, meter["event_name"], "cus_d", [8], now)
+    client.cancel_meter_event(meter["event_name"], ident)
+    with pytest.raises(StripeError) as err:
+        client.cancel_meter_event(meter["event_name"], ident)
+    assert (err.value.status, err.value.code, err.value.retryable) == (400, None, False)
+    assert "already been canceled" in str(err.value)
+    [summary] = client.event_summaries(
+        meter["id"], "cus_d", minute_start(now) - 60, minute_start(now) + 60
+    )
+    assert summary.aggregated_value == Decimal(0)
+    stats = emulator.stats()
+    assert (stats["cancelled"], stats["rejected_cancellations"]) == (1, 1)
+
+
+def test_cancel_retries_replay_through_the_idempotency_key(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
+    meter = new_meter(client)
+    [ident] = send_events(client, meter["event_name"], "cus_r", [2], int(time.time()))
+    params: Any = {
+        "event_name": meter["event_name"],
+        "type": "cancel",
+        "cancel": {"identifier": ident},
+    }
+    sdk = raw_sdk(emulator)
+    first = sdk.v1.billing.meter_event_adjustments.create(params, {"idempotency_key": "c1"})
+    again = sdk.v1.billing.meter_event_adjustments.create(params, {"idempotency_key": "c1"})
+    assert first.to_dict() == again.to_dict()
+    assert emulator.stats()["cancelled"] == 1
+
+    # Injected faults are retried by the client; the event is cancelled once.
+    [ident2] = send_events(client, meter["event_name"], "cus_r2", [2], int(time.time()))
+    emulator.set_faults(rate_500=0.6, seed=3)
+    try:
+        adjustment = client.cancel_meter_event(meter["event_name"], ident2)
+    finally:
+        emulator.set_faults(rate_500=0.0)
+    assert adjustment["cancel"] == {"identifier": ident2}
+    stats = emulator.stats()
+    assert stats["faults_injected"] > 0
+    assert (stats["cancelled"], stats["rejected_cancellations"]) == (2, 0)
+
+
+def test_v2_meter_event_adjustment(emulator: BackgroundEmulator) -> None:
+    client = StripeMeterClient(None, emulator.url, rate_limit_per_second=None)
+    meter = new_meter(client)
+    now = int(time.time())
+    [ident] = send_events(client, meter["event_name"], "cus_v2", [6], now)
+    sdk = raw_sdk(emulator)
+    adjustment = sdk.v2.billing.meter_event_adjustments.create(
+        {"event_name": meter["event_name"], "type": "cancel", "cancel": {"identifier": ident}}
+    )
+    assert adjustment.object == "v2.billing.meter_event_adjustment"
+    assert adjustment.id.startswith("mtr_event_adj_")
+    assert (adjustment.status, adjustment.type, adjustment.livemode) == ("pending", "cancel", False)
+    assert adjustment.cancel.identifier == ident
+    assert adjustment.event_name == meter["event_name"]
+    assert adjustment.created.endswith("Z")
+    [summary] = client.event_summaries(
+        meter["id"], "cus_v2", minute_start(now) - 60, minute_start(now) + 60
+    )
+    assert summary.aggregated_value == Decimal(0)
+
+    # v1 and v2 share one store: v1 sees the v2 cancellation.
+    with pytest.raises(StripeError, match="already been canceled"):
+        client.cancel_meter_event(meter["event_name"], ident)
+    # The one error Stripe documents for this endpoint.
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        sdk.v2.billing.meter_event_adjustments.create(
+            {"event_name": meter["event_name"], "type": "cancel", "cancel": {}}  # type: ignore[typeddict-item]
+        )
+    assert (err.value.http_status, err.value.code) == (400, "invalid_cancel_configuration")
