@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.embedded import free_port, stop_process
+from pipeline.embedded import free_port, isolated_worker_env, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -95,24 +94,22 @@ class StackEnv:
         return f"{self.prefix}usage-events"
 
     def env(self, name: str, **extra: str) -> dict[str, str]:
-        """The worker's environment, like tests/harness.py; pipeline defaults otherwise."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
-        env.update(
-            METERSTREAM_KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
-            METERSTREAM_CLICKHOUSE_DSN=f"chdb://{self.chdb_path}",
-            METERSTREAM_CLICKHOUSE_DATABASE=self.database,
-            METERSTREAM_TOPIC_PREFIX=self.prefix,
-            METERSTREAM_APP_ID=f"{self.prefix}{name}",
-            METERSTREAM_PARTITIONS=str(self.partitions),
-            METERSTREAM_STRIPE_API_BASE=self.stripe_url,
-            METERSTREAM_STRIPE_METER_EVENTS_BASE=self.stripe_url,
-            METERSTREAM_METERS_FILE=str(self.meters_file),
-            METERSTREAM_STATE_DIR=str(self.tmp / f"state-{name}"),
-            METERSTREAM_LOG_FORMAT="text",
-            METERSTREAM_WEB_PORT=str(free_port()),
+        """The worker's environment; pipeline defaults otherwise."""
+        return isolated_worker_env(
+            bootstrap=self.bootstrap,
+            clickhouse_dsn=f"chdb://{self.chdb_path}",
+            database=self.database,
+            prefix=self.prefix,
+            app_id=f"{self.prefix}{name}",
+            stripe_url=self.stripe_url,
+            meters_file=self.meters_file,
+            state_dir=self.tmp / f"state-{name}",
+            **{
+                "METERSTREAM_PARTITIONS": str(self.partitions),
+                "METERSTREAM_WEB_PORT": str(free_port()),
+                **extra,
+            },
         )
-        env.update(extra)
-        return env
 
 
 @dataclass

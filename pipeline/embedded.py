@@ -122,6 +122,42 @@ class EmbeddedBroker:
         self.stop()
 
 
+def isolated_worker_env(
+    *,
+    bootstrap: str,
+    clickhouse_dsn: str,
+    database: str,
+    prefix: str,
+    app_id: str,
+    stripe_url: str,
+    meters_file: Path,
+    state_dir: Path,
+    **extra: str,
+) -> dict[str, str]:
+    """The environment of a worker confined to one slice of a shared stack (a topic
+    prefix, a consumer group, a ClickHouse database): tests and the benchmark.
+    Settings from the caller's environment are dropped, except METERSTREAM_DEBUG."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("METERSTREAM_") or k == "METERSTREAM_DEBUG"
+    }
+    env.update(
+        METERSTREAM_KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        METERSTREAM_CLICKHOUSE_DSN=clickhouse_dsn,
+        METERSTREAM_CLICKHOUSE_DATABASE=database,
+        METERSTREAM_TOPIC_PREFIX=prefix,
+        METERSTREAM_APP_ID=app_id,
+        METERSTREAM_STRIPE_API_BASE=stripe_url,
+        METERSTREAM_STRIPE_METER_EVENTS_BASE=stripe_url,
+        METERSTREAM_METERS_FILE=str(meters_file),
+        METERSTREAM_STATE_DIR=str(state_dir),
+        METERSTREAM_LOG_FORMAT="text",
+    )
+    env.update(extra)
+    return env
+
+
 def write_endpoints(state_dir: Path, endpoints: dict[str, str]) -> Path:
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "endpoints.json"

@@ -9,7 +9,6 @@ ClickHouse database.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.embedded import free_port, stop_process
+from pipeline.embedded import free_port, isolated_worker_env, stop_process
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
@@ -99,22 +98,17 @@ class StackSlice:
         return f"{self.prefix}usage-events"
 
     def env(self, meters_file: Path, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
-        env.update(
-            METERSTREAM_KAFKA_BOOTSTRAP_SERVERS=self.bootstrap,
-            METERSTREAM_CLICKHOUSE_DSN=f"chdb://{self.chdb_path}",
-            METERSTREAM_CLICKHOUSE_DATABASE=self.database,
-            METERSTREAM_TOPIC_PREFIX=self.prefix,
-            METERSTREAM_APP_ID=f"{self.prefix}meterstream",
-            METERSTREAM_STRIPE_API_BASE=self.stripe_url,
-            METERSTREAM_STRIPE_METER_EVENTS_BASE=self.stripe_url,
-            METERSTREAM_METERS_FILE=str(meters_file),
-            METERSTREAM_STATE_DIR=str(self.tmp / "state"),
-            METERSTREAM_LOG_FORMAT="text",
-            METERSTREAM_CLICKHOUSE_FLUSH_SECONDS="0.2",
+        return isolated_worker_env(
+            bootstrap=self.bootstrap,
+            clickhouse_dsn=f"chdb://{self.chdb_path}",
+            database=self.database,
+            prefix=self.prefix,
+            app_id=f"{self.prefix}meterstream",
+            stripe_url=self.stripe_url,
+            meters_file=meters_file,
+            state_dir=self.tmp / "state",
+            **{"METERSTREAM_CLICKHOUSE_FLUSH_SECONDS": "0.2", **extra},
         )
-        env.update(extra)
-        return env
 
     def meters_file(self, text: str) -> Path:
         path = self.tmp / f"meters-{uuid.uuid4().hex[:6]}.yaml"

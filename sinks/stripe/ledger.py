@@ -13,22 +13,7 @@ from decimal import Decimal
 from typing import Any
 
 from sinks.clickhouse.client import ClickHouse
-
-COLUMNS = [
-    "identifier",
-    "meter",
-    "customer_id",
-    "stripe_customer_id",
-    "period",
-    "value",
-    "exact_total",
-    "status",
-    "error_code",
-    "attempts",
-    "sent_at",
-    "updated_at",
-    "version",
-]
+from sinks.clickhouse.writer import STRIPE_METER_EVENTS, STRIPE_METER_EVENTS_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -72,7 +57,7 @@ def write(ch: ClickHouse, rows: list[LedgerRow]) -> None:
     now_ms = time.time_ns() // 1_000_000
     version = time.time_ns()
     ch.insert(
-        "stripe_meter_events",
+        STRIPE_METER_EVENTS,
         [
             (
                 r.identifier,
@@ -91,7 +76,7 @@ def write(ch: ClickHouse, rows: list[LedgerRow]) -> None:
             )
             for r in rows
         ],
-        column_names=COLUMNS,
+        column_names=list(STRIPE_METER_EVENTS_COLUMNS),
     )
 
 
