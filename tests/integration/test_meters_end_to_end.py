@@ -6,7 +6,11 @@ from the unique events; ClickHouse's daily and monthly views must equal it.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -16,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from tests.harness import StackSlice, wait_until
+from pipeline.embedded import write_endpoints
+from tests.harness import REPO, StackSlice, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -205,3 +210,16 @@ def test_views_equal_an_independent_reference(stack: StackSlice) -> None:
     usage = worker.get("/v1/customers/c1/usage")["usage"]
     by_meter = {(u["meter"], u["group_key"]): Decimal(str(u["value"])) for u in usage}
     assert by_meter == {(m, g): v for (m, c, g, _), v in month.items() if c == "c1"}
+
+    # So does `meterstream usage` (through the running worker, as with `meterstream run`).
+    state = stack.tmp / "cli-state"
+    write_endpoints(state, {"web_url": worker.web_url})
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "usage", "c1", "--format", "json",
+         "--state-dir", str(state)],
+        cwd=REPO, env=clean, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    rows = json.loads(cli.stdout)
+    assert {(r["meter"], r["group_key"]): Decimal(str(r["value"])) for r in rows} == by_meter
