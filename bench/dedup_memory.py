@@ -97,8 +97,16 @@ def main() -> None:
         before = sample(worker, "before restart", started)
         worker.stop()
         worker = Worker.start(stack, **extra)
-        time.sleep(20)
+        recovered_at = time.monotonic()
+        previous = -1.0
+        while time.monotonic() - recovered_at < 300:  # until table recovery settles
+            time.sleep(10)
+            after = sample(worker, "recovering", started)
+            if after["dedup_keys"] and after["dedup_keys"] == previous:
+                break
+            previous = after["dedup_keys"]
         after = sample(worker, "after restart", started)
+        print(f"recovery took about {time.monotonic() - recovered_at:.0f} s", flush=True)
         worker.stop()
         emulator.stop()
     print(

@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.forwarding import (
+from pipeline.billing import (
     build_checks,
     differences,
     event_timestamp_s,

@@ -1,0 +1,209 @@
+"""The billing plan, pure: what to send to Stripe for a period, and how Stripe's
+totals are compared with ours. No I/O; pipeline/forwarding.py does the sending.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from pipeline.aggregation import WindowState, aggregator_for
+from pipeline.meters import Meter
+from pipeline.processor import WindowKey
+from pipeline.windows import month_bounds
+from sinks.stripe.ledger import LedgerRow
+from sinks.stripe.payloads import (
+    Rounding,
+    formula_for,
+    meter_event_identifier,
+    next_delta,
+    period_value,
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    resend: list[LedgerRow]
+    new: list[LedgerRow]
+    held_no_customer: list[str]
+    held_error: list[str]
+
+
+def customer_totals(meter: Meter, states: dict[WindowKey, WindowState]) -> dict[str, Decimal]:
+    """Period-to-date total per customer: all its windows (and groups) merged."""
+    agg = aggregator_for(meter.aggregation)
+    merged: dict[str, WindowState] = {}
+    for key, state in states.items():
+        base = merged.get(key.customer_id)
+        merged[key.customer_id] = state if base is None else agg.merge(base, state)
+    return {customer: agg.result(state) for customer, state in merged.items()}
+
+
+def sequence_of(
+    meter: str, customer: str, period: str, rows: Iterable[LedgerRow]
+) -> dict[str, int]:
+    """identifier -> sequence number of one (meter, customer, period)'s ledger rows.
+
+    Identifiers do not sort by sequence (``_10_`` < ``_9_``, and the readable
+    part may be truncated), so the sequence is found by recomputing them.
+    Unknown identifiers (none expected) get 0.
+    """
+    rows = list(rows)
+    known = {meter_event_identifier(meter, customer, period, i): i for i in range(1, len(rows) + 1)}
+    return {r.identifier: known.get(r.identifier, 0) for r in rows}
+
+
+def expected_whole(meter: Meter, exact: Decimal) -> int:
+    """What Stripe's period total should be once ``exact`` is fully forwarded."""
+    assert meter.stripe is not None
+    rounding = Rounding(meter.stripe.rounding)
+    if formula_for(meter.aggregation) == "sum":
+        return next_delta(exact, 0, rounding)
+    return period_value(exact, rounding)
+
+
+def plan_sends(
+    meter: Meter,
+    period: str,
+    totals: dict[str, Decimal],
+    stripe_ids: dict[str, str],
+    rows: Iterable[LedgerRow],
+) -> Plan:
+    """What to send for one meter and period, given the ledger so far (pure).
+
+    Per customer: an ``error`` row holds the customer (nothing resent or
+    planned); ``pending`` rows are resent as they are; a new row is planned
+    when the whole-number value to send is not zero (``sum``: the delta
+    against everything sent or pending) or differs from the last one sent
+    (``last``); a customer without a Stripe id is held.
+    """
+    assert meter.stripe is not None
+    rounding = Rounding(meter.stripe.rounding)
+    by_customer: dict[str, list[LedgerRow]] = defaultdict(list)
+    for row in rows:
+        by_customer[row.customer_id].append(row)
+    resend: list[LedgerRow] = []
+    new: list[LedgerRow] = []
+    held_no_customer: list[str] = []
+    held_error: list[str] = []
+    formula = formula_for(meter.aggregation)
+    for customer in sorted(set(totals) | set(by_customer)):
+        history = by_customer.get(customer, [])
+        seq = sequence_of(meter.name, customer, period, history)
+        history = sorted(history, key=lambda r: (seq[r.identifier], r.identifier))
+        if any(r.status == "error" for r in history):
+            held_error.append(customer)
+            continue
+        resend.extend(r for r in history if r.status == "pending")
+        if customer not in totals:
+            continue
+        stripe_id = stripe_ids.get(customer)
+        if not stripe_id:
+            held_no_customer.append(customer)
+            continue
+        exact = totals[customer]
+        counted = [r for r in history if r.status in ("sent", "pending")]
+        if formula == "sum":
+            value = next_delta(exact, sum(r.value for r in counted), rounding)
+            if value == 0:
+                continue
+        else:
+            value = period_value(exact, rounding)
+            last = counted[-1] if counted else None
+            if last is not None and last.value == value:
+                continue
+        next_seq = max(seq.values(), default=0) + 1
+        identifier = meter_event_identifier(meter.name, customer, period, next_seq)
+        new.append(
+            LedgerRow(identifier, meter.name, customer, stripe_id, period, value, exact, "pending")
+        )
+    return Plan(resend, new, held_no_customer, held_error)
+
+
+def event_timestamp_s(period: str, now_ms: int) -> int:
+    """The timestamp of a forward: now, clamped into the period, minus 1 s."""
+    _, p_end = month_bounds(period)
+    return (min(now_ms, p_end) - 1000) // 1000
+
+
+# ------------------------------------------------------------------ reconcile (pure parts)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One (meter, customer) of a period: what Stripe should hold."""
+
+    meter: str
+    customer_id: str
+    stripe_customer_id: str
+    exact: Decimal
+    expected: int
+    unsent: int  # ledger rows pending or in error
+
+
+@dataclass(frozen=True)
+class StripeDifference:
+    check: Check
+    stripe_value: Decimal | None
+
+    def describe(self) -> str:
+        c = self.check
+        got = "no Stripe customer id" if self.stripe_value is None else str(self.stripe_value)
+        note = f", {c.unsent} unsent ledger row(s)" if c.unsent else ""
+        return (
+            f"{c.meter} customer={c.customer_id} stripe_customer={c.stripe_customer_id or '-'}: "
+            f"stripe {got}, meterstream {c.expected} (exact {c.exact}){note}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.check), "stripe_value": self.stripe_value}
+
+
+def build_checks(
+    meter: Meter,
+    totals: dict[str, Decimal],
+    rows: list[LedgerRow],
+    resolved: dict[str, str],
+) -> list[Check]:
+    """Per customer: the expected Stripe total; the Stripe id from the ledger, else ``resolved``."""
+    ids: dict[str, str] = {}
+    unsent: dict[str, int] = defaultdict(int)
+    for row in rows:
+        if row.status == "sent" or row.customer_id not in ids:
+            ids[row.customer_id] = row.stripe_customer_id
+        if row.status != "sent":
+            unsent[row.customer_id] += 1
+    checks = []
+    for customer in sorted(set(totals) | set(ids)):
+        exact = totals.get(customer, Decimal(0))
+        checks.append(
+            Check(
+                meter.name,
+                customer,
+                ids.get(customer) or resolved.get(customer, ""),
+                exact,
+                expected_whole(meter, exact),
+                unsent[customer],
+            )
+        )
+    return checks
+
+
+def differences(
+    checks: list[Check], stripe_values: dict[tuple[str, str], Decimal]
+) -> list[StripeDifference]:
+    """Checks whose Stripe value (keyed by (meter, stripe customer)) differs."""
+    out = []
+    for check in checks:
+        if not check.stripe_customer_id:
+            if check.expected != 0:
+                out.append(StripeDifference(check, None))
+            continue
+        got = stripe_values.get((check.meter, check.stripe_customer_id), Decimal(0))
+        if got != check.expected:
+            out.append(StripeDifference(check, got))
+    return out
