@@ -62,8 +62,6 @@ class Settings(BaseSettings):
     dedup_horizon_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     store: Literal["memory", "rocksdb"] = "memory"
     store_path: Path | None = None
-    batch_max_events: int = Field(default=2000, ge=1)
-    batch_max_seconds: float = Field(default=0.25, gt=0)
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=0, le=65535)
     log_format: Literal["auto", "json", "text"] = "auto"
