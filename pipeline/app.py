@@ -141,7 +141,7 @@ class Pipeline:
         keys = {DedupKey.of(ev) for ev in events}
         counted: dict[DedupKey, str] = {}
         for key in keys:
-            raw = self.dedup.get(key.encode().encode())
+            raw = self.dedup.get(key.encode())
             if raw is not None:
                 counted[key] = DedupEntry.load(raw).fingerprint
         unknown = [key for key in keys if key not in counted]
@@ -160,7 +160,7 @@ class Pipeline:
         # 2. Windows.
         table_states: dict[processor.WindowKey, WindowState] = {}
         for wkey in deltas:
-            raw = self.windows.get(wkey.encode().encode())
+            raw = self.windows.get(wkey.encode())
             if raw is not None:
                 agg = aggregator_for(self.meters.by_name(wkey.meter).aggregation)
                 table_states[wkey] = agg.load(raw)
@@ -181,32 +181,26 @@ class Pipeline:
             for key, state in new_states.items()
         }
         window_partitions = {k.encode(): partition_of_customer[k.customer_id] for k in new_states}
-        write_by_partition(
-            self._bytes_table(self.windows), window_items, window_partitions, context
-        )
+        write_by_partition(self.windows, window_items, window_partitions, context)
         # Windows before dedup keys: a key must never say "counted" while its
         # window update could still be lost.
         await self.app.producer.flush()
+        counted_now = (*dd.fresh, *dd.recorded_uncounted)
         dedup_items = {
             DedupKey.of(ev).encode(): DedupEntry(ev.fingerprint, ev.timestamp_ms).dump()
-            for ev in (*dd.fresh, *dd.recorded_uncounted)
+            for ev in counted_now
         }
-        write_by_partition(
-            self._bytes_table(self.dedup),
-            dedup_items,
-            {
-                DedupKey.of(ev).encode(): partition_of_customer[ev.customer_id]
-                for ev in (*dd.fresh, *dd.recorded_uncounted)
-            },
-            context,
-        )
+        dedup_partitions = {
+            DedupKey.of(ev).encode(): partition_of_customer[ev.customer_id] for ev in counted_now
+        }
+        write_by_partition(self.dedup, dedup_items, dedup_partitions, context)
         if time.monotonic() - self._last_sweep > SWEEP_EVERY_SECONDS:
             self._sweep(received, context)
         await self.app.producer.flush()
         if self.settings.changelog_end_markers:
             await self._end_markers(
                 {(self.windows, p) for p in window_partitions.values()}
-                | {(self.dedup, partition_of_customer[ev.customer_id]) for ev in dd.fresh}
+                | {(self.dedup, p) for p in dedup_partitions.values()}
             )
 
         report.accepted = len(dd.fresh)
@@ -244,11 +238,6 @@ class Pipeline:
 
     def table_sizes(self) -> dict[str, int]:
         return {"dedup": len(self.dedup), "windows": len(self.windows)}
-
-    @staticmethod
-    def _bytes_table(table: Any) -> Any:
-        """Tables are keyed by the UTF-8 bytes of the key text (raw key serializer)."""
-        return _EncodedKeys(table)
 
     async def _write_record(
         self,
@@ -348,14 +337,11 @@ class Pipeline:
         cutoff = now - self.horizon_ms
         old_keys = [k for k, v in self.dedup.items() if DedupEntry.load(v).timestamp_ms < cutoff]
         old_windows = [
-            k
-            for k in self.windows
-            if processor.WindowKey.decode(k.decode()).window_start_ms < cutoff
+            k for k in self.windows if processor.WindowKey.decode(k).window_start_ms < cutoff
         ]
         n = self.settings.partitions
         partition_of = {k: customer_partition(orjson.loads(k)[0], n) for k in old_keys} | {
-            k: customer_partition(processor.WindowKey.decode(k.decode()).customer_id, n)
-            for k in old_windows
+            k: customer_partition(processor.WindowKey.decode(k).customer_id, n) for k in old_windows
         }
         deleted = delete_by_partition(self.dedup, old_keys, partition_of, context)
         deleted += delete_by_partition(self.windows, old_windows, partition_of, context)
@@ -372,16 +358,6 @@ class Pipeline:
             m.rejected.inc(n, reason=reason)
         for key, state in deltas.items():
             m.meter_updates.inc(state.event_count, meter=key.meter)
-
-
-class _EncodedKeys:
-    """Adapter: write text keys into a table keyed by bytes."""
-
-    def __init__(self, table: Any) -> None:
-        self.table = table
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.table[key.encode()] = value
 
 
 def customer_partition(customer_id: str, partitions: int) -> int:

@@ -23,9 +23,9 @@ class DedupKey(NamedTuple):
     def of(cls, event: UsageEvent) -> DedupKey:
         return cls(event.customer_id, event.idempotency_key)
 
-    def encode(self) -> str:
-        """Stable text form used as the dedup table key."""
-        return orjson.dumps([self.customer_id, self.idempotency_key]).decode()
+    def encode(self) -> bytes:
+        """The dedup table key (JSON text, UTF-8)."""
+        return orjson.dumps([self.customer_id, self.idempotency_key])
 
 
 class DedupEntry(NamedTuple):

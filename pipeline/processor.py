@@ -44,11 +44,12 @@ class WindowKey(NamedTuple):
     group_key: str
     window_start_ms: int
 
-    def encode(self) -> str:
-        return orjson.dumps(list(self)).decode()
+    def encode(self) -> bytes:
+        """The windows table key (JSON text, UTF-8)."""
+        return orjson.dumps(list(self))
 
     @classmethod
-    def decode(cls, text: str) -> WindowKey:
+    def decode(cls, text: bytes | str) -> WindowKey:
         meter, customer_id, group_key, start = orjson.loads(text)
         return cls(meter, customer_id, group_key, int(start))
 

@@ -20,12 +20,12 @@ from faust.types import EventT, TableT
 
 def write_by_partition(
     table: TableT[Any, Any],
-    items: Mapping[str, Any],
-    partition_of: Mapping[str, int],
+    items: Mapping[bytes, Any],
+    partition_of: Mapping[bytes, int],
     context_events: Mapping[int, EventT],
 ) -> None:
     """``table[key] = value`` for each item, in the partition ``partition_of[key]``."""
-    by_partition: dict[int, list[str]] = {}
+    by_partition: dict[int, list[bytes]] = {}
     for key in items:
         by_partition.setdefault(partition_of[key], []).append(key)
     for partition, keys in by_partition.items():
@@ -39,8 +39,8 @@ def write_by_partition(
 
 def delete_by_partition(
     table: TableT[Any, Any],
-    keys: Iterable[str],
-    partition_of: Mapping[str, int],
+    keys: Iterable[bytes],
+    partition_of: Mapping[bytes, int],
     context_events: Mapping[int, EventT],
 ) -> int:
     """Delete keys (a tombstone in the changelog) whose partition has a context event."""

@@ -20,6 +20,7 @@ import orjson
 from faust.web import Request, Response, View
 
 from pipeline.chio import ClickHouseIO
+from pipeline.events import parse_timestamp
 from pipeline.metrics import Metrics
 from sinks.clickhouse import queries
 
@@ -50,10 +51,9 @@ def parse_time(text: str | None) -> int | None:
         return None
     if text.lstrip("-").isdigit():
         return int(text)
-    parsed = dt.datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=dt.UTC)
-    return int(parsed.timestamp() * 1000)
+    if dt.datetime.fromisoformat(text).tzinfo is None:
+        text += "+00:00"  # a query parameter without an offset means UTC
+    return parse_timestamp(text)
 
 
 def register(app: faust.App, chio: ClickHouseIO, metrics: Metrics, ready: ReadyCheck) -> None:
