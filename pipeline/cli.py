@@ -113,6 +113,29 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return reconcile_command(_settings(args), args.start, args.end, args.repair)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from pipeline.apikeys import KeyStore
+
+    settings = _settings(args)
+    store = KeyStore(Path(args.file) if args.file else settings.keys_file)
+    if args.keys_command == "create":
+        key, text = store.create(args.name, args.customer)
+        scope = f" (customer {key.customer_id} only)" if key.customer_id else ""
+        print(f"created key {key.id} {key.name!r}{scope} in {store.path}", file=sys.stderr)
+        print("the key is shown once and only its hash is stored:", file=sys.stderr)
+        print(text)
+    elif args.keys_command == "revoke":
+        key = store.revoke(args.id)
+        print(f"revoked key {key.id} {key.name!r} at {key.revoked_at}", file=sys.stderr)
+    else:
+        rows = [[k.id, k.name, k.customer_id or "", k.created_at, k.revoked_at or ""]
+                for k in store.listing()]  # fmt: skip
+        from pipeline.query import format_table
+
+        print(format_table(["id", "name", "customer", "created", "revoked"], rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meterstream", description="Usage events in, exact billable totals out."
@@ -178,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair", action="store_true", help="rewrite differing windows from the record"
     )
     p.set_defaults(func=cmd_reconcile)
+
+    keys = sub.add_parser("keys", help="API keys for the web API")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    keyfile = argparse.ArgumentParser(add_help=False, parents=[common])
+    keyfile.add_argument("--file", help="key file (default <state dir>/api_keys.json)")
+    p = ksub.add_parser("create", parents=[keyfile], help="create a key; prints it once")
+    p.add_argument("name", help="what the key is for, e.g. billing-service")
+    p.add_argument("--customer", help="restrict the key to this customer_id")
+    p.set_defaults(func=cmd_keys)
+    p = ksub.add_parser("revoke", parents=[keyfile], help="revoke a key by id")
+    p.add_argument("id", help="the key's id (or the whole key)")
+    p.set_defaults(func=cmd_keys)
+    p = ksub.add_parser("list", parents=[keyfile], help="list keys (never their secrets)")
+    p.set_defaults(func=cmd_keys)
 
     from pipeline import stripe_cli
 

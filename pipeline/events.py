@@ -21,6 +21,8 @@ import simplejson
 
 MAX_EVENT_BYTES = 64 * 1024
 MAX_FUTURE_MS = 5 * 60 * 1000
+MAX_PROPERTIES_DEPTH = 32
+MAX_TIMESTAMP_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EVENT_FIELDS = frozenset(
     {"event_name", "customer_id", "idempotency_key", "timestamp", "properties"}
@@ -123,12 +125,23 @@ def derive_idempotency_key(
 
 
 def parse_timestamp(value: Any) -> int:
-    """RFC 3339 string (with offset) or epoch milliseconds -> epoch ms. Raises ValueError."""
+    """RFC 3339 string (with offset) or epoch milliseconds -> epoch ms. Raises ValueError.
+
+    Bounded to 1970-01-01 .. 9999-12-31 UTC: anything outside cannot be a usage
+    time, and would not even convert to a datetime (a poison pill for the worker).
+    """
+    ms = _timestamp_ms(value)
+    if not 0 <= ms <= MAX_TIMESTAMP_MS:
+        raise ValueError(f"timestamp {value!r} is outside 1970-01-01 .. 9999-12-31 UTC")
+    return ms
+
+
+def _timestamp_ms(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("timestamp must be an RFC 3339 string or epoch milliseconds")
     if isinstance(value, int):
         return value
-    if isinstance(value, Decimal) and value == value.to_integral_value():
+    if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
         return int(value)
     if isinstance(value, str):
         try:
@@ -139,6 +152,19 @@ def parse_timestamp(value: Any) -> int:
             raise ValueError(f"timestamp {value!r} has no UTC offset (RFC 3339 requires one)")
         return (parsed - _EPOCH) // timedelta(milliseconds=1)
     raise ValueError("timestamp must be an RFC 3339 string or epoch milliseconds")
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether objects/arrays nest deeper than ``limit`` (iterative: no recursion to blow)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _check_string(doc: dict[str, Any], name: str, limit: int, problems: list[str]) -> str:
@@ -164,6 +190,8 @@ def validate_document(doc: Any, *, record_timestamp_ms: int) -> tuple[UsageEvent
     properties = doc.get("properties", {})
     if not isinstance(properties, dict):
         problems.append("properties: must be a JSON object")
+    elif _depth_exceeds(properties, MAX_PROPERTIES_DEPTH):
+        problems.append(f"properties: nested deeper than {MAX_PROPERTIES_DEPTH} levels")
     timestamp_ms = record_timestamp_ms
     if doc.get("timestamp") is not None:
         try:
@@ -207,6 +235,8 @@ def parse_event(
         doc = loads_exact(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         return Rejection(Reason.INVALID_JSON, str(exc)[:300], raw)
+    except RecursionError:
+        return Rejection(Reason.INVALID_JSON, "nested too deeply", raw)
     event, problems = validate_document(doc, record_timestamp_ms=record_timestamp_ms)
     if event is None:
         ids = doc if isinstance(doc, dict) else {}
@@ -217,20 +247,22 @@ def parse_event(
             customer_id=str(ids.get("customer_id") or "")[:200],
             idempotency_key=str(ids.get("idempotency_key") or "")[:200],
         )
+    late = timing_problem(event, now_ms=now_ms, horizon_ms=horizon_ms)
+    if late is not None:
+        return Rejection(late[0], late[1], raw, event.customer_id, event.idempotency_key)
+    return event
+
+
+def timing_problem(event: UsageEvent, *, now_ms: int, horizon_ms: int) -> tuple[Reason, str] | None:
+    """Why an event's time cannot be counted (too far ahead, or past the dedup horizon)."""
     if event.timestamp_ms > now_ms + MAX_FUTURE_MS:
-        return Rejection(
+        return (
             Reason.FUTURE_TIMESTAMP,
             f"timestamp {event.timestamp.isoformat()} is more than 5 minutes in the future",
-            raw,
-            event.customer_id,
-            event.idempotency_key,
         )
     if event.timestamp_ms < now_ms - horizon_ms:
-        return Rejection(
+        return (
             Reason.TOO_LATE,
             f"timestamp {event.timestamp.isoformat()} is older than the dedup horizon",
-            raw,
-            event.customer_id,
-            event.idempotency_key,
         )
-    return event
+    return None

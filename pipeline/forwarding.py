@@ -501,17 +501,13 @@ def install_forwarder(
 ) -> Forwarder | None:
     """A timer on the worker that forwards the customers of its own partitions.
 
-    Also: the customer mapping follower, the ``stripe-errors`` topic, and
-    the ``/v1/stripe/retry`` and ``/v1/stripe/reconcile`` routes that the
-    ``meterstream stripe`` commands use while this worker holds ClickHouse.
+    Also: the customer mapping follower and the ``stripe-errors`` topic. Its web
+    routes (``/v1/stripe/retry``, ``/v1/stripe/reconcile``) are in pipeline/web.py.
     """
     if not any(m.stripe for m in meters.meters):
         return None
-    from faust.web import Request, Response, View
-
     from pipeline import customers
     from pipeline.app import customer_partition
-    from pipeline.web import dumps
 
     source = settings.topic("usage-events")
     follower = customers.MappingFollower(settings)
@@ -554,38 +550,5 @@ def install_forwarder(
             await forwarder.tick()
         except StripeError as exc:
             log.error("Stripe forwarding failed, will retry next interval: %s", exc)
-
-    def respond(view: View, body: Any, status: int = 200) -> Response:
-        return view.bytes(dumps(body), content_type="application/json", status=status)
-
-    @app.page("/v1/stripe/retry")
-    class Retry(View):
-        async def post(self, request: Request) -> Response:
-            try:
-                rows = await forwarder.retry_errors()
-            except StripeError as exc:
-                return respond(self, {"error": str(exc), "code": exc.code}, 502)
-            return respond(self, {"rows": [row_summary(r) for r in rows]})
-
-    @app.page("/v1/stripe/reconcile")
-    class Reconcile(View):
-        async def get(self, request: Request) -> Response:
-            period = request.query.get("period") or period_label(time.time_ns() // 1_000_000)
-            try:
-                month_bounds(period)
-            except ValueError as exc:
-                return respond(self, {"error": str(exc)}, 400)
-            try:
-                diffs = await forwarder.reconcile(period)
-            except StripeError as exc:
-                return respond(self, {"error": str(exc), "code": exc.code}, 502)
-            return respond(
-                self,
-                {
-                    "period": period,
-                    "differences": [d.as_dict() for d in diffs],
-                    "lines": [d.describe() for d in diffs],
-                },
-            )
 
     return forwarder

@@ -118,6 +118,12 @@ class Metrics:
             "Records Faust skipped, read directly by offset and processed",
             c,
         )
+        self.api_requests = Metric(
+            "meterstream_api_requests_total", "Web API requests, by route and status", c
+        )
+        self.api_events = Metric(
+            "meterstream_api_events_total", "Events written to usage-events by the events API", c
+        )
         self.table_keys = Metric("meterstream_table_keys", "Keys held in a worker table", g)
         self.guarantee = Metric(
             "meterstream_processing_guarantee", "1 for the guarantee the worker runs with", g

@@ -24,13 +24,21 @@ from pipeline.web import dumps
 from pipeline.windows import month_bounds, period_label
 
 
-def _http(url: str, body: dict[str, Any] | None = None) -> Any:
+def cli_key(settings: Settings) -> str:
+    """METERSTREAM_API_KEY, or the local CLI key of the state dir the worker shares."""
+    if settings.api_key is not None:
+        return settings.api_key.get_secret_value()
+    from pipeline.apikeys import KeyStore, local_cli_key
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    return local_cli_key(KeyStore(settings.keys_file), settings.state_dir / "cli.key")
+
+
+def _http(settings: Settings, url: str, body: dict[str, Any] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {cli_key(settings)}"}
     request = urllib.request.Request(
-        url,
-        data=data,
-        headers={"Content-Type": "application/json"},
-        method="POST" if data else "GET",
+        url, data=data, headers=headers, method="POST" if data else "GET"
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -47,7 +55,7 @@ def _http(url: str, body: dict[str, Any] | None = None) -> Any:
 def run_sql(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
     url = web_url(settings)
     if url:
-        result = _http(f"{url}/v1/sql", {"sql": sql})
+        result = _http(settings, f"{url}/v1/sql", {"sql": sql})
         return result["columns"], result["rows"]
     from pipeline.worker import open_clickhouse
 
@@ -87,7 +95,7 @@ def usage_rows(
         if meter:
             query["meter"] = meter
         path = urllib.parse.quote(customer, safe="")
-        result = _http(f"{url}/v1/customers/{path}/usage?{urllib.parse.urlencode(query)}")
+        result = _http(settings, f"{url}/v1/customers/{path}/usage?{urllib.parse.urlencode(query)}")
         return list(result["usage"])
     from pipeline.worker import open_clickhouse
     from sinks.clickhouse import queries

@@ -65,6 +65,16 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=0, le=65535)
     log_format: Literal["auto", "json", "text"] = "auto"
+
+    # Web API
+    # Where API key hashes live (default <state_dir>/api_keys.json); see pipeline/apikeys.py.
+    api_keys_file: Path | None = None
+    # Reads of customer data (/v1/sql, usage): auto = a key is required unless the
+    # web server listens on loopback only (the embedded default); required = always.
+    api_read_auth: Literal["auto", "required"] = "auto"
+    api_max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # The key the CLI (`meterstream sql`, `usage`) sends to a worker that requires one.
+    api_key: SecretStr | None = None
     # End each batch's changelog writes with a one-record batch (see Pipeline._end_markers).
     changelog_end_markers: bool = True
     # Fault injection for tests: while this file exists, every ClickHouse call fails.
@@ -73,6 +83,7 @@ class Settings(BaseSettings):
     @field_validator(
         "kafka_bootstrap_servers",
         "kafka_sasl_password",
+        "api_key",
         "clickhouse_dsn",
         "clickhouse_password",
         "stripe_api_key",
@@ -94,6 +105,15 @@ class Settings(BaseSettings):
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
+
+    @property
+    def keys_file(self) -> Path:
+        return self.api_keys_file or self.state_dir / "api_keys.json"
+
+    @property
+    def reads_need_key(self) -> bool:
+        loopback = self.web_host in ("127.0.0.1", "::1", "localhost")
+        return self.api_read_auth == "required" or not loopback
 
     @property
     def embedded_clickhouse_dsn(self) -> str:

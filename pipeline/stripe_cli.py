@@ -178,11 +178,11 @@ def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
     return forwarder, chio
 
 
-def _get_json(url: str, body: dict[str, Any] | None = None) -> Any:
+def _get_json(settings: Settings, url: str, body: dict[str, Any] | None = None) -> Any:
     from pipeline.query import _http
 
     try:
-        return _http(url, body)
+        return _http(settings, url, body)
     except MeterstreamError:
         raise
     except Exception as exc:  # pragma: no cover - reported, not raised
@@ -193,7 +193,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     settings = _settings(args)
     url = _worker_url(args, settings)
     if url:
-        result = _get_json(f"{url}/v1/stripe/retry", {})
+        result = _get_json(settings, f"{url}/v1/stripe/retry", {})
         if "error" in result:
             raise MeterstreamError(f"the worker could not retry: {result['error']}")
         rows = list(result["rows"])
@@ -234,7 +234,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     url = _worker_url(args, settings)
     if url:
         query = urllib.parse.urlencode({"period": args.period})
-        result = _get_json(f"{url}/v1/stripe/reconcile?{query}")
+        result = _get_json(settings, f"{url}/v1/stripe/reconcile?{query}")
         if "error" in result:
             raise MeterstreamError(f"the worker could not reconcile: {result['error']}")
         lines = list(result["lines"])

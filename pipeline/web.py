@@ -3,26 +3,48 @@
 - ``GET /healthz``: liveness (the process serves requests); never shows settings.
 - ``GET /readyz``: broker, ClickHouse and Stripe reachable.
 - ``GET /metrics``: Prometheus text format.
+- ``GET /openapi.json``: the OpenAPI 3.1 document of this API.
+- ``POST /v1/events``: one event or ``{"events": [...]}`` (1-100), all or nothing,
+  written to ``usage-events`` with acks=all; always needs an API key.
 - ``POST /v1/sql`` ``{"sql": "SELECT ..."}``: read-only SQL (ClickHouse ``readonly=1``);
   the way to query the embedded engine while the worker holds it.
 - ``GET /v1/customers/{customer_id}/usage?meter=&from=&to=&window=``: usage totals.
+- ``POST /v1/stripe/retry``, ``GET /v1/stripe/reconcile?period=YYYY-MM``: what the
+  ``meterstream stripe`` commands use while this worker holds ClickHouse (only
+  when a meter forwards to Stripe). Retry writes, so it always needs a key;
+  reconcile reads, like SQL, and a customer-restricted key can do neither.
+
+The two reads of customer data need a key too, unless the server listens on
+loopback only (``METERSTREAM_API_READ_AUTH``). A key restricted to a customer
+sends and reads that customer only, and cannot run SQL.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faust
 import orjson
 from faust.web import Request, Response, View
 
+from pipeline.apikeys import ApiKey, KeyStore
 from pipeline.chio import ClickHouseIO
+from pipeline.errors import DependencyError, StripeError
 from pipeline.events import parse_timestamp
+from pipeline.ingest import MalformedBody, check_body
 from pipeline.metrics import Metrics
+from pipeline.openapi import document
+from pipeline.publisher import EventPublisher, PublishError
+from pipeline.settings import Settings
+from pipeline.windows import month_bounds, period_label
 from sinks.clickhouse import queries
+
+if TYPE_CHECKING:
+    from pipeline.forwarding import Forwarder
 
 ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
 
@@ -50,15 +72,83 @@ def parse_time(text: str | None) -> int | None:
     if not text:
         return None
     if text.lstrip("-").isdigit():
-        return int(text)
+        return parse_timestamp(int(text))
     if dt.datetime.fromisoformat(text).tzinfo is None:
         text += "+00:00"  # a query parameter without an offset means UTC
     return parse_timestamp(text)
 
 
-def register(app: faust.App, chio: ClickHouseIO, metrics: Metrics, ready: ReadyCheck) -> None:
-    def respond(view: View, body: Any, status: int = 200) -> Response:
-        return view.bytes(dumps(body), content_type="application/json", status=status)
+class Denied(Exception):
+    """An early answer (401, 403, 413, 415) with a JSON body."""
+
+    def __init__(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.headers = headers or {}
+
+
+UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="meterstream"'}
+
+
+def bearer_key(request: Request, keys: KeyStore) -> ApiKey:
+    """The request's valid, unrevoked key, or 401."""
+    scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+    key = keys.verify(token.strip()) if scheme.lower() == "bearer" else None
+    if key is None:
+        raise Denied(401, "a valid API key is required (Bearer msk_...)", UNAUTHORIZED)
+    return key
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """The body as JSON bytes, or 415 (not JSON) / 413 (over ``limit``)."""
+    if request.content_type != "application/json":
+        raise Denied(415, "Content-Type must be application/json")
+    length = request.content_length
+    if length is not None and length > limit:
+        raise Denied(413, f"body is {length} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise Denied(413, f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def register(
+    app: faust.App,
+    settings: Settings,
+    chio: ClickHouseIO,
+    metrics: Metrics,
+    ready: ReadyCheck,
+    publisher: EventPublisher,
+    keys: KeyStore,
+    forwarder: Forwarder | None = None,
+) -> None:
+    horizon_ms = settings.dedup_horizon_seconds * 1000
+    openapi = dumps(document())
+
+    def respond(
+        view: View, body: Any, status: int = 200, headers: dict[str, str] | None = None
+    ) -> Response:
+        metrics.api_requests.inc(route=type(view).__name__.lower(), status=str(status))
+        return view.bytes(
+            dumps(body), content_type="application/json", status=status, headers=headers
+        )
+
+    def guarded(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        async def run(view: View, request: Request, **kwargs: Any) -> Response:
+            try:
+                return await handler(view, request, **kwargs)
+            except Denied as exc:
+                return respond(view, {"error": exc.error}, exc.status, exc.headers)
+
+        return run
+
+    def reader(request: Request) -> ApiKey | None:
+        return bearer_key(request, keys) if settings.reads_need_key else None
 
     @app.page("/healthz")
     class Health(View):
@@ -77,11 +167,68 @@ def register(app: faust.App, chio: ClickHouseIO, metrics: Metrics, ready: ReadyC
         async def get(self, request: Request) -> Response:
             return self.text(metrics.render(), content_type="text/plain; version=0.0.4")
 
+    @app.page("/openapi.json")
+    class OpenAPI(View):
+        async def get(self, request: Request) -> Response:
+            return self.bytes(openapi, content_type="application/json")
+
+    @app.page("/v1/events")
+    class Events(View):
+        @guarded
+        async def post(self, request: Request) -> Response:
+            key = bearer_key(request, keys)
+            body = await read_body(request, settings.api_max_body_bytes)
+            try:
+                check, problems = check_body(
+                    body,
+                    now_ms=time.time_ns() // 1_000_000,
+                    horizon_ms=horizon_ms,
+                    customer_id=key.customer_id,
+                )
+            except MalformedBody as exc:
+                return respond(self, {"error": str(exc)}, 400)
+            if problems or check.errors:
+                bad = len(check.errors)
+                error = problems[0] if problems else f"{bad} event(s) invalid"
+                return respond(
+                    self,
+                    {"error": f"{error}; nothing was written", "errors": check.errors},
+                    422,
+                )
+            if check.forbidden:
+                return respond(
+                    self,
+                    {
+                        "error": "events for another customer; nothing was written",
+                        "errors": check.forbidden,
+                    },
+                    403,
+                )
+            try:
+                await publisher.publish(check.records)
+            except PublishError as exc:
+                return respond(
+                    self,
+                    {"error": f"{exc}; retry with the same idempotency keys"},
+                    503,
+                    {"Retry-After": "1"},
+                )
+            metrics.api_events.inc(len(check.records))
+            accepted = [
+                {"idempotency_key": r.idempotency_key, "generated": r.generated}
+                for r in check.records
+            ]
+            return respond(self, {"accepted": len(accepted), "events": accepted}, 202)
+
     @app.page("/v1/sql")
     class SQL(View):
+        @guarded
         async def post(self, request: Request) -> Response:
+            key = reader(request)
+            if key is not None and key.customer_id is not None:
+                raise Denied(403, "a key restricted to one customer cannot run SQL")
             try:
-                body = orjson.loads(await request.read())
+                body = orjson.loads(await read_body(request, settings.api_max_body_bytes))
                 sql = body["sql"]
                 if not isinstance(sql, str):
                     raise TypeError
@@ -95,16 +242,67 @@ def register(app: faust.App, chio: ClickHouseIO, metrics: Metrics, ready: ReadyC
 
     @app.page("/v1/customers/{customer_id}/usage")
     class Usage(View):
+        @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
+            key = reader(request)
+            if key is not None and key.customer_id not in (None, customer_id):
+                raise Denied(403, f"this key may only read customer {key.customer_id!r}")
             q = request.query
-            window = q.get("window") or None
+            window = q.get("window")
             if window not in (None, "hour", "day", "month"):
                 return respond(self, {"error": "window must be hour, day or month"}, 400)
             try:
                 start, end = parse_time(q.get("from")), parse_time(q.get("to"))
             except ValueError as exc:
                 return respond(self, {"error": f"bad time: {exc}"}, 400)
-            rows = await chio.call_once(
-                queries.usage, customer_id, q.get("meter") or None, start, end, window
-            )
+            try:
+                rows = await chio.call_once(
+                    queries.usage, customer_id, q.get("meter") or None, start, end, window
+                )
+            except DependencyError as exc:
+                return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
             return respond(self, {"customer_id": customer_id, "usage": rows})
+
+    if forwarder is None:
+        return
+    stripe = forwarder
+
+    def operator(request: Request, key: ApiKey | None) -> None:
+        if key is not None and key.customer_id is not None:
+            raise Denied(403, "a key restricted to one customer cannot manage Stripe forwarding")
+
+    @app.page("/v1/stripe/retry")
+    class StripeRetry(View):
+        @guarded
+        async def post(self, request: Request) -> Response:
+            operator(request, bearer_key(request, keys))
+            try:
+                rows = await stripe.retry_errors()
+            except StripeError as exc:
+                return respond(self, {"error": str(exc), "code": exc.code}, 502)
+            from pipeline.forwarding import row_summary
+
+            return respond(self, {"rows": [row_summary(r) for r in rows]})
+
+    @app.page("/v1/stripe/reconcile")
+    class StripeReconcile(View):
+        @guarded
+        async def get(self, request: Request) -> Response:
+            operator(request, reader(request))
+            period = request.query.get("period") or period_label(time.time_ns() // 1_000_000)
+            try:
+                month_bounds(period)
+            except ValueError as exc:
+                return respond(self, {"error": str(exc)}, 400)
+            try:
+                diffs = await stripe.reconcile(period)
+            except StripeError as exc:
+                return respond(self, {"error": str(exc), "code": exc.code}, 502)
+            return respond(
+                self,
+                {
+                    "period": period,
+                    "differences": [d.as_dict() for d in diffs],
+                    "lines": [d.describe() for d in diffs],
+                },
+            )

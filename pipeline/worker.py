@@ -11,10 +11,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import faust
 
 from pipeline import web
+from pipeline.apikeys import KeyStore
 from pipeline.app import create_app
 from pipeline.chio import ClickHouseIO
 from pipeline.errors import ConfigError, MeterstreamError
@@ -23,6 +25,7 @@ from pipeline.kafka import client_options
 from pipeline.logs import configure_logging
 from pipeline.meters import MetersConfig, load_meters
 from pipeline.metrics import Metrics
+from pipeline.publisher import EventPublisher
 from pipeline.settings import Settings
 from sinks.clickhouse.client import ClickHouse, connect
 from sinks.clickhouse.migrate import migrate
@@ -117,10 +120,18 @@ def build_worker(settings: Settings) -> faust.App:
         checks["stripe"] = "ok"
         return checks
 
-    web.register(app, chio, metrics, ready)
     from pipeline.forwarding import install_forwarder
 
-    install_forwarder(app, settings, meters, chio, metrics)
+    forwarder = install_forwarder(app, settings, meters, chio, metrics)
+    publisher = EventPublisher(bootstrap, source, **client_options(settings))
+    keys = KeyStore(settings.keys_file)
+    web.register(app, settings, chio, metrics, ready, publisher, keys, forwarder)
+
+    async def stop_publisher(sender: Any, *args: Any, **kwargs: Any) -> None:
+        await publisher.stop()
+
+    app.on_before_shutdown.connect(cast(Any, stop_publisher))
+
     return app
 
 

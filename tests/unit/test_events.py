@@ -150,3 +150,27 @@ def test_fingerprint_ignores_key_order_but_not_content() -> None:
     )
     assert isinstance(a, UsageEvent) and isinstance(b, UsageEvent) and isinstance(c, UsageEvent)
     assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [10**20, -1, 253_402_300_800_000, "0001-01-01T00:00:00+14:00", "1E+400"],
+)
+def test_timestamps_outside_the_representable_range_are_rejected_not_raised(
+    timestamp: object,
+) -> None:
+    """Such a value once raised inside the worker (datetime overflow): a poison pill."""
+    value = timestamp if isinstance(timestamp, int) or timestamp == "1E+400" else f'"{timestamp}"'
+    raw = f'{{"event_name":"a","customer_id":"c","timestamp":{value}}}'.encode()
+    result = parse_event(raw, record_timestamp_ms=0, now_ms=1_800_000_000_000, horizon_ms=10**9)
+    assert isinstance(result, Rejection) and result.reason == Reason.INVALID_EVENT
+    assert "outside 1970-01-01" in result.detail
+
+
+@pytest.mark.parametrize("depth", [40, 990, 5_000])
+def test_deeply_nested_properties_are_rejected_not_raised(depth: int) -> None:
+    raw = b'{"event_name":"a","customer_id":"c","properties":{"x":' + b"[" * depth
+    raw += b"]" * depth + b"}}"
+    result = parse_event(raw, record_timestamp_ms=NOW, now_ms=NOW, horizon_ms=10**9)
+    assert isinstance(result, Rejection)
+    assert result.reason in (Reason.INVALID_EVENT, Reason.INVALID_JSON)
