@@ -36,8 +36,8 @@ LABEL org.opencontainers.image.title="meterstream" \
 RUN groupadd --system --gid 10001 meterstream \
  && useradd --system --uid 10001 --gid meterstream --home-dir /var/lib/meterstream \
         --no-create-home --shell /usr/sbin/nologin meterstream \
- && mkdir -p /var/lib/meterstream /etc/meterstream \
- && chown meterstream:meterstream /var/lib/meterstream
+ && mkdir -p /var/lib/meterstream /var/lib/meterstream-keys /etc/meterstream \
+ && chown meterstream:meterstream /var/lib/meterstream /var/lib/meterstream-keys
 
 COPY --from=build /opt/meterstream /opt/meterstream
 

@@ -219,6 +219,11 @@ def run_stack(settings: Settings, *, demo: bool, duration: float | None, rate: f
         stack.start(path)
         print(f"meterstream is running: {json.dumps(stack.endpoints)}", flush=True)
         print(f"logs in {settings.state_dir}/ (worker.log, broker.log, emulator.log)", flush=True)
+        print(
+            f"events API: POST {stack.endpoints['web_url']}/v1/events with a key from "
+            f"`meterstream keys create NAME --state-dir {settings.state_dir}`",
+            flush=True,
+        )
         if demo:
             from pipeline.demo_runner import run_demo
 

@@ -10,6 +10,7 @@ config`` validates the compose file where the binary is installed.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shlex
@@ -361,7 +362,7 @@ def test_deployment_config_refs_mounts_and_web_port_agree(
 
 
 def test_secret_holds_placeholders_only(k8s: dict[tuple[str, str], dict[str, Any]]) -> None:
-    (secret,) = of_kind(k8s, "Secret")
+    secret = k8s[("Secret", "meterstream-secrets")]
     data = secret["stringData"]
     assert set(data) == {
         "METERSTREAM_STRIPE_API_KEY",
@@ -376,6 +377,22 @@ def test_secret_holds_placeholders_only(k8s: dict[tuple[str, str], dict[str, Any
     # ...and no secret is in a ConfigMap.
     for configmap in of_kind(k8s, "ConfigMap"):
         assert not set(configmap["data"]) & set(data)
+
+
+def test_api_keys_secret_is_mounted_where_the_settings_say(
+    k8s: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    env = k8s[("ConfigMap", "meterstream-config")]["data"]
+    keys_file = Path(env["METERSTREAM_API_KEYS_FILE"])
+    (deployment,) = of_kind(k8s, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (mount,) = [
+        m for m in pod["containers"][0]["volumeMounts"] if Path(m["mountPath"]) == keys_file.parent
+    ]
+    assert mount.get("readOnly") is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = k8s[("Secret", volume["secret"]["secretName"])]
+    assert json.loads(secret["stringData"][keys_file.name]) == {"keys": []}  # no key shipped
 
 
 def test_service_and_pdb_select_the_worker_pods(
