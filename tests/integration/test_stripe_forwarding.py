@@ -200,7 +200,7 @@ def test_every_aggregation_matches_stripe(stack: StackSlice, transport: str) -> 
         return got == expected
 
     try:
-        wait_until(matches, timeout=45, interval=1, what="Stripe summaries")
+        wait_until(matches, timeout=120, interval=1, what="Stripe summaries")
     except AssertionError:
         assert got == expected, worker.log()[-3000:]
     accepted = http_json(f"{stack.stripe_url}/_emulator/events")["data"]
