@@ -43,10 +43,13 @@ format: $(STAMP) ## apply ruff format and autofixes
 bench: $(STAMP) ## the throughput benchmark (see README, Performance)
 	$(BIN)/python -m bench.run $(if $(SOAK),--soak $(SOAK),)
 
+bench-ingest: $(STAMP) ## the ingest benchmark: SDK and events API vs raw aiokafka
+	$(BIN)/python -m bench.ingest
+
 compose-check: ## validate docker-compose.yml without a Docker engine
 	docker-compose -f docker-compose.yml config --quiet
 
 clean: ## remove the venv and local state
 	rm -rf $(VENV) .meterstream .mypy_cache .ruff_cache .pytest_cache
 
-.PHONY: help install run lint test unit format bench compose-check clean
+.PHONY: help install run lint test unit format bench bench-ingest compose-check clean
