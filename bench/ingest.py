@@ -7,7 +7,9 @@ aiokafka, on one embedded broker, in one run.
 (b) UsageClient (Kafka) and (c) HttpUsageClient (the events API of a real worker):
 N events each through record() then flush(). Reports events/s from the first
 record() to the flush's return, the caller's cost per record() call, and the
-ratios to (a). Self-check: the worker's record holds every SDK event exactly once.
+ratios to (a). The clients' buffers hold all N (``max_buffer=N``: the default 10,000
+would raise BufferFull in a loop this tight, by design). Self-check: the worker's
+record holds every SDK event exactly once.
 """
 
 from __future__ import annotations
@@ -123,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             raw_s = asyncio.run(raw_produce(broker.bootstrap, f"i{run}-raw", events(n, "raw")))
             kafka_docs, http_docs = events(n, f"{run}k"), events(n, f"{run}h")
             kafka_s, kafka_in = through_client(
-                UsageClient(broker.bootstrap, topic=stack.topic), kafka_docs
+                UsageClient(broker.bootstrap, topic=stack.topic, max_buffer=n), kafka_docs
             )
-            http_s, http_in = through_client(HttpUsageClient(worker.web_url, key), http_docs)
+            http_s, http_in = through_client(
+                HttpUsageClient(worker.web_url, key, max_buffer=n), http_docs
+            )
 
             def recorded() -> bool:
                 rows = worker.sql(
