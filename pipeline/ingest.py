@@ -107,6 +107,15 @@ def check_body(
 
 
 def check_event(raw: Any, *, now_ms: int, horizon_ms: int) -> tuple[IngestRecord | None, list[str]]:
+    try:
+        return _check_event(raw, now_ms=now_ms, horizon_ms=horizon_ms)
+    except UnicodeEncodeError:  # a lone surrogate escape (\ud800): not UTF-8 text
+        return None, ["event holds a lone UTF-16 surrogate (\\ud800-\\udfff): not UTF-8 text"]
+
+
+def _check_event(
+    raw: Any, *, now_ms: int, horizon_ms: int
+) -> tuple[IngestRecord | None, list[str]]:
     event, problems = validate_document(raw, record_timestamp_ms=now_ms)
     if event is None:
         return None, problems

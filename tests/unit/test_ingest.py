@@ -129,3 +129,12 @@ def test_key_file_problems_are_reported(tmp_path: Path) -> None:
         KeyStore(tmp_path / "other.json").revoke("abc")
     with pytest.raises(ConfigError, match="must not be empty"):
         KeyStore(tmp_path / "other.json").create(" ")
+
+
+def test_lone_surrogates_are_a_problem_not_a_crash() -> None:
+    """JSON may escape half a UTF-16 pair (\\ud800); it is not text ClickHouse can store."""
+    body = rb'{"events": [{"event_name": "a", "customer_id": "\ud800"},'
+    body += rb' {"event_name": "a", "customer_id": "b", "properties": {"x": "\udfff"}}]}'
+    result, problems = check(body)
+    assert not problems and [e["index"] for e in result.errors] == [0, 1]
+    assert "lone UTF-16 surrogate" in result.errors[0]["problems"][0]
