@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ from faust.types import EventT
 from pipeline import processor
 from pipeline.aggregation import WindowState, aggregator_for
 from pipeline.chio import ClickHouseIO
-from pipeline.dedup import DedupEntry, DedupKey
+from pipeline.dedup import DedupEntry, DedupKey, RecordCoverage
 from pipeline.events import Reason, Rejection, UsageEvent
 from pipeline.gaps import GapFiller
 from pipeline.kafka import client_options
@@ -93,6 +93,18 @@ class Pipeline:
         self.windows = app.Table("windows", partitions=settings.partitions, key_type=bytes)
         self._last_sweep = time.monotonic()
         self.gaps: GapFiller | None = None
+        # Which customers' unknown keys need no record lookup (pipeline/dedup.py);
+        # rebuilt on every rebalance (``epoch``) and consumer generation.
+        self.epoch = 0
+        # Told the windows of every event inserted into (or counted from) the record,
+        # after the insert returned (the Stripe forwarder's incremental verification).
+        self.record_listeners: list[Callable[[set[processor.WindowKey]], None]] = []
+        self._coverage: RecordCoverage | None = None
+        self._coverage_epoch: tuple[int, int | None] = (-1, None)
+
+    def new_epoch(self) -> None:
+        """Partitions were assigned or revoked: nothing is covered until checked again."""
+        self.epoch += 1
 
     # -- the batch -------------------------------------------------------------------
 
@@ -138,14 +150,29 @@ class Pipeline:
         events = [ev for _, ev in decoded]
 
         # Dedup: the table knows what was counted; the record knows what was accepted.
-        keys = {DedupKey.of(ev) for ev in events}
+        # A key the table lacks is looked up in the record unless its customer is
+        # covered (RecordCoverage: the table provably holds all its record keys).
+        generation = batch[-1].message.generation_id if batch else None
+        coverage: RecordCoverage | None = await self._check_coverage(events, received, generation)
+        if self._coverage_epoch != (self.epoch, generation):
+            coverage = None  # a rebalance ran during the check: trust nothing this batch
         counted: dict[DedupKey, str] = {}
-        for key in keys:
+        unknown: set[DedupKey] = set()
+        not_looked_up = 0
+        for event in events:
+            key = DedupKey.of(event)
+            if key in counted or key in unknown:
+                continue
             raw = self.dedup.get(key.encode())
             if raw is not None:
                 counted[key] = DedupEntry.load(raw).fingerprint
-        unknown = [key for key in keys if key not in counted]
-        found = await self.chio.call(queries.existing_keys, unknown) if unknown else {}
+            elif coverage is None or coverage.needs_lookup(event.customer_id, event.timestamp_ms):
+                unknown.add(key)
+            else:
+                not_looked_up += 1
+        self.metrics.record_lookups.inc(len(unknown))
+        self.metrics.record_lookups_skipped.inc(not_looked_up)
+        found = await self.chio.call(queries.existing_keys, list(unknown)) if unknown else {}
         recorded = {DedupKey(*pair): fingerprint for pair, fingerprint in found.items()}
         dd = processor.resolve_duplicates(events, counted, recorded)
 
@@ -156,6 +183,11 @@ class Pipeline:
         # 1. The record.
         await self._write_record(dd.fresh, contrib.counted_by, bad, dd.duplicates, received)
         await self._send_dlq(bad, received)
+
+        if self.record_listeners:
+            changed = processor.windows_of(self.meters, (*dd.fresh, *dd.recorded_uncounted))
+            for listener in self.record_listeners:
+                listener(changed)
 
         # 2. Windows.
         table_states: dict[processor.WindowKey, WindowState] = {}
@@ -194,6 +226,9 @@ class Pipeline:
             DedupKey.of(ev).encode(): partition_of_customer[ev.customer_id] for ev in counted_now
         }
         write_by_partition(self.dedup, dedup_items, dedup_partitions, context)
+        if coverage is not None and self._coverage is coverage:
+            for event in counted_now:
+                coverage.written(event.customer_id, event.timestamp_ms)
         if time.monotonic() - self._last_sweep > SWEEP_EVERY_SECONDS:
             self._sweep(received, context)
         await self.app.producer.flush()
@@ -210,6 +245,24 @@ class Pipeline:
         report.windows_recomputed = len(rebuild)
         self._count(report, contrib.unmetered, deltas)
         return report
+
+    async def _check_coverage(
+        self, events: Sequence[UsageEvent], received: int, generation: int | None
+    ) -> RecordCoverage:
+        """The coverage of this epoch, with the batch's customers checked (one query)."""
+        key = (self.epoch, generation)
+        if self._coverage is None or self._coverage_epoch != key:
+            self._coverage = RecordCoverage.from_table(
+                self.dedup.items(), received - self.horizon_ms
+            )
+            self._coverage_epoch = key
+        coverage = self._coverage
+        now = time.monotonic()
+        todo = coverage.to_check({ev.customer_id for ev in events}, now)
+        if todo:
+            counts = await self.chio.call(queries.record_key_counts, todo, coverage.cutoff_ms)
+            coverage.checked(todo, counts, now)
+        return coverage
 
     async def _end_markers(self, touched: set[tuple[Any, int]]) -> None:
         """One tombstone for a key no one uses, alone in its batch, per changelog partition
@@ -344,6 +397,8 @@ class Pipeline:
             k: customer_partition(processor.WindowKey.decode(k).customer_id, n) for k in old_windows
         }
         deleted = delete_by_partition(self.dedup, old_keys, partition_of, context)
+        if self._coverage is not None:
+            self._coverage.swept(cutoff)
         deleted += delete_by_partition(self.windows, old_windows, partition_of, context)
         if deleted:
             log.info("expired %d dedup keys and window states older than the horizon", deleted)
@@ -412,6 +467,12 @@ def create_app(
         partitions=settings.partitions,
         retention=USAGE_EVENTS.retention_ms / 1000 if USAGE_EVENTS.retention_ms else None,
     )
+
+    def on_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        pipeline.new_epoch()
+
+    app.on_partitions_revoked.connect(on_rebalance)
+    app.on_partitions_assigned.connect(on_rebalance)
 
     @app.agent(source, name="meterstream.process")
     async def process(stream: Any) -> None:

@@ -120,7 +120,7 @@ def build_worker(settings: Settings) -> faust.App:
     web.register(app, chio, metrics, ready)
     from pipeline.forwarding import install_forwarder
 
-    install_forwarder(app, settings, meters, chio, metrics)
+    install_forwarder(app, settings, meters, chio, metrics, pipeline=pipeline)
     return app
 
 
