@@ -12,8 +12,9 @@ Order of side effects for one batch (each step only after the previous succeeded
    or unrecovered state) or the events were recorded but never counted, the
    exact state recomputed from the record. Insert them into ``meter_windows``
    with a fresh version.
-3. Write window states and dedup keys to the Faust tables (one changelog record
-   per key per batch).
+3. Write window states, then dedup keys, to the Faust tables (one changelog record
+   per key per batch, sent as whole record batches and acknowledged, windows
+   before dedup keys; pipeline/state.py).
 4. Return to Faust, which acks the batch; offsets are committed after Faust
    flushes its producer (changelogs included). A crash anywhere before this
    replays the batch: step 1 is idempotent and step 2 recomputes from the record.
@@ -43,7 +44,7 @@ from pipeline.gaps import GapFiller
 from pipeline.kafka import client_options
 from pipeline.meters import MetersConfig
 from pipeline.settings import Settings
-from pipeline.state import delete_by_partition, write_by_partition
+from pipeline.state import delete_by_partition, write_by_partition, write_by_partition_batched
 from sinks.clickhouse import queries, writer
 from topics import USAGE_EVENTS, USAGE_EVENTS_DLQ
 
@@ -92,6 +93,7 @@ class Pipeline:
         self.dedup = app.Table("dedup", partitions=settings.partitions, key_type=bytes)
         self.windows = app.Table("windows", partitions=settings.partitions, key_type=bytes)
         self._last_sweep = time.monotonic()
+        self._aggregators = {m.name: aggregator_for(m.aggregation) for m in meters.meters}
         self.gaps: GapFiller | None = None
         # Which customers' unknown keys need no record lookup (pipeline/dedup.py);
         # rebuilt on every rebalance (``epoch``) and consumer generation.
@@ -184,21 +186,22 @@ class Pipeline:
         await self._write_record(dd.fresh, contrib.counted_by, bad, dd.duplicates, received)
         await self._send_dlq(bad, received)
 
+        uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted)
         if self.record_listeners:
-            changed = processor.windows_of(self.meters, (*dd.fresh, *dd.recorded_uncounted))
+            # every window of every fresh (valid or not) or uncounted event
+            changed = deltas.keys() | contrib.invalid_windows | uncounted_windows
             for listener in self.record_listeners:
                 listener(changed)
 
         # 2. Windows.
+        aggs = self._aggregators
+        encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
         table_states: dict[processor.WindowKey, WindowState] = {}
         for wkey in deltas:
-            raw = self.windows.get(wkey.encode())
+            raw = self.windows.get(encoded[wkey])
             if raw is not None:
-                agg = aggregator_for(self.meters.by_name(wkey.meter).aggregation)
-                table_states[wkey] = agg.load(raw)
-        rebuild = {k for k in deltas if k not in table_states} | processor.windows_of(
-            self.meters, dd.recorded_uncounted
-        )
+                table_states[wkey] = aggs[wkey.meter].load(raw)
+        rebuild = {k for k in deltas if k not in table_states} | uncounted_windows
         new_states = processor.merge_into(
             self.meters, table_states, {k: v for k, v in deltas.items() if k not in rebuild}
         )
@@ -208,24 +211,23 @@ class Pipeline:
             await self._write_windows(new_states, received)
 
         # 3. Tables, one write per key per batch, in the customer's partition.
-        window_items = {
-            key.encode(): aggregator_for(self.meters.by_name(key.meter).aggregation).dump(state)
-            for key, state in new_states.items()
-        }
-        window_partitions = {k.encode(): partition_of_customer[k.customer_id] for k in new_states}
-        write_by_partition(self.windows, window_items, window_partitions, context)
+        window_items: dict[bytes, Any] = {}
+        window_partitions: dict[bytes, int] = {}
+        for wkey, state in new_states.items():
+            raw_key = encoded[wkey]
+            window_items[raw_key] = aggs[wkey.meter].dump(state)
+            window_partitions[raw_key] = partition_of_customer[wkey.customer_id]
         # Windows before dedup keys: a key must never say "counted" while its
-        # window update could still be lost.
-        await self.app.producer.flush()
+        # window update could still be lost (each write returns once acknowledged).
+        await self._write_table(self.windows, window_items, window_partitions, context)
         counted_now = (*dd.fresh, *dd.recorded_uncounted)
-        dedup_items = {
-            DedupKey.of(ev).encode(): DedupEntry(ev.fingerprint, ev.timestamp_ms).dump()
-            for ev in counted_now
-        }
-        dedup_partitions = {
-            DedupKey.of(ev).encode(): partition_of_customer[ev.customer_id] for ev in counted_now
-        }
-        write_by_partition(self.dedup, dedup_items, dedup_partitions, context)
+        dedup_items: dict[bytes, Any] = {}
+        dedup_partitions: dict[bytes, int] = {}
+        for uev in counted_now:
+            raw_key = DedupKey.of(uev).encode()
+            dedup_items[raw_key] = DedupEntry(uev.fingerprint, uev.timestamp_ms).dump()
+            dedup_partitions[raw_key] = partition_of_customer[uev.customer_id]
+        await self._write_table(self.dedup, dedup_items, dedup_partitions, context)
         if coverage is not None and self._coverage is coverage:
             for event in counted_now:
                 coverage.written(event.customer_id, event.timestamp_ms)
@@ -245,6 +247,22 @@ class Pipeline:
         report.windows_recomputed = len(rebuild)
         self._count(report, contrib.unmetered, deltas)
         return report
+
+    async def _write_table(
+        self,
+        table: Any,
+        items: dict[bytes, Any],
+        partitions: dict[bytes, int],
+        context: dict[int, EventT],
+    ) -> None:
+        """Write a table's keys for this batch; returns when the changelog is acknowledged."""
+        if self.app.in_transaction:  # changelogs must go through Faust's transactions
+            write_by_partition(table, items, partitions, context)
+            await self.app.producer.flush()
+            return
+        # the app's aiokafka producer (Faust's transport producer keeps it private)
+        producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
+        await write_by_partition_batched(table, producer, items, partitions, context)
 
     async def _check_coverage(
         self, events: Sequence[UsageEvent], received: int, generation: int | None
