@@ -41,7 +41,7 @@ from pipeline.chio import ClickHouseIO
 from pipeline.dedup import DedupEntry, DedupKey, RecordCoverage
 from pipeline.events import Reason, Rejection, UsageEvent
 from pipeline.gaps import GapFiller
-from pipeline.kafka import client_options
+from pipeline.kafka import client_options, shorten_fetch_wait
 from pipeline.meters import MetersConfig
 from pipeline.settings import Settings
 from pipeline.state import delete_by_partition, write_by_partition, write_by_partition_batched
@@ -491,6 +491,14 @@ def create_app(
 
     app.on_partitions_revoked.connect(on_rebalance)
     app.on_partitions_assigned.connect(on_rebalance)
+
+    @app.task
+    async def shorten_consumer_fetch_wait() -> None:
+        for _ in range(600):  # the consumer thread starts after the app's tasks
+            if shorten_fetch_wait(app):
+                return
+            await asyncio.sleep(0.1)
+        log.warning("could not shorten the consumer's fetch wait; latency may be higher")
 
     @app.agent(source, name="meterstream.process")
     async def process(stream: Any) -> None:
