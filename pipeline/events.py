@@ -117,9 +117,22 @@ def canonical_json(obj: Any) -> str:
     return _CANONICAL.encode(obj).decode()
 
 
+_EXACT_DECODER = msgspec.json.Decoder(float_hook=Decimal)
+
+
 def loads_exact(raw: bytes | str) -> Any:
-    """JSON with non-integer numbers as Decimal (never float)."""
-    return simplejson.loads(raw, use_decimal=True)
+    """JSON with non-integer numbers as Decimal (never float).
+
+    msgspec first (float_hook=Decimal: the number's own text, exact); anything it
+    refuses goes to simplejson (use_decimal), which was the only decoder before and
+    so decides what is accepted and what error is raised (e.g. a lone ``\\ud800``
+    escape, which simplejson accepts). Where both accept, they return equal values
+    of equal types (tests/unit/test_canonical_json.py).
+    """
+    try:
+        return _EXACT_DECODER.decode(raw)
+    except (msgspec.DecodeError, UnicodeError):
+        return simplejson.loads(raw, use_decimal=True)
 
 
 def content_fingerprint(

@@ -110,3 +110,41 @@ def test_lone_surrogate_is_dead_lettered_not_a_crash() -> None:
         result = parse_event(raw, record_timestamp_ms=1000, now_ms=2000, horizon_ms=10**9)
         assert isinstance(result, Rejection)
         assert result.reason == Reason.INVALID_JSON
+
+
+def reference_loads(raw: bytes | str) -> Any:
+    return simplejson.loads(raw, use_decimal=True)
+
+
+def outcome(fn: Any, raw: bytes | str) -> tuple[str, str]:
+    """The value's repr (types included), or the error's class."""
+    try:
+        return "ok", repr(fn(raw))
+    except Exception as exc:
+        return "error", type(exc).__name__
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.sampled_from([(",", ":"), (", ", ": "), (" ,", " :  ")]))
+def test_decoding_matches_simplejson(value: Any, separators: tuple[str, str]) -> None:
+    text = simplejson.dumps(value, use_decimal=True, separators=separators, ensure_ascii=False)
+    for raw in (text, text.encode("utf-8", errors="surrogatepass")):
+        assert outcome(loads_exact, raw) == outcome(reference_loads, raw)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.binary(max_size=40)
+    | st.text(alphabet='{}[]":,.-+eE0123456789 \\u\\tnulltruefalse', max_size=40)
+)
+def test_any_input_is_accepted_or_refused_like_simplejson(raw: bytes | str) -> None:
+    assert outcome(loads_exact, raw) == outcome(reference_loads, raw)
+
+
+def test_decoding_edge_cases_match_simplejson() -> None:
+    for raw in (
+        b'{"a":1,"a":2}', b"123456789012345678901234567890", b"-0", b"-0.0", b"1E400",
+        b"[1.10, 2.50E+3]", b'"\\ud83d\\ude42"', b'"\\ud83d"', b'{"x": NaN}', b" [1]x",
+        b'"\xff"', b'{"k":"\\u0000"}', b"-9223372036854775809", b"1.0e+2", b'"\\/"',
+    ):  # fmt: skip
+        assert outcome(loads_exact, raw) == outcome(reference_loads, raw), raw
