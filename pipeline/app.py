@@ -12,8 +12,9 @@ Order of side effects for one batch (each step only after the previous succeeded
    or unrecovered state) or the events were recorded but never counted, the
    exact state recomputed from the record. Insert them into ``meter_windows``
    with a fresh version.
-3. Write window states and dedup keys to the Faust tables (one changelog record
-   per key per batch).
+3. Write window states, then dedup keys, to the Faust tables (one changelog record
+   per key per batch, sent as whole record batches and acknowledged, windows
+   before dedup keys; pipeline/state.py).
 4. Return to Faust, which acks the batch; offsets are committed after Faust
    flushes its producer (changelogs included). A crash anywhere before this
    replays the batch: step 1 is idempotent and step 2 recomputes from the record.
@@ -26,7 +27,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,13 +38,13 @@ from faust.types import EventT
 from pipeline import processor
 from pipeline.aggregation import WindowState, aggregator_for
 from pipeline.chio import ClickHouseIO
-from pipeline.dedup import DedupEntry, DedupKey
+from pipeline.dedup import DedupEntry, DedupKey, RecordCoverage
 from pipeline.events import Reason, Rejection, UsageEvent
 from pipeline.gaps import GapFiller
-from pipeline.kafka import client_options
+from pipeline.kafka import client_options, shorten_fetch_wait
 from pipeline.meters import MetersConfig
 from pipeline.settings import Settings
-from pipeline.state import delete_by_partition, write_by_partition
+from pipeline.state import delete_by_partition, write_by_partition, write_by_partition_batched
 from sinks.clickhouse import queries, writer
 from topics import USAGE_EVENTS, USAGE_EVENTS_DLQ
 
@@ -92,7 +93,20 @@ class Pipeline:
         self.dedup = app.Table("dedup", partitions=settings.partitions, key_type=bytes)
         self.windows = app.Table("windows", partitions=settings.partitions, key_type=bytes)
         self._last_sweep = time.monotonic()
+        self._aggregators = {m.name: aggregator_for(m.aggregation) for m in meters.meters}
         self.gaps: GapFiller | None = None
+        # Which customers' unknown keys need no record lookup (pipeline/dedup.py);
+        # rebuilt on every rebalance (``epoch``) and consumer generation.
+        self.epoch = 0
+        # Told the windows of every event inserted into (or counted from) the record,
+        # after the insert returned (the Stripe forwarder's incremental verification).
+        self.record_listeners: list[Callable[[set[processor.WindowKey]], None]] = []
+        self._coverage: RecordCoverage | None = None
+        self._coverage_epoch: tuple[int, int | None] = (-1, None)
+
+    def new_epoch(self) -> None:
+        """Partitions were assigned or revoked: nothing is covered until checked again."""
+        self.epoch += 1
 
     # -- the batch -------------------------------------------------------------------
 
@@ -138,14 +152,29 @@ class Pipeline:
         events = [ev for _, ev in decoded]
 
         # Dedup: the table knows what was counted; the record knows what was accepted.
-        keys = {DedupKey.of(ev) for ev in events}
+        # A key the table lacks is looked up in the record unless its customer is
+        # covered (RecordCoverage: the table provably holds all its record keys).
+        generation = batch[-1].message.generation_id if batch else None
+        coverage: RecordCoverage | None = await self._check_coverage(events, received, generation)
+        if self._coverage_epoch != (self.epoch, generation):
+            coverage = None  # a rebalance ran during the check: trust nothing this batch
         counted: dict[DedupKey, str] = {}
-        for key in keys:
+        unknown: set[DedupKey] = set()
+        not_looked_up = 0
+        for event in events:
+            key = DedupKey.of(event)
+            if key in counted or key in unknown:
+                continue
             raw = self.dedup.get(key.encode())
             if raw is not None:
                 counted[key] = DedupEntry.load(raw).fingerprint
-        unknown = [key for key in keys if key not in counted]
-        found = await self.chio.call(queries.existing_keys, unknown) if unknown else {}
+            elif coverage is None or coverage.needs_lookup(event.customer_id, event.timestamp_ms):
+                unknown.add(key)
+            else:
+                not_looked_up += 1
+        self.metrics.record_lookups.inc(len(unknown))
+        self.metrics.record_lookups_skipped.inc(not_looked_up)
+        found = await self.chio.call(queries.existing_keys, list(unknown)) if unknown else {}
         recorded = {DedupKey(*pair): fingerprint for pair, fingerprint in found.items()}
         dd = processor.resolve_duplicates(events, counted, recorded)
 
@@ -157,16 +186,16 @@ class Pipeline:
         await self._write_record(dd.fresh, contrib.counted_by, bad, dd.duplicates, received)
         await self._send_dlq(bad, received)
 
+        uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted)
         # 2. Windows.
+        aggs = self._aggregators
+        encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
         table_states: dict[processor.WindowKey, WindowState] = {}
         for wkey in deltas:
-            raw = self.windows.get(wkey.encode())
+            raw = self.windows.get(encoded[wkey])
             if raw is not None:
-                agg = aggregator_for(self.meters.by_name(wkey.meter).aggregation)
-                table_states[wkey] = agg.load(raw)
-        rebuild = {k for k in deltas if k not in table_states} | processor.windows_of(
-            self.meters, dd.recorded_uncounted
-        )
+                table_states[wkey] = aggs[wkey.meter].load(raw)
+        rebuild = {k for k in deltas if k not in table_states} | uncounted_windows
         new_states = processor.merge_into(
             self.meters, table_states, {k: v for k, v in deltas.items() if k not in rebuild}
         )
@@ -174,26 +203,36 @@ class Pipeline:
             new_states.update(await self._recompute(rebuild))
         if new_states:
             await self._write_windows(new_states, received)
+        if self.record_listeners:
+            # Every window of every fresh (valid or not) or uncounted event, told after
+            # both the record and meter_windows hold this batch: a verification round
+            # that takes a change then sees both and finds no false difference. A round
+            # between the two inserts does not take it, so it is verified next round.
+            changed = deltas.keys() | contrib.invalid_windows | uncounted_windows
+            for listener in self.record_listeners:
+                listener(changed)
 
         # 3. Tables, one write per key per batch, in the customer's partition.
-        window_items = {
-            key.encode(): aggregator_for(self.meters.by_name(key.meter).aggregation).dump(state)
-            for key, state in new_states.items()
-        }
-        window_partitions = {k.encode(): partition_of_customer[k.customer_id] for k in new_states}
-        write_by_partition(self.windows, window_items, window_partitions, context)
+        window_items: dict[bytes, Any] = {}
+        window_partitions: dict[bytes, int] = {}
+        for wkey, state in new_states.items():
+            raw_key = encoded[wkey]
+            window_items[raw_key] = aggs[wkey.meter].dump(state)
+            window_partitions[raw_key] = partition_of_customer[wkey.customer_id]
         # Windows before dedup keys: a key must never say "counted" while its
-        # window update could still be lost.
-        await self.app.producer.flush()
+        # window update could still be lost (each write returns once acknowledged).
+        await self._write_table(self.windows, window_items, window_partitions, context)
         counted_now = (*dd.fresh, *dd.recorded_uncounted)
-        dedup_items = {
-            DedupKey.of(ev).encode(): DedupEntry(ev.fingerprint, ev.timestamp_ms).dump()
-            for ev in counted_now
-        }
-        dedup_partitions = {
-            DedupKey.of(ev).encode(): partition_of_customer[ev.customer_id] for ev in counted_now
-        }
-        write_by_partition(self.dedup, dedup_items, dedup_partitions, context)
+        dedup_items: dict[bytes, Any] = {}
+        dedup_partitions: dict[bytes, int] = {}
+        for uev in counted_now:
+            raw_key = DedupKey.of(uev).encode()
+            dedup_items[raw_key] = DedupEntry(uev.fingerprint, uev.timestamp_ms).dump()
+            dedup_partitions[raw_key] = partition_of_customer[uev.customer_id]
+        await self._write_table(self.dedup, dedup_items, dedup_partitions, context)
+        if coverage is not None and self._coverage is coverage:
+            for event in counted_now:
+                coverage.written(event.customer_id, event.timestamp_ms)
         if time.monotonic() - self._last_sweep > SWEEP_EVERY_SECONDS:
             self._sweep(received, context)
         await self.app.producer.flush()
@@ -210,6 +249,40 @@ class Pipeline:
         report.windows_recomputed = len(rebuild)
         self._count(report, contrib.unmetered, deltas)
         return report
+
+    async def _write_table(
+        self,
+        table: Any,
+        items: dict[bytes, Any],
+        partitions: dict[bytes, int],
+        context: dict[int, EventT],
+    ) -> None:
+        """Write a table's keys for this batch; returns when the changelog is acknowledged."""
+        if self.app.in_transaction:  # changelogs must go through Faust's transactions
+            write_by_partition(table, items, partitions, context)
+            await self.app.producer.flush()
+            return
+        # the app's aiokafka producer (Faust's transport producer keeps it private)
+        producer = self.app.producer._ensure_producer()  # type: ignore[attr-defined]
+        await write_by_partition_batched(table, producer, items, partitions, context)
+
+    async def _check_coverage(
+        self, events: Sequence[UsageEvent], received: int, generation: int | None
+    ) -> RecordCoverage:
+        """The coverage of this epoch, with the batch's customers checked (one query)."""
+        key = (self.epoch, generation)
+        if self._coverage is None or self._coverage_epoch != key:
+            self._coverage = RecordCoverage.from_table(
+                self.dedup.items(), received - self.horizon_ms
+            )
+            self._coverage_epoch = key
+        coverage = self._coverage
+        now = time.monotonic()
+        todo = coverage.to_check({ev.customer_id for ev in events}, now)
+        if todo:
+            counts = await self.chio.call(queries.record_key_counts, todo, coverage.cutoff_ms)
+            coverage.checked(todo, counts, now)
+        return coverage
 
     async def _end_markers(self, touched: set[tuple[Any, int]]) -> None:
         """One tombstone for a key no one uses, alone in its batch, per changelog partition
@@ -344,6 +417,8 @@ class Pipeline:
             k: customer_partition(processor.WindowKey.decode(k).customer_id, n) for k in old_windows
         }
         deleted = delete_by_partition(self.dedup, old_keys, partition_of, context)
+        if self._coverage is not None:
+            self._coverage.swept(cutoff)
         deleted += delete_by_partition(self.windows, old_windows, partition_of, context)
         if deleted:
             log.info("expired %d dedup keys and window states older than the horizon", deleted)
@@ -412,6 +487,20 @@ def create_app(
         partitions=settings.partitions,
         retention=USAGE_EVENTS.retention_ms / 1000 if USAGE_EVENTS.retention_ms else None,
     )
+
+    def on_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        pipeline.new_epoch()
+
+    app.on_partitions_revoked.connect(on_rebalance)
+    app.on_partitions_assigned.connect(on_rebalance)
+
+    @app.task
+    async def shorten_consumer_fetch_wait() -> None:
+        for _ in range(600):  # the consumer thread starts after the app's tasks
+            if shorten_fetch_wait(app):
+                return
+            await asyncio.sleep(0.1)
+        log.warning("could not shorten the consumer's fetch wait; latency may be higher")
 
     @app.agent(source, name="meterstream.process")
     async def process(stream: Any) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -33,7 +33,7 @@ class Plan:
     held_error: list[str]
 
 
-def customer_totals(meter: Meter, states: dict[WindowKey, WindowState]) -> dict[str, Decimal]:
+def customer_totals(meter: Meter, states: Mapping[WindowKey, WindowState]) -> dict[str, Decimal]:
     """Period-to-date total per customer: all its windows (and groups) merged."""
     agg = aggregator_for(meter.aggregation)
     merged: dict[str, WindowState] = {}
@@ -41,6 +41,68 @@ def customer_totals(meter: Meter, states: dict[WindowKey, WindowState]) -> dict[
         base = merged.get(key.customer_id)
         merged[key.customer_id] = state if base is None else agg.merge(base, state)
     return {customer: agg.result(state) for customer, state in merged.items()}
+
+
+DAY_MS = 86_400_000
+
+
+def day_of(window_start_ms: int) -> int:
+    return window_start_ms - window_start_ms % DAY_MS
+
+
+@dataclass
+class VerifiedPeriod:
+    """One meter's closed windows of one billing period, as last verified against the
+    record: the record's states merged per (customer, UTC day), which is all the
+    period totals need and far smaller than one state per window. Windows (minute,
+    hour, day) never straddle a UTC day, so a customer-day can be re-verified alone.
+
+    ``upto_ms``: windows starting in [period start, upto_ms) are covered.
+    """
+
+    upto_ms: int
+    built_at: float
+    buckets: dict[tuple[str, int], WindowState] = field(default_factory=dict)
+
+    def add(self, meter: Meter, record: Mapping[WindowKey, WindowState]) -> None:
+        """Merge the record's states of windows not yet in the buckets."""
+        agg = aggregator_for(meter.aggregation)
+        for key, state in record.items():
+            bucket = (key.customer_id, day_of(key.window_start_ms))
+            base = self.buckets.get(bucket)
+            self.buckets[bucket] = state if base is None else agg.merge(base, state)
+
+    def replace_days(
+        self,
+        meter: Meter,
+        day: int,
+        customers: Iterable[str],
+        record: Mapping[WindowKey, WindowState],
+    ) -> None:
+        """The record's states of ``customers`` on ``day`` (every covered window of it)."""
+        for customer in customers:
+            self.buckets.pop((customer, day), None)
+        self.add(meter, record)
+
+    def totals(self, meter: Meter) -> dict[str, Decimal]:
+        agg = aggregator_for(meter.aggregation)
+        merged: dict[str, WindowState] = {}
+        for (customer, _), state in self.buckets.items():
+            base = merged.get(customer)
+            merged[customer] = state if base is None else agg.merge(base, state)
+        return {customer: agg.result(state) for customer, state in merged.items()}
+
+
+def days_to_reverify(
+    changed: Iterable[tuple[str, int]], covered_upto_ms: int
+) -> dict[int, set[str]]:
+    """Customers per UTC day whose already-verified windows changed (window_start below
+    ``covered_upto_ms``); changes at or above it are verified with the new range."""
+    out: dict[int, set[str]] = defaultdict(set)
+    for customer, window_start in changed:
+        if window_start < covered_upto_ms:
+            out[day_of(window_start)].add(customer)
+    return dict(out)
 
 
 def sequence_of(

@@ -76,19 +76,22 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import faust
 import orjson
 
 from pipeline.billing import (
+    DAY_MS,
     Check,
     StripeDifference,
+    VerifiedPeriod,
     build_checks,
     customer_totals,
+    days_to_reverify,
     differences,
     event_timestamp_s,
     plan_sends,
@@ -97,7 +100,8 @@ from pipeline.chio import ClickHouseIO
 from pipeline.errors import StripeError
 from pipeline.meters import Meter, MetersConfig
 from pipeline.metrics import Metrics
-from pipeline.reconcile import reconcile_meter, record_states
+from pipeline.processor import WindowKey
+from pipeline.reconcile import Difference, reconcile_meter, record_states
 from pipeline.settings import Settings
 from pipeline.windows import month_bounds, period_label
 from sinks.clickhouse.client import ClickHouse
@@ -110,8 +114,12 @@ from sinks.stripe.payloads import (
 )
 from topics import STRIPE_ERRORS
 
+if TYPE_CHECKING:
+    from pipeline.app import Pipeline
+
 log = logging.getLogger("meterstream.stripe")
 LATE_PERIOD_DAYS = 3  # keep correcting the previous month for this long into the next
+FULL_VERIFY_SECONDS = 600.0  # incremental verification still re-reads the period this often
 MAPPING_WAIT_SECONDS = 30.0
 
 Transport = Literal["v1", "v2"]
@@ -242,6 +250,95 @@ class Forwarder:
         self._meter_ready: set[str] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stripe")
         self._lock = asyncio.Lock()
+        # Incremental verification (track_changes): what was verified, and the
+        # (customer, window start) of record changes since, per meter.
+        self.incremental = False
+        self._verified: dict[tuple[str, str], VerifiedPeriod] = {}
+        self._changed: dict[str, set[tuple[str, int]]] = {m.name: set() for m in self.stripe_meters}
+
+    # -- incremental verification ------------------------------------------------------
+    #
+    # "Verify before billing" re-reads the whole period from the record each round
+    # unless the worker that writes the record tells the forwarder what changed.
+    # With track_changes(), a round re-verifies (recompute from the record, compare,
+    # repair) only the customer-days whose windows the record changed since the
+    # last round, plus the windows that closed since, and keeps the rest of the
+    # period's verified states (VerifiedPeriod). Why the totals are still exactly
+    # the record's:
+    #
+    # * The worker calls windows_changed() for every window of every event it
+    #   inserted into the record, or counted from it, *after* the insert returned
+    #   and after that batch's meter_windows insert (pipeline/app.py), so a round
+    #   that takes the change sees both and reports no false difference. A
+    #   round takes the changes in its range *before* its queries. So a change is
+    #   either taken by a round whose queries run after the insert (and see it), or
+    #   still pending for the next round. Changes to windows not yet closed stay
+    #   pending until their window is in range.
+    # * Only the worker writes usage_events, and only for customers of its own
+    #   partitions; a rebalance (invalidate()) drops everything verified, so a
+    #   customer that moves between workers is read in full again.
+    # * Repairs write the record's state, which is what the cache holds.
+    # * Defence in depth: each period is re-read in full every FULL_VERIFY_SECONDS.
+
+    def track_changes(self) -> None:
+        """The caller will report every record change (windows_changed); verify incrementally."""
+        self.incremental = True
+
+    def windows_changed(self, keys: Iterable[WindowKey]) -> None:
+        for key in keys:
+            changed = self._changed.get(key.meter)
+            if changed is not None:
+                changed.add((key.customer_id, key.window_start_ms))
+
+    def invalidate(self) -> None:
+        """Partitions moved: verify every period in full next round."""
+        self._verified.clear()
+
+    def _take_changed(self, meter: str, start: int, end: int) -> list[tuple[str, int]]:
+        changed = self._changed[meter]
+        taken = [c for c in changed if start <= c[1] < end]
+        changed.difference_update(taken)
+        return taken
+
+    async def _verify(
+        self, meter: Meter, period: str, start: int, end: int
+    ) -> tuple[list[Difference], dict[str, Decimal]]:
+        """Verify (and repair) the closed windows [start, end); the record's totals."""
+        if not self.incremental:
+            diffs, record = await self.chio.call(
+                reconcile_meter, self.meters, meter, start, end, fix=True
+            )
+            return diffs, customer_totals(meter, record)
+        changed = self._take_changed(meter.name, start, end)
+        verified = self._verified.get((meter.name, period))
+        if (
+            verified is None
+            or end < verified.upto_ms
+            or time.monotonic() - verified.built_at > FULL_VERIFY_SECONDS
+        ):
+            diffs, record = await self.chio.call(
+                reconcile_meter, self.meters, meter, start, end, fix=True
+            )
+            verified = VerifiedPeriod(end, time.monotonic())
+            verified.add(meter, record)
+            self._verified[(meter.name, period)] = verified
+            return diffs, verified.totals(meter)
+        diffs = []
+        for day, customers in sorted(days_to_reverify(changed, verified.upto_ms).items()):
+            lo, hi = max(day, start), min(day + DAY_MS, verified.upto_ms)
+            found, record = await self.chio.call(
+                reconcile_meter, self.meters, meter, lo, hi, fix=True, customers=sorted(customers)
+            )
+            diffs += found
+            verified.replace_days(meter, day, customers, record)
+        if end > verified.upto_ms:
+            found, record = await self.chio.call(
+                reconcile_meter, self.meters, meter, verified.upto_ms, end, fix=True
+            )
+            diffs += found
+            verified.add(meter, record)
+            verified.upto_ms = end
+        return diffs, verified.totals(meter)
 
     @property
     def tick_seconds(self) -> float:
@@ -306,6 +403,8 @@ class Forwarder:
             periods.insert(0, previous)
         sent = 0
         async with self._lock:
+            for key in [k for k in self._verified if k[0] == meter.name and k[1] not in periods]:
+                del self._verified[key]
             for period in periods:
                 p_start, p_end = month_bounds(period)
                 end = min(upto, p_end)
@@ -318,14 +417,12 @@ class Forwarder:
         self, meter: Meter, period: str, start: int, end: int, now_ms: int
     ) -> int:
         assert meter.stripe is not None
-        diffs, record = await self.chio.call(
-            reconcile_meter, self.meters, meter, start, end, fix=True
-        )
+        diffs, record_totals = await self._verify(meter, period, start, end)
         if diffs:
             self.metrics.repairs.inc(len(diffs), meter=meter.name)
             for diff in diffs[:20]:
                 log.warning("repaired from the record before forwarding: %s", diff.describe())
-        totals = {c: v for c, v in customer_totals(meter, record).items() if self.owns_customer(c)}
+        totals = {c: v for c, v in record_totals.items() if self.owns_customer(c)}
         ids = await self.stripe_ids(meter, sorted(totals))
         rows = await self.chio.call(ledger.for_period, meter.name, period)
         rows = [r for r in rows if self.owns_customer(r.customer_id)]
@@ -497,7 +594,12 @@ def row_summary(row: LedgerRow) -> dict[str, Any]:
 
 
 def install_forwarder(
-    app: faust.App, settings: Settings, meters: MetersConfig, chio: ClickHouseIO, metrics: Metrics
+    app: faust.App,
+    settings: Settings,
+    meters: MetersConfig,
+    chio: ClickHouseIO,
+    metrics: Metrics,
+    pipeline: Pipeline | None = None,
 ) -> Forwarder | None:
     """A timer on the worker that forwards the customers of its own partitions.
 
@@ -537,6 +639,15 @@ def install_forwarder(
         mapping_ready=follower.ready,
         publish_error=publish_error,
     )
+    if pipeline is not None:
+        forwarder.track_changes()
+        pipeline.record_listeners.append(forwarder.windows_changed)
+
+        def on_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+            forwarder.invalidate()
+
+        app.on_partitions_revoked.connect(on_rebalance)
+        app.on_partitions_assigned.connect(on_rebalance)
 
     if any(m.stripe and m.stripe.customer_id_from == "mapping" for m in meters.meters):
 

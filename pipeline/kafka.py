@@ -25,3 +25,27 @@ def client_options(settings: Settings) -> dict[str, Any]:
             settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
         )
     return options
+
+
+# Faust builds its worker consumer with a hard-coded fetch_max_wait_ms of 1500. The
+# embedded broker holds a fetch for about that long even when records arrive
+# meanwhile (measured: 20 msg/s, p50 delivery 0.38 s at 1500 ms, 0.03 s at 100 ms),
+# which was most of the event-to-ClickHouse latency at half load. Apache Kafka
+# answers as soon as fetch_min_bytes are there, so a shorter wait only costs an
+# idle worker a few more empty fetches per second.
+FETCH_MAX_WAIT_MS = 100
+
+
+def shorten_fetch_wait(app: Any, max_wait_ms: int = FETCH_MAX_WAIT_MS) -> bool:
+    """Set the running Faust consumer's fetch max wait; False if it is not started yet.
+
+    Reaches into Faust's consumer thread (``app.consumer._thread``) and aiokafka's
+    fetcher, which read the value for every fetch request they build.
+    """
+    thread = getattr(app.consumer, "_thread", None)
+    consumer = getattr(thread, "_consumer", None)
+    fetcher = getattr(consumer, "_fetcher", None)
+    if fetcher is None or not hasattr(fetcher, "_fetch_max_wait_ms"):
+        return False
+    fetcher._fetch_max_wait_ms = max_wait_ms
+    return True

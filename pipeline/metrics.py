@@ -94,6 +94,14 @@ class Metrics:
         self.windows_recomputed = Metric(
             "meterstream_windows_recomputed_total", "Window states rebuilt from the record", c
         )
+        self.record_lookups = Metric(
+            "meterstream_record_lookups_total", "Dedup keys unknown to the table, looked up", c
+        )
+        self.record_lookups_skipped = Metric(
+            "meterstream_record_lookups_skipped_total",
+            "Dedup keys unknown to the table and provably fresh (not looked up)",
+            c,
+        )
         self.repairs = Metric(
             "meterstream_window_repairs_total", "Windows whose total differed from the record", c
         )

@@ -139,6 +139,8 @@ class Contributions:
     states: dict[WindowKey, WindowState] = field(default_factory=dict)
     rejections: list[Rejection] = field(default_factory=list)
     counted_by: dict[DedupKey, list[str]] = field(default_factory=dict)
+    # windows of matching events whose value the meter could not read (not in states)
+    invalid_windows: set[WindowKey] = field(default_factory=set)
 
     @property
     def unmetered(self) -> int:
@@ -155,9 +157,11 @@ def contributions(meters: MetersConfig, events: Iterable[UsageEvent]) -> Contrib
         for meter in meters.for_event_name(event.event_name):
             if not meter.matches(event):
                 continue
+            key = _window_key(meter, event)
             try:
                 value = meter.extract(event)
             except InvalidValue as exc:
+                out.invalid_windows.add(key)
                 out.rejections.append(
                     Rejection(
                         Reason.INVALID_VALUE,
@@ -169,7 +173,6 @@ def contributions(meters: MetersConfig, events: Iterable[UsageEvent]) -> Contrib
                     )
                 )
                 continue
-            key = _window_key(meter, event)
             agg = aggregator_for(meter.aggregation)
             state = states.get(key)
             if state is None:

@@ -10,6 +10,7 @@ only differ if the worker lost or missed state.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -40,12 +41,18 @@ class Difference:
 
 
 def record_states(
-    ch: ClickHouse, meters: MetersConfig, meter: Meter, start_ms: int, end_ms: int
+    ch: ClickHouse,
+    meters: MetersConfig,
+    meter: Meter,
+    start_ms: int,
+    end_ms: int,
+    customers: Sequence[str] | None = None,
 ) -> dict[WindowKey, WindowState]:
-    """Every window of ``meter`` with events in [start, end), computed from the record."""
+    """Every window of ``meter`` with events in [start, end), computed from the record
+    (of ``customers`` only, when given)."""
     events = [
         UsageEvent(**row)
-        for row in queries.events_in_range(ch, None, [meter.event_name], start_ms, end_ms)
+        for row in queries.events_in_range(ch, customers, [meter.event_name], start_ms, end_ms)
     ]
     keys = set()
     for event in events:
@@ -56,9 +63,15 @@ def record_states(
 
 
 def stored_states(
-    ch: ClickHouse, meter: Meter, start_ms: int, end_ms: int
+    ch: ClickHouse,
+    meter: Meter,
+    start_ms: int,
+    end_ms: int,
+    customers: Sequence[str] | None = None,
 ) -> dict[WindowKey, tuple[Decimal, int]]:
-    rows = queries.latest_windows(ch, meter=meter.name, start_ms=start_ms, end_ms=end_ms)
+    rows = queries.latest_windows(
+        ch, meter=meter.name, start_ms=start_ms, end_ms=end_ms, customer_ids=customers
+    )
     return {
         WindowKey(r["meter"], r["customer_id"], r["group_key"], r["window_start_ms"]): (
             Decimal(r["value"]),
@@ -137,10 +150,12 @@ def reconcile_meter(
     end_ms: int,
     *,
     fix: bool,
+    customers: Sequence[str] | None = None,
 ) -> tuple[list[Difference], dict[WindowKey, WindowState]]:
-    """Differences between stored windows and the record for windows in [start, end)."""
-    record = record_states(ch, meters, meter, start_ms, end_ms)
-    stored = stored_states(ch, meter, start_ms, end_ms)
+    """Differences between stored windows and the record for windows in [start, end)
+    (of ``customers`` only, when given)."""
+    record = record_states(ch, meters, meter, start_ms, end_ms, customers)
+    stored = stored_states(ch, meter, start_ms, end_ms, customers)
     diffs = compare(meter, record, stored)
     if fix:
         repair(ch, meters, record, diffs)

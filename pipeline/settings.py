@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     clickhouse_password: SecretStr | None = None
     clickhouse_database: str = "meterstream"
     clickhouse_flush_rows: int = Field(default=5000, ge=1)
-    clickhouse_flush_seconds: float = Field(default=1.0, gt=0)
+    clickhouse_flush_seconds: float = Field(default=0.25, gt=0)
 
     # Stripe
     stripe_api_key: SecretStr | None = None

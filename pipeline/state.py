@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from faust.streams import _current_event
-from faust.types import EventT, TableT
+from faust.types import TP, EventT, TableT
 
 
 def write_by_partition(
@@ -56,3 +56,70 @@ def delete_by_partition(
         finally:
             _current_event.reset(token)
     return deleted
+
+
+async def write_by_partition_batched(
+    table: Any,  # a faust Table (TableT does not declare its serializers or store)
+    producer: Any,
+    items: Mapping[bytes, Any],
+    partition_of: Mapping[bytes, int],
+    context_events: Mapping[int, EventT],
+) -> int:
+    """Like :func:`write_by_partition`, with the changelog records sent as whole record
+    batches and acknowledged before this returns; returns the records sent.
+
+    ``table[key] = value`` costs Faust a future, a pending message, a trip through
+    its producer buffer and a serializer lookup per key (~50 us), about half of a
+    batch's time at 5,000 keys per table. Here the store is written directly
+    (``table.data``, in the partition's event context, exactly what ``table[key] =
+    value`` does after its changelog send), the key and value are serialized by the
+    changelog topic exactly as Faust would, and the records go out as aiokafka
+    record batches (``producer`` is the app's aiokafka producer). The changelog is
+    the same records Faust would have written, in the same partitions, so
+    recovery is unchanged; the RocksDB store's persisted offset is advanced as
+    Faust's own send callback does. Not for transactions (exactly_once): those
+    changelog records must go through Faust's transactional producers.
+    """
+    topic = table.changelog_topic
+    name = topic.get_topic_name()
+    key_serializer = table.key_serializer
+    value_serializer = table.value_serializer
+    by_partition: dict[int, list[bytes]] = {}
+    for key in items:
+        by_partition.setdefault(partition_of[key], []).append(key)
+    sent: list[tuple[int, int, Any]] = []  # partition, records, delivery future
+    for partition, keys in by_partition.items():
+        token = _current_event.set(weakref.ref(context_events[partition]))
+        try:
+            batch, count = producer.create_batch(), 0
+            for key in keys:
+                value = items[key]
+                table.data[key] = value
+                raw_key, _ = topic.prepare_key(key, key_serializer)
+                raw_value, _ = topic.prepare_value(value, value_serializer)
+                if batch.append(key=raw_key, value=raw_value, timestamp=None) is None:
+                    sent.append(
+                        (
+                            partition,
+                            count,
+                            await producer.send_batch(batch, name, partition=partition),
+                        )
+                    )
+                    batch, count = producer.create_batch(), 0
+                    if batch.append(key=raw_key, value=raw_value, timestamp=None) is None:
+                        raise ValueError(f"changelog record of {len(raw_value)} bytes too large")
+                count += 1
+            if count:
+                sent.append(
+                    (partition, count, await producer.send_batch(batch, name, partition=partition))
+                )
+        finally:
+            _current_event.reset(token)
+    persisted: dict[int, int] = {}
+    for partition, count, future in sent:
+        metadata = await future
+        last = int(metadata.offset) + count - 1
+        persisted[partition] = max(persisted.get(partition, -1), last)
+    for partition, offset in persisted.items():
+        table.data.set_persisted_offset(TP(name, partition), offset)
+    return sum(count for _, count, _ in sent)

@@ -122,7 +122,7 @@ def build_worker(settings: Settings) -> faust.App:
 
     from pipeline.forwarding import install_forwarder
 
-    forwarder = install_forwarder(app, settings, meters, chio, metrics)
+    forwarder = install_forwarder(app, settings, meters, chio, metrics, pipeline=pipeline)
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
     keys = KeyStore(settings.keys_file)
     web.register(app, settings, chio, metrics, ready, publisher, keys, forwarder)

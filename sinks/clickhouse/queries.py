@@ -202,13 +202,19 @@ def views_migration_sql() -> str:
 
 
 def _key_filters(
-    meter: str | None, customer_id: str | None, start_ms: int | None, end_ms: int | None
+    meter: str | None,
+    customer_id: str | None,
+    start_ms: int | None,
+    end_ms: int | None,
+    customer_ids: Sequence[str] | None = None,
 ) -> str:
     parts = []
     if meter is not None:
         parts.append(f"meter = {sql_string(meter)}")
     if customer_id is not None:
         parts.append(f"customer_id = {sql_string(customer_id)}")
+    if customer_ids is not None:
+        parts.append(f"customer_id IN {sql_string_list(customer_ids)}")
     if start_ms is not None:
         parts.append(f"window_start >= {sql_ms(start_ms)}")
     if end_ms is not None:
@@ -229,6 +235,17 @@ def existing_keys_sql(pairs: Sequence[tuple[str, str]]) -> str:
         f"WHERE customer_id IN {sql_string_list(c for c, _ in pairs)}\n"
         f"  AND (customer_id, idempotency_key) IN ({tuples})\n"
         "GROUP BY customer_id, idempotency_key"
+    )
+
+
+def record_key_counts_sql(customer_ids: Sequence[str], since_ms: int) -> str:
+    """Distinct idempotency keys per customer with ``timestamp >= since_ms`` (the record)."""
+    return (
+        "SELECT customer_id, uniqExact(idempotency_key) AS keys\n"
+        "FROM usage_events\n"
+        f"WHERE customer_id IN {sql_string_list(customer_ids)}\n"
+        f"  AND timestamp >= {sql_ms(since_ms)}\n"
+        "GROUP BY customer_id"
     )
 
 
@@ -276,9 +293,10 @@ def latest_windows_query_sql(
     customer_id: str | None = None,
     start_ms: int | None = None,
     end_ms: int | None = None,
+    customer_ids: Sequence[str] | None = None,
 ) -> str:
     """Latest version of each window whose start is in [start_ms, end_ms)."""
-    where = _key_filters(meter, customer_id, start_ms, end_ms)
+    where = _key_filters(meter, customer_id, start_ms, end_ms, customer_ids)
     inner = textwrap.indent(latest_windows_sql(where), "    ")
     return (
         f"SELECT {WINDOW_COLUMNS_SQL}\n"
@@ -353,6 +371,18 @@ def existing_keys(ch: ClickHouse, pairs: Sequence[tuple[str, str]]) -> dict[tupl
     return found
 
 
+def record_key_counts(ch: ClickHouse, customer_ids: Sequence[str], since_ms: int) -> dict[str, int]:
+    """Per customer, the number of distinct record keys with ``timestamp >= since_ms``
+    (customers with none are absent)."""
+    counts: dict[str, int] = {}
+    pairs = [(c, "") for c in sorted(set(customer_ids))]
+    for chunk in _chunks_by_size(pairs, MAX_SQL_BYTES) if pairs else []:
+        sql = record_key_counts_sql([c for c, _ in chunk], since_ms)
+        for customer_id, n in ch.query_rows(sql):
+            counts[str(customer_id)] = int(n)
+    return counts
+
+
 def events_in_range(
     ch: ClickHouse,
     customer_ids: Sequence[str] | None,
@@ -385,9 +415,16 @@ def latest_windows(
     customer_id: str | None = None,
     start_ms: int | None = None,
     end_ms: int | None = None,
+    customer_ids: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Latest version of each window (window_start in [start_ms, end_ms)); times in epoch ms."""
-    rows = ch.query_dicts(latest_windows_query_sql(meter, customer_id, start_ms, end_ms))
+    """Latest version of each window (window_start in [start_ms, end_ms)); times in epoch ms.
+
+    ``customer_ids``: only these customers (an empty list matches nothing)."""
+    if customer_ids is not None and not customer_ids:
+        return []
+    rows = ch.query_dicts(
+        latest_windows_query_sql(meter, customer_id, start_ms, end_ms, customer_ids)
+    )
     for row in rows:
         for name in ("window_start_ms", "window_end_ms", "latest_ts_ms", "updated_at_ms"):
             row[name] = int(row[name])

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any, Protocol
 
-from pipeline.events import Rejection, UsageEvent, canonical_json, content_fingerprint
+from pipeline.events import Rejection, UsageEvent, content_fingerprint
 from sinks.clickhouse.client import ClickHouse
 
 USAGE_EVENTS = "usage_events"
@@ -124,15 +124,16 @@ def usage_event_row(
     clock: a batch rebuilt after a crash is then byte-identical and its
     deduplication token matches.
     """
+    properties = event.canonical_properties()
     fingerprint = event.fingerprint or content_fingerprint(
-        event.event_name, event.timestamp_ms, event.properties
+        event.event_name, event.timestamp_ms, event.properties, properties
     )
     return (
         event.idempotency_key,
         event.customer_id,
         event.event_name,
         utc_datetime(event.timestamp_ms),
-        canonical_json(event.properties),
+        properties,
         fingerprint,
         1 if event.key_derived else 0,
         utc_datetime(ingested_at_ms),
@@ -198,16 +199,14 @@ def meter_window_row(
 def dedup_token(table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Deterministic ``insert_deduplication_token``: sha256 of table, columns and rows.
 
-    Values are hashed by type name and ``repr`` (str, int, Decimal, aware
-    datetime and list reprs are stable across processes).
+    The rows are hashed as one ``repr`` of the row list, in C: the reprs of str,
+    int, bool, Decimal, aware datetime, tuple and list values are stable across
+    processes and name their type (``'1'``, ``1``, ``True``, ``Decimal('1')`` all
+    differ), so equal rows give equal tokens and different rows different ones.
     """
     digest = hashlib.sha256()
-    digest.update(table.encode())
-    digest.update(b"\x00" + ",".join(columns).encode())
-    for row in rows:
-        digest.update(b"\x1e")
-        for value in row:
-            digest.update(b"\x1f" + type(value).__name__.encode() + b":" + repr(value).encode())
+    digest.update(table.encode() + b"\x00" + ",".join(columns).encode() + b"\x00")
+    digest.update(repr(list(rows)).encode())
     return f"{table}-{len(rows)}-{digest.hexdigest()}"
 
 

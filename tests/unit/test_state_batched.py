@@ -1,0 +1,104 @@
+"""write_by_partition_batched: every key in the store and in its partition's changelog,
+as record batches (a full batch starts another), acknowledged, persisted offsets set."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from faust.streams import _current_event
+from faust.types import TP
+
+from pipeline.state import write_by_partition_batched
+
+
+class FakeBatch:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.records: list[tuple[bytes, bytes]] = []
+
+    def append(self, *, key: bytes, value: bytes, timestamp: float | None) -> object | None:
+        if len(self.records) >= self.capacity:
+            return None
+        self.records.append((key, value))
+        return object()
+
+
+class FakeProducer:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.log: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
+        self.batches = 0
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch(self.capacity)
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
+        records = self.log.setdefault((topic, partition), [])
+        base = len(records)
+        records.extend(batch.records)
+        self.batches += 1
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.set_result(type("Meta", (), {"offset": base})())
+        return future
+
+
+class FakeTopic:
+    def get_topic_name(self) -> str:
+        return "t-changelog"
+
+    def prepare_key(self, key: bytes, serializer: Any) -> tuple[bytes, None]:
+        return key, None
+
+    def prepare_value(self, value: Any, serializer: Any) -> tuple[bytes, None]:
+        return repr(value).encode(), None
+
+
+class FakeStore(dict[bytes, Any]):
+    def __init__(self) -> None:
+        super().__init__()
+        self.persisted: dict[TP, int] = {}
+        self.partitions_seen: dict[bytes, int] = {}
+
+    def __setitem__(self, key: bytes, value: Any) -> None:
+        event = _current_event.get()
+        assert event is not None
+        self.partitions_seen[key] = event().message.partition  # type: ignore[misc]
+        super().__setitem__(key, value)
+
+    def set_persisted_offset(self, tp: TP, offset: int) -> None:
+        self.persisted[tp] = offset
+
+
+class FakeTable:
+    key_serializer = "raw"
+    value_serializer = "json"
+
+    def __init__(self) -> None:
+        self.changelog_topic = FakeTopic()
+        self.data = FakeStore()
+
+
+class FakeEvent:
+    def __init__(self, partition: int) -> None:
+        self.message = type("M", (), {"partition": partition})()
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 1000])
+def test_every_key_stored_and_logged_in_its_partition(capacity: int) -> None:
+    table, producer = FakeTable(), FakeProducer(capacity)
+    items = {f"k{i}".encode(): [i] for i in range(10)}
+    partition_of = {k: i % 2 for i, k in enumerate(items)}
+    context = {0: FakeEvent(0), 1: FakeEvent(1)}
+    sent = asyncio.run(
+        write_by_partition_batched(table, producer, items, partition_of, context)  # type: ignore[arg-type]
+    )
+    assert sent == 10
+    assert dict(table.data) == items
+    assert table.data.partitions_seen == partition_of
+    for p in (0, 1):
+        logged = producer.log[("t-changelog", p)]
+        assert [k for k, _ in logged] == [k for k in items if partition_of[k] == p]
+        assert table.data.persisted[TP("t-changelog", p)] == len(logged) - 1
+    assert producer.batches == 2 * -(-5 // capacity)
