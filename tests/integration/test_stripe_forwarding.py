@@ -202,7 +202,10 @@ def test_every_aggregation_matches_stripe(stack: StackSlice, transport: str) -> 
     try:
         wait_until(matches, timeout=120, interval=1, what="Stripe summaries")
     except AssertionError:
-        assert got == expected, worker.log()[-3000:]
+        sent = http_json(f"{stack.stripe_url}/_emulator/events")["data"]
+        meters = [(m["id"], m["event_name"]) for m in client.list_meters()]
+        detail = f"range {lo}-{hi}; meters {meters}; emulator events {sent[:10]}"
+        assert got == expected, detail + "\n" + worker.log()[-3000:]
     accepted = http_json(f"{stack.stripe_url}/_emulator/events")["data"]
     assert {e["api"] for e in accepted} == {transport}
     assert all(str(e["value"]).lstrip("-").isdigit() for e in accepted)
