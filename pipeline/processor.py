@@ -24,7 +24,7 @@ from typing import NamedTuple
 import orjson
 
 from pipeline.aggregation import WindowState, aggregator_for
-from pipeline.dedup import DedupKey
+from pipeline.dedup import DedupKey, json_key
 from pipeline.events import Reason, Rejection, UsageEvent, parse_event
 from pipeline.meters import InvalidValue, Meter, MetersConfig
 
@@ -46,7 +46,7 @@ class WindowKey(NamedTuple):
 
     def encode(self) -> bytes:
         """The windows table key (JSON text, UTF-8)."""
-        return orjson.dumps(list(self))
+        return json_key(list(self))
 
     @classmethod
     def decode(cls, text: bytes | str) -> WindowKey:

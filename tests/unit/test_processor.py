@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tracemalloc
 from decimal import Decimal
 
 from hypothesis import given, settings
@@ -122,6 +123,21 @@ def test_unmetered_events_are_counted() -> None:
 def test_window_key_round_trip() -> None:
     key = WindowKey("m", 'c"1', '{"g":1}', T0)
     assert WindowKey.decode(key.encode()) == key
+
+
+def test_table_keys_hold_only_their_own_bytes() -> None:
+    # The dedup and windows tables keep a key per event and per window for
+    # days; a key that pins a 4 KiB encoder buffer makes RSS grow without end.
+    n = 2_000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        keys = [DedupKey(f"cust-{i}", f"key-{i}").encode() for i in range(n)]
+        keys += [WindowKey("m", f"cust-{i}", "", T0).encode() for i in range(n)]
+        per_key = (tracemalloc.get_traced_memory()[0] - before) / len(keys)
+    finally:
+        tracemalloc.stop()
+    assert per_key < 200, f"{per_key:.0f} bytes held per table key"
 
 
 events_strategy = st.lists(
