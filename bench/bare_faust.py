@@ -8,8 +8,9 @@ Run as a subprocess with the worker's environment (``METERSTREAM_*``):
 The app is built with exactly the arguments ``pipeline.app.create_app`` passes
 to ``faust.App`` (captured by calling it with ``faust.App`` patched), so a
 setting that raises Faust's ceiling raises this number and the pipeline's
-alike. The agent uses ``take_events`` with the pipeline's batch size and
-timeout and decodes every value with orjson; no tables, no sinks. When it has
+alike. The agent reads batches the way the worker does (``take_batches``, the
+pipeline's batch size and timeout; the worker's garbage-collector settings) and
+decodes every value with orjson; no tables, no sinks. When it has
 seen EXPECTED_RECORDS it writes the timings to RESULT_JSON; the parent then
 stops it.
 """
@@ -48,7 +49,9 @@ def pipeline_app_arguments(settings: Any, bootstrap: str) -> tuple[tuple[Any, ..
 
 
 def main(result_path: str, expected: int) -> None:
+    from pipeline.batching import take_batches
     from pipeline.settings import load_settings
+    from pipeline.worker import tune_gc
     from topics import USAGE_EVENTS
 
     settings = load_settings()
@@ -70,7 +73,7 @@ def main(result_path: str, expected: int) -> None:
     @app.agent(source, name="bench.bare")
     async def bare(stream: Any) -> None:
         loads = orjson.loads
-        async for batch in stream.take_events(batch_size, within=within):
+        async for batch in take_batches(stream, batch_size, within):
             if state["first"] is None:
                 state["first"] = time.time()
             for event in batch:
@@ -96,6 +99,7 @@ def main(result_path: str, expected: int) -> None:
                 )
                 tmp.rename(result_path)
 
+    tune_gc()  # the worker's garbage-collector settings
     worker = faust.Worker(
         app, loglevel="WARN", quiet=True, redirect_stdouts=False, override_logging=False
     )

@@ -7,7 +7,7 @@ order, on that same topic:
 
 a. raw aiokafka consume (``getmany`` + orjson decode): the physical limit;
    the bare-Faust ceiling: a subprocess with the pipeline's own faust.App
-   arguments whose agent only reads and decodes in ``take_events`` batches;
+   arguments whose agent only reads and decodes in batches (``take_batches``);
 b. the pipeline: a real worker (``python -m pipeline.cli worker``) from its
    first consumed batch to the last window visible in ClickHouse; then the
    self-check (ClickHouse totals == the generator's totals, per meter and
@@ -481,7 +481,7 @@ def table(results: dict[str, Any]) -> list[str]:
         (
             "(a) bare Faust ceiling",
             f"{bare['rate']:,.0f} records/s "
-            f"(take_events {bare['batch_size']}, within {bare['within']} s)",
+            f"(take_batches {bare['batch_size']}, within {bare['within']} s)",
         ),
         (
             "(b) pipeline first batch->last window",

@@ -37,6 +37,7 @@ from faust.types import EventT
 
 from pipeline import processor
 from pipeline.aggregation import WindowState, aggregator_for
+from pipeline.batching import take_batches
 from pipeline.chio import ClickHouseIO
 from pipeline.dedup import DedupEntry, DedupKey, RecordCoverage
 from pipeline.events import Reason, Rejection, UsageEvent
@@ -45,6 +46,7 @@ from pipeline.kafka import client_options, shorten_fetch_wait
 from pipeline.meters import MetersConfig
 from pipeline.settings import Settings
 from pipeline.state import delete_by_partition, write_by_partition, write_by_partition_batched
+from pipeline.window_coverage import WindowCoverage
 from sinks.clickhouse import queries, writer
 from topics import USAGE_EVENTS, USAGE_EVENTS_DLQ
 
@@ -101,7 +103,12 @@ class Pipeline:
         # Told the windows of every event inserted into (or counted from) the record,
         # after the insert returned (the Stripe forwarder's incremental verification).
         self.record_listeners: list[Callable[[set[processor.WindowKey]], None]] = []
+        # Held from the record insert to the meter_windows insert (and by reconciliation).
+        self.record_lock = asyncio.Lock()
         self._coverage: RecordCoverage | None = None
+        # Which customers' missing windows are new (pipeline/window_coverage.py); same epochs.
+        self._window_coverage: WindowCoverage | None = None
+        self._window_coverage_epoch: tuple[int, int | None] = (-1, None)
         self._coverage_epoch: tuple[int, int | None] = (-1, None)
 
     def new_epoch(self) -> None:
@@ -160,12 +167,14 @@ class Pipeline:
             coverage = None  # a rebalance ran during the check: trust nothing this batch
         counted: dict[DedupKey, str] = {}
         unknown: set[DedupKey] = set()
+        table_keys: dict[DedupKey, bytes] = {}  # each key encoded once per batch
         not_looked_up = 0
         for event in events:
             key = DedupKey.of(event)
-            if key in counted or key in unknown:
+            if key in table_keys:
                 continue
-            raw = self.dedup.get(key.encode())
+            table_keys[key] = raw_key = key.encode()
+            raw = self.dedup.get(raw_key)
             if raw is not None:
                 counted[key] = DedupEntry.load(raw).fingerprint
             elif coverage is None or coverage.needs_lookup(event.customer_id, event.timestamp_ms):
@@ -182,37 +191,50 @@ class Pipeline:
         deltas = contrib.states
         bad = rejections + dd.conflicts + contrib.rejections
 
-        # 1. The record.
-        await self._write_record(dd.fresh, contrib.counted_by, bad, dd.duplicates, received)
-        await self._send_dlq(bad, received)
+        # 1. The record, then 2. the windows, under the record lock: a Stripe
+        # verification (which repairs meter_windows from the record) never runs
+        # between the two inserts, so it never sees half a batch and "repairs" it.
+        async with self.record_lock:
+            # 1. The record.
+            await self._write_record(dd.fresh, contrib.counted_by, bad, dd.duplicates, received)
+            await self._send_dlq(bad, received)
 
-        uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted)
-        # 2. Windows.
-        aggs = self._aggregators
-        encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
-        table_states: dict[processor.WindowKey, WindowState] = {}
-        for wkey in deltas:
-            raw = self.windows.get(encoded[wkey])
-            if raw is not None:
-                table_states[wkey] = aggs[wkey.meter].load(raw)
-        rebuild = {k for k in deltas if k not in table_states} | uncounted_windows
-        new_states = processor.merge_into(
-            self.meters, table_states, {k: v for k, v in deltas.items() if k not in rebuild}
-        )
-        if rebuild:
-            new_states.update(await self._recompute(rebuild))
-        if new_states:
-            await self._write_windows(new_states, received)
-        if self.record_listeners:
-            # Every window of every fresh (valid or not) or uncounted event, told after
-            # both the record and meter_windows hold this batch: a verification round
-            # that takes a change then sees both and finds no false difference. A round
-            # between the two inserts does not take it, so it is verified next round.
-            changed = deltas.keys() | contrib.invalid_windows | uncounted_windows
-            for listener in self.record_listeners:
-                listener(changed)
+            uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted)
+            # 2. Windows.
+            aggs = self._aggregators
+            encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
+            table_states: dict[processor.WindowKey, WindowState] = {}
+            for wkey in deltas:
+                raw = self.windows.get(encoded[wkey])
+                if raw is not None:
+                    table_states[wkey] = aggs[wkey.meter].load(raw)
+            absent = [k for k in deltas if k not in table_states]
+            new_windows = await self._new_windows(absent, coverage, generation)
+            rebuild = {k for k in absent if k not in (new_windows or ())} | uncounted_windows
+            new_states = processor.merge_into(
+                self.meters, table_states, {k: v for k, v in deltas.items() if k not in rebuild}
+            )
+            if rebuild:
+                new_states.update(await self._recompute(rebuild))
+            if new_states:
+                await self._write_windows(new_states, received)
+            if self.record_listeners:
+                # Every window of every fresh (valid or not) or uncounted event, told after
+                # both the record and meter_windows hold this batch: a verification round
+                # that takes a change then sees both and finds no false difference.
+                changed = deltas.keys() | contrib.invalid_windows | uncounted_windows
+                for listener in self.record_listeners:
+                    listener(changed)
 
         # 3. Tables, one write per key per batch, in the customer's partition.
+        # Every key new to the windows table is counted in the window coverage (its
+        # ``|T|``), whether or not this batch used the coverage.
+        window_coverage = self._window_coverage
+        added_windows = [  # keys the windows table did not hold before this batch
+            k
+            for k in new_states
+            if k not in table_states and (k in deltas or self.windows.get(encoded[k]) is None)
+        ]
         window_items: dict[bytes, Any] = {}
         window_partitions: dict[bytes, int] = {}
         for wkey, state in new_states.items():
@@ -222,11 +244,14 @@ class Pipeline:
         # Windows before dedup keys: a key must never say "counted" while its
         # window update could still be lost (each write returns once acknowledged).
         await self._write_table(self.windows, window_items, window_partitions, context)
+        if window_coverage is not None and self._window_coverage is window_coverage:
+            for wkey in added_windows:
+                window_coverage.written(wkey.customer_id, wkey.window_start_ms)
         counted_now = (*dd.fresh, *dd.recorded_uncounted)
         dedup_items: dict[bytes, Any] = {}
         dedup_partitions: dict[bytes, int] = {}
         for uev in counted_now:
-            raw_key = DedupKey.of(uev).encode()
+            raw_key = table_keys[DedupKey.of(uev)]
             dedup_items[raw_key] = DedupEntry(uev.fingerprint, uev.timestamp_ms).dump()
             dedup_partitions[raw_key] = partition_of_customer[uev.customer_id]
         await self._write_table(self.dedup, dedup_items, dedup_partitions, context)
@@ -247,6 +272,7 @@ class Pipeline:
         report.rejected.update(str(r.reason) for r in bad)
         report.windows_written = len(new_states)
         report.windows_recomputed = len(rebuild)
+        self.metrics.windows_new.inc(len(new_windows or ()))
         self._count(report, contrib.unmetered, deltas)
         return report
 
@@ -283,6 +309,39 @@ class Pipeline:
             counts = await self.chio.call(queries.record_key_counts, todo, coverage.cutoff_ms)
             coverage.checked(todo, counts, now)
         return coverage
+
+    async def _new_windows(
+        self,
+        absent: list[processor.WindowKey],
+        coverage: RecordCoverage | None,
+        generation: int | None,
+    ) -> set[processor.WindowKey] | None:
+        """The windows of ``absent`` (not in the table) that provably never had an event
+        counted (pipeline/window_coverage.py); None when no window coverage applies."""
+        if coverage is None or self._coverage is not coverage:
+            return None
+        key = (self.epoch, generation)
+        if self._window_coverage is None or self._window_coverage_epoch != key:
+            self._window_coverage = WindowCoverage.from_windows(
+                (
+                    (k.customer_id, k.window_start_ms)
+                    for k in map(processor.WindowKey.decode, self.windows.keys())
+                ),
+                coverage.cutoff_ms,
+            )
+            self._window_coverage_epoch = key
+        windows = self._window_coverage
+        candidates = [
+            k for k in absent if not coverage.needs_lookup(k.customer_id, k.window_start_ms)
+        ]
+        now = time.monotonic()
+        todo = windows.to_check({k.customer_id for k in candidates}, now)
+        if todo:
+            counts = await self.chio.call(queries.window_key_counts, todo, windows.cutoff_ms)
+            windows.checked(todo, counts, now)
+        if self._window_coverage_epoch != key or self._coverage is not coverage:
+            return None  # a rebalance ran during the check: trust nothing this batch
+        return {k for k in candidates if windows.is_new(k.customer_id, k.window_start_ms)}
 
     async def _end_markers(self, touched: set[tuple[Any, int]]) -> None:
         """One tombstone for a key no one uses, alone in its batch, per changelog partition
@@ -321,8 +380,10 @@ class Pipeline:
         received: int,
     ) -> None:
         if accepted:
+            ingested_at = writer.utc_datetime(received)
             rows = [
-                writer.usage_event_row(ev, received, counted_by[DedupKey.of(ev)]) for ev in accepted
+                writer.usage_event_row(ev, ingested_at, counted_by[DedupKey.of(ev)])
+                for ev in accepted
             ]
             await self._insert(writer.USAGE_EVENTS, rows, writer.USAGE_EVENTS_COLUMNS)
         rejected = [writer.rejected_row(r, received) for r in bad] + [
@@ -344,7 +405,7 @@ class Pipeline:
     async def _insert(
         self, table: str, rows: list[tuple[Any, ...]], columns: Sequence[str]
     ) -> None:
-        token = writer.dedup_token(table, columns, rows)
+        token = writer.call_token(table, rows)
         started = time.perf_counter()
         await self.chio.call(
             lambda ch: ch.insert(table, rows, column_names=list(columns), dedup_token=token)
@@ -419,6 +480,8 @@ class Pipeline:
         deleted = delete_by_partition(self.dedup, old_keys, partition_of, context)
         if self._coverage is not None:
             self._coverage.swept(cutoff)
+        if self._window_coverage is not None:
+            self._window_coverage.swept(cutoff)
         deleted += delete_by_partition(self.windows, old_windows, partition_of, context)
         if deleted:
             log.info("expired %d dedup keys and window states older than the horizon", deleted)
@@ -508,8 +571,8 @@ def create_app(
         # plain stream take_events restores auto-acks when it ends, and while the
         # worker stops, Faust's background drainer then acks (and commits) events
         # it pulled but no batch ever processed: lost events on every SIGTERM.
-        async for batch in stream.noack().take_events(
-            settings.clickhouse_flush_rows, within=settings.clickhouse_flush_seconds
+        async for batch in take_batches(
+            stream.noack(), settings.clickhouse_flush_rows, settings.clickhouse_flush_seconds
         ):
             await run_batch_to_completion(pipeline, batch)
 

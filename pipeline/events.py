@@ -190,14 +190,16 @@ def _timestamp_ms(value: Any) -> int:
 
 def _depth_exceeds(value: Any, limit: int) -> bool:
     """Whether objects/arrays nest deeper than ``limit`` (iterative: no recursion to blow)."""
+    if not isinstance(value, dict | list):
+        return False
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
-        if isinstance(item, dict | list):
-            if depth > limit:
-                return True
-            stack.extend((child, depth + 1) for child in children)
+        if depth > limit:
+            return True
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):  # only containers nest: scalars are skipped
+                stack.append((child, depth + 1))
     return False
 
 

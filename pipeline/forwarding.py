@@ -253,6 +253,7 @@ class Forwarder:
         # Incremental verification (track_changes): what was verified, and the
         # (customer, window start) of record changes since, per meter.
         self.incremental = False
+        self._record_lock: asyncio.Lock | None = None
         self._verified: dict[tuple[str, str], VerifiedPeriod] = {}
         self._changed: dict[str, set[tuple[str, int]]] = {m.name: set() for m in self.stripe_meters}
 
@@ -273,16 +274,36 @@ class Forwarder:
     #   round takes the changes in its range *before* its queries. So a change is
     #   either taken by a round whose queries run after the insert (and see it), or
     #   still pending for the next round. Changes to windows not yet closed stay
-    #   pending until their window is in range.
+    #   pending until their window is in range. The worker holds the record lock
+    #   from its record insert to its meter_windows insert and each reconciliation
+    #   query takes it, so a repair never "fixes" a window the worker is about to
+    #   write (no false repairs).
     # * Only the worker writes usage_events, and only for customers of its own
     #   partitions; a rebalance (invalidate()) drops everything verified, so a
     #   customer that moves between workers is read in full again.
     # * Repairs write the record's state, which is what the cache holds.
     # * Defence in depth: each period is re-read in full every FULL_VERIFY_SECONDS.
 
-    def track_changes(self) -> None:
-        """The caller will report every record change (windows_changed); verify incrementally."""
+    def track_changes(self, record_lock: asyncio.Lock | None = None) -> None:
+        """The caller will report every record change (windows_changed); verify incrementally.
+
+        ``record_lock`` is held by the writer between its record and meter_windows
+        inserts; reconciliation takes it so it never sees one without the other.
+        """
         self.incremental = True
+        self._record_lock = record_lock
+
+    async def _reconcile(
+        self, meter: Meter, start: int, end: int, customers: list[str] | None = None
+    ) -> tuple[list[Difference], Any]:
+        if self._record_lock is None:
+            return await self.chio.call(
+                reconcile_meter, self.meters, meter, start, end, fix=True, customers=customers
+            )
+        async with self._record_lock:
+            return await self.chio.call(
+                reconcile_meter, self.meters, meter, start, end, fix=True, customers=customers
+            )
 
     def windows_changed(self, keys: Iterable[WindowKey]) -> None:
         for key in keys:
@@ -305,9 +326,7 @@ class Forwarder:
     ) -> tuple[list[Difference], dict[str, Decimal]]:
         """Verify (and repair) the closed windows [start, end); the record's totals."""
         if not self.incremental:
-            diffs, record = await self.chio.call(
-                reconcile_meter, self.meters, meter, start, end, fix=True
-            )
+            diffs, record = await self._reconcile(meter, start, end)
             return diffs, customer_totals(meter, record)
         changed = self._take_changed(meter.name, start, end)
         verified = self._verified.get((meter.name, period))
@@ -316,9 +335,7 @@ class Forwarder:
             or end < verified.upto_ms
             or time.monotonic() - verified.built_at > FULL_VERIFY_SECONDS
         ):
-            diffs, record = await self.chio.call(
-                reconcile_meter, self.meters, meter, start, end, fix=True
-            )
+            diffs, record = await self._reconcile(meter, start, end)
             verified = VerifiedPeriod(end, time.monotonic())
             verified.add(meter, record)
             self._verified[(meter.name, period)] = verified
@@ -326,15 +343,11 @@ class Forwarder:
         diffs = []
         for day, customers in sorted(days_to_reverify(changed, verified.upto_ms).items()):
             lo, hi = max(day, start), min(day + DAY_MS, verified.upto_ms)
-            found, record = await self.chio.call(
-                reconcile_meter, self.meters, meter, lo, hi, fix=True, customers=sorted(customers)
-            )
+            found, record = await self._reconcile(meter, lo, hi, sorted(customers))
             diffs += found
             verified.replace_days(meter, day, customers, record)
         if end > verified.upto_ms:
-            found, record = await self.chio.call(
-                reconcile_meter, self.meters, meter, verified.upto_ms, end, fix=True
-            )
+            found, record = await self._reconcile(meter, verified.upto_ms, end)
             diffs += found
             verified.add(meter, record)
             verified.upto_ms = end
@@ -640,7 +653,7 @@ def install_forwarder(
         publish_error=publish_error,
     )
     if pipeline is not None:
-        forwarder.track_changes()
+        forwarder.track_changes(pipeline.record_lock)
         pipeline.record_listeners.append(forwarder.windows_changed)
 
         def on_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:

@@ -94,6 +94,11 @@ class Metrics:
         self.windows_recomputed = Metric(
             "meterstream_windows_recomputed_total", "Window states rebuilt from the record", c
         )
+        self.windows_new = Metric(
+            "meterstream_windows_new_total",
+            "Windows unknown to the table and provably new (not rebuilt from the record)",
+            c,
+        )
         self.record_lookups = Metric(
             "meterstream_record_lookups_total", "Dedup keys unknown to the table, looked up", c
         )

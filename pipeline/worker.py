@@ -7,6 +7,7 @@ listed) and with a failed migration (the ClickHouse error shown).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -135,6 +136,26 @@ def build_worker(settings: Settings) -> faust.App:
     return app
 
 
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Fewer, larger young collections, and the start-up heap out of the collector's way.
+
+    With Python's default (a young collection every 700 allocations) a batch of
+    5,000 events runs hundreds of collections, and the batch's short-lived objects
+    alive at those moments are promoted until they trigger full collections of the
+    whole heap (Faust's in-memory tables included): measured 12% of the worker's
+    time in the benchmark. Objects still die by reference counting as before; only
+    reference cycles wait for a collection, which still comes every 50,000
+    allocations.
+    """
+    gc.collect()
+    gc.freeze()  # modules, settings, the app: alive for the whole process
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, second, third)
+
+
 def main(settings: Settings) -> int:
     configure_logging(settings.log_format)
     try:
@@ -142,6 +163,7 @@ def main(settings: Settings) -> int:
     except MeterstreamError as exc:
         print(f"meterstream worker: {exc}", file=sys.stderr)
         return 2
+    tune_gc()
     worker = faust.Worker(
         app,
         loglevel="INFO" if os.environ.get("METERSTREAM_DEBUG") else "WARN",

@@ -22,7 +22,7 @@ of a kept window wins.
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -238,14 +238,29 @@ def existing_keys_sql(pairs: Sequence[tuple[str, str]]) -> str:
     )
 
 
+def _distinct_per_customer_sql(
+    table: str, distinct: str, time_column: str, customer_ids: Sequence[str], since_ms: int
+) -> str:
+    return (
+        f"SELECT customer_id, uniqExact({distinct}) AS n\n"
+        f"FROM {table}\n"
+        f"WHERE customer_id IN {sql_string_list(customer_ids)}\n"
+        f"  AND {time_column} >= {sql_ms(since_ms)}\n"
+        "GROUP BY customer_id"
+    )
+
+
 def record_key_counts_sql(customer_ids: Sequence[str], since_ms: int) -> str:
     """Distinct idempotency keys per customer with ``timestamp >= since_ms`` (the record)."""
-    return (
-        "SELECT customer_id, uniqExact(idempotency_key) AS keys\n"
-        "FROM usage_events\n"
-        f"WHERE customer_id IN {sql_string_list(customer_ids)}\n"
-        f"  AND timestamp >= {sql_ms(since_ms)}\n"
-        "GROUP BY customer_id"
+    return _distinct_per_customer_sql(
+        "usage_events", "idempotency_key", "timestamp", customer_ids, since_ms
+    )
+
+
+def window_key_counts_sql(customer_ids: Sequence[str], since_ms: int) -> str:
+    """Distinct windows per customer with ``window_start >= since_ms`` (meter_windows)."""
+    return _distinct_per_customer_sql(
+        "meter_windows", "meter, group_key, window_start", "window_start", customer_ids, since_ms
     )
 
 
@@ -374,13 +389,27 @@ def existing_keys(ch: ClickHouse, pairs: Sequence[tuple[str, str]]) -> dict[tupl
 def record_key_counts(ch: ClickHouse, customer_ids: Sequence[str], since_ms: int) -> dict[str, int]:
     """Per customer, the number of distinct record keys with ``timestamp >= since_ms``
     (customers with none are absent)."""
+    return _counts_by_customer(ch, record_key_counts_sql, customer_ids, since_ms)
+
+
+def _counts_by_customer(
+    ch: ClickHouse,
+    sql_of: Callable[[Sequence[str], int], str],
+    customer_ids: Sequence[str],
+    since_ms: int,
+) -> dict[str, int]:
     counts: dict[str, int] = {}
     pairs = [(c, "") for c in sorted(set(customer_ids))]
     for chunk in _chunks_by_size(pairs, MAX_SQL_BYTES) if pairs else []:
-        sql = record_key_counts_sql([c for c, _ in chunk], since_ms)
-        for customer_id, n in ch.query_rows(sql):
+        for customer_id, n in ch.query_rows(sql_of([c for c, _ in chunk], since_ms)):
             counts[str(customer_id)] = int(n)
     return counts
+
+
+def window_key_counts(ch: ClickHouse, customer_ids: Sequence[str], since_ms: int) -> dict[str, int]:
+    """Per customer, the number of distinct windows in ``meter_windows`` starting at or
+    after ``since_ms`` (customers with none are absent)."""
+    return _counts_by_customer(ch, window_key_counts_sql, customer_ids, since_ms)
 
 
 def events_in_range(

@@ -3,6 +3,7 @@ and the embedded stack restarting with nothing but ClickHouse kept."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import signal
@@ -186,3 +187,58 @@ def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: 
         wait_until(lambda: stripe_totals(stack.stripe_url) == expected_stripe, timeout=120,
                    what="Stripe totals")  # fmt: skip
         worker.stop()
+
+
+def test_lost_windows_table_with_dedup_table_kept_is_rebuilt(stack: StackSlice) -> None:
+    """The windows changelog is gone while the dedup table and ClickHouse are kept: new
+    events for windows the table no longer holds must add to the record's totals, not
+    start them from zero (the window coverage must see ``meter_windows`` ahead of the
+    table, even though the dedup table covers every record key)."""
+    first, _ = make_load(unique=1_500, duplicates=0, seed=51, customers=20)
+    later, _ = make_load(unique=1_500, duplicates=0, seed=52, customers=20)
+    meters_file = stack.meters_file(METERS)
+    worker = stack.start_worker(meters_file)
+    stack.produce(first)
+    first_ref = reference(first)
+    wait_until(lambda: window_totals(worker) == first_ref, timeout=120, what="first windows")
+    worker.stop()
+
+    changelog = f"{stack.prefix}meterstream-windows-changelog"
+    asyncio.run(delete_topic(stack.bootstrap, changelog))
+
+    worker = stack.start_worker(meters_file)
+    stack.produce(later)
+    ref = reference(first + later)
+    wait_until(lambda: window_totals(worker) == ref, timeout=120, what="windows exact")
+    metrics = worker.metrics()
+    rebuilt = metric_value(metrics, "meterstream_windows_recomputed_total")
+    assert rebuilt >= len(first_ref), "windows the table lost were not rebuilt from the record"
+    assert metric_value(metrics, "meterstream_record_lookups_total") == 0, (
+        "the dedup table was kept: no key should have needed the record"
+    )
+    worker.stop()
+
+
+async def delete_topic(bootstrap: str, topic: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        assert topic in await admin.list_topics(), f"no topic {topic}"
+        await admin.delete_topics([topic])
+        for _ in range(50):
+            if topic not in await admin.list_topics():
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"{topic} was not deleted")
+    finally:
+        await admin.close()
+
+
+def metric_value(metrics: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    )
