@@ -380,10 +380,8 @@ class Pipeline:
         received: int,
     ) -> None:
         if accepted:
-            ingested_at = writer.utc_datetime(received)
             rows = [
-                writer.usage_event_row(ev, ingested_at, counted_by[DedupKey.of(ev)])
-                for ev in accepted
+                writer.usage_event_row(ev, received, counted_by[DedupKey.of(ev)]) for ev in accepted
             ]
             await self._insert(writer.USAGE_EVENTS, rows, writer.USAGE_EVENTS_COLUMNS)
         rejected = [writer.rejected_row(r, received) for r in bad] + [

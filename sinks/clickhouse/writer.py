@@ -1,8 +1,12 @@
 """Write side of ClickHouse: pure row builders and an idempotent batch writer.
 
 Row builders turn pipeline objects into tuples in the column order of the
-``*_COLUMNS`` constants. Datetimes are always written timezone-aware (UTC):
-a naive datetime written to chdb is read as process-local time (measured).
+``*_COLUMNS`` constants. The hot rows (usage_events, meter_windows) write their
+DateTime64(3, 'UTC') columns as integer epoch milliseconds, the column's own
+ticks: exact, free of any time zone, and no per-value datetime conversion in
+the driver (which was ~11% of the ClickHouse thread). Other rows write
+timezone-aware (UTC) datetimes: a naive datetime written to chdb is read as
+process-local time (measured).
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ def decimal_38_9(value: Decimal) -> Decimal:
 
 
 def usage_event_row(
-    event: UsageEvent, ingested_at_ms: int | datetime, meters: Sequence[str] = ()
+    event: UsageEvent, ingested_at_ms: int, meters: Sequence[str] = ()
 ) -> tuple[Any, ...]:
     """A usage_events row (USAGE_EVENTS_COLUMNS order); ``meters`` counted the event.
 
@@ -133,11 +137,11 @@ def usage_event_row(
         event.idempotency_key,
         event.customer_id,
         event.event_name,
-        utc_datetime(event.timestamp_ms),
+        int(event.timestamp_ms),
         properties,
         fingerprint,
         1 if event.key_derived else 0,
-        ingested_at_ms if isinstance(ingested_at_ms, datetime) else utc_datetime(ingested_at_ms),
+        int(ingested_at_ms),
         sorted(meters),
     )
 
@@ -185,15 +189,15 @@ def meter_window_row(
         aggregation,
         customer_id,
         group_key,
-        utc_datetime(window_start_ms),
-        utc_datetime(window_end_ms),
+        int(window_start_ms),
+        int(window_end_ms),
         decimal_38_9(value),
         int(state.event_count),
         distinct,
-        utc_datetime(state.latest_ts if is_latest else 0),
+        int(state.latest_ts) if is_latest else 0,
         state.latest_key if is_latest else "",
         int(version),
-        utc_datetime(updated_at_ms),
+        int(updated_at_ms),
     )
 
 
