@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import platform
@@ -542,6 +543,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="py-spy the worker during (b): .svg flamegraph, else raw collapsed stacks",
     )
+    p.add_argument(
+        "--store",
+        choices=["memory", "rocksdb"],
+        default="memory",
+        help="the worker's table store (rocksdb needs: .venv/bin/pip install -e '.[rocksdb]')",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, chdb)")
     p.add_argument("--results", type=Path, default=HERE / "results.json")
     args = p.parse_args(argv)
@@ -558,6 +565,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from topics.admin import ensure_topics
 
     partitions = args.partitions or Settings.model_fields["partitions"].default
+    if args.store == "rocksdb" and importlib.util.find_spec("rocksdict") is None:
+        raise BenchError("--store rocksdb needs: .venv/bin/pip install -e '.[rocksdb]'")
     tmp = Path(tempfile.mkdtemp(prefix="meterstream-bench-"))
     prefix = f"bench{uuid.uuid4().hex[:6]}-"
     results: dict[str, Any] = {
@@ -571,6 +580,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "partitions": partitions,
             "latency_seconds": args.latency_seconds,
             "topic_prefix": prefix,
+            "store": args.store,
         },
     }
     broker = EmbeddedBroker(log=tmp / "broker.log").start()
@@ -610,7 +620,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"raw {results['raw']['rate']:,.0f}/s; bare Faust agent")
         results["bare_faust"] = run_bare_faust(stack, load.events)
         log(f"bare Faust {results['bare_faust']['rate']:,.0f}/s; starting the pipeline worker")
-        worker = Worker.start(stack)
+        worker = Worker.start(stack, METERSTREAM_STORE=args.store)
         log(f"worker pid {worker.proc.pid} healthy; measuring the pipeline")
         results["pipeline"] = measure_pipeline(worker, load, args.profile)
         log(f"pipeline {results['pipeline']['rate']:,.0f}/s; self-check")

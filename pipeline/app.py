@@ -195,29 +195,38 @@ class Pipeline:
         # verification (which repairs meter_windows from the record) never runs
         # between the two inserts, so it never sees half a batch and "repairs" it.
         async with self.record_lock:
-            # 1. The record.
-            await self._write_record(dd.fresh, contrib.counted_by, bad, dd.duplicates, received)
-            await self._send_dlq(bad, received)
-
-            uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted)
-            # 2. Windows.
-            aggs = self._aggregators
-            encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
-            table_states: dict[processor.WindowKey, WindowState] = {}
-            for wkey in deltas:
-                raw = self.windows.get(encoded[wkey])
-                if raw is not None:
-                    table_states[wkey] = aggs[wkey.meter].load(raw)
-            absent = [k for k in deltas if k not in table_states]
-            new_windows = await self._new_windows(absent, coverage, generation)
-            rebuild = {k for k in absent if k not in (new_windows or ())} | uncounted_windows
-            new_states = processor.merge_into(
-                self.meters, table_states, {k: v for k, v in deltas.items() if k not in rebuild}
+            # 1. The record, inserted while the window states are computed: they read
+            # the windows table, not this batch's record rows (a rebuild, which does,
+            # waits for the insert). meter_windows is inserted only after the record.
+            record_written = asyncio.ensure_future(
+                self._write_record(dd.fresh, contrib.counted_by, bad, dd.duplicates, received)
             )
-            if rebuild:
-                new_states.update(await self._recompute(rebuild))
-            if new_states:
-                await self._write_windows(new_states, received)
+            try:
+                uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted)
+                # 2. Windows.
+                aggs = self._aggregators
+                encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
+                table_states: dict[processor.WindowKey, WindowState] = {}
+                for wkey in deltas:
+                    raw = self.windows.get(encoded[wkey])
+                    if raw is not None:
+                        table_states[wkey] = aggs[wkey.meter].load(raw)
+                absent = [k for k in deltas if k not in table_states]
+                new_windows = await self._new_windows(absent, coverage, generation)
+                rebuild = {k for k in absent if k not in (new_windows or ())} | uncounted_windows
+                new_states = processor.merge_into(
+                    self.meters, table_states, {k: v for k, v in deltas.items() if k not in rebuild}
+                )
+                if rebuild:
+                    await record_written
+                    new_states.update(await self._recompute(rebuild))
+                window_rows = self._window_rows(new_states, received)
+            finally:
+                await asyncio.wait([record_written])  # never left running behind the batch
+            record_written.result()  # a failed record insert fails the batch here
+            await self._send_dlq(bad, received)
+            if window_rows:
+                await self._insert(writer.METER_WINDOWS, window_rows, writer.METER_WINDOWS_COLUMNS)
             if self.record_listeners:
                 # Every window of every fresh (valid or not) or uncounted event, told after
                 # both the record and meter_windows hold this batch: a verification round
@@ -438,15 +447,15 @@ class Pipeline:
         self.metrics.windows_recomputed.inc(len(keys))
         return states
 
-    async def _write_windows(
+    def _window_rows(
         self, states: dict[processor.WindowKey, WindowState], received: int
-    ) -> None:
+    ) -> list[tuple[Any, ...]]:
         version = time.time_ns()
         rows = []
         for key, state in states.items():
             meter = self.meters.by_name(key.meter)
             start, end = meter.window_bounds(key.window_start_ms)
-            agg = aggregator_for(meter.aggregation)
+            agg = self._aggregators[meter.name]
             rows.append(
                 writer.meter_window_row(
                     meter.name,
@@ -461,7 +470,7 @@ class Pipeline:
                     value=agg.result(state),
                 )
             )
-        await self._insert(writer.METER_WINDOWS, rows, writer.METER_WINDOWS_COLUMNS)
+        return rows
 
     def _sweep(self, now: int, context: dict[int, EventT]) -> None:
         """Forget dedup keys and window states older than the horizon (tombstones)."""
