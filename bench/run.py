@@ -501,7 +501,7 @@ def table(results: dict[str, Any]) -> list[str]:
             f"p99 {lat['pickup_p99_s']:.2f} s)",
         ),
         (
-            "(d) Stripe requests",
+            f"(d) Stripe requests ({results['config']['stripe_transport']})",
             f"{stripe['requests_after_pipeline']:,} by end of (b), "
             f"{stripe['requests']:,} in all ({stripe['accepted']:,} meter events accepted; "
             f"bound {stripe['bound_per_interval']:,} per {STRIPE_INTERVAL_S} s interval)",
@@ -549,6 +549,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="memory",
         help="the worker's table store (rocksdb needs: .venv/bin/pip install -e '.[rocksdb]')",
     )
+    p.add_argument(
+        "--stripe-transport",
+        choices=["v1", "v2"],
+        default="v2",
+        help="v2 (default): what a live key uses, 100 meter events per request; "
+        "v1: test mode's default, one request per meter event",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, chdb)")
     p.add_argument("--results", type=Path, default=HERE / "results.json")
     args = p.parse_args(argv)
@@ -581,6 +588,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "latency_seconds": args.latency_seconds,
             "topic_prefix": prefix,
             "store": args.store,
+            "stripe_transport": args.stripe_transport,
         },
     }
     broker = EmbeddedBroker(log=tmp / "broker.log").start()
@@ -620,7 +628,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"raw {results['raw']['rate']:,.0f}/s; bare Faust agent")
         results["bare_faust"] = run_bare_faust(stack, load.events)
         log(f"bare Faust {results['bare_faust']['rate']:,.0f}/s; starting the pipeline worker")
-        worker = Worker.start(stack, METERSTREAM_STORE=args.store)
+        worker = Worker.start(
+            stack,
+            METERSTREAM_STORE=args.store,
+            METERSTREAM_STRIPE_TRANSPORT=args.stripe_transport,
+        )
         log(f"worker pid {worker.proc.pid} healthy; measuring the pipeline")
         results["pipeline"] = measure_pipeline(worker, load, args.profile)
         log(f"pipeline {results['pipeline']['rate']:,.0f}/s; self-check")

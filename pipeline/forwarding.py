@@ -120,6 +120,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("meterstream.stripe")
 LATE_PERIOD_DAYS = 3  # keep correcting the previous month for this long into the next
 FULL_VERIFY_SECONDS = 600.0  # incremental verification still re-reads the period this often
+REVERIFY_CUSTOMERS_PER_CALL = 100
 MAPPING_WAIT_SECONDS = 30.0
 
 Transport = Literal["v1", "v2"]
@@ -343,9 +344,14 @@ class Forwarder:
         diffs = []
         for day, customers in sorted(days_to_reverify(changed, verified.upto_ms).items()):
             lo, hi = max(day, start), min(day + DAY_MS, verified.upto_ms)
-            found, record = await self._reconcile(meter, lo, hi, sorted(customers))
-            diffs += found
-            verified.replace_days(meter, day, customers, record)
+            ordered = sorted(customers)
+            # In slices, so the worker's inserts (and the record lock) are taken in
+            # between: a round after a catch-up re-reads every customer's day.
+            for i in range(0, len(ordered), REVERIFY_CUSTOMERS_PER_CALL):
+                chunk = ordered[i : i + REVERIFY_CUSTOMERS_PER_CALL]
+                found, record = await self._reconcile(meter, lo, hi, chunk)
+                diffs += found
+                verified.replace_days(meter, day, chunk, record)
         if end > verified.upto_ms:
             found, record = await self._reconcile(meter, verified.upto_ms, end)
             diffs += found
