@@ -121,6 +121,7 @@ log = logging.getLogger("meterstream.stripe")
 LATE_PERIOD_DAYS = 3  # keep correcting the previous month for this long into the next
 FULL_VERIFY_SECONDS = 600.0  # incremental verification still re-reads the period this often
 REVERIFY_CUSTOMERS_PER_CALL = 100
+REVERIFY_PAUSE_FACTOR = 2.0  # pause after a re-read slice, in multiples of its time
 MAPPING_WAIT_SECONDS = 30.0
 
 Transport = Literal["v1", "v2"]
@@ -347,11 +348,17 @@ class Forwarder:
             ordered = sorted(customers)
             # In slices, so the worker's inserts (and the record lock) are taken in
             # between: a round after a catch-up re-reads every customer's day.
+            # Paced: after each slice the forwarder waits twice as long as the slice
+            # took, so the re-read (Python work, under the worker's GIL) takes at most
+            # a third of the process while the worker keeps up with its input.
             for i in range(0, len(ordered), REVERIFY_CUSTOMERS_PER_CALL):
                 chunk = ordered[i : i + REVERIFY_CUSTOMERS_PER_CALL]
+                started = time.monotonic()
                 found, record = await self._reconcile(meter, lo, hi, chunk)
                 diffs += found
                 verified.replace_days(meter, day, chunk, record)
+                if i + REVERIFY_CUSTOMERS_PER_CALL < len(ordered):
+                    await asyncio.sleep(REVERIFY_PAUSE_FACTOR * (time.monotonic() - started))
         if end > verified.upto_ms:
             found, record = await self._reconcile(meter, verified.upto_ms, end)
             diffs += found
