@@ -255,7 +255,8 @@ class Forwarder:
         # Incremental verification (track_changes): what was verified, and the
         # (customer, window start) of record changes since, per meter.
         self.incremental = False
-        self._record_lock: asyncio.Lock | None = None
+        # The writer's record lock (track_changes); a lock of its own otherwise.
+        self._record_lock = asyncio.Lock()
         self._verified: dict[tuple[str, str], VerifiedPeriod] = {}
         self._changed: dict[str, set[tuple[str, int]]] = {m.name: set() for m in self.stripe_meters}
 
@@ -293,15 +294,12 @@ class Forwarder:
         inserts; reconciliation takes it so it never sees one without the other.
         """
         self.incremental = True
-        self._record_lock = record_lock
+        if record_lock is not None:
+            self._record_lock = record_lock
 
     async def _reconcile(
         self, meter: Meter, start: int, end: int, customers: list[str] | None = None
     ) -> tuple[list[Difference], Any]:
-        if self._record_lock is None:
-            return await self.chio.call(
-                reconcile_meter, self.meters, meter, start, end, fix=True, customers=customers
-            )
         async with self._record_lock:
             return await self.chio.call(
                 reconcile_meter, self.meters, meter, start, end, fix=True, customers=customers
