@@ -185,10 +185,11 @@ class UniqueCountAggregator(Aggregator):
         return state
 
     def merge(self, a: WindowState, b: WindowState) -> WindowState:
-        if a.distinct is None and b.distinct is None:
-            distinct = None
+        if a.distinct is None or b.distinct is None:
+            either = a.distinct if b.distinct is None else b.distinct
+            distinct = None if either is None else set(either)  # a copy: add() mutates
         else:
-            distinct = set(a.distinct or ()) | set(b.distinct or ())
+            distinct = a.distinct | b.distinct  # a new set; day windows hold hundreds
         return WindowState(event_count=a.event_count + b.event_count, distinct=distinct)
 
     def result(self, state: WindowState) -> Decimal:

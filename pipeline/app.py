@@ -3,21 +3,25 @@
 
 Order of side effects for one batch (each step only after the previous succeeded):
 
-1. Insert accepted events into ClickHouse ``usage_events`` and bad ones into
-   ``rejected_events`` (idempotent: ReplacingMergeTree on (customer_id,
-   idempotency_key) plus an insert deduplication token), and send bad ones to
-   ``usage-events-dlq``. The record is now complete for this batch.
+1. Insert accepted events into ClickHouse ``usage_events`` (idempotent:
+   ReplacingMergeTree on (customer_id, idempotency_key) plus an insert
+   deduplication token) and send bad ones to ``usage-events-dlq``. The record is
+   now complete for this batch.
 2. Compute the new state of every touched window: the table's state merged with
    the batch's contribution, or, where the table has no state (new window, lost
    or unrecovered state) or the events were recorded but never counted, the
    exact state recomputed from the record. Insert them into ``meter_windows``
-   with a fresh version.
+   with a fresh version (the states are computed while step 1's insert runs;
+   this insert only starts after it returned).
 3. Write window states, then dedup keys, to the Faust tables (one changelog record
    per key per batch, sent as whole record batches and acknowledged, windows
-   before dedup keys; pipeline/state.py).
-4. Return to Faust, which acks the batch; offsets are committed after Faust
-   flushes its producer (changelogs included). A crash anywhere before this
-   replays the batch: step 1 is idempotent and step 2 recomputes from the record.
+   before dedup keys; pipeline/state.py). Meanwhile the audit rows of rejected
+   and duplicate events go into ``rejected_events``; nothing reads them to count,
+   and a replay finds the same rejections and duplicates again.
+4. Return to Faust (after the ``rejected_events`` insert returned), which acks
+   the batch; offsets are committed after Faust flushes its producer (changelogs
+   included). A crash anywhere before this replays the batch: step 1 is
+   idempotent and step 2 recomputes from the record.
 """
 
 from __future__ import annotations
@@ -45,7 +49,12 @@ from pipeline.gaps import GapFiller
 from pipeline.kafka import client_options, shorten_fetch_wait
 from pipeline.meters import MetersConfig
 from pipeline.settings import Settings
-from pipeline.state import delete_by_partition, write_by_partition, write_by_partition_batched
+from pipeline.state import (
+    delete_by_partition,
+    rocksdb_table_options,
+    write_by_partition,
+    write_by_partition_batched,
+)
 from pipeline.window_coverage import WindowCoverage
 from sinks.clickhouse import queries, writer
 from topics import USAGE_EVENTS, USAGE_EVENTS_DLQ
@@ -92,8 +101,15 @@ class Pipeline:
         )
         # key_type=bytes is what makes Faust use raw keys in the changelog too, so
         # recovered keys are the same bytes the worker looks up.
-        self.dedup = app.Table("dedup", partitions=settings.partitions, key_type=bytes)
-        self.windows = app.Table("windows", partitions=settings.partitions, key_type=bytes)
+        self.dedup, self.windows = (
+            app.Table(
+                name,
+                partitions=settings.partitions,
+                key_type=bytes,
+                options=table_options(settings),
+            )
+            for name in ("dedup", "windows")
+        )
         self._last_sweep = time.monotonic()
         self._aggregators = {m.name: aggregator_for(m.aggregation) for m in meters.meters}
         self.gaps: GapFiller | None = None
@@ -199,9 +215,12 @@ class Pipeline:
             # the windows table, not this batch's record rows (a rebuild, which does,
             # waits for the insert). meter_windows is inserted only after the record.
             record_written = asyncio.ensure_future(
-                self._write_record(dd.fresh, contrib.counted_by, bad, dd.duplicates, received)
+                self._write_record(dd.fresh, contrib.counted_by, received)
             )
             try:
+                # Let it start now (build its rows, hand them to the ClickHouse thread):
+                # nothing below awaits until the states are computed.
+                await asyncio.sleep(0)
                 uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted)
                 # 2. Windows.
                 aggs = self._aggregators
@@ -220,13 +239,19 @@ class Pipeline:
                 if rebuild:
                     await record_written
                     new_states.update(await self._recompute(rebuild))
-                window_rows = self._window_rows(new_states, received)
+                window_dumps = {k: aggs[k.meter].dump(state) for k, state in new_states.items()}
+                window_rows = self._window_rows(new_states, window_dumps, received)
             finally:
                 await asyncio.wait([record_written])  # never left running behind the batch
             record_written.result()  # a failed record insert fails the batch here
             await self._send_dlq(bad, received)
             if window_rows:
                 await self._insert(writer.METER_WINDOWS, window_rows, writer.METER_WINDOWS_COLUMNS)
+            # The audit rows of rejected and duplicate events go in while the tables are
+            # written; the batch returns (and is acked) only after they are in.
+            rejected_written = asyncio.ensure_future(
+                self._write_rejected(bad, dd.duplicates, received)
+            )
             if self.record_listeners:
                 # Every window of every fresh (valid or not) or uncounted event, told after
                 # both the record and meter_windows hold this batch: a verification round
@@ -246,9 +271,9 @@ class Pipeline:
         ]
         window_items: dict[bytes, Any] = {}
         window_partitions: dict[bytes, int] = {}
-        for wkey, state in new_states.items():
+        for wkey in new_states:
             raw_key = encoded[wkey]
-            window_items[raw_key] = aggs[wkey.meter].dump(state)
+            window_items[raw_key] = window_dumps[wkey]
             window_partitions[raw_key] = partition_of_customer[wkey.customer_id]
         # Windows before dedup keys: a key must never say "counted" while its
         # window update could still be lost (each write returns once acknowledged).
@@ -276,6 +301,7 @@ class Pipeline:
                 | {(self.dedup, p) for p in dedup_partitions.values()}
             )
 
+        await rejected_written
         report.accepted = len(dd.fresh)
         report.duplicates = len(dd.duplicates)
         report.rejected.update(str(r.reason) for r in bad)
@@ -384,8 +410,6 @@ class Pipeline:
         self,
         accepted: list[UsageEvent],
         counted_by: dict[DedupKey, list[str]],
-        bad: list[Rejection],
-        duplicates: list[UsageEvent],
         received: int,
     ) -> None:
         if accepted:
@@ -393,6 +417,10 @@ class Pipeline:
                 writer.usage_event_row(ev, received, counted_by[DedupKey.of(ev)]) for ev in accepted
             ]
             await self._insert(writer.USAGE_EVENTS, rows, writer.USAGE_EVENTS_COLUMNS)
+
+    async def _write_rejected(
+        self, bad: list[Rejection], duplicates: list[UsageEvent], received: int
+    ) -> None:
         rejected = [writer.rejected_row(r, received) for r in bad] + [
             writer.rejected_row(
                 Rejection(
@@ -448,7 +476,10 @@ class Pipeline:
         return states
 
     def _window_rows(
-        self, states: dict[processor.WindowKey, WindowState], received: int
+        self,
+        states: dict[processor.WindowKey, WindowState],
+        dumps: dict[processor.WindowKey, dict[str, Any]],
+        received: int,
     ) -> list[tuple[Any, ...]]:
         version = time.time_ns()
         rows = []
@@ -468,6 +499,7 @@ class Pipeline:
                     version,
                     received,
                     value=agg.result(state),
+                    sorted_distinct=dumps[key]["distinct"],
                 )
             )
         return rows
@@ -503,6 +535,13 @@ class Pipeline:
             m.rejected.inc(n, reason=reason)
         for key, state in deltas.items():
             m.meter_updates.inc(state.event_count, meter=key.meter)
+
+
+def table_options(settings: Settings) -> dict[str, int] | None:
+    """A fresh options dict per table (Faust's RocksDB store pops keys from it)."""
+    if settings.store != "rocksdb":
+        return None
+    return rocksdb_table_options(settings.rocksdb_write_buffer_mb, settings.rocksdb_block_cache_mb)
 
 
 def customer_partition(customer_id: str, partitions: int) -> int:

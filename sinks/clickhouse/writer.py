@@ -171,6 +171,7 @@ def meter_window_row(
     updated_at_ms: int,
     *,
     value: Decimal,
+    sorted_distinct: list[str] | None = None,
 ) -> tuple[Any, ...]:
     """A meter_windows row (METER_WINDOWS_COLUMNS order).
 
@@ -178,11 +179,12 @@ def meter_window_row(
     is never confused with a state field). ``distinct_values`` is written for
     unique_count only (sorted, so equal sets give equal rows) and
     ``latest_ts``/``latest_key`` for latest only; other aggregations write
-    ``[]``, epoch 0 and ``''``.
+    ``[]``, epoch 0 and ``''``. ``sorted_distinct`` is ``sorted(state.distinct)``
+    when the caller has it already (``Aggregator.dump`` sorts too).
     """
     distinct: list[str] = []
     if aggregation == "unique_count" and state.distinct:
-        distinct = sorted(state.distinct)
+        distinct = sorted(state.distinct) if sorted_distinct is None else sorted_distinct
     is_latest = aggregation == "latest"
     return (
         meter_name,

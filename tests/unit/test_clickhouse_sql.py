@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from pipeline.aggregation import aggregator_for
 from pipeline.errors import ClickHouseError
 from pipeline.events import Reason, Rejection, UsageEvent, content_fingerprint
 from sinks.clickhouse import queries as q
@@ -428,6 +429,14 @@ def test_meter_window_row_per_aggregation() -> None:
         "seats", "unique_count", "c", "{}", 0, 3_600_000,
         Decimal("2.000000000"), 3, ["a", "b"], 0, "", 7, 9,
     )  # fmt: skip
+    state = _state(distinct={"b", "a"})
+    agg = aggregator_for("unique_count")
+    presorted = agg.dump(agg.load({"distinct": ["b", "a"], "event_count": 3}))["distinct"]
+    assert presorted == ["a", "b"]  # what the worker passes: the dump's sorted list
+    assert meter_window_row(
+        "seats", "unique_count", "c", "{}", 0, 3_600_000, state, 7, 9,
+        value=Decimal(2), sorted_distinct=presorted,
+    ) == uniq  # fmt: skip
     latest = meter_window_row(
         "plan", "latest", "c", '{"r":"eu"}', 0, 60_000,
         _state(distinct={"x"}, latest_ts=59_999, latest_key="k9"), 2, 9, value=Decimal("4.5"),

@@ -102,3 +102,21 @@ def test_every_key_stored_and_logged_in_its_partition(capacity: int) -> None:
         assert [k for k, _ in logged] == [k for k in items if partition_of[k] == p]
         assert table.data.persisted[TP("t-changelog", p)] == len(logged) - 1
     assert producer.batches == 2 * -(-5 // capacity)
+
+
+def test_rocksdb_options_reach_faust_and_are_fresh_per_table() -> None:
+    from faust.stores.rocksdb import RocksDBOptions
+
+    from pipeline.app import table_options
+    from pipeline.settings import Settings
+
+    assert table_options(Settings()) is None  # the memory store takes no options
+    settings = Settings(store="rocksdb", rocksdb_write_buffer_mb=8, rocksdb_block_cache_mb=32)
+    first, second = table_options(settings), table_options(settings)
+    assert first == second and first is not second  # Faust's store pops keys from its dict
+    assert first is not None
+    options = RocksDBOptions(**first)
+    assert options.extra_options == {}  # every key is one Faust knows
+    assert options.write_buffer_size == 8 * 2**20
+    assert options.max_write_buffer_number == 2
+    assert options.block_cache_size == 32 * 2**20
