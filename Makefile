@@ -16,8 +16,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+$(STAMP): $(BIN)/python pyproject.toml Makefile
+	$(BIN)/python -m pip install --quiet -e '.[embedded,rocksdb,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install meterstream with the embedded stack and dev tools
@@ -40,8 +40,8 @@ format: $(STAMP) ## apply ruff format and autofixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP) ## the throughput benchmark (see README, Performance)
-	$(BIN)/python -m bench.run $(if $(SOAK),--soak $(SOAK),)
+bench: $(STAMP) ## the throughput benchmark (SOAK=600 adds an RSS soak, STORE=rocksdb; see README)
+	$(BIN)/python -m bench.run $(if $(SOAK),--soak $(SOAK),) $(if $(STORE),--store $(STORE),)
 
 bench-ingest: $(STAMP) ## the ingest benchmark: SDK and events API vs raw aiokafka
 	$(BIN)/python -m bench.ingest

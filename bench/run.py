@@ -427,13 +427,23 @@ def soak(
             {
                 "t_s": round(time.monotonic() - started, 1),
                 "rss_mb": round(mem["VmRSS"] / 1024, 1),
+                # the embedded ClickHouse engine's own tracked memory, in the same process
+                "clickhouse_mb": round(clickhouse_memory_mb(worker), 1),
                 "events_in": worker.metrics().get("meterstream_events_in_total", 0.0),
             }
         )
-        log(f"soak t={samples[-1]['t_s']:.0f}s rss={samples[-1]['rss_mb']} MB")
+        log(
+            f"soak t={samples[-1]['t_s']:.0f}s rss={samples[-1]['rss_mb']} MB"
+            f" (chdb {samples[-1]['clickhouse_mb']} MB)"
+        )
     rss = [s["rss_mb"] for s in samples]
     # drift: last sample against the first after one minute of warm-up (or the first)
-    base = next((s["rss_mb"] for s in samples if s["t_s"] >= 60), rss[0])
+    base_sample = next((s for s in samples if s["t_s"] >= 60), samples[0])
+    base = base_sample["rss_mb"]
+    own_base = base - base_sample["clickhouse_mb"]
+    own_last = rss[-1] - samples[-1]["clickhouse_mb"]
+    # a bounded store (RocksDB) fills its buffers and caches first, then stays put
+    half = next((s["rss_mb"] for s in samples if s["t_s"] >= seconds / 2), base)
     return {
         "seconds": seconds,
         "rate": rate,
@@ -444,7 +454,22 @@ def soak(
         "rss_last_mb": rss[-1],
         "rss_max_mb": max(rss),
         "rss_drift_pct": 100 * (rss[-1] - base) / base,
+        "rss_half_mb": half,
+        "rss_second_half_drift_pct": 100 * (rss[-1] - half) / half,
+        "rss_second_half_range_mb": [
+            min(s["rss_mb"] for s in samples if s["t_s"] >= seconds / 2),
+            max(s["rss_mb"] for s in samples if s["t_s"] >= seconds / 2),
+        ],
+        "clickhouse_base_mb": base_sample["clickhouse_mb"],
+        "clickhouse_last_mb": samples[-1]["clickhouse_mb"],
+        # RSS less the embedded engine's tracked memory: the worker's own part
+        "own_drift_pct": 100 * (own_last - own_base) / own_base,
     }
+
+
+def clickhouse_memory_mb(worker: Worker) -> float:
+    rows = worker.sql("SELECT value FROM system.metrics WHERE metric = 'MemoryTracking'")
+    return int(rows[0]["value"]) / 2**20 if rows else 0.0
 
 
 # ----------------------------------------------------------------------------- report
@@ -519,6 +544,21 @@ def table(results: dict[str, Any]) -> list[str]:
                 f"{s['rss_drift_pct']:+.1f}% over {s['seconds']:.0f} s "
                 f"({s['rss_base_mb']:.0f} -> {s['rss_last_mb']:.0f} MB, max "
                 f"{s['rss_max_mb']:.0f} MB)",
+            )
+        )
+        low, high = s["rss_second_half_range_mb"]
+        rows.append(
+            (
+                "    second half",
+                f"{s['rss_second_half_drift_pct']:+.1f}% ({s['rss_half_mb']:.0f} -> "
+                f"{s['rss_last_mb']:.0f} MB, range {low:.0f}-{high:.0f} MB)",
+            )
+        )
+        rows.append(
+            (
+                "    of which embedded ClickHouse",
+                f"{s['clickhouse_base_mb']:.0f} -> {s['clickhouse_last_mb']:.0f} MB; the rest "
+                f"{s['own_drift_pct']:+.1f}%",
             )
         )
     width = max(len(name) for name, _ in rows)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from pipeline.embedded import EmbeddedBroker
+from pipeline.settings import Settings
 from tests.faults.fault_load import METERS, first_copies, make_load, reference, stripe_reference
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 
@@ -101,12 +102,22 @@ def reconcile_and_read(stack: StackSlice, meters_file: Path) -> dict[tuple[str, 
     }
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    ("sig", "store"),
+    [(signal.SIGKILL, "memory"), (signal.SIGTERM, "memory"), (signal.SIGKILL, "rocksdb")],
+    ids=["sigkill", "sigterm", "sigkill-rocksdb"],
+)
+def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store: str) -> None:
+    """With the RocksDB store (what the deployment files use) the tables survive a
+    kill on disk, and the worker recovers only the changelog records past the
+    offset it persisted with them (pipeline/state.py advances it per batch)."""
+    if store == "rocksdb":
+        pytest.importorskip("rocksdict", reason="the rocksdb extra is not installed")
     records, counted = make_load(unique=45_000, duplicates=5_000, seed=int(sig))
     ref = reference(counted)
     meters_file = stack.meters_file(METERS)
-    worker = stack.start_worker(meters_file)
+    env = {"METERSTREAM_STORE": store}
+    worker = stack.start_worker(meters_file, **env)
     producer = produce_in_background(stack, records, chunk=2_500)
     rng = random.Random(int(sig))
     for _ in range(3):
@@ -115,7 +126,7 @@ def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals) -> Non
             worker.kill()
         else:
             worker.stop(sig)
-        worker = stack.start_worker(meters_file)
+        worker = stack.start_worker(meters_file, **env)
     producer.join()
     wait_until(lambda: record_count(worker) == len(counted), timeout=300, what="record complete")
     assert record_totals(worker) == ref
@@ -125,6 +136,15 @@ def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals) -> Non
                what="Stripe totals")  # fmt: skip
     worker.stop()
     assert reconcile_and_read(stack, meters_file) == ref
+    databases = {p.parent.name for p in (stack.tmp / "state").rglob("CURRENT")}  # RocksDB's
+    if store == "rocksdb":
+        assert {"dedup-0.db", "windows-0.db"} <= databases, databases
+        # the worker's memory bounds (pipeline/state.py), as RocksDB recorded them
+        options = next((stack.tmp / "state").rglob("dedup-0.db/OPTIONS-*")).read_text()
+        assert f"write_buffer_size={Settings().rocksdb_write_buffer_mb * 2**20}" in options
+        assert "max_write_buffer_number=2" in options
+    else:
+        assert not databases
 
 
 def test_clickhouse_outage_of_30_seconds(stack: StackSlice) -> None:
