@@ -52,6 +52,7 @@ from pipeline.settings import Settings
 from pipeline.state import (
     delete_by_partition,
     rocksdb_table_options,
+    table_reader,
     write_by_partition,
     write_by_partition_batched,
 )
@@ -184,13 +185,14 @@ class Pipeline:
         counted: dict[DedupKey, str] = {}
         unknown: set[DedupKey] = set()
         table_keys: dict[DedupKey, bytes] = {}  # each key encoded once per batch
+        dedup_get, windows_get = table_reader(self.dedup), table_reader(self.windows)
         not_looked_up = 0
         for event in events:
             key = DedupKey.of(event)
             if key in table_keys:
                 continue
             table_keys[key] = raw_key = key.encode()
-            raw = self.dedup.get(raw_key)
+            raw = dedup_get(raw_key)
             if raw is not None:
                 counted[key] = DedupEntry.load(raw).fingerprint
             elif coverage is None or coverage.needs_lookup(event.customer_id, event.timestamp_ms):
@@ -227,7 +229,7 @@ class Pipeline:
                 encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
                 table_states: dict[processor.WindowKey, WindowState] = {}
                 for wkey in deltas:
-                    raw = self.windows.get(encoded[wkey])
+                    raw = windows_get(encoded[wkey])
                     if raw is not None:
                         table_states[wkey] = aggs[wkey.meter].load(raw)
                 absent = [k for k in deltas if k not in table_states]
@@ -267,7 +269,7 @@ class Pipeline:
         added_windows = [  # keys the windows table did not hold before this batch
             k
             for k in new_states
-            if k not in table_states and (k in deltas or self.windows.get(encoded[k]) is None)
+            if k not in table_states and (k in deltas or windows_get(encoded[k]) is None)
         ]
         window_items: dict[bytes, Any] = {}
         window_partitions: dict[bytes, int] = {}

@@ -120,3 +120,19 @@ def test_rocksdb_options_reach_faust_and_are_fresh_per_table() -> None:
     assert options.write_buffer_size == 8 * 2**20
     assert options.max_write_buffer_number == 2
     assert options.block_cache_size == 32 * 2**20
+
+
+def test_table_reader_answers_as_table_get(tmp_path: Any) -> None:
+    import faust
+
+    from pipeline.state import table_reader
+
+    app = faust.App("reader-test", store="memory://", datadir=str(tmp_path))
+    table = app.Table("t", key_type=bytes)
+    table.data[b"a"] = ["fp", 1]
+    read = table_reader(table)
+    for key in (b"a", b"missing"):
+        assert read(key) == table.get(key)
+    assert read(b"a") == ["fp", 1] and read(b"missing") is None
+    table.data[b"b"] = {"later": True}  # the same store, not a copy
+    assert read(b"b") == {"later": True}
