@@ -443,7 +443,8 @@ def soak(
     own_base = base - base_sample["clickhouse_mb"]
     own_last = rss[-1] - samples[-1]["clickhouse_mb"]
     # a bounded store (RocksDB) fills its buffers and caches first, then stays put
-    half = next((s["rss_mb"] for s in samples if s["t_s"] >= seconds / 2), base)
+    second_half = [s["rss_mb"] for s in samples if s["t_s"] >= seconds / 2] or [base]
+    half = second_half[0]
     return {
         "seconds": seconds,
         "rate": rate,
@@ -456,10 +457,7 @@ def soak(
         "rss_drift_pct": 100 * (rss[-1] - base) / base,
         "rss_half_mb": half,
         "rss_second_half_drift_pct": 100 * (rss[-1] - half) / half,
-        "rss_second_half_range_mb": [
-            min(s["rss_mb"] for s in samples if s["t_s"] >= seconds / 2),
-            max(s["rss_mb"] for s in samples if s["t_s"] >= seconds / 2),
-        ],
+        "rss_second_half_range_mb": [min(second_half), max(second_half)],
         "clickhouse_base_mb": base_sample["clickhouse_mb"],
         "clickhouse_last_mb": samples[-1]["clickhouse_mb"],
         # RSS less the embedded engine's tracked memory: the worker's own part

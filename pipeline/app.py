@@ -51,7 +51,7 @@ from pipeline.meters import MetersConfig
 from pipeline.settings import Settings
 from pipeline.state import (
     delete_by_partition,
-    rocksdb_table_options,
+    table_options,
     table_reader,
     write_by_partition,
     write_by_partition_batched,
@@ -537,13 +537,6 @@ class Pipeline:
             m.rejected.inc(n, reason=reason)
         for key, state in deltas.items():
             m.meter_updates.inc(state.event_count, meter=key.meter)
-
-
-def table_options(settings: Settings) -> dict[str, int] | None:
-    """A fresh options dict per table (Faust's RocksDB store pops keys from it)."""
-    if settings.store != "rocksdb":
-        return None
-    return rocksdb_table_options(settings.rocksdb_write_buffer_mb, settings.rocksdb_block_cache_mb)
 
 
 def customer_partition(customer_id: str, partitions: int) -> int:

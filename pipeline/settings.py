@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     dedup_horizon_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     store: Literal["memory", "rocksdb"] = "memory"
     store_path: Path | None = None
-    # RocksDB memory per table partition (pipeline/state.py rocksdb_table_options):
+    # RocksDB memory per table partition (pipeline/state.py table_options):
     # two write buffers of this size, and a block cache of this size.
     rocksdb_write_buffer_mb: int = Field(default=2, ge=1, le=1024)
     rocksdb_block_cache_mb: int = Field(default=8, ge=1, le=65536)

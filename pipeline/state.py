@@ -17,10 +17,13 @@ from typing import Any
 from faust.streams import _current_event
 from faust.types import TP, EventT, TableT
 
+from pipeline.settings import Settings
 
-def rocksdb_table_options(write_buffer_mb: int, block_cache_mb: int) -> dict[str, int]:
-    """Options for a Faust table on the RocksDB store (``Table(options=...)``), per
-    partition database.
+
+def table_options(settings: Settings) -> dict[str, int] | None:
+    """Options for a Faust table (``Table(options=...)``): None on the memory store;
+    on RocksDB, per partition database, a fresh dict per table (Faust's RocksDB
+    store pops keys from it).
 
     Faust's defaults are sized for a dedicated host: three 64 MB write buffers and
     a 2 GB block cache for *each* partition of each table, so a worker with two
@@ -30,12 +33,14 @@ def rocksdb_table_options(write_buffer_mb: int, block_cache_mb: int) -> dict[str
     ``partitions x tables x (2 x write buffer + cache)``; reads of keys not in a
     memtable go to the OS page cache, which the kernel manages outside the process.
     """
+    if settings.store != "rocksdb":
+        return None
     mb = 1024 * 1024
     return {
-        "write_buffer_size": write_buffer_mb * mb,
+        "write_buffer_size": settings.rocksdb_write_buffer_mb * mb,
         "max_write_buffer_number": 2,
-        "target_file_size_base": max(write_buffer_mb, 8) * mb,
-        "block_cache_size": block_cache_mb * mb,
+        "target_file_size_base": max(settings.rocksdb_write_buffer_mb, 8) * mb,
+        "block_cache_size": settings.rocksdb_block_cache_mb * mb,
     }
 
 

@@ -107,8 +107,8 @@ def test_every_key_stored_and_logged_in_its_partition(capacity: int) -> None:
 def test_rocksdb_options_reach_faust_and_are_fresh_per_table() -> None:
     from faust.stores.rocksdb import RocksDBOptions
 
-    from pipeline.app import table_options
     from pipeline.settings import Settings
+    from pipeline.state import table_options
 
     assert table_options(Settings()) is None  # the memory store takes no options
     settings = Settings(store="rocksdb", rocksdb_write_buffer_mb=8, rocksdb_block_cache_mb=32)
