@@ -535,8 +535,11 @@ class Pipeline:
         m.unmetered.inc(unmetered)
         for reason, n in report.rejected.items():
             m.rejected.inc(n, reason=reason)
+        per_meter: dict[str, int] = {}  # one labelled increment per meter, not per window
         for key, state in deltas.items():
-            m.meter_updates.inc(state.event_count, meter=key.meter)
+            per_meter[key.meter] = per_meter.get(key.meter, 0) + state.event_count
+        for meter, n in per_meter.items():
+            m.meter_updates.inc(n, meter=meter)
 
 
 def customer_partition(customer_id: str, partitions: int) -> int:

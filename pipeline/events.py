@@ -146,8 +146,10 @@ def content_fingerprint(
     pass ``properties_json`` (= ``canonical_json(properties)``) to reuse it.
     """
     props = properties_json or canonical_json(properties)
-    text = f"[{canonical_json(event_name)},{int(timestamp_ms)},{props}]"
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    text = b"".join(
+        (b"[", _CANONICAL.encode(event_name), b",%d," % int(timestamp_ms), props.encode(), b"]")
+    )
+    return hashlib.sha256(text).hexdigest()[:32]
 
 
 def derive_idempotency_key(
@@ -192,6 +194,11 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     """Whether objects/arrays nest deeper than ``limit`` (iterative: no recursion to blow)."""
     if not isinstance(value, dict | list):
         return False
+    for child in value.values() if isinstance(value, dict) else value:
+        if isinstance(child, dict | list):
+            break
+    else:
+        return limit < 1  # flat (most events): depth 1
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -217,7 +224,8 @@ def validate_document(doc: Any, *, record_timestamp_ms: int) -> tuple[UsageEvent
     """Check the shape of a decoded event; returns the event or every problem found."""
     if not isinstance(doc, dict):
         return None, ["event must be a JSON object"]
-    problems: list[str] = [f"{name}: unknown field" for name in sorted(set(doc) - EVENT_FIELDS)]
+    unknown = doc.keys() - EVENT_FIELDS
+    problems: list[str] = [f"{name}: unknown field" for name in sorted(unknown)] if unknown else []
     event_name = _check_string(doc, "event_name", 100, problems)
     customer_id = _check_string(doc, "customer_id", 200, problems)
     key = doc.get("idempotency_key")

@@ -136,7 +136,9 @@ def _meter_number(value: Any) -> Decimal:
         if value is None:
             raise ValueError("is null")
         raise ValueError(f"is not a number: {_show(value)}")
-    if number.adjusted() >= MAX_DIGITS or int(number.as_tuple().exponent) < -MAX_DIGITS:
+    if number.adjusted() >= MAX_DIGITS or (
+        type(value) is not int and int(number.as_tuple().exponent) < -MAX_DIGITS  # an int's is 0
+    ):
         raise ValueError(f"is out of range (at most {MAX_DIGITS} digits each side of the point)")
     return number
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import orjson
 
-from pipeline.aggregation import WindowState, aggregator_for
+from pipeline.aggregation import Aggregator, WindowState, aggregator_for
 from pipeline.dedup import DedupKey, json_key
 from pipeline.events import Reason, Rejection, UsageEvent, parse_event
 from pipeline.meters import InvalidValue, Meter, MetersConfig
@@ -127,9 +127,18 @@ def resolve_duplicates(
     return result
 
 
+_new_tuple = tuple.__new__
+
+
 def _window_key(meter: Meter, event: UsageEvent) -> WindowKey:
     start, _ = meter.window_bounds(event.timestamp_ms)
-    return WindowKey(meter.name, event.customer_id, meter.group_key(event), start)
+    # tuple.__new__ directly: WindowKey's generated __new__ is a Python call per key
+    return _new_tuple(WindowKey, (meter.name, event.customer_id, meter.group_key(event), start))
+
+
+def _aggregators(meters: MetersConfig) -> dict[str, Aggregator]:
+    """Each meter's aggregator, by meter name (looked up once per batch, not per event)."""
+    return {meter.name: aggregator_for(meter.aggregation) for meter in meters.meters}
 
 
 @dataclass
@@ -151,9 +160,9 @@ def contributions(meters: MetersConfig, events: Iterable[UsageEvent]) -> Contrib
     """Partial window states from ``events``, the invalid_value rejections, and
     the meters that counted each event (empty: it matched no meter)."""
     out = Contributions()
-    states = out.states
+    states, counted_by, aggs = out.states, out.counted_by, _aggregators(meters)
     for event in events:
-        counted = out.counted_by[DedupKey.of(event)] = []
+        counted = counted_by[DedupKey.of(event)] = []
         for meter in meters.for_event_name(event.event_name):
             if not meter.matches(event):
                 continue
@@ -173,7 +182,7 @@ def contributions(meters: MetersConfig, events: Iterable[UsageEvent]) -> Contrib
                     )
                 )
                 continue
-            agg = aggregator_for(meter.aggregation)
+            agg = aggs[meter.name]
             state = states.get(key)
             if state is None:
                 state = states[key] = agg.start()
@@ -226,8 +235,9 @@ def merge_into(
 ) -> dict[WindowKey, WindowState]:
     """New states for the keys in ``deltas``: current merged with the delta."""
     merged: dict[WindowKey, WindowState] = {}
+    aggs = _aggregators(meters)
     for key, delta in deltas.items():
-        agg = aggregator_for(meters.by_name(key.meter).aggregation)
+        agg = aggs[key.meter]
         base = current.get(key)
         merged[key] = delta if base is None else agg.merge(base, delta)
     return merged
