@@ -50,6 +50,7 @@ from pipeline.kafka import client_options, shorten_fetch_wait
 from pipeline.meters import MetersConfig
 from pipeline.settings import Settings
 from pipeline.state import (
+    RocksDBMemory,
     delete_by_partition,
     table_options,
     table_reader,
@@ -111,6 +112,12 @@ class Pipeline:
             )
             for name in ("dedup", "windows")
         )
+        # One block cache, memtables charged to it, for every partition of both tables.
+        self.rocksdb_memory: RocksDBMemory | None = None
+        if settings.store == "rocksdb":
+            self.rocksdb_memory = RocksDBMemory(settings.rocksdb_block_cache_mb)
+            for table in (self.dedup, self.windows):
+                self.rocksdb_memory.install(table)
         self._last_sweep = time.monotonic()
         self._aggregators = {m.name: aggregator_for(m.aggregation) for m in meters.meters}
         self.gaps: GapFiller | None = None

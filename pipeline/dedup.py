@@ -49,8 +49,11 @@ class DedupEntry(NamedTuple):
     fingerprint: str
     timestamp_ms: int
 
-    def dump(self) -> list[object]:
-        return [self.fingerprint, self.timestamp_ms]
+    def dump(self) -> tuple[str, int]:
+        """The table value: a JSON array in the changelog. A plain tuple of a str and an
+        int, not a list: the garbage collector stops tracking it, and the memory store
+        holds one per key of the horizon (millions); recovered values are lists."""
+        return (self.fingerprint, self.timestamp_ms)
 
     @classmethod
     def load(cls, value: list[object]) -> DedupEntry:

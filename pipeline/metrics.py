@@ -53,7 +53,14 @@ class Metric:
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} {self.kind}"
         for labels, value in sorted(self.values.items()):
-            yield f"{self.name}{_fmt(labels)} {value:g}"
+            yield f"{self.name}{_fmt(labels)} {_value(value)}"
+
+
+def _value(value: float) -> str:
+    """Exact text: ``{:g}`` keeps 6 digits (33554432 became 3.35544e+07)."""
+    if float(value).is_integer():
+        return str(int(value))
+    return repr(float(value))
 
 
 class Summary:
@@ -138,6 +145,11 @@ class Metrics:
             "meterstream_api_events_total", "Events written to usage-events by the events API", c
         )
         self.table_keys = Metric("meterstream_table_keys", "Keys held in a worker table", g)
+        self.rocksdb_memory = Metric(
+            "meterstream_rocksdb_memory_bytes",
+            "RocksDB block cache in use, memtables charged to it included, and its capacity",
+            g,
+        )
         self.guarantee = Metric(
             "meterstream_processing_guarantee", "1 for the guarantee the worker runs with", g
         )

@@ -62,10 +62,11 @@ class Settings(BaseSettings):
     dedup_horizon_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     store: Literal["memory", "rocksdb"] = "memory"
     store_path: Path | None = None
-    # RocksDB memory per table partition (pipeline/state.py table_options):
-    # two write buffers of this size, and a block cache of this size.
+    # RocksDB memory (pipeline/state.py): two write buffers of this size per table
+    # partition, and one block cache for the whole worker, which the memtables of
+    # every partition are charged to (flushed when they reach half of it).
     rocksdb_write_buffer_mb: int = Field(default=2, ge=1, le=1024)
-    rocksdb_block_cache_mb: int = Field(default=8, ge=1, le=65536)
+    rocksdb_block_cache_mb: int = Field(default=32, ge=4, le=65536)
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=0, le=65535)
     log_format: Literal["auto", "json", "text"] = "auto"

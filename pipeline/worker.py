@@ -104,6 +104,9 @@ def build_worker(settings: Settings) -> faust.App:
         if settings.store == "memory":  # len() of a RocksDB table scans it
             for name, size in pipeline.table_sizes().items():
                 metrics.table_keys.set(size, table=name)
+        if pipeline.rocksdb_memory is not None:
+            metrics.rocksdb_memory.set(pipeline.rocksdb_memory.usage(), kind="used")
+            metrics.rocksdb_memory.set(pipeline.rocksdb_memory.capacity, kind="capacity")
         processed = pipeline.gaps.next_offsets() if pipeline.gaps else {}
         for tp in app.assignor.assigned_actives():
             if tp.topic == source and tp.partition in processed:

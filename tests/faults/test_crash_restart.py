@@ -134,6 +134,12 @@ def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store:
     expected_stripe = stripe_reference(ref)
     wait_until(lambda: stripe_totals(stack.stripe_url) == expected_stripe, timeout=120,
                what="Stripe totals")  # fmt: skip
+    if store == "rocksdb":  # one cache for the worker, every partition's memtables in it
+        capacity = Settings().rocksdb_block_cache_mb * 2**20
+        memory = 'meterstream_rocksdb_memory_bytes{kind="%s"}'
+        wait_until(lambda: metric_value(worker.metrics(), memory % "capacity") == capacity,
+                   timeout=30, what="RocksDB memory gauge")  # fmt: skip
+        assert 0 < metric_value(worker.metrics(), memory % "used") <= 1.25 * capacity  # soft
     worker.stop()
     assert reconcile_and_read(stack, meters_file) == ref
     databases = {p.parent.name for p in (stack.tmp / "state").rglob("CURRENT")}  # RocksDB's

@@ -122,6 +122,72 @@ def test_rocksdb_options_reach_faust_and_are_fresh_per_table() -> None:
     assert options.block_cache_size == 32 * 2**20
 
 
+def test_rocksdb_memory_is_one_bounded_cache_for_every_partition(tmp_path: Any) -> None:
+    pytest.importorskip("rocksdict", reason="the rocksdb extra is not installed")
+    import faust
+
+    from pipeline.settings import Settings
+    from pipeline.state import RocksDBMemory, table_options
+
+    app = faust.App("memory-test", store="rocksdb://", datadir=str(tmp_path))
+    settings = Settings(store="rocksdb", rocksdb_write_buffer_mb=2, rocksdb_block_cache_mb=8)
+    table = app.Table("t", key_type=bytes, partitions=2, options=table_options(settings))
+    memory = RocksDBMemory(settings.rocksdb_block_cache_mb)
+    memory.install(table)
+    databases = [table.data._db_for_partition(p) for p in (0, 1)]
+    for db in databases:  # ~0.5 MB into each partition's memtable
+        for i in range(5_000):
+            db[b"k%d" % i] = b"x" * 100
+    assert memory.usage() >= 2 * 5_000 * 100  # both memtables are charged to the one cache
+    for round_ in range(10):  # 40 MB written, then read: the cache stays within its capacity
+        for db in databases:
+            for i in range(20_000):
+                db[b"r%d-%d" % (round_, i)] = b"y" * 100
+    for db in databases:
+        for i in range(0, 200_000, 7):
+            assert db[b"r%d-%d" % (i % 10, i // 10)] == b"y" * 100
+    # the capacity is a soft limit (blocks in use stay), not 40 MB of memtables and blocks
+    assert memory.capacity == 8 * 2**20
+    assert 0 < memory.usage() <= 1.25 * memory.capacity
+
+
+def test_changelog_encoders_give_what_the_changelog_topic_gives(tmp_path: Any) -> None:
+    import faust
+
+    from pipeline.state import changelog_encoders
+
+    class Point(faust.Record, serializer="json"):
+        x: int
+
+    app = faust.App("encoders-test", store="memory://", datadir=str(tmp_path))
+    tables = [
+        app.Table("ours", key_type=bytes),  # the worker's tables
+        app.Table("typed", key_type=str, value_type=bytes),
+        app.Table("models", key_type=Point, value_type=Point),
+    ]
+    keys: list[Any] = [b'["cust-1","key-\xc3\xbc"]', b"", "text-key", None, Point(x=1)]
+    values: list[Any] = [
+        ["0f3a", 1764522000000],
+        ("0f3a", 1764522000000),
+        {"event_count": 3, "value": "1.50", "distinct": ["\u00fc", "a"], "latest_key": ""},
+        None,
+        b"raw bytes",
+        Point(x=2),
+    ]
+    for table in tables:
+        encode_key, encode_value = changelog_encoders(table)
+        topic = table.changelog_topic
+        for key in keys:
+            if table.key_serializer == "raw" and isinstance(key, str):
+                continue  # Faust's raw codec takes bytes (and the worker's keys are bytes)
+            assert encode_key(key) == topic.prepare_key(key, table.key_serializer)[0], key
+        for value in values:
+            if table.value_serializer == "raw" and not isinstance(value, bytes | None):
+                continue
+            expected = topic.prepare_value(value, table.value_serializer)[0]
+            assert encode_value(value) == expected, (table.name, value)
+
+
 def test_table_reader_answers_as_table_get(tmp_path: Any) -> None:
     import faust
 
