@@ -427,6 +427,8 @@ def soak(
             {
                 "t_s": round(time.monotonic() - started, 1),
                 "rss_mb": round(mem["VmRSS"] / 1024, 1),
+                "anon_mb": round(mem.get("RssAnon", 0) / 1024, 1),
+                "file_mb": round(mem.get("RssFile", 0) / 1024, 1),
                 # the embedded ClickHouse engine's own tracked memory, in the same process
                 "clickhouse_mb": round(clickhouse_memory_mb(worker), 1),
                 "events_in": worker.metrics().get("meterstream_events_in_total", 0.0),
@@ -462,7 +464,18 @@ def soak(
         "clickhouse_last_mb": samples[-1]["clickhouse_mb"],
         # RSS less the embedded engine's tracked memory: the worker's own part
         "own_drift_pct": 100 * (own_last - own_base) / own_base,
+        # one sample is noisy (a Stripe verification round holds rows for a moment):
+        # the median of the second minute against the median of the last minute
+        "minute_medians": {
+            key: [_median(samples, key, 60, 120), _median(samples, key, seconds - 60, seconds + 10)]
+            for key in ("rss_mb", "anon_mb", "file_mb")
+        },
     }
+
+
+def _median(samples: list[dict[str, Any]], key: str, start: float, end: float) -> float:
+    values = sorted(s[key] for s in samples if start <= s["t_s"] < end) or [0.0]
+    return values[len(values) // 2]
 
 
 def clickhouse_memory_mb(worker: Worker) -> float:
@@ -550,6 +563,20 @@ def table(results: dict[str, Any]) -> list[str]:
                 "    second half",
                 f"{s['rss_second_half_drift_pct']:+.1f}% ({s['rss_half_mb']:.0f} -> "
                 f"{s['rss_last_mb']:.0f} MB, range {low:.0f}-{high:.0f} MB)",
+            )
+        )
+        medians = s["minute_medians"]
+        rows.append(
+            (
+                "    minute 2 -> last minute",
+                ", ".join(
+                    f"{label} {a:.0f} -> {b:.0f} MB ({100 * (b - a) / a if a else 0:+.1f}%)"
+                    for label, (a, b) in (
+                        ("RSS", medians["rss_mb"]),
+                        ("heap (RssAnon)", medians["anon_mb"]),
+                        ("files (RssFile)", medians["file_mb"]),
+                    )
+                ),
             )
         )
         rows.append(

@@ -53,11 +53,12 @@ class BenchError(Exception):
 
 
 def proc_memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in kB."""
+    """VmRSS, VmHWM (peak RSS), RssAnon (heap and other private memory) and RssFile
+    (mapped files: shared libraries' code, chdb's included) of a process, in kB."""
     out: dict[str, int] = {}
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith(("VmRSS:", "VmHWM:")):
+            if line.startswith(("VmRSS:", "VmHWM:", "RssAnon:", "RssFile:")):
                 name, value = line.split(":", 1)
                 out[name] = int(value.split()[0])
     return out
