@@ -40,7 +40,7 @@ import orjson
 from faust.types import EventT
 
 from pipeline import processor
-from pipeline.aggregation import WindowState, aggregator_for
+from pipeline.aggregation import WindowState
 from pipeline.batching import take_batches
 from pipeline.chio import ClickHouseIO
 from pipeline.dedup import DedupEntry, DedupKey, RecordCoverage
@@ -119,7 +119,6 @@ class Pipeline:
             for table in (self.dedup, self.windows):
                 self.rocksdb_memory.install(table)
         self._last_sweep = time.monotonic()
-        self._aggregators = {m.name: aggregator_for(m.aggregation) for m in meters.meters}
         self.gaps: GapFiller | None = None
         # Which customers' unknown keys need no record lookup (pipeline/dedup.py);
         # rebuilt on every rebalance (``epoch``) and consumer generation.
@@ -232,7 +231,7 @@ class Pipeline:
                 await asyncio.sleep(0)
                 uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted)
                 # 2. Windows.
-                aggs = self._aggregators
+                aggs = self.meters.aggregators
                 encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
                 table_states: dict[processor.WindowKey, WindowState] = {}
                 for wkey in deltas:
@@ -495,7 +494,7 @@ class Pipeline:
         for key, state in states.items():
             meter = self.meters.by_name(key.meter)
             start, end = meter.window_bounds(key.window_start_ms)
-            agg = self._aggregators[meter.name]
+            agg = self.meters.aggregators[meter.name]
             rows.append(
                 writer.meter_window_row(
                     meter.name,

@@ -62,7 +62,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.aggregation import EXACT
+from pipeline.aggregation import EXACT, Aggregator, aggregator_for
 from pipeline.errors import ConfigError
 from pipeline.events import UsageEvent, canonical_json
 from pipeline.windows import WINDOW_MS
@@ -537,9 +537,15 @@ class MetersConfig(BaseModel):
     def _by_name(self) -> dict[str, Meter]:
         return {meter.name: meter for meter in self.meters}
 
+    @cached_property
+    def aggregators(self) -> dict[str, Aggregator]:
+        """Each meter's aggregator, by meter name."""
+        return {meter.name: aggregator_for(meter.aggregation) for meter in self.meters}
+
     def model_post_init(self, context: Any, /) -> None:
         self._by_event  # noqa: B018 - index once, at construction
         self._by_name  # noqa: B018
+        self.aggregators  # noqa: B018
 
     def for_event_name(self, name: str) -> tuple[Meter, ...]:
         """Meters reading events named ``name``, in file order (empty if none)."""

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import orjson
 
-from pipeline.aggregation import Aggregator, WindowState, aggregator_for
+from pipeline.aggregation import WindowState
 from pipeline.dedup import DedupKey, json_key
 from pipeline.events import Reason, Rejection, UsageEvent, parse_event
 from pipeline.meters import InvalidValue, Meter, MetersConfig
@@ -136,11 +136,6 @@ def _window_key(meter: Meter, event: UsageEvent) -> WindowKey:
     return _new_tuple(WindowKey, (meter.name, event.customer_id, meter.group_key(event), start))
 
 
-def _aggregators(meters: MetersConfig) -> dict[str, Aggregator]:
-    """Each meter's aggregator, by meter name (looked up once per batch, not per event)."""
-    return {meter.name: aggregator_for(meter.aggregation) for meter in meters.meters}
-
-
 @dataclass
 class Contributions:
     """What a batch of fresh events adds to the windows."""
@@ -160,7 +155,7 @@ def contributions(meters: MetersConfig, events: Iterable[UsageEvent]) -> Contrib
     """Partial window states from ``events``, the invalid_value rejections, and
     the meters that counted each event (empty: it matched no meter)."""
     out = Contributions()
-    states, counted_by, aggs = out.states, out.counted_by, _aggregators(meters)
+    states, counted_by, aggs = out.states, out.counted_by, meters.aggregators
     for event in events:
         counted = counted_by[DedupKey.of(event)] = []
         for meter in meters.for_event_name(event.event_name):
@@ -211,7 +206,8 @@ def recompute_windows(
     dead-lettered when first seen.
     """
     wanted = set(keys)
-    states = {key: aggregator_for(meters.by_name(key.meter).aggregation).start() for key in wanted}
+    aggs = meters.aggregators
+    states = {key: aggs[key.meter].start() for key in wanted}
     for event in record:
         for meter in meters.for_event_name(event.event_name):
             if not meter.matches(event):
@@ -223,7 +219,7 @@ def recompute_windows(
                 value = meter.extract(event)
             except InvalidValue:
                 continue
-            agg = aggregator_for(meter.aggregation)
+            agg = aggs[meter.name]
             states[key] = agg.add(states[key], value, event.timestamp_ms, event.idempotency_key)
     return states
 
@@ -235,7 +231,7 @@ def merge_into(
 ) -> dict[WindowKey, WindowState]:
     """New states for the keys in ``deltas``: current merged with the delta."""
     merged: dict[WindowKey, WindowState] = {}
-    aggs = _aggregators(meters)
+    aggs = meters.aggregators
     for key, delta in deltas.items():
         agg = aggs[key.meter]
         base = current.get(key)
