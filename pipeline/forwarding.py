@@ -105,6 +105,7 @@ from pipeline.reconcile import Difference, reconcile_meter, record_states
 from pipeline.settings import Settings
 from pipeline.windows import month_bounds, period_label
 from sinks.clickhouse.client import ClickHouse
+from sinks.clickhouse.queries import meter_customers
 from sinks.stripe import ledger
 from sinks.stripe.client import MAX_V2_BATCH, StripeMeterClient
 from sinks.stripe.ledger import LedgerRow
@@ -305,6 +306,38 @@ class Forwarder:
                 reconcile_meter, self.meters, meter, start, end, fix=True, customers=customers
             )
 
+    async def _reconcile_slices(
+        self,
+        meter: Meter,
+        start: int,
+        end: int,
+        customers: list[str],
+        verified: VerifiedPeriod,
+        day: int | None = None,
+    ) -> list[Difference]:
+        """Reconcile [start, end) for ``customers``, REVERIFY_CUSTOMERS_PER_CALL at a
+        time, into ``verified`` (the customers' ``day`` replaced when given, else added).
+
+        In slices, so the worker's inserts (and the record lock) are taken in between:
+        a round after a catch-up re-reads every customer's day. Paced: after each
+        slice the forwarder waits twice as long as the slice took, so the re-read
+        (Python work, under the worker's GIL) takes at most a third of the process
+        while the worker keeps up with its input.
+        """
+        diffs: list[Difference] = []
+        for i in range(0, len(customers), REVERIFY_CUSTOMERS_PER_CALL):
+            chunk = customers[i : i + REVERIFY_CUSTOMERS_PER_CALL]
+            started = time.monotonic()
+            found, record = await self._reconcile(meter, start, end, chunk)
+            diffs += found
+            if day is None:
+                verified.add(meter, record)
+            else:
+                verified.replace_days(meter, day, chunk, record)
+            if i + REVERIFY_CUSTOMERS_PER_CALL < len(customers):
+                await asyncio.sleep(REVERIFY_PAUSE_FACTOR * (time.monotonic() - started))
+        return diffs
+
     def windows_changed(self, keys: Iterable[WindowKey]) -> None:
         for key in keys:
             changed = self._changed.get(key.meter)
@@ -335,28 +368,25 @@ class Forwarder:
             or end < verified.upto_ms
             or time.monotonic() - verified.built_at > FULL_VERIFY_SECONDS
         ):
-            diffs, record = await self._reconcile(meter, start, end)
             verified = VerifiedPeriod(end, time.monotonic())
-            verified.add(meter, record)
+            # The whole period, read in the same paced customer slices as a re-read:
+            # at most REVERIFY_CUSTOMERS_PER_CALL customers' events are in memory at
+            # once, not every event of the period (measured: one full read at once
+            # of a soak's ~1M events added ~100 MB to the worker, for a moment, every
+            # FULL_VERIFY_SECONDS). Customers who appear after the list was read have
+            # changes still pending, re-read by the next round like any other change.
+            customers = await self.chio.call(
+                meter_customers, meter.name, meter.event_name, start, end
+            )
+            diffs = await self._reconcile_slices(meter, start, end, customers, verified)
             self._verified[(meter.name, period)] = verified
             return diffs, verified.totals(meter)
         diffs = []
-        for day, customers in sorted(days_to_reverify(changed, verified.upto_ms).items()):
+        for day, day_customers in sorted(days_to_reverify(changed, verified.upto_ms).items()):
             lo, hi = max(day, start), min(day + DAY_MS, verified.upto_ms)
-            ordered = sorted(customers)
-            # In slices, so the worker's inserts (and the record lock) are taken in
-            # between: a round after a catch-up re-reads every customer's day.
-            # Paced: after each slice the forwarder waits twice as long as the slice
-            # took, so the re-read (Python work, under the worker's GIL) takes at most
-            # a third of the process while the worker keeps up with its input.
-            for i in range(0, len(ordered), REVERIFY_CUSTOMERS_PER_CALL):
-                chunk = ordered[i : i + REVERIFY_CUSTOMERS_PER_CALL]
-                started = time.monotonic()
-                found, record = await self._reconcile(meter, lo, hi, chunk)
-                diffs += found
-                verified.replace_days(meter, day, chunk, record)
-                if i + REVERIFY_CUSTOMERS_PER_CALL < len(ordered):
-                    await asyncio.sleep(REVERIFY_PAUSE_FACTOR * (time.monotonic() - started))
+            diffs += await self._reconcile_slices(
+                meter, lo, hi, sorted(day_customers), verified, day=day
+            )
         if end > verified.upto_ms:
             found, record = await self._reconcile(meter, verified.upto_ms, end)
             diffs += found

@@ -292,6 +292,23 @@ def events_in_range_sql(
     )
 
 
+def meter_customers_sql(meter: str, event_name: str, start_ms: int, end_ms: int) -> str:
+    """Customers with an event of ``event_name`` in [start_ms, end_ms) in the record, or a
+    window of ``meter`` starting in it in meter_windows: everyone a reconciliation of
+    that range can find a difference for."""
+    return (
+        "SELECT customer_id FROM (\n"
+        "  SELECT DISTINCT customer_id FROM usage_events\n"
+        f"  WHERE event_name = {sql_string(event_name)}\n"
+        f"    AND timestamp >= {sql_ms(start_ms)} AND timestamp < {sql_ms(end_ms)}\n"
+        "  UNION DISTINCT\n"
+        "  SELECT DISTINCT customer_id FROM meter_windows\n"
+        f"  WHERE {_key_filters(meter, None, start_ms, end_ms)}\n"
+        ")\n"
+        "ORDER BY customer_id"
+    )
+
+
 WINDOW_COLUMNS_SQL = (
     "meter, aggregation, customer_id, group_key,"
     " toUnixTimestamp64Milli(window_start) AS window_start_ms,"
@@ -436,6 +453,14 @@ def events_in_range(
         row["properties"] = loads_exact(row["properties"]) if row["properties"] else {}
         row["key_derived"] = bool(row["key_derived"])
     return rows
+
+
+def meter_customers(
+    ch: ClickHouse, meter: str, event_name: str, start_ms: int, end_ms: int
+) -> list[str]:
+    """Sorted customer ids of :func:`meter_customers_sql`."""
+    rows = ch.query_rows(meter_customers_sql(meter, event_name, start_ms, end_ms))
+    return [str(row[0]) for row in rows]
 
 
 def latest_windows(
