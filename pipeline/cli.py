@@ -30,6 +30,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from pipeline.allocator import tune_allocator
+
+    tune_allocator()  # before the worker's modules and buffers fill the heap
     from pipeline.worker import main
 
     return main(_settings(args))
