@@ -298,11 +298,11 @@ def meter_customers_sql(meter: str, event_name: str, start_ms: int, end_ms: int)
     that range can find a difference for."""
     return (
         "SELECT customer_id FROM (\n"
-        "  SELECT DISTINCT customer_id FROM usage_events\n"
+        "  SELECT customer_id FROM usage_events\n"
         f"  WHERE event_name = {sql_string(event_name)}\n"
         f"    AND timestamp >= {sql_ms(start_ms)} AND timestamp < {sql_ms(end_ms)}\n"
         "  UNION DISTINCT\n"
-        "  SELECT DISTINCT customer_id FROM meter_windows\n"
+        "  SELECT customer_id FROM meter_windows\n"
         f"  WHERE {_key_filters(meter, None, start_ms, end_ms)}\n"
         ")\n"
         "ORDER BY customer_id"
