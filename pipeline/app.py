@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +63,11 @@ from topics import USAGE_EVENTS, USAGE_EVENTS_DLQ
 
 log = logging.getLogger("meterstream.worker")
 EXIT_BATCH_FAILED = 70
+RecordListener = Callable[
+    [Sequence[UsageEvent], Mapping[processor.WindowKey, WindowState], set[processor.WindowKey]],
+    None,
+]
+"""Told each batch's inserted events, their window states and windows counted from the record."""
 END_MARKER = b"\x00meterstream:end-of-batch"
 SWEEP_EVERY_SECONDS = 60.0
 
@@ -123,9 +128,9 @@ class Pipeline:
         # Which customers' unknown keys need no record lookup (pipeline/dedup.py);
         # rebuilt on every rebalance (``epoch``) and consumer generation.
         self.epoch = 0
-        # Told the windows of every event inserted into (or counted from) the record,
-        # after the insert returned (the Stripe forwarder's incremental verification).
-        self.record_listeners: list[Callable[[set[processor.WindowKey]], None]] = []
+        # Told every batch's record inserts, after the inserts returned (the Stripe
+        # forwarder's incremental verification).
+        self.record_listeners: list[RecordListener] = []
         # Held from the record insert to the meter_windows insert (and by reconciliation).
         self.record_lock = asyncio.Lock()
         self._coverage: RecordCoverage | None = None
@@ -260,13 +265,12 @@ class Pipeline:
             rejected_written = asyncio.ensure_future(
                 self._write_rejected(bad, dd.duplicates, received)
             )
-            if self.record_listeners:
-                # Every window of every fresh (valid or not) or uncounted event, told after
-                # both the record and meter_windows hold this batch: a verification round
-                # that takes a change then sees both and finds no false difference.
-                changed = deltas.keys() | contrib.invalid_windows | uncounted_windows
-                for listener in self.record_listeners:
-                    listener(changed)
+            # Told after both the record and meter_windows hold this batch, still under
+            # the record lock: the events inserted into the record, their windows'
+            # states (the batch's deltas: the same meter code over the same events),
+            # and the windows whose record changed otherwise (counted from the record).
+            for listener in self.record_listeners:
+                listener(dd.fresh, deltas, uncounted_windows)
 
         # 3. Tables, one write per key per batch, in the customer's partition.
         # Every key new to the windows table is counted in the window coverage (its

@@ -54,8 +54,10 @@ def day_of(window_start_ms: int) -> int:
 class VerifiedPeriod:
     """One meter's closed windows of one billing period, as last verified against the
     record: the record's states merged per (customer, UTC day), which is all the
-    period totals need and far smaller than one state per window. Windows (minute,
-    hour, day) never straddle a UTC day, so a customer-day can be re-verified alone.
+    period totals need and far smaller than one state per window, and the record's
+    events of the meter's event name per (customer, UTC day) (``events``, matching the
+    meter or not). Windows (minute, hour, day) never straddle a UTC day, so a
+    customer-day can be re-verified alone.
 
     ``upto_ms``: windows starting in [period start, upto_ms) are covered.
     """
@@ -63,14 +65,22 @@ class VerifiedPeriod:
     upto_ms: int
     built_at: float
     buckets: dict[tuple[str, int], WindowState] = field(default_factory=dict)
+    events: dict[tuple[str, int], int] = field(default_factory=dict)
 
-    def add(self, meter: Meter, record: Mapping[WindowKey, WindowState]) -> None:
-        """Merge the record's states of windows not yet in the buckets."""
+    def add(
+        self,
+        meter: Meter,
+        record: Mapping[WindowKey, WindowState],
+        events: Mapping[tuple[str, int], int] | None = None,
+    ) -> None:
+        """Merge the record's states of windows not yet in the buckets (and their events)."""
         agg = aggregator_for(meter.aggregation)
         for key, state in record.items():
             bucket = (key.customer_id, day_of(key.window_start_ms))
             base = self.buckets.get(bucket)
             self.buckets[bucket] = state if base is None else agg.merge(base, state)
+        for bucket, n in (events or {}).items():
+            self.events[bucket] = self.events.get(bucket, 0) + n
 
     def replace_days(
         self,
@@ -78,11 +88,24 @@ class VerifiedPeriod:
         day: int,
         customers: Iterable[str],
         record: Mapping[WindowKey, WindowState],
+        events: Mapping[tuple[str, int], int] | None = None,
     ) -> None:
         """The record's states of ``customers`` on ``day`` (every covered window of it)."""
         for customer in customers:
             self.buckets.pop((customer, day), None)
-        self.add(meter, record)
+            self.events.pop((customer, day), None)
+        self.add(meter, record, events)
+
+    def add_deltas(self, meter: Meter, deltas: RecordDeltas) -> None:
+        """Merge what the worker inserted since (taken from :class:`RecordDeltas`)."""
+        agg = aggregator_for(meter.aggregation)
+        for (customer, window_start), state in deltas.states.items():
+            bucket = (customer, day_of(window_start))
+            base = self.buckets.get(bucket)
+            self.buckets[bucket] = state if base is None else agg.merge(base, state)
+        for (customer, window_start), n in deltas.events.items():
+            bucket = (customer, day_of(window_start))
+            self.events[bucket] = self.events.get(bucket, 0) + n
 
     def totals(self, meter: Meter) -> dict[str, Decimal]:
         agg = aggregator_for(meter.aggregation)
@@ -91,6 +114,75 @@ class VerifiedPeriod:
             base = merged.get(customer)
             merged[customer] = state if base is None else agg.merge(base, state)
         return {customer: agg.result(state) for customer, state in merged.items()}
+
+    def differing_days(
+        self,
+        meter: Meter,
+        days: Iterable[tuple[str, int]],
+        record_events: Mapping[tuple[str, int], int],
+        stored: Mapping[tuple[str, int], tuple[Decimal, int]],
+    ) -> set[tuple[str, int]]:
+        """Which of ``days`` (customer, day) disagree with the record's event count or
+        with the stored windows' merged value and event count (absent = none)."""
+        agg = aggregator_for(meter.aggregation)
+        out = set()
+        for day in days:
+            state = self.buckets.get(day) or agg.start()  # (a repair may store 0, 0)
+            value, count = agg.result(state), state.event_count
+            have = stored.get(day)
+            if record_events.get(day, 0) != self.events.get(day, 0):
+                out.add(day)
+            elif have is None:
+                if count:
+                    out.add(day)
+            elif have != (value, count):
+                out.add(day)
+        return out
+
+
+@dataclass
+class RecordDeltas:
+    """What the worker inserted into the record for one meter since it was last taken,
+    per (customer, window start): the merged states of the inserted events (``states``,
+    computed by the same meter code as a re-read) and how many events of the meter's
+    event name were inserted (``events``, matching the meter or not)."""
+
+    states: dict[tuple[str, int], WindowState] = field(default_factory=dict)
+    events: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def add(self, meter: Meter, customer: str, window_start: int, state: WindowState) -> None:
+        key = (customer, window_start)
+        base = self.states.get(key)
+        self.states[key] = (
+            state if base is None else aggregator_for(meter.aggregation).merge(base, state)
+        )
+
+    def count(self, customer: str, window_start: int) -> None:
+        key = (customer, window_start)
+        self.events[key] = self.events.get(key, 0) + 1
+
+    def take(self, lo: int, hi: int) -> RecordDeltas:
+        """Remove and return the entries with window start in [lo, hi)."""
+        taken = RecordDeltas(
+            {k: v for k, v in self.states.items() if lo <= k[1] < hi},
+            {k: v for k, v in self.events.items() if lo <= k[1] < hi},
+        )
+        for k in taken.states:
+            del self.states[k]
+        for k in taken.events:
+            del self.events[k]
+        return taken
+
+    def discard(self, customers: Iterable[str] | None, lo: int, hi: int) -> None:
+        """Forget entries with window start in [lo, hi) (of ``customers``; None: all), which a
+        read of the record taken under the same lock has just covered."""
+        chosen = None if customers is None else set(customers)
+        for table in (self.states, self.events):
+            for k in [k for k in table if lo <= k[1] < hi and (chosen is None or k[0] in chosen)]:
+                del table[k]
+
+    def customer_days(self) -> set[tuple[str, int]]:
+        return {(c, day_of(ws)) for c, ws in (*self.states, *self.events)}
 
 
 def days_to_reverify(

@@ -76,7 +76,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
@@ -84,9 +84,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import faust
 import orjson
 
+from pipeline.aggregation import WindowState
 from pipeline.billing import (
     DAY_MS,
     Check,
+    RecordDeltas,
     StripeDifference,
     VerifiedPeriod,
     build_checks,
@@ -98,6 +100,7 @@ from pipeline.billing import (
 )
 from pipeline.chio import ClickHouseIO
 from pipeline.errors import StripeError
+from pipeline.events import UsageEvent
 from pipeline.meters import Meter, MetersConfig
 from pipeline.metrics import Metrics
 from pipeline.processor import WindowKey
@@ -105,7 +108,7 @@ from pipeline.reconcile import Difference, reconcile_meter, record_states
 from pipeline.settings import Settings
 from pipeline.windows import month_bounds, period_label
 from sinks.clickhouse.client import ClickHouse
-from sinks.clickhouse.queries import meter_customers
+from sinks.clickhouse.queries import day_check, meter_customers
 from sinks.stripe import ledger
 from sinks.stripe.client import MAX_V2_BATCH, StripeMeterClient
 from sinks.stripe.ledger import LedgerRow
@@ -260,28 +263,42 @@ class Forwarder:
         self._record_lock = asyncio.Lock()
         self._verified: dict[tuple[str, str], VerifiedPeriod] = {}
         self._changed: dict[str, set[tuple[str, int]]] = {m.name: set() for m in self.stripe_meters}
+        self._deltas: dict[str, RecordDeltas] = {m.name: RecordDeltas() for m in self.stripe_meters}
+        self._stripe_meter = {m.name: m for m in self.stripe_meters}
+        self._by_event: dict[str, list[Meter]] = defaultdict(list)
+        for m in self.stripe_meters:
+            self._by_event[m.event_name].append(m)
+        self._epoch = 0  # invalidate() count: a round that saw one keeps nothing it read
 
     # -- incremental verification ------------------------------------------------------
     #
     # "Verify before billing" re-reads the whole period from the record each round
-    # unless the worker that writes the record tells the forwarder what changed.
-    # With track_changes(), a round re-verifies (recompute from the record, compare,
-    # repair) only the customer-days whose windows the record changed since the
-    # last round, plus the windows that closed since, and keeps the rest of the
-    # period's verified states (VerifiedPeriod). Why the totals are still exactly
-    # the record's:
+    # unless the worker that writes the record tells the forwarder what it inserted.
+    # With track_changes(), a period is read in full once (and every
+    # FULL_VERIFY_SECONDS), then kept up to date from what the worker inserts, checked
+    # against the record each round, and re-read only where the check fails
+    # (VerifiedPeriod: the record's states and event counts per (customer, UTC day)).
+    # A round's cost follows what changed since the last round, not what the changed
+    # customer-days hold (a re-read of every changed day made each round of a busy
+    # day, or of a catch-up, read the whole period again). Why the totals are still
+    # exactly the record's:
     #
-    # * The worker calls windows_changed() for every window of every event it
-    #   inserted into the record, or counted from it, *after* the insert returned
-    #   and after that batch's meter_windows insert (pipeline/app.py), so a round
-    #   that takes the change sees both and reports no false difference. A
-    #   round takes the changes in its range *before* its queries. So a change is
-    #   either taken by a round whose queries run after the insert (and see it), or
-    #   still pending for the next round. Changes to windows not yet closed stay
-    #   pending until their window is in range. The worker holds the record lock
-    #   from its record insert to its meter_windows insert and each reconciliation
-    #   query takes it, so a repair never "fixes" a window the worker is about to
-    #   write (no false repairs).
+    # * The worker calls record_changed() with the events of every batch it inserted
+    #   into the record, their windows' states (the same meter code over the same
+    #   events as a re-read), and the windows it counted from the record
+    #   (re-read), after both the record and meter_windows inserts returned and
+    #   while it still holds the record lock (pipeline/app.py). Each reconciliation
+    #   query takes that lock, and whatever it reads it also drops from the pending
+    #   deltas under the same lock: so every inserted event is either in a read or
+    #   in the deltas merged afterwards, never both and never neither.
+    # * Each round merges the deltas of windows already covered and, under the record
+    #   lock, checks every changed customer-day against the record (its events of the
+    #   meter's event name, counted as a re-read counts them) and against the stored
+    #   windows (merged value and event count). A customer-day that differs in
+    #   either is re-read from the record and its stored windows repaired, as before.
+    #   So an event the worker counted but the record lacks, or holds twice, or one
+    #   another writer added, or a stored window that went wrong, are all found the
+    #   round they change.
     # * Only the worker writes usage_events, and only for customers of its own
     #   partitions; a rebalance (invalidate()) drops everything verified, so a
     #   customer that moves between workers is read in full again.
@@ -300,11 +317,16 @@ class Forwarder:
 
     async def _reconcile(
         self, meter: Meter, start: int, end: int, customers: list[str] | None = None
-    ) -> tuple[list[Difference], Any]:
+    ) -> tuple[list[Difference], Any, Any]:
+        """Reconcile (and repair) [start, end) under the record lock; what it read is no
+        longer pending as deltas. Returns the differences, the record's window states
+        and its events per (customer, day)."""
         async with self._record_lock:
-            return await self.chio.call(
+            found = await self.chio.call(
                 reconcile_meter, self.meters, meter, start, end, fix=True, customers=customers
             )
+            self._deltas[meter.name].discard(customers, start, end)
+            return found
 
     async def _reconcile_slices(
         self,
@@ -328,17 +350,39 @@ class Forwarder:
         for i in range(0, len(customers), REVERIFY_CUSTOMERS_PER_CALL):
             chunk = customers[i : i + REVERIFY_CUSTOMERS_PER_CALL]
             started = time.monotonic()
-            found, record = await self._reconcile(meter, start, end, chunk)
+            found, record, events = await self._reconcile(meter, start, end, chunk)
             diffs += found
             if day is None:
-                verified.add(meter, record)
+                verified.add(meter, record, events)
             else:
-                verified.replace_days(meter, day, chunk, record)
+                verified.replace_days(meter, day, chunk, record, events)
             if i + REVERIFY_CUSTOMERS_PER_CALL < len(customers):
                 await asyncio.sleep(REVERIFY_PAUSE_FACTOR * (time.monotonic() - started))
         return diffs
 
+    def record_changed(
+        self,
+        inserted: Iterable[UsageEvent],
+        states: Mapping[WindowKey, WindowState],
+        reread: Iterable[WindowKey],
+    ) -> None:
+        """A batch's record inserts (see the comment above): the events inserted, the
+        states of their windows, and windows whose record changed otherwise."""
+        for key, state in states.items():
+            pending = self._deltas.get(key.meter)
+            if pending is not None:
+                pending.add(
+                    self._stripe_meter[key.meter], key.customer_id, key.window_start_ms, state
+                )
+        by_event = self._by_event
+        for event in inserted:
+            for meter in by_event.get(event.event_name, ()):
+                window_start, _ = meter.window_bounds(event.timestamp_ms)
+                self._deltas[meter.name].count(event.customer_id, window_start)
+        self.windows_changed(reread)
+
     def windows_changed(self, keys: Iterable[WindowKey]) -> None:
+        """Re-read these windows' customer-days from the record next round."""
         for key in keys:
             changed = self._changed.get(key.meter)
             if changed is not None:
@@ -347,6 +391,7 @@ class Forwarder:
     def invalidate(self) -> None:
         """Partitions moved: verify every period in full next round."""
         self._verified.clear()
+        self._epoch += 1
 
     def _take_changed(self, meter: str, start: int, end: int) -> list[tuple[str, int]]:
         changed = self._changed[meter]
@@ -359,10 +404,11 @@ class Forwarder:
     ) -> tuple[list[Difference], dict[str, Decimal]]:
         """Verify (and repair) the closed windows [start, end); the record's totals."""
         if not self.incremental:
-            diffs, record = await self._reconcile(meter, start, end)
+            diffs, record, _ = await self._reconcile(meter, start, end)
             return diffs, customer_totals(meter, record)
         changed = self._take_changed(meter.name, start, end)
         verified = self._verified.get((meter.name, period))
+        epoch = self._epoch
         if (
             verified is None
             or end < verified.upto_ms
@@ -374,25 +420,61 @@ class Forwarder:
             # once, not every event of the period (measured: one full read at once
             # of a soak's ~1M events added ~100 MB to the worker, for a moment, every
             # FULL_VERIFY_SECONDS). Customers who appear after the list was read have
-            # changes still pending, re-read by the next round like any other change.
+            # all their events in the deltas, merged by the next round.
             customers = await self.chio.call(
                 meter_customers, meter.name, meter.event_name, start, end
             )
             diffs = await self._reconcile_slices(meter, start, end, customers, verified)
-            self._verified[(meter.name, period)] = verified
+            if self._epoch == epoch:
+                self._verified[(meter.name, period)] = verified
             return diffs, verified.totals(meter)
+        reread = days_to_reverify(changed, verified.upto_ms)
+        for customer, day in await self._merge_and_check(meter, start, verified):
+            reread.setdefault(day, set()).add(customer)
         diffs = []
-        for day, day_customers in sorted(days_to_reverify(changed, verified.upto_ms).items()):
+        for day, day_customers in sorted(reread.items()):
             lo, hi = max(day, start), min(day + DAY_MS, verified.upto_ms)
             diffs += await self._reconcile_slices(
                 meter, lo, hi, sorted(day_customers), verified, day=day
             )
         if end > verified.upto_ms:
-            found, record = await self._reconcile(meter, verified.upto_ms, end)
+            found, record, events = await self._reconcile(meter, verified.upto_ms, end)
             diffs += found
-            verified.add(meter, record)
+            verified.add(meter, record, events)
             verified.upto_ms = end
         return diffs, verified.totals(meter)
+
+    async def _merge_and_check(
+        self, meter: Meter, start: int, verified: VerifiedPeriod
+    ) -> set[tuple[str, int]]:
+        """Merge the pending deltas of covered windows into ``verified``; the changed
+        customer-days that then differ from the record or from the stored windows."""
+        async with self._record_lock:  # no insert between the deltas and the check
+            taken = self._deltas[meter.name].take(start, verified.upto_ms)
+            verified.add_deltas(meter, taken)
+            days = taken.customer_days()
+            if not days:
+                return set()
+            record, stored = await self.chio.call(
+                day_check,
+                meter.name,
+                meter.event_name,
+                sorted({customer for customer, _ in days}),
+                min(day for _, day in days),
+                verified.upto_ms,
+            )
+        differ = verified.differing_days(meter, days, record, stored)
+        self.metrics.verify_days.inc(len(days), meter=meter.name, result="checked")
+        if differ:
+            self.metrics.verify_days.inc(len(differ), meter=meter.name, result="reread")
+            log.info(
+                "%s: %d of %d changed customer-day(s) differ from the record or the stored "
+                "windows; re-reading them",
+                meter.name,
+                len(differ),
+                len(days),
+            )
+        return differ
 
     @property
     def tick_seconds(self) -> float:
@@ -459,6 +541,7 @@ class Forwarder:
         async with self._lock:
             for key in [k for k in self._verified if k[0] == meter.name and k[1] not in periods]:
                 del self._verified[key]
+            self._deltas[meter.name].discard(None, 0, month_bounds(periods[0])[0])
             for period in periods:
                 p_start, p_end = month_bounds(period)
                 end = min(upto, p_end)
@@ -695,7 +778,7 @@ def install_forwarder(
     )
     if pipeline is not None:
         forwarder.track_changes(pipeline.record_lock)
-        pipeline.record_listeners.append(forwarder.windows_changed)
+        pipeline.record_listeners.append(forwarder.record_changed)
 
         def on_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
             forwarder.invalidate()

@@ -117,6 +117,11 @@ class Metrics:
         self.repairs = Metric(
             "meterstream_window_repairs_total", "Windows whose total differed from the record", c
         )
+        self.verify_days = Metric(
+            "meterstream_verify_days_total",
+            "Changed customer-days checked against the record before forwarding, and re-read",
+            c,
+        )
         self.sink_batch_rows = Summary("meterstream_sink_batch_rows", "Rows per ClickHouse insert")
         self.sink_seconds = Summary("meterstream_sink_seconds", "Seconds per ClickHouse insert")
         self.sink_retries = Metric(

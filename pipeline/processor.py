@@ -130,7 +130,7 @@ def resolve_duplicates(
 _new_tuple = tuple.__new__
 
 
-def _window_key(meter: Meter, event: UsageEvent) -> WindowKey:
+def window_key(meter: Meter, event: UsageEvent) -> WindowKey:
     start, _ = meter.window_bounds(event.timestamp_ms)
     # tuple.__new__ directly: WindowKey's generated __new__ is a Python call per key
     return _new_tuple(WindowKey, (meter.name, event.customer_id, meter.group_key(event), start))
@@ -161,7 +161,7 @@ def contributions(meters: MetersConfig, events: Iterable[UsageEvent]) -> Contrib
         for meter in meters.for_event_name(event.event_name):
             if not meter.matches(event):
                 continue
-            key = _window_key(meter, event)
+            key = window_key(meter, event)
             try:
                 value = meter.extract(event)
             except InvalidValue as exc:
@@ -189,7 +189,7 @@ def contributions(meters: MetersConfig, events: Iterable[UsageEvent]) -> Contrib
 def windows_of(meters: MetersConfig, events: Iterable[UsageEvent]) -> set[WindowKey]:
     """Every window the events fall in, for every meter they match."""
     return {
-        _window_key(meter, event)
+        window_key(meter, event)
         for event in events
         for meter in meters.for_event_name(event.event_name)
         if meter.matches(event)
@@ -212,7 +212,7 @@ def recompute_windows(
         for meter in meters.for_event_name(event.event_name):
             if not meter.matches(event):
                 continue
-            key = _window_key(meter, event)
+            key = window_key(meter, event)
             if key not in wanted:
                 continue
             try:

@@ -139,7 +139,7 @@ def reconcile_command(settings: Settings, start: str | None, end: str | None, re
         for meter in meters.meters:
             lo, _ = meter.window_bounds(start_ms)
             _, hi = meter.window_bounds(end_ms - 1)
-            diffs, _ = reconcile_meter(ch, meters, meter, lo, hi, fix=repair)
+            diffs, _, _ = reconcile_meter(ch, meters, meter, lo, hi, fix=repair)
             for diff in diffs:
                 print(diff.describe())
             total += len(diffs)

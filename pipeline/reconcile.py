@@ -10,14 +10,16 @@ only differ if the worker lost or missed state.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
 from pipeline.aggregation import WindowState, aggregator_for
+from pipeline.billing import DAY_MS
 from pipeline.events import UsageEvent
-from pipeline.meters import Meter, MetersConfig
-from pipeline.processor import WindowKey, recompute_windows
+from pipeline.meters import InvalidValue, Meter, MetersConfig
+from pipeline.processor import WindowKey, window_key
 from sinks.clickhouse import queries, writer
 from sinks.clickhouse.client import ClickHouse
 
@@ -40,6 +42,42 @@ class Difference:
         )
 
 
+def read_record(
+    ch: ClickHouse,
+    meters: MetersConfig,
+    meter: Meter,
+    start_ms: int,
+    end_ms: int,
+    customers: Sequence[str] | None = None,
+) -> tuple[dict[WindowKey, WindowState], Counter[tuple[str, int]]]:
+    """Every window of ``meter`` with events in [start, end), computed from the record
+    (of ``customers`` only, when given), and the record's events of the meter's event
+    name per (customer, UTC day), matching the meter or not."""
+    # One pass, as recompute_windows over every window of the events (a window whose
+    # values a meter cannot read is there, empty): a full read of a busy period is
+    # hundreds of thousands of events, read while the worker runs.
+    agg = meters.aggregators[meter.name]
+    states: dict[WindowKey, WindowState] = {}
+    days: Counter[tuple[str, int]] = Counter()
+    matches, extract = meter.matches, meter.extract
+    for row in queries.events_in_range(ch, customers, [meter.event_name], start_ms, end_ms):
+        event = UsageEvent(**row)
+        ts = event.timestamp_ms
+        days[(event.customer_id, ts - ts % DAY_MS)] += 1
+        if not matches(event):
+            continue
+        key = window_key(meter, event)
+        state = states.get(key)
+        if state is None:
+            state = states[key] = agg.start()
+        try:
+            value = extract(event)
+        except InvalidValue:
+            continue
+        states[key] = agg.add(state, value, ts, event.idempotency_key)
+    return states, days
+
+
 def record_states(
     ch: ClickHouse,
     meters: MetersConfig,
@@ -50,16 +88,7 @@ def record_states(
 ) -> dict[WindowKey, WindowState]:
     """Every window of ``meter`` with events in [start, end), computed from the record
     (of ``customers`` only, when given)."""
-    events = [
-        UsageEvent(**row)
-        for row in queries.events_in_range(ch, customers, [meter.event_name], start_ms, end_ms)
-    ]
-    keys = set()
-    for event in events:
-        if meter.matches(event):
-            ws, _ = meter.window_bounds(event.timestamp_ms)
-            keys.add(WindowKey(meter.name, event.customer_id, meter.group_key(event), ws))
-    return recompute_windows(meters, keys, events)
+    return read_record(ch, meters, meter, start_ms, end_ms, customers)[0]
 
 
 def stored_states(
@@ -151,12 +180,13 @@ def reconcile_meter(
     *,
     fix: bool,
     customers: Sequence[str] | None = None,
-) -> tuple[list[Difference], dict[WindowKey, WindowState]]:
+) -> tuple[list[Difference], dict[WindowKey, WindowState], Counter[tuple[str, int]]]:
     """Differences between stored windows and the record for windows in [start, end)
-    (of ``customers`` only, when given)."""
-    record = record_states(ch, meters, meter, start_ms, end_ms, customers)
+    (of ``customers`` only, when given); the record's states and its events per
+    (customer, day) (:func:`read_record`)."""
+    record, days = read_record(ch, meters, meter, start_ms, end_ms, customers)
     stored = stored_states(ch, meter, start_ms, end_ms, customers)
     diffs = compare(meter, record, stored)
     if fix:
         repair(ch, meters, record, diffs)
-    return diffs, record
+    return diffs, record, days

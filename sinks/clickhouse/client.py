@@ -215,6 +215,11 @@ class ClickHouse:
         )
         return [tuple(_utc(v) for v in row) for row in result.result_rows]
 
+    def query_plain_rows(self, sql: str) -> list[Sequence[Any]]:
+        """Rows as the driver returns them, for queries that select no DateTime column
+        (nothing to make timezone-aware): large reads skip a conversion per value."""
+        return self._call(lambda: list(self._client.query(sql).result_rows))
+
     def query_dicts(
         self,
         sql: str,

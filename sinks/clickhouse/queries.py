@@ -292,6 +292,44 @@ def events_in_range_sql(
     )
 
 
+def record_day_keys_sql(
+    event_name: str, customer_ids: Sequence[str], start_ms: int, end_ms: int
+) -> str:
+    """Events of ``event_name`` per (customer, UTC day) in [start_ms, end_ms), counted as
+    :func:`events_in_range_sql` reads them (one per key, the first ingested): what a
+    re-read of those days would hold."""
+    return (
+        "SELECT customer_id, intDiv(ts, 86400000) * 86400000 AS day_ms, count() AS n\n"
+        "FROM (\n"
+        "  SELECT customer_id, toUnixTimestamp64Milli(timestamp) AS ts FROM usage_events\n"
+        f"  WHERE customer_id IN {sql_string_list(customer_ids)}\n"
+        f"    AND event_name = {sql_string(event_name)}\n"
+        f"    AND timestamp >= {sql_ms(start_ms)} AND timestamp < {sql_ms(end_ms)}\n"
+        "  ORDER BY customer_id, idempotency_key, ingested_at\n"
+        "  LIMIT 1 BY customer_id, idempotency_key\n"
+        ")\n"
+        "GROUP BY customer_id, day_ms"
+    )
+
+
+def stored_day_totals_sql(
+    meter: str, customer_ids: Sequence[str], start_ms: int, end_ms: int
+) -> str:
+    """One meter's stored windows (latest versions) starting in [start_ms, end_ms), merged
+    per (customer, UTC day) like the views merge them (all groups together)."""
+    inner = latest_windows_sql(_key_filters(meter, None, start_ms, end_ms, customer_ids))
+    return (
+        "SELECT customer_id, intDiv(toUnixTimestamp64Milli(window_start), 86400000)"
+        " * 86400000 AS day_ms,\n"
+        f"    {MERGED_VALUE_SQL} AS value,\n"
+        "    toUInt64(sum(w_event_count)) AS event_count\n"
+        "FROM\n(\n"
+        f"{textwrap.indent(inner, '    ')}\n"
+        ")\n"
+        "GROUP BY customer_id, day_ms, aggregation"
+    )
+
+
 def meter_customers_sql(meter: str, event_name: str, start_ms: int, end_ms: int) -> str:
     """Customers with an event of ``event_name`` in [start_ms, end_ms) in the record, or a
     window of ``meter`` starting in it in meter_windows: everyone a reconciliation of
@@ -447,12 +485,51 @@ def events_in_range(
         return []
     if event_names is not None and not event_names:
         return []
-    rows = ch.query_dicts(events_in_range_sql(customer_ids, event_names, start_ms, end_ms))
-    for row in rows:
-        row["timestamp_ms"] = int(row["timestamp_ms"])
-        row["properties"] = loads_exact(row["properties"]) if row["properties"] else {}
-        row["key_derived"] = bool(row["key_derived"])
-    return rows
+    sql = events_in_range_sql(customer_ids, event_names, start_ms, end_ms)
+    return [
+        {
+            "event_name": name,
+            "customer_id": customer,
+            "idempotency_key": key,
+            "timestamp_ms": int(ts),
+            "properties": loads_exact(properties) if properties else {},
+            "key_derived": bool(derived),
+            "fingerprint": fingerprint,
+        }
+        for name, customer, key, ts, properties, derived, fingerprint in ch.query_plain_rows(sql)
+    ]
+
+
+DAY_CHECK_CUSTOMERS = 500  # customers per query of day_check (SQL text stays small)
+
+
+def day_check(
+    ch: ClickHouse,
+    meter: str,
+    event_name: str,
+    customer_ids: Sequence[str],
+    start_ms: int,
+    end_ms: int,
+) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], tuple[Decimal, int]]]:
+    """For each (customer, UTC day) in [start_ms, end_ms): the record's events of
+    ``event_name`` (:func:`record_day_keys_sql`) and the meter's stored windows merged
+    (value, event count; :func:`stored_day_totals_sql`). Days without any are absent."""
+    record: dict[tuple[str, int], int] = {}
+    stored: dict[tuple[str, int], tuple[Decimal, int]] = {}
+    ordered = sorted(set(customer_ids))
+    for i in range(0, len(ordered), DAY_CHECK_CUSTOMERS):
+        chunk = ordered[i : i + DAY_CHECK_CUSTOMERS]
+        for customer, day, n in ch.query_rows(
+            record_day_keys_sql(event_name, chunk, start_ms, end_ms)
+        ):
+            record[(str(customer), int(day))] = int(n)
+        for customer, day, value, count in ch.query_rows(
+            stored_day_totals_sql(meter, chunk, start_ms, end_ms)
+        ):
+            key = (str(customer), int(day))
+            # two rows for one day only if the meter's aggregation changed: never equal
+            stored[key] = (Decimal(-1), -1) if key in stored else (Decimal(value), int(count))
+    return record, stored
 
 
 def meter_customers(

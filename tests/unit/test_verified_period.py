@@ -5,14 +5,22 @@ its totals equal a full recompute of the record."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 from decimal import Decimal
 
 import yaml
 
-from pipeline.billing import DAY_MS, VerifiedPeriod, customer_totals, days_to_reverify
+from pipeline.aggregation import WindowState, aggregator_for
+from pipeline.billing import (
+    DAY_MS,
+    RecordDeltas,
+    VerifiedPeriod,
+    customer_totals,
+    days_to_reverify,
+)
 from pipeline.events import UsageEvent
 from pipeline.meters import Meter, parse_meters
-from pipeline.processor import WindowKey, recompute_windows, windows_of
+from pipeline.processor import WindowKey, contributions, recompute_windows, windows_of
 
 HOUR = 3_600_000
 P0 = 1_790_000_000_000 // DAY_MS * DAY_MS
@@ -97,3 +105,124 @@ def test_days_to_reverify_only_below_the_covered_range() -> None:
 def test_window_keys_are_whole_days_apart() -> None:
     key = WindowKey("tokens", "c", "{}", P0 + 23 * HOUR)
     assert (key.window_start_ms - key.window_start_ms % DAY_MS) == P0
+
+
+def record_events(record: list[UsageEvent], lo: int, hi: int, customers=None):  # type: ignore[no-untyped-def]
+    """What reconcile_meter counts: events per (customer, UTC day) in [lo, hi)."""
+    out: Counter[tuple[str, int]] = Counter()
+    for e in record:
+        if lo <= e.timestamp_ms < hi and (customers is None or e.customer_id in customers):
+            out[(e.customer_id, e.timestamp_ms // DAY_MS * DAY_MS)] += 1
+    return out
+
+
+def stored_days(meter: Meter, states):  # type: ignore[no-untyped-def]
+    """What day_check reads from meter_windows, for stored windows equal to ``states``."""
+    agg = aggregator_for(meter.aggregation)
+    merged: dict[tuple[str, int], WindowState] = {}
+    for key, state in states.items():
+        day = (key.customer_id, key.window_start_ms // DAY_MS * DAY_MS)
+        merged[day] = state if day not in merged else agg.merge(merged[day], state)
+    return {day: (agg.result(s), s.event_count) for day, s in merged.items()}
+
+
+def told(meter: Meter, deltas: RecordDeltas, batch: list[UsageEvent]) -> None:
+    """What Forwarder.record_changed does with one batch the worker inserted."""
+    for key, state in contributions(METERS, batch).states.items():
+        if key.meter == meter.name:
+            deltas.add(meter, key.customer_id, key.window_start_ms, state)
+    for e in batch:
+        deltas.count(e.customer_id, meter.window_bounds(e.timestamp_ms)[0])
+
+
+def test_deltas_keep_the_verified_state_equal_to_a_full_read() -> None:
+    """Rounds merge what the worker inserted (no re-read); the check against the record
+    and the stored windows finds nothing; the totals equal a full read throughout."""
+    rng = random.Random(11)
+    for meter in METERS.meters:
+        record = [event(rng, i, P0 + 6 * HOUR) for i in range(200)]
+
+        def closed(ms: int, meter: Meter = meter) -> int:  # as Forwarder.forward bounds a round
+            return meter.window_bounds(ms)[0]
+
+        upto = closed(P0 + 5 * HOUR)
+        verified = VerifiedPeriod(upto, 0.0)
+        verified.add(meter, record_states(meter, record, P0, upto), record_events(record, P0, upto))
+        deltas = RecordDeltas()
+        n = len(record)
+        for _ in range(30):
+            batch = [event(rng, n + j, upto + 3 * DAY_MS) for j in range(rng.randrange(0, 15))]
+            n += len(batch)
+            record += batch
+            told(meter, deltas, batch)
+            end = closed(upto + rng.choice([0, HOUR, 5 * HOUR, DAY_MS]))
+            taken = deltas.take(P0, verified.upto_ms)
+            verified.add_deltas(meter, taken)
+            days = taken.customer_days()
+            stored = stored_days(meter, record_states(meter, record, P0, verified.upto_ms))
+            counts = record_events(record, P0, verified.upto_ms)
+            assert verified.differing_days(meter, days, counts, stored) == set()
+            if end > verified.upto_ms:  # the newly closed windows: read, and no longer pending
+                lo = verified.upto_ms
+                verified.add(
+                    meter, record_states(meter, record, lo, end), record_events(record, lo, end)
+                )
+                deltas.discard(None, lo, end)
+                verified.upto_ms = end
+            upto = end
+            full = customer_totals(meter, record_states(meter, record, P0, end))
+            assert verified.totals(meter) == full, meter.name
+
+
+def test_the_check_finds_what_the_deltas_missed_and_a_reread_mends_it() -> None:
+    rng = random.Random(5)
+    meter = METERS.by_name("tokens")
+    upto = P0 + 6 * HOUR
+    record = [event(rng, i, upto) for i in range(100)]
+    verified = VerifiedPeriod(upto, 0.0)
+    verified.add(meter, record_states(meter, record, P0, upto), record_events(record, P0, upto))
+    deltas = RecordDeltas()
+    told_batch = [UsageEvent("chat", "c1", "t1", P0 + HOUR, {"tokens": 5, "model": "a"})]
+    # in the record, never told: another writer, or an insert the worker lost track of
+    untold = UsageEvent("chat", "c1", "u1", P0 + 2 * HOUR, {"tokens": 7, "model": "b"})
+    record += [*told_batch, untold]
+    told(meter, deltas, told_batch)
+    taken = deltas.take(P0, upto)
+    verified.add_deltas(meter, taken)
+    truth = record_states(meter, record, P0, upto)
+    counts = record_events(record, P0, upto)
+    day = ("c1", P0)
+    assert verified.differing_days(
+        meter, taken.customer_days(), counts, stored_days(meter, truth)
+    ) == {day}
+    # stored windows that went wrong are found too, with the record's count right
+    wrong = dict(truth)
+    key = next(k for k in truth if k.customer_id == "c1")
+    wrong[key] = WindowState(event_count=truth[key].event_count, value=Decimal(-1))
+    assert day in verified.differing_days(meter, {day}, counts, stored_days(meter, wrong))
+    # the re-read replaces the day: then nothing differs and the totals are the record's
+    verified.replace_days(
+        meter, P0, ["c1"], record_states(meter, record, P0, upto, ["c1"]),
+        record_events(record, P0, upto, ["c1"]),
+    )  # fmt: skip
+    assert verified.differing_days(meter, {day}, counts, stored_days(meter, truth)) == set()
+    assert verified.totals(meter) == customer_totals(meter, truth)
+
+
+def test_deltas_take_and_discard_by_window_start_and_customer() -> None:
+    meter = METERS.by_name("tokens")
+    deltas = RecordDeltas()
+    for customer, start in [("a", P0), ("a", P0 + HOUR), ("b", P0), ("b", P0 + DAY_MS)]:
+        deltas.add(meter, customer, start, WindowState(event_count=1, value=Decimal(1)))
+        deltas.count(customer, start)
+    deltas.add(meter, "a", P0, WindowState(event_count=2, value=Decimal(3)))
+    deltas.count("a", P0)
+    deltas.discard(["b"], P0, P0 + HOUR)  # b's first hour was just read
+    taken = deltas.take(P0, P0 + DAY_MS)
+    assert taken.states == {
+        ("a", P0): WindowState(event_count=3, value=Decimal(4)),
+        ("a", P0 + HOUR): WindowState(event_count=1, value=Decimal(1)),
+    }
+    assert taken.events == {("a", P0): 2, ("a", P0 + HOUR): 1}
+    assert taken.customer_days() == {("a", P0)}
+    assert deltas.customer_days() == {("b", P0 + DAY_MS)}  # not yet closed: still pending
