@@ -9,8 +9,8 @@ The app is built with exactly the arguments ``pipeline.app.create_app`` passes
 to ``faust.App`` (captured by calling it with ``faust.App`` patched), so a
 setting that raises Faust's ceiling raises this number and the pipeline's
 alike. The agent reads batches the way the worker does (``take_batches``, the
-pipeline's batch size and timeout; the worker's garbage-collector settings) and
-decodes every value with orjson; no tables, no sinks. When it has
+pipeline's batch size, timeout and backlog rule; the worker's garbage-collector
+settings) and decodes every value with orjson; no tables, no sinks. When it has
 seen EXPECTED_RECORDS it writes the timings to RESULT_JSON; the parent then
 stops it.
 """
@@ -49,7 +49,7 @@ def pipeline_app_arguments(settings: Any, bootstrap: str) -> tuple[tuple[Any, ..
 
 
 def main(result_path: str, expected: int) -> None:
-    from pipeline.batching import take_batches
+    from pipeline.batching import broker_backlog, take_batches
     from pipeline.settings import load_settings
     from pipeline.worker import tune_gc
     from topics import USAGE_EVENTS
@@ -73,7 +73,7 @@ def main(result_path: str, expected: int) -> None:
     @app.agent(source, name="bench.bare")
     async def bare(stream: Any) -> None:
         loads = orjson.loads
-        async for batch in take_batches(stream, batch_size, within):
+        async for batch in take_batches(stream, batch_size, within, broker_backlog(app)):
             if state["first"] is None:
                 state["first"] = time.time()
             for event in batch:

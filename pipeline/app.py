@@ -41,7 +41,7 @@ from faust.types import EventT
 
 from pipeline import processor
 from pipeline.aggregation import WindowState
-from pipeline.batching import take_batches
+from pipeline.batching import broker_backlog, take_batches
 from pipeline.chio import ClickHouseIO
 from pipeline.dedup import DedupEntry, DedupKey, RecordCoverage
 from pipeline.events import Reason, Rejection, UsageEvent
@@ -626,7 +626,10 @@ def create_app(
         # worker stops, Faust's background drainer then acks (and commits) events
         # it pulled but no batch ever processed: lost events on every SIGTERM.
         async for batch in take_batches(
-            stream.noack(), settings.clickhouse_flush_rows, settings.clickhouse_flush_seconds
+            stream.noack(),
+            settings.clickhouse_flush_rows,
+            settings.clickhouse_flush_seconds,
+            backlog=broker_backlog(app),
         ):
             await run_batch_to_completion(pipeline, batch)
 

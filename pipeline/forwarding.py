@@ -306,7 +306,7 @@ class Forwarder:
     # * Defence in depth: each period is re-read in full every FULL_VERIFY_SECONDS.
 
     def track_changes(self, record_lock: asyncio.Lock | None = None) -> None:
-        """The caller will report every record change (windows_changed); verify incrementally.
+        """The caller will report every record insert (record_changed); verify incrementally.
 
         ``record_lock`` is held by the writer between its record and meter_windows
         inserts; reconciliation takes it so it never sees one without the other.

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.batching import take_batches
+from pipeline.batching import BACKLOG_WAIT_FACTOR, broker_backlog, take_batches
 
 
 class FakeStream:
@@ -110,3 +110,60 @@ def test_a_batch_whose_processing_failed_is_never_acked() -> None:
     with pytest.raises(RuntimeError):
         asyncio.run(run())
     assert stream.acked == []
+
+
+def first_batch_after(stream: FakeStream, backlog: Any, within: float) -> tuple[int, float]:
+    """The size of the first batch and how long it took to come."""
+
+    async def run() -> tuple[int, float]:
+        started = time.monotonic()
+        async for batch in take_batches(stream, 100, within, backlog):
+            stream.should_stop = True
+            return len(batch), time.monotonic() - started
+        raise AssertionError("no batch")
+
+    return asyncio.run(run())
+
+
+def test_a_batch_goes_on_filling_while_the_broker_holds_enough_to_fill_it() -> None:
+    # 1 event per 2 ms: a 0.1 s timeout takes ~45; the broker holds the rest already
+    stream = FakeStream(list(range(300)), per_event_s=0.002)
+    size, waited = first_batch_after(stream, lambda evs: 300 - len(evs), within=0.1)
+    assert size == 100  # full, past the 0.1 s timeout
+    assert 0.1 < waited < 0.4  # and never longer than BACKLOG_WAIT_FACTOR x within
+
+
+def test_a_batch_closes_at_within_when_the_broker_holds_too_little() -> None:
+    stream = FakeStream(list(range(300)), per_event_s=0.002)
+    size, waited = first_batch_after(stream, lambda evs: 50, within=0.1)
+    assert size < 100
+    assert waited < 0.2
+
+
+def test_waiting_for_the_backlog_is_bounded() -> None:
+    # the broker claims a backlog the stream delivers too slowly to fill the batch
+    stream = FakeStream(list(range(300)), per_event_s=0.02)
+    size, waited = first_batch_after(stream, lambda evs: 10_000, within=0.05)
+    assert size < 100
+    assert waited < 0.05 * BACKLOG_WAIT_FACTOR + 0.1
+
+
+def test_broker_backlog_counts_records_behind_the_last_event_of_each_partition() -> None:
+    class Message:
+        def __init__(self, tp: str, offset: int) -> None:
+            self.tp, self.offset = tp, offset
+
+    class Event:
+        def __init__(self, tp: str, offset: int) -> None:
+            self.message = Message(tp, offset)
+
+    class App:
+        class consumer:  # the attribute name of a Faust app
+            @staticmethod
+            def highwater(tp: str) -> int | None:
+                return {"p0": 10, "p1": 5}.get(tp)
+
+    behind = broker_backlog(App())
+    events = [Event("p0", 3), Event("p1", 4), Event("p0", 6), Event("p2", 0)]
+    # p0: 10 - 7 = 3; p1: 5 - 5 = 0; p2: no high watermark known yet, 0
+    assert behind(events) == 3  # type: ignore[arg-type]

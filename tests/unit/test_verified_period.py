@@ -1,6 +1,7 @@
-"""Incremental verification state (pipeline/billing.py VerifiedPeriod): built from
-a full read, then updated with re-verified customer-days and newly closed windows,
-its totals equal a full recompute of the record."""
+"""Incremental verification state (pipeline/billing.py VerifiedPeriod, RecordDeltas):
+built from a full read, then updated with re-verified customer-days, newly closed
+windows and what the worker inserted, its totals equal a full recompute of the
+record, and the check against the record finds what the deltas missed."""
 
 from __future__ import annotations
 
