@@ -74,13 +74,17 @@ class VerifiedPeriod:
         events: Mapping[tuple[str, int], int] | None = None,
     ) -> None:
         """Merge the record's states of windows not yet in the buckets (and their events)."""
-        agg = aggregator_for(meter.aggregation)
-        for key, state in record.items():
-            bucket = (key.customer_id, day_of(key.window_start_ms))
-            base = self.buckets.get(bucket)
-            self.buckets[bucket] = state if base is None else agg.merge(base, state)
+        self._merge(meter, ((k.customer_id, k.window_start_ms, s) for k, s in record.items()))
         for bucket, n in (events or {}).items():
             self.events[bucket] = self.events.get(bucket, 0) + n
+
+    def _merge(self, meter: Meter, states: Iterable[tuple[str, int, WindowState]]) -> None:
+        """Merge (customer, window start, state) into the customer-day buckets."""
+        agg = aggregator_for(meter.aggregation)
+        for customer, window_start, state in states:
+            bucket = (customer, day_of(window_start))
+            base = self.buckets.get(bucket)
+            self.buckets[bucket] = state if base is None else agg.merge(base, state)
 
     def replace_days(
         self,
@@ -98,11 +102,7 @@ class VerifiedPeriod:
 
     def add_deltas(self, meter: Meter, deltas: RecordDeltas) -> None:
         """Merge what the worker inserted since (taken from :class:`RecordDeltas`)."""
-        agg = aggregator_for(meter.aggregation)
-        for (customer, window_start), state in deltas.states.items():
-            bucket = (customer, day_of(window_start))
-            base = self.buckets.get(bucket)
-            self.buckets[bucket] = state if base is None else agg.merge(base, state)
+        self._merge(meter, ((c, ws, s) for (c, ws), s in deltas.states.items()))
         for (customer, window_start), n in deltas.events.items():
             bucket = (customer, day_of(window_start))
             self.events[bucket] = self.events.get(bucket, 0) + n

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from pipeline.aggregation import WindowState, aggregator_for
-from pipeline.billing import DAY_MS
+from pipeline.billing import day_of
 from pipeline.events import UsageEvent
 from pipeline.meters import InvalidValue, Meter, MetersConfig
 from pipeline.processor import WindowKey, window_key
@@ -63,7 +63,7 @@ def read_record(
     for row in queries.events_in_range(ch, customers, [meter.event_name], start_ms, end_ms):
         event = UsageEvent(**row)
         ts = event.timestamp_ms
-        days[(event.customer_id, ts - ts % DAY_MS)] += 1
+        days[(event.customer_id, day_of(ts))] += 1
         if not matches(event):
             continue
         key = window_key(meter, event)

@@ -295,18 +295,15 @@ def events_in_range_sql(
 def record_day_keys_sql(
     event_name: str, customer_ids: Sequence[str], start_ms: int, end_ms: int
 ) -> str:
-    """Events of ``event_name`` per (customer, UTC day) in [start_ms, end_ms), counted as
-    :func:`events_in_range_sql` reads them (one per key, the first ingested): what a
+    """Events of ``event_name`` per (customer, UTC day) in [start_ms, end_ms), counted
+    over :func:`events_in_range_sql` itself (one per key, the first ingested): what a
     re-read of those days would hold."""
+    inner = events_in_range_sql(customer_ids, [event_name], start_ms, end_ms)
     return (
-        "SELECT customer_id, intDiv(ts, 86400000) * 86400000 AS day_ms, count() AS n\n"
+        "SELECT customer_id, intDiv(timestamp_ms, 86400000) * 86400000 AS day_ms,"
+        " count() AS n\n"
         "FROM (\n"
-        "  SELECT customer_id, toUnixTimestamp64Milli(timestamp) AS ts FROM usage_events\n"
-        f"  WHERE customer_id IN {sql_string_list(customer_ids)}\n"
-        f"    AND event_name = {sql_string(event_name)}\n"
-        f"    AND timestamp >= {sql_ms(start_ms)} AND timestamp < {sql_ms(end_ms)}\n"
-        "  ORDER BY customer_id, idempotency_key, ingested_at\n"
-        "  LIMIT 1 BY customer_id, idempotency_key\n"
+        f"{textwrap.indent(inner, '  ')}\n"
         ")\n"
         "GROUP BY customer_id, day_ms"
     )
