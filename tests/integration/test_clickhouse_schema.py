@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.aggregation import WindowState
 from pipeline.errors import ClickHouseError, MigrationError
 from pipeline.events import Reason, Rejection, UsageEvent
 from sinks.clickhouse import queries as q
@@ -501,6 +502,129 @@ def test_datetimes_come_back_aware_utc(db: ClickHouse) -> None:
     assert ingested == datetime(2024, 1, 31, 22, 0, 0, 1000, tzinfo=UTC)
     [row] = db.query_dicts("SELECT toUnixTimestamp64Milli(timestamp) AS t FROM usage_events")
     assert row == {"t": JAN31_22}
+
+
+def _driver_only(db: ClickHouse, monkeypatch: Any) -> list[str]:
+    """Record which inserts took the JSON block (raw_insert) path."""
+    taken: list[str] = []
+    raw_insert = db._client.raw_insert
+
+    def spy(table: str, *args: Any, **kwargs: Any) -> Any:
+        taken.append(table)
+        return raw_insert(table, *args, **kwargs)
+
+    monkeypatch.setattr(db._client, "raw_insert", spy)
+    return taken
+
+
+def test_json_columns_store_what_the_driver_stores(db: ClickHouse, monkeypatch: Any) -> None:
+    """The same rows through the JSON block and through the driver's Native path read
+    back identical, value for value, for the edge values of every hot column type."""
+    odd = 'q"uo\\te\n\u2028\u0000\t é😀'
+    taken = _driver_only(db, monkeypatch)
+
+    def events(prefix: str) -> list[UsageEvent]:
+        return [
+            event(f"{prefix}k1", tokens=Decimal("0.1000000000000000001")),
+            event(f"{prefix}{odd}", customer=odd, ts=0, note=odd),
+            event(f"{prefix}k3", ts=9_999_999_999_999, n=Decimal("-1E-9")),
+        ]
+
+    def windows(meter: str) -> list[tuple[Any, ...]]:
+        unique = WindowState(2, distinct={odd, ""})
+        latest = WindowState(1, Decimal("12345.5"), latest_ts=5, latest_key=odd)
+        return [
+            meter_window_row(
+                meter,
+                "sum",
+                "c1",
+                "{}",
+                0,
+                DAY,
+                WindowState(3),
+                2**63 - 1,
+                1,
+                value=Decimal("1E-9"),
+            ),
+            meter_window_row(
+                meter,
+                "unique_count",
+                odd,
+                odd,
+                JAN31_22,
+                JAN31_22 + DAY,
+                unique,
+                7,
+                JAN31_22,
+                value=Decimal("-99999999999999999999999999999.999999999"),
+            ),
+            meter_window_row(
+                meter,
+                "latest",
+                "c3",
+                "{}",
+                JAN31_22,
+                JAN31_22 + HOUR,
+                latest,
+                3,
+                JAN31_22,
+                value=Decimal("12345.5"),
+            ),
+        ]
+
+    db.insert(USAGE_EVENTS, [usage_event_row(e, 1) for e in events("j-")], USAGE_EVENTS_COLUMNS)
+    db.insert(METER_WINDOWS, windows("json"), METER_WINDOWS_COLUMNS)
+    assert taken == [USAGE_EVENTS, METER_WINDOWS]
+    driver = db._client.insert  # clickhouse-connect's own Native serialization
+    driver(USAGE_EVENTS, [usage_event_row(e, 1) for e in events("d-")], list(USAGE_EVENTS_COLUMNS))
+    driver(METER_WINDOWS, windows("driver"), list(METER_WINDOWS_COLUMNS))
+    assert taken == [USAGE_EVENTS, METER_WINDOWS]
+
+    def record(prefix: str) -> list[tuple[Any, ...]]:
+        return db.query_rows(
+            "SELECT substring(idempotency_key, 3) AS key, * EXCEPT idempotency_key"
+            f" FROM usage_events WHERE startsWith(idempotency_key, '{prefix}') ORDER BY key"
+        )
+
+    def stored_windows(meter: str) -> list[tuple[Any, ...]]:
+        return db.query_rows(
+            f"SELECT * EXCEPT meter FROM meter_windows WHERE meter = '{meter}' ORDER BY aggregation"
+        )
+
+    assert len(record("j-")) == 3
+    assert record("j-") == record("d-")
+    assert len(stored_windows("json")) == 3
+    assert stored_windows("json") == stored_windows("driver")
+    [(ts, note)] = db.query_rows(
+        "SELECT timestamp, JSONExtractString(properties, 'note') FROM usage_events"
+        " WHERE customer_id = {odd:String} AND startsWith(idempotency_key, 'j-')",
+        {"odd": odd},
+    )
+    assert (ts, note) == (datetime(1970, 1, 1, tzinfo=UTC), odd)
+
+
+def test_rows_json_cannot_carry_go_through_the_driver(db: ClickHouse, monkeypatch: Any) -> None:
+    taken = _driver_only(db, monkeypatch)
+    before_1970 = datetime(1969, 12, 31, 23, 59, 59, tzinfo=UTC)
+    rows = [(before_1970, "too_late", "x", "{}", "c", "k", "")]
+    cols = ["received_at", "reason", "detail", "raw", "customer_id", "idempotency_key", "meter"]
+    db.insert(REJECTED_EVENTS, rows, cols)
+    assert taken == []
+    assert db.query_rows("SELECT received_at FROM rejected_events") == [(before_1970,)]
+    db.insert(REJECTED_EVENTS, [(datetime(2024, 1, 1, tzinfo=UTC), *rows[0][1:])], cols)
+    assert taken == [REJECTED_EVENTS]
+
+
+def test_a_table_changed_by_ddl_is_described_again(db: ClickHouse) -> None:
+    rows = [(datetime(2024, 1, 1, tzinfo=UTC), "too_late", "x", "{}", "c", "k", "")]
+    cols = ["received_at", "reason", "detail", "raw", "customer_id", "idempotency_key", "meter"]
+    db.insert(REJECTED_EVENTS, rows, cols)
+    db.command("ALTER TABLE rejected_events ADD COLUMN amount Decimal(38, 9)")
+    db.insert(REJECTED_EVENTS, [(*rows[0], Decimal("2.5"))], [*cols, "amount"])
+    assert db.query_rows("SELECT amount FROM rejected_events ORDER BY amount") == [
+        (Decimal(0),),
+        (Decimal("2.5"),),
+    ]
 
 
 # ---------------------------------------------------------------- read-only analyst queries
