@@ -50,8 +50,10 @@ from pipeline.kafka import client_options, shorten_fetch_wait
 from pipeline.meters import MetersConfig
 from pipeline.settings import Settings
 from pipeline.state import (
+    DecodedValues,
     RocksDBMemory,
     delete_by_partition,
+    returns_stored_objects,
     table_options,
     table_reader,
     write_by_partition,
@@ -138,10 +140,15 @@ class Pipeline:
         self._window_coverage: WindowCoverage | None = None
         self._window_coverage_epoch: tuple[int, int | None] = (-1, None)
         self._coverage_epoch: tuple[int, int | None] = (-1, None)
+        # Window states decoded in the last two batches (memory store only: see
+        # DecodedValues; a RocksDB read decodes new objects every time).
+        self._decoded_windows = DecodedValues() if returns_stored_objects(self.windows) else None
 
     def new_epoch(self) -> None:
         """Partitions were assigned or revoked: nothing is covered until checked again."""
         self.epoch += 1
+        if self._decoded_windows is not None:
+            self._decoded_windows.clear()  # not needed to be right: frees revoked windows
 
     # -- the batch -------------------------------------------------------------------
 
@@ -239,10 +246,16 @@ class Pipeline:
                 aggs = self.meters.aggregators
                 encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
                 table_states: dict[processor.WindowKey, WindowState] = {}
+                window_cache = self._decoded_windows
                 for wkey in deltas:
-                    raw = windows_get(encoded[wkey])
-                    if raw is not None:
-                        table_states[wkey] = aggs[wkey.meter].load(raw)
+                    raw_key = encoded[wkey]
+                    raw = windows_get(raw_key)
+                    if raw is None:
+                        continue
+                    load = aggs[wkey.meter].load
+                    table_states[wkey] = (
+                        load(raw) if window_cache is None else window_cache.get(raw_key, raw, load)
+                    )
                 absent = [k for k in deltas if k not in table_states]
                 new_windows = await self._new_windows(absent, coverage, generation)
                 rebuild = {k for k in absent if k not in (new_windows or ())} | uncounted_windows
@@ -283,13 +296,18 @@ class Pipeline:
         ]
         window_items: dict[bytes, Any] = {}
         window_partitions: dict[bytes, int] = {}
+        window_cache = self._decoded_windows
         for wkey in new_states:
             raw_key = encoded[wkey]
             window_items[raw_key] = window_dumps[wkey]
             window_partitions[raw_key] = partition_of_customer[wkey.customer_id]
+            if window_cache is not None:
+                window_cache.put(raw_key, window_dumps[wkey], new_states[wkey])
         # Windows before dedup keys: a key must never say "counted" while its
         # window update could still be lost (each write returns once acknowledged).
         await self._write_table(self.windows, window_items, window_partitions, context)
+        if window_cache is not None:
+            window_cache.rotate()
         if window_coverage is not None and self._window_coverage is window_coverage:
             for wkey in added_windows:
                 window_coverage.written(wkey.customer_id, wkey.window_start_ms)

@@ -124,6 +124,51 @@ def table_reader(table: Any) -> Callable[[bytes], Any]:
     return read
 
 
+class DecodedValues:
+    """Values decoded from a table, reused while the table holds the very object they
+    were decoded from.
+
+    Each batch reads every window it touches from the windows table and decodes it
+    (``Aggregator.load``: a ``unique_count`` window is a set of hundreds of strings);
+    most of them were written by the batch before. On the memory store
+    :func:`table_reader` returns the stored object itself, so a cached entry is valid
+    exactly while ``stored is`` the object it came from: a value replaced by anything
+    else (a recovery, a repair, another write) is decoded again. The entry keeps the
+    object alive, so its identity cannot be reused. Decoded values must never be
+    mutated (window states are not: ``Aggregator.merge`` makes new ones).
+
+    Entries live for two batches (:meth:`rotate` after each): at most two batches'
+    windows are held besides the table.
+    """
+
+    def __init__(self) -> None:
+        self._new: dict[bytes, tuple[Any, Any]] = {}
+        self._old: dict[bytes, tuple[Any, Any]] = {}
+        self.hits = 0
+
+    def get(self, key: bytes, stored: Any, decode: Callable[[Any], Any]) -> Any:
+        hit = self._new.get(key) or self._old.get(key)
+        if hit is not None and hit[0] is stored:
+            self.hits += 1
+            return hit[1]
+        return decode(stored)
+
+    def put(self, key: bytes, stored: Any, decoded: Any) -> None:
+        self._new[key] = (stored, decoded)
+
+    def rotate(self) -> None:
+        self._old, self._new = self._new, {}
+
+    def clear(self) -> None:
+        self._new.clear()
+        self._old.clear()
+
+
+def returns_stored_objects(table: Any) -> bool:
+    """Whether :func:`table_reader` gives back the stored objects (the memory store)."""
+    return type(getattr(table.data, "data", None)) is dict
+
+
 def write_by_partition(
     table: TableT[Any, Any],
     items: Mapping[bytes, Any],
@@ -241,6 +286,10 @@ async def write_by_partition_batched(
     topic = table.changelog_topic
     name = topic.get_topic_name()
     encode_key, encode_value = changelog_encoders(table)
+    # the memory store's __setitem__ is its dict's (as in table_reader); RocksDB's
+    # picks the partition database from the event context set below
+    plain = getattr(table.data, "data", None)
+    store_value = plain.__setitem__ if type(plain) is dict else table.data.__setitem__
     by_partition: dict[int, list[bytes]] = {}
     for key in items:
         by_partition.setdefault(partition_of[key], []).append(key)
@@ -251,7 +300,7 @@ async def write_by_partition_batched(
             batch, count = producer.create_batch(), 0
             for key in keys:
                 value = items[key]
-                table.data[key] = value
+                store_value(key, value)
                 raw_key, raw_value = encode_key(key), encode_value(value)
                 if batch.append(key=raw_key, value=raw_value, timestamp=None) is None:
                     sent.append(

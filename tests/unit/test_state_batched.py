@@ -202,3 +202,42 @@ def test_table_reader_answers_as_table_get(tmp_path: Any) -> None:
     assert read(b"a") == ["fp", 1] and read(b"missing") is None
     table.data[b"b"] = {"later": True}  # the same store, not a copy
     assert read(b"b") == {"later": True}
+
+
+def test_decoded_values_are_reused_only_for_the_very_stored_object() -> None:
+    from pipeline.state import DecodedValues
+
+    decodes: list[object] = []
+
+    def decode(stored: dict[str, int]) -> tuple[int]:
+        decodes.append(stored)
+        return (stored["n"],)
+
+    cache = DecodedValues()
+    first = {"n": 1}
+    assert cache.get(b"k", first, decode) == (1,)  # nothing cached: decoded
+    cache.put(b"k", first, (1,))
+    cache.rotate()
+    assert cache.get(b"k", first, decode) == (1,)  # the same object: reused
+    assert cache.get(b"k", {"n": 1}, decode) == (1,)  # an equal, other object: decoded
+    replaced = {"n": 2}
+    assert cache.get(b"k", replaced, decode) == (2,)  # e.g. recovered or repaired
+    assert decodes == [first, {"n": 1}, replaced]
+    assert cache.hits == 1
+
+
+def test_decoded_values_live_two_batches_and_clear() -> None:
+    from pipeline.state import DecodedValues
+
+    def never(stored: object) -> object:
+        return "decoded"
+
+    cache, stored = DecodedValues(), object()
+    cache.put(b"k", stored, "cached")
+    cache.rotate()
+    assert cache.get(b"k", stored, never) == "cached"
+    cache.rotate()
+    assert cache.get(b"k", stored, never) == "decoded"  # two batches without a write
+    cache.put(b"k", stored, "cached")
+    cache.clear()
+    assert cache.get(b"k", stored, never) == "decoded"
