@@ -75,12 +75,12 @@ def main(result_path: str, expected: int) -> None:
         loads = orjson.loads
         async for batch in take_batches(stream, batch_size, within, broker_backlog(app)):
             if state["first"] is None:
-                state["first"] = time.time()
+                state["first"], state["cpu_first"] = time.time(), time.process_time()
             for event in batch:
                 loads(event.message.value)
             state["n"] += len(batch)
             state["batches"] += 1
-            state["last"] = time.time()
+            state["last"], state["cpu_last"] = time.time(), time.process_time()
             if state["n"] >= expected and not state["done"]:
                 state["done"] = True
                 tmp = Path(result_path + ".tmp")
@@ -91,6 +91,7 @@ def main(result_path: str, expected: int) -> None:
                             "batches": state["batches"],
                             "first_batch_at": state["first"],
                             "last_batch_at": state["last"],
+                            "cpu_seconds": state["cpu_last"] - state["cpu_first"],
                             "batch_size": batch_size,
                             "within": within,
                             "app_kwargs": sorted(kwargs),

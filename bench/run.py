@@ -180,6 +180,7 @@ def run_bare_faust(stack: StackEnv, expected: int) -> dict[str, Any]:
     data = json.loads(result.read_text())
     seconds = data["last_batch_at"] - data["first_batch_at"]
     data.update(seconds=seconds, rate=data["records"] / seconds)
+    data["cpu_us_per_record"] = 1e6 * data["cpu_seconds"] / data["records"]
     return data
 
 
@@ -214,11 +215,17 @@ class Spy:
             self.proc.kill()
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far, all its threads (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_pipeline(worker: Worker, load: Load, profile: Path | None) -> dict[str, Any]:
     """Wait until the worker has processed every record; events/s first batch -> last window."""
     healthy_at = time.time()
     spy = Spy(worker.proc.pid, profile) if profile else None
-    first_done = done = 0.0
+    first_done = done = cpu_first = cpu_done = 0.0
     last_n, last_change = -1.0, time.monotonic()
     rss_peak_seen = 0
     try:
@@ -227,9 +234,9 @@ def measure_pipeline(worker: Worker, load: Load, profile: Path | None) -> dict[s
             n = worker.metrics().get("meterstream_events_in_total", 0.0)
             now = time.time()
             if n and not first_done:
-                first_done = now
+                first_done, cpu_first = now, process_cpu_seconds(worker.proc.pid)
             if n >= load.events:
-                done = now
+                done, cpu_done = now, process_cpu_seconds(worker.proc.pid)
                 break
             if n != last_n:
                 last_n, last_change = n, time.monotonic()
@@ -256,6 +263,9 @@ def measure_pipeline(worker: Worker, load: Load, profile: Path | None) -> dict[s
         "seconds": done - first,
         "rate": load.events / (done - first),
         "first_consumed_source": source,
+        # every thread of the worker, chdb's included, from the first batch counted
+        "cpu_seconds": cpu_done - cpu_first,
+        "cpu_us_per_record": 1e6 * (cpu_done - cpu_first) / load.events,
         "worker_metrics": {k: v for k, v in metrics.items() if k.startswith("meterstream_")},
     }
 
@@ -546,11 +556,13 @@ def table(results: dict[str, Any]) -> list[str]:
         (
             "(a) bare Faust ceiling",
             f"{bare['rate']:,.0f} records/s "
-            f"(take_batches {bare['batch_size']}, within {bare['within']} s)",
+            f"(take_batches {bare['batch_size']}, within {bare['within']} s; "
+            f"CPU {bare['cpu_us_per_record']:.0f} us/record)",
         ),
         (
             "(b) pipeline first batch->last window",
-            f"{pipe['rate']:,.0f} records/s ({pipe['seconds']:.1f} s)",
+            f"{pipe['rate']:,.0f} records/s ({pipe['seconds']:.1f} s; "
+            f"CPU {pipe['cpu_us_per_record']:.0f} us/record, all threads)",
         ),
         (
             "    self-check",
