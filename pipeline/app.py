@@ -59,6 +59,7 @@ from pipeline.state import (
     write_by_partition,
     write_by_partition_batched,
 )
+from pipeline.sweep import HorizonSweep, customer_of_dedup_key
 from pipeline.window_coverage import WindowCoverage
 from sinks.clickhouse import queries, writer
 from topics import USAGE_EVENTS, USAGE_EVENTS_DLQ
@@ -72,6 +73,7 @@ RecordListener = Callable[
 """Told each batch's inserted events, their window states and windows counted from the record."""
 END_MARKER = b"\x00meterstream:end-of-batch"
 SWEEP_EVERY_SECONDS = 60.0
+SWEEP_SLICE_SECONDS = 0.02  # of each batch, while a sweep pass runs
 
 
 def now_ms() -> int:
@@ -125,7 +127,12 @@ class Pipeline:
             self.rocksdb_memory = RocksDBMemory(settings.rocksdb_block_cache_mb)
             for table in (self.dedup, self.windows):
                 self.rocksdb_memory.install(table)
-        self._last_sweep = time.monotonic()
+        self._sweep = HorizonSweep(
+            self.dedup,
+            self.windows,
+            every_seconds=SWEEP_EVERY_SECONDS,
+            slice_seconds=SWEEP_SLICE_SECONDS,
+        )
         self.gaps: GapFiller | None = None
         # Which customers' unknown keys need no record lookup (pipeline/dedup.py);
         # rebuilt on every rebalance (``epoch``) and consumer generation.
@@ -149,6 +156,7 @@ class Pipeline:
         self.epoch += 1
         if self._decoded_windows is not None:
             self._decoded_windows.clear()  # not needed to be right: frees revoked windows
+        self._sweep.reset()  # its iterators may read revoked partitions
 
     # -- the batch -------------------------------------------------------------------
 
@@ -322,8 +330,8 @@ class Pipeline:
         if coverage is not None and self._coverage is coverage:
             for event in counted_now:
                 coverage.written(event.customer_id, event.timestamp_ms)
-        if time.monotonic() - self._last_sweep > SWEEP_EVERY_SECONDS:
-            self._sweep(received, context)
+        if self._sweep.running or self._sweep.due():
+            self._sweep_slice(received, context)
         await self.app.producer.flush()
         if self.settings.changelog_end_markers:
             await self._end_markers(
@@ -534,23 +542,25 @@ class Pipeline:
             )
         return rows
 
-    def _sweep(self, now: int, context: dict[int, EventT]) -> None:
-        """Forget dedup keys and window states older than the horizon (tombstones)."""
-        self._last_sweep = time.monotonic()
-        cutoff = now - self.horizon_ms
-        old_keys = [k for k, v in self.dedup.items() if DedupEntry.load(v).timestamp_ms < cutoff]
-        old_windows = [
-            k for k in self.windows if processor.WindowKey.decode(k).window_start_ms < cutoff
-        ]
+    def _sweep_slice(self, now: int, context: dict[int, EventT]) -> None:
+        """Forget dedup keys and window states older than the horizon (tombstones), one
+        slice of a pass per batch (pipeline/sweep.py)."""
+        sweep = self._sweep
+        if not sweep.running:
+            cutoff = now - self.horizon_ms
+            # Floors first: from now on a key below the cutoff may be gone from the
+            # table, so it is looked up in the record (windows: recomputed).
+            if self._coverage is not None:
+                self._coverage.swept(cutoff)
+            if self._window_coverage is not None:
+                self._window_coverage.swept(cutoff)
+            sweep.start(cutoff)
+        old_keys, old_windows = sweep.step()
         n = self.settings.partitions
-        partition_of = {k: customer_partition(orjson.loads(k)[0], n) for k in old_keys} | {
+        partition_of = {k: customer_partition(customer_of_dedup_key(k), n) for k in old_keys} | {
             k: customer_partition(processor.WindowKey.decode(k).customer_id, n) for k in old_windows
         }
         deleted = delete_by_partition(self.dedup, old_keys, partition_of, context)
-        if self._coverage is not None:
-            self._coverage.swept(cutoff)
-        if self._window_coverage is not None:
-            self._window_coverage.swept(cutoff)
         deleted += delete_by_partition(self.windows, old_windows, partition_of, context)
         if deleted:
             log.info("expired %d dedup keys and window states older than the horizon", deleted)
