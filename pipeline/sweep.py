@@ -9,8 +9,9 @@ with the horizon. Here a pass runs for at most ``slice_seconds`` per batch and
 resumes where it stopped in the next one.
 
 - The memory store's tables are dicts that the batches keep writing, so a pass
-  iterates a copy of their items taken when it starts (a C-speed copy of
-  references). RocksDB iterators read a consistent view while the batches write.
+  iterates a copy of their keys taken when it starts (a C-speed copy of
+  references) and reads each value when its turn comes. RocksDB iterators read a
+  consistent view while the batches write.
 - Keys written after a pass started are newer than its cutoff, so a pass that
   misses them loses nothing; the next pass sees them.
 - The caller raises the coverages' floors to the cutoff before the first key is
@@ -93,9 +94,15 @@ class HorizonSweep:
 
 def _items(table: Any) -> Iterator[tuple[bytes, Any]]:
     plain = getattr(table.data, "data", None)
-    if type(plain) is dict:  # the memory store: a copy, the batches write the dict
-        return iter(list(plain.items()))
-    return iter(table.items())
+    if type(plain) is not dict:
+        yield from table.items()
+        return
+    # the memory store: the batches write the dict, so a copy of its keys (a
+    # reference each), each value read when its turn comes (gone: skipped)
+    for key in list(plain):
+        value = plain.get(key)
+        if value is not None:
+            yield key, value
 
 
 def customer_of_dedup_key(key: bytes) -> str:
