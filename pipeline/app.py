@@ -53,13 +53,13 @@ from pipeline.state import (
     DecodedValues,
     RocksDBMemory,
     delete_by_partition,
-    returns_stored_objects,
+    memory_store_dict,
     table_options,
     table_reader,
     write_by_partition,
     write_by_partition_batched,
 )
-from pipeline.sweep import HorizonSweep, customer_of_dedup_key
+from pipeline.sweep import HorizonSweep
 from pipeline.window_coverage import WindowCoverage
 from sinks.clickhouse import queries, writer
 from topics import USAGE_EVENTS, USAGE_EVENTS_DLQ
@@ -149,7 +149,9 @@ class Pipeline:
         self._coverage_epoch: tuple[int, int | None] = (-1, None)
         # Window states decoded in the last two batches (memory store only: see
         # DecodedValues; a RocksDB read decodes new objects every time).
-        self._decoded_windows = DecodedValues() if returns_stored_objects(self.windows) else None
+        self._decoded_windows = (
+            DecodedValues() if memory_store_dict(self.windows) is not None else None
+        )
 
     def new_epoch(self) -> None:
         """Partitions were assigned or revoked: nothing is covered until checked again."""
@@ -304,7 +306,6 @@ class Pipeline:
         ]
         window_items: dict[bytes, Any] = {}
         window_partitions: dict[bytes, int] = {}
-        window_cache = self._decoded_windows
         for wkey in new_states:
             raw_key = encoded[wkey]
             window_items[raw_key] = window_dumps[wkey]
@@ -557,7 +558,9 @@ class Pipeline:
             sweep.start(cutoff)
         old_keys, old_windows = sweep.step()
         n = self.settings.partitions
-        partition_of = {k: customer_partition(customer_of_dedup_key(k), n) for k in old_keys} | {
+        partition_of = {
+            k: customer_partition(DedupKey.decode(k).customer_id, n) for k in old_keys
+        } | {
             k: customer_partition(processor.WindowKey.decode(k).customer_id, n) for k in old_windows
         }
         deleted = delete_by_partition(self.dedup, old_keys, partition_of, context)

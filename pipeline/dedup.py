@@ -42,6 +42,12 @@ class DedupKey(NamedTuple):
         """The dedup table key (JSON text, UTF-8)."""
         return json_key([self.customer_id, self.idempotency_key])
 
+    @classmethod
+    def decode(cls, raw: bytes) -> DedupKey:
+        """Inverse of :meth:`encode`."""
+        customer_id, idempotency_key = orjson.loads(raw)
+        return cls(str(customer_id), str(idempotency_key))
+
 
 class DedupEntry(NamedTuple):
     """What the dedup table remembers of a counted event."""
@@ -119,7 +125,7 @@ class RecordCoverage:
         counts: dict[str, int] = {}
         for key, value in items:
             if DedupEntry.load(value).timestamp_ms >= cutoff_ms:
-                customer = str(orjson.loads(key)[0])
+                customer = DedupKey.decode(key).customer_id
                 counts[customer] = counts.get(customer, 0) + 1
         return cls(cutoff_ms, counts)
 

@@ -112,8 +112,8 @@ def table_reader(table: Any) -> Callable[[bytes], Any]:
     ``__getitem__`` does, without the exception. For tables without a default.
     """
     store = table.data
-    plain = getattr(store, "data", None)
-    if type(plain) is dict:  # faust.stores.memory.Store
+    plain = memory_store_dict(table)
+    if plain is not None:
         return plain.get
     get, encode, decode = store._get, store._encode_key, store._decode_value
 
@@ -164,9 +164,11 @@ class DecodedValues:
         self._old.clear()
 
 
-def returns_stored_objects(table: Any) -> bool:
-    """Whether :func:`table_reader` gives back the stored objects (the memory store)."""
-    return type(getattr(table.data, "data", None)) is dict
+def memory_store_dict(table: Any) -> dict[Any, Any] | None:
+    """The dict of a table on Faust's memory store (``faust.stores.memory.Store``), which
+    keeps values as given: read, written and iterated directly. None on other stores."""
+    plain = getattr(table.data, "data", None)
+    return plain if type(plain) is dict else None
 
 
 def write_by_partition(
@@ -288,8 +290,8 @@ async def write_by_partition_batched(
     encode_key, encode_value = changelog_encoders(table)
     # the memory store's __setitem__ is its dict's (as in table_reader); RocksDB's
     # picks the partition database from the event context set below
-    plain = getattr(table.data, "data", None)
-    store_value = plain.__setitem__ if type(plain) is dict else table.data.__setitem__
+    plain = memory_store_dict(table)
+    store_value = table.data.__setitem__ if plain is None else plain.__setitem__
     by_partition: dict[int, list[bytes]] = {}
     for key in items:
         by_partition.setdefault(partition_of[key], []).append(key)

@@ -26,10 +26,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import orjson
-
 from pipeline.dedup import DedupEntry
 from pipeline.processor import WindowKey
+from pipeline.state import memory_store_dict
 
 CHECK_CLOCK_EVERY = 512  # entries between looks at the clock
 
@@ -93,8 +92,8 @@ class HorizonSweep:
 
 
 def _items(table: Any) -> Iterator[tuple[bytes, Any]]:
-    plain = getattr(table.data, "data", None)
-    if type(plain) is not dict:
+    plain = memory_store_dict(table)
+    if plain is None:
         yield from table.items()
         return
     # the memory store: the batches write the dict, so a copy of its keys (a
@@ -103,8 +102,3 @@ def _items(table: Any) -> Iterator[tuple[bytes, Any]]:
         value = plain.get(key)
         if value is not None:
             yield key, value
-
-
-def customer_of_dedup_key(key: bytes) -> str:
-    """The customer id of a dedup table key (``DedupKey.encode``: a JSON array)."""
-    return str(orjson.loads(key)[0])

@@ -7,7 +7,7 @@ from typing import Any
 
 from pipeline.dedup import DedupEntry, DedupKey
 from pipeline.processor import WindowKey
-from pipeline.sweep import CHECK_CLOCK_EVERY, HorizonSweep, customer_of_dedup_key
+from pipeline.sweep import CHECK_CLOCK_EVERY, HorizonSweep
 
 CUTOFF = 1_000_000
 
@@ -85,7 +85,7 @@ def test_a_pass_finds_exactly_the_expired_entries_in_bounded_slices() -> None:
     assert keys == old_keys
     assert found_windows == old_windows - {gone}
     assert slices >= 12  # one clock check per CHECK_CLOCK_EVERY entries ends a slice
-    assert {customer_of_dedup_key(k) for k in keys} == {f"c{i}" for i in range(7)}
+    assert {DedupKey.decode(k).customer_id for k in keys} == {f"c{i}" for i in range(7)}
 
 
 def test_a_store_read_through_items_gives_the_same_answer() -> None:
