@@ -12,7 +12,7 @@ ClickHouse, ``clickhouse/``), the Faust tables (``faust/``), key hashes
 - A state dir made earlier with looser modes (an older meterstream, or files copied
   in) is tightened when ``run``, ``worker`` or ``keys`` start: group and other bits
   are removed from the dir and every entry in it this user owns, with one line on
-  stderr saying so. Symbolic links are not followed.
+  stderr saying so. Symbolic links in it are not followed.
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ class Tightened:
 
 
 def make_private(path: Path) -> Tightened:
-    """Remove group and other permissions from ``path`` and everything in it."""
+    """Remove group and other permissions from ``path`` and everything in it (``path``
+    itself may be a symbolic link to the state dir; links inside are not followed)."""
     result = Tightened()
-    if not path.is_dir() or path.is_symlink():
+    path = path.resolve()
+    if not path.is_dir():
         return result
     uid = os.getuid()
 

@@ -188,11 +188,14 @@ def _routes(
         return run
 
     def reader(request: Request) -> ApiKey | None:
-        # A key that is sent always counts (a restricted key stays restricted, a bad one
-        # is 401), also where reads need none (loopback).
-        if settings.reads_need_key or "Authorization" in request.headers:
+        if settings.reads_need_key:
             return bearer_key(request, keys)
-        return None
+        # Loopback: no key is needed, but a valid key that is sent keeps its customer
+        # restriction (one this worker does not know is as good as none).
+        try:
+            return bearer_key(request, keys) if "Authorization" in request.headers else None
+        except Denied:
+            return None
 
     @app.page("/healthz")
     class Health(View):

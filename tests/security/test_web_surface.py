@@ -461,7 +461,17 @@ def stall(port: int, host: str, path: str, key: str | None, mode: str) -> tuple[
             )
         except (OSError, http.client.HTTPException) as exc:
             reply = f"no answer: {exc!r}"
-    return time.monotonic() - start, reply
+        seconds = time.monotonic() - start
+        if isinstance(reply, Reply):  # and the server closes the connection (after lingering)
+            sock.settimeout(20)
+            try:
+                while sock.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+            except TimeoutError:
+                reply = "the connection stayed open after the answer"
+    return seconds, reply
 
 
 def test_a_stalled_body_times_out_while_others_are_served(surface: Surface) -> None:
