@@ -16,7 +16,11 @@
 
 The two reads of customer data need a key too, unless the server listens on
 loopback only (``METERSTREAM_API_READ_AUTH``). A key restricted to a customer
-sends and reads that customer only, and cannot run SQL.
+sends and reads that customer only, and cannot run SQL (on loopback too, when sent).
+
+Every route is behind pipeline/webguard.py: the Host check (DNS rebinding) before
+any handler, 404 for any route not registered here (Faust's own views), and the
+request body timeout that ``read_body`` applies.
 """
 
 from __future__ import annotations

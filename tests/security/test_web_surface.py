@@ -539,6 +539,31 @@ def test_a_client_that_goes_away_is_no_traceback(surface: Surface) -> None:
     assert all(len(line) < 300 for line in added.splitlines()), added[-3000:]
 
 
+def test_a_malformed_request_is_a_400_and_one_line(surface: Surface) -> None:
+    log_before = len(surface.worker.log())
+    host = ("Host", surface.host)
+    json_type = ("Content-Type", "application/json")
+    chunked = ("Transfer-Encoding", "chunked")
+    bad: list[tuple[str, list[tuple[str, str]], bytes]] = [
+        ("POST /v1/sql HTTP/1.1", [host, json_type, chunked], b"zz\r\n{}\r\n0\r\n\r\n"),
+        ("POST /v1/sql HTTP/1.1", [host, json_type, chunked], b"2\r\n{}XX0\r\n\r\n"),
+        ("POST /v1/sql HTTP/1.1", [host, json_type, ("Content-Length", "x")], b"{}"),
+        ("GET /metrics HTTP/1.1", [host, ("Bad Header", "x")], b""),
+        ("GET /metrics HTTP/1.1", [host, ("X-Long", "y" * 20000)], b""),
+        ("GET /metrics HTTP/1.1", [host, ("Host", "attacker.example")], b""),
+        ("GET /metrics HTTP/9.9", [host], b""),
+        ("GET /metrics\x00 HTTP/1.1", [host], b""),
+    ]
+    for head, headers, body in bad:
+        reply = send(surface.port, head, [*headers, ("Connection", "close")], body)
+        assert reply.status == 400, (head, headers[-1][0], reply.status, reply.body[:100])
+    time.sleep(0.5)
+    added = surface.worker.log()[log_before:]
+    assert "Traceback" not in added, added[-3000:]
+    assert len(added.splitlines()) <= len(bad), added[-3000:]
+    assert all(len(line) < 400 for line in added.splitlines()), added[-3000:]
+
+
 # -- keys ------------------------------------------------------------------------------
 
 
