@@ -35,14 +35,8 @@ class ClientFaultsInOneLine(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError | ConnectionError):
             detail = " ".join(str(getattr(exc, "message", "") or exc).split())[:200]
-            record.msg, record.args = (
-                "%s: %s: %s",
-                (
-                    record.getMessage(),
-                    type(exc).__name__,
-                    detail,
-                ),
-            )
+            said = record.getMessage().replace("Error handling request", "a bad request", 1)
+            record.msg, record.args = "%s: %s: %s", (said, type(exc).__name__, detail)
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
