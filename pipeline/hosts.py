@@ -29,6 +29,7 @@ The rules (:meth:`HostPolicy.refusal`):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
@@ -69,6 +70,7 @@ def _name(text: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=256)  # a server sees few distinct Host values
 def parse_authority(value: str) -> Authority | None:
     """``Host``-header syntax (RFC 9110 §7.2): a name, IPv4 or ``[IPv6]``, an optional port."""
     match = _AUTHORITY.fullmatch(value.strip(" \t"))
