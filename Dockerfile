@@ -37,7 +37,8 @@ RUN groupadd --system --gid 10001 meterstream \
  && useradd --system --uid 10001 --gid meterstream --home-dir /var/lib/meterstream \
         --no-create-home --shell /usr/sbin/nologin meterstream \
  && mkdir -p /var/lib/meterstream /var/lib/meterstream-keys /etc/meterstream \
- && chown meterstream:meterstream /var/lib/meterstream /var/lib/meterstream-keys
+ && chown meterstream:meterstream /var/lib/meterstream /var/lib/meterstream-keys \
+ && chmod 0700 /var/lib/meterstream /var/lib/meterstream-keys
 
 COPY --from=build /opt/meterstream /opt/meterstream
 

@@ -58,6 +58,28 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
+MAX_CUSTOMER_ID = 200  # the event contract's customer_id: a string of 1-200 characters
+
+
+def customer_id_problem(customer_id: str) -> str | None:
+    """Why ``customer_id`` cannot restrict a key, or None.
+
+    The event contract's rule (1-200 characters), and no blank id, surrounding
+    whitespace or control characters: those are typos (``--customer "$UNSET"``), and
+    a restriction nobody's events carry is useless. An empty id must never mean "every
+    customer".
+    """
+    if not customer_id or not customer_id.strip():
+        return f"must be a customer_id (1-200 characters), not empty or blank: {customer_id!r}"
+    if len(customer_id) > MAX_CUSTOMER_ID:
+        return f"is {len(customer_id)} characters; a customer_id has at most {MAX_CUSTOMER_ID}"
+    if customer_id != customer_id.strip():
+        return f"{customer_id!r} has leading or trailing whitespace"
+    if any(not ch.isprintable() for ch in customer_id):
+        return f"{customer_id!r} has control characters"
+    return None
+
+
 def split_key(token: str) -> tuple[str, str] | None:
     """``msk_<id>_<secret>`` -> (id, secret), or None when it is not shaped like a key."""
     if not token.startswith(PREFIX):
@@ -131,13 +153,22 @@ class KeyStore:
         self._seen = None
 
     def create(self, name: str, customer_id: str | None = None) -> tuple[ApiKey, str]:
-        """A new key; returns it and the full key text, which is never stored."""
-        if not name.strip():
-            raise ConfigError(["key name: must not be empty"])
+        """A new key; returns it and the full key text, which is never stored.
+
+        ``customer_id=None`` is an unrestricted key; any string restricts it to that
+        customer and must be a valid customer_id (:func:`customer_id_problem`).
+        """
+        problems = ["key name: must not be empty"] if not name.strip() else []
+        if customer_id is not None:
+            problem = customer_id_problem(customer_id)
+            if problem is not None:
+                problems.append(f"--customer: {problem}")
+        if problems:
+            raise ConfigError(problems, source="the new key")
         keys = self._read()
         key_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
-        key = ApiKey(key_id, name, _hash(secret), _now(), customer_id or None)
+        key = ApiKey(key_id, name, _hash(secret), _now(), customer_id)
         keys[key_id] = key
         self._write(keys)
         return key, f"{PREFIX}{key_id}_{secret}"

@@ -600,6 +600,11 @@ def create_app(
     """The worker's Faust app with its agent; web routes are added by pipeline.web."""
     app = faust.App(
         settings.app_id,
+        # Faust's settings come from meterstream's settings only. Faust would otherwise
+        # read generic environment variables (WEB_BIND, WEB_HOST, APP_WEB_TABLES_ENABLED,
+        # PROCESSING_GUARANTEE, ...) and let them override the values below: WEB_BIND=0.0.0.0
+        # left over in a shell would serve customer data beyond loopback without a key.
+        env={},
         broker=f"kafka://{bootstrap}",
         broker_credentials=kafka_credentials(settings),
         store="rocksdb://" if settings.store == "rocksdb" else "memory://",
@@ -611,6 +616,14 @@ def create_app(
         web_port=settings.web_port,
         web_bind=settings.web_host,
         web_in_thread=False,
+        # None of Faust's own views (/table shows table data, /router the cluster, /stats,
+        # /graph, /performance internals; none asks for a key). The index at / has no
+        # setting: pipeline/webguard.py answers 404 for every route web.py did not add.
+        web_tables_enabled=False,
+        web_router_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_metrics_enabled=False,
         consumer_auto_offset_reset="earliest",
         producer_linger_ms=5,
         producer_max_batch_size=256 * 1024,

@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError, MeterstreamError
 from pipeline.settings import Settings, load_settings
+from pipeline.statedir import private_umask
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -23,10 +24,21 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings(**overrides)
 
 
+def _private_state_dir(settings: Settings) -> None:
+    """Tighten a state dir made earlier with looser modes (see pipeline/statedir.py)."""
+    from pipeline.statedir import make_private, notice
+
+    line = notice(settings.state_dir, make_private(settings.state_dir))
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.run import run_stack
 
-    return run_stack(_settings(args), demo=args.demo, duration=args.duration, rate=args.rate)
+    settings = _settings(args)
+    _private_state_dir(settings)
+    return run_stack(settings, demo=args.demo, duration=args.duration, rate=args.rate)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -35,7 +47,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     tune_allocator()  # before the worker's modules and buffers fill the heap
     from pipeline.worker import main
 
-    return main(_settings(args))
+    settings = _settings(args)
+    _private_state_dir(settings)
+    return main(settings)
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -58,9 +72,10 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_stripe_emulator(args: argparse.Namespace) -> int:
+    from pipeline.hosts import split_list
     from sinks.stripe.emulator import run_emulator
 
-    run_emulator(args.host, args.port)
+    run_emulator(args.host, args.port, split_list(args.allowed_hosts))
     return 0
 
 
@@ -120,6 +135,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from pipeline.apikeys import KeyStore
 
     settings = _settings(args)
+    _private_state_dir(settings)
     store = KeyStore(Path(args.file) if args.file else settings.keys_file)
     if args.keys_command == "create":
         key, text = store.create(args.name, args.customer)
@@ -169,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other hosts")
     p.add_argument("--port", type=int, default=12111)
+    p.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="host names (comma-separated) to answer to besides loopback and, "
+        "beyond loopback, IP addresses; others get 421",
+    )
     p.set_defaults(func=cmd_stripe_emulator)
 
     p = sub.add_parser("produce", parents=[common], help="send JSON-lines events to usage-events")
@@ -226,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything is written: what meterstream and its children create (the state
+    # dir, keys, logs, the record in chdb, Faust's tables) is private to this user.
+    private_umask()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -23,6 +23,25 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc).decode()
 
 
+class ClientFaultsInOneLine(logging.Filter):
+    """aiohttp's server logs a request a client got wrong (a broken request line,
+    header or chunked body) as ERROR with a traceback, so any client could fill the
+    log with them. Such a record becomes one INFO line; a fault of the server (any
+    other exception) keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError | ConnectionError):
+            detail = " ".join(str(getattr(exc, "message", "") or exc).split())[:200]
+            said = record.getMessage().replace("Error handling request", "a bad request", 1)
+            record.msg, record.args = "%s: %s: %s", (said, type(exc).__name__, detail)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def configure_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
@@ -33,6 +52,9 @@ def configure_logging(fmt: str = "auto", level: int = logging.INFO) -> None:
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientFaultsInOneLine) for f in server.filters):
+        server.addFilter(ClientFaultsInOneLine())
     root.setLevel(logging.INFO if os.environ.get("METERSTREAM_DEBUG") else logging.WARNING)
     logging.getLogger("meterstream").setLevel(
         logging.DEBUG if os.environ.get("METERSTREAM_DEBUG") else level

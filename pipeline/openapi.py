@@ -153,6 +153,32 @@ SCHEMAS: dict[str, Any] = {
 
 
 def document() -> dict[str, Any]:
+    """The OpenAPI document, with what the guard in front of every route answers."""
+    return _guard_responses(_routes_document())
+
+
+def _guard_responses(doc: dict[str, Any]) -> dict[str, Any]:
+    """What pipeline/webguard.py answers before a route's handler runs: 421 (a name the
+    server does not answer to) and 400 (no or a malformed Host) on every route but
+    /healthz; 408 where a body is read and does not arrive in time."""
+    for path, item in doc["paths"].items():
+        if path == "/healthz":
+            continue
+        for operation in item.values():
+            responses = operation["responses"]
+            responses.setdefault(
+                "421",
+                _error("Not a host name this server answers to (METERSTREAM_WEB_ALLOWED_HOSTS)."),
+            )
+            responses.setdefault("400", _error("No Host header, or a malformed one."))
+            if "requestBody" in operation:
+                responses.setdefault(
+                    "408", _error("The body did not arrive within the body timeout.")
+                )
+    return doc
+
+
+def _routes_document() -> dict[str, Any]:
     key_required: list[dict[str, list[str]]] = [{"apiKey": []}]
     return {
         "openapi": "3.1.0",

@@ -13,6 +13,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipeline.errors import ConfigError
+from pipeline.hosts import parse_allowed, split_list
 
 DEFAULT_STATE_DIR = Path(".meterstream")
 STRIPE_API_BASE = "https://api.stripe.com"
@@ -69,6 +70,10 @@ class Settings(BaseSettings):
     rocksdb_block_cache_mb: int = Field(default=32, ge=4, le=65536)
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=0, le=65535)
+    # Host names the web server answers to besides loopback (and, off loopback, any IP
+    # address): comma-separated names, ".example.com" for a domain and its subdomains,
+    # "*" for any. Other names get 421 (DNS rebinding; see pipeline/hosts.py).
+    web_allowed_hosts: str = ""
     log_format: Literal["auto", "json", "text"] = "auto"
 
     # Web API
@@ -78,6 +83,8 @@ class Settings(BaseSettings):
     # web server listens on loopback only (the embedded default); required = always.
     api_read_auth: Literal["auto", "required"] = "auto"
     api_max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # A request body must have arrived this long after the handler starts reading it (408).
+    api_body_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     # The key the CLI (`meterstream sql`, `usage`) sends to a worker that requires one.
     api_key: SecretStr | None = None
     # End each batch's changelog writes with a one-record batch (see Pipeline._end_markers).
@@ -108,12 +115,24 @@ class Settings(BaseSettings):
             raise ValueError("must start with chdb://, http:// or https://")
         return value
 
+    @field_validator("web_allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, value: str) -> str:
+        _, problems = parse_allowed(split_list(value))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
 
     @property
     def keys_file(self) -> Path:
         return self.api_keys_file or self.state_dir / "api_keys.json"
+
+    @property
+    def allowed_hosts(self) -> list[str]:
+        return split_list(self.web_allowed_hosts)
 
     @property
     def reads_need_key(self) -> bool:

@@ -16,12 +16,18 @@
 
 The two reads of customer data need a key too, unless the server listens on
 loopback only (``METERSTREAM_API_READ_AUTH``). A key restricted to a customer
-sends and reads that customer only, and cannot run SQL.
+sends and reads that customer only, and cannot run SQL (on loopback too, when sent).
+
+Every route is behind pipeline/webguard.py: the Host check (DNS rebinding) before
+any handler, 404 for any route not registered here (Faust's own views), and the
+request body timeout that ``read_body`` applies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -29,8 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 import faust
 import orjson
+from aiohttp.web import RequestPayloadError
 from faust.web import Request, Response, View
 
+from pipeline import webguard
 from pipeline.apikeys import ApiKey, KeyStore
 from pipeline.chio import ClickHouseIO
 from pipeline.errors import DependencyError, StripeError
@@ -47,6 +55,7 @@ if TYPE_CHECKING:
     from pipeline.forwarding import Forwarder
 
 ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
+log = logging.getLogger("meterstream.web")
 
 
 def _default(obj: Any) -> Any:
@@ -79,7 +88,7 @@ def parse_time(text: str | None) -> int | None:
 
 
 class Denied(Exception):
-    """An early answer (401, 403, 413, 415) with a JSON body."""
+    """An early answer (400, 401, 403, 408, 413, 415) with a JSON body."""
 
     def __init__(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(error)
@@ -89,6 +98,7 @@ class Denied(Exception):
 
 
 UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="meterstream"'}
+CLOSE = {"Connection": "close"}
 
 
 def bearer_key(request: Request, keys: KeyStore) -> ApiKey:
@@ -101,7 +111,13 @@ def bearer_key(request: Request, keys: KeyStore) -> ApiKey:
 
 
 async def read_body(request: Any, limit: int) -> bytes:
-    """The body as JSON bytes, or 415 (not JSON) / 413 (over ``limit``)."""
+    """The body as JSON bytes, or 415 (not JSON) / 413 (over ``limit``) / 408 (not all
+    there within the body timeout, ``METERSTREAM_API_BODY_TIMEOUT_SECONDS``: a body that
+    stalls or trickles holds a handler no longer than that).
+
+    A client that goes away mid-body is one line at INFO, not a traceback (its 400
+    reaches nobody but the metrics).
+    """
     if request.content_type != "application/json":
         raise Denied(415, "Content-Type must be application/json")
     length = request.content_length
@@ -109,15 +125,43 @@ async def read_body(request: Any, limit: int) -> bytes:
         raise Denied(413, f"body is {length} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            raise Denied(413, f"body is over the {limit}-byte limit")
-        chunks.append(chunk)
+    seconds = webguard.body_timeout(request)
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                size += len(chunk)
+                if size > limit:
+                    raise Denied(413, f"body is over the {limit}-byte limit")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Denied(408, f"the request body did not arrive within {seconds:g} s", CLOSE) from None
+    except ConnectionError as exc:
+        log.info("%s %s: the client went away mid-body (%s)", request.method, request.path, exc)
+        raise Denied(400, "the client closed the connection mid-body", CLOSE) from None
+    except RequestPayloadError as exc:  # e.g. broken chunked encoding
+        raise Denied(400, f"malformed request body: {exc}", CLOSE) from None
     return b"".join(chunks)
 
 
 def register(
+    app: faust.App,
+    settings: Settings,
+    chio: ClickHouseIO,
+    metrics: Metrics,
+    ready: ReadyCheck,
+    publisher: EventPublisher,
+    keys: KeyStore,
+    forwarder: Forwarder | None = None,
+) -> None:
+    """meterstream's routes, behind the guard of pipeline/webguard.py (Host check, no
+    other route served, body timeout)."""
+    _routes(app, settings, chio, metrics, ready, publisher, keys, forwarder)
+    webguard.install(
+        app, settings, lambda status: metrics.api_requests.inc(route="guard", status=str(status))
+    )
+
+
+def _routes(
     app: faust.App,
     settings: Settings,
     chio: ClickHouseIO,
@@ -148,7 +192,14 @@ def register(
         return run
 
     def reader(request: Request) -> ApiKey | None:
-        return bearer_key(request, keys) if settings.reads_need_key else None
+        if settings.reads_need_key:
+            return bearer_key(request, keys)
+        # Loopback: no key is needed, but a valid key that is sent keeps its customer
+        # restriction (one this worker does not know is as good as none).
+        try:
+            return bearer_key(request, keys) if "Authorization" in request.headers else None
+        except Denied:
+            return None
 
     @app.page("/healthz")
     class Health(View):

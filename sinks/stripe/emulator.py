@@ -68,6 +68,14 @@ Test controls live under ``/_emulator``: accepted events, stats, reset,
 customer registry, fault injection (429/500 with a seeded RNG, latency) and a
 per-second rate limit. Faults are injected before anything is recorded: a
 faulted request accepts nothing.
+
+The controls need no key, and the accepted events carry customer ids and usage,
+so the emulator is guarded like the worker's web server (pipeline/hosts.py): it
+answers only to loopback names (plus IP addresses and ``--allowed-hosts`` names
+when it listens beyond loopback), so a web page cannot reach it by DNS rebinding;
+and a control that changes something (POST, DELETE) needs ``Content-Type:
+application/json``, which a cross-site page cannot send without a CORS preflight
+that the emulator does not grant.
 """
 
 from __future__ import annotations
@@ -91,6 +99,9 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from aiohttp import web
+
+from pipeline.hosts import HostPolicy, split_list
+from pipeline.webguard import host_check
 
 MAX_IDENTIFIER_LENGTH = 100
 MAX_EVENT_NAME_LENGTH = 100
@@ -1117,11 +1128,31 @@ async def emulator_customers(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- app
 
 
+@web.middleware
+async def _controls_take_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A change through ``/_emulator`` must be JSON: no cross-site form or text/plain post."""
+    if (
+        request.path.startswith("/_emulator/")
+        and request.method not in ("GET", "HEAD", "OPTIONS")
+        and request.content_type != "application/json"
+    ):
+        message = "The /_emulator controls take Content-Type: application/json."
+        return ApiError(415, message).response()
+    return await handler(request)
+
+
 def create_emulator_app(
-    *, faults: FaultConfig | None = None, clock: Clock = time.time
+    *,
+    faults: FaultConfig | None = None,
+    clock: Clock = time.time,
+    hosts: HostPolicy | None = None,
 ) -> web.Application:
-    """The emulator as an aiohttp app (v1, v2 and ``/_emulator`` routes on one base)."""
-    app = web.Application(middlewares=[_api_middleware])
+    """The emulator as an aiohttp app (v1, v2 and ``/_emulator`` routes on one base).
+
+    ``hosts``: the names it answers to (default: loopback names only)."""
+    if hosts is None:
+        hosts = emulator_hosts("127.0.0.1")
+    app = web.Application(middlewares=[host_check(hosts), _controls_take_json, _api_middleware])
     app[STATE_KEY] = EmulatorState(clock=clock, initial_faults=faults or FaultConfig())
     app.add_routes(
         [
@@ -1150,18 +1181,25 @@ def create_emulator_app(
     return app
 
 
+def emulator_hosts(bind_host: str, allowed: Iterable[str] = ()) -> HostPolicy:
+    """The names an emulator bound to ``bind_host`` answers to (pipeline/hosts.py)."""
+    return HostPolicy.for_server(bind_host, allowed, hint="stripe-emulator --allowed-hosts")
+
+
 async def serve_emulator(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
     faults: FaultConfig | None = None,
     clock: Clock = time.time,
+    allowed_hosts: Iterable[str] = (),
 ) -> tuple[web.AppRunner, int]:
     """Start the emulator on the running loop.
 
     Returns the runner (stop it with ``await runner.cleanup()``) and the bound port.
     """
-    runner = web.AppRunner(create_emulator_app(faults=faults, clock=clock), access_log=None)
+    app = create_emulator_app(faults=faults, clock=clock, hosts=emulator_hosts(host, allowed_hosts))
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -1169,9 +1207,12 @@ async def serve_emulator(
     return runner, actual_port
 
 
-def run_emulator(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+def run_emulator(
+    host: str = "127.0.0.1", port: int = DEFAULT_PORT, allowed_hosts: Iterable[str] = ()
+) -> None:
     """Serve the emulator until interrupted (blocking; for the CLI)."""
-    web.run_app(create_emulator_app(), host=host, port=port, access_log=None)
+    app = create_emulator_app(hosts=emulator_hosts(host, allowed_hosts))
+    web.run_app(app, host=host, port=port, access_log=None)
 
 
 class BackgroundEmulator:
@@ -1267,9 +1308,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Local Stripe Billing meter API emulator")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--allowed-hosts", default="", help="names to answer to besides loopback")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        run_emulator(args.host, args.port)
+        run_emulator(args.host, args.port, split_list(args.allowed_hosts))
 
 
 if __name__ == "__main__":
