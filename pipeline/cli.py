@@ -60,7 +60,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_stripe_emulator(args: argparse.Namespace) -> int:
     from sinks.stripe.emulator import run_emulator
 
-    run_emulator(args.host, args.port)
+    run_emulator(args.host, args.port, args.state_file)
     return 0
 
 
@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other hosts")
     p.add_argument("--port", type=int, default=12111)
+    p.add_argument("--state-file", help="keep meters and meter events in this file across restarts")
     p.set_defaults(func=cmd_stripe_emulator)
 
     p = sub.add_parser("produce", parents=[common], help="send JSON-lines events to usage-events")

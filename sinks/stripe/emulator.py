@@ -64,6 +64,11 @@ v2 ``v2.billing.meter_event_adjustment`` has ``id`` and ``created``. Errors:
   Stripe documents the 24-hour limit but no code or message for these cases,
   so these messages are the emulator's own.
 
+With a state file (``--state-file``, what ``meterstream run`` uses) the
+emulator keeps what an account keeps across restarts (meters, meter events,
+identifiers, customers, idempotent replies; sinks/stripe/emulator_journal.py);
+without one (tests' ``BackgroundEmulator``) it starts empty.
+
 Test controls live under ``/_emulator``: accepted events, stats, reset,
 customer registry, fault injection (429/500 with a seeded RNG, latency) and a
 per-second rate limit. Faults are injected before anything is recorded: a
@@ -78,6 +83,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import os
 import random
 import re
 import secrets
@@ -88,9 +94,12 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
+
+from sinks.stripe.emulator_journal import Journal
 
 MAX_IDENTIFIER_LENGTH = 100
 MAX_EVENT_NAME_LENGTH = 100
@@ -223,15 +232,78 @@ class EmulatorState:
     stats: Stats = field(default_factory=Stats)
     rate_window: tuple[int, int] = (0, 0)
     seq: itertools.count[int] = field(default_factory=itertools.count)
+    journal: Journal | None = None
 
     def __post_init__(self) -> None:
         self.set_faults(self.initial_faults)
+
+    # -- persistence (``--state-file``; sinks/stripe/emulator_journal.py) ---------------
+    #
+    # What a Stripe account keeps is journaled: meters, meter events (with their
+    # cancellations), the customer registry, idempotent replies, v2 sessions and
+    # the v2 error report. Identifiers seen are the events' identifiers, so they
+    # are rebuilt from the events. Counters (``/_emulator/stats``), fault settings
+    # and the rate-limit window start afresh with each process.
+
+    def log(self, op: str, **fields: Any) -> None:
+        """Journal one change (before the request that made it is answered)."""
+        if self.journal is not None:
+            self.journal.append({"op": op, **fields})
+
+    def records(self) -> list[dict[str, Any]]:
+        """The current state as journal records (what compaction writes)."""
+        out: list[dict[str, Any]] = [{"op": "meter", "meter": m} for m in self.meters.values()]
+        out += [{"op": "event", "event": asdict(e)} for e in self.events]
+        if self.customers:
+            out.append({"op": "customers", "ids": sorted(self.customers)})
+        out += [
+            {"op": "idempotency", "key": k, "value": list(v)} for k, v in self.idempotency.items()
+        ]
+        out += [{"op": "session", "token": t, "expires": x} for t, x in self.sessions.items()]
+        out += [{"op": "error", "error": e} for e in self.errors]
+        return out
+
+    def restore(self, records: Iterable[dict[str, Any]]) -> None:
+        """Replay journal records (from :meth:`records` and :meth:`log`)."""
+        by_seq: dict[int, _Event] = {}
+        for record in records:
+            op = record["op"]
+            if op == "meter":
+                self.meters[record["meter"]["id"]] = record["meter"]
+            elif op == "event":
+                event = _Event(**record["event"])
+                self.events.append(event)
+                by_seq[event.seq] = event
+            elif op == "cancel":
+                cancelled = by_seq[record["seq"]]
+                cancelled.cancelled, cancelled.cancelled_at = True, record["at"]
+            elif op == "customers":
+                self.customers = set(record["ids"])
+            elif op == "idempotency":
+                at, fingerprint, status, text = record["value"]
+                self.idempotency[record["key"]] = (at, fingerprint, status, text)
+            elif op == "session":
+                self.sessions[record["token"]] = record["expires"]
+            elif op == "error":
+                self.errors.append(record["error"])
+            elif op == "reset":
+                self.reset(journal=False)
+                by_seq.clear()
+            else:
+                raise ValueError(f"unknown emulator journal record {op!r}")
+        now = self.clock()
+        self.identifiers = {e.identifier: e.received_at for e in self.events}
+        self.sessions = {t: x for t, x in self.sessions.items() if x > now}
+        self.seq = itertools.count(max((e.seq for e in self.events), default=-1) + 1)
+        self.prune(now)
 
     def set_faults(self, faults: FaultConfig) -> None:
         self.faults = faults
         self.rng = random.Random(faults.seed)
 
-    def reset(self) -> None:
+    def reset(self, journal: bool = True) -> None:
+        if journal:
+            self.log("reset")
         self.meters.clear()
         self.events.clear()
         self.identifiers.clear()
@@ -467,7 +539,9 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
     # failed validation, or was faulted or rate limited, is not.
     if key and 200 <= response.status < 300 and isinstance(response, web.Response):
         assert response.text is not None
-        state.idempotency[key] = (state.clock(), fingerprint, response.status, response.text)
+        saved_reply = (state.clock(), fingerprint, response.status, response.text)
+        state.idempotency[key] = saved_reply
+        state.log("idempotency", key=key, value=list(saved_reply))
     return response
 
 
@@ -554,6 +628,7 @@ async def create_meter(request: web.Request) -> web.Response:
         "value_settings": {"event_payload_key": value_key},
     }
     state.meters[meter["id"]] = meter
+    state.log("meter", meter=meter)
     return web.json_response(meter)
 
 
@@ -577,6 +652,7 @@ async def deactivate_meter(request: web.Request) -> web.Response:
     meter = _get_meter(state, request.match_info["id"])
     now = int(state.clock())
     meter.update(status="inactive", updated=now, status_transitions={"deactivated_at": now})
+    state.log("meter", meter=meter)
     return web.json_response(meter)
 
 
@@ -695,6 +771,7 @@ def _ingest(
         api=api,
     )
     state.events.append(event)
+    state.log("event", event=asdict(event))
     state.stats.accepted += 1
     return event
 
@@ -803,6 +880,7 @@ async def create_session(request: web.Request) -> web.Response:
     token = f"meter_session_{secrets.token_urlsafe(24)}"
     expires = now + SESSION_TTL_SECONDS
     state.sessions[token] = expires
+    state.log("session", token=token, expires=expires)
     return web.json_response(
         {
             "id": _new_id("mes"),
@@ -859,9 +937,9 @@ async def meter_event_stream(request: web.Request) -> web.Response:
             if err.duplicate:
                 continue
             state.stats.rejected_other += 1
-            state.errors.append(
-                {"identifier": item["identifier"], "code": err.code, "message": err.message}
-            )
+            report = {"identifier": item["identifier"], "code": err.code, "message": err.message}
+            state.errors.append(report)
+            state.log("error", error=report)
     return web.json_response({})
 
 
@@ -909,6 +987,7 @@ def _cancel_event(state: EmulatorState, *, event_name: str, identifier: str, par
         )
     event.cancelled = True
     event.cancelled_at = now
+    state.log("cancel", seq=event.seq, at=now)
     state.stats.cancelled += 1
     return event
 
@@ -1109,8 +1188,10 @@ async def emulator_customers(request: web.Request) -> web.Response:
         if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
             raise ApiError(400, 'Body must be {"ids": ["cus_...", ...]}.')
         state.customers.update(ids)
+        state.log("customers", ids=sorted(state.customers))
     elif request.method == "DELETE":
         state.customers.clear()
+        state.log("customers", ids=[])
     return web.json_response({"ids": sorted(state.customers)})
 
 
@@ -1118,11 +1199,35 @@ async def emulator_customers(request: web.Request) -> web.Response:
 
 
 def create_emulator_app(
-    *, faults: FaultConfig | None = None, clock: Clock = time.time
+    *,
+    faults: FaultConfig | None = None,
+    clock: Clock = time.time,
+    state_file: str | os.PathLike[str] | None = None,
 ) -> web.Application:
-    """The emulator as an aiohttp app (v1, v2 and ``/_emulator`` routes on one base)."""
+    """The emulator as an aiohttp app (v1, v2 and ``/_emulator`` routes on one base).
+
+    With ``state_file`` the state survives restarts (an account does not forget):
+    it is read and compacted here, every change is journaled before its request
+    is answered, and the file is locked against a second emulator until the app
+    is cleaned up. Without it (tests) the state lives in memory only.
+    """
     app = web.Application(middlewares=[_api_middleware])
-    app[STATE_KEY] = EmulatorState(clock=clock, initial_faults=faults or FaultConfig())
+    state = EmulatorState(clock=clock, initial_faults=faults or FaultConfig())
+    app[STATE_KEY] = state
+    if state_file is not None:
+        journal = Journal(Path(state_file)).open()
+        try:
+            state.restore(journal.read())
+            journal.compact(state.records())
+        except BaseException:
+            journal.close()
+            raise
+        state.journal = journal
+
+        async def close_journal(app: web.Application) -> None:
+            journal.close()
+
+        app.on_cleanup.append(close_journal)
     app.add_routes(
         [
             web.post("/v1/billing/meters", create_meter),
@@ -1156,12 +1261,14 @@ async def serve_emulator(
     *,
     faults: FaultConfig | None = None,
     clock: Clock = time.time,
+    state_file: str | os.PathLike[str] | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Start the emulator on the running loop.
 
     Returns the runner (stop it with ``await runner.cleanup()``) and the bound port.
     """
-    runner = web.AppRunner(create_emulator_app(faults=faults, clock=clock), access_log=None)
+    app = create_emulator_app(faults=faults, clock=clock, state_file=state_file)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -1169,9 +1276,18 @@ async def serve_emulator(
     return runner, actual_port
 
 
-def run_emulator(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
-    """Serve the emulator until interrupted (blocking; for the CLI)."""
-    web.run_app(create_emulator_app(), host=host, port=port, access_log=None)
+def run_emulator(
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    state_file: str | os.PathLike[str] | None = None,
+) -> None:
+    """Serve the emulator until interrupted (blocking; for the CLI).
+
+    ``state_file``: keep the state there across restarts (``meterstream run``
+    uses ``<state dir>/stripe-emulator.jsonl``).
+    """
+    app = create_emulator_app(state_file=state_file)
+    web.run_app(app, host=host, port=port, access_log=None)
 
 
 class BackgroundEmulator:
@@ -1187,11 +1303,13 @@ class BackgroundEmulator:
         *,
         faults: FaultConfig | None = None,
         clock: Clock = time.time,
+        state_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.host = host
         self._requested_port = port
         self._faults = faults
         self._clock = clock
+        self._state_file = state_file
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -1209,10 +1327,20 @@ class BackgroundEmulator:
         )
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(
-            serve_emulator(self.host, self._requested_port, faults=self._faults, clock=self._clock),
+            serve_emulator(
+                self.host,
+                self._requested_port,
+                faults=self._faults,
+                clock=self._clock,
+                state_file=self._state_file,
+            ),
             loop,
         )
-        self._runner, self.port = future.result(timeout=10)
+        try:
+            self._runner, self.port = future.result(timeout=10)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -1267,9 +1395,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Local Stripe Billing meter API emulator")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--state-file", help="keep the state in this file across restarts")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        run_emulator(args.host, args.port)
+        run_emulator(args.host, args.port, args.state_file)
 
 
 if __name__ == "__main__":
