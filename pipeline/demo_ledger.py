@@ -140,7 +140,8 @@ class RunLog:
         if not events:
             return
         if self._out is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.path.parent.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # demo/
+            self.path.parent.mkdir(exist_ok=True, mode=0o700)  # demo/runs/
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self._out = os.fdopen(fd, "a", encoding="utf-8")
         self._out.write("".join(canonical_json(e) + "\n" for e in events))

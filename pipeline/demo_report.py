@@ -108,6 +108,17 @@ class Check:
         return self.stripe_unchecked is None and not self.stripe_differences
 
 
+def round_covering(info: StripeMeter, window_ms: int, complete_ms: int, now_ms: int) -> int:
+    """The earliest start (ms) of a forward round whose totals are final at ``now_ms``.
+
+    Such a round started after the record held every event (``complete_ms``) and
+    after the last window that is due at ``now_ms`` (closed ``grace`` ago) closed
+    plus its grace, so it sent every due window with all its events.
+    """
+    closed = now_ms - info.grace_ms
+    return max(complete_ms, closed - closed % window_ms + info.grace_ms)
+
+
 def due_cutoffs(
     stripe_meters: Mapping[str, StripeMeter], forwarded_s: Mapping[str, float]
 ) -> dict[str, int]:

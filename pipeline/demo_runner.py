@@ -54,6 +54,7 @@ from pipeline.demo_report import (
     compare,
     fit,
     live_frame,
+    round_covering,
     summary_lines,
 )
 from pipeline.meters import MetersConfig
@@ -67,7 +68,7 @@ if TYPE_CHECKING:
 
 HISTORY_EVENTS = 2000
 RECORD_WAIT_SECONDS = 120.0  # after --duration: the worker catches up
-RECORD_WAIT_AFTER_CTRL_C = 30.0
+RECORD_WAIT_AFTER_CTRL_C = 60.0  # usually a second; a second Ctrl-C cuts it short
 RESEND_MARGIN_MS = 3_600_000  # resend only logs an hour younger than the dedup horizon
 TTY_REFRESH_SECONDS = 2.0
 PLAIN_REFRESH_SECONDS = 10.0
@@ -246,18 +247,18 @@ class DemoRun:
         if self.interrupted:
             if recorded:
                 self.screen.say(
-                    f"stopped: the record holds all {total:,} events of this run; the state dir "
-                    "keeps them and the next run adds to them"
+                    f"stopped: the record holds all {total:,} events of this run "
+                    "(the next run adds to them)"
                 )
             else:
                 self.screen.say(
-                    "stopped before the record held every event of this run: the next run "
-                    "resends them (same keys, so each counts once)"
+                    "stopped before the record held every event of this run:\n"
+                    "the next run resends them (same keys: each counts once)"
                 )
             return 0
         if not recorded:
             self.screen.say(
-                f"the record did not hold all {total:,} events after {RECORD_WAIT_SECONDS:.0f} s "
+                f"the record did not hold all {total:,} events after {RECORD_WAIT_SECONDS:.0f} s\n"
                 "(see worker.log); comparing anyway"
             )
         periods = sorted({period_label(start) for e in mine.values() for _, _, start in e.windows})
@@ -342,7 +343,7 @@ class DemoRun:
         timeout = RECORD_WAIT_AFTER_CTRL_C if self.interrupted else RECORD_WAIT_SECONDS
         if self.interrupted:
             self.screen.say(
-                "\nstopping: waiting for the record to hold this run's events "
+                "\nstopping: waiting until the record holds this run's events\n"
                 "(Ctrl-C again stops at once; the next run resends what is missing)"
             )
         deadline = time.monotonic() + timeout
@@ -369,6 +370,9 @@ class DemoRun:
         recorded: bool,
     ) -> int:
         stripe = await self._stripe_after(_now_ms(), periods)
+        if self.stop_requested.is_set():
+            self.screen.say("stopped before the summary (the state dir keeps everything)")
+            return 0
         known = dict(ledger.runs)
         if not recorded:
             known.update({run_id: _run_facts(expected) for run_id, expected in mine.items()})
@@ -443,7 +447,9 @@ class DemoRun:
                     {}, None, f"the worker's /metrics could not be read ({exc})", True
                 )
             ready = covered(gauges, _now_ms())
-            if not ready and (time.monotonic() >= deadline or self.stop_now.is_set()):
+            if self.stop_requested.is_set():
+                return StripeRead(gauges, None, "interrupted")
+            if not ready and time.monotonic() >= deadline:
                 return StripeRead(
                     gauges,
                     None,
@@ -468,12 +474,8 @@ class DemoRun:
             await asyncio.sleep(1)
 
     def _due_from(self, meter: str, complete_ms: int, now_ms: int) -> int:
-        """A round that started at or after this covers every window of ``meter`` that
-        is due at ``now_ms`` with every event of the record complete at ``complete_ms``."""
         info = self.stripe_meters[meter]
-        size = RULE_BY_METER[meter].window_ms
-        closed = now_ms - info.grace_ms
-        return max(complete_ms, closed - closed % size + info.grace_ms)
+        return round_covering(info, RULE_BY_METER[meter].window_ms, complete_ms, now_ms)
 
 
 @dataclass

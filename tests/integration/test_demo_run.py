@@ -67,6 +67,9 @@ def test_two_demo_runs_on_one_state_dir_match_and_a_real_difference_fails(
     state = tmp_path / "state"
     first_code, first = _finish(_demo(state, 20), state)
     assert first_code == 0, first
+    # The refused InitProducerId of the transaction probe is not an ERROR line.
+    assert '"level":"error"' not in (state / "worker.log").read_text(), first
+    assert "the broker has no transactions" in (state / "worker.log").read_text()
     summary = _summary(first)
     assert YES_CLICKHOUSE.search(summary), summary
     stripe_yes = YES_STRIPE.search(summary)
@@ -125,7 +128,7 @@ def test_two_demo_runs_on_one_state_dir_match_and_a_real_difference_fails(
     assert "Stripe equals the generator's closed windows (rounded): NO (1 of " in summary
 
 
-def _read_pty(master: int, until: float, stop: str | None = None) -> bytes:
+def _read_pty(master: int, until: float, stop: re.Pattern[bytes] | None = None) -> bytes:
     out = b""
     while time.monotonic() < until:
         ready, _, _ = select.select([master], [], [], 1)
@@ -138,7 +141,7 @@ def _read_pty(master: int, until: float, stop: str | None = None) -> bytes:
         if not chunk:
             break
         out += chunk
-        if stop is not None and stop.encode() in out:
+        if stop is not None and stop.search(out):
             break
     return out
 
@@ -164,9 +167,10 @@ def test_ctrl_c_in_a_terminal_ends_make_run_with_status_0(tmp_path: Path) -> Non
     )  # fmt: skip
     os.close(slave)
     try:
-        screen = _read_pty(master, time.monotonic() + 180, stop="Ctrl-C stops cleanly")
-        assert b"Ctrl-C stops cleanly" in screen, screen.decode(errors="replace")
-        time.sleep(3)  # let it send for a moment
+        # Until the worker has recorded some of the run (it is busy, mid-run).
+        recording = re.compile(rb", [1-9][\d,]* in the record")
+        screen = _read_pty(master, time.monotonic() + 240, stop=recording)
+        assert recording.search(screen), screen.decode(errors="replace")
         os.write(master, b"\x03")  # the terminal's VINTR character
         rest = _read_pty(master, time.monotonic() + 180)
         code = proc.wait(60)
@@ -184,3 +188,18 @@ def test_ctrl_c_in_a_terminal_ends_make_run_with_status_0(tmp_path: Path) -> Non
     ledger = json.loads((state / "demo" / "ledger.json").read_text())
     assert len(ledger["runs"]) == 1
     assert not (state / "endpoints.json").exists()  # the stack stopped
+
+
+def test_the_demo_refuses_meters_it_cannot_check(tmp_path: Path) -> None:
+    meters = (REPO / "meters.example.yaml").read_text()
+    changed = tmp_path / "meters.yaml"
+    changed.write_text(meters.replace("aggregation: max", "aggregation: min"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--demo", "--duration", "5",
+         "--meters", str(changed)],
+        cwd=REPO, env=_env(tmp_path / "state"), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--demo needs the example meters" in result.stderr
+    assert "meter active_servers: aggregation is 'min', the demo needs 'max'" in result.stderr
+    assert not (tmp_path / "state" / "endpoints.json").exists()

@@ -23,6 +23,7 @@ from pipeline.demo_report import (
     compare,
     fmt_number,
     live_frame,
+    round_covering,
     summary_lines,
 )
 from pipeline.events import loads_exact
@@ -217,6 +218,18 @@ def test_only_windows_closed_grace_before_the_last_forward_are_due() -> None:
     assert late.stripe_differences == [
         "Stripe ai_tokens demo-acme: 1,000; the generator's due total (rounded) is 1,500 (-500)"
     ]
+
+
+def test_the_summary_waits_for_a_round_after_the_record_and_the_last_close() -> None:
+    complete = ms("2026-12-05T22:30:00")
+    # Mid-hour: any round after the record was complete will do.
+    assert round_covering(GRACE, HOUR, complete, ms("2026-12-05T22:40:00")) == complete
+    # 3 s after 23:00 the 22:00 hour is not due yet (5 s grace) ...
+    assert round_covering(GRACE, HOUR, complete, ms("2026-12-05T23:00:03")) == complete
+    # ... from 23:00:05 on it is, and only a round from then on has sent it.
+    assert round_covering(GRACE, HOUR, complete, ms("2026-12-05T23:00:06")) == ms(
+        "2026-12-05T23:00:05"
+    )
 
 
 def test_rounding_follows_the_meter_rule() -> None:
