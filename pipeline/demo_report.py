@@ -300,12 +300,12 @@ def _lay_out(
 
 
 def fit(lines: list[str], width: int, height: int) -> list[str]:
-    """Cut lines to ``width - 1`` columns and the list to ``height - 1`` lines."""
-    cut = [line if len(line) < width else line[: max(1, width - 2)] + "…" for line in lines]
-    if len(cut) >= height:
+    """At most ``height - 1`` lines of at most ``width - 1`` columns (cut, never wrapped:
+    a wrapped line would break the redraw in place)."""
+    if len(lines) >= height:
         keep = max(1, height - 2)
-        cut = [*cut[:keep], f"... {len(cut) - keep} more lines: make the terminal taller"]
-    return cut
+        lines = [*lines[:keep], f"... {len(lines) - keep} more lines: make the terminal taller"]
+    return [line if len(line) < width else line[: max(1, width - 4)] + "..." for line in lines]
 
 
 @dataclass
@@ -325,6 +325,7 @@ class LiveView:
     forwarded_s: Mapping[str, float]
     now_ms: int
     problem: str | None = None
+    width: int = 80
 
 
 def live_frame(view: LiveView) -> list[str]:
@@ -345,7 +346,9 @@ def live_frame(view: LiveView) -> list[str]:
     demo_ch = {k: v for k, v in ch.items() if _is_demo(k[1])}
     cols = customer_columns(c for _, c in demo_ch)
     rows = meter_rows(m for m, _ in demo_ch)
-    lines += matrix("ClickHouse", rows, cols, lambda m, c: (demo_ch.get((m, c)), ""))
+    lines += matrix(
+        "ClickHouse", rows, cols, lambda m, c: (demo_ch.get((m, c)), ""), width=view.width
+    )
     stripe_rows = [m for m in rows if m in view.stripe_meters]
     if stripe_rows:
         lines.append("")
@@ -360,6 +363,7 @@ def live_frame(view: LiveView) -> list[str]:
                 stripe_rows,
                 cols,
                 lambda m, c: (stripe.get((m, c)), ""),
+                width=view.width,
                 label_width=max(len(r) for r in rows),
             )
         lines += stripe_explanation(view)

@@ -57,6 +57,7 @@ from pipeline.demo_report import (
     round_covering,
     summary_lines,
 )
+from pipeline.errors import MeterstreamError
 from pipeline.meters import MetersConfig
 from pipeline.run import TOTALS_SQL, period_totals, sql_rows, stripe_totals
 from pipeline.windows import month_bounds, period_label
@@ -212,9 +213,16 @@ class DemoRun:
     async def _run(self) -> int:
         now = _now_ms()
         horizon_ms = self.stack.settings.dedup_horizon_seconds * 1000
-        ledger = DemoLedger.load(
-            self.stack.state_dir / "demo", oldest_resendable_ms=now - horizon_ms + RESEND_MARGIN_MS
-        )
+        try:
+            ledger = DemoLedger.load(
+                self.stack.state_dir / "demo",
+                oldest_resendable_ms=now - horizon_ms + RESEND_MARGIN_MS,
+            )
+        except (OSError, ValueError) as exc:
+            raise MeterstreamError(
+                f"the demo cannot read what earlier runs sent ({exc}); to start afresh, "
+                f"stop meterstream and remove {self.stack.state_dir}"
+            ) from None
         load = DemoLoad(new_run_id(now))
         log = ledger.open_log(load.run_id)
         mine = {load.run_id: Expected()}
@@ -322,6 +330,7 @@ class DemoRun:
             stripe_meters=self.stripe_meters,
             forwarded_s={},
             now_ms=now,
+            width=shutil.get_terminal_size().columns if self.screen.tty else 80,
         )
         try:
             view.clickhouse = period_totals(sql_rows(self.web, period_totals_sql(period)))

@@ -98,7 +98,10 @@ def stripe_totals(
     events = http_json(f"{api_base}/_emulator/events")
     if isinstance(events, dict):
         events = events.get("data", [])
-    lo, hi = (b // 1000 for b in month_bounds(period)) if period else (None, None)
+    lo, hi = (None, None)
+    if period:
+        start_ms, end_ms = month_bounds(period)
+        lo, hi = start_ms // 1000, end_ms // 1000
     by_name = {m.stripe.event_name: m for m in meters.meters if m.stripe}
     totals: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     last: dict[tuple[str, str], tuple[Any, ...]] = {}

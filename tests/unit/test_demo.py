@@ -21,6 +21,7 @@ from pipeline.demo_report import (
     RunFacts,
     StripeMeter,
     compare,
+    fit,
     fmt_number,
     live_frame,
     round_covering,
@@ -349,3 +350,11 @@ def test_a_matching_summary_fits_the_terminal_too() -> None:
     assert "ClickHouse equals the generator's totals: yes (2 of 2)" in text
     assert "Stripe equals the generator's closed windows (rounded): yes (2 of 2 due)" in text
     assert text.count("!") == 1  # the caption that explains the mark; no cell has one
+
+
+def test_a_smaller_terminal_gets_cut_lines_not_wrapped_ones() -> None:
+    lines = [f"line {i} " + "x" * 100 for i in range(30)]
+    cut = fit(lines, 40, 12)
+    assert len(cut) == 11 and all(len(line) < 40 for line in cut)
+    assert cut[-1].startswith("... 20 more lines")
+    assert cut[0].endswith("...")
