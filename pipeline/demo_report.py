@@ -353,7 +353,7 @@ def live_frame(view: LiveView) -> list[str]:
     if stripe_rows:
         lines.append("")
         last = max(view.forwarded_s.values(), default=None)
-        title = f"Stripe ({fmt_time(last * 1000)})" if last else "Stripe (none yet)"
+        title = f"Stripe ({fmt_time(last * 1000)})" if last else "Stripe"
         if view.stripe is None:
             lines.append(f"{title}: not readable (not the emulator?)")
         else:

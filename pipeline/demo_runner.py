@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 HISTORY_EVENTS = 2000
 RECORD_WAIT_SECONDS = 120.0  # after --duration: the worker catches up
 RECORD_WAIT_AFTER_CTRL_C = 60.0  # usually a second; a second Ctrl-C cuts it short
+WAIT_FOR_ROUND_SECONDS = 180.0  # beyond two intervals: a first round verifies the whole period
 RESEND_MARGIN_MS = 3_600_000  # resend only logs an hour younger than the dedup horizon
 TTY_REFRESH_SECONDS = 2.0
 PLAIN_REFRESH_SECONDS = 10.0
@@ -439,7 +440,7 @@ class DemoRun:
         every = min(s.interval_s for s in self.stripe_meters.values())
         self.screen.say(f"\nwaiting for the forwarder's next round (every {every} s) ...")
         longest = max(s.interval_s for s in self.stripe_meters.values())
-        deadline = time.monotonic() + 2 * longest + 60
+        deadline = time.monotonic() + 2 * longest + WAIT_FOR_ROUND_SECONDS
 
         def covered(gauges: dict[str, float], now_ms: int) -> bool:
             return all(
@@ -462,7 +463,8 @@ class DemoRun:
                 return StripeRead(
                     gauges,
                     None,
-                    f"no forward round covered every due window within {2 * longest + 60} s "
+                    f"no forward round covered every due window within "
+                    f"{2 * longest + WAIT_FOR_ROUND_SECONDS:.0f} s "
                     "(see worker.log)",
                     True,
                 )
