@@ -75,7 +75,7 @@ def cmd_stripe_emulator(args: argparse.Namespace) -> int:
     from pipeline.hosts import split_list
     from sinks.stripe.emulator import run_emulator
 
-    run_emulator(args.host, args.port, split_list(args.allowed_hosts))
+    run_emulator(args.host, args.port, split_list(args.allowed_hosts), args.state_file)
     return 0
 
 
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="host names (comma-separated) to answer to besides loopback and, "
         "beyond loopback, IP addresses; others get 421",
     )
+    p.add_argument("--state-file", help="keep meters and meter events in this file across restarts")
     p.set_defaults(func=cmd_stripe_emulator)
 
     p = sub.add_parser("produce", parents=[common], help="send JSON-lines events to usage-events")

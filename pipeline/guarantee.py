@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -23,16 +25,46 @@ async def broker_supports_transactions(bootstrap: str, **options: Any) -> bool:
         **options,
     )
     try:
-        await asyncio.wait_for(producer.start(), timeout=15)
+        # A refusal is the answer we are asking for, not an error: aiokafka's sender
+        # logs it at ERROR ("Unexpected error during InitProducerIdRequest"), so its
+        # logger is quiet during the probe only.
+        with _quiet(_SENDER_LOGGER):
+            await asyncio.wait_for(producer.start(), timeout=15)
     except Exception as exc:  # any refusal means: no transactions here
-        log.info("broker has no transactions (%s: %s)", type(exc).__name__, exc)
+        log.debug("InitProducerId refused (%s: %s)", type(exc).__name__, exc)
         return False
     finally:
         try:
-            await producer.stop()
+            with _quiet(_SENDER_LOGGER):
+                await producer.stop()
         except Exception:  # the probe's own cleanup; nothing to report
             log.debug("probe producer stop failed", exc_info=True)
     return True
+
+
+_SENDER_LOGGER = "aiokafka.producer.sender"
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Drop ``name``'s records below CRITICAL for the duration (restored after)."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+def describe(settings: Settings, guarantee: str) -> str:
+    """One log line: the guarantee and, when ``auto`` chose at_least_once, why."""
+    if settings.processing_guarantee == "auto" and guarantee == "at_least_once":
+        return (
+            "processing guarantee: at_least_once (the broker has no transactions: "
+            "InitProducerId refused; the record keeps the totals exact)"
+        )
+    return f"processing guarantee: {guarantee}"
 
 
 def choose(settings: Settings, supports_transactions: bool) -> str:

@@ -135,6 +135,12 @@ class Metrics:
             "Series held back because no Stripe customer id is known yet",
             g,
         )
+        self.stripe_last_forward = Metric(
+            "meterstream_stripe_last_forward_seconds",
+            "Start (epoch seconds) of the last forward of a meter that delivered everything it "
+            "planned: every window that had closed grace before it is at Stripe",
+            g,
+        )
         self.consumer_lag = Metric(
             "meterstream_consumer_lag", "Records behind the end, by partition", g
         )

@@ -32,7 +32,7 @@ from pipeline.embedded import (
     wait_for_port,
     write_endpoints,
 )
-from pipeline.errors import MeterstreamError
+from pipeline.errors import ConfigError, MeterstreamError
 from pipeline.logs import configure_logging
 from pipeline.meters import MetersConfig, load_meters
 from pipeline.settings import Settings
@@ -83,19 +83,33 @@ def sql_rows(web_url: str, sql: str) -> list[dict[str, Any]]:
     return [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
 
 
-def stripe_totals(api_base: str, meters: MetersConfig) -> dict[tuple[str, str], Decimal]:
-    """What the emulator received, per (meter, meterstream customer), by the meter's formula."""
+def stripe_totals(
+    api_base: str, meters: MetersConfig, period: str | None = None
+) -> dict[tuple[str, str], Decimal]:
+    """What the emulator received, per (meter, meterstream customer), by the meter's formula.
+
+    ``period`` (``YYYY-MM``): only meter events stamped in that month (the
+    forwarder stamps each with a time inside its billing period). Cancelled
+    events do not count, as in Stripe's summaries.
+    """
+    from pipeline.windows import month_bounds
     from sinks.stripe.payloads import formula_for
 
     events = http_json(f"{api_base}/_emulator/events")
     if isinstance(events, dict):
         events = events.get("data", [])
+    lo, hi = (None, None)
+    if period:
+        start_ms, end_ms = month_bounds(period)
+        lo, hi = start_ms // 1000, end_ms // 1000
     by_name = {m.stripe.event_name: m for m in meters.meters if m.stripe}
     totals: dict[tuple[str, str], Decimal] = defaultdict(Decimal)
     last: dict[tuple[str, str], tuple[Any, ...]] = {}
     for i, ev in enumerate(events):
         meter = by_name.get(ev["event_name"])
-        if meter is None or meter.stripe is None:
+        if meter is None or meter.stripe is None or ev.get("cancelled"):
+            continue
+        if lo is not None and not lo <= ev["timestamp"] < hi:
             continue
         stripe_customer = ev["payload"][meter.stripe.customer_key]
         customer = stripe_customer.removeprefix("cus_demo_")
@@ -128,8 +142,11 @@ class Stack:
         api_base = s.stripe_api_base
         if not api_base and s.stripe_api_key is None:
             port = free_port()
+            state_file = self.state_dir / "stripe-emulator.jsonl"  # Stripe does not forget
             self.emulator = self._spawn(
-                ["stripe-emulator", "--port", str(port)], "emulator.log", {}
+                ["stripe-emulator", "--port", str(port), "--state-file", str(state_file)],
+                "emulator.log",
+                {},
             )
             wait_for_port("127.0.0.1", port, 30, self.emulator)
             api_base = f"http://127.0.0.1:{port}"
@@ -204,9 +221,30 @@ class Stack:
 
 
 def run_stack(settings: Settings, *, demo: bool, duration: float | None, rate: float) -> int:
+    from pipeline.terminal import own_foreground
+
     configure_logging(settings.log_format)
     path = meters_path(settings)
     meters = load_meters(path)  # a bad file stops here, before anything starts
+    if demo:
+        from pipeline.demo import check_meters
+
+        problems = check_meters(meters)
+        if problems:
+            raise ConfigError(problems, f"{path} (--demo needs the example meters)")
+    with own_foreground():  # Ctrl-C under `make run` reaches meterstream only
+        return _run(settings, meters, path, demo=demo, duration=duration, rate=rate)
+
+
+def _run(
+    settings: Settings,
+    meters: MetersConfig,
+    path: Path,
+    *,
+    demo: bool,
+    duration: float | None,
+    rate: float,
+) -> int:
     stack = Stack(settings, settings.state_dir)
 
     def on_term(signum: int, frame: Any) -> None:

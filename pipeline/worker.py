@@ -21,7 +21,7 @@ from pipeline.apikeys import KeyStore
 from pipeline.app import create_app
 from pipeline.chio import ClickHouseIO
 from pipeline.errors import ConfigError, MeterstreamError
-from pipeline.guarantee import broker_supports_transactions, choose
+from pipeline.guarantee import broker_supports_transactions, choose, describe
 from pipeline.kafka import client_options
 from pipeline.logs import configure_logging
 from pipeline.meters import MetersConfig, load_meters
@@ -91,7 +91,7 @@ def build_worker(settings: Settings) -> faust.App:
             ["METERSTREAM_PROCESSING_GUARANTEE: exactly_once needs a broker with transactions"]
         )
     guarantee = choose(settings, transactions)
-    log.info("processing guarantee: %s", guarantee)
+    log.info(describe(settings, guarantee))
     metrics = Metrics()
     metrics.guarantee.set(1, guarantee=guarantee)
     chio = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)

@@ -64,6 +64,11 @@ v2 ``v2.billing.meter_event_adjustment`` has ``id`` and ``created``. Errors:
   Stripe documents the 24-hour limit but no code or message for these cases,
   so these messages are the emulator's own.
 
+With a state file (``--state-file``, what ``meterstream run`` uses) the
+emulator keeps what an account keeps across restarts (meters, meter events,
+identifiers, customers, idempotent replies; sinks/stripe/emulator_journal.py);
+without one (tests' ``BackgroundEmulator``) it starts empty.
+
 Test controls live under ``/_emulator``: accepted events, stats, reset,
 customer registry, fault injection (429/500 with a seeded RNG, latency) and a
 per-second rate limit. Faults are injected before anything is recorded: a
@@ -86,6 +91,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import os
 import random
 import re
 import secrets
@@ -96,12 +102,14 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from aiohttp import web
 
 from pipeline.hosts import HostPolicy, split_list
 from pipeline.webguard import host_check
+from sinks.stripe.emulator_journal import Journal
 
 MAX_IDENTIFIER_LENGTH = 100
 MAX_EVENT_NAME_LENGTH = 100
@@ -234,15 +242,78 @@ class EmulatorState:
     stats: Stats = field(default_factory=Stats)
     rate_window: tuple[int, int] = (0, 0)
     seq: itertools.count[int] = field(default_factory=itertools.count)
+    journal: Journal | None = None
 
     def __post_init__(self) -> None:
         self.set_faults(self.initial_faults)
+
+    # -- persistence (``--state-file``; sinks/stripe/emulator_journal.py) ---------------
+    #
+    # What a Stripe account keeps is journaled: meters, meter events (with their
+    # cancellations), the customer registry, idempotent replies, v2 sessions and
+    # the v2 error report. Identifiers seen are the events' identifiers, so they
+    # are rebuilt from the events. Counters (``/_emulator/stats``), fault settings
+    # and the rate-limit window start afresh with each process.
+
+    def log(self, op: str, **fields: Any) -> None:
+        """Journal one change (before the request that made it is answered)."""
+        if self.journal is not None:
+            self.journal.append({"op": op, **fields})
+
+    def records(self) -> list[dict[str, Any]]:
+        """The current state as journal records (what compaction writes)."""
+        out: list[dict[str, Any]] = [{"op": "meter", "meter": m} for m in self.meters.values()]
+        out += [{"op": "event", "event": asdict(e)} for e in self.events]
+        if self.customers:
+            out.append({"op": "customers", "ids": sorted(self.customers)})
+        out += [
+            {"op": "idempotency", "key": k, "value": list(v)} for k, v in self.idempotency.items()
+        ]
+        out += [{"op": "session", "token": t, "expires": x} for t, x in self.sessions.items()]
+        out += [{"op": "error", "error": e} for e in self.errors]
+        return out
+
+    def restore(self, records: Iterable[dict[str, Any]]) -> None:
+        """Replay journal records (from :meth:`records` and :meth:`log`)."""
+        by_seq: dict[int, _Event] = {}
+        for record in records:
+            op = record["op"]
+            if op == "meter":
+                self.meters[record["meter"]["id"]] = record["meter"]
+            elif op == "event":
+                event = _Event(**record["event"])
+                self.events.append(event)
+                by_seq[event.seq] = event
+            elif op == "cancel":
+                cancelled = by_seq[record["seq"]]
+                cancelled.cancelled, cancelled.cancelled_at = True, record["at"]
+            elif op == "customers":
+                self.customers = set(record["ids"])
+            elif op == "idempotency":
+                at, fingerprint, status, text = record["value"]
+                self.idempotency[record["key"]] = (at, fingerprint, status, text)
+            elif op == "session":
+                self.sessions[record["token"]] = record["expires"]
+            elif op == "error":
+                self.errors.append(record["error"])
+            elif op == "reset":
+                self.reset(journal=False)
+                by_seq.clear()
+            else:
+                raise ValueError(f"unknown emulator journal record {op!r}")
+        now = self.clock()
+        self.identifiers = {e.identifier: e.received_at for e in self.events}
+        self.sessions = {t: x for t, x in self.sessions.items() if x > now}
+        self.seq = itertools.count(max((e.seq for e in self.events), default=-1) + 1)
+        self.prune(now)
 
     def set_faults(self, faults: FaultConfig) -> None:
         self.faults = faults
         self.rng = random.Random(faults.seed)
 
-    def reset(self) -> None:
+    def reset(self, journal: bool = True) -> None:
+        if journal:
+            self.log("reset")
         self.meters.clear()
         self.events.clear()
         self.identifiers.clear()
@@ -478,7 +549,9 @@ async def _api_middleware(request: web.Request, handler: Handler) -> web.StreamR
     # failed validation, or was faulted or rate limited, is not.
     if key and 200 <= response.status < 300 and isinstance(response, web.Response):
         assert response.text is not None
-        state.idempotency[key] = (state.clock(), fingerprint, response.status, response.text)
+        saved_reply = (state.clock(), fingerprint, response.status, response.text)
+        state.idempotency[key] = saved_reply
+        state.log("idempotency", key=key, value=list(saved_reply))
     return response
 
 
@@ -565,6 +638,7 @@ async def create_meter(request: web.Request) -> web.Response:
         "value_settings": {"event_payload_key": value_key},
     }
     state.meters[meter["id"]] = meter
+    state.log("meter", meter=meter)
     return web.json_response(meter)
 
 
@@ -588,6 +662,7 @@ async def deactivate_meter(request: web.Request) -> web.Response:
     meter = _get_meter(state, request.match_info["id"])
     now = int(state.clock())
     meter.update(status="inactive", updated=now, status_transitions={"deactivated_at": now})
+    state.log("meter", meter=meter)
     return web.json_response(meter)
 
 
@@ -706,6 +781,7 @@ def _ingest(
         api=api,
     )
     state.events.append(event)
+    state.log("event", event=asdict(event))
     state.stats.accepted += 1
     return event
 
@@ -814,6 +890,7 @@ async def create_session(request: web.Request) -> web.Response:
     token = f"meter_session_{secrets.token_urlsafe(24)}"
     expires = now + SESSION_TTL_SECONDS
     state.sessions[token] = expires
+    state.log("session", token=token, expires=expires)
     return web.json_response(
         {
             "id": _new_id("mes"),
@@ -870,9 +947,9 @@ async def meter_event_stream(request: web.Request) -> web.Response:
             if err.duplicate:
                 continue
             state.stats.rejected_other += 1
-            state.errors.append(
-                {"identifier": item["identifier"], "code": err.code, "message": err.message}
-            )
+            report = {"identifier": item["identifier"], "code": err.code, "message": err.message}
+            state.errors.append(report)
+            state.log("error", error=report)
     return web.json_response({})
 
 
@@ -920,6 +997,7 @@ def _cancel_event(state: EmulatorState, *, event_name: str, identifier: str, par
         )
     event.cancelled = True
     event.cancelled_at = now
+    state.log("cancel", seq=event.seq, at=now)
     state.stats.cancelled += 1
     return event
 
@@ -1120,8 +1198,10 @@ async def emulator_customers(request: web.Request) -> web.Response:
         if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
             raise ApiError(400, 'Body must be {"ids": ["cus_...", ...]}.')
         state.customers.update(ids)
+        state.log("customers", ids=sorted(state.customers))
     elif request.method == "DELETE":
         state.customers.clear()
+        state.log("customers", ids=[])
     return web.json_response({"ids": sorted(state.customers)})
 
 
@@ -1146,14 +1226,35 @@ def create_emulator_app(
     faults: FaultConfig | None = None,
     clock: Clock = time.time,
     hosts: HostPolicy | None = None,
+    state_file: str | os.PathLike[str] | None = None,
 ) -> web.Application:
     """The emulator as an aiohttp app (v1, v2 and ``/_emulator`` routes on one base).
 
-    ``hosts``: the names it answers to (default: loopback names only)."""
+    ``hosts``: the names it answers to (default: loopback names only).
+    With ``state_file`` the state survives restarts (an account does not forget):
+    it is read and compacted here, every change is journaled before its request
+    is answered, and the file is locked against a second emulator until the app
+    is cleaned up. Without it (tests) the state lives in memory only.
+    """
     if hosts is None:
         hosts = emulator_hosts("127.0.0.1")
     app = web.Application(middlewares=[host_check(hosts), _controls_take_json, _api_middleware])
-    app[STATE_KEY] = EmulatorState(clock=clock, initial_faults=faults or FaultConfig())
+    state = EmulatorState(clock=clock, initial_faults=faults or FaultConfig())
+    app[STATE_KEY] = state
+    if state_file is not None:
+        journal = Journal(Path(state_file)).open()
+        try:
+            state.restore(journal.read())
+            journal.compact(state.records())
+        except BaseException:
+            journal.close()
+            raise
+        state.journal = journal
+
+        async def close_journal(app: web.Application) -> None:
+            journal.close()
+
+        app.on_cleanup.append(close_journal)
     app.add_routes(
         [
             web.post("/v1/billing/meters", create_meter),
@@ -1193,12 +1294,18 @@ async def serve_emulator(
     faults: FaultConfig | None = None,
     clock: Clock = time.time,
     allowed_hosts: Iterable[str] = (),
+    state_file: str | os.PathLike[str] | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Start the emulator on the running loop.
 
     Returns the runner (stop it with ``await runner.cleanup()``) and the bound port.
     """
-    app = create_emulator_app(faults=faults, clock=clock, hosts=emulator_hosts(host, allowed_hosts))
+    app = create_emulator_app(
+        faults=faults,
+        clock=clock,
+        hosts=emulator_hosts(host, allowed_hosts),
+        state_file=state_file,
+    )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -1208,10 +1315,17 @@ async def serve_emulator(
 
 
 def run_emulator(
-    host: str = "127.0.0.1", port: int = DEFAULT_PORT, allowed_hosts: Iterable[str] = ()
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    allowed_hosts: Iterable[str] = (),
+    state_file: str | os.PathLike[str] | None = None,
 ) -> None:
-    """Serve the emulator until interrupted (blocking; for the CLI)."""
-    app = create_emulator_app(hosts=emulator_hosts(host, allowed_hosts))
+    """Serve the emulator until interrupted (blocking; for the CLI).
+
+    ``state_file``: keep the state there across restarts (``meterstream run``
+    uses ``<state dir>/stripe-emulator.jsonl``).
+    """
+    app = create_emulator_app(hosts=emulator_hosts(host, allowed_hosts), state_file=state_file)
     web.run_app(app, host=host, port=port, access_log=None)
 
 
@@ -1228,11 +1342,13 @@ class BackgroundEmulator:
         *,
         faults: FaultConfig | None = None,
         clock: Clock = time.time,
+        state_file: str | os.PathLike[str] | None = None,
     ) -> None:
         self.host = host
         self._requested_port = port
         self._faults = faults
         self._clock = clock
+        self._state_file = state_file
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -1250,10 +1366,20 @@ class BackgroundEmulator:
         )
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(
-            serve_emulator(self.host, self._requested_port, faults=self._faults, clock=self._clock),
+            serve_emulator(
+                self.host,
+                self._requested_port,
+                faults=self._faults,
+                clock=self._clock,
+                state_file=self._state_file,
+            ),
             loop,
         )
-        self._runner, self.port = future.result(timeout=10)
+        try:
+            self._runner, self.port = future.result(timeout=10)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
@@ -1309,9 +1435,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--allowed-hosts", default="", help="names to answer to besides loopback")
+    parser.add_argument("--state-file", help="keep the state in this file across restarts")
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        run_emulator(args.host, args.port, split_list(args.allowed_hosts))
+        run_emulator(args.host, args.port, split_list(args.allowed_hosts), args.state_file)
 
 
 if __name__ == "__main__":

@@ -160,17 +160,3 @@ def test_run_killed_hard_takes_its_children_with_it(tmp_path: Path) -> None:
     proc.kill()
     proc.wait(10)
     _assert_all_gone(endpoints)
-
-
-def test_run_demo_with_duration_prints_a_matching_summary(tmp_path: Path) -> None:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", "--meters", "meters.example.yaml",
-         "--demo", "--duration", "15", "--rate", "100", "--state-dir", str(tmp_path)],
-        cwd=REPO, env=clean, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    log = (tmp_path / "worker.log").read_text(errors="replace")[-4000:]
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + log
-    assert "ClickHouse equals the generator's totals: yes" in result.stdout
-    assert "Stripe equals the closed windows (rounded): yes" in result.stdout
-    assert not (tmp_path / "endpoints.json").exists()

@@ -661,3 +661,60 @@ def test_v2_meter_event_adjustment(emulator: BackgroundEmulator) -> None:
             {"event_name": meter["event_name"], "type": "cancel", "cancel": {}}  # type: ignore[typeddict-item]
         )
     assert (err.value.http_status, err.value.code) == (400, "invalid_cancel_configuration")
+
+
+# ---------------------------------------------------------------- the state file
+
+
+def test_state_file_keeps_the_account_across_restarts(tmp_path: Any) -> None:
+    """What `meterstream run` relies on: a restarted emulator still has the meters,
+    the events (summaries, cancellations) and the identifiers it was sent."""
+    state = tmp_path / "stripe-emulator.jsonl"
+    now = int(time.time())
+    with BackgroundEmulator(state_file=state) as emu:
+        client = StripeMeterClient(None, emu.url, rate_limit_per_second=None)
+        meter = new_meter(client)
+        for i, value in enumerate((5, 7, 11)):
+            params = build_meter_event(meter["event_name"], f"id-{i}", "cus_a", value, now)
+            assert client.send_meter_event(params).status == "sent"
+        sdk = raw_sdk(emu)
+        sdk.v1.billing.meter_event_adjustments.create(
+            {"event_name": meter["event_name"], "type": "cancel", "cancel": {"identifier": "id-2"}}
+        )
+    assert oct(state.stat().st_mode & 0o777) == "0o600"
+
+    with BackgroundEmulator(state_file=state) as emu:
+        client = StripeMeterClient(None, emu.url, rate_limit_per_second=None)
+        assert [m["id"] for m in client.list_meters()] == [meter["id"]]
+        assert [(e["identifier"], e["cancelled"]) for e in emu.events()] == [
+            ("id-0", False),
+            ("id-1", False),
+            ("id-2", True),
+        ]
+        summaries = client.event_summaries(
+            meter["id"], "cus_a", minute_start(now), minute_start(now) + 60
+        )
+        assert [s.aggregated_value for s in summaries] == [12]
+        again = build_meter_event(meter["event_name"], "id-1", "cus_a", 7, now)
+        assert client.send_meter_event(again).status == "duplicate"
+        fresh = build_meter_event(meter["event_name"], "id-3", "cus_a", 1, now)
+        assert client.send_meter_event(fresh).status == "sent"
+        assert [e["identifier"] for e in emu.events()][-1] == "id-3"
+
+
+def test_state_file_ignores_a_torn_last_line_and_is_locked(tmp_path: Any) -> None:
+    state = tmp_path / "stripe-emulator.jsonl"
+    now = int(time.time())
+    with BackgroundEmulator(state_file=state) as emu:
+        client = StripeMeterClient(None, emu.url, rate_limit_per_second=None)
+        meter = new_meter(client)
+        client.send_meter_event(build_meter_event(meter["event_name"], "a", "cus_a", 1, now))
+        # A second emulator on the same file would fork the account: refused.
+        with pytest.raises(RuntimeError, match="in use by another Stripe emulator"):
+            BackgroundEmulator(state_file=state).start()
+    # A write the process did not finish (its request was never answered).
+    with state.open("a") as out:
+        out.write('{"op":"event","event":{"meter":"')
+    with BackgroundEmulator(state_file=state) as emu:
+        assert [e["identifier"] for e in emu.events()] == ["a"]
+    assert state.read_text().endswith("\n")  # compacted: the torn line is gone
