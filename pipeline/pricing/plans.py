@@ -38,7 +38,7 @@ rules are Stripe's too:
   ``transform_quantity`` (Stripe: not compatible with tiers).
 - Tiers: 1 to 250, ``up_to`` positive integers strictly ascending, the last ``inf``.
 - ``unit_price``: at most 12 decimal places in Stripe's minor units (``unit_amount_decimal``:
-  0.000000000000 01 USD is the finest price); ``flat_price``, ``base_fee`` and ``minimum``:
+  0.00000000000001 USD is the finest price); ``flat_price``, ``base_fee`` and ``minimum``:
   whole minor units (Stripe's ``flat_amount`` is an integer). No amount is negative, and none
   is above 999,999,999,999 minor units.
 - A plan has one currency; a price may repeat it (``currency:``) but not differ.
@@ -145,7 +145,7 @@ def _check_amount(value: Any) -> Any:
     assert isinstance(exponent, int)
     if not value.is_zero() and (value.adjusted() >= 15 or exponent < -30):
         raise ValueError(f"{value} is out of range for an amount")
-    return value + 0 if value.is_zero() else value
+    return abs(value) if value.is_zero() else value  # -0 is 0
 
 
 def _count(*, inf: bool) -> BeforeValidator:
@@ -182,7 +182,9 @@ def _check_slug(value: Any) -> Any:
 
 
 def _check_currency(value: Any) -> Any:
-    return currency(value).code if isinstance(value, str) else currency(_show(value)).code
+    if not isinstance(value, str):
+        raise ValueError(f"must be an ISO 4217 currency code such as usd, not {_show(value)}")
+    return currency(value).code
 
 
 Amount = Annotated[Decimal, BeforeValidator(_check_amount)]

@@ -296,3 +296,15 @@ def test_loading_errors(tmp_path: Path) -> None:
     bad.write_text("plans: [\n")
     with pytest.raises(ConfigError, match="YAML syntax error at line"):
         load_plans(bad)
+
+
+def test_readme_example_is_valid(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Prices\n", 1)[1]
+    path = tmp_path / "plans.yaml"
+    path.write_text(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    config = load_plans(path, meters=load_meters(ROOT / "meters.example.yaml"))
+    pro = config.by_name("pro")
+    assert (pro.base_fee, pro.minimum, config.default.name) == (20, 50, "free")
+    assert [p.meter for p in pro.prices] == ["compute_units", "ai_tokens", "active_servers"]
+    assert pro.prices[0].unit_price == Decimal("0.02")
