@@ -13,9 +13,10 @@ price is swapped), and a plan's base fee and minimums are charged for the share
 of the period the plan was in effect, by the second (Stripe prorates by time).
 Why: the preview must equal what Stripe will invoice, a customer never pays for a
 plan it did not have, and a downgrade on the last day of the month cannot
-reprice the whole month. The cost: tiers restart at a change, so an upgrade
-mid-month pays the new plan's first tier again (its flat price prorated only
-when it is the base fee or a minimum, never for a tier).
+reprice the whole month. The cost: tiers restart at a change, so a customer
+who changes plan mid-month starts the new plan's tiers from zero, and pays its
+first tier's flat price in full (tier prices are not prorated; Stripe's are not
+either: only fees for time are).
 
 **The lines** (:func:`compute_invoice`), per segment in time order: the base fee
 (``base_fee x share``), then one usage line per price of the plan (the meter's

@@ -154,7 +154,12 @@ def _count(*, inf: bool) -> BeforeValidator:
     def check(value: Any) -> Any:
         if inf and (value == "inf" or (isinstance(value, Decimal) and value == Decimal("inf"))):
             return None
-        if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral():
+        if (
+            isinstance(value, Decimal)
+            and value.is_finite()
+            and value.adjusted() < 19  # never build a huge int from 1E+999999999
+            and value == value.to_integral()
+        ):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BOUND:
             raise ValueError(f"must be {allowed}, not {_show(value)}")
