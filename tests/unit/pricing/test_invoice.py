@@ -333,7 +333,7 @@ usage = st.decimals(min_value=-10, max_value=10**6, places=3)
 @given(
     st.lists(st.tuples(amounts, usage), min_size=1, max_size=6),
     st.sampled_from(["usd", "jpy", "bhd"]),
-    st.integers(min_value=0, max_value=31 * 24),
+    st.integers(min_value=0, max_value=31 * 24 - 1),  # the plan starts within December
 )
 def test_total_is_the_sum_of_the_rounded_lines(
     prices: list[tuple[Decimal, Decimal]], code: str, hours: int
