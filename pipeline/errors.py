@@ -22,6 +22,10 @@ class ConfigError(MeterstreamError):
         super().__init__(f"{source} has {len(self.problems)} problem(s):\n{lines}")
 
 
+class PricingError(MeterstreamError):
+    """An invoice cannot be computed from its inputs (unknown plan, mixed currencies, ...)."""
+
+
 class DependencyError(MeterstreamError):
     """A dependency (broker, ClickHouse, Stripe) failed."""
 
