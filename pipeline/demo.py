@@ -23,6 +23,9 @@ from typing import Any
 from pipeline.events import canonical_json
 
 CUSTOMERS = ["acme", "globex", "initech", "umbrella", "hooli"]
+# Who pays, the operator's decision: the demo maps its customers at start
+# (pipeline/run.py, map_demo_customers); nothing in its events names a Stripe customer.
+STRIPE_CUSTOMERS = {customer: f"cus_demo_{customer}" for customer in CUSTOMERS}
 MODELS = ["gpt-4o", "claude-sonnet", "llama-3"]
 COUNTRIES = ["US", "US", "US", "DE", "IN", "BR"]
 
@@ -55,7 +58,7 @@ class DemoLoad:
             "customer_id": customer,
             "idempotency_key": str(uuid.UUID(int=self.rng.getrandbits(128), version=4)),
             "timestamp": ts,
-            "properties": {"stripe_customer_id": f"cus_demo_{customer}"},
+            "properties": {},
         }
 
     def _new_event(self, now_ms: int, live: bool) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from aiokafka import AIOKafkaProducer
 from pipeline.demo import DemoLoad
 from pipeline.meters import MetersConfig
 from pipeline.query import format_table
-from pipeline.run import TOTALS_SQL, period_totals, sql_rows, stripe_totals
+from pipeline.run import TOTALS_SQL, map_demo_customers, period_totals, sql_rows, stripe_totals
 from sinks.stripe.payloads import Rounding, period_value
 from topics import USAGE_EVENTS
 
@@ -46,6 +46,7 @@ def live_table(stack: Stack, meters: MetersConfig, produced: int) -> str:
 
 async def run_demo(stack: Stack, meters: MetersConfig, duration: float | None, rate: float) -> int:
     load = DemoLoad()
+    await _to_thread(map_demo_customers, stack.settings)  # who pays: the operator's mapping
     topic = stack.settings.topic(USAGE_EVENTS.name)
     producer = AIOKafkaProducer(
         bootstrap_servers=stack.endpoints["kafka_bootstrap"], acks="all", linger_ms=5

@@ -132,8 +132,18 @@ class Metrics:
         )
         self.stripe_waiting = Metric(
             "meterstream_stripe_waiting_customers",
-            "Series held back because no Stripe customer id is known yet",
+            "Customers held back because no Stripe customer id is known yet, by meter",
             g,
+        )
+        self.stripe_refused = Metric(
+            "meterstream_stripe_refused_customers",
+            "Customers held back because their events name a refused Stripe customer id",
+            g,
+        )
+        self.stripe_refusals = Metric(
+            "meterstream_stripe_customer_refusals_total",
+            "Stripe customer ids named by event properties and refused, by reason",
+            c,
         )
         self.consumer_lag = Metric(
             "meterstream_consumer_lag", "Records behind the end, by partition", g
