@@ -31,7 +31,6 @@ import contextlib
 import getpass
 import json
 import logging
-import re
 import socket
 import urllib.error
 import urllib.parse
@@ -45,29 +44,19 @@ import orjson
 from pipeline.chio import ClickHouseIO
 from pipeline.errors import ConfigError, MeterstreamError
 from pipeline.settings import Settings
+from pipeline.stripe_ids import check_stripe_customer_id
 from sinks.stripe import customers as store
 from sinks.stripe.customers import MappingRow
 from topics import CUSTOMERS
 
 log = logging.getLogger("meterstream.customers")
 
-_STRIPE_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
 MAX_CUSTOMER_ID = 200
 
 
 def check_customer_id(value: Any) -> str:
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_CUSTOMER_ID:
         raise ValueError(f"customer id must be 1-{MAX_CUSTOMER_ID} characters")
-    return value
-
-
-def check_stripe_customer_id(value: Any) -> str:
-    """A Stripe customer id: 1-255 of letters, digits, ``_`` and ``-`` (``cus_...``)."""
-    if not isinstance(value, str) or not _STRIPE_ID.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a Stripe customer id (1-255 letters, digits, '_' or '-', "
-            "e.g. cus_Q3x...)"
-        )
     return value
 
 

@@ -142,6 +142,7 @@ MAPPING_WAIT_SECONDS = 30.0
 Transport = Literal["v1", "v2"]
 ResolveIds = Callable[[Meter, list[str]], Awaitable[dict[str, str]]]
 PublishError = Callable[[LedgerRow, str], Awaitable[None]]
+PublishRefusal = Callable[[str, bytes], Awaitable[None]]  # (record key, record value)
 
 
 def choose_transport(settings: Settings, requested: str | None = None) -> Transport:
@@ -195,6 +196,32 @@ def stripe_period_values(
 # ------------------------------------------------------------------ side effects
 
 
+def refusal_message(meter: Meter, refusal: Refusal) -> tuple[str, bytes]:
+    """The ``stripe-errors`` record of a refused Stripe customer id: key and value.
+
+    Told apart from a failed ledger row by ``error_code`` ``stripe_customer_refused``
+    (and an empty ``identifier``: nothing was sent).
+    """
+    assert meter.stripe is not None
+    key = f"refused:{refusal.customer_id}:{refusal.reason}:{refusal.claimed}"
+    return key, orjson.dumps(
+        {
+            "identifier": "",
+            "meter": meter.name,
+            "customer_id": refusal.customer_id,
+            "stripe_customer_id": refusal.claimed,
+            "kept_stripe_customer_id": refusal.kept,
+            "other_customer_id": refusal.other_customer,
+            "source": meter.stripe.customer_id_from,
+            "status": "refused",
+            "error_code": "stripe_customer_refused",
+            "reason": refusal.reason,
+            "message": refusal.describe(),
+            "failed_at": time.time_ns() // 1_000_000,
+        }
+    )
+
+
 def error_message(row: LedgerRow, message: str) -> bytes:
     """The ``stripe-errors`` record value: the failed ledger row and Stripe's message."""
     return orjson.dumps(
@@ -227,6 +254,7 @@ class Forwarder:
         *,
         mapping_ready: asyncio.Event | None = None,
         publish_error: PublishError | None = None,
+        publish_refusal: PublishRefusal | None = None,
         transport: Transport | None = None,
     ) -> None:
         self.meters = meters
@@ -239,6 +267,7 @@ class Forwarder:
         self.held: dict[str, dict[str, str]] = {}
         self._reported: set[tuple[str, str, str]] | None = None  # refusals recorded
         self.publish_error = publish_error
+        self.publish_refusal = publish_refusal
         self.transport: Transport = transport or choose_transport(settings)
         self.stripe_meters = [m for m in meters.meters if m.stripe is not None]
         self._last_run: dict[str, float] = {}
@@ -547,8 +576,9 @@ class Forwarder:
         return (await self.resolve(meter, customers)).ids
 
     async def report_refusals(self, meter: Meter, refusals: list[Refusal]) -> None:
-        """Each new refusal: logged (ERROR, both ids), counted and recorded in ClickHouse
-        ``stripe_customer_refusals``, once (a refusal already recorded is not repeated)."""
+        """Each new refusal: logged (ERROR, both ids), counted, recorded in ClickHouse
+        ``stripe_customer_refusals`` and published on ``stripe-errors``, once (a refusal
+        already recorded is not repeated)."""
         assert meter.stripe is not None
         if self._reported is None:
             self._reported = await self.chio.call(stripe_customers.refusal_keys)
@@ -567,6 +597,12 @@ class Forwarder:
             self._reported.add(refusal.key)
             self.metrics.stripe_refusals.inc(reason=refusal.reason)
             log.error("%s: Stripe customer refused: %s", meter.name, refusal.describe())
+            if self.publish_refusal is not None:
+                key, value = refusal_message(meter, refusal)
+                try:
+                    await self.publish_refusal(key, value)
+                except Exception as exc:  # recorded in ClickHouse already
+                    log.warning("refusal not published on stripe-errors: %s", exc)
 
     def _note_held(self, meter: Meter, held: dict[str, str]) -> None:
         """Log each newly held customer once (WARNING), and each one no longer held."""
@@ -840,6 +876,9 @@ def install_forwarder(
     async def publish_error(row: LedgerRow, message: str) -> None:
         await errors_topic.send(key=row.identifier.encode(), value=error_message(row, message))
 
+    async def publish_refusal(key: str, value: bytes) -> None:
+        await errors_topic.send(key=key.encode(), value=value)
+
     forwarder = Forwarder(
         settings,
         meters,
@@ -849,6 +888,7 @@ def install_forwarder(
         owns,
         mapping_ready=follower.ready,
         publish_error=publish_error,
+        publish_refusal=publish_refusal,
     )
     if pipeline is not None:
         forwarder.track_changes(pipeline.record_lock)

@@ -17,7 +17,9 @@ Stripe customer that pays on its own. Per meter, ``stripe.customer_id_from`` is:
   - an id that belongs to another customer (``claimed``): the explicit mapping
     of another customer, the pin of another customer, or an id two unpinned
     customers name at once (neither is pinned);
-  - several ids in its first events, received together (``ambiguous``).
+  - several ids in its first events, received together (``ambiguous``);
+  - something that is not a Stripe customer id (``invalid``: `` cus_1``, an
+    invisible character...), never pinned.
 
   The pin is kept even while the customer is held for a later, different id.
 
@@ -27,12 +29,28 @@ customer (and changes a customer's Stripe id on purpose).
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-Reason = Literal["changed", "claimed", "ambiguous"]
+Reason = Literal["changed", "claimed", "ambiguous", "invalid"]
+_STRIPE_ID = re.compile(r"[A-Za-z0-9_-]{1,255}")
+
+
+def check_stripe_customer_id(value: Any) -> str:
+    """A Stripe customer id: 1-255 of letters, digits, ``_`` and ``-`` (``cus_...``)."""
+    if not isinstance(value, str) or not _STRIPE_ID.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a Stripe customer id (1-255 letters, digits, '_' or '-', "
+            "e.g. cus_Q3x...)"
+        )
+    return value
+
+
+def is_stripe_customer_id(value: Any) -> bool:
+    return isinstance(value, str) and _STRIPE_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -69,11 +87,13 @@ class Refusal:
                 f"customer {c}: events name Stripe customer {self.claimed!r}, which belongs to "
                 f"customer {self.other_customer}"
             )
-        else:
+        elif self.reason == "ambiguous":
             what = (
                 f"customer {c}: its first events name several Stripe customers at once, "
                 f"{self.claimed!r} among them"
             )
+        else:
+            what = f"customer {c}: events name {self.claimed!r}, not a Stripe customer id"
         return f"{what}; held until `meterstream customers set {c} cus_...`"
 
 
@@ -141,12 +161,18 @@ def resolve(
         if mapping.get(customer):
             out.ids[customer] = mapping[customer]  # the operator's decision wins
             continue
-        named = list(values.get(customer, ()))
+        named = [(v, at) for v, at in values.get(customer, ()) if is_stripe_customer_id(v)]
+        invalid = [
+            Refusal(customer, v, "invalid")
+            for v, _ in values.get(customer, ())
+            if not is_stripe_customer_id(v)
+        ]
+        out.refusals += invalid
         pin = pins.get(customer)
         if pin is not None:
             kept = pin.stripe_customer_id
         elif not named:
-            continue  # no id yet: held
+            continue  # no id yet: held (waiting, or refused as invalid)
         else:
             first_at = named[0][1]
             firsts = sorted({v for v, at in named if at == first_at})
@@ -164,7 +190,7 @@ def resolve(
         elif pin is None:
             candidates[customer] = kept  # pinned even if a later id is refused
         out.refusals += refused
-        if not refused:
+        if not refused and not invalid:
             out.ids[customer] = kept
 
     by_id: dict[str, list[str]] = defaultdict(list)

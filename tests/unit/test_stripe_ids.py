@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.customers import BadRecord, check_stripe_customer_id, decode_record
-from pipeline.stripe_ids import Pin, Refusal, resolve
+from pipeline.customers import BadRecord, decode_record
+from pipeline.stripe_ids import Pin, Refusal, check_stripe_customer_id, resolve
 
 PROP = "properties.stripe_customer_id"
 
@@ -99,6 +99,19 @@ def test_an_explicit_mapping_always_wins() -> None:
     # and the operator may map two customers to one Stripe customer on purpose
     both = resolve(PROP, ["a", "b"], {"a": "cus_p", "b": "cus_p"}, {}, {})
     assert both.ids == {"a": "cus_p", "b": "cus_p"} and both.refusals == []
+
+
+def test_what_is_not_a_stripe_id_is_refused_and_never_pinned() -> None:
+    spellings = [" cus_v", "cus_v ", "cus_v\u200b", "cus/v", "cus_v\n"]
+    got = resolve(PROP, ["a"], {"victim": "cus_v"}, {}, {"a": [(v, 10) for v in spellings]})
+    assert got.ids == {} and got.new_pins == {}
+    assert sorted((r.claimed, r.reason) for r in got.refusals) == sorted(
+        (v, "invalid") for v in spellings
+    )
+    # next to a valid first id: that one is pinned, the customer is held
+    mixed = resolve(PROP, ["a"], {}, {}, {"a": [("cus_a", 10), (" cus_a", 20)]})
+    assert mixed.new_pins == {"a": "cus_a"} and mixed.ids == {}
+    assert mixed.refusals == [Refusal("a", " cus_a", "invalid")]
 
 
 def test_no_value_no_pin_is_waiting_not_refused() -> None:
