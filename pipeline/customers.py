@@ -141,14 +141,14 @@ class MappingStore:
     async def change(
         self, customer_id: str, stripe_id: str | None, origin: str, changed_by: str
     ) -> tuple[MappingRow | None, bool]:
-        """Record a change (durable first), then publish it; returns (row or None when
-        nothing changed, whether the topic took it)."""
+        """Record a change (durable first), then publish it; returns (row, or None when
+        the mapping already was that, and whether it was published on the topic)."""
         async with self._lock:
             row = await self.chio.call_once(
                 store.append_change, customer_id, stripe_id, origin, changed_by
             )
             if row is None:
-                return None, True
+                return None, False
             if self._known is not None:
                 self._known.add((row.customer_id, row.version, row.stripe_customer_id))
         log.warning(
