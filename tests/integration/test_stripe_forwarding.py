@@ -351,7 +351,7 @@ def test_mapping_unknown_customer_error_and_retry(stack: StackSlice) -> None:
         timeout=10,
         what="mapping written",
     )
-    time.sleep(2)  # the worker's GlobalTable follows the topic
+    time.sleep(2)  # the forwarder reads the mapping at its next round
     result = cli(stack, meters_file, "stripe", "retry")
     assert result.returncode == 0, result.stdout + result.stderr
     assert acme_row["identifier"] in result.stdout and "sent" in result.stdout
