@@ -329,7 +329,8 @@ def _customer_routes(
     """``/v1/stripe/customers[/{customer_id}]``: the operator's customer mapping
     (pipeline/customers.py). Reads like SQL; writes always need a key; a key
     restricted to one customer can do neither (it must not pick who pays)."""
-    from pipeline.customers import check_customer_id, check_stripe_customer_id, mapping_document
+    from pipeline.customers import check_customer_id, mapping_document
+    from pipeline.stripe_ids import check_stripe_customer_id
 
     def operator_only(key: ApiKey | None) -> None:
         if key is not None and key.customer_id is not None:
@@ -351,7 +352,7 @@ def _customer_routes(
             if customer in (None, c)
         ]
 
-    def customer_of(view: View, customer_id: str) -> str:
+    def customer_of(customer_id: str) -> str:
         try:
             return check_customer_id(customer_id)
         except ValueError as exc:
@@ -384,7 +385,7 @@ def _customer_routes(
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
             operator_only(read_key(request))
-            customer = customer_of(self, customer_id)
+            customer = customer_of(customer_id)
             try:
                 history = await mappings.history(customer)
             except DependencyError as exc:
@@ -395,7 +396,7 @@ def _customer_routes(
         async def put(self, request: Request, customer_id: str) -> Response:
             key = bearer_key(request, keys)
             operator_only(key)
-            customer = customer_of(self, customer_id)
+            customer = customer_of(customer_id)
             try:
                 body = orjson.loads(await read_body(request, settings.api_max_body_bytes))
                 stripe_id = check_stripe_customer_id(body["stripe_customer_id"])
@@ -412,4 +413,4 @@ def _customer_routes(
         async def delete(self, request: Request, customer_id: str) -> Response:
             key = bearer_key(request, keys)
             operator_only(key)
-            return await change(self, key, customer_of(self, customer_id), None)
+            return await change(self, key, customer_of(customer_id), None)

@@ -210,9 +210,11 @@ def write_refusals(
 def property_values(
     ch: ClickHouse, path: str, customers: list[str]
 ) -> dict[str, list[tuple[str, int]]]:
-    """The distinct non-empty string values of ``path`` (``properties.a.b``) in each
-    customer's recorded events, with when each was first recorded (epoch ms), earliest
-    first; at most MAX_VALUES_PER_CUSTOMER per customer."""
+    """The distinct values of ``path`` (``properties.a.b``) in each customer's recorded
+    events, with when each was first recorded (epoch ms), earliest first; at most
+    MAX_VALUES_PER_CUSTOMER per customer. Missing, null and empty are no value; a
+    value that is not a JSON string comes back as ``<Type> raw-json`` (never a Stripe
+    id: it is refused, not read as one)."""
     if not customers or not path.startswith("properties."):
         return {}
     parts = path.split(".")[1:]
@@ -223,7 +225,12 @@ def property_values(
         f"""
         SELECT customer_id, value, toUnixTimestamp64Milli(min(ingested_at)) AS first
         FROM (
-            SELECT customer_id, JSONExtractString(properties, {args}) AS value, ingested_at
+            SELECT customer_id, ingested_at,
+                   if(JSONType(properties, {args}) = 'String',
+                      JSONExtractString(properties, {args}),
+                      if(JSONType(properties, {args}) = 'Null', '',
+                         concat('<', toString(JSONType(properties, {args})), '> ',
+                                JSONExtractRaw(properties, {args})))) AS value
             FROM usage_events
             WHERE customer_id IN {{customers:Array(String)}}
         )
