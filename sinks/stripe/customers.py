@@ -226,11 +226,10 @@ def property_values(
         SELECT customer_id, value, toUnixTimestamp64Milli(min(ingested_at)) AS first
         FROM (
             SELECT customer_id, ingested_at,
-                   if(JSONType(properties, {args}) = 'String',
-                      JSONExtractString(properties, {args}),
-                      if(JSONType(properties, {args}) = 'Null', '',
-                         concat('<', toString(JSONType(properties, {args})), '> ',
-                                JSONExtractRaw(properties, {args})))) AS value
+                   JSONExtractRaw(properties, {args}) AS raw,
+                   multiIf(startsWith(raw, '"'), JSONExtractString(raw),
+                           raw IN ('', 'null'), '',
+                           concat('<', toString(JSONType(raw)), '> ', raw)) AS value
             FROM usage_events
             WHERE customer_id IN {{customers:Array(String)}}
         )
