@@ -1,29 +1,63 @@
-"""The customer mapping: meterstream ``customer_id`` -> Stripe customer id.
+"""The customer mapping: meterstream ``customer_id`` -> the Stripe customer that pays.
 
-It lives on the compacted topic ``customers`` (topics.CUSTOMERS), keyed by
-``customer_id`` (UTF-8), value JSON ``{"stripe_customer_id": "cus_..."}``; a
-null value (tombstone) deletes the mapping. The latest record per key wins.
+The operator's decision (pipeline/stripe_ids.py), kept durably in ClickHouse
+(``customer_mappings``, append-only with who and when: sinks/stripe/customers.py).
+It survives a restart of anything, the embedded broker included (which keeps
+nothing). Ways in, all recorded in ClickHouse:
 
-* ``meterstream customers set ID STRIPE_ID`` / ``unset ID`` write it;
-  ``customers get ID`` / ``customers list`` read the topic from the beginning.
-* The worker keeps the whole mapping in memory (:class:`MappingFollower`):
-  every worker reads every partition and keeps following it, so a new
-  mapping reaches the forwarder within one forward interval. Meters with ``stripe.customer_id_from:
-  mapping`` read it; customers without a mapping are held (never dropped) and
-  counted in ``meterstream_stripe_waiting_customers`` until it appears.
+* ``meterstream customers set ID STRIPE_ID`` / ``unset ID`` (``get``, ``list``):
+  through the running worker's HTTP API while it holds the embedded engine
+  (``endpoints.json`` names it), otherwise straight to ClickHouse.
+* ``PUT`` / ``DELETE /v1/stripe/customers/{customer_id}`` on a worker (an
+  operator key; a key restricted to one customer gets 403).
+* The compacted topic ``customers`` (public contract): key ``customer_id``
+  (UTF-8), value JSON ``{"stripe_customer_id": "cus_..."}``, a null value
+  (tombstone) removes the mapping. Every worker follows it (:class:`MappingStore`)
+  and records each new record in ClickHouse, with the record's timestamp as the
+  change's version. A replay of a recorded record (the same customer, timestamp
+  and value) is not a new change; a record older than the customer's current
+  mapping is ignored and logged. Changes made through the CLI or the API are
+  also published there (timestamp = their version), for anything that follows
+  the topic.
+
+Each forward round reads the current mapping from ClickHouse, so a change made
+anywhere applies within one forward interval, on every worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
+import contextlib
+import getpass
+import json
+import logging
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
+from decimal import Decimal
 from typing import Any
 
 import orjson
 
+from pipeline.chio import ClickHouseIO
+from pipeline.errors import ConfigError, MeterstreamError
 from pipeline.settings import Settings
+from pipeline.stripe_ids import check_stripe_customer_id
+from sinks.stripe import customers as store
+from sinks.stripe.customers import MappingRow
 from topics import CUSTOMERS
+
+log = logging.getLogger("meterstream.customers")
+
+MAX_CUSTOMER_ID = 200
+
+
+def check_customer_id(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CUSTOMER_ID:
+        raise ValueError(f"customer id must be 1-{MAX_CUSTOMER_ID} characters")
+    return value
 
 
 def encode_mapping(stripe_customer_id: str | None) -> bytes | None:
@@ -33,55 +67,163 @@ def encode_mapping(stripe_customer_id: str | None) -> bytes | None:
     return orjson.dumps({"stripe_customer_id": stripe_customer_id})
 
 
-def stripe_id_of(value: Any) -> str | None:
-    """The Stripe customer id of a decoded record value (``None`` when unusable)."""
-    if isinstance(value, bytes | str):
-        try:
-            value = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            return None
-    if isinstance(value, Mapping):
-        found = value.get("stripe_customer_id")
-        if isinstance(found, str) and found:
-            return found
-    return None
+class BadRecord(ValueError):
+    """A ``customers`` topic record that is neither a mapping nor a tombstone."""
 
 
-class MappingFollower:
-    """The whole mapping, kept in memory by following every partition of the topic.
+def decode_record(key: bytes | None, value: bytes | None) -> tuple[str, str | None]:
+    """(customer, Stripe id or None for a removal) of a ``customers`` record."""
+    try:
+        customer = check_customer_id((key or b"").decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRecord(f"bad key {key!r}: {exc}") from None
+    if value is None:
+        return customer, None
+    try:
+        doc = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        raise BadRecord(f"{customer}: value is not JSON") from None
+    if not isinstance(doc, Mapping) or "stripe_customer_id" not in doc:
+        raise BadRecord(f'{customer}: value is not {{"stripe_customer_id": ...}}')
+    found = doc["stripe_customer_id"]
+    if found is None:
+        return customer, None
+    try:
+        return customer, check_stripe_customer_id(found)
+    except ValueError as exc:
+        raise BadRecord(f"{customer}: {exc}") from None
 
-    Every worker reads the topic from the beginning (no consumer group) and
-    keeps following it, so a new mapping reaches the forwarder within one
-    forward interval. ``ready`` is set once the records present at start-up
-    have been read.
 
-    Why not a Faust ``GlobalTable`` with this topic as its changelog: with
-    faust-streaming 0.15.3 on the embedded broker the worker's first group
-    assignment never completes once a GlobalTable is declared (the worker
-    stays in "performing partition assignments"), so nothing is consumed.
-    """
+async def publish(
+    settings: Settings, bootstrap: str, customer_id: str, stripe_id: str, version: int
+) -> None:
+    """The change as a ``customers`` record (timestamp = its version)."""
+    from aiokafka import AIOKafkaProducer
 
-    def __init__(self, settings: Settings) -> None:
+    from pipeline.kafka import client_options
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        request_timeout_ms=10_000,
+        **client_options(settings),
+    )
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            settings.topic(CUSTOMERS.name),
+            key=customer_id.encode(),
+            value=encode_mapping(stripe_id or None),
+            timestamp_ms=version,
+        )
+    finally:
+        await producer.stop()
+
+
+class MappingStore:
+    """The worker's side: changes through its API, the topic follower, the reads."""
+
+    def __init__(self, settings: Settings, chio: ClickHouseIO, bootstrap: str) -> None:
         self.settings = settings
-        self.mapping: dict[str, str] = {}
+        self.chio = chio
+        self.bootstrap = bootstrap
         self.ready = asyncio.Event()
+        self._known: set[tuple[str, int, str]] | None = None
+        self._lock = asyncio.Lock()
 
-    def apply(self, key: bytes | None, value: bytes | None) -> None:
-        customer = (key or b"").decode()
-        stripe_id = stripe_id_of(value) if value is not None else None
-        if stripe_id:
-            self.mapping[customer] = stripe_id
-        else:
-            self.mapping.pop(customer, None)
+    async def rows(self) -> dict[str, MappingRow]:
+        """The latest change of every customer (the API; ClickHouse errors to the caller)."""
+        return await self.chio.call_once(store.current_rows)
 
-    def lookup(self, customers: list[str]) -> dict[str, str]:
-        return {c: self.mapping[c] for c in customers if c in self.mapping}
+    async def history(self, customer_id: str) -> list[MappingRow]:
+        return await self.chio.call_once(store.history, customer_id)
 
-    async def run(self, bootstrap: str) -> None:
+    async def change(
+        self, customer_id: str, stripe_id: str | None, origin: str, changed_by: str
+    ) -> tuple[MappingRow | None, bool]:
+        """Record a change (durable first), then publish it; returns (row, or None when
+        the mapping already was that, and whether it was published on the topic)."""
+        async with self._lock:
+            row = await self.chio.call_once(
+                store.append_change, customer_id, stripe_id, origin, changed_by
+            )
+            if row is None:
+                return None, False
+            if self._known is not None:
+                self._known.add((row.customer_id, row.version, row.stripe_customer_id))
+        log.warning(
+            "customer mapping: %s -> %s (%s, by %s)",
+            customer_id,
+            stripe_id or "(removed)",
+            origin,
+            changed_by,
+        )
+        try:
+            await publish(
+                self.settings, self.bootstrap, customer_id, row.stripe_customer_id, row.version
+            )
+        except Exception as exc:  # recorded durably already; the topic is a copy
+            log.warning("customer mapping of %s not published to the topic: %s", customer_id, exc)
+            return row, False
+        return row, True
+
+    async def import_record(
+        self, key: bytes | None, value: bytes | None, timestamp_ms: int
+    ) -> None:
+        """One ``customers`` record: recorded in ClickHouse unless it is a replay or stale."""
+        try:
+            customer, stripe_id = decode_record(key, value)
+        except BadRecord as exc:
+            log.warning("customers topic: record ignored: %s", exc)
+            return
+        wanted = stripe_id or ""
+        async with self._lock:
+            if self._known is None:
+                self._known = await self.chio.call(store.known_changes)
+            if (customer, timestamp_ms, wanted) in self._known:
+                return  # a replay of a recorded change
+            current = (await self.chio.call(store.current_rows, [customer])).get(customer)
+            if current is not None and (
+                (current.version, current.stripe_customer_id) == (timestamp_ms, wanted)
+            ):
+                self._known.add((customer, timestamp_ms, wanted))
+                return  # recorded by another worker or the CLI
+            if timestamp_ms <= 0 or (current is not None and current.version >= timestamp_ms):
+                log.warning(
+                    "customers topic: record for %s (%s, timestamp %d) is older than its "
+                    "current mapping (%s, version %d); ignored",
+                    customer,
+                    stripe_id or "removal",
+                    timestamp_ms,
+                    current.stripe_customer_id if current else "-",
+                    current.version if current else 0,
+                )
+                return
+            if current is None and stripe_id is None:
+                return  # removing what was never mapped
+            await self.chio.call(
+                store.append_change, customer, stripe_id, "topic", "customers topic", timestamp_ms
+            )
+            self._known.add((customer, timestamp_ms, wanted))
+        log.warning(
+            "customer mapping: %s -> %s (customers topic)", customer, stripe_id or "(removed)"
+        )
+
+    async def follow(self) -> None:
+        """Import the topic from the beginning and keep following it (every worker).
+
+        ``ready`` is set once the records present at start-up are recorded.
+        """
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
+        from pipeline.kafka import client_options
+
         topic = self.settings.topic(CUSTOMERS.name)
-        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            **client_options(self.settings),
+        )
         await consumer.start()
         try:
             partitions: set[int] = set()
@@ -98,7 +240,7 @@ class MappingFollower:
                 batches = await consumer.getmany(timeout_ms=500)
                 for records in batches.values():
                     for record in records:
-                        self.apply(record.key, record.value)
+                        await self.import_record(record.key, record.value, record.timestamp)
                 if not self.ready.is_set():
                     positions = [await consumer.position(tp) for tp in tps]
                     if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
@@ -107,69 +249,129 @@ class MappingFollower:
             await consumer.stop()
 
 
-# -------------------------------------------------------------- the topic, from outside
+# -------------------------------------------------------------- the CLI's side
 
 
-async def write_mapping(
-    settings: Settings, customer_id: str, stripe_customer_id: str | None
-) -> None:
-    from aiokafka import AIOKafkaProducer
+def _operator() -> str:
+    with contextlib.suppress(Exception):
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    return "unknown"
 
-    from pipeline.endpoints import kafka_bootstrap
 
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all")
-    await producer.start()
+def _request(settings: Settings, method: str, url: str, body: Any = None) -> Any:
+    from pipeline.query import cli_key
+
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Authorization": f"Bearer {cli_key(settings)}"}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
     try:
-        await producer.send_and_wait(
-            settings.topic(CUSTOMERS.name),
-            key=customer_id.encode(),
-            value=encode_mapping(stripe_customer_id),
-        )
-    finally:
-        await producer.stop()
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read(), parse_float=Decimal)
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = json.loads(detail).get("error", detail)
+        raise MeterstreamError(f"the worker refused ({exc.code}): {detail}") from None
+    except urllib.error.URLError as exc:
+        raise MeterstreamError(f"worker at {url} not reachable: {exc.reason}") from None
 
 
-async def read_mapping(settings: Settings, idle_seconds: float = 1.0) -> dict[str, str]:
-    """The whole mapping, read from the beginning of the topic (the latest record per key)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+def _customer_url(base: str, customer_id: str) -> str:
+    return f"{base}/v1/stripe/customers/{urllib.parse.quote(customer_id, safe='')}"
 
-    from pipeline.endpoints import kafka_bootstrap
 
-    topic = settings.topic(CUSTOMERS.name)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka_bootstrap(settings), enable_auto_commit=False
-    )
-    await consumer.start()
-    mapping: dict[str, str] = {}
+def _direct(settings: Settings) -> Any:
+    from pipeline.worker import open_clickhouse
+    from sinks.clickhouse.migrate import migrate
+
+    ch = open_clickhouse(settings)
     try:
-        await consumer.topics()  # fetch metadata for every topic
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        if not tps:
-            return mapping
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        # Read up to the reported end, then until the topic has been quiet for a
-        # moment (the embedded broker may report an end offset that is too early).
-        last_data = time.monotonic()
-        while True:
-            batches = await consumer.getmany(timeout_ms=200)
-            for records in batches.values():
-                for record in records:
-                    last_data = time.monotonic()
-                    key = (record.key or b"").decode()
-                    stripe_id = stripe_id_of(record.value) if record.value is not None else None
-                    if stripe_id:
-                        mapping[key] = stripe_id
-                    else:
-                        mapping.pop(key, None)
-            reached = all([await consumer.position(tp) >= ends[tp] for tp in tps])
-            if reached and time.monotonic() - last_data >= idle_seconds:
-                return mapping
+        migrate(ch)
+    except BaseException:
+        ch.close()
+        raise
+    return ch
+
+
+def set_mapping(settings: Settings, customer_id: str, stripe_id: str | None) -> dict[str, Any]:
+    """Set (or with ``None`` remove) a customer's mapping, through the worker or directly.
+
+    Returns ``{"change": row or None (unchanged), "published": bool}``.
+    """
+    from pipeline.endpoints import web_url
+
+    check_customer_id(customer_id)
+    if stripe_id is not None:
+        check_stripe_customer_id(stripe_id)
+    url = web_url(settings)
+    if url:
+        if stripe_id is None:
+            return dict(_request(settings, "DELETE", _customer_url(url, customer_id)))
+        body = {"stripe_customer_id": stripe_id}
+        return dict(_request(settings, "PUT", _customer_url(url, customer_id), body))
+    ch = _direct(settings)
+    try:
+        row = store.append_change(ch, customer_id, stripe_id, "cli", _operator())
     finally:
-        await consumer.stop()
+        ch.close()
+    if row is None:
+        return {"change": None, "published": False}
+    published = False
+    with contextlib.suppress(ConfigError):
+        from pipeline.endpoints import kafka_bootstrap
+
+        bootstrap = kafka_bootstrap(settings)
+        try:
+            asyncio.run(
+                publish(settings, bootstrap, customer_id, row.stripe_customer_id, row.version)
+            )
+            published = True
+        except Exception as exc:  # recorded in ClickHouse; the topic is a copy
+            log.warning("not published to the customers topic: %s", exc)
+    return {"change": row.public(), "published": published}
 
 
-def read_mapping_sync(settings: Settings) -> dict[str, str]:
-    return asyncio.run(read_mapping(settings))
+def list_mappings(settings: Settings) -> dict[str, Any]:
+    """``{"customers": [current rows], "held": [...]}`` through the worker or directly
+    (``held``, the customers the forwarder holds, only from a running worker)."""
+    from pipeline.endpoints import web_url
+
+    url = web_url(settings)
+    if url:
+        return dict(_request(settings, "GET", f"{url}/v1/stripe/customers"))
+    ch = _direct(settings)
+    try:
+        rows = store.current_rows(ch)
+    finally:
+        ch.close()
+    return {"customers": [r.public() for r in rows.values() if r.stripe_customer_id], "held": []}
+
+
+def get_mapping(settings: Settings, customer_id: str) -> dict[str, Any]:
+    """``{"customer_id", "stripe_customer_id" (None: not mapped), "history": [...], "held"}``."""
+    from pipeline.endpoints import web_url
+
+    url = web_url(settings)
+    if url:
+        return dict(_request(settings, "GET", _customer_url(url, customer_id)))
+    ch = _direct(settings)
+    try:
+        rows = store.history(ch, customer_id)
+    finally:
+        ch.close()
+    return mapping_document(customer_id, rows, [])
+
+
+def mapping_document(
+    customer_id: str, history: list[MappingRow], held: list[dict[str, str]]
+) -> dict[str, Any]:
+    """The answer of ``GET /v1/stripe/customers/{id}`` (and of ``customers get``)."""
+    current = max(history, key=lambda r: r.version, default=None)
+    return {
+        "customer_id": customer_id,
+        "stripe_customer_id": (current.stripe_customer_id or None) if current else None,
+        "history": [r.public() for r in history],
+        "held": held,
+    }

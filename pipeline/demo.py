@@ -40,6 +40,11 @@ CUSTOMER_PREFIX = "demo-"
 CUSTOMERS = [
     f"{CUSTOMER_PREFIX}{name}" for name in ("acme", "globex", "initech", "umbrella", "hooli")
 ]
+# Who pays, the operator's decision: the demo maps its customers at start
+# (pipeline/run.py, map_demo_customers); nothing in its events names a Stripe customer.
+STRIPE_CUSTOMERS = {
+    customer: f"cus_demo_{customer.removeprefix(CUSTOMER_PREFIX)}" for customer in CUSTOMERS
+}
 MODELS = ["gpt-4o", "claude-sonnet", "llama-3"]
 COUNTRIES = ["US", "US", "US", "DE", "IN", "BR"]
 KEY_PREFIX = "demo-"
@@ -336,7 +341,7 @@ class DemoLoad:
             "customer_id": customer,
             "idempotency_key": f"{self.key_prefix}{self.new:07d}",
             "timestamp": ts,
-            "properties": {"stripe_customer_id": f"cus_demo_{customer}"},
+            "properties": {},
         }
 
     def _new_event(self, now_ms: int, live: bool) -> dict[str, Any]:

@@ -59,7 +59,13 @@ from pipeline.demo_report import (
 )
 from pipeline.errors import MeterstreamError
 from pipeline.meters import MetersConfig
-from pipeline.run import TOTALS_SQL, period_totals, sql_rows, stripe_totals
+from pipeline.run import (
+    TOTALS_SQL,
+    map_demo_customers,
+    period_totals,
+    sql_rows,
+    stripe_totals,
+)
 from pipeline.windows import month_bounds, period_label
 from sinks.stripe.payloads import Rounding
 from topics import USAGE_EVENTS
@@ -524,4 +530,5 @@ def _previous_month_start(now_ms: int) -> int:
 
 
 async def run_demo(stack: Stack, meters: MetersConfig, duration: float | None, rate: float) -> int:
+    await _to_thread(map_demo_customers, stack.settings)  # who pays: the operator's mapping
     return await DemoRun(stack, meters, duration, rate).run()

@@ -52,10 +52,17 @@ partition this worker owns:
    is then held, nothing newer is sent for it, until ``meterstream stripe
    retry`` re-sends the failed rows (same identifiers, the Stripe customer id
    re-resolved) after the cause is fixed.
-7. **Customers.** ``stripe.customer_id_from`` is an event property (the
-   latest non-empty value in the record) or ``mapping`` (the ``customers``
-   topic, pipeline/customers.py). A customer with no Stripe id is held, not
-   dropped, and counted in ``meterstream_stripe_waiting_customers``.
+7. **Customers.** The Stripe customer that pays is the operator's decision
+   (pipeline/stripe_ids.py): ``stripe.customer_id_from: mapping`` (the default)
+   reads the operator's mapping from ClickHouse each round (pipeline/customers.py);
+   an event property is an opt-in whose first value per customer is pinned
+   (durably, in ClickHouse) and whose later different values, or values that
+   belong to another customer, are refused: not forwarded, logged with both ids,
+   recorded in ``stripe_customer_refusals`` and counted, and the customer held
+   until the operator maps it. An explicit mapping always wins. A customer with
+   no Stripe id is held, not dropped, logged once and counted in
+   ``meterstream_stripe_waiting_customers``; one held by a refusal in
+   ``meterstream_stripe_refused_customers``.
 8. **Transport** (``METERSTREAM_STRIPE_TRANSPORT``): ``v1`` sends each event
    with ``POST /v1/billing/meter_events`` (errors answered synchronously);
    ``v2`` sends batches of at most 100 through the v2 meter event stream (a
@@ -106,9 +113,12 @@ from pipeline.metrics import Metrics
 from pipeline.processor import WindowKey
 from pipeline.reconcile import Difference, reconcile_meter, record_states
 from pipeline.settings import Settings
+from pipeline.stripe_ids import Pin, Refusal, Resolution, is_property_source
+from pipeline.stripe_ids import resolve as resolve_ids
 from pipeline.windows import month_bounds, period_label
 from sinks.clickhouse.client import ClickHouse
 from sinks.clickhouse.queries import day_check, meter_customers
+from sinks.stripe import customers as stripe_customers
 from sinks.stripe import ledger
 from sinks.stripe.client import MAX_V2_BATCH, StripeMeterClient
 from sinks.stripe.ledger import LedgerRow
@@ -120,6 +130,7 @@ from topics import STRIPE_ERRORS
 
 if TYPE_CHECKING:
     from pipeline.app import Pipeline
+    from pipeline.customers import MappingStore
 
 log = logging.getLogger("meterstream.stripe")
 LATE_PERIOD_DAYS = 3  # keep correcting the previous month for this long into the next
@@ -131,6 +142,7 @@ MAPPING_WAIT_SECONDS = 30.0
 Transport = Literal["v1", "v2"]
 ResolveIds = Callable[[Meter, list[str]], Awaitable[dict[str, str]]]
 PublishError = Callable[[LedgerRow, str], Awaitable[None]]
+PublishRefusal = Callable[[str, bytes], Awaitable[None]]  # (record key, record value)
 
 
 def choose_transport(settings: Settings, requested: str | None = None) -> Transport:
@@ -184,27 +196,30 @@ def stripe_period_values(
 # ------------------------------------------------------------------ side effects
 
 
-def stripe_customer_ids(ch: ClickHouse, path: str, customers: list[str]) -> dict[str, str]:
-    """The latest non-empty value of ``path`` (e.g. properties.stripe_customer_id) per customer."""
-    if path == "customer_id":
-        return {c: c for c in customers}
-    if not customers or not path.startswith("properties."):
-        return {}
-    parts = path.split(".")[1:]
-    args = ", ".join(f"{{p{i}:String}}" for i in range(len(parts)))
-    params: dict[str, Any] = {f"p{i}": p for i, p in enumerate(parts)}
-    params["customers"] = customers
-    rows = ch.query_rows(
-        f"""
-        SELECT customer_id, argMax(JSONExtractString(properties, {args}), timestamp)
-        FROM usage_events
-        WHERE customer_id IN {{customers:Array(String)}}
-          AND JSONExtractString(properties, {args}) != ''
-        GROUP BY customer_id
-        """,
-        parameters=params,
+def refusal_message(meter: Meter, refusal: Refusal) -> tuple[str, bytes]:
+    """The ``stripe-errors`` record of a refused Stripe customer id: key and value.
+
+    Told apart from a failed ledger row by ``error_code`` ``stripe_customer_refused``
+    (and an empty ``identifier``: nothing was sent).
+    """
+    assert meter.stripe is not None
+    key = f"refused:{refusal.customer_id}:{refusal.reason}:{refusal.claimed}"
+    return key, orjson.dumps(
+        {
+            "identifier": "",
+            "meter": meter.name,
+            "customer_id": refusal.customer_id,
+            "stripe_customer_id": refusal.claimed,
+            "kept_stripe_customer_id": refusal.kept,
+            "other_customer_id": refusal.other_customer,
+            "source": meter.stripe.customer_id_from,
+            "status": "refused",
+            "error_code": "stripe_customer_refused",
+            "reason": refusal.reason,
+            "message": refusal.describe(),
+            "failed_at": time.time_ns() // 1_000_000,
+        }
     )
-    return {str(c): str(s) for c, s in rows}
 
 
 def error_message(row: LedgerRow, message: str) -> bytes:
@@ -237,9 +252,9 @@ class Forwarder:
         client: StripeMeterClient,
         owns_customer: Callable[[str], bool] | None = None,
         *,
-        mapping: Callable[[list[str]], dict[str, str]] | None = None,
         mapping_ready: asyncio.Event | None = None,
         publish_error: PublishError | None = None,
+        publish_refusal: PublishRefusal | None = None,
         transport: Transport | None = None,
     ) -> None:
         self.meters = meters
@@ -247,9 +262,12 @@ class Forwarder:
         self.metrics = metrics
         self.client = client
         self.owns_customer = owns_customer or (lambda customer: True)
-        self.mapping = mapping or (lambda customers: {})
         self.mapping_ready = mapping_ready
+        # Customers held per meter (last round): customer -> why, for logs and the API.
+        self.held: dict[str, dict[str, str]] = {}
+        self._reported: set[tuple[str, str, str]] | None = None  # refusals recorded
         self.publish_error = publish_error
+        self.publish_refusal = publish_refusal
         self.transport: Transport = transport or choose_transport(settings)
         self.stripe_meters = [m for m in meters.meters if m.stripe is not None]
         self._last_run: dict[str, float] = {}
@@ -515,19 +533,87 @@ class Forwarder:
         )
         self._meter_ready.add(meter.name)
 
-    async def stripe_ids(self, meter: Meter, customers: list[str]) -> dict[str, str]:
+    async def resolve(self, meter: Meter, customers: list[str], *, pin: bool = True) -> Resolution:
+        """The Stripe id of each customer, or why it is held (pipeline/stripe_ids.py).
+
+        New pins are recorded in ClickHouse before they are used (``pin``), and every
+        refusal is reported (:meth:`report_refusals`).
+        """
         assert meter.stripe is not None
         if not customers:
-            return {}
+            return Resolution()
+        if self.mapping_ready is not None and not self.mapping_ready.is_set():
+            # Wait for the customers topic's records present at start-up to be
+            # recorded; if it takes too long, go on: customers not found yet are
+            # held, never dropped.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.mapping_ready.wait(), MAPPING_WAIT_SECONDS)
         source = meter.stripe.customer_id_from
-        if source == "mapping":
-            if self.mapping_ready is not None and not self.mapping_ready.is_set():
-                # Wait for the mapping present at start-up; if it takes too long,
-                # go on: customers not found yet are held, never dropped.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.mapping_ready.wait(), MAPPING_WAIT_SECONDS)
-            return self.mapping(customers)
-        return await self.chio.call(stripe_customer_ids, source, customers)
+        mapping = await self.chio.call(stripe_customers.current_mapping)
+        if not is_property_source(source):
+            return resolve_ids(source, customers, mapping)
+        pins = {c: Pin(s, v) for c, (s, v) in (await self.chio.call(stripe_customers.pins)).items()}
+        values = await self.chio.call(stripe_customers.property_values, source, customers)
+        resolution = resolve_ids(source, customers, mapping, pins, values)
+        if pin and resolution.new_pins:
+            await self.chio.call(stripe_customers.write_pins, resolution.new_pins, source)
+            for customer, stripe_id in sorted(resolution.new_pins.items()):
+                log.info(
+                    "%s: customer %s pinned to Stripe customer %s (first %s)",
+                    meter.name,
+                    customer,
+                    stripe_id,
+                    source,
+                )
+        if not pin:
+            for customer in resolution.new_pins:
+                resolution.ids.pop(customer, None)
+        if resolution.refusals:
+            await self.report_refusals(meter, resolution.refusals)
+        return resolution
+
+    async def stripe_ids(self, meter: Meter, customers: list[str]) -> dict[str, str]:
+        """customer -> Stripe id of the customers not held."""
+        return (await self.resolve(meter, customers)).ids
+
+    async def report_refusals(self, meter: Meter, refusals: list[Refusal]) -> None:
+        """Each new refusal: logged (ERROR, both ids), counted, recorded in ClickHouse
+        ``stripe_customer_refusals`` and published on ``stripe-errors``, once (a refusal
+        already recorded is not repeated)."""
+        assert meter.stripe is not None
+        if self._reported is None:
+            self._reported = await self.chio.call(stripe_customers.refusal_keys)
+        new = [r for r in refusals if r.key not in self._reported]
+        if not new:
+            return
+        source = meter.stripe.customer_id_from
+        await self.chio.call(
+            stripe_customers.write_refusals,
+            [
+                (r.customer_id, r.claimed, r.reason, r.kept, r.other_customer, source, meter.name)
+                for r in new
+            ],
+        )
+        for refusal in new:
+            self._reported.add(refusal.key)
+            self.metrics.stripe_refusals.inc(reason=refusal.reason)
+            log.error("%s: Stripe customer refused: %s", meter.name, refusal.describe())
+            if self.publish_refusal is not None:
+                key, value = refusal_message(meter, refusal)
+                try:
+                    await self.publish_refusal(key, value)
+                except Exception as exc:  # recorded in ClickHouse already
+                    log.warning("refusal not published on stripe-errors: %s", exc)
+
+    def _note_held(self, meter: Meter, held: dict[str, str]) -> None:
+        """Log each newly held customer once (WARNING), and each one no longer held."""
+        before = self.held.get(meter.name, {})
+        for customer, why in sorted(held.items()):
+            if before.get(customer) != why:
+                log.warning("%s: customer %s held: %s", meter.name, customer, why)
+        for customer in sorted(set(before) - set(held)):
+            log.info("%s: customer %s no longer held", meter.name, customer)
+        self.held[meter.name] = held
 
     async def forward(self, meter: Meter, now_ms: int) -> int:
         assert meter.stripe is not None
@@ -539,6 +625,7 @@ class Forwarder:
         if upto - month_bounds(periods[0])[0] < LATE_PERIOD_DAYS * 86_400_000:
             periods.insert(0, previous)
         sent = 0
+        held: dict[str, str] = {}
         async with self._lock:
             self._stalled = False
             for key in [k for k in self._verified if k[0] == meter.name and k[1] not in periods]:
@@ -549,15 +636,19 @@ class Forwarder:
                 end = min(upto, p_end)
                 if end <= p_start:
                     continue
-                sent += await self._forward_period(meter, period, p_start, end, now_ms)
+                sent += await self._forward_period(meter, period, p_start, end, now_ms, held)
             if not self._stalled:
                 # A signal for whoever waits on Stripe (the demo's summary): every
                 # window closed by now_ms - grace is delivered (or held with a reason).
                 self.metrics.stripe_last_forward.set(now_ms / 1000, meter=meter.name)
+            refused = sum(1 for why in held.values() if why.startswith("refused"))
+            self.metrics.stripe_waiting.set(len(held) - refused, meter=meter.name)
+            self.metrics.stripe_refused.set(refused, meter=meter.name)
+            self._note_held(meter, held)
         return sent
 
     async def _forward_period(
-        self, meter: Meter, period: str, start: int, end: int, now_ms: int
+        self, meter: Meter, period: str, start: int, end: int, now_ms: int, held: dict[str, str]
     ) -> int:
         assert meter.stripe is not None
         diffs, record_totals = await self._verify(meter, period, start, end)
@@ -566,18 +657,20 @@ class Forwarder:
             for diff in diffs[:20]:
                 log.warning("repaired from the record before forwarding: %s", diff.describe())
         totals = {c: v for c, v in record_totals.items() if self.owns_customer(c)}
-        ids = await self.stripe_ids(meter, sorted(totals))
+        resolution = await self.resolve(meter, sorted(totals))
         rows = await self.chio.call(ledger.for_period, meter.name, period)
         rows = [r for r in rows if self.owns_customer(r.customer_id)]
-        plan = plan_sends(meter, period, totals, ids, rows)
-        self.metrics.stripe_waiting.set(len(plan.held_no_customer), meter=meter.name)
-        if plan.held_no_customer:
-            log.info(
-                "%s: %d customer(s) held until their Stripe customer id is known: %s",
-                meter.name,
-                len(plan.held_no_customer),
-                ", ".join(plan.held_no_customer[:10]),
-            )
+        plan = plan_sends(meter, period, totals, resolution.ids, rows)
+        refused = {r.customer_id: r for r in resolution.refusals}
+        for customer in plan.held_no_customer:
+            if customer in refused:
+                held[customer] = f"refused: {refused[customer].describe()}"
+            else:
+                held.setdefault(
+                    customer,
+                    f"no Stripe customer id (map it: `meterstream customers set {customer} "
+                    "cus_...`)",
+                )
         if plan.held_error:
             log.warning(
                 "%s: %d customer(s) held by a Stripe error until `meterstream stripe retry`: %s",
@@ -684,10 +777,24 @@ class Forwarder:
                     continue
                 await self.ensure_stripe_meter(meter)
                 ids = await self.stripe_ids(meter, sorted({r.customer_id for r in rows}))
+                unresolved = sorted({r.customer_id for r in rows if r.customer_id not in ids})
+                if unresolved:
+                    # Never resend to a Stripe customer the operator's mapping no longer
+                    # gives (or a refused one): those rows stay in error until it does.
+                    log.warning(
+                        "stripe retry: %s: no Stripe customer id for %s (not mapped, or "
+                        "refused); their rows stay in error",
+                        name,
+                        ", ".join(unresolved),
+                    )
+                results += [r for r in rows if r.customer_id not in ids]
+                rows = [r for r in rows if r.customer_id in ids]
+                if not rows:
+                    continue
                 flipped = [
                     dataclasses.replace(
                         r,
-                        stripe_customer_id=ids.get(r.customer_id, r.stripe_customer_id),
+                        stripe_customer_id=ids[r.customer_id],
                         status="pending",
                         error_code="",
                     )
@@ -707,7 +814,8 @@ class Forwarder:
         checks: list[Check] = []
         for meter, totals, rows in data:
             known = {r.customer_id for r in rows}
-            resolved = await self.stripe_ids(meter, sorted(set(totals) - known))
+            resolution = await self.resolve(meter, sorted(set(totals) - known), pin=False)
+            resolved = resolution.ids
             checks += build_checks(meter, totals, rows, resolved)
         values = await self._stripe(
             stripe_period_values, self.client, self.meters, checks, period, now
@@ -744,19 +852,22 @@ def install_forwarder(
     chio: ClickHouseIO,
     metrics: Metrics,
     pipeline: Pipeline | None = None,
+    mappings: MappingStore | None = None,
 ) -> Forwarder | None:
     """A timer on the worker that forwards the customers of its own partitions.
 
-    Also: the customer mapping follower and the ``stripe-errors`` topic. Its web
-    routes (``/v1/stripe/retry``, ``/v1/stripe/reconcile``) are in pipeline/web.py.
+    Also: the ``customers`` topic follower (``mappings``, which records the topic's
+    changes in ClickHouse) and the ``stripe-errors`` topic. Its web routes
+    (``/v1/stripe/retry``, ``/v1/stripe/reconcile``, ``/v1/stripe/customers``) are in
+    pipeline/web.py.
     """
     if not any(m.stripe for m in meters.meters):
         return None
-    from pipeline import customers
     from pipeline.app import customer_partition
+    from pipeline.customers import MappingStore
 
     source = settings.topic("usage-events")
-    follower = customers.MappingFollower(settings)
+    follower = mappings or MappingStore(settings, chio, settings.kafka_bootstrap_servers or "")
     errors_topic = app.topic(
         settings.topic(STRIPE_ERRORS.name),
         key_type=bytes,
@@ -772,6 +883,9 @@ def install_forwarder(
     async def publish_error(row: LedgerRow, message: str) -> None:
         await errors_topic.send(key=row.identifier.encode(), value=error_message(row, message))
 
+    async def publish_refusal(key: str, value: bytes) -> None:
+        await errors_topic.send(key=key.encode(), value=value)
+
     forwarder = Forwarder(
         settings,
         meters,
@@ -779,9 +893,9 @@ def install_forwarder(
         metrics,
         stripe_client(settings),
         owns,
-        mapping=follower.lookup,
         mapping_ready=follower.ready,
         publish_error=publish_error,
+        publish_refusal=publish_refusal,
     )
     if pipeline is not None:
         forwarder.track_changes(pipeline.record_lock)
@@ -793,11 +907,9 @@ def install_forwarder(
         app.on_partitions_revoked.connect(on_rebalance)
         app.on_partitions_assigned.connect(on_rebalance)
 
-    if any(m.stripe and m.stripe.customer_id_from == "mapping" for m in meters.meters):
-
-        @app.task
-        async def follow_customer_mapping() -> None:
-            await follower.run(settings.kafka_bootstrap_servers or "")
+    @app.task
+    async def follow_customer_mapping() -> None:
+        await follower.follow()
 
     @app.timer(forwarder.tick_seconds)
     async def forward_to_stripe() -> None:

@@ -266,7 +266,8 @@ def _check_scalar(value: Any) -> Any:
 
 
 def _check_customer_source(value: Any) -> Any:
-    """``"mapping"`` (the customer mapping topic) or a dotted path into the event."""
+    """``"mapping"`` (the operator's customer mapping, the default) or a dotted path into
+    the event (opt-in; pinned: see pipeline/stripe_ids.py)."""
     if value == "mapping":
         return value
     if value is None:
@@ -402,9 +403,9 @@ class StripeBlock(BaseModel):
     customer_key: Annotated[str, _text(100)] = "stripe_customer_id"
     value_key: Annotated[str, _text(100)] = "value"
     interval: Interval = "1h"
-    customer_id_from: Annotated[str, BeforeValidator(_check_customer_source)] = (
-        "properties.stripe_customer_id"
-    )
+    # Which Stripe customer pays: the operator's mapping by default, never event content
+    # unless asked for (a property is pinned per customer: pipeline/stripe_ids.py).
+    customer_id_from: Annotated[str, BeforeValidator(_check_customer_source)] = "mapping"
     rounding: Annotated[Rounding, _one_of(*get_args(Rounding))] = "carry"
     grace: Duration = "5m"
 

@@ -132,7 +132,7 @@ class Metrics:
         )
         self.stripe_waiting = Metric(
             "meterstream_stripe_waiting_customers",
-            "Series held back because no Stripe customer id is known yet",
+            "Customers held back because no Stripe customer id is known yet, by meter",
             g,
         )
         self.stripe_last_forward = Metric(
@@ -140,6 +140,16 @@ class Metrics:
             "Start (epoch seconds) of the last forward of a meter that delivered everything it "
             "planned: every window that had closed grace before it is at Stripe",
             g,
+        )
+        self.stripe_refused = Metric(
+            "meterstream_stripe_refused_customers",
+            "Customers held back because their events name a refused Stripe customer id",
+            g,
+        )
+        self.stripe_refusals = Metric(
+            "meterstream_stripe_customer_refusals_total",
+            "Stripe customer ids named by event properties and refused, by reason",
+            c,
         )
         self.consumer_lag = Metric(
             "meterstream_consumer_lag", "Records behind the end, by partition", g

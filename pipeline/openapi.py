@@ -67,6 +67,15 @@ EVENT = {
     },
 }
 
+_CHANGE = {
+    "type": "object",
+    "required": ["change", "published"],
+    "properties": {
+        "change": {"oneOf": [{"$ref": "#/components/schemas/MappingChange"}, {"type": "null"}]},
+        "published": {"type": "boolean", "description": "also written to the customers topic"},
+    },
+}
+
 SCHEMAS: dict[str, Any] = {
     "Event": EVENT,
     "EventBatch": {
@@ -125,6 +134,29 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "columns": {"type": "array", "items": {"type": "string"}},
             "rows": {"type": "array", "items": {"type": "array"}},
+        },
+    },
+    "MappingChange": {
+        "type": "object",
+        "description": "One change of a customer's mapping (the audit trail).",
+        "required": ["customer_id", "stripe_customer_id", "origin", "changed_by", "changed_at"],
+        "properties": {
+            "customer_id": {"type": "string"},
+            "stripe_customer_id": {"type": ["string", "null"], "description": "null: removed"},
+            "origin": {"type": "string", "enum": ["api", "cli", "topic"]},
+            "changed_by": {"type": "string"},
+            "changed_at": {"type": "string", "format": "date-time"},
+            "version": {"type": "integer"},
+        },
+    },
+    "Held": {
+        "type": "object",
+        "description": "A customer the forwarder holds (no Stripe id, or a refused one).",
+        "required": ["meter", "customer_id", "reason"],
+        "properties": {
+            "meter": {"type": "string"},
+            "customer_id": {"type": "string"},
+            "reason": {"type": "string"},
         },
     },
     "Usage": {
@@ -330,6 +362,118 @@ def _routes_document() -> dict[str, Any]:
                         "503": _error("ClickHouse unavailable."),
                     },
                 }
+            },
+            "/v1/stripe/customers": {
+                "get": {
+                    "summary": "The customer mapping: who pays for each customer's usage",
+                    "description": "The current Stripe customer of every mapped customer, "
+                    "and the customers the forwarder holds.",
+                    "security": key_required,
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["customers", "held"],
+                                "properties": {
+                                    "customers": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/MappingChange"},
+                                    },
+                                    "held": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Held"},
+                                    },
+                                },
+                            },
+                            "The mapping.",
+                        ),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("A key restricted to a customer cannot do this."),
+                        "503": _error("ClickHouse unavailable."),
+                    },
+                }
+            },
+            "/v1/stripe/customers/{customer_id}": {
+                "parameters": [
+                    {
+                        "name": "customer_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    }
+                ],
+                "get": {
+                    "summary": "A customer's Stripe customer and every change of it",
+                    "security": key_required,
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["customer_id", "stripe_customer_id", "history"],
+                                "properties": {
+                                    "customer_id": {"type": "string"},
+                                    "stripe_customer_id": {"type": ["string", "null"]},
+                                    "history": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/MappingChange"},
+                                    },
+                                    "held": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Held"},
+                                    },
+                                },
+                            },
+                            "The mapping (stripe_customer_id null: not mapped).",
+                        ),
+                        "400": _error("Not a customer id."),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("A key restricted to a customer cannot do this."),
+                        "503": _error("ClickHouse unavailable."),
+                    },
+                },
+                "put": {
+                    "summary": "Map a customer to the Stripe customer that pays",
+                    "description": "Recorded in ClickHouse (with the key that did it), then "
+                    "published on the customers topic. Needs an operator key.",
+                    "security": key_required,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["stripe_customer_id"],
+                                    "properties": {
+                                        "stripe_customer_id": {
+                                            "type": "string",
+                                            "pattern": "^[A-Za-z0-9_-]{1,255}$",
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(_CHANGE, "Recorded (change null: it already was)."),
+                        "400": _error("Not a customer id, or not a Stripe customer id."),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("A key restricted to a customer cannot do this."),
+                        "413": _error("The body is over the size limit."),
+                        "415": _error("Content-Type is not application/json."),
+                        "503": _error("ClickHouse unavailable."),
+                    },
+                },
+                "delete": {
+                    "summary": "Remove a customer's mapping (its usage is then held)",
+                    "security": key_required,
+                    "responses": {
+                        "200": _json(_CHANGE, "Recorded (change null: it was not mapped)."),
+                        "400": _error("Not a customer id."),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("A key restricted to a customer cannot do this."),
+                        "503": _error("ClickHouse unavailable."),
+                    },
+                },
             },
             "/v1/stripe/retry": {
                 "post": {

@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.request
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -83,18 +84,35 @@ def sql_rows(web_url: str, sql: str) -> list[dict[str, Any]]:
     return [dict(zip(result["columns"], row, strict=True)) for row in result["rows"]]
 
 
+def map_demo_customers(settings: Settings) -> None:
+    """Map the demo's customers to their Stripe customers (through the running worker;
+    idempotent: a mapping already in place is left as it is)."""
+    from pipeline.customers import set_mapping
+    from pipeline.demo import STRIPE_CUSTOMERS
+
+    for customer, stripe_id in sorted(STRIPE_CUSTOMERS.items()):
+        set_mapping(settings, customer, stripe_id)
+
+
 def stripe_totals(
-    api_base: str, meters: MetersConfig, period: str | None = None
+    api_base: str,
+    meters: MetersConfig,
+    period: str | None = None,
+    mapping: Mapping[str, str] | None = None,
 ) -> dict[tuple[str, str], Decimal]:
     """What the emulator received, per (meter, meterstream customer), by the meter's formula.
 
     ``period`` (``YYYY-MM``): only meter events stamped in that month (the
     forwarder stamps each with a time inside its billing period). Cancelled
-    events do not count, as in Stripe's summaries.
+    events do not count, as in Stripe's summaries. Stripe customers are mapped
+    back to meterstream customers through ``mapping`` (customer -> Stripe id;
+    default: the demo's); one no customer maps to is shown under its Stripe id.
     """
+    from pipeline.demo import STRIPE_CUSTOMERS
     from pipeline.windows import month_bounds
     from sinks.stripe.payloads import formula_for
 
+    owner = {stripe_id: c for c, stripe_id in (mapping or STRIPE_CUSTOMERS).items()}
     events = http_json(f"{api_base}/_emulator/events")
     if isinstance(events, dict):
         events = events.get("data", [])
@@ -112,7 +130,7 @@ def stripe_totals(
         if lo is not None and not lo <= ev["timestamp"] < hi:
             continue
         stripe_customer = ev["payload"][meter.stripe.customer_key]
-        customer = stripe_customer.removeprefix("cus_demo_")
+        customer = owner.get(stripe_customer, stripe_customer)
         value = Decimal(ev["payload"][meter.stripe.value_key])
         key = (meter.name, customer)
         if formula_for(meter.aggregation) == "sum":

@@ -1,7 +1,9 @@
 """``meterstream customers ...`` and ``meterstream stripe ...``.
 
 * ``customers set ID STRIPE_ID`` / ``unset ID`` / ``get ID`` / ``list``: the
-  customer mapping on the compacted ``customers`` topic (pipeline/customers.py).
+  operator's customer mapping, kept in ClickHouse (pipeline/customers.py); through
+  the running worker (``/v1/stripe/customers``) while it holds the embedded engine,
+  otherwise directly; ``get`` also prints the customer's changes (who, when).
 * ``stripe create-meters``: creates the missing Stripe meters with the formula
   each aggregation needs (sum/count -> ``sum``; max/min/unique_count/latest ->
   ``last``); refuses (exit 1) an existing meter whose formula or payload keys
@@ -47,43 +49,68 @@ def _worker_url(args: argparse.Namespace, settings: Settings) -> str | None:
 
 
 def cmd_customers_set(args: argparse.Namespace) -> int:
-    from pipeline.customers import write_mapping
+    from pipeline.customers import set_mapping
 
-    asyncio.run(write_mapping(_settings(args), args.customer_id, args.stripe_customer_id))
-    print(f"{args.customer_id} -> {args.stripe_customer_id}")
+    try:
+        result = set_mapping(_settings(args), args.customer_id, args.stripe_customer_id)
+    except ValueError as exc:
+        raise MeterstreamError(str(exc)) from None
+    note = "" if result.get("change") else " (unchanged)"
+    print(f"{args.customer_id} -> {args.stripe_customer_id}{note}")
     return 0
 
 
 def cmd_customers_unset(args: argparse.Namespace) -> int:
-    from pipeline.customers import write_mapping
+    from pipeline.customers import set_mapping
 
-    asyncio.run(write_mapping(_settings(args), args.customer_id, None))
-    print(f"{args.customer_id} -> (no mapping)")
+    try:
+        result = set_mapping(_settings(args), args.customer_id, None)
+    except ValueError as exc:
+        raise MeterstreamError(str(exc)) from None
+    note = "" if result.get("change") else " (was not mapped)"
+    print(f"{args.customer_id} -> (no mapping){note}")
     return 0
 
 
-def cmd_customers_get(args: argparse.Namespace) -> int:
-    from pipeline.customers import read_mapping_sync
+def _print_held(held: list[dict[str, str]]) -> None:
+    for item in held:
+        print(f"held {item['meter']} {item['customer_id']}: {item['reason']}", file=sys.stderr)
 
-    mapping = read_mapping_sync(_settings(args))
-    found = mapping.get(args.customer_id)
-    if found is None:
+
+def cmd_customers_get(args: argparse.Namespace) -> int:
+    from pipeline.customers import get_mapping
+
+    found = get_mapping(_settings(args), args.customer_id)
+    if args.format == "json":
+        print(json.dumps(found, sort_keys=True, default=str))
+    elif found["stripe_customer_id"]:
+        print(found["stripe_customer_id"])
+    if args.format != "json":
+        for change in found["history"]:
+            print(
+                f"  {change['changed_at']} {change['stripe_customer_id'] or '(removed)'} "
+                f"by {change['changed_by']} ({change['origin']})",
+                file=sys.stderr,
+            )
+        _print_held(found.get("held", []))
+    if not found["stripe_customer_id"]:
         print(f"{args.customer_id}: no mapping", file=sys.stderr)
         return 1
-    print(found)
     return 0
 
 
 def cmd_customers_list(args: argparse.Namespace) -> int:
-    from pipeline.customers import read_mapping_sync
+    from pipeline.customers import list_mappings
 
-    mapping = read_mapping_sync(_settings(args))
+    found = list_mappings(_settings(args))
+    mapping = {r["customer_id"]: r["stripe_customer_id"] for r in found["customers"]}
     if args.format == "json":
         print(json.dumps(mapping, sort_keys=True))
     else:
         for customer, stripe_id in sorted(mapping.items()):
             print(f"{customer}\t{stripe_id}")
         print(f"({len(mapping)} mapping(s))", file=sys.stderr)
+        _print_held(found.get("held", []))
     return 0
 
 
@@ -136,19 +163,18 @@ def cmd_create_meters(args: argparse.Namespace) -> int:
 def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
     """A Forwarder over a direct ClickHouse connection (no worker is running)."""
     from pipeline.chio import ClickHouseIO
-    from pipeline.customers import read_mapping
     from pipeline.forwarding import Forwarder, error_message, stripe_client
     from pipeline.meters import load_meters
     from pipeline.metrics import Metrics
     from pipeline.worker import meters_path, open_clickhouse
+    from sinks.clickhouse.migrate import migrate
     from sinks.stripe.ledger import LedgerRow
     from topics import STRIPE_ERRORS
 
     meters = load_meters(meters_path(settings))
-    chio = ClickHouseIO(open_clickhouse(settings), Metrics(), max_backoff=1.0)
-    mapping: dict[str, str] = {}
-    if any(m.stripe and m.stripe.customer_id_from == "mapping" for m in meters.meters):
-        mapping = asyncio.run(read_mapping(settings))
+    ch = open_clickhouse(settings)
+    migrate(ch)  # the mapping's tables (0007) may be newer than the last worker's start
+    chio = ClickHouseIO(ch, Metrics(), max_backoff=1.0)
 
     async def publish_error(row: LedgerRow, message: str) -> None:
         from aiokafka import AIOKafkaProducer
@@ -172,7 +198,6 @@ def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
         chio,
         Metrics(),
         stripe_client(settings),
-        mapping=lambda ids: {c: mapping[c] for c in ids if c in mapping},
         publish_error=publish_error,
     )
     return forwarder, chio
@@ -263,8 +288,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p = csub.add_parser("unset", parents=[common], help="delete a customer's mapping")
     p.add_argument("customer_id")
     p.set_defaults(func=cmd_customers_unset)
-    p = csub.add_parser("get", parents=[common], help="a customer's Stripe customer id")
+    p = csub.add_parser(
+        "get", parents=[common], help="a customer's Stripe customer id and its changes"
+    )
     p.add_argument("customer_id")
+    p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_customers_get)
     p = csub.add_parser("list", parents=[common], help="every mapping")
     p.add_argument("--format", choices=["table", "json"], default="table")

@@ -13,6 +13,10 @@
   ``meterstream stripe`` commands use while this worker holds ClickHouse (only
   when a meter forwards to Stripe). Retry writes, so it always needs a key;
   reconcile reads, like SQL, and a customer-restricted key can do neither.
+- ``GET /v1/stripe/customers``, ``GET|PUT|DELETE /v1/stripe/customers/{customer_id}``
+  (``{"stripe_customer_id": "cus_..."}``): the operator's customer mapping, what
+  ``meterstream customers`` uses while this worker holds ClickHouse. Writes always
+  need a key, reads like SQL; a customer-restricted key can do neither.
 
 The two reads of customer data need a key too, unless the server listens on
 loopback only (``METERSTREAM_API_READ_AUTH``). A key restricted to a customer
@@ -52,6 +56,7 @@ from pipeline.windows import month_bounds, period_label
 from sinks.clickhouse import queries
 
 if TYPE_CHECKING:
+    from pipeline.customers import MappingStore
     from pipeline.forwarding import Forwarder
 
 ReadyCheck = Callable[[], Awaitable[dict[str, str]]]
@@ -152,10 +157,11 @@ def register(
     publisher: EventPublisher,
     keys: KeyStore,
     forwarder: Forwarder | None = None,
+    mappings: MappingStore | None = None,
 ) -> None:
     """meterstream's routes, behind the guard of pipeline/webguard.py (Host check, no
     other route served, body timeout)."""
-    _routes(app, settings, chio, metrics, ready, publisher, keys, forwarder)
+    _routes(app, settings, chio, metrics, ready, publisher, keys, forwarder, mappings)
     webguard.install(
         app, settings, lambda status: metrics.api_requests.inc(route="guard", status=str(status))
     )
@@ -170,6 +176,7 @@ def _routes(
     publisher: EventPublisher,
     keys: KeyStore,
     forwarder: Forwarder | None = None,
+    mappings: MappingStore | None = None,
 ) -> None:
     horizon_ms = settings.dedup_horizon_seconds * 1000
     openapi = dumps(document())
@@ -314,6 +321,8 @@ def _routes(
                 return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
             return respond(self, {"customer_id": customer_id, "usage": rows})
 
+    if mappings is not None:
+        _customer_routes(app, settings, respond, guarded, reader, keys, mappings, forwarder)
     if forwarder is None:
         return
     stripe = forwarder
@@ -357,3 +366,103 @@ def _routes(
                     "lines": [d.describe() for d in diffs],
                 },
             )
+
+
+def _customer_routes(
+    app: faust.App,
+    settings: Settings,
+    respond: Callable[..., Response],
+    guarded: Callable[..., Any],
+    reader: Callable[[Request], ApiKey | None],
+    keys: KeyStore,
+    mappings: MappingStore,
+    forwarder: Forwarder | None,
+) -> None:
+    """``/v1/stripe/customers[/{customer_id}]``: the operator's customer mapping
+    (pipeline/customers.py). Reads like SQL; writes always need a key; a key
+    restricted to one customer can do neither (it must not pick who pays)."""
+    from pipeline.customers import check_customer_id, mapping_document
+    from pipeline.stripe_ids import check_stripe_customer_id
+
+    def operator_only(key: ApiKey | None) -> None:
+        if key is not None and key.customer_id is not None:
+            raise Denied(403, "a key restricted to one customer cannot manage the customer mapping")
+
+    def read_key(request: Request) -> ApiKey | None:
+        """Reads follow the read rule, but a key that is sent is always checked."""
+        if request.headers.get("Authorization"):
+            return bearer_key(request, keys)
+        return reader(request)
+
+    def held(customer: str | None = None) -> list[dict[str, str]]:
+        if forwarder is None:
+            return []
+        return [
+            {"meter": meter, "customer_id": c, "reason": why}
+            for meter, by_customer in sorted(forwarder.held.items())
+            for c, why in sorted(by_customer.items())
+            if customer in (None, c)
+        ]
+
+    def customer_of(customer_id: str) -> str:
+        try:
+            return check_customer_id(customer_id)
+        except ValueError as exc:
+            raise Denied(400, str(exc)) from None
+
+    def changed_by(key: ApiKey) -> str:
+        return f"key {key.id} ({key.name})"
+
+    async def change(view: View, key: ApiKey, customer: str, stripe_id: str | None) -> Response:
+        try:
+            row, published = await mappings.change(customer, stripe_id, "api", changed_by(key))
+        except DependencyError as exc:
+            return respond(view, {"error": f"ClickHouse: {exc}"}, 503)
+        return respond(view, {"change": row.public() if row else None, "published": published})
+
+    @app.page("/v1/stripe/customers")
+    class StripeCustomers(View):
+        @guarded
+        async def get(self, request: Request) -> Response:
+            operator_only(read_key(request))
+            try:
+                rows = await mappings.rows()
+            except DependencyError as exc:
+                return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
+            current = [r.public() for r in rows.values() if r.stripe_customer_id]
+            return respond(self, {"customers": current, "held": held()})
+
+    @app.page("/v1/stripe/customers/{customer_id}")
+    class StripeCustomer(View):
+        @guarded
+        async def get(self, request: Request, customer_id: str) -> Response:
+            operator_only(read_key(request))
+            customer = customer_of(customer_id)
+            try:
+                history = await mappings.history(customer)
+            except DependencyError as exc:
+                return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
+            return respond(self, mapping_document(customer, history, held(customer)))
+
+        @guarded
+        async def put(self, request: Request, customer_id: str) -> Response:
+            key = bearer_key(request, keys)
+            operator_only(key)
+            customer = customer_of(customer_id)
+            try:
+                body = orjson.loads(await read_body(request, settings.api_max_body_bytes))
+                stripe_id = check_stripe_customer_id(body["stripe_customer_id"])
+            except (ValueError, KeyError, TypeError) as exc:
+                detail = exc if isinstance(exc, ValueError) else "missing stripe_customer_id"
+                return respond(
+                    self,
+                    {"error": f'body must be JSON {{"stripe_customer_id": "cus_..."}}: {detail}'},
+                    400,
+                )
+            return await change(self, key, customer, stripe_id)
+
+        @guarded
+        async def delete(self, request: Request, customer_id: str) -> Response:
+            key = bearer_key(request, keys)
+            operator_only(key)
+            return await change(self, key, customer_of(customer_id), None)

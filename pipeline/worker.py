@@ -124,12 +124,16 @@ def build_worker(settings: Settings) -> faust.App:
         checks["stripe"] = "ok"
         return checks
 
+    from pipeline.customers import MappingStore
     from pipeline.forwarding import install_forwarder
 
-    forwarder = install_forwarder(app, settings, meters, chio, metrics, pipeline=pipeline)
+    mappings = MappingStore(settings, chio, bootstrap)
+    forwarder = install_forwarder(
+        app, settings, meters, chio, metrics, pipeline=pipeline, mappings=mappings
+    )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
     keys = KeyStore(settings.keys_file)
-    web.register(app, settings, chio, metrics, ready, publisher, keys, forwarder)
+    web.register(app, settings, chio, metrics, ready, publisher, keys, forwarder, mappings)
 
     async def stop_publisher(sender: Any, *args: Any, **kwargs: Any) -> None:
         await publisher.stop()

@@ -48,14 +48,21 @@ USAGE_EVENTS_DLQ = TopicSpec(
 CUSTOMERS = TopicSpec(
     name="customers",
     key="customer_id (UTF-8)",
-    value='JSON {"stripe_customer_id": "cus_..."}; null deletes the mapping',
+    value=(
+        'JSON {"stripe_customer_id": "cus_..."}; null deletes the mapping; recorded in'
+        " ClickHouse customer_mappings by every worker (pipeline/customers.py)"
+    ),
     retention_ms=None,
     cleanup_policy="compact",
 )
 STRIPE_ERRORS = TopicSpec(
     name="stripe-errors",
-    key="identifier (UTF-8)",
-    value="JSON of the stripe_meter_events row that failed permanently",
+    key="identifier (UTF-8); refused:<customer>:<reason>:<stripe id> for a refusal",
+    value=(
+        "JSON of the stripe_meter_events row that failed permanently, or of a Stripe"
+        " customer id an event property named and the forwarder refused (error_code"
+        ' "stripe_customer_refused", pipeline/stripe_ids.py)'
+    ),
     retention_ms=30 * DAY_MS,
     cleanup_policy="delete",
 )

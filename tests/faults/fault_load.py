@@ -10,17 +10,20 @@ from typing import Any
 
 HOUR = 3_600_000
 
+# The events name their Stripe customer; the meters opt in to that property (pinned).
 METERS = """
 meters:
   - name: spend
     event_name: api_call
     aggregation: sum
     value: properties.cost
-    stripe: {event_name: fault_spend, interval: 1s, grace: 0s}
+    stripe: {event_name: fault_spend, customer_id_from: properties.stripe_customer_id,
+              interval: 1s, grace: 0s}
   - name: calls
     event_name: api_call
     aggregation: count
-    stripe: {event_name: fault_calls, interval: 1s, grace: 0s}
+    stripe: {event_name: fault_calls, customer_id_from: properties.stripe_customer_id,
+              interval: 1s, grace: 0s}
 """
 
 

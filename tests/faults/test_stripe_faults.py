@@ -17,18 +17,21 @@ pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 HOUR = 3_600_000
 CUSTOMERS = 30
+# The events name their Stripe customer; the meters opt in to that property (pinned).
 METERS = """
 meters:
   - name: tokens
     event_name: chat
     aggregation: sum
     value: properties.tokens
-    stripe: {event_name: fault_tokens, interval: 1s, grace: 0s}
+    stripe: {event_name: fault_tokens, customer_id_from: properties.stripe_customer_id,
+              interval: 1s, grace: 0s}
   - name: peak
     event_name: chat
     aggregation: max
     value: properties.tokens
-    stripe: {event_name: fault_peak, interval: 1s, grace: 0s}
+    stripe: {event_name: fault_peak, customer_id_from: properties.stripe_customer_id,
+              interval: 1s, grace: 0s}
 """
 
 

@@ -11,6 +11,7 @@ from decimal import ROUND_HALF_UP, Decimal
 import pytest
 
 from tests.harness import StackSlice, http_json, wait_until
+from tests.integration.test_stripe_forwarding import cli
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +40,7 @@ def _event(key: str, customer: str, name: str, ts: int, **props: object) -> dict
         "customer_id": customer,
         "idempotency_key": key,
         "timestamp": ts,
-        "properties": {"stripe_customer_id": f"cus_{customer}", **props},
+        "properties": props,
     }
 
 
@@ -68,6 +69,10 @@ def test_events_to_clickhouse_and_stripe(stack: StackSlice) -> None:
         future,
     ]
     meters_file = stack.meters_file(METERS)
+    # Who pays is the operator's mapping (the default source), set before the worker runs.
+    for customer in ("acme", "globex"):
+        mapped = cli(stack, meters_file, "customers", "set", customer, f"cus_{customer}")
+        assert mapped.returncode == 0, mapped.stdout + mapped.stderr
     stack.produce(records)
     worker = stack.start_worker(meters_file)
 

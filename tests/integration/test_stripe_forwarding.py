@@ -27,6 +27,8 @@ pytestmark = pytest.mark.integration
 HOUR = 3_600_000
 DAY_S = 86_400
 STRIPE = "interval: 1s, grace: 0s"
+# These events name their Stripe customer; the meters opt in to that property (pinned).
+BY_PROPERTY = "customer_id_from: properties.stripe_customer_id"
 
 AGG_METERS = f"""
 meters:
@@ -34,41 +36,41 @@ meters:
     event_name: agg
     aggregation: sum
     value: properties.v
-    stripe: {{event_name: agg_sum_carry, rounding: carry, {STRIPE}}}
+    stripe: {{event_name: agg_sum_carry, rounding: carry, {BY_PROPERTY}, {STRIPE}}}
   - name: tokens_up
     event_name: agg
     aggregation: sum
     value: properties.v
-    stripe: {{event_name: agg_sum_up, rounding: up, {STRIPE}}}
+    stripe: {{event_name: agg_sum_up, rounding: up, {BY_PROPERTY}, {STRIPE}}}
   - name: tokens_down
     event_name: agg
     aggregation: sum
     value: properties.v
-    stripe: {{event_name: agg_sum_down, rounding: down, {STRIPE}}}
+    stripe: {{event_name: agg_sum_down, rounding: down, {BY_PROPERTY}, {STRIPE}}}
   - name: calls
     event_name: agg
     aggregation: count
-    stripe: {{event_name: agg_count, {STRIPE}}}
+    stripe: {{event_name: agg_count, {BY_PROPERTY}, {STRIPE}}}
   - name: peak
     event_name: agg
     aggregation: max
     value: properties.v
-    stripe: {{event_name: agg_max, {STRIPE}}}
+    stripe: {{event_name: agg_max, {BY_PROPERTY}, {STRIPE}}}
   - name: floor_v
     event_name: agg
     aggregation: min
     value: properties.v
-    stripe: {{event_name: agg_min, rounding: up, {STRIPE}}}
+    stripe: {{event_name: agg_min, rounding: up, {BY_PROPERTY}, {STRIPE}}}
   - name: users
     event_name: agg
     aggregation: unique_count
     value: properties.user
-    stripe: {{event_name: agg_unique, {STRIPE}}}
+    stripe: {{event_name: agg_unique, {BY_PROPERTY}, {STRIPE}}}
   - name: seats
     event_name: agg
     aggregation: latest
     value: properties.v
-    stripe: {{event_name: agg_latest, rounding: down, {STRIPE}}}
+    stripe: {{event_name: agg_latest, rounding: down, {BY_PROPERTY}, {STRIPE}}}
 """
 
 _ROUND = {"carry": ROUND_HALF_UP, "up": ROUND_CEILING, "down": ROUND_FLOOR}
@@ -349,7 +351,7 @@ def test_mapping_unknown_customer_error_and_retry(stack: StackSlice) -> None:
         timeout=10,
         what="mapping written",
     )
-    time.sleep(2)  # the worker's GlobalTable follows the topic
+    time.sleep(2)  # the forwarder reads the mapping at its next round
     result = cli(stack, meters_file, "stripe", "retry")
     assert result.returncode == 0, result.stdout + result.stderr
     assert acme_row["identifier"] in result.stdout and "sent" in result.stdout

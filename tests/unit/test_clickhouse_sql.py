@@ -151,10 +151,11 @@ def test_migration_files_are_versioned_in_order() -> None:
         "0004_stripe_meter_events",
         "0005_meter_usage_views",
         "0006_usage_events_meters",
+        "0007_stripe_customers",
     ]
-    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6]
+    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6, 7]
     assert all(m.checksum == checksum(m.sql) for m in migrations)
-    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1]
+    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1, 3]
 
 
 def _squash(sql: str) -> str:

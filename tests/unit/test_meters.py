@@ -62,7 +62,7 @@ def test_example_file_loads() -> None:
     assert tokens.stripe.event_name == "ai_tokens"
     assert tokens.stripe.interval_seconds == 15
     assert tokens.stripe.grace_seconds == 5
-    assert tokens.stripe.customer_id_from == "properties.stripe_customer_id"
+    assert tokens.stripe.customer_id_from == "mapping"
     assert tokens.stripe.rounding == "carry"
     assert [m.name for m in config.for_event_name("api_request")] == [
         "api_requests",
@@ -93,6 +93,11 @@ def test_stripe_defaults() -> None:
         "carry",
     )
     assert (block.interval_seconds, block.grace_seconds) == (3600, 300)
+    # Which Stripe customer pays is the operator's mapping unless a meter opts in to a property.
+    assert block.customer_id_from == "mapping"
+    assert (
+        StripeBlock(event_name="x", customer_id_from="properties.stripe_customer_id")
+    ).customer_id_from == "properties.stripe_customer_id"
     assert StripeBlock(event_name="x", interval=90, grace="2m").interval_seconds == 90
     assert StripeBlock(event_name="x", customer_id_from="mapping").customer_id_from == "mapping"
 
