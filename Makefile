@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The locks (README, Development): what `make` installs, and what the image installs.
+LOCK   := requirements/dev.txt
+RUNTIME_LOCK := requirements/runtime.txt
 PYTEST_ARGS ?=
 DURATION ?= 0
 
@@ -14,13 +17,16 @@ help: ## list the targets
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null || { echo "needs $(PYTHON) (set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml Makefile
-	$(BIN)/python -m pip install --quiet -e '.[embedded,rocksdb,dev]'
+# Exactly the lock (every download hash-checked; pip itself is pinned there too), then
+# meterstream editable with no dependency of its own, built by the locked setuptools.
+$(STAMP): $(BIN)/python pyproject.toml Makefile $(LOCK) requirements/sync.py
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python requirements/sync.py $(LOCK) meterstream
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install meterstream with the embedded stack and dev tools
+install: $(STAMP) ## create .venv and install exactly requirements/dev.txt, then meterstream
 
 run: $(STAMP) ## start the embedded stack with the example meters and a demo load (Ctrl-C stops)
 	$(BIN)/meterstream run --meters meters.example.yaml --demo $(if $(filter-out 0,$(DURATION)),--duration $(DURATION),)
@@ -48,6 +54,22 @@ bench: $(STAMP) ## the throughput benchmark (SOAK=600 adds an RSS soak on RocksD
 
 bench-ingest: $(STAMP) ## the ingest benchmark: SDK and events API vs raw aiokafka
 	$(BIN)/python -m bench.ingest
+
+# uv re-resolves pyproject.toml's ranges, keeping every pin of the existing lock that still
+# fits; the image's lock is the runtime subset at the same versions (-c the dev lock).
+LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet \
+  --custom-compile-command 'make lock'
+
+lock: $(STAMP) ## re-resolve the locks after a pyproject.toml change (moves nothing it need not)
+	$(BIN)/uv pip compile $(LOCK_FLAGS) $(UPGRADE) pyproject.toml requirements/build.in \
+	  --all-extras -o $(LOCK)
+	$(BIN)/uv pip compile $(LOCK_FLAGS) $(UPGRADE) pyproject.toml requirements/build.in \
+	  --extra rocksdb -c $(LOCK) -o $(RUNTIME_LOCK)
+
+lock-upgrade: ## PACKAGE=name: its newest version allowed by pyproject.toml (no PACKAGE: all)
+	$(MAKE) lock UPGRADE="$(if $(PACKAGE),--upgrade-package $(PACKAGE),--upgrade)"
+
+.PHONY: lock lock-upgrade
 
 compose-check: ## validate docker-compose.yml without a Docker engine
 	docker-compose -f docker-compose.yml config --quiet

@@ -123,7 +123,13 @@ def test_dockerfile_runs_meterstream_worker_as_non_root() -> None:
     assert last["CMD"] == '["worker"]'
     assert "/healthz" in last["HEALTHCHECK"]
     installs = " ".join(rest for word, rest in instructions if word == "RUN")
-    assert ".[rocksdb]" in installs and "embedded" not in installs
+    # Exactly the runtime lock, hash-checked (tests/unit/test_lock.py: rocksdb, no embedded),
+    # then meterstream with nothing resolved beyond the lock.
+    assert "pip install --require-hashes -r requirements/runtime.txt" in installs
+    assert "pip install --no-deps --no-build-isolation ." in installs
+    assert "embedded" not in installs and "pip install --upgrade" not in installs
+    copies = [rest.split() for word, rest in instructions if word == "COPY"]
+    assert ["requirements/runtime.txt", "./requirements/runtime.txt"] in copies
 
 
 def test_dockerfile_exposes_the_web_port_it_configures() -> None:
@@ -141,6 +147,7 @@ def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
     ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", ".meterstream", "tests"} <= ignored
     assert "README.md" not in ignored  # pyproject's readme: needed by the build
+    assert not {"requirements", "requirements/", "requirements/runtime.txt", "*.txt"} & ignored
 
 
 # ---------------------------------------------------------------- docker-compose.yml
