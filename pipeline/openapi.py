@@ -196,7 +196,9 @@ def _guard_responses(doc: dict[str, Any]) -> dict[str, Any]:
     for path, item in doc["paths"].items():
         if path == "/healthz":
             continue
-        for operation in item.values():
+        for method, operation in item.items():
+            if method == "parameters":  # path-level, not an operation
+                continue
             responses = operation["responses"]
             responses.setdefault(
                 "421",
