@@ -2,7 +2,8 @@
 
 The broker is a child process that never outlives meterstream: it is started
 with ``PR_SET_PDEATHSIG`` so the kernel signals it if we die (even by SIGKILL),
-and stopped with SIGINT, the signal Tansu exits on (it ignores SIGTERM).
+and stopped with SIGINT, the signal Tansu exits on (it ignores SIGTERM); it
+exits at once on it, under load too.
 """
 
 from __future__ import annotations
@@ -32,12 +33,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def die_with_parent(sig: int) -> Callable[[], None]:
-    """A ``preexec_fn`` that makes the child receive ``sig`` when its parent dies (Linux)."""
+    """A ``preexec_fn`` that makes the child receive ``sig`` when its parent dies (Linux).
+
+    The kernel sends it when the *thread* that forked the child ends, so spawn
+    from the main thread (it lives as long as the process). A parent that died
+    between the fork and the ``prctl`` is caught by checking the parent pid
+    afterwards: the child then signals itself.
+    """
+    parent = os.getpid()
 
     def _set() -> None:
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
 
     return _set
 

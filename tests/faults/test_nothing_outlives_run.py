@@ -1,0 +1,283 @@
+"""Nothing outlives ``meterstream run``, under load, however it dies; a worker that
+loses its broker stops loudly within its bound; a second SIGTERM ends a stuck worker.
+
+Real processes: ``meterstream run --demo`` as a user starts it, and workers
+against a broker of the test's own (it is killed). The process tree is read
+from /proc before the signal, and every process in it must be gone after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipeline.embedded import EmbeddedBroker
+from pipeline.lifeline import EXIT_BROKER_LOST, PARENT_GONE_GRACE_SECONDS
+from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
+
+pytestmark = pytest.mark.faults
+
+COUNT_METER = """
+meters:
+  - name: calls
+    event_name: call
+    aggregation: count
+"""
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    start: str  # start time in clock ticks since boot: a reused pid has another
+    cmdline: str
+
+    def alive(self) -> bool:
+        """Still running. Exited but not yet reaped (a zombie) counts as gone, once
+        every thread is: threads still exiting hold the process's sockets."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+            threads = os.listdir(f"/proc/{self.pid}/task")
+        except OSError:
+            return False
+        if stat.rsplit(")", 1)[1].split()[19] != self.start:
+            return False  # the pid was reused
+        for tid in threads:
+            try:
+                state = Path(f"/proc/{self.pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            if state.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                return True
+        return False
+
+
+def descendants(root: int) -> list[Proc]:
+    """Every process under ``root`` (children, their children, ...), from /proc."""
+    parent_of: dict[int, int] = {}
+    start_of: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent_of[int(entry)] = int(fields[1])
+        start_of[int(entry)] = fields[19]
+    found: list[Proc] = []
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parent_of.items():
+            if ppid == parent:
+                try:
+                    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                found.append(Proc(pid, start_of[pid], raw.replace(b"\0", b" ").decode()))
+                frontier.append(pid)
+    return found
+
+
+def port_open(address: str) -> bool:
+    host, port = address.removeprefix("http://").rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def recorded(web_url: str) -> int:
+    result = http_json(f"{web_url}/v1/sql", {"sql": "SELECT count() AS n FROM usage_events"})
+    return int(result["rows"][0][0])
+
+
+def log_lines(path: Path) -> list[str]:
+    return path.read_text(errors="replace").splitlines()
+
+
+def start_demo(state: Path, rate: int) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    state.mkdir(parents=True, exist_ok=True)
+    out = open(state.parent / "run.out", "wb")  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--meters", "meters.example.yaml",
+         "--demo", "--rate", str(rate), "--state-dir", str(state)],
+        cwd=REPO, env=clean, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    endpoints = state / "endpoints.json"
+
+    def started() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"run exited {proc.returncode}: {(state.parent / 'run.out').read_text()[-3000:]}"
+            )
+        return endpoints.exists()
+
+    wait_until(started, timeout=180, what="endpoints.json")
+    return proc, json.loads(endpoints.read_text())
+
+
+# How long after the signal every child must be gone. SIGKILL: the worker's
+# bound after its supervisor died, plus slack for a loaded machine. SIGTERM and
+# SIGHUP: a graceful stop of the worker (the batch in flight, the commit), then
+# the emulator and the broker.
+GONE_WITHIN = {
+    signal.SIGKILL: PARENT_GONE_GRACE_SECONDS + 7,
+    signal.SIGHUP: 30.0,
+    signal.SIGTERM: 30.0,
+}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP, signal.SIGTERM], ids=lambda s: s.name)
+def test_nothing_outlives_run_under_load(tmp_path: Path, sig: signal.Signals) -> None:
+    state = tmp_path / "state"
+    proc, endpoints = start_demo(state, rate=2000)
+    children: list[Proc] = []
+    try:
+        web = endpoints["web_url"]
+        wait_until(lambda: recorded(web) >= 4000, timeout=120, what="the demo load recorded")
+        children = descendants(proc.pid)
+        commands = " | ".join(c.cmdline for c in children)
+        assert "tansu" in commands and " broker " in commands, commands
+        assert "pipeline.cli stripe-emulator" in commands, commands
+        assert "pipeline.cli worker" in commands, commands
+        # The fault lands on work in flight: the record is still growing.
+        before = recorded(web)
+        wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
+        worker_log = state / "worker.log"
+        lines_before = len(log_lines(worker_log))
+
+        signalled = time.monotonic()
+        proc.send_signal(sig)
+        wait_until(
+            lambda: not [c for c in children if c.alive()],
+            timeout=120,
+            interval=0.05,
+            what=f"every child of meterstream run gone after {sig.name}",
+        )
+        gone_after = time.monotonic() - signalled
+        print(f"{sig.name}: {len(children)} children gone after {gone_after:.2f} s")
+        assert gone_after < GONE_WITHIN[sig], f"{gone_after:.1f} s"
+        rc = proc.wait(30)
+        # SIGTERM, SIGHUP: a clean stop (130 when the demo noticed the interrupt first).
+        assert rc == -signal.SIGKILL if sig == signal.SIGKILL else rc in (0, 130), rc
+
+        for address in (endpoints["kafka_bootstrap"], web, endpoints["stripe_api_base"]):
+            assert not port_open(address), f"{address} still open"
+        after = log_lines(worker_log)[lines_before:]
+        assert len(after) < 50, "\n".join(after[-20:])  # no flood of connection errors
+        if sig == signal.SIGKILL:
+            assert any(f"the supervisor (pid {proc.pid}) is gone" in line for line in after), after
+    finally:
+        for child in children:
+            if child.alive():
+                os.kill(child.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def produce_in_background(stack: StackSlice, total: int, chunk: int = 2000) -> threading.Thread:
+    now = time.time_ns() // 1_000_000
+
+    def run() -> None:
+        for start in range(0, total, chunk):
+            records = [
+                {"event_name": "call", "customer_id": f"c{i % 50}",
+                 "idempotency_key": f"k{i}", "timestamp": now}
+                for i in range(start, min(total, start + chunk))
+            ]  # fmt: skip
+            try:
+                stack.produce(records)
+            except Exception:  # the broker is killed under it
+                return
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def kill_broker_mid_load(stack: StackSlice, broker: EmbeddedBroker, worker: Worker) -> int:
+    """Kill the broker while the worker has events in flight; returns the worker log's
+    line count at the kill."""
+    total = 200_000
+    produce_in_background(stack, total)
+    wait_until(lambda: recorded(worker.web_url) >= 3000, timeout=120, what="events recorded")
+    lines = len(log_lines(worker.log_path))
+    assert broker.proc is not None
+    broker.proc.kill()
+    broker.proc.wait(10)
+    in_record = recorded(worker.web_url)  # the worker's own engine answers without Kafka
+    assert 0 < in_record < total, in_record  # the kill landed with work in flight
+    return lines
+
+
+def test_worker_that_loses_its_broker_exits_loudly_within_the_bound(
+    stripe_emulator: str, worker_chdb_path: Path, tmp_path: Path
+) -> None:
+    bound = 8
+    with EmbeddedBroker(log=tmp_path / "own-broker.log") as own:
+        stack = StackSlice(own.bootstrap, worker_chdb_path, stripe_emulator, tmp_path)
+        try:
+            worker = stack.start_worker(
+                stack.meters_file(COUNT_METER), METERSTREAM_BROKER_LOST_SECONDS=str(bound)
+            )
+            # Idle for longer than the bound, with the broker up: still in contact.
+            time.sleep(bound + 4)
+            assert worker.proc.poll() is None, worker.log()[-3000:]
+
+            lines_at_kill = kill_broker_mid_load(stack, own, worker)
+            killed = time.monotonic()
+            rc = worker.proc.wait(bound + 30)
+            exited_after = time.monotonic() - killed
+            print(f"broker killed: the worker exited {rc} after {exited_after:.1f} s")
+            after = log_lines(worker.log_path)[lines_at_kill:]
+            assert rc == EXIT_BROKER_LOST, "\n".join(after[-20:])
+            assert bound - 2 <= exited_after <= bound + 15, exited_after
+            critical = [line for line in after if "CRITICAL" in line]
+            assert len(critical) == 1, critical
+            assert "lost the Kafka broker" in critical[0]
+            assert f"METERSTREAM_BROKER_LOST_SECONDS={bound}" in critical[0]
+            # Connection errors rate-limited: the old worker logged ~100 lines a second.
+            assert len(after) < 60, "\n".join(after[-30:])
+        finally:
+            stack.stop_all()
+
+
+def test_second_sigterm_ends_a_stuck_worker_at_once(
+    stripe_emulator: str, worker_chdb_path: Path, tmp_path: Path
+) -> None:
+    with EmbeddedBroker(log=tmp_path / "own-broker.log") as own:
+        stack = StackSlice(own.bootstrap, worker_chdb_path, stripe_emulator, tmp_path)
+        try:
+            worker = stack.start_worker(
+                stack.meters_file(COUNT_METER), METERSTREAM_BROKER_LOST_SECONDS="600"
+            )
+            kill_broker_mid_load(stack, own, worker)
+            worker.proc.send_signal(signal.SIGTERM)
+            # Stuck: its graceful stop cannot commit to a broker that is gone.
+            time.sleep(5)
+            assert worker.proc.poll() is None, worker.log()[-3000:]
+
+            again = time.monotonic()
+            worker.proc.send_signal(signal.SIGTERM)
+            rc = worker.proc.wait(30)
+            exited_after = time.monotonic() - again
+            print(f"second SIGTERM: the worker exited {rc} after {exited_after:.2f} s")
+            assert rc == 128 + signal.SIGTERM
+            assert exited_after < 3, exited_after
+            assert "SIGTERM received again while stopping: exiting now" in worker.log()
+        finally:
+            stack.stop_all()
