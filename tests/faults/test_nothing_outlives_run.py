@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,18 @@ def recorded(web_url: str) -> int:
     return int(result["rows"][0][0])
 
 
+def readiness(web_url: str) -> dict[str, str]:
+    """/readyz's checks, from a 200 or a 503."""
+    try:
+        body = http_json(f"{web_url}/readyz", timeout=5)
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503
+        body = json.loads(exc.read())
+    else:
+        assert body["ready"] is True
+    return dict(body["checks"])
+
+
 def log_lines(path: Path) -> list[str]:
     return path.read_text(errors="replace").splitlines()
 
@@ -140,7 +153,9 @@ GONE_WITHIN = {
 }
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGHUP, signal.SIGTERM], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, signal.SIGHUP, signal.SIGTERM], ids=lambda s: s.name
+)
 def test_nothing_outlives_run_under_load(tmp_path: Path, sig: signal.Signals) -> None:
     state = tmp_path / "state"
     proc, endpoints = start_demo(state, rate=2000)
@@ -237,9 +252,17 @@ def test_worker_that_loses_its_broker_exits_loudly_within_the_bound(
             # Idle for longer than the bound, with the broker up: still in contact.
             time.sleep(bound + 4)
             assert worker.proc.poll() is None, worker.log()[-3000:]
+            assert readiness(worker.web_url)["broker"] == "ok"
 
             lines_at_kill = kill_broker_mid_load(stack, own, worker)
             killed = time.monotonic()
+            # Meanwhile not ready: /readyz says why (a load balancer stops sending).
+            wait_until(
+                lambda: readiness(worker.web_url)["broker"].startswith("no answer for"),
+                timeout=bound,
+                interval=0.2,
+                what="/readyz reporting the broker",
+            )
             rc = worker.proc.wait(bound + 30)
             exited_after = time.monotonic() - killed
             print(f"broker killed: the worker exited {rc} after {exited_after:.1f} s")
@@ -281,3 +304,31 @@ def test_second_sigterm_ends_a_stuck_worker_at_once(
             assert "SIGTERM received again while stopping: exiting now" in worker.log()
         finally:
             stack.stop_all()
+
+
+def test_clickhouse_outage_longer_than_the_broker_bound_is_not_a_lost_broker(
+    stack: StackSlice,
+) -> None:
+    """A ClickHouse outage holds the batch (retried until it succeeds) but not the
+    broker's answers: the worker waits it out instead of exiting."""
+    bound = 6
+    down = stack.tmp / "clickhouse-down"
+    worker = stack.start_worker(
+        stack.meters_file(COUNT_METER),
+        METERSTREAM_BROKER_LOST_SECONDS=str(bound),
+        METERSTREAM_FAULT_CLICKHOUSE_DOWN_FILE=str(down),
+    )
+    now = time.time_ns() // 1_000_000
+    batch = [{"event_name": "call", "customer_id": f"c{i % 7}", "idempotency_key": f"k{i}",
+              "timestamp": now} for i in range(500)]  # fmt: skip
+    down.touch()
+    stack.produce(batch)
+    time.sleep(3 * bound)
+    assert worker.proc.poll() is None, worker.log()[-3000:]
+    retries = [
+        ln for ln in worker.metrics().splitlines() if ln.startswith("meterstream_sink_retries")
+    ]
+    assert retries and float(retries[0].split()[-1]) > 0, retries  # the outage landed
+    down.unlink()
+    wait_until(lambda: recorded(worker.web_url) == len(batch), timeout=60, what="recorded")
+    assert "CRITICAL" not in worker.log()
