@@ -15,10 +15,18 @@ Three ways a worker is told to stop, and how long each may take:
   twice a second that the worker's parent is still that pid (the signal can be
   missed: a supervisor that dies before the child set it up, or that forked
   from a thread that ended). Either way the worker stops gracefully and exits
-  after ``PARENT_GONE_GRACE_SECONDS`` at the latest (code ``EXIT_STOP_TIMEOUT``):
-  the embedded broker went with the supervisor, so waiting longer buys nothing.
+  after ``PARENT_GONE_GRACE_SECONDS`` at the latest (code ``EXIT_STOP_TIMEOUT``),
+  at once if the broker stops answering: an embedded broker went with the
+  supervisor, and a graceful stop cannot finish (commit) without one.
+  The kernel's signal follows the supervisor's *thread* that forked the worker:
+  when a supervisor with several threads is killed, the worker can get it twice,
+  first while the parent pid is still the supervisor's (its main thread ended,
+  the worker was handed to another of its threads), then when the process is
+  gone. The first is an ordinary stop request, the second the supervisor gone.
 - **The broker is gone**, in any deployment. The same thread asks the broker for
-  metadata every few seconds over its own connection; with no answer for
+  metadata every few seconds over its own connection, and every batch the worker
+  finishes counts as an answer too (its records came from the broker, which
+  acknowledged its writes); with no answer for
   ``METERSTREAM_BROKER_LOST_SECONDS`` since the last one, the worker logs one
   CRITICAL line and exits with ``EXIT_BROKER_LOST`` so that an orchestrator
   restarts it, instead of serving ``/healthz`` and logging connection errors
@@ -52,6 +60,7 @@ EXIT_BROKER_LOST = 69  # EX_UNAVAILABLE
 EXIT_STOP_TIMEOUT = 75  # EX_TEMPFAIL: a bounded stop ran out of time
 PARENT_GONE_GRACE_SECONDS = 3.0
 PARENT_POLL_SECONDS = 0.5
+PARENT_GONE_PROBE_SECONDS = 0.2
 REPLAYED = "offsets not committed are consumed again on restart (the record insert is idempotent)"
 
 
@@ -172,30 +181,40 @@ class BrokerProbe:
         self.timeout = timeout
         self.options = options
         self._client: Any = None
+        self._bootstrapping: asyncio.Lock | None = None
 
     async def __call__(self) -> bool:
-        from aiokafka.client import AIOKafkaClient
+        """True: the broker answered (within ``timeout``)."""
         from aiokafka.errors import KafkaError
 
         try:
             if self._client is None:
-                client = AIOKafkaClient(
-                    bootstrap_servers=self.bootstrap,
-                    request_timeout_ms=int(self.timeout * 1000),
-                    **self.options,
-                )
-                try:
-                    await asyncio.wait_for(client.bootstrap(), self.timeout)
-                except BaseException:
-                    await client.close()
-                    raise
-                self._client = client
-                client.add_topic(self.topic)  # metadata for this topic only, not all
-                return True
+                if self._bootstrapping is None:
+                    self._bootstrapping = asyncio.Lock()  # in the loop that probes
+                async with self._bootstrapping:  # one client, however many callers
+                    if self._client is None:
+                        await self._bootstrap()
+                        return True
             updated = await asyncio.wait_for(self._client.force_metadata_update(), self.timeout)
             return bool(updated)
         except (KafkaError, OSError):  # TimeoutError is an OSError
             return False
+
+    async def _bootstrap(self) -> None:
+        from aiokafka.client import AIOKafkaClient
+
+        client = AIOKafkaClient(
+            bootstrap_servers=self.bootstrap,
+            request_timeout_ms=int(self.timeout * 1000),
+            **self.options,
+        )
+        try:
+            await asyncio.wait_for(client.bootstrap(), self.timeout)
+        except BaseException:
+            await client.close()
+            raise
+        client.add_topic(self.topic)  # metadata for this topic only, not all of them
+        self._client = client
 
     async def close(self) -> None:
         if self._client is not None:
@@ -237,14 +256,33 @@ class Lifeline(threading.Thread):
             await asyncio.sleep(PARENT_POLL_SECONDS)
         if self.stop_control.on_parent_gone():
             self.request_stop()
+        # The graceful stop cannot finish without a broker (it must commit), and an
+        # embedded broker went with the supervisor: then do not wait out the grace.
+        while self.probe is not None:
+            if not await self.probe():
+                hard_exit(
+                    EXIT_STOP_TIMEOUT,
+                    "the supervisor is gone and the broker does not answer: exiting now; "
+                    + REPLAYED,
+                )
+            await asyncio.sleep(PARENT_GONE_PROBE_SECONDS)
 
     async def _watch_broker(self) -> None:
         assert self.probe is not None
         clock = self.clock
         while True:
-            if await self.probe():
-                clock.contact(time.monotonic())
-            elif clock.lost(now := time.monotonic()):
+            asked = time.monotonic()
+            answered = await self.probe()
+            now = time.monotonic()
+            log.debug(
+                "broker probe %s after %.2f s; last contact %.1f s ago",
+                "answered" if answered else "failed",
+                now - asked,
+                clock.silent_for(now),
+            )
+            if answered:
+                clock.contact(now)
+            elif clock.lost(now):
                 hard_exit(
                     EXIT_BROKER_LOST,
                     f"lost the Kafka broker {self.describe_broker}: no answer for "
@@ -253,6 +291,11 @@ class Lifeline(threading.Thread):
                     + REPLAYED,
                 )
             await asyncio.sleep(self.interval)
+
+    def contact(self) -> None:
+        """The broker answered the worker itself (a batch fetched and acknowledged):
+        a busy broker may be slow to answer the probe, never silent."""
+        self.clock.contact(time.monotonic())
 
     def broker_silent_for(self) -> float:
         """Seconds since the broker last answered a probe."""

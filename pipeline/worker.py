@@ -98,6 +98,8 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     metrics.guarantee.set(1, guarantee=guarantee)
     chio = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)
     app, pipeline = create_app(settings, meters, chio, bootstrap, guarantee)
+    if lifeline is not None:
+        pipeline.batch_listeners.append(lifeline.contact)
 
     source = settings.topic("usage-events")
 

@@ -8,6 +8,7 @@ from /proc before the signal, and every process in it must be gone after.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -120,8 +121,11 @@ def log_lines(path: Path) -> list[str]:
     return path.read_text(errors="replace").splitlines()
 
 
-def start_demo(state: Path, rate: int) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+def start_demo(
+    state: Path, rate: int, **env: str
+) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    clean.update(env)
     state.mkdir(parents=True, exist_ok=True)
     out = open(state.parent / "run.out", "wb")  # noqa: SIM115 (closed with the process)
     proc = subprocess.Popen(
@@ -204,39 +208,114 @@ def test_nothing_outlives_run_under_load(tmp_path: Path, sig: signal.Signals) ->
             proc.wait(10)
 
 
-def produce_in_background(stack: StackSlice, total: int, chunk: int = 2000) -> threading.Thread:
-    now = time.time_ns() // 1_000_000
+def test_worker_of_a_killed_run_with_an_external_broker_stops_within_the_grace(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The broker is configured, not a child: it stays up, and the worker, whose
+    graceful stop can finish, still ends within the grace after its supervisor died."""
+    state = tmp_path / "state"
+    prefix = f"run{os.getpid()}-{time.monotonic_ns()}-"
+    proc, endpoints = start_demo(
+        state,
+        rate=2000,
+        METERSTREAM_KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap,
+        METERSTREAM_TOPIC_PREFIX=prefix,
+        METERSTREAM_APP_ID=f"{prefix}meterstream",
+    )
+    children: list[Proc] = []
+    try:
+        web = endpoints["web_url"]
+        wait_until(lambda: recorded(web) >= 4000, timeout=120, what="the demo load recorded")
+        children = descendants(proc.pid)
+        commands = " | ".join(c.cmdline for c in children)
+        assert "tansu" not in commands and "pipeline.cli worker" in commands, commands
+        before = recorded(web)
+        wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
+        worker_log = state / "worker.log"
+        lines_before = len(log_lines(worker_log))
 
-    def run() -> None:
-        for start in range(0, total, chunk):
-            records = [
-                {"event_name": "call", "customer_id": f"c{i % 50}",
-                 "idempotency_key": f"k{i}", "timestamp": now}
-                for i in range(start, min(total, start + chunk))
-            ]  # fmt: skip
+        killed = time.monotonic()
+        proc.kill()
+        wait_until(lambda: not [c for c in children if c.alive()], timeout=120, interval=0.05,
+                   what="every child gone")  # fmt: skip
+        gone_after = time.monotonic() - killed
+        print(f"SIGKILL, external broker: {len(children)} children gone after {gone_after:.2f} s")
+        assert gone_after < PARENT_GONE_GRACE_SECONDS + 7, gone_after
+        assert port_open(broker.bootstrap)  # not ours to stop
+        after = log_lines(worker_log)[lines_before:]
+        assert any(f"the supervisor (pid {proc.pid}) is gone" in line for line in after), after
+        assert len(after) < 50, "\n".join(after[-20:])
+    finally:
+        for child in children:
+            if child.alive():
+                os.kill(child.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+class Load(threading.Thread):
+    """Sends ``total`` events to the slice's topic until done or stopped (the broker is
+    killed under it: short timeouts, errors end it quietly)."""
+
+    def __init__(self, stack: StackSlice, total: int, chunk: int = 2000) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.total, self.chunk = stack, total, chunk
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        import asyncio
+
+        from aiokafka import AIOKafkaProducer
+
+        now = time.time_ns() // 1_000_000
+
+        async def send() -> None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.stack.bootstrap, linger_ms=5, request_timeout_ms=3000
+            )
+            await producer.start()
             try:
-                stack.produce(records)
-            except Exception:  # the broker is killed under it
-                return
+                for i in range(self.total):
+                    if self.stopped.is_set():
+                        return
+                    event = {"event_name": "call", "customer_id": f"c{i % 50}",
+                             "idempotency_key": f"k{i}", "timestamp": now}  # fmt: skip
+                    sent = await producer.send(
+                        self.stack.topic, key=event["customer_id"].encode(),
+                        value=json.dumps(event).encode(),
+                    )  # fmt: skip
+                    sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+                    if i % self.chunk == 0:
+                        await producer.flush()
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), 5)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+        with contextlib.suppress(Exception):
+            asyncio.run(send())
 
 
-def kill_broker_mid_load(stack: StackSlice, broker: EmbeddedBroker, worker: Worker) -> int:
-    """Kill the broker while the worker has events in flight; returns the worker log's
-    line count at the kill."""
-    total = 200_000
-    produce_in_background(stack, total)
-    wait_until(lambda: recorded(worker.web_url) >= 3000, timeout=120, what="events recorded")
-    lines = len(log_lines(worker.log_path))
-    assert broker.proc is not None
-    broker.proc.kill()
-    broker.proc.wait(10)
+def kill_broker_mid_load(
+    stack: StackSlice, broker: EmbeddedBroker, worker: Worker
+) -> tuple[float, int]:
+    """Kill the broker while the worker has events in flight; returns when (monotonic)
+    and the worker log's line count then."""
+    load = Load(stack, total=200_000)
+    load.start()
+    try:
+        wait_until(lambda: recorded(worker.web_url) >= 3000, timeout=120, what="events recorded")
+        lines = len(log_lines(worker.log_path))
+        assert broker.proc is not None
+        broker.proc.kill()
+        killed = time.monotonic()
+        broker.proc.wait(10)
+    finally:
+        load.stopped.set()
     in_record = recorded(worker.web_url)  # the worker's own engine answers without Kafka
-    assert 0 < in_record < total, in_record  # the kill landed with work in flight
-    return lines
+    assert 0 < in_record < load.total, in_record  # the kill landed with work in flight
+    load.join(15)
+    return killed, lines
 
 
 def test_worker_that_loses_its_broker_exits_loudly_within_the_bound(
@@ -254,8 +333,7 @@ def test_worker_that_loses_its_broker_exits_loudly_within_the_bound(
             assert worker.proc.poll() is None, worker.log()[-3000:]
             assert readiness(worker.web_url)["broker"] == "ok"
 
-            lines_at_kill = kill_broker_mid_load(stack, own, worker)
-            killed = time.monotonic()
+            killed, lines_at_kill = kill_broker_mid_load(stack, own, worker)
             # Meanwhile not ready: /readyz says why (a load balancer stops sending).
             wait_until(
                 lambda: readiness(worker.web_url)["broker"].startswith("no answer for"),
