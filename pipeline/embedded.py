@@ -2,8 +2,7 @@
 
 The broker is a child process that never outlives meterstream: it is started
 with ``PR_SET_PDEATHSIG`` so the kernel signals it if we die (even by SIGKILL),
-and stopped with SIGINT, the signal Tansu exits on (it ignores SIGTERM); it
-exits at once on it, under load too.
+and stopped with SIGINT, the signal Tansu exits on (it ignores SIGTERM).
 """
 
 from __future__ import annotations

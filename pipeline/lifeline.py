@@ -199,6 +199,9 @@ class BrokerProbe:
             return bool(updated)
         except (KafkaError, OSError):  # TimeoutError is an OSError
             return False
+        except Exception:  # a watchdog goes on watching: an odd failure is no answer
+            log.warning("the broker probe failed unexpectedly", exc_info=True)
+            return False
 
     async def _bootstrap(self) -> None:
         from aiokafka.client import AIOKafkaClient
@@ -298,5 +301,5 @@ class Lifeline(threading.Thread):
         self.clock.contact(time.monotonic())
 
     def broker_silent_for(self) -> float:
-        """Seconds since the broker last answered a probe."""
+        """Seconds since the broker last answered (a probe, or a batch)."""
         return self.clock.silent_for(time.monotonic())

@@ -120,8 +120,10 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
 
     async def ready() -> dict[str, str]:
         checks = {"broker": "ok" if app.consumer and app.producer else "starting"}
-        silent = lifeline.broker_silent_for() if lifeline is not None else 0.0
-        if lifeline is not None and silent > 3 * lifeline.interval:
+        if (
+            lifeline is not None
+            and (silent := lifeline.broker_silent_for()) > 3 * lifeline.interval
+        ):
             checks["broker"] = f"no answer for {silent:.0f}s"
         try:
             await chio.call_once(lambda c: c.query_rows("SELECT 1"))

@@ -9,12 +9,15 @@ from /proc before the signal, and every process in it must be gone after.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.error
@@ -117,29 +120,74 @@ def readiness(web_url: str) -> dict[str, str]:
     return dict(body["checks"])
 
 
-def log_lines(path: Path) -> list[str]:
-    return path.read_text(errors="replace").splitlines()
+def log_size(path: Path) -> int:
+    return path.stat().st_size
+
+
+def log_lines_since(path: Path, offset: int) -> list[str]:
+    """The lines written to a log after it had ``offset`` bytes."""
+    with path.open("rb") as log:
+        log.seek(offset)
+        return log.read().decode(errors="replace").splitlines()
+
+
+class Terminal(threading.Thread):
+    """A pseudo-terminal whose output is drained to a file, as a terminal window shows
+    it; ``close`` is the window closed: the kernel hangs the terminal up (SIGHUP to
+    the session's leader) and writes to it fail."""
+
+    def __init__(self, out: Path) -> None:
+        super().__init__(daemon=True)
+        self.master, self.slave = os.openpty()
+        self.out = out
+        self.closing = threading.Event()
+
+    def run(self) -> None:
+        with self.out.open("ab") as sink:
+            while not self.closing.is_set():
+                ready, _, _ = select.select([self.master], [], [], 0.1)
+                if ready:
+                    try:
+                        sink.write(os.read(self.master, 65536))
+                    except OSError:
+                        return
+
+    def close(self) -> None:
+        self.closing.set()
+        self.join(5)
+        os.close(self.master)
 
 
 def start_demo(
-    state: Path, rate: int, **env: str
+    state: Path, rate: int, terminal: Terminal | None = None, **env: str
 ) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """``meterstream run --demo`` with its output to a file, or in ``terminal`` as its
+    controlling terminal (it leads a session of its own, as in a terminal window)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
     clean.update(env)
     state.mkdir(parents=True, exist_ok=True)
-    out = open(state.parent / "run.out", "wb")  # noqa: SIM115 (closed with the process)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--meters", "meters.example.yaml",
-         "--demo", "--rate", str(rate), "--state-dir", str(state)],
-        cwd=REPO, env=clean, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    out_path = state.parent / "run.out"
+    args = [sys.executable, "-m", "pipeline.cli", "run", "--meters", "meters.example.yaml",
+            "--demo", "--rate", str(rate), "--state-dir", str(state)]  # fmt: skip
+    if terminal is None:
+        out = open(out_path, "wb")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen(
+            args, cwd=REPO, env=clean, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    else:
+        proc = subprocess.Popen(
+            args, cwd=REPO, env=clean, stdin=terminal.slave, stdout=terminal.slave,
+            stderr=terminal.slave, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+        )  # fmt: skip
+        os.close(terminal.slave)
+        terminal.start()
     endpoints = state / "endpoints.json"
 
     def started() -> bool:
         if proc.poll() is not None:
-            raise AssertionError(
-                f"run exited {proc.returncode}: {(state.parent / 'run.out').read_text()[-3000:]}"
-            )
+            raise AssertionError(f"run exited {proc.returncode}: {out_path.read_text()[-3000:]}")
         return endpoints.exists()
 
     wait_until(started, timeout=180, what="endpoints.json")
@@ -147,22 +195,18 @@ def start_demo(
 
 
 # How long after the signal every child must be gone. SIGKILL: the worker's
-# bound after its supervisor died, plus slack for a loaded machine. SIGTERM and
-# SIGHUP: a graceful stop of the worker (the batch in flight, the commit), then
-# the emulator and the broker.
-GONE_WITHIN = {
-    signal.SIGKILL: PARENT_GONE_GRACE_SECONDS + 7,
-    signal.SIGHUP: 30.0,
-    signal.SIGTERM: 30.0,
-}
+# bound after its supervisor died, plus slack for a loaded machine. Otherwise a
+# graceful stop of the worker (the batch in flight, the commit), then the
+# emulator and the broker.
+ENDINGS = ["SIGKILL", "SIGHUP", "SIGTERM", "terminal-closed"]
+GONE_WITHIN = {"SIGKILL": PARENT_GONE_GRACE_SECONDS + 7}
 
 
-@pytest.mark.parametrize(
-    "sig", [signal.SIGKILL, signal.SIGHUP, signal.SIGTERM], ids=lambda s: s.name
-)
-def test_nothing_outlives_run_under_load(tmp_path: Path, sig: signal.Signals) -> None:
+@pytest.mark.parametrize("ending", ENDINGS)
+def test_nothing_outlives_run_under_load(tmp_path: Path, ending: str) -> None:
     state = tmp_path / "state"
-    proc, endpoints = start_demo(state, rate=2000)
+    terminal = Terminal(tmp_path / "run.out") if ending == "terminal-closed" else None
+    proc, endpoints = start_demo(state, rate=2000, terminal=terminal)
     children: list[Proc] = []
     try:
         web = endpoints["web_url"]
@@ -176,29 +220,38 @@ def test_nothing_outlives_run_under_load(tmp_path: Path, sig: signal.Signals) ->
         before = recorded(web)
         wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
         worker_log = state / "worker.log"
-        lines_before = len(log_lines(worker_log))
+        log_at_signal = log_size(worker_log)
 
         signalled = time.monotonic()
-        proc.send_signal(sig)
+        if terminal is not None:
+            terminal.close()
+        else:
+            proc.send_signal(signal.Signals[ending])
         wait_until(
             lambda: not [c for c in children if c.alive()],
             timeout=120,
             interval=0.05,
-            what=f"every child of meterstream run gone after {sig.name}",
+            what=f"every child of meterstream run gone after {ending}",
         )
         gone_after = time.monotonic() - signalled
-        print(f"{sig.name}: {len(children)} children gone after {gone_after:.2f} s")
-        assert gone_after < GONE_WITHIN[sig], f"{gone_after:.1f} s"
+        assert gone_after < GONE_WITHIN.get(ending, 30.0), f"{gone_after:.1f} s"
         rc = proc.wait(30)
-        # SIGTERM, SIGHUP: a clean stop (130 when the demo noticed the interrupt first).
-        assert rc == -signal.SIGKILL if sig == signal.SIGKILL else rc in (0, 130), rc
+        print(f"{ending}: {len(children)} children gone after {gone_after:.2f} s; run exit {rc}")
+        if ending == "SIGKILL":
+            assert rc == -signal.SIGKILL
+        elif ending != "terminal-closed":  # there, nobody is left to read it
+            # a clean stop (130 when the demo noticed the interrupt first)
+            assert rc in (0, 130), rc
 
         for address in (endpoints["kafka_bootstrap"], web, endpoints["stripe_api_base"]):
             assert not port_open(address), f"{address} still open"
-        after = log_lines(worker_log)[lines_before:]
+        after = log_lines_since(worker_log, log_at_signal)
         assert len(after) < 50, "\n".join(after[-20:])  # no flood of connection errors
-        if sig == signal.SIGKILL:
+        if ending == "SIGKILL":
             assert any(f"the supervisor (pid {proc.pid}) is gone" in line for line in after), after
+        else:  # stopped by the supervisor, cleanly
+            assert any("SIGTERM received: stopping" in line for line in after), after
+            assert not any("CRITICAL" in line.upper() for line in after), after
     finally:
         for child in children:
             if child.alive():
@@ -232,7 +285,7 @@ def test_worker_of_a_killed_run_with_an_external_broker_stops_within_the_grace(
         before = recorded(web)
         wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
         worker_log = state / "worker.log"
-        lines_before = len(log_lines(worker_log))
+        log_at_signal = log_size(worker_log)
 
         killed = time.monotonic()
         proc.kill()
@@ -242,7 +295,7 @@ def test_worker_of_a_killed_run_with_an_external_broker_stops_within_the_grace(
         print(f"SIGKILL, external broker: {len(children)} children gone after {gone_after:.2f} s")
         assert gone_after < PARENT_GONE_GRACE_SECONDS + 7, gone_after
         assert port_open(broker.bootstrap)  # not ours to stop
-        after = log_lines(worker_log)[lines_before:]
+        after = log_lines_since(worker_log, log_at_signal)
         assert any(f"the supervisor (pid {proc.pid}) is gone" in line for line in after), after
         assert len(after) < 50, "\n".join(after[-20:])
     finally:
@@ -300,12 +353,12 @@ def kill_broker_mid_load(
     stack: StackSlice, broker: EmbeddedBroker, worker: Worker
 ) -> tuple[float, int]:
     """Kill the broker while the worker has events in flight; returns when (monotonic)
-    and the worker log's line count then."""
+    and the worker log's size then."""
     load = Load(stack, total=200_000)
     load.start()
     try:
         wait_until(lambda: recorded(worker.web_url) >= 3000, timeout=120, what="events recorded")
-        lines = len(log_lines(worker.log_path))
+        log_at_kill = log_size(worker.log_path)
         assert broker.proc is not None
         broker.proc.kill()
         killed = time.monotonic()
@@ -315,7 +368,7 @@ def kill_broker_mid_load(
     in_record = recorded(worker.web_url)  # the worker's own engine answers without Kafka
     assert 0 < in_record < load.total, in_record  # the kill landed with work in flight
     load.join(15)
-    return killed, lines
+    return killed, log_at_kill
 
 
 def test_worker_that_loses_its_broker_exits_loudly_within_the_bound(
@@ -333,7 +386,7 @@ def test_worker_that_loses_its_broker_exits_loudly_within_the_bound(
             assert worker.proc.poll() is None, worker.log()[-3000:]
             assert readiness(worker.web_url)["broker"] == "ok"
 
-            killed, lines_at_kill = kill_broker_mid_load(stack, own, worker)
+            killed, log_at_kill = kill_broker_mid_load(stack, own, worker)
             # Meanwhile not ready: /readyz says why (a load balancer stops sending).
             wait_until(
                 lambda: readiness(worker.web_url)["broker"].startswith("no answer for"),
@@ -344,7 +397,7 @@ def test_worker_that_loses_its_broker_exits_loudly_within_the_bound(
             rc = worker.proc.wait(bound + 30)
             exited_after = time.monotonic() - killed
             print(f"broker killed: the worker exited {rc} after {exited_after:.1f} s")
-            after = log_lines(worker.log_path)[lines_at_kill:]
+            after = log_lines_since(worker.log_path, log_at_kill)
             assert rc == EXIT_BROKER_LOST, "\n".join(after[-20:])
             assert bound - 2 <= exited_after <= bound + 15, exited_after
             critical = [line for line in after if "CRITICAL" in line]
