@@ -140,6 +140,9 @@ class Pipeline:
         # Told every batch's record inserts, after the inserts returned (the Stripe
         # forwarder's incremental verification).
         self.record_listeners: list[RecordListener] = []
+        # Told after every batch: its records came from the broker and its writes were
+        # acknowledged by it (the worker's lifeline counts that as contact).
+        self.batch_listeners: list[Callable[[], None]] = []
         # Held from the record insert to the meter_windows insert (and by reconciliation).
         self.record_lock = asyncio.Lock()
         self._coverage: RecordCoverage | None = None
@@ -676,6 +679,8 @@ def create_app(
             backlog=broker_backlog(app),
         ):
             await run_batch_to_completion(pipeline, batch)
+            for listener in pipeline.batch_listeners:
+                listener()
 
     return app, pipeline
 

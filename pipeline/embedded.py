@@ -32,12 +32,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def die_with_parent(sig: int) -> Callable[[], None]:
-    """A ``preexec_fn`` that makes the child receive ``sig`` when its parent dies (Linux)."""
+    """A ``preexec_fn`` that makes the child receive ``sig`` when its parent dies (Linux).
+
+    The kernel sends it when the *thread* that forked the child ends, so spawn
+    from the main thread (it lives as long as the process). A parent that died
+    between the fork and the ``prctl`` is caught by checking the parent pid
+    afterwards: the child then signals itself.
+    """
+    parent = os.getpid()
 
     def _set() -> None:
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
 
     return _set
 

@@ -2,9 +2,16 @@
 
 Children (broker, Stripe emulator, worker) run in their own sessions, so a
 Ctrl-C reaches only this supervisor, which then stops them in order: demo,
-worker (drains and commits), emulator, broker. Each child also gets a signal
-from the kernel if this process dies abruptly (``PR_SET_PDEATHSIG``), so none
-outlives meterstream.
+worker (drains and commits), emulator, broker. SIGTERM and SIGHUP (the
+terminal closed) do the same; a second signal while stopping ends the
+supervisor at once, and with it the children (below).
+
+Nothing outlives meterstream, however it dies (SIGKILL included) and under
+load: each child gets a signal from the kernel when this process dies
+(``PR_SET_PDEATHSIG``; Tansu SIGINT, the others SIGTERM), and the worker,
+which knows this process's pid (``METERSTREAM_SUPERVISOR_PID``), then exits
+within a few seconds even if its graceful stop cannot finish (its broker went
+with us): see pipeline/lifeline.py.
 """
 
 from __future__ import annotations
@@ -176,6 +183,7 @@ class Stack:
             "METERSTREAM_WEB_PORT": str(web_port),
             "METERSTREAM_STATE_DIR": str(self.state_dir),
             "METERSTREAM_METERS_FILE": str(meters_file.resolve()),
+            "METERSTREAM_SUPERVISOR_PID": str(os.getpid()),
         }
         if api_base:
             env["METERSTREAM_STRIPE_API_BASE"] = api_base
@@ -269,6 +277,7 @@ def _run(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)  # the terminal closed
     # Installed explicitly: a parent may have started us with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -293,8 +302,13 @@ def _run(
             time.sleep(0.5)
         return 0
     except KeyboardInterrupt:
-        print("\nstopping ...", flush=True)
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            print("\nstopping ...", flush=True)
         return 0
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # A second signal while stopping ends this process at once; the kernel
+        # then signals the children that are left, and the worker, already
+        # stopping, exits at once on it.
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
         stack.stop()

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     # embedded broker also holds a group join for about half of it.
     session_timeout_seconds: float = Field(default=10.0, ge=2)
     processing_guarantee: Literal["auto", "at_least_once", "exactly_once"] = "auto"
+    # A worker with no answer from the broker for this long (since the last one)
+    # exits with code 69 (pipeline/lifeline.py), to be restarted.
+    broker_lost_seconds: float = Field(default=60.0, ge=1)
 
     # ClickHouse
     clickhouse_dsn: str | None = None
@@ -75,6 +78,9 @@ class Settings(BaseSettings):
     # "*" for any. Other names get 421 (DNS rebinding; see pipeline/hosts.py).
     web_allowed_hosts: str = ""
     log_format: Literal["auto", "json", "text"] = "auto"
+    # Set by `meterstream run` for its worker: when that process is gone, the
+    # worker stops and exits within a few seconds (pipeline/lifeline.py).
+    supervisor_pid: int | None = Field(default=None, ge=1)
 
     # Web API
     # Where API key hashes live (default <state_dir>/api_keys.json); see pipeline/apikeys.py.

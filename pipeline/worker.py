@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, cast
@@ -23,6 +24,7 @@ from pipeline.chio import ClickHouseIO
 from pipeline.errors import ConfigError, MeterstreamError
 from pipeline.guarantee import broker_supports_transactions, choose, describe
 from pipeline.kafka import client_options
+from pipeline.lifeline import BrokerProbe, Lifeline, StopControl, probe_timing
 from pipeline.logs import configure_logging
 from pipeline.meters import MetersConfig, load_meters
 from pipeline.metrics import Metrics
@@ -70,7 +72,7 @@ def prepare(settings: Settings) -> tuple[MetersConfig, ClickHouse]:
     return meters, ch
 
 
-def build_worker(settings: Settings) -> faust.App:
+def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.App:
     meters, ch = prepare(settings)
     (settings.store_path or settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     bootstrap = settings.kafka_bootstrap_servers or ""
@@ -96,6 +98,8 @@ def build_worker(settings: Settings) -> faust.App:
     metrics.guarantee.set(1, guarantee=guarantee)
     chio = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)
     app, pipeline = create_app(settings, meters, chio, bootstrap, guarantee)
+    if lifeline is not None:
+        pipeline.batch_listeners.append(lifeline.contact)
 
     source = settings.topic("usage-events")
 
@@ -116,6 +120,11 @@ def build_worker(settings: Settings) -> faust.App:
 
     async def ready() -> dict[str, str]:
         checks = {"broker": "ok" if app.consumer and app.producer else "starting"}
+        if (
+            lifeline is not None
+            and (silent := lifeline.broker_silent_for()) > 3 * lifeline.interval
+        ):
+            checks["broker"] = f"no answer for {silent:.0f}s"
         try:
             await chio.call_once(lambda c: c.query_rows("SELECT 1"))
             checks["clickhouse"] = "ok"
@@ -165,20 +174,61 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, second, third)
 
 
+class MeterstreamWorker(faust.Worker):
+    """faust.Worker whose stop requests go through :class:`StopControl`: a second
+    signal ends the process at once, SIGHUP stops it like SIGTERM, and a stop can
+    be requested from another thread (the lifeline)."""
+
+    def __init__(self, app: faust.App, stop_control: StopControl, **kwargs: Any) -> None:
+        self.stop_control = stop_control
+        super().__init__(app, **kwargs)
+
+    def _install_signal_handlers_unix(self) -> None:
+        super()._install_signal_handlers_unix()
+        self.loop.add_signal_handler(signal.SIGHUP, self._schedule_shutdown, signal.SIGHUP)
+
+    def _schedule_shutdown(self, signum: signal.Signals) -> None:
+        if self.stop_control.on_signal(signum):
+            super()._schedule_shutdown(signum)
+
+    def request_stop(self) -> None:
+        """Start the graceful stop; callable from any thread."""
+        self.loop.call_soon_threadsafe(super()._schedule_shutdown, signal.SIGTERM)
+
+
 def main(settings: Settings) -> int:
     configure_logging(settings.log_format)
+    stop_control = StopControl(settings.supervisor_pid)
+    _, probe_timeout = probe_timing(settings.broker_lost_seconds)
+    bootstrap = settings.kafka_bootstrap_servers or ""
+    probe = BrokerProbe(
+        bootstrap, settings.topic("usage-events"), probe_timeout, **client_options(settings)
+    )
+    worker: MeterstreamWorker | None = None
+
+    def request_stop() -> None:
+        if worker is not None:
+            worker.request_stop()
+
+    lifeline = Lifeline(
+        stop_control, request_stop, probe, settings.broker_lost_seconds, describe_broker=bootstrap
+    )
     try:
-        app = build_worker(settings)
+        app = build_worker(settings, lifeline)
     except MeterstreamError as exc:
         print(f"meterstream worker: {exc}", file=sys.stderr)
         return 2
     tune_gc()
-    worker = faust.Worker(
+    worker = MeterstreamWorker(
         app,
+        stop_control,
         loglevel="INFO" if os.environ.get("METERSTREAM_DEBUG") else "WARN",
         quiet=True,
         redirect_stdouts=False,
         override_logging=False,
     )
+    # From here on the worker stops, within a bound, when the supervisor or the
+    # broker is gone (pipeline/lifeline.py).
+    lifeline.start()
     worker.execute_from_commandline()
     return 0

@@ -153,10 +153,3 @@ def test_run_ctrl_c_leaves_nothing_behind(tmp_path: Path) -> None:
     assert proc.wait(90) == 0
     _assert_all_gone(endpoints)
     assert not (tmp_path / "endpoints.json").exists()
-
-
-def test_run_killed_hard_takes_its_children_with_it(tmp_path: Path) -> None:
-    proc, endpoints = _start_run(tmp_path)
-    proc.kill()
-    proc.wait(10)
-    _assert_all_gone(endpoints)
