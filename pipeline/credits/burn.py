@@ -317,9 +317,7 @@ class CreditBook:
     def remaining(self, grant_id: str) -> Decimal:
         """What is left of ``grant_id`` (the sum of its entries)."""
         with localcontext(EXACT):
-            return sum(
-                (t for k, (t, _) in self._written.items() if k.grant_id == grant_id), _ZERO
-            )
+            return sum((t for k, (t, _) in self._written.items() if k.grant_id == grant_id), _ZERO)
 
     def live_grants(self) -> list[tuple[Grant, Decimal]]:
         """Grants usable now with what is left of each, in burn order."""
@@ -370,7 +368,7 @@ class CreditBook:
         level = _ZERO if held is None else held.amount
         drift = None
         if change.previous is not None and change.previous != level:
-            drift = level - change.previous
+            drift = EXACT.subtract(level, change.previous)
         self._set_spend(change)
         step = self._step("applied", now_ms, cause=change.change_id)
         return Step(step.entries, step.outcome, step.balance, drift)
@@ -501,8 +499,8 @@ class CreditBook:
         """Place inputs without writing anything (resuming)."""
         for void in voids:
             self._check(void.customer_id, None, f"void of {void.grant_id!r}")
-            held = self._voids.get(void.grant_id)
-            if held is None or void.voided_ms < held.voided_ms:
+            earlier = self._voids.get(void.grant_id)
+            if earlier is None or void.voided_ms < earlier.voided_ms:
                 self._voids[void.grant_id] = void
         for grant in grants:
             self._check(grant.customer_id, grant.currency, f"grant {grant.grant_id!r}")

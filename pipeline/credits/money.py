@@ -39,9 +39,10 @@ _CURRENCY = re.compile(r"[A-Z]{3}")
 
 # Stripe's zero-decimal and three-decimal currencies (stripe.com/docs/currencies).
 _ZERO_DECIMAL = frozenset(
-    "BIF CLP DJF GNF JPY KMF KRW MGA PYG RWF UGX VND VUV XAF XOF XPF".split()
+    {"BIF", "CLP", "DJF", "GNF", "JPY", "KMF", "KRW", "MGA"}
+    | {"PYG", "RWF", "UGX", "VND", "VUV", "XAF", "XOF", "XPF"}
 )
-_THREE_DECIMAL = frozenset("BHD JOD KWD OMR TND".split())
+_THREE_DECIMAL = frozenset(["BHD", "JOD", "KWD", "OMR", "TND"])
 
 _LIMIT = Decimal(10) ** MAX_INTEGER_DIGITS
 
@@ -78,7 +79,7 @@ def amount_problem(
         return f"{what} must be finite, got {number}"
     if _scale(number) > MAX_SCALE:
         return f"{what} has more than {MAX_SCALE} digits after the point: {number}"
-    if abs(number) >= _LIMIT:
+    if number.copy_abs() >= _LIMIT:
         return f"{what} must be below 10^{MAX_INTEGER_DIGITS} in absolute value, got {number}"
     if positive and number <= 0:
         return f"{what} must be positive, got {canon(number)}"
@@ -133,7 +134,7 @@ def from_minor_units(count: int, currency: str) -> Decimal:
 
 def _scale(number: Decimal) -> int:
     """Significant digits after the point of a finite ``number`` (``1.50`` has 1)."""
-    sign, digits, exponent = number.as_tuple()
+    _, digits, exponent = number.as_tuple()
     assert isinstance(exponent, int)
     trailing = len(digits) - len("".join(map(str, digits)).rstrip("0"))
     if trailing == len(digits):  # zero

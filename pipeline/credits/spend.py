@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from pipeline.credits.money import amount_problem, canon, currency_problem
+from pipeline.credits.money import EXACT, amount_problem, canon, currency_problem
 from pipeline.credits.values import (
     MAX_ID_CHARS,
     id_problem,
@@ -80,7 +80,7 @@ class SpendChange:
     @property
     def delta(self) -> Decimal | None:
         """``amount - previous`` (what the sender meant to add), if ``previous`` is known."""
-        return None if self.previous is None else self.amount - self.previous
+        return None if self.previous is None else EXACT.subtract(self.amount, self.previous)
 
     def same_level(self, other: SpendChange) -> bool:
         """Both say the same thing about the source (time, amount, currency)."""

@@ -36,7 +36,12 @@ def reference_ledger(
 
     def order(g: Grant) -> tuple:
         never = 10**20
-        return (g.priority, never if g.expires_ms is None else g.expires_ms, g.effective_ms, g.grant_id)
+        return (
+            g.priority,
+            never if g.expires_ms is None else g.expires_ms,
+            g.effective_ms,
+            g.grant_id,
+        )
 
     events: list[tuple] = []
     for g in grants:

@@ -24,7 +24,9 @@ def grant(gid: str, amount: str, eff: int, exp: int | None = None, prio: int = 5
     return Grant(gid, C, D(amount), "USD", eff, expires_ms=exp, priority=prio, **kw)
 
 
-def spend(source: str, at: int, amount: str, rev: int = 1, previous: str | None = None) -> SpendChange:
+def spend(
+    source: str, at: int, amount: str, rev: int = 1, previous: str | None = None
+) -> SpendChange:
     return SpendChange(
         C, source, at, D(amount), "USD", rev, None if previous is None else D(previous)
     )
@@ -56,9 +58,7 @@ def test_two_grants_of_different_priority_one_expiring_mid_stream() -> None:
     assert book.balance == D(30)
 
     # $4 at t=100 and $3.50 at t=500 burn the promo first (lower priority number)
-    assert lines(book.apply(spend("w100", 100, "4"), 100)) == [
-        ("burn", "-4", "promo", "w100", 100)
-    ]
+    assert lines(book.apply(spend("w100", 100, "4"), 100)) == [("burn", "-4", "promo", "w100", 100)]
     step = book.apply(spend("w500", 500, "3.50", 2), 500)
     assert lines(step) == [("burn", "-3.50", "promo", "w500", 500)]
     assert step.balance == D("22.50")
@@ -390,7 +390,7 @@ def test_the_ledger_equals_the_oracle_whatever_the_arrival(scenario, every: int)
 @settings(max_examples=300, deadline=None)
 @given(scenarios())
 def test_conservation_and_bounds(scenario) -> None:
-    grants, voids, spends, arrivals = scenario
+    grants, _, spends, arrivals = scenario
     book, entries = run(arrivals)
     t = ledger.totals(entries)
     assert t.granted - t.burned - t.settled - t.expired - t.voided - t.uncovered == t.balance
