@@ -234,6 +234,8 @@ class Step:
     held with different content: ignored, the first one stands); ``advanced`` (the clock
     moved); ``synced`` (a resumed book wrote what its ledger lacked). ``drift`` is set when a
     spend's ``previous`` was not the level the book held: held level minus ``previous``.
+    Whatever the outcome, the clock moved to ``now_ms`` first, so ``entries`` may hold
+    expiries (and spends dated in the future) that came due.
     """
 
     entries: tuple[LedgerEntry, ...]

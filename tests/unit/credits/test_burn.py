@@ -357,7 +357,10 @@ def run(arrivals: list[tuple[object, int]], every: int = 32) -> tuple[CreditBook
     book = CreditBook(C, "USD", checkpoint_every=every)
     entries: list[LedgerEntry] = []
     for item, now in arrivals:
-        entries.extend(_feed(book, item, now).entries)
+        step = _feed(book, item, now)
+        entries.extend(step.entries)
+        # after every step, the balance is the sum of the ledger written so far
+        assert step.balance == book.balance == ledger.balance(entries)
     return book, entries
 
 
