@@ -34,7 +34,7 @@ Alert JSON (the topic ``billing-alerts`` value, keyed by customer, and the webho
 
     {"id": "alrt_...", "object": "billing_alert", "type": "balance_below",
      "customer_id": "acme", "threshold_id": "low-balance", "at_ms": 1735689600000,
-     "cause": "le_...", "value": "4.5", "threshold": "5", "currency": "USD",
+     "cause": "le_...", "value": "4.5", "threshold": "5", "currency": "usd",
      "meter": null, "period": null, "limit": null, "grant_id": null, "expires_ms": null,
      "purchase_id": null, "failure_code": null}
 

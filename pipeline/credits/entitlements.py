@@ -10,7 +10,7 @@ JSON (what the worker serves and publishes on topic ``entitlements``, keyed by c
 
     {"customer_id": "acme", "has_access": false,
      "reasons": ["balance_exhausted", "usage_limit"],
-     "balance": "-0.25", "currency": "USD", "period": "2025-01",
+     "balance": "-0.25", "currency": "usd", "period": "2025-01",
      "usage": {"ai_tokens": {"used": "10020", "limit": "10000", "remaining": "0",
                              "limit_reached": true}},
      "requires_balance": true, "at_ms": 1735689600000, "cause": "le_..."}

@@ -40,9 +40,10 @@ from pipeline.credits.grants import DEFAULT_PRIORITY, MAX_PRIORITY, Grant
 from pipeline.credits.money import (
     amount_problem,
     canon,
+    charge_unit,
     currency_problem,
     in_minor_units_problem,
-    to_minor_units,
+    to_stripe_amount,
 )
 from pipeline.credits.values import (
     MAX_MS,
@@ -106,8 +107,10 @@ class Purchase:
         if self.expires_after_ms is not None:
             problems.append(int_problem(self.expires_after_ms, "expires_after_ms", 1, MAX_MS))
         raise_problems("purchase", problems)
+        unit = charge_unit(self.currency)
         raise_problems(
-            "purchase", [in_minor_units_problem(Decimal(self.amount), self.currency, "amount")]
+            "purchase",
+            [in_minor_units_problem(Decimal(self.amount), self.currency, "amount", unit=unit)],
         )
         object.__setattr__(self, "amount", Decimal(self.amount))
 
@@ -161,7 +164,7 @@ def payment_intent_params(
         ],
     )
     return {
-        "amount": to_minor_units(purchase.amount, purchase.currency),
+        "amount": to_stripe_amount(purchase.amount, purchase.currency),
         "currency": purchase.currency.lower(),
         "customer": stripe_customer_id,
         "payment_method": payment_method,
@@ -215,7 +218,7 @@ def parse_stripe_event(event: Any) -> PaymentEvent | None:
         customer_id=_at(metadata, METADATA_CUSTOMER, path="data.object.metadata"),
         payment_intent_id=_at(obj, "id", path="data.object"),
         amount_minor=_at(obj, received, path="data.object"),
-        currency=str(_at(obj, "currency", path="data.object")).upper(),
+        currency=str(_at(obj, "currency", path="data.object")),
         created_ms=created * 1000 if isinstance(created, int) else created,
         failure_code=error.get("decline_code") or error.get("code"),
     )
@@ -298,11 +301,11 @@ def apply_event(state: PurchaseState, event: PaymentEvent) -> tuple[PurchaseStat
         )
         return seen, PurchaseEffects("mismatch", problem=problem)
     if event.outcome == PaymentOutcome.SUCCEEDED:
-        expected = to_minor_units(purchase.amount, purchase.currency)
+        expected = to_stripe_amount(purchase.amount, purchase.currency)
         if (event.amount_minor, event.currency) != (expected, purchase.currency):
             problem = (
-                f"received {event.amount_minor} {event.currency} minor units, "
-                f"expected {expected} {purchase.currency}"
+                f"received amount {event.amount_minor} {event.currency}, "
+                f"expected {expected} {purchase.currency} (Stripe's integer amounts)"
             )
             return seen, PurchaseEffects("mismatch", problem=problem)
         if state.status == PurchaseStatus.SUCCEEDED:

@@ -6,7 +6,8 @@ The decision (:func:`evaluate`), per customer status:
    one purchase per crossing, like an alert with no margin.
 2. **Buy** when auto-recharge is enabled, armed, no recharge purchase is pending, and
    ``balance <= threshold``: ``target - balance`` rounded **up** to the currency's minor
-   unit (a negative balance is bought back too, so the customer lands on the target once
+   unit (to 0.010 for three-decimal currencies, whose charges Stripe wants to end in 0;
+   a negative balance is bought back too, so the customer lands on the target once
    the grant pays the uncovered spend). The state becomes disarmed with the purchase
    pending; nothing more is bought until that crossing ends.
 3. The purchase id (also Stripe's idempotency key) is ``rch_`` + a hash of the customer,
@@ -22,7 +23,7 @@ under a new id.
 
 A successful recharge whose grant is eaten by usage before the balance ever rises above
 the threshold does not buy again (the crossing has not ended); a larger ``target`` is the
-remedy. Stripe refuses charges below its minimum (USD 0.50): keep ``target - threshold``
+remedy. Stripe refuses charges below its minimum (0.50 usd): keep ``target - threshold``
 above it.
 """
 
@@ -37,7 +38,7 @@ from pipeline.credits.money import (
     EXACT,
     amount_problem,
     canon,
-    ceil_to_minor,
+    ceil_to_charge,
     currency_problem,
     in_minor_units_problem,
 )
@@ -140,7 +141,7 @@ def evaluate(
     if balance > rule.threshold:
         return state, None
     with localcontext(EXACT):
-        amount = ceil_to_minor(rule.target - balance, rule.currency)
+        amount = ceil_to_charge(rule.target - balance, rule.currency)
     purchase = Purchase(
         purchase_id=stable_id("rch_", rule.customer_id, str(state.generation), status.cause),
         customer_id=rule.customer_id,

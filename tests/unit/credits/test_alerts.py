@@ -27,7 +27,7 @@ D = Decimal
 def status(balance: str, at: int = 0, cause: str | None = None, **kw) -> CustomerStatus:
     return CustomerStatus(
         "acme",
-        "USD",
+        "usd",
         at,
         cause or f"c{at}-{balance}",
         D(balance),
@@ -66,7 +66,7 @@ def test_balance_below_fires_once_per_crossing_and_again_after_going_back() -> N
         "cause": "c2-5",
         "value": "5",
         "threshold": "5",
-        "currency": "USD",
+        "currency": "usd",
         "meter": None,
         "period": None,
         "limit": None,
@@ -112,8 +112,8 @@ def test_exhausted_usage_and_percent_thresholds() -> None:
 
 def test_a_grant_about_to_expire_alerts_once() -> None:
     soon = Threshold("soon", AlertKind.GRANT_EXPIRING, within_ms=100)
-    g = Grant("g1", "acme", D(10), "USD", 0, expires_ms=1_000)
-    never = Grant("g2", "acme", D(10), "USD", 0)
+    g = Grant("g1", "acme", D(10), "usd", 0, expires_ms=1_000)
+    never = Grant("g2", "acme", D(10), "usd", 0)
     grants = [(g, D(4)), (never, D(10))]
     states, alerts = run([soon], [status("14", t) for t in (800, 900, 950, 999)], grants)
     assert [(a.at_ms, a.grant_id, a.value, a.expires_ms) for a in alerts] == [
@@ -145,7 +145,7 @@ def test_payment_failed_alerts_and_signed_webhook() -> None:
         customer_id="acme",
         purchase_id="rch_1",
         amount=D("15"),
-        currency="USD",
+        currency="usd",
         at_ms=5,
         failure_code="card_declined",
     )

@@ -9,7 +9,7 @@ FREE_TIER = {"tokens": D(10_000)}
 
 def status(balance: str, used: int | None = None, limits=FREE_TIER) -> CustomerStatus:
     usage = {} if used is None else {"tokens": D(used)}
-    return CustomerStatus("acme", "USD", 5, "le_1", D(balance), "2025-01", usage, limits)
+    return CustomerStatus("acme", "usd", 5, "le_1", D(balance), "2025-01", usage, limits)
 
 
 def test_access_ends_at_zero_balance_or_at_the_usage_limit() -> None:
@@ -30,7 +30,7 @@ def test_the_json_shape() -> None:
         "has_access": False,
         "reasons": ["balance_exhausted", "usage_limit"],
         "balance": "-0.25",
-        "currency": "USD",
+        "currency": "usd",
         "period": "2025-01",
         "usage": {
             "images": {"used": "0", "limit": "5", "remaining": "5", "limit_reached": False},

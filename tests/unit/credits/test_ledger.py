@@ -19,20 +19,20 @@ D = Decimal
 
 def entry(kind: EntryKind, amount: str, grant: str = "", source: str = "", at: int = 0):
     key = LedgerKey.of(at, kind, grant, source)
-    return make_entry("acme", "USD", key, 0, D(amount), D(amount), "test")
+    return make_entry("acme", "usd", key, 0, D(amount), D(amount), "test")
 
 
 def test_the_id_depends_on_the_content_not_on_the_scale_of_amounts() -> None:
     key = LedgerKey.of(5, EntryKind.BURN, "g", "w")
-    a = make_entry("acme", "USD", key, 0, D("-1.50"), D("-1.50"), "x")
-    b = make_entry("acme", "USD", key, 0, D("-1.5000"), D("-1.5"), "y")
+    a = make_entry("acme", "usd", key, 0, D("-1.50"), D("-1.50"), "x")
+    b = make_entry("acme", "usd", key, 0, D("-1.5000"), D("-1.5"), "y")
     assert a.entry_id == b.entry_id and a == b  # the cause is informational
     assert a.entry_id.startswith("le_") and len(a.entry_id) == 35
     others = [
-        make_entry("acme", "USD", key, 1, D("-1.5"), D("-1.5"), "x"),
-        make_entry("acme", "USD", key, 0, D("-1.5"), D("-2"), "x"),
-        make_entry("acme", "USD", LedgerKey.of(6, EntryKind.BURN, "g", "w"), 0, D(-1), D(-1), ""),
-        make_entry("other", "USD", key, 0, D("-1.5"), D("-1.5"), "x"),
+        make_entry("acme", "usd", key, 1, D("-1.5"), D("-1.5"), "x"),
+        make_entry("acme", "usd", key, 0, D("-1.5"), D("-2"), "x"),
+        make_entry("acme", "usd", LedgerKey.of(6, EntryKind.BURN, "g", "w"), 0, D(-1), D(-1), ""),
+        make_entry("other", "usd", key, 0, D("-1.5"), D("-1.5"), "x"),
     ]
     assert len({a.entry_id, *(o.entry_id for o in others)}) == 5
 
@@ -45,7 +45,7 @@ def test_json_round_trip_and_a_tampered_row_is_refused() -> None:
         "customer_id": "acme",
         "kind": "settle",
         "amount": "-2.25",
-        "currency": "USD",
+        "currency": "usd",
         "at_ms": 10,
         "grant_id": "g1",
         "source": "w|1|",
@@ -88,7 +88,7 @@ def test_sums_by_kind_and_by_grant_count_each_id_once() -> None:
 
 
 def test_grants_and_voids_round_trip_through_json() -> None:
-    g = Grant("g", "acme", D("12.30"), "USD", 5, expires_ms=10, priority=3, origin="promotion")
+    g = Grant("g", "acme", D("12.30"), "usd", 5, expires_ms=10, priority=3, origin="promotion")
     assert Grant.from_json(g.to_json()) == g
     assert g.to_json()["amount"] == "12.3"
     v = Void("g", "acme", 7, "refund")

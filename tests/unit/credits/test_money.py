@@ -7,11 +7,12 @@ from hypothesis import strategies as st
 from pipeline.credits.money import (
     amount_problem,
     canon,
-    ceil_to_minor,
+    ceil_to_charge,
+    charge_unit,
     currency_problem,
-    from_minor_units,
+    from_stripe_amount,
     minor_exponent,
-    to_minor_units,
+    to_stripe_amount,
 )
 
 D = Decimal
@@ -40,20 +41,25 @@ def test_canon_round_trips_and_ignores_trailing_zeros(n: int, places: int) -> No
 
 
 def test_minor_units_of_two_zero_and_three_decimal_currencies() -> None:
-    assert (minor_exponent("USD"), minor_exponent("JPY"), minor_exponent("KWD")) == (2, 0, 3)
-    assert to_minor_units(D("20.05"), "USD") == 2005
-    assert to_minor_units(D("500"), "JPY") == 500
-    assert to_minor_units(D("1.234"), "KWD") == 1234
-    assert from_minor_units(2005, "USD") == D("20.05")
-    with pytest.raises(ValueError, match="minor unit"):
-        to_minor_units(D("0.001"), "USD")
+    assert [minor_exponent(c) for c in ("usd", "jpy", "kwd", "isk")] == [2, 0, 3, 0]
+    assert to_stripe_amount(D("20.05"), "usd") == 2005
+    assert to_stripe_amount(D("500"), "jpy") == 500
+    assert to_stripe_amount(D("1.234"), "kwd") == 1234
+    assert to_stripe_amount(D("5"), "isk") == 500  # whole kronur, Stripe counts hundredths
+    assert from_stripe_amount(2005, "usd") == D("20.05")
+    assert from_stripe_amount(500, "isk") == D(5)
+    for amount, currency in ((D("0.001"), "usd"), (D("0.5"), "isk"), (D("0.5"), "jpy")):
+        with pytest.raises(ValueError, match="whole number"):
+            to_stripe_amount(amount, currency)
 
 
-def test_ceil_rounds_up_to_the_minor_unit_only_when_needed() -> None:
-    assert ceil_to_minor(D("15.001"), "USD") == D("15.01")
-    assert ceil_to_minor(D("15.00"), "USD") == D("15.00")
-    assert ceil_to_minor(D("0.1"), "JPY") == D(1)
-    assert ceil_to_minor(D("-0.019"), "USD") == D("-0.01")
+def test_ceil_rounds_up_to_the_charge_unit_only_when_needed() -> None:
+    assert ceil_to_charge(D("15.001"), "usd") == D("15.01")
+    assert ceil_to_charge(D("15.00"), "usd") == D("15.00")
+    assert ceil_to_charge(D("0.1"), "jpy") == D(1)
+    assert ceil_to_charge(D("-0.019"), "usd") == D("-0.01")
+    # a three-decimal charge must end in 0
+    assert charge_unit("kwd") == D("0.01") and ceil_to_charge(D("1.231"), "kwd") == D("1.24")
 
 
 def test_amounts_and_currencies_are_checked() -> None:
@@ -67,6 +73,6 @@ def test_amounts_and_currencies_are_checked() -> None:
     assert amount_problem(D(0), "x", positive=True) is not None
     assert amount_problem(D(-1), "x", non_negative=True) is not None
     assert amount_problem(D("-99999999999999999999.999999999999999999"), "x") is None
-    for bad in ("usd", "US", "USDX", "", None, "U$D"):
+    for bad in ("USD", "us", "usdx", "", None, "u$d"):
         assert currency_problem(bad) is not None
-    assert currency_problem("EUR") is None
+    assert currency_problem("eur") is None

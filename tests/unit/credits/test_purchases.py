@@ -27,7 +27,7 @@ PURCHASE = Purchase(
     purchase_id("acme", "req-1"),
     "acme",
     D("20.00"),
-    "USD",
+    "usd",
     created_ms=1_000_000,
     expires_after_ms=86_400_000,
 )
@@ -76,7 +76,7 @@ def test_parse_a_stripe_payment_intent_event() -> None:
         customer_id="acme",
         payment_intent_id="pi_1",
         amount_minor=2000,
-        currency="USD",
+        currency="usd",
         created_ms=1_001_000,
         failure_code="insufficient_funds",
     )
@@ -134,7 +134,7 @@ def test_a_success_not_matching_the_purchase_grants_nothing() -> None:
     assert apply_event(state, other_pi)[1].outcome == "mismatch"
     assert state.status == PurchaseStatus.CREATED
     with pytest.raises(CreditsError, match="not"):
-        apply_event(PurchaseState(Purchase("pur_other", "acme", D(1), "USD", 0)), wrong)
+        apply_event(PurchaseState(Purchase("pur_other", "acme", D(1), "usd", 0)), wrong)
 
 
 outcomes = st.sampled_from(list(PaymentOutcome))
@@ -169,7 +169,7 @@ def test_any_order_and_duplicates_give_one_grant_iff_any_success(history, rnd) -
     assert failures <= 1 and (failures == 0 or failed)
     # and a grant issued twice anyway (a crash) is one grant to the book
     if grants:
-        book = CreditBook("acme", "USD")
+        book = CreditBook("acme", "usd")
         book.add_grant(grants[0], 2_000_000)
         assert book.add_grant(grants[0], 2_000_000).outcome == "duplicate"
         assert book.balance == D(20)
@@ -184,14 +184,18 @@ def test_payment_intent_parameters() -> None:
         "payment_method": "pm_1",
         "confirm": True,
         "off_session": True,
-        "description": "meterstream credits 20 USD",
+        "description": "meterstream credits 20 usd",
         "metadata": {
             "meterstream_purchase_id": PURCHASE.purchase_id,
             "meterstream_customer_id": "acme",
         },
     }
-    yen = Purchase("pur_y", "acme", D(500), "JPY", 0)
+    yen = Purchase("pur_y", "acme", D(500), "jpy", 0)
     assert payment_intent_params(yen, stripe_customer_id="c", payment_method="p")["amount"] == 500
     assert purchase_id("acme", "req-1") == PURCHASE.purchase_id != purchase_id("acme", "req-2")
-    with pytest.raises(CreditsError, match="minor unit"):
-        Purchase("pur_z", "acme", D("1.001"), "USD", 0)
+    with pytest.raises(CreditsError, match=r"whole number of 0\.01 usd"):
+        Purchase("pur_z", "acme", D("1.001"), "usd", 0)
+    with pytest.raises(CreditsError, match=r"whole number of 0\.01 kwd"):
+        Purchase("pur_k", "acme", D("1.001"), "kwd", 0)  # Stripe: charges end in 0
+    kwd = Purchase("pur_k", "acme", D("1.01"), "kwd", 0)
+    assert payment_intent_params(kwd, stripe_customer_id="c", payment_method="p")["amount"] == 1010

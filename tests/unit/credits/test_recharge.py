@@ -22,11 +22,11 @@ from pipeline.credits.status import CustomerStatus
 from pipeline.errors import CreditsError
 
 D = Decimal
-RULE = AutoRecharge("acme", "USD", threshold=D(5), target=D(20))
+RULE = AutoRecharge("acme", "usd", threshold=D(5), target=D(20))
 
 
 def status(balance: str, cause: str, at: int = 0) -> CustomerStatus:
-    return CustomerStatus("acme", "USD", at, cause, D(balance))
+    return CustomerStatus("acme", "usd", at, cause, D(balance))
 
 
 def test_one_purchase_per_crossing_for_target_minus_balance_rounded_up() -> None:
@@ -74,20 +74,20 @@ def test_a_failed_payment_turns_auto_recharge_off_until_enabled() -> None:
 
 def test_the_rule_is_checked() -> None:
     with pytest.raises(CreditsError, match="above the threshold"):
-        AutoRecharge("acme", "USD", threshold=D(20), target=D(20))
-    with pytest.raises(CreditsError, match="minor unit"):
-        AutoRecharge("acme", "USD", threshold=D("5.001"), target=D(20))
+        AutoRecharge("acme", "usd", threshold=D(20), target=D(20))
+    with pytest.raises(CreditsError, match=r"whole number of 0\.01 usd"):
+        AutoRecharge("acme", "usd", threshold=D("5.001"), target=D(20))
     with pytest.raises(CreditsError, match="does not match"):
-        evaluate(RULE, RechargeState(), CustomerStatus("acme", "EUR", 0, "c", D(0)))
+        evaluate(RULE, RechargeState(), CustomerStatus("acme", "eur", 0, "c", D(0)))
 
 
 def test_recharge_with_the_burn_engine_lands_on_the_target() -> None:
-    book = CreditBook("acme", "USD")
-    book.add_grant(Grant("g", "acme", D(20), "USD", 0), 0)
+    book = CreditBook("acme", "usd")
+    book.add_grant(Grant("g", "acme", D(20), "usd", 0), 0)
     state = RechargeState()
     purchases = []
     for i, cost in enumerate(["6", "10", "6.25"]):
-        step = book.apply(SpendChange("acme", f"w{i}", i, D(cost), "USD", i), i)
+        step = book.apply(SpendChange("acme", f"w{i}", i, D(cost), "usd", i), i)
         cause = step.entries[-1].entry_id
         state, purchase = evaluate(RULE, state, status(str(step.balance), cause, i))
         if purchase is not None:
