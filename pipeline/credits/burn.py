@@ -65,7 +65,7 @@ from pipeline.credits.ledger import (
 )
 from pipeline.credits.money import EXACT, canon, currency_problem
 from pipeline.credits.spend import SpendChange
-from pipeline.credits.values import id_problem, raise_problems
+from pipeline.credits.values import id_problem, ms_problem, raise_problems
 from pipeline.errors import CreditsError
 
 _START, _END, _SPEND = 0, 1, 2
@@ -209,6 +209,11 @@ class _Walk:
         return tuple(out)
 
 
+def _valid_clock(now_ms: int) -> None:
+    """Refuse a bad clock before any input is touched."""
+    raise_problems("clock", [ms_problem(now_ms, "now_ms")])
+
+
 def _never_usable(grant: Grant, end_ms: int | None) -> bool:
     return end_ms is not None and end_ms <= grant.effective_ms
 
@@ -270,6 +275,7 @@ class CreditBook:
             [
                 id_problem(customer_id, "customer_id"),
                 currency_problem(currency),
+                ms_problem(now_ms, "now_ms"),
                 None if checkpoint_every >= 1 else "checkpoint_every must be at least 1",
             ],
         )
@@ -339,6 +345,7 @@ class CreditBook:
 
     def add_grant(self, grant: Grant, now_ms: int) -> Step:
         """Add a grant (idempotent by ``grant_id``)."""
+        _valid_clock(now_ms)
         self._check(grant.customer_id, grant.currency, f"grant {grant.grant_id!r}")
         held = self._walk.grants.get(grant.grant_id)
         if held is not None:
@@ -348,6 +355,7 @@ class CreditBook:
 
     def void(self, void: Void, now_ms: int) -> Step:
         """Void a grant from ``voided_ms`` on (the earliest void wins; held until the grant)."""
+        _valid_clock(now_ms)
         self._check(void.customer_id, None, f"void of {void.grant_id!r}")
         held = self._voids.get(void.grant_id)
         if held is not None and held.voided_ms <= void.voided_ms:
@@ -360,6 +368,7 @@ class CreditBook:
 
     def apply(self, change: SpendChange, now_ms: int) -> Step:
         """Set a source's cost (idempotent by ``(source, revision)``; see ``spend.py``)."""
+        _valid_clock(now_ms)
         self._check(change.customer_id, change.currency, f"spend {change.change_id!r}")
         walk = self._walk
         held = walk.spends.get(change.source)
@@ -411,7 +420,7 @@ class CreditBook:
 
     def sync(self, now_ms: int) -> Step:
         """Write whatever the canonical ledger holds beyond the entries written (any key)."""
-        self._now = max(self._now, now_ms)
+        self._tick(now_ms)
         undone, self._undone = self._undone, []
         self._absorb(self._walk.run(self._now), undone)
         keys = set(self._canonical) | set(self._written)
@@ -539,8 +548,12 @@ class CreditBook:
         """Before the items change at ``order``, undo the walk from there (kept for the diff)."""
         self._undone.extend(self._walk.rewind(self._walk.position(order)))
 
-    def _step(self, outcome: str, now_ms: int, cause: str = "") -> Step:
+    def _tick(self, now_ms: int) -> None:
+        _valid_clock(now_ms)
         self._now = max(self._now, now_ms)
+
+    def _step(self, outcome: str, now_ms: int, cause: str = "") -> Step:
+        self._tick(now_ms)
         undone, self._undone = self._undone, []
         keys = self._absorb(self._walk.run(self._now), undone)
         entries = self._emit(keys, cause or f"clock:{self._now}")

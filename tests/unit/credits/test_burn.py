@@ -254,6 +254,10 @@ def test_grants_and_inputs_are_checked() -> None:
         SpendChange(C, "s", 0, 1.5, "usd", 1)  # type: ignore[arg-type]
     with pytest.raises(CreditsError, match="after effective_ms"):
         Grant("g", C, D(1), "usd", 10, expires_ms=10)
+    # a bad clock is refused before the input touches the book
+    with pytest.raises(CreditsError, match="now_ms"):
+        book.apply(spend("s", 0, "1"), 1.5)  # type: ignore[arg-type]
+    assert book.spends == {} and book.balance == D(10)
 
 
 def test_resume_after_a_kill_writes_exactly_what_the_ledger_lacks() -> None:
