@@ -58,3 +58,11 @@ class StripeError(DependencyError):
 
 class BrokerError(DependencyError):
     """The Kafka broker could not be started or reached."""
+
+
+class CreditsError(MeterstreamError):
+    """A credit input (grant, void, spend, threshold, purchase, webhook) is invalid."""
+
+
+class WebhookSignatureError(CreditsError):
+    """A webhook's signature header is missing, malformed, outside the tolerance or wrong."""

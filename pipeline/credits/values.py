@@ -1,0 +1,64 @@
+"""Validation shared by the credit values: identifiers, epoch-ms times, every problem at once.
+
+Each value object checks itself in ``__post_init__`` and raises one
+:class:`~pipeline.errors.CreditsError` naming every problem it found, so a hostile or
+mistaken input is refused with a clear message before it can reach the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from pipeline.errors import CreditsError
+
+MAX_ID_CHARS = 200
+#: Latest accepted time: the year 9999 (ClickHouse ``DateTime64(3)`` ends there).
+MAX_MS = 253_402_300_799_999
+
+
+def id_problem(value: object, what: str, *, max_chars: int = MAX_ID_CHARS) -> str | None:
+    """Why ``value`` is not an identifier (1..max_chars printable characters), or ``None``."""
+    if not isinstance(value, str):
+        return f"{what} must be a string, got {type(value).__name__}"
+    if not 1 <= len(value) <= max_chars:
+        return f"{what} must be 1-{max_chars} characters, got {len(value)}"
+    if not value.isprintable():
+        return f"{what} must not contain control characters: {value!r}"
+    return None
+
+
+def ms_problem(value: object, what: str) -> str | None:
+    """Why ``value`` is not an epoch-millisecond time in 1970..9999 (UTC), or ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{what} must be an integer (epoch milliseconds, UTC), got {type(value).__name__}"
+    if not 0 <= value <= MAX_MS:
+        return f"{what} must be an epoch-millisecond time between 1970 and 9999, got {value}"
+    return None
+
+
+def int_problem(value: object, what: str, low: int, high: int) -> str | None:
+    """Why ``value`` is not an integer in ``[low, high]``, or ``None``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{what} must be an integer, got {type(value).__name__}"
+    if not low <= value <= high:
+        return f"{what} must be between {low} and {high}, got {value}"
+    return None
+
+
+def raise_problems(what: str, problems: Iterable[str | None]) -> None:
+    """Raise one :class:`CreditsError` listing every non-``None`` problem, if any."""
+    found = [p for p in problems if p is not None]
+    if found:
+        lines = "\n".join(f"  - {p}" for p in found)
+        raise CreditsError(f"invalid {what} ({len(found)} problem(s)):\n{lines}")
+
+
+def stable_id(prefix: str, *parts: str) -> str:
+    """``prefix`` + the first 32 hex digits of SHA-256 over ``parts`` (unit-separated).
+
+    The same parts give the same id in every process and after every restart, which is
+    what lets a receiver or a ClickHouse table deduplicate a replayed entry or alert.
+    """
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+    return f"{prefix}{digest[:32]}"
