@@ -1,7 +1,8 @@
 """Start one worker: check configuration, migrate ClickHouse, run the Faust app.
 
 Start-up refuses to go on with a bad meters file or bad settings (every problem
-listed) and with a failed migration (the ClickHouse error shown).
+listed), a broken API keys file (the file and the problem named) and with a
+failed migration (the ClickHouse error shown).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, cast
 import faust
 
 from pipeline import web
-from pipeline.apikeys import KeyStore
+from pipeline.apikeys import KeyStore, retire_cli_key_file
 from pipeline.app import create_app
 from pipeline.chio import ClickHouseIO
 from pipeline.errors import ConfigError, MeterstreamError
@@ -27,6 +28,7 @@ from pipeline.logs import configure_logging
 from pipeline.meters import MetersConfig, load_meters
 from pipeline.metrics import Metrics
 from pipeline.publisher import EventPublisher
+from pipeline.readio import ReadIO, sql_limits
 from pipeline.settings import Settings
 from sinks.clickhouse.client import ClickHouse, connect
 from sinks.clickhouse.migrate import migrate
@@ -55,6 +57,8 @@ def open_clickhouse(settings: Settings) -> ClickHouse:
         database=settings.clickhouse_database,
         user=settings.clickhouse_user,
         password=settings.clickhouse_password,
+        analyst_user=settings.sql_clickhouse_user,
+        analyst_password=settings.sql_clickhouse_password,
     )
 
 
@@ -70,7 +74,14 @@ def prepare(settings: Settings) -> tuple[MetersConfig, ClickHouse]:
     return meters, ch
 
 
+READY_TIMEOUT_SECONDS = 5.0
+
+
 def build_worker(settings: Settings) -> faust.App:
+    metrics = Metrics()
+    keys = KeyStore(settings.keys_file, metrics)
+    keys.check()  # a broken key file stops the start, with the file and the problem
+    retire_cli_key_file(keys, settings.state_dir)
     meters, ch = prepare(settings)
     (settings.store_path or settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     bootstrap = settings.kafka_bootstrap_servers or ""
@@ -92,9 +103,15 @@ def build_worker(settings: Settings) -> faust.App:
         )
     guarantee = choose(settings, transactions)
     log.info("processing guarantee: %s", guarantee)
-    metrics = Metrics()
     metrics.guarantee.set(1, guarantee=guarantee)
     chio = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)
+    reads = ReadIO(
+        ch,
+        sql_limits(settings),
+        metrics,
+        concurrency=settings.sql_max_concurrent,
+        analyst_user=settings.sql_clickhouse_user is not None,
+    )
     app, pipeline = create_app(settings, meters, chio, bootstrap, guarantee)
 
     source = settings.topic("usage-events")
@@ -116,9 +133,13 @@ def build_worker(settings: Settings) -> faust.App:
 
     async def ready() -> dict[str, str]:
         checks = {"broker": "ok" if app.consumer and app.producer else "starting"}
-        try:
-            await chio.call_once(lambda c: c.query_rows("SELECT 1"))
+        try:  # the writer's thread and connection: busy only with inserts
+            await asyncio.wait_for(
+                chio.call_once(lambda c: c.query_rows("SELECT 1")), READY_TIMEOUT_SECONDS
+            )
             checks["clickhouse"] = "ok"
+        except TimeoutError:
+            checks["clickhouse"] = f"error: no answer in {READY_TIMEOUT_SECONDS:g} s"
         except Exception as exc:  # reported, not raised: this is a probe
             checks["clickhouse"] = f"error: {type(exc).__name__}"
         checks["stripe"] = "ok"
@@ -128,8 +149,7 @@ def build_worker(settings: Settings) -> faust.App:
 
     forwarder = install_forwarder(app, settings, meters, chio, metrics, pipeline=pipeline)
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
-    keys = KeyStore(settings.keys_file)
-    web.register(app, settings, chio, metrics, ready, publisher, keys, forwarder)
+    web.register(app, settings, chio, metrics, ready, publisher, keys, forwarder, reads=reads)
 
     async def stop_publisher(sender: Any, *args: Any, **kwargs: Any) -> None:
         await publisher.stop()
