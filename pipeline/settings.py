@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     # Read-only SQL for analysts (POST /v1/sql, `meterstream sql`): limits of one query,
     # applied as ClickHouse settings no statement can change (sinks/clickhouse/analyst.py).
     sql_max_seconds: float = Field(default=30.0, gt=0, le=3600)
-    sql_max_memory_mb: int = Field(default=1024, ge=16)
+    sql_max_memory_mb: int = Field(default=512, ge=16)
     sql_max_rows_read: int = Field(default=100_000_000, ge=1)
     sql_max_result_rows: int = Field(default=100_000, ge=1)
     sql_max_result_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)

@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import clickhouse_connect
+import orjson
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import Error as DriverError
 from pydantic import SecretStr
@@ -135,6 +136,21 @@ def as_clickhouse_error(exc: BaseException) -> ClickHouseError:
     return ClickHouseError(message, _error_code(exc))
 
 
+def values_size(rows: Sequence[Sequence[Any]]) -> int:
+    """About how many bytes ``rows`` take as text: strings and bytes by length, nested
+    values as JSON, anything else 8 bytes (column by column, so it stays cheap)."""
+    total = 0
+    for column in zip(*rows, strict=True):
+        first = next((v for v in column if v is not None), None)
+        if isinstance(first, str | bytes | bytearray):
+            total += sum(map(len, filter(None, column)))
+        elif isinstance(first, list | tuple | dict):
+            total += len(orjson.dumps(column, default=str))
+        else:
+            total += 8 * len(column)
+    return total
+
+
 def _utc(value: Any) -> Any:
     """Naive datetimes from the driver hold UTC wall time (every column is declared 'UTC')."""
     if isinstance(value, datetime) and value.tzinfo is None:
@@ -190,12 +206,47 @@ class ClickHouse:
         )
         return [tuple(_utc(v) for v in row) for row in result.result_rows]
 
-    def query_table(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """(column names, rows) with UTC datetimes; chdb gives no names for zero rows."""
+    def query_table(
+        self, sql: str, max_bytes: int | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """(column names, rows) with UTC datetimes; chdb gives no names for zero rows.
+
+        With ``max_bytes`` the answer is read block by block and the query stopped
+        (ClickHouseError 396) once its values pass that size as Python holds them:
+        ClickHouse's own ``max_result_bytes`` counts a constant column once, so
+        ``SELECT repeat('x', 1000000) FROM numbers(300)`` passes it as 1 MB and
+        arrives as 300 MB.
+        """
+
+        def whole() -> tuple[list[str], Sequence[Sequence[Any]]]:
+            result = self._client.query(sql)
+            if max_bytes is not None and values_size(result.result_rows) > max_bytes:
+                raise ClickHouseError(f"Limit for result exceeded, max bytes: {max_bytes}", 396)
+            return list(result.column_names), result.result_rows
 
         def run() -> tuple[list[str], Sequence[Sequence[Any]]]:
-            result = self._client.query(sql)
-            return list(result.column_names), result.result_rows
+            if max_bytes is None:
+                return whole()
+            try:
+                stream = self._client.query_row_block_stream(sql)
+            except DriverError as exc:  # chdb streams SELECTs only, not EXPLAIN, SHOW...
+                if "Streaming query is not supported" not in str(exc):
+                    raise
+                return whole()
+            names = list(getattr(stream.source, "column_names", ()))
+            rows: list[Sequence[Any]] = []
+            size = 0
+            with stream:
+                for block in stream:
+                    size += values_size(block)
+                    if size > max_bytes:
+                        raise ClickHouseError(
+                            f"Limit for result exceeded, max bytes: {max_bytes},"
+                            f" current bytes: at least {size} (TOO_MANY_ROWS_OR_BYTES)",
+                            396,
+                        )
+                    rows.extend(block)
+            return names, rows
 
         names, rows = self._call(run)
         return names, [tuple(_utc(v) for v in row) for row in rows]

@@ -25,6 +25,13 @@ Allowed (everything else is refused with the reason):
   counters, and ``information_schema`` views of the same (``IN db.table``
   reads a table too, and is checked as one).
 
+``EXPLAIN AST`` prints the tree's children, and a ``UNION DISTINCT`` of
+parenthesised SELECTs keeps its ``INTO OUTFILE`` out of them (measured on chdb
+26.9: the dump shows no output file, the query writes one). So the output file
+is also looked for in ClickHouse's own formatting of the same parse
+(``formatQuerySingleLine``: one canonical line, no comments, every string
+single-quoted), by :func:`into_outfile`.
+
 The ``EXPLAIN AST`` text prints one node per line, indented one space per
 level, with ``(children N)``. An identifier with a line break in it prints
 that line break as is, so the dump is checked as a tree: every node must
@@ -36,6 +43,7 @@ quoted names before anything is parsed.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -124,6 +132,7 @@ REFUSED_NODES = {
     "QueryParameter": "query parameters ({name:Type}) are not supported",
     "ColumnsApplyTransformer": "APPLY(function) is not supported: call the function directly",
 }
+OUTFILE_REFUSED = "INTO OUTFILE (and COMPRESSION) is not allowed: read-only SQL writes no file"
 # Statements with an output (FORMAT, INTO OUTFILE, SETTINGS, COMPRESSION hang off them).
 OUTPUT_NODES = frozenset(ROOTS)
 
@@ -333,9 +342,7 @@ def _output_children(node: AstNode, problems: list[str]) -> list[AstNode]:
     """
     children = list(node.children)
     if any(c.kind == "Literal" for c in children):
-        problems.append(
-            "INTO OUTFILE (and COMPRESSION) is not allowed: read-only SQL writes no file"
-        )
+        problems.append(OUTFILE_REFUSED)
     if any(c.kind == "Set" for c in children):
         problems.append(REFUSED_NODES["Set"])
     children = [c for c in children if c.kind not in ("Literal", "Set")]
@@ -388,6 +395,34 @@ def _function(node: AstNode, policy: Policy, problems: list[str]) -> None:
             problems.append(problem)
     for child in node.children:
         _visit(child, policy, problems)
+
+
+def into_outfile(canonical: str) -> bool:
+    """True when ClickHouse's formatting of a statement (``formatQuerySingleLine``) has an
+
+    ``INTO OUTFILE`` clause: the keywords, outside quoted strings and names.
+    """
+    words: list[str] = []
+    i, n = 0, len(canonical)
+    while i < n:
+        ch = canonical[i]
+        if ch in "'\"`":
+            j = i + 1
+            while j < n and canonical[j] != ch:
+                j += 2 if canonical[j] == "\\" else 1
+            words.append("")  # a literal or a quoted name breaks a keyword pair
+            i = j + 1
+        elif ch.isalpha() or ch == "_":
+            j = i
+            while j < n and (canonical[j].isalnum() or canonical[j] == "_"):
+                j += 1
+            words.append(canonical[i:j].upper())
+            i = j
+        else:
+            if not ch.isspace():
+                words.append("")
+            i += 1
+    return any(a == "INTO" and b == "OUTFILE" for a, b in itertools.pairwise(words))
 
 
 class StatementError(ValueError):

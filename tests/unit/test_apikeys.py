@@ -24,8 +24,8 @@ from pipeline.metrics import Metrics
         ('{"keys": "abc"}', "expected an object"),
         ('{"keys": [1]}', "keys[0] is not an object"),
         ('{"keys": [{"id": "a"}]}', "missing ['created_at', 'hash', 'name']"),
-        ('{"keys": [{"id": "a", "name": "n", "hash": "x", "created_at": "2026-01-01T00:00:00+00:00"}]}',
-         "not a SHA-256"),
+        ('{"keys": [{"id": "a", "name": "n", "hash": "x",'
+         ' "created_at": "2026-01-01T00:00:00+00:00"}]}', "not a SHA-256"),
     ],
 )  # fmt: skip
 def test_a_broken_file_says_what_is_wrong(text: str, problem: str) -> None:
@@ -70,7 +70,7 @@ def test_the_worker_keeps_the_last_good_keys_and_reports_each_bad_version_once(
 
 def test_an_expired_key_never_verifies_and_is_dropped_by_the_next_create(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "api_keys.json")
-    key, token = store.create("local-cli", expires_in=60)
+    _, token = store.create("local-cli", expires_in=60)
     assert store.verify(token) is not None
     doc = json.loads(store.path.read_text())
     past = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)).isoformat(timespec="seconds")
@@ -90,7 +90,7 @@ def test_delete_removes_a_key(tmp_path: Path) -> None:
 
 def test_an_old_cli_key_file_is_revoked_and_removed(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "api_keys.json")
-    key, token = store.create("local-cli")  # what older versions made and kept
+    _, token = store.create("local-cli")  # what older versions made and kept
     (tmp_path / "cli.key").write_text(token + "\n")
     assert retire_cli_key_file(store, tmp_path)
     assert not (tmp_path / "cli.key").exists()
