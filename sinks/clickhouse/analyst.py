@@ -24,8 +24,10 @@ itself is exactly what the checker is for: the scalar ``file()`` and ``INTO
 OUTFILE`` (chdb is clickhouse-local: it reads and writes files anywhere).
 
 On a ClickHouse server with a dedicated analyst user (``analyst_user=True``),
-``readonly`` comes from that user's settings profile (a client may not change
-``readonly`` there), and the runner checks it is set before the first query.
+``readonly`` and the guards come from that user's settings profile (a client
+may not change ``readonly`` there; deploy/README.md), the limits are sent as
+session settings within the profile's constraints, and every connection checks
+``readonly`` is set before its first query.
 """
 
 from __future__ import annotations
@@ -126,11 +128,12 @@ class AnalystSQL:
 
     def _session(self, settings: dict[str, Any]) -> dict[str, Any]:
         session = dict(settings)
+        if self.analyst_user:
+            return session  # readonly and the guards come from the user's profile
         session.update(ENGINE_GUARDS)
         if self.ch.backend == "chdb":
             session.update(CHDB_GUARDS)
-        if not self.analyst_user:
-            session["readonly"] = 1  # last: after it, nothing can be changed
+        session["readonly"] = 1  # last: after it, nothing can be changed
         return session
 
     def _open(self, settings: dict[str, Any]) -> ClickHouse:
