@@ -30,7 +30,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from pipeline.errors import ClickHouseError, MeterstreamError, QueryCancelled
+from pipeline.errors import (
+    ClickHouseError,
+    MeterstreamError,
+    QueryCancelled,
+    QueryLimitExceeded,
+    QueryRefused,
+)
 from pipeline.metrics import Metrics
 from pipeline.settings import Settings
 from sinks.clickhouse.analyst import AnalystSQL, SqlLimits
@@ -94,40 +100,49 @@ class ReadIO:
         started = time.monotonic()
         try:
             text = await loop.run_in_executor(self._control, self.analyst.check, sql, tag)
-        except ClickHouseError:
-            self.metrics.sql_queries.inc(outcome="refused")
+        except ClickHouseError as exc:
+            outcome = "refused" if isinstance(exc, QueryRefused) else "error"
+            self.metrics.sql_queries.inc(outcome=outcome)
             raise
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.concurrency)
-        await self._wait_for_slot(self._slots, started, client_gone)
-        future = loop.run_in_executor(self._sql, self.analyst.run, text)
+        slots = self._slots
+        await self._acquire(slots, started, client_gone)
         try:
-            return await self._watch(future, tag, client_gone)
-        finally:
-            future.add_done_callback(lambda _: self._release())
+            future = loop.run_in_executor(self._sql, self.analyst.run, text)
+        except BaseException:
+            slots.release()
+            raise
+        # The slot is free when the thread is, not when this request gives up on it.
+        future.add_done_callback(lambda _: slots.release())
+        return await self._watch(future, tag, client_gone)
 
-    def _release(self) -> None:
-        if self._slots is not None:
-            self._slots.release()
-
-    async def _wait_for_slot(
+    async def _acquire(
         self, slots: asyncio.Semaphore, started: float, client_gone: Callable[[], bool]
     ) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(slots.acquire(), POLL_SECONDS)
-                return
-            except TimeoutError:
-                pass
-            if client_gone():
-                self.metrics.sql_queries.inc(outcome="cancelled")
-                raise QueryCancelled("the client went away before the query started")
-            if time.monotonic() - started > self.limits.max_seconds:
-                self.metrics.sql_queries.inc(outcome="busy")
-                raise SqlBusy(
-                    f"{self.concurrency} analyst queries ran for the whole"
-                    f" {self.limits.max_seconds:g} s wait; retry later"
-                )
+        """A slot, or QueryCancelled (client gone) / SqlBusy (none within the time limit)."""
+        waiting = asyncio.ensure_future(slots.acquire())
+        acquired = False
+        try:
+            while True:
+                await asyncio.wait({waiting}, timeout=POLL_SECONDS)
+                if waiting.done():
+                    acquired = True
+                    return
+                if client_gone():
+                    self.metrics.sql_queries.inc(outcome="cancelled")
+                    raise QueryCancelled("the client went away before the query started")
+                if time.monotonic() - started > self.limits.max_seconds:
+                    self.metrics.sql_queries.inc(outcome="busy")
+                    raise SqlBusy(
+                        f"{self.concurrency} analyst queries ran for the whole"
+                        f" {self.limits.max_seconds:g} s wait; retry later"
+                    )
+        finally:
+            if not acquired:
+                waiting.cancel()
+                if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+                    slots.release()  # acquired just as we gave up
 
     async def _watch(
         self, future: asyncio.Future[Any], tag: str, client_gone: Callable[[], bool]
@@ -180,8 +195,6 @@ class ReadIO:
 
 
 def _outcome(exc: ClickHouseError) -> str:
-    from pipeline.errors import QueryLimitExceeded
-
     if isinstance(exc, QueryLimitExceeded):
         return "limit"
     return "cancelled" if exc.code == 394 else "error"

@@ -126,18 +126,23 @@ class AnalystSQL:
 
     # -- connections -----------------------------------------------------------------
 
-    def _session(self, settings: dict[str, Any]) -> dict[str, Any]:
+    def _session(self, settings: dict[str, Any], nice: bool = True) -> dict[str, Any]:
         session = dict(settings)
         if self.analyst_user:
             return session  # readonly and the guards come from the user's profile
         session.update(ENGINE_GUARDS)
-        if self.ch.backend == "chdb":
+        if self.ch.backend == "chdb" and nice:
             session.update(CHDB_GUARDS)
         session["readonly"] = 1  # last: after it, nothing can be changed
         return session
 
     def _open(self, settings: dict[str, Any]) -> ClickHouse:
-        conn = self.ch.reader(self._session(settings), analyst=True)
+        try:
+            conn = self.ch.reader(self._session(settings), analyst=True)
+        except ClickHouseError as exc:
+            if exc.code != 115:  # UNKNOWN_SETTING: an older engine without the nice setting
+                raise
+            conn = self.ch.reader(self._session(settings, nice=False), analyst=True)
         if self.analyst_user:
             rows = conn.query_plain_rows("SELECT getSetting('readonly')")
             if not rows or int(rows[0][0]) < 1:

@@ -201,7 +201,7 @@ def limited(
         METERSTREAM_SQL_MAX_SECONDS="2",
         METERSTREAM_SQL_MAX_RESULT_ROWS="1000",
         METERSTREAM_SQL_MAX_RESULT_BYTES="65536",
-        METERSTREAM_SQL_MAX_ROWS_READ="5000000",
+        METERSTREAM_SQL_MAX_ROWS_READ="50000000",
         METERSTREAM_SQL_MAX_MEMORY_MB="64",
     )
     try:
@@ -216,13 +216,16 @@ def limited(
         ("SELECT number FROM numbers(5000)", "METERSTREAM_SQL_MAX_RESULT_ROWS=1000"),
         ("SELECT * FROM numbers(1000) UNION ALL SELECT * FROM numbers(1000)",
          "METERSTREAM_SQL_MAX_RESULT_ROWS=1000"),
+        ("SELECT repeat(toString(number % 10), 1000) FROM numbers(500)",
+         "METERSTREAM_SQL_MAX_RESULT_BYTES=65536"),
+        # a constant column: ClickHouse counts it once, the worker would hold it 500 times
         ("SELECT repeat('x', 1000) FROM numbers(500)", "METERSTREAM_SQL_MAX_RESULT_BYTES=65536"),
-        ("SELECT count() FROM numbers(100000000)", "METERSTREAM_SQL_MAX_ROWS_READ=5000000"),
-        ("SELECT count() FROM numbers(10) AS a, numbers(10000000) AS b",
-         "METERSTREAM_SQL_MAX_ROWS_READ=5000000"),
-        ("SELECT sum(arraySum(range(number % 3 + 1500))) FROM numbers(4000000)",
-         "METERSTREAM_SQL_MAX_SECONDS=2"),
-        ("SELECT length(groupArray(toString(number))) FROM numbers(4000000)",
+        ("SELECT count() FROM numbers(100000000)", "METERSTREAM_SQL_MAX_ROWS_READ=50000000"),
+        ("SELECT count() FROM numbers(60000000) WHERE number % 7 = 1",
+         "METERSTREAM_SQL_MAX_ROWS_READ=50000000"),
+        ("SELECT sum(arraySum(arrayMap(x -> cityHash64(x, number), range(200))))"
+         " FROM numbers(40000000)", "METERSTREAM_SQL_MAX_SECONDS=2"),
+        ("SELECT length(groupArray(repeat(toString(number), 20))) FROM numbers(4000000)",
          "METERSTREAM_SQL_MAX_MEMORY_MB=64"),
     ],
 )  # fmt: skip
