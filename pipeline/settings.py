@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     # database only; deploy/README.md). Unset: the worker's user with readonly=1.
     sql_clickhouse_user: str | None = None
     sql_clickhouse_password: SecretStr | None = None
-    # Fault injection for tests: while this file exists, every ClickHouse call fails.
+    # Fault injection for tests: while this file exists, every ClickHouse call of the
+    # writer (record, windows, forwarder; pipeline/chio.py) fails; reads do not.
     fault_clickhouse_down_file: Path | None = None
 
     @field_validator(

@@ -388,12 +388,16 @@ COMBINATORS = (
 # Table functions (FROM f(...)): generated rows only, nothing outside the query.
 TABLE_FUNCTIONS = frozenset({"numbers", "values", "generateSeries", "generate_series"})
 
-# Tables outside the configured database: metadata and counters, never rows of
-# another database, query texts (system.processes, query_log), settings with
-# paths, users or grants.
+# Tables outside the configured database: metadata, counters, this session's
+# settings (the limits) and the queries running now (an analyst checks on a long
+# one; their texts hold no file contents or secrets, and whoever may run SQL reads
+# the whole record anyway). Never rows of another database, the query or text
+# logs, server settings and disks (paths), users, roles, grants or quotas.
 SYSTEM_TABLES = frozenset(
     {
         "one",
+        "processes",
+        "settings",
         "numbers",
         "tables",
         "columns",

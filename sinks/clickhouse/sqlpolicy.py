@@ -14,7 +14,8 @@ Allowed (everything else is refused with the reason):
   ``EXCEPT``, subqueries, joins, window functions); ``EXPLAIN`` of such a
   SELECT (plan, pipeline, syntax, AST, query tree, estimate); ``DESCRIBE``
   of an allowed table or such a SELECT; ``SHOW TABLES``/``DATABASES``/
-  ``COLUMNS``; ``SHOW CREATE TABLE``/``VIEW`` of an allowed table;
+  ``COLUMNS``/``PROCESSLIST``; ``SHOW CREATE TABLE``/``VIEW`` of an allowed
+  table;
 - no ``INTO OUTFILE`` (any form: ``APPEND``, ``TRUNCATE``, ``AND STDOUT``,
   ``COMPRESSION``), no ``SETTINGS`` clause, no ``FORMAT`` but the client's
   own, no query parameters, no ``APPLY(function)`` column transformer;
@@ -86,6 +87,7 @@ ROOTS = frozenset(
         "SelectWithUnionQuery",
         "Explain",
         "DescribeQuery",
+        "ShowProcesslistQuery",
         "ShowTables",
         "ShowColumns",
         "ShowCreateTableQuery",
@@ -272,7 +274,8 @@ def check_ast(root: AstNode, policy: Policy) -> list[str]:
     problems: list[str] = []
     if root.kind not in ROOTS:
         problems.append(
-            f"only SELECT, EXPLAIN, DESCRIBE and SHOW TABLES/COLUMNS/CREATE are allowed;"
+            f"only SELECT, EXPLAIN, DESCRIBE and SHOW TABLES/COLUMNS/CREATE/PROCESSLIST are"
+            " allowed;"
             f" got {root.kind}"
         )
         return problems
@@ -307,7 +310,7 @@ def _visit(node: AstNode, policy: Policy, problems: list[str]) -> None:
         if problem:
             problems.append(problem)
         return
-    elif kind in ("ShowTables", "ShowColumns"):
+    elif kind in ("ShowTables", "ShowColumns", "ShowProcesslistQuery"):
         # Lists names from system tables (tables, databases, columns); the only
         # children are the FROM database and the format, both names.
         if any(c.kind != "Identifier" for c in children):

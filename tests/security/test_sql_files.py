@@ -84,9 +84,10 @@ READS = [
     "SELECT getSetting('max_threads'), getServerSetting('path')",
     "SELECT 1 SETTINGS readonly = 0",
     "SELECT 1 SETTINGS max_execution_time = 0, max_result_rows = 0",
-    "SELECT name FROM system.settings",
-    "SELECT query FROM system.processes",
-    "SHOW PROCESSLIST",
+    "SELECT name, value FROM system.server_settings",
+    "SELECT path FROM system.disks",
+    "SELECT * FROM system.users",
+    "SHOW GRANTS",
     "SELECT 1; SELECT file('{secret}')",
 ]
 
@@ -254,7 +255,7 @@ def test_refusals_say_why(target: Target) -> None:
         "SELECT 1 INTO OUTFILE '{out}' APPEND": "INTO OUTFILE",
         "SELECT 1 SETTINGS max_threads = 64": "SETTINGS",
         "SELECT 1; SELECT 2": "exactly one statement",
-        "SELECT * FROM system.processes": "system.processes is not readable",
+        "SELECT * FROM system.server_settings": "system.server_settings is not readable",
         "DROP TABLE usage_events": "only SELECT, EXPLAIN, DESCRIBE and SHOW",
     }
     for sql, reason in cases.items():

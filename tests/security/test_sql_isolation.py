@@ -116,6 +116,18 @@ def count_tagged(worker: Worker, tag: str) -> int:
     return int(response.json()["rows"][0][0])
 
 
+def running_heavy(worker: Worker) -> int:
+    """How many copies of HEAVY ClickHouse is running (this query excluded)."""
+    response = post_sql(
+        worker,
+        "SELECT count() AS n FROM system.processes"
+        " WHERE position(query, 'range(number % 3 + 3000)') > 0"
+        " AND position(query, 'system.processes') = 0",
+    )
+    assert response.status_code == 200, response.text
+    return int(response.json()["rows"][0][0])
+
+
 def test_a_heavy_analyst_query_does_not_stall_ingestion(
     isolated: tuple[StackSlice, Worker],
 ) -> None:
@@ -148,8 +160,13 @@ def test_a_heavy_analyst_query_does_not_stall_ingestion(
         ready = requests.get(f"{worker.web_url}/readyz", timeout=30)
         ready_after = time.monotonic() - t0
         assert heavy.running, "the heavy query ended early: the check proves nothing"
+        assert running_heavy(worker) == 1
     finally:
         heavy.hang_up()
+    deadline = time.monotonic() + 10
+    while running_heavy(worker):  # hung up: stopped, gone from system.processes
+        assert time.monotonic() < deadline, "the heavy query outlived its client"
+        time.sleep(0.2)
     assert ready.status_code == 200 and ready_after < 3, (ready.text, ready_after)
     assert recorded_after < 20
     print(f"recorded in {recorded_after:.2f} s, /readyz in {ready_after:.3f} s")
@@ -179,6 +196,7 @@ def test_a_query_whose_client_hangs_up_is_stopped(
         assert response.json()["rows"] == [[42]]
         assert freed_after < 10, f"the thread was busy {freed_after:.1f} s after the hang-up"
         print(f"a new query ran {freed_after:.2f} s after the hang-up")
+        assert running_heavy(worker) == 0  # ...and gone from system.processes
         metrics = worker.metrics()
         assert 'meterstream_sql_queries_total{outcome="cancelled"} 1' in metrics
         assert "stopping analyst query" in worker.log() and "client went away" in worker.log()

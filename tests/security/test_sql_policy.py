@@ -50,6 +50,9 @@ ALLOWED = [
     "DESC (SELECT 1 AS x)",
     "SHOW TABLES",
     "SHOW CREATE TABLE usage_events",
+    "SHOW PROCESSLIST",
+    "SELECT query_id, elapsed FROM system.processes",
+    "SELECT value FROM system.settings WHERE name = 'max_execution_time'",
     "/* a comment */ select 1 -- and another",
 ]
 
@@ -78,8 +81,8 @@ REFUSED = [
     "SELECT * FROM python(x)",
     "SELECT * FROM generateRandom('a String')",
     "SELECT 1 IN system.users",
-    "SELECT * FROM system.processes",
-    "SELECT * FROM `system`.`settings`",
+    "SELECT * FROM system.disks",
+    "SELECT * FROM `system`.`server_settings`",
     "SELECT dictGet('d', 'a', 1)",
     "SELECT joinGet('t', 'a', 1)",
     "SELECT getSetting('readonly')",
@@ -112,7 +115,7 @@ REFUSED = [
     "SELECT 1 SETTINGS max_execution_time = 0",
     "SELECT 1 FORMAT CSV",
     "KILL QUERY WHERE 1",
-    "SHOW PROCESSLIST",
+    "SHOW GRANTS",
 ]
 
 
