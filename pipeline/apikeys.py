@@ -1,4 +1,4 @@
-"""API keys for the worker's web API: created once, stored only as a hash, revocable.
+"""API keys for the worker's web API: stored only as a hash, revocable, optionally short-lived.
 
 A key looks like ``msk_<id>_<secret>``. The id is public (it names the key in
 listings and logs, like the prefix of a Stripe key); the secret is 256 random
@@ -8,25 +8,48 @@ key compares hashes with :func:`hmac.compare_digest`, so the time taken does
 not depend on how much of the secret matched.
 
 The store is one JSON file (default ``<state dir>/api_keys.json``, mode 0600),
-written atomically. A worker re-reads it whenever it changes (inode, size or mtime),
-so a revocation takes effect on the next request. In production the file is
-mounted into every worker (a Kubernetes Secret, see deploy/README.md).
+written atomically under a lock (``api_keys.json.lock``). A worker re-reads it
+whenever it changes (inode, size or times), so a revocation takes effect on the
+next request. In production the file is mounted into every worker (a
+Kubernetes Secret, see deploy/README.md).
+
+A broken file (truncated, not JSON, the wrong shape) is an operator's problem,
+never a producer's: the worker refuses to start with one (:meth:`KeyStore.check`
+names the file and the problem); if the file breaks while it runs, it keeps
+serving the last good keys, logs an ERROR once per broken version and shows it
+in ``/readyz`` and ``meterstream_api_keys_file_ok``.
+
+The CLI's key for a worker on this machine (:func:`pipeline.query.cli_key`) is
+made for one command: an ordinary key with ``expires_at``, whose secret lives
+only in the CLI's memory and which is deleted when the command ends (an
+expired key never verifies, and the next ``create`` drops expired keys). No
+working key is ever written to the state dir; :func:`retire_cli_key_file`
+revokes and deletes the ``cli.key`` file older versions kept there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.metrics import Metrics
+
+log = logging.getLogger("meterstream.apikeys")
 
 PREFIX = "msk_"
 _DUMMY_HASH = hashlib.sha256(b"no such key").hexdigest()
@@ -40,10 +63,16 @@ class ApiKey:
     created_at: str
     customer_id: str | None = None  # when set, the key may only write and read this customer
     revoked_at: str | None = None
+    expires_at: str | None = None  # when set, the key stops verifying at this time
 
     @property
     def active(self) -> bool:
-        return self.revoked_at is None
+        return self.revoked_at is None and not self.expired()
+
+    def expired(self, now: dt.datetime | None = None) -> bool:
+        if self.expires_at is None:
+            return False
+        return dt.datetime.fromisoformat(self.expires_at) <= (now or dt.datetime.now(dt.UTC))
 
     def public(self) -> dict[str, Any]:
         """What listings show: never the hash."""
@@ -80,6 +109,46 @@ def customer_id_problem(customer_id: str) -> str | None:
     return None
 
 
+_FIELDS = {f.name for f in fields(ApiKey)}
+_REQUIRED = {"id", "name", "hash", "created_at"}
+
+
+def parse_keys(text: str) -> dict[str, ApiKey]:
+    """The keys in a key file's text, or ValueError saying what is wrong with it."""
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys", []), list):
+        raise ValueError('expected an object {"keys": [...]}')
+    keys: dict[str, ApiKey] = {}
+    for i, entry in enumerate(doc.get("keys", [])):
+        if not isinstance(entry, dict):
+            raise ValueError(f"keys[{i}] is not an object")
+        missing = sorted(_REQUIRED - entry.keys())
+        unknown = sorted(entry.keys() - _FIELDS)
+        if missing or unknown:
+            raise ValueError(f"keys[{i}]: missing {missing}, unknown {unknown}")
+        if not all(v is None or isinstance(v, str) for v in entry.values()):
+            raise ValueError(f"keys[{i}]: every field is a string or null")
+        if not all(isinstance(entry[f], str) and entry[f] for f in _REQUIRED):
+            raise ValueError(f"keys[{i}]: {', '.join(sorted(_REQUIRED))} must be non-empty")
+        if len(entry["hash"]) != 64 or any(c not in "0123456789abcdef" for c in entry["hash"]):
+            raise ValueError(f"keys[{i}]: hash is not a SHA-256 hex digest")
+        for stamp in ("created_at", "revoked_at", "expires_at"):
+            if entry.get(stamp) is not None:
+                try:
+                    when = dt.datetime.fromisoformat(entry[stamp])
+                except ValueError:
+                    raise ValueError(f"keys[{i}]: {stamp} is not an ISO 8601 time") from None
+                if when.tzinfo is None:
+                    raise ValueError(f"keys[{i}]: {stamp} has no UTC offset")
+        if entry["id"] in keys:
+            raise ValueError(f"keys[{i}]: id {entry['id']} appears twice")
+        keys[entry["id"]] = ApiKey(**entry)
+    return keys
+
+
 def split_key(token: str) -> tuple[str, str] | None:
     """``msk_<id>_<secret>`` -> (id, secret), or None when it is not shaped like a key."""
     if not token.startswith(PREFIX):
@@ -91,42 +160,83 @@ def split_key(token: str) -> tuple[str, str] | None:
 
 
 class KeyStore:
-    """The key file, re-read when it changes."""
+    """The key file, re-read when it changes; the last good keys while it is broken."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, metrics: Metrics | None = None) -> None:
         self.path = path
+        self.metrics = metrics
+        self.problem: str | None = None  # what is wrong with the file on disk, if anything
         self._keys: dict[str, ApiKey] = {}
-        self._seen: tuple[int, int, int] | None = None
+        self._seen: tuple[int, ...] | None = None
+        self._bad: tuple[int, ...] | None = None
 
     # -- reading ---------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Read the file now; ConfigError naming the file and the problem if it is broken."""
+        self._keys = self._read()
+        self._seen, self._bad, self.problem = None, None, None
+        self._refresh()
+
+    def status(self) -> str:
+        """``ok`` or what is wrong with the file (for ``/readyz``)."""
+        self._refresh()
+        if self.problem is None:
+            return "ok"
+        return f"error: {self.problem}; serving the {len(self._keys)} key(s) read before"
 
     def _refresh(self) -> None:
         try:
             st = self.path.stat()
         except FileNotFoundError:
-            self._keys, self._seen = {}, None
+            self._keys, self._seen = {}, None  # no file: no keys
+            self._mark(None)
             return
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # a rewrite is a new inode
-        if stamp == self._seen:
+        except OSError as exc:
+            self._broken((0,), f"{self.path}: cannot read it ({exc})")
             return
-        self._keys = self._read()
-        self._seen = stamp
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)  # a rewrite is a new inode
+        if stamp in (self._seen, self._bad):
+            return
+        try:
+            keys = self._read()
+        except ConfigError as exc:
+            self._broken(stamp, exc.problems[0])
+            return
+        self._keys, self._seen, self._bad = keys, stamp, None
+        self._mark(None)
+
+    def _broken(self, stamp: tuple[int, ...], problem: str) -> None:
+        self._bad = stamp
+        log.error(
+            "API keys file broken, serving the %d key(s) read before: %s",
+            len(self._keys),
+            problem,
+        )
+        if self.metrics is not None:
+            self.metrics.api_keys_file_errors.inc()
+        self._mark(problem)
+
+    def _mark(self, problem: str | None) -> None:
+        self.problem = problem
+        if self.metrics is not None:
+            self.metrics.api_keys_file_ok.set(0 if problem else 1)
 
     def _read(self) -> dict[str, ApiKey]:
         try:
-            doc = json.loads(self.path.read_text())
-            return {k["id"]: ApiKey(**k) for k in doc.get("keys", [])}
+            return parse_keys(self.path.read_text())
         except FileNotFoundError:
             return {}
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise ConfigError([f"{self.path}: not a meterstream key file ({exc})"]) from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ConfigError([f"{self.path}: not a meterstream key file: {exc}"]) from None
 
     def listing(self) -> list[ApiKey]:
-        self._refresh()
-        return sorted(self._keys.values(), key=lambda k: k.created_at)
+        """Every key in the file (ConfigError when it is broken)."""
+        return sorted(self._read().values(), key=lambda k: k.created_at)
 
     def verify(self, token: str) -> ApiKey | None:
-        """The active key this token is, or None. Constant time in the secret."""
+        """The active key this token is, or None. Constant time in the secret; never raises
+        for a broken file (the last good keys answer)."""
         self._refresh()
         parts = split_key(token)
         key = self._keys.get(parts[0]) if parts else None
@@ -138,8 +248,18 @@ class KeyStore:
 
     # -- writing (the CLI) -----------------------------------------------------------
 
-    def _write(self, keys: dict[str, ApiKey]) -> None:
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """One writer at a time (two CLIs may create keys at once)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write(self, keys: dict[str, ApiKey]) -> None:
         body = json.dumps({"keys": [asdict(k) for k in keys.values()]}, indent=2) + "\n"
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".api_keys.")
         try:
@@ -152,11 +272,15 @@ class KeyStore:
             raise
         self._seen = None
 
-    def create(self, name: str, customer_id: str | None = None) -> tuple[ApiKey, str]:
+    def create(
+        self, name: str, customer_id: str | None = None, expires_in: float | None = None
+    ) -> tuple[ApiKey, str]:
         """A new key; returns it and the full key text, which is never stored.
 
         ``customer_id=None`` is an unrestricted key; any string restricts it to that
         customer and must be a valid customer_id (:func:`customer_id_problem`).
+        ``expires_in`` (seconds) makes a key that stops verifying then; keys
+        already expired are dropped from the file on the way.
         """
         problems = ["key name: must not be empty"] if not name.strip() else []
         if customer_id is not None:
@@ -165,41 +289,66 @@ class KeyStore:
                 problems.append(f"--customer: {problem}")
         if problems:
             raise ConfigError(problems, source="the new key")
-        keys = self._read()
-        key_id = secrets.token_hex(6)
-        secret = secrets.token_urlsafe(32)
-        key = ApiKey(key_id, name, _hash(secret), _now(), customer_id)
-        keys[key_id] = key
-        self._write(keys)
+        with self._locked():
+            now = dt.datetime.now(dt.UTC)
+            keys = {k: v for k, v in self._read().items() if not v.expired(now)}
+            key_id = secrets.token_hex(6)
+            secret = secrets.token_urlsafe(32)
+            expires = None
+            if expires_in is not None:
+                expires = (now + dt.timedelta(seconds=expires_in)).isoformat(timespec="seconds")
+            key = ApiKey(key_id, name, _hash(secret), _now(), customer_id, None, expires)
+            keys[key_id] = key
+            self._write(keys)
         return key, f"{PREFIX}{key_id}_{secret}"
 
     def revoke(self, key_id: str) -> ApiKey:
-        keys = self._read()
         key_id = key_id.removeprefix(PREFIX).split("_")[0]
-        if key_id not in keys:
-            raise ConfigError([f"no key with id {key_id} in {self.path}"])
-        key = keys[key_id]
-        if key.active:
-            key = ApiKey(**{**asdict(key), "revoked_at": _now()})
-            keys[key_id] = key
-            self._write(keys)
+        with self._locked():
+            keys = self._read()
+            if key_id not in keys:
+                raise ConfigError([f"no key with id {key_id} in {self.path}"])
+            key = keys[key_id]
+            if key.revoked_at is None:
+                key = ApiKey(**{**asdict(key), "revoked_at": _now()})
+                keys[key_id] = key
+                self._write(keys)
         return key
 
+    def delete(self, key_id: str) -> None:
+        """Remove a key from the file (the CLI's own short-lived keys)."""
+        with self._locked():
+            keys = self._read()
+            if keys.pop(key_id, None) is not None:
+                self._write(keys)
 
-def local_cli_key(store: KeyStore, path: Path) -> str:
-    """The key the CLI on this machine uses for a worker that shares its state dir.
+    def discard(self, key_id: str) -> None:
+        """:meth:`delete`, logging instead of raising (the CLI's own key expires anyway)."""
+        try:
+            self.delete(key_id)
+        except (ConfigError, OSError) as exc:
+            log.warning("could not delete the temporary key %s: %s", key_id, exc)
 
-    Created on first use as an ordinary key named ``local-cli`` and kept in ``path``
-    (mode 0600): whoever can read the state dir can already read the record, so
-    file permissions are the authority, as with a Unix socket. Revoke it like any
-    key; a new one is made next time.
+
+def retire_cli_key_file(store: KeyStore, state_dir: Path) -> bool:
+    """Revoke the key in ``<state_dir>/cli.key`` (kept in plain text by older versions)
+
+    and delete the file; True if there was one.
     """
-    if path.exists():
+    path = state_dir / "cli.key"
+    try:
         text = path.read_text().strip()
-        if store.verify(text) is not None:
-            return text
-    _, text = store.create("local-cli")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text + "\n")
-    return text
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc)
+        text = ""
+    parts = split_key(text)
+    if parts is not None:
+        try:
+            store.revoke(parts[0])
+        except (ConfigError, OSError) as exc:
+            log.warning("could not revoke the old local-cli key %s: %s", parts[0], exc)
+    path.unlink(missing_ok=True)
+    log.warning("removed %s: a plain-text key kept by an older version", path)
+    return True

@@ -38,6 +38,26 @@ class ClickHouseError(DependencyError):
         super().__init__(message if code is None else f"[ClickHouse {code}] {message}")
 
 
+class QueryRefused(ClickHouseError):
+    """Read-only SQL the policy does not allow (nothing ran); ``problems`` says why."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("read-only SQL refused: " + "; ".join(self.problems), 164)
+
+
+class QueryLimitExceeded(ClickHouseError):
+    """Read-only SQL stopped at an operator's limit; ``setting`` is the METERSTREAM_ name."""
+
+    def __init__(self, message: str, code: int | None, setting: str) -> None:
+        self.setting = setting
+        super().__init__(message, code)
+
+
+class QueryCancelled(ClickHouseError):
+    """Read-only SQL stopped because whoever asked for it went away."""
+
+
 class MigrationError(ClickHouseError):
     """A schema migration failed; the worker must not start."""
 

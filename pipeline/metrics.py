@@ -165,6 +165,22 @@ class Metrics:
         self.api_events = Metric(
             "meterstream_api_events_total", "Events written to usage-events by the events API", c
         )
+        self.sql_queries = Metric(
+            "meterstream_sql_queries_total",
+            "Analyst SQL statements, by outcome (ok, refused, limit, cancelled, busy, error)",
+            c,
+        )
+        self.api_keys_file_ok = Metric(
+            "meterstream_api_keys_file_ok",
+            "1 while the API keys file reads cleanly; 0 while it is broken and the worker"
+            " serves the last good keys",
+            g,
+        )
+        self.api_keys_file_errors = Metric(
+            "meterstream_api_keys_file_errors_total",
+            "Versions of the API keys file that could not be read",
+            c,
+        )
         self.table_keys = Metric("meterstream_table_keys", "Keys held in a worker table", g)
         self.rocksdb_memory = Metric(
             "meterstream_rocksdb_memory_bytes",

@@ -126,6 +126,15 @@ SCHEMAS: dict[str, Any] = {
                     },
                 },
             },
+            "problems": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Why read-only SQL refused the statement (nothing ran).",
+            },
+            "limit": {
+                "type": "string",
+                "description": "The METERSTREAM_SQL_ setting a query went over, with its value.",
+            },
         },
     },
     "SqlResult": {
@@ -318,11 +327,19 @@ def _routes_document() -> dict[str, Any]:
                     },
                     "responses": {
                         "200": _json({"$ref": "#/components/schemas/SqlResult"}, "The result."),
-                        "400": _error("Not a query, or ClickHouse refused it."),
+                        "400": _error(
+                            "Not a query, ClickHouse refused it, read-only SQL does not allow"
+                            " it (`problems`), or it went over a limit (`limit` names the"
+                            " METERSTREAM_SQL_ setting)."
+                        ),
                         "401": _UNAUTHORIZED,
                         "403": _error("A key restricted to a customer cannot run SQL."),
                         "413": _error("The body is over the size limit."),
                         "415": _error("Content-Type is not application/json."),
+                        "503": _error(
+                            "Every analyst SQL thread stayed busy for the time limit; retry.",
+                            **{"Retry-After": "Seconds to wait"},
+                        ),
                     },
                 }
             },

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -23,33 +24,54 @@ from pipeline.settings import Settings
 from pipeline.web import dumps
 from pipeline.windows import month_bounds, period_label
 
+CLI_KEY_SECONDS = 900  # longer than any request the CLI makes (120 s timeout)
 
-def cli_key(settings: Settings) -> str:
-    """METERSTREAM_API_KEY, or the local CLI key of the state dir the worker shares."""
+
+@contextlib.contextmanager
+def cli_key(settings: Settings) -> Iterator[str]:
+    """METERSTREAM_API_KEY, or a key for this one request to a worker on this machine.
+
+    The key is made in the key file the worker shares (state dir), expires in
+    CLI_KEY_SECONDS and is deleted when the block ends; its secret exists only
+    in this process. An old ``cli.key`` file is revoked and deleted first.
+    """
     if settings.api_key is not None:
-        return settings.api_key.get_secret_value()
-    from pipeline.apikeys import KeyStore, local_cli_key
+        yield settings.api_key.get_secret_value()
+        return
+    from pipeline.apikeys import KeyStore, retire_cli_key_file
 
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    return local_cli_key(KeyStore(settings.keys_file), settings.state_dir / "cli.key")
+    store = KeyStore(settings.keys_file)
+    retire_cli_key_file(store, settings.state_dir)
+    try:
+        key, token = store.create("local-cli", expires_in=CLI_KEY_SECONDS)
+    except OSError as exc:
+        raise MeterstreamError(
+            f"cannot make a key for this command in {store.path} ({exc});"
+            " set METERSTREAM_API_KEY to a key from `meterstream keys create`"
+        ) from None
+    try:
+        yield token
+    finally:
+        store.discard(key.id)
 
 
 def _http(settings: Settings, url: str, body: dict[str, Any] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {cli_key(settings)}"}
-    request = urllib.request.Request(
-        url, data=data, headers=headers, method="POST" if data else "GET"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.loads(response.read(), parse_float=Decimal)
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        with contextlib.suppress(ValueError):
-            detail = json.loads(detail).get("error", detail)
-        raise ClickHouseError(str(detail)) from None
-    except urllib.error.URLError as exc:
-        raise MeterstreamError(f"worker at {url} not reachable: {exc.reason}") from None
+    with cli_key(settings) as token:
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+        request = urllib.request.Request(
+            url, data=data, headers=headers, method="POST" if data else "GET"
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return json.loads(response.read(), parse_float=Decimal)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            with contextlib.suppress(ValueError):
+                detail = json.loads(detail).get("error", detail)
+            raise ClickHouseError(str(detail)) from None
+        except urllib.error.URLError as exc:
+            raise MeterstreamError(f"worker at {url} not reachable: {exc.reason}") from None
 
 
 def run_sql(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
@@ -57,13 +79,19 @@ def run_sql(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
     if url:
         result = _http(settings, f"{url}/v1/sql", {"sql": sql})
         return result["columns"], result["rows"]
+    from pipeline.readio import sql_limits
     from pipeline.worker import open_clickhouse
+    from sinks.clickhouse.analyst import AnalystSQL
 
     ch = open_clickhouse(settings)
+    analyst = AnalystSQL(
+        ch, sql_limits(settings), analyst_user=settings.sql_clickhouse_user is not None
+    )
     try:
-        columns, rows = ch.readonly_query(sql)
+        columns, rows = analyst.query(sql)
         return list(columns), [list(r) for r in json.loads(dumps(rows))]
     finally:
+        analyst.close()
         ch.close()
 
 

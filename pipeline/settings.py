@@ -95,7 +95,22 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     # End each batch's changelog writes with a one-record batch (see Pipeline._end_markers).
     changelog_end_markers: bool = True
-    # Fault injection for tests: while this file exists, every ClickHouse call fails.
+    # Read-only SQL for analysts (POST /v1/sql, `meterstream sql`): limits of one query,
+    # applied as ClickHouse settings no statement can change (sinks/clickhouse/analyst.py).
+    sql_max_seconds: float = Field(default=30.0, gt=0, le=3600)
+    sql_max_memory_mb: int = Field(default=512, ge=16)
+    sql_max_rows_read: int = Field(default=100_000_000, ge=1)
+    sql_max_result_rows: int = Field(default=100_000, ge=1)
+    sql_max_result_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    sql_max_threads: int = Field(default=1, ge=1, le=256)
+    # Analyst queries running at once (each on its own thread and connection).
+    sql_max_concurrent: int = Field(default=2, ge=1, le=64)
+    # A ClickHouse server user for analyst SQL (read-only profile, SELECT on the
+    # database only; deploy/README.md). Unset: the worker's user with readonly=1.
+    sql_clickhouse_user: str | None = None
+    sql_clickhouse_password: SecretStr | None = None
+    # Fault injection for tests: while this file exists, every ClickHouse call of the
+    # writer (record, windows, forwarder; pipeline/chio.py) fails; reads do not.
     fault_clickhouse_down_file: Path | None = None
 
     @field_validator(
@@ -104,6 +119,8 @@ class Settings(BaseSettings):
         "api_key",
         "clickhouse_dsn",
         "clickhouse_password",
+        "sql_clickhouse_user",
+        "sql_clickhouse_password",
         "stripe_api_key",
         "stripe_api_base",
         "stripe_meter_events_base",

@@ -1,13 +1,16 @@
 """The worker's HTTP endpoints (Faust's web server).
 
 - ``GET /healthz``: liveness (the process serves requests); never shows settings.
-- ``GET /readyz``: broker, ClickHouse and Stripe reachable.
+- ``GET /readyz``: broker, ClickHouse and Stripe reachable (and the API keys file's
+  state, which does not make the worker unready: it serves the last good keys).
 - ``GET /metrics``: Prometheus text format.
 - ``GET /openapi.json``: the OpenAPI 3.1 document of this API.
 - ``POST /v1/events``: one event or ``{"events": [...]}`` (1-100), all or nothing,
   written to ``usage-events`` with acks=all; always needs an API key.
-- ``POST /v1/sql`` ``{"sql": "SELECT ..."}``: read-only SQL (ClickHouse ``readonly=1``);
-  the way to query the embedded engine while the worker holds it.
+- ``POST /v1/sql`` ``{"sql": "SELECT ..."}``: read-only SQL, checked on ClickHouse's
+  parse of it and run within the operator's limits on threads and connections of its
+  own (:mod:`pipeline.readio`), stopped when the client goes away; the way to query
+  the embedded engine while the worker holds it.
 - ``GET /v1/customers/{customer_id}/usage?meter=&from=&to=&window=``: usage totals.
 - ``POST /v1/stripe/retry``, ``GET /v1/stripe/reconcile?period=YYYY-MM``: what the
   ``meterstream stripe`` commands use while this worker holds ClickHouse (only
@@ -45,12 +48,19 @@ from faust.web import Request, Response, View
 from pipeline import webguard
 from pipeline.apikeys import ApiKey, KeyStore
 from pipeline.chio import ClickHouseIO
-from pipeline.errors import DependencyError, StripeError
+from pipeline.errors import (
+    DependencyError,
+    QueryCancelled,
+    QueryLimitExceeded,
+    QueryRefused,
+    StripeError,
+)
 from pipeline.events import parse_timestamp
 from pipeline.ingest import MalformedBody, check_body
 from pipeline.metrics import Metrics
 from pipeline.openapi import document
 from pipeline.publisher import EventPublisher, PublishError
+from pipeline.readio import ReadIO, SqlBusy
 from pipeline.settings import Settings
 from pipeline.windows import month_bounds, period_label
 from sinks.clickhouse import queries
@@ -74,7 +84,7 @@ def _default(obj: Any) -> Any:
         return obj.isoformat()
     if isinstance(obj, bytes):
         return obj.decode("utf-8", errors="replace")
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
+    return str(obj)  # UUID, IP addresses, ...: what an analyst query may select
 
 
 def dumps(obj: Any) -> bytes:
@@ -113,6 +123,13 @@ def bearer_key(request: Request, keys: KeyStore) -> ApiKey:
     if key is None:
         raise Denied(401, "a valid API key is required (Bearer msk_...)", UNAUTHORIZED)
     return key
+
+
+def client_gone(request: Any) -> bool:
+    """True once the HTTP client has closed its connection (aiohttp does not cancel the
+    handler then: Faust's web server runs without handler cancellation)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def read_body(request: Any, limit: int) -> bytes:
@@ -158,10 +175,12 @@ def register(
     keys: KeyStore,
     forwarder: Forwarder | None = None,
     mappings: MappingStore | None = None,
+    *,
+    reads: ReadIO,
 ) -> None:
     """meterstream's routes, behind the guard of pipeline/webguard.py (Host check, no
     other route served, body timeout)."""
-    _routes(app, settings, chio, metrics, ready, publisher, keys, forwarder, mappings)
+    _routes(app, settings, chio, metrics, ready, publisher, keys, forwarder, mappings, reads=reads)
     webguard.install(
         app, settings, lambda status: metrics.api_requests.inc(route="guard", status=str(status))
     )
@@ -177,6 +196,8 @@ def _routes(
     keys: KeyStore,
     forwarder: Forwarder | None = None,
     mappings: MappingStore | None = None,
+    *,
+    reads: ReadIO,
 ) -> None:
     horizon_ms = settings.dedup_horizon_seconds * 1000
     openapi = dumps(document())
@@ -218,7 +239,8 @@ def _routes(
         async def get(self, request: Request) -> Response:
             checks = await ready()
             ok = all(v == "ok" for v in checks.values())
-            return respond(self, {"ready": ok, "checks": checks}, 200 if ok else 503)
+            body = {"ready": ok, "checks": checks, "api_keys": keys.status()}
+            return respond(self, body, 200 if ok else 503)
 
     @app.page("/metrics")
     class MetricsView(View):
@@ -293,7 +315,15 @@ def _routes(
             except (ValueError, KeyError, TypeError):
                 return respond(self, {"error": 'body must be JSON {"sql": "SELECT ..."}'}, 400)
             try:
-                columns, rows = await chio.call_once(lambda ch: ch.readonly_query(sql))
+                columns, rows = await reads.sql(sql, lambda: client_gone(request))
+            except QueryRefused as exc:
+                return respond(self, {"error": str(exc), "problems": exc.problems}, 400)
+            except QueryLimitExceeded as exc:
+                return respond(self, {"error": str(exc), "limit": exc.setting}, 400)
+            except QueryCancelled as exc:  # nobody is listening; for the access log
+                return respond(self, {"error": str(exc)}, 499)
+            except SqlBusy as exc:
+                return respond(self, {"error": str(exc)}, 503, {"Retry-After": "5"})
             except Exception as exc:  # the analyst's SQL error, reported back
                 return respond(self, {"error": str(exc)}, 400)
             return respond(self, {"columns": columns, "rows": rows})
@@ -314,7 +344,7 @@ def _routes(
             except ValueError as exc:
                 return respond(self, {"error": f"bad time: {exc}"}, 400)
             try:
-                rows = await chio.call_once(
+                rows = await reads.read(
                     queries.usage, customer_id, q.get("meter") or None, start, end, window
                 )
             except DependencyError as exc:

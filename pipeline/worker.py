@@ -1,7 +1,8 @@
 """Start one worker: check configuration, migrate ClickHouse, run the Faust app.
 
 Start-up refuses to go on with a bad meters file or bad settings (every problem
-listed) and with a failed migration (the ClickHouse error shown).
+listed), a broken API keys file (the file and the problem named) and with a
+failed migration (the ClickHouse error shown).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any, cast
 import faust
 
 from pipeline import web
-from pipeline.apikeys import KeyStore
+from pipeline.apikeys import KeyStore, retire_cli_key_file
 from pipeline.app import create_app
 from pipeline.chio import ClickHouseIO
 from pipeline.errors import ConfigError, MeterstreamError
@@ -29,6 +30,7 @@ from pipeline.logs import configure_logging
 from pipeline.meters import MetersConfig, load_meters
 from pipeline.metrics import Metrics
 from pipeline.publisher import EventPublisher
+from pipeline.readio import ReadIO, sql_limits
 from pipeline.settings import Settings
 from sinks.clickhouse.client import ClickHouse, connect
 from sinks.clickhouse.migrate import migrate
@@ -57,6 +59,8 @@ def open_clickhouse(settings: Settings) -> ClickHouse:
         database=settings.clickhouse_database,
         user=settings.clickhouse_user,
         password=settings.clickhouse_password,
+        analyst_user=settings.sql_clickhouse_user,
+        analyst_password=settings.sql_clickhouse_password,
     )
 
 
@@ -72,7 +76,14 @@ def prepare(settings: Settings) -> tuple[MetersConfig, ClickHouse]:
     return meters, ch
 
 
+READY_TIMEOUT_SECONDS = 5.0
+
+
 def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.App:
+    metrics = Metrics()
+    keys = KeyStore(settings.keys_file, metrics)
+    keys.check()  # a broken key file stops the start, with the file and the problem
+    retire_cli_key_file(keys, settings.state_dir)
     meters, ch = prepare(settings)
     (settings.store_path or settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     bootstrap = settings.kafka_bootstrap_servers or ""
@@ -94,9 +105,15 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         )
     guarantee = choose(settings, transactions)
     log.info(describe(settings, guarantee))
-    metrics = Metrics()
     metrics.guarantee.set(1, guarantee=guarantee)
     chio = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)
+    reads = ReadIO(
+        ch,
+        sql_limits(settings),
+        metrics,
+        concurrency=settings.sql_max_concurrent,
+        analyst_user=settings.sql_clickhouse_user is not None,
+    )
     app, pipeline = create_app(settings, meters, chio, bootstrap, guarantee)
     if lifeline is not None:
         pipeline.batch_listeners.append(lifeline.contact)
@@ -125,9 +142,13 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
             and (silent := lifeline.broker_silent_for()) > 3 * lifeline.interval
         ):
             checks["broker"] = f"no answer for {silent:.0f}s"
-        try:
-            await chio.call_once(lambda c: c.query_rows("SELECT 1"))
+        try:  # the writer's thread and connection: busy only with inserts
+            await asyncio.wait_for(
+                chio.call_once(lambda c: c.query_rows("SELECT 1")), READY_TIMEOUT_SECONDS
+            )
             checks["clickhouse"] = "ok"
+        except TimeoutError:
+            checks["clickhouse"] = f"error: no answer in {READY_TIMEOUT_SECONDS:g} s"
         except Exception as exc:  # reported, not raised: this is a probe
             checks["clickhouse"] = f"error: {type(exc).__name__}"
         checks["stripe"] = "ok"
@@ -141,8 +162,9 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         app, settings, meters, chio, metrics, pipeline=pipeline, mappings=mappings
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
-    keys = KeyStore(settings.keys_file)
-    web.register(app, settings, chio, metrics, ready, publisher, keys, forwarder, mappings)
+    web.register(
+        app, settings, chio, metrics, ready, publisher, keys, forwarder, mappings, reads=reads
+    )
 
     async def stop_publisher(sender: Any, *args: Any, **kwargs: Any) -> None:
         await publisher.stop()

@@ -15,15 +15,21 @@ What differs on chdb, measured with chdb 4.4 / engine 26.9 and clickhouse-connec
 - Per-call ``settings`` reach chdb as a ``SETTINGS`` clause for SELECTs and
   inserts, but as ``SET`` then restore for commands and INSERT statements
   sent as queries. With ``readonly=1`` the restore is itself refused, so the
-  session stays read-only forever. :meth:`ClickHouse.readonly_query`
-  therefore runs on its own client (own chdb handle / HTTP session) created
-  with ``readonly=1``, never on the writer's client.
-- ``readonly=1`` is enforced by chdb: INSERT, CREATE, DROP, ALTER, TRUNCATE,
-  OPTIMIZE, SET, table functions such as ``file()`` are refused with code 164.
-  We also refuse, before sending, anything that is not one SELECT / WITH /
-  SHOW / DESCRIBE / EXPLAIN statement (defence in depth on both targets).
+  session stays read-only forever. Read-only work therefore runs on clients
+  of its own (:meth:`ClickHouse.reader`: own chdb handle / HTTP session,
+  settings fixed when it is created), never on the writer's client.
+- chdb runs queries of different handles at the same time (measured: an
+  insert on one handle takes 10-20 ms while a 5 s query runs on another), so
+  reads on their own handles and threads do not wait for inserts or the
+  other way round.
+- ``readonly=1`` is enforced by chdb for INSERT, CREATE, DROP, ALTER, SET and
+  most table functions, but not for the scalar ``file()`` nor for
+  ``SELECT ... INTO OUTFILE`` (chdb is clickhouse-local, which reads and
+  writes files itself, anywhere: ``user_files_path`` does not bind it).
+  Analyst SQL goes through :mod:`sinks.clickhouse.analyst`, which checks
+  ClickHouse's parse of it first (:mod:`sinks.clickhouse.sqlpolicy`).
 - An empty result on chdb carries no column names (chdb emits no Native
-  block for zero rows), so ``readonly_query`` may return ``([], [])``.
+  block for zero rows), so a read may return ``([], [])``.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import clickhouse_connect
+import orjson
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import Error as DriverError
 from pydantic import SecretStr
@@ -44,10 +51,11 @@ from pipeline.errors import ClickHouseError
 from sinks.clickhouse import columns
 
 T = TypeVar("T")
+# (session settings, as the analyst user?) -> a new driver client on the same database
+ClientFactory = Callable[[Mapping[str, Any], bool], Client]
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _CODE_IN_MESSAGE = re.compile(r"Code: (\d+)")
-READONLY_STATEMENTS = ("SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXPLAIN")
 
 
 def quote_identifier(name: str) -> str:
@@ -110,40 +118,6 @@ def split_statements(sql: str) -> list[str]:
     return statements
 
 
-def _strip_leading_comments(sql: str) -> str:
-    text = sql.lstrip()
-    while True:
-        if text.startswith("--") or text.startswith("#"):
-            newline = text.find("\n")
-            text = "" if newline < 0 else text[newline + 1 :].lstrip()
-        elif text.startswith("/*"):
-            end = text.find("*/")
-            text = "" if end < 0 else text[end + 2 :].lstrip()
-        else:
-            return text
-
-
-def check_readonly_statement(sql: str) -> str:
-    """Return the single read statement in ``sql`` or raise ClickHouseError (code 164, READONLY).
-
-    Accepts exactly one statement starting with SELECT, WITH, SHOW, DESCRIBE,
-    DESC or EXPLAIN (after comments and opening parentheses).
-    """
-    statements = split_statements(sql)
-    if len(statements) != 1:
-        raise ClickHouseError(
-            f"read-only queries take exactly one statement, got {len(statements)}", 164
-        )
-    body = _strip_leading_comments(statements[0]).lstrip("( \t\r\n")
-    match = re.match(r"[A-Za-z]+", body)
-    keyword = match.group(0).upper() if match else ""
-    if keyword not in READONLY_STATEMENTS:
-        allowed = ", ".join(READONLY_STATEMENTS)
-        got = keyword or sql[:40]
-        raise ClickHouseError(f"read-only queries must be one of {allowed}; got {got!r}", 164)
-    return statements[0]
-
-
 def _error_code(exc: BaseException) -> int | None:
     code = getattr(exc, "code", None)
     if isinstance(code, int):
@@ -160,6 +134,21 @@ def as_clickhouse_error(exc: BaseException) -> ClickHouseError:
         return exc
     message = str(exc).strip() or type(exc).__name__
     return ClickHouseError(message, _error_code(exc))
+
+
+def values_size(rows: Sequence[Sequence[Any]]) -> int:
+    """About how many bytes ``rows`` take as text: strings and bytes by length, nested
+    values as JSON, anything else 8 bytes (column by column, so it stays cheap)."""
+    total = 0
+    for column in zip(*rows, strict=True):
+        first = next((v for v in column if v is not None), None)
+        if isinstance(first, str | bytes | bytearray):
+            total += sum(map(len, filter(None, column)))
+        elif isinstance(first, list | tuple | dict):
+            total += len(orjson.dumps(column, default=str))
+        else:
+            total += 8 * len(column)
+    return total
 
 
 def _utc(value: Any) -> Any:
@@ -183,11 +172,10 @@ class ClickHouse:
         *,
         database: str,
         backend: str,
-        readonly_factory: Callable[[], Client] | None = None,
+        factory: ClientFactory | None = None,
     ) -> None:
         self._client = client
-        self._readonly_factory = readonly_factory
-        self._readonly_client: Client | None = None
+        self._factory = factory
         self._lock = threading.RLock()
         self.database = database
         self.backend = backend  # "chdb" or "server"
@@ -217,6 +205,51 @@ class ClickHouse:
             )
         )
         return [tuple(_utc(v) for v in row) for row in result.result_rows]
+
+    def query_table(
+        self, sql: str, max_bytes: int | None = None
+    ) -> tuple[list[str], list[tuple[Any, ...]]]:
+        """(column names, rows) with UTC datetimes; chdb gives no names for zero rows.
+
+        With ``max_bytes`` the answer is read block by block and the query stopped
+        (ClickHouseError 396) once its values pass that size as Python holds them:
+        ClickHouse's own ``max_result_bytes`` counts a constant column once, so
+        ``SELECT repeat('x', 1000000) FROM numbers(300)`` passes it as 1 MB and
+        arrives as 300 MB.
+        """
+
+        def whole() -> tuple[list[str], Sequence[Sequence[Any]]]:
+            result = self._client.query(sql)
+            if max_bytes is not None and values_size(result.result_rows) > max_bytes:
+                raise ClickHouseError(f"Limit for result exceeded, max bytes: {max_bytes}", 396)
+            return list(result.column_names), result.result_rows
+
+        def run() -> tuple[list[str], Sequence[Sequence[Any]]]:
+            if max_bytes is None:
+                return whole()
+            try:
+                stream = self._client.query_row_block_stream(sql)
+            except DriverError as exc:  # chdb streams SELECTs only, not EXPLAIN, SHOW...
+                if "Streaming query is not supported" not in str(exc):
+                    raise
+                return whole()
+            names = list(getattr(stream.source, "column_names", ()))
+            rows: list[Sequence[Any]] = []
+            size = 0
+            with stream:
+                for block in stream:
+                    size += values_size(block)
+                    if size > max_bytes:
+                        raise ClickHouseError(
+                            f"Limit for result exceeded, max bytes: {max_bytes},"
+                            f" current bytes: at least {size} (TOO_MANY_ROWS_OR_BYTES)",
+                            396,
+                        )
+                    rows.extend(block)
+            return names, rows
+
+        names, rows = self._call(run)
+        return names, [tuple(_utc(v) for v in row) for row in rows]
 
     def query_plain_rows(self, sql: str) -> list[Sequence[Any]]:
         """Rows as the driver returns them, for queries that select no DateTime column
@@ -285,36 +318,24 @@ class ClickHouse:
             types = self._types[table] = {name: typ for name, typ in result.result_rows}
         return types
 
-    def readonly_query(self, sql: str) -> tuple[list[str], list[tuple[Any, ...]]]:
-        """Run one analyst statement with ``readonly=1``; returns (column names, rows).
+    def reader(self, settings: Mapping[str, Any], *, analyst: bool = False) -> ClickHouse:
+        """A new connection (own chdb handle / HTTP session) to the same database whose
 
-        The statement must be a single SELECT / WITH / SHOW / DESCRIBE / EXPLAIN
-        (checked before sending) and runs on a separate client whose session is
-        ``readonly=1``, so ClickHouse itself refuses any write (code 164).
+        session settings are ``settings``, applied in order when it opens (put
+        ``readonly`` last: once it is 1 nothing else can change). ``analyst``
+        connects as the analyst user when one is configured. The caller closes it.
         """
-        statement = check_readonly_statement(sql)
-        with self._lock:
-            try:
-                if self._readonly_client is None:
-                    if self._readonly_factory is None:
-                        raise ClickHouseError("this connection has no read-only client", 164)
-                    self._readonly_client = self._readonly_factory()
-                result = self._readonly_client.query(statement)
-                names = list(result.column_names)
-                rows = [tuple(_utc(v) for v in row) for row in result.result_rows]
-            except ClickHouseError:
-                raise
-            except Exception as exc:  # analyst SQL: any driver failure is a ClickHouse error
-                raise as_clickhouse_error(exc) from exc
-        return names, rows
+        if self._factory is None:
+            raise ClickHouseError("this connection cannot open readers", 164)
+        try:
+            client = self._factory(settings, analyst)
+        except (DriverError, OSError) as exc:
+            raise as_clickhouse_error(exc) from exc
+        return ClickHouse(client, database=self.database, backend=self.backend)
 
     def close(self) -> None:
-        with self._lock:
-            for client in (self._readonly_client, self._client):
-                if client is not None:
-                    with contextlib.suppress(Exception):  # closing is best effort
-                        client.close()
-            self._readonly_client = None
+        with self._lock, contextlib.suppress(Exception):  # closing is best effort
+            self._client.close()
 
     def __enter__(self) -> ClickHouse:
         return self
@@ -331,6 +352,8 @@ def connect(
     password: SecretStr | None = None,
     create_database: bool = True,
     client_options: Mapping[str, Any] | None = None,
+    analyst_user: str | None = None,
+    analyst_password: SecretStr | None = None,
 ) -> ClickHouse:
     """Connect to ``dsn`` (``chdb:///abs/path``, ``http://host:8123``, ``https://host:8443``).
 
@@ -338,6 +361,8 @@ def connect(
     the client, so unqualified table names resolve to it on both targets.
     ``user``/``password`` (and TLS options in ``client_options``, e.g.
     ``verify``/``ca_cert``) apply to servers; chdb has no authentication.
+    ``analyst_user``/``analyst_password``: the server user that readers opened
+    with ``analyst=True`` log in as (default: ``user``).
     """
     quoted = quote_identifier(database)
     is_chdb = dsn.startswith("chdb:")
@@ -352,8 +377,15 @@ def connect(
         if password is not None:
             base["password"] = password.get_secret_value()
 
-    def make(db: str | None, settings: Mapping[str, Any] | None = None) -> Client:
+    def make(
+        db: str | None, settings: Mapping[str, Any] | None = None, analyst: bool = False
+    ) -> Client:
         kwargs = dict(base)
+        if analyst and not is_chdb and analyst_user is not None:
+            kwargs["username"] = analyst_user
+            kwargs.pop("password", None)
+            if analyst_password is not None:
+                kwargs["password"] = analyst_password.get_secret_value()
         if settings:
             kwargs["settings"] = dict(settings)
         return clickhouse_connect.get_client(dsn=dsn, database=db, **kwargs)
@@ -372,5 +404,5 @@ def connect(
         client,
         database=database,
         backend="chdb" if is_chdb else "server",
-        readonly_factory=lambda: make(database, {"readonly": 1}),
+        factory=lambda settings, analyst: make(database, settings, analyst),
     )

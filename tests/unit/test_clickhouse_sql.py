@@ -18,7 +18,7 @@ from pipeline.aggregation import aggregator_for
 from pipeline.errors import ClickHouseError
 from pipeline.events import Reason, Rejection, UsageEvent, content_fingerprint
 from sinks.clickhouse import queries as q
-from sinks.clickhouse.client import check_readonly_statement, split_statements
+from sinks.clickhouse.client import split_statements
 from sinks.clickhouse.migrate import MIGRATIONS_DIR, checksum, load_migrations
 from sinks.clickhouse.writer import (
     METER_WINDOWS,
@@ -218,7 +218,7 @@ def test_table_ddl_fragments(file: str, fragments: list[str]) -> None:
         assert fragment in sql
 
 
-# ---------------------------------------------------------------- statement splitting and guard
+# ---------------------------------------------------------------- statement splitting
 
 
 def test_split_statements_ignores_semicolons_in_strings_and_comments() -> None:
@@ -235,45 +235,6 @@ def test_split_statements_ignores_semicolons_in_strings_and_comments() -> None:
         "-- header; with a semicolon\nCREATE TABLE a (s String DEFAULT ';') ENGINE = Memory",
         "/* block ; comment */\nSELECT 'it\\'s; fine', \"x;y\", `c;d` FROM a -- trailing; comment",
     ]
-
-
-@pytest.mark.parametrize(
-    "sql",
-    [
-        "SELECT 1",
-        "  select count() from usage_events;",
-        "WITH 1 AS a SELECT a",
-        "-- c\n/* d */ (SELECT 1) UNION ALL (SELECT 2)",
-        "SHOW TABLES",
-        "DESCRIBE TABLE usage_events",
-        "DESC usage_events",
-        "EXPLAIN SELECT 1",
-        "SELECT ';' AS semicolon",
-    ],
-)
-def test_readonly_guard_accepts_single_reads(sql: str) -> None:
-    assert check_readonly_statement(sql)
-
-
-@pytest.mark.parametrize(
-    "sql",
-    [
-        "INSERT INTO usage_events VALUES ('x')",
-        "DROP TABLE usage_events",
-        "ALTER TABLE usage_events DELETE WHERE 1",
-        "CREATE TABLE x (a UInt8) ENGINE = Memory",
-        "TRUNCATE TABLE usage_events",
-        "SELECT 1; DROP TABLE usage_events",
-        "OPTIMIZE TABLE usage_events FINAL",
-        "SET readonly = 0",
-        "",
-        "-- nothing",
-    ],
-)
-def test_readonly_guard_refuses_everything_else(sql: str) -> None:
-    with pytest.raises(ClickHouseError) as info:
-        check_readonly_statement(sql)
-    assert info.value.code == 164
 
 
 # ---------------------------------------------------------------- query builders

@@ -375,6 +375,7 @@ def test_secret_holds_placeholders_only(k8s: dict[tuple[str, str], dict[str, Any
         "METERSTREAM_STRIPE_API_KEY",
         "METERSTREAM_CLICKHOUSE_PASSWORD",
         "METERSTREAM_KAFKA_SASL_PASSWORD",
+        "METERSTREAM_SQL_CLICKHOUSE_PASSWORD",
     }
     assert all("REPLACE_ME" in value for value in data.values())
     secret_fields = {

@@ -124,7 +124,8 @@ def test_keys_are_stored_as_hashes_and_revocable(tmp_path: Path) -> None:
 def test_key_file_problems_are_reported(tmp_path: Path) -> None:
     (tmp_path / "keys.json").write_text("not json")
     with pytest.raises(ConfigError, match="not a meterstream key file"):
-        KeyStore(tmp_path / "keys.json").verify("msk_a_b")
+        KeyStore(tmp_path / "keys.json").check()
+    assert KeyStore(tmp_path / "keys.json").verify("msk_a_b") is None  # never raises
     with pytest.raises(ConfigError, match="no key with id"):
         KeyStore(tmp_path / "other.json").revoke("abc")
     with pytest.raises(ConfigError, match="must not be empty"):
