@@ -262,20 +262,21 @@ def _request(settings: Settings, method: str, url: str, body: Any = None) -> Any
     from pipeline.query import cli_key
 
     data = json.dumps(body).encode() if body is not None else None
-    headers = {"Authorization": f"Bearer {cli_key(settings)}"}
-    if data is not None:
-        headers["Content-Type"] = "application/json"
-    request = urllib.request.Request(url, data=data, headers=headers, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read(), parse_float=Decimal)
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        with contextlib.suppress(ValueError, AttributeError):
-            detail = json.loads(detail).get("error", detail)
-        raise MeterstreamError(f"the worker refused ({exc.code}): {detail}") from None
-    except urllib.error.URLError as exc:
-        raise MeterstreamError(f"worker at {url} not reachable: {exc.reason}") from None
+    with cli_key(settings) as token:
+        headers = {"Authorization": f"Bearer {token}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return json.loads(response.read(), parse_float=Decimal)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            with contextlib.suppress(ValueError, AttributeError):
+                detail = json.loads(detail).get("error", detail)
+            raise MeterstreamError(f"the worker refused ({exc.code}): {detail}") from None
+        except urllib.error.URLError as exc:
+            raise MeterstreamError(f"worker at {url} not reachable: {exc.reason}") from None
 
 
 def _customer_url(base: str, customer_id: str) -> str:
