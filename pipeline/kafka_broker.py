@@ -13,7 +13,8 @@ the Tansu broker follows (``pipeline/embedded.py``):
   ``PR_SET_PDEATHSIG`` (SIGTERM, Kafka's clean shutdown, if meterstream dies, even
   by SIGKILL), and ``stop()`` sends SIGTERM, then SIGKILL after a bound;
 - it is ready when it answers a metadata request listing itself (an open port is
-  not enough: the controller may still be electing).
+  not enough: the controller may still be electing) and its group and transaction
+  coordinators answer (their internal topics are created on first use).
 
 ``choose_broker`` implements ``METERSTREAM_EMBEDDED_BROKER``: ``auto`` is Apache
 Kafka where Java 17+ and the jars are found, Tansu otherwise; ``kafka`` is an
@@ -450,12 +451,11 @@ class KafkaBroker:
                     f"Apache Kafka exited with code {self.proc.returncode} while starting:\n"
                     + self.log_tail()
                 )
-            if answers_metadata(self.bootstrap):
+            if is_ready(self.bootstrap):
                 return
             time.sleep(0.1)
         raise BrokerError(
-            f"Apache Kafka on {self.bootstrap} did not answer a metadata request in time:\n"
-            + self.log_tail()
+            f"Apache Kafka on {self.bootstrap} was not ready in time:\n" + self.log_tail()
         )
 
     def _log_size(self) -> int:
@@ -491,16 +491,25 @@ class KafkaBroker:
         self.stop()
 
 
-def answers_metadata(bootstrap: str, timeout: float = 5.0) -> bool:
-    """True when the broker answers a metadata request that lists a broker."""
+def is_ready(bootstrap: str, timeout: float = 5.0) -> bool:
+    """True when the broker answers a metadata request that lists a broker, and has a
+    group coordinator and a transaction coordinator (asking creates their internal
+    topics, so the worker's first group join and transaction probe find them ready
+    instead of failing and retrying)."""
 
     async def probe() -> bool:
         from aiokafka import AIOKafkaClient
+        from aiokafka.client import CoordinationType
 
         client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
         try:
-            await asyncio.wait_for(client.bootstrap(), timeout)
-            return bool(client.cluster.brokers())
+            async with asyncio.timeout(timeout):
+                await client.bootstrap()
+                if not client.cluster.brokers():
+                    return False
+                await client.coordinator_lookup(CoordinationType.GROUP, READY_KEY)
+                await client.coordinator_lookup(CoordinationType.TRANSACTION, READY_KEY)
+            return True
         except Exception:  # not ready yet: asked again
             return False
         finally:
@@ -513,8 +522,9 @@ def answers_metadata(bootstrap: str, timeout: float = 5.0) -> bool:
     try:
         # Its own thread and loop: start() may be called while a loop runs.
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, probe()).result(timeout + 5)
-    except concurrent.futures.TimeoutError:
-        return False
+            return pool.submit(asyncio.run, probe()).result()
     finally:
         aiokafka_log.setLevel(previous)
+
+
+READY_KEY = "meterstream-ready"
