@@ -264,6 +264,10 @@ def server_properties(*, host: str, port: int, controller_port: int, data_dir: P
         # Default retention >= the 7-day dedup horizon (usage-events sets 14 days itself).
         "log.retention.hours": "336",
         "message.max.bytes": "2097152",
+        # Only closed segments are compacted or expire: 64 MB segments (Kafka's are 1 GB)
+        # let the changelogs of a one-machine stack compact, so a restart's table
+        # recovery reads the latest value per key rather than every write.
+        "log.segment.bytes": str(64 * 1024 * 1024),
         # The log cleaner's buffer is on the heap: 16 MB, not 128 MB, in a 512 MB heap.
         "log.cleaner.dedupe.buffer.size": str(16 * 1024 * 1024),
     }
