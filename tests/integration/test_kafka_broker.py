@@ -273,6 +273,8 @@ def test_the_broker_dies_with_its_parent(kafka_settings: Settings, tmp_path: Pat
         with contextlib.suppress(ProcessLookupError):
             parent.kill()
         parent.wait(10)
+        for pid in _kafka_pids(tmp_path / "state"):  # only if the test failed
+            os.kill(pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------ the choice
@@ -417,6 +419,8 @@ def test_meterstream_run_on_kafka_runs_exactly_once(
     assert proc.returncode == 0, out
     log = (run_state / "worker.log").read_text(errors="replace")
     assert "processing guarantee: exactly_once" in log
+    # The broker was ready for it: no group join or transaction failed on the way.
+    assert '"level":"error"' not in log, log
     assert (run_state / "kafka" / "data" / "usage-events-0").is_dir()
     wait_until(lambda: not _kafka_pids(run_state), timeout=15, what="no java left")
     assert not _port_open(endpoints["kafka_bootstrap"])
