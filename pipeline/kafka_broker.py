@@ -58,8 +58,9 @@ MIN_JAVA = 17
 # the libs/ folder of a Kafka distribution).
 DEFAULT_JARS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "jars"
 HEAP_MB = 512
-# Kafka's own choice of collector and pause target (kafka-run-class.sh), a bounded heap
-# for a small machine, and no JMX, GUI or class-data warnings.
+# Kafka's own choice of collector and pause target (kafka-run-class.sh) in a heap of
+# 128-512 MB (RSS ~190 MB idle; see bench/broker_startup.py); exit rather than limp on
+# after an OutOfMemoryError; no hsperfdata file in /tmp; headless.
 JVM_OPTIONS = (
     "-Xms128m",
     "-XX:+UseG1GC",
@@ -71,7 +72,7 @@ JVM_OPTIONS = (
     "-Djava.awt.headless=true",
 )
 STOP_TIMEOUT = 30.0
-# WARN and above, plus the lines that say the server started and stopped.
+# WARN and above, plus the line that says the server started.
 LOG4J_PROPERTIES = """\
 log4j.rootLogger=WARN, stdout
 log4j.appender.stdout=org.apache.log4j.ConsoleAppender
