@@ -26,9 +26,38 @@ $(STAMP): $(BIN)/python pyproject.toml Makefile $(LOCK) requirements/sync.py
 	$(BIN)/python requirements/sync.py $(LOCK) meterstream
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install exactly requirements/dev.txt, then meterstream
+install: $(STAMP) kafka-jars ## create .venv, install exactly requirements/dev.txt, then meterstream; fetch Kafka's jars
 
-run: $(STAMP) ## start the embedded stack with the example meters and a demo load (Ctrl-C stops)
+# The embedded Apache Kafka's jars (deploy/kafka/pom.xml, Kafka's version in
+# docker-compose.yml), fetched once into deploy/kafka/jars (git-ignored; offline after).
+# Without Java 17+ or Maven this says why and the embedded broker is Tansu.
+KAFKA_POM  := deploy/kafka/pom.xml
+KAFKA_JARS := deploy/kafka/jars
+
+kafka-jars: ## fetch Apache Kafka's jars with Maven, once (skipped without Java 17+ and mvn)
+	@if [ -f $(KAFKA_JARS)/.fetched ] && [ $(KAFKA_JARS)/.fetched -nt $(KAFKA_POM) ]; then exit 0; fi; \
+	java=$$(command -v java || true); \
+	major=$$([ -n "$$java" ] && java -version 2>&1 | sed -n 's/.* version "\(1\.\)\{0,1\}\([0-9]*\).*/\2/p' | head -n 1); \
+	if [ -z "$$java" ]; then \
+	  echo "kafka-jars: skipped, no java on PATH: the embedded broker will be Tansu"; \
+	elif [ -z "$$major" ] || [ "$$major" -lt 17 ]; then \
+	  echo "kafka-jars: skipped, Kafka needs Java 17+ ($$java is $${major:-of unknown version}): the embedded broker will be Tansu"; \
+	elif ! command -v mvn >/dev/null 2>&1; then \
+	  echo "kafka-jars: skipped, no mvn (Maven) on PATH: the embedded broker will be Tansu"; \
+	else \
+	  echo "kafka-jars: fetching Apache Kafka's jars with Maven into $(KAFKA_JARS)/ (once)"; \
+	  rm -rf $(KAFKA_JARS).tmp; \
+	  if mvn -q -B -f $(KAFKA_POM) dependency:copy-dependencies -DincludeScope=runtime \
+	       -DoutputDirectory=$(CURDIR)/$(KAFKA_JARS).tmp >$(KAFKA_JARS).log 2>&1; then \
+	    rm -rf $(KAFKA_JARS) $(KAFKA_JARS).log && mv $(KAFKA_JARS).tmp $(KAFKA_JARS) && \
+	    touch $(KAFKA_JARS)/.fetched; \
+	  else \
+	    rm -rf $(KAFKA_JARS).tmp; \
+	    echo "kafka-jars: Maven could not fetch the jars (offline?), see $(KAFKA_JARS).log: the embedded broker will be Tansu"; \
+	  fi; \
+	fi
+
+run: $(STAMP) kafka-jars ## start the embedded stack with the example meters and a demo load (Ctrl-C stops)
 	$(BIN)/meterstream run --meters meters.example.yaml --demo $(if $(filter-out 0,$(DURATION)),--duration $(DURATION),)
 
 lint: $(STAMP) ## ruff check, ruff format --check, mypy
@@ -36,7 +65,7 @@ lint: $(STAMP) ## ruff check, ruff format --check, mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint ## lint, then every test (unit, integration and faults on the real embedded stack)
+test: lint kafka-jars ## lint, then every test (unit, integration and faults on the real embedded stack)
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 unit: $(STAMP) ## the fast tests only (no broker)
@@ -74,7 +103,7 @@ lock-upgrade: ## PACKAGE=name: its newest version allowed by pyproject.toml (no 
 compose-check: ## validate docker-compose.yml without a Docker engine
 	docker-compose -f docker-compose.yml config --quiet
 
-clean: ## remove the venv and local state
-	rm -rf $(VENV) .meterstream .mypy_cache .ruff_cache .pytest_cache
+clean: ## remove the venv, Kafka's jars and local state
+	rm -rf $(VENV) $(KAFKA_JARS) $(KAFKA_JARS).tmp $(KAFKA_JARS).log .meterstream .mypy_cache .ruff_cache .pytest_cache
 
-.PHONY: help install run lint test unit format bench bench-ingest compose-check clean
+.PHONY: help install kafka-jars run lint test unit format bench bench-ingest compose-check clean

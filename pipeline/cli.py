@@ -21,6 +21,8 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
         overrides["state_dir"] = Path(args.state_dir)
     if getattr(args, "meters", None):
         overrides["meters_file"] = Path(args.meters)
+    if getattr(args, "broker", None):
+        overrides["embedded_broker"] = args.broker
     return load_settings(**overrides)
 
 
@@ -56,19 +58,24 @@ def cmd_broker(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from pipeline.embedded import EmbeddedBroker
+    from pipeline.kafka_broker import choose_broker, describe_broker, new_broker
 
-    broker = EmbeddedBroker(port=args.port).start()
-    print(f"Kafka-protocol broker (Tansu, memory storage) on {broker.bootstrap}", flush=True)
+    settings = _settings(args)
+    _private_state_dir(settings)
+    choice = choose_broker(settings)
+    broker = new_broker(choice, settings, port=args.port).start()
+    print(f"{describe_broker(broker)} on {broker.bootstrap} ({choice.reason})", flush=True)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         while broker.proc is not None and broker.proc.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        return 0
     finally:
         broker.stop()
-    return 0
+    code = broker.proc.returncode if broker.proc is not None else None
+    print(f"meterstream: the broker exited by itself (code {code})", file=sys.stderr)
+    return 1
 
 
 def cmd_stripe_emulator(args: argparse.Namespace) -> int:
@@ -155,6 +162,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+BROKERS = ["auto", "kafka", "tansu"]
+BROKER_HELP = (
+    "the embedded broker (default METERSTREAM_EMBEDDED_BROKER, auto: Apache Kafka "
+    "where Java 17+ and its jars are found, else Tansu)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meterstream", description="Usage events in, exact billable totals out."
@@ -168,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="produce a synthetic load and show totals")
     p.add_argument("--duration", type=float, help="stop cleanly after this many seconds")
     p.add_argument("--rate", type=float, default=200.0, help="demo events per second")
+    p.add_argument("--broker", choices=BROKERS, help=BROKER_HELP)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -178,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("broker", parents=[common], help="run the embedded Kafka broker alone")
     p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--broker", choices=BROKERS, help=BROKER_HELP)
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser(

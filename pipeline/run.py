@@ -41,6 +41,7 @@ from pipeline.embedded import (
     write_endpoints,
 )
 from pipeline.errors import ConfigError, MeterstreamError
+from pipeline.kafka_broker import KafkaBroker, broker_name, embedded_broker
 from pipeline.logs import configure_logging
 from pipeline.meters import MetersConfig, load_meters
 from pipeline.settings import Settings
@@ -152,7 +153,7 @@ def stripe_totals(
 class Stack:
     settings: Settings
     state_dir: Path
-    broker: EmbeddedBroker | None = None
+    broker: EmbeddedBroker | KafkaBroker | None = None
     emulator: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
     endpoints: dict[str, str] = field(default_factory=dict)
@@ -162,7 +163,9 @@ class Stack:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         bootstrap = s.kafka_bootstrap_servers
         if not bootstrap:
-            self.broker = EmbeddedBroker(log=self.state_dir / "broker.log").start()
+            self.broker = embedded_broker(
+                s, state_dir=self.state_dir, log_path=self.state_dir / "broker.log"
+            ).start()
             bootstrap = self.broker.bootstrap
         api_base = s.stripe_api_base
         if not api_base and s.stripe_api_key is None:
@@ -193,6 +196,7 @@ class Stack:
         self._wait_healthy(web_url, timeout=120)
         self.endpoints = {
             "kafka_bootstrap": bootstrap,
+            "broker": broker_name(self.broker) if self.broker else "configured",
             "clickhouse_dsn": dsn,
             "stripe_api_base": api_base or "https://api.stripe.com",
             "web_url": web_url,

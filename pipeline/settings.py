@@ -43,6 +43,14 @@ class Settings(BaseSettings):
     # A worker with no answer from the broker for this long (since the last one)
     # exits with code 69 (pipeline/lifeline.py), to be restarted.
     broker_lost_seconds: float = Field(default=60.0, ge=1)
+    # The broker `meterstream run` and `meterstream broker` start when no bootstrap
+    # servers are set (pipeline/kafka_broker.py): auto = Apache Kafka where Java 17+
+    # and its jars (`make kafka-jars`) are found, Tansu otherwise.
+    embedded_broker: Literal["auto", "kafka", "tansu"] = "auto"
+    # The java executable for the embedded Kafka (default $JAVA_HOME/bin/java, or java
+    # on PATH), and the folder of Kafka's jars (default deploy/kafka/jars).
+    kafka_java: str | None = None
+    kafka_jars_dir: Path | None = None
 
     # ClickHouse
     clickhouse_dsn: str | None = None
@@ -116,6 +124,8 @@ class Settings(BaseSettings):
     @field_validator(
         "kafka_bootstrap_servers",
         "kafka_sasl_password",
+        "kafka_java",
+        "kafka_jars_dir",
         "api_key",
         "clickhouse_dsn",
         "clickhouse_password",

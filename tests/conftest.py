@@ -1,4 +1,5 @@
-"""Session-wide real components: one embedded broker, one Stripe emulator, one chdb path."""
+"""Session-wide real components: one embedded broker (and, for the tests that ask for it,
+one Apache Kafka), one Stripe emulator, one chdb path."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.embedded import EmbeddedBroker
+from pipeline.kafka_broker import KafkaBroker
 from tests.harness import StackSlice, http_json
 
 
@@ -15,6 +17,23 @@ from tests.harness import StackSlice, http_json
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
     log = tmp_path_factory.mktemp("broker") / "broker.log"
     with EmbeddedBroker(log=log) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """Apache Kafka (one KRaft node from Kafka's jars, pipeline/kafka_broker.py) with its
+    data in a session state dir; skips with the reason where Java 17+ or the jars
+    (`make kafka-jars`) are missing. The suites themselves run on ``broker`` (Tansu)."""
+    from pipeline.kafka_broker import jars_dir, java_command, kafka_unavailable
+    from pipeline.settings import Settings
+
+    settings = Settings()
+    problem = kafka_unavailable(settings)
+    if problem is not None:
+        pytest.skip(f"the embedded Apache Kafka cannot run here: {problem}")
+    state = tmp_path_factory.mktemp("kafka-state")
+    with KafkaBroker(state, java=java_command(settings), jars=jars_dir(settings)) as running:
         yield running
 
 

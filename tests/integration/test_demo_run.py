@@ -67,9 +67,14 @@ def test_two_demo_runs_on_one_state_dir_match_and_a_real_difference_fails(
     state = tmp_path / "state"
     first_code, first = _finish(_demo(state, 20), state)
     assert first_code == 0, first
-    # The refused InitProducerId of the transaction probe is not an ERROR line.
-    assert '"level":"error"' not in (state / "worker.log").read_text(), first
-    assert "the broker has no transactions" in (state / "worker.log").read_text()
+    # The refused InitProducerId of the transaction probe is not an ERROR line (Tansu);
+    # Apache Kafka grants one (the machine's default broker where Java 17+ is found).
+    log = (state / "worker.log").read_text()
+    assert '"level":"error"' not in log, first
+    if '"broker": "kafka"' in first:
+        assert "processing guarantee: exactly_once" in log
+    else:
+        assert '"broker": "tansu"' in first and "the broker has no transactions" in log
     summary = _summary(first)
     assert YES_CLICKHOUSE.search(summary), summary
     stripe_yes = YES_STRIPE.search(summary)
