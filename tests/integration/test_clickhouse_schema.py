@@ -25,6 +25,7 @@ from pipeline.aggregation import WindowState
 from pipeline.errors import ClickHouseError, MigrationError
 from pipeline.events import Reason, Rejection, UsageEvent
 from sinks.clickhouse import queries as q
+from sinks.clickhouse.analyst import AnalystSQL, SqlLimits
 from sinks.clickhouse.client import ClickHouse
 from sinks.clickhouse.migrate import MIGRATIONS_DIR, migrate
 from sinks.clickhouse.writer import (
@@ -86,6 +87,9 @@ def test_migrations_apply_once(ch: ClickHouse) -> None:
         "meter_usage_hourly": "View",
         "meter_usage_daily": "View",
         "meter_usage_monthly": "View",
+        "customer_mappings": "ReplacingMergeTree",
+        "stripe_customer_pins": "MergeTree",
+        "stripe_customer_refusals": "ReplacingMergeTree",
     }
     recorded = ch.query_rows("SELECT version, name FROM schema_migrations ORDER BY version")
     assert recorded == [(i + 1, name) for i, name in enumerate(ALL_MIGRATIONS)]
@@ -631,6 +635,11 @@ def test_a_table_changed_by_ddl_is_described_again(db: ClickHouse) -> None:
 # ---------------------------------------------------------------- read-only analyst queries
 
 
+def analyst(ch: ClickHouse) -> AnalystSQL:
+    """Analyst SQL on this connection's engine, with the default limits."""
+    return AnalystSQL(ch, SqlLimits())
+
+
 @pytest.mark.parametrize(
     "sql",
     [
@@ -644,7 +653,7 @@ def test_a_table_changed_by_ddl_is_described_again(db: ClickHouse) -> None:
 )
 def test_readonly_query_refuses_writes(db: ClickHouse, sql: str) -> None:
     with pytest.raises(ClickHouseError) as info:
-        db.readonly_query(sql)
+        analyst(db).query(sql)
     assert info.value.code == 164
     assert db.query_rows("EXISTS TABLE usage_events") == [(1,)]
 
@@ -656,13 +665,13 @@ def test_readonly_is_enforced_by_clickhouse_too(db: ClickHouse) -> None:
         "SELECT * FROM file('/etc/hostname', 'LineAsString')",
     ):
         with pytest.raises(ClickHouseError) as info:
-            db.readonly_query(sql)
+            analyst(db).query(sql)
         assert info.value.code == 164, sql
-    columns, rows = db.readonly_query("SELECT count() AS n, 'x' AS s FROM usage_events")
+    columns, rows = analyst(db).query("SELECT count() AS n, 'x' AS s FROM usage_events")
     assert (columns, rows) == (["n", "s"], [(0, "x")])
     # the writer's session is untouched: writes still work
     db.insert(USAGE_EVENTS, [usage_event_row(event("k"), 1)], USAGE_EVENTS_COLUMNS)
-    assert db.readonly_query("SELECT count() FROM usage_events")[1] == [(1,)]
+    assert analyst(db).query("SELECT count() FROM usage_events")[1] == [(1,)]
 
 
 def test_errors_keep_the_clickhouse_code(db: ClickHouse) -> None:
