@@ -216,7 +216,7 @@ class MappingStore:
         """
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
-        from pipeline.kafka import client_options
+        from pipeline.kafka import client_options, topic_partitions
 
         topic = self.settings.topic(CUSTOMERS.name)
         consumer = AIOKafkaConsumer(
@@ -228,8 +228,7 @@ class MappingStore:
         try:
             partitions: set[int] = set()
             while not partitions:
-                await consumer.topics()
-                partitions = consumer.partitions_for_topic(topic) or set()
+                partitions = await topic_partitions(consumer, topic)
                 if not partitions:
                     await asyncio.sleep(1.0)
             tps = [TopicPartition(topic, p) for p in sorted(partitions)]

@@ -49,3 +49,16 @@ def shorten_fetch_wait(app: Any, max_wait_ms: int = FETCH_MAX_WAIT_MS) -> bool:
         return False
     fetcher._fetch_max_wait_ms = max_wait_ms
     return True
+
+
+async def topic_partitions(consumer: Any, topic: str) -> set[int]:
+    """The partitions of ``topic`` from fresh metadata of every topic ("" when missing).
+
+    ``AIOKafkaConsumer.topics()`` fetches that metadata but does not keep it, so
+    ``partitions_for_topic`` answers only for topics the client already tracks: on
+    Apache Kafka, none for a consumer with no subscription (Tansu's first metadata
+    answer happens to list every topic, which hid this).
+    """
+    cluster = await consumer._client.fetch_all_metadata()
+    return set(cluster.partitions_for_topic(topic) or ())
+
