@@ -61,4 +61,3 @@ async def topic_partitions(consumer: Any, topic: str) -> set[int]:
     """
     cluster = await consumer._client.fetch_all_metadata()
     return set(cluster.partitions_for_topic(topic) or ())
-
