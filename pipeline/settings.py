@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     changelog_end_markers: bool = True
     # Fault injection for tests: while this file exists, every ClickHouse call fails.
     fault_clickhouse_down_file: Path | None = None
+    # Fault injection for tests: counting an event whose idempotency key starts with this
+    # raises inside the batch, after its record and meter_windows inserts (the batch
+    # isolation must set the event aside and count the rest).
+    fault_unprocessable_key: str | None = None
 
     @field_validator(
         "kafka_bootstrap_servers",

@@ -38,6 +38,7 @@ USAGE_EVENTS_COLUMNS: tuple[str, ...] = (
     "key_derived",
     "ingested_at",
     "meters",
+    "refused_meters",
 )
 METER_WINDOWS_COLUMNS: tuple[str, ...] = (
     "meter",
@@ -121,9 +122,14 @@ def decimal_38_9(value: Decimal) -> Decimal:
 
 
 def usage_event_row(
-    event: UsageEvent, ingested_at_ms: int, meters: Sequence[str] = ()
+    event: UsageEvent,
+    ingested_at_ms: int,
+    meters: Sequence[str] = (),
+    refused: Sequence[str] = (),
 ) -> tuple[Any, ...]:
-    """A usage_events row (USAGE_EVENTS_COLUMNS order); ``meters`` counted the event.
+    """A usage_events row (USAGE_EVENTS_COLUMNS order); ``meters`` counted the event,
+    ``refused`` refused it for range (``["*"]``: set aside as unprocessable, see
+    migrations/0007).
 
     Pass the Kafka record timestamp as ``ingested_at_ms`` rather than the wall
     clock: a batch rebuilt after a crash is then byte-identical and its
@@ -143,6 +149,7 @@ def usage_event_row(
         1 if event.key_derived else 0,
         int(ingested_at_ms),
         sorted(meters),
+        sorted(refused),
     )
 
 

@@ -50,6 +50,7 @@ ALL_MIGRATIONS = [
     "0004_stripe_meter_events",
     "0005_meter_usage_views",
     "0006_usage_events_meters",
+    "0007_usage_events_refused_meters",
 ]
 
 

@@ -151,10 +151,11 @@ def test_migration_files_are_versioned_in_order() -> None:
         "0004_stripe_meter_events",
         "0005_meter_usage_views",
         "0006_usage_events_meters",
+        "0007_usage_events_refused_meters",
     ]
-    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6]
+    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6, 7]
     assert all(m.checksum == checksum(m.sql) for m in migrations)
-    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1]
+    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1, 1]
 
 
 def _squash(sql: str) -> str:
@@ -281,7 +282,8 @@ def test_readonly_guard_refuses_everything_else(sql: str) -> None:
 def test_existing_keys_sql_escapes_and_sorts() -> None:
     sql = q.existing_keys_sql([("c1", "k1"), ("c'2", "k\\2"), ("c1", "k0"), ("c1", "k1")])
     assert sql == (
-        "SELECT customer_id, idempotency_key, any(fingerprint) AS fingerprint\n"
+        "SELECT customer_id, idempotency_key, any(fingerprint) AS fingerprint,"
+        " max(has(refused_meters, '*')) AS excluded\n"
         "FROM usage_events\n"
         "WHERE customer_id IN ('c\\'2', 'c1')\n"
         "  AND (customer_id, idempotency_key)"
@@ -294,13 +296,13 @@ def test_events_in_range_sql() -> None:
     assert q.events_in_range_sql(["c2", "c1"], ["api_call"], 1000, 2000) == (
         "SELECT event_name, customer_id, idempotency_key,"
         " toUnixTimestamp64Milli(timestamp) AS timestamp_ms,\n"
-        "       properties, key_derived, fingerprint\n"
+        "       properties, key_derived, fingerprint, refused_meters\n"
         "FROM usage_events\n"
         "WHERE customer_id IN ('c1', 'c2')\n"
         "  AND event_name IN ('api_call')\n"
         "  AND timestamp >= fromUnixTimestamp64Milli(toInt64(1000), 'UTC')\n"
         "  AND timestamp < fromUnixTimestamp64Milli(toInt64(2000), 'UTC')\n"
-        "ORDER BY customer_id, idempotency_key, ingested_at\n"
+        "ORDER BY customer_id, idempotency_key, has(refused_meters, '*') DESC, ingested_at\n"
         "LIMIT 1 BY customer_id, idempotency_key"
     )
     assert "event_name IN" not in q.events_in_range_sql(["c1"], None, 0, 1)
@@ -388,9 +390,11 @@ def test_usage_event_row() -> None:
         1,
         1_706_745_601_000,
         [],
+        [],
     )
     assert usage_event_row(_event(fingerprint="given"), 0)[5] == "given"
-    assert usage_event_row(_event(), 0, ["b", "a"])[-1] == ["a", "b"]
+    assert usage_event_row(_event(), 0, ["b", "a"])[-2] == ["a", "b"]
+    assert usage_event_row(_event(), 0, ["a"], ["z", "y"])[-2:] == (["a"], ["y", "z"])
 
 
 def test_rejected_row() -> None:

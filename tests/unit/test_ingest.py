@@ -74,8 +74,15 @@ def test_every_bad_event_is_listed_by_index() -> None:
 def test_malformed_json_is_not_a_batch() -> None:
     with pytest.raises(MalformedBody):
         check(b"{nope")
-    with pytest.raises(MalformedBody):
-        check(b"[" * 100_000)
+
+
+def test_nesting_too_deep_to_decode_is_an_invalid_body_not_malformed_json() -> None:
+    """Deeper than the decoder's recursion limit is refused for its depth (422, the
+    contract's 32 levels), not as "not JSON" (400): nothing that deep can be an event."""
+    for body in (b"[" * 100_000, b'{"events": [' + b"[" * 5_000 + b"]" * 5_000 + b"]}"):
+        result, problems = check(body)
+        assert not result.records
+        assert problems and "nested deeper than 32 levels" in problems[0]
 
 
 def test_gaps_filled_as_the_worker_would() -> None:
