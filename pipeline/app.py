@@ -263,11 +263,13 @@ class Pipeline:
         received: int,
         attempt: Attempt,
         exclude: AbstractSet[DedupKey] = frozenset(),
+        use_coverage: bool = True,
     ) -> BatchReport:
         """The batch's records through every step; ``attempt`` learns, as they are known,
         the events this call is responsible for counting and the windows it writes (what
-        an isolation must clean up if it raises). ``exclude``: events of a batch being
-        isolated, in the record but not counted yet, that window rebuilds must skip."""
+        an isolation must clean up if it raises). While a batch is isolated: ``exclude``,
+        events in the record but not counted yet that window rebuilds must skip, and no
+        coverage (a failed attempt may have inserted rows without writing their keys)."""
         report = BatchReport(records=len(records))
         decoded, rejections = processor.decode_batch(
             records, now_ms=received, horizon_ms=self.horizon_ms
@@ -278,9 +280,11 @@ class Pipeline:
         # Dedup: the table knows what was counted; the record knows what was accepted.
         # A key the table lacks is looked up in the record unless its customer is
         # covered (RecordCoverage: the table provably holds all its record keys).
-        coverage: RecordCoverage | None = await self._check_coverage(events, received, generation)
-        if self._coverage_epoch != (self.epoch, generation):
-            coverage = None  # a rebalance ran during the check: trust nothing this batch
+        coverage: RecordCoverage | None = None
+        if use_coverage:
+            coverage = await self._check_coverage(events, received, generation)
+            if self._coverage_epoch != (self.epoch, generation):
+                coverage = None  # a rebalance ran during the check: trust nothing this batch
         counted: dict[DedupKey, str] = {}
         unknown: set[DedupKey] = set()
         table_keys: dict[DedupKey, bytes] = {}  # each key encoded once per batch
@@ -493,12 +497,24 @@ class Pipeline:
             exc_info=error,
         )
         self.metrics.batch_isolations.inc()
-        self.new_epoch()
-        keys = [_key_of(_decode_one(rec, received, self.horizon_ms)) for rec in records]
+        parsed = [_decode_one(rec, received, self.horizon_ms) for rec in records]
+        keys = [_key_of(p) for p in parsed]
         responsible = set(attempt.responsible)
         dirty = set(attempt.windows)
         done: set[DedupKey] = set()
+        excluded: set[DedupKey] = set()  # set aside, to be marked in the record
+        aside: list[tuple[int, Exception, bool]] = []  # (index, error, mark)
         report = BatchReport(records=len(records))
+
+        def set_aside(index: int, exc: Exception) -> None:
+            key = keys[index]
+            mark = key is not None and key in responsible and key not in done
+            if mark:
+                assert key is not None
+                excluded.add(key)
+            aside.append((index, exc, mark))
+            if key is not None:
+                done.add(key)
 
         async def run(lo: int, hi: int) -> None:
             part_keys = {k for k in keys[lo:hi] if k is not None}
@@ -510,24 +526,20 @@ class Pipeline:
                     generation,
                     received,
                     sub,
-                    exclude=frozenset(responsible - done - part_keys),
+                    exclude=frozenset((responsible - done - part_keys) | excluded),
+                    use_coverage=False,
                 )
             except Exception as exc:
                 if is_dependency_failure(exc):
                     raise
                 responsible.update(sub.responsible)
                 dirty.update(sub.windows)
-                self.new_epoch()
-                if hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    await run(lo, mid)
-                    await run(mid, hi)
+                if hi - lo == 1:
+                    set_aside(lo, exc)
                     return
-                key = keys[lo]
-                mark = key is not None and key in responsible and key not in done
-                await self._set_aside(records[lo], exc, received, mark)
-                report.rejected[str(Reason.UNPROCESSABLE)] += 1
-                done.update(part_keys)
+                mid = (lo + hi) // 2
+                await run(lo, mid)
+                await run(mid, hi)
                 return
             done.update(part_keys)
             report.accepted += got.accepted
@@ -536,32 +548,39 @@ class Pipeline:
             report.windows_written += got.windows_written
             report.windows_recomputed += got.windows_recomputed
 
-        if len(records) > 1:
+        if len(records) == 1:
+            set_aside(0, error)
+        elif records:
             mid = len(records) // 2
             await run(0, mid)
             await run(mid, len(records))
-        elif records:
-            key = keys[0]
-            mark = key is not None and key in responsible
-            await self._set_aside(records[0], error, received, mark)
-            report.rejected[str(Reason.UNPROCESSABLE)] += 1
+        # Windows a failed attempt may have written, from the record without the records
+        # set aside; then the record is told they are set aside; then the dead letters.
+        # (A crash before the marks replays the batch, which fails and is isolated again.)
         if dirty:
-            await self._rewrite_windows(dirty, records, keys, context, received)
-        self.new_epoch()
+            await self._rewrite_windows(dirty, records, keys, context, received, excluded)
+        for index, exc, mark in aside:
+            await self._set_aside(records[index], parsed[index], exc, received, mark)
+        report.rejected[str(Reason.UNPROCESSABLE)] += len(aside)
+        self.new_epoch()  # the coverages are checked again from scratch
         log.warning(
             "batch isolated: %d record(s) set aside as unprocessable, the other %d processed",
-            report.rejected[str(Reason.UNPROCESSABLE)],
-            len(records) - report.rejected[str(Reason.UNPROCESSABLE)],
+            len(aside),
+            len(records) - len(aside),
         )
         return report
 
     async def _set_aside(
-        self, record: processor.SourceRecord, error: Exception, received: int, mark: bool
+        self,
+        record: processor.SourceRecord,
+        parsed: UsageEvent | Rejection | None,
+        error: Exception,
+        received: int,
+        mark: bool,
     ) -> None:
         """Dead-letter one record ``unprocessable``; when a failed attempt may have put it
         in the record (``mark``), record that it counts for no meter."""
         detail = f"processing failed: {type(error).__name__}: {error}"[:1000]
-        parsed = _decode_one(record, received, self.horizon_ms)
         customer = record.key.decode("utf-8", "replace")[:200] if record.key else ""
         key = ""
         marker = None
@@ -572,6 +591,8 @@ class Pipeline:
                     marker = writer.usage_event_row(parsed, received, (), (ALL_METERS,))
                 except Exception:  # the row cannot even be built: it was never inserted
                     marker = None
+        elif isinstance(parsed, Rejection) and parsed.customer_id:
+            customer, key = parsed.customer_id, parsed.idempotency_key
         log.error(
             "record %d@%d set aside as unprocessable (customer %r, key %r): %s",
             record.offset,
@@ -586,6 +607,7 @@ class Pipeline:
                 await self._insert(writer.USAGE_EVENTS, [marker], writer.USAGE_EVENTS_COLUMNS)
         await self._send_dlq([rejection], received)
         await self._write_rejected([rejection], [], received)
+        self.metrics.events_in.inc()
         self.metrics.rejected.inc(reason=str(Reason.UNPROCESSABLE))
 
     async def _rewrite_windows(
@@ -595,9 +617,11 @@ class Pipeline:
         record_keys: Sequence[DedupKey | None],
         context: dict[int, EventT],
         received: int,
+        exclude: AbstractSet[DedupKey],
     ) -> None:
-        """Rebuild ``keys`` from the record and write them (meter_windows, the windows
-        table): what failed attempts of an isolated batch may have written is replaced."""
+        """Rebuild ``keys`` from the record (without ``exclude``) and write them
+        (meter_windows, the windows table): what failed attempts of an isolated batch may
+        have written is replaced."""
         partition_of_customer = {
             key.customer_id: rec.partition
             for rec, key in zip(records, record_keys, strict=True)
@@ -608,7 +632,7 @@ class Pipeline:
             return
         aggs = self.meters.aggregators
         async with self.record_lock:
-            states = await self._recompute(keys)
+            states = await self._recompute(keys, exclude)
             dumps = {k: aggs[k.meter].dump(state) for k, state in states.items()}
             rows = self._window_rows(states, dumps, received)
             if rows:
