@@ -414,8 +414,10 @@ def parse_event(
 ) -> UsageEvent | Rejection:
     """Decode and validate one record value against the event contract.
 
-    ``key`` is the Kafka record key: a rejection whose body does not say who the
-    customer is (too large, not JSON) carries it as the customer id.
+    ``key`` is the Kafka record key, the customer id by contract: a rejection of a
+    record that is not a valid event (too large, not JSON, invalid) carries it as the
+    customer id, else the ``customer_id`` of its JSON if it has one (the body may not
+    say, or say it twice).
     """
     if len(raw) > max_bytes:
         customer, idempotency_key = _ids_of_large(raw)
@@ -458,7 +460,7 @@ def parse_event(
             Reason.INVALID_EVENT,
             "; ".join(problems),
             raw,
-            customer_id=customer or _key_text(key),
+            customer_id=_key_text(key) or customer,
             idempotency_key=idempotency_key,
         )
     late = timing_problem(event, now_ms=now_ms, horizon_ms=horizon_ms)
