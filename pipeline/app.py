@@ -40,7 +40,7 @@ import faust
 import orjson
 from faust.types import EventT
 
-from pipeline import processor
+from pipeline import isolation, processor
 from pipeline.aggregation import WindowState
 from pipeline.batching import broker_backlog, take_batches
 from pipeline.chio import ClickHouseIO
@@ -529,18 +529,10 @@ class Pipeline:
                     exclude=frozenset((responsible - done - part_keys) | excluded),
                     use_coverage=False,
                 )
-            except Exception as exc:
-                if is_dependency_failure(exc):
-                    raise
+            except Exception:
                 responsible.update(sub.responsible)
                 dirty.update(sub.windows)
-                if hi - lo == 1:
-                    set_aside(lo, exc)
-                    return
-                mid = (lo + hi) // 2
-                await run(lo, mid)
-                await run(mid, hi)
-                return
+                raise
             done.update(part_keys)
             report.accepted += got.accepted
             report.duplicates += got.duplicates
@@ -548,12 +540,7 @@ class Pipeline:
             report.windows_written += got.windows_written
             report.windows_recomputed += got.windows_recomputed
 
-        if len(records) == 1:
-            set_aside(0, error)
-        elif records:
-            mid = len(records) // 2
-            await run(0, mid)
-            await run(mid, len(records))
+        await isolation.bisect(len(records), error, run, set_aside, is_dependency_failure)
         # Windows a failed attempt may have written, from the record without the records
         # set aside; then the record is told they are set aside; then the dead letters.
         # (A crash before the marks replays the batch, which fails and is isolated again.)
