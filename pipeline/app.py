@@ -343,7 +343,7 @@ class Pipeline:
             rebuild = {k for k in absent if k not in (new_windows or ())} | uncounted_windows
             rebuilt = await self._recompute(rebuild, exclude) if rebuild else {}
             bases = {**table_states, **rebuilt}
-            processor.enforce_limits(self.meters, contrib, bases)
+            processor.enforce_limits(self.meters, contrib, bases, dd.fresh)
             bad = rejections + dd.conflicts + contrib.rejections
             # 1. The record, inserted while the new window states are computed.
             record_written = asyncio.ensure_future(
@@ -684,6 +684,7 @@ class Pipeline:
                 (
                     (k.customer_id, k.window_start_ms)
                     for k in map(processor.WindowKey.decode, self.windows.keys())
+                    if not k.is_total  # the table's only: never in meter_windows
                 ),
                 coverage.cutoff_ms,
             )

@@ -193,7 +193,7 @@ def may_repeat_keys(raw: bytes, decoded_colons: int) -> bool:
     """Whether ``raw`` (valid JSON) may hold a repeated key, given the number of ``:``
     in the canonical text of what it decoded to. False is certain; True needs
     :func:`duplicate_keys`."""
-    return raw.count(b":") != decoded_colons or _COLON_ESCAPE in raw
+    return raw.count(b":") != decoded_colons or (b"\\" in raw and _COLON_ESCAPE in raw)
 
 
 def duplicate_keys(raw: bytes | str) -> list[tuple[KeyPath, str]]:
@@ -245,13 +245,18 @@ def duplicate_problem(path: KeyPath, key: str) -> str:
 
 def _event_colons(doc: dict[str, Any], event: UsageEvent) -> int:
     """``:`` in the canonical text of a valid event's decoded document: one per top-level
-    key, those inside top-level strings, and those of the canonical properties."""
-    colons = len(doc)
-    for value in doc.values():
-        if type(value) is str:
-            colons += value.count(":")
-    if "properties" in doc:
-        colons += event.canonical_properties().count(":")
+    key, those inside its top-level strings, and those of the canonical properties."""
+    colons = (
+        len(doc)
+        + event.event_name.count(":")
+        + event.customer_id.count(":")
+        + event.canonical_properties().count(":")
+    )
+    if not event.key_derived:
+        colons += event.idempotency_key.count(":")
+    timestamp = doc.get("timestamp")
+    if type(timestamp) is str:
+        colons += timestamp.count(":")
     return colons
 
 

@@ -41,7 +41,7 @@ from typing import Final, NamedTuple
 
 import orjson
 
-from pipeline.aggregation import EXACT, Aggregator, WindowState
+from pipeline.aggregation import EXACT, WindowState
 from pipeline.dedup import DedupKey, json_key
 from pipeline.events import ALL_METERS, Reason, Rejection, UsageEvent, parse_event
 from pipeline.meters import InvalidValue, Meter, MetersConfig
@@ -192,11 +192,9 @@ class Contributions:
     counted_by: dict[DedupKey, list[str]] = field(default_factory=dict)
     # windows of matching events whose value the meter could not read (not in states)
     invalid_windows: set[WindowKey] = field(default_factory=set)
-    # sum meters: the batch's (event, window key, value) per series, in arrival order
-    # (what enforce_limits re-folds when a total could leave the range)
-    sum_entries: dict[Series, list[tuple[UsageEvent, WindowKey, Decimal]]] = field(
-        default_factory=dict
-    )
+    # sum meters: the greatest and least value the batch adds (enforce_limits' bound)
+    sum_high: dict[str, Decimal] = field(default_factory=dict)
+    sum_low: dict[str, Decimal] = field(default_factory=dict)
     # meters that refused an event because a total would have left the range
     refused: dict[DedupKey, list[str]] = field(default_factory=dict)
 
@@ -210,10 +208,11 @@ def contributions(meters: MetersConfig, events: Iterable[UsageEvent]) -> Contrib
     the meters that counted each event (empty: it matched no meter).
 
     Range decisions on running totals need the windows' states before the batch:
-    they are taken afterwards by :func:`enforce_limits`."""
+    they are taken afterwards by :func:`enforce_limits`, which also adds the
+    customer-total keys."""
     out = Contributions()
     states, counted_by, aggs = out.states, out.counted_by, meters.aggregators
-    sum_entries = out.sum_entries
+    high, low = out.sum_high, out.sum_low
     for event in events:
         counted = counted_by[DedupKey.of(event)] = []
         for meter in meters.for_event_name(event.event_name):
@@ -241,92 +240,136 @@ def contributions(meters: MetersConfig, events: Iterable[UsageEvent]) -> Contrib
                 state = states[key] = agg.start()
             states[key] = agg.add(state, value, event.timestamp_ms, event.idempotency_key)
             counted.append(meter.name)
-            if meter.aggregation == "sum":
-                assert isinstance(value, Decimal)
-                series = (meter.name, event.customer_id, key.window_start_ms)
-                entries = sum_entries.get(series)
-                if entries is None:
-                    entries = sum_entries[series] = []
-                entries.append((event, key, value))
-                if meter.guards_customer_total:
-                    tkey = total_key(key)
-                    state = states.get(tkey)
-                    if state is None:
-                        state = states[tkey] = agg.start()
-                    agg.add(state, value, event.timestamp_ms, event.idempotency_key)
+            if agg.kind == "sum":  # the value is a Decimal: the bound of enforce_limits
+                name = meter.name
+                top = high.get(name)
+                if top is None or value > top:  # type: ignore[operator]
+                    high[name] = value  # type: ignore[assignment]
+                bottom = low.get(name)
+                if bottom is None or value < bottom:  # type: ignore[operator]
+                    low[name] = value  # type: ignore[assignment]
     return out
+
+
+def enforce_limits(
+    meters: MetersConfig,
+    contrib: Contributions,
+    bases: Mapping[WindowKey, WindowState],
+    events: Iterable[UsageEvent],
+) -> None:
+    """Refuse every fresh event that would take a running total of a sum meter out of
+    its range (pipeline/meters.py, "Ranges"), in arrival order; updates ``contrib``,
+    adding the customer-total keys of meters that keep them.
+
+    ``bases`` holds the state before this batch of every window (and customer-total
+    key) of ``contrib.states`` that has one (absent: empty); ``events`` are the fresh
+    events ``contrib`` was computed from, in arrival order. A refused event is taken
+    out of that meter's windows (the window keeps its last good state), out of
+    ``counted_by``, listed in ``refused`` (for the record) and dead-lettered
+    ``invalid_value`` naming the meter; it still counts for its other meters.
+
+    Cheap unless a total comes near the limit: a window whose base plus its batch
+    event count times the batch's largest |value| stays inside cannot leave the range
+    whatever the order, so only the other series are folded again, event by event.
+    """
+    if not contrib.sum_high:
+        return
+    states = contrib.states
+    events = list(events)
+    count_digits = len(str(len(events)))  # every key's event count is below 10^this
+    # Per sum meter of the batch: its limit, the batch's largest |value|, and the
+    # exponent below which the batch's part of any one running total stays (n < 10^d
+    # events of |value| < 10^e: below 10^(d + e)).
+    bounds: dict[str, tuple[Decimal, Decimal, int, int]] = {}
+    for name, top in contrib.sum_high.items():
+        limit = meters.by_name(name).limit
+        largest = max(top.copy_abs(), contrib.sum_low[name].copy_abs())
+        bounds[name] = (limit, largest, limit.adjusted(), largest.adjusted() + 1 + count_digits)
+    sum_keys = [key for key in states if key.meter in bounds]
+    guarded = {name for name in bounds if meters.by_name(name).guards_customer_total}
+    if guarded:
+        totals: dict[WindowKey, WindowState] = {}
+        for key in sum_keys:
+            if key.meter in guarded:
+                state, tkey = states[key], total_key(key)
+                total = totals.get(tkey)
+                if total is None:
+                    totals[tkey] = WindowState(state.event_count, state.value)
+                else:
+                    total.event_count += state.event_count
+                    total.value = EXACT.add(total.value or _ZERO, state.value or _ZERO)
+        states.update(totals)
+        sum_keys += totals
+    flagged: set[Series] = set()
+    for key in sum_keys:
+        limit, largest, limit_exp, batch_exp = bounds[key.meter]
+        base = bases.get(key)
+        value = None if base is None else base.value
+        # fast and sound: |base| < 10^a and the batch's part < 10^b, so the running
+        # total stays below 10^(max(a, b) + 1) <= limit whatever the order
+        base_exp = 0 if not value else value.adjusted() + 1
+        if max(base_exp, batch_exp) < limit_exp:
+            continue
+        room = EXACT.subtract(limit, _magnitude(base))
+        if EXACT.multiply(largest, states[key].event_count) >= room:
+            flagged.add((key.meter, key.customer_id, key.window_start_ms))
+    if flagged:
+        _refold(meters, contrib, flagged, bases, events)
 
 
 def _magnitude(state: WindowState | None) -> Decimal:
     return _ZERO if state is None or state.value is None else state.value.copy_abs()
 
 
-def enforce_limits(
-    meters: MetersConfig, contrib: Contributions, bases: Mapping[WindowKey, WindowState]
-) -> None:
-    """Refuse every fresh event that would take a running total of a sum meter out of
-    its range (pipeline/meters.py, "Ranges"), in arrival order; updates ``contrib``.
-
-    ``bases`` holds the state before this batch of every window (and customer-total
-    key) of ``contrib.states`` that has one (absent: empty). A refused event is taken
-    out of that meter's windows (the window keeps its last good state), out of
-    ``counted_by``, listed in ``refused`` (for the record) and dead-lettered
-    ``invalid_value`` naming the meter; it still counts for its other meters.
-    Cheap unless a total comes near the limit: a series is re-folded event by event
-    only when its largest base plus every |value| of the batch could reach it.
-    """
-    for series, entries in contrib.sum_entries.items():
-        meter = meters.by_name(series[0])
-        seen: set[WindowKey] = set()
-        peak = _ZERO
-        swing = _ZERO
-        for _, key, value in entries:
-            swing = EXACT.add(swing, value.copy_abs())
-            if key not in seen:
-                seen.add(key)
-                peak = max(peak, _magnitude(bases.get(key)))
-        tkey = total_key(entries[0][1]) if meter.guards_customer_total else None
-        if tkey is not None:
-            peak = max(peak, _magnitude(bases.get(tkey)))
-            seen.add(tkey)
-        if EXACT.add(peak, swing) < meter.limit:
-            continue
-        _refold(meter, meters.aggregators[meter.name], contrib, entries, seen, tkey, bases)
-
-
 def _refold(
-    meter: Meter,
-    agg: Aggregator,
+    meters: MetersConfig,
     contrib: Contributions,
-    entries: list[tuple[UsageEvent, WindowKey, Decimal]],
-    keys: set[WindowKey],
-    tkey: WindowKey | None,
+    flagged: set[Series],
     bases: Mapping[WindowKey, WindowState],
+    events: Iterable[UsageEvent],
 ) -> None:
-    """The series' events again, one by one against the running totals."""
-    limit = meter.limit
+    """The flagged series' events again, in arrival order, one by one against the
+    running totals of their window and (if kept) their customer total."""
+    aggs = meters.aggregators
     running: dict[WindowKey, Decimal] = {}
     accepted: dict[WindowKey, WindowState] = {}
-    for event, key, value in entries:
-        targets = (key,) if tkey is None else (key, tkey)
-        totals = []
-        for target in targets:
-            current = running.get(target)
-            if current is None:
-                base = bases.get(target)
-                current = _ZERO if base is None or base.value is None else base.value
-            totals.append(EXACT.add(current, value))
-        over = next((i for i, total in enumerate(totals) if total.copy_abs() >= limit), None)
-        if over is not None:
-            _refuse(meter, contrib, event, targets[over], value, totals[over])
-            continue
-        for target, total in zip(targets, totals, strict=True):
-            running[target] = total
-            state = accepted.get(target)
-            if state is None:
-                state = accepted[target] = agg.start()
-            agg.add(state, value, event.timestamp_ms, event.idempotency_key)
-    for key in keys:
+    touched: set[WindowKey] = set()
+    for event in events:
+        for meter in meters.for_event_name(event.event_name):
+            if (meter.name, event.customer_id, meter.window_bounds(event.timestamp_ms)[0]) not in (
+                flagged
+            ) or not meter.matches(event):
+                continue
+            if meter.name in contrib.refused.get(DedupKey.of(event), ()):
+                continue
+            try:
+                value = meter.extract(event)
+            except InvalidValue:
+                continue
+            assert isinstance(value, Decimal)
+            key = window_key(meter, event)
+            targets = (key, total_key(key)) if meter.guards_customer_total else (key,)
+            touched.update(targets)
+            limit = meter.limit
+            after = []
+            for target in targets:
+                current = running.get(target)
+                if current is None:
+                    base = bases.get(target)
+                    current = _ZERO if base is None or base.value is None else base.value
+                after.append(EXACT.add(current, value))
+            over = next((i for i, total in enumerate(after) if total.copy_abs() >= limit), None)
+            if over is not None:
+                _refuse(meter, contrib, event, targets[over], value, after[over])
+                continue
+            agg = aggs[meter.name]
+            for target, total in zip(targets, after, strict=True):
+                running[target] = total
+                state = accepted.get(target)
+                if state is None:
+                    state = accepted[target] = agg.start()
+                agg.add(state, value, event.timestamp_ms, event.idempotency_key)
+    for key in touched:
         if key in accepted:
             contrib.states[key] = accepted[key]
         else:

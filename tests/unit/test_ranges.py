@@ -111,7 +111,7 @@ def test_a_window_keeps_its_last_good_state() -> None:
     events = [ev("k1", limit * 6 / 10), ev("k2", limit * 6 / 10), ev("k3", 5)]
     contrib = contributions(METERS, events)
     key = WindowKey("tokens", "c", "{}", T0)
-    enforce_limits(METERS, contrib, {})
+    enforce_limits(METERS, contrib, {}, events)
     assert contrib.states[key] == sum_state(limit * 6 / 10 + 5, 2)
     assert contrib.refused == {DedupKey("c", "k2"): ["tokens"]}
     # (6e22 is out of the Stripe meter's range anyway: not counted there either)
@@ -127,8 +127,9 @@ def test_a_window_keeps_its_last_good_state() -> None:
 def test_the_base_state_counts() -> None:
     limit = TOKENS.limit
     key = WindowKey("tokens", "c", "{}", T0)
-    contrib = contributions(METERS, [ev("k1", 10), ev("k2", -20)])
-    enforce_limits(METERS, contrib, {key: sum_state(limit - 5)})
+    events = [ev("k1", 10), ev("k2", -20)]
+    contrib = contributions(METERS, events)
+    enforce_limits(METERS, contrib, {key: sum_state(limit - 5)}, events)
     assert contrib.refused == {DedupKey("c", "k1"): ["tokens"]}
     assert contrib.states[key] == sum_state(Decimal(-20))
 
@@ -137,7 +138,7 @@ def test_a_stripe_meter_checks_the_customer_total_over_all_groups() -> None:
     limit = BILLED.limit
     events = [ev("k1", limit * 6 / 10, "a"), ev("k2", limit * 6 / 10, "b"), ev("k3", 1, "b")]
     contrib = contributions(METERS, events)
-    enforce_limits(METERS, contrib, {})
+    enforce_limits(METERS, contrib, {}, events)
     assert contrib.refused == {DedupKey("c", "k2"): ["billed"]}
     tkey = WindowKey("billed", "c", ALL_GROUPS, T0)
     assert tkey.is_total and total_key(WindowKey("billed", "c", "{}", T0)) == tkey
@@ -150,8 +151,9 @@ def test_a_stripe_meter_checks_the_customer_total_over_all_groups() -> None:
 
 def test_a_series_whose_every_event_is_refused_leaves_no_delta() -> None:
     key = WindowKey("tokens", "c", "{}", T0)
-    contrib = contributions(METERS, [ev("k1", 5)])
-    enforce_limits(METERS, contrib, {key: sum_state(TOKENS.limit - 1)})
+    events = [ev("k1", 5)]
+    contrib = contributions(METERS, events)
+    enforce_limits(METERS, contrib, {key: sum_state(TOKENS.limit - 1)}, events)
     assert key not in contrib.states
 
 
@@ -169,7 +171,7 @@ def test_the_total_never_leaves_the_range_and_matches_the_reference(
     key = WindowKey("tokens", "c", "{}", T0)
     events = [ev(f"k{i:03d}", v) for i, v in enumerate(values)]
     contrib = contributions(METERS, events)
-    enforce_limits(METERS, contrib, {key: sum_state(base)})
+    enforce_limits(METERS, contrib, {key: sum_state(base)}, events)
     accepted = fold_reference([v for v in values if abs(v) < limit], base, limit)
     readable = [v for v in values if abs(v) < limit]
     expected_delta = sum((v for v, ok in zip(readable, accepted, strict=True) if ok), Decimal(0))
@@ -204,7 +206,7 @@ def test_a_rebuild_in_any_order_equals_the_live_result(
         ev(f"k{i:03d}", limit * t / 10, models[i % 3]) for i, t in enumerate(tenths) if abs(t) < 10
     ]
     contrib = contributions(METERS, events)
-    enforce_limits(METERS, contrib, {})
+    enforce_limits(METERS, contrib, {}, events)
     live = merge_into(METERS, {}, contrib.states)
     record = record_of(events, contrib.refused)
     rng.shuffle(record)
