@@ -312,7 +312,7 @@ class Pipeline:
 
         contrib = processor.contributions(self.meters, dd.fresh)
         deltas = contrib.states
-        uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted)
+        uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted, totals=True)
         aggs = self.meters.aggregators
         encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
         window_cache = self._decoded_windows

@@ -406,16 +406,18 @@ def _refuse(
     )
 
 
-def windows_of(meters: MetersConfig, events: Iterable[UsageEvent]) -> set[WindowKey]:
-    """Every window the events fall in, for every meter they match (with the
-    customer-total keys of meters that keep one)."""
+def windows_of(
+    meters: MetersConfig, events: Iterable[UsageEvent], *, totals: bool = False
+) -> set[WindowKey]:
+    """Every window the events fall in, for every meter they match (``totals``: and
+    the customer-total keys of meters that keep one)."""
     out: set[WindowKey] = set()
     for event in events:
         for meter in meters.for_event_name(event.event_name):
             if meter.matches(event):
                 key = window_key(meter, event)
                 out.add(key)
-                if meter.guards_customer_total:
+                if totals and meter.guards_customer_total:
                     out.add(total_key(key))
     return out
 

@@ -210,7 +210,7 @@ def test_a_rebuild_in_any_order_equals_the_live_result(
     live = merge_into(METERS, {}, contrib.states)
     record = record_of(events, contrib.refused)
     rng.shuffle(record)
-    keys = windows_of(METERS, events)
+    keys = windows_of(METERS, events, totals=True)
     rebuilt = recompute_windows(METERS, keys, record)
     for key in keys:
         agg = aggregator_for(METERS.by_name(key.meter).aggregation)
@@ -222,7 +222,7 @@ def test_a_rebuild_in_any_order_equals_the_live_result(
 def test_a_rebuild_skips_unprocessable_and_excluded_events() -> None:
     events = [ev("k1", 1), ev("k2", 2), ev("k3", 4)]
     record = record_of(events, {DedupKey("c", "k2"): [ALL_METERS]})
-    keys = windows_of(METERS, events)
+    keys = windows_of(METERS, events, totals=True)
     states = recompute_windows(METERS, keys, record, exclude={DedupKey("c", "k3")})
     assert states[WindowKey("tokens", "c", "{}", T0)] == sum_state(Decimal(1))
     assert states[WindowKey("chats", "c", "{}", T0)].event_count == 1
