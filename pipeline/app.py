@@ -313,8 +313,10 @@ class Pipeline:
         contrib = processor.contributions(self.meters, dd.fresh)
         deltas = contrib.states
         uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted, totals=True)
+        # the windows the batch adds to, and the customer totals enforce_limits adds
+        touched = deltas.keys() | processor.total_keys(self.meters, deltas)
         aggs = self.meters.aggregators
-        encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
+        encoded = {key: key.encode() for key in touched | uncounted_windows}
         window_cache = self._decoded_windows
 
         # 1. The record, then 2. the windows, under the record lock: a Stripe
@@ -326,7 +328,7 @@ class Pipeline:
             # decisions (enforce_limits) are taken against it, in arrival order, and go
             # into the record rows; a rebuild later reads them back, never re-decides.
             table_states: dict[processor.WindowKey, WindowState] = {}
-            for wkey in deltas:
+            for wkey in touched:
                 raw_key = encoded[wkey]
                 raw = windows_get(raw_key)
                 if raw is None:
@@ -335,7 +337,7 @@ class Pipeline:
                 table_states[wkey] = (
                     load(raw) if window_cache is None else window_cache.get(raw_key, raw, load)
                 )
-            absent = [k for k in deltas if k not in table_states]
+            absent = [k for k in touched if k not in table_states]
             # a customer-total key is never "new": its groups may be elsewhere
             new_windows = await self._new_windows(
                 [k for k in absent if not k.is_total], coverage, generation

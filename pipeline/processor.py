@@ -179,6 +179,14 @@ def total_key(key: WindowKey) -> WindowKey:
     return _new_tuple(WindowKey, (key.meter, key.customer_id, ALL_GROUPS, key.window_start_ms))
 
 
+def total_keys(meters: MetersConfig, keys: Iterable[WindowKey]) -> set[WindowKey]:
+    """The customer-total keys of ``keys`` (group windows of meters that keep one)."""
+    guarded = {meter.name for meter in meters.meters if meter.guards_customer_total}
+    if not guarded:
+        return set()
+    return {total_key(key) for key in keys if key.meter in guarded and not key.is_total}
+
+
 Series = tuple[str, str, int]
 """(meter, customer_id, window_start_ms): the windows one range decision looks at."""
 

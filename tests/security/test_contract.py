@@ -168,6 +168,7 @@ def test_kafka_dead_letters_name_the_customer_and_refuse_repeated_keys(
         what="the good events counted",
     )
     assert worker.proc.poll() is None, worker.log()[-3000:]
+    assert "isolating the record(s)" not in worker.log(), "a contract problem made a batch raise"
     rows = worker.sql("SELECT reason, customer_id, idempotency_key, detail FROM rejected_events")
     by_customer = {r["customer_id"]: r for r in rows}
     expected = {

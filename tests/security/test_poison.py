@@ -285,6 +285,8 @@ def test_out_of_range_values_never_stop_the_worker(stack: StackSlice) -> None:
     wait_until(lambda: record_count(worker) == good_events, timeout=120, what="record complete")
     settle(lambda: windows(worker), expected, "windows exact", timeout=60)
     assert worker.proc.poll() is None, worker.log()[-3000:]
+    # out-of-range values are data, decided by the range checks: no batch ever raised
+    assert metric_value(worker.metrics(), "meterstream_batch_isolations_total") == 0
 
     dead = rejected(worker)
     for key, meter in load.poison_keys.items():
@@ -322,6 +324,7 @@ def test_out_of_range_values_never_stop_the_worker(stack: StackSlice) -> None:
     )
     settle(lambda: windows(worker), after, "windows exact after restart", timeout=60)
     assert metric_value(worker.metrics(), "meterstream_windows_recomputed_total") > 0
+    assert metric_value(worker.metrics(), "meterstream_batch_isolations_total") == 0
     assert worker.proc.poll() is None, worker.log()[-3000:]
     assert monthly(worker) == {k: v for k, (v, _) in after.items()}
     worker.stop()
@@ -381,6 +384,7 @@ def test_stripe_meter_totals_stay_within_int64(stack: StackSlice) -> None:
         assert dead.get(key) == [("invalid_value", "billed")], (key, dead.get(key))
     assert not {"g-1", "g-3", "i-4"} & set(dead)
     assert "does not fit Stripe's ledger" not in worker.log(), "the forwarder had to hold"
+    assert metric_value(worker.metrics(), "meterstream_batch_isolations_total") == 0
     assert worker.proc.poll() is None
 
     worker.stop(signal.SIGKILL)
@@ -393,6 +397,7 @@ def test_stripe_meter_totals_stay_within_int64(stack: StackSlice) -> None:
         timeout=120,
         what="Stripe totals after the restart",
     )
+    assert metric_value(worker.metrics(), "meterstream_batch_isolations_total") == 0
     assert worker.proc.poll() is None
     worker.stop()
 
