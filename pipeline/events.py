@@ -243,6 +243,14 @@ def duplicate_problem(path: KeyPath, key: str) -> str:
     return f"{where + ': ' if where else ''}duplicate key {key!r} (keys must be unique)"
 
 
+def repeated_key_problems(raw: bytes, doc: Any, event: UsageEvent | None) -> list[str]:
+    """The repeated keys of a record value, as problems ([] when none): the fast check
+    for a valid ``event`` decoded from ``raw`` as ``doc``; exact for anything else."""
+    if event is not None and not may_repeat_keys(raw, _event_colons(doc, event)):
+        return []
+    return [duplicate_problem(path, name) for path, name in duplicate_keys(raw)]
+
+
 def _event_colons(doc: dict[str, Any], event: UsageEvent) -> int:
     """``:`` in the canonical text of a valid event's decoded document: one per top-level
     key, those inside its top-level strings, and those of the canonical properties."""
@@ -455,10 +463,9 @@ def parse_event(
         return Rejection(
             Reason.INVALID_JSON, str(exc)[:300], raw, _key_text(key) or customer, idempotency_key
         )
-    if event is None or may_repeat_keys(raw, _event_colons(doc, event)):
-        repeated = [duplicate_problem(path, name) for path, name in duplicate_keys(raw)]
-        if repeated:
-            event, problems = None, problems + repeated
+    repeated = repeated_key_problems(raw, doc, event)
+    if repeated:
+        event, problems = None, problems + repeated
     if event is None:
         customer, idempotency_key = _ids(doc)
         return Rejection(

@@ -267,3 +267,17 @@ def test_rejection_text_is_always_utf8() -> None:
 
     orjson.dumps(result.to_dlq(NOW))  # raised before: surrogates not allowed
     assert Rejection(Reason.INVALID_VALUE, "x\ud800", b"", "\udfff").detail == "x?"
+
+
+def test_produce_reports_repeated_keys_and_deep_lines_instead_of_sending_them() -> None:
+    from pipeline.produce import check_lines
+
+    good = b'{"event_name":"e","customer_id":"c","idempotency_key":"k"}'
+    twice = b'{"event_name":"e","customer_id":"c","customer_id":"d"}'
+    deep = b'{"event_name":"e","customer_id":"c","properties":' + b"[" * 5_000 + b"]" * 5_000
+    sent, bad = check_lines([good, twice, deep + b"}"])
+    assert sent == [(b"c", good)]
+    assert bad == [
+        "line 2: duplicate key 'customer_id' (keys must be unique)",
+        "line 3: nested deeper than 32 levels",
+    ]
