@@ -46,7 +46,7 @@ from pipeline.batching import broker_backlog, take_batches
 from pipeline.chio import ClickHouseIO
 from pipeline.dedup import DedupEntry, DedupKey, RecordCoverage
 from pipeline.errors import DependencyError
-from pipeline.events import ALL_METERS, Reason, Rejection, UsageEvent
+from pipeline.events import Reason, Rejection, UsageEvent
 from pipeline.gaps import GapFiller
 from pipeline.kafka import client_options, shorten_fetch_wait
 from pipeline.meters import MetersConfig
@@ -577,7 +577,7 @@ class Pipeline:
             customer, key = parsed.customer_id, parsed.idempotency_key
             if mark:
                 try:
-                    marker = writer.usage_event_row(parsed, received, (), (ALL_METERS,))
+                    marker = writer.unprocessable_row(parsed)
                 except Exception:  # the row cannot even be built: it was never inserted
                     marker = None
         elif isinstance(parsed, Rejection) and parsed.customer_id:
@@ -740,13 +740,13 @@ class Pipeline:
         received: int,
     ) -> None:
         if accepted:
-            rows = []
-            for ev in accepted:
-                key = DedupKey.of(ev)
-                rows.append(
-                    writer.usage_event_row(ev, received, counted_by[key], refused.get(key, ()))
-                )
-            await self._insert(writer.USAGE_EVENTS, rows, writer.USAGE_EVENTS_COLUMNS)
+            rows, columns = writer.usage_event_rows(
+                accepted,
+                received,
+                lambda ev: counted_by[DedupKey.of(ev)],
+                lambda ev: refused.get(DedupKey.of(ev), ()),
+            )
+            await self._insert(writer.USAGE_EVENTS, rows, columns)
 
     async def _write_rejected(
         self, bad: list[Rejection], duplicates: list[UsageEvent], received: int

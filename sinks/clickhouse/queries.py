@@ -276,8 +276,9 @@ def events_in_range_sql(
 
     ``LIMIT 1 BY`` (first ingested wins) rather than FINAL: it does not depend
     on merges or on duplicates sharing a partition, and keeps the result
-    deterministic. A row marking the key unprocessable (``refused_meters = ['*']``,
-    written after the event itself) wins over the event's own row.
+    deterministic. A row marking the key unprocessable (``refused_meters = ['*']``) is
+    written with the epoch as ``ingested_at`` (writer.UNPROCESSABLE_INGESTED_AT_MS), so
+    it wins over the event's own row.
     """
     names = "" if event_names is None else f"  AND event_name IN {sql_string_list(event_names)}\n"
     customers = "1" if customer_ids is None else f"customer_id IN {sql_string_list(customer_ids)}"
@@ -290,7 +291,7 @@ def events_in_range_sql(
         f"{names}"
         f"  AND timestamp >= {sql_ms(start_ms)}\n"
         f"  AND timestamp < {sql_ms(end_ms)}\n"
-        "ORDER BY customer_id, idempotency_key, has(refused_meters, '*') DESC, ingested_at\n"
+        "ORDER BY customer_id, idempotency_key, ingested_at\n"
         "LIMIT 1 BY customer_id, idempotency_key"
     )
 

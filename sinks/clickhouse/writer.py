@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any, Protocol
 
-from pipeline.events import Rejection, UsageEvent, content_fingerprint
+from pipeline.events import ALL_METERS, Rejection, UsageEvent, content_fingerprint
 from sinks.clickhouse.client import ClickHouse
 
 USAGE_EVENTS = "usage_events"
@@ -151,6 +151,32 @@ def usage_event_row(
         sorted(meters),
         sorted(refused),
     )
+
+
+UNPROCESSABLE_INGESTED_AT_MS = 0
+"""``ingested_at`` of the row that marks a key unprocessable (``refused_meters = ['*']``):
+the epoch, so that every read of the record, which keeps the first ingested row of a
+key (``LIMIT 1 BY`` after ``ORDER BY ... ingested_at``), keeps the mark."""
+
+
+def unprocessable_row(event: UsageEvent) -> tuple[Any, ...]:
+    """The usage_events row that marks ``event`` as set aside: counted by no meter."""
+    return usage_event_row(event, UNPROCESSABLE_INGESTED_AT_MS, (), (ALL_METERS,))
+
+
+def usage_event_rows(
+    events: Sequence[UsageEvent],
+    ingested_at_ms: int,
+    meters: Callable[[UsageEvent], Sequence[str]],
+    refused: Callable[[UsageEvent], Sequence[str]],
+) -> tuple[list[tuple[Any, ...]], tuple[str, ...]]:
+    """Rows and columns of one usage_events insert. ``refused_meters`` is left out (its
+    default ``[]`` applies) when no event was refused: the common case, and one column
+    less for ClickHouse to parse per row."""
+    rows = [usage_event_row(ev, ingested_at_ms, meters(ev), refused(ev)) for ev in events]
+    if any(row[-1] for row in rows):
+        return rows, USAGE_EVENTS_COLUMNS
+    return [row[:-1] for row in rows], USAGE_EVENTS_COLUMNS[:-1]
 
 
 def rejected_row(rejection: Rejection, received_at_ms: int) -> tuple[Any, ...]:

@@ -302,7 +302,7 @@ def test_events_in_range_sql() -> None:
         "  AND event_name IN ('api_call')\n"
         "  AND timestamp >= fromUnixTimestamp64Milli(toInt64(1000), 'UTC')\n"
         "  AND timestamp < fromUnixTimestamp64Milli(toInt64(2000), 'UTC')\n"
-        "ORDER BY customer_id, idempotency_key, has(refused_meters, '*') DESC, ingested_at\n"
+        "ORDER BY customer_id, idempotency_key, ingested_at\n"
         "LIMIT 1 BY customer_id, idempotency_key"
     )
     assert "event_name IN" not in q.events_in_range_sql(["c1"], None, 0, 1)
@@ -558,3 +558,16 @@ def test_add_checks_table_and_width() -> None:
         writer.add("nope", ())
     with pytest.raises(ValueError):
         writer.add(USAGE_EVENTS, ("too", "short"))
+
+
+def test_usage_event_rows_leave_out_refused_meters_unless_needed() -> None:
+    from sinks.clickhouse.writer import unprocessable_row, usage_event_rows
+
+    a, b = _event(), _event(idempotency_key="01J001")
+    rows, columns = usage_event_rows([a, b], 5, lambda e: ["m"], lambda e: ())
+    assert columns == USAGE_EVENTS_COLUMNS[:-1] and all(len(r) == len(columns) for r in rows)
+    rows, columns = usage_event_rows([a, b], 5, lambda e: ["m"], lambda e: ["x"] if e is b else ())
+    assert columns == USAGE_EVENTS_COLUMNS
+    assert [r[-1] for r in rows] == [[], ["x"]]
+    mark = unprocessable_row(a)
+    assert (mark[-3], mark[-2], mark[-1]) == (0, [], ["*"])  # ingested at the epoch: read first

@@ -4,7 +4,7 @@
 --   * meter names: those meters refused the event because it would have taken a total
 --     out of the meter's range (dead-lettered as invalid_value, naming the meter),
 --   * ['*']: the event was set aside as unprocessable (processing it raised), it is
---     counted by no meter. Written as a second row for the same key, which reads
---     prefer (ORDER BY has(refused_meters, '*') DESC before LIMIT 1 BY).
+--     counted by no meter. Written as a second row for the same key with the epoch as
+--     ingested_at, so every read of the record (first ingested row per key) keeps it.
 -- Rows recorded before this migration read as [] (nothing refused): unchanged.
 ALTER TABLE usage_events ADD COLUMN IF NOT EXISTS refused_meters Array(LowCardinality(String)) DEFAULT [];
