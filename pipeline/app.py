@@ -314,7 +314,9 @@ class Pipeline:
         deltas = contrib.states
         uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted, totals=True)
         # the windows the batch adds to, and the customer totals enforce_limits adds
-        touched = deltas.keys() | processor.total_keys(self.meters, deltas)
+        totals = processor.total_keys(self.meters, deltas)
+        totals.update(k for k in uncounted_windows if k.is_total)
+        touched = deltas.keys() | totals
         aggs = self.meters.aggregators
         encoded = {key: key.encode() for key in touched | uncounted_windows}
         window_cache = self._decoded_windows
@@ -340,7 +342,7 @@ class Pipeline:
             absent = [k for k in touched if k not in table_states]
             # a customer-total key is never "new": its groups may be elsewhere
             new_windows = await self._new_windows(
-                [k for k in absent if not k.is_total], coverage, generation
+                [k for k in absent if k not in totals], coverage, generation
             )
             rebuild = {k for k in absent if k not in (new_windows or ())} | uncounted_windows
             rebuilt = await self._recompute(rebuild, exclude) if rebuild else {}
@@ -379,8 +381,8 @@ class Pipeline:
             # the record lock: the events inserted into the record, their windows'
             # states (the batch's deltas: the same meter code over the same events),
             # and the windows whose record changed otherwise (counted from the record).
-            told_states = {k: v for k, v in deltas.items() if not k.is_total}
-            told_reread = {k for k in uncounted_windows if not k.is_total}
+            told_states = {k: v for k, v in deltas.items() if k not in totals} if totals else deltas
+            told_reread = uncounted_windows - totals
             for listener in self.record_listeners:
                 listener(dd.fresh, told_states, told_reread)
 
@@ -391,7 +393,7 @@ class Pipeline:
         added_windows = [  # keys the windows table did not hold before this batch
             k
             for k in new_states
-            if not k.is_total
+            if k not in totals
             and k not in table_states
             and (k in deltas or windows_get(encoded[k]) is None)
         ]
@@ -435,8 +437,8 @@ class Pipeline:
         report.accepted = len(dd.fresh)
         report.duplicates = len(dd.duplicates)
         report.rejected.update(str(r.reason) for r in bad)
-        report.windows_written = sum(1 for k in new_states if not k.is_total)
-        report.windows_recomputed = sum(1 for k in rebuild if not k.is_total)
+        report.windows_written = len(new_states.keys() - totals)
+        report.windows_recomputed = len(rebuild - totals)
         self.metrics.windows_new.inc(len(new_windows or ()))
         self._count(report, contrib.unmetered, told_states)
         return report
@@ -740,12 +742,7 @@ class Pipeline:
         received: int,
     ) -> None:
         if accepted:
-            rows, columns = writer.usage_event_rows(
-                accepted,
-                received,
-                lambda ev: counted_by[DedupKey.of(ev)],
-                lambda ev: refused.get(DedupKey.of(ev), ()),
-            )
+            rows, columns = writer.usage_event_rows(accepted, received, counted_by, refused)
             await self._insert(writer.USAGE_EVENTS, rows, columns)
 
     async def _write_rejected(
@@ -815,7 +812,7 @@ class Pipeline:
         version = time.time_ns()
         rows = []
         for key, state in states.items():
-            if key.is_total:  # the windows table's only
+            if key.group_key == processor.ALL_GROUPS:  # the windows table's only
                 continue
             meter = self.meters.by_name(key.meter)
             start, end = meter.window_bounds(key.window_start_ms)

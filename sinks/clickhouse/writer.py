@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
@@ -167,16 +167,23 @@ def unprocessable_row(event: UsageEvent) -> tuple[Any, ...]:
 def usage_event_rows(
     events: Sequence[UsageEvent],
     ingested_at_ms: int,
-    meters: Callable[[UsageEvent], Sequence[str]],
-    refused: Callable[[UsageEvent], Sequence[str]],
+    counted_by: Mapping[Any, Sequence[str]],
+    refused: Mapping[Any, Sequence[str]],
 ) -> tuple[list[tuple[Any, ...]], tuple[str, ...]]:
-    """Rows and columns of one usage_events insert. ``refused_meters`` is left out (its
-    default ``[]`` applies) when no event was refused: the common case, and one column
-    less for ClickHouse to parse per row."""
-    rows = [usage_event_row(ev, ingested_at_ms, meters(ev), refused(ev)) for ev in events]
-    if any(row[-1] for row in rows):
+    """Rows and columns of one usage_events insert; ``counted_by`` and ``refused`` by
+    (customer_id, idempotency_key). ``refused_meters`` is left out (its default ``[]``
+    applies) when no event was refused: the common case, one column less to parse."""
+    if refused:
+        rows = []
+        for ev in events:
+            key = (ev.customer_id, ev.idempotency_key)
+            rows.append(usage_event_row(ev, ingested_at_ms, counted_by[key], refused.get(key, ())))
         return rows, USAGE_EVENTS_COLUMNS
-    return [row[:-1] for row in rows], USAGE_EVENTS_COLUMNS[:-1]
+    rows = [
+        usage_event_row(ev, ingested_at_ms, counted_by[(ev.customer_id, ev.idempotency_key)])[:-1]
+        for ev in events
+    ]
+    return rows, USAGE_EVENTS_COLUMNS[:-1]
 
 
 def rejected_row(rejection: Rejection, received_at_ms: int) -> tuple[Any, ...]:

@@ -564,9 +564,10 @@ def test_usage_event_rows_leave_out_refused_meters_unless_needed() -> None:
     from sinks.clickhouse.writer import unprocessable_row, usage_event_rows
 
     a, b = _event(), _event(idempotency_key="01J001")
-    rows, columns = usage_event_rows([a, b], 5, lambda e: ["m"], lambda e: ())
+    counted = {("cus_1", "01J000"): ["m"], ("cus_1", "01J001"): ["m"]}
+    rows, columns = usage_event_rows([a, b], 5, counted, {})
     assert columns == USAGE_EVENTS_COLUMNS[:-1] and all(len(r) == len(columns) for r in rows)
-    rows, columns = usage_event_rows([a, b], 5, lambda e: ["m"], lambda e: ["x"] if e is b else ())
+    rows, columns = usage_event_rows([a, b], 5, counted, {("cus_1", "01J001"): ["x"]})
     assert columns == USAGE_EVENTS_COLUMNS
     assert [r[-1] for r in rows] == [[], ["x"]]
     mark = unprocessable_row(a)
