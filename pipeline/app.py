@@ -187,6 +187,8 @@ class Pipeline:
         # Which customers' missing windows are new (pipeline/window_coverage.py); same epochs.
         self._window_coverage: WindowCoverage | None = None
         self._window_coverage_epoch: tuple[int, int | None] = (-1, None)
+        # customer totals missing beside their group windows (see _scan_windows)
+        self._legacy_totals: set[processor.Series] = set()
         self._coverage_epoch: tuple[int, int | None] = (-1, None)
         # Window states decoded in the last two batches (memory store only: see
         # DecodedValues; a RocksDB read decodes new objects every time).
@@ -340,9 +342,17 @@ class Pipeline:
                     load(raw) if window_cache is None else window_cache.get(raw_key, raw, load)
                 )
             absent = [k for k in touched if k not in table_states]
-            # a customer-total key is never "new": its groups may be elsewhere
+            # A customer total is written with its group windows, so a new one is as
+            # provable as a window; never when the table holds one of its groups.
+            held = {(k.meter, k.customer_id, k.window_start_ms) for k in table_states}
             new_windows = await self._new_windows(
-                [k for k in absent if k not in totals], coverage, generation
+                [
+                    k
+                    for k in absent
+                    if k not in totals or (k.meter, k.customer_id, k.window_start_ms) not in held
+                ],
+                coverage,
+                generation,
             )
             rebuild = {k for k in absent if k not in (new_windows or ())} | uncounted_windows
             rebuilt = await self._recompute(rebuild, exclude) if rebuild else {}
@@ -439,7 +449,7 @@ class Pipeline:
         report.rejected.update(str(r.reason) for r in bad)
         report.windows_written = len(new_states.keys() - totals)
         report.windows_recomputed = len(rebuild - totals)
-        self.metrics.windows_new.inc(len(new_windows or ()))
+        self.metrics.windows_new.inc(len((new_windows or set()) - totals))
         self._count(report, contrib.unmetered, told_states)
         return report
 
@@ -684,18 +694,14 @@ class Pipeline:
             return None
         key = (self.epoch, generation)
         if self._window_coverage is None or self._window_coverage_epoch != key:
-            self._window_coverage = WindowCoverage.from_windows(
-                (
-                    (k.customer_id, k.window_start_ms)
-                    for k in map(processor.WindowKey.decode, self.windows.keys())
-                    if not k.is_total  # the table's only: never in meter_windows
-                ),
-                coverage.cutoff_ms,
-            )
+            self._window_coverage, self._legacy_totals = self._scan_windows(coverage.cutoff_ms)
             self._window_coverage_epoch = key
-        windows = self._window_coverage
+        windows, legacy = self._window_coverage, self._legacy_totals
         candidates = [
-            k for k in absent if not coverage.needs_lookup(k.customer_id, k.window_start_ms)
+            k
+            for k in absent
+            if not coverage.needs_lookup(k.customer_id, k.window_start_ms)
+            and not (k.is_total and (k.meter, k.customer_id, k.window_start_ms) in legacy)
         ]
         now = time.monotonic()
         todo = windows.to_check({k.customer_id for k in candidates}, now)
@@ -705,6 +711,23 @@ class Pipeline:
         if self._window_coverage_epoch != key or self._coverage is not coverage:
             return None  # a rebalance ran during the check: trust nothing this batch
         return {k for k in candidates if windows.is_new(k.customer_id, k.window_start_ms)}
+
+    def _scan_windows(self, cutoff_ms: int) -> tuple[WindowCoverage, set[processor.Series]]:
+        """The window coverage of the table's keys, and the (meter, customer, window start)
+        whose group windows the table holds without their customer total: written before
+        customer totals existed, so a total missing there is not new (it is rebuilt)."""
+        windows: list[tuple[str, int]] = []
+        groups: set[processor.Series] = set()
+        totals: set[processor.Series] = set()
+        guarded = {m.name for m in self.meters.meters if m.guards_customer_total}
+        for k in map(processor.WindowKey.decode, self.windows.keys()):
+            if k.is_total:  # the table's only: never in meter_windows
+                totals.add((k.meter, k.customer_id, k.window_start_ms))
+                continue
+            windows.append((k.customer_id, k.window_start_ms))
+            if k.meter in guarded:
+                groups.add((k.meter, k.customer_id, k.window_start_ms))
+        return WindowCoverage.from_windows(windows, cutoff_ms), groups - totals
 
     async def _end_markers(self, touched: set[tuple[Any, int]]) -> None:
         """One tombstone for a key no one uses, alone in its batch, per changelog partition
