@@ -3,16 +3,21 @@
 
 Order of side effects for one batch (each step only after the previous succeeded):
 
+0. (No side effect.) The state of every touched window before the batch: the
+   table's, or, where the table has none (lost or unrecovered state) or the events
+   were recorded but never counted, the exact state recomputed from the record
+   (which does not hold this batch's fresh events yet); a provably new window has
+   none. Against it, in arrival order, the range decisions (processor.enforce_limits):
+   which meters refuse which fresh events because a total would leave its range.
 1. Insert accepted events into ClickHouse ``usage_events`` (idempotent:
    ReplacingMergeTree on (customer_id, idempotency_key) plus an insert
-   deduplication token) and send bad ones to ``usage-events-dlq``. The record is
-   now complete for this batch.
-2. Compute the new state of every touched window: the table's state merged with
-   the batch's contribution, or, where the table has no state (new window, lost
-   or unrecovered state) or the events were recorded but never counted, the
-   exact state recomputed from the record. Insert them into ``meter_windows``
-   with a fresh version (the states are computed while step 1's insert runs;
-   this insert only starts after it returned).
+   deduplication token), each with the meters that refused it, and send bad ones
+   to ``usage-events-dlq``. The record is now complete for this batch, decisions
+   included.
+2. The new state of every touched window: step 0's state merged with the batch's
+   contribution. Insert them into ``meter_windows`` with a fresh version (the
+   states are computed while step 1's insert runs; this insert only starts after
+   it returned).
 3. Write window states, then dedup keys, to the Faust tables (one changelog record
    per key per batch, sent as whole record batches and acknowledged, windows
    before dedup keys; pipeline/state.py). Meanwhile the audit rows of rejected
@@ -21,7 +26,12 @@ Order of side effects for one batch (each step only after the previous succeeded
 4. Return to Faust (after the ``rejected_events`` insert returned), which acks
    the batch; offsets are committed after Faust flushes its producer (changelogs
    included). A crash anywhere before this replays the batch: step 1 is
-   idempotent and step 2 recomputes from the record.
+   idempotent and step 2 recomputes from the record, whose recorded decisions it
+   reads instead of deciding again.
+
+A batch that raises for its data rather than a broken dependency is isolated
+(``Pipeline._isolate``): processed again in halves, the records that fail alone
+set aside as ``unprocessable``; see the comment there.
 """
 
 from __future__ import annotations
