@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.events import (
     MAX_EVENT_BYTES,
@@ -281,3 +283,46 @@ def test_produce_reports_repeated_keys_and_deep_lines_instead_of_sending_them() 
         "line 2: duplicate key 'customer_id' (keys must be unique)",
         "line 3: nested deeper than 32 levels",
     ]
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=20)
+    | st.decimals(allow_nan=False, allow_infinity=False),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=200) | _JSON.map(lambda v: canonical_json(v).encode()), st.binary(max_size=8)
+)
+def test_any_record_is_an_event_or_a_rejection_never_an_exception(raw: bytes, key: bytes) -> None:
+    result = parse_event(raw, record_timestamp_ms=NOW, now_ms=NOW, horizon_ms=HORIZON, key=key)
+    assert isinstance(result, UsageEvent | Rejection)
+    if isinstance(result, Rejection):
+        import orjson
+
+        orjson.dumps(result.to_dlq(NOW))  # the dead letter can always be written
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {"event_name": st.text(min_size=1, max_size=5), "customer_id": st.text(max_size=5)},
+        optional={"properties": st.dictionaries(st.text(max_size=6), _JSON, max_size=4),
+                  "timestamp": _JSON, "idempotency_key": _JSON},
+    )
+)  # fmt: skip
+def test_any_event_shaped_document_parses_or_is_rejected(doc: dict[str, object]) -> None:
+    try:
+        raw = canonical_json(doc).encode()
+    except UnicodeEncodeError:  # not UTF-8 text: cannot be a Kafka record as such
+        return
+    result = parse_event(raw, record_timestamp_ms=NOW, now_ms=NOW, horizon_ms=HORIZON)
+    assert isinstance(result, UsageEvent | Rejection)

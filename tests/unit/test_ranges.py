@@ -244,3 +244,39 @@ def test_the_forwarder_holds_a_total_the_ledger_cannot_hold() -> None:
     assert huge.held_out_of_range == ["c"] and not huge.new
     assert fits_ledger(Decimal(INT64_MAX), INT64_MAX)
     assert not fits_ledger(Decimal(0), -INT64_MAX - 2)
+
+
+_VALUES = st.one_of(
+    st.decimals(allow_nan=False, allow_infinity=False),
+    st.integers(min_value=-(10**40), max_value=10**40),
+    st.builds(lambda m, e: Decimal(m).scaleb(e), st.integers(-999, 999), st.integers(-60, 60)),
+    st.text(max_size=12),
+    st.none(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_VALUES, st.sampled_from("abc")), min_size=1, max_size=20))
+def test_no_values_make_the_window_computation_or_its_rows_raise(
+    values: list[tuple[Any, str]],
+) -> None:
+    """Whatever the values, the batch's windows are computed and written: every result
+    fits meter_windows (Decimal(38, 9)), before and after a base near the limit."""
+    from sinks.clickhouse.writer import decimal_38_9
+
+    events = [ev(f"k{i:03d}", v, model) for i, (v, model) in enumerate(values)]
+    for base_fraction in (Decimal(0), Decimal("0.99"), Decimal("-0.99")):
+        contrib = contributions(METERS, events)
+        bases = {
+            WindowKey(name, "c", "{}", T0): sum_state(METERS.by_name(name).limit * base_fraction)
+            for name in ("tokens",)
+        }
+        enforce_limits(METERS, contrib, bases, events)
+        states = merge_into(METERS, bases, contrib.states)
+        for key, state in states.items():
+            meter = METERS.by_name(key.meter)
+            agg = aggregator_for(meter.aggregation)
+            value = agg.result(state)
+            assert value.copy_abs() < meter.limit or meter.aggregation in ("count",), key
+            decimal_38_9(value)  # raised for 1.2e29 before: the crash loop of issue #20
+            agg.load(agg.dump(state))
