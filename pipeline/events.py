@@ -246,26 +246,23 @@ def duplicate_problem(path: KeyPath, key: str) -> str:
 def repeated_key_problems(raw: bytes, doc: Any, event: UsageEvent | None) -> list[str]:
     """The repeated keys of a record value, as problems ([] when none): the fast check
     for a valid ``event`` decoded from ``raw`` as ``doc``; exact for anything else."""
-    if event is not None and not may_repeat_keys(raw, _event_colons(doc, event)):
-        return []
+    if event is not None:  # the hot path: may_repeat_keys, with the decoded colons counted
+        # from what validate_document already built (one per top-level key, those in its
+        # strings and in the canonical properties)
+        colons = (
+            len(doc)
+            + event.event_name.count(":")
+            + event.customer_id.count(":")
+            + event.canonical_properties().count(":")
+        )
+        if not event.key_derived:
+            colons += event.idempotency_key.count(":")
+        timestamp = doc.get("timestamp")
+        if type(timestamp) is str:
+            colons += timestamp.count(":")
+        if raw.count(b":") == colons and (b"\\" not in raw or _COLON_ESCAPE not in raw):
+            return []
     return [duplicate_problem(path, name) for path, name in duplicate_keys(raw)]
-
-
-def _event_colons(doc: dict[str, Any], event: UsageEvent) -> int:
-    """``:`` in the canonical text of a valid event's decoded document: one per top-level
-    key, those inside its top-level strings, and those of the canonical properties."""
-    colons = (
-        len(doc)
-        + event.event_name.count(":")
-        + event.customer_id.count(":")
-        + event.canonical_properties().count(":")
-    )
-    if not event.key_derived:
-        colons += event.idempotency_key.count(":")
-    timestamp = doc.get("timestamp")
-    if type(timestamp) is str:
-        colons += timestamp.count(":")
-    return colons
 
 
 def content_fingerprint(
