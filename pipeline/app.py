@@ -3,16 +3,21 @@
 
 Order of side effects for one batch (each step only after the previous succeeded):
 
+0. (No side effect.) The state of every touched window before the batch: the
+   table's, or, where the table has none (lost or unrecovered state) or the events
+   were recorded but never counted, the exact state recomputed from the record
+   (which does not hold this batch's fresh events yet); a provably new window has
+   none. Against it, in arrival order, the range decisions (processor.enforce_limits):
+   which meters refuse which fresh events because a total would leave its range.
 1. Insert accepted events into ClickHouse ``usage_events`` (idempotent:
    ReplacingMergeTree on (customer_id, idempotency_key) plus an insert
-   deduplication token) and send bad ones to ``usage-events-dlq``. The record is
-   now complete for this batch.
-2. Compute the new state of every touched window: the table's state merged with
-   the batch's contribution, or, where the table has no state (new window, lost
-   or unrecovered state) or the events were recorded but never counted, the
-   exact state recomputed from the record. Insert them into ``meter_windows``
-   with a fresh version (the states are computed while step 1's insert runs;
-   this insert only starts after it returned).
+   deduplication token), each with the meters that refused it, and send bad ones
+   to ``usage-events-dlq``. The record is now complete for this batch, decisions
+   included.
+2. The new state of every touched window: step 0's state merged with the batch's
+   contribution. Insert them into ``meter_windows`` with a fresh version (the
+   states are computed while step 1's insert runs; this insert only starts after
+   it returned).
 3. Write window states, then dedup keys, to the Faust tables (one changelog record
    per key per batch, sent as whole record batches and acknowledged, windows
    before dedup keys; pipeline/state.py). Meanwhile the audit rows of rejected
@@ -21,7 +26,12 @@ Order of side effects for one batch (each step only after the previous succeeded
 4. Return to Faust (after the ``rejected_events`` insert returned), which acks
    the batch; offsets are committed after Faust flushes its producer (changelogs
    included). A crash anywhere before this replays the batch: step 1 is
-   idempotent and step 2 recomputes from the record.
+   idempotent and step 2 recomputes from the record, whose recorded decisions it
+   reads instead of deciding again.
+
+A batch that raises for its data rather than a broken dependency is isolated
+(``Pipeline._isolate``): processed again in halves, the records that fail alone
+set aside as ``unprocessable``; see the comment there.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,11 +50,12 @@ import faust
 import orjson
 from faust.types import EventT
 
-from pipeline import processor
+from pipeline import isolation, processor
 from pipeline.aggregation import WindowState
 from pipeline.batching import broker_backlog, take_batches
 from pipeline.chio import ClickHouseIO
 from pipeline.dedup import DedupEntry, DedupKey, RecordCoverage
+from pipeline.errors import DependencyError
 from pipeline.events import Reason, Rejection, UsageEvent
 from pipeline.gaps import GapFiller
 from pipeline.kafka import client_options, shorten_fetch_wait
@@ -88,6 +100,45 @@ class BatchReport:
     rejected: Counter[str] = field(default_factory=Counter)
     windows_written: int = 0
     windows_recomputed: int = 0
+
+
+@dataclass
+class Attempt:
+    """What one processing attempt of a batch has done, as far as it got: the events it
+    is responsible for counting (fresh, or recorded and not counted) and the windows it
+    computed (and may have written). A batch isolation cleans up after it."""
+
+    responsible: set[DedupKey] = field(default_factory=set)
+    windows: set[processor.WindowKey] = field(default_factory=set)
+
+
+def is_dependency_failure(exc: BaseException) -> bool:
+    """A broken dependency (ClickHouse, the broker, the network), not bad data.
+
+    ClickHouse errors are retried inside ``chio.call`` and never get here; a broker
+    error that is about the data (a record too large) is data."""
+    from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordTooLargeError
+
+    if isinstance(exc, MessageSizeTooLargeError | RecordTooLargeError):
+        return False
+    return isinstance(exc, DependencyError | KafkaError | OSError | TimeoutError)
+
+
+def _decode_one(
+    record: processor.SourceRecord, received: int, horizon_ms: int
+) -> UsageEvent | Rejection | None:
+    """The record as the batch decodes it; None if even that raises."""
+    try:
+        decoded, rejections = processor.decode_batch(
+            [record], now_ms=received, horizon_ms=horizon_ms
+        )
+    except Exception:
+        return None
+    return decoded[0][1] if decoded else rejections[0]
+
+
+def _key_of(parsed: UsageEvent | Rejection | None) -> DedupKey | None:
+    return DedupKey.of(parsed) if isinstance(parsed, UsageEvent) else None
 
 
 class Pipeline:
@@ -149,6 +200,8 @@ class Pipeline:
         # Which customers' missing windows are new (pipeline/window_coverage.py); same epochs.
         self._window_coverage: WindowCoverage | None = None
         self._window_coverage_epoch: tuple[int, int | None] = (-1, None)
+        # customer totals missing beside their group windows (see _scan_windows)
+        self._legacy_totals: set[processor.Series] = set()
         self._coverage_epoch: tuple[int, int | None] = (-1, None)
         # Window states decoded in the last two batches (memory store only: see
         # DecodedValues; a RocksDB read decodes new objects every time).
@@ -166,8 +219,14 @@ class Pipeline:
     # -- the batch -------------------------------------------------------------------
 
     async def process(self, batch: Sequence[EventT]) -> BatchReport:
+        """Process one batch (the side effects in the module docstring's order).
+
+        A batch that raises for a reason other than a broken dependency is isolated
+        (:meth:`_isolate`): the records that make it fail are dead-lettered
+        ``unprocessable`` and the rest is processed. Only a dependency failure (or a
+        failure of the isolation itself) leaves this method with an exception.
+        """
         received = now_ms()
-        report = BatchReport(records=len(batch))
         context: dict[int, EventT] = {ev.message.partition: ev for ev in batch}
         if log.isEnabledFor(logging.DEBUG):
             spans: dict[int, list[int]] = {}
@@ -183,6 +242,7 @@ class Pipeline:
                 partition=ev.message.partition,
                 offset=ev.message.offset,
                 timestamp_ms=int(ev.message.timestamp * 1000),
+                key=ev.message.key if isinstance(ev.message.key, bytes) else None,
             )
             for ev in batch
         ]
@@ -194,12 +254,38 @@ class Pipeline:
             if skipped:
                 self.metrics.gap_records.inc(len(skipped))
                 records.extend(
-                    processor.SourceRecord(r.value or b"", r.partition, r.offset, r.timestamp)
+                    processor.SourceRecord(
+                        r.value or b"", r.partition, r.offset, r.timestamp, r.key or None
+                    )
                     for r in skipped
                 )
                 # first copy wins in offset order, per partition (= per customer)
                 records.sort(key=lambda r: (r.partition, r.offset))
-        report.records = len(records)
+        generation = batch[-1].message.generation_id if batch else None
+        attempt = Attempt()
+        try:
+            return await self._process_records(records, context, generation, received, attempt)
+        except Exception as exc:
+            if is_dependency_failure(exc):
+                raise
+            return await self._isolate(records, context, generation, received, attempt, exc)
+
+    async def _process_records(
+        self,
+        records: Sequence[processor.SourceRecord],
+        context: dict[int, EventT],
+        generation: int | None,
+        received: int,
+        attempt: Attempt,
+        exclude: AbstractSet[DedupKey] = frozenset(),
+        use_coverage: bool = True,
+    ) -> BatchReport:
+        """The batch's records through every step; ``attempt`` learns, as they are known,
+        the events this call is responsible for counting and the windows it writes (what
+        an isolation must clean up if it raises). While a batch is isolated: ``exclude``,
+        events in the record but not counted yet that window rebuilds must skip, and no
+        coverage (a failed attempt may have inserted rows without writing their keys)."""
+        report = BatchReport(records=len(records))
         decoded, rejections = processor.decode_batch(
             records, now_ms=received, horizon_ms=self.horizon_ms
         )
@@ -209,10 +295,11 @@ class Pipeline:
         # Dedup: the table knows what was counted; the record knows what was accepted.
         # A key the table lacks is looked up in the record unless its customer is
         # covered (RecordCoverage: the table provably holds all its record keys).
-        generation = batch[-1].message.generation_id if batch else None
-        coverage: RecordCoverage | None = await self._check_coverage(events, received, generation)
-        if self._coverage_epoch != (self.epoch, generation):
-            coverage = None  # a rebalance ran during the check: trust nothing this batch
+        coverage: RecordCoverage | None = None
+        if use_coverage:
+            coverage = await self._check_coverage(events, received, generation)
+            if self._coverage_epoch != (self.epoch, generation):
+                coverage = None  # a rebalance ran during the check: trust nothing this batch
         counted: dict[DedupKey, str] = {}
         unknown: set[DedupKey] = set()
         table_keys: dict[DedupKey, bytes] = {}  # each key encoded once per batch
@@ -232,52 +319,73 @@ class Pipeline:
                 not_looked_up += 1
         self.metrics.record_lookups.inc(len(unknown))
         self.metrics.record_lookups_skipped.inc(not_looked_up)
-        found = await self.chio.call(queries.existing_keys, list(unknown)) if unknown else {}
-        recorded = {DedupKey(*pair): fingerprint for pair, fingerprint in found.items()}
-        dd = processor.resolve_duplicates(events, counted, recorded)
+        found = await self.chio.call(queries.recorded_keys, list(unknown)) if unknown else {}
+        recorded = {DedupKey(*pair): rec.fingerprint for pair, rec in found.items()}
+        excluded = {DedupKey(*pair) for pair, rec in found.items() if rec.excluded}
+        dd = processor.resolve_duplicates(events, counted, recorded, excluded)
+        attempt.responsible.update(map(DedupKey.of, (*dd.fresh, *dd.recorded_uncounted)))
 
         contrib = processor.contributions(self.meters, dd.fresh)
         deltas = contrib.states
-        bad = rejections + dd.conflicts + contrib.rejections
+        uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted, totals=True)
+        # the windows the batch adds to, and the customer totals enforce_limits adds
+        totals = processor.total_keys(self.meters, deltas)
+        totals.update(k for k in uncounted_windows if k.is_total)
+        touched = deltas.keys() | totals
+        aggs = self.meters.aggregators
+        encoded = {key: key.encode() for key in touched | uncounted_windows}
+        window_cache = self._decoded_windows
 
         # 1. The record, then 2. the windows, under the record lock: a Stripe
         # verification (which repairs meter_windows from the record) never runs
         # between the two inserts, so it never sees half a batch and "repairs" it.
         async with self.record_lock:
-            # 1. The record, inserted while the window states are computed: they read
-            # the windows table, not this batch's record rows (a rebuild, which does,
-            # waits for the insert). meter_windows is inserted only after the record.
+            # The state of every touched window before this batch: the table's, or
+            # rebuilt from the record (before this batch's rows are in it). The range
+            # decisions (enforce_limits) are taken against it, in arrival order, and go
+            # into the record rows; a rebuild later reads them back, never re-decides.
+            table_states: dict[processor.WindowKey, WindowState] = {}
+            for wkey in touched:
+                raw_key = encoded[wkey]
+                raw = windows_get(raw_key)
+                if raw is None:
+                    continue
+                load = aggs[wkey.meter].load
+                table_states[wkey] = (
+                    load(raw) if window_cache is None else window_cache.get(raw_key, raw, load)
+                )
+            absent = [k for k in touched if k not in table_states]
+            # A customer total is written with its group windows, so a new one is as
+            # provable as a window; never when the table holds one of its groups.
+            held = {(k.meter, k.customer_id, k.window_start_ms) for k in table_states}
+            new_windows = await self._new_windows(
+                [
+                    k
+                    for k in absent
+                    if k not in totals or (k.meter, k.customer_id, k.window_start_ms) not in held
+                ],
+                coverage,
+                generation,
+            )
+            rebuild = {k for k in absent if k not in (new_windows or ())} | uncounted_windows
+            rebuilt = await self._recompute(rebuild, exclude) if rebuild else {}
+            bases = {**table_states, **rebuilt}
+            processor.enforce_limits(self.meters, contrib, bases, dd.fresh)
+            bad = rejections + dd.conflicts + contrib.rejections
+            # 1. The record, inserted while the new window states are computed.
             record_written = asyncio.ensure_future(
-                self._write_record(dd.fresh, contrib.counted_by, received)
+                self._write_record(dd.fresh, contrib.counted_by, contrib.refused, received)
             )
             try:
                 # Let it start now (build its rows, hand them to the ClickHouse thread):
                 # nothing below awaits until the states are computed.
                 await asyncio.sleep(0)
-                uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted)
-                # 2. Windows.
-                aggs = self.meters.aggregators
-                encoded = {key: key.encode() for key in deltas.keys() | uncounted_windows}
-                table_states: dict[processor.WindowKey, WindowState] = {}
-                window_cache = self._decoded_windows
-                for wkey in deltas:
-                    raw_key = encoded[wkey]
-                    raw = windows_get(raw_key)
-                    if raw is None:
-                        continue
-                    load = aggs[wkey.meter].load
-                    table_states[wkey] = (
-                        load(raw) if window_cache is None else window_cache.get(raw_key, raw, load)
-                    )
-                absent = [k for k in deltas if k not in table_states]
-                new_windows = await self._new_windows(absent, coverage, generation)
-                rebuild = {k for k in absent if k not in (new_windows or ())} | uncounted_windows
-                new_states = processor.merge_into(
-                    self.meters, table_states, {k: v for k, v in deltas.items() if k not in rebuild}
-                )
-                if rebuild:
-                    await record_written
-                    new_states.update(await self._recompute(rebuild))
+                # 2. Windows: the state before the batch merged with what it adds.
+                new_states = processor.merge_into(self.meters, bases, deltas)
+                for wkey in rebuild:
+                    if wkey not in new_states:
+                        new_states[wkey] = rebuilt[wkey]
+                attempt.windows.update(new_states)
                 window_dumps = {k: aggs[k.meter].dump(state) for k, state in new_states.items()}
                 window_rows = self._window_rows(new_states, window_dumps, received)
             finally:
@@ -286,6 +394,7 @@ class Pipeline:
             await self._send_dlq(bad, received)
             if window_rows:
                 await self._insert(writer.METER_WINDOWS, window_rows, writer.METER_WINDOWS_COLUMNS)
+            self._injected_fault((*dd.fresh, *dd.recorded_uncounted))
             # The audit rows of rejected and duplicate events go in while the tables are
             # written; the batch returns (and is acked) only after they are in.
             rejected_written = asyncio.ensure_future(
@@ -295,8 +404,10 @@ class Pipeline:
             # the record lock: the events inserted into the record, their windows'
             # states (the batch's deltas: the same meter code over the same events),
             # and the windows whose record changed otherwise (counted from the record).
+            told_states = {k: v for k, v in deltas.items() if k not in totals} if totals else deltas
+            told_reread = uncounted_windows - totals
             for listener in self.record_listeners:
-                listener(dd.fresh, deltas, uncounted_windows)
+                listener(dd.fresh, told_states, told_reread)
 
         # 3. Tables, one write per key per batch, in the customer's partition.
         # Every key new to the windows table is counted in the window coverage (its
@@ -305,7 +416,9 @@ class Pipeline:
         added_windows = [  # keys the windows table did not hold before this batch
             k
             for k in new_states
-            if k not in table_states and (k in deltas or windows_get(encoded[k]) is None)
+            if k not in totals
+            and k not in table_states
+            and (k in deltas or windows_get(encoded[k]) is None)
         ]
         window_items: dict[bytes, Any] = {}
         window_partitions: dict[bytes, int] = {}
@@ -347,11 +460,206 @@ class Pipeline:
         report.accepted = len(dd.fresh)
         report.duplicates = len(dd.duplicates)
         report.rejected.update(str(r.reason) for r in bad)
-        report.windows_written = len(new_states)
-        report.windows_recomputed = len(rebuild)
-        self.metrics.windows_new.inc(len(new_windows or ()))
-        self._count(report, contrib.unmetered, deltas)
+        report.windows_written = len(new_states.keys() - totals)
+        report.windows_recomputed = len(rebuild - totals)
+        self.metrics.windows_new.inc(len((new_windows or set()) - totals))
+        self._count(report, contrib.unmetered, told_states)
         return report
+
+    def _injected_fault(self, counted: Sequence[UsageEvent]) -> None:
+        """Test-only (``METERSTREAM_FAULT_UNPROCESSABLE_KEY``): counting an event whose
+        idempotency key starts with the setting raises, after the record and
+        meter_windows inserts (the worst place: both hold the event)."""
+        prefix = self.settings.fault_unprocessable_key
+        if prefix:
+            for event in counted:
+                if event.idempotency_key.startswith(prefix):
+                    raise RuntimeError(f"injected fault: event {event.idempotency_key!r}")
+
+    # -- batch isolation ---------------------------------------------------------------
+    #
+    # A batch that raises for any reason but a broken dependency (a bug, an input nobody
+    # foresaw) must not stop the worker: exiting would replay the same batch after every
+    # restart, a crash loop. Instead the batch is bisected: each half is processed again,
+    # a half that fails is split again, and a single record that still fails alone is
+    # dead-lettered ``unprocessable`` with the exception text. Why this is exact:
+    #
+    # * Processing is idempotent on replay: the record insert collapses on the key, and
+    #   an event already in the record is "recorded, not counted" and its windows are
+    #   rebuilt from the record. So the halves may be processed after a failed attempt
+    #   that inserted some or all of the batch.
+    # * While isolating, a window rebuilt for one half must not count events of the
+    #   batch that a failed attempt inserted but no half has counted yet (the bad record
+    #   among them): they are excluded from rebuilds (``pending``) until their own half
+    #   counts them. So each half sees exactly the record before the batch plus the
+    #   halves before it, in arrival order, and its range decisions are the same as if
+    #   the bad record had never arrived.
+    # * A record set aside after a failed attempt may have inserted it is remembered in
+    #   the record itself: a second row for its key with ``refused_meters = ['*']``,
+    #   which every read of the record prefers (queries.events_in_range) and honours
+    #   (it counts for no meter); a copy of it arriving later is a duplicate.
+    # * A failed attempt may have written windows (meter_windows, the windows table)
+    #   counting the bad record. Every window a failed attempt was about to write is
+    #   rebuilt from the record at the end and written again, and the Stripe forwarder
+    #   is told they changed.
+    # * The coverages (which keys and windows provably need no record lookup) assume no
+    #   batch inserted rows without writing its keys: they are dropped after a failure.
+    # * A dependency failure (ClickHouse, the broker) is never data: it is retried
+    #   inside chio.call, or stops the batch as before (no offsets committed; replayed).
+
+    async def _isolate(
+        self,
+        records: Sequence[processor.SourceRecord],
+        context: dict[int, EventT],
+        generation: int | None,
+        received: int,
+        attempt: Attempt,
+        error: Exception,
+    ) -> BatchReport:
+        log.error(
+            "batch of %d records failed (%s: %s); isolating the record(s) that make it fail",
+            len(records),
+            type(error).__name__,
+            error,
+            exc_info=error,
+        )
+        self.metrics.batch_isolations.inc()
+        parsed = [_decode_one(rec, received, self.horizon_ms) for rec in records]
+        keys = [_key_of(p) for p in parsed]
+        responsible = set(attempt.responsible)
+        dirty = set(attempt.windows)
+        done: set[DedupKey] = set()
+        excluded: set[DedupKey] = set()  # set aside, to be marked in the record
+        aside: list[tuple[int, Exception, bool]] = []  # (index, error, mark)
+        report = BatchReport(records=len(records))
+
+        def set_aside(index: int, exc: Exception) -> None:
+            key = keys[index]
+            mark = key is not None and key in responsible and key not in done
+            if mark:
+                assert key is not None
+                excluded.add(key)
+            aside.append((index, exc, mark))
+            if key is not None:
+                done.add(key)
+
+        async def run(lo: int, hi: int) -> None:
+            part_keys = {k for k in keys[lo:hi] if k is not None}
+            sub = Attempt()
+            try:
+                got = await self._process_records(
+                    records[lo:hi],
+                    context,
+                    generation,
+                    received,
+                    sub,
+                    exclude=frozenset((responsible - done - part_keys) | excluded),
+                    use_coverage=False,
+                )
+            except Exception:
+                responsible.update(sub.responsible)
+                dirty.update(sub.windows)
+                raise
+            done.update(part_keys)
+            report.accepted += got.accepted
+            report.duplicates += got.duplicates
+            report.rejected.update(got.rejected)
+            report.windows_written += got.windows_written
+            report.windows_recomputed += got.windows_recomputed
+
+        await isolation.bisect(len(records), error, run, set_aside, is_dependency_failure)
+        # Windows a failed attempt may have written, from the record without the records
+        # set aside; then the record is told they are set aside; then the dead letters.
+        # (A crash before the marks replays the batch, which fails and is isolated again.)
+        if dirty:
+            await self._rewrite_windows(dirty, records, keys, context, received, excluded)
+        for index, exc, mark in aside:
+            await self._set_aside(records[index], parsed[index], exc, received, mark)
+        report.rejected[str(Reason.UNPROCESSABLE)] += len(aside)
+        self.new_epoch()  # the coverages are checked again from scratch
+        log.warning(
+            "batch isolated: %d record(s) set aside as unprocessable, the other %d processed",
+            len(aside),
+            len(records) - len(aside),
+        )
+        return report
+
+    async def _set_aside(
+        self,
+        record: processor.SourceRecord,
+        parsed: UsageEvent | Rejection | None,
+        error: Exception,
+        received: int,
+        mark: bool,
+    ) -> None:
+        """Dead-letter one record ``unprocessable``; when a failed attempt may have put it
+        in the record (``mark``), record that it counts for no meter."""
+        detail = f"processing failed: {type(error).__name__}: {error}"[:1000]
+        customer = record.key.decode("utf-8", "replace")[:200] if record.key else ""
+        key = ""
+        marker = None
+        if isinstance(parsed, UsageEvent):
+            customer, key = parsed.customer_id, parsed.idempotency_key
+            if mark:
+                try:
+                    marker = writer.unprocessable_row(parsed)
+                except Exception:  # the row cannot even be built: it was never inserted
+                    marker = None
+        elif isinstance(parsed, Rejection) and parsed.customer_id:
+            customer, key = parsed.customer_id, parsed.idempotency_key
+        log.error(
+            "record %d@%d set aside as unprocessable (customer %r, key %r): %s",
+            record.offset,
+            record.partition,
+            customer,
+            key,
+            detail,
+        )
+        rejection = Rejection(Reason.UNPROCESSABLE, detail, record.value, customer, key)
+        if marker is not None:
+            async with self.record_lock:
+                await self._insert(writer.USAGE_EVENTS, [marker], writer.USAGE_EVENTS_COLUMNS)
+        await self._send_dlq([rejection], received)
+        await self._write_rejected([rejection], [], received)
+        self.metrics.events_in.inc()
+        self.metrics.rejected.inc(reason=str(Reason.UNPROCESSABLE))
+
+    async def _rewrite_windows(
+        self,
+        keys: set[processor.WindowKey],
+        records: Sequence[processor.SourceRecord],
+        record_keys: Sequence[DedupKey | None],
+        context: dict[int, EventT],
+        received: int,
+        exclude: AbstractSet[DedupKey],
+    ) -> None:
+        """Rebuild ``keys`` from the record (without ``exclude``) and write them
+        (meter_windows, the windows table): what failed attempts of an isolated batch may
+        have written is replaced."""
+        partition_of_customer = {
+            key.customer_id: rec.partition
+            for rec, key in zip(records, record_keys, strict=True)
+            if key is not None
+        }
+        keys = {k for k in keys if k.customer_id in partition_of_customer}
+        if not keys:
+            return
+        aggs = self.meters.aggregators
+        async with self.record_lock:
+            states = await self._recompute(keys, exclude)
+            dumps = {k: aggs[k.meter].dump(state) for k, state in states.items()}
+            rows = self._window_rows(states, dumps, received)
+            if rows:
+                await self._insert(writer.METER_WINDOWS, rows, writer.METER_WINDOWS_COLUMNS)
+            for listener in self.record_listeners:
+                listener((), {}, {k for k in keys if not k.is_total})
+        items = {k.encode(): dumps[k] for k in states}
+        partitions = {k.encode(): partition_of_customer[k.customer_id] for k in states}
+        await self._write_table(self.windows, items, partitions, context)
+        await self.app.producer.flush()
+        if self.settings.changelog_end_markers:
+            await self._end_markers({(self.windows, p) for p in partitions.values()})
+        log.info("rewrote %d window(s) from the record after isolating a batch", len(keys))
 
     async def _write_table(
         self,
@@ -399,17 +707,14 @@ class Pipeline:
             return None
         key = (self.epoch, generation)
         if self._window_coverage is None or self._window_coverage_epoch != key:
-            self._window_coverage = WindowCoverage.from_windows(
-                (
-                    (k.customer_id, k.window_start_ms)
-                    for k in map(processor.WindowKey.decode, self.windows.keys())
-                ),
-                coverage.cutoff_ms,
-            )
+            self._window_coverage, self._legacy_totals = self._scan_windows(coverage.cutoff_ms)
             self._window_coverage_epoch = key
-        windows = self._window_coverage
+        windows, legacy = self._window_coverage, self._legacy_totals
         candidates = [
-            k for k in absent if not coverage.needs_lookup(k.customer_id, k.window_start_ms)
+            k
+            for k in absent
+            if not coverage.needs_lookup(k.customer_id, k.window_start_ms)
+            and not (k.is_total and (k.meter, k.customer_id, k.window_start_ms) in legacy)
         ]
         now = time.monotonic()
         todo = windows.to_check({k.customer_id for k in candidates}, now)
@@ -419,6 +724,23 @@ class Pipeline:
         if self._window_coverage_epoch != key or self._coverage is not coverage:
             return None  # a rebalance ran during the check: trust nothing this batch
         return {k for k in candidates if windows.is_new(k.customer_id, k.window_start_ms)}
+
+    def _scan_windows(self, cutoff_ms: int) -> tuple[WindowCoverage, set[processor.Series]]:
+        """The window coverage of the table's keys, and the (meter, customer, window start)
+        whose group windows the table holds without their customer total: written before
+        customer totals existed, so a total missing there is not new (it is rebuilt)."""
+        windows: list[tuple[str, int]] = []
+        groups: set[processor.Series] = set()
+        totals: set[processor.Series] = set()
+        guarded = {m.name for m in self.meters.meters if m.guards_customer_total}
+        for k in map(processor.WindowKey.decode, self.windows.keys()):
+            if k.is_total:  # the table's only: never in meter_windows
+                totals.add((k.meter, k.customer_id, k.window_start_ms))
+                continue
+            windows.append((k.customer_id, k.window_start_ms))
+            if k.meter in guarded:
+                groups.add((k.meter, k.customer_id, k.window_start_ms))
+        return WindowCoverage.from_windows(windows, cutoff_ms), groups - totals
 
     async def _end_markers(self, touched: set[tuple[Any, int]]) -> None:
         """One tombstone for a key no one uses, alone in its batch, per changelog partition
@@ -452,13 +774,12 @@ class Pipeline:
         self,
         accepted: list[UsageEvent],
         counted_by: dict[DedupKey, list[str]],
+        refused: dict[DedupKey, list[str]],
         received: int,
     ) -> None:
         if accepted:
-            rows = [
-                writer.usage_event_row(ev, received, counted_by[DedupKey.of(ev)]) for ev in accepted
-            ]
-            await self._insert(writer.USAGE_EVENTS, rows, writer.USAGE_EVENTS_COLUMNS)
+            rows, columns = writer.usage_event_rows(accepted, received, counted_by, refused)
+            await self._insert(writer.USAGE_EVENTS, rows, columns)
 
     async def _write_rejected(
         self, bad: list[Rejection], duplicates: list[UsageEvent], received: int
@@ -499,9 +820,10 @@ class Pipeline:
             await asyncio.gather(*futures)
 
     async def _recompute(
-        self, keys: set[processor.WindowKey]
+        self, keys: set[processor.WindowKey], exclude: AbstractSet[DedupKey] = frozenset()
     ) -> dict[processor.WindowKey, WindowState]:
-        """Exact states from the record, one query per distinct window range."""
+        """Exact states from the record, one query per distinct window range (``exclude``:
+        see :func:`processor.recompute_windows`)."""
         ranges: dict[tuple[int, int], set[processor.WindowKey]] = {}
         for key in keys:
             meter = self.meters.by_name(key.meter)
@@ -513,8 +835,8 @@ class Pipeline:
             names = sorted({self.meters.by_name(k.meter).event_name for k in group})
             rows = await self.chio.call(queries.events_in_range, customers, names, start, end)
             record = [UsageEvent(**row) for row in rows]
-            states.update(processor.recompute_windows(self.meters, group, record))
-        self.metrics.windows_recomputed.inc(len(keys))
+            states.update(processor.recompute_windows(self.meters, group, record, exclude))
+        self.metrics.windows_recomputed.inc(sum(1 for k in keys if not k.is_total))
         return states
 
     def _window_rows(
@@ -526,6 +848,8 @@ class Pipeline:
         version = time.time_ns()
         rows = []
         for key, state in states.items():
+            if key.group_key == processor.ALL_GROUPS:  # the windows table's only
+                continue
             meter = self.meters.by_name(key.meter)
             start, end = meter.window_bounds(key.window_start_ms)
             agg = self.meters.aggregators[meter.name]
@@ -690,9 +1014,12 @@ async def run_batch_to_completion(pipeline: Pipeline, batch: Sequence[EventT]) -
 
     Faust acks a ``take_events`` batch when the agent returns to the loop, and
     also when the loop unwinds (the stream is ``noack()``, so nothing else acks). So a
-    cancelled batch (worker stopping) is finished first, and a batch that fails
-    unexpectedly ends the process at once (``os._exit``) before any offset can be
-    committed; it is replayed on restart.
+    cancelled batch (worker stopping) is finished first, and a batch that fails ends
+    the process at once (``os._exit``) before any offset can be committed; it is
+    replayed on restart. A batch fails here only for a broken dependency (or if its
+    isolation fails too): a batch that raises because of its data is isolated inside
+    :meth:`Pipeline.process`, so no record can make the worker exit, before or after
+    a restart.
     """
     task = asyncio.ensure_future(pipeline.process(batch))
     try:

@@ -31,6 +31,20 @@ class Plan:
     new: list[LedgerRow]
     held_no_customer: list[str]
     held_error: list[str]
+    # customers whose total, or the whole number to send, does not fit the ledger
+    # (Int64 value, Decimal(38, 9) exact_total): nothing is planned for them
+    held_out_of_range: list[str] = field(default_factory=list)
+
+
+INT64_MAX = 2**63 - 1
+EXACT_TOTAL_LIMIT = Decimal(10) ** 29  # stripe_meter_events.exact_total: Decimal(38, 9)
+
+
+def fits_ledger(exact: Decimal, value: int) -> bool:
+    """Whether a ledger row with this exact total and whole-number value can be written
+    (and sent): the ingest ranges (pipeline/meters.py) keep every total inside; this is
+    the defence in depth that keeps the forwarder running if one ever is not."""
+    return -INT64_MAX - 1 <= value <= INT64_MAX and exact.copy_abs() < EXACT_TOTAL_LIMIT
 
 
 def customer_totals(meter: Meter, states: Mapping[WindowKey, WindowState]) -> dict[str, Decimal]:
@@ -233,7 +247,8 @@ def plan_sends(
     planned); ``pending`` rows are resent as they are; a new row is planned
     when the whole-number value to send is not zero (``sum``: the delta
     against everything sent or pending) or differs from the last one sent
-    (``last``); a customer without a Stripe id is held.
+    (``last``); a customer without a Stripe id is held, and so is one whose
+    total or value to send does not fit the ledger (:func:`fits_ledger`).
     """
     assert meter.stripe is not None
     rounding = Rounding(meter.stripe.rounding)
@@ -244,6 +259,7 @@ def plan_sends(
     new: list[LedgerRow] = []
     held_no_customer: list[str] = []
     held_error: list[str] = []
+    held_out_of_range: list[str] = []
     formula = formula_for(meter.aggregation)
     for customer in sorted(set(totals) | set(by_customer)):
         history = by_customer.get(customer, [])
@@ -261,6 +277,9 @@ def plan_sends(
             continue
         exact = totals[customer]
         counted = [r for r in history if r.status in ("sent", "pending")]
+        if not exact.is_finite() or exact.copy_abs() >= EXACT_TOTAL_LIMIT:
+            held_out_of_range.append(customer)
+            continue
         if formula == "sum":
             value = next_delta(exact, sum(r.value for r in counted), rounding)
             if value == 0:
@@ -270,12 +289,15 @@ def plan_sends(
             last = counted[-1] if counted else None
             if last is not None and last.value == value:
                 continue
+        if not fits_ledger(exact, value):
+            held_out_of_range.append(customer)
+            continue
         next_seq = max(seq.values(), default=0) + 1
         identifier = meter_event_identifier(meter.name, customer, period, next_seq)
         new.append(
             LedgerRow(identifier, meter.name, customer, stripe_id, period, value, exact, "pending")
         )
-    return Plan(resend, new, held_no_customer, held_error)
+    return Plan(resend, new, held_no_customer, held_error, held_out_of_range)
 
 
 def event_timestamp_s(period: str, now_ms: int) -> int:

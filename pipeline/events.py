@@ -11,6 +11,7 @@ Numbers are exact: JSON numbers with a fraction or exponent are parsed as
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -25,6 +26,8 @@ MAX_FUTURE_MS = 5 * 60 * 1000
 MAX_PROPERTIES_DEPTH = 32
 MAX_TIMESTAMP_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ALL_METERS = "*"
+"""``UsageEvent.refused_meters`` of an event set aside as unprocessable: no meter counts it."""
 EVENT_FIELDS = frozenset(
     {"event_name", "customer_id", "idempotency_key", "timestamp", "properties"}
 )
@@ -40,6 +43,9 @@ class Reason(StrEnum):
     FUTURE_TIMESTAMP = "future_timestamp"
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     INVALID_VALUE = "invalid_value"
+    # processing the record raised (a bug or an input nobody foresaw); the worker set it
+    # aside and went on with the rest of its batch (pipeline/app.py, batch isolation)
+    UNPROCESSABLE = "unprocessable"
     DUPLICATE = (
         "duplicate"  # exact duplicate: recorded in ClickHouse for analysts, not dead-lettered
     )
@@ -59,6 +65,11 @@ class UsageEvent:
     # canonical_json(properties), computed once at parse time (the record's
     # ``properties`` column and the fingerprint both need it); "" = not computed.
     properties_json: str = field(default="", compare=False, repr=False)
+    # Record metadata, never from a producer (usage_events.refused_meters, read back by
+    # sinks.clickhouse.queries.events_in_range): the meters that refused the event when
+    # it was counted because a total would have left the meter's range, or ("*",) for
+    # an event set aside as unprocessable, which counts for no meter.
+    refused_meters: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def canonical_properties(self) -> str:
         return self.properties_json or canonical_json(self.properties)
@@ -80,9 +91,25 @@ class UsageEvent:
         )
 
 
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` (cut to ``limit`` characters) as valid UTF-8 text: a lone surrogate (from a
+    ``\\ud800`` escape) becomes ``?``, so it can go to Kafka, orjson and ClickHouse."""
+    if limit is not None:
+        text = text[:limit]
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode()
+    return text
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
-    """An event that is not counted, with why. Goes to the dead-letter topic and ClickHouse."""
+    """An event that is not counted, with why. Goes to the dead-letter topic and ClickHouse.
+
+    Its text fields are made valid UTF-8 on construction (:func:`printable`): a producer's
+    lone surrogate in a customer id once made the dead-letter send itself raise.
+    """
 
     reason: Reason
     detail: str
@@ -90,6 +117,13 @@ class Rejection:
     customer_id: str = ""
     idempotency_key: str = ""
     meter: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("detail", "customer_id", "idempotency_key", "meter"):
+            value = getattr(self, name)
+            clean = printable(value)
+            if clean is not value:
+                object.__setattr__(self, name, clean)
 
     def to_dlq(self, received_at_ms: int) -> dict[str, Any]:
         return {
@@ -135,6 +169,100 @@ def loads_exact(raw: bytes | str) -> Any:
         return _EXACT_DECODER.decode(raw)
     except (msgspec.DecodeError, UnicodeError):
         return simplejson.loads(raw, use_decimal=True)
+
+
+# -- repeated keys ---------------------------------------------------------------------
+#
+# JSON decoders keep the last of two equal keys in one object, so an event with two
+# ``customer_id``s or two ``properties.tokens`` would be counted with one value picked
+# silently: a billing ambiguity. Such a document is refused (RFC 8259: names SHOULD be
+# unique; I-JSON, RFC 7493: MUST be). The check costs almost nothing on the hot path:
+# outside strings every ``:`` of a JSON text belongs to exactly one key, so a document
+# decoded without losing a key has as many ``:`` as the canonical text of what was
+# decoded (which writes each key once and every ``:`` inside a string as itself). Only a
+# document whose counts differ, or that spells a character near ``:`` as a ``\u003`` escape
+# (the one way a string's ``:`` can be absent from the raw text), is parsed again
+# exactly (:func:`duplicate_keys`, a Python hook per object).
+
+_COLON_ESCAPE = b"\\u003"
+
+KeyPath = tuple[str | int, ...]
+
+
+def may_repeat_keys(raw: bytes, decoded_colons: int) -> bool:
+    """Whether ``raw`` (valid JSON) may hold a repeated key, given the number of ``:``
+    in the canonical text of what it decoded to. False is certain; True needs
+    :func:`duplicate_keys`."""
+    return raw.count(b":") != decoded_colons or (b"\\" in raw and _COLON_ESCAPE in raw)
+
+
+def duplicate_keys(raw: bytes | str) -> list[tuple[KeyPath, str]]:
+    """Every key repeated within one object of the JSON text ``raw``, as (path of the
+    object, key), in document order; [] when none (or when ``raw`` is not JSON)."""
+    repeated: dict[int, list[str]] = {}
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, value in items:
+            if key in obj:
+                repeated.setdefault(id(obj), []).append(key)
+            obj[key] = value
+        return obj
+
+    try:
+        doc = json.loads(raw, object_pairs_hook=pairs, parse_float=str, parse_int=str)
+    except (ValueError, RecursionError):
+        return []
+    if not repeated:
+        return []
+    found: list[tuple[KeyPath, str]] = []
+    stack: list[tuple[Any, KeyPath]] = [(doc, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            found += [(path, key) for key in repeated.get(id(node), ())]
+            children = [(v, (*path, k)) for k, v in node.items()]
+        elif isinstance(node, list):
+            children = [(v, (*path, i)) for i, v in enumerate(node)]
+        else:
+            continue
+        stack += reversed(children)
+    return found
+
+
+def show_path(path: KeyPath) -> str:
+    """``events[0].properties`` for ("events", 0, "properties")."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def duplicate_problem(path: KeyPath, key: str) -> str:
+    where = show_path(path)
+    return f"{where + ': ' if where else ''}duplicate key {key!r} (keys must be unique)"
+
+
+def repeated_key_problems(raw: bytes, doc: Any, event: UsageEvent | None) -> list[str]:
+    """The repeated keys of a record value, as problems ([] when none): the fast check
+    for a valid ``event`` decoded from ``raw`` as ``doc``; exact for anything else."""
+    if event is not None:  # the hot path: may_repeat_keys, with the decoded colons counted
+        # from what validate_document already built (one per top-level key, those in its
+        # strings and in the canonical properties)
+        colons = (
+            len(doc)
+            + event.event_name.count(":")
+            + event.customer_id.count(":")
+            + event.canonical_properties().count(":")
+        )
+        if not event.key_derived:
+            colons += event.idempotency_key.count(":")
+        timestamp = doc.get("timestamp")
+        if type(timestamp) is str:
+            colons += timestamp.count(":")
+        if raw.count(b":") == colons and (b"\\" not in raw or _COLON_ESCAPE not in raw):
+            return []
+    return [duplicate_problem(path, name) for path, name in duplicate_keys(raw)]
 
 
 def content_fingerprint(
@@ -266,6 +394,25 @@ def validate_document(doc: Any, *, record_timestamp_ms: int) -> tuple[UsageEvent
     )
 
 
+def _key_text(key: bytes | None) -> str:
+    """The Kafka record key (the customer id, by contract) as text, '' when absent."""
+    return key.decode("utf-8", "replace")[:200] if key else ""
+
+
+def _ids(doc: Any) -> tuple[str, str]:
+    """(customer_id, idempotency_key) of a decoded document, as far as it has them."""
+    ids = doc if isinstance(doc, dict) else {}
+    return str(ids.get("customer_id") or "")[:200], str(ids.get("idempotency_key") or "")[:200]
+
+
+def _ids_of_large(raw: bytes) -> tuple[str, str]:
+    """The ids of a record over the size limit, if it is JSON at all (rare: cost is fine)."""
+    try:
+        return _ids(loads_exact(raw))
+    except (ValueError, UnicodeError, RecursionError):
+        return "", ""
+
+
 def parse_event(
     raw: bytes,
     *,
@@ -273,31 +420,57 @@ def parse_event(
     now_ms: int,
     horizon_ms: int,
     max_bytes: int = MAX_EVENT_BYTES,
+    key: bytes | None = None,
 ) -> UsageEvent | Rejection:
-    """Decode and validate one record value against the event contract."""
+    """Decode and validate one record value against the event contract.
+
+    ``key`` is the Kafka record key, the customer id by contract: a rejection of a
+    record that is not a valid event (too large, not JSON, invalid) carries it as the
+    customer id, else the ``customer_id`` of its JSON if it has one (the body may not
+    say, or say it twice).
+    """
     if len(raw) > max_bytes:
-        return Rejection(Reason.TOO_LARGE, f"{len(raw)} bytes > limit {max_bytes}", raw[:max_bytes])
+        customer, idempotency_key = _ids_of_large(raw)
+        return Rejection(
+            Reason.TOO_LARGE,
+            f"{len(raw)} bytes > limit {max_bytes}",
+            raw[:max_bytes],
+            _key_text(key) or customer,
+            idempotency_key,
+        )
     try:
         doc = loads_exact(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        return Rejection(Reason.INVALID_JSON, str(exc)[:300], raw)
+        return Rejection(Reason.INVALID_JSON, str(exc)[:300], raw, _key_text(key))
     except RecursionError:
-        return Rejection(Reason.INVALID_JSON, "nested too deeply", raw)
+        return Rejection(
+            Reason.INVALID_EVENT,
+            f"nested deeper than {MAX_PROPERTIES_DEPTH} levels (properties may nest at most "
+            f"{MAX_PROPERTIES_DEPTH} levels; this document nests too deep to decode)",
+            raw,
+            _key_text(key),
+        )
     try:
         event, problems = validate_document(doc, record_timestamp_ms=record_timestamp_ms)
         if event is not None:  # the ids are written to ClickHouse as UTF-8 too
             event.customer_id.encode()
             event.idempotency_key.encode()
     except UnicodeEncodeError as exc:  # a lone surrogate (\ud800 escape): not UTF-8 text
-        return Rejection(Reason.INVALID_JSON, str(exc)[:300], raw)
+        customer, idempotency_key = _ids(doc)
+        return Rejection(
+            Reason.INVALID_JSON, str(exc)[:300], raw, _key_text(key) or customer, idempotency_key
+        )
+    repeated = repeated_key_problems(raw, doc, event)
+    if repeated:
+        event, problems = None, problems + repeated
     if event is None:
-        ids = doc if isinstance(doc, dict) else {}
+        customer, idempotency_key = _ids(doc)
         return Rejection(
             Reason.INVALID_EVENT,
             "; ".join(problems),
             raw,
-            customer_id=str(ids.get("customer_id") or "")[:200],
-            idempotency_key=str(ids.get("idempotency_key") or "")[:200],
+            customer_id=_key_text(key) or customer,
+            idempotency_key=idempotency_key,
         )
     late = timing_problem(event, now_ms=now_ms, horizon_ms=horizon_ms)
     if late is not None:

@@ -671,6 +671,16 @@ class Forwarder:
                     f"no Stripe customer id (map it: `meterstream customers set {customer} "
                     "cus_...`)",
                 )
+        self.metrics.stripe_held_range.set(len(plan.held_out_of_range), meter=meter.name)
+        if plan.held_out_of_range:
+            log.error(
+                "%s: %d customer(s) held: the period total or the whole number to send does "
+                "not fit Stripe's ledger (Int64, exact total Decimal(38, 9)); nothing is sent "
+                "for them until the total is back in range: %s",
+                meter.name,
+                len(plan.held_out_of_range),
+                ", ".join(plan.held_out_of_range[:10]),
+            )
         if plan.held_error:
             log.warning(
                 "%s: %d customer(s) held by a Stripe error until `meterstream stripe retry`: %s",
@@ -917,5 +927,9 @@ def install_forwarder(
             await forwarder.tick()
         except StripeError as exc:
             log.error("Stripe forwarding failed, will retry next interval: %s", exc)
+        except Exception:
+            # A bug or a total nobody foresaw must not stop the worker (ingestion goes
+            # on without billing): said loudly, retried next interval.
+            log.exception("Stripe forwarding raised; will retry next interval")
 
     return forwarder

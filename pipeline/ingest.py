@@ -26,8 +26,12 @@ from typing import Any
 
 from pipeline.events import (
     MAX_EVENT_BYTES,
+    MAX_PROPERTIES_DEPTH,
     canonical_json,
+    duplicate_keys,
+    duplicate_problem,
     loads_exact,
+    may_repeat_keys,
     timing_problem,
     validate_document,
 )
@@ -80,18 +84,27 @@ def check_body(
     """Check a request body. Returns the per-event check and body-level problems.
 
     ``customer_id``: the caller's key is restricted to this customer; events for
-    any other customer are listed in ``forbidden``.
+    any other customer are listed in ``forbidden``. A key repeated within one JSON
+    object (``{"events": [A], "events": [B]}``, two ``customer_id``s in an event) is a
+    problem of the body or of that event, never silently half-kept; so is nesting too
+    deep to decode (the event contract allows 32 levels of properties).
     """
     try:
         doc = loads_exact(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedBody(f"body is not JSON: {exc}") from None
     except RecursionError:
-        raise MalformedBody("body is not JSON: nested too deeply") from None
+        return IngestCheck(), [
+            f"body nested deeper than {MAX_PROPERTIES_DEPTH} levels (properties may nest at "
+            f"most {MAX_PROPERTIES_DEPTH} levels; this body nests too deep to decode)"
+        ]
     events, problems = batch_of(doc)
+    repeated = _repeated_keys(body, doc, batch=_is_envelope(doc))
+    problems = repeated.pop(-1, []) + problems
     check = IngestCheck()
     for index, raw in enumerate(events):
         record, event_problems = check_event(raw, now_ms=now_ms, horizon_ms=horizon_ms)
+        event_problems = event_problems + repeated.get(index, [])
         if event_problems:
             check.errors.append({"index": index, "problems": event_problems})
         elif record is not None:
@@ -104,6 +117,29 @@ def check_body(
                 )
             check.records.append(record)
     return check, problems
+
+
+def _is_envelope(doc: Any) -> bool:
+    return isinstance(doc, dict) and set(doc) == {"events"}
+
+
+def _repeated_keys(body: bytes, doc: Any, *, batch: bool) -> dict[int, list[str]]:
+    """Repeated keys of a body, as problems by event index (-1: the body itself)."""
+    try:
+        colons = canonical_json(doc).count(":")
+    except UnicodeEncodeError:  # a lone surrogate: count exactly
+        colons = -1
+    if not may_repeat_keys(body, colons):
+        return {}
+    found: dict[int, list[str]] = {}
+    for path, key in duplicate_keys(body):
+        if not batch:
+            found.setdefault(0, []).append(duplicate_problem(path, key))
+        elif len(path) >= 2 and path[0] == "events" and isinstance(path[1], int):
+            found.setdefault(path[1], []).append(duplicate_problem(path[2:], key))
+        else:
+            found.setdefault(-1, []).append(duplicate_problem(path, key))
+    return found
 
 
 def check_event(raw: Any, *, now_ms: int, horizon_ms: int) -> tuple[IngestRecord | None, list[str]]:

@@ -29,7 +29,8 @@ Evaluation semantics (the hot path; paths and filters are compiled once):
 - **Values** (sum, max, min, latest): an exact ``Decimal`` from a JSON number
   or a numeric string (``"12.5"``); booleans, NaN/Infinity, other strings,
   objects, arrays and missing values raise :class:`InvalidValue`, as do
-  numbers beyond :data:`MAX_DIGITS` integer or fractional digits.
+  numbers with more than :data:`MAX_DIGITS` fractional digits and numbers whose
+  magnitude reaches the meter's :attr:`Meter.limit` (see "Ranges").
 - **unique_count** values are canonical strings: strings as-is, booleans
   ``"true"``/``"false"``, numbers as plain decimal text without exponent or
   trailing zeros (``1``, ``1.0`` and ``1E+0`` are all ``"1"``). So the number
@@ -37,6 +38,28 @@ Evaluation semantics (the hot path; paths and filters are compiled once):
   counts once). Missing, objects and arrays raise :class:`InvalidValue`.
 - **group_key** is canonical JSON of ``{path: value}``; missing values are
   ``null`` and values are kept as sent (``1`` and ``1.0`` are different groups).
+
+Ranges (DESIGN.md: no value, and no combination of values, may leave what a
+column or Stripe can hold). Every value of a sum/max/min/latest meter, every
+window total of a sum meter, and for a sum meter with a ``stripe`` block and a
+``group_by`` also the customer's window total over all its groups, stays strictly
+within ``±limit``, where ``limit`` (:data:`COLUMN_LIMITS`, :data:`STRIPE_LIMITS`)
+depends on the window size and on the ``stripe`` block:
+
+- ``meter_windows.value`` and the period views are ``Decimal(38, 9)`` (|x| < 10^29),
+  and ClickHouse adds decimals modulo 2^128 without an error, so a sum that left the
+  type would be silently wrong. With every window within the column limit, the sum
+  of one series' windows over a century fits: a view, a month, a usage query over
+  any range of windows.
+- Stripe's ledger (``stripe_meter_events.value``) is ``Int64``. A forwarded period
+  total ``T`` is a month of windows, and a ``sum`` meter sends deltas
+  ``round(T') - round(T)``, so ``|T|`` must stay below (2^63 - 1) / 2. With every
+  customer window within the Stripe limit, a 31-day month of windows at the limit
+  stays below it, and so does every delta.
+
+The running totals are checked by :func:`pipeline.processor.enforce_limits`, in
+arrival order; an event that would take a total out of range is refused by that
+meter (``invalid_value``) and the refusal is recorded with the event in the record.
 """
 
 from __future__ import annotations
@@ -74,7 +97,24 @@ Rounding = Literal["carry", "up", "down"]
 
 TOP_LEVEL_PATHS: Final = ("event_name", "customer_id", "idempotency_key")
 MAX_DIGITS: Final = 38
-"""Meter values have at most this many integer digits and this many fractional digits."""
+"""Meter values have at most this many fractional digits (and fewer integer digits: see
+:data:`COLUMN_LIMITS`)."""
+
+COLUMN_LIMITS: Final[dict[str, Decimal]] = {
+    "minute": Decimal("1e21"),
+    "hour": Decimal("1e23"),
+    "day": Decimal("1e24"),
+}
+"""Per window size: values and window totals stay strictly within ±limit, so a century of
+one series' windows sums within ``Decimal(38, 9)`` (module docstring, "Ranges")."""
+
+STRIPE_LIMITS: Final[dict[str, Decimal]] = {
+    "minute": Decimal("1e14"),
+    "hour": Decimal("1e15"),
+    "day": Decimal("1e17"),
+}
+"""Per window size, for meters with a ``stripe`` block: a 31-day month of customer windows
+within ±limit keeps the period total and every delta within Int64."""
 
 _MISSING: Final = object()
 _ONE: Final = Decimal(1)
@@ -424,6 +464,7 @@ class _Compiled:
     value: Getter | None
     group_by: tuple[tuple[str, Getter], ...]
     window_ms: int
+    limit: Decimal
 
 
 class Meter(BaseModel):
@@ -467,10 +508,37 @@ class Meter(BaseModel):
             value=None if self.value is None else compile_path(self.value),
             group_by=tuple((path, compile_path(path)) for path in sorted(self.group_by)),
             window_ms=WINDOW_MS[self.window],
+            limit=(STRIPE_LIMITS if self.stripe is not None else COLUMN_LIMITS)[self.window],
         )
 
     def model_post_init(self, context: Any, /) -> None:
         self._compiled  # noqa: B018 - compile once, at construction
+
+    @property
+    def limit(self) -> Decimal:
+        """Values and totals of this meter stay strictly within ±limit (module docstring)."""
+        return self._compiled.limit
+
+    @property
+    def guards_customer_total(self) -> bool:
+        """Whether the customer's window total over all groups is range-checked too: a
+        sum meter forwarded to Stripe (which bills all groups together) with groups."""
+        return self.aggregation == "sum" and self.stripe is not None and bool(self.group_by)
+
+    def range_problem(self, value: Decimal) -> str | None:
+        """Why ``value`` cannot be a value or total of this meter, or None when it can."""
+        limit = self._compiled.limit
+        if value.copy_abs() < limit:
+            return None
+        return f"is out of range: {self.range_text()}"
+
+    def range_text(self) -> str:
+        """``values and totals of this meter (hour windows, ...) stay within ±10^23``."""
+        why = f"{self.window} windows" + (", forwarded to Stripe" if self.stripe else "")
+        return (
+            f"values and totals of this meter ({why}) stay strictly within "
+            f"±10^{self._compiled.limit.adjusted()}"
+        )
 
     def matches(self, event: UsageEvent) -> bool:
         """The event has this meter's event name and every filter holds."""
@@ -491,9 +559,18 @@ class Meter(BaseModel):
         try:
             if self.aggregation == "unique_count":
                 return _canonical(raw)
-            return _meter_number(raw)
+            number = _meter_number(raw)
         except ValueError as exc:
-            raise InvalidValue(f"meter {self.name!r}: {self.value} {exc}") from None
+            parsed = _number(raw)  # too many digits: say which range it is out of
+            problem = None if parsed is None else self.range_problem(parsed)
+            raise InvalidValue(
+                f"meter {self.name!r}: {self.value} "
+                + (str(exc) if problem is None else f"{_show(raw)} {problem}")
+            ) from None
+        if number.copy_abs() >= self._compiled.limit:
+            problem = self.range_problem(number)
+            raise InvalidValue(f"meter {self.name!r}: {self.value} {_show(raw)} {problem}")
+        return number
 
     def group_key(self, event: UsageEvent) -> str:
         """Canonical JSON of ``{path: value}`` over ``group_by`` (missing -> null)."""

@@ -159,6 +159,16 @@ class Metrics:
             "Records Faust skipped, read directly by offset and processed",
             c,
         )
+        self.batch_isolations = Metric(
+            "meterstream_batch_isolations_total",
+            "Batches that raised and were bisected to set the failing records aside",
+            c,
+        )
+        self.stripe_held_range = Metric(
+            "meterstream_stripe_held_out_of_range",
+            "Series held back because their period total does not fit Stripe's whole numbers",
+            g,
+        )
         self.api_requests = Metric(
             "meterstream_api_requests_total", "Web API requests, by route and status", c
         )

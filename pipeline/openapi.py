@@ -301,7 +301,10 @@ def _routes_document() -> dict[str, Any]:
                         "403": _error("The key is restricted to another customer."),
                         "413": _error("The body is over the size limit."),
                         "415": _error("Content-Type is not application/json."),
-                        "422": _error("Invalid events (every problem, by index); none written."),
+                        "422": _error(
+                            "Invalid events (every problem, by index), a repeated key in a "
+                            "JSON object, or nesting too deep; none written."
+                        ),
                         "503": _error(
                             "The broker did not acknowledge; retry with the same keys.",
                             **{"Retry-After": "Seconds to wait"},

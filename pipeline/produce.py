@@ -11,7 +11,12 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from pipeline.endpoints import kafka_bootstrap
-from pipeline.events import loads_exact, validate_document
+from pipeline.events import (
+    MAX_PROPERTIES_DEPTH,
+    loads_exact,
+    repeated_key_problems,
+    validate_document,
+)
 from pipeline.kafka import client_options
 from pipeline.settings import Settings
 from topics import USAGE_EVENTS
@@ -31,7 +36,13 @@ def check_lines(lines: Iterable[bytes]) -> tuple[list[tuple[bytes, bytes]], list
         except ValueError as exc:
             bad.append(f"line {number}: invalid JSON: {exc}")
             continue
+        except RecursionError:
+            bad.append(f"line {number}: nested deeper than {MAX_PROPERTIES_DEPTH} levels")
+            continue
         event, problems = validate_document(doc, record_timestamp_ms=now)
+        repeated = repeated_key_problems(line, doc, event)
+        if repeated:
+            event, problems = None, problems + repeated
         if event is None:
             bad.append(f"line {number}: " + "; ".join(problems))
             continue

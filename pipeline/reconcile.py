@@ -17,7 +17,7 @@ from decimal import Decimal
 
 from pipeline.aggregation import WindowState, aggregator_for
 from pipeline.billing import day_of
-from pipeline.events import UsageEvent
+from pipeline.events import ALL_METERS, UsageEvent
 from pipeline.meters import InvalidValue, Meter, MetersConfig
 from pipeline.processor import WindowKey, window_key
 from sinks.clickhouse import queries, writer
@@ -52,24 +52,33 @@ def read_record(
 ) -> tuple[dict[WindowKey, WindowState], Counter[tuple[str, int]]]:
     """Every window of ``meter`` with events in [start, end), computed from the record
     (of ``customers`` only, when given), and the record's events of the meter's event
-    name per (customer, UTC day), matching the meter or not."""
+    name per (customer, UTC day), matching the meter or not.
+
+    As :func:`pipeline.processor.recompute_windows`: the meters an event's record row
+    says refused it do not count it (its window is there, empty, as for a value the
+    meter cannot read), and an event set aside as unprocessable counts for none."""
     # One pass, as recompute_windows over every window of the events (a window whose
     # values a meter cannot read is there, empty): a full read of a busy period is
     # hundreds of thousands of events, read while the worker runs.
     agg = meters.aggregators[meter.name]
     states: dict[WindowKey, WindowState] = {}
     days: Counter[tuple[str, int]] = Counter()
-    matches, extract = meter.matches, meter.extract
+    matches, extract, name = meter.matches, meter.extract, meter.name
     for row in queries.events_in_range(ch, customers, [meter.event_name], start_ms, end_ms):
         event = UsageEvent(**row)
         ts = event.timestamp_ms
         days[(event.customer_id, day_of(ts))] += 1
+        refused = event.refused_meters
+        if refused and ALL_METERS in refused:
+            continue
         if not matches(event):
             continue
         key = window_key(meter, event)
         state = states.get(key)
         if state is None:
             state = states[key] = agg.start()
+        if refused and name in refused:
+            continue
         try:
             value = extract(event)
         except InvalidValue:

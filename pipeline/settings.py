@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     # Fault injection for tests: while this file exists, every ClickHouse call of the
     # writer (record, windows, forwarder; pipeline/chio.py) fails; reads do not.
     fault_clickhouse_down_file: Path | None = None
+    # Fault injection for tests: counting an event whose idempotency key starts with this
+    # raises inside the batch, after its record and meter_windows inserts (the batch
+    # isolation must set the event aside and count the rest).
+    fault_unprocessable_key: str | None = None
 
     @field_validator(
         "kafka_bootstrap_servers",

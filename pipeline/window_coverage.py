@@ -29,6 +29,12 @@ argument the worker relies on, next to :class:`pipeline.dedup.RecordCoverage`'s)
   customer not covered (a lost or partly recovered table, a window written to
   ``meter_windows`` by a repair but not to the table, the broker restarted empty:
   all leave ``|T| < |W|``).
+* **Customer totals** (pipeline/processor.py, ``ALL_GROUPS``): the windows table's
+  only, never in ``meter_windows``, so not counted in ``T``. A customer total is written
+  in the same table write as its group windows, so one the table lacks is new exactly
+  when its window is; except beside group windows written before customer totals
+  existed (found by the scan that builds the coverage), or when the table holds one of
+  its groups: those are rebuilt from the record.
 * **Staying true, epochs, sweeps:** as for :class:`~pipeline.dedup.RecordCoverage`:
   the coverage is rebuilt on every rebalance or new consumer generation, counts
   every window key this worker adds to the table, and windows starting below the

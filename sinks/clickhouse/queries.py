@@ -24,7 +24,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from pipeline.events import loads_exact
 
@@ -223,14 +223,16 @@ def _key_filters(
 
 
 def existing_keys_sql(pairs: Sequence[tuple[str, str]]) -> str:
-    """Fingerprint of each (customer_id, idempotency_key) present in usage_events.
+    """Fingerprint of each (customer_id, idempotency_key) present in usage_events, and
+    whether the key was set aside as unprocessable (``refused_meters = ['*']``).
 
     ``customer_id IN`` prunes by the primary key prefix; the tuple IN matches
     exact pairs (also served by the primary key (customer_id, idempotency_key)).
     """
     tuples = ", ".join(f"({sql_string(c)}, {sql_string(k)})" for c, k in sorted(set(pairs)))
     return (
-        "SELECT customer_id, idempotency_key, any(fingerprint) AS fingerprint\n"
+        "SELECT customer_id, idempotency_key, any(fingerprint) AS fingerprint,"
+        " max(has(refused_meters, '*')) AS excluded\n"
         "FROM usage_events\n"
         f"WHERE customer_id IN {sql_string_list(c for c, _ in pairs)}\n"
         f"  AND (customer_id, idempotency_key) IN ({tuples})\n"
@@ -274,14 +276,16 @@ def events_in_range_sql(
 
     ``LIMIT 1 BY`` (first ingested wins) rather than FINAL: it does not depend
     on merges or on duplicates sharing a partition, and keeps the result
-    deterministic.
+    deterministic. A row marking the key unprocessable (``refused_meters = ['*']``) is
+    written with the epoch as ``ingested_at`` (writer.UNPROCESSABLE_INGESTED_AT_MS), so
+    it wins over the event's own row.
     """
     names = "" if event_names is None else f"  AND event_name IN {sql_string_list(event_names)}\n"
     customers = "1" if customer_ids is None else f"customer_id IN {sql_string_list(customer_ids)}"
     return (
         "SELECT event_name, customer_id, idempotency_key,"
         " toUnixTimestamp64Milli(timestamp) AS timestamp_ms,\n"
-        "       properties, key_derived, fingerprint\n"
+        "       properties, key_derived, fingerprint, refused_meters\n"
         "FROM usage_events\n"
         f"WHERE {customers}\n"
         f"{names}"
@@ -421,21 +425,35 @@ def _chunks_by_size(items: Sequence[tuple[str, str]], limit: int) -> list[list[t
     return chunks
 
 
-def existing_keys(ch: ClickHouse, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """Map each (customer_id, idempotency_key) already in usage_events to its fingerprint.
+class RecordedKey(NamedTuple):
+    fingerprint: str
+    excluded: bool  # set aside as unprocessable: counted by no meter
+
+
+def recorded_keys(
+    ch: ClickHouse, pairs: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], RecordedKey]:
+    """Each (customer_id, idempotency_key) already in usage_events: its fingerprint and
+    whether it was set aside as unprocessable.
 
     One query per call for ordinary batches (2000 pairs of ~40-byte ids is
     ~200 KB of SQL); only batches whose literals would pass ``MAX_SQL_BYTES``
     are split, to stay under the server's default ``max_query_size``.
     """
     unique = sorted(set(pairs))
-    found: dict[tuple[str, str], str] = {}
+    found: dict[tuple[str, str], RecordedKey] = {}
     if not unique:
         return found
     for chunk in _chunks_by_size(unique, MAX_SQL_BYTES):
-        for customer_id, key, fingerprint in ch.query_rows(existing_keys_sql(chunk)):
-            found[(customer_id, key)] = fingerprint
+        for customer_id, key, fingerprint, excluded in ch.query_rows(existing_keys_sql(chunk)):
+            found[(customer_id, key)] = RecordedKey(fingerprint, bool(excluded))
     return found
+
+
+def existing_keys(ch: ClickHouse, pairs: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """Map each (customer_id, idempotency_key) already in usage_events to its fingerprint
+    (:func:`recorded_keys` without the exclusion)."""
+    return {pair: rec.fingerprint for pair, rec in recorded_keys(ch, pairs).items()}
 
 
 def record_key_counts(ch: ClickHouse, customer_ids: Sequence[str], since_ms: int) -> dict[str, int]:
@@ -475,8 +493,9 @@ def events_in_range(
 
     Each dict has exactly the :class:`pipeline.events.UsageEvent` fields
     (event_name, customer_id, idempotency_key, timestamp_ms, properties parsed
-    with exact decimals, key_derived, fingerprint), so ``UsageEvent(**row)``
-    works. ``None`` means every customer / every event name; empty lists match nothing.
+    with exact decimals, key_derived, fingerprint, refused_meters), so
+    ``UsageEvent(**row)`` works. ``None`` means every customer / every event name;
+    empty lists match nothing.
     """
     if customer_ids is not None and not customer_ids:
         return []
@@ -492,8 +511,11 @@ def events_in_range(
             "properties": loads_exact(properties) if properties else {},
             "key_derived": bool(derived),
             "fingerprint": fingerprint,
+            "refused_meters": tuple(refused) if refused else (),
         }
-        for name, customer, key, ts, properties, derived, fingerprint in ch.query_plain_rows(sql)
+        for name, customer, key, ts, properties, derived, fingerprint, refused in (
+            ch.query_plain_rows(sql)
+        )
     ]
 
 

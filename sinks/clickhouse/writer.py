@@ -14,13 +14,13 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any, Protocol
 
-from pipeline.events import Rejection, UsageEvent, content_fingerprint
+from pipeline.events import ALL_METERS, Rejection, UsageEvent, content_fingerprint
 from sinks.clickhouse.client import ClickHouse
 
 USAGE_EVENTS = "usage_events"
@@ -38,6 +38,7 @@ USAGE_EVENTS_COLUMNS: tuple[str, ...] = (
     "key_derived",
     "ingested_at",
     "meters",
+    "refused_meters",
 )
 METER_WINDOWS_COLUMNS: tuple[str, ...] = (
     "meter",
@@ -121,9 +122,14 @@ def decimal_38_9(value: Decimal) -> Decimal:
 
 
 def usage_event_row(
-    event: UsageEvent, ingested_at_ms: int, meters: Sequence[str] = ()
+    event: UsageEvent,
+    ingested_at_ms: int,
+    meters: Sequence[str] = (),
+    refused: Sequence[str] = (),
 ) -> tuple[Any, ...]:
-    """A usage_events row (USAGE_EVENTS_COLUMNS order); ``meters`` counted the event.
+    """A usage_events row (USAGE_EVENTS_COLUMNS order); ``meters`` counted the event,
+    ``refused`` refused it for range (``["*"]``: set aside as unprocessable, see
+    migrations/0007).
 
     Pass the Kafka record timestamp as ``ingested_at_ms`` rather than the wall
     clock: a batch rebuilt after a crash is then byte-identical and its
@@ -143,7 +149,41 @@ def usage_event_row(
         1 if event.key_derived else 0,
         int(ingested_at_ms),
         sorted(meters),
+        sorted(refused),
     )
+
+
+UNPROCESSABLE_INGESTED_AT_MS = 0
+"""``ingested_at`` of the row that marks a key unprocessable (``refused_meters = ['*']``):
+the epoch, so that every read of the record, which keeps the first ingested row of a
+key (``LIMIT 1 BY`` after ``ORDER BY ... ingested_at``), keeps the mark."""
+
+
+def unprocessable_row(event: UsageEvent) -> tuple[Any, ...]:
+    """The usage_events row that marks ``event`` as set aside: counted by no meter."""
+    return usage_event_row(event, UNPROCESSABLE_INGESTED_AT_MS, (), (ALL_METERS,))
+
+
+def usage_event_rows(
+    events: Sequence[UsageEvent],
+    ingested_at_ms: int,
+    counted_by: Mapping[Any, Sequence[str]],
+    refused: Mapping[Any, Sequence[str]],
+) -> tuple[list[tuple[Any, ...]], tuple[str, ...]]:
+    """Rows and columns of one usage_events insert; ``counted_by`` and ``refused`` by
+    (customer_id, idempotency_key). ``refused_meters`` is left out (its default ``[]``
+    applies) when no event was refused: the common case, one column less to parse."""
+    if refused:
+        rows = []
+        for ev in events:
+            key = (ev.customer_id, ev.idempotency_key)
+            rows.append(usage_event_row(ev, ingested_at_ms, counted_by[key], refused.get(key, ())))
+        return rows, USAGE_EVENTS_COLUMNS
+    rows = [
+        usage_event_row(ev, ingested_at_ms, counted_by[(ev.customer_id, ev.idempotency_key)])[:-1]
+        for ev in events
+    ]
+    return rows, USAGE_EVENTS_COLUMNS[:-1]
 
 
 def rejected_row(rejection: Rejection, received_at_ms: int) -> tuple[Any, ...]:

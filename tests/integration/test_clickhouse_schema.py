@@ -52,6 +52,7 @@ ALL_MIGRATIONS = [
     "0005_meter_usage_views",
     "0006_usage_events_meters",
     "0007_stripe_customers",
+    "0008_usage_events_refused_meters",
 ]
 
 

@@ -152,10 +152,11 @@ def test_migration_files_are_versioned_in_order() -> None:
         "0005_meter_usage_views",
         "0006_usage_events_meters",
         "0007_stripe_customers",
+        "0008_usage_events_refused_meters",
     ]
-    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6, 7]
+    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert all(m.checksum == checksum(m.sql) for m in migrations)
-    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1, 3]
+    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1, 3, 1]
 
 
 def _squash(sql: str) -> str:
@@ -243,7 +244,8 @@ def test_split_statements_ignores_semicolons_in_strings_and_comments() -> None:
 def test_existing_keys_sql_escapes_and_sorts() -> None:
     sql = q.existing_keys_sql([("c1", "k1"), ("c'2", "k\\2"), ("c1", "k0"), ("c1", "k1")])
     assert sql == (
-        "SELECT customer_id, idempotency_key, any(fingerprint) AS fingerprint\n"
+        "SELECT customer_id, idempotency_key, any(fingerprint) AS fingerprint,"
+        " max(has(refused_meters, '*')) AS excluded\n"
         "FROM usage_events\n"
         "WHERE customer_id IN ('c\\'2', 'c1')\n"
         "  AND (customer_id, idempotency_key)"
@@ -256,7 +258,7 @@ def test_events_in_range_sql() -> None:
     assert q.events_in_range_sql(["c2", "c1"], ["api_call"], 1000, 2000) == (
         "SELECT event_name, customer_id, idempotency_key,"
         " toUnixTimestamp64Milli(timestamp) AS timestamp_ms,\n"
-        "       properties, key_derived, fingerprint\n"
+        "       properties, key_derived, fingerprint, refused_meters\n"
         "FROM usage_events\n"
         "WHERE customer_id IN ('c1', 'c2')\n"
         "  AND event_name IN ('api_call')\n"
@@ -350,9 +352,11 @@ def test_usage_event_row() -> None:
         1,
         1_706_745_601_000,
         [],
+        [],
     )
     assert usage_event_row(_event(fingerprint="given"), 0)[5] == "given"
-    assert usage_event_row(_event(), 0, ["b", "a"])[-1] == ["a", "b"]
+    assert usage_event_row(_event(), 0, ["b", "a"])[-2] == ["a", "b"]
+    assert usage_event_row(_event(), 0, ["a"], ["z", "y"])[-2:] == (["a"], ["y", "z"])
 
 
 def test_rejected_row() -> None:
@@ -516,3 +520,17 @@ def test_add_checks_table_and_width() -> None:
         writer.add("nope", ())
     with pytest.raises(ValueError):
         writer.add(USAGE_EVENTS, ("too", "short"))
+
+
+def test_usage_event_rows_leave_out_refused_meters_unless_needed() -> None:
+    from sinks.clickhouse.writer import unprocessable_row, usage_event_rows
+
+    a, b = _event(), _event(idempotency_key="01J001")
+    counted = {("cus_1", "01J000"): ["m"], ("cus_1", "01J001"): ["m"]}
+    rows, columns = usage_event_rows([a, b], 5, counted, {})
+    assert columns == USAGE_EVENTS_COLUMNS[:-1] and all(len(r) == len(columns) for r in rows)
+    rows, columns = usage_event_rows([a, b], 5, counted, {("cus_1", "01J001"): ["x"]})
+    assert columns == USAGE_EVENTS_COLUMNS
+    assert [r[-1] for r in rows] == [[], ["x"]]
+    mark = unprocessable_row(a)
+    assert (mark[-3], mark[-2], mark[-1]) == (0, [], ["*"])  # ingested at the epoch: read first

@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline.events import (
     MAX_EVENT_BYTES,
@@ -173,4 +175,154 @@ def test_deeply_nested_properties_are_rejected_not_raised(depth: int) -> None:
     raw += b"]" * depth + b"}}"
     result = parse_event(raw, record_timestamp_ms=NOW, now_ms=NOW, horizon_ms=10**9)
     assert isinstance(result, Rejection)
-    assert result.reason in (Reason.INVALID_EVENT, Reason.INVALID_JSON)
+    assert result.reason is Reason.INVALID_EVENT  # the contract's 32 levels, at any depth
+
+
+# -- issue #20, item 6: contract mismatches ---------------------------------------------
+
+
+def test_repeated_keys_are_an_invalid_event_not_half_kept() -> None:
+    for raw, problem in [
+        ('{"event_name":"e","customer_id":"a","customer_id":"b"}', "duplicate key 'customer_id'"),
+        (
+            '{"event_name":"e","customer_id":"c","properties":{"tokens":1,"tokens":2}}',
+            "properties: duplicate key 'tokens'",
+        ),
+        (
+            '{"event_name":"e","customer_id":"c","properties":{"m":[{"x":1,"x":1}]}}',
+            "properties.m[0]: duplicate key 'x'",
+        ),
+        # a key spelled with an escape, and an escaped ':' that hides a colon
+        ('{"event_name":"e","customer_id":"c","properties":{"t":1,"\\u0074":2}}', "'t'"),
+        ('{"event_name":"e","customer_id":"c","properties":{"a:b":1,"a\\u003ab":2}}', "'a:b'"),
+    ]:
+        result = parse(raw)
+        assert isinstance(result, Rejection), raw
+        assert result.reason is Reason.INVALID_EVENT
+        assert problem in result.detail, (raw, result.detail)
+
+
+def test_colons_inside_strings_are_not_mistaken_for_repeated_keys() -> None:
+    raw = (
+        '{"event_name":"e:1","customer_id":"c:2","idempotency_key":"k:3",'
+        '"timestamp":"2026-09-21T10:00:00Z","properties":{"u:rl":"http://x:80/a:b",'
+        '"escaped":"\\u003a\\u003A","nested":{"a":[":",{"b:":":"}]}}}'
+    )
+    event = parse(raw)
+    assert isinstance(event, UsageEvent), event
+    assert event.properties["escaped"] == "::"
+
+
+def test_fast_check_is_exact_when_it_clears_a_document() -> None:
+    from pipeline.events import duplicate_keys, may_repeat_keys
+
+    clean = b'{"a":{"b":":","c":[1,{"d":2}]}}'
+    assert not may_repeat_keys(clean, canonical_json(loads(clean)).count(":"))
+    assert duplicate_keys(clean) == []
+    repeated = b'{"a":{"b":1,"b":2}}'
+    assert may_repeat_keys(repeated, canonical_json(loads(repeated)).count(":"))
+    assert duplicate_keys(repeated) == [(("a",), "b")]
+
+
+def loads(raw: bytes) -> object:
+    from pipeline.events import loads_exact
+
+    return loads_exact(raw)
+
+
+@pytest.mark.parametrize("depth", [33, 500, 5_000, 10_000])
+def test_nesting_past_32_levels_is_an_invalid_event_at_any_depth(depth: int) -> None:
+    raw = b'{"event_name":"a","customer_id":"c","properties":' + b'{"x":' * depth
+    raw += b"1" + b"}" * depth + b"}"
+    result = parse_event(raw, record_timestamp_ms=NOW, now_ms=NOW, horizon_ms=10**9, key=b"cus")
+    assert isinstance(result, Rejection)
+    assert result.reason is Reason.INVALID_EVENT
+    assert "nested deeper than 32 levels" in result.detail
+    assert result.customer_id in ("c", "cus")
+
+
+def test_dead_letters_carry_the_kafka_key_or_the_customer_of_well_formed_json() -> None:
+    def rejected(raw: bytes, key: bytes | None) -> Rejection:
+        result = parse_event(raw, record_timestamp_ms=NOW, now_ms=NOW, horizon_ms=HORIZON, key=key)
+        assert isinstance(result, Rejection)
+        return result
+
+    large = b'{"event_name":"e","customer_id":"json","idempotency_key":"k","properties":{"x":"'
+    large += b"a" * MAX_EVENT_BYTES + b'"}}'
+    assert (rejected(large, b"cus").reason, rejected(large, b"cus").customer_id) == (
+        Reason.TOO_LARGE,
+        "cus",
+    )
+    from_json = rejected(large, None)
+    assert (from_json.customer_id, from_json.idempotency_key) == ("json", "k")
+    assert rejected(b"x" * (MAX_EVENT_BYTES + 1), None).customer_id == ""
+    bad_json = rejected(b'{"customer_id":"c",', b"cus")
+    assert (bad_json.reason, bad_json.customer_id) == (Reason.INVALID_JSON, "cus")
+    assert rejected(b'{"customer_id":"c",', None).customer_id == ""
+
+
+def test_rejection_text_is_always_utf8() -> None:
+    result = parse('{"event_name":5,"customer_id":"\\ud800","idempotency_key":"\\udfffk"}')
+    assert isinstance(result, Rejection)
+    assert (result.customer_id, result.idempotency_key) == ("?", "?k")
+    import orjson
+
+    orjson.dumps(result.to_dlq(NOW))  # raised before: surrogates not allowed
+    assert Rejection(Reason.INVALID_VALUE, "x\ud800", b"", "\udfff").detail == "x?"
+
+
+def test_produce_reports_repeated_keys_and_deep_lines_instead_of_sending_them() -> None:
+    from pipeline.produce import check_lines
+
+    good = b'{"event_name":"e","customer_id":"c","idempotency_key":"k"}'
+    twice = b'{"event_name":"e","customer_id":"c","customer_id":"d"}'
+    deep = b'{"event_name":"e","customer_id":"c","properties":' + b"[" * 5_000 + b"]" * 5_000
+    sent, bad = check_lines([good, twice, deep + b"}"])
+    assert sent == [(b"c", good)]
+    assert bad == [
+        "line 2: duplicate key 'customer_id' (keys must be unique)",
+        "line 3: nested deeper than 32 levels",
+    ]
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=20)
+    | st.decimals(allow_nan=False, allow_infinity=False),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=200) | _JSON.map(lambda v: canonical_json(v).encode()), st.binary(max_size=8)
+)
+def test_any_record_is_an_event_or_a_rejection_never_an_exception(raw: bytes, key: bytes) -> None:
+    result = parse_event(raw, record_timestamp_ms=NOW, now_ms=NOW, horizon_ms=HORIZON, key=key)
+    assert isinstance(result, UsageEvent | Rejection)
+    if isinstance(result, Rejection):
+        import orjson
+
+        orjson.dumps(result.to_dlq(NOW))  # the dead letter can always be written
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {"event_name": st.text(min_size=1, max_size=5), "customer_id": st.text(max_size=5)},
+        optional={"properties": st.dictionaries(st.text(max_size=6), _JSON, max_size=4),
+                  "timestamp": _JSON, "idempotency_key": _JSON},
+    )
+)  # fmt: skip
+def test_any_event_shaped_document_parses_or_is_rejected(doc: dict[str, object]) -> None:
+    try:
+        raw = canonical_json(doc).encode()
+    except UnicodeEncodeError:  # not UTF-8 text: cannot be a Kafka record as such
+        return
+    result = parse_event(raw, record_timestamp_ms=NOW, now_ms=NOW, horizon_ms=HORIZON)
+    assert isinstance(result, UsageEvent | Rejection)

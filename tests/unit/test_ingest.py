@@ -74,8 +74,15 @@ def test_every_bad_event_is_listed_by_index() -> None:
 def test_malformed_json_is_not_a_batch() -> None:
     with pytest.raises(MalformedBody):
         check(b"{nope")
-    with pytest.raises(MalformedBody):
-        check(b"[" * 100_000)
+
+
+def test_nesting_too_deep_to_decode_is_an_invalid_body_not_malformed_json() -> None:
+    """Deeper than the decoder's recursion limit is refused for its depth (422, the
+    contract's 32 levels), not as "not JSON" (400): nothing that deep can be an event."""
+    for body in (b"[" * 100_000, b'{"events": [' + b"[" * 5_000 + b"]" * 5_000 + b"]}"):
+        result, problems = check(body)
+        assert not result.records
+        assert problems and "nested deeper than 32 levels" in problems[0]
 
 
 def test_gaps_filled_as_the_worker_would() -> None:
@@ -139,3 +146,27 @@ def test_lone_surrogates_are_a_problem_not_a_crash() -> None:
     result, problems = check(body)
     assert not problems and [e["index"] for e in result.errors] == [0, 1]
     assert "lone UTF-16 surrogate" in result.errors[0]["problems"][0]
+
+
+def test_repeated_keys_are_refused_by_body_or_by_event() -> None:
+    a = f'{{"event_name":"api_call","customer_id":"acme","timestamp":{NOW - 1000}}}'
+
+    def batch(*events: str) -> bytes:
+        return ('{"events":[' + ",".join(events) + "]}").encode()
+
+    # the body's own key: nothing may be half-kept
+    result, problems = check(batch(a)[:-1] + b',"events":[' + a.encode() + b"]}")
+    assert problems == ["duplicate key 'events' (keys must be unique)"]
+    # one event's keys: that event, by index
+    twice = a.replace('"customer_id":"acme"', '"customer_id":"acme","customer_id":"evil"')
+    result, problems = check(batch(a, twice))
+    assert not problems
+    assert result.errors == [
+        {"index": 1, "problems": ["duplicate key 'customer_id' (keys must be unique)"]}
+    ]
+    # a single event body, and a repeated property
+    result, _ = check(a.replace("}", ',"properties":{"n":1,"n":2}}').encode())
+    assert result.errors == [
+        {"index": 0, "problems": ["properties: duplicate key 'n' (keys must be unique)"]}
+    ]
+    assert check(batch(a, a))[0].ok  # no repeat, no problem

@@ -407,6 +407,16 @@ def test_extract_number(raw: Any, expected: Decimal) -> None:
         ({"v": 1.5}, "meter 'm': properties.v is not a number: 1.5"),
         (
             {"v": "1e40"},
+            "meter 'm': properties.v '1e40' is out of range: values and totals of this meter"
+            " (hour windows) stay strictly within ±10^23",
+        ),
+        (
+            {"v": D("-1E+23")},
+            "meter 'm': properties.v -1E+23 is out of range: values and totals of this meter"
+            " (hour windows) stay strictly within ±10^23",
+        ),
+        (
+            {"v": "1e-39"},
             "meter 'm': properties.v is out of range (at most 38 digits each side of the point)",
         ),
     ],
