@@ -21,11 +21,12 @@ The convention, for whoever writes documentation here:
   language not above, must have that marker; a block neither run nor marked fails
   the test, and so does a marker with no reason or with no block after it.
 
-* ``#> text`` lines in a ``sh`` or ``python`` block are what the block prints
+* ``# => text`` lines in a ``sh`` or ``python`` block are what the block prints
   (standard output). They must appear in that order among its output lines, each
   line equal to one of them; ``...`` in an expected line stands for any text.
   Output shown any other way (a comment such as ``# e.g. ...``) is illustrative and
-  not checked.
+  not checked. (``# =>`` because ``make lint`` formats the README's python blocks
+  with ruff, which would turn a ``#>`` into ``# >``.)
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ CHECK = ("yaml", "json")
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<info>[^`]*)$")
 _MARKER = re.compile(r"^[ \t]*<!--\s*not run:(?P<reason>.*?)-->\s*$")
 _ANY_MARKER = re.compile(r"^[ \t]*<!--\s*not run\b")
-_EXPECTED = re.compile(r"^[ \t]*#> ?(?P<text>.*)$")
+_EXPECTED = re.compile(r"^[ \t]*# => ?(?P<text>.*)$")
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class Block:
         return self.not_run is None and self.lang in RUN + CHECK
 
     def expected(self) -> list[str]:
-        """The ``#>`` lines (what the block prints), in order."""
+        """The ``# =>`` lines (what the block prints), in order."""
         if self.lang not in ("sh", "python"):
             return []
         found = (_EXPECTED.match(line) for line in self.text.splitlines())

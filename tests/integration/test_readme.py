@@ -9,7 +9,7 @@ stack in ``.meterstream/``; the examples' ``.venv/bin/meterstream`` and
 ``.meterstream/endpoints.json`` resolve there. One stack for every block.
 
 Every block of tests/readme_blocks.py's documents runs (see that module for the
-convention: languages, ``<!-- not run: why -->`` markers, ``#>`` expected output),
+convention: languages, ``<!-- not run: why -->`` markers, ``# =>`` expected output),
 in document order, then all of them a second time on the same stack, as a reader
 who goes through the README again: an example must work on a state dir that has
 seen it already. Last, Ctrl-C (SIGINT) must stop the stack with exit status 0.

@@ -56,7 +56,7 @@ def test_an_indented_block_in_a_list_loses_its_indentation() -> None:
 
 
 def test_expected_output_lines_and_sql_statements() -> None:
-    sh = '```sh\ncurl x   # a comment\n#> {"accepted":1}\n#> 202\n```\n'
+    sh = '```sh\ncurl x   # a comment\n# => {"accepted":1}\n# => 202\n```\n'
     (block,), _ = parse("X.md", sh)
     assert block.expected() == ['{"accepted":1}', "202"]
     sql = "```sql\n-- first\nSELECT 1;\n\n-- second\nSELECT 2\nFROM t;\n-- trailing note\n```\n"
