@@ -18,6 +18,7 @@ seen it already. Last, Ctrl-C (SIGINT) must stop the stack with exit status 0.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import REPO, wait_until
+from tests.harness import REPO, http_json, wait_until
 from tests.readme_blocks import Block, load, missing_output
 
 pytestmark = pytest.mark.integration
@@ -75,6 +76,17 @@ class Newcomer:
             what="meterstream run to write .meterstream/endpoints.json",
         )
         assert self.proc.poll() is None, "meterstream run stopped:\n" + self.context()
+
+    def alive(self) -> bool:
+        """``meterstream run`` runs and its worker answers ``/healthz``."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        endpoints = json.loads((self.state / "endpoints.json").read_text())
+        try:
+            http_json(f"{endpoints['web_url']}/healthz", timeout=10)
+        except OSError:
+            return False
+        return True
 
     def stop(self) -> int | None:
         """Ctrl-C, as a newcomer stops ``make run``; SIGKILL if it does not stop."""
@@ -202,9 +214,7 @@ RUNNERS = {
     ids=[f"{r}-{b.id}-{b.lang}" for r in ROUNDS for b in RUNNABLE],
 )
 def test_block(newcomer: Newcomer, round_: int, block: Block) -> None:
-    assert newcomer.proc is not None and newcomer.proc.poll() is None, (
-        "the stack is gone:\n" + newcomer.context()
-    )
+    assert newcomer.alive(), "the stack is gone:\n" + newcomer.context()
     results = RUNNERS[block.lang](newcomer, block)
 
     def shown(result: Result) -> str:
