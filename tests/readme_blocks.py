@@ -161,6 +161,17 @@ def load(docs: Iterable[str] = DOCS, root: Path = REPO) -> tuple[list[Block], li
     return blocks, problems + unclassified(blocks)
 
 
+def make_run_command(makefile: str) -> list[str]:
+    """What ``make run`` runs (its recipe, ``$(BIN)`` as ``.venv/bin``, no DURATION)."""
+    lines = makefile.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("run:"))
+    recipe = lines[start + 1]
+    assert recipe.startswith("\t$(BIN)/meterstream run"), recipe
+    command = re.sub(r"\$\(if [^)]*\(DURATION\)[^)]*\)[^)]*\),?\)", "", recipe.strip())
+    assert "$(" not in command.replace("$(BIN)", ""), command
+    return command.replace("$(BIN)", ".venv/bin").split()
+
+
 def _line_matches(expected: str, actual: str) -> bool:
     pattern = ".*".join(re.escape(part) for part in expected.split("..."))
     return re.fullmatch(pattern, actual) is not None

@@ -3,10 +3,11 @@
 A newcomer clones the repository, runs ``make run`` in one terminal and the
 README's commands in a second one, from the repository root. Here: a temporary
 root holding the repository (a link to each of its top-level entries, ``.venv``
-included) and nothing of its state dir, where ``.venv/bin/meterstream run --meters
-meters.example.yaml --demo`` (the recipe of ``make run``) starts the embedded
-stack in ``.meterstream/``; the examples' ``.venv/bin/meterstream`` and
-``.meterstream/endpoints.json`` resolve there. One stack for every block.
+included) and nothing of its state dir, where the recipe of ``make run``
+(``.venv/bin/meterstream run --meters meters.example.yaml --demo``, read from the
+Makefile) starts the embedded stack in ``.meterstream/``; the examples'
+``.venv/bin/meterstream`` and ``.meterstream/endpoints.json`` resolve there. One
+stack for every block.
 
 Every block of tests/readme_blocks.py's documents runs (see that module for the
 convention: languages, ``<!-- not run: why -->`` markers, ``# =>`` expected output),
@@ -31,7 +32,7 @@ import pytest
 import yaml
 
 from tests.harness import REPO, http_json, wait_until
-from tests.readme_blocks import Block, load, missing_output
+from tests.readme_blocks import Block, load, make_run_command, missing_output
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +67,7 @@ class Newcomer:
     def start(self) -> None:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [".venv/bin/meterstream", "run", "--meters", "meters.example.yaml", "--demo"],
+                make_run_command((REPO / "Makefile").read_text()),
                 cwd=self.root, env=_env(), stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from tests.readme_blocks import DOCS, load, missing_output, parse
+from tests.readme_blocks import DOCS, REPO, load, make_run_command, missing_output, parse
 
 
 def test_every_block_of_the_docs_is_run_or_marked_with_a_reason() -> None:
@@ -74,3 +74,9 @@ def test_expected_lines_match_in_order_with_wildcards() -> None:
     assert missing_output(["422"], out) == ["422"]
     assert missing_output(["20"], out) == ["20"]  # whole lines, not substrings
     assert missing_output(["...accepted..."], out) == []
+
+
+def test_the_stack_is_started_as_make_run_starts_it() -> None:
+    command = make_run_command((REPO / "Makefile").read_text())
+    assert command[:2] == [".venv/bin/meterstream", "run"] and "--demo" in command, command
+    assert "--duration" not in command  # a newcomer's `make run` runs until Ctrl-C
