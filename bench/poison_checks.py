@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 
 from bench.load import closed_end_ms, generate
-from pipeline import events as ev_module
-from pipeline import ingest, processor
-from pipeline.meters import load_meters
+from meterstream import events as ev_module
+from meterstream.api import ingest
+from meterstream.meters import fold as processor
+from meterstream.meters.config import load_meters
 
 HORIZON_MS = 7 * 86_400_000
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pipeline.embedded import read_endpoints
-from pipeline.errors import ConfigError
-from pipeline.settings import Settings
+from meterstream.embedded.processes import read_endpoints
+from meterstream.errors import ConfigError
+from meterstream.settings import Settings
 
 
 def kafka_bootstrap(settings: Settings) -> str:

@@ -1,6 +1,6 @@
 """Connection options for plain aiokafka clients (admin, producers), from settings.
 
-Faust gets the same credentials through ``pipeline.app.kafka_credentials``.
+Faust gets the same credentials through ``meterstream.worker.app.kafka_credentials``.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from pipeline.settings import Settings
+from meterstream.settings import Settings
 
 
 def client_options(settings: Settings) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 from pydantic import SecretStr
 
-from sinks.clickhouse.client import ClickHouse, connect
+from meterstream.sinks.clickhouse.client import ClickHouse, connect
 
 NO_DOCKER_REASON = (
     "no Docker engine: testcontainers cannot start ClickHouse here; "

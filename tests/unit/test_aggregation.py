@@ -6,12 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.aggregation import (
-    AGGREGATION_KINDS,
-    WindowState,
-    aggregate,
-    aggregator_for,
-)
+from meterstream.meters.aggregation import AGGREGATION_KINDS, WindowState, aggregate, aggregator_for
 
 # A unique event: idempotency key -> (numeric value, unique value, timestamp ms).
 Events = dict[str, tuple[Decimal, str, int]]

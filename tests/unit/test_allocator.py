@@ -1,5 +1,5 @@
 """The worker's glibc tuning: large transient buffers keep getting their own mapping
-after one was freed, instead of joining the heap (pipeline.allocator).
+after one was freed, instead of joining the heap (meterstream.worker.allocator).
 
 Each case runs in a fresh interpreter: the allocator's state is per process.
 """
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not GLIBC, reason="needs glibc 2.33+ (mallinfo2)
 # holds a 200 kB block and prints how many mapped blocks that added.
 PROBE = """
 import ctypes, sys
-from pipeline.allocator import tune_allocator
+from meterstream.worker.allocator import tune_allocator
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks",

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.apikeys import KeyStore, parse_keys, retire_cli_key_file
-from pipeline.errors import ConfigError
-from pipeline.metrics import Metrics
+from meterstream.api.keys import KeyStore, parse_keys, retire_cli_key_file
+from meterstream.errors import ConfigError
+from meterstream.metrics import Metrics
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.batching import BACKLOG_WAIT_FACTOR, broker_backlog, take_batches
+from meterstream.worker.batching import BACKLOG_WAIT_FACTOR, broker_backlog, take_batches
 
 
 class FakeStream:

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from pipeline.aggregation import aggregator_for
-from pipeline.errors import ClickHouseError
-from pipeline.events import Reason, Rejection, UsageEvent, content_fingerprint
-from sinks.clickhouse import queries as q
-from sinks.clickhouse.client import split_statements
-from sinks.clickhouse.migrate import MIGRATIONS_DIR, checksum, load_migrations
-from sinks.clickhouse.writer import (
+from meterstream.errors import ClickHouseError
+from meterstream.events import Reason, Rejection, UsageEvent, content_fingerprint
+from meterstream.meters.aggregation import aggregator_for
+from meterstream.sinks.clickhouse import queries as q
+from meterstream.sinks.clickhouse.client import split_statements
+from meterstream.sinks.clickhouse.migrate import MIGRATIONS_DIR, checksum, load_migrations
+from meterstream.sinks.clickhouse.writer import (
     METER_WINDOWS,
     METER_WINDOWS_COLUMNS,
     REJECTED_EVENTS,
@@ -523,7 +523,7 @@ def test_add_checks_table_and_width() -> None:
 
 
 def test_usage_event_rows_leave_out_refused_meters_unless_needed() -> None:
-    from sinks.clickhouse.writer import unprocessable_row, usage_event_rows
+    from meterstream.sinks.clickhouse.writer import unprocessable_row, usage_event_rows
 
     a, b = _event(), _event(idempotency_key="01J001")
     counted = {("cus_1", "01J000"): ["m"], ("cus_1", "01J001"): ["m"]}

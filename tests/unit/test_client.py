@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from pipeline.client import (
+from meterstream.client.sdk import (
     Abandoned,
     BufferFull,
     ClientClosed,
@@ -32,8 +32,8 @@ from pipeline.client import (
     backoff_delay,
     uuid7,
 )
-from pipeline.embedded import free_port
-from pipeline.events import loads_exact
+from meterstream.embedded.processes import free_port
+from meterstream.events import loads_exact
 from tests.sdk_support import BackgroundApp, record_from_threads
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -339,7 +339,7 @@ def test_a_413_for_a_single_event_is_permanent(server: EventsServer) -> None:
 
 
 def test_kafka_client_from_settings_splits_its_options() -> None:
-    from pipeline.settings import Settings
+    from meterstream.settings import Settings
 
     settings = Settings(kafka_bootstrap_servers="127.0.0.1:1", topic_prefix="acme-")
     client = UsageClient.from_settings(settings, max_buffer=7, request_timeout_ms=1500)
@@ -357,7 +357,7 @@ def test_kafka_client_from_settings_splits_its_options() -> None:
 def test_events_recorded_before_exit_are_sent_at_exit(server: EventsServer) -> None:
     """No close() at all: the atexit hook flushes before the interpreter goes."""
     script = (
-        "from pipeline.client import HttpUsageClient\n"
+        "from meterstream.client.sdk import HttpUsageClient\n"
         f"c = HttpUsageClient({server.url!r}, 'k', linger=5.0)\n"
         "print(c.record('api_call', 'c1'))\n"
     )

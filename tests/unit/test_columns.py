@@ -1,4 +1,5 @@
-"""The JSONCompactColumns block of an insert (sinks.clickhouse.columns): pure encoding."""
+"""The JSONCompactColumns block of an insert (meterstream.sinks.clickhouse.columns): pure
+encoding."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from sinks.clickhouse.columns import NotEncodable, encode
+from meterstream.sinks.clickhouse.columns import NotEncodable, encode
 
 TYPES = {
     "key": "String",

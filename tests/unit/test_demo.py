@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from pipeline.demo import (
+from meterstream.embedded.demo.load import (
     CUSTOMERS,
     DemoLoad,
     Expected,
     check_meters,
     is_demo_customer,
 )
-from pipeline.demo_report import (
+from meterstream.embedded.demo.report import (
     LiveView,
     RunFacts,
     StripeMeter,
@@ -27,10 +27,10 @@ from pipeline.demo_report import (
     round_covering,
     summary_lines,
 )
-from pipeline.events import loads_exact
-from pipeline.meters import MetersConfig, load_meters
-from pipeline.windows import month_bounds
-from sinks.stripe.payloads import Rounding
+from meterstream.events import loads_exact
+from meterstream.meters.config import MetersConfig, load_meters
+from meterstream.meters.windows import month_bounds
+from meterstream.sinks.stripe.payloads import Rounding
 
 REPO = Path(__file__).resolve().parents[2]
 HOUR = 3_600_000

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.demo import DemoLoad, Expected
-from pipeline.demo_ledger import DemoLedger
-from pipeline.windows import month_bounds
+from meterstream.embedded.demo.ledger import DemoLedger
+from meterstream.embedded.demo.load import DemoLoad, Expected
+from meterstream.meters.windows import month_bounds
 
 NOW = 1_796_000_000_000  # 2026-11-29 (UTC)
 DEC = month_bounds("2026-12")

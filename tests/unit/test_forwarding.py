@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.billing import (
+from meterstream.billing.plan import (
     build_checks,
     differences,
     event_timestamp_s,
@@ -14,10 +14,10 @@ from pipeline.billing import (
     plan_sends,
     sequence_of,
 )
-from pipeline.meters import Meter, parse_meters
-from pipeline.windows import month_bounds
-from sinks.stripe.ledger import LedgerRow
-from sinks.stripe.payloads import meter_event_identifier
+from meterstream.meters.config import Meter, parse_meters
+from meterstream.meters.windows import month_bounds
+from meterstream.sinks.stripe.ledger import LedgerRow
+from meterstream.sinks.stripe.payloads import meter_event_identifier
 
 P = "2026-11"
 
@@ -31,7 +31,7 @@ meters:
     aggregation: {aggregation}{value}
     stripe: {{event_name: s, rounding: {rounding}, interval: 1s, grace: 0s}}
 """
-    from pipeline.meters import yaml_load_exact
+    from meterstream.meters.config import yaml_load_exact
 
     return parse_meters(yaml_load_exact(doc)).meters[0]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.apikeys import KeyStore, split_key
-from pipeline.errors import ConfigError
-from pipeline.events import derive_idempotency_key, loads_exact, parse_event
-from pipeline.ingest import IngestCheck, MalformedBody, check_body
+from meterstream.api.ingest import IngestCheck, MalformedBody, check_body
+from meterstream.api.keys import KeyStore, split_key
+from meterstream.errors import ConfigError
+from meterstream.events import derive_idempotency_key, loads_exact, parse_event
 
 NOW = 1_800_000_000_000
 HORIZON = 7 * 86_400_000

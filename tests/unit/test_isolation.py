@@ -1,4 +1,4 @@
-"""Batch isolation by bisection (pipeline/isolation.py), without a broker."""
+"""Batch isolation by bisection (pipeline/worker/isolation.py), without a broker."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.isolation import bisect
+from meterstream.worker.isolation import bisect
 
 
 class Broken(Exception):

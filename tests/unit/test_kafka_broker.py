@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.kafka_broker import new_cluster_id, parse_java_major, server_properties
+from meterstream.embedded.kafka import new_cluster_id, parse_java_major, server_properties
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,13 +6,8 @@ import logging
 import signal
 import threading
 
-from pipeline.lifeline import (
-    EXIT_STOP_TIMEOUT,
-    ContactClock,
-    StopControl,
-    probe_timing,
-)
-from pipeline.logs import RepeatFilter
+from meterstream.logs import RepeatFilter
+from meterstream.worker.lifeline import EXIT_STOP_TIMEOUT, ContactClock, StopControl, probe_timing
 
 
 class Exits:

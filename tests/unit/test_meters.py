@@ -4,9 +4,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.events import UsageEvent, loads_exact
-from pipeline.meters import (
+from meterstream.errors import ConfigError
+from meterstream.events import UsageEvent, loads_exact
+from meterstream.meters.config import (
     Filter,
     InvalidValue,
     Meter,

@@ -1,5 +1,5 @@
-"""A private state dir (pipeline/statedir.py) and the customer a key may be restricted to
-(pipeline/apikeys.py), without a server."""
+"""A private state dir (pipeline/cli/statedir.py) and the customer a key may be restricted to
+(pipeline/api/keys.py), without a server."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.apikeys import KeyStore, customer_id_problem
-from pipeline.errors import ConfigError
-from pipeline.statedir import make_private, notice
+from meterstream.api.keys import KeyStore, customer_id_problem
+from meterstream.cli.statedir import make_private, notice
+from meterstream.errors import ConfigError
 
 
 def mode(path: Path) -> int:

@@ -8,11 +8,11 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.aggregation import aggregator_for
-from pipeline.dedup import DedupKey
-from pipeline.events import Reason, UsageEvent, content_fingerprint
-from pipeline.meters import parse_meters
-from pipeline.processor import (
+from meterstream.dedup.key import DedupKey
+from meterstream.events import Reason, UsageEvent, content_fingerprint
+from meterstream.meters.aggregation import aggregator_for
+from meterstream.meters.config import parse_meters
+from meterstream.meters.fold import (
     SourceRecord,
     WindowKey,
     contributions,
@@ -179,7 +179,7 @@ def test_batches_with_duplicates_equal_recompute_from_the_record(
 
 
 def test_missing_ranges_before_and_inside_a_batch() -> None:
-    from pipeline.gaps import missing_ranges
+    from meterstream.worker.gaps import missing_ranges
 
     assert missing_ranges([10, 11, 12], expected=10) == []
     assert missing_ranges([13, 14], expected=10) == [(10, 13)]

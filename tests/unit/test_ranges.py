@@ -1,4 +1,4 @@
-"""Value ranges (pipeline/meters.py, "Ranges"): the bounds, the running-total decisions
+"""Value ranges (pipeline/meters/config.py, "Ranges"): the bounds, the running-total decisions
 in arrival order, and rebuilds from the record that honour the recorded decisions."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.aggregation import WindowState, aggregator_for
-from pipeline.billing import fits_ledger, plan_sends
-from pipeline.dedup import DedupKey
-from pipeline.events import ALL_METERS, Reason, UsageEvent, content_fingerprint
-from pipeline.meters import COLUMN_LIMITS, STRIPE_LIMITS, InvalidValue, parse_meters
-from pipeline.processor import (
+from meterstream.billing.plan import fits_ledger, plan_sends
+from meterstream.dedup.key import DedupKey
+from meterstream.events import ALL_METERS, Reason, UsageEvent, content_fingerprint
+from meterstream.meters.aggregation import WindowState, aggregator_for
+from meterstream.meters.config import COLUMN_LIMITS, STRIPE_LIMITS, InvalidValue, parse_meters
+from meterstream.meters.fold import (
     ALL_GROUPS,
     WindowKey,
     contributions,
@@ -26,7 +26,7 @@ from pipeline.processor import (
     total_key,
     windows_of,
 )
-from pipeline.windows import WINDOW_MS
+from meterstream.meters.windows import WINDOW_MS
 
 HOUR = 3_600_000
 T0 = 1_790_000_000_000 // HOUR * HOUR
@@ -262,7 +262,7 @@ def test_no_values_make_the_window_computation_or_its_rows_raise(
 ) -> None:
     """Whatever the values, the batch's windows are computed and written: every result
     fits meter_windows (Decimal(38, 9)), before and after a base near the limit."""
-    from sinks.clickhouse.writer import decimal_38_9
+    from meterstream.sinks.clickhouse.writer import decimal_38_9
 
     events = [ev(f"k{i:03d}", v, model) for i, (v, model) in enumerate(values)]
     for base_fraction in (Decimal(0), Decimal("0.99"), Decimal("-0.99")):

@@ -3,7 +3,7 @@ every record key it has in the time range, and only for events in that range."""
 
 from __future__ import annotations
 
-from pipeline.dedup import DedupEntry, DedupKey, RecordCoverage
+from meterstream.dedup.key import DedupEntry, DedupKey, RecordCoverage
 
 CUTOFF = 1_000_000
 

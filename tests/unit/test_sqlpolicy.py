@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from sinks.clickhouse.sqlpolicy import (
+from meterstream.sinks.clickhouse.sqlpolicy import (
     AstDumpError,
     Policy,
     StatementError,

@@ -10,7 +10,7 @@ import pytest
 from faust.streams import _current_event
 from faust.types import TP
 
-from pipeline.state import write_by_partition_batched
+from meterstream.worker.tables import write_by_partition_batched
 
 
 class FakeBatch:
@@ -107,8 +107,8 @@ def test_every_key_stored_and_logged_in_its_partition(capacity: int) -> None:
 def test_rocksdb_options_reach_faust_and_are_fresh_per_table() -> None:
     from faust.stores.rocksdb import RocksDBOptions
 
-    from pipeline.settings import Settings
-    from pipeline.state import table_options
+    from meterstream.settings import Settings
+    from meterstream.worker.tables import table_options
 
     assert table_options(Settings()) is None  # the memory store takes no options
     settings = Settings(store="rocksdb", rocksdb_write_buffer_mb=8, rocksdb_block_cache_mb=32)
@@ -126,8 +126,8 @@ def test_rocksdb_memory_is_one_bounded_cache_for_every_partition(tmp_path: Any) 
     pytest.importorskip("rocksdict", reason="the rocksdb extra is not installed")
     import faust
 
-    from pipeline.settings import Settings
-    from pipeline.state import RocksDBMemory, table_options
+    from meterstream.settings import Settings
+    from meterstream.worker.tables import RocksDBMemory, table_options
 
     app = faust.App("memory-test", store="rocksdb://", datadir=str(tmp_path))
     settings = Settings(store="rocksdb", rocksdb_write_buffer_mb=2, rocksdb_block_cache_mb=8)
@@ -154,7 +154,7 @@ def test_rocksdb_memory_is_one_bounded_cache_for_every_partition(tmp_path: Any) 
 def test_changelog_encoders_give_what_the_changelog_topic_gives(tmp_path: Any) -> None:
     import faust
 
-    from pipeline.state import changelog_encoders
+    from meterstream.worker.tables import changelog_encoders
 
     class Point(faust.Record, serializer="json"):
         x: int
@@ -191,7 +191,7 @@ def test_changelog_encoders_give_what_the_changelog_topic_gives(tmp_path: Any) -
 def test_table_reader_answers_as_table_get(tmp_path: Any) -> None:
     import faust
 
-    from pipeline.state import table_reader
+    from meterstream.worker.tables import table_reader
 
     app = faust.App("reader-test", store="memory://", datadir=str(tmp_path))
     table = app.Table("t", key_type=bytes)
@@ -205,7 +205,7 @@ def test_table_reader_answers_as_table_get(tmp_path: Any) -> None:
 
 
 def test_decoded_values_are_reused_only_for_the_very_stored_object() -> None:
-    from pipeline.state import DecodedValues
+    from meterstream.worker.tables import DecodedValues
 
     decodes: list[object] = []
 
@@ -227,7 +227,7 @@ def test_decoded_values_are_reused_only_for_the_very_stored_object() -> None:
 
 
 def test_decoded_values_live_two_batches_and_clear() -> None:
-    from pipeline.state import DecodedValues
+    from meterstream.worker.tables import DecodedValues
 
     def never(stored: object) -> object:
         return "decoded"

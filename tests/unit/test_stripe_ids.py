@@ -1,12 +1,12 @@
-"""Which Stripe customer pays (pipeline/stripe_ids.py): the operator's mapping, or a
+"""Which Stripe customer pays (pipeline/billing/stripe_ids.py): the operator's mapping, or a
 property pinned per customer whose changes and foreign claims are refused."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.customers import BadRecord, decode_record
-from pipeline.stripe_ids import Pin, Refusal, check_stripe_customer_id, resolve
+from meterstream.billing.customers import BadRecord, decode_record
+from meterstream.billing.stripe_ids import Pin, Refusal, check_stripe_customer_id, resolve
 
 PROP = "properties.stripe_customer_id"
 

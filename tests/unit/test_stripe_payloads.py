@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sinks.stripe.payloads import (
+from meterstream.sinks.stripe.payloads import (
     MAX_IDENTIFIER_LENGTH,
     Rounding,
     build_meter_event,

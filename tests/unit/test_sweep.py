@@ -1,13 +1,13 @@
-"""The horizon sweep in slices (pipeline/sweep.py), on stand-in tables."""
+"""The horizon sweep in slices (pipeline/worker/sweep.py), on stand-in tables."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any
 
-from pipeline.dedup import DedupEntry, DedupKey
-from pipeline.processor import WindowKey
-from pipeline.sweep import CHECK_CLOCK_EVERY, HorizonSweep
+from meterstream.dedup.key import DedupEntry, DedupKey
+from meterstream.meters.fold import WindowKey
+from meterstream.worker.sweep import CHECK_CLOCK_EVERY, HorizonSweep
 
 CUTOFF = 1_000_000
 

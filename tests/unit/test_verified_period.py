@@ -1,4 +1,4 @@
-"""Incremental verification state (pipeline/billing.py VerifiedPeriod, RecordDeltas):
+"""Incremental verification state (pipeline/billing/plan.py VerifiedPeriod, RecordDeltas):
 built from a full read, then updated with re-verified customer-days, newly closed
 windows and what the worker inserted, its totals equal a full recompute of the
 record, and the check against the record finds what the deltas missed."""
@@ -11,17 +11,17 @@ from decimal import Decimal
 
 import yaml
 
-from pipeline.aggregation import WindowState, aggregator_for
-from pipeline.billing import (
+from meterstream.billing.plan import (
     DAY_MS,
     RecordDeltas,
     VerifiedPeriod,
     customer_totals,
     days_to_reverify,
 )
-from pipeline.events import UsageEvent
-from pipeline.meters import Meter, parse_meters
-from pipeline.processor import WindowKey, contributions, recompute_windows, windows_of
+from meterstream.events import UsageEvent
+from meterstream.meters.aggregation import WindowState, aggregator_for
+from meterstream.meters.config import Meter, parse_meters
+from meterstream.meters.fold import WindowKey, contributions, recompute_windows, windows_of
 
 HOUR = 3_600_000
 P0 = 1_790_000_000_000 // DAY_MS * DAY_MS

@@ -3,7 +3,7 @@ table provably holds every window meter_windows holds, in the window-start range
 
 from __future__ import annotations
 
-from pipeline.window_coverage import WindowCoverage
+from meterstream.dedup.coverage import WindowCoverage
 
 CUTOFF = 1_000_000
 

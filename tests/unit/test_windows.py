@@ -2,7 +2,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pipeline.windows import month_bounds, period_bounds, period_label, window_bounds
+from meterstream.meters.windows import month_bounds, period_bounds, period_label, window_bounds
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
