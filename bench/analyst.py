@@ -35,7 +35,7 @@ from typing import Any
 from bench.load import customer_ids
 from bench.run import produce_at_rate
 from bench.stack import BenchError, StackEnv, Worker, http_json, wait_until
-from meterstream.embedded.processes import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 
 HERE = Path(__file__).resolve().parent
 # CPU-bound and within every default limit of the read-only SQL (3M rows read,

@@ -21,7 +21,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 
 from bench.stack import StackEnv, Worker
-from meterstream.embedded.processes import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 
 METERS = "meters:\n  - {name: calls, event_name: call, aggregation: count, window: minute}\n"

@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer
 
 from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
 from meterstream.client.sdk import HttpUsageClient, UsageClient
-from meterstream.embedded.processes import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.events import canonical_json
 
 METERS = """

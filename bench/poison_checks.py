@@ -21,7 +21,7 @@ from collections.abc import Callable
 from bench.load import closed_end_ms, generate
 from meterstream import events as ev_module
 from meterstream.api import ingest
-from meterstream.meters import fold as processor
+from meterstream.meters import fold
 from meterstream.meters.config import load_meters
 
 HORIZON_MS = 7 * 86_400_000
@@ -63,11 +63,11 @@ def main() -> None:
 
     def windows() -> None:
         for batch in batches:
-            processor.enforce_limits(meters, processor.contributions(meters, batch), {}, batch)
+            fold.enforce_limits(meters, fold.contributions(meters, batch), {}, batch)
 
     def contributions_only() -> None:
         for batch in batches:
-            processor.contributions(meters, batch)
+            fold.contributions(meters, batch)
 
     real = (ev_module.repeated_key_problems, ingest.may_repeat_keys)
     rounds: dict[str, list[float]] = {}

@@ -47,7 +47,8 @@ import orjson
 
 from bench.load import METERS, EventMaker, Load, closed_end_ms, customer_ids, generate
 from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
-from meterstream.embedded.processes import EmbeddedBroker, stop_process
+from meterstream.embedded.processes import stop_process
+from meterstream.embedded.tansu import EmbeddedBroker
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_EVENTS = 300_000

@@ -1,4 +1,5 @@
-"""Connection options for plain aiokafka clients (admin, producers), from settings.
+"""Connection options for plain aiokafka clients (admin, producers), from settings; which
+partitions a topic has, and which one a customer's key goes to.
 
 Faust gets the same credentials through ``meterstream.worker.app.kafka_credentials``.
 """
@@ -61,3 +62,10 @@ async def topic_partitions(consumer: Any, topic: str) -> set[int]:
     """
     cluster = await consumer._client.fetch_all_metadata()
     return set(cluster.partitions_for_topic(topic) or ())
+
+
+def customer_partition(customer_id: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives a customer_id key."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions

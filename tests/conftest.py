@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from meterstream.embedded.kafka import KafkaBroker
-from meterstream.embedded.processes import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import StackSlice, http_json
 
 

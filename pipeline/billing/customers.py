@@ -283,7 +283,7 @@ def _customer_url(base: str, customer_id: str) -> str:
 
 
 def _direct(settings: Settings) -> Any:
-    from meterstream.cli.worker import open_clickhouse
+    from meterstream.sinks.clickhouse.client import open_clickhouse
     from meterstream.sinks.clickhouse.migrate import migrate
 
     ch = open_clickhouse(settings)

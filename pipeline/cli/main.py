@@ -119,7 +119,7 @@ def cmd_meters_check(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from meterstream.cli.worker import open_clickhouse
+    from meterstream.sinks.clickhouse.client import open_clickhouse
     from meterstream.sinks.clickhouse.migrate import migrate
 
     ch = open_clickhouse(_settings(args))

@@ -79,8 +79,8 @@ def run_sql(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
     if url:
         result = _http(settings, f"{url}/v1/sql", {"sql": sql})
         return result["columns"], result["rows"]
-    from meterstream.cli.worker import open_clickhouse
     from meterstream.sinks.clickhouse.analyst import AnalystSQL
+    from meterstream.sinks.clickhouse.client import open_clickhouse
     from meterstream.sinks.clickhouse.reads import sql_limits
 
     ch = open_clickhouse(settings)
@@ -125,8 +125,8 @@ def usage_rows(
         path = urllib.parse.quote(customer, safe="")
         result = _http(settings, f"{url}/v1/customers/{path}/usage?{urllib.parse.urlencode(query)}")
         return list(result["usage"])
-    from meterstream.cli.worker import open_clickhouse
     from meterstream.sinks.clickhouse import queries
+    from meterstream.sinks.clickhouse.client import open_clickhouse
 
     ch = open_clickhouse(settings)
     try:
@@ -149,8 +149,8 @@ def print_usage(
 def reconcile_command(settings: Settings, start: str | None, end: str | None, repair: bool) -> int:
     from meterstream.api.web import parse_time
     from meterstream.billing.record import reconcile_meter
-    from meterstream.cli.worker import meters_path, open_clickhouse
-    from meterstream.meters.config import load_meters
+    from meterstream.meters.config import load_meters, meters_path
+    from meterstream.sinks.clickhouse.client import open_clickhouse
 
     if web_url(settings) and not (settings.clickhouse_dsn or "").startswith("http"):
         raise MeterstreamError(

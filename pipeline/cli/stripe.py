@@ -119,8 +119,7 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
 
 def cmd_create_meters(args: argparse.Namespace) -> int:
     from meterstream.billing.forwarding import stripe_client
-    from meterstream.cli.worker import meters_path
-    from meterstream.meters.config import load_meters
+    from meterstream.meters.config import load_meters, meters_path
     from meterstream.sinks.stripe.payloads import formula_for
 
     settings = _settings(args)
@@ -163,10 +162,10 @@ def cmd_create_meters(args: argparse.Namespace) -> int:
 def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
     """A Forwarder over a direct ClickHouse connection (no worker is running)."""
     from meterstream.billing.forwarding import Forwarder, error_message, stripe_client
-    from meterstream.cli.worker import meters_path, open_clickhouse
-    from meterstream.meters.config import load_meters
+    from meterstream.meters.config import load_meters, meters_path
     from meterstream.metrics import Metrics
     from meterstream.sinks.clickhouse.calls import ClickHouseIO
+    from meterstream.sinks.clickhouse.client import open_clickhouse
     from meterstream.sinks.clickhouse.migrate import migrate
     from meterstream.sinks.stripe.ledger import LedgerRow
     from meterstream.topics import STRIPE_ERRORS

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any, cast
 
 import faust
@@ -24,11 +23,11 @@ from meterstream.api.publisher import EventPublisher
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.kafka import client_options
 from meterstream.logs import configure_logging
-from meterstream.meters.config import MetersConfig, load_meters
+from meterstream.meters.config import MetersConfig, load_meters, meters_path
 from meterstream.metrics import Metrics
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
-from meterstream.sinks.clickhouse.client import ClickHouse, connect
+from meterstream.sinks.clickhouse.client import ClickHouse, open_clickhouse
 from meterstream.sinks.clickhouse.migrate import migrate
 from meterstream.sinks.clickhouse.reads import ReadIO, sql_limits
 from meterstream.topics.admin import ensure_topics
@@ -37,31 +36,6 @@ from meterstream.worker.guarantee import broker_supports_transactions, choose, d
 from meterstream.worker.lifeline import BrokerProbe, Lifeline, StopControl, probe_timing
 
 log = logging.getLogger("meterstream.worker")
-DEFAULT_METERS_FILE = Path("meters.example.yaml")
-
-
-def meters_path(settings: Settings) -> Path:
-    path = settings.meters_file or DEFAULT_METERS_FILE
-    if not path.exists():
-        raise ConfigError(
-            [f"meters file {path} not found (set --meters or METERSTREAM_METERS_FILE)"],
-            source="meters",
-        )
-    return path
-
-
-def open_clickhouse(settings: Settings) -> ClickHouse:
-    dsn = settings.clickhouse_dsn or settings.embedded_clickhouse_dsn
-    if dsn.startswith("chdb://"):
-        Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
-    return connect(
-        dsn,
-        database=settings.clickhouse_database,
-        user=settings.clickhouse_user,
-        password=settings.clickhouse_password,
-        analyst_user=settings.sql_clickhouse_user,
-        analyst_password=settings.sql_clickhouse_password,
-    )
 
 
 def prepare(settings: Settings) -> tuple[MetersConfig, ClickHouse]:
@@ -155,7 +129,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         return checks
 
     from meterstream.billing.customers import MappingStore
-    from meterstream.billing.forwarding import install_forwarder
+    from meterstream.worker.forwarder import install_forwarder
 
     mappings = MappingStore(settings, chio, bootstrap)
     forwarder = install_forwarder(

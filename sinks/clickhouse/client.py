@@ -39,6 +39,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import clickhouse_connect
@@ -48,6 +49,7 @@ from clickhouse_connect.driver.exceptions import Error as DriverError
 from pydantic import SecretStr
 
 from meterstream.errors import ClickHouseError
+from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import columns
 
 T = TypeVar("T")
@@ -405,4 +407,18 @@ def connect(
         database=database,
         backend="chdb" if is_chdb else "server",
         factory=lambda settings, analyst: make(database, settings, analyst),
+    )
+
+
+def open_clickhouse(settings: Settings) -> ClickHouse:
+    dsn = settings.clickhouse_dsn or settings.embedded_clickhouse_dsn
+    if dsn.startswith("chdb://"):
+        Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+    return connect(
+        dsn,
+        database=settings.clickhouse_database,
+        user=settings.clickhouse_user,
+        password=settings.clickhouse_password,
+        analyst_user=settings.sql_clickhouse_user,
+        analyst_password=settings.sql_clickhouse_password,
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from meterstream.embedded.processes import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.settings import Settings
 from tests.faults.fault_load import METERS, first_copies, make_load, reference, stripe_reference
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from meterstream.embedded.processes import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.worker.lifeline import EXIT_BROKER_LOST, PARENT_GONE_GRACE_SECONDS
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 

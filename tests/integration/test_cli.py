@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from meterstream.embedded.processes import write_endpoints
+from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, wait_until
 
 pytestmark = pytest.mark.integration

@@ -20,7 +20,8 @@ from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 
 from meterstream.client.sdk import DeliveryError, HttpUsageClient, UsageClient
-from meterstream.embedded.processes import EmbeddedBroker, free_port
+from meterstream.embedded.processes import free_port
+from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import REPO, StackSlice, Worker, wait_until
 from tests.sdk_support import BackgroundApp, record_from_threads
 

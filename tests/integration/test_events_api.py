@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import requests
 
-from meterstream.embedded.processes import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import REPO, StackSlice, Worker, wait_until
 
 pytestmark = pytest.mark.integration

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from meterstream.embedded.processes import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.settings import Settings
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from meterstream.embedded.processes import write_endpoints
+from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, wait_until
 
 pytestmark = pytest.mark.integration

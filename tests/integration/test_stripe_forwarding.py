@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from meterstream.embedded.processes import write_endpoints
+from meterstream.endpoints import write_endpoints
 from meterstream.meters.windows import month_bounds, period_label
 from meterstream.sinks.stripe.client import StripeMeterClient
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until

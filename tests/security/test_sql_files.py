@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 import requests
 
-from meterstream.embedded.processes import EmbeddedBroker, write_endpoints
+from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker
 
 pytestmark = pytest.mark.integration

@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from meterstream.embedded.processes import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import REPO, StackSlice, Worker, wait_until
 
 pytestmark = pytest.mark.integration

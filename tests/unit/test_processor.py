@@ -9,17 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meterstream.dedup.key import DedupKey
+from meterstream.dedup.resolve import SourceRecord, decode_batch, resolve_duplicates
 from meterstream.events import Reason, UsageEvent, content_fingerprint
 from meterstream.meters.aggregation import aggregator_for
 from meterstream.meters.config import parse_meters
 from meterstream.meters.fold import (
-    SourceRecord,
     WindowKey,
     contributions,
-    decode_batch,
     merge_into,
     recompute_windows,
-    resolve_duplicates,
     windows_of,
 )
 

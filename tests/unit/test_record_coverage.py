@@ -3,7 +3,8 @@ every record key it has in the time range, and only for events in that range."""
 
 from __future__ import annotations
 
-from meterstream.dedup.key import DedupEntry, DedupKey, RecordCoverage
+from meterstream.dedup.coverage import RecordCoverage
+from meterstream.dedup.key import DedupEntry, DedupKey
 
 CUTOFF = 1_000_000
 
