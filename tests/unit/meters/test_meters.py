@@ -17,7 +17,7 @@ from meterstream.meters.config import (
     yaml_load_exact,
 )
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "meters.example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "meters.example.yaml"
 
 
 def event(properties: dict[str, Any] | None = None, **fields: Any) -> UsageEvent:

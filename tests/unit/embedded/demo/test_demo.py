@@ -32,7 +32,7 @@ from meterstream.meters.config import MetersConfig, load_meters
 from meterstream.meters.windows import month_bounds
 from meterstream.sinks.stripe.payloads import Rounding
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[4]
 HOUR = 3_600_000
 GRACE = StripeMeter(grace_ms=5_000, interval_s=15, rounding=Rounding.CARRY)
 STRIPE = {m: GRACE for m in ("ai_tokens", "api_requests", "active_servers", "compute_units")}

@@ -12,7 +12,7 @@ import yaml
 
 from meterstream.embedded.kafka import new_cluster_id, parse_java_major, server_properties
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize(
