@@ -3,7 +3,7 @@
 ``KafkaBroker`` runs one Kafka node in KRaft mode (broker and controller in one
 JVM) from Kafka's own jars, fetched once by Maven from ``deploy/kafka/pom.xml``
 (``make kafka-jars``; the version is docker-compose.yml's). It follows the rules
-the Tansu broker follows (``pipeline/embedded/processes.py``):
+the Tansu broker follows (``pipeline/embedded/tansu.py``):
 
 - its data lives under the state dir (``<state>/kafka/data``), formatted once, so
   topics, offsets and transactions survive a restart;

@@ -1,5 +1,6 @@
 """The Faust app: topics, tables and one agent that wires the pure batch logic
-(pipeline/meters/fold.py) to Kafka and ClickHouse. No business rules live here.
+(pipeline/dedup/resolve.py, pipeline/meters/fold.py) to Kafka and ClickHouse. No
+business rules live here.
 
 Order of side effects for one batch (each step only after the previous succeeded):
 
@@ -185,7 +186,7 @@ class Pipeline:
             slice_seconds=SWEEP_SLICE_SECONDS,
         )
         self.gaps: GapFiller | None = None
-        # Which customers' unknown keys need no record lookup (pipeline/dedup/key.py);
+        # Which customers' unknown keys need no record lookup (pipeline/dedup/coverage.py);
         # rebuilt on every rebalance (``epoch``) and consumer generation.
         self.epoch = 0
         # Told every batch's record inserts, after the inserts returned (the Stripe
