@@ -64,3 +64,12 @@ def stack(
         yield test_stack
     finally:
         test_stack.stop_all()
+
+
+@pytest.fixture(scope="session")
+def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The one chdb data path this pytest process opens itself (chdb allows one path per
+    process). Defined here, once: a session fixture defined in every module that star-imports
+    tests/integration/clickhouse_fixtures.py would be one fixture per module, each with its
+    own path, and the second module's would fail to open."""
+    return f"chdb://{tmp_path_factory.mktemp('chdb').resolve()}"

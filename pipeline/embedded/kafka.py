@@ -217,8 +217,13 @@ def broker_name(broker: KafkaBroker | EmbeddedBroker) -> BrokerName:
 
 
 def new_cluster_id() -> str:
-    """A KRaft cluster id: 16 random bytes, base64url without padding (as Kafka's own)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id: 16 random bytes, base64url without padding, never starting with
+    ``-`` (as Kafka's own ``Uuid.randomUuid``: ``kafka-storage format -t -Xy...`` reads
+    such an id as an option and fails, for 1 in 64 random ids)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def read_cluster_id(data_dir: Path) -> str | None:

@@ -342,7 +342,9 @@ meters:
     value: properties.tokens
     group_by: [properties.model]
     window: hour
-    stripe: {event_name: billed_tokens, interval: 1s, grace: 0s}
+    stripe:
+      {event_name: billed_tokens, interval: 1s, grace: 0s,
+       customer_id_from: properties.stripe_customer_id}
 """
 
 
