@@ -35,7 +35,7 @@ from typing import Any
 from bench.load import customer_ids
 from bench.run import produce_at_rate
 from bench.stack import BenchError, StackEnv, Worker, http_json, wait_until
-from pipeline.embedded import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 
 HERE = Path(__file__).resolve().parent
 # CPU-bound and within every default limit of the read-only SQL (3M rows read,
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--query", default=HEAVY_SQL, help="the heavy analyst query")
     args = p.parse_args(argv)
 
-    from sinks.stripe.emulator import BackgroundEmulator
-    from topics.admin import ensure_topics
+    from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
+    from meterstream.topics.admin import ensure_topics
 
     tmp = Path(tempfile.mkdtemp(prefix="meterstream-analyst-"))
     prefix = f"an{uuid.uuid4().hex[:6]}-"

@@ -5,7 +5,7 @@ Run as a subprocess with the worker's environment (``METERSTREAM_*``):
 
     python -m bench.bare_faust RESULT_JSON EXPECTED_RECORDS
 
-The app is built with exactly the arguments ``pipeline.app.create_app`` passes
+The app is built with exactly the arguments ``meterstream.worker.app.create_app`` passes
 to ``faust.App`` (captured by calling it with ``faust.App`` patched), so a
 setting that raises Faust's ceiling raises this number and the pipeline's
 alike. The agent reads batches the way the worker does (``take_batches``, the
@@ -33,8 +33,8 @@ class _Captured(Exception):
 
 
 def pipeline_app_arguments(settings: Any, bootstrap: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The (args, kwargs) pipeline.app.create_app gives faust.App for these settings."""
-    from pipeline import app as pipeline_app
+    """The (args, kwargs) meterstream.worker.app.create_app gives faust.App for these settings."""
+    from meterstream.worker import app as pipeline_app
 
     def capture(*args: Any, **kwargs: Any) -> None:
         raise _Captured(args, kwargs)
@@ -45,14 +45,14 @@ def pipeline_app_arguments(settings: Any, bootstrap: str) -> tuple[tuple[Any, ..
         except _Captured as captured:
             args, kwargs = captured.args
             return tuple(args), dict(kwargs)
-    raise RuntimeError("pipeline.app.create_app did not construct a faust.App")
+    raise RuntimeError("meterstream.worker.app.create_app did not construct a faust.App")
 
 
 def main(result_path: str, expected: int) -> None:
-    from pipeline.batching import broker_backlog, take_batches
-    from pipeline.settings import load_settings
-    from pipeline.worker import tune_gc
-    from topics import USAGE_EVENTS
+    from meterstream.cli.worker import tune_gc
+    from meterstream.settings import load_settings
+    from meterstream.topics import USAGE_EVENTS
+    from meterstream.worker.batching import broker_backlog, take_batches
 
     settings = load_settings()
     bootstrap = settings.kafka_bootstrap_servers or ""

@@ -1,6 +1,6 @@
 """Start-up time and memory of the embedded brokers: ``python -m bench.broker_startup``.
 
-Apache Kafka (pipeline/kafka_broker.py): ``--runs`` cold starts (a new state dir, so
+Apache Kafka (pipeline/embedded/kafka.py): ``--runs`` cold starts (a new state dir, so
 the first start formats the log) and as many warm starts (a restart on the data of
 the previous start), each from ``start()`` to ready (metadata, group and transaction
 coordinators answering); then the JVM's RSS when idle and after ``--records``
@@ -20,9 +20,9 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from pipeline.embedded import EmbeddedBroker
-from pipeline.kafka_broker import KafkaBroker, jars_dir, java_command, kafka_unavailable
-from pipeline.settings import Settings
+from meterstream.embedded.kafka import KafkaBroker, jars_dir, java_command, kafka_unavailable
+from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.settings import Settings
 
 
 def rss_mb(pid: int) -> tuple[float, float]:

@@ -15,9 +15,9 @@ import sys
 import time
 from decimal import Decimal
 
-from pipeline.credits.burn import CreditBook, compute_ledger
-from pipeline.credits.grants import Grant
-from pipeline.credits.spend import SpendChange
+from meterstream.credits.burn import CreditBook, compute_ledger
+from meterstream.credits.grants import Grant
+from meterstream.credits.spend import SpendChange
 
 MINUTE = 60_000
 WINDOWS = 43_200  # minute windows in 30 days

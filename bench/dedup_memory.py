@@ -21,8 +21,8 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 
 from bench.stack import StackEnv, Worker
-from pipeline.embedded import EmbeddedBroker
-from sinks.stripe.emulator import BackgroundEmulator
+from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 
 METERS = "meters:\n  - {name: calls, event_name: call, aggregation: count, window: minute}\n"
 

@@ -28,9 +28,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
-from pipeline.client import HttpUsageClient, UsageClient
-from pipeline.embedded import EmbeddedBroker
-from pipeline.events import canonical_json
+from meterstream.client.sdk import HttpUsageClient, UsageClient
+from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.events import canonical_json
 
 METERS = """
 meters:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n = args.events
     run = uuid.uuid4().hex[:8]
-    from sinks.stripe.emulator import BackgroundEmulator
+    from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 
     with (
         tempfile.TemporaryDirectory(prefix="ms-ingest-") as tmp_dir,
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         worker = Worker.start(stack)
         try:
             key = subprocess.run(
-                [sys.executable, "-m", "pipeline.cli", "keys", "create", "bench",
+                [sys.executable, "-m", "meterstream.cli", "keys", "create", "bench",
                  "--state-dir", str(tmp / "state-meterstream")],
                 cwd=REPO, capture_output=True, text=True, check=True,
             ).stdout.strip()  # fmt: skip

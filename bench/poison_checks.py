@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 
 from bench.load import closed_end_ms, generate
-from pipeline import events as ev_module
-from pipeline import ingest, processor
-from pipeline.meters import load_meters
+from meterstream import events as ev_module
+from meterstream.api import ingest
+from meterstream.meters import fold
+from meterstream.meters.config import load_meters
 
 HORIZON_MS = 7 * 86_400_000
 
@@ -62,11 +63,11 @@ def main() -> None:
 
     def windows() -> None:
         for batch in batches:
-            processor.enforce_limits(meters, processor.contributions(meters, batch), {}, batch)
+            fold.enforce_limits(meters, fold.contributions(meters, batch), {}, batch)
 
     def contributions_only() -> None:
         for batch in batches:
-            processor.contributions(meters, batch)
+            fold.contributions(meters, batch)
 
     real = (ev_module.repeated_key_problems, ingest.may_repeat_keys)
     rounds: dict[str, list[float]] = {}

@@ -8,7 +8,7 @@ order, on that same topic:
 a. raw aiokafka consume (``getmany`` + orjson decode): the physical limit;
    the bare-Faust ceiling: a subprocess with the pipeline's own faust.App
    arguments whose agent only reads and decodes in batches (``take_batches``);
-b. the pipeline: a real worker (``python -m pipeline.cli worker``) from its
+b. the pipeline: a real worker (``python -m meterstream.cli worker``) from its
    first consumed batch to the last window visible in ClickHouse; then the
    self-check (ClickHouse totals == the generator's totals, per meter and
    customer) - a mismatch exits 1 without ratio lines;
@@ -47,7 +47,8 @@ import orjson
 
 from bench.load import METERS, EventMaker, Load, closed_end_ms, customer_ids, generate
 from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
-from pipeline.embedded import EmbeddedBroker, stop_process
+from meterstream.embedded.processes import stop_process
+from meterstream.embedded.tansu import EmbeddedBroker
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_EVENTS = 300_000
@@ -251,7 +252,7 @@ def measure_pipeline(worker: Worker, load: Load, profile: Path | None) -> dict[s
         0
     ]["t"]
     first = int(first_ms) / 1000
-    # ingested_at is the batch's receive time (pipeline/app.py); if that ever
+    # ingested_at is the batch's receive time (pipeline/worker/app.py); if that ever
     # changes meaning, fall back to the first completed batch (an underestimate
     # of the span, so an overestimate of the rate: flagged in the results).
     source = "min(usage_events.ingested_at) = first batch received"
@@ -675,9 +676,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from pipeline.settings import Settings
-    from sinks.stripe.emulator import BackgroundEmulator
-    from topics.admin import ensure_topics
+    from meterstream.settings import Settings
+    from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
+    from meterstream.topics.admin import ensure_topics
 
     partitions = args.partitions or Settings.model_fields["partitions"].default
     if args.store == "rocksdb" and importlib.util.find_spec("rocksdict") is None:

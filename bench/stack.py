@@ -15,7 +15,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.embedded import free_port, isolated_worker_env, stop_process
+from meterstream.embedded.processes import free_port, isolated_worker_env, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -124,7 +124,7 @@ class Worker:
         env = stack.env(name, **extra_env)
         log_path = stack.tmp / f"{name}.log"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker"],
+            [sys.executable, "-m", "meterstream.cli", "worker"],
             cwd=REPO,
             env=env,
             stdout=open(log_path, "wb"),  # noqa: SIM115

@@ -1,10 +1,14 @@
-"""Where the running stack is: settings first, then ``<state dir>/endpoints.json``."""
+"""Where the running stack is: settings first, then ``<state dir>/endpoints.json``
+(written by ``meterstream run``, read by the CLI, the SDK and the customer mappings)."""
 
 from __future__ import annotations
 
-from pipeline.embedded import read_endpoints
-from pipeline.errors import ConfigError
-from pipeline.settings import Settings
+import json
+import os
+from pathlib import Path
+
+from meterstream.errors import ConfigError
+from meterstream.settings import Settings
 
 
 def kafka_bootstrap(settings: Settings) -> str:
@@ -24,3 +28,20 @@ def kafka_bootstrap(settings: Settings) -> str:
 def web_url(settings: Settings) -> str | None:
     endpoints = read_endpoints(settings.state_dir) or {}
     return endpoints.get("web_url") or None
+
+
+def write_endpoints(state_dir: Path, endpoints: dict[str, str]) -> Path:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "endpoints.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(endpoints, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_endpoints(state_dir: Path) -> dict[str, str] | None:
+    try:
+        data = json.loads((state_dir / "endpoints.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

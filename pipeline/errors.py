@@ -1,6 +1,6 @@
 """Every exception meterstream raises, under one root.
 
-A bad *event* is never an exception: it is a :class:`pipeline.events.Rejection`
+A bad *event* is never an exception: it is a :class:`meterstream.events.Rejection`
 (data, dead-lettered with a reason). Exceptions here are for bad configuration
 and broken dependencies, which stop the worker loudly.
 """

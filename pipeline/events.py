@@ -44,7 +44,7 @@ class Reason(StrEnum):
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     INVALID_VALUE = "invalid_value"
     # processing the record raised (a bug or an input nobody foresaw); the worker set it
-    # aside and went on with the rest of its batch (pipeline/app.py, batch isolation)
+    # aside and went on with the rest of its batch (pipeline/worker/app.py, batch isolation)
     UNPROCESSABLE = "unprocessable"
     DUPLICATE = (
         "duplicate"  # exact duplicate: recorded in ClickHouse for analysts, not dead-lettered
@@ -66,7 +66,7 @@ class UsageEvent:
     # ``properties`` column and the fingerprint both need it); "" = not computed.
     properties_json: str = field(default="", compare=False, repr=False)
     # Record metadata, never from a producer (usage_events.refused_meters, read back by
-    # sinks.clickhouse.queries.events_in_range): the meters that refused the event when
+    # meterstream.sinks.clickhouse.queries.events_in_range): the meters that refused the event when
     # it was counted because a total would have left the meter's range, or ("*",) for
     # an event set aside as unprocessable, which counts for no meter.
     refused_meters: tuple[str, ...] = field(default=(), compare=False, repr=False)

@@ -1,6 +1,7 @@
-"""Connection options for plain aiokafka clients (admin, producers), from settings.
+"""Connection options for plain aiokafka clients (admin, producers), from settings; which
+partitions a topic has, and which one a customer's key goes to.
 
-Faust gets the same credentials through ``pipeline.app.kafka_credentials``.
+Faust gets the same credentials through ``meterstream.worker.app.kafka_credentials``.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from pipeline.settings import Settings
+from meterstream.settings import Settings
 
 
 def client_options(settings: Settings) -> dict[str, Any]:
@@ -61,3 +62,10 @@ async def topic_partitions(consumer: Any, topic: str) -> set[int]:
     """
     cluster = await consumer._client.fetch_all_metadata()
     return set(cluster.partitions_for_topic(topic) or ())
+
+
+def customer_partition(customer_id: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives a customer_id key."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(customer_id.encode()) & 0x7FFFFFFF) % partitions

@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.errors import ConfigError
-from pipeline.hosts import parse_allowed, split_list
+from meterstream.errors import ConfigError
+from meterstream.hosts import parse_allowed, split_list
 
 DEFAULT_STATE_DIR = Path(".meterstream")
 STRIPE_API_BASE = "https://api.stripe.com"
@@ -41,10 +41,10 @@ class Settings(BaseSettings):
     session_timeout_seconds: float = Field(default=10.0, ge=2)
     processing_guarantee: Literal["auto", "at_least_once", "exactly_once"] = "auto"
     # A worker with no answer from the broker for this long (since the last one)
-    # exits with code 69 (pipeline/lifeline.py), to be restarted.
+    # exits with code 69 (pipeline/worker/lifeline.py), to be restarted.
     broker_lost_seconds: float = Field(default=60.0, ge=1)
     # The broker `meterstream run` and `meterstream broker` start when no bootstrap
-    # servers are set (pipeline/kafka_broker.py): auto = Apache Kafka where Java 17+
+    # servers are set (pipeline/embedded/kafka.py): auto = Apache Kafka where Java 17+
     # and its jars (`make kafka-jars`) are found, Tansu otherwise.
     embedded_broker: Literal["auto", "kafka", "tansu"] = "auto"
     # The java executable for the embedded Kafka (default $JAVA_HOME/bin/java, or java
@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     dedup_horizon_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     store: Literal["memory", "rocksdb"] = "memory"
     store_path: Path | None = None
-    # RocksDB memory (pipeline/state.py): two write buffers of this size per table
+    # RocksDB memory (pipeline/worker/tables.py): two write buffers of this size per table
     # partition, and one block cache for the whole worker, which the memtables of
     # every partition are charged to (flushed when they reach half of it).
     rocksdb_write_buffer_mb: int = Field(default=2, ge=1, le=1024)
@@ -87,11 +87,11 @@ class Settings(BaseSettings):
     web_allowed_hosts: str = ""
     log_format: Literal["auto", "json", "text"] = "auto"
     # Set by `meterstream run` for its worker: when that process is gone, the
-    # worker stops and exits within a few seconds (pipeline/lifeline.py).
+    # worker stops and exits within a few seconds (pipeline/worker/lifeline.py).
     supervisor_pid: int | None = Field(default=None, ge=1)
 
     # Web API
-    # Where API key hashes live (default <state_dir>/api_keys.json); see pipeline/apikeys.py.
+    # Where API key hashes live (default <state_dir>/api_keys.json); see pipeline/api/keys.py.
     api_keys_file: Path | None = None
     # Reads of customer data (/v1/sql, usage): auto = a key is required unless the
     # web server listens on loopback only (the embedded default); required = always.
@@ -118,7 +118,7 @@ class Settings(BaseSettings):
     sql_clickhouse_user: str | None = None
     sql_clickhouse_password: SecretStr | None = None
     # Fault injection for tests: while this file exists, every ClickHouse call of the
-    # writer (record, windows, forwarder; pipeline/chio.py) fails; reads do not.
+    # writer (record, windows, forwarder; sinks/clickhouse/calls.py) fails; reads do not.
     fault_clickhouse_down_file: Path | None = None
     # Fault injection for tests: counting an event whose idempotency key starts with this
     # raises inside the batch, after its record and meter_windows inserts (the batch

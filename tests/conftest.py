@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.embedded import EmbeddedBroker
-from pipeline.kafka_broker import KafkaBroker
+from meterstream.embedded.kafka import KafkaBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import StackSlice, http_json
 
 
@@ -22,11 +22,11 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
-    """Apache Kafka (one KRaft node from Kafka's jars, pipeline/kafka_broker.py) with its
+    """Apache Kafka (one KRaft node from Kafka's jars, pipeline/embedded/kafka.py) with its
     data in a session state dir; skips with the reason where Java 17+ or the jars
     (`make kafka-jars`) are missing. The suites themselves run on ``broker`` (Tansu)."""
-    from pipeline.kafka_broker import jars_dir, java_command, kafka_unavailable
-    from pipeline.settings import Settings
+    from meterstream.embedded.kafka import jars_dir, java_command, kafka_unavailable
+    from meterstream.settings import Settings
 
     settings = Settings()
     problem = kafka_unavailable(settings)
@@ -39,7 +39,7 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBrok
 
 @pytest.fixture(scope="session")
 def stripe_emulator() -> Iterator[str]:
-    from sinks.stripe.emulator import BackgroundEmulator
+    from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 
     emulator = BackgroundEmulator().start()
     try:
@@ -64,3 +64,12 @@ def stack(
         yield test_stack
     finally:
         test_stack.stop_all()
+
+
+@pytest.fixture(scope="session")
+def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The one chdb data path this pytest process opens itself (chdb allows one path per
+    process). Defined here, once: a session fixture defined in every module that star-imports
+    tests/integration/clickhouse_fixtures.py would be one fixture per module, each with its
+    own path, and the second module's would fail to open."""
+    return f"chdb://{tmp_path_factory.mktemp('chdb').resolve()}"

@@ -22,7 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.embedded import free_port, isolated_worker_env, stop_process
+from meterstream.embedded.processes import free_port, isolated_worker_env, stop_process
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ class StackSlice:
         port = free_port()
         log_path = self.tmp / f"worker-{len(self.workers)}.log"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "worker"],
+            [sys.executable, "-m", "meterstream.cli", "worker"],
             cwd=REPO,
             env=self.env(meters_file, METERSTREAM_WEB_PORT=str(port), **extra_env),
             stdout=open(log_path, "wb"),  # noqa: SIM115
@@ -144,7 +144,7 @@ class StackSlice:
 
         from aiokafka import AIOKafkaProducer
 
-        from pipeline.events import canonical_json
+        from meterstream.events import canonical_json
 
         encoded: list[tuple[bytes, bytes]] = []
         for rec in records:

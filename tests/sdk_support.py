@@ -8,8 +8,8 @@ from typing import Self
 
 from aiohttp import web
 
-from pipeline.client import HttpUsageClient
-from pipeline.embedded import free_port
+from meterstream.client.sdk import HttpUsageClient
+from meterstream.embedded.processes import free_port
 
 
 class BackgroundApp:

@@ -50,7 +50,7 @@ CUSTOMERS = TopicSpec(
     key="customer_id (UTF-8)",
     value=(
         'JSON {"stripe_customer_id": "cus_..."}; null deletes the mapping; recorded in'
-        " ClickHouse customer_mappings by every worker (pipeline/customers.py)"
+        " ClickHouse customer_mappings by every worker (pipeline/billing/customers.py)"
     ),
     retention_ms=None,
     cleanup_policy="compact",
@@ -61,7 +61,7 @@ STRIPE_ERRORS = TopicSpec(
     value=(
         "JSON of the stripe_meter_events row that failed permanently, or of a Stripe"
         " customer id an event property named and the forwarder refused (error_code"
-        ' "stripe_customer_refused", pipeline/stripe_ids.py)'
+        ' "stripe_customer_refused", pipeline/billing/stripe_ids.py)'
     ),
     retention_ms=30 * DAY_MS,
     cleanup_policy="delete",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from topics import ALL_TOPICS, TopicSpec
+from meterstream.topics import ALL_TOPICS, TopicSpec
 
 
 async def ensure_topics(

@@ -50,11 +50,17 @@ from decimal import Decimal, localcontext
 from enum import StrEnum
 from typing import Any
 
-from pipeline.credits.grants import Grant
-from pipeline.credits.money import EXACT, amount_problem, canon
-from pipeline.credits.status import CustomerStatus
-from pipeline.credits.values import id_problem, int_problem, ms_problem, raise_problems, stable_id
-from pipeline.credits.webhooks import WebhookRequest, build_request
+from meterstream.credits.grants import Grant
+from meterstream.credits.money import EXACT, amount_problem, canon
+from meterstream.credits.status import CustomerStatus
+from meterstream.credits.values import (
+    id_problem,
+    int_problem,
+    ms_problem,
+    raise_problems,
+    stable_id,
+)
+from meterstream.credits.webhooks import WebhookRequest, build_request
 
 
 class AlertKind(StrEnum):
@@ -263,7 +269,7 @@ def payment_failed(
     """The ``payment_failed`` alerts for one failed purchase (its id makes them unique).
 
     Called once, when the purchase's state machine moves to ``failed``
-    (:func:`pipeline.credits.purchases.apply_event` reports it).
+    (:func:`meterstream.credits.purchases.apply_event` reports it).
     """
     raise_problems(
         "payment failure",

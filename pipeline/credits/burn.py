@@ -54,8 +54,8 @@ from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from typing import Any, NamedTuple
 
-from pipeline.credits.grants import Grant, Void, burn_order, grant_end
-from pipeline.credits.ledger import (
+from meterstream.credits.grants import Grant, Void, burn_order, grant_end
+from meterstream.credits.ledger import (
     EntryKind,
     LedgerEntry,
     LedgerKey,
@@ -63,10 +63,10 @@ from pipeline.credits.ledger import (
     key_sums,
     make_entry,
 )
-from pipeline.credits.money import EXACT, canon, currency_problem
-from pipeline.credits.spend import SpendChange
-from pipeline.credits.values import id_problem, ms_problem, raise_problems
-from pipeline.errors import CreditsError
+from meterstream.credits.money import EXACT, canon, currency_problem
+from meterstream.credits.spend import SpendChange
+from meterstream.credits.values import id_problem, ms_problem, raise_problems
+from meterstream.errors import CreditsError
 
 _START, _END, _SPEND = 0, 1, 2
 _ZERO = Decimal(0)

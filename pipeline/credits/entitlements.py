@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from pipeline.credits.money import EXACT, canon
-from pipeline.credits.status import CustomerStatus
+from meterstream.credits.money import EXACT, canon
+from meterstream.credits.status import CustomerStatus
 
 BALANCE_EXHAUSTED = "balance_exhausted"
 USAGE_LIMIT = "usage_limit"

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from pipeline.credits.money import (
+from meterstream.credits.money import (
     amount_problem,
     canon,
     currency_problem,
     in_minor_units_problem,
 )
-from pipeline.credits.values import MAX_MS, id_problem, int_problem, ms_problem, raise_problems
-from pipeline.errors import CreditsError
+from meterstream.credits.values import MAX_MS, id_problem, int_problem, ms_problem, raise_problems
+from meterstream.errors import CreditsError
 
 ORIGINS = ("manual", "promotion", "purchase", "recharge")
 DEFAULT_PRIORITY = 50

@@ -39,9 +39,15 @@ from decimal import Decimal, localcontext
 from enum import StrEnum
 from typing import Any, NamedTuple
 
-from pipeline.credits.money import EXACT, amount_problem, canon, currency_problem
-from pipeline.credits.values import id_problem, int_problem, ms_problem, raise_problems, stable_id
-from pipeline.errors import CreditsError
+from meterstream.credits.money import EXACT, amount_problem, canon, currency_problem
+from meterstream.credits.values import (
+    id_problem,
+    int_problem,
+    ms_problem,
+    raise_problems,
+    stable_id,
+)
+from meterstream.errors import CreditsError
 
 
 class EntryKind(StrEnum):

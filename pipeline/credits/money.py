@@ -16,7 +16,7 @@ zero-decimal and three-decimal currencies, ISK rounded to whole kronur with Stri
 integers in hundredths. Three-decimal *charges* must end in 0 (Stripe), so a purchase is
 a whole number of :func:`charge_unit`. To switch to the pricing package's table, replace
 :func:`minor_exponent`, :func:`stripe_exponent` and :func:`currency_problem` by
-``pipeline.pricing.money.currency(code)`` (``.exponent``, ``.stripe_exponent``, its
+``meterstream.pricing.money.currency(code)`` (``.exponent``, ``.stripe_exponent``, its
 ``ValueError`` for an unknown code); nothing else here reads the table.
 """
 

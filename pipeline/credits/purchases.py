@@ -36,8 +36,8 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any
 
-from pipeline.credits.grants import DEFAULT_PRIORITY, MAX_PRIORITY, Grant
-from pipeline.credits.money import (
+from meterstream.credits.grants import DEFAULT_PRIORITY, MAX_PRIORITY, Grant
+from meterstream.credits.money import (
     amount_problem,
     canon,
     charge_unit,
@@ -45,7 +45,7 @@ from pipeline.credits.money import (
     in_minor_units_problem,
     to_stripe_amount,
 )
-from pipeline.credits.values import (
+from meterstream.credits.values import (
     MAX_MS,
     id_problem,
     int_problem,
@@ -53,7 +53,7 @@ from pipeline.credits.values import (
     raise_problems,
     stable_id,
 )
-from pipeline.errors import CreditsError
+from meterstream.errors import CreditsError
 
 METADATA_PURCHASE = "meterstream_purchase_id"
 METADATA_CUSTOMER = "meterstream_customer_id"

@@ -33,8 +33,8 @@ from dataclasses import dataclass, replace
 from decimal import Decimal, localcontext
 from typing import Any
 
-from pipeline.credits.grants import DEFAULT_PRIORITY, MAX_PRIORITY
-from pipeline.credits.money import (
+from meterstream.credits.grants import DEFAULT_PRIORITY, MAX_PRIORITY
+from meterstream.credits.money import (
     EXACT,
     amount_problem,
     canon,
@@ -42,10 +42,10 @@ from pipeline.credits.money import (
     currency_problem,
     in_minor_units_problem,
 )
-from pipeline.credits.purchases import Purchase
-from pipeline.credits.status import CustomerStatus
-from pipeline.credits.values import MAX_MS, id_problem, int_problem, raise_problems, stable_id
-from pipeline.errors import CreditsError
+from meterstream.credits.purchases import Purchase
+from meterstream.credits.status import CustomerStatus
+from meterstream.credits.values import MAX_MS, id_problem, int_problem, raise_problems, stable_id
+from meterstream.errors import CreditsError
 
 
 @dataclass(frozen=True)

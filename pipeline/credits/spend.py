@@ -28,15 +28,15 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from pipeline.credits.money import EXACT, amount_problem, canon, currency_problem
-from pipeline.credits.values import (
+from meterstream.credits.money import EXACT, amount_problem, canon, currency_problem
+from meterstream.credits.values import (
     MAX_ID_CHARS,
     id_problem,
     int_problem,
     ms_problem,
     raise_problems,
 )
-from pipeline.errors import CreditsError
+from meterstream.errors import CreditsError
 
 MAX_REVISION = 2**63 - 1
 

@@ -2,9 +2,9 @@
 
 The wiring builds one :class:`CustomerStatus` after each step that changed the customer
 (a ledger step, a usage change, a plan change) and hands it to
-:func:`~pipeline.credits.entitlements.decide`,
-:func:`~pipeline.credits.alerts.evaluate` and
-:func:`~pipeline.credits.recharge.evaluate`. ``cause`` names what produced the status
+:func:`~meterstream.credits.entitlements.decide`,
+:func:`~meterstream.credits.alerts.evaluate` and
+:func:`~meterstream.credits.recharge.evaluate`. ``cause`` names what produced the status
 deterministically (the last ledger entry id of the step, or the usage change id): alert ids
 and recharge purchase ids are derived from it, so a replay after a restart derives the
 same ids.
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
 
-from pipeline.credits.money import amount_problem, currency_problem
-from pipeline.credits.values import id_problem, ms_problem, raise_problems
+from meterstream.credits.money import amount_problem, currency_problem
+from meterstream.credits.values import id_problem, ms_problem, raise_problems
 
 
 @dataclass(frozen=True)

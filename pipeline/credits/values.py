@@ -1,7 +1,7 @@
 """Validation shared by the credit values: identifiers, epoch-ms times, every problem at once.
 
 Each value object checks itself in ``__post_init__`` and raises one
-:class:`~pipeline.errors.CreditsError` naming every problem it found, so a hostile or
+:class:`~meterstream.errors.CreditsError` naming every problem it found, so a hostile or
 mistaken input is refused with a clear message before it can reach the ledger.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
-from pipeline.errors import CreditsError
+from meterstream.errors import CreditsError
 
 MAX_ID_CHARS = 200
 #: Latest accepted time: the year 9999 (ClickHouse ``DateTime64(3)`` ends there).

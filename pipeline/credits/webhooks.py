@@ -12,7 +12,7 @@ sends it as ``Stripe-Signature``; meterstream's alert webhooks as
 ``t``, its time is within ``tolerance_s`` of now (either way: an old request may be a
 replay), and one ``v1`` equals the HMAC of the exact body bytes under one of the secrets
 (compared in constant time). Anything else raises
-:class:`~pipeline.errors.WebhookSignatureError` with the reason. Verify the raw body,
+:class:`~meterstream.errors.WebhookSignatureError` with the reason. Verify the raw body,
 never a re-serialised JSON.
 
 Retries
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from pipeline.credits.money import canon
-from pipeline.errors import CreditsError, WebhookSignatureError
+from meterstream.credits.money import canon
+from meterstream.errors import CreditsError, WebhookSignatureError
 
 SIGNATURE_HEADER = "Meterstream-Signature"
 EVENT_ID_HEADER = "Meterstream-Event-Id"

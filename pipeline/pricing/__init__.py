@@ -1,15 +1,15 @@
 """Prices and the upcoming invoice (issue #24): pure, no Faust, Kafka, ClickHouse or Stripe SDK.
 
-- :mod:`~pipeline.pricing.money`: currencies, minor units, the one rounding rule.
-- :mod:`~pipeline.pricing.prices`: price models (per unit / package, graduated, volume),
+- :mod:`~meterstream.pricing.money`: currencies, minor units, the one rounding rule.
+- :mod:`~meterstream.pricing.prices`: price models (per unit / package, graduated, volume),
   a quantity in, the exact charge with every tier out; daily attribution.
-- :mod:`~pipeline.pricing.plans`: the plans YAML file, its validation, the default plan.
-- :mod:`~pipeline.pricing.invoice`: which plan prices which usage in a period, and the
+- :mod:`~meterstream.pricing.plans`: the plans YAML file, its validation, the default plan.
+- :mod:`~meterstream.pricing.invoice`: which plan prices which usage in a period, and the
   invoice lines, subtotal and total, serialisable to JSON.
-- :mod:`~pipeline.pricing.stripe_prices`: Stripe Product/Price create parameters.
+- :mod:`~meterstream.pricing.stripe_prices`: Stripe Product/Price create parameters.
 """
 
-from pipeline.pricing.invoice import (
+from meterstream.pricing.invoice import (
     Invoice,
     InvoiceLine,
     Period,
@@ -20,9 +20,9 @@ from pipeline.pricing.invoice import (
     plan_segments,
     preview_invoice,
 )
-from pipeline.pricing.money import CURRENCIES, Currency, currency
-from pipeline.pricing.plans import Plan, PlanPrice, PlansConfig, load_plans, parse_plans
-from pipeline.pricing.prices import (
+from meterstream.pricing.money import CURRENCIES, Currency, currency
+from meterstream.pricing.plans import Plan, PlanPrice, PlansConfig, load_plans, parse_plans
+from meterstream.pricing.prices import (
     Charge,
     Graduated,
     PerUnit,

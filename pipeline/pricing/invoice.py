@@ -23,19 +23,19 @@ either: only fees for time are).
 quantity over the segment, every tier's units and exact amount), each followed by
 its minimum top-up if the line is below the price's minimum, then the plan's
 minimum top-up if the segment's lines are below it. Each line is rounded once to
-the currency's minor unit, half up (:mod:`pipeline.pricing.money`); a top-up is
+the currency's minor unit, half up (:mod:`meterstream.pricing.money`); a top-up is
 the difference of rounded amounts; the subtotal is the sum of the rounded lines,
 and the total equals the subtotal (credits and taxes are not applied here).
 
 A segment whose plan charges nothing (the built-in free plan) has no lines. An
 invoice has one currency: every plan that charges something in the period must
-use it (:class:`~pipeline.errors.PricingError` otherwise, as Stripe refuses a
+use it (:class:`~meterstream.errors.PricingError` otherwise, as Stripe refuses a
 customer with subscriptions in two currencies).
 
 **Quantities** are the meter's value over a segment as the record holds it (not
 the whole numbers sent to Stripe): for sum and count the sum, for max, min,
 unique_count and latest the segment's value. Exact decimals; fractional and
-negative values are priced as :mod:`pipeline.pricing.prices` says. A meter with
+negative values are priced as :mod:`meterstream.pricing.prices` says. A meter with
 no usage is 0.
 
 :meth:`Invoice.to_dict` is plain JSON: amounts as decimal strings (``"12.30"``)
@@ -52,10 +52,10 @@ from decimal import Decimal, localcontext
 from fractions import Fraction
 from typing import Any, Literal
 
-from pipeline.errors import PricingError
-from pipeline.pricing.money import EXACT, ZERO, Currency, check_quantity, plain
-from pipeline.pricing.plans import Plan, PlanPrice, PlansConfig
-from pipeline.pricing.prices import Charge
+from meterstream.errors import PricingError
+from meterstream.pricing.money import EXACT, ZERO, Currency, check_quantity, plain
+from meterstream.pricing.plans import Plan, PlanPrice, PlansConfig
+from meterstream.pricing.prices import Charge
 
 LineKind = Literal["base_fee", "usage", "minimum"]
 
@@ -152,7 +152,7 @@ def plan_segments(
     The plan in effect at ``t`` is the assignment with the latest ``effective <= t``;
     before every assignment it is ``default_plan``. Consecutive segments of the same
     plan are one segment. Two assignments at the same instant naming different plans
-    are a :class:`~pipeline.errors.PricingError` (which one holds would be a guess).
+    are a :class:`~meterstream.errors.PricingError` (which one holds would be a guess).
     """
     ordered: dict[datetime, str] = {}
     for assignment in assignments:
@@ -370,7 +370,7 @@ def compute_invoice(
     """The invoice for ``period`` from each segment's quantities (see the module docstring).
 
     ``usage`` holds one :class:`SegmentUsage` per segment of :func:`plan_segments`, in
-    order. Raises :class:`~pipeline.errors.PricingError` for a segment outside the
+    order. Raises :class:`~meterstream.errors.PricingError` for a segment outside the
     period, overlapping segments, an unknown plan, two currencies or a bad quantity.
     """
     plan_of: list[Plan] = []

@@ -1,7 +1,7 @@
 """Plans: the YAML file beside the meters, its validation, and the default plan.
 
 A plans file is ``{plans: [...], default_plan: NAME}`` (``default_plan`` optional).
-:func:`load_plans` reports every problem at once as a :class:`~pipeline.errors.ConfigError`,
+:func:`load_plans` reports every problem at once as a :class:`~meterstream.errors.ConfigError`,
 each with its path (``plans[1].prices[0].tiers[2].up_to: ...``); given the meters
 config it also checks that every priced meter exists.
 
@@ -30,7 +30,7 @@ Amounts are in the currency's **major** unit (``0.05`` is five cents, ``20`` is 
 dollars), written as YAML numbers or strings and read exactly (never as floats).
 The keys follow Stripe's price semantics (``billing_scheme``, ``tiers_mode``, ``tiers``
 with ``up_to``, ``transform_quantity`` with ``divide_by`` and ``round``), so each price
-maps one to one onto a Stripe price (:mod:`pipeline.pricing.stripe_prices`); the
+maps one to one onto a Stripe price (:mod:`meterstream.pricing.stripe_prices`); the
 rules are Stripe's too:
 
 - ``billing_scheme: per_unit`` (the default) needs ``unit_price`` and may have
@@ -67,9 +67,9 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.errors import ConfigError
-from pipeline.pricing.money import ZERO, Currency, currency, plain, stripe_decimal_places
-from pipeline.pricing.prices import (
+from meterstream.errors import ConfigError
+from meterstream.pricing.money import ZERO, Currency, currency, plain, stripe_decimal_places
+from meterstream.pricing.prices import (
     MAX_BOUND,
     Graduated,
     PerUnit,
@@ -363,7 +363,7 @@ class Plan(BaseModel):
 
     @property
     def money(self) -> Currency:
-        """The plan's :class:`~pipeline.pricing.money.Currency`."""
+        """The plan's :class:`~meterstream.pricing.money.Currency`."""
         return currency(self.currency)
 
     def price_for(self, meter: str) -> PlanPrice | None:

@@ -36,7 +36,7 @@ Choices where Stripe's docs are silent:
   and credits are separate instruments. :attr:`Charge.quantity` keeps the raw value
   and :attr:`Charge.billable` the zero that was priced.
 - **Amounts are exact.** :attr:`Charge.amount` and every tier's amount are
-  unrounded; the invoice rounds each line once (:mod:`pipeline.pricing.money`).
+  unrounded; the invoice rounds each line once (:mod:`meterstream.pricing.money`).
 
 **Daily attribution** (the analysts' per-day view, issue #24 item 5):
 :func:`daily_amounts` charges a day with what it added to the period's price so
@@ -61,7 +61,7 @@ from decimal import Decimal, localcontext
 from fractions import Fraction
 from typing import Final, Literal, Protocol, runtime_checkable
 
-from pipeline.pricing.money import EXACT, ZERO, check_quantity
+from meterstream.pricing.money import EXACT, ZERO, check_quantity
 
 TransformRound = Literal["up", "down"]
 

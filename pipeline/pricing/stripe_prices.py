@@ -14,7 +14,7 @@ A plan maps onto Stripe one to one (issue #24 item 6):
 
 Amounts go in Stripe's units: the plan's ``0.05`` USD is ``unit_amount_decimal="5"``
 cents, ``0.000004`` USD is ``"0.0004"``; flat amounts are whole minor units
-(``flat_amount_decimal="9900"``), as :mod:`pipeline.pricing.plans` validated.
+(``flat_amount_decimal="9900"``), as :mod:`meterstream.pricing.plans` validated.
 
 **Creating twice creates nothing new.** Everything is deterministic: product ids are
 fixed, and each price has a ``lookup_key`` ``ms_{plan}_{meter}_{digest}`` whose digest
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Literal
 
-from pipeline.pricing.money import plain
-from pipeline.pricing.plans import Plan, PlanPrice
+from meterstream.pricing.money import plain
+from meterstream.pricing.plans import Plan, PlanPrice
 
 PREFIX = "ms"
 MAX_LOOKUP_KEY = 200

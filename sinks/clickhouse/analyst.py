@@ -4,7 +4,7 @@ Three kinds of connection, none of them the writer's (:meth:`ClickHouse.reader`)
 
 - the **checker** (``readonly=1``, 5 s): ``EXPLAIN AST <statement>`` and
   ``formatQuerySingleLine(<statement>)``, which only parse;
-  :mod:`sinks.clickhouse.sqlpolicy` walks the tree (and looks for an output
+  :mod:`meterstream.sinks.clickhouse.sqlpolicy` walks the tree (and looks for an output
   file in the formatted text) and refuses anything it does not allow
   (:class:`QueryRefused`, nothing ran);
 - **runners** (one per calling thread): the session settings are the
@@ -37,9 +37,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import ClickHouseError, QueryLimitExceeded, QueryRefused
-from sinks.clickhouse.client import ClickHouse, as_clickhouse_error
-from sinks.clickhouse.sqlpolicy import (
+from meterstream.errors import ClickHouseError, QueryLimitExceeded, QueryRefused
+from meterstream.sinks.clickhouse.client import ClickHouse, as_clickhouse_error
+from meterstream.sinks.clickhouse.sqlpolicy import (
     OUTFILE_REFUSED,
     AstDumpError,
     Policy,

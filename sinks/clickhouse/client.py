@@ -26,8 +26,8 @@ What differs on chdb, measured with chdb 4.4 / engine 26.9 and clickhouse-connec
   most table functions, but not for the scalar ``file()`` nor for
   ``SELECT ... INTO OUTFILE`` (chdb is clickhouse-local, which reads and
   writes files itself, anywhere: ``user_files_path`` does not bind it).
-  Analyst SQL goes through :mod:`sinks.clickhouse.analyst`, which checks
-  ClickHouse's parse of it first (:mod:`sinks.clickhouse.sqlpolicy`).
+  Analyst SQL goes through :mod:`meterstream.sinks.clickhouse.analyst`, which checks
+  ClickHouse's parse of it first (:mod:`meterstream.sinks.clickhouse.sqlpolicy`).
 - An empty result on chdb carries no column names (chdb emits no Native
   block for zero rows), so a read may return ``([], [])``.
 """
@@ -39,6 +39,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 import clickhouse_connect
@@ -47,8 +48,9 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import Error as DriverError
 from pydantic import SecretStr
 
-from pipeline.errors import ClickHouseError
-from sinks.clickhouse import columns
+from meterstream.errors import ClickHouseError
+from meterstream.settings import Settings
+from meterstream.sinks.clickhouse import columns
 
 T = TypeVar("T")
 # (session settings, as the analyst user?) -> a new driver client on the same database
@@ -284,7 +286,7 @@ class ClickHouse:
         server and on chdb alike (measured).
 
         The rows go as one ``JSONCompactColumns`` block written by orjson
-        (:mod:`sinks.clickhouse.columns`); rows it cannot carry exactly go through
+        (:mod:`meterstream.sinks.clickhouse.columns`); rows it cannot carry exactly go through
         the driver's Native serialization, as before.
         """
         if not rows:
@@ -405,4 +407,18 @@ def connect(
         database=database,
         backend="chdb" if is_chdb else "server",
         factory=lambda settings, analyst: make(database, settings, analyst),
+    )
+
+
+def open_clickhouse(settings: Settings) -> ClickHouse:
+    dsn = settings.clickhouse_dsn or settings.embedded_clickhouse_dsn
+    if dsn.startswith("chdb://"):
+        Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
+    return connect(
+        dsn,
+        database=settings.clickhouse_database,
+        user=settings.clickhouse_user,
+        password=settings.clickhouse_password,
+        analyst_user=settings.sql_clickhouse_user,
+        analyst_password=settings.sql_clickhouse_password,
     )

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.errors import ClickHouseError, MigrationError
-from sinks.clickhouse.client import ClickHouse, split_statements
+from meterstream.errors import ClickHouseError, MigrationError
+from meterstream.sinks.clickhouse.client import ClickHouse, split_statements
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")

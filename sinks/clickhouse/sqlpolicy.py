@@ -4,7 +4,7 @@
 ``file()`` function nor ``SELECT ... INTO OUTFILE`` (embedded ClickHouse runs
 as clickhouse-local, which writes the file itself). So before an analyst
 statement runs, ClickHouse parses it (``EXPLAIN AST``, which parses and does
-nothing else; :mod:`sinks.clickhouse.analyst` runs it on a read-only
+nothing else; :mod:`meterstream.sinks.clickhouse.analyst` runs it on a read-only
 connection) and this module walks every node of that tree. No keyword or
 regular expression over the SQL text decides anything.
 
@@ -19,7 +19,7 @@ Allowed (everything else is refused with the reason):
 - no ``INTO OUTFILE`` (any form: ``APPEND``, ``TRUNCATE``, ``AND STDOUT``,
   ``COMPRESSION``), no ``SETTINGS`` clause, no ``FORMAT`` but the client's
   own, no query parameters, no ``APPLY(function)`` column transformer;
-- functions from :mod:`sinks.clickhouse.sqlfunctions` (an allow-list, in the
+- functions from :mod:`meterstream.sinks.clickhouse.sqlfunctions` (an allow-list, in the
   letter case ClickHouse accepts, aggregate combinators on allowed
   aggregates); table functions ``numbers``, ``values``, ``generateSeries``;
 - tables of the configured database, a few ``system`` tables of metadata and
@@ -49,7 +49,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sinks.clickhouse import sqlfunctions as fn
+from meterstream.sinks.clickhouse import sqlfunctions as fn
 
 _LINE = re.compile(r"^( *)(\S.*?)(?: \(children (\d+)\))?\s*$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -440,7 +440,7 @@ def single_statement(sql: str) -> str:
     (`` `...` `` and ``"..."``): no analyst needs them, and a line break in a
     name is printed as is by ``EXPLAIN AST``.
     """
-    from sinks.clickhouse.client import split_statements
+    from meterstream.sinks.clickhouse.client import split_statements
 
     if _CONTROL.search(sql):
         raise StatementError("control characters are not allowed in SQL")

@@ -20,8 +20,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any, Protocol
 
-from pipeline.events import ALL_METERS, Rejection, UsageEvent, content_fingerprint
-from sinks.clickhouse.client import ClickHouse
+from meterstream.events import ALL_METERS, Rejection, UsageEvent, content_fingerprint
+from meterstream.sinks.clickhouse.client import ClickHouse
 
 USAGE_EVENTS = "usage_events"
 METER_WINDOWS = "meter_windows"
@@ -93,7 +93,7 @@ _CONTEXT = Context(prec=80)
 
 
 class WindowStateLike(Protocol):
-    """What ``meter_window_row`` reads from pipeline.aggregation.WindowState."""
+    """What ``meter_window_row`` reads from meterstream.meters.aggregation.WindowState."""
 
     event_count: int
     distinct: set[str] | None

@@ -12,7 +12,7 @@ What it adds to ``stripe.StripeClient``:
   was delivered earlier (typically by an attempt whose answer we lost): the
   call returns ``SendResult(status="duplicate")``.
 * **Permanent errors keep Stripe's code.** Anything else raises
-  :class:`pipeline.errors.StripeError` with Stripe's ``code`` and HTTP
+  :class:`meterstream.errors.StripeError` with Stripe's ``code`` and HTTP
   ``status``; ``retryable`` tells the caller whether a later retry may help.
 * **A client-side token bucket** (thread-safe) keeps us under the rate limit.
 
@@ -36,7 +36,7 @@ from typing import Any, Literal, TypeVar, cast
 import stripe
 from pydantic import SecretStr
 
-from pipeline.errors import StripeError
+from meterstream.errors import StripeError
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class StripeMeterClient:
     def send_meter_event(self, params: Mapping[str, Any]) -> SendResult:
         """``POST /v1/billing/meter_events`` with retries; a duplicate identifier is success.
 
-        ``params`` is what :func:`sinks.stripe.payloads.build_meter_event` builds.
+        ``params`` is what :func:`meterstream.sinks.stripe.payloads.build_meter_event` builds.
         Raises :class:`StripeError` for a permanent error, or for a retryable one
         still failing after ``max_retries`` retries.
         """

@@ -2,7 +2,7 @@
 (``customer_mappings``), property pins (``stripe_customer_pins``) and refused Stripe ids
 (``stripe_customer_refusals``), and the read of the Stripe ids a customer's events name.
 
-Plain reads and appends; which id is used is decided by pipeline/stripe_ids.py.
+Plain reads and appends; which id is used is decided by pipeline/billing/stripe_ids.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sinks.clickhouse.client import ClickHouse
+from meterstream.sinks.clickhouse.client import ClickHouse
 
 CUSTOMER_MAPPINGS = "customer_mappings"
 CUSTOMER_MAPPINGS_COLUMNS = (

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sinks.clickhouse.client import ClickHouse
-from sinks.clickhouse.writer import STRIPE_METER_EVENTS, STRIPE_METER_EVENTS_COLUMNS
+from meterstream.sinks.clickhouse.client import ClickHouse
+from meterstream.sinks.clickhouse.writer import STRIPE_METER_EVENTS, STRIPE_METER_EVENTS_COLUMNS
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.embedded import EmbeddedBroker
-from pipeline.settings import Settings
+from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.settings import Settings
 from tests.faults.fault_load import METERS, first_copies, make_load, reference, stripe_reference
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 
@@ -83,13 +83,13 @@ def reconcile_and_read(stack: StackSlice, meters_file: Path) -> dict[tuple[str, 
     env = stack.env(meters_file)
     env.pop("METERSTREAM_WEB_PORT", None)
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "reconcile", "--repair", "--from",
+        [sys.executable, "-m", "meterstream.cli", "reconcile", "--repair", "--from",
          "2000-01-01T00:00:00Z"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     sql = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "sql", "--format", "json",
+        [sys.executable, "-m", "meterstream.cli", "sql", "--format", "json",
          "SELECT meter, customer_id, toUnixTimestamp64Milli(window_start) AS ws,"
          " toString(argMax(value, version)) AS v FROM meter_windows"
          " GROUP BY meter, customer_id, group_key, window_start"],
@@ -110,7 +110,7 @@ def reconcile_and_read(stack: StackSlice, meters_file: Path) -> dict[tuple[str, 
 def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store: str) -> None:
     """With the RocksDB store (what the deployment files use) the tables survive a
     kill on disk, and the worker recovers only the changelog records past the
-    offset it persisted with them (pipeline/state.py advances it per batch)."""
+    offset it persisted with them (pipeline/worker/tables.py advances it per batch)."""
     if store == "rocksdb":
         pytest.importorskip("rocksdict", reason="the rocksdb extra is not installed")
     records, counted = make_load(unique=45_000, duplicates=5_000, seed=int(sig))
@@ -145,7 +145,7 @@ def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store:
     databases = {p.parent.name for p in (stack.tmp / "state").rglob("CURRENT")}  # RocksDB's
     if store == "rocksdb":
         assert {"dedup-0.db", "windows-0.db"} <= databases, databases
-        # the worker's memory bounds (pipeline/state.py), as RocksDB recorded them
+        # the worker's memory bounds (pipeline/worker/tables.py), as RocksDB recorded them
         options = next((stack.tmp / "state").rglob("dedup-0.db/OPTIONS-*")).read_text()
         assert f"write_buffer_size={Settings().rocksdb_write_buffer_mb * 2**20}" in options
         assert "max_write_buffer_number=2" in options

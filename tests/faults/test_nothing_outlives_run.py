@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.embedded import EmbeddedBroker
-from pipeline.lifeline import EXIT_BROKER_LOST, PARENT_GONE_GRACE_SECONDS
+from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.worker.lifeline import EXIT_BROKER_LOST, PARENT_GONE_GRACE_SECONDS
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 
 pytestmark = pytest.mark.faults
@@ -167,7 +167,7 @@ def start_demo(
     clean.update(env)
     state.mkdir(parents=True, exist_ok=True)
     out_path = state.parent / "run.out"
-    args = [sys.executable, "-m", "pipeline.cli", "run", "--meters", "meters.example.yaml",
+    args = [sys.executable, "-m", "meterstream.cli", "run", "--meters", "meters.example.yaml",
             "--demo", "--rate", str(rate), "--state-dir", str(state)]  # fmt: skip
     if terminal is None:
         out = open(out_path, "wb")  # noqa: SIM115 (closed with the process)
@@ -216,8 +216,8 @@ def test_nothing_outlives_run_under_load(tmp_path: Path, ending: str) -> None:
         broker = endpoints["broker"]  # this machine's default: Kafka with Java 17+, else Tansu
         started = {"kafka": "kafka.Kafka", "tansu": "tansu"}[broker]
         assert started in commands, commands
-        assert "pipeline.cli stripe-emulator" in commands, commands
-        assert "pipeline.cli worker" in commands, commands
+        assert "meterstream.cli stripe-emulator" in commands, commands
+        assert "meterstream.cli worker" in commands, commands
         # The fault lands on work in flight: the record is still growing.
         before = recorded(web)
         wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
@@ -284,7 +284,7 @@ def test_worker_of_a_killed_run_with_an_external_broker_stops_within_the_grace(
         children = descendants(proc.pid)
         commands = " | ".join(c.cmdline for c in children)
         assert "tansu" not in commands and "kafka.Kafka" not in commands, commands
-        assert "pipeline.cli worker" in commands, commands
+        assert "meterstream.cli worker" in commands, commands
         before = recorded(web)
         wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
         worker_log = state / "worker.log"

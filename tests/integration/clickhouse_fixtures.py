@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 from pydantic import SecretStr
 
-from sinks.clickhouse.client import ClickHouse, connect
+from meterstream.sinks.clickhouse.client import ClickHouse, connect
 
 NO_DOCKER_REASON = (
     "no Docker engine: testcontainers cannot start ClickHouse here; "
@@ -30,7 +30,6 @@ __all__ = [
     "ClickHouseTarget",
     "ch",
     "ch_factory",
-    "chdb_dsn",
     "clickhouse_server",
     "clickhouse_target",
 ]
@@ -59,12 +58,6 @@ def docker_available() -> str | None:
     except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-@pytest.fixture(scope="session")
-def chdb_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The one chdb data path of this pytest session."""
-    return f"chdb://{tmp_path_factory.mktemp('chdb').resolve()}"
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.embedded import write_endpoints
+from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, wait_until
 
 pytestmark = pytest.mark.integration
@@ -31,7 +31,7 @@ def cli(
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "meterstream.cli", *args],
         cwd=REPO, input=stdin.decode() if stdin else None, capture_output=True, text=True,
         env={**clean, **(env or {})}, timeout=timeout,
     )  # fmt: skip
@@ -120,7 +120,7 @@ def test_migrate_twice_applies_nothing_the_second_time(tmp_path: Path) -> None:
 def _start_run(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--meters", "meters.example.yaml",
+        [sys.executable, "-m", "meterstream.cli", "run", "--meters", "meters.example.yaml",
          "--state-dir", str(tmp_path), *extra],
         cwd=REPO, env=clean, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip

@@ -21,14 +21,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.aggregation import WindowState
-from pipeline.errors import ClickHouseError, MigrationError
-from pipeline.events import Reason, Rejection, UsageEvent
-from sinks.clickhouse import queries as q
-from sinks.clickhouse.analyst import AnalystSQL, SqlLimits
-from sinks.clickhouse.client import ClickHouse
-from sinks.clickhouse.migrate import MIGRATIONS_DIR, migrate
-from sinks.clickhouse.writer import (
+from meterstream.errors import ClickHouseError, MigrationError
+from meterstream.events import Reason, Rejection, UsageEvent
+from meterstream.meters.aggregation import WindowState
+from meterstream.sinks.clickhouse import queries as q
+from meterstream.sinks.clickhouse.analyst import AnalystSQL, SqlLimits
+from meterstream.sinks.clickhouse.client import ClickHouse
+from meterstream.sinks.clickhouse.migrate import MIGRATIONS_DIR, migrate
+from meterstream.sinks.clickhouse.writer import (
     METER_WINDOWS,
     METER_WINDOWS_COLUMNS,
     REJECTED_EVENTS,

@@ -19,8 +19,9 @@ import pytest
 from aiohttp import web
 from aiokafka.admin import AIOKafkaAdminClient
 
-from pipeline.client import DeliveryError, HttpUsageClient, UsageClient
-from pipeline.embedded import EmbeddedBroker, free_port
+from meterstream.client.sdk import DeliveryError, HttpUsageClient, UsageClient
+from meterstream.embedded.processes import free_port
+from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import REPO, StackSlice, Worker, wait_until
 from tests.sdk_support import BackgroundApp, record_from_threads
 
@@ -166,7 +167,7 @@ class LostAnswerProxy(BackgroundApp):
 
 def create_key(stack: StackSlice, name: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "keys", "create", name,
+        [sys.executable, "-m", "meterstream.cli", "keys", "create", name,
          "--state-dir", str(stack.tmp / "state")],
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip

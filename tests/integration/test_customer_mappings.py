@@ -1,5 +1,5 @@
 """The durable customer mapping on a real ClickHouse (sinks/stripe/customers.py) and the
-rules by which ``customers`` topic records are recorded (pipeline/customers.py,
+rules by which ``customers`` topic records are recorded (pipeline/billing/customers.py,
 MappingStore.import_record): a replay is not a change, a record older than the
 current mapping is ignored, a malformed one changes nothing. Also the read of the
 Stripe ids a customer's events name, the input of the property pin."""
@@ -11,15 +11,15 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.chio import ClickHouseIO
-from pipeline.customers import MappingStore
-from pipeline.events import UsageEvent
-from pipeline.metrics import Metrics
-from pipeline.settings import Settings
-from sinks.clickhouse.client import ClickHouse
-from sinks.clickhouse.migrate import migrate
-from sinks.clickhouse.writer import USAGE_EVENTS, USAGE_EVENTS_COLUMNS, usage_event_row
-from sinks.stripe import customers as store
+from meterstream.billing.customers import MappingStore
+from meterstream.events import UsageEvent
+from meterstream.metrics import Metrics
+from meterstream.settings import Settings
+from meterstream.sinks.clickhouse.calls import ClickHouseIO
+from meterstream.sinks.clickhouse.client import ClickHouse
+from meterstream.sinks.clickhouse.migrate import migrate
+from meterstream.sinks.clickhouse.writer import USAGE_EVENTS, USAGE_EVENTS_COLUMNS, usage_event_row
+from meterstream.sinks.stripe import customers as store
 from tests.integration.clickhouse_fixtures import *  # noqa: F403
 
 pytestmark = pytest.mark.integration

@@ -39,7 +39,7 @@ def _env(state: Path) -> dict[str, str]:
 
 def _demo(state: Path, duration: int, **popen: object) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--meters", "meters.example.yaml",
+        [sys.executable, "-m", "meterstream.cli", "run", "--meters", "meters.example.yaml",
          "--demo", "--duration", str(duration), "--rate", "100"],
         cwd=REPO, env=_env(state), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         **popen,  # type: ignore[call-overload]
@@ -113,7 +113,7 @@ def test_two_demo_runs_on_one_state_dir_match_and_a_real_difference_fails(
                        "stripe_customer_id": "cus_demo_demo-acme"},
     }  # fmt: skip
     produced = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "produce", "-"], input=json.dumps(intruder),
+        [sys.executable, "-m", "meterstream.cli", "produce", "-"], input=json.dumps(intruder),
         cwd=REPO, env=_env(state), capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert produced.returncode == 0, produced.stderr
@@ -200,7 +200,7 @@ def test_the_demo_refuses_meters_it_cannot_check(tmp_path: Path) -> None:
     changed = tmp_path / "meters.yaml"
     changed.write_text(meters.replace("aggregation: max", "aggregation: min"))
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", "--demo", "--duration", "5",
+        [sys.executable, "-m", "meterstream.cli", "run", "--demo", "--duration", "5",
          "--meters", str(changed)],
         cwd=REPO, env=_env(tmp_path / "state"), capture_output=True, text=True, timeout=60,
     )  # fmt: skip

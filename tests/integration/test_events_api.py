@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import requests
 
-from pipeline.embedded import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import REPO, StackSlice, Worker, wait_until
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ BODY_LIMIT = 64 * 1024
 
 def keys_cli(state_dir: Path, *args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "keys", *args, "--state-dir", str(state_dir)],
+        [sys.executable, "-m", "meterstream.cli", "keys", *args, "--state-dir", str(state_dir)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from pipeline.embedded import EmbeddedBroker
-from pipeline.guarantee import broker_supports_transactions, choose, describe
-from pipeline.settings import Settings
+from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.settings import Settings
+from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""The embedded Apache Kafka (pipeline/kafka_broker.py), really started from Kafka's jars:
+"""The embedded Apache Kafka (pipeline/embedded/kafka.py), really started from Kafka's jars:
 its log survives a restart, it has transactions and compaction, it dies with its parent,
 ``auto`` picks it where Java 17+ and the jars are found, and ``meterstream run --broker
 kafka`` runs the whole stack on it with exactly_once.
@@ -26,16 +26,16 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from pipeline.errors import ConfigError
-from pipeline.guarantee import broker_supports_transactions
-from pipeline.kafka_broker import (
+from meterstream.embedded.kafka import (
     KafkaBroker,
     choose_broker,
     jars_dir,
     java_command,
     kafka_unavailable,
 )
-from pipeline.settings import Settings
+from meterstream.errors import ConfigError
+from meterstream.settings import Settings
+from meterstream.worker.guarantee import broker_supports_transactions
 from tests.harness import REPO, wait_until
 
 pytestmark = pytest.mark.integration
@@ -220,7 +220,7 @@ def test_compacted_topics_are_compacted(kafka_broker: KafkaBroker) -> None:
 PARENT = """
 import sys, time
 from pathlib import Path
-from pipeline.kafka_broker import KafkaBroker
+from meterstream.embedded.kafka import KafkaBroker
 broker = KafkaBroker(Path(sys.argv[1])).start()
 print(broker.proc.pid, broker.bootstrap, flush=True)
 time.sleep(600)
@@ -328,7 +328,7 @@ def test_asking_for_kafka_where_it_cannot_run_is_a_clear_error(tmp_path: Path) -
     env = _clean_env(METERSTREAM_KAFKA_JAVA=str(tmp_path / "missing-java"))
     for command in (["broker", "--port", "0"], ["run", "--meters", "meters.example.yaml"]):
         done = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", *command, "--broker", "kafka",
+            [sys.executable, "-m", "meterstream.cli", *command, "--broker", "kafka",
              "--state-dir", str(tmp_path / "state")],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
@@ -378,7 +378,7 @@ def test_meterstream_run_on_kafka_runs_exactly_once(
     from tests.harness import http_json
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--broker", "kafka", "--meters",
+        [sys.executable, "-m", "meterstream.cli", "run", "--broker", "kafka", "--meters",
          "meters.example.yaml", "--duration", "40", "--state-dir", str(run_state)],
         cwd=REPO, env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.embedded import write_endpoints
+from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, wait_until
 
 pytestmark = pytest.mark.integration
@@ -216,7 +216,7 @@ def test_views_equal_an_independent_reference(stack: StackSlice) -> None:
     write_endpoints(state, {"web_url": worker.web_url})
     clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
     cli = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "usage", "c1", "--format", "json",
+        [sys.executable, "-m", "meterstream.cli", "usage", "c1", "--format", "json",
          "--state-dir", str(state)],
         cwd=REPO, env=clean, capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import stripe
 
-from pipeline.errors import StripeError
-from sinks.stripe.client import SendResult, StripeMeterClient
-from sinks.stripe.emulator import BackgroundEmulator
-from sinks.stripe.payloads import build_meter_event, meter_event_identifier
+from meterstream.errors import StripeError
+from meterstream.sinks.stripe.client import SendResult, StripeMeterClient
+from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
+from meterstream.sinks.stripe.payloads import build_meter_event, meter_event_identifier
 
 DAY = 86400
 

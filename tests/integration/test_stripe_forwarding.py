@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.embedded import write_endpoints
-from pipeline.windows import month_bounds, period_label
-from sinks.stripe.client import StripeMeterClient
+from meterstream.endpoints import write_endpoints
+from meterstream.meters.windows import month_bounds, period_label
+from meterstream.sinks.stripe.client import StripeMeterClient
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 
 pytestmark = pytest.mark.integration
@@ -91,7 +91,7 @@ def cli(
     stack: StackSlice, meters_file: Path, *args: str, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "meterstream.cli", *args],
         cwd=REPO,
         env=stack.env(meters_file),
         capture_output=True,

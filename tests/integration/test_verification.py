@@ -21,20 +21,20 @@ from typing import Any
 import pytest
 import yaml
 
-import pipeline.forwarding as forwarding
-from pipeline.aggregation import WindowState
-from pipeline.billing import customer_totals
-from pipeline.chio import ClickHouseIO
-from pipeline.events import UsageEvent
-from pipeline.meters import parse_meters
-from pipeline.metrics import Metrics
-from pipeline.processor import WindowKey, contributions, recompute_windows, windows_of
-from pipeline.reconcile import read_record, reconcile_meter, record_states
-from pipeline.settings import Settings
-from sinks.clickhouse.client import ClickHouse
-from sinks.clickhouse.migrate import migrate
-from sinks.clickhouse.queries import day_check
-from sinks.clickhouse.writer import (
+import meterstream.billing.forwarding as forwarding
+from meterstream.billing.plan import customer_totals
+from meterstream.billing.record import read_record, reconcile_meter, record_states
+from meterstream.events import UsageEvent
+from meterstream.meters.aggregation import WindowState
+from meterstream.meters.config import parse_meters
+from meterstream.meters.fold import WindowKey, contributions, recompute_windows, windows_of
+from meterstream.metrics import Metrics
+from meterstream.settings import Settings
+from meterstream.sinks.clickhouse.calls import ClickHouseIO
+from meterstream.sinks.clickhouse.client import ClickHouse
+from meterstream.sinks.clickhouse.migrate import migrate
+from meterstream.sinks.clickhouse.queries import day_check
+from meterstream.sinks.clickhouse.writer import (
     METER_WINDOWS,
     METER_WINDOWS_COLUMNS,
     USAGE_EVENTS,

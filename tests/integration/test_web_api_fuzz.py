@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.embedded import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import REPO, StackSlice
 from tests.integration.test_events_api import keys_cli
 

@@ -32,7 +32,7 @@ def test_the_worker_refuses_to_start_with_a_broken_keys_file(stack: StackSlice, 
     state.mkdir(parents=True, exist_ok=True)
     (state / "api_keys.json").write_text(text)
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "worker"],
+        [sys.executable, "-m", "meterstream.cli", "worker"],
         cwd=REPO,
         env=stack.env(stack.meters_file(METERS)),
         capture_output=True,

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import requests
 
-from pipeline.events import MAX_EVENT_BYTES
+from meterstream.events import MAX_EVENT_BYTES
 from tests.harness import StackSlice, Worker, wait_until
 from tests.integration.test_events_api import keys_cli
 from tests.security.test_poison import send

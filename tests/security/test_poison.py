@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.meters import COLUMN_LIMITS, STRIPE_LIMITS
+from meterstream.meters.config import COLUMN_LIMITS, STRIPE_LIMITS
 from tests.faults.test_crash_restart import delete_topic, metric_value, stripe_totals
 from tests.harness import REPO, StackSlice, Worker, wait_until
 
@@ -109,7 +109,7 @@ def send(stack: StackSlice, records: Sequence[tuple[bytes | None, bytes]]) -> No
 
 
 def as_record(event: dict[str, Any] | bytes, customer: str) -> tuple[bytes, bytes]:
-    from pipeline.events import canonical_json
+    from meterstream.events import canonical_json
 
     value = event if isinstance(event, bytes) else canonical_json(event).encode()
     return customer.encode(), value
@@ -176,7 +176,7 @@ def reconcile(stack: StackSlice, meters_file: Path) -> subprocess.CompletedProce
     env = stack.env(meters_file)
     start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 86_400))
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "reconcile", "--from", start],
+        [sys.executable, "-m", "meterstream.cli", "reconcile", "--from", start],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 
@@ -342,7 +342,9 @@ meters:
     value: properties.tokens
     group_by: [properties.model]
     window: hour
-    stripe: {event_name: billed_tokens, interval: 1s, grace: 0s}
+    stripe:
+      {event_name: billed_tokens, interval: 1s, grace: 0s,
+       customer_id_from: properties.stripe_customer_id}
 """
 
 

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 import requests
 
-from pipeline.embedded import EmbeddedBroker, write_endpoints
+from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker
 
 pytestmark = pytest.mark.integration
@@ -140,7 +141,7 @@ class Target:
 
 def keys_cli(state_dir: Path, *args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "keys", *args, "--state-dir", str(state_dir)],
+        [sys.executable, "-m", "meterstream.cli", "keys", *args, "--state-dir", str(state_dir)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -271,7 +272,7 @@ def test_the_cli_makes_no_lasting_key(target: Target) -> None:
     write_endpoints(target.state, {"web_url": target.worker.web_url})
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "sql", "SELECT 41 + 1 AS answer",
+        [sys.executable, "-m", "meterstream.cli", "sql", "SELECT 41 + 1 AS answer",
          "--format", "json", "--state-dir", str(target.state)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -300,7 +301,7 @@ def test_the_cli_without_a_worker_refuses_the_same(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
     for sql in (f"SELECT file('{secret}')", f"SELECT 1 INTO OUTFILE '{tmp_path / 'o.txt'}'"):
         result = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "sql", sql, "--state-dir", str(tmp_path)],
+            [sys.executable, "-m", "meterstream.cli", "sql", sql, "--state-dir", str(tmp_path)],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert result.returncode != 0

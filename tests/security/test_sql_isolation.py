@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import requests
 
-from pipeline.embedded import EmbeddedBroker
+from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import StackSlice, Worker
 
 pytestmark = pytest.mark.integration

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ClickHouseError, QueryRefused
-from sinks.clickhouse.analyst import AnalystSQL, SqlLimits
-from sinks.clickhouse.client import ClickHouse
-from sinks.clickhouse.migrate import migrate
+from meterstream.errors import ClickHouseError, QueryRefused
+from meterstream.sinks.clickhouse.analyst import AnalystSQL, SqlLimits
+from meterstream.sinks.clickhouse.client import ClickHouse
+from meterstream.sinks.clickhouse.migrate import migrate
 from tests.integration.clickhouse_fixtures import *  # noqa: F403
 
 pytestmark = pytest.mark.integration

@@ -29,7 +29,8 @@ from typing import Any
 import pytest
 import requests
 
-from pipeline.embedded import EmbeddedBroker, write_endpoints
+from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 
 pytestmark = pytest.mark.integration
@@ -78,7 +79,7 @@ SPELLINGS: list[dict[str, Any]] = [
 
 def cli(state_dir: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args, "--state-dir", str(state_dir)],
+        [sys.executable, "-m", "meterstream.cli", *args, "--state-dir", str(state_dir)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -578,7 +579,7 @@ def test_meterstream_run_forwards_only_to_mapped_stripe_customers(tmp_path: Path
     customer; only the victim's own usage reaches it, and nothing else reaches Stripe."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--meters", "meters.example.yaml",
+        [sys.executable, "-m", "meterstream.cli", "run", "--meters", "meters.example.yaml",
          "--state-dir", str(tmp_path)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip

@@ -12,7 +12,7 @@ import simplejson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.events import (
+from meterstream.events import (
     Reason,
     Rejection,
     UsageEvent,

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.meters import parse_meters
-from pipeline.settings import Settings
+from meterstream.meters.config import parse_meters
+from meterstream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

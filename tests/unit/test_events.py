@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.events import (
+from meterstream.events import (
     MAX_EVENT_BYTES,
     Reason,
     Rejection,
@@ -214,7 +214,7 @@ def test_colons_inside_strings_are_not_mistaken_for_repeated_keys() -> None:
 
 
 def test_fast_check_is_exact_when_it_clears_a_document() -> None:
-    from pipeline.events import duplicate_keys, may_repeat_keys
+    from meterstream.events import duplicate_keys, may_repeat_keys
 
     clean = b'{"a":{"b":":","c":[1,{"d":2}]}}'
     assert not may_repeat_keys(clean, canonical_json(loads(clean)).count(":"))
@@ -225,7 +225,7 @@ def test_fast_check_is_exact_when_it_clears_a_document() -> None:
 
 
 def loads(raw: bytes) -> object:
-    from pipeline.events import loads_exact
+    from meterstream.events import loads_exact
 
     return loads_exact(raw)
 
@@ -272,7 +272,7 @@ def test_rejection_text_is_always_utf8() -> None:
 
 
 def test_produce_reports_repeated_keys_and_deep_lines_instead_of_sending_them() -> None:
-    from pipeline.produce import check_lines
+    from meterstream.cli.produce import check_lines
 
     good = b'{"event_name":"e","customer_id":"c","idempotency_key":"k"}'
     twice = b'{"event_name":"e","customer_id":"c","customer_id":"d"}'

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.hosts import HostPolicy, is_loopback, parse_allowed, parse_authority
-from pipeline.settings import load_settings
+from meterstream.errors import ConfigError
+from meterstream.hosts import HostPolicy, is_loopback, parse_allowed, parse_authority
+from meterstream.settings import load_settings
 
 LOOPBACK = HostPolicy.for_server("127.0.0.1")
 NETWORK = HostPolicy.for_server("0.0.0.0", ["metering.example.com", ".svc.cluster.local"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.metrics import Metric
+from meterstream.metrics import Metric
 
 
 def test_values_render_exactly() -> None:

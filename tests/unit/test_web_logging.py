@@ -7,7 +7,7 @@ import sys
 
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from pipeline.logs import ClientFaultsInOneLine
+from meterstream.logs import ClientFaultsInOneLine
 
 
 def record_of(exc: BaseException) -> logging.LogRecord:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from pipeline.credits.grants import Grant, Void
-from pipeline.credits.spend import SpendChange
+from meterstream.credits.grants import Grant, Void
+from meterstream.credits.spend import SpendChange
 
 # (kind, grant_id or "", source or "", at_ms) -> amount
 Ledger = dict[tuple[str, str, str, int], Decimal]

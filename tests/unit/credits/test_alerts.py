@@ -9,17 +9,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.credits.alerts import (
+from meterstream.credits.alerts import (
     AlertKind,
     Threshold,
     ThresholdState,
     evaluate,
     payment_failed,
 )
-from pipeline.credits.grants import Grant
-from pipeline.credits.status import CustomerStatus
-from pipeline.credits.webhooks import SIGNATURE_HEADER, verify_header
-from pipeline.errors import CreditsError
+from meterstream.credits.grants import Grant
+from meterstream.credits.status import CustomerStatus
+from meterstream.credits.webhooks import SIGNATURE_HEADER, verify_header
+from meterstream.errors import CreditsError
 
 D = Decimal
 

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.credits import ledger
-from pipeline.credits.burn import CreditBook, Step, compute_ledger
-from pipeline.credits.grants import Grant, Void
-from pipeline.credits.ledger import EntryKind, LedgerEntry
-from pipeline.credits.spend import SpendChange, window_source
-from pipeline.errors import CreditsError
+from meterstream.credits import ledger
+from meterstream.credits.burn import CreditBook, Step, compute_ledger
+from meterstream.credits.grants import Grant, Void
+from meterstream.credits.ledger import EntryKind, LedgerEntry
+from meterstream.credits.spend import SpendChange, window_source
+from meterstream.errors import CreditsError
 from tests.unit.credits.oracle import reference_ledger
 
 D = Decimal

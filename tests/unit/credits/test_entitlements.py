@@ -1,7 +1,7 @@
 from decimal import Decimal
 
-from pipeline.credits.entitlements import decide
-from pipeline.credits.status import CustomerStatus
+from meterstream.credits.entitlements import decide
+from meterstream.credits.status import CustomerStatus
 
 D = Decimal
 FREE_TIER = {"tokens": D(10_000)}

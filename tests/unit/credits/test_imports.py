@@ -1,13 +1,13 @@
-"""The credits package stays pure: the standard library and pipeline.errors, nothing else."""
+"""The credits package stays pure: the standard library and meterstream.errors, nothing else."""
 
 import ast
 import sys
 from pathlib import Path
 
-import pipeline.credits
+import meterstream.credits
 
-PACKAGE = Path(pipeline.credits.__file__).parent
-ALLOWED_PROJECT = {"pipeline.errors"}
+PACKAGE = Path(meterstream.credits.__file__).parent
+ALLOWED_PROJECT = {"meterstream.errors"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -26,8 +26,8 @@ def test_only_the_standard_library_pipeline_errors_and_itself() -> None:
     for path in files:
         for name in imported_modules(path):
             top = name.split(".")[0]
-            if name.startswith("pipeline.credits") or name in ALLOWED_PROJECT:
+            if name.startswith("meterstream.credits") or name in ALLOWED_PROJECT:
                 continue
-            assert top in sys.stdlib_module_names and top != "pipeline", (
+            assert top in sys.stdlib_module_names and top != "meterstream", (
                 f"{path.name} imports {name}"
             )

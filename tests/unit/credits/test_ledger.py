@@ -2,8 +2,8 @@ from decimal import Decimal
 
 import pytest
 
-from pipeline.credits.grants import Grant, Void
-from pipeline.credits.ledger import (
+from meterstream.credits.grants import Grant, Void
+from meterstream.credits.ledger import (
     EntryKind,
     LedgerEntry,
     LedgerKey,
@@ -12,7 +12,7 @@ from pipeline.credits.ledger import (
     remaining_by_grant,
     totals,
 )
-from pipeline.errors import CreditsError
+from meterstream.errors import CreditsError
 
 D = Decimal
 

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.credits.money import (
+from meterstream.credits.money import (
     amount_problem,
     canon,
     ceil_to_charge,

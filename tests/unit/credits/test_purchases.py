@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.credits.burn import CreditBook
-from pipeline.credits.purchases import (
+from meterstream.credits.burn import CreditBook
+from meterstream.credits.purchases import (
     PaymentEvent,
     PaymentOutcome,
     Purchase,
@@ -20,7 +20,7 @@ from pipeline.credits.purchases import (
     payment_intent_params,
     purchase_id,
 )
-from pipeline.errors import CreditsError
+from meterstream.errors import CreditsError
 
 D = Decimal
 PURCHASE = Purchase(

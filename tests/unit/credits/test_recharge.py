@@ -8,18 +8,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.credits.burn import CreditBook
-from pipeline.credits.grants import Grant
-from pipeline.credits.recharge import (
+from meterstream.credits.burn import CreditBook
+from meterstream.credits.grants import Grant
+from meterstream.credits.recharge import (
     AutoRecharge,
     RechargeState,
     enable,
     evaluate,
     purchase_result,
 )
-from pipeline.credits.spend import SpendChange
-from pipeline.credits.status import CustomerStatus
-from pipeline.errors import CreditsError
+from meterstream.credits.spend import SpendChange
+from meterstream.credits.status import CustomerStatus
+from meterstream.errors import CreditsError
 
 D = Decimal
 RULE = AutoRecharge("acme", "usd", threshold=D(5), target=D(20))

@@ -9,7 +9,7 @@ import stripe
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.credits.webhooks import (
+from meterstream.credits.webhooks import (
     EVENT_ID_HEADER,
     SIGNATURE_HEADER,
     RetryPolicy,
@@ -22,7 +22,7 @@ from pipeline.credits.webhooks import (
     sign_header,
     verify_header,
 )
-from pipeline.errors import CreditsError, WebhookSignatureError
+from meterstream.errors import CreditsError, WebhookSignatureError
 
 SECRET = "whsec_test_secret"
 NOW_MS = 1_735_689_600_123

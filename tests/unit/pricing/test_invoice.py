@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.errors import PricingError
-from pipeline.pricing.invoice import (
+from meterstream.errors import PricingError
+from meterstream.pricing.invoice import (
     Invoice,
     Period,
     PlanAssignment,
@@ -22,7 +22,7 @@ from pipeline.pricing.invoice import (
     plan_segments,
     preview_invoice,
 )
-from pipeline.pricing.plans import PlansConfig, load_plans, parse_plans
+from meterstream.pricing.plans import PlansConfig, load_plans, parse_plans
 
 ROOT = Path(__file__).resolve().parents[3]
 D = Decimal

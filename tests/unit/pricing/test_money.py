@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.pricing.money import (
+from meterstream.pricing.money import (
     CURRENCIES,
     THREE_DECIMAL,
     ZERO_DECIMAL,

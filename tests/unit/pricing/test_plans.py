@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.meters import load_meters
-from pipeline.pricing.plans import Plan, PlansConfig, load_plans, parse_plans
-from pipeline.pricing.prices import Graduated, PerUnit, Tier, TransformQuantity, Volume
+from meterstream.errors import ConfigError
+from meterstream.meters.config import load_meters
+from meterstream.pricing.plans import Plan, PlansConfig, load_plans, parse_plans
+from meterstream.pricing.prices import Graduated, PerUnit, Tier, TransformQuantity, Volume
 
 ROOT = Path(__file__).resolve().parents[3]
 D = Decimal

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from pipeline.pricing.prices import (
+from meterstream.pricing.prices import (
     MAX_TIERS,
     Charge,
     Graduated,

@@ -8,9 +8,9 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.pricing.invoice import Period, PlanAssignment, preview_invoice
-from pipeline.pricing.plans import Plan, PlansConfig, load_plans, parse_plans
-from pipeline.pricing.stripe_prices import (
+from meterstream.pricing.invoice import Period, PlanAssignment, preview_invoice
+from meterstream.pricing.plans import Plan, PlansConfig, load_plans, parse_plans
+from meterstream.pricing.stripe_prices import (
     base_fee_params,
     plan_requests,
     price_lookup_key,

@@ -1,0 +1,538 @@
+"""The OpenAPI 3.1 document of the worker's web API, served at ``/openapi.json``.
+
+Written by hand next to the routes (pipeline/api/web.py) and checked against them by
+the schemathesis test (tests/integration/test_web_api_fuzz.py), which sends
+what this document allows, and much that it does not, to a real worker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meterstream.api.ingest import MAX_BATCH_EVENTS
+from meterstream.events import MAX_PROPERTIES_DEPTH
+
+VERSION = "1"
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str, **headers: str) -> dict[str, Any]:
+    response = _json({"$ref": "#/components/schemas/Error"}, description)
+    if headers:
+        response["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}}
+            for name, text in headers.items()
+        }
+    return response
+
+
+_UNAUTHORIZED = _error(
+    "No valid API key (missing, unknown or revoked).",
+    **{"WWW-Authenticate": "Bearer challenge"},
+)
+
+EVENT = {
+    "type": "object",
+    "description": "One usage event (DESIGN.md, 'The event').",
+    "required": ["event_name", "customer_id"],
+    "additionalProperties": False,
+    "properties": {
+        "event_name": {"type": "string", "minLength": 1, "maxLength": 100},
+        "customer_id": {"type": "string", "minLength": 1, "maxLength": 200},
+        "idempotency_key": {
+            "type": ["string", "null"],
+            "minLength": 1,
+            "maxLength": 200,
+            "description": "Same key, same event: counted once. Omitted: derived from the "
+            "content (name, customer, timestamp, properties) and returned.",
+        },
+        "timestamp": {
+            "description": "When the usage happened: RFC 3339 with an offset, or epoch "
+            "milliseconds. At most 5 minutes ahead and within the dedup horizon. "
+            "Omitted: the time the API received it.",
+            "oneOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "integer", "minimum": 0},
+                {"type": "null"},
+            ],
+        },
+        "properties": {
+            "type": "object",
+            "description": f"Free-form, at most {MAX_PROPERTIES_DEPTH} levels deep. Numbers "
+            "are kept exact (never rounded through a float).",
+        },
+    },
+}
+
+_CHANGE = {
+    "type": "object",
+    "required": ["change", "published"],
+    "properties": {
+        "change": {"oneOf": [{"$ref": "#/components/schemas/MappingChange"}, {"type": "null"}]},
+        "published": {"type": "boolean", "description": "also written to the customers topic"},
+    },
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Event": EVENT,
+    "EventBatch": {
+        "type": "object",
+        "required": ["events"],
+        "additionalProperties": False,
+        "properties": {
+            "events": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_BATCH_EVENTS,
+                "items": {"$ref": "#/components/schemas/Event"},
+            }
+        },
+    },
+    "Accepted": {
+        "type": "object",
+        "required": ["accepted", "events"],
+        "properties": {
+            "accepted": {"type": "integer"},
+            "events": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["idempotency_key", "generated"],
+                    "properties": {
+                        "idempotency_key": {"type": "string"},
+                        "generated": {"type": "boolean"},
+                    },
+                },
+            },
+        },
+    },
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "description": "Per event, by its index in the batch.",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "problems"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "problems": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+            },
+            "problems": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Why read-only SQL refused the statement (nothing ran).",
+            },
+            "limit": {
+                "type": "string",
+                "description": "The METERSTREAM_SQL_ setting a query went over, with its value.",
+            },
+        },
+    },
+    "SqlResult": {
+        "type": "object",
+        "required": ["columns", "rows"],
+        "properties": {
+            "columns": {"type": "array", "items": {"type": "string"}},
+            "rows": {"type": "array", "items": {"type": "array"}},
+        },
+    },
+    "MappingChange": {
+        "type": "object",
+        "description": "One change of a customer's mapping (the audit trail).",
+        "required": ["customer_id", "stripe_customer_id", "origin", "changed_by", "changed_at"],
+        "properties": {
+            "customer_id": {"type": "string"},
+            "stripe_customer_id": {"type": ["string", "null"], "description": "null: removed"},
+            "origin": {"type": "string", "enum": ["api", "cli", "topic"]},
+            "changed_by": {"type": "string"},
+            "changed_at": {"type": "string", "format": "date-time"},
+            "version": {"type": "integer"},
+        },
+    },
+    "Held": {
+        "type": "object",
+        "description": "A customer the forwarder holds (no Stripe id, or a refused one).",
+        "required": ["meter", "customer_id", "reason"],
+        "properties": {
+            "meter": {"type": "string"},
+            "customer_id": {"type": "string"},
+            "reason": {"type": "string"},
+        },
+    },
+    "Usage": {
+        "type": "object",
+        "required": ["customer_id", "usage"],
+        "properties": {
+            "customer_id": {"type": "string"},
+            "usage": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "description": "One meter (and group) total; with window=, one per period.",
+                    "required": ["meter", "aggregation", "value", "event_count"],
+                    "properties": {
+                        "meter": {"type": "string"},
+                        "aggregation": {"type": "string"},
+                        "group_key": {"type": "string"},
+                        "value": {"type": "string", "description": "Exact decimal."},
+                        "event_count": {"type": "integer"},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document, with what the guard in front of every route answers."""
+    return _guard_responses(_routes_document())
+
+
+def _guard_responses(doc: dict[str, Any]) -> dict[str, Any]:
+    """What pipeline/api/guard.py answers before a route's handler runs: 421 (a name the
+    server does not answer to) and 400 (no or a malformed Host) on every route but
+    /healthz; 408 where a body is read and does not arrive in time."""
+    for path, item in doc["paths"].items():
+        if path == "/healthz":
+            continue
+        for method, operation in item.items():
+            if method == "parameters":  # path-level, not an operation
+                continue
+            responses = operation["responses"]
+            responses.setdefault(
+                "421",
+                _error("Not a host name this server answers to (METERSTREAM_WEB_ALLOWED_HOSTS)."),
+            )
+            responses.setdefault("400", _error("No Host header, or a malformed one."))
+            if "requestBody" in operation:
+                responses.setdefault(
+                    "408", _error("The body did not arrive within the body timeout.")
+                )
+    return doc
+
+
+def _routes_document() -> dict[str, Any]:
+    key_required: list[dict[str, list[str]]] = [{"apiKey": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "meterstream worker API",
+            "version": VERSION,
+            "description": "Usage events in, exact billable totals out.",
+        },
+        "components": {
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key from `meterstream keys create NAME`.",
+                }
+            },
+            "schemas": SCHEMAS,
+        },
+        "paths": {
+            "/healthz": {
+                "get": {
+                    "summary": "Liveness",
+                    "security": [],
+                    "responses": {"200": _json({"type": "object"}, "The process serves.")},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Readiness: broker and ClickHouse reachable",
+                    "security": [],
+                    "responses": {
+                        "200": _json({"type": "object"}, "Ready."),
+                        "503": _json({"type": "object"}, "Not ready; checks say why."),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "security": [],
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/v1/events": {
+                "post": {
+                    "summary": "Send usage events",
+                    "description": f"One event or a batch of 1-{MAX_BATCH_EVENTS}. The whole "
+                    "batch is checked first: one invalid event rejects it all (422) and "
+                    "nothing is written. Otherwise every event is written to Kafka with acks "
+                    "from all in-sync replicas before the 202.",
+                    "security": key_required,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "oneOf": [
+                                        {"$ref": "#/components/schemas/Event"},
+                                        {"$ref": "#/components/schemas/EventBatch"},
+                                    ]
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "202": _json(
+                            {"$ref": "#/components/schemas/Accepted"},
+                            "Written; the idempotency key of each event, in order.",
+                        ),
+                        "400": _error("The body is not JSON."),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("The key is restricted to another customer."),
+                        "413": _error("The body is over the size limit."),
+                        "415": _error("Content-Type is not application/json."),
+                        "422": _error(
+                            "Invalid events (every problem, by index), a repeated key in a "
+                            "JSON object, or nesting too deep; none written."
+                        ),
+                        "503": _error(
+                            "The broker did not acknowledge; retry with the same keys.",
+                            **{"Retry-After": "Seconds to wait"},
+                        ),
+                    },
+                }
+            },
+            "/v1/sql": {
+                "post": {
+                    "summary": "Read-only SQL on the ClickHouse record",
+                    "security": key_required,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["sql"],
+                                    "properties": {"sql": {"type": "string"}},
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/SqlResult"}, "The result."),
+                        "400": _error(
+                            "Not a query, ClickHouse refused it, read-only SQL does not allow"
+                            " it (`problems`), or it went over a limit (`limit` names the"
+                            " METERSTREAM_SQL_ setting)."
+                        ),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("A key restricted to a customer cannot run SQL."),
+                        "413": _error("The body is over the size limit."),
+                        "415": _error("Content-Type is not application/json."),
+                        "503": _error(
+                            "Every analyst SQL thread stayed busy for the time limit; retry.",
+                            **{"Retry-After": "Seconds to wait"},
+                        ),
+                    },
+                }
+            },
+            "/v1/customers/{customer_id}/usage": {
+                "get": {
+                    "summary": "Usage totals of one customer",
+                    "security": key_required,
+                    "parameters": [
+                        {
+                            "name": "customer_id",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "minLength": 1},
+                        },
+                        {"name": "meter", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "from",
+                            "in": "query",
+                            "description": "RFC 3339 or epoch ms; windows starting at or after.",
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "to",
+                            "in": "query",
+                            "description": "RFC 3339 or epoch ms; windows starting before.",
+                            "schema": {"type": "string"},
+                        },
+                        {
+                            "name": "window",
+                            "in": "query",
+                            "schema": {"type": "string", "enum": ["hour", "day", "month"]},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/Usage"}, "Totals."),
+                        "400": _error("A bad parameter."),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("The key is restricted to another customer."),
+                        "503": _error("ClickHouse unavailable."),
+                    },
+                }
+            },
+            "/v1/stripe/customers": {
+                "get": {
+                    "summary": "The customer mapping: who pays for each customer's usage",
+                    "description": "The current Stripe customer of every mapped customer, "
+                    "and the customers the forwarder holds.",
+                    "security": key_required,
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["customers", "held"],
+                                "properties": {
+                                    "customers": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/MappingChange"},
+                                    },
+                                    "held": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Held"},
+                                    },
+                                },
+                            },
+                            "The mapping.",
+                        ),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("A key restricted to a customer cannot do this."),
+                        "503": _error("ClickHouse unavailable."),
+                    },
+                }
+            },
+            "/v1/stripe/customers/{customer_id}": {
+                "parameters": [
+                    {
+                        "name": "customer_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    }
+                ],
+                "get": {
+                    "summary": "A customer's Stripe customer and every change of it",
+                    "security": key_required,
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["customer_id", "stripe_customer_id", "history"],
+                                "properties": {
+                                    "customer_id": {"type": "string"},
+                                    "stripe_customer_id": {"type": ["string", "null"]},
+                                    "history": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/MappingChange"},
+                                    },
+                                    "held": {
+                                        "type": "array",
+                                        "items": {"$ref": "#/components/schemas/Held"},
+                                    },
+                                },
+                            },
+                            "The mapping (stripe_customer_id null: not mapped).",
+                        ),
+                        "400": _error("Not a customer id."),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("A key restricted to a customer cannot do this."),
+                        "503": _error("ClickHouse unavailable."),
+                    },
+                },
+                "put": {
+                    "summary": "Map a customer to the Stripe customer that pays",
+                    "description": "Recorded in ClickHouse (with the key that did it), then "
+                    "published on the customers topic. Needs an operator key.",
+                    "security": key_required,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["stripe_customer_id"],
+                                    "properties": {
+                                        "stripe_customer_id": {
+                                            "type": "string",
+                                            "pattern": "^[A-Za-z0-9_-]{1,255}$",
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(_CHANGE, "Recorded (change null: it already was)."),
+                        "400": _error("Not a customer id, or not a Stripe customer id."),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("A key restricted to a customer cannot do this."),
+                        "413": _error("The body is over the size limit."),
+                        "415": _error("Content-Type is not application/json."),
+                        "503": _error("ClickHouse unavailable."),
+                    },
+                },
+                "delete": {
+                    "summary": "Remove a customer's mapping (its usage is then held)",
+                    "security": key_required,
+                    "responses": {
+                        "200": _json(_CHANGE, "Recorded (change null: it was not mapped)."),
+                        "400": _error("Not a customer id."),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("A key restricted to a customer cannot do this."),
+                        "503": _error("ClickHouse unavailable."),
+                    },
+                },
+            },
+            "/v1/stripe/retry": {
+                "post": {
+                    "summary": "Resend the Stripe meter events that failed permanently",
+                    "description": "Only on a worker with a meter that forwards to Stripe.",
+                    "security": key_required,
+                    "responses": {
+                        "200": _json({"type": "object"}, "The rows retried, with outcomes."),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("A key restricted to a customer cannot do this."),
+                        "404": {"description": "No meter forwards to Stripe."},
+                        "502": _error("Stripe failed."),
+                    },
+                }
+            },
+            "/v1/stripe/reconcile": {
+                "get": {
+                    "summary": "Compare what Stripe holds with the record, for a month",
+                    "description": "Only on a worker with a meter that forwards to Stripe.",
+                    "security": key_required,
+                    "parameters": [
+                        {
+                            "name": "period",
+                            "in": "query",
+                            "description": "YYYY-MM (default: the current month).",
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json({"type": "object"}, "Differences, if any."),
+                        "400": _error("A bad period."),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("A key restricted to a customer cannot do this."),
+                        "404": {"description": "No meter forwards to Stripe."},
+                        "502": _error("Stripe failed."),
+                    },
+                }
+            },
+        },
+    }

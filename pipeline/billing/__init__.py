@@ -1,0 +1,2 @@
+"""Stripe billing: forwarding (verify, plan, deliver), customer mappings, the record's
+windows."""

@@ -1,0 +1,201 @@
+"""The record is the source of truth: recompute windows from it, compare, repair.
+
+Used before every Stripe forward (verify closed windows) and by
+``meterstream reconcile``. The recomputation runs the same pure meter and
+aggregation code as the worker over the deduplicated raw events in
+``usage_events``, so "what the record says" and "what the worker says" can
+only differ if the worker lost or missed state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+
+from meterstream.billing.plan import day_of
+from meterstream.events import ALL_METERS, UsageEvent
+from meterstream.meters.aggregation import WindowState, aggregator_for
+from meterstream.meters.config import InvalidValue, Meter, MetersConfig
+from meterstream.meters.fold import WindowKey, window_key
+from meterstream.sinks.clickhouse import queries, writer
+from meterstream.sinks.clickhouse.client import ClickHouse
+
+
+@dataclass(frozen=True)
+class Difference:
+    key: WindowKey
+    stored_value: Decimal | None
+    stored_count: int | None
+    record_value: Decimal
+    record_count: int
+
+    def describe(self) -> str:
+        k = self.key
+        start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(k.window_start_ms / 1000))
+        return (
+            f"{k.meter} customer={k.customer_id} group={k.group_key} window={start}: "
+            f"stored {self.stored_value} ({self.stored_count} events), "
+            f"record {self.record_value} ({self.record_count} events)"
+        )
+
+
+def read_record(
+    ch: ClickHouse,
+    meters: MetersConfig,
+    meter: Meter,
+    start_ms: int,
+    end_ms: int,
+    customers: Sequence[str] | None = None,
+) -> tuple[dict[WindowKey, WindowState], Counter[tuple[str, int]]]:
+    """Every window of ``meter`` with events in [start, end), computed from the record
+    (of ``customers`` only, when given), and the record's events of the meter's event
+    name per (customer, UTC day), matching the meter or not.
+
+    As :func:`meterstream.meters.fold.recompute_windows`: the meters an event's record row
+    says refused it do not count it (its window is there, empty, as for a value the
+    meter cannot read), and an event set aside as unprocessable counts for none."""
+    # One pass, as recompute_windows over every window of the events (a window whose
+    # values a meter cannot read is there, empty): a full read of a busy period is
+    # hundreds of thousands of events, read while the worker runs.
+    agg = meters.aggregators[meter.name]
+    states: dict[WindowKey, WindowState] = {}
+    days: Counter[tuple[str, int]] = Counter()
+    matches, extract, name = meter.matches, meter.extract, meter.name
+    for row in queries.events_in_range(ch, customers, [meter.event_name], start_ms, end_ms):
+        event = UsageEvent(**row)
+        ts = event.timestamp_ms
+        days[(event.customer_id, day_of(ts))] += 1
+        refused = event.refused_meters
+        if refused and ALL_METERS in refused:
+            continue
+        if not matches(event):
+            continue
+        key = window_key(meter, event)
+        state = states.get(key)
+        if state is None:
+            state = states[key] = agg.start()
+        if refused and name in refused:
+            continue
+        try:
+            value = extract(event)
+        except InvalidValue:
+            continue
+        states[key] = agg.add(state, value, ts, event.idempotency_key)
+    return states, days
+
+
+def record_states(
+    ch: ClickHouse,
+    meters: MetersConfig,
+    meter: Meter,
+    start_ms: int,
+    end_ms: int,
+    customers: Sequence[str] | None = None,
+) -> dict[WindowKey, WindowState]:
+    """Every window of ``meter`` with events in [start, end), computed from the record
+    (of ``customers`` only, when given)."""
+    return read_record(ch, meters, meter, start_ms, end_ms, customers)[0]
+
+
+def stored_states(
+    ch: ClickHouse,
+    meter: Meter,
+    start_ms: int,
+    end_ms: int,
+    customers: Sequence[str] | None = None,
+) -> dict[WindowKey, tuple[Decimal, int]]:
+    rows = queries.latest_windows(
+        ch, meter=meter.name, start_ms=start_ms, end_ms=end_ms, customer_ids=customers
+    )
+    return {
+        WindowKey(r["meter"], r["customer_id"], r["group_key"], r["window_start_ms"]): (
+            Decimal(r["value"]),
+            int(r["event_count"]),
+        )
+        for r in rows
+    }
+
+
+def compare(
+    meter: Meter,
+    record: dict[WindowKey, WindowState],
+    stored: dict[WindowKey, tuple[Decimal, int]],
+) -> list[Difference]:
+    agg = aggregator_for(meter.aggregation)
+    diffs = []
+    for key in sorted(set(record) | set(stored)):
+        state = record.get(key) or agg.start()
+        value, count = agg.result(state), state.event_count
+        have = stored.get(key)
+        if have is None and count == 0:
+            continue
+        if have is None or have[0] != value or have[1] != count:
+            diffs.append(
+                Difference(
+                    key,
+                    have[0] if have else None,
+                    have[1] if have else None,
+                    value,
+                    count,
+                )
+            )
+    return diffs
+
+
+def repair(
+    ch: ClickHouse,
+    meters: MetersConfig,
+    record: dict[WindowKey, WindowState],
+    diffs: list[Difference],
+) -> int:
+    """Write the record's state of each differing window as its newest version."""
+    if not diffs:
+        return 0
+    version = time.time_ns()
+    now_ms = version // 1_000_000
+    rows = []
+    for diff in diffs:
+        meter = meters.by_name(diff.key.meter)
+        agg = aggregator_for(meter.aggregation)
+        state = record.get(diff.key) or agg.start()
+        start, end = meter.window_bounds(diff.key.window_start_ms)
+        rows.append(
+            writer.meter_window_row(
+                meter.name,
+                meter.aggregation,
+                diff.key.customer_id,
+                diff.key.group_key,
+                start,
+                end,
+                state,
+                version,
+                now_ms,
+                value=agg.result(state),
+            )
+        )
+    ch.insert(writer.METER_WINDOWS, rows, column_names=list(writer.METER_WINDOWS_COLUMNS))
+    return len(rows)
+
+
+def reconcile_meter(
+    ch: ClickHouse,
+    meters: MetersConfig,
+    meter: Meter,
+    start_ms: int,
+    end_ms: int,
+    *,
+    fix: bool,
+    customers: Sequence[str] | None = None,
+) -> tuple[list[Difference], dict[WindowKey, WindowState], Counter[tuple[str, int]]]:
+    """Differences between stored windows and the record for windows in [start, end)
+    (of ``customers`` only, when given); the record's states and its events per
+    (customer, day) (:func:`read_record`)."""
+    record, days = read_record(ch, meters, meter, start_ms, end_ms, customers)
+    stored = stored_states(ch, meter, start_ms, end_ms, customers)
+    diffs = compare(meter, record, stored)
+    if fix:
+        repair(ch, meters, record, diffs)
+    return diffs, record, days

@@ -1,0 +1,1 @@
+"""The ``meterstream`` command: one module per command group (``python -m meterstream.cli``)."""

@@ -1,0 +1,288 @@
+"""``meterstream`` command line. Every command takes ``--state-dir``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from meterstream.cli.statedir import private_umask
+from meterstream.errors import ConfigError, MeterstreamError
+from meterstream.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    overrides: dict[str, Any] = dict(extra)
+    if getattr(args, "state_dir", None):
+        overrides["state_dir"] = Path(args.state_dir)
+    if getattr(args, "meters", None):
+        overrides["meters_file"] = Path(args.meters)
+    if getattr(args, "broker", None):
+        overrides["embedded_broker"] = args.broker
+    return load_settings(**overrides)
+
+
+def _private_state_dir(settings: Settings) -> None:
+    """Tighten a state dir made earlier with looser modes (see pipeline/cli/statedir.py)."""
+    from meterstream.cli.statedir import make_private, notice
+
+    line = notice(settings.state_dir, make_private(settings.state_dir))
+    if line:
+        print(line, file=sys.stderr, flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from meterstream.embedded.stack import run_stack
+
+    settings = _settings(args)
+    _private_state_dir(settings)
+    return run_stack(settings, demo=args.demo, duration=args.duration, rate=args.rate)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from meterstream.worker.allocator import tune_allocator
+
+    tune_allocator()  # before the worker's modules and buffers fill the heap
+    from meterstream.cli.worker import main
+
+    settings = _settings(args)
+    _private_state_dir(settings)
+    return main(settings)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from meterstream.embedded.kafka import choose_broker, describe_broker, new_broker
+
+    settings = _settings(args)
+    _private_state_dir(settings)
+    choice = choose_broker(settings)
+    broker = new_broker(choice, settings, port=args.port).start()
+    print(f"{describe_broker(broker)} on {broker.bootstrap} ({choice.reason})", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while broker.proc is not None and broker.proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        broker.stop()
+    code = broker.proc.returncode if broker.proc is not None else None
+    print(f"meterstream: the broker exited by itself (code {code})", file=sys.stderr)
+    return 1
+
+
+def cmd_stripe_emulator(args: argparse.Namespace) -> int:
+    from meterstream.hosts import split_list
+    from meterstream.sinks.stripe.emulator.server import run_emulator
+
+    run_emulator(args.host, args.port, split_list(args.allowed_hosts), args.state_file)
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from meterstream.cli.produce import produce_file
+
+    settings = _settings(args)
+    return asyncio.run(produce_file(settings, args.file))
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from meterstream.cli.sql import print_result, run_sql
+
+    columns, rows = run_sql(_settings(args), args.query)
+    print_result(columns, rows, args.format)
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    from meterstream.cli.sql import print_usage
+
+    print_usage(_settings(args), args.customer, args.meter, args.period, args.format)
+    return 0
+
+
+def cmd_meters_check(args: argparse.Namespace) -> int:
+    from meterstream.meters.config import load_meters
+
+    config = load_meters(Path(args.file))
+    for meter in config.meters:
+        print(f"ok  {meter.name}: {meter.aggregation} of {meter.event_name} per {meter.window}")
+    print(f"{args.file}: {len(config.meters)} meter(s), no problems")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from meterstream.sinks.clickhouse.client import open_clickhouse
+    from meterstream.sinks.clickhouse.migrate import migrate
+
+    ch = open_clickhouse(_settings(args))
+    applied = migrate(ch)
+    if applied:
+        for name in applied:
+            print(f"applied {name}")
+    else:
+        print("nothing pending: the schema is up to date")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from meterstream.cli.sql import reconcile_command
+
+    return reconcile_command(_settings(args), args.start, args.end, args.repair)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from meterstream.api.keys import KeyStore
+
+    settings = _settings(args)
+    _private_state_dir(settings)
+    store = KeyStore(Path(args.file) if args.file else settings.keys_file)
+    if args.keys_command == "create":
+        key, text = store.create(args.name, args.customer)
+        scope = f" (customer {key.customer_id} only)" if key.customer_id else ""
+        print(f"created key {key.id} {key.name!r}{scope} in {store.path}", file=sys.stderr)
+        print("the key is shown once and only its hash is stored:", file=sys.stderr)
+        print(text)
+    elif args.keys_command == "revoke":
+        key = store.revoke(args.id)
+        print(f"revoked key {key.id} {key.name!r} at {key.revoked_at}", file=sys.stderr)
+    else:
+        rows = [[k.id, k.name, k.customer_id or "", k.created_at, k.revoked_at or ""]
+                for k in store.listing()]  # fmt: skip
+        from meterstream.cli.sql import format_table
+
+        print(format_table(["id", "name", "customer", "created", "revoked"], rows))
+    return 0
+
+
+BROKERS = ["auto", "kafka", "tansu"]
+BROKER_HELP = (
+    "the embedded broker (default METERSTREAM_EMBEDDED_BROKER, auto: Apache Kafka "
+    "where Java 17+ and its jars are found, else Tansu)"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meterstream", description="Usage events in, exact billable totals out."
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", help="state directory (default .meterstream/)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", parents=[common], help="start the stack (embedded where unset)")
+    p.add_argument("--meters", help="meters YAML file (default meters.example.yaml)")
+    p.add_argument("--demo", action="store_true", help="produce a synthetic load and show totals")
+    p.add_argument("--duration", type=float, help="stop cleanly after this many seconds")
+    p.add_argument("--rate", type=float, default=200.0, help="demo events per second")
+    p.add_argument("--broker", choices=BROKERS, help=BROKER_HELP)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "worker", parents=[common], help="run one worker against configured services"
+    )
+    p.add_argument("--meters", help="meters YAML file")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("broker", parents=[common], help="run the embedded Kafka broker alone")
+    p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--broker", choices=BROKERS, help=BROKER_HELP)
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser(
+        "stripe-emulator", parents=[common], help="run the Stripe meter API emulator"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other hosts")
+    p.add_argument("--port", type=int, default=12111)
+    p.add_argument(
+        "--allowed-hosts",
+        default="",
+        help="host names (comma-separated) to answer to besides loopback and, "
+        "beyond loopback, IP addresses; others get 421",
+    )
+    p.add_argument("--state-file", help="keep meters and meter events in this file across restarts")
+    p.set_defaults(func=cmd_stripe_emulator)
+
+    p = sub.add_parser("produce", parents=[common], help="send JSON-lines events to usage-events")
+    p.add_argument("file", help="JSON-lines file, or - for standard input")
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("sql", parents=[common], help="read-only SQL against ClickHouse")
+    p.add_argument("query")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_sql)
+
+    p = sub.add_parser("usage", parents=[common], help="a customer's usage totals")
+    p.add_argument("customer")
+    p.add_argument("--meter")
+    p.add_argument("--period", help="YYYY-MM (default: the current month)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_usage)
+
+    meters = sub.add_parser("meters", help="meter definitions")
+    msub = meters.add_subparsers(dest="meters_command", required=True)
+    p = msub.add_parser("check", parents=[common], help="validate a meters file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_meters_check)
+
+    p = sub.add_parser("migrate", parents=[common], help="apply pending ClickHouse migrations")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("reconcile", parents=[common], help="compare windows with the record")
+    p.add_argument("--meters", help="meters YAML file")
+    p.add_argument("--from", dest="start", help="RFC 3339 start (default: this month)")
+    p.add_argument("--to", dest="end", help="RFC 3339 end (default: now)")
+    p.add_argument(
+        "--repair", action="store_true", help="rewrite differing windows from the record"
+    )
+    p.set_defaults(func=cmd_reconcile)
+
+    keys = sub.add_parser("keys", help="API keys for the web API")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    keyfile = argparse.ArgumentParser(add_help=False, parents=[common])
+    keyfile.add_argument("--file", help="key file (default <state dir>/api_keys.json)")
+    p = ksub.add_parser("create", parents=[keyfile], help="create a key; prints it once")
+    p.add_argument("name", help="what the key is for, e.g. billing-service")
+    p.add_argument("--customer", help="restrict the key to this customer_id")
+    p.set_defaults(func=cmd_keys)
+    p = ksub.add_parser("revoke", parents=[keyfile], help="revoke a key by id")
+    p.add_argument("id", help="the key's id (or the whole key)")
+    p.set_defaults(func=cmd_keys)
+    p = ksub.add_parser("list", parents=[keyfile], help="list keys (never their secrets)")
+    p.set_defaults(func=cmd_keys)
+
+    from meterstream.cli import stripe as stripe_cli
+
+    stripe_cli.register(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything is written: what meterstream and its children create (the state
+    # dir, keys, logs, the record in chdb, Faust's tables) is private to this user.
+    private_umask()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"meterstream: {exc}", file=sys.stderr)
+        return 2
+    except MeterstreamError as exc:
+        print(f"meterstream: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

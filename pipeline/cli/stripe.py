@@ -1,0 +1,317 @@
+"""``meterstream customers ...`` and ``meterstream stripe ...``.
+
+* ``customers set ID STRIPE_ID`` / ``unset ID`` / ``get ID`` / ``list``: the
+  operator's customer mapping, kept in ClickHouse (pipeline/billing/customers.py); through
+  the running worker (``/v1/stripe/customers``) while it holds the embedded engine,
+  otherwise directly; ``get`` also prints the customer's changes (who, when).
+* ``stripe create-meters``: creates the missing Stripe meters with the formula
+  each aggregation needs (sum/count -> ``sum``; max/min/unique_count/latest ->
+  ``last``); refuses (exit 1) an existing meter whose formula or payload keys
+  contradict it.
+* ``stripe retry``: re-sends the ledger rows in ``error`` with their
+  identifiers, the Stripe customer id resolved again (exit 1 if any still fails).
+* ``stripe reconcile --period YYYY-MM``: Stripe's meter event summaries against
+  meterstream's period totals, per meter and customer; prints every
+  difference (exit 1 if any).
+
+retry and reconcile need ClickHouse: while a worker holds the embedded engine
+(``endpoints.json`` names its web server, or ``--worker URL``) they run inside
+it (``/v1/stripe/retry``, ``/v1/stripe/reconcile``); otherwise they open
+ClickHouse directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.parse
+from typing import Any
+
+from meterstream.errors import MeterstreamError, StripeError
+from meterstream.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    from meterstream.cli.main import _settings as cli_settings
+
+    return cli_settings(args)
+
+
+def _worker_url(args: argparse.Namespace, settings: Settings) -> str | None:
+    from meterstream.endpoints import web_url
+
+    return getattr(args, "worker_url", None) or web_url(settings)
+
+
+# ------------------------------------------------------------------ customers
+
+
+def cmd_customers_set(args: argparse.Namespace) -> int:
+    from meterstream.billing.customers import set_mapping
+
+    try:
+        result = set_mapping(_settings(args), args.customer_id, args.stripe_customer_id)
+    except ValueError as exc:
+        raise MeterstreamError(str(exc)) from None
+    note = "" if result.get("change") else " (unchanged)"
+    print(f"{args.customer_id} -> {args.stripe_customer_id}{note}")
+    return 0
+
+
+def cmd_customers_unset(args: argparse.Namespace) -> int:
+    from meterstream.billing.customers import set_mapping
+
+    try:
+        result = set_mapping(_settings(args), args.customer_id, None)
+    except ValueError as exc:
+        raise MeterstreamError(str(exc)) from None
+    note = "" if result.get("change") else " (was not mapped)"
+    print(f"{args.customer_id} -> (no mapping){note}")
+    return 0
+
+
+def _print_held(held: list[dict[str, str]]) -> None:
+    for item in held:
+        print(f"held {item['meter']} {item['customer_id']}: {item['reason']}", file=sys.stderr)
+
+
+def cmd_customers_get(args: argparse.Namespace) -> int:
+    from meterstream.billing.customers import get_mapping
+
+    found = get_mapping(_settings(args), args.customer_id)
+    if args.format == "json":
+        print(json.dumps(found, sort_keys=True, default=str))
+    elif found["stripe_customer_id"]:
+        print(found["stripe_customer_id"])
+    if args.format != "json":
+        for change in found["history"]:
+            print(
+                f"  {change['changed_at']} {change['stripe_customer_id'] or '(removed)'} "
+                f"by {change['changed_by']} ({change['origin']})",
+                file=sys.stderr,
+            )
+        _print_held(found.get("held", []))
+    if not found["stripe_customer_id"]:
+        print(f"{args.customer_id}: no mapping", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_customers_list(args: argparse.Namespace) -> int:
+    from meterstream.billing.customers import list_mappings
+
+    found = list_mappings(_settings(args))
+    mapping = {r["customer_id"]: r["stripe_customer_id"] for r in found["customers"]}
+    if args.format == "json":
+        print(json.dumps(mapping, sort_keys=True))
+    else:
+        for customer, stripe_id in sorted(mapping.items()):
+            print(f"{customer}\t{stripe_id}")
+        print(f"({len(mapping)} mapping(s))", file=sys.stderr)
+        _print_held(found.get("held", []))
+    return 0
+
+
+# ------------------------------------------------------------------ stripe
+
+
+def cmd_create_meters(args: argparse.Namespace) -> int:
+    from meterstream.billing.forwarding import stripe_client
+    from meterstream.meters.config import load_meters, meters_path
+    from meterstream.sinks.stripe.payloads import formula_for
+
+    settings = _settings(args)
+    meters = load_meters(meters_path(settings))
+    client = stripe_client(settings)
+    existing = {m["event_name"] for m in client.list_meters() if m.get("status") == "active"}
+    refused = 0
+    for meter in meters.meters:
+        block = meter.stripe
+        if block is None:
+            continue
+        formula = formula_for(meter.aggregation)
+        try:
+            stripe_meter = client.ensure_meter(
+                meter.description or meter.name,
+                block.event_name,
+                formula,
+                block.customer_key,
+                block.value_key,
+            )
+        except StripeError as exc:
+            if exc.code != "meter_mismatch":
+                raise
+            refused += 1
+            print(
+                f"REFUSED {meter.name}: {exc}. A {meter.aggregation} meter needs formula "
+                f"{formula!r}; Stripe meters cannot be changed: deactivate that meter in Stripe "
+                "or use another stripe.event_name.",
+                file=sys.stderr,
+            )
+            continue
+        verb = "exists " if block.event_name in existing else "created"
+        print(
+            f"{verb} {meter.name}: Stripe meter {stripe_meter['id']} "
+            f"(event {block.event_name}, formula {formula})"
+        )
+    return 1 if refused else 0
+
+
+def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
+    """A Forwarder over a direct ClickHouse connection (no worker is running)."""
+    from meterstream.billing.forwarding import Forwarder, error_message, stripe_client
+    from meterstream.meters.config import load_meters, meters_path
+    from meterstream.metrics import Metrics
+    from meterstream.sinks.clickhouse.calls import ClickHouseIO
+    from meterstream.sinks.clickhouse.client import open_clickhouse
+    from meterstream.sinks.clickhouse.migrate import migrate
+    from meterstream.sinks.stripe.ledger import LedgerRow
+    from meterstream.topics import STRIPE_ERRORS
+
+    meters = load_meters(meters_path(settings))
+    ch = open_clickhouse(settings)
+    migrate(ch)  # the mapping's tables (0007) may be newer than the last worker's start
+    chio = ClickHouseIO(ch, Metrics(), max_backoff=1.0)
+
+    async def publish_error(row: LedgerRow, message: str) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        from meterstream.endpoints import kafka_bootstrap
+
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                settings.topic(STRIPE_ERRORS.name),
+                key=row.identifier.encode(),
+                value=error_message(row, message),
+            )
+        finally:
+            await producer.stop()
+
+    forwarder = Forwarder(
+        settings,
+        meters,
+        chio,
+        Metrics(),
+        stripe_client(settings),
+        publish_error=publish_error,
+    )
+    return forwarder, chio
+
+
+def _get_json(settings: Settings, url: str, body: dict[str, Any] | None = None) -> Any:
+    from meterstream.cli.sql import _http
+
+    try:
+        return _http(settings, url, body)
+    except MeterstreamError:
+        raise
+    except Exception as exc:  # pragma: no cover - reported, not raised
+        raise MeterstreamError(f"worker request {url} failed: {exc}") from None
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    url = _worker_url(args, settings)
+    if url:
+        result = _get_json(settings, f"{url}/v1/stripe/retry", {})
+        if "error" in result:
+            raise MeterstreamError(f"the worker could not retry: {result['error']}")
+        rows = list(result["rows"])
+    else:
+        from meterstream.billing.forwarding import row_summary
+
+        forwarder, chio = _direct_forwarder(settings)
+        try:
+            rows = [row_summary(r) for r in asyncio.run(forwarder.retry_errors())]
+        finally:
+            chio.close()
+    if not rows:
+        print("nothing to retry: no ledger row is in error")
+        return 0
+    failed = 0
+    for row in rows:
+        status = row["status"]
+        failed += status == "error"
+        extra = f" ({row['error_code']})" if row.get("error_code") else ""
+        if status == "pending":
+            extra = " (queued: the worker that owns this customer sends it next)"
+        print(
+            f"{status:8} {row['identifier']} {row['meter']} customer={row['customer_id']} "
+            f"stripe_customer={row['stripe_customer_id']} value={row['value']}{extra}"
+        )
+    print(f"{len(rows) - failed} of {len(rows)} delivered or queued", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from meterstream.meters.windows import month_bounds
+
+    settings = _settings(args)
+    try:
+        month_bounds(args.period)
+    except ValueError as exc:
+        raise MeterstreamError(str(exc)) from None
+    url = _worker_url(args, settings)
+    if url:
+        query = urllib.parse.urlencode({"period": args.period})
+        result = _get_json(settings, f"{url}/v1/stripe/reconcile?{query}")
+        if "error" in result:
+            raise MeterstreamError(f"the worker could not reconcile: {result['error']}")
+        lines = list(result["lines"])
+    else:
+        forwarder, chio = _direct_forwarder(settings)
+        try:
+            lines = [d.describe() for d in asyncio.run(forwarder.reconcile(args.period))]
+        finally:
+            chio.close()
+    for line in lines:
+        print(line)
+    print(
+        f"{args.period}: {len(lines)} difference(s) between Stripe and meterstream", file=sys.stderr
+    )
+    return 1 if lines else 0
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add the ``customers`` and ``stripe`` command groups to the ``meterstream`` parser."""
+    customers = sub.add_parser("customers", help="customer -> Stripe customer mapping")
+    csub = customers.add_subparsers(dest="customers_command", required=True)
+    p = csub.add_parser("set", parents=[common], help="map a customer to a Stripe customer id")
+    p.add_argument("customer_id")
+    p.add_argument("stripe_customer_id")
+    p.set_defaults(func=cmd_customers_set)
+    p = csub.add_parser("unset", parents=[common], help="delete a customer's mapping")
+    p.add_argument("customer_id")
+    p.set_defaults(func=cmd_customers_unset)
+    p = csub.add_parser(
+        "get", parents=[common], help="a customer's Stripe customer id and its changes"
+    )
+    p.add_argument("customer_id")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_customers_get)
+    p = csub.add_parser("list", parents=[common], help="every mapping")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_customers_list)
+
+    stripe = sub.add_parser("stripe", help="Stripe meters, retries and reconciliation")
+    ssub = stripe.add_subparsers(dest="stripe_command", required=True)
+    p = ssub.add_parser(
+        "create-meters", parents=[common], help="create missing Stripe meters (refuse mismatches)"
+    )
+    p.add_argument("--meters", help="meters YAML file")
+    p.set_defaults(func=cmd_create_meters)
+    p = ssub.add_parser("retry", parents=[common], help="re-send ledger rows in error")
+    p.add_argument("--meters", help="meters YAML file")
+    p.add_argument("--worker", dest="worker_url", help="the running worker's web URL")
+    p.set_defaults(func=cmd_retry)
+    p = ssub.add_parser(
+        "reconcile", parents=[common], help="compare Stripe's summaries with meterstream's totals"
+    )
+    p.add_argument("--period", required=True, help="billing period YYYY-MM")
+    p.add_argument("--meters", help="meters YAML file")
+    p.add_argument("--worker", dest="worker_url", help="the running worker's web URL")
+    p.set_defaults(func=cmd_reconcile)

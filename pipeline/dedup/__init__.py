@@ -1,0 +1,1 @@
+"""Deduplication, pure: the dedup key, duplicate resolution, and what the record covers."""

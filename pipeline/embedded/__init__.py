@@ -1,0 +1,1 @@
+"""The embedded dev stack (``meterstream run``): brokers, processes, the demo."""

@@ -1,0 +1,1 @@
+"""The demo: its load and expected totals, the ledger of earlier runs, the screen and summary."""

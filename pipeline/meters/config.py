@@ -1,0 +1,772 @@
+"""Meter declarations (DESIGN.md, "Meters"): loading, validation and evaluation.
+
+A meters file is YAML, ``{meters: [...]}``. :func:`load_meters` reports every
+problem at once as a :class:`~meterstream.errors.ConfigError`, each prefixed with
+its path (``meters[2].filters[0].operator: ...``).
+
+YAML is read exactly: floats become ``Decimal`` from their text (``0.1`` is
+``Decimal("0.1")``), and only ``true``/``false`` are booleans (YAML 1.2), so
+``country: NO`` is the string ``"NO"``, not ``False``, and ``1e3`` is a number.
+
+Paths are ``properties.<key>[.<key>...]`` (keys cannot contain dots) or one of
+the top-level fields ``event_name``, ``customer_id``, ``idempotency_key``.
+
+Evaluation semantics (the hot path; paths and filters are compiled once):
+
+- **Missing and null are the same**: a property that is absent, or present with
+  JSON ``null``, is *missing*. Every filter on a missing property is false
+  except ``not_exists`` (true); ``exists`` is true iff present and not null.
+  ``neq`` and ``not_in`` are "present and not equal": false when missing.
+- **Equality** (eq, neq, in, not_in): numbers compare numerically (``1 == 1.0``);
+  a numeric *string* in the event equals a *number* in the filter when it parses
+  as a finite decimal (``"1.50"`` eq ``1.5``); a *string* in the filter only
+  equals the same text in the event (``"1"`` does not equal the number ``1``);
+  booleans only equal booleans; objects and arrays equal nothing.
+- **Ordering** (gt, gte, lt, lte): with a number in the filter, the event value
+  must be a number or a numeric string; with a string in the filter, a string
+  (code point order). Anything else is false; booleans cannot be ordered (a
+  config error).
+- **Values** (sum, max, min, latest): an exact ``Decimal`` from a JSON number
+  or a numeric string (``"12.5"``); booleans, NaN/Infinity, other strings,
+  objects, arrays and missing values raise :class:`InvalidValue`, as do
+  numbers with more than :data:`MAX_DIGITS` fractional digits and numbers whose
+  magnitude reaches the meter's :attr:`Meter.limit` (see "Ranges").
+- **unique_count** values are canonical strings: strings as-is, booleans
+  ``"true"``/``"false"``, numbers as plain decimal text without exponent or
+  trailing zeros (``1``, ``1.0`` and ``1E+0`` are all ``"1"``). So the number
+  ``1`` and the string ``"1"`` count as one value (a user id sent either way
+  counts once). Missing, objects and arrays raise :class:`InvalidValue`.
+- **group_key** is canonical JSON of ``{path: value}``; missing values are
+  ``null`` and values are kept as sent (``1`` and ``1.0`` are different groups).
+
+Ranges (DESIGN.md: no value, and no combination of values, may leave what a
+column or Stripe can hold). Every value of a sum/max/min/latest meter, every
+window total of a sum meter, and for a sum meter with a ``stripe`` block and a
+``group_by`` also the customer's window total over all its groups, stays strictly
+within ``±limit``, where ``limit`` (:data:`COLUMN_LIMITS`, :data:`STRIPE_LIMITS`)
+depends on the window size and on the ``stripe`` block:
+
+- ``meter_windows.value`` and the period views are ``Decimal(38, 9)`` (|x| < 10^29),
+  and ClickHouse adds decimals modulo 2^128 without an error, so a sum that left the
+  type would be silently wrong. With every window within the column limit, the sum
+  of one series' windows over a century fits: a view, a month, a usage query over
+  any range of windows.
+- Stripe's ledger (``stripe_meter_events.value``) is ``Int64``. A forwarded period
+  total ``T`` is a month of windows, and a ``sum`` meter sends deltas
+  ``round(T') - round(T)``, so ``|T|`` must stay below (2^63 - 1) / 2. With every
+  customer window within the Stripe limit, a 31-day month of windows at the limit
+  stays below it, and so does every delta.
+
+The running totals are checked by :func:`meterstream.meters.fold.enforce_limits`, in
+arrival order; an event that would take a total out of range is refused by that
+meter (``invalid_value``) and the refusal is recorded with the event in the record.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, get_args
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from meterstream.errors import ConfigError
+from meterstream.events import UsageEvent, canonical_json
+from meterstream.meters.aggregation import EXACT, Aggregator, aggregator_for
+from meterstream.meters.windows import WINDOW_MS
+from meterstream.settings import Settings
+
+Operator = Literal["in", "not_in", "eq", "neq", "gt", "gte", "lt", "lte", "exists", "not_exists"]
+AggregationKind = Literal["sum", "count", "max", "min", "unique_count", "latest"]
+WindowKind = Literal["minute", "hour", "day"]
+Rounding = Literal["carry", "up", "down"]
+
+TOP_LEVEL_PATHS: Final = ("event_name", "customer_id", "idempotency_key")
+MAX_DIGITS: Final = 38
+"""Meter values have at most this many fractional digits (and fewer integer digits: see
+:data:`COLUMN_LIMITS`)."""
+
+COLUMN_LIMITS: Final[dict[str, Decimal]] = {
+    "minute": Decimal("1e21"),
+    "hour": Decimal("1e23"),
+    "day": Decimal("1e24"),
+}
+"""Per window size: values and window totals stay strictly within ±limit, so a century of
+one series' windows sums within ``Decimal(38, 9)`` (module docstring, "Ranges")."""
+
+STRIPE_LIMITS: Final[dict[str, Decimal]] = {
+    "minute": Decimal("1e14"),
+    "hour": Decimal("1e15"),
+    "day": Decimal("1e17"),
+}
+"""Per window size, for meters with a ``stripe`` block: a 31-day month of customer windows
+within ±limit keeps the period total and every delta within Int64."""
+
+_MISSING: Final = object()
+_ONE: Final = Decimal(1)
+_SLUG = re.compile(r"[a-z][a-z0-9_]{0,62}")
+_NUMERIC = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_DURATION = re.compile(r"(\d+)([smhd]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_ORDERING = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}
+
+Getter = Callable[[UsageEvent], Any]
+Predicate = Callable[[UsageEvent], bool]
+
+
+class InvalidValue(Exception):
+    """A meter cannot read its value from an event; the worker dead-letters the event.
+
+    Deliberately not a :class:`~meterstream.errors.MeterstreamError`: a bad event is
+    data (``Reason.INVALID_VALUE``), never a reason to stop the worker.
+    """
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)
+
+
+# -- values ------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "an array"
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _number(value: Any) -> Decimal | None:
+    """Exact finite decimal of an int, Decimal or numeric string; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, Decimal):
+        return value if value.is_finite() else None
+    if isinstance(value, str) and _NUMERIC.fullmatch(value):
+        return Decimal(value)
+    return None
+
+
+def _meter_number(value: Any) -> Decimal:
+    """A value for sum/max/min/latest; ``ValueError`` saying what is wrong with it."""
+    number = _number(value)
+    if number is None:
+        if value is _MISSING:
+            raise ValueError("is missing")
+        if value is None:
+            raise ValueError("is null")
+        raise ValueError(f"is not a number: {_show(value)}")
+    if number.adjusted() >= MAX_DIGITS or (
+        type(value) is not int and int(number.as_tuple().exponent) < -MAX_DIGITS  # an int's is 0
+    ):
+        raise ValueError(f"is out of range (at most {MAX_DIGITS} digits each side of the point)")
+    return number
+
+
+def _canonical(value: Any) -> str:
+    """A unique_count value: strings as-is, booleans true/false, numbers normalised."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | Decimal):
+        number = _meter_number(value)
+        return "0" if number.is_zero() else format(number.normalize(EXACT), "f")
+    if value is _MISSING:
+        raise ValueError("is missing")
+    if value is None:
+        raise ValueError("is null")
+    raise ValueError(f"is not a single value: {_show(value)}")
+
+
+# -- paths -------------------------------------------------------------------
+
+
+def _check_path(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value in TOP_LEVEL_PATHS:
+            return value
+        head, _, rest = value.partition(".")
+        if head == "properties" and rest and all(rest.split(".")):
+            return value
+    raise ValueError(
+        f"{_show(value)} is not a valid path: use 'properties.<name>' (nested: "
+        f"'properties.<name>.<name>') or one of {', '.join(TOP_LEVEL_PATHS)}"
+    )
+
+
+def compile_path(path: str) -> Getter:
+    """A function returning the value at ``path`` in an event, or a missing marker."""
+    if path in TOP_LEVEL_PATHS:
+        return operator.attrgetter(path)
+    keys = tuple(path.split(".")[1:])
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda event: event.properties.get(key, _MISSING)
+
+    def nested(event: UsageEvent) -> Any:
+        node: Any = event.properties
+        for key in keys:
+            if not isinstance(node, dict):
+                return _MISSING
+            node = node.get(key, _MISSING)
+        return node
+
+    return nested
+
+
+def _present(value: Any) -> bool:
+    return value is not None and value is not _MISSING
+
+
+# -- validators ----------------------------------------------------------------
+
+
+def _one_of(*allowed: str) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if not (isinstance(value, str) and value in allowed):
+            raise ValueError(f"{_show(value)} is not one of {', '.join(allowed)}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _text(limit: int) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if not isinstance(value, str) or not 1 <= len(value) <= limit:
+            raise ValueError(f"must be a string of 1-{limit} characters")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _check_slug(value: Any) -> Any:
+    if not (isinstance(value, str) and _SLUG.fullmatch(value)):
+        raise ValueError(
+            f"{_show(value)} is not a valid meter name: lowercase letters, digits and "
+            "underscores, starting with a letter, at most 63 characters"
+        )
+    return value
+
+
+def parse_duration(value: Any, *, minimum: int = 0) -> int:
+    """Seconds of an int or a string like ``"30s"``, ``"5m"``, ``"1h"``, ``"1d"``."""
+    match = _DURATION.fullmatch(value) if isinstance(value, str) else None
+    if match is not None:
+        seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    else:
+        raise ValueError(
+            f"{_show(value)} is not a duration: use seconds (30) or '30s', '5m', '1h', '1d'"
+        )
+    if seconds < minimum:
+        raise ValueError("must not be negative" if minimum == 0 else f"must be at least {minimum}s")
+    return seconds
+
+
+def _duration(minimum: int) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        parse_duration(value, minimum=minimum)
+        return value
+
+    return BeforeValidator(check)
+
+
+def _check_scalar(value: Any) -> Any:
+    if isinstance(value, float):
+        raise ValueError(f"{value!r} is a float; use Decimal or str for an exact number")
+    if isinstance(value, Decimal) and not value.is_finite():
+        raise ValueError(f"{value} is not a finite number")
+    if not isinstance(value, str | int | Decimal):  # bool is an int
+        raise ValueError(f"must be a string, number or boolean, not {_show(value)}")
+    return value
+
+
+def _check_customer_source(value: Any) -> Any:
+    """``"mapping"`` (the operator's customer mapping, the default) or a dotted path into
+    the event (opt-in; pinned: see pipeline/billing/stripe_ids.py)."""
+    if value == "mapping":
+        return value
+    if value is None:
+        raise ValueError(
+            "must be 'mapping' or a dotted path such as 'properties.stripe_customer_id'"
+        )
+    return _check_path(value)
+
+
+DottedPath = Annotated[str, BeforeValidator(_check_path)]
+OptionalPath = Annotated[str | None, BeforeValidator(_check_path)]
+Duration = Annotated[int | str, _duration(0)]
+Interval = Annotated[int | str, _duration(1)]
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+# -- filters -------------------------------------------------------------------
+
+
+class _Matcher:
+    """Membership under the equality rule of the module docstring."""
+
+    __slots__ = ("bools", "numbers", "strings")
+
+    def __init__(self, values: tuple[Any, ...]) -> None:
+        self.bools = frozenset(v for v in values if isinstance(v, bool))
+        self.strings = frozenset(v for v in values if isinstance(v, str))
+        self.numbers = frozenset(
+            Decimal(v) for v in values if isinstance(v, int | Decimal) and not isinstance(v, bool)
+        )
+
+    def __call__(self, value: Any) -> bool:
+        if isinstance(value, str):
+            if value in self.strings:
+                return True
+            if not self.numbers:
+                return False
+        elif isinstance(value, bool):
+            return value in self.bools
+        number = _number(value)
+        return number is not None and number in self.numbers
+
+
+def _value_test(op: str, value: Any) -> Callable[[Any], bool]:
+    """The test a present event value must pass for ``op`` against the filter ``value``."""
+    if op in ("eq", "neq", "in", "not_in"):
+        matcher = _Matcher(value if op in ("in", "not_in") else (value,))
+        if op in ("eq", "in"):
+            return matcher
+        return lambda v: not matcher(v)
+    compare = _ORDERING[op]
+    if isinstance(value, str):
+        return lambda v: isinstance(v, str) and compare(v, value)
+    target = Decimal(value)
+
+    def numeric(v: Any) -> bool:
+        number = _number(v)
+        return number is not None and compare(number, target)
+
+    return numeric
+
+
+class Filter(BaseModel):
+    """``{property, operator, value}``; see the module docstring for the semantics.
+
+    ``value`` is required (a list for in/not_in) except for exists/not_exists,
+    where it must be absent; an explicit ``value: null`` counts as absent.
+    """
+
+    model_config = _FROZEN
+
+    property: DottedPath
+    operator: Annotated[Operator, _one_of(*get_args(Operator))]
+    value: Any = Field(default=None, validate_default=True)
+
+    @field_validator("value")
+    @classmethod
+    def _value_for_operator(cls, value: Any, info: ValidationInfo) -> Any:
+        op = info.data.get("operator")
+        if op is None:  # the operator is invalid and reported on its own
+            return value
+        if op in ("exists", "not_exists"):
+            if value is not None:
+                raise ValueError(f"must be absent for operator '{op}'")
+            return None
+        if value is None:
+            raise ValueError(f"required for operator '{op}'")
+        if op in ("in", "not_in"):
+            if not isinstance(value, list | tuple) or not value:
+                raise ValueError(f"must be a non-empty list for operator '{op}'")
+            for item in value:
+                _check_scalar(item)
+            return tuple(value)
+        if isinstance(value, list | tuple | dict):
+            raise ValueError(f"must be a single string, number or boolean for operator '{op}'")
+        _check_scalar(value)
+        if isinstance(value, bool) and op in _ORDERING:
+            raise ValueError(f"a boolean cannot be compared with '{op}'; use eq, neq, in or not_in")
+        return value
+
+    @cached_property
+    def _predicate(self) -> Predicate:
+        get = compile_path(self.property)
+        if self.operator == "exists":
+            return lambda event: _present(get(event))
+        if self.operator == "not_exists":
+            return lambda event: not _present(get(event))
+        test = _value_test(self.operator, self.value)
+
+        def predicate(event: UsageEvent) -> bool:
+            v = get(event)
+            return v is not None and v is not _MISSING and test(v)
+
+        return predicate
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._predicate  # noqa: B018 - compile once, at construction
+
+    def holds(self, event: UsageEvent) -> bool:
+        """Whether the filter holds for ``event``."""
+        return self._predicate(event)
+
+
+# -- meters ------------------------------------------------------------------
+
+
+class StripeBlock(BaseModel):
+    """How a meter is forwarded to a Stripe Billing meter."""
+
+    model_config = _FROZEN
+
+    event_name: Annotated[str, _text(100)]
+    customer_key: Annotated[str, _text(100)] = "stripe_customer_id"
+    value_key: Annotated[str, _text(100)] = "value"
+    interval: Interval = "1h"
+    # Which Stripe customer pays: the operator's mapping by default, never event content
+    # unless asked for (a property is pinned per customer: pipeline/billing/stripe_ids.py).
+    customer_id_from: Annotated[str, BeforeValidator(_check_customer_source)] = "mapping"
+    rounding: Annotated[Rounding, _one_of(*get_args(Rounding))] = "carry"
+    grace: Duration = "5m"
+
+    @property
+    def interval_seconds(self) -> int:
+        return parse_duration(self.interval, minimum=1)
+
+    @property
+    def grace_seconds(self) -> int:
+        return parse_duration(self.grace)
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    filters: tuple[Predicate, ...]
+    value: Getter | None
+    group_by: tuple[tuple[str, Getter], ...]
+    window_ms: int
+    limit: Decimal
+
+
+class Meter(BaseModel):
+    """One meter; :meth:`matches`, :meth:`extract`, :meth:`group_key` are the hot path."""
+
+    model_config = _FROZEN
+
+    name: Annotated[str, BeforeValidator(_check_slug)]
+    event_name: Annotated[str, _text(100)]
+    aggregation: Annotated[AggregationKind, _one_of(*get_args(AggregationKind))]
+    value: OptionalPath = Field(default=None, validate_default=True)
+    group_by: tuple[DottedPath, ...] = ()
+    filters: tuple[Filter, ...] = ()
+    window: Annotated[WindowKind, _one_of(*get_args(WindowKind))] = "hour"
+    description: str | None = None
+    unit: str | None = None
+    stripe: StripeBlock | None = None
+
+    @field_validator("value")
+    @classmethod
+    def _value_for_aggregation(cls, value: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("aggregation")
+        if kind == "count" and value is not None:
+            raise ValueError("must be absent for aggregation 'count'")
+        if kind not in (None, "count") and value is None:
+            raise ValueError(f"required for aggregation '{kind}'")
+        return value
+
+    @field_validator("group_by")
+    @classmethod
+    def _distinct_group_by(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({p for p in paths if paths.count(p) > 1})
+        if repeated:
+            raise ValueError(f"duplicate path(s): {', '.join(repeated)}")
+        return paths
+
+    @cached_property
+    def _compiled(self) -> _Compiled:
+        return _Compiled(
+            filters=tuple(f._predicate for f in self.filters),
+            value=None if self.value is None else compile_path(self.value),
+            group_by=tuple((path, compile_path(path)) for path in sorted(self.group_by)),
+            window_ms=WINDOW_MS[self.window],
+            limit=(STRIPE_LIMITS if self.stripe is not None else COLUMN_LIMITS)[self.window],
+        )
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._compiled  # noqa: B018 - compile once, at construction
+
+    @property
+    def limit(self) -> Decimal:
+        """Values and totals of this meter stay strictly within ±limit (module docstring)."""
+        return self._compiled.limit
+
+    @property
+    def guards_customer_total(self) -> bool:
+        """Whether the customer's window total over all groups is range-checked too: a
+        sum meter forwarded to Stripe (which bills all groups together) with groups."""
+        return self.aggregation == "sum" and self.stripe is not None and bool(self.group_by)
+
+    def range_problem(self, value: Decimal) -> str | None:
+        """Why ``value`` cannot be a value or total of this meter, or None when it can."""
+        limit = self._compiled.limit
+        if value.copy_abs() < limit:
+            return None
+        return f"is out of range: {self.range_text()}"
+
+    def range_text(self) -> str:
+        """``values and totals of this meter (hour windows, ...) stay within ±10^23``."""
+        why = f"{self.window} windows" + (", forwarded to Stripe" if self.stripe else "")
+        return (
+            f"values and totals of this meter ({why}) stay strictly within "
+            f"±10^{self._compiled.limit.adjusted()}"
+        )
+
+    def matches(self, event: UsageEvent) -> bool:
+        """The event has this meter's event name and every filter holds."""
+        if event.event_name != self.event_name:
+            return False
+        for predicate in self._compiled.filters:  # noqa: SIM110 - a loop beats all(genexpr)
+            if not predicate(event):
+                return False
+        return True
+
+    def extract(self, event: UsageEvent) -> Decimal | str:
+        """The event's value for this meter; :class:`InvalidValue` if it has none."""
+        if self.aggregation == "count":
+            return _ONE
+        getter = self._compiled.value
+        assert getter is not None  # guaranteed by validation: only count has no value
+        raw = getter(event)
+        try:
+            if self.aggregation == "unique_count":
+                return _canonical(raw)
+            number = _meter_number(raw)
+        except ValueError as exc:
+            parsed = _number(raw)  # too many digits: say which range it is out of
+            problem = None if parsed is None else self.range_problem(parsed)
+            raise InvalidValue(
+                f"meter {self.name!r}: {self.value} "
+                + (str(exc) if problem is None else f"{_show(raw)} {problem}")
+            ) from None
+        if number.copy_abs() >= self._compiled.limit:
+            problem = self.range_problem(number)
+            raise InvalidValue(f"meter {self.name!r}: {self.value} {_show(raw)} {problem}")
+        return number
+
+    def group_key(self, event: UsageEvent) -> str:
+        """Canonical JSON of ``{path: value}`` over ``group_by`` (missing -> null)."""
+        getters = self._compiled.group_by
+        if not getters:
+            return "{}"
+        values = {}
+        for path, get in getters:
+            v = get(event)
+            values[path] = None if v is _MISSING else v
+        return canonical_json(values)
+
+    def window_bounds(self, timestamp_ms: int) -> tuple[int, int]:
+        """UTC tumbling window ``[start, end)`` in epoch ms holding ``timestamp_ms``."""
+        size = self._compiled.window_ms
+        start = timestamp_ms - timestamp_ms % size
+        return start, start + size
+
+
+class MetersConfig(BaseModel):
+    """Every meter of a file; names are unique."""
+
+    model_config = _FROZEN
+
+    meters: tuple[Meter, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> MetersConfig:
+        problems = _duplicate_names([m.name for m in self.meters])
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @cached_property
+    def _by_event(self) -> dict[str, tuple[Meter, ...]]:
+        grouped: dict[str, list[Meter]] = {}
+        for meter in self.meters:
+            grouped.setdefault(meter.event_name, []).append(meter)
+        return {name: tuple(meters) for name, meters in grouped.items()}
+
+    @cached_property
+    def _by_name(self) -> dict[str, Meter]:
+        return {meter.name: meter for meter in self.meters}
+
+    @cached_property
+    def aggregators(self) -> dict[str, Aggregator]:
+        """Each meter's aggregator, by meter name."""
+        return {meter.name: aggregator_for(meter.aggregation) for meter in self.meters}
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._by_event  # noqa: B018 - index once, at construction
+        self._by_name  # noqa: B018
+        self.aggregators  # noqa: B018
+
+    def for_event_name(self, name: str) -> tuple[Meter, ...]:
+        """Meters reading events named ``name``, in file order (empty if none)."""
+        return self._by_event.get(name, ())
+
+    def by_name(self, name: str) -> Meter:
+        """The meter called ``name``; ``KeyError`` if there is none."""
+        return self._by_name[name]
+
+
+def _duplicate_names(names: list[Any]) -> list[str]:
+    first: dict[str, int] = {}
+    problems = []
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            problems.append(
+                f"meters[{i}].name: duplicate meter name {name!r} (also meters[{first[name]}])"
+            )
+        else:
+            first[name] = i
+    return problems
+
+
+# -- loading -----------------------------------------------------------------
+
+
+class _ExactLoader(yaml.SafeLoader):
+    """SafeLoader with exact Decimal floats, YAML 1.2 booleans (true/false) and ``1e3``."""
+
+
+def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    if _NUMERIC.fullmatch(text):
+        return Decimal(text)
+    return Decimal(repr(loader.construct_yaml_float(node)))  # .inf, .nan, base 60
+
+
+_ExactLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ExactLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_ExactLoader.add_implicit_resolver(  # YAML 1.2 also reads 1e3 (no dot) as a number
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+_ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
+
+
+def yaml_load_exact(text: str) -> Any:
+    """Parse YAML with exact decimals; raises ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_ExactLoader)  # a SafeLoader subclass: safe
+
+
+_MESSAGES = {
+    "missing": "required",
+    "extra_forbidden": "unknown field",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+}
+
+
+def _problems(exc: ValidationError, prefix: str) -> list[str]:
+    """``path: message`` lines for a pydantic error, the path built from each ``loc``."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        path = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        if err["type"] == "value_error":
+            message = str(err["ctx"]["error"])
+        else:
+            message = _MESSAGES.get(err["type"], err["msg"])
+        lines.append(f"{path}: {message}")
+    return lines
+
+
+def parse_meters(doc: Any, source: str = "meters") -> MetersConfig:
+    """Validate a decoded meters document; :class:`ConfigError` lists every problem."""
+    problems: list[str] = []
+    meters: list[Meter] = []
+    if not isinstance(doc, dict):
+        problems.append("meters: required (the document must be a mapping with a 'meters' list)")
+    else:
+        problems += [f"{key}: unknown field" for key in doc if key != "meters"]
+        items = doc.get("meters")
+        if "meters" not in doc:
+            problems.append("meters: required")
+        elif not isinstance(items, list):
+            problems.append("meters: must be a list of meters")
+        elif not items:
+            problems.append("meters: at least one meter is required")
+        else:
+            for i, item in enumerate(items):
+                if not isinstance(item, dict):
+                    problems.append(f"meters[{i}]: must be a mapping")
+                    continue
+                try:
+                    meters.append(Meter.model_validate(item))
+                except ValidationError as exc:
+                    problems += _problems(exc, f"meters[{i}]")
+            names = [item.get("name") if isinstance(item, dict) else None for item in items]
+            problems += _duplicate_names(names)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return MetersConfig(meters=tuple(meters))
+
+
+def load_meters(path: str | Path) -> MetersConfig:
+    """Read, parse and validate a meters YAML file; :class:`ConfigError` on any problem."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(["file not found"], source=source) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read file: {exc}"], source=source) from None
+    try:
+        doc = yaml_load_exact(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        detail = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"YAML syntax error{where}: {detail}"], source=source) from None
+    return parse_meters(doc, source)
+
+
+DEFAULT_METERS_FILE = Path("meters.example.yaml")
+
+
+def meters_path(settings: Settings) -> Path:
+    path = settings.meters_file or DEFAULT_METERS_FILE
+    if not path.exists():
+        raise ConfigError(
+            [f"meters file {path} not found (set --meters or METERSTREAM_METERS_FILE)"],
+            source="meters",
+        )
+    return path

@@ -1,0 +1,1 @@
+"""The Faust worker's wiring: the app, its agent and tables, batching, sweep, gaps, lifeline."""

@@ -1,0 +1,1 @@
+"""The local Stripe Billing emulator (``meterstream stripe-emulator``)."""
