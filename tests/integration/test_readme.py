@@ -31,6 +31,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from meterstream.events import loads_exact, repeated_key_problems, validate_document
+from meterstream.meters.config import StripeBlock, load_meters
+from meterstream.pricing.plans import load_plans
 from tests.harness import REPO, http_json, wait_until
 from tests.readme_blocks import Block, load, make_run_command, missing_output
 
@@ -170,9 +173,6 @@ def run_sql(newcomer: Newcomer, block: Block) -> list[Result]:
 
 
 def check_yaml(newcomer: Newcomer, block: Block) -> list[Result]:
-    from pipeline.meters import StripeBlock, load_meters
-    from pipeline.pricing.plans import load_plans
-
     doc = yaml.safe_load(block.text)
     assert isinstance(doc, dict) and len(doc) >= 1, f"{block.id}: not a YAML mapping"
     path = newcomer.scratch / f"example_{block.doc.replace('/', '_')}_{block.line}.yaml"
@@ -190,8 +190,6 @@ def check_yaml(newcomer: Newcomer, block: Block) -> list[Result]:
 
 
 def check_json(newcomer: Newcomer, block: Block) -> list[Result]:
-    from pipeline.events import loads_exact, repeated_key_problems, validate_document
-
     raw = block.text.encode()
     doc = loads_exact(raw)
     event, problems = validate_document(doc, record_timestamp_ms=int(time.time() * 1000))
