@@ -190,6 +190,34 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "EventFate": {
+        "type": "object",
+        "description": "What happened to one event (README, Why an event is or is not counted).",
+        "required": ["customer_id", "idempotency_key", "fate", "summary"],
+        "properties": {
+            "customer_id": {"type": "string"},
+            "idempotency_key": {"type": "string"},
+            "fate": {
+                "type": "string",
+                "enum": [
+                    "counted",
+                    "duplicate",
+                    "conflicting",
+                    "uncounted",
+                    "rejected",
+                    "never_seen",
+                ],
+            },
+            "summary": {"type": "string"},
+            "event": {"type": "object", "description": "The copy the record keeps."},
+            "counted": {"type": "array", "items": {"type": "object"}},
+            "not_counted": {"type": "array", "items": {"type": "object"}},
+            "duplicates": {"type": "array", "items": {"type": "string"}},
+            "conflicting_copies": {"type": "array", "items": {"type": "object"}},
+            "rejections": {"type": "array", "items": {"type": "object"}},
+            "rejections_total": {"type": "integer"},
+        },
+    },
 }
 
 
@@ -379,6 +407,27 @@ def _routes_document() -> dict[str, Any]:
                     "responses": {
                         "200": _json({"$ref": "#/components/schemas/Usage"}, "Totals."),
                         "400": _error("A bad parameter."),
+                        "401": _UNAUTHORIZED,
+                        "403": _error("The key is restricted to another customer."),
+                        "503": _error("ClickHouse unavailable."),
+                    },
+                }
+            },
+            "/v1/events/{customer_id}/{idempotency_key}": {
+                "get": {
+                    "summary": "One event's fate: counted, duplicate, conflicting, rejected...",
+                    "security": key_required,
+                    "parameters": [
+                        {
+                            "name": name,
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "minLength": 1},
+                        }
+                        for name in ("customer_id", "idempotency_key")
+                    ],
+                    "responses": {
+                        "200": _json({"$ref": "#/components/schemas/EventFate"}, "The fate."),
                         "401": _UNAUTHORIZED,
                         "403": _error("The key is restricted to another customer."),
                         "503": _error("ClickHouse unavailable."),

@@ -46,6 +46,7 @@ from aiohttp.web import RequestPayloadError
 from faust.web import Request, Response, View
 
 from meterstream.api import guard
+from meterstream.api.fate import read_fate
 from meterstream.api.ingest import MalformedBody, check_body
 from meterstream.api.keys import ApiKey, KeyStore
 from meterstream.api.openapi import document
@@ -58,6 +59,7 @@ from meterstream.errors import (
     StripeError,
 )
 from meterstream.events import parse_timestamp
+from meterstream.meters.config import MetersConfig, load_meters, meters_path
 from meterstream.meters.windows import month_bounds, period_label
 from meterstream.metrics import Metrics
 from meterstream.settings import Settings
@@ -177,10 +179,23 @@ def register(
     mappings: MappingStore | None = None,
     *,
     reads: ReadIO,
+    meters: MetersConfig | None = None,
 ) -> None:
     """meterstream's routes, behind the guard of pipeline/api/guard.py (Host check, no
     other route served, body timeout)."""
-    _routes(app, settings, chio, metrics, ready, publisher, keys, forwarder, mappings, reads=reads)
+    _routes(
+        app,
+        settings,
+        chio,
+        metrics,
+        ready,
+        publisher,
+        keys,
+        forwarder,
+        mappings,
+        reads=reads,
+        meters=meters,
+    )
     guard.install(
         app, settings, lambda status: metrics.api_requests.inc(route="guard", status=str(status))
     )
@@ -198,8 +213,10 @@ def _routes(
     mappings: MappingStore | None = None,
     *,
     reads: ReadIO,
+    meters: MetersConfig | None = None,
 ) -> None:
     horizon_ms = settings.dedup_horizon_seconds * 1000
+    the_meters = meters if meters is not None else load_meters(meters_path(settings))
     openapi = dumps(document())
 
     def respond(
@@ -350,6 +367,21 @@ def _routes(
             except DependencyError as exc:
                 return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
             return respond(self, {"customer_id": customer_id, "usage": rows})
+
+    @app.page("/v1/events/{customer_id}/{idempotency_key}")
+    class EventFate(View):
+        """Why an event is or is not counted (pipeline/api/fate.py)."""
+
+        @guarded
+        async def get(self, request: Request, customer_id: str, idempotency_key: str) -> Response:
+            key = reader(request)
+            if key is not None and key.customer_id not in (None, customer_id):
+                raise Denied(403, f"this key may only read customer {key.customer_id!r}")
+            try:
+                answer = await reads.read(read_fate, customer_id, idempotency_key, the_meters)
+            except DependencyError as exc:
+                return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
+            return respond(self, answer)
 
     if mappings is not None:
         _customer_routes(app, settings, respond, guarded, reader, keys, mappings, forwarder)

@@ -108,6 +108,12 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_event(args: argparse.Namespace) -> int:
+    from meterstream.cli.sql import print_event_fate
+
+    return print_event_fate(_settings(args), args.customer, args.key, args.format)
+
+
 def cmd_meters_check(args: argparse.Namespace) -> int:
     from meterstream.meters.config import load_meters
 
@@ -225,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--period", help="YYYY-MM (default: the current month)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser(
+        "event", parents=[common], help="one event's fate: counted, duplicate, rejected, ..."
+    )
+    p.add_argument("customer")
+    p.add_argument("key", help="the event's idempotency key")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_event)
 
     meters = sub.add_parser("meters", help="meter definitions")
     msub = meters.add_subparsers(dest="meters_command", required=True)

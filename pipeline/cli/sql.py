@@ -18,11 +18,14 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+from meterstream.api.fate import read_fate
 from meterstream.api.web import dumps
 from meterstream.endpoints import web_url
 from meterstream.errors import ClickHouseError, MeterstreamError
+from meterstream.meters.config import load_meters, meters_path
 from meterstream.meters.windows import month_bounds, period_label
 from meterstream.settings import Settings
+from meterstream.sinks.clickhouse.client import open_clickhouse
 
 CLI_KEY_SECONDS = 900  # longer than any request the CLI makes (120 s timeout)
 
@@ -144,6 +147,62 @@ def print_usage(
         return
     columns = ["meter", "aggregation", "group_key", "value", "event_count"]
     print(format_table(columns, [[r.get(c) for c in columns] for r in rows]))
+
+
+def event_fate(settings: Settings, customer: str, key: str) -> dict[str, Any]:
+    """The fate of one event: from the running worker, or straight from ClickHouse."""
+    url = web_url(settings)
+    if url:
+        path = "/".join(urllib.parse.quote(part, safe="") for part in (customer, key))
+        return dict(_http(settings, f"{url}/v1/events/{path}"))
+    ch = open_clickhouse(settings)
+    try:
+        answer = read_fate(ch, customer, key, load_meters(meters_path(settings)))
+        return dict(json.loads(dumps(answer), parse_float=Decimal))
+    finally:
+        ch.close()
+
+
+def format_fate(answer: dict[str, Any]) -> str:
+    """An event's fate for a person: the verdict, then the evidence, one line each."""
+    lines = [f"{answer['fate']}: {answer['summary']}"]
+    event = answer.get("event")
+    if event:
+        lines.append(
+            f"  event {event['event_name']} at {event['timestamp']},"
+            f" recorded {event['recorded_at']}"
+        )
+    for line in answer.get("counted", []):
+        if "window_start" not in line:
+            lines.append(f"  counted by {line['meter']}: {line['note']}")
+            continue
+        lines.append(
+            f"  counted by {line['meter']} ({line['aggregation']}): took {line['value_taken']}"
+            f" in window {line['window_start']} .. {line['window_end']}"
+            f" group {line['group_key']}; window now {line['window_value']}"
+            f" ({line['window_event_count']} events)"
+        )
+    for line in answer.get("not_counted", []):
+        lines.append(f"  not counted by {line['meter'] or '-'}: {line['reason']}: {line['detail']}")
+    if answer.get("duplicates"):
+        lines.append(f"  resent (not counted) at {', '.join(answer['duplicates'])}")
+    for copy in answer.get("conflicting_copies", []) + answer.get("rejections", []):
+        meter = f" [{copy['meter']}]" if copy.get("meter") else ""
+        lines.append(f"  {copy['received_at']} {copy['reason']}{meter}: {copy['detail']}")
+        if copy.get("raw"):
+            lines.append(f"    as received: {copy['raw']}")
+    shown = len(answer.get("conflicting_copies", [])) + len(answer.get("rejections", []))
+    shown += len(answer.get("duplicates", []))
+    if answer.get("rejections_total", 0) > shown:
+        lines.append(f"  ({answer['rejections_total']} dead-letter rows in all)")
+    return "\n".join(lines)
+
+
+def print_event_fate(settings: Settings, customer: str, key: str, fmt: str) -> int:
+    """Print the fate; exit 0 when the event is counted (once), 1 otherwise."""
+    answer = event_fate(settings, customer, key)
+    print(json.dumps(answer, default=str) if fmt == "json" else format_fate(answer))
+    return 0 if answer["fate"] in ("counted", "duplicate", "conflicting") else 1
 
 
 def reconcile_command(settings: Settings, start: str | None, end: str | None, repair: bool) -> int:

@@ -137,7 +137,17 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
     web.register(
-        app, settings, chio, metrics, ready, publisher, keys, forwarder, mappings, reads=reads
+        app,
+        settings,
+        chio,
+        metrics,
+        ready,
+        publisher,
+        keys,
+        forwarder,
+        mappings,
+        reads=reads,
+        meters=meters,
     )
 
     async def stop_publisher(sender: Any, *args: Any, **kwargs: Any) -> None:

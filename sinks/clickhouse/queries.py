@@ -24,7 +24,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from meterstream.events import loads_exact
 
@@ -286,9 +286,7 @@ def events_in_range_sql(
     names = "" if event_names is None else f"  AND event_name IN {sql_string_list(event_names)}\n"
     customers = "1" if customer_ids is None else f"customer_id IN {sql_string_list(customer_ids)}"
     return (
-        "SELECT event_name, customer_id, idempotency_key,"
-        " toUnixTimestamp64Milli(timestamp) AS timestamp_ms,\n"
-        "       properties, key_derived, fingerprint, refused_meters\n"
+        f"SELECT {EVENT_COLUMNS_SQL}\n"
         "FROM usage_events\n"
         f"WHERE {customers}\n"
         f"{names}"
@@ -505,21 +503,29 @@ def events_in_range(
     if event_names is not None and not event_names:
         return []
     sql = events_in_range_sql(customer_ids, event_names, start_ms, end_ms)
-    return [
-        {
-            "event_name": name,
-            "customer_id": customer,
-            "idempotency_key": key,
-            "timestamp_ms": int(ts),
-            "properties": loads_exact(properties) if properties else {},
-            "key_derived": bool(derived),
-            "fingerprint": fingerprint,
-            "refused_meters": tuple(refused) if refused else (),
-        }
-        for name, customer, key, ts, properties, derived, fingerprint, refused in (
-            ch.query_plain_rows(sql)
-        )
-    ]
+    return [event_fields(row) for row in ch.query_plain_rows(sql)]
+
+
+EVENT_COLUMNS_SQL: Final = (
+    "event_name, customer_id, idempotency_key, toUnixTimestamp64Milli(timestamp) AS timestamp_ms,"
+    "\n       properties, key_derived, fingerprint, refused_meters"
+)
+"""The record's columns that make a UsageEvent, in the order :func:`event_fields` reads."""
+
+
+def event_fields(row: Sequence[Any]) -> dict[str, Any]:
+    """A row of :data:`EVENT_COLUMNS_SQL` as the UsageEvent fields (``UsageEvent(**d)``)."""
+    name, customer, key, ts, properties, derived, fingerprint, refused = row[:8]
+    return {
+        "event_name": name,
+        "customer_id": customer,
+        "idempotency_key": key,
+        "timestamp_ms": int(ts),
+        "properties": loads_exact(properties) if properties else {},
+        "key_derived": bool(derived),
+        "fingerprint": fingerprint,
+        "refused_meters": tuple(refused) if refused else (),
+    }
 
 
 DAY_CHECK_CUSTOMERS = 500  # customers per query of day_check (SQL text stays small)
