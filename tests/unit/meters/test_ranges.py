@@ -27,6 +27,7 @@ from meterstream.meters.fold import (
     windows_of,
 )
 from meterstream.meters.windows import WINDOW_MS
+from tests.unit.billing.test_forwarding import meter
 
 HOUR = 3_600_000
 T0 = 1_790_000_000_000 // HOUR * HOUR
@@ -232,8 +233,6 @@ def test_a_rebuild_skips_unprocessable_and_excluded_events() -> None:
 
 
 def test_the_forwarder_holds_a_total_the_ledger_cannot_hold() -> None:
-    from tests.unit.test_forwarding import meter
-
     m = meter("sum")
     plan = plan_sends(
         m, "2026-11", {"c": Decimal(2**63), "d": Decimal(5)}, {"c": "x", "d": "y"}, []
