@@ -72,7 +72,19 @@ lint: $(STAMP) ## ruff check, ruff format --check, mypy, the dependency rules (l
 	$(BIN)/mypy
 	PYTHONPATH=build/lint $(BIN)/lint-imports --no-cache
 
-test: lint kafka-jars ## lint, then every test (unit, integration and faults on the real embedded stack)
+# The billing page's browser tests drive Debian's Chromium (Playwright's own download does
+# not work here); installed once where apt-get can (root), else they say what is missing.
+browser: ## install Debian's chromium for the page tests (once; needs apt-get as root)
+	@if [ -x /usr/bin/chromium ]; then exit 0; fi; \
+	if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "browser: installing Debian's chromium (once)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "browser: apt-get could not install chromium: the page tests will fail and say so"; \
+	else \
+	  echo "browser: no /usr/bin/chromium; install Debian's chromium (apt-get install chromium) for the page tests"; \
+	fi
+
+test: lint kafka-jars browser ## lint, then every test (unit, integration and faults on the real embedded stack)
 	$(BIN)/pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 unit: $(STAMP) ## the fast tests only (no broker)
@@ -113,4 +125,4 @@ compose-check: ## validate docker-compose.yml without a Docker engine
 clean: ## remove the venv, Kafka's jars and local state
 	rm -rf $(VENV) $(KAFKA_JARS) $(KAFKA_JARS).tmp $(KAFKA_JARS).log .meterstream .mypy_cache .ruff_cache .pytest_cache build/lint .import_linter_cache
 
-.PHONY: help install kafka-jars run lint test unit format bench bench-ingest compose-check clean
+.PHONY: help install kafka-jars browser run lint test unit format bench bench-ingest compose-check clean

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     api_body_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     # The key the CLI (`meterstream sql`, `usage`) sends to a worker that requires one.
     api_key: SecretStr | None = None
+    # Signs the billing page's customer links (`meterstream billing link`; pipeline/api/
+    # links.py). Unset: a random secret kept in <state_dir>/billing-link.secret (0600),
+    # made on first use; every worker that serves the page needs the same one.
+    billing_link_secret: SecretStr | None = None
+    # The longest a billing link may live (`--expires` above this is refused).
+    billing_link_max_seconds: int = Field(default=30 * 86400, ge=60)
     # End each batch's changelog writes with a one-record batch (see Pipeline._end_markers).
     changelog_end_markers: bool = True
     # Read-only SQL for analysts (POST /v1/sql, `meterstream sql`): limits of one query,

@@ -45,7 +45,7 @@ import orjson
 from aiohttp.web import RequestPayloadError
 from faust.web import Request, Response, View
 
-from meterstream.api import guard
+from meterstream.api import guard, links, page
 from meterstream.api.fate import read_fate
 from meterstream.api.ingest import MalformedBody, check_body
 from meterstream.api.keys import ApiKey, KeyStore
@@ -236,7 +236,22 @@ def _routes(
 
         return run
 
+    try:
+        link_secret = links.link_secret(settings, create=True)
+    except OSError as exc:  # a state dir this worker may not write: no links, said once
+        log.warning("billing links are off: no signing secret (%s)", exc)
+        link_secret = None
+
     def reader(request: Request) -> ApiKey | None:
+        scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip().startswith(links.PREFIX):
+            # A billing page link: reads of its one customer, until it expires.
+            link = None
+            if link_secret is not None:
+                link = links.link_key(link_secret, token.strip(), time.time())
+            if link is None:
+                raise Denied(401, "the billing link is not valid or has expired", UNAUTHORIZED)
+            return link
         if settings.reads_need_key:
             return bearer_key(request, keys)
         # Loopback: no key is needed, but a valid key that is sent keeps its customer
@@ -345,13 +360,18 @@ def _routes(
                 return respond(self, {"error": str(exc)}, 400)
             return respond(self, {"columns": columns, "rows": rows})
 
+    def customer_reader(request: Request, customer_id: str) -> None:
+        key = reader(request)
+        if key is not None and key.customer_id not in (None, customer_id):
+            raise Denied(403, f"this key may only read customer {key.customer_id!r}")
+
+    page.register(app, respond, guarded, customer_reader, reads)
+
     @app.page("/v1/customers/{customer_id}/usage")
     class Usage(View):
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            key = reader(request)
-            if key is not None and key.customer_id not in (None, customer_id):
-                raise Denied(403, f"this key may only read customer {key.customer_id!r}")
+            customer_reader(request, customer_id)
             q = request.query
             window = q.get("window")
             if window not in (None, "hour", "day", "month"):
@@ -374,9 +394,7 @@ def _routes(
 
         @guarded
         async def get(self, request: Request, customer_id: str, idempotency_key: str) -> Response:
-            key = reader(request)
-            if key is not None and key.customer_id not in (None, customer_id):
-                raise Denied(403, f"this key may only read customer {key.customer_id!r}")
+            customer_reader(request, customer_id)
             try:
                 answer = await reads.read(read_fate, customer_id, idempotency_key, the_meters)
             except DependencyError as exc:

@@ -114,6 +114,12 @@ def cmd_event(args: argparse.Namespace) -> int:
     return print_event_fate(_settings(args), args.customer, args.key, args.format)
 
 
+def cmd_billing_link(args: argparse.Namespace) -> int:
+    from meterstream.cli.billing import print_link
+
+    return print_link(_settings(args), args.customer, args.expires, args.base_url)
+
+
 def cmd_meters_check(args: argparse.Namespace) -> int:
     from meterstream.meters.config import load_meters
 
@@ -239,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("key", help="the event's idempotency key")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_event)
+
+    billing = sub.add_parser("billing", help="the billing page")
+    bsub = billing.add_subparsers(dest="billing_command", required=True)
+    p = bsub.add_parser(
+        "link", parents=[common], help="a signed, expiring link to one customer's billing page"
+    )
+    p.add_argument("customer")
+    p.add_argument("--expires", default="7d", help="how long it works: 30m, 12h, 7d (default 7d)")
+    p.add_argument("--base-url", help="the worker's address as customers reach it")
+    p.set_defaults(func=cmd_billing_link)
 
     meters = sub.add_parser("meters", help="meter definitions")
     msub = meters.add_subparsers(dest="meters_command", required=True)

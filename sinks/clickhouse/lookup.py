@@ -94,3 +94,70 @@ def window_values(
         if key in wanted:
             found[key] = (row["value"], int(row["event_count"]))
     return found
+
+
+def recent_rejections_sql(customer_id: str, limit: int) -> str:
+    return (
+        "SELECT toUnixTimestamp64Milli(received_at) AS received_at_ms, reason, detail,"
+        " idempotency_key, meter\n"
+        "FROM rejected_events\n"
+        f"WHERE customer_id = {sql_string(customer_id)} AND reason != 'duplicate'\n"
+        f"ORDER BY received_at DESC, reason\nLIMIT {int(limit)}"
+    )
+
+
+def recent_rejections(ch: ClickHouse, customer_id: str, limit: int) -> list[dict[str, Any]]:
+    """A customer's newest dead letters (exact resends, counted once, left out), newest first."""
+    return [
+        {
+            "received_at_ms": int(received),
+            "reason": str(reason),
+            "detail": detail,
+            "idempotency_key": key,
+            "meter": meter,
+        }
+        for received, reason, detail, key, meter in ch.query_plain_rows(
+            recent_rejections_sql(customer_id, limit)
+        )
+    ]
+
+
+def stripe_status_sql(customer_id: str) -> str:
+    """The newest state of each of a customer's Stripe meter events (as the ledger reads)."""
+    return (
+        "SELECT identifier, argMax(meter, version), argMax(period, version),"
+        " argMax(value, version), argMax(status, version), argMax(error_code, version),"
+        " argMax(attempts, version), toUnixTimestamp64Milli(argMax(sent_at, version)),"
+        " toUnixTimestamp64Milli(argMax(updated_at, version))\n"
+        "FROM stripe_meter_events\n"
+        f"WHERE customer_id = {sql_string(customer_id)}\n"
+        "GROUP BY identifier\n"
+        "ORDER BY identifier"
+    )
+
+
+def stripe_status(ch: ClickHouse, customer_id: str) -> dict[str, Any]:
+    """What reached Stripe for a customer: counts by status, the last accepted send, and
+    the sends waiting (pending, or in error until `meterstream stripe retry`)."""
+    rows = ch.query_plain_rows(stripe_status_sql(customer_id))
+    counts: dict[str, int] = {}
+    last_sent = 0
+    waiting = []
+    for identifier, meter, period, value, status, error_code, attempts, sent, updated in rows:
+        counts[status] = counts.get(status, 0) + 1
+        if status == "sent":
+            last_sent = max(last_sent, int(sent))
+        else:
+            waiting.append(
+                {
+                    "identifier": identifier,
+                    "meter": meter,
+                    "period": period,
+                    "value": int(value),
+                    "status": status,
+                    "error_code": error_code,
+                    "attempts": int(attempts),
+                    "updated_at_ms": int(updated),
+                }
+            )
+    return {"counts": counts, "last_sent_at_ms": last_sent or None, "waiting": waiting}
