@@ -138,6 +138,12 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return reconcile_command(_settings(args), args.start, args.end, args.repair)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from meterstream.cli.status import status_command
+
+    return status_command(_settings(args), args.worker_url, args.interval, args.json)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from meterstream.api.keys import KeyStore
 
@@ -243,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--repair", action="store_true", help="rewrite differing windows from the record"
     )
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser(
+        "status",
+        parents=[common],
+        help="the running stack at a glance: broker, ClickHouse, lag, events/s, Stripe",
+    )
+    p.add_argument("--worker", dest="worker_url", help="the worker's URL (default: endpoints.json)")
+    p.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between the two metric reads"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    p.set_defaults(func=cmd_status)
 
     keys = sub.add_parser("keys", help="API keys for the web API")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
