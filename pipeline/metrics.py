@@ -107,11 +107,18 @@ class Summary:
         help_text: str,
         labels: Sequence[str] = (),
         registry: CollectorRegistry | None = None,
+        buckets: Sequence[float] | None = None,
     ) -> None:
         self.name = name
         self.labelnames = tuple(labels)
         self.registry = registry if registry is not None else CollectorRegistry()
-        self._metric = _Summary(name, help_text, self.labelnames, registry=self.registry)
+        self._metric: _Summary | _Histogram = (
+            _Summary(name, help_text, self.labelnames, registry=self.registry)
+            if buckets is None
+            else _Histogram(
+                name, help_text, self.labelnames, registry=self.registry, buckets=buckets
+            )
+        )
 
     def observe(self, value: float, **labels: str) -> None:
         (self._metric.labels(**labels) if self.labelnames else self._metric).observe(value)
@@ -120,8 +127,8 @@ class Summary:
         return self.registry.get_sample_value(f"{self.name}_count", labels) or 0.0
 
 
-class Histogram:
-    """Observations in :data:`LATENCY_BUCKETS`, by label."""
+class Histogram(Summary):
+    """Observations counted in buckets (:data:`LATENCY_BUCKETS`), by label."""
 
     def __init__(
         self,
@@ -131,15 +138,7 @@ class Histogram:
         registry: CollectorRegistry | None = None,
         buckets: Sequence[float] = LATENCY_BUCKETS,
     ) -> None:
-        self.name = name
-        self.labelnames = tuple(labels)
-        self.registry = registry if registry is not None else CollectorRegistry()
-        self._metric = _Histogram(
-            name, help_text, self.labelnames, registry=self.registry, buckets=buckets
-        )
-
-    def observe(self, value: float, **labels: str) -> None:
-        (self._metric.labels(**labels) if self.labelnames else self._metric).observe(value)
+        super().__init__(name, help_text, labels, registry, buckets)
 
     def observe_since(self, arrivals_ms: Iterable[int], now_s: float | None = None) -> None:
         """One observation per arrival (epoch ms): seconds from it to ``now_s`` (or now),
