@@ -186,6 +186,13 @@ class StripeArrivals:
             taken = [self._oldest.pop((meter, c), None) for c in customers]
         self.histogram.observe_since((t for t in taken if t is not None), now)
 
+    def clear(self) -> None:
+        """Partitions moved: an entry of a customer another worker now forwards would be
+        taken, stale, if its partition came back; start afresh instead (a delivery with
+        no entry observes nothing)."""
+        with self._lock:
+            self._oldest.clear()
+
     def __len__(self) -> int:
         return len(self._oldest)
 

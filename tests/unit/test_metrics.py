@@ -65,6 +65,9 @@ def test_stripe_latency_from_the_oldest_waiting_event() -> None:
     assert len(arrivals) == 2  # taken: the next delivery of c1 waits for new events
     arrivals.delivered("tokens", ["c1"])
     assert metrics.event_to_stripe.count() == 1
+    arrivals.clear()  # a rebalance: nothing stale is taken later
+    arrivals.delivered("tokens", ["c2"])
+    assert metrics.event_to_stripe.count() == 1
 
 
 def test_stripe_arrivals_are_bounded() -> None:
