@@ -46,14 +46,19 @@ LATENCY_BUCKETS = (
 
 
 class Metric:
-    """A labelled counter or gauge (``kind``), registered in ``registry``."""
+    """A labelled counter or gauge (``kind``), registered in ``registry``.
+
+    ``labels`` declares its label names. Left out (None), they are the names of the
+    first call's labels (a metric written the way this module's hand-written version
+    allowed): the metric is registered then, and a later call with other names raises.
+    """
 
     def __init__(
         self,
         name: str,
         help_text: str,
         kind: str,
-        labels: Sequence[str] = (),
+        labels: Sequence[str] | None = None,
         registry: CollectorRegistry | None = None,
     ) -> None:
         if kind not in ("counter", "gauge"):
@@ -61,15 +66,26 @@ class Metric:
         self.name = name
         self.help = help_text
         self.kind = kind
-        self.labelnames = tuple(labels)
         self.registry = registry if registry is not None else CollectorRegistry()
         # a counter's samples end in _total (prometheus_client adds it where the name lacks it)
         self._sample = name if kind == "gauge" or name.endswith("_total") else f"{name}_total"
-        cls = _Counter if kind == "counter" else _Gauge
-        self._metric = cls(name, help_text, self.labelnames, registry=self.registry)
+        self._lock = threading.Lock()
+        self._metric: _Counter | _Gauge | None = None
+        self.labelnames: tuple[str, ...] = ()
+        if labels is not None:
+            self._register(tuple(labels))
+
+    def _register(self, labelnames: tuple[str, ...]) -> _Counter | _Gauge:
+        with self._lock:
+            if self._metric is None:
+                cls = _Counter if self.kind == "counter" else _Gauge
+                self.labelnames = labelnames
+                self._metric = cls(self.name, self.help, labelnames, registry=self.registry)
+            return self._metric
 
     def _child(self, labels: dict[str, str]) -> _Counter | _Gauge:
-        return self._metric.labels(**labels) if self.labelnames else self._metric
+        metric = self._metric or self._register(tuple(sorted(labels)))
+        return metric.labels(**labels) if self.labelnames else metric
 
     def inc(self, amount: float = 1, **labels: str) -> None:
         self._child(labels).inc(amount)
@@ -86,6 +102,8 @@ class Metric:
 
     def total(self) -> float:
         """The sum over every label set."""
+        if self._metric is None:
+            return 0.0
         return sum(
             s.value
             for family in self._metric.collect()
@@ -94,8 +112,10 @@ class Metric:
         )
 
     def render(self) -> Iterable[str]:
-        """This metric alone in the text format, line by line."""
-        yield from generate_latest(self._metric).decode().splitlines()
+        """This metric alone in the text format, line by line (nothing before first use
+        when its label names are left to the first call)."""
+        if self._metric is not None:
+            yield from generate_latest(self._metric).decode().splitlines()
 
 
 class Summary:

@@ -83,3 +83,18 @@ def test_error_rows_add_up_over_periods() -> None:
     metrics.held_errors("tokens", "2026-12", 1)
     metrics.held_errors("tokens", "2026-12", 0)
     assert metrics.stripe_error_rows.get(meter="tokens") == 2
+
+
+def test_label_names_left_to_the_first_call() -> None:
+    """A metric declared the old way (no label names) still takes labelled calls."""
+    metrics = Metrics()
+    late = Metric("m_total", "help", "counter", registry=metrics.registry)
+    assert list(late.render()) == [] and late.total() == 0
+    late.inc(2, meter="tokens", outcome="sent")
+    late.inc(outcome="sent", meter="calls")
+    assert late.get(meter="tokens", outcome="sent") == 2 and late.total() == 3
+    samples = _samples(metrics.render())
+    assert samples[("m_total", (("meter", "calls"), ("outcome", "sent")))] == 1
+    plain = Metric("n", "help", "gauge", registry=metrics.registry)
+    plain.set(5)
+    assert plain.get() == 5
