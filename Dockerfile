@@ -27,6 +27,7 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY topics ./topics
 COPY sinks ./sinks
+COPY clients/python/meterstream_client ./clients/python/meterstream_client
 RUN /opt/meterstream/bin/pip install --no-deps --no-build-isolation . \
  && /opt/meterstream/bin/pip check \
  && /opt/meterstream/bin/python -c "import rocksdict, faust.stores.rocksdb as r; assert r.USE_ROCKSDICT" \

@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 # The locks (README, Development): what `make` installs, and what the image installs.
 LOCK   := requirements/dev.txt
 RUNTIME_LOCK := requirements/runtime.txt
+# The producer SDK alone (clients/python, meterstream-client), at the dev lock's versions.
+CLIENT_LOCK := requirements/client.txt
 PYTEST_ARGS ?=
 DURATION ?= 0
 
@@ -104,7 +106,8 @@ bench-ingest: $(STAMP) ## the ingest benchmark: SDK and events API vs raw aiokaf
 	$(BIN)/python -m bench.ingest
 
 # uv re-resolves pyproject.toml's ranges, keeping every pin of the existing lock that still
-# fits; the image's lock is the runtime subset at the same versions (-c the dev lock).
+# fits; the image's lock is the runtime subset at the same versions (-c the dev lock), and
+# so is the SDK's (what its test installs into a fresh venv).
 LOCK_FLAGS := --universal --python-version 3.11 --generate-hashes --quiet \
   --custom-compile-command 'make lock'
 
@@ -113,6 +116,8 @@ lock: $(STAMP) ## re-resolve the locks after a pyproject.toml change (moves noth
 	  --all-extras -o $(LOCK)
 	$(BIN)/uv pip compile $(LOCK_FLAGS) $(UPGRADE) pyproject.toml requirements/build.in \
 	  --extra rocksdb -c $(LOCK) -o $(RUNTIME_LOCK)
+	$(BIN)/uv pip compile $(LOCK_FLAGS) $(UPGRADE) clients/python/pyproject.toml \
+	  requirements/build.in -c $(LOCK) -o $(CLIENT_LOCK)
 
 lock-upgrade: ## PACKAGE=name: its newest version allowed by pyproject.toml (no PACKAGE: all)
 	$(MAKE) lock UPGRADE="$(if $(PACKAGE),--upgrade-package $(PACKAGE),--upgrade)"

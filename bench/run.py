@@ -47,6 +47,7 @@ import orjson
 
 from bench.load import METERS, EventMaker, Load, closed_end_ms, customer_ids, generate
 from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
+from meterstream.cli.progress import progress
 from meterstream.embedded.processes import stop_process
 from meterstream.embedded.tansu import EmbeddedBroker
 
@@ -229,22 +230,26 @@ def measure_pipeline(worker: Worker, load: Load, profile: Path | None) -> dict[s
     first_done = done = cpu_first = cpu_done = 0.0
     last_n, last_change = -1.0, time.monotonic()
     rss_peak_seen = 0
+    shown = 0.0
     try:
-        while True:
-            worker.alive()
-            n = worker.metrics().get("meterstream_events_in_total", 0.0)
-            now = time.time()
-            if n and not first_done:
-                first_done, cpu_first = now, process_cpu_seconds(worker.proc.pid)
-            if n >= load.events:
-                done, cpu_done = now, process_cpu_seconds(worker.proc.pid)
-                break
-            if n != last_n:
-                last_n, last_change = n, time.monotonic()
-            elif time.monotonic() - last_change > 180:
-                raise BenchError(f"pipeline stuck at {n:.0f} of {load.events} records")
-            rss_peak_seen = max(rss_peak_seen, worker.memory_kb().get("VmRSS", 0))
-            time.sleep(0.1)
+        with progress("pipeline: events processed", load.events) as advance:
+            while True:
+                worker.alive()
+                n = worker.metrics().get("meterstream_events_in_total", 0.0)
+                advance(n - shown)
+                shown = n
+                now = time.time()
+                if n and not first_done:
+                    first_done, cpu_first = now, process_cpu_seconds(worker.proc.pid)
+                if n >= load.events:
+                    done, cpu_done = now, process_cpu_seconds(worker.proc.pid)
+                    break
+                if n != last_n:
+                    last_n, last_change = n, time.monotonic()
+                elif time.monotonic() - last_change > 180:
+                    raise BenchError(f"pipeline stuck at {n:.0f} of {load.events} records")
+                rss_peak_seen = max(rss_peak_seen, worker.memory_kb().get("VmRSS", 0))
+                time.sleep(0.1)
     finally:
         if spy:
             spy.stop()

@@ -7,9 +7,9 @@ and broken dependencies, which stop the worker loudly.
 
 from __future__ import annotations
 
-
-class MeterstreamError(Exception):
-    """Root of every meterstream exception."""
+# The root is defined in the producer SDK's distribution (meterstream-client), which
+# needs nothing of meterstream; every exception of the project nests under it.
+from meterstream_client.errors import MeterstreamError as MeterstreamError
 
 
 class ConfigError(MeterstreamError):

@@ -663,6 +663,7 @@ class Forwarder:
                     "cus_...`)",
                 )
         self.metrics.stripe_held_range.set(len(plan.held_out_of_range), meter=meter.name)
+        self.metrics.held_errors(meter.name, period, len(plan.held_error))
         if plan.held_out_of_range:
             log.error(
                 "%s: %d customer(s) held: the period total or the whole number to send does "
@@ -741,6 +742,7 @@ class Forwarder:
                     failed.append((bad, str(exc)))
                 continue
             self.metrics.stripe_requests.inc(outcome=result.status)
+            self.metrics.stripe_arrivals.delivered(meter.name, (r.customer_id for r in chunk))
             done += [
                 r.with_status("sent", attempts=r.attempts + max(1, result.attempts)) for r in chunk
             ]

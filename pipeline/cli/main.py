@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +132,23 @@ def cmd_meters_check(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
+    from meterstream.cli.progress import progress
     from meterstream.sinks.clickhouse.client import open_clickhouse
     from meterstream.sinks.clickhouse.migrate import migrate
 
     ch = open_clickhouse(_settings(args))
-    applied = migrate(ch)
-    if applied:
+    with ExitStack() as bars:
+
+        def on_pending(names: list[str]) -> Callable[[str], None]:
+            advance = bars.enter_context(progress("migrations", len(names)))
+            return lambda name: advance(1, f"applied {name}")
+
+        applied = migrate(ch, on_pending=on_pending)
+    if args.json:
+        print(json.dumps({"applied": applied}))
+    elif applied:
         for name in applied:
             print(f"applied {name}")
     else:
@@ -147,7 +159,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from meterstream.cli.sql import reconcile_command
 
-    return reconcile_command(_settings(args), args.start, args.end, args.repair)
+    return reconcile_command(_settings(args), args.start, args.end, args.repair, args.json)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from meterstream.cli.status import status_command
+
+    return status_command(_settings(args), args.worker_url, args.interval, args.json)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -168,6 +186,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
     else:
         rows = [[k.id, k.name, k.customer_id or "", k.created_at, k.revoked_at or ""]
                 for k in store.listing()]  # fmt: skip
+        if getattr(args, "json", False):
+            names = ("id", "name", "customer_id", "created_at", "revoked_at")
+            print(json.dumps([dict(zip(names, row, strict=True)) for row in rows], default=str))
+            return 0
         from meterstream.cli.sql import format_table
 
         print(format_table(["id", "name", "customer", "created", "revoked"], rows))
@@ -263,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_meters_check)
 
     p = sub.add_parser("migrate", parents=[common], help="apply pending ClickHouse migrations")
+    p.add_argument("--json", action="store_true", help='print {"applied": [names]}')
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("reconcile", parents=[common], help="compare windows with the record")
@@ -272,7 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repair", action="store_true", help="rewrite differing windows from the record"
     )
+    p.add_argument("--json", action="store_true", help="the differences as one JSON object")
     p.set_defaults(func=cmd_reconcile)
+
+    p = sub.add_parser(
+        "status",
+        parents=[common],
+        help="the running stack at a glance: broker, ClickHouse, lag, events/s, Stripe",
+    )
+    p.add_argument("--worker", dest="worker_url", help="the worker's URL (default: endpoints.json)")
+    p.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between the two metric reads"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    p.set_defaults(func=cmd_status)
 
     keys = sub.add_parser("keys", help="API keys for the web API")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
@@ -286,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help="the key's id (or the whole key)")
     p.set_defaults(func=cmd_keys)
     p = ksub.add_parser("list", parents=[keyfile], help="list keys (never their secrets)")
+    p.add_argument("--json", action="store_true", help="a JSON list, for scripts")
     p.set_defaults(func=cmd_keys)
 
     from meterstream.cli import stripe as stripe_cli

@@ -205,7 +205,9 @@ def print_event_fate(settings: Settings, customer: str, key: str, fmt: str) -> i
     return 0 if answer["fate"] in ("counted", "duplicate", "conflicting") else 1
 
 
-def reconcile_command(settings: Settings, start: str | None, end: str | None, repair: bool) -> int:
+def reconcile_command(
+    settings: Settings, start: str | None, end: str | None, repair: bool, as_json: bool = False
+) -> int:
     from meterstream.api.web import parse_time
     from meterstream.billing.record import reconcile_meter
     from meterstream.meters.config import load_meters, meters_path
@@ -220,18 +222,46 @@ def reconcile_command(settings: Settings, start: str | None, end: str | None, re
     now = time.time_ns() // 1_000_000
     start_ms = parse_time(start) or month_bounds(period_label(now))[0]
     end_ms = parse_time(end) or now
+    from meterstream.cli.progress import progress
+
     ch = open_clickhouse(settings)
+    found: list[dict[str, Any]] = []
     total = 0
     try:
-        for meter in meters.meters:
-            lo, _ = meter.window_bounds(start_ms)
-            _, hi = meter.window_bounds(end_ms - 1)
-            diffs, _, _ = reconcile_meter(ch, meters, meter, lo, hi, fix=repair)
-            for diff in diffs:
-                print(diff.describe())
-            total += len(diffs)
+        with progress("reconcile", len(meters.meters)) as advance:
+            for meter in meters.meters:
+                advance(0, f"reconcile {meter.name}")
+                lo, _ = meter.window_bounds(start_ms)
+                _, hi = meter.window_bounds(end_ms - 1)
+                diffs, _, _ = reconcile_meter(ch, meters, meter, lo, hi, fix=repair)
+                for diff in diffs:
+                    if as_json:
+                        found.append(difference_json(diff))
+                    else:
+                        print(diff.describe())
+                total += len(diffs)
+                advance()
     finally:
         ch.close()
     verb = "repaired" if repair else "found"
+    if as_json:
+        print(json.dumps({"differences": found, "repaired": repair}, sort_keys=True))
     print(f"{total} difference(s) {verb}", file=sys.stderr)
     return 0 if repair or total == 0 else 1
+
+
+def difference_json(diff: Any) -> dict[str, Any]:
+    """A reconcile difference for scripts: values as exact decimal strings."""
+    key = diff.key
+    return {
+        "meter": key.meter,
+        "customer_id": key.customer_id,
+        "group_key": key.group_key,
+        "window_start": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime(key.window_start_ms / 1000)
+        ),
+        "stored_value": None if diff.stored_value is None else str(diff.stored_value),
+        "stored_count": diff.stored_count,
+        "record_value": str(diff.record_value),
+        "record_count": diff.record_count,
+    }

@@ -1,30 +1,6 @@
 """The producer SDK: record usage events from any Python program (README, "Recording usage
-from Python"). The code is in :mod:`meterstream.client.sdk.sdk`; these are its public names."""
+from Python"). The code is the ``meterstream-client`` distribution's (clients/python);
+these are its public names, with :class:`UsageClient` able to read meterstream's settings."""
 
-from meterstream.client.sdk import (
-    Abandoned,
-    BufferFull,
-    ClientClosed,
-    ClientError,
-    ClientOptions,
-    DeliveryError,
-    HttpUsageClient,
-    InvalidEvent,
-    UsageClient,
-    build_event,
-    uuid7,
-)
-
-__all__ = [
-    "Abandoned",
-    "BufferFull",
-    "ClientClosed",
-    "ClientError",
-    "ClientOptions",
-    "DeliveryError",
-    "HttpUsageClient",
-    "InvalidEvent",
-    "UsageClient",
-    "build_event",
-    "uuid7",
-]
+from meterstream.client.sdk import *  # noqa: F403
+from meterstream_client import __all__ as __all__

@@ -154,6 +154,7 @@ class Pipeline:
         self.chio = chio
         self.metrics = chio.metrics
         self.horizon_ms = settings.dedup_horizon_seconds * 1000
+        self._stripe_meters = {m.name for m in meters.meters if m.stripe is not None}
         self.dlq = app.topic(
             settings.topic(USAGE_EVENTS_DLQ.name),
             key_type=bytes,
@@ -392,9 +393,12 @@ class Pipeline:
             finally:
                 await asyncio.wait([record_written])  # never left running behind the batch
             record_written.result()  # a failed record insert fails the batch here
+            arrivals = self._arrivals(decoded, dd.fresh)
+            self.metrics.event_to_record.observe_since(t for _, t in arrivals.values())
             await self._send_dlq(bad, received)
             if window_rows:
                 await self._insert(writer.METER_WINDOWS, window_rows, writer.METER_WINDOWS_COLUMNS)
+            self._observe_windows(arrivals, contrib.counted_by)
             self._injected_fault((*dd.fresh, *dd.recorded_uncounted))
             # The audit rows of rejected and duplicate events go in while the tables are
             # written; the batch returns (and is acked) only after they are in.
@@ -893,6 +897,38 @@ class Pipeline:
         deleted += delete_by_partition(self.windows, old_windows, partition_of, context)
         if deleted:
             log.info("expired %d dedup keys and window states older than the horizon", deleted)
+
+    @staticmethod
+    def _arrivals(
+        decoded: Sequence[tuple[resolve.SourceRecord, UsageEvent]], fresh: Sequence[UsageEvent]
+    ) -> dict[int, tuple[UsageEvent, int]]:
+        """id(event) -> (event, its Kafka timestamp) for the batch's fresh events."""
+        fresh_ids = {id(ev) for ev in fresh}
+        return {id(ev): (ev, rec.timestamp_ms) for rec, ev in decoded if id(ev) in fresh_ids}
+
+    def _observe_windows(
+        self,
+        arrivals: dict[int, tuple[UsageEvent, int]],
+        counted_by: Mapping[DedupKey, Sequence[str]],
+    ) -> None:
+        """Latency to meter_windows of the fresh events some meter counted, and the oldest
+        arrival per (meter with a stripe block, customer) for the Stripe forwarder's."""
+        counted = []
+        oldest: dict[tuple[str, str], int] = {}
+        stripe_meters = self._stripe_meters
+        for ev, arrival in arrivals.values():
+            meters = counted_by.get(DedupKey.of(ev))
+            if not meters:
+                continue
+            counted.append(arrival)
+            for meter in meters:
+                if meter in stripe_meters:
+                    key = (meter, ev.customer_id)
+                    if arrival < oldest.get(key, arrival + 1):
+                        oldest[key] = arrival
+        self.metrics.event_to_window.observe_since(counted)
+        if oldest:
+            self.metrics.stripe_arrivals.recorded(oldest)
 
     def _count(self, report: BatchReport, unmetered: int, deltas: dict[Any, WindowState]) -> None:
         m = self.metrics

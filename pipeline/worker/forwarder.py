@@ -80,6 +80,7 @@ def install_forwarder(
 
         def on_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
             forwarder.invalidate()
+            metrics.stripe_arrivals.clear()
 
         app.on_partitions_revoked.connect(on_rebalance)
         app.on_partitions_assigned.connect(on_rebalance)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,8 +90,15 @@ def applied_migrations(ch: ClickHouse) -> dict[int, tuple[str, str]]:
     return {int(version): (name, digest) for version, name, digest in rows}
 
 
-def migrate(ch: ClickHouse, directory: Path = MIGRATIONS_DIR) -> list[str]:
+def migrate(
+    ch: ClickHouse,
+    directory: Path = MIGRATIONS_DIR,
+    on_pending: Callable[[list[str]], Callable[[str], None]] | None = None,
+) -> list[str]:
     """Apply pending migrations in order; return the names applied ([] when none is pending).
+
+    ``on_pending`` (a progress display) is told the names of the pending migrations
+    and returns what to call with each name once it is applied.
 
     Raises MigrationError when an applied migration's file changed (checksum)
     or a statement fails (with the ClickHouse error code); nothing after the
@@ -113,9 +121,9 @@ def migrate(ch: ClickHouse, directory: Path = MIGRATIONS_DIR) -> list[str]:
             )
 
     done: list[str] = []
-    for migration in migrations:
-        if migration.version in applied:
-            continue
+    pending = [m for m in migrations if m.version not in applied]
+    applied_one = on_pending([m.name for m in pending]) if on_pending and pending else None
+    for migration in pending:
         for index, statement in enumerate(migration.statements, start=1):
             try:
                 ch.command(statement)
@@ -135,4 +143,6 @@ def migrate(ch: ClickHouse, directory: Path = MIGRATIONS_DIR) -> list[str]:
                 f"migration {migration.name} applied but not recorded: {_detail(exc)}", exc.code
             ) from exc
         done.append(migration.name)
+        if applied_one is not None:
+            applied_one(migration.name)
     return done

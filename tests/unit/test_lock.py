@@ -181,3 +181,30 @@ def test_sync_reads_markers_and_pins(tmp_path: Path) -> None:
         "winonly==3 ; sys_platform == 'no-such-platform' \\\n    --hash=sha256:" + "b" * 64 + "\n"
     )
     assert load_sync().locked(lock) == {"foo-bar": "1.2.0"}
+
+
+CLIENT_LOCK = ROOT / "requirements" / "client.txt"
+CLIENT_PYPROJECT = tomllib.loads((ROOT / "clients" / "python" / "pyproject.toml").read_text())
+
+
+def test_the_sdk_lock_pins_what_the_sdk_names_at_the_tested_versions() -> None:
+    """requirements/client.txt (the SDK alone, clients/python): every dependency its
+    pyproject.toml names, within its range, hashed, and at the dev lock's version."""
+    pins, dev = read_lock(CLIENT_LOCK), read_lock(DEV_LOCK)
+    problems = []
+    for raw in CLIENT_PYPROJECT["project"]["dependencies"]:
+        requirement = Requirement(raw)
+        same = pins.get(canonicalize_name(requirement.name), [])
+        if not same:
+            problems.append(f"{requirement} is not pinned")
+        for pin in same:
+            if not requirement.specifier.contains(Version(pin.version), prereleases=True):
+                problems.append(f"{requirement} but client.txt pins {pin.version}")
+    for name, same in pins.items():
+        for pin in same:
+            if not pin.hashes:
+                problems.append(f"{name}: no --hash")
+            if pin.version not in {p.version for p in dev.get(name, [])}:
+                problems.append(f"{name}=={pin.version} is not the dev lock's version")
+    assert not problems, "; ".join(problems) + f"; {RELOCK}"
+    assert not {"faust-streaming", "chdb", "clickhouse-connect"} & set(pins)
