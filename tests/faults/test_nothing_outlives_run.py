@@ -14,7 +14,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import termios
@@ -29,6 +28,7 @@ import pytest
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.worker.lifeline import EXIT_BROKER_LOST, PARENT_GONE_GRACE_SECONDS
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
+from tests.support.cli import port_open
 
 pytestmark = pytest.mark.faults
 
@@ -92,15 +92,6 @@ def descendants(root: int) -> list[Proc]:
                 found.append(Proc(pid, start_of[pid], raw.replace(b"\0", b" ").decode()))
                 frontier.append(pid)
     return found
-
-
-def port_open(address: str) -> bool:
-    host, port = address.removeprefix("http://").rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def recorded(web_url: str) -> int:

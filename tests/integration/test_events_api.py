@@ -10,8 +10,6 @@ the marker is in ClickHouse, anything the refused request had written would be t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,34 +21,17 @@ import pytest
 import requests
 
 from meterstream.embedded.tansu import EmbeddedBroker
-from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.harness import StackSlice, Worker, wait_until
+from tests.support.cli import keys_cli
+from tests.support.meters import meter_entry, meters_yaml
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: calls
-    event_name: api_call
-    aggregation: count
-    window: hour
-  - name: tokens
-    event_name: ai_tokens
-    aggregation: sum
-    value: properties.tokens
-    window: hour
-"""
+METERS = meters_yaml(
+    meter_entry("calls", "api_call", "count", window="hour"),
+    meter_entry("tokens", "ai_tokens", "sum", "properties.tokens", window="hour"),
+)
 BODY_LIMIT = 64 * 1024
-
-
-def keys_cli(state_dir: Path, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "meterstream.cli", "keys", *args, "--state-dir", str(state_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
 
 
 class Api:

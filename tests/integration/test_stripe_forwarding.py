@@ -5,7 +5,6 @@ Expected totals are computed by hand in the tests from the events produced."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from meterstream.endpoints import write_endpoints
 from meterstream.meters.windows import month_bounds, period_label
 from meterstream.sinks.stripe.client import StripeMeterClient
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
+from tests.support.kafka import consume_all
 
 pytestmark = pytest.mark.integration
 
@@ -242,30 +242,6 @@ meters:
     aggregation: count
     stripe: {{event_name: mapped_calls, customer_id_from: mapping, {STRIPE}}}
 """
-
-
-def consume_all(bootstrap: str, topic: str, timeout: float = 10) -> list[tuple[bytes, bytes]]:
-    from aiokafka import AIOKafkaConsumer
-
-    async def read() -> list[tuple[bytes, bytes]]:
-        consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-        )
-        await consumer.start()
-        try:
-            out: list[tuple[bytes, bytes]] = []
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                batches = await consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    out += [(r.key or b"", r.value or b"") for r in records]
-                if out and not batches:
-                    break
-            return out
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(read())
 
 
 def test_mapping_unknown_customer_error_and_retry(stack: StackSlice) -> None:

@@ -29,15 +29,12 @@ import requests
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker
+from tests.support.cli import keys_cli
+from tests.support.meters import meter_entry, meters_yaml
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: calls
-    event_name: api_call
-    aggregation: count
-"""
+METERS = meters_yaml(meter_entry("calls", "api_call", "count"))
 ENV_MARKER = f"ENVSECRET{uuid.uuid4().hex}"
 FILE_MARKER = f"FILESECRET{uuid.uuid4().hex}"
 
@@ -137,17 +134,6 @@ class Target:
         return requests.post(
             f"{self.worker.web_url}/v1/sql", json={"sql": sql}, headers=headers, timeout=60
         )
-
-
-def keys_cli(state_dir: Path, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "meterstream.cli", "keys", *args, "--state-dir", str(state_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
 
 
 def digest(path: Path) -> str:

@@ -32,6 +32,7 @@ import requests
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
+from tests.support.kafka import consume_all
 
 pytestmark = pytest.mark.integration
 
@@ -142,30 +143,6 @@ def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes | None]
             await producer.stop()
 
     asyncio.run(send())
-
-
-def consume_all(bootstrap: str, topic: str, timeout: float = 10) -> list[tuple[bytes, bytes]]:
-    from aiokafka import AIOKafkaConsumer
-
-    async def read() -> list[tuple[bytes, bytes]]:
-        consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-        )
-        await consumer.start()
-        try:
-            out: list[tuple[bytes, bytes]] = []
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                batches = await consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    out += [(r.key or b"", r.value or b"") for r in records]
-                if out and not batches:
-                    break
-            return out
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(read())
 
 
 def stripe_received(stripe_url: str) -> dict[tuple[str, str], int]:

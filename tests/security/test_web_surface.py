@@ -37,17 +37,12 @@ import pytest
 
 from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.support.meters import meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: calls
-    event_name: api_call
-    aggregation: count
-    window: hour
-    stripe: {event_name: sec_calls, interval: 1h, grace: 0s}
-"""
+SEC_STRIPE = stripe("sec_calls", "interval: 1h, grace: 0s")
+METERS = meters_yaml(meter_entry("calls", "api_call", "count", window="hour", stripe=SEC_STRIPE))
 BODY_TIMEOUT = 2.0
 
 
