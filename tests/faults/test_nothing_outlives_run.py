@@ -115,6 +115,31 @@ def log_size(path: Path) -> int:
     return path.stat().st_size
 
 
+def children_under_load(proc: subprocess.Popen[bytes], web: str) -> tuple[list[Proc], str]:
+    """Once the demo's load is recorded: the run's descendants and their command lines."""
+    wait_until(lambda: recorded(web) >= 4000, timeout=120, what="the demo load recorded")
+    children = descendants(proc.pid)
+    return children, " | ".join(c.cmdline for c in children)
+
+
+def work_in_flight(web: str, worker_log: Path) -> int:
+    """Waits until the record is still growing, so the fault lands on work in flight;
+    returns the worker log's size at that moment."""
+    before = recorded(web)
+    wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
+    return log_size(worker_log)
+
+
+def kill_leftovers(proc: subprocess.Popen[bytes], children: list[Proc]) -> None:
+    """SIGKILL whatever a failed test left running: the children, then the run."""
+    for child in children:
+        if child.alive():
+            os.kill(child.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+
+
 def log_lines_since(path: Path, offset: int) -> list[str]:
     """The lines written to a log after it had ``offset`` bytes."""
     with path.open("rb") as log:
@@ -201,19 +226,14 @@ def test_nothing_outlives_run_under_load(tmp_path: Path, ending: str) -> None:
     children: list[Proc] = []
     try:
         web = endpoints["web_url"]
-        wait_until(lambda: recorded(web) >= 4000, timeout=120, what="the demo load recorded")
-        children = descendants(proc.pid)
-        commands = " | ".join(c.cmdline for c in children)
+        children, commands = children_under_load(proc, web)
         broker = endpoints["broker"]  # this machine's default: Kafka with Java 17+, else Tansu
         started = {"kafka": "kafka.Kafka", "tansu": "tansu"}[broker]
         assert started in commands, commands
         assert "meterstream.cli stripe-emulator" in commands, commands
         assert "meterstream.cli worker" in commands, commands
-        # The fault lands on work in flight: the record is still growing.
-        before = recorded(web)
-        wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
         worker_log = state / "worker.log"
-        log_at_signal = log_size(worker_log)
+        log_at_signal = work_in_flight(web, worker_log)
 
         signalled = time.monotonic()
         if terminal is not None:
@@ -246,12 +266,7 @@ def test_nothing_outlives_run_under_load(tmp_path: Path, ending: str) -> None:
             assert any("SIGTERM received: stopping" in line for line in after), after
             assert not any("CRITICAL" in line.upper() for line in after), after
     finally:
-        for child in children:
-            if child.alive():
-                os.kill(child.pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_leftovers(proc, children)
 
 
 def test_worker_of_a_killed_run_with_an_external_broker_stops_within_the_grace(
@@ -271,15 +286,11 @@ def test_worker_of_a_killed_run_with_an_external_broker_stops_within_the_grace(
     children: list[Proc] = []
     try:
         web = endpoints["web_url"]
-        wait_until(lambda: recorded(web) >= 4000, timeout=120, what="the demo load recorded")
-        children = descendants(proc.pid)
-        commands = " | ".join(c.cmdline for c in children)
+        children, commands = children_under_load(proc, web)
         assert "tansu" not in commands and "kafka.Kafka" not in commands, commands
         assert "meterstream.cli worker" in commands, commands
-        before = recorded(web)
-        wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
         worker_log = state / "worker.log"
-        log_at_signal = log_size(worker_log)
+        log_at_signal = work_in_flight(web, worker_log)
 
         killed = time.monotonic()
         proc.kill()
@@ -293,12 +304,7 @@ def test_worker_of_a_killed_run_with_an_external_broker_stops_within_the_grace(
         assert any(f"the supervisor (pid {proc.pid}) is gone" in line for line in after), after
         assert len(after) < 50, "\n".join(after[-20:])
     finally:
-        for child in children:
-            if child.alive():
-                os.kill(child.pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_leftovers(proc, children)
 
 
 class Load(threading.Thread):

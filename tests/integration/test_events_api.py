@@ -12,15 +12,12 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import StackSlice, Worker, wait_until
 from tests.support.cli import keys_cli
 from tests.support.meters import meter_entry, meters_yaml
@@ -85,24 +82,13 @@ def event(customer: str, *, key: str | None = None, name: str = "api_call", **ex
 
 
 @pytest.fixture(scope="module")
-def api(
-    broker: EmbeddedBroker,
-    stripe_emulator: str,
-    worker_chdb_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Api]:
-    stack = StackSlice(
-        broker.bootstrap, worker_chdb_path, stripe_emulator, tmp_path_factory.mktemp("api")
+def api(module_stack: StackSlice) -> Api:
+    worker = module_stack.start_worker(
+        module_stack.meters_file(METERS),
+        METERSTREAM_API_READ_AUTH="required",
+        METERSTREAM_API_MAX_BODY_BYTES=str(BODY_LIMIT),
     )
-    try:
-        worker = stack.start_worker(
-            stack.meters_file(METERS),
-            METERSTREAM_API_READ_AUTH="required",
-            METERSTREAM_API_MAX_BODY_BYTES=str(BODY_LIMIT),
-        )
-        yield Api(worker, stack)
-    finally:
-        stack.stop_all()
+    return Api(worker, module_stack)
 
 
 def test_batch_with_one_bad_event_is_rejected_whole(api: Api) -> None:

@@ -26,7 +26,6 @@ from typing import Any
 import pytest
 import requests
 
-from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker
 from tests.support.cli import keys_cli
@@ -141,14 +140,9 @@ def digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def target(
-    broker: EmbeddedBroker,
-    stripe_emulator: str,
-    worker_chdb_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Target]:
-    tmp = tmp_path_factory.mktemp("sql-files")
-    stack = StackSlice(broker.bootstrap, worker_chdb_path, stripe_emulator, tmp)
+def target(module_stack: StackSlice) -> Iterator[Target]:
+    stack = module_stack
+    tmp = stack.tmp
     state = tmp / "state"
     state.mkdir()
     admin = keys_cli(state, "create", "admin")

@@ -145,6 +145,23 @@ def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes | None]
     asyncio.run(send())
 
 
+def acme_and_globex(tokens: tuple[int, int], calls: int) -> dict[tuple[str, str], int]:
+    """What Stripe holds per (event name, Stripe customer) when acme and globex are mapped:
+    their tokens, and ``calls`` calls each."""
+    acme_tokens, globex_tokens = tokens
+    return {
+        ("sec_tokens", "cus_acme"): acme_tokens,
+        ("sec_calls", "cus_acme"): calls,
+        ("sec_tokens", "cus_globex"): globex_tokens,
+        ("sec_calls", "cus_globex"): calls,
+    }
+
+
+def wait_forwarded(stripe_url: str, expected: dict[tuple[str, str], int], what: str) -> None:
+    """Until the emulator's totals are ``expected`` (90 s)."""
+    wait_until(lambda: stripe_received(stripe_url) == expected, timeout=90, interval=1, what=what)
+
+
 def stripe_received(stripe_url: str) -> dict[tuple[str, str], int]:
     """(Stripe event name, Stripe customer) -> the sum of what the emulator accepted
     (every meter here has formula sum)."""
@@ -439,18 +456,8 @@ def test_mapping_survives_a_worker_restart_and_works_without_a_worker(stack: Sta
         [chat(c, f"{c}{i}", base + i, 2) for i, c in enumerate(["acme", "globex", "initech"])]
     )
     worker = stack.start_worker(meters_file)
-    expected = {
-        ("sec_tokens", "cus_acme"): 2,
-        ("sec_calls", "cus_acme"): 1,
-        ("sec_tokens", "cus_globex"): 2,
-        ("sec_calls", "cus_globex"): 1,
-    }
-    wait_until(
-        lambda: stripe_received(stack.stripe_url) == expected,
-        timeout=90,
-        interval=1,
-        what="forwarded with the mapping after the restart",
-    )
+    expected = acme_and_globex(tokens=(2, 2), calls=1)
+    wait_forwarded(stack.stripe_url, expected, "forwarded with the mapping after the restart")
     assert settle(stack.stripe_url) == expected
     assert metric(worker, "meterstream_stripe_waiting_customers", meter="tokens") == 1  # initech
     history = worker.sql(
@@ -463,16 +470,21 @@ def test_mapping_survives_a_worker_restart_and_works_without_a_worker(stack: Sta
     ]
 
 
+def same_slice_on(stack: StackSlice, broker: EmbeddedBroker) -> StackSlice:
+    """``stack``'s slice (its topic prefix, database, chdb path and emulator) on ``broker``."""
+    return StackSlice(
+        broker.bootstrap, stack.chdb_path, stack.stripe_url, stack.tmp,
+        prefix=stack.prefix, database=stack.database,
+    )  # fmt: skip
+
+
 def test_mapping_survives_the_embedded_brokers_loss(stack: StackSlice, tmp_path: Path) -> None:
     """A broker of this test's own (the session's is shared), replaced by a fresh one
     that knows nothing: topics, the customers topic included, are gone."""
     meters_file = stack.meters_file(METERS)
     state = stack.tmp / "state"
     first = EmbeddedBroker(log=tmp_path / "broker-1.log").start()
-    own = StackSlice(
-        first.bootstrap, stack.chdb_path, stack.stripe_url, stack.tmp,
-        prefix=stack.prefix, database=stack.database,
-    )  # fmt: skip
+    own = same_slice_on(stack, first)
     try:
         worker = own.start_worker(meters_file)
         write_endpoints(state, {"web_url": worker.web_url})
@@ -498,44 +510,23 @@ def test_mapping_survives_the_embedded_brokers_loss(stack: StackSlice, tmp_path:
         )
         base = base_ms()
         own.produce([chat("acme", "a1", base, 3), chat("globex", "g1", base + 1, 4)])
-        first_round = {
-            ("sec_tokens", "cus_acme"): 3,
-            ("sec_calls", "cus_acme"): 1,
-            ("sec_tokens", "cus_globex"): 4,
-            ("sec_calls", "cus_globex"): 1,
-        }
-        wait_until(
-            lambda: stripe_received(stack.stripe_url) == first_round,
-            timeout=90,
-            interval=1,
-            what="forwarded on the first broker",
-        )
+        first_round = acme_and_globex(tokens=(3, 4), calls=1)
+        wait_forwarded(stack.stripe_url, first_round, "forwarded on the first broker")
         worker.stop()
     finally:
         own.stop_all()
         first.stop()
 
     second = EmbeddedBroker(log=tmp_path / "broker-2.log").start()
-    fresh = StackSlice(
-        second.bootstrap, stack.chdb_path, stack.stripe_url, stack.tmp,
-        prefix=stack.prefix, database=stack.database,
-    )  # fmt: skip
+    fresh = same_slice_on(stack, second)
     try:
         worker = fresh.start_worker(meters_file)
         write_endpoints(state, {"web_url": worker.web_url})
         fresh.produce([chat("acme", "a2", base + 2, 10), chat("globex", "g2", base + 3, 20)])
-        expected = {
-            ("sec_tokens", "cus_acme"): 13,
-            ("sec_calls", "cus_acme"): 2,
-            ("sec_tokens", "cus_globex"): 24,
-            ("sec_calls", "cus_globex"): 2,
-        }
+        expected = acme_and_globex(tokens=(13, 24), calls=2)
         try:
-            wait_until(
-                lambda: stripe_received(stack.stripe_url) == expected,
-                timeout=90,
-                interval=1,
-                what="forwarded with the mapping on a fresh broker",
+            wait_forwarded(
+                stack.stripe_url, expected, "forwarded with the mapping on a fresh broker"
             )
         except AssertionError:
             assert stripe_received(stack.stripe_url) == expected, worker.log()[-3000:]
