@@ -600,7 +600,7 @@ class MetersConfig(BaseModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> MetersConfig:
-        problems = _duplicate_names([m.name for m in self.meters])
+        problems = duplicate_names([m.name for m in self.meters])
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -635,7 +635,9 @@ class MetersConfig(BaseModel):
         return self._by_name[name]
 
 
-def _duplicate_names(names: list[Any]) -> list[str]:
+def duplicate_names(names: list[Any], kind: str = "meter") -> list[str]:
+    """``{kind}s[i].name: duplicate ...`` for every string name seen at an earlier index
+    (a config file's list of meters, plans, ...)."""
     first: dict[str, int] = {}
     problems = []
     for i, name in enumerate(names):
@@ -643,7 +645,7 @@ def _duplicate_names(names: list[Any]) -> list[str]:
             continue
         if name in first:
             problems.append(
-                f"meters[{i}].name: duplicate meter name {name!r} (also meters[{first[name]}])"
+                f"{kind}s[{i}].name: duplicate {kind} name {name!r} (also {kind}s[{first[name]}])"
             )
         else:
             first[name] = i
@@ -684,7 +686,7 @@ def yaml_load_exact(text: str) -> Any:
     return yaml.load(text, Loader=_ExactLoader)  # a SafeLoader subclass: safe
 
 
-_MESSAGES = {
+PYDANTIC_MESSAGES = {  # a pydantic error type, as a config file's problem list says it
     "missing": "required",
     "extra_forbidden": "unknown field",
     "string_type": "must be a string",
@@ -704,7 +706,7 @@ def _problems(exc: ValidationError, prefix: str) -> list[str]:
         if err["type"] == "value_error":
             message = str(err["ctx"]["error"])
         else:
-            message = _MESSAGES.get(err["type"], err["msg"])
+            message = PYDANTIC_MESSAGES.get(err["type"], err["msg"])
         lines.append(f"{path}: {message}")
     return lines
 
@@ -734,14 +736,15 @@ def parse_meters(doc: Any, source: str = "meters") -> MetersConfig:
                 except ValidationError as exc:
                     problems += _problems(exc, f"meters[{i}]")
             names = [item.get("name") if isinstance(item, dict) else None for item in items]
-            problems += _duplicate_names(names)
+            problems += duplicate_names(names)
     if problems:
         raise ConfigError(problems, source=source)
     return MetersConfig(meters=tuple(meters))
 
 
-def load_meters(path: str | Path) -> MetersConfig:
-    """Read, parse and validate a meters YAML file; :class:`ConfigError` on any problem."""
+def read_yaml_file(path: str | Path) -> Any:
+    """The document of a YAML config file, numbers exact (:func:`yaml_load_exact`);
+    :class:`ConfigError` (source: the path) when it cannot be read or is not YAML."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -750,13 +753,17 @@ def load_meters(path: str | Path) -> MetersConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read file: {exc}"], source=source) from None
     try:
-        doc = yaml_load_exact(text)
+        return yaml_load_exact(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         detail = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"YAML syntax error{where}: {detail}"], source=source) from None
-    return parse_meters(doc, source)
+
+
+def load_meters(path: str | Path) -> MetersConfig:
+    """Read, parse and validate a meters YAML file; :class:`ConfigError` on any problem."""
+    return parse_meters(read_yaml_file(path), str(path))
 
 
 DEFAULT_METERS_FILE = Path("meters.example.yaml")

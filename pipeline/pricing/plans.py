@@ -57,7 +57,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, Protocol, get_args
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -68,6 +67,7 @@ from pydantic import (
 )
 
 from meterstream.errors import ConfigError
+from meterstream.meters.config import PYDANTIC_MESSAGES, duplicate_names, read_yaml_file
 from meterstream.pricing.money import ZERO, Currency, currency, plain, stripe_decimal_places
 from meterstream.pricing.prices import (
     MAX_BOUND,
@@ -386,7 +386,7 @@ class PlansConfig(BaseModel):
 
     @model_validator(mode="after")
     def _names(self) -> PlansConfig:
-        problems = _duplicate_names([p.name for p in self.plans])
+        problems = duplicate_names([p.name for p in self.plans], "plan")
         if self.default_plan is not None and self.default_plan not in self._by_name:
             problems.append(f"default_plan: no plan named {self.default_plan!r}")
         if problems:
@@ -416,59 +416,7 @@ class PlansConfig(BaseModel):
         )
 
 
-def _duplicate_names(names: list[Any]) -> list[str]:
-    first: dict[str, int] = {}
-    problems = []
-    for i, name in enumerate(names):
-        if not isinstance(name, str):
-            continue
-        if name in first:
-            problems.append(
-                f"plans[{i}].name: duplicate plan name {name!r} (also plans[{first[name]}])"
-            )
-        else:
-            first[name] = i
-    return problems
-
-
 # -- loading -------------------------------------------------------------------------
-
-
-class _ExactLoader(yaml.SafeLoader):
-    """SafeLoader with exact Decimal numbers and YAML 1.2 booleans (true/false only)."""
-
-
-def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
-    text = str(loader.construct_scalar(node)).replace("_", "")
-    if _NUMERIC.fullmatch(text):
-        return Decimal(text)
-    return Decimal(repr(loader.construct_yaml_float(node)))  # .inf, .nan
-
-
-_ExactLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_ExactLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_ExactLoader.add_implicit_resolver(  # YAML 1.2 also reads 1e3 (no dot) as a number
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-_ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
-
-_MESSAGES = {
-    "missing": "required",
-    "extra_forbidden": "unknown field",
-    "string_type": "must be a string",
-    "tuple_type": "must be a list",
-    "list_type": "must be a list",
-    "model_type": "must be a mapping",
-    "model_attributes_type": "must be a mapping",
-    "dict_type": "must be a mapping",
-}
 
 
 def _problems(exc: ValidationError, prefix: str) -> list[str]:
@@ -484,7 +432,7 @@ def _problems(exc: ValidationError, prefix: str) -> list[str]:
         elif err["type"] == "value_error":
             lines.append(f"{path}: {error}")
         else:
-            lines.append(f"{path}: {_MESSAGES.get(err['type'], err['msg'])}")
+            lines.append(f"{path}: {PYDANTIC_MESSAGES.get(err['type'], err['msg'])}")
     return lines
 
 
@@ -517,7 +465,7 @@ def parse_plans(doc: Any, source: str = "plans", meters: MeterNames | None = Non
                 except ValidationError as exc:
                     problems += _problems(exc, f"plans[{i}]")
             names = [item.get("name") if isinstance(item, dict) else None for item in items]
-            problems += _duplicate_names(names)
+            problems += duplicate_names(names, "plan")
             default_plan = doc.get("default_plan")
             if default_plan is not None:
                 try:
@@ -550,18 +498,4 @@ def _unknown_meters(items: list[Any], meters: MeterNames) -> list[str]:
 
 def load_plans(path: str | Path, meters: MeterNames | None = None) -> PlansConfig:
     """Read, parse and validate a plans YAML file; :class:`ConfigError` on any problem."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(["file not found"], source=source) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"cannot read file: {exc}"], source=source) from None
-    try:
-        doc = yaml.load(text, Loader=_ExactLoader)  # a SafeLoader subclass: safe
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        detail = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"YAML syntax error{where}: {detail}"], source=source) from None
-    return parse_plans(doc, source, meters)
+    return parse_plans(read_yaml_file(path), str(path), meters)
