@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -127,6 +127,7 @@ _ORDERING = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": op
 
 Getter = Callable[[UsageEvent], Any]
 Predicate = Callable[[UsageEvent], bool]
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class InvalidValue(Exception):
@@ -711,6 +712,40 @@ def _problems(exc: ValidationError, prefix: str) -> list[str]:
     return lines
 
 
+def validate_items(
+    doc: dict[str, Any],
+    key: str,
+    kind: str,
+    model: type[ModelT],
+    problems_of: Callable[[ValidationError, str], list[str]] = _problems,
+) -> tuple[list[ModelT], list[Any] | None, list[str]]:
+    """``doc[key]``, a config file's list of ``kind`` mappings, validated item by item with
+    ``model``: the valid items, the raw list (``None`` when there is no usable list) and
+    every problem (the list missing, not a list or empty; an item not a mapping or
+    invalid, its lines from ``problems_of``; a duplicate name)."""
+    problems: list[str] = []
+    parsed: list[ModelT] = []
+    items = doc.get(key)
+    if key not in doc:
+        problems.append(f"{key}: required")
+    elif not isinstance(items, list):
+        problems.append(f"{key}: must be a list of {key}")
+    elif not items:
+        problems.append(f"{key}: at least one {kind} is required")
+    else:
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                problems.append(f"{key}[{i}]: must be a mapping")
+                continue
+            try:
+                parsed.append(model.model_validate(item))
+            except ValidationError as exc:
+                problems += problems_of(exc, f"{key}[{i}]")
+        names = [item.get("name") if isinstance(item, dict) else None for item in items]
+        return parsed, items, problems + duplicate_names(names, kind)
+    return parsed, None, problems
+
+
 def parse_meters(doc: Any, source: str = "meters") -> MetersConfig:
     """Validate a decoded meters document; :class:`ConfigError` lists every problem."""
     problems: list[str] = []
@@ -719,24 +754,8 @@ def parse_meters(doc: Any, source: str = "meters") -> MetersConfig:
         problems.append("meters: required (the document must be a mapping with a 'meters' list)")
     else:
         problems += [f"{key}: unknown field" for key in doc if key != "meters"]
-        items = doc.get("meters")
-        if "meters" not in doc:
-            problems.append("meters: required")
-        elif not isinstance(items, list):
-            problems.append("meters: must be a list of meters")
-        elif not items:
-            problems.append("meters: at least one meter is required")
-        else:
-            for i, item in enumerate(items):
-                if not isinstance(item, dict):
-                    problems.append(f"meters[{i}]: must be a mapping")
-                    continue
-                try:
-                    meters.append(Meter.model_validate(item))
-                except ValidationError as exc:
-                    problems += _problems(exc, f"meters[{i}]")
-            names = [item.get("name") if isinstance(item, dict) else None for item in items]
-            problems += duplicate_names(names)
+        meters, _, item_problems = validate_items(doc, "meters", "meter", Meter)
+        problems += item_problems
     if problems:
         raise ConfigError(problems, source=source)
     return MetersConfig(meters=tuple(meters))

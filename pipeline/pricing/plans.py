@@ -67,7 +67,12 @@ from pydantic import (
 )
 
 from meterstream.errors import ConfigError
-from meterstream.meters.config import PYDANTIC_MESSAGES, duplicate_names, read_yaml_file
+from meterstream.meters.config import (
+    PYDANTIC_MESSAGES,
+    duplicate_names,
+    read_yaml_file,
+    validate_items,
+)
 from meterstream.pricing.money import ZERO, Currency, currency, plain, stripe_decimal_places
 from meterstream.pricing.prices import (
     MAX_BOUND,
@@ -448,24 +453,10 @@ def parse_plans(doc: Any, source: str = "plans", meters: MeterNames | None = Non
         problems.append("plans: required (the document must be a mapping with a 'plans' list)")
     else:
         problems += [f"{key}: unknown field" for key in doc if key not in ("plans", "default_plan")]
-        items = doc.get("plans")
-        if "plans" not in doc:
-            problems.append("plans: required")
-        elif not isinstance(items, list):
-            problems.append("plans: must be a list of plans")
-        elif not items:
-            problems.append("plans: at least one plan is required")
-        else:
-            for i, item in enumerate(items):
-                if not isinstance(item, dict):
-                    problems.append(f"plans[{i}]: must be a mapping")
-                    continue
-                try:
-                    plans.append(Plan.model_validate(item))
-                except ValidationError as exc:
-                    problems += _problems(exc, f"plans[{i}]")
+        plans, items, item_problems = validate_items(doc, "plans", "plan", Plan, _problems)
+        problems += item_problems
+        if items is not None:
             names = [item.get("name") if isinstance(item, dict) else None for item in items]
-            problems += duplicate_names(names, "plan")
             default_plan = doc.get("default_plan")
             if default_plan is not None:
                 try:
