@@ -2,3 +2,8 @@
 (``meters``), reading a topic back (``kafka``), and the ``meterstream`` commands and
 sockets the tests poke (``cli``). The stack itself (broker, worker processes, a test's
 slice) is tests/harness.py."""
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+"""The repository's root: its example files (meters, plans), Makefile and deploy/."""

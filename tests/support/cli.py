@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.harness import REPO
+from tests.support import REPO
 
 
 def keys_cli(state_dir: Path, *args: str) -> str:
