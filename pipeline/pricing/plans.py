@@ -337,31 +337,8 @@ class Plan(BaseModel):
                 )
             flats += [(f"prices[{i}].{path}", amount) for path, amount in price.flat_amounts()]
             units += [(f"prices[{i}].{path}", amount) for path, amount in price.unit_prices()]
-        code = money.code.upper()
-        limit = f" (at most {MAX_MINOR_UNITS} {code} minor units)"
-        for path, amount in flats:
-            if not money.is_whole(amount):
-                problems.append(
-                    (
-                        path,
-                        f"{plain(amount)} is not a whole number of {code} minor units "
-                        f"({money.quantum})",
-                    )
-                )
-            elif money.to_minor(amount) > MAX_MINOR_UNITS:
-                problems.append((path, f"{plain(amount)} is too large{limit}"))
-        for path, amount in units:
-            places = stripe_decimal_places(amount, money)
-            if places > MAX_UNIT_DECIMALS:
-                problems.append(
-                    (
-                        path,
-                        f"{plain(amount)} has {places} decimal places in {code} minor units; "
-                        f"Stripe allows at most {MAX_UNIT_DECIMALS}",
-                    )
-                )
-            elif money.to_stripe(amount) > MAX_MINOR_UNITS:
-                problems.append((path, f"{plain(amount)} is too large{limit}"))
+        problems += [(path, why) for path, amount in flats if (why := _flat_problem(amount, money))]
+        problems += [(path, why) for path, amount in units if (why := _unit_problem(amount, money))]
         if problems:
             raise _Problems(problems)
         return self
@@ -419,6 +396,32 @@ class PlansConfig(BaseModel):
             description="built-in free plan: usage before any plan is metered, not charged",
             currency=self.plans[0].currency,
         )
+
+
+def _flat_problem(amount: Decimal, money: Currency) -> str | None:
+    """Why a fee, a minimum or a flat price cannot be sent to Stripe in ``money``: not a
+    whole number of minor units, or too large; ``None`` if it can."""
+    code = money.code.upper()
+    if not money.is_whole(amount):
+        return f"{plain(amount)} is not a whole number of {code} minor units ({money.quantum})"
+    if money.to_minor(amount) > MAX_MINOR_UNITS:
+        return f"{plain(amount)} is too large (at most {MAX_MINOR_UNITS} {code} minor units)"
+    return None
+
+
+def _unit_problem(amount: Decimal, money: Currency) -> str | None:
+    """Why a unit price cannot be sent to Stripe in ``money``: more decimal places in minor
+    units than Stripe takes, or too large; ``None`` if it can."""
+    code = money.code.upper()
+    places = stripe_decimal_places(amount, money)
+    if places > MAX_UNIT_DECIMALS:
+        return (
+            f"{plain(amount)} has {places} decimal places in {code} minor units; "
+            f"Stripe allows at most {MAX_UNIT_DECIMALS}"
+        )
+    if money.to_stripe(amount) > MAX_MINOR_UNITS:
+        return f"{plain(amount)} is too large (at most {MAX_MINOR_UNITS} {code} minor units)"
+    return None
 
 
 # -- loading -------------------------------------------------------------------------
