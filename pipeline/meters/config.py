@@ -127,7 +127,6 @@ _ORDERING = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": op
 
 Getter = Callable[[UsageEvent], Any]
 Predicate = Callable[[UsageEvent], bool]
-ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class InvalidValue(Exception):
@@ -710,6 +709,9 @@ def _problems(exc: ValidationError, prefix: str) -> list[str]:
             message = PYDANTIC_MESSAGES.get(err["type"], err["msg"])
         lines.append(f"{path}: {message}")
     return lines
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 def validate_items(
