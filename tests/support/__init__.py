@@ -1,7 +1,8 @@
 """Helpers shared by several test files: meters files written as one line a meter
-(``meters``), reading a topic back (``kafka``), and the ``meterstream`` commands and
-sockets the tests poke (``cli``). The stack itself (broker, worker processes, a test's
-slice) is tests/harness.py."""
+(``meters``), reading a topic back (``kafka``), the ``meterstream`` commands and sockets
+the tests poke (``cli``), and here the repository's root and the shipped migrations. The
+stack itself (broker, worker processes, a test's slice) is tests/harness.py; its fixtures
+are tests/conftest.py."""
 
 from pathlib import Path
 
