@@ -54,16 +54,36 @@ def worker_chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("worker-clickhouse")
 
 
+def stack_slice(
+    broker: EmbeddedBroker, stripe_emulator: str, chdb_path: Path, tmp: Path
+) -> Iterator[StackSlice]:
+    """A slice of the session stack in ``tmp``; its workers are stopped when it ends."""
+    test_stack = StackSlice(broker.bootstrap, chdb_path, stripe_emulator, tmp)
+    try:
+        yield test_stack
+    finally:
+        test_stack.stop_all()
+
+
 @pytest.fixture
 def stack(
     broker: EmbeddedBroker, stripe_emulator: str, worker_chdb_path: Path, tmp_path: Path
 ) -> Iterator[StackSlice]:
     http_json(f"{stripe_emulator}/_emulator/reset", {})
-    test_stack = StackSlice(broker.bootstrap, worker_chdb_path, stripe_emulator, tmp_path)
-    try:
-        yield test_stack
-    finally:
-        test_stack.stop_all()
+    yield from stack_slice(broker, stripe_emulator, worker_chdb_path, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_stack(
+    broker: EmbeddedBroker,
+    stripe_emulator: str,
+    worker_chdb_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[StackSlice]:
+    """One slice of the session stack for a whole module (a worker its tests share); its
+    workers are stopped after the module's last test. The emulator is not reset."""
+    module_tmp = tmp_path_factory.mktemp("module")
+    yield from stack_slice(broker, stripe_emulator, worker_chdb_path, module_tmp)
 
 
 @pytest.fixture(scope="session")

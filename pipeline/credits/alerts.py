@@ -44,7 +44,7 @@ grant (grant_expiring) or the purchase amount (payment_failed).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal, localcontext
 from enum import StrEnum
@@ -74,6 +74,17 @@ class AlertKind(StrEnum):
 
 _BALANCE_KINDS = (AlertKind.BALANCE_BELOW, AlertKind.BALANCE_EXHAUSTED)
 _USAGE_KINDS = (AlertKind.USAGE_ABOVE, AlertKind.USAGE_PERCENT)
+_AMOUNT_KINDS = (AlertKind.BALANCE_BELOW, AlertKind.USAGE_ABOVE)
+
+
+def _kind_field(
+    kind: AlertKind, name: str, value: Any, needed: bool, check: Callable[[Any], str | None]
+) -> str | None:
+    """The problem with an optional field of a threshold of ``kind``: required where
+    ``needed`` (then ``check`` judges it), absent elsewhere; ``None`` if there is none."""
+    if needed:
+        return f"{name} is required" if value is None else check(value)
+    return None if value is None else f"{kind} takes no {name}"
 
 
 @dataclass(frozen=True)
@@ -95,37 +106,23 @@ class Threshold:
             None if kind in AlertKind.__members__.values() else f"unknown kind {kind!r}",
             amount_problem(self.margin, "margin", non_negative=True),
         ]
-        needs_amount = kind in (AlertKind.BALANCE_BELOW, AlertKind.USAGE_ABOVE)
-        if needs_amount:
-            problems.append(
-                "amount is required"
-                if self.amount is None
-                else amount_problem(self.amount, "amount", non_negative=kind != "balance_below")
-            )
-        elif self.amount is not None:
-            problems.append(f"{kind} takes no amount")
-        if kind == AlertKind.USAGE_PERCENT:
-            problems.append(
-                "percent is required"
-                if self.percent is None
-                else amount_problem(self.percent, "percent", positive=True)
-            )
-        elif self.percent is not None:
-            problems.append(f"{kind} takes no percent")
-        if kind in _USAGE_KINDS:
-            problems.append(
-                "meter is required" if self.meter is None else id_problem(self.meter, "meter")
-            )
-        elif self.meter is not None:
-            problems.append(f"{kind} takes no meter")
-        if kind == AlertKind.GRANT_EXPIRING:
-            problems.append(
-                "within_ms is required"
-                if self.within_ms is None
-                else int_problem(self.within_ms, "within_ms", 1, 10 * 366 * 86_400_000)
-            )
-        elif self.within_ms is not None:
-            problems.append(f"{kind} takes no within_ms")
+        problems += [
+            _kind_field(
+                kind, "amount", self.amount, kind in _AMOUNT_KINDS,
+                lambda v: amount_problem(v, "amount", non_negative=kind != "balance_below"),
+            ),
+            _kind_field(
+                kind, "percent", self.percent, kind == AlertKind.USAGE_PERCENT,
+                lambda v: amount_problem(v, "percent", positive=True),
+            ),
+            _kind_field(
+                kind, "meter", self.meter, kind in _USAGE_KINDS, lambda v: id_problem(v, "meter")
+            ),
+            _kind_field(
+                kind, "within_ms", self.within_ms, kind == AlertKind.GRANT_EXPIRING,
+                lambda v: int_problem(v, "within_ms", 1, 10 * 366 * 86_400_000),
+            ),
+        ]  # fmt: skip
         raise_problems(f"threshold {self.threshold_id!r}", problems)
 
     def to_json(self) -> dict[str, Any]:

@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import (
@@ -600,7 +600,7 @@ class MetersConfig(BaseModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> MetersConfig:
-        problems = _duplicate_names([m.name for m in self.meters])
+        problems = duplicate_names([m.name for m in self.meters])
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -635,7 +635,9 @@ class MetersConfig(BaseModel):
         return self._by_name[name]
 
 
-def _duplicate_names(names: list[Any]) -> list[str]:
+def duplicate_names(names: list[Any], kind: str = "meter") -> list[str]:
+    """``{kind}s[i].name: duplicate ...`` for every string name seen at an earlier index
+    (a config file's list of meters, plans, ...)."""
     first: dict[str, int] = {}
     problems = []
     for i, name in enumerate(names):
@@ -643,7 +645,7 @@ def _duplicate_names(names: list[Any]) -> list[str]:
             continue
         if name in first:
             problems.append(
-                f"meters[{i}].name: duplicate meter name {name!r} (also meters[{first[name]}])"
+                f"{kind}s[{i}].name: duplicate {kind} name {name!r} (also {kind}s[{first[name]}])"
             )
         else:
             first[name] = i
@@ -684,7 +686,7 @@ def yaml_load_exact(text: str) -> Any:
     return yaml.load(text, Loader=_ExactLoader)  # a SafeLoader subclass: safe
 
 
-_MESSAGES = {
+PYDANTIC_MESSAGES = {  # a pydantic error type, as a config file's problem list says it
     "missing": "required",
     "extra_forbidden": "unknown field",
     "string_type": "must be a string",
@@ -704,9 +706,46 @@ def _problems(exc: ValidationError, prefix: str) -> list[str]:
         if err["type"] == "value_error":
             message = str(err["ctx"]["error"])
         else:
-            message = _MESSAGES.get(err["type"], err["msg"])
+            message = PYDANTIC_MESSAGES.get(err["type"], err["msg"])
         lines.append(f"{path}: {message}")
     return lines
+
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def validate_items(
+    doc: dict[str, Any],
+    key: str,
+    kind: str,
+    model: type[ModelT],
+    problems_of: Callable[[ValidationError, str], list[str]] = _problems,
+) -> tuple[list[ModelT], list[Any] | None, list[str]]:
+    """``doc[key]``, a config file's list of ``kind`` mappings, validated item by item with
+    ``model``: the valid items, the raw list (``None`` when there is no usable list) and
+    every problem (the list missing, not a list or empty; an item not a mapping or
+    invalid, its lines from ``problems_of``; a duplicate name)."""
+    problems: list[str] = []
+    parsed: list[ModelT] = []
+    items = doc.get(key)
+    if key not in doc:
+        problems.append(f"{key}: required")
+    elif not isinstance(items, list):
+        problems.append(f"{key}: must be a list of {key}")
+    elif not items:
+        problems.append(f"{key}: at least one {kind} is required")
+    else:
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                problems.append(f"{key}[{i}]: must be a mapping")
+                continue
+            try:
+                parsed.append(model.model_validate(item))
+            except ValidationError as exc:
+                problems += problems_of(exc, f"{key}[{i}]")
+        names = [item.get("name") if isinstance(item, dict) else None for item in items]
+        return parsed, items, problems + duplicate_names(names, kind)
+    return parsed, None, problems
 
 
 def parse_meters(doc: Any, source: str = "meters") -> MetersConfig:
@@ -717,31 +756,16 @@ def parse_meters(doc: Any, source: str = "meters") -> MetersConfig:
         problems.append("meters: required (the document must be a mapping with a 'meters' list)")
     else:
         problems += [f"{key}: unknown field" for key in doc if key != "meters"]
-        items = doc.get("meters")
-        if "meters" not in doc:
-            problems.append("meters: required")
-        elif not isinstance(items, list):
-            problems.append("meters: must be a list of meters")
-        elif not items:
-            problems.append("meters: at least one meter is required")
-        else:
-            for i, item in enumerate(items):
-                if not isinstance(item, dict):
-                    problems.append(f"meters[{i}]: must be a mapping")
-                    continue
-                try:
-                    meters.append(Meter.model_validate(item))
-                except ValidationError as exc:
-                    problems += _problems(exc, f"meters[{i}]")
-            names = [item.get("name") if isinstance(item, dict) else None for item in items]
-            problems += _duplicate_names(names)
+        meters, _, item_problems = validate_items(doc, "meters", "meter", Meter)
+        problems += item_problems
     if problems:
         raise ConfigError(problems, source=source)
     return MetersConfig(meters=tuple(meters))
 
 
-def load_meters(path: str | Path) -> MetersConfig:
-    """Read, parse and validate a meters YAML file; :class:`ConfigError` on any problem."""
+def read_yaml_file(path: str | Path) -> Any:
+    """The document of a YAML config file, numbers exact (:func:`yaml_load_exact`);
+    :class:`ConfigError` (source: the path) when it cannot be read or is not YAML."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -750,13 +774,17 @@ def load_meters(path: str | Path) -> MetersConfig:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read file: {exc}"], source=source) from None
     try:
-        doc = yaml_load_exact(text)
+        return yaml_load_exact(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         detail = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"YAML syntax error{where}: {detail}"], source=source) from None
-    return parse_meters(doc, source)
+
+
+def load_meters(path: str | Path) -> MetersConfig:
+    """Read, parse and validate a meters YAML file; :class:`ConfigError` on any problem."""
+    return parse_meters(read_yaml_file(path), str(path))
 
 
 DEFAULT_METERS_FILE = Path("meters.example.yaml")

@@ -57,7 +57,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, Protocol, get_args
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -68,6 +67,12 @@ from pydantic import (
 )
 
 from meterstream.errors import ConfigError
+from meterstream.meters.config import (
+    PYDANTIC_MESSAGES,
+    duplicate_names,
+    read_yaml_file,
+    validate_items,
+)
 from meterstream.pricing.money import ZERO, Currency, currency, plain, stripe_decimal_places
 from meterstream.pricing.prices import (
     MAX_BOUND,
@@ -332,31 +337,8 @@ class Plan(BaseModel):
                 )
             flats += [(f"prices[{i}].{path}", amount) for path, amount in price.flat_amounts()]
             units += [(f"prices[{i}].{path}", amount) for path, amount in price.unit_prices()]
-        code = money.code.upper()
-        limit = f" (at most {MAX_MINOR_UNITS} {code} minor units)"
-        for path, amount in flats:
-            if not money.is_whole(amount):
-                problems.append(
-                    (
-                        path,
-                        f"{plain(amount)} is not a whole number of {code} minor units "
-                        f"({money.quantum})",
-                    )
-                )
-            elif money.to_minor(amount) > MAX_MINOR_UNITS:
-                problems.append((path, f"{plain(amount)} is too large{limit}"))
-        for path, amount in units:
-            places = stripe_decimal_places(amount, money)
-            if places > MAX_UNIT_DECIMALS:
-                problems.append(
-                    (
-                        path,
-                        f"{plain(amount)} has {places} decimal places in {code} minor units; "
-                        f"Stripe allows at most {MAX_UNIT_DECIMALS}",
-                    )
-                )
-            elif money.to_stripe(amount) > MAX_MINOR_UNITS:
-                problems.append((path, f"{plain(amount)} is too large{limit}"))
+        problems += [(path, why) for path, amount in flats if (why := _flat_problem(amount, money))]
+        problems += [(path, why) for path, amount in units if (why := _unit_problem(amount, money))]
         if problems:
             raise _Problems(problems)
         return self
@@ -386,7 +368,7 @@ class PlansConfig(BaseModel):
 
     @model_validator(mode="after")
     def _names(self) -> PlansConfig:
-        problems = _duplicate_names([p.name for p in self.plans])
+        problems = duplicate_names([p.name for p in self.plans], "plan")
         if self.default_plan is not None and self.default_plan not in self._by_name:
             problems.append(f"default_plan: no plan named {self.default_plan!r}")
         if problems:
@@ -416,59 +398,33 @@ class PlansConfig(BaseModel):
         )
 
 
-def _duplicate_names(names: list[Any]) -> list[str]:
-    first: dict[str, int] = {}
-    problems = []
-    for i, name in enumerate(names):
-        if not isinstance(name, str):
-            continue
-        if name in first:
-            problems.append(
-                f"plans[{i}].name: duplicate plan name {name!r} (also plans[{first[name]}])"
-            )
-        else:
-            first[name] = i
-    return problems
+def _flat_problem(amount: Decimal, money: Currency) -> str | None:
+    """Why a fee, a minimum or a flat price cannot be sent to Stripe in ``money``: not a
+    whole number of minor units, or too large; ``None`` if it can."""
+    code = money.code.upper()
+    if not money.is_whole(amount):
+        return f"{plain(amount)} is not a whole number of {code} minor units ({money.quantum})"
+    if money.to_minor(amount) > MAX_MINOR_UNITS:
+        return f"{plain(amount)} is too large (at most {MAX_MINOR_UNITS} {code} minor units)"
+    return None
+
+
+def _unit_problem(amount: Decimal, money: Currency) -> str | None:
+    """Why a unit price cannot be sent to Stripe in ``money``: more decimal places in minor
+    units than Stripe takes, or too large; ``None`` if it can."""
+    code = money.code.upper()
+    places = stripe_decimal_places(amount, money)
+    if places > MAX_UNIT_DECIMALS:
+        return (
+            f"{plain(amount)} has {places} decimal places in {code} minor units; "
+            f"Stripe allows at most {MAX_UNIT_DECIMALS}"
+        )
+    if money.to_stripe(amount) > MAX_MINOR_UNITS:
+        return f"{plain(amount)} is too large (at most {MAX_MINOR_UNITS} {code} minor units)"
+    return None
 
 
 # -- loading -------------------------------------------------------------------------
-
-
-class _ExactLoader(yaml.SafeLoader):
-    """SafeLoader with exact Decimal numbers and YAML 1.2 booleans (true/false only)."""
-
-
-def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
-    text = str(loader.construct_scalar(node)).replace("_", "")
-    if _NUMERIC.fullmatch(text):
-        return Decimal(text)
-    return Decimal(repr(loader.construct_yaml_float(node)))  # .inf, .nan
-
-
-_ExactLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_ExactLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_ExactLoader.add_implicit_resolver(  # YAML 1.2 also reads 1e3 (no dot) as a number
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-_ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
-
-_MESSAGES = {
-    "missing": "required",
-    "extra_forbidden": "unknown field",
-    "string_type": "must be a string",
-    "tuple_type": "must be a list",
-    "list_type": "must be a list",
-    "model_type": "must be a mapping",
-    "model_attributes_type": "must be a mapping",
-    "dict_type": "must be a mapping",
-}
 
 
 def _problems(exc: ValidationError, prefix: str) -> list[str]:
@@ -484,7 +440,7 @@ def _problems(exc: ValidationError, prefix: str) -> list[str]:
         elif err["type"] == "value_error":
             lines.append(f"{path}: {error}")
         else:
-            lines.append(f"{path}: {_MESSAGES.get(err['type'], err['msg'])}")
+            lines.append(f"{path}: {PYDANTIC_MESSAGES.get(err['type'], err['msg'])}")
     return lines
 
 
@@ -500,24 +456,10 @@ def parse_plans(doc: Any, source: str = "plans", meters: MeterNames | None = Non
         problems.append("plans: required (the document must be a mapping with a 'plans' list)")
     else:
         problems += [f"{key}: unknown field" for key in doc if key not in ("plans", "default_plan")]
-        items = doc.get("plans")
-        if "plans" not in doc:
-            problems.append("plans: required")
-        elif not isinstance(items, list):
-            problems.append("plans: must be a list of plans")
-        elif not items:
-            problems.append("plans: at least one plan is required")
-        else:
-            for i, item in enumerate(items):
-                if not isinstance(item, dict):
-                    problems.append(f"plans[{i}]: must be a mapping")
-                    continue
-                try:
-                    plans.append(Plan.model_validate(item))
-                except ValidationError as exc:
-                    problems += _problems(exc, f"plans[{i}]")
+        plans, items, item_problems = validate_items(doc, "plans", "plan", Plan, _problems)
+        problems += item_problems
+        if items is not None:
             names = [item.get("name") if isinstance(item, dict) else None for item in items]
-            problems += _duplicate_names(names)
             default_plan = doc.get("default_plan")
             if default_plan is not None:
                 try:
@@ -550,18 +492,4 @@ def _unknown_meters(items: list[Any], meters: MeterNames) -> list[str]:
 
 def load_plans(path: str | Path, meters: MeterNames | None = None) -> PlansConfig:
     """Read, parse and validate a plans YAML file; :class:`ConfigError` on any problem."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(["file not found"], source=source) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([f"cannot read file: {exc}"], source=source) from None
-    try:
-        doc = yaml.load(text, Loader=_ExactLoader)  # a SafeLoader subclass: safe
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        detail = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([f"YAML syntax error{where}: {detail}"], source=source) from None
-    return parse_plans(doc, source, meters)
+    return parse_plans(read_yaml_file(path), str(path), meters)

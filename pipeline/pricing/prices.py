@@ -224,13 +224,19 @@ def _tier_charge(i: int, tier: Tier, lower: int, units: Decimal, flat: Decimal) 
 
 
 @dataclass(frozen=True, slots=True)
-class Graduated:
-    """``tiers_mode=graduated``: each tier prices the units that fall inside it."""
+class _Tiered:
+    """A tiered price model: its tiers are checked when it is built (:func:`tier_problems`,
+    then every tier's prices)."""
 
     tiers: tuple[Tier, ...]
 
     def __post_init__(self) -> None:
         _check_tiers(self.tiers)
+
+
+@dataclass(frozen=True, slots=True)
+class Graduated(_Tiered):
+    """``tiers_mode=graduated``: each tier prices the units that fall inside it."""
 
     def charge(self, quantity: Decimal) -> Charge:
         """The sum over reached tiers of ``units in tier x unit_price + flat_price``."""
@@ -254,13 +260,8 @@ class Graduated:
 
 
 @dataclass(frozen=True, slots=True)
-class Volume:
+class Volume(_Tiered):
     """``tiers_mode=volume``: the tier holding the whole quantity prices every unit."""
-
-    tiers: tuple[Tier, ...]
-
-    def __post_init__(self) -> None:
-        _check_tiers(self.tiers)
 
     def charge(self, quantity: Decimal) -> Charge:
         """``quantity x unit_price + flat_price`` of the first tier with ``quantity <= up_to``."""

@@ -8,23 +8,18 @@ from collections import defaultdict
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from tests.support.meters import FAST_STRIPE, meter_entry, meters_yaml, stripe
+
 HOUR = 3_600_000
 
 # The events name their Stripe customer; the meters opt in to that property (pinned).
-METERS = """
-meters:
-  - name: spend
-    event_name: api_call
-    aggregation: sum
-    value: properties.cost
-    stripe: {event_name: fault_spend, customer_id_from: properties.stripe_customer_id,
-              interval: 1s, grace: 0s}
-  - name: calls
-    event_name: api_call
-    aggregation: count
-    stripe: {event_name: fault_calls, customer_id_from: properties.stripe_customer_id,
-              interval: 1s, grace: 0s}
-"""
+FAULT_STRIPE = f"customer_id_from: properties.stripe_customer_id, {FAST_STRIPE}"
+METERS = meters_yaml(
+    meter_entry(
+        "spend", "api_call", "sum", "properties.cost", stripe=stripe("fault_spend", FAULT_STRIPE)
+    ),
+    meter_entry("calls", "api_call", "count", stripe=stripe("fault_calls", FAULT_STRIPE)),
+)
 
 
 def make_load(

@@ -14,7 +14,6 @@ import json
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import termios
@@ -29,6 +28,7 @@ import pytest
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.worker.lifeline import EXIT_BROKER_LOST, PARENT_GONE_GRACE_SECONDS
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
+from tests.support.cli import port_open
 
 pytestmark = pytest.mark.faults
 
@@ -94,15 +94,6 @@ def descendants(root: int) -> list[Proc]:
     return found
 
 
-def port_open(address: str) -> bool:
-    host, port = address.removeprefix("http://").rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def recorded(web_url: str) -> int:
     result = http_json(f"{web_url}/v1/sql", {"sql": "SELECT count() AS n FROM usage_events"})
     return int(result["rows"][0][0])
@@ -122,6 +113,31 @@ def readiness(web_url: str) -> dict[str, str]:
 
 def log_size(path: Path) -> int:
     return path.stat().st_size
+
+
+def children_under_load(proc: subprocess.Popen[bytes], web: str) -> tuple[list[Proc], str]:
+    """Once the demo's load is recorded: the run's descendants and their command lines."""
+    wait_until(lambda: recorded(web) >= 4000, timeout=120, what="the demo load recorded")
+    children = descendants(proc.pid)
+    return children, " | ".join(c.cmdline for c in children)
+
+
+def work_in_flight(web: str, worker_log: Path) -> int:
+    """Waits until the record is still growing, so the fault lands on work in flight;
+    returns the worker log's size at that moment."""
+    before = recorded(web)
+    wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
+    return log_size(worker_log)
+
+
+def kill_leftovers(proc: subprocess.Popen[bytes], children: list[Proc]) -> None:
+    """SIGKILL whatever a failed test left running: the children, then the run."""
+    for child in children:
+        if child.alive():
+            os.kill(child.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
 
 
 def log_lines_since(path: Path, offset: int) -> list[str]:
@@ -210,19 +226,14 @@ def test_nothing_outlives_run_under_load(tmp_path: Path, ending: str) -> None:
     children: list[Proc] = []
     try:
         web = endpoints["web_url"]
-        wait_until(lambda: recorded(web) >= 4000, timeout=120, what="the demo load recorded")
-        children = descendants(proc.pid)
-        commands = " | ".join(c.cmdline for c in children)
+        children, commands = children_under_load(proc, web)
         broker = endpoints["broker"]  # this machine's default: Kafka with Java 17+, else Tansu
         started = {"kafka": "kafka.Kafka", "tansu": "tansu"}[broker]
         assert started in commands, commands
         assert "meterstream.cli stripe-emulator" in commands, commands
         assert "meterstream.cli worker" in commands, commands
-        # The fault lands on work in flight: the record is still growing.
-        before = recorded(web)
-        wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
         worker_log = state / "worker.log"
-        log_at_signal = log_size(worker_log)
+        log_at_signal = work_in_flight(web, worker_log)
 
         signalled = time.monotonic()
         if terminal is not None:
@@ -255,12 +266,7 @@ def test_nothing_outlives_run_under_load(tmp_path: Path, ending: str) -> None:
             assert any("SIGTERM received: stopping" in line for line in after), after
             assert not any("CRITICAL" in line.upper() for line in after), after
     finally:
-        for child in children:
-            if child.alive():
-                os.kill(child.pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_leftovers(proc, children)
 
 
 def test_worker_of_a_killed_run_with_an_external_broker_stops_within_the_grace(
@@ -280,15 +286,11 @@ def test_worker_of_a_killed_run_with_an_external_broker_stops_within_the_grace(
     children: list[Proc] = []
     try:
         web = endpoints["web_url"]
-        wait_until(lambda: recorded(web) >= 4000, timeout=120, what="the demo load recorded")
-        children = descendants(proc.pid)
-        commands = " | ".join(c.cmdline for c in children)
+        children, commands = children_under_load(proc, web)
         assert "tansu" not in commands and "kafka.Kafka" not in commands, commands
         assert "meterstream.cli worker" in commands, commands
-        before = recorded(web)
-        wait_until(lambda: recorded(web) > before, timeout=30, what="the record growing")
         worker_log = state / "worker.log"
-        log_at_signal = log_size(worker_log)
+        log_at_signal = work_in_flight(web, worker_log)
 
         killed = time.monotonic()
         proc.kill()
@@ -302,12 +304,7 @@ def test_worker_of_a_killed_run_with_an_external_broker_stops_within_the_grace(
         assert any(f"the supervisor (pid {proc.pid}) is gone" in line for line in after), after
         assert len(after) < 50, "\n".join(after[-20:])
     finally:
-        for child in children:
-            if child.alive():
-                os.kill(child.pid, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        kill_leftovers(proc, children)
 
 
 class Load(threading.Thread):

@@ -11,28 +11,23 @@ from typing import Any
 
 import pytest
 
+from tests.faults.fault_load import FAULT_STRIPE
 from tests.harness import StackSlice, http_json, wait_until
+from tests.support.meters import meter_entry, meters_yaml, stripe
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 HOUR = 3_600_000
 CUSTOMERS = 30
 # The events name their Stripe customer; the meters opt in to that property (pinned).
-METERS = """
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    stripe: {event_name: fault_tokens, customer_id_from: properties.stripe_customer_id,
-              interval: 1s, grace: 0s}
-  - name: peak
-    event_name: chat
-    aggregation: max
-    value: properties.tokens
-    stripe: {event_name: fault_peak, customer_id_from: properties.stripe_customer_id,
-              interval: 1s, grace: 0s}
-"""
+METERS = meters_yaml(
+    meter_entry(
+        "tokens", "chat", "sum", "properties.tokens", stripe=stripe("fault_tokens", FAULT_STRIPE)
+    ),
+    meter_entry(
+        "peak", "chat", "max", "properties.tokens", stripe=stripe("fault_peak", FAULT_STRIPE)
+    ),
+)
 
 
 def stripe_view(url: str) -> tuple[dict[tuple[str, str], int], list[dict[str, Any]]]:

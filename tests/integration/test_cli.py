@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, wait_until
+from tests.support.cli import port_open
 
 pytestmark = pytest.mark.integration
 
@@ -35,15 +35,6 @@ def cli(
         cwd=REPO, input=stdin.decode() if stdin else None, capture_output=True, text=True,
         env={**clean, **(env or {})}, timeout=timeout,
     )  # fmt: skip
-
-
-def port_open(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def test_produce_reports_bad_lines_and_sends_good_ones(stack: StackSlice) -> None:

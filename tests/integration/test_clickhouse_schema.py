@@ -39,21 +39,12 @@ from meterstream.sinks.clickhouse.writer import (
     usage_event_row,
 )
 from tests.integration.clickhouse_fixtures import *  # noqa: F403
+from tests.support import MIGRATIONS
 
 pytestmark = pytest.mark.integration
 
 HOUR = 3_600_000
 DAY = 24 * HOUR
-ALL_MIGRATIONS = [
-    "0001_usage_events",
-    "0002_meter_windows",
-    "0003_rejected_events",
-    "0004_stripe_meter_events",
-    "0005_meter_usage_views",
-    "0006_usage_events_meters",
-    "0007_stripe_customers",
-    "0008_usage_events_refused_meters",
-]
 
 
 def ms(year: int, month: int, day: int, hour: int = 0) -> int:
@@ -62,7 +53,7 @@ def ms(year: int, month: int, day: int, hour: int = 0) -> int:
 
 @pytest.fixture
 def db(ch: ClickHouse) -> ClickHouse:
-    assert migrate(ch) == ALL_MIGRATIONS
+    assert migrate(ch) == MIGRATIONS
     return ch
 
 
@@ -70,7 +61,7 @@ def db(ch: ClickHouse) -> ClickHouse:
 
 
 def test_migrations_apply_once(ch: ClickHouse) -> None:
-    assert migrate(ch) == ALL_MIGRATIONS
+    assert migrate(ch) == MIGRATIONS
     assert migrate(ch) == []
     tables = {
         name: engine
@@ -93,7 +84,7 @@ def test_migrations_apply_once(ch: ClickHouse) -> None:
         "stripe_customer_refusals": "ReplacingMergeTree",
     }
     recorded = ch.query_rows("SELECT version, name FROM schema_migrations ORDER BY version")
-    assert recorded == [(i + 1, name) for i, name in enumerate(ALL_MIGRATIONS)]
+    assert recorded == [(i + 1, name) for i, name in enumerate(MIGRATIONS)]
     view_columns = ch.query_rows(
         "SELECT name, type FROM system.columns WHERE database = currentDatabase()"
         " AND table = 'meter_usage' ORDER BY position"
@@ -688,5 +679,5 @@ def test_a_second_connection_sees_the_migrated_database(
     db: ClickHouse, ch_factory: Callable[..., ClickHouse]
 ) -> None:
     other = ch_factory(db.database)
-    assert other.query_rows("SELECT count() FROM schema_migrations") == [(len(ALL_MIGRATIONS),)]
+    assert other.query_rows("SELECT count() FROM schema_migrations") == [(len(MIGRATIONS),)]
     assert migrate(other) == []

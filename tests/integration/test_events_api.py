@@ -10,47 +10,25 @@ the marker is in ClickHouse, anything the refused request had written would be t
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from meterstream.embedded.tansu import EmbeddedBroker
-from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.harness import StackSlice, Worker, wait_until
+from tests.support.cli import keys_cli
+from tests.support.meters import meter_entry, meters_yaml
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: calls
-    event_name: api_call
-    aggregation: count
-    window: hour
-  - name: tokens
-    event_name: ai_tokens
-    aggregation: sum
-    value: properties.tokens
-    window: hour
-"""
+METERS = meters_yaml(
+    meter_entry("calls", "api_call", "count", window="hour"),
+    meter_entry("tokens", "ai_tokens", "sum", "properties.tokens", window="hour"),
+)
 BODY_LIMIT = 64 * 1024
-
-
-def keys_cli(state_dir: Path, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "meterstream.cli", "keys", *args, "--state-dir", str(state_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
 
 
 class Api:
@@ -104,24 +82,13 @@ def event(customer: str, *, key: str | None = None, name: str = "api_call", **ex
 
 
 @pytest.fixture(scope="module")
-def api(
-    broker: EmbeddedBroker,
-    stripe_emulator: str,
-    worker_chdb_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Api]:
-    stack = StackSlice(
-        broker.bootstrap, worker_chdb_path, stripe_emulator, tmp_path_factory.mktemp("api")
+def api(module_stack: StackSlice) -> Api:
+    worker = module_stack.start_worker(
+        module_stack.meters_file(METERS),
+        METERSTREAM_API_READ_AUTH="required",
+        METERSTREAM_API_MAX_BODY_BYTES=str(BODY_LIMIT),
     )
-    try:
-        worker = stack.start_worker(
-            stack.meters_file(METERS),
-            METERSTREAM_API_READ_AUTH="required",
-            METERSTREAM_API_MAX_BODY_BYTES=str(BODY_LIMIT),
-        )
-        yield Api(worker, stack)
-    finally:
-        stack.stop_all()
+    return Api(worker, module_stack)
 
 
 def test_batch_with_one_bad_event_is_rejected_whole(api: Api) -> None:

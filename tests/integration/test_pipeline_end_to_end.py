@@ -12,24 +12,15 @@ import pytest
 
 from tests.harness import StackSlice, http_json, wait_until
 from tests.integration.test_stripe_forwarding import cli
+from tests.support.meters import BY_MODEL, meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: tokens
-    event_name: ai_chat
-    aggregation: sum
-    value: properties.tokens
-    group_by: [properties.model]
-    window: hour
-    stripe: {event_name: e2e_tokens, interval: 1s, grace: 0s}
-  - name: requests
-    event_name: api_request
-    aggregation: count
-    window: hour
-    stripe: {event_name: e2e_requests, interval: 1s, grace: 0s}
-"""
+METERS = meters_yaml(
+    meter_entry("tokens", "ai_chat", "sum", "properties.tokens", group_by=BY_MODEL,
+                window="hour", stripe=stripe("e2e_tokens")),
+    meter_entry("requests", "api_request", "count", window="hour", stripe=stripe("e2e_requests")),
+)  # fmt: skip
 
 HOUR = 3_600_000
 

@@ -5,7 +5,6 @@ Expected totals are computed by hand in the tests from the events produced."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from meterstream.endpoints import write_endpoints
 from meterstream.meters.windows import month_bounds, period_label
 from meterstream.sinks.stripe.client import StripeMeterClient
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
+from tests.support.kafka import consume_all
+from tests.support.meters import meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
@@ -29,49 +30,25 @@ DAY_S = 86_400
 STRIPE = "interval: 1s, grace: 0s"
 # These events name their Stripe customer; the meters opt in to that property (pinned).
 BY_PROPERTY = "customer_id_from: properties.stripe_customer_id"
+V = "properties.v"
 
-AGG_METERS = f"""
-meters:
-  - name: tokens_carry
-    event_name: agg
-    aggregation: sum
-    value: properties.v
-    stripe: {{event_name: agg_sum_carry, rounding: carry, {BY_PROPERTY}, {STRIPE}}}
-  - name: tokens_up
-    event_name: agg
-    aggregation: sum
-    value: properties.v
-    stripe: {{event_name: agg_sum_up, rounding: up, {BY_PROPERTY}, {STRIPE}}}
-  - name: tokens_down
-    event_name: agg
-    aggregation: sum
-    value: properties.v
-    stripe: {{event_name: agg_sum_down, rounding: down, {BY_PROPERTY}, {STRIPE}}}
-  - name: calls
-    event_name: agg
-    aggregation: count
-    stripe: {{event_name: agg_count, {BY_PROPERTY}, {STRIPE}}}
-  - name: peak
-    event_name: agg
-    aggregation: max
-    value: properties.v
-    stripe: {{event_name: agg_max, {BY_PROPERTY}, {STRIPE}}}
-  - name: floor_v
-    event_name: agg
-    aggregation: min
-    value: properties.v
-    stripe: {{event_name: agg_min, rounding: up, {BY_PROPERTY}, {STRIPE}}}
-  - name: users
-    event_name: agg
-    aggregation: unique_count
-    value: properties.user
-    stripe: {{event_name: agg_unique, {BY_PROPERTY}, {STRIPE}}}
-  - name: seats
-    event_name: agg
-    aggregation: latest
-    value: properties.v
-    stripe: {{event_name: agg_latest, rounding: down, {BY_PROPERTY}, {STRIPE}}}
-"""
+
+def pinned(event_name: str, rounding: str = "") -> str:
+    """A Stripe block sent at once, its customer named by the event's property (pinned)."""
+    rounding_option = f"rounding: {rounding}, " if rounding else ""
+    return stripe(event_name, f"{rounding_option}{BY_PROPERTY}, {STRIPE}")
+
+
+AGG_METERS = meters_yaml(
+    meter_entry("tokens_carry", "agg", "sum", V, stripe=pinned("agg_sum_carry", "carry")),
+    meter_entry("tokens_up", "agg", "sum", V, stripe=pinned("agg_sum_up", "up")),
+    meter_entry("tokens_down", "agg", "sum", V, stripe=pinned("agg_sum_down", "down")),
+    meter_entry("calls", "agg", "count", stripe=pinned("agg_count")),
+    meter_entry("peak", "agg", "max", V, stripe=pinned("agg_max")),
+    meter_entry("floor_v", "agg", "min", V, stripe=pinned("agg_min", "up")),
+    meter_entry("users", "agg", "unique_count", "properties.user", stripe=pinned("agg_unique")),
+    meter_entry("seats", "agg", "latest", V, stripe=pinned("agg_latest", "down")),
+)
 
 _ROUND = {"carry": ROUND_HALF_UP, "up": ROUND_CEILING, "down": ROUND_FLOOR}
 # meter's Stripe event name -> (aggregation, rounding)
@@ -242,30 +219,6 @@ meters:
     aggregation: count
     stripe: {{event_name: mapped_calls, customer_id_from: mapping, {STRIPE}}}
 """
-
-
-def consume_all(bootstrap: str, topic: str, timeout: float = 10) -> list[tuple[bytes, bytes]]:
-    from aiokafka import AIOKafkaConsumer
-
-    async def read() -> list[tuple[bytes, bytes]]:
-        consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-        )
-        await consumer.start()
-        try:
-            out: list[tuple[bytes, bytes]] = []
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                batches = await consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    out += [(r.key or b"", r.value or b"") for r in records]
-                if out and not batches:
-                    break
-            return out
-        finally:
-            await consumer.stop()
-
-    return asyncio.run(read())
 
 
 def test_mapping_unknown_customer_error_and_retry(stack: StackSlice) -> None:

@@ -43,6 +43,7 @@ from meterstream.sinks.clickhouse.writer import (
     usage_event_row,
 )
 from tests.integration.clickhouse_fixtures import *  # noqa: F403
+from tests.support.meters import BY_MODEL, meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
@@ -50,19 +51,11 @@ HOUR = 3_600_000
 DAY = 24 * HOUR
 START = 1_790_000_000_000 // DAY * DAY  # a UTC midnight
 END = START + 3 * DAY
-METERS = parse_meters(
-    yaml.safe_load(
-        """
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    window: hour
-    stripe: {event_name: tokens, interval: 30s}
-"""
-    )
+TOKENS_STRIPE = stripe("tokens", "interval: 30s")
+TOKENS = meter_entry(
+    "tokens", "chat", "sum", "properties.tokens", window="hour", stripe=TOKENS_STRIPE
 )
+METERS = parse_meters(yaml.safe_load(meters_yaml(TOKENS)))
 METER = METERS.by_name("tokens")
 CUSTOMERS = [f"c{i}" for i in range(5)]
 
@@ -128,19 +121,13 @@ def test_full_verification_reads_in_slices_and_misses_no_one(
 
 GROUPED = parse_meters(
     yaml.safe_load(
-        """
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    group_by: [properties.model]
-    filters: [{property: properties.model, operator: neq, value: skip}]
-    window: hour
-    stripe: {event_name: tokens, interval: 30s}
-"""
+        meters_yaml(
+            meter_entry("tokens", "chat", "sum", "properties.tokens", group_by=BY_MODEL,
+                        filters="[{property: properties.model, operator: neq, value: skip}]",
+                        window="hour", stripe=TOKENS_STRIPE)
+        )
     )
-)
+)  # fmt: skip
 GROUPED_METER = GROUPED.by_name("tokens")
 VERSION = itertools.count(1)
 

@@ -14,24 +14,18 @@ import pytest
 
 from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import REPO, StackSlice
-from tests.integration.test_events_api import keys_cli
+from tests.support.cli import keys_cli
+from tests.support.meters import BY_MODEL, meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: calls
-    event_name: api_call
-    aggregation: count
-    window: hour
-    stripe: {event_name: fuzz_calls, interval: 5s, grace: 0s}
-  - name: tokens
-    event_name: ai_tokens
-    aggregation: sum
-    value: properties.tokens
-    group_by: [properties.model]
-    window: hour
-"""
+FUZZ_STRIPE = stripe("fuzz_calls", "interval: 5s, grace: 0s")
+METERS = meters_yaml(
+    meter_entry("calls", "api_call", "count", window="hour", stripe=FUZZ_STRIPE),
+    meter_entry(
+        "tokens", "ai_tokens", "sum", "properties.tokens", group_by=BY_MODEL, window="hour"
+    ),
+)
 # A valid request can still be refused for what a schema cannot say (a timestamp
 # older than the dedup horizon, a SQL statement ClickHouse rejects), so
 # "schema-valid means 2xx" is not a property of this API. Every other check runs.

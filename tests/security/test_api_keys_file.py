@@ -10,16 +10,12 @@ import pytest
 import requests
 
 from tests.harness import REPO, StackSlice, wait_until
-from tests.security.test_sql_files import keys_cli
+from tests.support.cli import keys_cli
+from tests.support.meters import meter_entry, meters_yaml
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: calls
-    event_name: api_call
-    aggregation: count
-"""
+METERS = meters_yaml(meter_entry("calls", "api_call", "count"))
 
 
 @pytest.mark.parametrize(

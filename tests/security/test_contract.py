@@ -24,19 +24,13 @@ import requests
 
 from meterstream.events import MAX_EVENT_BYTES
 from tests.harness import StackSlice, Worker, wait_until
-from tests.integration.test_events_api import keys_cli
 from tests.security.test_poison import send
+from tests.support.cli import keys_cli
+from tests.support.meters import meter_entry, meters_yaml
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    window: hour
-"""
+METERS = meters_yaml(meter_entry("tokens", "chat", "sum", "properties.tokens", window="hour"))
 
 
 def now_ms() -> int:

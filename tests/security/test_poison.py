@@ -32,38 +32,21 @@ import pytest
 from meterstream.meters.config import COLUMN_LIMITS, STRIPE_LIMITS
 from tests.faults.test_crash_restart import delete_topic, metric_value, stripe_totals
 from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.support.meters import meter_entry, meters_yaml
 
 pytestmark = pytest.mark.integration
 
 HOUR = 3_600_000
 
-METERS = """
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    window: hour
-  - name: calls
-    event_name: chat
-    aggregation: count
-    window: hour
-  - name: peak
-    event_name: gauge
-    aggregation: max
-    value: properties.v
-    window: hour
-  - name: floor_v
-    event_name: gauge
-    aggregation: min
-    value: properties.v
-    window: hour
-  - name: last_v
-    event_name: gauge
-    aggregation: latest
-    value: properties.v
-    window: hour
-"""
+TOKENS = meter_entry("tokens", "chat", "sum", "properties.tokens", window="hour")
+CALLS = meter_entry("calls", "chat", "count", window="hour")
+METERS = meters_yaml(
+    TOKENS,
+    CALLS,
+    meter_entry("peak", "gauge", "max", "properties.v", window="hour"),
+    meter_entry("floor_v", "gauge", "min", "properties.v", window="hour"),
+    meter_entry("last_v", "gauge", "latest", "properties.v", window="hour"),
+)
 LIMIT = COLUMN_LIMITS["hour"]  # the documented range of an hour-window meter
 
 
@@ -404,18 +387,7 @@ def test_stripe_meter_totals_stay_within_int64(stack: StackSlice) -> None:
     worker.stop()
 
 
-ISOLATION_METERS = """
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    window: hour
-  - name: calls
-    event_name: chat
-    aggregation: count
-    window: hour
-"""
+ISOLATION_METERS = meters_yaml(TOKENS, CALLS)
 
 
 def test_a_batch_that_raises_is_isolated_not_a_crash_loop(stack: StackSlice) -> None:

@@ -26,18 +26,14 @@ from typing import Any
 import pytest
 import requests
 
-from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker
+from tests.support.cli import keys_cli
+from tests.support.meters import meter_entry, meters_yaml
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: calls
-    event_name: api_call
-    aggregation: count
-"""
+METERS = meters_yaml(meter_entry("calls", "api_call", "count"))
 ENV_MARKER = f"ENVSECRET{uuid.uuid4().hex}"
 FILE_MARKER = f"FILESECRET{uuid.uuid4().hex}"
 
@@ -139,30 +135,14 @@ class Target:
         )
 
 
-def keys_cli(state_dir: Path, *args: str) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", "meterstream.cli", "keys", *args, "--state-dir", str(state_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip()
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
-def target(
-    broker: EmbeddedBroker,
-    stripe_emulator: str,
-    worker_chdb_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Target]:
-    tmp = tmp_path_factory.mktemp("sql-files")
-    stack = StackSlice(broker.bootstrap, worker_chdb_path, stripe_emulator, tmp)
+def target(module_stack: StackSlice) -> Iterator[Target]:
+    stack = module_stack
+    tmp = stack.tmp
     state = tmp / "state"
     state.mkdir()
     admin = keys_cli(state, "create", "admin")

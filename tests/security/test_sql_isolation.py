@@ -31,15 +31,11 @@ import requests
 
 from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import StackSlice, Worker
+from tests.support.meters import meter_entry, meters_yaml
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: calls
-    event_name: api_call
-    aggregation: count
-"""
+METERS = meters_yaml(meter_entry("calls", "api_call", "count"))
 # CPU-bound, 20M rows read, one row out: about a minute on one core here.
 HEAVY = "SELECT sum(arraySum(range(number % 3 + 3000))) AS s FROM numbers(20000000)"
 

@@ -32,6 +32,7 @@ import requests
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
+from tests.support.kafka import consume_all
 
 pytestmark = pytest.mark.integration
 
@@ -144,28 +145,21 @@ def produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes | None]
     asyncio.run(send())
 
 
-def consume_all(bootstrap: str, topic: str, timeout: float = 10) -> list[tuple[bytes, bytes]]:
-    from aiokafka import AIOKafkaConsumer
+def acme_and_globex(tokens: tuple[int, int], calls: int) -> dict[tuple[str, str], int]:
+    """What Stripe holds per (event name, Stripe customer) when acme and globex are mapped:
+    their tokens, and ``calls`` calls each."""
+    acme_tokens, globex_tokens = tokens
+    return {
+        ("sec_tokens", "cus_acme"): acme_tokens,
+        ("sec_calls", "cus_acme"): calls,
+        ("sec_tokens", "cus_globex"): globex_tokens,
+        ("sec_calls", "cus_globex"): calls,
+    }
 
-    async def read() -> list[tuple[bytes, bytes]]:
-        consumer = AIOKafkaConsumer(
-            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", group_id=None
-        )
-        await consumer.start()
-        try:
-            out: list[tuple[bytes, bytes]] = []
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                batches = await consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    out += [(r.key or b"", r.value or b"") for r in records]
-                if out and not batches:
-                    break
-            return out
-        finally:
-            await consumer.stop()
 
-    return asyncio.run(read())
+def wait_forwarded(stripe_url: str, expected: dict[tuple[str, str], int], what: str) -> None:
+    """Until the emulator's totals are ``expected`` (90 s)."""
+    wait_until(lambda: stripe_received(stripe_url) == expected, timeout=90, interval=1, what=what)
 
 
 def stripe_received(stripe_url: str) -> dict[tuple[str, str], int]:
@@ -462,18 +456,8 @@ def test_mapping_survives_a_worker_restart_and_works_without_a_worker(stack: Sta
         [chat(c, f"{c}{i}", base + i, 2) for i, c in enumerate(["acme", "globex", "initech"])]
     )
     worker = stack.start_worker(meters_file)
-    expected = {
-        ("sec_tokens", "cus_acme"): 2,
-        ("sec_calls", "cus_acme"): 1,
-        ("sec_tokens", "cus_globex"): 2,
-        ("sec_calls", "cus_globex"): 1,
-    }
-    wait_until(
-        lambda: stripe_received(stack.stripe_url) == expected,
-        timeout=90,
-        interval=1,
-        what="forwarded with the mapping after the restart",
-    )
+    expected = acme_and_globex(tokens=(2, 2), calls=1)
+    wait_forwarded(stack.stripe_url, expected, "forwarded with the mapping after the restart")
     assert settle(stack.stripe_url) == expected
     assert metric(worker, "meterstream_stripe_waiting_customers", meter="tokens") == 1  # initech
     history = worker.sql(
@@ -486,16 +470,21 @@ def test_mapping_survives_a_worker_restart_and_works_without_a_worker(stack: Sta
     ]
 
 
+def same_slice_on(stack: StackSlice, broker: EmbeddedBroker) -> StackSlice:
+    """``stack``'s slice (its topic prefix, database, chdb path and emulator) on ``broker``."""
+    return StackSlice(
+        broker.bootstrap, stack.chdb_path, stack.stripe_url, stack.tmp,
+        prefix=stack.prefix, database=stack.database,
+    )  # fmt: skip
+
+
 def test_mapping_survives_the_embedded_brokers_loss(stack: StackSlice, tmp_path: Path) -> None:
     """A broker of this test's own (the session's is shared), replaced by a fresh one
     that knows nothing: topics, the customers topic included, are gone."""
     meters_file = stack.meters_file(METERS)
     state = stack.tmp / "state"
     first = EmbeddedBroker(log=tmp_path / "broker-1.log").start()
-    own = StackSlice(
-        first.bootstrap, stack.chdb_path, stack.stripe_url, stack.tmp,
-        prefix=stack.prefix, database=stack.database,
-    )  # fmt: skip
+    own = same_slice_on(stack, first)
     try:
         worker = own.start_worker(meters_file)
         write_endpoints(state, {"web_url": worker.web_url})
@@ -521,44 +510,23 @@ def test_mapping_survives_the_embedded_brokers_loss(stack: StackSlice, tmp_path:
         )
         base = base_ms()
         own.produce([chat("acme", "a1", base, 3), chat("globex", "g1", base + 1, 4)])
-        first_round = {
-            ("sec_tokens", "cus_acme"): 3,
-            ("sec_calls", "cus_acme"): 1,
-            ("sec_tokens", "cus_globex"): 4,
-            ("sec_calls", "cus_globex"): 1,
-        }
-        wait_until(
-            lambda: stripe_received(stack.stripe_url) == first_round,
-            timeout=90,
-            interval=1,
-            what="forwarded on the first broker",
-        )
+        first_round = acme_and_globex(tokens=(3, 4), calls=1)
+        wait_forwarded(stack.stripe_url, first_round, "forwarded on the first broker")
         worker.stop()
     finally:
         own.stop_all()
         first.stop()
 
     second = EmbeddedBroker(log=tmp_path / "broker-2.log").start()
-    fresh = StackSlice(
-        second.bootstrap, stack.chdb_path, stack.stripe_url, stack.tmp,
-        prefix=stack.prefix, database=stack.database,
-    )  # fmt: skip
+    fresh = same_slice_on(stack, second)
     try:
         worker = fresh.start_worker(meters_file)
         write_endpoints(state, {"web_url": worker.web_url})
         fresh.produce([chat("acme", "a2", base + 2, 10), chat("globex", "g2", base + 3, 20)])
-        expected = {
-            ("sec_tokens", "cus_acme"): 13,
-            ("sec_calls", "cus_acme"): 2,
-            ("sec_tokens", "cus_globex"): 24,
-            ("sec_calls", "cus_globex"): 2,
-        }
+        expected = acme_and_globex(tokens=(13, 24), calls=2)
         try:
-            wait_until(
-                lambda: stripe_received(stack.stripe_url) == expected,
-                timeout=90,
-                interval=1,
-                what="forwarded with the mapping on a fresh broker",
+            wait_forwarded(
+                stack.stripe_url, expected, "forwarded with the mapping on a fresh broker"
             )
         except AssertionError:
             assert stripe_received(stack.stripe_url) == expected, worker.log()[-3000:]

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,17 +36,12 @@ import pytest
 
 from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.support.meters import meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: calls
-    event_name: api_call
-    aggregation: count
-    window: hour
-    stripe: {event_name: sec_calls, interval: 1h, grace: 0s}
-"""
+SEC_STRIPE = stripe("sec_calls", "interval: 1h, grace: 0s")
+METERS = meters_yaml(meter_entry("calls", "api_call", "count", window="hour", stripe=SEC_STRIPE))
 BODY_TIMEOUT = 2.0
 
 
@@ -172,32 +166,21 @@ class Surface:
 
 
 @pytest.fixture(scope="module")
-def surface(
-    broker: EmbeddedBroker,
-    stripe_emulator: str,
-    worker_chdb_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Surface]:
-    stack = StackSlice(
-        broker.bootstrap, worker_chdb_path, stripe_emulator, tmp_path_factory.mktemp("surface")
-    )
-    state_dir = stack.tmp / "state"
+def surface(module_stack: StackSlice) -> Surface:
+    state_dir = module_stack.tmp / "state"
     admin = new_key(state_dir, "admin")
     acme = new_key(state_dir, "acme-only", "--customer", "acme")
-    try:
-        worker = stack.start_worker(
-            stack.meters_file(METERS), METERSTREAM_API_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT)
-        )
-        port = int(worker.web_url.rsplit(":", 1)[1])
-        surface = Surface(worker, port, admin, acme)
-        wait_until(
-            lambda: request(port, "GET", "/readyz", surface.host).status == 200,
-            timeout=90,
-            what="/readyz",
-        )
-        yield surface
-    finally:
-        stack.stop_all()
+    worker = module_stack.start_worker(
+        module_stack.meters_file(METERS), METERSTREAM_API_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT)
+    )
+    port = int(worker.web_url.rsplit(":", 1)[1])
+    surface = Surface(worker, port, admin, acme)
+    wait_until(
+        lambda: request(port, "GET", "/readyz", surface.host).status == 200,
+        timeout=90,
+        what="/readyz",
+    )
+    return surface
 
 
 # -- DNS rebinding: the Host check ----------------------------------------------------

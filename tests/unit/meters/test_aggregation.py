@@ -1,4 +1,5 @@
 import json
+from collections.abc import Callable
 from decimal import Decimal
 from functools import reduce
 
@@ -22,6 +23,14 @@ events_st = st.dictionaries(
     st.tuples(decimals, st.sampled_from(["u1", "u2", "u3", "1", "é"]), st.integers(0, 20)),
     max_size=30,
 )
+
+
+def for_every_kind(test: Callable[..., None]) -> Callable[..., None]:
+    """``test(kind, events, data)`` for every aggregation kind, on generated unique events
+    (``data`` draws more: duplicates, orders, partitions)."""
+    return pytest.mark.parametrize("kind", AGGREGATION_KINDS)(
+        given(events=events_st, data=st.data())(test)
+    )
 
 
 def items(kind: str, events: Events, order: list[str] | None = None) -> list:
@@ -54,8 +63,7 @@ def reference(kind: str, events: Events) -> Decimal:
     return events[winner][0]
 
 
-@pytest.mark.parametrize("kind", AGGREGATION_KINDS)
-@given(events=events_st, data=st.data())
+@for_every_kind
 def test_result_ignores_order_and_duplicates(
     kind: str, events: Events, data: st.DataObject
 ) -> None:
@@ -73,8 +81,7 @@ def test_result_ignores_order_and_duplicates(
     assert agg.dump(state) == agg.dump(aggregate(kind, items(kind, events)))
 
 
-@pytest.mark.parametrize("kind", AGGREGATION_KINDS)
-@given(events=events_st, data=st.data())
+@for_every_kind
 def test_merge_of_partition_equals_aggregate_of_union(
     kind: str, events: Events, data: st.DataObject
 ) -> None:
@@ -98,8 +105,7 @@ def three_states(kind: str, events: Events, data: st.DataObject) -> list[WindowS
     ]
 
 
-@pytest.mark.parametrize("kind", AGGREGATION_KINDS)
-@given(events=events_st, data=st.data())
+@for_every_kind
 def test_merge_is_commutative_associative_and_pure(
     kind: str, events: Events, data: st.DataObject
 ) -> None:

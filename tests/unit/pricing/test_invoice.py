@@ -4,7 +4,6 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +22,8 @@ from meterstream.pricing.invoice import (
     preview_invoice,
 )
 from meterstream.pricing.plans import PlansConfig, load_plans, parse_plans
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[3]
 D = Decimal
 DECEMBER = Period.month("2026-12")  # 31 days
 
@@ -34,7 +33,7 @@ def day(n: int, month: int = 12, year: int = 2026) -> datetime:
 
 
 def example() -> PlansConfig:
-    return load_plans(ROOT / "plans.example.yaml")
+    return load_plans(REPO / "plans.example.yaml")
 
 
 def one_plan_invoice(plans: PlansConfig, plan: str, quantities: dict[str, Any]) -> Invoice:

@@ -10,8 +10,8 @@ from meterstream.errors import ConfigError
 from meterstream.meters.config import load_meters
 from meterstream.pricing.plans import Plan, PlansConfig, load_plans, parse_plans
 from meterstream.pricing.prices import Graduated, PerUnit, Tier, TransformQuantity, Volume
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[3]
 D = Decimal
 
 
@@ -29,8 +29,17 @@ def per_unit(**fields: Any) -> dict[str, Any]:
     return {"meter": "m", "unit_price": "0.02", **fields}
 
 
+def tiered(tiers: list[dict[str, Any]], mode: str, **fields: Any) -> dict[str, Any]:
+    return {"meter": "m", "billing_scheme": "tiered", "tiers_mode": mode, "tiers": tiers, **fields}
+
+
+def one_price(price: dict[str, Any]) -> dict[str, Any]:
+    """A plans document of one plan with one price."""
+    return {"plans": [plan(prices=[price])]}
+
+
 def test_example_file_loads_against_the_example_meters() -> None:
-    config = load_plans(ROOT / "plans.example.yaml", load_meters(ROOT / "meters.example.yaml"))
+    config = load_plans(REPO / "plans.example.yaml", load_meters(REPO / "meters.example.yaml"))
     assert [p.name for p in config.plans] == [
         "essential",
         "business",
@@ -109,58 +118,19 @@ def test_every_problem_at_once_with_its_path() -> None:
 
 def test_tier_rules_with_paths() -> None:
     tiers = [{"up_to": 10}, {"up_to": 10}, {"up_to": "inf"}, {"up_to": 30}]
-    doc = {
-        "plans": [
-            plan(
-                prices=[
-                    {
-                        "meter": "m",
-                        "billing_scheme": "tiered",
-                        "tiers_mode": "volume",
-                        "tiers": tiers,
-                    }
-                ]
-            )
-        ]
-    }
+    doc = one_price(tiered(tiers, "volume"))
     assert problems(doc) == [
         "plans[0].prices[0].tiers[1].up_to: must be greater than tiers[0].up_to (10), not 10",
         "plans[0].prices[0].tiers[2].up_to: only the last tier may be unbounded ('inf')",
         "plans[0].prices[0].tiers[3].up_to: the last tier must be unbounded: use 'inf', not 30",
     ]
     for bad in (0, -3, 1.5, True, "ten", None):
-        doc = {
-            "plans": [
-                plan(
-                    prices=[
-                        {
-                            "meter": "m",
-                            "billing_scheme": "tiered",
-                            "tiers_mode": "volume",
-                            "tiers": [{"up_to": bad}, {"up_to": "inf"}],
-                        }
-                    ]
-                )
-            ]
-        }
+        doc = one_price(tiered([{"up_to": bad}, {"up_to": "inf"}], "volume"))
         assert problems(doc)[0].startswith(
             "plans[0].prices[0].tiers[0].up_to: must be a positive integer or 'inf'"
         )
     too_many = [{"up_to": i + 1} for i in range(250)] + [{"up_to": "inf"}]
-    doc = {
-        "plans": [
-            plan(
-                prices=[
-                    {
-                        "meter": "m",
-                        "billing_scheme": "tiered",
-                        "tiers_mode": "graduated",
-                        "tiers": too_many,
-                    }
-                ]
-            )
-        ]
-    }
+    doc = one_price(tiered(too_many, "graduated"))
     assert problems(doc) == ["plans[0].prices[0].tiers: at most 250 tiers are allowed, not 251"]
 
 
@@ -251,7 +221,7 @@ def test_one_currency_per_plan_and_one_price_per_meter() -> None:
 
 
 def test_meters_are_cross_checked() -> None:
-    meters = load_meters(ROOT / "meters.example.yaml")
+    meters = load_meters(REPO / "meters.example.yaml")
     doc = {"plans": [plan(prices=[per_unit(meter="ai_tokens"), per_unit(meter="tokens")])]}
     found = problems(doc, meters=meters)
     assert len(found) == 1
@@ -299,11 +269,11 @@ def test_loading_errors(tmp_path: Path) -> None:
 
 
 def test_readme_example_is_valid(tmp_path: Path) -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Prices\n", 1)[1]
     path = tmp_path / "plans.yaml"
     path.write_text(section.split("```yaml\n", 1)[1].split("```", 1)[0])
-    config = load_plans(path, meters=load_meters(ROOT / "meters.example.yaml"))
+    config = load_plans(path, meters=load_meters(REPO / "meters.example.yaml"))
     pro = config.by_name("pro")
     assert (pro.base_fee, pro.minimum, config.default.name) == (20, 50, "free")
     assert [p.meter for p in pro.prices] == ["compute_units", "ai_tokens", "active_servers"]

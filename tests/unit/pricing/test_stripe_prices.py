@@ -2,7 +2,6 @@
 
 import math
 from decimal import ROUND_HALF_UP, Decimal
-from pathlib import Path
 from typing import Any
 
 from hypothesis import given
@@ -17,8 +16,8 @@ from meterstream.pricing.stripe_prices import (
     price_params,
     unsupported,
 )
+from tests.support import REPO
 
-ROOT = Path(__file__).resolve().parents[3]
 D = Decimal
 METER_IDS = {
     "ai_tokens": "mtr_tokens",
@@ -29,7 +28,7 @@ METER_IDS = {
 
 
 def example() -> PlansConfig:
-    return load_plans(ROOT / "plans.example.yaml")
+    return load_plans(REPO / "plans.example.yaml")
 
 
 def only_price(plan: Plan, meter_id: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from meterstream.sinks.clickhouse.writer import (
     usage_event_row,
     utc_datetime,
 )
+from tests.support import MIGRATIONS
 
 HOURLY_VIEW_SQL = """\
 CREATE OR REPLACE VIEW meter_usage_hourly AS
@@ -144,16 +145,7 @@ def test_views_migration_file_is_generated_by_the_python_function() -> None:
 
 def test_migration_files_are_versioned_in_order() -> None:
     migrations = load_migrations()
-    assert [m.name for m in migrations] == [
-        "0001_usage_events",
-        "0002_meter_windows",
-        "0003_rejected_events",
-        "0004_stripe_meter_events",
-        "0005_meter_usage_views",
-        "0006_usage_events_meters",
-        "0007_stripe_customers",
-        "0008_usage_events_refused_meters",
-    ]
+    assert [m.name for m in migrations] == MIGRATIONS
     assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert all(m.checksum == checksum(m.sql) for m in migrations)
     assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1, 3, 1]

@@ -1,0 +1,22 @@
+"""Helpers shared by several test files: meters files written as one line a meter
+(``meters``), reading a topic back (``kafka``), the ``meterstream`` commands and sockets
+the tests poke (``cli``), and here the repository's root and the shipped migrations. The
+stack itself (broker, worker processes, a test's slice) is tests/harness.py; its fixtures
+are tests/conftest.py."""
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+"""The repository's root: its example files (meters, plans), Makefile and deploy/."""
+
+MIGRATIONS = [
+    "0001_usage_events",
+    "0002_meter_windows",
+    "0003_rejected_events",
+    "0004_stripe_meter_events",
+    "0005_meter_usage_views",
+    "0006_usage_events_meters",
+    "0007_stripe_customers",
+    "0008_usage_events_refused_meters",
+]
+"""The ClickHouse migrations this version ships, in the order they apply."""

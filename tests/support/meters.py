@@ -1,0 +1,30 @@
+"""Meters files for tests, one line a meter: ``meters_yaml(meter_entry(...), ...)`` is the YAML
+text a test writes with ``StackSlice.meters_file``. Values are YAML text, so a flow
+mapping or list (``stripe="{event_name: x, interval: 1s}"``, ``group_by="[properties.m]"``)
+is written as it would be in the file."""
+
+from __future__ import annotations
+
+FAST_STRIPE = "interval: 1s, grace: 0s"
+"""Stripe options of a meter whose windows are sent as soon as they close."""
+BY_MODEL = "[properties.model]"
+"""``group_by`` of a meter that splits its windows by the event's model."""
+
+
+def meter_entry(
+    name: str, event_name: str, aggregation: str, value: str = "", **fields: str
+) -> str:
+    """One meter entry: name, the event it counts, its aggregation, the value path (not for
+    ``count``), then any other field (``window``, ``group_by``, ``filters``, ``stripe``)."""
+    entry = {"event_name": event_name, "aggregation": aggregation, "value": value, **fields}
+    return f"  - name: {name}\n" + "".join(f"    {k}: {v}\n" for k, v in entry.items() if v)
+
+
+def meters_yaml(*meters: str) -> str:
+    """A meters file holding ``meters`` in order."""
+    return "\nmeters:\n" + "".join(meters)
+
+
+def stripe(event_name: str, options: str = FAST_STRIPE) -> str:
+    """A meter's ``stripe`` flow mapping: the Stripe event name, then ``options``."""
+    return f"{{event_name: {event_name}, {options}}}"
