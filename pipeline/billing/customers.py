@@ -35,7 +35,7 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
@@ -214,38 +214,51 @@ class MappingStore:
 
         ``ready`` is set once the records present at start-up are recorded.
         """
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        from meterstream.kafka import client_options, topic_partitions
-
         topic = self.settings.topic(CUSTOMERS.name)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            enable_auto_commit=False,
-            **client_options(self.settings),
-        )
-        await consumer.start()
-        try:
-            partitions: set[int] = set()
-            while not partitions:
-                partitions = await topic_partitions(consumer, topic)
-                if not partitions:
-                    await asyncio.sleep(1.0)
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            while True:
-                batches = await consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    for record in records:
-                        await self.import_record(record.key, record.value, record.timestamp)
-                if not self.ready.is_set():
-                    positions = [await consumer.position(tp) for tp in tps]
-                    if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
-                        self.ready.set()
-        finally:
-            await consumer.stop()
+        await follow_topic(self.settings, self.bootstrap, topic, self.import_record, self.ready)
+
+
+async def follow_topic(
+    settings: Settings,
+    bootstrap: str,
+    topic: str,
+    handle: Callable[[bytes | None, bytes | None, int], Awaitable[None]],
+    ready: asyncio.Event,
+) -> None:
+    """Read a compacted topic from the beginning and keep following it, each record to
+    ``handle(key, value, timestamp_ms)``; ``ready`` is set once the records present at
+    start-up are handled."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from meterstream.kafka import client_options, topic_partitions
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        **client_options(settings),
+    )
+    await consumer.start()
+    try:
+        partitions: set[int] = set()
+        while not partitions:
+            partitions = await topic_partitions(consumer, topic)
+            if not partitions:
+                await asyncio.sleep(1.0)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        while True:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    await handle(record.key, record.value, record.timestamp)
+            if not ready.is_set():
+                positions = [await consumer.position(tp) for tp in tps]
+                if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+                    ready.set()
+    finally:
+        await consumer.stop()
 
 
 # -------------------------------------------------------------- the CLI's side

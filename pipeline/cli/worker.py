@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import faust
@@ -136,6 +137,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         app, settings, meters, chio, metrics, pipeline=pipeline, mappings=mappings
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
+    install_pricing(app, settings, meters, chio, metrics, keys, reads, bootstrap)
     web.register(
         app, settings, chio, metrics, ready, publisher, keys, forwarder, mappings, reads=reads
     )
@@ -146,6 +148,44 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     app.on_before_shutdown.connect(cast(Any, stop_publisher))
 
     return app
+
+
+def install_pricing(
+    app: faust.App,
+    settings: Settings,
+    meters: MetersConfig,
+    chio: ClickHouseIO,
+    metrics: Metrics,
+    keys: KeyStore,
+    reads: ReadIO,
+    bootstrap: str,
+) -> None:
+    """Plans (checked at start), the plan schedule follower, the pricing runs into
+    ``priced_usage_daily`` and the invoice routes (before the guard is installed)."""
+    from meterstream.api import invoices as invoice_routes
+    from meterstream.billing.assignments import AssignmentStore
+    from meterstream.pricing.invoice import Period
+    from meterstream.worker.invoices import load_plans_for, price_period
+
+    plans = load_plans_for(settings, meters)
+    assignments = AssignmentStore(settings, chio, bootstrap, [p.name for p in plans.plans])
+    invoice_routes.register(app, settings, metrics, keys, reads, plans, assignments)
+
+    @app.task
+    async def follow_customer_plans() -> None:
+        await assignments.follow()
+
+    if settings.pricing_refresh_seconds > 0:
+
+        @app.timer(settings.pricing_refresh_seconds)
+        async def price_usage() -> None:
+            now = Period.containing(datetime.now(UTC))
+            previous = Period.containing(now.start - timedelta(days=1))
+            for period in (previous, now):
+                try:
+                    await chio.call_once(price_period, plans, period)
+                except Exception:  # logged, retried next interval; never stops the worker
+                    log.exception("pricing run for %s failed; retried next interval", period)
 
 
 GC_YOUNG_THRESHOLD = 200_000
