@@ -268,6 +268,79 @@ def cmd_invoice_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ stripe create-prices
+
+
+def cmd_create_prices(args: argparse.Namespace) -> int:
+    """Create the plan's products and prices on Stripe; what exists already is kept."""
+    from meterstream.billing.forwarding import stripe_client
+    from meterstream.meters.config import load_meters, meters_path
+    from meterstream.pricing.stripe_prices import plan_requests, unsupported
+
+    settings = _settings(args)
+    meters = load_meters(meters_path(settings))
+    from meterstream.worker.invoices import load_plans_for
+
+    plans = load_plans_for(settings, meters)
+    try:
+        plan = plans.by_name(args.plan)
+    except KeyError:
+        known = ", ".join(p.name for p in plans.plans)
+        raise MeterstreamError(f"no plan named {args.plan!r} (plans: {known})") from None
+    by_name = {m.name: m for m in meters.meters}
+    client = stripe_client(settings)
+    active = {m["event_name"]: m["id"] for m in client.list_meters() if m.get("status") == "active"}
+    meter_ids: dict[str, str] = {}
+    missing = []
+    for price in plan.prices:
+        block = by_name[price.meter].stripe
+        if block is None:
+            missing.append(f"{price.meter}: the meter has no stripe block (it is not forwarded)")
+        elif block.event_name not in active:
+            missing.append(
+                f"{price.meter}: no active Stripe meter for event {block.event_name!r} "
+                "(run `meterstream stripe create-meters` first)"
+            )
+        else:
+            meter_ids[price.meter] = active[block.event_name]
+    if missing:
+        raise MeterstreamError(
+            f"plan {plan.name} cannot be created on Stripe:\n  " + "\n  ".join(missing)
+        )
+    titles = {m.name: m.description or m.name for m in meters.meters}
+    for request in plan_requests(plan, meter_ids, titles):
+        if request.kind == "product":
+            found = client.find_product(request.lookup)
+            made = found or client.create_product(request.params, request.idempotency_key)
+            verb = "exists " if found else "created"
+            print(f"{verb} product {made['id']}")
+        else:
+            found = client.find_price(request.lookup)
+            made = found or client.create_price(request.params, request.idempotency_key)
+            verb = "exists " if found else "created"
+            print(f"{verb} price {made['id']} ({request.lookup})")
+    for line in unsupported(plan):
+        print(
+            f"warning: {line}; the preview applies it, Stripe's invoice will not", file=sys.stderr
+        )
+    return 0
+
+
+def register_stripe(
+    stripe_sub: Any,
+    common: argparse.ArgumentParser,
+    settings_of: Callable[[argparse.Namespace], Settings],
+) -> None:
+    """Add ``stripe create-prices`` to the ``meterstream stripe`` group."""
+    p = stripe_sub.add_parser(
+        "create-prices", parents=[common], help="create a plan's products and prices on Stripe"
+    )
+    p.add_argument("plan")
+    p.add_argument("--plans", help="plans YAML file (default METERSTREAM_PLANS_FILE)")
+    p.add_argument("--meters", help="meters YAML file")
+    p.set_defaults(func=cmd_create_prices, settings_of=settings_of)
+
+
 # ------------------------------------------------------------------ registration
 
 

@@ -26,30 +26,36 @@ import pytest
 
 from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
+from meterstream.sinks.stripe.client import StripeMeterClient
 from tests.harness import REPO, StackSlice, Worker, wait_until
 
 pytestmark = pytest.mark.integration
 
+MINUTE = 60_000
 HOUR = 3_600_000
 DAY = 24 * HOUR
 
-METERS = """
+STRIPE = "customer_id_from: properties.stripe_customer_id, interval: 1s, grace: 0s"
+METERS = f"""
 meters:
   - name: tokens
     event_name: chat
     aggregation: sum
     value: properties.tokens
     group_by: [properties.model]
-    window: hour
+    window: minute
+    stripe: {{event_name: pr_tokens, {STRIPE}}}
   - name: calls
     event_name: call
     aggregation: count
-    window: hour
+    window: minute
+    stripe: {{event_name: pr_calls, {STRIPE}}}
   - name: servers
     event_name: heartbeat
     aggregation: max
     value: properties.servers
-    window: hour
+    window: minute
+    stripe: {{event_name: pr_servers, {STRIPE}}}
 """
 
 PLANS = """
@@ -147,18 +153,21 @@ def _price(kind: str, params: Any, quantity: Fraction) -> Fraction:
 
 
 def _events(now_ms: int, month_start: int) -> list[dict[str, Any]]:
+    """Events over the last two days of this month, all in closed (minute) windows: the
+    forwarder sends a window to Stripe once it is closed."""
     rng = random.Random(24)
     start = max((now_ms // DAY - 2) * DAY, month_start)
+    end = now_ms // MINUTE * MINUTE
     out = []
     for i in range(360):
-        ts = min(start + rng.randrange(0, max(now_ms - start - 2000, 1000)), now_ms - 1000)
+        ts = start + rng.randrange(0, max(end - start, 1))
         customer = f"c{rng.randrange(3)}"
         kind = rng.choice(["chat", "chat", "call", "call", "call", "heartbeat"])
-        props: dict[str, Any] = {}
+        props: dict[str, Any] = {"stripe_customer_id": f"cus_{customer}"}
         if kind == "chat":
-            props = {"tokens": rng.randrange(1, 5000), "model": rng.choice(["a", "b"])}
+            props |= {"tokens": rng.randrange(1, 5000), "model": rng.choice(["a", "b"])}
         elif kind == "heartbeat":
-            props = {"servers": rng.randrange(1, 30)}
+            props |= {"servers": rng.randrange(1, 30)}
         out.append(
             {
                 "event_name": kind,
@@ -261,7 +270,7 @@ def test_preview_equals_reference_and_the_priced_view(stack: StackSlice) -> None
     label = f"{first.year:04d}-{first.month:02d}"
     events = _events(now, period[0])
     start = min(e["timestamp"] for e in events)
-    change = (start + (now - start) // 2) // HOUR * HOUR  # an hour boundary: hourly windows
+    change = (start + (now - start) // 2) // MINUTE * MINUTE  # a window boundary
 
     plans_file = stack.tmp / "plans.yaml"
     plans_file.write_text(PLANS)
@@ -358,3 +367,58 @@ def test_preview_equals_reference_and_the_priced_view(stack: StackSlice) -> None
     )  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     assert _preview_lines(json.loads(cli.stdout)) == expected["c2"][0]
+
+    # Stripe: `meterstream stripe create-prices pro` creates the plan's products and
+    # metered prices; once the forwarder has delivered c1's usage, the emulator's upcoming
+    # invoice for c1 on those prices equals c1's preview, line by line and in total.
+    env = stack.env(stack.meters_file(METERS), METERSTREAM_PLANS_FILE=str(plans_file))
+    create = subprocess.run(
+        [sys.executable, "-m", "meterstream.cli", "stripe", "create-prices", "pro"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert create.returncode == 0, create.stderr
+    assert create.stdout.count("created price") == 4  # base fee + three metered prices
+    again = subprocess.run(
+        [sys.executable, "-m", "meterstream.cli", "stripe", "create-prices", "pro"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "created" not in again.stdout and again.stdout.count("exists  price") == 4
+    prices = [line.split()[2] for line in create.stdout.splitlines() if "price" in line]
+    client = StripeMeterClient(None, stack.stripe_url, rate_limit_per_second=None)
+    c1 = _quantities(events, "c1", *period)
+
+    def stripe_invoice() -> dict[str, Any]:
+        return client.invoice_preview(
+            {
+                "customer": "cus_c1",
+                "subscription_details": {"items": [{"price": p} for p in prices]},
+            }
+        )
+
+    def delivered() -> bool:
+        quantities = {
+            line["price"]["recurring"]["meter"]: Decimal(line["quantity"])
+            for line in stripe_invoice()["lines"]["data"]
+            if line["price"]["recurring"]["usage_type"] == "metered"
+        }
+        return sorted(quantities.values()) == sorted(
+            Decimal(int(c1[m])) for m in ("tokens", "calls", "servers")
+        )
+
+    try:
+        wait_until(delivered, timeout=60, what="c1's usage delivered to the emulator")
+    except AssertionError:
+        raise AssertionError((stripe_invoice()["lines"]["data"], dict(c1))) from None
+    invoice = stripe_invoice()
+    by_product = {
+        line["price"]["product"]: Decimal(line["amount"]) / 100 for line in invoice["lines"]["data"]
+    }
+    lines = expected["c1"][0]
+    assert by_product == {
+        "ms_plan_pro": lines[("pro", "base_fee", "")],
+        "ms_meter_tokens": lines[("pro", "usage", "tokens")],
+        "ms_meter_calls": lines[("pro", "usage", "calls")],
+        "ms_meter_servers": lines[("pro", "usage", "servers")],
+    }
+    assert Decimal(invoice["total"]) / 100 == expected["c1"][1] == Decimal(docs["c1"]["total"])
