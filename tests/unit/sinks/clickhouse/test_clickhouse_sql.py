@@ -153,10 +153,11 @@ def test_migration_files_are_versioned_in_order() -> None:
         "0006_usage_events_meters",
         "0007_stripe_customers",
         "0008_usage_events_refused_meters",
+        "0009_prices",
     ]
-    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     assert all(m.checksum == checksum(m.sql) for m in migrations)
-    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1, 3, 1]
+    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1, 3, 1, 3]
 
 
 def _squash(sql: str) -> str:
