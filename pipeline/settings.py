@@ -71,8 +71,8 @@ class Settings(BaseSettings):
     # Worker
     state_dir: Path = DEFAULT_STATE_DIR
     meters_file: Path | None = None
-    # The plans beside the meters (pipeline/pricing/plans.py); default plans.example.yaml
-    # where it exists, else none: every customer is on the built-in free plan.
+    # The plans beside the meters (pipeline/pricing/plans.py); unset: none, every customer
+    # is on the built-in free plan (usage metered, not charged).
     plans_file: Path | None = None
     # How often the worker reprices the current (and previous) period into ClickHouse
     # priced_usage_daily (pipeline/worker/invoices.py); 0 turns it off.

@@ -1,7 +1,7 @@
 """``meterstream plans ...``, ``meterstream invoice preview`` and ``stripe create-prices``.
 
-* ``plans check [FILE]``: validates a plans file (default: ``--plans``,
-  ``METERSTREAM_PLANS_FILE`` or ``plans.example.yaml``), every problem at once, each
+* ``plans check [FILE]``: validates a plans file (default: ``--plans`` or
+  ``METERSTREAM_PLANS_FILE``), every problem at once, each
   priced meter checked against the meters file when one is found.
 * ``plans assign CUSTOMER PLAN --from DATE`` / ``plans unassign CUSTOMER --from DATE`` /
   ``plans list [CUSTOMER]``: the customers' plan schedules
@@ -55,10 +55,10 @@ def _plans(settings: Settings) -> Any:
 
 
 def cmd_plans_check(args: argparse.Namespace) -> int:
-    from meterstream.pricing.plans import load_plans, plans_path
+    from meterstream.pricing.plans import load_plans
 
     settings = _settings(args)
-    path = Path(args.file) if args.file else plans_path(settings.plans_file)
+    path = Path(args.file) if args.file else settings.plans_file
     if path is None:
         raise ConfigError(["no plans file: give FILE, --plans or METERSTREAM_PLANS_FILE"], "plans")
     meters = _meters_or_none(settings)

@@ -615,17 +615,6 @@ def _unknown_meters(items: list[Any], meters: MeterNames) -> list[str]:
     return problems
 
 
-DEFAULT_PLANS_FILE: Final = Path("plans.example.yaml")
-
-
-def plans_path(plans_file: Path | None) -> Path | None:
-    """The plans file to load: ``plans_file`` (``METERSTREAM_PLANS_FILE``) as given, else
-    ``plans.example.yaml`` where it exists, else ``None`` (only the built-in free plan)."""
-    if plans_file is not None:
-        return plans_file
-    return DEFAULT_PLANS_FILE if DEFAULT_PLANS_FILE.exists() else None
-
-
 def free_plans(currency_code: str = "usd") -> PlansConfig:
     """The plans of a deployment without a plans file: the built-in free plan only."""
     return PlansConfig(plans=(Plan(name=DEFAULT_PLAN_NAME, currency=currency_code),))

@@ -41,7 +41,7 @@ from meterstream.pricing.invoice import (
     plan_segments,
 )
 from meterstream.pricing.money import ZERO
-from meterstream.pricing.plans import PlansConfig, free_plans, load_plans, plans_path
+from meterstream.pricing.plans import PlansConfig, free_plans, load_plans
 from meterstream.pricing.prices import daily_amounts
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import pricing as store
@@ -56,8 +56,9 @@ _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 def load_plans_for(settings: Settings, meters: MetersConfig | None = None) -> PlansConfig:
     """The deployment's plans (``METERSTREAM_PLANS_FILE``, checked against the meters),
-    or only the built-in free plan when there is no plans file."""
-    path = plans_path(settings.plans_file)
+    or only the built-in free plan when none is set: usage is metered and costs nothing
+    (``plans.example.yaml`` prices the example meters: ``--plans plans.example.yaml``)."""
+    path = settings.plans_file
     if path is None:
         return free_plans()
     if not path.exists():
