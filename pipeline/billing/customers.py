@@ -37,7 +37,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -331,19 +331,29 @@ def set_mapping(settings: Settings, customer_id: str, stripe_id: str | None) -> 
         ch.close()
     if row is None:
         return {"change": None, "published": False}
-    published = False
+    published = publish_copy(
+        settings,
+        lambda bootstrap: publish(
+            settings, bootstrap, customer_id, row.stripe_customer_id, row.version
+        ),
+    )
+    return {"change": row.public(), "published": published}
+
+
+def publish_copy(settings: Settings, send: Callable[[str], Awaitable[None]]) -> bool:
+    """Publish a change the CLI recorded in ClickHouse itself, on its topic, when a broker
+    is known (``send(bootstrap)``); whether it was. ClickHouse has the change: the topic
+    is a copy, so a failure is a warning."""
     with contextlib.suppress(ConfigError):
         from meterstream.endpoints import kafka_bootstrap
 
         bootstrap = kafka_bootstrap(settings)
         try:
-            asyncio.run(
-                publish(settings, bootstrap, customer_id, row.stripe_customer_id, row.version)
-            )
-            published = True
+            asyncio.run(cast(Any, send(bootstrap)))
+            return True
         except Exception as exc:  # recorded in ClickHouse; the topic is a copy
-            log.warning("not published to the customers topic: %s", exc)
-    return {"change": row.public(), "published": published}
+            log.warning("not published to the topic: %s", exc)
+    return False
 
 
 def list_mappings(settings: Settings) -> dict[str, Any]:

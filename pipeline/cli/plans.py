@@ -14,8 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -97,7 +95,7 @@ def _direct_change(
         with_assignment,
         without_assignment,
     )
-    from meterstream.billing.customers import _direct
+    from meterstream.billing.customers import _direct, publish_copy
     from meterstream.sinks.clickhouse import pricing as store
 
     ch = _direct(settings)
@@ -113,16 +111,10 @@ def _direct_change(
         ch.close()
     if row is None:
         return {"change": None, "published": False}
-    published = False
-    with contextlib.suppress(ConfigError):
-        from meterstream.endpoints import kafka_bootstrap
-
-        bootstrap = kafka_bootstrap(settings)
-        try:
-            asyncio.run(publish(settings, bootstrap, customer, row.schedule, row.version))
-            published = True
-        except Exception as exc:  # recorded in ClickHouse; the topic is a copy
-            print(f"not published to the customer-plans topic: {exc}", file=sys.stderr)
+    published = publish_copy(
+        settings,
+        lambda bootstrap: publish(settings, bootstrap, customer, row.schedule, row.version),
+    )
     return {"change": row.public(), "published": published}
 
 
@@ -152,7 +144,7 @@ def _change(args: argparse.Namespace, plan: str | None) -> int:
             result = _direct_change(settings, customer, plan, when)
         except BadSchedule as exc:
             raise MeterstreamError(str(exc)) from None
-    what = f"{plan} from {iso(when)}" if plan else f"no plan change at {iso(when)}"
+    what = f"{plan} from {iso(when)}" if plan else f"plan change at {iso(when)} removed"
     note = "" if result.get("change") else " (unchanged)"
     print(f"{customer}: {what}{note}")
     return 0

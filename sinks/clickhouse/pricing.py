@@ -57,6 +57,10 @@ def _dt(ms: int) -> dt.datetime:
     return _EPOCH + dt.timedelta(milliseconds=ms)
 
 
+def _iso(ms: int) -> str:
+    return _dt(ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def _ms(value: Any) -> int:
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
@@ -115,13 +119,10 @@ class ScheduleRow:
     def public(self) -> dict[str, Any]:
         return {
             "customer_id": self.customer_id,
-            "plans": [
-                {"plan": plan, "from": _dt(ms).isoformat(timespec="milliseconds")}
-                for plan, ms in self.schedule
-            ],
+            "plans": [{"plan": plan, "from": _iso(ms)} for plan, ms in self.schedule],
             "origin": self.origin,
             "changed_by": self.changed_by,
-            "changed_at": _dt(self.changed_at_ms).isoformat(timespec="milliseconds"),
+            "changed_at": _iso(self.changed_at_ms),
             "version": self.version,
         }
 

@@ -6,6 +6,7 @@ same, and a customer-restricted key reads its own preview only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
@@ -116,13 +118,8 @@ BASE_FEES = {"pro": Fraction(20)}
 
 def _cents(amount: Fraction) -> Decimal:
     """Half up to the cent, from the exact fraction (Stripe rounds each line once)."""
-    return (
-        (Decimal(amount.numerator) / Decimal(amount.denominator)).quantize(
-            Decimal("0.01"), rounding=ROUND_HALF_UP
-        )
-        if amount.denominator != 1
-        else Decimal(amount.numerator).quantize(Decimal("0.01"))
-    )
+    cents, rest = divmod(amount * 100, 1)
+    return Decimal(int(cents) + (rest >= Fraction(1, 2))).scaleb(-2)
 
 
 def _price(kind: str, params: Any, quantity: Fraction) -> Fraction:
@@ -335,6 +332,8 @@ def test_preview_equals_reference_and_the_priced_view(stack: StackSlice) -> None
     # a customer-restricted key reads its own customer only
     assert _status(preview_url.format("c1"), c1_key) == 200
     assert _status(preview_url.format("c2"), c1_key) == 403
+    bad_period = f"{worker.web_url}/v1/customers/c1/invoice-preview?period=2026-13"
+    assert _status(bad_period, operator) == 400
 
     # ClickHouse priced_usage_daily, summed per customer, meter and plan and rounded once,
     # equals the preview's usage lines
@@ -422,3 +421,30 @@ def test_preview_equals_reference_and_the_priced_view(stack: StackSlice) -> None
         "ms_meter_servers": lines[("pro", "usage", "servers")],
     }
     assert Decimal(invoice["total"]) / 100 == expected["c1"][1] == Decimal(docs["c1"]["total"])
+
+    # The customer-plans topic: a schedule produced there is recorded by the worker; a
+    # record naming a plan the plans file lacks, or not JSON, is refused.
+    async def produce_plans() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, acks="all")
+        await producer.start()
+        try:
+            topic = f"{stack.prefix}customer-plans"
+            good = {"plans": [{"plan": "basic", "from": f"{label}-03"}]}
+            bad = {"plans": [{"plan": "gold", "from": f"{label}-03"}]}
+            await producer.send_and_wait(topic, key=b"c9", value=json.dumps(good).encode())
+            await producer.send_and_wait(topic, key=b"c8", value=json.dumps(bad).encode())
+            await producer.send_and_wait(topic, key=b"c7", value=b"not json")
+        finally:
+            await producer.stop()
+
+    asyncio.run(produce_plans())
+    wait_until(
+        lambda: (
+            _request(plans_url.format("c9"))["plans"]
+            == [{"plan": "basic", "from": f"{label}-03T00:00:00.000Z"}]
+        ),
+        what="the topic's schedule recorded",
+    )
+    assert _request(plans_url.format("c8"))["plans"] == []
+    assert _request(plans_url.format("c7"))["plans"] == []
+    assert "customer-plans topic: record refused" in worker.log()
