@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -165,7 +166,8 @@ def install_pricing(
     from meterstream.api import invoices as invoice_routes
     from meterstream.billing.assignments import AssignmentStore
     from meterstream.pricing.invoice import Period
-    from meterstream.worker.invoices import load_plans_for, price_period
+    from meterstream.sinks.clickhouse.pricing import write_priced_usage
+    from meterstream.worker.invoices import load_plans_for, priced_period_rows
 
     plans = load_plans_for(settings, meters)
     assignments = AssignmentStore(settings, chio, bootstrap, [p.name for p in plans.plans])
@@ -182,8 +184,10 @@ def install_pricing(
             now = Period.containing(datetime.now(UTC))
             previous = Period.containing(now.start - timedelta(days=1))
             for period in (previous, now):
-                try:
-                    await chio.call_once(price_period, plans, period)
+                try:  # read on the reads connection: the writer's thread only inserts
+                    run = time.time_ns() // 1_000_000
+                    rows = await reads.read(priced_period_rows, plans, period, run)
+                    await chio.call_once(write_priced_usage, rows)
                 except Exception:  # logged, retried next interval; never stops the worker
                     log.exception("pricing run for %s failed; retried next interval", period)
 

@@ -193,6 +193,25 @@ def period_customers(ch: ClickHouse, period: Period) -> list[str]:
     return sorted(found)
 
 
+def priced_period_rows(
+    ch: ClickHouse,
+    plans: PlansConfig,
+    period: Period,
+    run: int,
+    customers: Iterable[str] | None = None,
+) -> list[tuple[Any, ...]]:
+    """A pricing run's rows for ``customers`` (default :func:`period_customers`); reads
+    only, so it can run on a read-only connection. A customer whose plans cannot price the
+    period (two currencies, an unknown plan) is logged and left out."""
+    rows: list[tuple[Any, ...]] = []
+    for customer in customers if customers is not None else period_customers(ch, period):
+        try:
+            rows += priced_usage_rows(ch, plans, customer, period, run)
+        except (KeyError, ValueError, PricingError) as exc:
+            log.warning("pricing %s for %s skipped: %s", customer, period.start, exc)
+    return rows
+
+
 def price_period(
     ch: ClickHouse,
     plans: PlansConfig,
@@ -200,17 +219,9 @@ def price_period(
     customers: Iterable[str] | None = None,
     run: int | None = None,
 ) -> int:
-    """Reprice ``period`` for ``customers`` (default :func:`period_customers`) into
-    ``priced_usage_runs``; returns the number of rows written. A customer whose plans
-    cannot price the period (two currencies, an unknown plan) is logged and skipped."""
+    """Reprice ``period`` into ``priced_usage_runs`` (:func:`priced_period_rows`, then one
+    insert); returns the number of rows written."""
     run = run if run is not None else time.time_ns() // 1_000_000
-    written = 0
-    for customer in customers if customers is not None else period_customers(ch, period):
-        try:
-            rows = priced_usage_rows(ch, plans, customer, period, run)
-        except (KeyError, ValueError, PricingError) as exc:
-            log.warning("pricing %s for %s skipped: %s", customer, period.start, exc)
-            continue
-        store.write_priced_usage(ch, rows)
-        written += len(rows)
-    return written
+    rows = priced_period_rows(ch, plans, period, run, customers)
+    store.write_priced_usage(ch, rows)
+    return len(rows)
