@@ -353,12 +353,16 @@ class StripeMeterClient:
 
     def create_product(self, params: Mapping[str, Any], idempotency_key: str) -> dict[str, Any]:
         """``POST /v1/products`` with an idempotency key."""
-        create = self._stripe.v1.products.create
-        options: Any = {"idempotency_key": idempotency_key}
-        product = self._with_retries(
-            lambda: create(cast(Any, dict(params)), options), what="create product"
+        return self._create(self._stripe.v1.products.create, params, idempotency_key, "product")
+
+    def _create(
+        self, create: Callable[..., Any], params: Mapping[str, Any], key: str, what: str
+    ) -> dict[str, Any]:
+        options: Any = {"idempotency_key": key}
+        made = self._with_retries(
+            lambda: create(cast(Any, dict(params)), options), what=f"create {what}"
         )[0]
-        return product.to_dict()
+        return dict(made.to_dict())
 
     def find_price(self, lookup_key: str) -> dict[str, Any] | None:
         """The active price with ``lookup_key`` (``GET /v1/prices?lookup_keys[]=``), or None."""
@@ -372,12 +376,7 @@ class StripeMeterClient:
 
     def create_price(self, params: Mapping[str, Any], idempotency_key: str) -> dict[str, Any]:
         """``POST /v1/prices`` with an idempotency key."""
-        create = self._stripe.v1.prices.create
-        options: Any = {"idempotency_key": idempotency_key}
-        price = self._with_retries(
-            lambda: create(cast(Any, dict(params)), options), what="create price"
-        )[0]
-        return price.to_dict()
+        return self._create(self._stripe.v1.prices.create, params, idempotency_key, "price")
 
     def invoice_preview(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """``POST /v1/invoices/create_preview`` (the upcoming invoice) as a dict."""
