@@ -64,9 +64,15 @@ v2 ``v2.billing.meter_event_adjustment`` has ``id`` and ``created``. Errors:
   Stripe documents the 24-hour limit but no code or message for these cases,
   so these messages are the emulator's own.
 
+Products and prices (``POST /v1/products``, ``GET /v1/products/{id}``, ``POST`` and
+``GET /v1/prices``) and the upcoming invoice of a customer on a list of prices
+(``POST /v1/invoices/create_preview``, ``GET /v1/invoices/upcoming``), priced from the
+meter events received by Stripe's tier rules: see "products, prices, invoices" below.
+
 With a state file (``--state-file``, what ``meterstream run`` uses) the
 emulator keeps what an account keeps across restarts (meters, meter events,
-identifiers, customers, idempotent replies; sinks/stripe/emulator/journal.py);
+products, prices, identifiers, customers, idempotent replies;
+sinks/stripe/emulator/journal.py);
 without one (tests' ``BackgroundEmulator``) it starts empty.
 
 Test controls live under ``/_emulator``: accepted events, stats, reset,
