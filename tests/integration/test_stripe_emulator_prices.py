@@ -147,3 +147,20 @@ def test_stripes_rules_are_enforced(client: StripeMeterClient) -> None:
         client.create_product({"id": "prod_fonts", "name": "again"}, "again")
     assert client.find_price("nothing") is None
     assert client.find_price("one") is not None
+
+
+def test_products_and_prices_survive_a_restart(tmp_path: Any) -> None:
+    state = tmp_path / "stripe.jsonl"
+    with BackgroundEmulator(state_file=state) as emu:
+        client = StripeMeterClient(None, emu.url, rate_limit_per_second=None, max_retries=0)
+        meter = _meter(client, "fonts")
+        price = _price(
+            client, meter, "grad", billing_scheme="tiered", tiers_mode="graduated", tiers=FONT_TIERS
+        )
+        _send(client, "fonts", "cus_a", 6)
+    with BackgroundEmulator(state_file=state) as emu:
+        client = StripeMeterClient(None, emu.url, rate_limit_per_second=None, max_retries=0)
+        assert client.find_product("prod_fonts") is not None
+        found = client.find_price("grad")
+        assert found is not None and found["id"] == price
+        assert _invoice(client, "cus_a", price)["total"] == 4150
