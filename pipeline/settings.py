@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     # Worker
     state_dir: Path = DEFAULT_STATE_DIR
     meters_file: Path | None = None
+    # The plans beside the meters (pipeline/pricing/plans.py); unset: none, every customer
+    # is on the built-in free plan (usage metered, not charged).
+    plans_file: Path | None = None
+    # How often the worker reprices the current (and previous) period into ClickHouse
+    # priced_usage_daily (pipeline/worker/invoices.py); 0 turns it off.
+    pricing_refresh_seconds: float = Field(default=60.0, ge=0)
     dedup_horizon_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     store: Literal["memory", "rocksdb"] = "memory"
     store_path: Path | None = None

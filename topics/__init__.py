@@ -55,6 +55,17 @@ CUSTOMERS = TopicSpec(
     retention_ms=None,
     cleanup_policy="compact",
 )
+CUSTOMER_PLANS = TopicSpec(
+    name="customer-plans",
+    key="customer_id (UTF-8)",
+    value=(
+        'JSON {"plans": [{"plan": NAME, "from": RFC 3339}, ...]}: the whole plan schedule;'
+        " null removes it; recorded in ClickHouse customer_plans by every worker"
+        " (pipeline/billing/assignments.py)"
+    ),
+    retention_ms=None,
+    cleanup_policy="compact",
+)
 STRIPE_ERRORS = TopicSpec(
     name="stripe-errors",
     key="identifier (UTF-8); refused:<customer>:<reason>:<stripe id> for a refusal",
@@ -67,4 +78,4 @@ STRIPE_ERRORS = TopicSpec(
     cleanup_policy="delete",
 )
 
-ALL_TOPICS = (USAGE_EVENTS, USAGE_EVENTS_DLQ, CUSTOMERS, STRIPE_ERRORS)
+ALL_TOPICS = (USAGE_EVENTS, USAGE_EVENTS_DLQ, CUSTOMERS, CUSTOMER_PLANS, STRIPE_ERRORS)

@@ -221,6 +221,155 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+_CUSTOMER = {
+    "name": "customer_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "minLength": 1},
+}
+_AMOUNT = {"type": "string", "description": "Exact decimal in the currency's major unit."}
+_PLAN_SCHEDULE = {
+    "type": "object",
+    "required": ["customer_id", "default_plan", "plans"],
+    "properties": {
+        "customer_id": {"type": "string"},
+        "default_plan": {"type": "string", "description": "Prices usage before any plan."},
+        "plans": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["plan", "from"],
+                "properties": {"plan": {"type": "string"}, "from": {"type": "string"}},
+            },
+        },
+    },
+}
+_INVOICE = {
+    "type": "object",
+    "description": "The invoice so far (pipeline/pricing/invoice.py, Invoice.to_dict): "
+    "amounts are decimal strings, each line rounded once; total = sum of the lines.",
+    "required": ["customer_id", "period", "currency", "segments", "lines", "subtotal", "total"],
+    "properties": {
+        "customer_id": {"type": "string"},
+        "period": {"type": "object"},
+        "currency": {"type": "string"},
+        "segments": {"type": "array", "items": {"type": "object"}},
+        "lines": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["kind", "plan", "amount", "amount_minor"],
+                "properties": {
+                    "kind": {"type": "string", "enum": ["base_fee", "usage", "minimum"]},
+                    "plan": {"type": "string"},
+                    "meter": {"type": ["string", "null"]},
+                    "quantity": {"type": "string"},
+                    "units": {"type": "string"},
+                    "tiers": {"type": "array", "items": {"type": "object"}},
+                    "amount": _AMOUNT,
+                    "amount_minor": {"type": "integer"},
+                },
+            },
+        },
+        "subtotal": _AMOUNT,
+        "total": _AMOUNT,
+        "subtotal_minor": {"type": "integer"},
+        "total_minor": {"type": "integer"},
+    },
+}
+
+
+def _price_paths(key_required: list[dict[str, list[str]]]) -> dict[str, Any]:
+    """The routes of pipeline/api/invoices.py."""
+    restricted = _error("The key is restricted to another customer.")
+    change = _json({"type": "object"}, "The change (null: nothing changed) and whether "
+                   "it was published on the customer-plans topic.")  # fmt: skip
+    return {
+        "/v1/customers/{customer_id}/invoice-preview": {
+            "get": {
+                "summary": "What a customer's usage costs so far this period",
+                "security": key_required,
+                "parameters": [
+                    _CUSTOMER,
+                    {
+                        "name": "period",
+                        "in": "query",
+                        "description": "YYYY-MM (default: the current month).",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": {
+                    "200": _json(_INVOICE, "The preview."),
+                    "400": _error("A bad period or customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": restricted,
+                    "409": _error("The plans cannot price the period (e.g. two currencies)."),
+                    "503": _error("ClickHouse unavailable."),
+                },
+            }
+        },
+        "/v1/customers/{customer_id}/plans": {
+            "parameters": [_CUSTOMER],
+            "get": {
+                "summary": "A customer's plan schedule",
+                "security": key_required,
+                "responses": {
+                    "200": _json(_PLAN_SCHEDULE, "The schedule."),
+                    "400": _error("A bad customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": restricted,
+                    "503": _error("ClickHouse unavailable."),
+                },
+            },
+            "put": {
+                "summary": "Put a customer on a plan from a date",
+                "security": key_required,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["plan", "from"],
+                                "properties": {
+                                    "plan": {"type": "string"},
+                                    "from": {
+                                        "type": "string",
+                                        "description": "YYYY-MM-DD (UTC) or RFC 3339.",
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": change,
+                    "400": _error("A bad body, plan, date or customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("A key restricted to a customer cannot do this."),
+                    "413": _error("The body is too large."),
+                    "415": _error("The body is not application/json."),
+                    "503": _error("ClickHouse unavailable."),
+                },
+            },
+            "delete": {
+                "summary": "Remove the plan change at a date",
+                "security": key_required,
+                "parameters": [
+                    {"name": "from", "in": "query", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": change,
+                    "400": _error("A bad date, no change at that date, or a bad customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("A key restricted to a customer cannot do this."),
+                    "503": _error("ClickHouse unavailable."),
+                },
+            },
+        },
+    }
+
+
 def document() -> dict[str, Any]:
     """The OpenAPI document, with what the guard in front of every route answers."""
     return _guard_responses(_routes_document())
@@ -583,5 +732,6 @@ def _routes_document() -> dict[str, Any]:
                     },
                 }
             },
+            **_price_paths(key_required),
         },
     }

@@ -35,9 +35,9 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -214,38 +214,51 @@ class MappingStore:
 
         ``ready`` is set once the records present at start-up are recorded.
         """
-        from aiokafka import AIOKafkaConsumer, TopicPartition
-
-        from meterstream.kafka import client_options, topic_partitions
-
         topic = self.settings.topic(CUSTOMERS.name)
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            enable_auto_commit=False,
-            **client_options(self.settings),
-        )
-        await consumer.start()
-        try:
-            partitions: set[int] = set()
-            while not partitions:
-                partitions = await topic_partitions(consumer, topic)
-                if not partitions:
-                    await asyncio.sleep(1.0)
-            tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            while True:
-                batches = await consumer.getmany(timeout_ms=500)
-                for records in batches.values():
-                    for record in records:
-                        await self.import_record(record.key, record.value, record.timestamp)
-                if not self.ready.is_set():
-                    positions = [await consumer.position(tp) for tp in tps]
-                    if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
-                        self.ready.set()
-        finally:
-            await consumer.stop()
+        await follow_topic(self.settings, self.bootstrap, topic, self.import_record, self.ready)
+
+
+async def follow_topic(
+    settings: Settings,
+    bootstrap: str,
+    topic: str,
+    handle: Callable[[bytes | None, bytes | None, int], Awaitable[None]],
+    ready: asyncio.Event,
+) -> None:
+    """Read a compacted topic from the beginning and keep following it, each record to
+    ``handle(key, value, timestamp_ms)``; ``ready`` is set once the records present at
+    start-up are handled."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from meterstream.kafka import client_options, topic_partitions
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        **client_options(settings),
+    )
+    await consumer.start()
+    try:
+        partitions: set[int] = set()
+        while not partitions:
+            partitions = await topic_partitions(consumer, topic)
+            if not partitions:
+                await asyncio.sleep(1.0)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        while True:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    await handle(record.key, record.value, record.timestamp)
+            if not ready.is_set():
+                positions = [await consumer.position(tp) for tp in tps]
+                if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
+                    ready.set()
+    finally:
+        await consumer.stop()
 
 
 # -------------------------------------------------------------- the CLI's side
@@ -318,19 +331,29 @@ def set_mapping(settings: Settings, customer_id: str, stripe_id: str | None) -> 
         ch.close()
     if row is None:
         return {"change": None, "published": False}
-    published = False
+    published = publish_copy(
+        settings,
+        lambda bootstrap: publish(
+            settings, bootstrap, customer_id, row.stripe_customer_id, row.version
+        ),
+    )
+    return {"change": row.public(), "published": published}
+
+
+def publish_copy(settings: Settings, send: Callable[[str], Awaitable[None]]) -> bool:
+    """Publish a change the CLI recorded in ClickHouse itself, on its topic, when a broker
+    is known (``send(bootstrap)``); whether it was. ClickHouse has the change: the topic
+    is a copy, so a failure is a warning."""
     with contextlib.suppress(ConfigError):
         from meterstream.endpoints import kafka_bootstrap
 
         bootstrap = kafka_bootstrap(settings)
         try:
-            asyncio.run(
-                publish(settings, bootstrap, customer_id, row.stripe_customer_id, row.version)
-            )
-            published = True
+            asyncio.run(cast(Any, send(bootstrap)))
+            return True
         except Exception as exc:  # recorded in ClickHouse; the topic is a copy
-            log.warning("not published to the customers topic: %s", exc)
-    return {"change": row.public(), "published": published}
+            log.warning("not published to the topic: %s", exc)
+    return False
 
 
 def list_mappings(settings: Settings) -> dict[str, Any]:

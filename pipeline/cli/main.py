@@ -22,6 +22,8 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
         overrides["state_dir"] = Path(args.state_dir)
     if getattr(args, "meters", None):
         overrides["meters_file"] = Path(args.meters)
+    if getattr(args, "plans", None):
+        overrides["plans_file"] = Path(args.plans)
     if getattr(args, "broker", None):
         overrides["embedded_broker"] = args.broker
     return load_settings(**overrides)
@@ -213,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", parents=[common], help="start the stack (embedded where unset)")
     p.add_argument("--meters", help="meters YAML file (default meters.example.yaml)")
+    p.add_argument("--plans", help="plans YAML file (default plans.example.yaml)")
     p.add_argument("--demo", action="store_true", help="produce a synthetic load and show totals")
     p.add_argument("--duration", type=float, help="stop cleanly after this many seconds")
     p.add_argument("--rate", type=float, default=200.0, help="demo events per second")
@@ -223,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         "worker", parents=[common], help="run one worker against configured services"
     )
     p.add_argument("--meters", help="meters YAML file")
+    p.add_argument("--plans", help="plans YAML file")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("broker", parents=[common], help="run the embedded Kafka broker alone")
@@ -328,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     from meterstream.cli import stripe as stripe_cli
 
     stripe_cli.register(sub, common)
+    from meterstream.cli import plans as plans_cli
+
+    plans_cli.register(sub, common, _settings)
     return parser
 
 

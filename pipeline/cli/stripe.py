@@ -304,6 +304,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--meters", help="meters YAML file")
     p.set_defaults(func=cmd_create_meters)
+    from meterstream.cli.plans import register_stripe
+
+    register_stripe(ssub, common, _settings)
     p = ssub.add_parser("retry", parents=[common], help="re-send ledger rows in error")
     p.add_argument("--meters", help="meters YAML file")
     p.add_argument("--worker", dest="worker_url", help="the running worker's web URL")

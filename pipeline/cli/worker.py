@@ -13,6 +13,8 @@ import logging
 import os
 import signal
 import sys
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import faust
@@ -136,6 +138,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         app, settings, meters, chio, metrics, pipeline=pipeline, mappings=mappings
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
+    install_pricing(app, settings, meters, chio, metrics, keys, reads, bootstrap)
     web.register(
         app,
         settings,
@@ -156,6 +159,47 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     app.on_before_shutdown.connect(cast(Any, stop_publisher))
 
     return app
+
+
+def install_pricing(
+    app: faust.App,
+    settings: Settings,
+    meters: MetersConfig,
+    chio: ClickHouseIO,
+    metrics: Metrics,
+    keys: KeyStore,
+    reads: ReadIO,
+    bootstrap: str,
+) -> None:
+    """Plans (checked at start), the plan schedule follower, the pricing runs into
+    ``priced_usage_daily`` and the invoice routes (before the guard is installed)."""
+    from meterstream.api import invoices as invoice_routes
+    from meterstream.billing.assignments import AssignmentStore
+    from meterstream.pricing.invoice import Period
+    from meterstream.sinks.clickhouse.pricing import write_priced_usage
+    from meterstream.worker.invoices import load_plans_for, priced_period_rows
+
+    plans = load_plans_for(settings, meters)
+    assignments = AssignmentStore(settings, chio, bootstrap, [p.name for p in plans.plans])
+    invoice_routes.register(app, settings, metrics, keys, reads, plans, assignments)
+
+    @app.task
+    async def follow_customer_plans() -> None:
+        await assignments.follow()
+
+    if settings.pricing_refresh_seconds > 0:
+
+        @app.timer(settings.pricing_refresh_seconds)
+        async def price_usage() -> None:
+            now = Period.containing(datetime.now(UTC))
+            previous = Period.containing(now.start - timedelta(days=1))
+            for period in (previous, now):
+                try:  # read on the reads connection: the writer's thread only inserts
+                    run = time.time_ns() // 1_000_000
+                    rows = await reads.read(priced_period_rows, plans, period, run)
+                    await chio.call_once(write_priced_usage, rows)
+                except Exception:  # logged, retried next interval; never stops the worker
+                    log.exception("pricing run for %s failed; retried next interval", period)
 
 
 GC_YOUNG_THRESHOLD = 200_000

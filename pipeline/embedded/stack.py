@@ -182,6 +182,8 @@ class Stack:
             "METERSTREAM_METERS_FILE": str(meters_file.resolve()),
             "METERSTREAM_SUPERVISOR_PID": str(os.getpid()),
         }
+        if s.plans_file is not None:
+            env["METERSTREAM_PLANS_FILE"] = str(s.plans_file.resolve())
         if api_base:
             env["METERSTREAM_STRIPE_API_BASE"] = api_base
             env["METERSTREAM_STRIPE_METER_EVENTS_BASE"] = s.stripe_meter_events_base or api_base

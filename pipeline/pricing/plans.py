@@ -62,6 +62,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     ValidationError,
     model_validator,
 )
@@ -224,6 +225,63 @@ class PlanTier(BaseModel):
     flat_price: Amount = ZERO
 
 
+_SCHEME_KEYS: Final = ("unit_price", "transform_quantity", "tiers_mode", "tiers")
+
+
+def _scheme_problems(
+    scheme: str, present: set[str], tiers: list[Tier] | None
+) -> list[tuple[str, str]]:
+    """The rules of ``billing_scheme`` (Stripe's): which keys each scheme needs and refuses,
+    and the tier rules; ``present`` holds the keys of :data:`_SCHEME_KEYS` that are set."""
+    problems: list[tuple[str, str]] = []
+    if scheme == "per_unit":
+        if "unit_price" not in present:
+            problems.append(("unit_price", "required for billing_scheme 'per_unit'"))
+        for key in ("tiers_mode", "tiers"):
+            if key in present:
+                problems.append(
+                    (key, "only for billing_scheme 'tiered' (set billing_scheme: tiered)")
+                )
+        return problems
+    if "tiers_mode" not in present:
+        problems.append(("tiers_mode", "required for billing_scheme 'tiered'"))
+    if "tiers" not in present:
+        problems.append(("tiers", "required for billing_scheme 'tiered'"))
+    elif tiers is not None:
+        problems += [(f"tiers{path}", message) for path, message in tier_problems(tiers)]
+    if "unit_price" in present:
+        problems.append(("unit_price", "not for tiered prices: put it in the tiers"))
+    if "transform_quantity" in present:
+        problems.append(
+            ("transform_quantity", "cannot be combined with tiers (Stripe does not allow it)")
+        )
+    return problems
+
+
+def _raw_scheme_problems(data: Any, exc: ValidationError) -> list[tuple[str, str]]:
+    """:func:`_scheme_problems` of a raw price mapping whose fields did not all validate,
+    leaving out the fields already reported (their own error says more)."""
+    if not isinstance(data, dict):
+        return []
+    scheme = data.get("billing_scheme", "per_unit")
+    if scheme not in get_args(BillingScheme):
+        return []
+    reported = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+    present = {k for k in _SCHEME_KEYS if data.get(k) is not None}
+    tiers = None
+    raw_tiers = data.get("tiers")
+    if "tiers" not in reported and isinstance(raw_tiers, list):
+        try:
+            tiers = [Tier(PlanTier.model_validate(t).up_to) for t in raw_tiers]
+        except ValidationError:
+            tiers = None
+    return [
+        (path, message)
+        for path, message in _scheme_problems(scheme, present, tiers)
+        if path.split("[")[0].split(".")[0] not in reported
+    ]
+
+
 class PlanPrice(BaseModel):
     """A plan's price for one meter; :attr:`model` is its pure price model."""
 
@@ -240,35 +298,44 @@ class PlanPrice(BaseModel):
 
     @model_validator(mode="after")
     def _scheme(self) -> PlanPrice:
-        problems: list[tuple[str, str]] = []
-        if self.billing_scheme == "per_unit":
-            if self.unit_price is None:
-                problems.append(("unit_price", "required for billing_scheme 'per_unit'"))
-            for key in ("tiers_mode", "tiers"):
-                if getattr(self, key) is not None:
-                    problems.append(
-                        (key, "only for billing_scheme 'tiered' (set billing_scheme: tiered)")
-                    )
-        else:
-            if self.tiers_mode is None:
-                problems.append(("tiers_mode", "required for billing_scheme 'tiered'"))
-            if self.tiers is None:
-                problems.append(("tiers", "required for billing_scheme 'tiered'"))
-            else:
-                tiers = [Tier(t.up_to, t.unit_price, t.flat_price) for t in self.tiers]
-                problems += [(f"tiers{path}", message) for path, message in tier_problems(tiers)]
-            if self.unit_price is not None:
-                problems.append(("unit_price", "not for tiered prices: put it in the tiers"))
-            if self.transform_quantity is not None:
-                problems.append(
-                    (
-                        "transform_quantity",
-                        "cannot be combined with tiers (Stripe does not allow it)",
-                    )
-                )
+        tiers = None
+        if self.tiers is not None:
+            tiers = [Tier(t.up_to, t.unit_price, t.flat_price) for t in self.tiers]
+        problems = _scheme_problems(
+            self.billing_scheme,
+            {k for k in _SCHEME_KEYS if getattr(self, k) is not None},
+            tiers,
+        )
         if problems:
             raise _Problems(problems)
         return self
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _every_problem(cls, data: Any, handler: ModelWrapValidatorHandler[PlanPrice]) -> PlanPrice:
+        """When a field is invalid the scheme rules above never run; check them on the raw
+        mapping then, so one run reports every problem (``plans check``)."""
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            if any(not e["loc"] for e in exc.errors()):
+                raise  # the scheme rules ran: every field was valid
+            extra = _raw_scheme_problems(data, exc)
+            if not extra:
+                raise
+            details: list[Any] = [
+                {"type": e["type"], "loc": e["loc"], "input": e["input"], "ctx": e.get("ctx", {})}
+                for e in exc.errors(include_url=False)
+            ]
+            details.append(
+                {
+                    "type": "value_error",
+                    "loc": (),
+                    "input": data,
+                    "ctx": {"error": _Problems(extra)},
+                }
+            )
+            raise ValidationError.from_exception_data(exc.title, details) from None
 
     @cached_property
     def model(self) -> PriceModel:
@@ -488,6 +555,11 @@ def _unknown_meters(items: list[Any], meters: MeterNames) -> list[str]:
                     f"(meters: {', '.join(sorted(known))})"
                 )
     return problems
+
+
+def free_plans(currency_code: str = "usd") -> PlansConfig:
+    """The plans of a deployment without a plans file: the built-in free plan only."""
+    return PlansConfig(plans=(Plan(name=DEFAULT_PLAN_NAME, currency=currency_code),))
 
 
 def load_plans(path: str | Path, meters: MeterNames | None = None) -> PlansConfig:

@@ -338,6 +338,54 @@ class StripeMeterClient:
 
         return self._with_retries(fetch, what=f"event summaries of {meter_id}")[0]
 
+    # ------------------------------------------------------------ products and prices
+
+    def find_product(self, product_id: str) -> dict[str, Any] | None:
+        """``GET /v1/products/{id}``; ``None`` when Stripe has no such product."""
+        retrieve = self._stripe.v1.products.retrieve
+        try:
+            product = self._with_retries(lambda: retrieve(product_id), what="get product")[0]
+        except StripeError as exc:
+            if exc.code == "resource_missing":
+                return None
+            raise
+        return product.to_dict()
+
+    def create_product(self, params: Mapping[str, Any], idempotency_key: str) -> dict[str, Any]:
+        """``POST /v1/products`` with an idempotency key."""
+        return self._create(self._stripe.v1.products.create, params, idempotency_key, "product")
+
+    def _create(
+        self, create: Callable[..., Any], params: Mapping[str, Any], key: str, what: str
+    ) -> dict[str, Any]:
+        options: Any = {"idempotency_key": key}
+        made = self._with_retries(
+            lambda: create(cast(Any, dict(params)), options), what=f"create {what}"
+        )[0]
+        return dict(made.to_dict())
+
+    def find_price(self, lookup_key: str) -> dict[str, Any] | None:
+        """The active price with ``lookup_key`` (``GET /v1/prices?lookup_keys[]=``), or None."""
+        listing = self._stripe.v1.prices.list
+        page = self._with_retries(
+            lambda: listing({"lookup_keys": [lookup_key], "active": True, "limit": 1}),
+            what="find price",
+        )[0]
+        found = [p.to_dict() for p in page.data]
+        return found[0] if found else None
+
+    def create_price(self, params: Mapping[str, Any], idempotency_key: str) -> dict[str, Any]:
+        """``POST /v1/prices`` with an idempotency key."""
+        return self._create(self._stripe.v1.prices.create, params, idempotency_key, "price")
+
+    def invoice_preview(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /v1/invoices/create_preview`` (the upcoming invoice) as a dict."""
+        preview = self._stripe.v1.invoices.create_preview
+        invoice = self._with_retries(
+            lambda: preview(cast(Any, dict(params))), what="invoice preview"
+        )[0]
+        return invoice.to_dict()
+
     # ------------------------------------------------------------ retries
 
     def backoff_delay(self, retry: int) -> float:

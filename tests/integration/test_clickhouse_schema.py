@@ -82,6 +82,9 @@ def test_migrations_apply_once(ch: ClickHouse) -> None:
         "customer_mappings": "ReplacingMergeTree",
         "stripe_customer_pins": "MergeTree",
         "stripe_customer_refusals": "ReplacingMergeTree",
+        "customer_plans": "ReplacingMergeTree",
+        "priced_usage_runs": "MergeTree",
+        "priced_usage_daily": "View",
     }
     recorded = ch.query_rows("SELECT version, name FROM schema_migrations ORDER BY version")
     assert recorded == [(i + 1, name) for i, name in enumerate(MIGRATIONS)]

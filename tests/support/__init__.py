@@ -18,5 +18,6 @@ MIGRATIONS = [
     "0006_usage_events_meters",
     "0007_stripe_customers",
     "0008_usage_events_refused_meters",
+    "0009_prices",
 ]
 """The ClickHouse migrations this version ships, in the order they apply."""

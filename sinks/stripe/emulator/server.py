@@ -64,9 +64,15 @@ v2 ``v2.billing.meter_event_adjustment`` has ``id`` and ``created``. Errors:
   Stripe documents the 24-hour limit but no code or message for these cases,
   so these messages are the emulator's own.
 
+Products and prices (``POST /v1/products``, ``GET /v1/products/{id}``, ``POST`` and
+``GET /v1/prices``) and the upcoming invoice of a customer on a list of prices
+(``POST /v1/invoices/create_preview``, ``GET /v1/invoices/upcoming``), priced from the
+meter events received by Stripe's tier rules: see "products, prices, invoices" below.
+
 With a state file (``--state-file``, what ``meterstream run`` uses) the
 emulator keeps what an account keeps across restarts (meters, meter events,
-identifiers, customers, idempotent replies; sinks/stripe/emulator/journal.py);
+products, prices, identifiers, customers, idempotent replies;
+sinks/stripe/emulator/journal.py);
 without one (tests' ``BackgroundEmulator``) it starts empty.
 
 Test controls live under ``/_emulator``: accepted events, stats, reset,
@@ -91,6 +97,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -102,6 +109,8 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -233,6 +242,8 @@ class EmulatorState:
     faults: FaultConfig = field(init=False)
     rng: random.Random = field(init=False)
     meters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    products: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prices: dict[str, dict[str, Any]] = field(default_factory=dict)
     events: list[_Event] = field(default_factory=list)
     identifiers: dict[str, float] = field(default_factory=dict)
     customers: set[str] = field(default_factory=set)
@@ -263,6 +274,8 @@ class EmulatorState:
     def records(self) -> list[dict[str, Any]]:
         """The current state as journal records (what compaction writes)."""
         out: list[dict[str, Any]] = [{"op": "meter", "meter": m} for m in self.meters.values()]
+        out += [{"op": "product", "product": p} for p in self.products.values()]
+        out += [{"op": "price", "price": p} for p in self.prices.values()]
         out += [{"op": "event", "event": asdict(e)} for e in self.events]
         if self.customers:
             out.append({"op": "customers", "ids": sorted(self.customers)})
@@ -280,6 +293,10 @@ class EmulatorState:
             op = record["op"]
             if op == "meter":
                 self.meters[record["meter"]["id"]] = record["meter"]
+            elif op == "product":
+                self.products[record["product"]["id"]] = record["product"]
+            elif op == "price":
+                self.prices[record["price"]["id"]] = record["price"]
             elif op == "event":
                 event = _Event(**record["event"])
                 self.events.append(event)
@@ -315,6 +332,8 @@ class EmulatorState:
         if journal:
             self.log("reset")
         self.meters.clear()
+        self.products.clear()
+        self.prices.clear()
         self.events.clear()
         self.identifiers.clear()
         self.customers.clear()
@@ -1137,6 +1156,365 @@ async def event_summaries(request: web.Request) -> web.Response:
     return _list_object(request, summaries, params)
 
 
+# ---------------------------------------------------------------- products, prices, invoices
+#
+# Enough of Stripe's catalog for metered prices (issue #24): products, prices with
+# billing_scheme per_unit | tiered, tiers_mode graduated | volume, transform_quantity,
+# recurring[usage_type=metered, meter] or licensed; and an invoice preview
+# (POST /v1/invoices/create_preview, GET /v1/invoices/upcoming) for a customer and a list
+# of prices, from the meter events received, by Stripe's documented price semantics:
+# a metered price's quantity is the meter's aggregate over the period (sum, count or
+# last; a negative total is 0), packages are the quantity divided by divide_by and
+# rounded up or down, graduated tiers price each tier's units (up_to inclusive) plus the
+# flat amount of every tier reached (the first always), volume tiers price every unit at
+# the tier holding the total, and each line's exact amount (Stripe's *_decimal amounts
+# are in minor units) is rounded once, half up, to a whole minor unit; the total is the
+# sum of the lines. The period is the calendar month (UTC) holding the emulator's clock,
+# or ``period[start]``/``period[end]`` (epoch seconds, an emulator extension: previews
+# here have no subscription to take a billing cycle from).
+
+
+def _decimal_param(value: Any, param: str) -> Decimal:
+    try:
+        number = Decimal(str(value))
+    except (InvalidOperation, ValueError):
+        raise ApiError(400, f"Invalid decimal: {value}", param=param) from None
+    if not number.is_finite() or number < 0:
+        raise ApiError(400, f"Invalid decimal: {value}", param=param)
+    return number
+
+
+def _amount(params: Mapping[str, Any], name: str, param: str) -> Decimal | None:
+    """``name`` (integer) or ``name_decimal`` (decimal string), in minor units."""
+    if params.get(f"{name}_decimal") is not None:
+        return _decimal_param(params[f"{name}_decimal"], f"{param}_decimal")
+    if params.get(name) is not None:
+        return Decimal(_int_param(params, name, required=True) or 0)
+    return None
+
+
+def _price_tiers(raw: Any) -> list[dict[str, Any]]:
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(
+            400, "Missing required param: tiers.", code="parameter_missing", param="tiers"
+        )
+    tiers: list[dict[str, Any]] = []
+    previous = 0
+    for i, tier in enumerate(raw):
+        if not isinstance(tier, dict):
+            raise ApiError(400, f"Invalid tiers[{i}]: must be a hash.", param=f"tiers[{i}]")
+        up_to = tier.get("up_to")
+        last = i == len(raw) - 1
+        if up_to == "inf":
+            if not last:
+                raise ApiError(400, "Only the last tier may have up_to=inf.", param="tiers")
+            bound = None
+        else:
+            bound = _int_param(tier, "up_to", required=True)
+            if last or bound is None or bound <= previous:
+                raise ApiError(
+                    400,
+                    "Tiers must have ascending up_to values and the last must be inf.",
+                    param=f"tiers[{i}][up_to]",
+                )
+            previous = bound
+        unit = _amount(tier, "unit_amount", f"tiers[{i}][unit_amount]") or Decimal(0)
+        flat = _amount(tier, "flat_amount", f"tiers[{i}][flat_amount]") or Decimal(0)
+        tiers.append(
+            {
+                "up_to": bound,
+                "unit_amount_decimal": str(unit),
+                "flat_amount_decimal": str(flat),
+                "unit_amount": int(unit) if unit == unit.to_integral() else None,
+                "flat_amount": int(flat) if flat == flat.to_integral() else None,
+            }
+        )
+    return tiers
+
+
+async def create_product(request: web.Request) -> web.Response:
+    _require_api_key(request)
+    state = request.app[STATE_KEY]
+    params = await _params(request)
+    name = _required_str(params, "name", 250)
+    product_id = params.get("id") or _new_id("prod")
+    if not isinstance(product_id, str) or len(product_id) > 250:
+        raise ApiError(400, "Invalid id.", param="id")
+    if product_id in state.products:
+        raise ApiError(
+            400,
+            f"Product already exists: {product_id}",
+            code="resource_already_exists",
+            param="id",
+        )
+    metadata = params.get("metadata") or {}
+    product = {
+        "id": product_id,
+        "object": "product",
+        "active": True,
+        "created": int(state.clock()),
+        "livemode": False,
+        "metadata": metadata if isinstance(metadata, dict) else {},
+        "name": name,
+    }
+    state.products[product_id] = product
+    state.log("product", product=product)
+    return web.json_response(product)
+
+
+async def get_product(request: web.Request) -> web.Response:
+    _require_api_key(request)
+    product = request.app[STATE_KEY].products.get(request.match_info["id"])
+    if product is None:
+        raise ApiError(
+            404,
+            f"No such product: '{request.match_info['id']}'",
+            code="resource_missing",
+            param="id",
+        )
+    return web.json_response(product)
+
+
+async def create_price(request: web.Request) -> web.Response:
+    _require_api_key(request)
+    state = request.app[STATE_KEY]
+    params = await _params(request)
+    currency = _required_str(params, "currency").lower()
+    if not re.fullmatch(r"[a-z]{3}", currency):
+        raise ApiError(400, f"Invalid currency: {currency}", param="currency")
+    product = _required_str(params, "product")
+    if product not in state.products:
+        raise ApiError(
+            404, f"No such product: '{product}'", code="resource_missing", param="product"
+        )
+    scheme = params.get("billing_scheme") or "per_unit"
+    if scheme not in ("per_unit", "tiered"):
+        raise ApiError(
+            400, "Invalid billing_scheme: must be per_unit or tiered.", param="billing_scheme"
+        )
+    recurring = params.get("recurring")
+    if recurring is not None:
+        if not isinstance(recurring, dict) or recurring.get("interval") not in (
+            "day", "week", "month", "year",
+        ):  # fmt: skip
+            raise ApiError(400, "Invalid recurring[interval].", param="recurring[interval]")
+        usage_type = recurring.get("usage_type") or "licensed"
+        if usage_type not in ("licensed", "metered"):
+            raise ApiError(400, "Invalid recurring[usage_type].", param="recurring[usage_type]")
+        meter = recurring.get("meter")
+        if usage_type == "metered" and meter not in state.meters:
+            raise ApiError(
+                400 if meter is None else 404,
+                f"No such billing meter: '{meter}'" if meter else "A metered price needs a meter.",
+                code="resource_missing" if meter else "parameter_missing",
+                param="recurring[meter]",
+            )
+        recurring = {
+            "interval": recurring["interval"],
+            "interval_count": 1,
+            "usage_type": usage_type,
+            "meter": meter if usage_type == "metered" else None,
+        }
+    transform = params.get("transform_quantity")
+    unit = _amount(params, "unit_amount", "unit_amount")
+    tiers = None
+    tiers_mode = None
+    if scheme == "per_unit":
+        if unit is None:
+            raise ApiError(
+                400, "Missing required param: unit_amount.", code="parameter_missing",
+                param="unit_amount",
+            )  # fmt: skip
+        if transform is not None:
+            if not isinstance(transform, dict) or transform.get("round") not in ("up", "down"):
+                raise ApiError(400, "Invalid transform_quantity.", param="transform_quantity")
+            divide_by = _int_param(transform, "divide_by", required=True)
+            if divide_by is None or divide_by < 1:
+                raise ApiError(
+                    400, "Invalid transform_quantity[divide_by].", param="transform_quantity"
+                )
+            transform = {"divide_by": divide_by, "round": transform["round"]}
+    else:
+        if transform is not None:
+            raise ApiError(
+                400,
+                "Quantity transformation isn't compatible with tiered pricing.",
+                param="transform_quantity",
+            )
+        tiers_mode = params.get("tiers_mode")
+        if tiers_mode not in ("graduated", "volume"):
+            raise ApiError(
+                400, "Invalid tiers_mode: must be graduated or volume.", param="tiers_mode"
+            )
+        tiers = _price_tiers(params.get("tiers"))
+    lookup_key = params.get("lookup_key")
+    if lookup_key is not None and any(
+        p["lookup_key"] == lookup_key and p["active"] for p in state.prices.values()
+    ):
+        raise ApiError(
+            400,
+            f"A price (with lookup_key {lookup_key}) already exists.",
+            param="lookup_key",
+        )
+    metadata = params.get("metadata") or {}
+    price_id = _new_id("price")
+    price: dict[str, Any] = {
+        "id": price_id,
+        "object": "price",
+        "active": True,
+        "billing_scheme": scheme,
+        "created": int(state.clock()),
+        "currency": currency,
+        "livemode": False,
+        "lookup_key": lookup_key,
+        "metadata": metadata if isinstance(metadata, dict) else {},
+        "nickname": params.get("nickname"),
+        "product": product,
+        "recurring": recurring,
+        "tiers": tiers,
+        "tiers_mode": tiers_mode,
+        "transform_quantity": transform,
+        "type": "recurring" if recurring else "one_time",
+        "unit_amount": int(unit) if unit is not None and unit == unit.to_integral() else None,
+        "unit_amount_decimal": None if unit is None else str(unit),
+    }
+    state.prices[price_id] = price
+    state.log("price", price=price)
+    return web.json_response(price)
+
+
+async def list_prices(request: web.Request) -> web.Response:
+    _require_api_key(request)
+    state = request.app[STATE_KEY]
+    params = await _params(request)
+    keys = params.get("lookup_keys")
+    prices = [
+        p
+        for p in state.prices.values()
+        if (keys is None or p["lookup_key"] in keys)
+        and params.get("product") in (None, p["product"])
+    ]
+    return _list_object(request, prices, params)
+
+
+def _price_amount(price: Mapping[str, Any], quantity: Decimal) -> Decimal:
+    """The exact amount of ``quantity`` under ``price``, in minor units (Stripe's rules)."""
+    q = max(quantity, Decimal(0))
+    if price["billing_scheme"] == "per_unit":
+        transform = price.get("transform_quantity")
+        if transform:
+            ratio = Fraction(q) / transform["divide_by"]
+            q = Decimal(math.ceil(ratio) if transform["round"] == "up" else math.floor(ratio))
+        return q * Decimal(price["unit_amount_decimal"])
+    tiers = price["tiers"]
+    if price["tiers_mode"] == "volume":
+        for tier in tiers:
+            if tier["up_to"] is None or q <= tier["up_to"]:
+                return q * Decimal(tier["unit_amount_decimal"]) + Decimal(
+                    tier["flat_amount_decimal"]
+                )
+    total, lower = Decimal(0), 0
+    for i, tier in enumerate(tiers):
+        if i > 0 and q <= lower:
+            break
+        top = q if tier["up_to"] is None else min(q, Decimal(tier["up_to"]))
+        units = max(top - lower, Decimal(0))
+        total += units * Decimal(tier["unit_amount_decimal"]) + Decimal(tier["flat_amount_decimal"])
+        if tier["up_to"] is None:
+            break
+        lower = tier["up_to"]
+    return total
+
+
+def _month(epoch: float) -> tuple[int, int]:
+    now = datetime.fromtimestamp(epoch, UTC)
+    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = start.replace(year=start.year + (start.month == 12), month=start.month % 12 + 1)
+    return int(start.timestamp()), int(end.timestamp())
+
+
+async def invoice_preview(request: web.Request) -> web.Response:
+    _require_api_key(request)
+    state = request.app[STATE_KEY]
+    params = await _params(request)
+    customer = _required_str(params, "customer")
+    details = params.get("subscription_details") or {}
+    items = details.get("items") if isinstance(details, dict) else None
+    if items is None:
+        items = params.get("subscription_items")
+    if not isinstance(items, list) or not items:
+        raise ApiError(
+            400,
+            "Missing required param: subscription_details[items].",
+            code="parameter_missing",
+            param="subscription_details[items]",
+        )
+    period = params.get("period") or {}
+    start, end = _month(state.clock())
+    if isinstance(period, dict) and period:
+        start = _int_param(period, "start", required=True) or 0
+        end = _int_param(period, "end", required=True) or 0
+    lines = []
+    currencies = set()
+    for i, item in enumerate(items):
+        price_id = item.get("price") if isinstance(item, dict) else None
+        price = state.prices.get(price_id) if isinstance(price_id, str) else None
+        if price is None:
+            raise ApiError(
+                404,
+                f"No such price: '{price_id}'",
+                code="resource_missing",
+                param=f"subscription_details[items][{i}][price]",
+            )
+        currencies.add(price["currency"])
+        recurring = price.get("recurring") or {}
+        if recurring.get("usage_type") == "metered":
+            meter = state.meters[recurring["meter"]]
+            events = [
+                e
+                for e in state.events
+                if e.meter == meter["id"]
+                and e.customer == customer
+                and not e.cancelled
+                and start <= e.timestamp < end
+            ]
+            formula = meter["default_aggregation"]["formula"]
+            quantity = max(_aggregate(formula, events), 0) if events else 0
+        else:
+            quantity = _int_param(item, "quantity", required=False) or 1
+        exact = _price_amount(price, Decimal(quantity))
+        amount = int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+        lines.append(
+            {
+                "object": "line_item",
+                "amount": amount,
+                "currency": price["currency"],
+                "description": price.get("nickname") or price["id"],
+                "period": {"start": start, "end": end},
+                "price": price,
+                "quantity": quantity,
+            }
+        )
+    if len(currencies) > 1:
+        raise ApiError(400, "All prices of an invoice must use one currency.")
+    total = sum(line["amount"] for line in lines)
+    invoice = {
+        "object": "invoice",
+        "id": None,
+        "amount_due": total,
+        "currency": currencies.pop(),
+        "customer": customer,
+        "lines": {"object": "list", "data": lines, "has_more": False, "url": request.path},
+        "livemode": False,
+        "period_end": end,
+        "period_start": start,
+        "status": "draft",
+        "subtotal": total,
+        "total": total,
+    }
+    return web.json_response(invoice)
+
+
 # ---------------------------------------------------------------- /_emulator
 
 
@@ -1268,6 +1646,12 @@ def create_emulator_app(
             web.post("/v2/billing/meter_event_session", create_session),
             web.post("/v2/billing/meter_event_stream", meter_event_stream),
             web.post("/v2/billing/meter_events", create_meter_event_v2),
+            web.post("/v1/products", create_product),
+            web.get("/v1/products/{id}", get_product),
+            web.post("/v1/prices", create_price),
+            web.get("/v1/prices", list_prices),
+            web.post("/v1/invoices/create_preview", invoice_preview),
+            web.get("/v1/invoices/upcoming", invoice_preview),
             web.get("/_emulator/events", emulator_events),
             web.get("/_emulator/errors", emulator_errors),
             web.get("/_emulator/stats", emulator_stats),

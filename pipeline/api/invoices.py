@@ -1,0 +1,160 @@
+"""Routes of prices (issue #24), registered before the guard is installed:
+
+- ``GET /v1/customers/{customer_id}/invoice-preview?period=YYYY-MM`` (default: this
+  month): the customer's invoice so far from the verified record
+  (pipeline/worker/invoices.py), every amount a decimal string. Reads like usage: a
+  key unless the server listens on loopback only; a customer-restricted key reads its
+  own customer only (403).
+- ``GET /v1/customers/{customer_id}/plans``: the customer's plan schedule (same rule).
+- ``PUT /v1/customers/{customer_id}/plans`` ``{"plan": NAME, "from": DATE}`` and
+  ``DELETE ...?from=DATE``: assign a plan from a date (``YYYY-MM-DD`` or RFC 3339), or
+  remove the one at that date. Always an operator key: a customer-restricted key cannot
+  choose its own price (403).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import faust
+import orjson
+from faust.web import Request, Response, View
+
+from meterstream.api.keys import ApiKey, KeyStore
+from meterstream.api.web import Denied, bearer_key, dumps, read_body
+from meterstream.billing.assignments import (
+    AssignmentStore,
+    BadSchedule,
+    check_plan_name,
+    parse_instant,
+)
+from meterstream.billing.customers import check_customer_id
+from meterstream.errors import DependencyError, PricingError
+from meterstream.meters.windows import period_label
+from meterstream.metrics import Metrics
+from meterstream.pricing.invoice import Period
+from meterstream.pricing.plans import PlansConfig
+from meterstream.settings import Settings
+from meterstream.sinks.clickhouse.reads import ReadIO
+from meterstream.worker.invoices import preview_document
+
+
+def register(
+    app: faust.App,
+    settings: Settings,
+    metrics: Metrics,
+    keys: KeyStore,
+    reads: ReadIO,
+    plans: PlansConfig,
+    assignments: AssignmentStore,
+) -> None:
+    """Add the routes; call before ``web.register`` (which installs the guard)."""
+
+    def respond(view: View, body: Any, status: int = 200) -> Response:
+        metrics.api_requests.inc(route=type(view).__name__.lower(), status=str(status))
+        return view.bytes(dumps(body), content_type="application/json", status=status)
+
+    def guarded(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        async def run(view: View, request: Request, **kwargs: Any) -> Response:
+            try:
+                return await handler(view, request, **kwargs)
+            except Denied as exc:
+                metrics.api_requests.inc(route=type(view).__name__.lower(), status=str(exc.status))
+                return view.bytes(
+                    dumps({"error": exc.error}),
+                    content_type="application/json",
+                    status=exc.status,
+                    headers=exc.headers,
+                )
+            except DependencyError as exc:
+                return respond(view, {"error": f"ClickHouse: {exc}"}, 503)
+
+        return run
+
+    def reader(request: Request, customer_id: str) -> ApiKey | None:
+        """The read rule of the usage API, and a restricted key reads its customer only."""
+        key: ApiKey | None
+        if settings.reads_need_key or "Authorization" in request.headers:
+            try:
+                key = bearer_key(request, keys)
+            except Denied:
+                if settings.reads_need_key:
+                    raise
+                key = None  # loopback: a key this worker does not know is as good as none
+        else:
+            key = None
+        if key is not None and key.customer_id not in (None, customer_id):
+            raise Denied(403, f"this key may only read customer {key.customer_id!r}")
+        return key
+
+    def operator(request: Request) -> ApiKey:
+        key = bearer_key(request, keys)
+        if key.customer_id is not None:
+            raise Denied(403, "a key restricted to one customer cannot assign plans")
+        return key
+
+    def customer_of(customer_id: str) -> str:
+        try:
+            return check_customer_id(customer_id)
+        except ValueError as exc:
+            raise Denied(400, str(exc)) from None
+
+    def schedule_document(customer: str, row: Any) -> dict[str, Any]:
+        plans_now = row.public()["plans"] if row is not None else []
+        return {"customer_id": customer, "default_plan": plans.default.name, "plans": plans_now}
+
+    @app.page("/v1/customers/{customer_id}/invoice-preview")
+    class InvoicePreview(View):
+        @guarded
+        async def get(self, request: Request, customer_id: str) -> Response:
+            reader(request, customer_id)
+            customer = customer_of(customer_id)
+            label = request.query.get("period") or period_label(time.time_ns() // 1_000_000)
+            try:
+                period = Period.month(label)
+            except PricingError as exc:
+                return respond(self, {"error": str(exc)}, 400)
+            try:
+                body = await reads.read(preview_document, plans, customer, period)
+            except PricingError as exc:
+                return respond(self, {"error": str(exc)}, 409)
+            return respond(self, body)
+
+    @app.page("/v1/customers/{customer_id}/plans")
+    class CustomerPlans(View):
+        @guarded
+        async def get(self, request: Request, customer_id: str) -> Response:
+            reader(request, customer_id)
+            customer = customer_of(customer_id)
+            return respond(self, schedule_document(customer, await assignments.current(customer)))
+
+        @guarded
+        async def put(self, request: Request, customer_id: str) -> Response:
+            key = operator(request)
+            customer = customer_of(customer_id)
+            try:
+                body = orjson.loads(await read_body(request, settings.api_max_body_bytes))
+                if not isinstance(body, dict):
+                    raise BadSchedule('body must be JSON {"plan": NAME, "from": DATE}')
+                plan, when = check_plan_name(body.get("plan")), parse_instant(body.get("from"))
+                row, published = await assignments.change(
+                    customer, plan, when, "api", f"key {key.id} ({key.name})"
+                )
+            except (BadSchedule, orjson.JSONDecodeError) as exc:
+                return respond(self, {"error": str(exc)}, 400)
+            return respond(self, {"change": row.public() if row else None, "published": published})
+
+        @guarded
+        async def delete(self, request: Request, customer_id: str) -> Response:
+            key = operator(request)
+            customer = customer_of(customer_id)
+            try:
+                when = parse_instant(request.query.get("from"))
+                row, published = await assignments.change(
+                    customer, None, when, "api", f"key {key.id} ({key.name})"
+                )
+            except BadSchedule as exc:
+                return respond(self, {"error": str(exc)}, 400)
+            return respond(self, {"change": row.public() if row else None, "published": published})
