@@ -23,7 +23,7 @@ import orjson
 from faust.web import Request, Response, View
 
 from meterstream.api.keys import ApiKey, KeyStore
-from meterstream.api.web import Denied, bearer_key, dumps, read_body
+from meterstream.api.web import Denied, bearer_key, dumps, page_link_secret, read_body, read_key
 from meterstream.billing.assignments import (
     AssignmentStore,
     BadSchedule,
@@ -73,18 +73,11 @@ def register(
 
         return run
 
+    link_secret = page_link_secret(settings)
+
     def reader(request: Request, customer_id: str) -> ApiKey | None:
         """The read rule of the usage API, and a restricted key reads its customer only."""
-        key: ApiKey | None
-        if settings.reads_need_key or "Authorization" in request.headers:
-            try:
-                key = bearer_key(request, keys)
-            except Denied:
-                if settings.reads_need_key:
-                    raise
-                key = None  # loopback: a key this worker does not know is as good as none
-        else:
-            key = None
+        key = read_key(request, settings, keys, link_secret)
         if key is not None and key.customer_id not in (None, customer_id):
             raise Denied(403, f"this key may only read customer {key.customer_id!r}")
         return key

@@ -127,6 +127,39 @@ def bearer_key(request: Request, keys: KeyStore) -> ApiKey:
     return key
 
 
+def page_link_secret(settings: Settings) -> bytes | None:
+    """The billing links' signing secret, or None (links refused) where the state dir
+    cannot hold one."""
+    try:
+        return links.link_secret(settings, create=True)
+    except OSError as exc:  # a state dir this worker may not write: no links, said once
+        log.warning("billing links are off: no signing secret (%s)", exc)
+        return None
+
+
+def read_key(
+    request: Request, settings: Settings, keys: KeyStore, link_secret: bytes | None
+) -> ApiKey | None:
+    """Who reads customer data: a billing link (its one customer, until it expires), a
+    valid key, or None on loopback without ``METERSTREAM_API_READ_AUTH=required``."""
+    scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip().startswith(links.PREFIX):
+        link = None
+        if link_secret is not None:
+            link = links.link_key(link_secret, token.strip(), time.time())
+        if link is None:
+            raise Denied(401, "the billing link is not valid or has expired", UNAUTHORIZED)
+        return link
+    if settings.reads_need_key:
+        return bearer_key(request, keys)
+    # Loopback: no key is needed, but a valid key that is sent keeps its customer
+    # restriction (one this worker does not know is as good as none).
+    try:
+        return bearer_key(request, keys) if "Authorization" in request.headers else None
+    except Denied:
+        return None
+
+
 def client_gone(request: Any) -> bool:
     """True once the HTTP client has closed its connection (aiohttp does not cancel the
     handler then: Faust's web server runs without handler cancellation)."""
@@ -236,30 +269,10 @@ def _routes(
 
         return run
 
-    try:
-        link_secret = links.link_secret(settings, create=True)
-    except OSError as exc:  # a state dir this worker may not write: no links, said once
-        log.warning("billing links are off: no signing secret (%s)", exc)
-        link_secret = None
+    link_secret = page_link_secret(settings)
 
     def reader(request: Request) -> ApiKey | None:
-        scheme, _, token = (request.headers.get("Authorization") or "").partition(" ")
-        if scheme.lower() == "bearer" and token.strip().startswith(links.PREFIX):
-            # A billing page link: reads of its one customer, until it expires.
-            link = None
-            if link_secret is not None:
-                link = links.link_key(link_secret, token.strip(), time.time())
-            if link is None:
-                raise Denied(401, "the billing link is not valid or has expired", UNAUTHORIZED)
-            return link
-        if settings.reads_need_key:
-            return bearer_key(request, keys)
-        # Loopback: no key is needed, but a valid key that is sent keeps its customer
-        # restriction (one this worker does not know is as good as none).
-        try:
-            return bearer_key(request, keys) if "Authorization" in request.headers else None
-        except Denied:
-            return None
+        return read_key(request, settings, keys, link_secret)
 
     @app.page("/healthz")
     class Health(View):

@@ -46,6 +46,17 @@ meters:
     aggregation: count
     window: day
 """
+# Subscribd's model: a base fee and a price per unit (every customer, by the default plan).
+PLANS = """
+default_plan: subscribd
+plans:
+  - name: subscribd
+    currency: usd
+    base_fee: 20
+    prices:
+      - meter: tokens
+        unit_price: 0.02
+"""
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +88,13 @@ def api(worker: Worker, path: str, token: str) -> requests.Response:
 def test_a_customer_link_shows_the_apis_numbers_and_nothing_else(
     stack: StackSlice, browser: Any
 ) -> None:
-    worker = stack.start_worker(stack.meters_file(METERS), METERSTREAM_API_READ_AUTH="required")
+    plans = stack.tmp / "plans.yaml"
+    plans.write_text(PLANS)
+    worker = stack.start_worker(
+        stack.meters_file(METERS),
+        METERSTREAM_API_READ_AUTH="required",
+        METERSTREAM_PLANS_FILE=str(plans),
+    )
     now = time.time_ns() // 1_000_000
     first, today = month_days(now)
     events = [
@@ -162,10 +179,13 @@ def test_a_customer_link_shows_the_apis_numbers_and_nothing_else(
     rejected = page.locator("#rejected-body tr[data-key='acme-bad']")
     assert "invalid_event" in rejected.inner_text()
     assert page.locator("#stripe-last").count() == 1
-    assert (
-        "No prices" in page.locator("#invoice-body").inner_text()
-        or page.locator("#invoice-body table").count() == 1
-    )
+    # The upcoming invoice: the base fee and 48.5 tokens at 0.02, as the API says.
+    invoice = page.locator("#invoice-body tr[data-total] td").last.inner_text()
+    period = time.strftime("%Y-%m", time.gmtime(first / 1000))
+    preview = api(worker, f"/v1/customers/acme/invoice-preview?period={period}", token)
+    assert preview.status_code == 200, preview.text
+    assert invoice == preview.json()["total"]
+    assert Decimal(invoice) == 20 + sum(tokens.values()) * Decimal("0.02")
 
     page.fill("#lookup-key", "acme-1")
     page.click("#lookup-form button")

@@ -114,10 +114,10 @@ async function loadUsage(bounds) {
 function moneyRows(preview) {
   const rows = [];
   for (const line of preview.lines || []) {
-    rows.push({ attrs: { "data-line": line.meter || line.description || "" },
-      cells: [line.meter || line.description || "", line.quantity ?? "", line.amount ?? ""] });
+    rows.push({ attrs: { "data-line": line.meter || line.kind || "" },
+      cells: [line.description || line.meter || "", line.quantity ?? "", line.amount ?? ""] });
     for (const tier of line.tiers || []) {
-      rows.push({ cells: [`  tier ${tier.up_to ?? "∞"}`, tier.units ?? tier.quantity ?? "", tier.amount ?? ""] });
+      rows.push({ cells: [`tier ${tier.tier} (${tier.from} to ${tier.up_to})`, tier.units, tier.amount] });
     }
   }
   return rows;
@@ -136,9 +136,10 @@ async function loadInvoice(bounds) {
   }
   const p = preview.body;
   const rows = moneyRows(p);
-  if (p.base_fee !== undefined) rows.unshift({ cells: ["base fee", "", p.base_fee] });
+  rows.push({ attrs: { class: "total", "data-subtotal": "" }, cells: ["subtotal", "", p.subtotal ?? ""] });
   rows.push({ attrs: { class: "total", "data-total": "" }, cells: ["total", "", p.total ?? ""] });
-  body.replaceChildren(el("p", {}, `Plan ${p.plan ?? ""}, ${p.currency ?? ""}`),
+  const plans = [...new Set((p.segments || []).map((s) => s.plan))].join(", ");
+  body.replaceChildren(el("p", {}, `Plan ${plans || "-"}, ${(p.currency || "").toUpperCase()}`),
     table([{ label: "line" }, { label: "quantity", num: true }, { label: "amount", num: true }], rows,
       { "aria-label": "upcoming invoice" }));
 }
