@@ -4,6 +4,7 @@ records events that a real worker (Tansu, chdb) counts."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import venv
@@ -104,8 +105,11 @@ def test_readme_example_records_events_the_worker_counts(
 ) -> None:
     worker = stack.start_worker(stack.meters_file(METERS))  # creates the topics
     example = readme_example()
-    assert '"127.0.0.1:9092"' in example and 'topic="usage-events"' in example
-    script = example.replace('"127.0.0.1:9092"', repr(stack.bootstrap)).replace(
+    endpoints = 'Path(".meterstream/endpoints.json").read_text()'
+    assert endpoints in example and 'topic="usage-events"' in example
+    # The endpoints `make run` writes, here this test's broker and topic.
+    here = json.dumps({"kafka_bootstrap": stack.bootstrap})
+    script = example.replace(endpoints, repr(here)).replace(
         'topic="usage-events"', f"topic={stack.topic!r}"
     )
     done = run(light_python, script)
