@@ -300,6 +300,18 @@ def parse_timestamp(value: Any) -> int:
     return ms
 
 
+def parse_time(text: str | None) -> int | None:
+    """A time given as a query parameter or a command's flag: RFC 3339 or epoch ms ->
+    epoch ms (None when empty). Without an offset it means UTC. Raises ValueError."""
+    if not text:
+        return None
+    if text.lstrip("-").isdigit():
+        return parse_timestamp(int(text))
+    if datetime.fromisoformat(text).tzinfo is None:
+        text += "+00:00"  # a query parameter without an offset means UTC
+    return parse_timestamp(text)
+
+
 def _timestamp_ms(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("timestamp must be an RFC 3339 string or epoch milliseconds")

@@ -29,6 +29,7 @@ def _error(description: str, **headers: str) -> dict[str, Any]:
     return response
 
 
+KEY_REQUIRED: list[dict[str, list[str]]] = [{"apiKey": []}]
 _UNAUTHORIZED = _error(
     "No valid API key (missing, unknown or revoked).",
     **{"WWW-Authenticate": "Bearer challenge"},
@@ -222,7 +223,6 @@ def _guard_responses(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _routes_document() -> dict[str, Any]:
-    key_required: list[dict[str, list[str]]] = [{"apiKey": []}]
     return {
         "openapi": "3.1.0",
         "info": {
@@ -241,298 +241,340 @@ def _routes_document() -> dict[str, Any]:
             "schemas": SCHEMAS,
         },
         "paths": {
-            "/healthz": {
-                "get": {
-                    "summary": "Liveness",
-                    "security": [],
-                    "responses": {"200": _json({"type": "object"}, "The process serves.")},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness: broker and ClickHouse reachable",
-                    "security": [],
-                    "responses": {
-                        "200": _json({"type": "object"}, "Ready."),
-                        "503": _json({"type": "object"}, "Not ready; checks say why."),
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "security": [],
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text format.",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
+            **_health_paths(),
+            **_events_paths(),
+            **_sql_paths(),
+            **_usage_paths(),
+            **_customer_paths(),
+            **_stripe_paths(),
+        },
+    }
+
+
+def _health_paths() -> dict[str, Any]:
+    """The probes and the document: no key."""
+    return {
+        "/healthz": {
+            "get": {
+                "summary": "Liveness",
+                "security": [],
+                "responses": {"200": _json({"type": "object"}, "The process serves.")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: broker and ClickHouse reachable",
+                "security": [],
+                "responses": {
+                    "200": _json({"type": "object"}, "Ready."),
+                    "503": _json({"type": "object"}, "Not ready; checks say why."),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+def _events_paths() -> dict[str, Any]:
+    """The events API."""
+    return {
+        "/v1/events": {
+            "post": {
+                "summary": "Send usage events",
+                "description": f"One event or a batch of 1-{MAX_BATCH_EVENTS}. The whole "
+                "batch is checked first: one invalid event rejects it all (422) and "
+                "nothing is written. Otherwise every event is written to Kafka with acks "
+                "from all in-sync replicas before the 202.",
+                "security": KEY_REQUIRED,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "oneOf": [
+                                    {"$ref": "#/components/schemas/Event"},
+                                    {"$ref": "#/components/schemas/EventBatch"},
+                                ]
+                            }
                         }
                     },
-                }
-            },
-            "/v1/events": {
-                "post": {
-                    "summary": "Send usage events",
-                    "description": f"One event or a batch of 1-{MAX_BATCH_EVENTS}. The whole "
-                    "batch is checked first: one invalid event rejects it all (422) and "
-                    "nothing is written. Otherwise every event is written to Kafka with acks "
-                    "from all in-sync replicas before the 202.",
-                    "security": key_required,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "oneOf": [
-                                        {"$ref": "#/components/schemas/Event"},
-                                        {"$ref": "#/components/schemas/EventBatch"},
-                                    ]
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "202": _json(
-                            {"$ref": "#/components/schemas/Accepted"},
-                            "Written; the idempotency key of each event, in order.",
-                        ),
-                        "400": _error("The body is not JSON."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("The key is restricted to another customer."),
-                        "413": _error("The body is over the size limit."),
-                        "415": _error("Content-Type is not application/json."),
-                        "422": _error(
-                            "Invalid events (every problem, by index), a repeated key in a "
-                            "JSON object, or nesting too deep; none written."
-                        ),
-                        "503": _error(
-                            "The broker did not acknowledge; retry with the same keys.",
-                            **{"Retry-After": "Seconds to wait"},
-                        ),
-                    },
-                }
-            },
-            "/v1/sql": {
-                "post": {
-                    "summary": "Read-only SQL on the ClickHouse record",
-                    "security": key_required,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["sql"],
-                                    "properties": {"sql": {"type": "string"}},
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": _json({"$ref": "#/components/schemas/SqlResult"}, "The result."),
-                        "400": _error(
-                            "Not a query, ClickHouse refused it, read-only SQL does not allow"
-                            " it (`problems`), or it went over a limit (`limit` names the"
-                            " METERSTREAM_SQL_ setting)."
-                        ),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot run SQL."),
-                        "413": _error("The body is over the size limit."),
-                        "415": _error("Content-Type is not application/json."),
-                        "503": _error(
-                            "Every analyst SQL thread stayed busy for the time limit; retry.",
-                            **{"Retry-After": "Seconds to wait"},
-                        ),
-                    },
-                }
-            },
-            "/v1/customers/{customer_id}/usage": {
-                "get": {
-                    "summary": "Usage totals of one customer",
-                    "security": key_required,
-                    "parameters": [
-                        {
-                            "name": "customer_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "minLength": 1},
-                        },
-                        {"name": "meter", "in": "query", "schema": {"type": "string"}},
-                        {
-                            "name": "from",
-                            "in": "query",
-                            "description": "RFC 3339 or epoch ms; windows starting at or after.",
-                            "schema": {"type": "string"},
-                        },
-                        {
-                            "name": "to",
-                            "in": "query",
-                            "description": "RFC 3339 or epoch ms; windows starting before.",
-                            "schema": {"type": "string"},
-                        },
-                        {
-                            "name": "window",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": ["hour", "day", "month"]},
-                        },
-                    ],
-                    "responses": {
-                        "200": _json({"$ref": "#/components/schemas/Usage"}, "Totals."),
-                        "400": _error("A bad parameter."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("The key is restricted to another customer."),
-                        "503": _error("ClickHouse unavailable."),
-                    },
-                }
-            },
-            "/v1/stripe/customers": {
-                "get": {
-                    "summary": "The customer mapping: who pays for each customer's usage",
-                    "description": "The current Stripe customer of every mapped customer, "
-                    "and the customers the forwarder holds.",
-                    "security": key_required,
-                    "responses": {
-                        "200": _json(
-                            {
+                },
+                "responses": {
+                    "202": _json(
+                        {"$ref": "#/components/schemas/Accepted"},
+                        "Written; the idempotency key of each event, in order.",
+                    ),
+                    "400": _error("The body is not JSON."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("The key is restricted to another customer."),
+                    "413": _error("The body is over the size limit."),
+                    "415": _error("Content-Type is not application/json."),
+                    "422": _error(
+                        "Invalid events (every problem, by index), a repeated key in a "
+                        "JSON object, or nesting too deep; none written."
+                    ),
+                    "503": _error(
+                        "The broker did not acknowledge; retry with the same keys.",
+                        **{"Retry-After": "Seconds to wait"},
+                    ),
+                },
+            }
+        },
+    }
+
+
+def _sql_paths() -> dict[str, Any]:
+    """Read-only SQL."""
+    return {
+        "/v1/sql": {
+            "post": {
+                "summary": "Read-only SQL on the ClickHouse record",
+                "security": KEY_REQUIRED,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
                                 "type": "object",
-                                "required": ["customers", "held"],
-                                "properties": {
-                                    "customers": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/MappingChange"},
-                                    },
-                                    "held": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/Held"},
-                                    },
-                                },
-                            },
-                            "The mapping.",
-                        ),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "503": _error("ClickHouse unavailable."),
+                                "required": ["sql"],
+                                "properties": {"sql": {"type": "string"}},
+                            }
+                        }
                     },
-                }
-            },
-            "/v1/stripe/customers/{customer_id}": {
+                },
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/SqlResult"}, "The result."),
+                    "400": _error(
+                        "Not a query, ClickHouse refused it, read-only SQL does not allow"
+                        " it (`problems`), or it went over a limit (`limit` names the"
+                        " METERSTREAM_SQL_ setting)."
+                    ),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("A key restricted to a customer cannot run SQL."),
+                    "413": _error("The body is over the size limit."),
+                    "415": _error("Content-Type is not application/json."),
+                    "503": _error(
+                        "Every analyst SQL thread stayed busy for the time limit; retry.",
+                        **{"Retry-After": "Seconds to wait"},
+                    ),
+                },
+            }
+        },
+    }
+
+
+def _usage_paths() -> dict[str, Any]:
+    """A customer's usage totals."""
+    return {
+        "/v1/customers/{customer_id}/usage": {
+            "get": {
+                "summary": "Usage totals of one customer",
+                "security": KEY_REQUIRED,
                 "parameters": [
                     {
                         "name": "customer_id",
                         "in": "path",
                         "required": True,
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                    }
+                        "schema": {"type": "string", "minLength": 1},
+                    },
+                    {"name": "meter", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "from",
+                        "in": "query",
+                        "description": "RFC 3339 or epoch ms; windows starting at or after.",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "to",
+                        "in": "query",
+                        "description": "RFC 3339 or epoch ms; windows starting before.",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "window",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["hour", "day", "month"]},
+                    },
                 ],
-                "get": {
-                    "summary": "A customer's Stripe customer and every change of it",
-                    "security": key_required,
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "required": ["customer_id", "stripe_customer_id", "history"],
-                                "properties": {
-                                    "customer_id": {"type": "string"},
-                                    "stripe_customer_id": {"type": ["string", "null"]},
-                                    "history": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/MappingChange"},
-                                    },
-                                    "held": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/Held"},
-                                    },
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/Usage"}, "Totals."),
+                    "400": _error("A bad parameter."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("The key is restricted to another customer."),
+                    "503": _error("ClickHouse unavailable."),
+                },
+            }
+        },
+    }
+
+
+def _customer_paths() -> dict[str, Any]:
+    """The operator's customer mapping."""
+    return {
+        "/v1/stripe/customers": {
+            "get": {
+                "summary": "The customer mapping: who pays for each customer's usage",
+                "description": "The current Stripe customer of every mapped customer, "
+                "and the customers the forwarder holds.",
+                "security": KEY_REQUIRED,
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["customers", "held"],
+                            "properties": {
+                                "customers": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/MappingChange"},
+                                },
+                                "held": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/Held"},
                                 },
                             },
-                            "The mapping (stripe_customer_id null: not mapped).",
-                        ),
-                        "400": _error("Not a customer id."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "503": _error("ClickHouse unavailable."),
-                    },
-                },
-                "put": {
-                    "summary": "Map a customer to the Stripe customer that pays",
-                    "description": "Recorded in ClickHouse (with the key that did it), then "
-                    "published on the customers topic. Needs an operator key.",
-                    "security": key_required,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["stripe_customer_id"],
-                                    "properties": {
-                                        "stripe_customer_id": {
-                                            "type": "string",
-                                            "pattern": "^[A-Za-z0-9_-]{1,255}$",
-                                        }
-                                    },
-                                }
-                            }
                         },
-                    },
-                    "responses": {
-                        "200": _json(_CHANGE, "Recorded (change null: it already was)."),
-                        "400": _error("Not a customer id, or not a Stripe customer id."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "413": _error("The body is over the size limit."),
-                        "415": _error("Content-Type is not application/json."),
-                        "503": _error("ClickHouse unavailable."),
-                    },
+                        "The mapping.",
+                    ),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("A key restricted to a customer cannot do this."),
+                    "503": _error("ClickHouse unavailable."),
                 },
-                "delete": {
-                    "summary": "Remove a customer's mapping (its usage is then held)",
-                    "security": key_required,
-                    "responses": {
-                        "200": _json(_CHANGE, "Recorded (change null: it was not mapped)."),
-                        "400": _error("Not a customer id."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "503": _error("ClickHouse unavailable."),
-                    },
-                },
-            },
-            "/v1/stripe/retry": {
-                "post": {
-                    "summary": "Resend the Stripe meter events that failed permanently",
-                    "description": "Only on a worker with a meter that forwards to Stripe.",
-                    "security": key_required,
-                    "responses": {
-                        "200": _json({"type": "object"}, "The rows retried, with outcomes."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "404": {"description": "No meter forwards to Stripe."},
-                        "502": _error("Stripe failed."),
-                    },
+            }
+        },
+        "/v1/stripe/customers/{customer_id}": {
+            "parameters": [
+                {
+                    "name": "customer_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
                 }
-            },
-            "/v1/stripe/reconcile": {
-                "get": {
-                    "summary": "Compare what Stripe holds with the record, for a month",
-                    "description": "Only on a worker with a meter that forwards to Stripe.",
-                    "security": key_required,
-                    "parameters": [
+            ],
+            "get": {
+                "summary": "A customer's Stripe customer and every change of it",
+                "security": KEY_REQUIRED,
+                "responses": {
+                    "200": _json(
                         {
-                            "name": "period",
-                            "in": "query",
-                            "description": "YYYY-MM (default: the current month).",
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                    "responses": {
-                        "200": _json({"type": "object"}, "Differences, if any."),
-                        "400": _error("A bad period."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "404": {"description": "No meter forwards to Stripe."},
-                        "502": _error("Stripe failed."),
-                    },
-                }
+                            "type": "object",
+                            "required": ["customer_id", "stripe_customer_id", "history"],
+                            "properties": {
+                                "customer_id": {"type": "string"},
+                                "stripe_customer_id": {"type": ["string", "null"]},
+                                "history": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/MappingChange"},
+                                },
+                                "held": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/Held"},
+                                },
+                            },
+                        },
+                        "The mapping (stripe_customer_id null: not mapped).",
+                    ),
+                    "400": _error("Not a customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("A key restricted to a customer cannot do this."),
+                    "503": _error("ClickHouse unavailable."),
+                },
             },
+            "put": {
+                "summary": "Map a customer to the Stripe customer that pays",
+                "description": "Recorded in ClickHouse (with the key that did it), then "
+                "published on the customers topic. Needs an operator key.",
+                "security": KEY_REQUIRED,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["stripe_customer_id"],
+                                "properties": {
+                                    "stripe_customer_id": {
+                                        "type": "string",
+                                        "pattern": "^[A-Za-z0-9_-]{1,255}$",
+                                    }
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(_CHANGE, "Recorded (change null: it already was)."),
+                    "400": _error("Not a customer id, or not a Stripe customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("A key restricted to a customer cannot do this."),
+                    "413": _error("The body is over the size limit."),
+                    "415": _error("Content-Type is not application/json."),
+                    "503": _error("ClickHouse unavailable."),
+                },
+            },
+            "delete": {
+                "summary": "Remove a customer's mapping (its usage is then held)",
+                "security": KEY_REQUIRED,
+                "responses": {
+                    "200": _json(_CHANGE, "Recorded (change null: it was not mapped)."),
+                    "400": _error("Not a customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("A key restricted to a customer cannot do this."),
+                    "503": _error("ClickHouse unavailable."),
+                },
+            },
+        },
+    }
+
+
+def _stripe_paths() -> dict[str, Any]:
+    """Stripe forwarding (only on a worker with a meter that forwards to Stripe)."""
+    return {
+        "/v1/stripe/retry": {
+            "post": {
+                "summary": "Resend the Stripe meter events that failed permanently",
+                "description": "Only on a worker with a meter that forwards to Stripe.",
+                "security": KEY_REQUIRED,
+                "responses": {
+                    "200": _json({"type": "object"}, "The rows retried, with outcomes."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("A key restricted to a customer cannot do this."),
+                    "404": {"description": "No meter forwards to Stripe."},
+                    "502": _error("Stripe failed."),
+                },
+            }
+        },
+        "/v1/stripe/reconcile": {
+            "get": {
+                "summary": "Compare what Stripe holds with the record, for a month",
+                "description": "Only on a worker with a meter that forwards to Stripe.",
+                "security": KEY_REQUIRED,
+                "parameters": [
+                    {
+                        "name": "period",
+                        "in": "query",
+                        "description": "YYYY-MM (default: the current month).",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": _json({"type": "object"}, "Differences, if any."),
+                    "400": _error("A bad period."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("A key restricted to a customer cannot do this."),
+                    "404": {"description": "No meter forwards to Stripe."},
+                    "502": _error("Stripe failed."),
+                },
+            }
         },
     }

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
-from meterstream.api.web import dumps
+from meterstream.answers import dumps
 from meterstream.endpoints import web_url
 from meterstream.errors import ClickHouseError, MeterstreamError
+from meterstream.events import parse_time
 from meterstream.meters.windows import month_bounds, period_label
 from meterstream.settings import Settings
 
@@ -147,7 +148,6 @@ def print_usage(
 
 
 def reconcile_command(settings: Settings, start: str | None, end: str | None, repair: bool) -> int:
-    from meterstream.api.web import parse_time
     from meterstream.billing.record import reconcile_meter
     from meterstream.meters.config import load_meters, meters_path
     from meterstream.sinks.clickhouse.client import open_clickhouse

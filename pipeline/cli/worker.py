@@ -20,6 +20,7 @@ import faust
 from meterstream.api import web
 from meterstream.api.keys import KeyStore, retire_cli_key_file
 from meterstream.api.publisher import EventPublisher
+from meterstream.billing.customers import MappingStore
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.kafka import client_options
 from meterstream.logs import configure_logging
@@ -32,6 +33,7 @@ from meterstream.sinks.clickhouse.migrate import migrate
 from meterstream.sinks.clickhouse.reads import ReadIO, sql_limits
 from meterstream.topics.admin import ensure_topics
 from meterstream.worker.app import create_app
+from meterstream.worker.forwarder import install_forwarder
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
 from meterstream.worker.lifeline import BrokerProbe, Lifeline, StopControl, probe_timing
 
@@ -128,17 +130,12 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         checks["stripe"] = "ok"
         return checks
 
-    from meterstream.billing.customers import MappingStore
-    from meterstream.worker.forwarder import install_forwarder
-
     mappings = MappingStore(settings, chio, bootstrap)
     forwarder = install_forwarder(
         app, settings, meters, chio, metrics, pipeline=pipeline, mappings=mappings
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
-    web.register(
-        app, settings, chio, metrics, ready, publisher, keys, forwarder, mappings, reads=reads
-    )
+    web.register(app, settings, metrics, ready, publisher, keys, forwarder, mappings, reads=reads)
 
     async def stop_publisher(sender: Any, *args: Any, **kwargs: Any) -> None:
         await publisher.stop()

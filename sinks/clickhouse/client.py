@@ -48,7 +48,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import Error as DriverError
 from pydantic import SecretStr
 
-from meterstream.errors import ClickHouseError
+from meterstream.errors import ClickHouseError, NotEncodable
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import columns
 
@@ -299,7 +299,7 @@ class ClickHouse:
         def run() -> None:
             try:
                 block = columns.encode(rows, names, self._column_types(table))
-            except columns.NotEncodable:
+            except NotEncodable:
                 self._client.insert(table, list(rows), column_names=names, settings=settings)
                 return
             self._client.raw_insert(

@@ -34,6 +34,8 @@ from typing import Any
 
 import orjson
 
+from meterstream.errors import NotEncodable
+
 FORMAT = "JSONCompactColumns"
 
 _DATETIME64 = re.compile(r"^DateTime64\((\d)(?:,\s*'[^']*')?\)$")
@@ -44,10 +46,6 @@ _AS_IS = re.compile(
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_SECONDS = 9_999_999_999  # ten digits: 2286-11-20
-
-
-class NotEncodable(ValueError):
-    """These rows cannot go as JSON columns; insert them through the driver."""
 
 
 def _datetime64(precision: int) -> Callable[[Sequence[Any]], list[str]]:

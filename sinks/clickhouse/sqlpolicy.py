@@ -49,6 +49,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from meterstream.errors import AstDumpError, StatementError
 from meterstream.sinks.clickhouse import sqlfunctions as fn
 
 _LINE = re.compile(r"^( *)(\S.*?)(?: \(children (\d+)\))?\s*$")
@@ -137,10 +138,6 @@ REFUSED_NODES = {
 OUTFILE_REFUSED = "INTO OUTFILE (and COMPRESSION) is not allowed: read-only SQL writes no file"
 # Statements with an output (FORMAT, INTO OUTFILE, SETTINGS, COMPRESSION hang off them).
 OUTPUT_NODES = frozenset(ROOTS)
-
-
-class AstDumpError(ValueError):
-    """The EXPLAIN AST text is not a well-formed tree."""
 
 
 @dataclass
@@ -426,10 +423,6 @@ def into_outfile(canonical: str) -> bool:
                 words.append("")
             i += 1
     return any(a == "INTO" and b == "OUTFILE" for a, b in itertools.pairwise(words))
-
-
-class StatementError(ValueError):
-    """The SQL text is refused before ClickHouse parses it."""
 
 
 def single_statement(sql: str) -> str:
