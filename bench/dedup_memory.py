@@ -28,7 +28,7 @@ METERS = "meters:\n  - {name: calls, event_name: call, aggregation: count, windo
 
 
 def sample(worker: Worker, label: str, started: float) -> dict[str, float]:
-    metrics = worker.metrics()
+    metrics = worker.metric_totals()
     memory = worker.memory_kb()
     row = {
         "t": round(time.monotonic() - started),
@@ -85,11 +85,19 @@ def main() -> None:
     extra = {"METERSTREAM_DEDUP_HORIZON_SECONDS": str(args.horizon)}
     with EmbeddedBroker(log=tmp / "broker.log") as broker:
         emulator = BackgroundEmulator().start()
-        stack = StackEnv(broker.bootstrap, tmp / "ch", emulator.url, tmp, "dm-", 4, meters)
+        stack = StackEnv(
+            bootstrap=broker.bootstrap,
+            chdb_path=tmp / "ch",
+            stripe_url=emulator.url,
+            tmp=tmp,
+            prefix="dm-",
+            partitions=4,
+            meters_file=meters,
+        )
         started = time.monotonic()
         worker = Worker.start(stack, **extra)
         asyncio.run(produce(stack, args.events, args.rate, worker, started))
-        while worker.metrics().get("meterstream_events_in_total", 0) < args.events:
+        while worker.metric_totals().get("meterstream_events_in_total", 0) < args.events:
             time.sleep(5)
         for _ in range(3):  # let sweeps run past the horizon
             sample(worker, "drained", started)

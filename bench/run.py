@@ -162,7 +162,7 @@ def run_bare_faust(stack: StackEnv, expected: int) -> dict[str, Any]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.bare_faust", str(result), str(expected)],
         cwd=REPO,
-        env=stack.env("bare-faust"),
+        env=stack.worker_env("bare-faust"),
         stdout=open(log_path, "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -232,7 +232,7 @@ def measure_pipeline(worker: Worker, load: Load, profile: Path | None) -> dict[s
     try:
         while True:
             worker.alive()
-            n = worker.metrics().get("meterstream_events_in_total", 0.0)
+            n = worker.metric_totals().get("meterstream_events_in_total", 0.0)
             now = time.time()
             if n and not first_done:
                 first_done, cpu_first = now, process_cpu_seconds(worker.proc.pid)
@@ -258,7 +258,7 @@ def measure_pipeline(worker: Worker, load: Load, profile: Path | None) -> dict[s
     source = "min(usage_events.ingested_at) = first batch received"
     if not healthy_at - 30 <= first <= done:
         first, source = first_done, "first batch completed (/metrics), fallback"
-    metrics = worker.metrics()
+    metrics = worker.metric_totals()
     return {
         "records": load.events,
         "seconds": done - first,
@@ -323,7 +323,7 @@ def self_check(worker: Worker, load: Load) -> dict[str, Any]:
     )
     if unique != load.unique:
         problems.append(f"usage_events holds {unique} distinct events, expected {load.unique}")
-    dups = worker.metrics().get("meterstream_events_duplicate_total", 0.0)
+    dups = worker.metric_totals().get("meterstream_events_duplicate_total", 0.0)
     if int(dups) != load.duplicates:
         problems.append(f"worker counted {dups:.0f} duplicates, generator sent {load.duplicates}")
     if problems:
@@ -448,7 +448,7 @@ def soak(
                 # the embedded ClickHouse engine's tracked memory, in the same process
                 "clickhouse_mb": round(clickhouse_memory_mb(worker), 1),
                 "clickhouse_resident_mb": resident,
-                "events_in": worker.metrics().get("meterstream_events_in_total", 0.0),
+                "events_in": worker.metric_totals().get("meterstream_events_in_total", 0.0),
             }
         )
         log(
@@ -704,13 +704,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     emulator = BackgroundEmulator().start()
     worker: Worker | None = None
     stack = StackEnv(
-        broker.bootstrap,
-        tmp / "clickhouse",
-        emulator.url,
-        tmp,
-        prefix,
-        partitions,
-        HERE / "meters.yaml",
+        bootstrap=broker.bootstrap,
+        chdb_path=tmp / "clickhouse",
+        stripe_url=emulator.url,
+        tmp=tmp,
+        prefix=prefix,
+        partitions=partitions,
+        meters_file=HERE / "meters.yaml",
     )
     try:
         log(f"generating {args.events:,} records for {args.customers:,} customers")

@@ -36,7 +36,7 @@ def _private_state_dir(settings: Settings) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from meterstream.embedded.stack import run_stack
+    from meterstream.embedded.run import run_stack
 
     settings = _settings(args)
     _private_state_dir(settings)
