@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any, Protocol
 
-from meterstream.events import ALL_METERS, Rejection, UsageEvent, content_fingerprint
+from meterstream.events import ALL_METERS, EPOCH, Rejection, UsageEvent, content_fingerprint
 
 USAGE_EVENTS = "usage_events"
 METER_WINDOWS = "meter_windows"
@@ -82,7 +82,6 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     STRIPE_METER_EVENTS: STRIPE_METER_EVENTS_COLUMNS,
 }
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SCALE = Decimal("1e-9")
 _DECIMAL_38_9_LIMIT = Decimal(10) ** 29  # 38 digits, 9 of them after the point
 _CONTEXT = Context(prec=80)
@@ -99,7 +98,7 @@ class WindowStateLike(Protocol):
 
 def utc_datetime(epoch_ms: int) -> datetime:
     """Exact aware UTC datetime from epoch milliseconds (no float rounding)."""
-    return _EPOCH + timedelta(milliseconds=int(epoch_ms))
+    return EPOCH + timedelta(milliseconds=int(epoch_ms))
 
 
 def decimal_38_9(value: Decimal) -> Decimal:
