@@ -29,19 +29,19 @@ import sys
 import urllib.parse
 from typing import Any
 
+from meterstream.cli.options import settings_from
+from meterstream.cli.sql import worker_request
+from meterstream.endpoints import kafka_bootstrap, web_url
 from meterstream.errors import MeterstreamError, StripeError
+from meterstream.meters.config import load_meters, meters_path
+from meterstream.meters.windows import month_bounds
+from meterstream.metrics import Metrics
 from meterstream.settings import Settings
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    from meterstream.cli.main import _settings as cli_settings
-
-    return cli_settings(args)
+from meterstream.sinks.stripe.payloads import formula_for
+from meterstream.topics import STRIPE_ERRORS
 
 
 def _worker_url(args: argparse.Namespace, settings: Settings) -> str | None:
-    from meterstream.endpoints import web_url
-
     return getattr(args, "worker_url", None) or web_url(settings)
 
 
@@ -52,7 +52,7 @@ def cmd_customers_set(args: argparse.Namespace) -> int:
     from meterstream.billing.customers import set_mapping
 
     try:
-        result = set_mapping(_settings(args), args.customer_id, args.stripe_customer_id)
+        result = set_mapping(settings_from(args), args.customer_id, args.stripe_customer_id)
     except ValueError as exc:
         raise MeterstreamError(str(exc)) from None
     note = "" if result.get("change") else " (unchanged)"
@@ -64,7 +64,7 @@ def cmd_customers_unset(args: argparse.Namespace) -> int:
     from meterstream.billing.customers import set_mapping
 
     try:
-        result = set_mapping(_settings(args), args.customer_id, None)
+        result = set_mapping(settings_from(args), args.customer_id, None)
     except ValueError as exc:
         raise MeterstreamError(str(exc)) from None
     note = "" if result.get("change") else " (was not mapped)"
@@ -80,7 +80,7 @@ def _print_held(held: list[dict[str, str]]) -> None:
 def cmd_customers_get(args: argparse.Namespace) -> int:
     from meterstream.billing.customers import get_mapping
 
-    found = get_mapping(_settings(args), args.customer_id)
+    found = get_mapping(settings_from(args), args.customer_id)
     if args.format == "json":
         print(json.dumps(found, sort_keys=True, default=str))
     elif found["stripe_customer_id"]:
@@ -102,7 +102,7 @@ def cmd_customers_get(args: argparse.Namespace) -> int:
 def cmd_customers_list(args: argparse.Namespace) -> int:
     from meterstream.billing.customers import list_mappings
 
-    found = list_mappings(_settings(args))
+    found = list_mappings(settings_from(args))
     mapping = {r["customer_id"]: r["stripe_customer_id"] for r in found["customers"]}
     if args.format == "json":
         print(json.dumps(mapping, sort_keys=True))
@@ -119,10 +119,8 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
 
 def cmd_create_meters(args: argparse.Namespace) -> int:
     from meterstream.billing.forwarding import stripe_client
-    from meterstream.meters.config import load_meters, meters_path
-    from meterstream.sinks.stripe.payloads import formula_for
 
-    settings = _settings(args)
+    settings = settings_from(args)
     meters = load_meters(meters_path(settings))
     client = stripe_client(settings)
     existing = {m["event_name"] for m in client.list_meters() if m.get("status") == "active"}
@@ -162,13 +160,10 @@ def cmd_create_meters(args: argparse.Namespace) -> int:
 def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
     """A Forwarder over a direct ClickHouse connection (no worker is running)."""
     from meterstream.billing.forwarding import Forwarder, error_message, stripe_client
-    from meterstream.meters.config import load_meters, meters_path
-    from meterstream.metrics import Metrics
     from meterstream.sinks.clickhouse.calls import ClickHouseIO
     from meterstream.sinks.clickhouse.client import open_clickhouse
     from meterstream.sinks.clickhouse.migrate import migrate
     from meterstream.sinks.stripe.ledger import LedgerRow
-    from meterstream.topics import STRIPE_ERRORS
 
     meters = load_meters(meters_path(settings))
     ch = open_clickhouse(settings)
@@ -177,8 +172,6 @@ def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
 
     async def publish_error(row: LedgerRow, message: str) -> None:
         from aiokafka import AIOKafkaProducer
-
-        from meterstream.endpoints import kafka_bootstrap
 
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all")
         await producer.start()
@@ -203,10 +196,8 @@ def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
 
 
 def _get_json(settings: Settings, url: str, body: dict[str, Any] | None = None) -> Any:
-    from meterstream.cli.sql import _http
-
     try:
-        return _http(settings, url, body)
+        return worker_request(settings, url, body)
     except MeterstreamError:
         raise
     except Exception as exc:  # pragma: no cover - reported, not raised
@@ -214,7 +205,7 @@ def _get_json(settings: Settings, url: str, body: dict[str, Any] | None = None) 
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = settings_from(args)
     url = _worker_url(args, settings)
     if url:
         result = _get_json(settings, f"{url}/v1/stripe/retry", {})
@@ -248,9 +239,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from meterstream.meters.windows import month_bounds
 
-    settings = _settings(args)
+    settings = settings_from(args)
     try:
         month_bounds(args.period)
     except ValueError as exc:

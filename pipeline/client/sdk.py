@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self, TypedDict, Unpack
 
+from meterstream.endpoints import kafka_bootstrap
 from meterstream.errors import MeterstreamError
 from meterstream.events import (
     MAX_EVENT_BYTES,
@@ -62,6 +63,7 @@ from meterstream.events import (
     loads_exact,
     validate_document,
 )
+from meterstream.kafka import client_options
 
 if TYPE_CHECKING:
     import aiohttp
@@ -609,9 +611,6 @@ class UsageClient(_BatchingClient):
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> UsageClient:
         """A client for the broker, credentials and topic prefix of ``settings``."""
-        from meterstream.endpoints import kafka_bootstrap
-        from meterstream.kafka import client_options
-
         return cls(
             kafka_bootstrap(settings),
             topic=settings.topic("usage-events"),

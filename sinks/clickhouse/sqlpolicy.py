@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 from meterstream.errors import AstDumpError, StatementError
 from meterstream.sinks.clickhouse import sqlfunctions as fn
+from meterstream.sinks.clickhouse.sqltext import split_statements
 
 _LINE = re.compile(r"^( *)(\S.*?)(?: \(children (\d+)\))?\s*$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -433,8 +434,6 @@ def single_statement(sql: str) -> str:
     (`` `...` `` and ``"..."``): no analyst needs them, and a line break in a
     name is printed as is by ``EXPLAIN AST``.
     """
-    from meterstream.sinks.clickhouse.client import split_statements
-
     if _CONTROL.search(sql):
         raise StatementError("control characters are not allowed in SQL")
     statements = split_statements(sql)

@@ -17,8 +17,8 @@ import pytest
 from meterstream.events import Reason, Rejection, UsageEvent, content_fingerprint
 from meterstream.meters.aggregation import aggregator_for
 from meterstream.sinks.clickhouse import queries as q
-from meterstream.sinks.clickhouse.client import split_statements
 from meterstream.sinks.clickhouse.migrate import MIGRATIONS_DIR, checksum, load_migrations
+from meterstream.sinks.clickhouse.sqltext import split_statements
 from meterstream.sinks.clickhouse.writer import (
     METER_WINDOWS_COLUMNS,
     REJECTED_EVENTS_COLUMNS,
