@@ -130,13 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     broker = EmbeddedBroker(log=tmp / "broker.log").start()
     emulator = BackgroundEmulator().start()
     stack = StackEnv(
-        bootstrap=broker.bootstrap,
-        chdb_path=tmp / "clickhouse",
-        stripe_url=emulator.url,
-        tmp=tmp,
-        prefix=prefix,
-        partitions=4,
-        meters_file=HERE / "meters.yaml",
+        broker.bootstrap, tmp / "clickhouse", emulator.url, tmp, prefix, 4, HERE / "meters.yaml"
     )
     worker: Worker | None = None
     try:

@@ -85,15 +85,7 @@ def main() -> None:
     extra = {"METERSTREAM_DEDUP_HORIZON_SECONDS": str(args.horizon)}
     with EmbeddedBroker(log=tmp / "broker.log") as broker:
         emulator = BackgroundEmulator().start()
-        stack = StackEnv(
-            bootstrap=broker.bootstrap,
-            chdb_path=tmp / "ch",
-            stripe_url=emulator.url,
-            tmp=tmp,
-            prefix="dm-",
-            partitions=4,
-            meters_file=meters,
-        )
+        stack = StackEnv(broker.bootstrap, tmp / "ch", emulator.url, tmp, "dm-", 4, meters)
         started = time.monotonic()
         worker = Worker.start(stack, **extra)
         asyncio.run(produce(stack, args.events, args.rate, worker, started))

@@ -113,13 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         meters_file = tmp / "meters.yaml"
         meters_file.write_text(METERS)
         stack = StackEnv(
-            bootstrap=broker.bootstrap,
-            chdb_path=tmp / "ch",
-            stripe_url=emulator.url,
-            tmp=tmp,
-            prefix=f"i{run}-",
-            partitions=4,
-            meters_file=meters_file,
+            broker.bootstrap, tmp / "ch", emulator.url, tmp, f"i{run}-", 4, meters_file
         )
         worker = Worker.start(stack)
         try:

@@ -704,13 +704,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     emulator = BackgroundEmulator().start()
     worker: Worker | None = None
     stack = StackEnv(
-        bootstrap=broker.bootstrap,
-        chdb_path=tmp / "clickhouse",
-        stripe_url=emulator.url,
-        tmp=tmp,
-        prefix=prefix,
-        partitions=partitions,
-        meters_file=HERE / "meters.yaml",
+        broker.bootstrap,
+        tmp / "clickhouse",
+        emulator.url,
+        tmp,
+        prefix,
+        partitions,
+        HERE / "meters.yaml",
     )
     try:
         log(f"generating {args.events:,} records for {args.customers:,} customers")

@@ -4,7 +4,7 @@ pipeline/embedded/harness.py, the one harness), /proc memory, metric totals."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,13 +51,13 @@ def parse_metrics(text: str) -> dict[str, float]:
     return totals
 
 
-@dataclass(kw_only=True)
+@dataclass
 class StackEnv(WorkerSlice):
     """The benchmark's slice: ``partitions`` per topic, one meters file, database ``bench``."""
 
     partitions: int
     meters_file: Path
-    database: str = "bench"
+    database: str = field(default="bench", kw_only=True)
 
     def worker_env(self, name: str, **extra: str) -> dict[str, str]:
         """The environment of a process named ``name`` (its consumer group, state dir and

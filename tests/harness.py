@@ -43,7 +43,7 @@ class StackSlice(WorkerSlice):
     """One test's slice of the session stack."""
 
     prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:8]}-")
-    database: str = field(default_factory=lambda: f"t_{uuid.uuid4().hex[:8]}")
+    database: str = field(default_factory=lambda: f"t_{uuid.uuid4().hex[:8]}", kw_only=True)
     workers: list[Worker] = field(default_factory=list)
 
     def env(self, meters_file: Path, **extra: str) -> dict[str, str]:

@@ -78,6 +78,13 @@ async def read_body(request: Any, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def unrestricted(key: ApiKey | None, what: str) -> None:
+    """403 for a key restricted to one customer: it cannot ``what`` (run SQL, manage
+    Stripe forwarding or the customer mapping)."""
+    if key is not None and key.customer_id is not None:
+        raise Denied(403, f"a key restricted to one customer cannot {what}")
+
+
 @dataclass(frozen=True)
 class Routes:
     """What a group of routes (pipeline/api/routes/) registers with and answers through."""

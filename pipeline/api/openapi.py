@@ -29,7 +29,16 @@ def _error(description: str, **headers: str) -> dict[str, Any]:
     return response
 
 
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
 KEY_REQUIRED: list[dict[str, list[str]]] = [{"apiKey": []}]
+_RETRY_AFTER = {"Retry-After": "Seconds to wait"}
+_TOO_LARGE = _error("The body is over the size limit.")
+_NOT_JSON = _error("Content-Type is not application/json.")
+_CLICKHOUSE_DOWN = _error("ClickHouse unavailable.")
+_OPERATOR_ONLY = _error("A key restricted to a customer cannot do this.")
 _UNAUTHORIZED = _error(
     "No valid API key (missing, unknown or revoked).",
     **{"WWW-Authenticate": "Bearer challenge"},
@@ -297,19 +306,14 @@ def _events_paths() -> dict[str, Any]:
                 "nothing is written. Otherwise every event is written to Kafka with acks "
                 "from all in-sync replicas before the 202.",
                 "security": KEY_REQUIRED,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "oneOf": [
-                                    {"$ref": "#/components/schemas/Event"},
-                                    {"$ref": "#/components/schemas/EventBatch"},
-                                ]
-                            }
-                        }
-                    },
-                },
+                "requestBody": _body(
+                    {
+                        "oneOf": [
+                            {"$ref": "#/components/schemas/Event"},
+                            {"$ref": "#/components/schemas/EventBatch"},
+                        ]
+                    }
+                ),
                 "responses": {
                     "202": _json(
                         {"$ref": "#/components/schemas/Accepted"},
@@ -318,15 +322,15 @@ def _events_paths() -> dict[str, Any]:
                     "400": _error("The body is not JSON."),
                     "401": _UNAUTHORIZED,
                     "403": _error("The key is restricted to another customer."),
-                    "413": _error("The body is over the size limit."),
-                    "415": _error("Content-Type is not application/json."),
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
                     "422": _error(
                         "Invalid events (every problem, by index), a repeated key in a "
                         "JSON object, or nesting too deep; none written."
                     ),
                     "503": _error(
                         "The broker did not acknowledge; retry with the same keys.",
-                        **{"Retry-After": "Seconds to wait"},
+                        **_RETRY_AFTER,
                     ),
                 },
             }
@@ -341,18 +345,13 @@ def _sql_paths() -> dict[str, Any]:
             "post": {
                 "summary": "Read-only SQL on the ClickHouse record",
                 "security": KEY_REQUIRED,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["sql"],
-                                "properties": {"sql": {"type": "string"}},
-                            }
-                        }
-                    },
-                },
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "required": ["sql"],
+                        "properties": {"sql": {"type": "string"}},
+                    }
+                ),
                 "responses": {
                     "200": _json({"$ref": "#/components/schemas/SqlResult"}, "The result."),
                     "400": _error(
@@ -362,11 +361,11 @@ def _sql_paths() -> dict[str, Any]:
                     ),
                     "401": _UNAUTHORIZED,
                     "403": _error("A key restricted to a customer cannot run SQL."),
-                    "413": _error("The body is over the size limit."),
-                    "415": _error("Content-Type is not application/json."),
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
                     "503": _error(
                         "Every analyst SQL thread stayed busy for the time limit; retry.",
-                        **{"Retry-After": "Seconds to wait"},
+                        **_RETRY_AFTER,
                     ),
                 },
             }
@@ -412,7 +411,7 @@ def _usage_paths() -> dict[str, Any]:
                     "400": _error("A bad parameter."),
                     "401": _UNAUTHORIZED,
                     "403": _error("The key is restricted to another customer."),
-                    "503": _error("ClickHouse unavailable."),
+                    "503": _CLICKHOUSE_DOWN,
                 },
             }
         },
@@ -447,8 +446,8 @@ def _customer_paths() -> dict[str, Any]:
                         "The mapping.",
                     ),
                     "401": _UNAUTHORIZED,
-                    "403": _error("A key restricted to a customer cannot do this."),
-                    "503": _error("ClickHouse unavailable."),
+                    "403": _OPERATOR_ONLY,
+                    "503": _CLICKHOUSE_DOWN,
                 },
             }
         },
@@ -486,8 +485,8 @@ def _customer_paths() -> dict[str, Any]:
                     ),
                     "400": _error("Not a customer id."),
                     "401": _UNAUTHORIZED,
-                    "403": _error("A key restricted to a customer cannot do this."),
-                    "503": _error("ClickHouse unavailable."),
+                    "403": _OPERATOR_ONLY,
+                    "503": _CLICKHOUSE_DOWN,
                 },
             },
             "put": {
@@ -495,31 +494,26 @@ def _customer_paths() -> dict[str, Any]:
                 "description": "Recorded in ClickHouse (with the key that did it), then "
                 "published on the customers topic. Needs an operator key.",
                 "security": KEY_REQUIRED,
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["stripe_customer_id"],
-                                "properties": {
-                                    "stripe_customer_id": {
-                                        "type": "string",
-                                        "pattern": "^[A-Za-z0-9_-]{1,255}$",
-                                    }
-                                },
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "required": ["stripe_customer_id"],
+                        "properties": {
+                            "stripe_customer_id": {
+                                "type": "string",
+                                "pattern": "^[A-Za-z0-9_-]{1,255}$",
                             }
-                        }
-                    },
-                },
+                        },
+                    }
+                ),
                 "responses": {
                     "200": _json(_CHANGE, "Recorded (change null: it already was)."),
                     "400": _error("Not a customer id, or not a Stripe customer id."),
                     "401": _UNAUTHORIZED,
-                    "403": _error("A key restricted to a customer cannot do this."),
-                    "413": _error("The body is over the size limit."),
-                    "415": _error("Content-Type is not application/json."),
-                    "503": _error("ClickHouse unavailable."),
+                    "403": _OPERATOR_ONLY,
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
+                    "503": _CLICKHOUSE_DOWN,
                 },
             },
             "delete": {
@@ -529,8 +523,8 @@ def _customer_paths() -> dict[str, Any]:
                     "200": _json(_CHANGE, "Recorded (change null: it was not mapped)."),
                     "400": _error("Not a customer id."),
                     "401": _UNAUTHORIZED,
-                    "403": _error("A key restricted to a customer cannot do this."),
-                    "503": _error("ClickHouse unavailable."),
+                    "403": _OPERATOR_ONLY,
+                    "503": _CLICKHOUSE_DOWN,
                 },
             },
         },
@@ -548,7 +542,7 @@ def _stripe_paths() -> dict[str, Any]:
                 "responses": {
                     "200": _json({"type": "object"}, "The rows retried, with outcomes."),
                     "401": _UNAUTHORIZED,
-                    "403": _error("A key restricted to a customer cannot do this."),
+                    "403": _OPERATOR_ONLY,
                     "404": {"description": "No meter forwards to Stripe."},
                     "502": _error("Stripe failed."),
                 },
@@ -571,7 +565,7 @@ def _stripe_paths() -> dict[str, Any]:
                     "200": _json({"type": "object"}, "Differences, if any."),
                     "400": _error("A bad period."),
                     "401": _UNAUTHORIZED,
-                    "403": _error("A key restricted to a customer cannot do this."),
+                    "403": _OPERATOR_ONLY,
                     "404": {"description": "No meter forwards to Stripe."},
                     "502": _error("Stripe failed."),
                 },

@@ -24,12 +24,17 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
-from meterstream.embedded.processes import die_with_parent, isolated_worker_env, stop_process
+from meterstream.embedded.processes import (
+    die_with_parent,
+    isolated_worker_env,
+    log_tail,
+    stop_process,
+)
 from meterstream.errors import MeterstreamError
 
 T = TypeVar("T")
@@ -157,11 +162,7 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
+        return log_tail(self.log_path, lines)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """``sig``, then SIGKILL after ``timeout`` seconds; the exit code."""
@@ -183,7 +184,7 @@ class WorkerSlice:
     stripe_url: str
     tmp: Path
     prefix: str
-    database: str
+    database: str = field(kw_only=True)
 
     @property
     def topic(self) -> str:

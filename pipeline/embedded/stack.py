@@ -26,7 +26,7 @@ from pathlib import Path
 
 from meterstream.embedded.harness import WorkerProcess, spawn_cli
 from meterstream.embedded.kafka import KafkaBroker, broker_name, embedded_broker
-from meterstream.embedded.processes import free_port, stop_process, wait_for_port
+from meterstream.embedded.processes import free_port, log_tail, stop_process, wait_for_port
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.endpoints import write_endpoints
 from meterstream.settings import Settings
@@ -95,11 +95,8 @@ class Stack:
         return spawn_cli(args, {**os.environ, **env}, self.state_dir / log_name, supervised=True)
 
     def log_tail(self, name: str, lines: int = 30) -> str:
-        try:
-            text = (self.state_dir / name).read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
+        """The last lines of ``name`` in the state dir (``worker.log``, ...)."""
+        return log_tail(self.state_dir / name, lines)
 
     def stop(self) -> None:
         if self.worker is not None:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 from meterstream.errors import AstDumpError, StatementError
 from meterstream.sinks.clickhouse import sqlfunctions as fn
-from meterstream.sinks.clickhouse.sqltext import split_statements
+from meterstream.sinks.clickhouse.sqltext import quote_end, split_statements
 
 _LINE = re.compile(r"^( *)(\S.*?)(?: \(children (\d+)\))?\s*$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -455,17 +455,7 @@ def _quoted_names(sql: str) -> list[str]:
     while i < n:
         ch = sql[i]
         if ch in "'\"`":
-            j = i + 1
-            while j < n:
-                if sql[j] == "\\":
-                    j += 2
-                    continue
-                if sql[j] == ch:
-                    if j + 1 < n and sql[j + 1] == ch:
-                        j += 2
-                        continue
-                    break
-                j += 1
+            j = quote_end(sql, i)
             if ch != "'":
                 names.append(sql[i : j + 1])
             i = j + 1

@@ -4,6 +4,24 @@ comments (migrations, and read-only SQL's one-statement rule)."""
 from __future__ import annotations
 
 
+def quote_end(sql: str, i: int) -> int:
+    """Where the quoted token that starts at ``sql[i]`` (' " or `) ends: the index of its
+    closing quote (``len(sql)`` or beyond when unclosed). Backslash escapes and doubled
+    quotes stay inside."""
+    quote, j, n = sql[i], i + 1, len(sql)
+    while j < n:
+        if sql[j] == "\\":
+            j += 2
+            continue
+        if sql[j] == quote:
+            if j + 1 < n and sql[j + 1] == quote:  # doubled quote
+                j += 2
+                continue
+            break
+        j += 1
+    return j
+
+
 def split_statements(sql: str) -> list[str]:
     """Split SQL text on ``;`` outside quotes and comments; drop empty / comment-only parts.
 
@@ -18,17 +36,7 @@ def split_statements(sql: str) -> list[str]:
     while i < n:
         ch = sql[i]
         if ch in "'\"`":
-            j = i + 1
-            while j < n:
-                if sql[j] == "\\":
-                    j += 2
-                    continue
-                if sql[j] == ch:
-                    if j + 1 < n and sql[j + 1] == ch:  # doubled quote
-                        j += 2
-                        continue
-                    break
-                j += 1
+            j = quote_end(sql, i)
             current.append(sql[i : j + 1])
             has_code = True
             i = j + 1

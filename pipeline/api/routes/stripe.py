@@ -9,17 +9,12 @@ import time
 
 from faust.web import Request, Response, View
 
-from meterstream.api.http import Routes
-from meterstream.api.keys import ApiKey
+from meterstream.api.http import Routes, unrestricted
 from meterstream.billing.forwarding import Forwarder, row_summary
-from meterstream.errors import Denied, StripeError
+from meterstream.errors import StripeError
 from meterstream.meters.windows import month_bounds, period_label
 
-
-def operator(key: ApiKey | None) -> None:
-    """403 for a key restricted to one customer."""
-    if key is not None and key.customer_id is not None:
-        raise Denied(403, "a key restricted to one customer cannot manage Stripe forwarding")
+FORWARDING = "manage Stripe forwarding"
 
 
 def register(routes: Routes, stripe: Forwarder) -> None:
@@ -29,7 +24,7 @@ def register(routes: Routes, stripe: Forwarder) -> None:
     class StripeRetry(View):
         @routes.guarded
         async def post(self, request: Request) -> Response:
-            operator(routes.key(request))
+            unrestricted(routes.key(request), FORWARDING)
             try:
                 rows = await stripe.retry_errors()
             except StripeError as exc:
@@ -40,7 +35,7 @@ def register(routes: Routes, stripe: Forwarder) -> None:
     class StripeReconcile(View):
         @routes.guarded
         async def get(self, request: Request) -> Response:
-            operator(routes.reader(request))
+            unrestricted(routes.reader(request), FORWARDING)
             period = request.query.get("period") or period_label(time.time_ns() // 1_000_000)
             try:
                 month_bounds(period)

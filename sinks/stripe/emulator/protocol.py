@@ -94,27 +94,25 @@ def parse_form(pairs: Iterable[tuple[str, str]]) -> dict[str, Any]:
 
 
 async def read_params(request: web.Request) -> dict[str, Any]:
+    """The request's parameters: the query (GET), a JSON object (v2) or a form (v1)."""
     if request.method == "GET":
         return parse_form(request.query.items())
     raw = await request.read()
     if not raw:
         return {}
     if (request.content_type or "").endswith("json"):
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise ApiError(400, "Invalid JSON body.") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "The request body must be a JSON object.")
-        return body
+        return _json_object(raw)
     pairs = urllib.parse.parse_qsl(raw.decode("utf-8"), keep_blank_values=True)
     return parse_form(pairs)
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
+    """A JSON object body (the ``/_emulator`` controls); {} when empty."""
     raw = await request.read()
-    if not raw:
-        return {}
+    return _json_object(raw) if raw else {}
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except ValueError:
