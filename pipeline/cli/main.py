@@ -23,7 +23,7 @@ from pathlib import Path
 from meterstream.api.keys import KeyStore
 from meterstream.cli import stripe as stripe_cli
 from meterstream.cli.options import private_state_dir, settings_from
-from meterstream.cli.output import format_table, print_result
+from meterstream.cli.output import add_format, format_table, print_result
 from meterstream.cli.sql import print_usage, reconcile_command, run_sql
 from meterstream.cli.statedir import private_umask
 from meterstream.embedded.kafka import choose_broker, describe_broker, new_broker
@@ -195,14 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sql", parents=[common], help="read-only SQL against ClickHouse")
     p.add_argument("query")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_sql)
 
     p = sub.add_parser("usage", parents=[common], help="a customer's usage totals")
     p.add_argument("customer")
     p.add_argument("--meter")
     p.add_argument("--period", help="YYYY-MM (default: the current month)")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_usage)
 
     meters = sub.add_parser("meters", help="meter definitions")

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Any
+
+
+def add_format(parser: argparse.ArgumentParser) -> None:
+    """``--format table|json`` (default table)."""
+    parser.add_argument("--format", choices=["table", "json"], default="table")
 
 
 def format_table(columns: list[str], rows: list[list[Any]]) -> str:

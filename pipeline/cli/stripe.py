@@ -27,9 +27,11 @@ import asyncio
 import json
 import sys
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 from meterstream.cli.options import settings_from
+from meterstream.cli.output import add_format
 from meterstream.cli.sql import worker_request
 from meterstream.endpoints import kafka_bootstrap, web_url
 from meterstream.errors import MeterstreamError, StripeError
@@ -204,22 +206,38 @@ def _get_json(settings: Settings, url: str, body: dict[str, Any] | None = None) 
         raise MeterstreamError(f"worker request {url} failed: {exc}") from None
 
 
-def cmd_retry(args: argparse.Namespace) -> int:
-    settings = settings_from(args)
+def _through_forwarder(
+    args: argparse.Namespace,
+    settings: Settings,
+    request: tuple[str, dict[str, Any] | None],
+    answer: str,
+    direct: Callable[[Any], list[Any]],
+) -> list[Any]:
+    """``answer`` of the running worker's route (``request``: path and body), or, when no
+    worker holds ClickHouse, ``direct(forwarder)`` on a forwarder of this process."""
     url = _worker_url(args, settings)
     if url:
-        result = _get_json(settings, f"{url}/v1/stripe/retry", {})
+        path, body = request
+        result = _get_json(settings, f"{url}{path}", body)
         if "error" in result:
-            raise MeterstreamError(f"the worker could not retry: {result['error']}")
-        rows = list(result["rows"])
-    else:
-        from meterstream.billing.forwarding import row_summary
+            verb = path.rsplit("/", 1)[-1].split("?")[0]  # retry, reconcile
+            raise MeterstreamError(f"the worker could not {verb}: {result['error']}")
+        return list(result[answer])
+    forwarder, chio = _direct_forwarder(settings)
+    try:
+        return direct(forwarder)
+    finally:
+        chio.close()
 
-        forwarder, chio = _direct_forwarder(settings)
-        try:
-            rows = [row_summary(r) for r in asyncio.run(forwarder.retry_errors())]
-        finally:
-            chio.close()
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    def retry(forwarder: Any) -> list[Any]:
+        from meterstream.billing.forwarding import row_summary  # the Stripe SDK: see main
+
+        return [row_summary(r) for r in asyncio.run(forwarder.retry_errors())]
+
+    settings = settings_from(args)
+    rows = _through_forwarder(args, settings, ("/v1/stripe/retry", {}), "rows", retry)
     if not rows:
         print("nothing to retry: no ledger row is in error")
         return 0
@@ -239,25 +257,19 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-
     settings = settings_from(args)
     try:
         month_bounds(args.period)
     except ValueError as exc:
         raise MeterstreamError(str(exc)) from None
-    url = _worker_url(args, settings)
-    if url:
-        query = urllib.parse.urlencode({"period": args.period})
-        result = _get_json(settings, f"{url}/v1/stripe/reconcile?{query}")
-        if "error" in result:
-            raise MeterstreamError(f"the worker could not reconcile: {result['error']}")
-        lines = list(result["lines"])
-    else:
-        forwarder, chio = _direct_forwarder(settings)
-        try:
-            lines = [d.describe() for d in asyncio.run(forwarder.reconcile(args.period))]
-        finally:
-            chio.close()
+    query = urllib.parse.urlencode({"period": args.period})
+    lines = _through_forwarder(
+        args,
+        settings,
+        (f"/v1/stripe/reconcile?{query}", None),
+        "lines",
+        lambda forwarder: [d.describe() for d in asyncio.run(forwarder.reconcile(args.period))],
+    )
     for line in lines:
         print(line)
     print(
@@ -281,10 +293,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "get", parents=[common], help="a customer's Stripe customer id and its changes"
     )
     p.add_argument("customer_id")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_customers_get)
     p = csub.add_parser("list", parents=[common], help="every mapping")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_customers_list)
 
     stripe = sub.add_parser("stripe", help="Stripe meters, retries and reconciliation")
