@@ -49,6 +49,9 @@ from bench.load import METERS, EventMaker, Load, closed_end_ms, customer_ids, ge
 from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
 from meterstream.embedded.processes import stop_process
 from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.settings import Settings
+from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
+from meterstream.topics.admin import ensure_topics
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_EVENTS = 300_000
@@ -676,10 +679,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from meterstream.settings import Settings
-    from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
-    from meterstream.topics.admin import ensure_topics
-
     partitions = args.partitions or Settings.model_fields["partitions"].default
     if args.store == "rocksdb" and importlib.util.find_spec("rocksdict") is None:
         raise BenchError("--store rocksdb needs: .venv/bin/pip install -e '.[rocksdb]'")
