@@ -170,7 +170,7 @@ def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
     meters = load_meters(meters_path(settings))
     ch = open_clickhouse(settings)
     migrate(ch)  # the mapping's tables (0007) may be newer than the last worker's start
-    chio = ClickHouseIO(ch, Metrics(), max_backoff=1.0)
+    calls = ClickHouseIO(ch, Metrics(), max_backoff=1.0)
 
     async def publish_error(row: LedgerRow, message: str) -> None:
         from aiokafka import AIOKafkaProducer
@@ -189,12 +189,12 @@ def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
     forwarder = Forwarder(
         settings,
         meters,
-        chio,
+        calls,
         Metrics(),
         stripe_client(settings),
         publish_error=publish_error,
     )
-    return forwarder, chio
+    return forwarder, calls
 
 
 def _get_json(settings: Settings, url: str, body: dict[str, Any] | None = None) -> Any:
@@ -223,11 +223,11 @@ def _through_forwarder(
             verb = path.rsplit("/", 1)[-1].split("?")[0]  # retry, reconcile
             raise MeterstreamError(f"the worker could not {verb}: {result['error']}")
         return list(result[answer])
-    forwarder, chio = _direct_forwarder(settings)
+    forwarder, calls = _direct_forwarder(settings)
     try:
         return direct(forwarder)
     finally:
-        chio.close()
+        calls.close()
 
 
 def cmd_retry(args: argparse.Namespace) -> int:

@@ -82,7 +82,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     guarantee = choose(settings, transactions)
     log.info(describe(settings, guarantee))
     metrics.guarantee.set(1, guarantee=guarantee)
-    chio = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)
+    calls = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)
     reads = ReadIO(
         ch,
         sql_limits(settings),
@@ -90,7 +90,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         concurrency=settings.sql_max_concurrent,
         analyst_user=settings.sql_clickhouse_user is not None,
     )
-    app, pipeline = create_app(settings, meters, chio, bootstrap, guarantee)
+    app, pipeline = create_app(settings, meters, calls, bootstrap, guarantee)
     if lifeline is not None:
         pipeline.batch_listeners.append(lifeline.contact)
 
@@ -120,7 +120,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
             checks["broker"] = f"no answer for {silent:.0f}s"
         try:  # the writer's thread and connection: busy only with inserts
             await asyncio.wait_for(
-                chio.call_once(lambda c: c.query_rows("SELECT 1")), READY_TIMEOUT_SECONDS
+                calls.call_once(lambda c: c.query_rows("SELECT 1")), READY_TIMEOUT_SECONDS
             )
             checks["clickhouse"] = "ok"
         except TimeoutError:
@@ -130,9 +130,9 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         checks["stripe"] = "ok"
         return checks
 
-    mappings = MappingStore(settings, chio, bootstrap)
+    mappings = MappingStore(settings, calls, bootstrap)
     forwarder = install_forwarder(
-        app, settings, meters, chio, metrics, pipeline=pipeline, mappings=mappings
+        app, settings, meters, calls, metrics, pipeline=pipeline, mappings=mappings
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
     web.register(app, settings, metrics, ready, publisher, keys, forwarder, mappings, reads=reads)
