@@ -1,8 +1,9 @@
 """JSON answers: what the web API and the CLI print, written one way.
 
 orjson (fast, bytes) with the types an answer or an analyst's query may hold:
-Decimal as its exact text, datetimes as RFC 3339 (a naive one is UTC), dates
-ISO, bytes as UTF-8 text, anything else (UUID, IP addresses, ...) as ``str``.
+Decimal as its exact text, bytes as UTF-8 text, anything else orjson does not
+write itself (IP addresses, ...) as ``str``. Datetimes, dates and UUIDs are
+orjson's own: RFC 3339 (a naive datetime without an offset), ISO, canonical.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@
   or ``WEB_BIND`` cannot turn them on again or move the server). Faust has no
   setting for its ``/`` index, so the guard answers 404 for every route that
   pipeline/api/web.py did not register, whatever a Faust version adds.
-- **The request body timeout**: ``read_body`` (pipeline/api/web.py) reads a body for
+- **The request body timeout**: ``read_body`` (pipeline/api/http.py) reads a body for
   at most ``METERSTREAM_API_BODY_TIMEOUT_SECONDS`` (stored on the aiohttp app under
   :data:`BODY_TIMEOUT`), so a client that stalls or trickles its body gets 408.
 

@@ -1,8 +1,9 @@
 """The OpenAPI 3.1 document of the worker's web API, served at ``/openapi.json``.
 
-Written by hand next to the routes (pipeline/api/web.py) and checked against them by
-the schemathesis test (tests/integration/test_web_api_fuzz.py), which sends
-what this document allows, and much that it does not, to a real worker.
+Written by hand next to the routes (pipeline/api/routes/; here one function per group
+of paths) and checked against them by the schemathesis test
+(tests/integration/test_web_api_fuzz.py), which sends what this document allows,
+and much that it does not, to a real worker.
 """
 
 from __future__ import annotations
