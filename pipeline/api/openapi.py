@@ -490,33 +490,7 @@ def _customer_paths() -> dict[str, Any]:
                     "503": _CLICKHOUSE_DOWN,
                 },
             },
-            "put": {
-                "summary": "Map a customer to the Stripe customer that pays",
-                "description": "Recorded in ClickHouse (with the key that did it), then "
-                "published on the customers topic. Needs an operator key.",
-                "security": KEY_REQUIRED,
-                "requestBody": _body(
-                    {
-                        "type": "object",
-                        "required": ["stripe_customer_id"],
-                        "properties": {
-                            "stripe_customer_id": {
-                                "type": "string",
-                                "pattern": "^[A-Za-z0-9_-]{1,255}$",
-                            }
-                        },
-                    }
-                ),
-                "responses": {
-                    "200": _json(_CHANGE, "Recorded (change null: it already was)."),
-                    "400": _error("Not a customer id, or not a Stripe customer id."),
-                    "401": _UNAUTHORIZED,
-                    "403": _OPERATOR_ONLY,
-                    "413": _TOO_LARGE,
-                    "415": _NOT_JSON,
-                    "503": _CLICKHOUSE_DOWN,
-                },
-            },
+            "put": _mapping_put(),
             "delete": {
                 "summary": "Remove a customer's mapping (its usage is then held)",
                 "security": KEY_REQUIRED,
@@ -528,6 +502,37 @@ def _customer_paths() -> dict[str, Any]:
                     "503": _CLICKHOUSE_DOWN,
                 },
             },
+        },
+    }
+
+
+def _mapping_put() -> dict[str, Any]:
+    """PUT /v1/stripe/customers/{customer_id}: map a customer."""
+    return {
+        "summary": "Map a customer to the Stripe customer that pays",
+        "description": "Recorded in ClickHouse (with the key that did it), then "
+        "published on the customers topic. Needs an operator key.",
+        "security": KEY_REQUIRED,
+        "requestBody": _body(
+            {
+                "type": "object",
+                "required": ["stripe_customer_id"],
+                "properties": {
+                    "stripe_customer_id": {
+                        "type": "string",
+                        "pattern": "^[A-Za-z0-9_-]{1,255}$",
+                    }
+                },
+            }
+        ),
+        "responses": {
+            "200": _json(_CHANGE, "Recorded (change null: it already was)."),
+            "400": _error("Not a customer id, or not a Stripe customer id."),
+            "401": _UNAUTHORIZED,
+            "403": _OPERATOR_ONLY,
+            "413": _TOO_LARGE,
+            "415": _NOT_JSON,
+            "503": _CLICKHOUSE_DOWN,
         },
     }
 
