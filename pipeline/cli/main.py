@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from meterstream.api.keys import KeyStore
 from meterstream.cli import stripe as stripe_cli
@@ -156,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--state-dir", help="state directory (default .meterstream/)")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    _process_commands(sub, common)
+    _data_commands(sub, common)
+    _key_commands(sub, common)
+    stripe_cli.register(sub, common)
+    return parser
+
+
+def _process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``run``, ``worker``, ``broker``, ``stripe-emulator``: what runs until stopped."""
     p = sub.add_parser("run", parents=[common], help="start the stack (embedded where unset)")
     p.add_argument("--meters", help="meters YAML file (default meters.example.yaml)")
     p.add_argument("--demo", action="store_true", help="produce a synthetic load and show totals")
@@ -189,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-file", help="keep meters and meter events in this file across restarts")
     p.set_defaults(func=cmd_stripe_emulator)
 
+
+def _data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``produce``, ``sql``, ``usage``, ``meters check``, ``migrate``, ``reconcile``."""
     p = sub.add_parser("produce", parents=[common], help="send JSON-lines events to usage-events")
     p.add_argument("file", help="JSON-lines file, or - for standard input")
     p.set_defaults(func=cmd_produce)
@@ -223,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_reconcile)
 
+
+def _key_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``keys create|revoke|list``: API keys for the web API."""
     keys = sub.add_parser("keys", help="API keys for the web API")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     keyfile = argparse.ArgumentParser(add_help=False, parents=[common])
@@ -236,9 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_keys)
     p = ksub.add_parser("list", parents=[keyfile], help="list keys (never their secrets)")
     p.set_defaults(func=cmd_keys)
-
-    stripe_cli.register(sub, common)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,7 @@ import faust
 from meterstream.api import web
 from meterstream.api.keys import KeyStore, retire_cli_key_file
 from meterstream.api.publisher import EventPublisher
+from meterstream.api.routes.health import ReadyCheck
 from meterstream.billing.customers import MappingStore
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.kafka import client_options
@@ -63,24 +64,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     meters, ch = prepare(settings)
     (settings.store_path or settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     bootstrap = settings.kafka_bootstrap_servers or ""
-    asyncio.run(
-        ensure_topics(
-            bootstrap,
-            prefix=settings.topic_prefix,
-            partitions=settings.partitions,
-            replication_factor=settings.replication_factor,
-            **client_options(settings),
-        )
-    )
-    transactions = settings.processing_guarantee != "at_least_once" and asyncio.run(
-        broker_supports_transactions(bootstrap, **client_options(settings))
-    )
-    if settings.processing_guarantee == "exactly_once" and not transactions:
-        raise ConfigError(
-            ["METERSTREAM_PROCESSING_GUARANTEE: exactly_once needs a broker with transactions"]
-        )
-    guarantee = choose(settings, transactions)
-    log.info(describe(settings, guarantee))
+    guarantee = _topics_and_guarantee(settings, bootstrap)
     metrics.guarantee.set(1, guarantee=guarantee)
     calls = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)
     reads = ReadIO(
@@ -111,6 +95,49 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
                 lag = max(0, end - processed[tp.partition])
                 metrics.consumer_lag.set(lag, partition=str(tp.partition))
 
+    ready = _ready_check(app, lifeline, calls)
+    mappings = MappingStore(settings, calls, bootstrap)
+    forwarder = install_forwarder(
+        app, settings, meters, calls, metrics, pipeline=pipeline, mappings=mappings
+    )
+    publisher = EventPublisher(bootstrap, source, **client_options(settings))
+    web.register(app, settings, metrics, ready, publisher, keys, forwarder, mappings, reads=reads)
+
+    async def stop_publisher(sender: Any, *args: Any, **kwargs: Any) -> None:
+        await publisher.stop()
+
+    app.on_before_shutdown.connect(cast(Any, stop_publisher))
+
+    return app
+
+
+def _topics_and_guarantee(settings: Settings, bootstrap: str) -> str:
+    """Create the topics (idempotent), then the processing guarantee the broker allows;
+    ``exactly_once`` on a broker without transactions stops the start."""
+    asyncio.run(
+        ensure_topics(
+            bootstrap,
+            prefix=settings.topic_prefix,
+            partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            **client_options(settings),
+        )
+    )
+    transactions = settings.processing_guarantee != "at_least_once" and asyncio.run(
+        broker_supports_transactions(bootstrap, **client_options(settings))
+    )
+    if settings.processing_guarantee == "exactly_once" and not transactions:
+        raise ConfigError(
+            ["METERSTREAM_PROCESSING_GUARANTEE: exactly_once needs a broker with transactions"]
+        )
+    guarantee = choose(settings, transactions)
+    log.info(describe(settings, guarantee))
+    return guarantee
+
+
+def _ready_check(app: faust.App, lifeline: Lifeline | None, calls: ClickHouseIO) -> ReadyCheck:
+    """``/readyz``'s checks: the broker (and the lifeline's contact with it), ClickHouse."""
+
     async def ready() -> dict[str, str]:
         checks = {"broker": "ok" if app.consumer and app.producer else "starting"}
         if (
@@ -130,19 +157,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         checks["stripe"] = "ok"
         return checks
 
-    mappings = MappingStore(settings, calls, bootstrap)
-    forwarder = install_forwarder(
-        app, settings, meters, calls, metrics, pipeline=pipeline, mappings=mappings
-    )
-    publisher = EventPublisher(bootstrap, source, **client_options(settings))
-    web.register(app, settings, metrics, ready, publisher, keys, forwarder, mappings, reads=reads)
-
-    async def stop_publisher(sender: Any, *args: Any, **kwargs: Any) -> None:
-        await publisher.stop()
-
-    app.on_before_shutdown.connect(cast(Any, stop_publisher))
-
-    return app
+    return ready
 
 
 GC_YOUNG_THRESHOLD = 200_000

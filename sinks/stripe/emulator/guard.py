@@ -13,7 +13,7 @@ from aiohttp import web
 
 from meterstream.hosts import HostPolicy
 from meterstream.sinks.stripe.emulator.protocol import ApiError
-from meterstream.sinks.stripe.emulator.state import STATE_KEY
+from meterstream.sinks.stripe.emulator.state import STATE_KEY, EmulatorState, FaultConfig
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -32,52 +32,19 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
             return err.response()
     state = request.app[STATE_KEY]
     state.stats.requests += 1
-    faults = state.faults
+    faults = state.faults  # as the request found them, for all of its steps
     if faults.latency_ms:
         await asyncio.sleep(faults.latency_ms / 1000)
-    draw = state.rng.random() if (faults.rate_429 or faults.rate_500) else 1.0
-    if draw < faults.rate_429:
-        state.stats.faults_injected += 1
-        return rate_limit_error().response()
-    if draw < faults.rate_429 + faults.rate_500:
-        state.stats.faults_injected += 1
-        return ApiError(
-            500, "An unknown error occurred (injected by the emulator).", type="api_error"
-        ).response()
-    if faults.rate_limit_per_second is not None:
-        second = int(state.clock())
-        window_second, count = state.rate_window
-        count = count + 1 if window_second == second else 1
-        state.rate_window = (second, count)
-        if count > faults.rate_limit_per_second:
-            state.stats.rate_limited += 1
-            return rate_limit_error().response()
-
+    refused = _injected_fault(state, faults) or _rate_limited(state, faults)
+    if refused is not None:
+        return refused.response()
     key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
     fingerprint = ""
     if key:
-        body = await request.read()
-        auth = request.headers.get("Authorization", "")
-        fingerprint = hashlib.sha256(
-            b"\0".join([request.path.encode(), auth.encode(), body])
-        ).hexdigest()
-        saved = state.idempotency.get(key)
-        if saved is not None:
-            _, saved_fingerprint, status, text = saved
-            if saved_fingerprint != fingerprint:
-                return ApiError(
-                    400,
-                    "Keys for idempotent requests can only be used with the same parameters "
-                    "they were first used with. Try using a key other than "
-                    f"'{key}' if you meant to execute a different request.",
-                    type="idempotency_error",
-                ).response()
-            return web.Response(
-                text=text,
-                status=status,
-                content_type="application/json",
-                headers={"Idempotent-Replayed": "true"},
-            )
+        fingerprint = await _fingerprint(request)
+        replay = _replay(state, key, fingerprint)
+        if replay is not None:
+            return replay
     try:
         response = await handler(request)
     except ApiError as err:
@@ -90,6 +57,65 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         state.idempotency[key] = saved_reply
         state.log("idempotency", key=key, value=list(saved_reply))
     return response
+
+
+def _injected_fault(state: EmulatorState, faults: FaultConfig) -> ApiError | None:
+    """A 429 or 500 drawn from the seeded RNG at the configured rates, or None."""
+    draw = state.rng.random() if (faults.rate_429 or faults.rate_500) else 1.0
+    if draw < faults.rate_429:
+        state.stats.faults_injected += 1
+        return rate_limit_error()
+    if draw < faults.rate_429 + faults.rate_500:
+        state.stats.faults_injected += 1
+        return ApiError(
+            500, "An unknown error occurred (injected by the emulator).", type="api_error"
+        )
+    return None
+
+
+def _rate_limited(state: EmulatorState, faults: FaultConfig) -> ApiError | None:
+    """429 beyond ``rate_limit_per_second`` requests in this clock second, or None."""
+    limit = faults.rate_limit_per_second
+    if limit is None:
+        return None
+    second = int(state.clock())
+    window_second, count = state.rate_window
+    count = count + 1 if window_second == second else 1
+    state.rate_window = (second, count)
+    if count > limit:
+        state.stats.rate_limited += 1
+        return rate_limit_error()
+    return None
+
+
+async def _fingerprint(request: web.Request) -> str:
+    """What an idempotent request is: its path, key and body."""
+    body = await request.read()
+    auth = request.headers.get("Authorization", "")
+    return hashlib.sha256(b"\0".join([request.path.encode(), auth.encode(), body])).hexdigest()
+
+
+def _replay(state: EmulatorState, key: str, fingerprint: str) -> web.StreamResponse | None:
+    """The saved answer to this Idempotency-Key (400 if it came with other parameters),
+    or None when the key is new."""
+    saved = state.idempotency.get(key)
+    if saved is None:
+        return None
+    _, saved_fingerprint, status, text = saved
+    if saved_fingerprint != fingerprint:
+        return ApiError(
+            400,
+            "Keys for idempotent requests can only be used with the same parameters "
+            "they were first used with. Try using a key other than "
+            f"'{key}' if you meant to execute a different request.",
+            type="idempotency_error",
+        ).response()
+    return web.Response(
+        text=text,
+        status=status,
+        content_type="application/json",
+        headers={"Idempotent-Replayed": "true"},
+    )
 
 
 def rate_limit_error() -> ApiError:
