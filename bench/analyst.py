@@ -36,6 +36,8 @@ from bench.load import customer_ids
 from bench.run import produce_at_rate
 from bench.stack import BenchError, StackEnv, Worker, http_json, wait_until
 from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
+from meterstream.topics.admin import ensure_topics
 
 HERE = Path(__file__).resolve().parent
 # CPU-bound and within every default limit of the read-only SQL (3M rows read,
@@ -121,9 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=30.0, help="per phase (default 30)")
     p.add_argument("--query", default=HEAVY_SQL, help="the heavy analyst query")
     args = p.parse_args(argv)
-
-    from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
-    from meterstream.topics.admin import ensure_topics
 
     tmp = Path(tempfile.mkdtemp(prefix="meterstream-analyst-"))
     prefix = f"an{uuid.uuid4().hex[:6]}-"

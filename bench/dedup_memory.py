@@ -28,7 +28,7 @@ METERS = "meters:\n  - {name: calls, event_name: call, aggregation: count, windo
 
 
 def sample(worker: Worker, label: str, started: float) -> dict[str, float]:
-    metrics = worker.metrics()
+    metrics = worker.metric_totals()
     memory = worker.memory_kb()
     row = {
         "t": round(time.monotonic() - started),
@@ -89,7 +89,7 @@ def main() -> None:
         started = time.monotonic()
         worker = Worker.start(stack, **extra)
         asyncio.run(produce(stack, args.events, args.rate, worker, started))
-        while worker.metrics().get("meterstream_events_in_total", 0) < args.events:
+        while worker.metric_totals().get("meterstream_events_in_total", 0) < args.events:
             time.sleep(5)
         for _ in range(3):  # let sweeps run past the horizon
             sample(worker, "drained", started)

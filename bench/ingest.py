@@ -31,6 +31,7 @@ from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
 from meterstream.client.sdk import HttpUsageClient, UsageClient
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.events import canonical_json
+from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 
 METERS = """
 meters:
@@ -102,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n = args.events
     run = uuid.uuid4().hex[:8]
-    from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
-
     with (
         tempfile.TemporaryDirectory(prefix="ms-ingest-") as tmp_dir,
         EmbeddedBroker(log=Path(tmp_dir) / "broker.log") as broker,

@@ -50,6 +50,9 @@ from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
 from meterstream.cli.progress import progress
 from meterstream.embedded.processes import stop_process
 from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.settings import Settings
+from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
+from meterstream.topics.admin import ensure_topics
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_EVENTS = 300_000
@@ -163,7 +166,7 @@ def run_bare_faust(stack: StackEnv, expected: int) -> dict[str, Any]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.bare_faust", str(result), str(expected)],
         cwd=REPO,
-        env=stack.env("bare-faust"),
+        env=stack.worker_env("bare-faust"),
         stdout=open(log_path, "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -235,7 +238,7 @@ def measure_pipeline(worker: Worker, load: Load, profile: Path | None) -> dict[s
         with progress("pipeline: events processed", load.events) as advance:
             while True:
                 worker.alive()
-                n = worker.metrics().get("meterstream_events_in_total", 0.0)
+                n = worker.metric_totals().get("meterstream_events_in_total", 0.0)
                 advance(n - shown)
                 shown = n
                 now = time.time()
@@ -263,7 +266,7 @@ def measure_pipeline(worker: Worker, load: Load, profile: Path | None) -> dict[s
     source = "min(usage_events.ingested_at) = first batch received"
     if not healthy_at - 30 <= first <= done:
         first, source = first_done, "first batch completed (/metrics), fallback"
-    metrics = worker.metrics()
+    metrics = worker.metric_totals()
     return {
         "records": load.events,
         "seconds": done - first,
@@ -328,7 +331,7 @@ def self_check(worker: Worker, load: Load) -> dict[str, Any]:
     )
     if unique != load.unique:
         problems.append(f"usage_events holds {unique} distinct events, expected {load.unique}")
-    dups = worker.metrics().get("meterstream_events_duplicate_total", 0.0)
+    dups = worker.metric_totals().get("meterstream_events_duplicate_total", 0.0)
     if int(dups) != load.duplicates:
         problems.append(f"worker counted {dups:.0f} duplicates, generator sent {load.duplicates}")
     if problems:
@@ -453,7 +456,7 @@ def soak(
                 # the embedded ClickHouse engine's tracked memory, in the same process
                 "clickhouse_mb": round(clickhouse_memory_mb(worker), 1),
                 "clickhouse_resident_mb": resident,
-                "events_in": worker.metrics().get("meterstream_events_in_total", 0.0),
+                "events_in": worker.metric_totals().get("meterstream_events_in_total", 0.0),
             }
         )
         log(
@@ -681,10 +684,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from meterstream.settings import Settings
-    from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
-    from meterstream.topics.admin import ensure_topics
-
     partitions = args.partitions or Settings.model_fields["partitions"].default
     if args.store == "rocksdb" and importlib.util.find_spec("rocksdict") is None:
         raise BenchError("--store rocksdb needs: .venv/bin/pip install -e '.[rocksdb]'")

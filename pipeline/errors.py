@@ -86,3 +86,45 @@ class CreditsError(MeterstreamError):
 
 class WebhookSignatureError(CreditsError):
     """A webhook's signature header is missing, malformed, outside the tolerance or wrong."""
+
+
+class InvalidValue(MeterstreamError):
+    """A meter cannot read its value from an event; the worker dead-letters the event.
+
+    Data, not a failure: it is caught where a meter reads the event
+    (``Reason.INVALID_VALUE``) and never stops the worker.
+    """
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)
+
+
+class MalformedBody(MeterstreamError, ValueError):
+    """An events API body that is not JSON at all (HTTP 400)."""
+
+
+class Denied(MeterstreamError):
+    """An early HTTP answer (400, 401, 403, 408, 413, 415) with a JSON body ``{"error": ...}``."""
+
+    def __init__(self, status: int, error: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.headers = headers or {}
+
+
+class NotEncodable(MeterstreamError, ValueError):
+    """These rows cannot go to ClickHouse as JSON columns; insert them through the driver."""
+
+
+class StatementError(MeterstreamError, ValueError):
+    """Read-only SQL text refused before ClickHouse parses it."""
+
+
+class AstDumpError(MeterstreamError, ValueError):
+    """ClickHouse's EXPLAIN AST text is not a well-formed tree."""
+
+
+class JournalLocked(MeterstreamError, RuntimeError):
+    """Another process holds the Stripe emulator's journal."""

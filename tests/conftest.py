@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from meterstream.embedded.kafka import KafkaBroker
+from meterstream.embedded.kafka import KafkaBroker, jars_dir, java_command, kafka_unavailable
 from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.settings import Settings
+from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 from tests.harness import StackSlice, http_json
 
 
@@ -25,9 +27,6 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBrok
     """Apache Kafka (one KRaft node from Kafka's jars, pipeline/embedded/kafka.py) with its
     data in a session state dir; skips with the reason where Java 17+ or the jars
     (`make kafka-jars`) are missing. The suites themselves run on ``broker`` (Tansu)."""
-    from meterstream.embedded.kafka import jars_dir, java_command, kafka_unavailable
-    from meterstream.settings import Settings
-
     settings = Settings()
     problem = kafka_unavailable(settings)
     if problem is not None:
@@ -39,8 +38,6 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBrok
 
 @pytest.fixture(scope="session")
 def stripe_emulator() -> Iterator[str]:
-    from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
-
     emulator = BackgroundEmulator().start()
     try:
         yield emulator.url

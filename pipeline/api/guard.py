@@ -1,7 +1,8 @@
 """What stands in front of every route of the worker's web server (aiohttp under
 ``faust.web``), and of the Stripe emulator's.
 
-- **The Host check** (DNS rebinding; rules in pipeline/hosts.py) runs before any
+- **The Host check** (DNS rebinding; rules in pipeline/hosts.py, the middleware in
+  pipeline/webhosts.py, which the Stripe emulator uses too) runs before any
   handler, on every route except ``/healthz`` (liveness probes may send any Host or
   none; it answers ``{"status": "ok"}`` and nothing else). Refused: 400 or 421,
   JSON ``{"error": ...}``, counted in ``meterstream_api_requests_total{route="guard"}``.
@@ -13,7 +14,7 @@
   or ``WEB_BIND`` cannot turn them on again or move the server). Faust has no
   setting for its ``/`` index, so the guard answers 404 for every route that
   pipeline/api/web.py did not register, whatever a Faust version adds.
-- **The request body timeout**: ``read_body`` (pipeline/api/web.py) reads a body for
+- **The request body timeout**: ``read_body`` (pipeline/api/http.py) reads a body for
   at most ``METERSTREAM_API_BODY_TIMEOUT_SECONDS`` (stored on the aiohttp app under
   :data:`BODY_TIMEOUT`), so a client that stalls or trickles its body gets 408.
 
@@ -24,73 +25,21 @@ Installed with aiohttp's own extension points (``Application.middlewares`` and a
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
-import orjson
 from aiohttp import web
 
 from meterstream.hosts import HostPolicy
+from meterstream.webhosts import Counter, Handler, error_response, host_check
 
 if TYPE_CHECKING:
     import faust
 
     from meterstream.settings import Settings
 
-OPEN_PATHS = frozenset({"/healthz"})
 DEFAULT_BODY_TIMEOUT_SECONDS = 10.0
 BODY_TIMEOUT = web.AppKey("meterstream_body_timeout_seconds", float)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Counter = Callable[[int], None]
-
-
-def _json(status: int, error: str) -> web.Response:
-    return web.Response(
-        body=orjson.dumps({"error": error}), status=status, content_type="application/json"
-    )
-
-
-def target_authority(request: web.Request) -> str | None:
-    """The authority of an absolute-form request target (``GET http://h:p/x HTTP/1.1``)."""
-    target = request.raw_path
-    if target.startswith("/"):
-        return None
-    scheme, sep, rest = target.partition("://")
-    if not sep or scheme.lower() not in ("http", "https"):
-        return target  # authority-form or garbage: checked (and refused) as a name
-    return rest.split("/", 1)[0].split("?", 1)[0]
-
-
-def forwarded_hosts(request: web.Request) -> list[str]:
-    """Every host an ``X-Forwarded-Host`` or ``Forwarded: host=`` header claims."""
-    hosts = [
-        part.strip()
-        for value in request.headers.getall("X-Forwarded-Host", [])
-        for part in value.split(",")
-    ]
-    if "Forwarded" in request.headers:
-        hosts.extend(entry["host"] for entry in request.forwarded if "host" in entry)
-    return hosts
-
-
-def host_check(policy: HostPolicy, count: Counter | None = None) -> Any:
-    """aiohttp middleware: refuse requests for names ``policy`` does not serve."""
-
-    @web.middleware
-    async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS:
-            refused = policy.refusal(
-                request.headers.getall("Host", []),
-                target_authority(request),
-                forwarded_hosts(request),
-            )
-            if refused is not None:
-                if count is not None:
-                    count(refused.status)
-                return _json(refused.status, refused.error)
-        return await handler(request)
-
-    return check_host
 
 
 def route_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
@@ -111,7 +60,7 @@ def only_routes(served: Iterable[str], count: Counter | None = None) -> Any:
         if not ours(request.rel_url.raw_path):
             if count is not None:
                 count(404)
-            return _json(404, "not found")
+            return error_response(404, "not found")
         return await handler(request)
 
     return only_ours

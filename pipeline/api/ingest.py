@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from meterstream.errors import MalformedBody
 from meterstream.events import (
     MAX_EVENT_BYTES,
     MAX_PROPERTIES_DEPTH,
@@ -37,10 +38,6 @@ from meterstream.events import (
 )
 
 MAX_BATCH_EVENTS = 100
-
-
-class MalformedBody(ValueError):
-    """The body is not JSON at all (HTTP 400)."""
 
 
 @dataclass(frozen=True)

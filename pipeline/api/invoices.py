@@ -15,15 +15,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import faust
 import orjson
 from faust.web import Request, Response, View
 
-from meterstream.api.keys import ApiKey, KeyStore
-from meterstream.api.web import Denied, bearer_key, dumps, page_link_secret, read_body, read_key
+from meterstream.api.http import Routes, unrestricted
+from meterstream.api.keys import ApiKey
 from meterstream.billing.assignments import (
     AssignmentStore,
     BadSchedule,
@@ -31,61 +29,23 @@ from meterstream.billing.assignments import (
     parse_instant,
 )
 from meterstream.billing.customers import check_customer_id
-from meterstream.errors import DependencyError, PricingError
+from meterstream.errors import Denied, DependencyError, PricingError
 from meterstream.meters.windows import period_label
-from meterstream.metrics import Metrics
 from meterstream.pricing.invoice import Period
 from meterstream.pricing.plans import PlansConfig
-from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.reads import ReadIO
 from meterstream.worker.invoices import preview_document
 
 
 def register(
-    app: faust.App,
-    settings: Settings,
-    metrics: Metrics,
-    keys: KeyStore,
-    reads: ReadIO,
-    plans: PlansConfig,
-    assignments: AssignmentStore,
+    routes: Routes, reads: ReadIO, plans: PlansConfig, assignments: AssignmentStore
 ) -> None:
     """Add the routes; call before ``web.register`` (which installs the guard)."""
-
-    def respond(view: View, body: Any, status: int = 200) -> Response:
-        metrics.api_requests.inc(route=type(view).__name__.lower(), status=str(status))
-        return view.bytes(dumps(body), content_type="application/json", status=status)
-
-    def guarded(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-        async def run(view: View, request: Request, **kwargs: Any) -> Response:
-            try:
-                return await handler(view, request, **kwargs)
-            except Denied as exc:
-                metrics.api_requests.inc(route=type(view).__name__.lower(), status=str(exc.status))
-                return view.bytes(
-                    dumps({"error": exc.error}),
-                    content_type="application/json",
-                    status=exc.status,
-                    headers=exc.headers,
-                )
-            except DependencyError as exc:
-                return respond(view, {"error": f"ClickHouse: {exc}"}, 503)
-
-        return run
-
-    link_secret = page_link_secret(settings)
-
-    def reader(request: Request, customer_id: str) -> ApiKey | None:
-        """The read rule of the usage API, and a restricted key reads its customer only."""
-        key = read_key(request, settings, keys, link_secret)
-        if key is not None and key.customer_id not in (None, customer_id):
-            raise Denied(403, f"this key may only read customer {key.customer_id!r}")
-        return key
+    respond, guarded = routes.respond, routes.guarded
 
     def operator(request: Request) -> ApiKey:
-        key = bearer_key(request, keys)
-        if key.customer_id is not None:
-            raise Denied(403, "a key restricted to one customer cannot assign plans")
+        key = routes.key(request)
+        unrestricted(key, "assign plans")
         return key
 
     def customer_of(customer_id: str) -> str:
@@ -98,11 +58,11 @@ def register(
         plans_now = row.public()["plans"] if row is not None else []
         return {"customer_id": customer, "default_plan": plans.default.name, "plans": plans_now}
 
-    @app.page("/v1/customers/{customer_id}/invoice-preview")
+    @routes.app.page("/v1/customers/{customer_id}/invoice-preview")
     class InvoicePreview(View):
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            reader(request, customer_id)
+            routes.customer_reader(request, customer_id)
             customer = customer_of(customer_id)
             label = request.query.get("period") or period_label(time.time_ns() // 1_000_000)
             try:
@@ -113,22 +73,28 @@ def register(
                 body = await reads.read(preview_document, plans, customer, period)
             except PricingError as exc:
                 return respond(self, {"error": str(exc)}, 409)
+            except DependencyError as exc:
+                return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
             return respond(self, body)
 
-    @app.page("/v1/customers/{customer_id}/plans")
+    @routes.app.page("/v1/customers/{customer_id}/plans")
     class CustomerPlans(View):
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            reader(request, customer_id)
+            routes.customer_reader(request, customer_id)
             customer = customer_of(customer_id)
-            return respond(self, schedule_document(customer, await assignments.current(customer)))
+            try:
+                row = await assignments.current(customer)
+            except DependencyError as exc:
+                return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
+            return respond(self, schedule_document(customer, row))
 
         @guarded
         async def put(self, request: Request, customer_id: str) -> Response:
             key = operator(request)
             customer = customer_of(customer_id)
             try:
-                body = orjson.loads(await read_body(request, settings.api_max_body_bytes))
+                body = orjson.loads(await routes.json_body(request))
                 if not isinstance(body, dict):
                     raise BadSchedule('body must be JSON {"plan": NAME, "from": DATE}')
                 plan, when = check_plan_name(body.get("plan")), parse_instant(body.get("from"))

@@ -1,8 +1,9 @@
 """The OpenAPI 3.1 document of the worker's web API, served at ``/openapi.json``.
 
-Written by hand next to the routes (pipeline/api/web.py) and checked against them by
-the schemathesis test (tests/integration/test_web_api_fuzz.py), which sends
-what this document allows, and much that it does not, to a real worker.
+Written by hand next to the routes (pipeline/api/routes/; here one function per group
+of paths) and checked against them by the schemathesis test
+(tests/integration/test_web_api_fuzz.py), which sends what this document allows,
+and much that it does not, to a real worker.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ def _error(description: str, **headers: str) -> dict[str, Any]:
     return response
 
 
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+KEY_REQUIRED: list[dict[str, list[str]]] = [{"apiKey": []}]
+_RETRY_AFTER = {"Retry-After": "Seconds to wait"}
+_TOO_LARGE = _error("The body is over the size limit.")
+_NOT_JSON = _error("Content-Type is not application/json.")
+_CLICKHOUSE_DOWN = _error("ClickHouse unavailable.")
+_OPERATOR_ONLY = _error("A key restricted to a customer cannot do this.")
 _UNAUTHORIZED = _error(
     "No valid API key (missing, unknown or revoked).",
     **{"WWW-Authenticate": "Bearer challenge"},
@@ -221,6 +232,65 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+def document() -> dict[str, Any]:
+    """The OpenAPI document, with what the guard in front of every route answers."""
+    return _guard_responses(_routes_document())
+
+
+def _guard_responses(doc: dict[str, Any]) -> dict[str, Any]:
+    """What pipeline/api/guard.py answers before a route's handler runs: 421 (a name the
+    server does not answer to) and 400 (no or a malformed Host) on every route but
+    /healthz; 408 where a body is read and does not arrive in time."""
+    for path, item in doc["paths"].items():
+        if path == "/healthz":
+            continue
+        for method, operation in item.items():
+            if method == "parameters":  # path-level, not an operation
+                continue
+            responses = operation["responses"]
+            responses.setdefault(
+                "421",
+                _error("Not a host name this server answers to (METERSTREAM_WEB_ALLOWED_HOSTS)."),
+            )
+            responses.setdefault("400", _error("No Host header, or a malformed one."))
+            if "requestBody" in operation:
+                responses.setdefault(
+                    "408", _error("The body did not arrive within the body timeout.")
+                )
+    return doc
+
+
+def _routes_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "meterstream worker API",
+            "version": VERSION,
+            "description": "Usage events in, exact billable totals out.",
+        },
+        "components": {
+            "securitySchemes": {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key from `meterstream keys create NAME`.",
+                }
+            },
+            "schemas": SCHEMAS,
+        },
+        "paths": {
+            **_health_paths(),
+            **_events_paths(),
+            **_sql_paths(),
+            **_usage_paths(),
+            **_fate_and_page_paths(),
+            **_price_paths(),
+            **_customer_paths(),
+            **_stripe_paths(),
+        },
+    }
+
+
 _CUSTOMER = {
     "name": "customer_id",
     "in": "path",
@@ -279,7 +349,65 @@ _INVOICE = {
 }
 
 
-def _price_paths(key_required: list[dict[str, list[str]]]) -> dict[str, Any]:
+def _fate_and_page_paths() -> dict[str, Any]:
+    """An event's fate and the billing page's reads (a key, or a billing link)."""
+    customer = _CUSTOMER
+    denied = {
+        "401": _UNAUTHORIZED,
+        "403": _error("The key is restricted to another customer."),
+        "503": _error("ClickHouse unavailable."),
+    }
+    return {
+        "/v1/events/{customer_id}/{idempotency_key}": {
+            "get": {
+                "summary": "One event's fate: counted, duplicate, conflicting, rejected...",
+                "security": KEY_REQUIRED,
+                "parameters": [
+                    customer,
+                    {
+                        "name": "idempotency_key",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1},
+                    },
+                ],
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/EventFate"}, "The fate."),
+                    **denied,
+                },
+            }
+        },
+        "/v1/customers/{customer_id}/rejected": {
+            "get": {
+                "summary": "The customer's newest rejected events (exact resends left out)",
+                "security": KEY_REQUIRED,
+                "parameters": [
+                    customer,
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 200},
+                    },
+                ],
+                "responses": {
+                    "200": _json({"type": "object"}, "Rejected events, newest first."),
+                    "400": _error("A bad limit."),
+                    **denied,
+                },
+            }
+        },
+        "/v1/customers/{customer_id}/stripe-status": {
+            "get": {
+                "summary": "What reached Stripe for the customer, and what waits",
+                "security": KEY_REQUIRED,
+                "parameters": [customer],
+                "responses": {"200": _json({"type": "object"}, "Counts, last send."), **denied},
+            }
+        },
+    }
+
+
+def _price_paths() -> dict[str, Any]:
     """The routes of pipeline/api/invoices.py."""
     restricted = _error("The key is restricted to another customer.")
     change = _json({"type": "object"}, "The change (null: nothing changed) and whether "
@@ -288,7 +416,7 @@ def _price_paths(key_required: list[dict[str, list[str]]]) -> dict[str, Any]:
         "/v1/customers/{customer_id}/invoice-preview": {
             "get": {
                 "summary": "What a customer's usage costs so far this period",
-                "security": key_required,
+                "security": KEY_REQUIRED,
                 "parameters": [
                     _CUSTOMER,
                     {
@@ -312,7 +440,7 @@ def _price_paths(key_required: list[dict[str, list[str]]]) -> dict[str, Any]:
             "parameters": [_CUSTOMER],
             "get": {
                 "summary": "A customer's plan schedule",
-                "security": key_required,
+                "security": KEY_REQUIRED,
                 "responses": {
                     "200": _json(_PLAN_SCHEDULE, "The schedule."),
                     "400": _error("A bad customer id."),
@@ -323,7 +451,7 @@ def _price_paths(key_required: list[dict[str, list[str]]]) -> dict[str, Any]:
             },
             "put": {
                 "summary": "Put a customer on a plan from a date",
-                "security": key_required,
+                "security": KEY_REQUIRED,
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -354,7 +482,7 @@ def _price_paths(key_required: list[dict[str, list[str]]]) -> dict[str, Any]:
             },
             "delete": {
                 "summary": "Remove the plan change at a date",
-                "security": key_required,
+                "security": KEY_REQUIRED,
                 "parameters": [
                     {"name": "from", "in": "query", "required": True, "schema": {"type": "string"}}
                 ],
@@ -370,368 +498,320 @@ def _price_paths(key_required: list[dict[str, list[str]]]) -> dict[str, Any]:
     }
 
 
-def document() -> dict[str, Any]:
-    """The OpenAPI document, with what the guard in front of every route answers."""
-    return _guard_responses(_routes_document())
-
-
-def _guard_responses(doc: dict[str, Any]) -> dict[str, Any]:
-    """What pipeline/api/guard.py answers before a route's handler runs: 421 (a name the
-    server does not answer to) and 400 (no or a malformed Host) on every route but
-    /healthz; 408 where a body is read and does not arrive in time."""
-    for path, item in doc["paths"].items():
-        if path == "/healthz":
-            continue
-        for method, operation in item.items():
-            if method == "parameters":  # path-level, not an operation
-                continue
-            responses = operation["responses"]
-            responses.setdefault(
-                "421",
-                _error("Not a host name this server answers to (METERSTREAM_WEB_ALLOWED_HOSTS)."),
-            )
-            responses.setdefault("400", _error("No Host header, or a malformed one."))
-            if "requestBody" in operation:
-                responses.setdefault(
-                    "408", _error("The body did not arrive within the body timeout.")
-                )
-    return doc
-
-
-def _routes_document() -> dict[str, Any]:
-    key_required: list[dict[str, list[str]]] = [{"apiKey": []}]
+def _health_paths() -> dict[str, Any]:
+    """The probes and the document: no key."""
     return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "meterstream worker API",
-            "version": VERSION,
-            "description": "Usage events in, exact billable totals out.",
+        "/healthz": {
+            "get": {
+                "summary": "Liveness",
+                "security": [],
+                "responses": {"200": _json({"type": "object"}, "The process serves.")},
+            }
         },
-        "components": {
-            "securitySchemes": {
-                "apiKey": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "An API key from `meterstream keys create NAME`.",
-                }
-            },
-            "schemas": SCHEMAS,
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: broker and ClickHouse reachable",
+                "security": [],
+                "responses": {
+                    "200": _json({"type": "object"}, "Ready."),
+                    "503": _json({"type": "object"}, "Not ready; checks say why."),
+                },
+            }
         },
-        "paths": {
-            "/healthz": {
-                "get": {
-                    "summary": "Liveness",
-                    "security": [],
-                    "responses": {"200": _json({"type": "object"}, "The process serves.")},
-                }
-            },
-            "/readyz": {
-                "get": {
-                    "summary": "Readiness: broker and ClickHouse reachable",
-                    "security": [],
-                    "responses": {
-                        "200": _json({"type": "object"}, "Ready."),
-                        "503": _json({"type": "object"}, "Not ready; checks say why."),
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "summary": "Prometheus metrics",
-                    "security": [],
-                    "responses": {
-                        "200": {
-                            "description": "Prometheus text format.",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
-            "/v1/events": {
-                "post": {
-                    "summary": "Send usage events",
-                    "description": f"One event or a batch of 1-{MAX_BATCH_EVENTS}. The whole "
-                    "batch is checked first: one invalid event rejects it all (422) and "
-                    "nothing is written. Otherwise every event is written to Kafka with acks "
-                    "from all in-sync replicas before the 202.",
-                    "security": key_required,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "oneOf": [
-                                        {"$ref": "#/components/schemas/Event"},
-                                        {"$ref": "#/components/schemas/EventBatch"},
-                                    ]
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "202": _json(
-                            {"$ref": "#/components/schemas/Accepted"},
-                            "Written; the idempotency key of each event, in order.",
-                        ),
-                        "400": _error("The body is not JSON."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("The key is restricted to another customer."),
-                        "413": _error("The body is over the size limit."),
-                        "415": _error("Content-Type is not application/json."),
-                        "422": _error(
-                            "Invalid events (every problem, by index), a repeated key in a "
-                            "JSON object, or nesting too deep; none written."
-                        ),
-                        "503": _error(
-                            "The broker did not acknowledge; retry with the same keys.",
-                            **{"Retry-After": "Seconds to wait"},
-                        ),
-                    },
-                }
-            },
-            "/v1/sql": {
-                "post": {
-                    "summary": "Read-only SQL on the ClickHouse record",
-                    "security": key_required,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["sql"],
-                                    "properties": {"sql": {"type": "string"}},
-                                }
-                            }
-                        },
-                    },
-                    "responses": {
-                        "200": _json({"$ref": "#/components/schemas/SqlResult"}, "The result."),
-                        "400": _error(
-                            "Not a query, ClickHouse refused it, read-only SQL does not allow"
-                            " it (`problems`), or it went over a limit (`limit` names the"
-                            " METERSTREAM_SQL_ setting)."
-                        ),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot run SQL."),
-                        "413": _error("The body is over the size limit."),
-                        "415": _error("Content-Type is not application/json."),
-                        "503": _error(
-                            "Every analyst SQL thread stayed busy for the time limit; retry.",
-                            **{"Retry-After": "Seconds to wait"},
-                        ),
-                    },
-                }
-            },
-            "/v1/customers/{customer_id}/usage": {
-                "get": {
-                    "summary": "Usage totals of one customer",
-                    "security": key_required,
-                    "parameters": [
-                        {
-                            "name": "customer_id",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "minLength": 1},
-                        },
-                        {"name": "meter", "in": "query", "schema": {"type": "string"}},
-                        {
-                            "name": "from",
-                            "in": "query",
-                            "description": "RFC 3339 or epoch ms; windows starting at or after.",
-                            "schema": {"type": "string"},
-                        },
-                        {
-                            "name": "to",
-                            "in": "query",
-                            "description": "RFC 3339 or epoch ms; windows starting before.",
-                            "schema": {"type": "string"},
-                        },
-                        {
-                            "name": "window",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": ["hour", "day", "month"]},
-                        },
-                    ],
-                    "responses": {
-                        "200": _json({"$ref": "#/components/schemas/Usage"}, "Totals."),
-                        "400": _error("A bad parameter."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("The key is restricted to another customer."),
-                        "503": _error("ClickHouse unavailable."),
-                    },
-                }
-            },
-            "/v1/events/{customer_id}/{idempotency_key}": {
-                "get": {
-                    "summary": "One event's fate: counted, duplicate, conflicting, rejected...",
-                    "security": key_required,
-                    "parameters": [
-                        {
-                            "name": name,
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string", "minLength": 1},
-                        }
-                        for name in ("customer_id", "idempotency_key")
-                    ],
-                    "responses": {
-                        "200": _json({"$ref": "#/components/schemas/EventFate"}, "The fate."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("The key is restricted to another customer."),
-                        "503": _error("ClickHouse unavailable."),
-                    },
-                }
-            },
-            "/v1/stripe/customers": {
-                "get": {
-                    "summary": "The customer mapping: who pays for each customer's usage",
-                    "description": "The current Stripe customer of every mapped customer, "
-                    "and the customers the forwarder holds.",
-                    "security": key_required,
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "required": ["customers", "held"],
-                                "properties": {
-                                    "customers": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/MappingChange"},
-                                    },
-                                    "held": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/Held"},
-                                    },
-                                },
-                            },
-                            "The mapping.",
-                        ),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "503": _error("ClickHouse unavailable."),
-                    },
-                }
-            },
-            "/v1/stripe/customers/{customer_id}": {
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+def _events_paths() -> dict[str, Any]:
+    """The events API."""
+    return {
+        "/v1/events": {
+            "post": {
+                "summary": "Send usage events",
+                "description": f"One event or a batch of 1-{MAX_BATCH_EVENTS}. The whole "
+                "batch is checked first: one invalid event rejects it all (422) and "
+                "nothing is written. Otherwise every event is written to Kafka with acks "
+                "from all in-sync replicas before the 202.",
+                "security": KEY_REQUIRED,
+                "requestBody": _body(
+                    {
+                        "oneOf": [
+                            {"$ref": "#/components/schemas/Event"},
+                            {"$ref": "#/components/schemas/EventBatch"},
+                        ]
+                    }
+                ),
+                "responses": {
+                    "202": _json(
+                        {"$ref": "#/components/schemas/Accepted"},
+                        "Written; the idempotency key of each event, in order.",
+                    ),
+                    "400": _error("The body is not JSON."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("The key is restricted to another customer."),
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
+                    "422": _error(
+                        "Invalid events (every problem, by index), a repeated key in a "
+                        "JSON object, or nesting too deep; none written."
+                    ),
+                    "503": _error(
+                        "The broker did not acknowledge; retry with the same keys.",
+                        **_RETRY_AFTER,
+                    ),
+                },
+            }
+        },
+    }
+
+
+def _sql_paths() -> dict[str, Any]:
+    """Read-only SQL."""
+    return {
+        "/v1/sql": {
+            "post": {
+                "summary": "Read-only SQL on the ClickHouse record",
+                "security": KEY_REQUIRED,
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "required": ["sql"],
+                        "properties": {"sql": {"type": "string"}},
+                    }
+                ),
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/SqlResult"}, "The result."),
+                    "400": _error(
+                        "Not a query, ClickHouse refused it, read-only SQL does not allow"
+                        " it (`problems`), or it went over a limit (`limit` names the"
+                        " METERSTREAM_SQL_ setting)."
+                    ),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("A key restricted to a customer cannot run SQL."),
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
+                    "503": _error(
+                        "Every analyst SQL thread stayed busy for the time limit; retry.",
+                        **_RETRY_AFTER,
+                    ),
+                },
+            }
+        },
+    }
+
+
+def _usage_paths() -> dict[str, Any]:
+    """A customer's usage totals."""
+    return {
+        "/v1/customers/{customer_id}/usage": {
+            "get": {
+                "summary": "Usage totals of one customer",
+                "security": KEY_REQUIRED,
                 "parameters": [
                     {
                         "name": "customer_id",
                         "in": "path",
                         "required": True,
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                    }
+                        "schema": {"type": "string", "minLength": 1},
+                    },
+                    {"name": "meter", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "from",
+                        "in": "query",
+                        "description": "RFC 3339 or epoch ms; windows starting at or after.",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "to",
+                        "in": "query",
+                        "description": "RFC 3339 or epoch ms; windows starting before.",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "window",
+                        "in": "query",
+                        "schema": {"type": "string", "enum": ["hour", "day", "month"]},
+                    },
                 ],
-                "get": {
-                    "summary": "A customer's Stripe customer and every change of it",
-                    "security": key_required,
-                    "responses": {
-                        "200": _json(
-                            {
-                                "type": "object",
-                                "required": ["customer_id", "stripe_customer_id", "history"],
-                                "properties": {
-                                    "customer_id": {"type": "string"},
-                                    "stripe_customer_id": {"type": ["string", "null"]},
-                                    "history": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/MappingChange"},
-                                    },
-                                    "held": {
-                                        "type": "array",
-                                        "items": {"$ref": "#/components/schemas/Held"},
-                                    },
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/Usage"}, "Totals."),
+                    "400": _error("A bad parameter."),
+                    "401": _UNAUTHORIZED,
+                    "403": _error("The key is restricted to another customer."),
+                    "503": _CLICKHOUSE_DOWN,
+                },
+            }
+        },
+    }
+
+
+def _customer_paths() -> dict[str, Any]:
+    """The operator's customer mapping."""
+    return {
+        "/v1/stripe/customers": {
+            "get": {
+                "summary": "The customer mapping: who pays for each customer's usage",
+                "description": "The current Stripe customer of every mapped customer, "
+                "and the customers the forwarder holds.",
+                "security": KEY_REQUIRED,
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["customers", "held"],
+                            "properties": {
+                                "customers": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/MappingChange"},
+                                },
+                                "held": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/Held"},
                                 },
                             },
-                            "The mapping (stripe_customer_id null: not mapped).",
-                        ),
-                        "400": _error("Not a customer id."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "503": _error("ClickHouse unavailable."),
-                    },
-                },
-                "put": {
-                    "summary": "Map a customer to the Stripe customer that pays",
-                    "description": "Recorded in ClickHouse (with the key that did it), then "
-                    "published on the customers topic. Needs an operator key.",
-                    "security": key_required,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["stripe_customer_id"],
-                                    "properties": {
-                                        "stripe_customer_id": {
-                                            "type": "string",
-                                            "pattern": "^[A-Za-z0-9_-]{1,255}$",
-                                        }
-                                    },
-                                }
-                            }
                         },
-                    },
-                    "responses": {
-                        "200": _json(_CHANGE, "Recorded (change null: it already was)."),
-                        "400": _error("Not a customer id, or not a Stripe customer id."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "413": _error("The body is over the size limit."),
-                        "415": _error("Content-Type is not application/json."),
-                        "503": _error("ClickHouse unavailable."),
-                    },
+                        "The mapping.",
+                    ),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "503": _CLICKHOUSE_DOWN,
                 },
-                "delete": {
-                    "summary": "Remove a customer's mapping (its usage is then held)",
-                    "security": key_required,
-                    "responses": {
-                        "200": _json(_CHANGE, "Recorded (change null: it was not mapped)."),
-                        "400": _error("Not a customer id."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "503": _error("ClickHouse unavailable."),
-                    },
-                },
-            },
-            "/v1/stripe/retry": {
-                "post": {
-                    "summary": "Resend the Stripe meter events that failed permanently",
-                    "description": "Only on a worker with a meter that forwards to Stripe.",
-                    "security": key_required,
-                    "responses": {
-                        "200": _json({"type": "object"}, "The rows retried, with outcomes."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "404": {"description": "No meter forwards to Stripe."},
-                        "502": _error("Stripe failed."),
-                    },
+            }
+        },
+        "/v1/stripe/customers/{customer_id}": {
+            "parameters": [
+                {
+                    "name": "customer_id",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
                 }
-            },
-            "/v1/stripe/reconcile": {
-                "get": {
-                    "summary": "Compare what Stripe holds with the record, for a month",
-                    "description": "Only on a worker with a meter that forwards to Stripe.",
-                    "security": key_required,
-                    "parameters": [
+            ],
+            "get": {
+                "summary": "A customer's Stripe customer and every change of it",
+                "security": KEY_REQUIRED,
+                "responses": {
+                    "200": _json(
                         {
-                            "name": "period",
-                            "in": "query",
-                            "description": "YYYY-MM (default: the current month).",
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                    "responses": {
-                        "200": _json({"type": "object"}, "Differences, if any."),
-                        "400": _error("A bad period."),
-                        "401": _UNAUTHORIZED,
-                        "403": _error("A key restricted to a customer cannot do this."),
-                        "404": {"description": "No meter forwards to Stripe."},
-                        "502": _error("Stripe failed."),
-                    },
-                }
+                            "type": "object",
+                            "required": ["customer_id", "stripe_customer_id", "history"],
+                            "properties": {
+                                "customer_id": {"type": "string"},
+                                "stripe_customer_id": {"type": ["string", "null"]},
+                                "history": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/MappingChange"},
+                                },
+                                "held": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/Held"},
+                                },
+                            },
+                        },
+                        "The mapping (stripe_customer_id null: not mapped).",
+                    ),
+                    "400": _error("Not a customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "503": _CLICKHOUSE_DOWN,
+                },
             },
-            **_price_paths(key_required),
+            "put": _mapping_put(),
+            "delete": {
+                "summary": "Remove a customer's mapping (its usage is then held)",
+                "security": KEY_REQUIRED,
+                "responses": {
+                    "200": _json(_CHANGE, "Recorded (change null: it was not mapped)."),
+                    "400": _error("Not a customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "503": _CLICKHOUSE_DOWN,
+                },
+            },
+        },
+    }
+
+
+def _mapping_put() -> dict[str, Any]:
+    """PUT /v1/stripe/customers/{customer_id}: map a customer."""
+    return {
+        "summary": "Map a customer to the Stripe customer that pays",
+        "description": "Recorded in ClickHouse (with the key that did it), then "
+        "published on the customers topic. Needs an operator key.",
+        "security": KEY_REQUIRED,
+        "requestBody": _body(
+            {
+                "type": "object",
+                "required": ["stripe_customer_id"],
+                "properties": {
+                    "stripe_customer_id": {
+                        "type": "string",
+                        "pattern": "^[A-Za-z0-9_-]{1,255}$",
+                    }
+                },
+            }
+        ),
+        "responses": {
+            "200": _json(_CHANGE, "Recorded (change null: it already was)."),
+            "400": _error("Not a customer id, or not a Stripe customer id."),
+            "401": _UNAUTHORIZED,
+            "403": _OPERATOR_ONLY,
+            "413": _TOO_LARGE,
+            "415": _NOT_JSON,
+            "503": _CLICKHOUSE_DOWN,
+        },
+    }
+
+
+def _stripe_paths() -> dict[str, Any]:
+    """Stripe forwarding (only on a worker with a meter that forwards to Stripe)."""
+    return {
+        "/v1/stripe/retry": {
+            "post": {
+                "summary": "Resend the Stripe meter events that failed permanently",
+                "description": "Only on a worker with a meter that forwards to Stripe.",
+                "security": KEY_REQUIRED,
+                "responses": {
+                    "200": _json({"type": "object"}, "The rows retried, with outcomes."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "404": {"description": "No meter forwards to Stripe."},
+                    "502": _error("Stripe failed."),
+                },
+            }
+        },
+        "/v1/stripe/reconcile": {
+            "get": {
+                "summary": "Compare what Stripe holds with the record, for a month",
+                "description": "Only on a worker with a meter that forwards to Stripe.",
+                "security": KEY_REQUIRED,
+                "parameters": [
+                    {
+                        "name": "period",
+                        "in": "query",
+                        "description": "YYYY-MM (default: the current month).",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": _json({"type": "object"}, "Differences, if any."),
+                    "400": _error("A bad period."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "404": {"description": "No meter forwards to Stripe."},
+                    "502": _error("Stripe failed."),
+                },
+            }
         },
     }

@@ -9,14 +9,13 @@ Content-Security-Policy that allows this server only: no CDN, no outside font.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
-import faust
 from faust.web import Request, Response, View
 
 from meterstream.api.fate import iso
+from meterstream.api.http import Routes
 from meterstream.errors import DependencyError
 from meterstream.sinks.clickhouse import lookup
 from meterstream.sinks.clickhouse.reads import ReadIO
@@ -32,22 +31,19 @@ SECURITY_HEADERS = {
 }
 REJECTED_LIMIT_MAX = 200
 
-Respond = Callable[..., Response]
-Guarded = Callable[[Callable[..., Awaitable[Response]]], Callable[..., Awaitable[Response]]]
-Allowed = Callable[[Request, str], None]
-
 
 def _asset(name: str) -> bytes:
     return (resources.files("meterstream.api") / "page" / name).read_bytes()
 
 
-def register(
-    app: faust.App, respond: Respond, guarded: Guarded, allowed: Allowed, reads: ReadIO
-) -> None:
-    """The page, its two assets, and the customer's rejected events and Stripe status.
-
-    ``allowed(request, customer_id)`` raises (401/403, answered by ``guarded``) unless the
-    request may read that customer (pipeline/api/web.py)."""
+def register(routes: Routes, reads: ReadIO) -> None:
+    """The page, its two assets, and the customer's rejected events and Stripe status."""
+    app, respond, guarded, allowed = (
+        routes.app,
+        routes.respond,
+        routes.guarded,
+        routes.customer_reader,
+    )
     html = _asset("billing.html")
     assets = {name: (_asset(name), kind) for name, kind in ASSETS.items()}
 

@@ -2,7 +2,9 @@
 
 While ``meterstream run`` holds the embedded engine (chdb allows one process
 per data path) these go through the worker's web endpoints; otherwise they
-open ClickHouse directly.
+open ClickHouse directly (clickhouse-connect and the optional chdb are loaded then,
+in the function that opens it, so the commands that go through the worker do not
+load them).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+from meterstream.answers import dumps
 from meterstream.api.fate import read_fate
-from meterstream.api.web import dumps
+from meterstream.api.keys import KeyStore, retire_cli_key_file
+from meterstream.cli.output import format_table
 from meterstream.endpoints import web_url
 from meterstream.errors import ClickHouseError, MeterstreamError
+from meterstream.events import parse_time
 from meterstream.meters.config import load_meters, meters_path
 from meterstream.meters.windows import month_bounds, period_label
 from meterstream.settings import Settings
@@ -41,8 +46,6 @@ def cli_key(settings: Settings) -> Iterator[str]:
     if settings.api_key is not None:
         yield settings.api_key.get_secret_value()
         return
-    from meterstream.api.keys import KeyStore, retire_cli_key_file
-
     store = KeyStore(settings.keys_file)
     retire_cli_key_file(store, settings.state_dir)
     try:
@@ -58,7 +61,8 @@ def cli_key(settings: Settings) -> Iterator[str]:
         store.discard(key.id)
 
 
-def _http(settings: Settings, url: str, body: dict[str, Any] | None = None) -> Any:
+def worker_request(settings: Settings, url: str, body: dict[str, Any] | None = None) -> Any:
+    """GET (or POST ``body``) ``url`` of the running worker with the CLI's key; its JSON."""
     data = json.dumps(body).encode() if body is not None else None
     with cli_key(settings) as token:
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
@@ -80,7 +84,7 @@ def _http(settings: Settings, url: str, body: dict[str, Any] | None = None) -> A
 def run_sql(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
     url = web_url(settings)
     if url:
-        result = _http(settings, f"{url}/v1/sql", {"sql": sql})
+        result = worker_request(settings, f"{url}/v1/sql", {"sql": sql})
         return result["columns"], result["rows"]
     from meterstream.sinks.clickhouse.analyst import AnalystSQL
     from meterstream.sinks.clickhouse.client import open_clickhouse
@@ -98,23 +102,6 @@ def run_sql(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
         ch.close()
 
 
-def format_table(columns: list[str], rows: list[list[Any]]) -> str:
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
-    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
-    return "\n".join(out)
-
-
-def print_result(columns: list[str], rows: list[list[Any]], fmt: str) -> None:
-    if fmt == "json":
-        print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str))
-    else:
-        print(format_table(columns, rows))
-
-
 def usage_rows(
     settings: Settings, customer: str, meter: str | None, period: str | None
 ) -> list[dict[str, Any]]:
@@ -126,7 +113,9 @@ def usage_rows(
         if meter:
             query["meter"] = meter
         path = urllib.parse.quote(customer, safe="")
-        result = _http(settings, f"{url}/v1/customers/{path}/usage?{urllib.parse.urlencode(query)}")
+        result = worker_request(
+            settings, f"{url}/v1/customers/{path}/usage?{urllib.parse.urlencode(query)}"
+        )
         return list(result["usage"])
     from meterstream.sinks.clickhouse import queries
     from meterstream.sinks.clickhouse.client import open_clickhouse
@@ -154,7 +143,7 @@ def event_fate(settings: Settings, customer: str, key: str) -> dict[str, Any]:
     url = web_url(settings)
     if url:
         path = "/".join(urllib.parse.quote(part, safe="") for part in (customer, key))
-        return dict(_http(settings, f"{url}/v1/events/{path}"))
+        return dict(worker_request(settings, f"{url}/v1/events/{path}"))
     ch = open_clickhouse(settings)
     try:
         answer = read_fate(ch, customer, key, load_meters(meters_path(settings)))
@@ -208,9 +197,7 @@ def print_event_fate(settings: Settings, customer: str, key: str, fmt: str) -> i
 def reconcile_command(
     settings: Settings, start: str | None, end: str | None, repair: bool, as_json: bool = False
 ) -> int:
-    from meterstream.api.web import parse_time
     from meterstream.billing.record import reconcile_meter
-    from meterstream.meters.config import load_meters, meters_path
     from meterstream.sinks.clickhouse.client import open_clickhouse
 
     if web_url(settings) and not (settings.clickhouse_dsn or "").startswith("http"):

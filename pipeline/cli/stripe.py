@@ -27,21 +27,24 @@ import asyncio
 import json
 import sys
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
+from meterstream.cli.options import settings_from
+from meterstream.cli.output import add_format
+from meterstream.cli.plans import register_stripe
+from meterstream.cli.sql import worker_request
+from meterstream.endpoints import kafka_bootstrap, web_url
 from meterstream.errors import MeterstreamError, StripeError
+from meterstream.meters.config import load_meters, meters_path
+from meterstream.meters.windows import month_bounds
+from meterstream.metrics import Metrics
 from meterstream.settings import Settings
-
-
-def _settings(args: argparse.Namespace) -> Settings:
-    from meterstream.cli.main import _settings as cli_settings
-
-    return cli_settings(args)
+from meterstream.sinks.stripe.payloads import formula_for
+from meterstream.topics import STRIPE_ERRORS
 
 
 def _worker_url(args: argparse.Namespace, settings: Settings) -> str | None:
-    from meterstream.endpoints import web_url
-
     return getattr(args, "worker_url", None) or web_url(settings)
 
 
@@ -52,7 +55,7 @@ def cmd_customers_set(args: argparse.Namespace) -> int:
     from meterstream.billing.customers import set_mapping
 
     try:
-        result = set_mapping(_settings(args), args.customer_id, args.stripe_customer_id)
+        result = set_mapping(settings_from(args), args.customer_id, args.stripe_customer_id)
     except ValueError as exc:
         raise MeterstreamError(str(exc)) from None
     note = "" if result.get("change") else " (unchanged)"
@@ -64,7 +67,7 @@ def cmd_customers_unset(args: argparse.Namespace) -> int:
     from meterstream.billing.customers import set_mapping
 
     try:
-        result = set_mapping(_settings(args), args.customer_id, None)
+        result = set_mapping(settings_from(args), args.customer_id, None)
     except ValueError as exc:
         raise MeterstreamError(str(exc)) from None
     note = "" if result.get("change") else " (was not mapped)"
@@ -80,7 +83,7 @@ def _print_held(held: list[dict[str, str]]) -> None:
 def cmd_customers_get(args: argparse.Namespace) -> int:
     from meterstream.billing.customers import get_mapping
 
-    found = get_mapping(_settings(args), args.customer_id)
+    found = get_mapping(settings_from(args), args.customer_id)
     if args.format == "json":
         print(json.dumps(found, sort_keys=True, default=str))
     elif found["stripe_customer_id"]:
@@ -102,7 +105,7 @@ def cmd_customers_get(args: argparse.Namespace) -> int:
 def cmd_customers_list(args: argparse.Namespace) -> int:
     from meterstream.billing.customers import list_mappings
 
-    found = list_mappings(_settings(args))
+    found = list_mappings(settings_from(args))
     mapping = {r["customer_id"]: r["stripe_customer_id"] for r in found["customers"]}
     if args.format == "json":
         print(json.dumps(mapping, sort_keys=True))
@@ -119,10 +122,8 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
 
 def cmd_create_meters(args: argparse.Namespace) -> int:
     from meterstream.billing.forwarding import stripe_client
-    from meterstream.meters.config import load_meters, meters_path
-    from meterstream.sinks.stripe.payloads import formula_for
 
-    settings = _settings(args)
+    settings = settings_from(args)
     meters = load_meters(meters_path(settings))
     client = stripe_client(settings)
     existing = {m["event_name"] for m in client.list_meters() if m.get("status") == "active"}
@@ -162,23 +163,18 @@ def cmd_create_meters(args: argparse.Namespace) -> int:
 def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
     """A Forwarder over a direct ClickHouse connection (no worker is running)."""
     from meterstream.billing.forwarding import Forwarder, error_message, stripe_client
-    from meterstream.meters.config import load_meters, meters_path
-    from meterstream.metrics import Metrics
     from meterstream.sinks.clickhouse.calls import ClickHouseIO
     from meterstream.sinks.clickhouse.client import open_clickhouse
     from meterstream.sinks.clickhouse.migrate import migrate
     from meterstream.sinks.stripe.ledger import LedgerRow
-    from meterstream.topics import STRIPE_ERRORS
 
     meters = load_meters(meters_path(settings))
     ch = open_clickhouse(settings)
     migrate(ch)  # the mapping's tables (0007) may be newer than the last worker's start
-    chio = ClickHouseIO(ch, Metrics(), max_backoff=1.0)
+    calls = ClickHouseIO(ch, Metrics(), max_backoff=1.0)
 
     async def publish_error(row: LedgerRow, message: str) -> None:
         from aiokafka import AIOKafkaProducer
-
-        from meterstream.endpoints import kafka_bootstrap
 
         producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap(settings), acks="all")
         await producer.start()
@@ -194,41 +190,55 @@ def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
     forwarder = Forwarder(
         settings,
         meters,
-        chio,
+        calls,
         Metrics(),
         stripe_client(settings),
         publish_error=publish_error,
     )
-    return forwarder, chio
+    return forwarder, calls
 
 
 def _get_json(settings: Settings, url: str, body: dict[str, Any] | None = None) -> Any:
-    from meterstream.cli.sql import _http
-
     try:
-        return _http(settings, url, body)
+        return worker_request(settings, url, body)
     except MeterstreamError:
         raise
     except Exception as exc:  # pragma: no cover - reported, not raised
         raise MeterstreamError(f"worker request {url} failed: {exc}") from None
 
 
-def cmd_retry(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+def _through_forwarder(
+    args: argparse.Namespace,
+    settings: Settings,
+    request: tuple[str, dict[str, Any] | None],
+    answer: str,
+    direct: Callable[[Any], list[Any]],
+) -> list[Any]:
+    """``answer`` of the running worker's route (``request``: path and body), or, when no
+    worker holds ClickHouse, ``direct(forwarder)`` on a forwarder of this process."""
     url = _worker_url(args, settings)
     if url:
-        result = _get_json(settings, f"{url}/v1/stripe/retry", {})
+        path, body = request
+        result = _get_json(settings, f"{url}{path}", body)
         if "error" in result:
-            raise MeterstreamError(f"the worker could not retry: {result['error']}")
-        rows = list(result["rows"])
-    else:
-        from meterstream.billing.forwarding import row_summary
+            verb = path.rsplit("/", 1)[-1].split("?")[0]  # retry, reconcile
+            raise MeterstreamError(f"the worker could not {verb}: {result['error']}")
+        return list(result[answer])
+    forwarder, calls = _direct_forwarder(settings)
+    try:
+        return direct(forwarder)
+    finally:
+        calls.close()
 
-        forwarder, chio = _direct_forwarder(settings)
-        try:
-            rows = [row_summary(r) for r in asyncio.run(forwarder.retry_errors())]
-        finally:
-            chio.close()
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    def retry(forwarder: Any) -> list[Any]:
+        from meterstream.billing.forwarding import row_summary  # the Stripe SDK: see main
+
+        return [row_summary(r) for r in asyncio.run(forwarder.retry_errors())]
+
+    settings = settings_from(args)
+    rows = _through_forwarder(args, settings, ("/v1/stripe/retry", {}), "rows", retry)
     if not rows:
         print("nothing to retry: no ledger row is in error")
         return 0
@@ -248,26 +258,19 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from meterstream.meters.windows import month_bounds
-
-    settings = _settings(args)
+    settings = settings_from(args)
     try:
         month_bounds(args.period)
     except ValueError as exc:
         raise MeterstreamError(str(exc)) from None
-    url = _worker_url(args, settings)
-    if url:
-        query = urllib.parse.urlencode({"period": args.period})
-        result = _get_json(settings, f"{url}/v1/stripe/reconcile?{query}")
-        if "error" in result:
-            raise MeterstreamError(f"the worker could not reconcile: {result['error']}")
-        lines = list(result["lines"])
-    else:
-        forwarder, chio = _direct_forwarder(settings)
-        try:
-            lines = [d.describe() for d in asyncio.run(forwarder.reconcile(args.period))]
-        finally:
-            chio.close()
+    query = urllib.parse.urlencode({"period": args.period})
+    lines = _through_forwarder(
+        args,
+        settings,
+        (f"/v1/stripe/reconcile?{query}", None),
+        "lines",
+        lambda forwarder: [d.describe() for d in asyncio.run(forwarder.reconcile(args.period))],
+    )
     for line in lines:
         print(line)
     print(
@@ -291,10 +294,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
         "get", parents=[common], help="a customer's Stripe customer id and its changes"
     )
     p.add_argument("customer_id")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_customers_get)
     p = csub.add_parser("list", parents=[common], help="every mapping")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_customers_list)
 
     stripe = sub.add_parser("stripe", help="Stripe meters, retries and reconciliation")
@@ -304,9 +307,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--meters", help="meters YAML file")
     p.set_defaults(func=cmd_create_meters)
-    from meterstream.cli.plans import register_stripe
-
-    register_stripe(ssub, common, _settings)
+    register_stripe(ssub, common, settings_from)
     p = ssub.add_parser("retry", parents=[common], help="re-send ledger rows in error")
     p.add_argument("--meters", help="meters YAML file")
     p.add_argument("--worker", dest="worker_url", help="the running worker's web URL")

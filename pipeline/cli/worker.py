@@ -14,27 +14,36 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import faust
 
-from meterstream.api import web
+from meterstream.api import invoices, web
+from meterstream.api.http import Routes
 from meterstream.api.keys import KeyStore, retire_cli_key_file
 from meterstream.api.publisher import EventPublisher
+from meterstream.api.routes.health import ReadyCheck
+from meterstream.billing.assignments import AssignmentStore
+from meterstream.billing.customers import MappingStore
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.kafka import client_options
 from meterstream.logs import configure_logging
 from meterstream.meters.config import MetersConfig, load_meters, meters_path
 from meterstream.metrics import Metrics
+from meterstream.pricing.invoice import Period
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.clickhouse.client import ClickHouse, open_clickhouse
 from meterstream.sinks.clickhouse.migrate import migrate
+from meterstream.sinks.clickhouse.pricing import write_priced_usage
 from meterstream.sinks.clickhouse.reads import ReadIO, sql_limits
 from meterstream.topics.admin import ensure_topics
 from meterstream.worker.app import create_app
+from meterstream.worker.forwarder import install_forwarder
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
+from meterstream.worker.invoices import load_plans_for, priced_period_rows
 from meterstream.worker.lifeline import BrokerProbe, Lifeline, StopControl, probe_timing
 
 log = logging.getLogger("meterstream.worker")
@@ -63,26 +72,9 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     meters, ch = prepare(settings)
     (settings.store_path or settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     bootstrap = settings.kafka_bootstrap_servers or ""
-    asyncio.run(
-        ensure_topics(
-            bootstrap,
-            prefix=settings.topic_prefix,
-            partitions=settings.partitions,
-            replication_factor=settings.replication_factor,
-            **client_options(settings),
-        )
-    )
-    transactions = settings.processing_guarantee != "at_least_once" and asyncio.run(
-        broker_supports_transactions(bootstrap, **client_options(settings))
-    )
-    if settings.processing_guarantee == "exactly_once" and not transactions:
-        raise ConfigError(
-            ["METERSTREAM_PROCESSING_GUARANTEE: exactly_once needs a broker with transactions"]
-        )
-    guarantee = choose(settings, transactions)
-    log.info(describe(settings, guarantee))
+    guarantee = _topics_and_guarantee(settings, bootstrap)
     metrics.guarantee.set(1, guarantee=guarantee)
-    chio = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)
+    calls = ClickHouseIO(ch, metrics, down_file=settings.fault_clickhouse_down_file)
     reads = ReadIO(
         ch,
         sql_limits(settings),
@@ -90,7 +82,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         concurrency=settings.sql_max_concurrent,
         analyst_user=settings.sql_clickhouse_user is not None,
     )
-    app, pipeline = create_app(settings, meters, chio, bootstrap, guarantee)
+    app, pipeline = create_app(settings, meters, calls, bootstrap, guarantee)
     if lifeline is not None:
         pipeline.batch_listeners.append(lifeline.contact)
 
@@ -111,38 +103,16 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
                 lag = max(0, end - processed[tp.partition])
                 metrics.consumer_lag.set(lag, partition=str(tp.partition))
 
-    async def ready() -> dict[str, str]:
-        checks = {"broker": "ok" if app.consumer and app.producer else "starting"}
-        if (
-            lifeline is not None
-            and (silent := lifeline.broker_silent_for()) > 3 * lifeline.interval
-        ):
-            checks["broker"] = f"no answer for {silent:.0f}s"
-        try:  # the writer's thread and connection: busy only with inserts
-            await asyncio.wait_for(
-                chio.call_once(lambda c: c.query_rows("SELECT 1")), READY_TIMEOUT_SECONDS
-            )
-            checks["clickhouse"] = "ok"
-        except TimeoutError:
-            checks["clickhouse"] = f"error: no answer in {READY_TIMEOUT_SECONDS:g} s"
-        except Exception as exc:  # reported, not raised: this is a probe
-            checks["clickhouse"] = f"error: {type(exc).__name__}"
-        checks["stripe"] = "ok"
-        return checks
-
-    from meterstream.billing.customers import MappingStore
-    from meterstream.worker.forwarder import install_forwarder
-
-    mappings = MappingStore(settings, chio, bootstrap)
+    ready = _ready_check(app, lifeline, calls)
+    mappings = MappingStore(settings, calls, bootstrap)
     forwarder = install_forwarder(
-        app, settings, meters, chio, metrics, pipeline=pipeline, mappings=mappings
+        app, settings, meters, calls, metrics, pipeline=pipeline, mappings=mappings
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
-    install_pricing(app, settings, meters, chio, metrics, keys, reads, bootstrap)
+    invoice_routes = install_pricing(app, settings, meters, calls, reads, bootstrap)
     web.register(
         app,
         settings,
-        chio,
         metrics,
         ready,
         publisher,
@@ -151,6 +121,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         mappings,
         reads=reads,
         meters=meters,
+        extra_routes=[invoice_routes],
     )
 
     async def stop_publisher(sender: Any, *args: Any, **kwargs: Any) -> None:
@@ -165,23 +136,14 @@ def install_pricing(
     app: faust.App,
     settings: Settings,
     meters: MetersConfig,
-    chio: ClickHouseIO,
-    metrics: Metrics,
-    keys: KeyStore,
+    calls: ClickHouseIO,
     reads: ReadIO,
     bootstrap: str,
-) -> None:
-    """Plans (checked at start), the plan schedule follower, the pricing runs into
-    ``priced_usage_daily`` and the invoice routes (before the guard is installed)."""
-    from meterstream.api import invoices as invoice_routes
-    from meterstream.billing.assignments import AssignmentStore
-    from meterstream.pricing.invoice import Period
-    from meterstream.sinks.clickhouse.pricing import write_priced_usage
-    from meterstream.worker.invoices import load_plans_for, priced_period_rows
-
+) -> Callable[[Routes], None]:
+    """Plans (checked at start), the plan schedule follower and the pricing runs into
+    ``priced_usage_daily``; returns the registration of the invoice routes."""
     plans = load_plans_for(settings, meters)
-    assignments = AssignmentStore(settings, chio, bootstrap, [p.name for p in plans.plans])
-    invoice_routes.register(app, settings, metrics, keys, reads, plans, assignments)
+    assignments = AssignmentStore(settings, calls, bootstrap, [p.name for p in plans.plans])
 
     @app.task
     async def follow_customer_plans() -> None:
@@ -197,9 +159,60 @@ def install_pricing(
                 try:  # read on the reads connection: the writer's thread only inserts
                     run = time.time_ns() // 1_000_000
                     rows = await reads.read(priced_period_rows, plans, period, run)
-                    await chio.call_once(write_priced_usage, rows)
+                    await calls.call_once(write_priced_usage, rows)
                 except Exception:  # logged, retried next interval; never stops the worker
                     log.exception("pricing run for %s failed; retried next interval", period)
+
+    return lambda routes: invoices.register(routes, reads, plans, assignments)
+
+
+def _topics_and_guarantee(settings: Settings, bootstrap: str) -> str:
+    """Create the topics (idempotent), then the processing guarantee the broker allows;
+    ``exactly_once`` on a broker without transactions stops the start."""
+    asyncio.run(
+        ensure_topics(
+            bootstrap,
+            prefix=settings.topic_prefix,
+            partitions=settings.partitions,
+            replication_factor=settings.replication_factor,
+            **client_options(settings),
+        )
+    )
+    transactions = settings.processing_guarantee != "at_least_once" and asyncio.run(
+        broker_supports_transactions(bootstrap, **client_options(settings))
+    )
+    if settings.processing_guarantee == "exactly_once" and not transactions:
+        raise ConfigError(
+            ["METERSTREAM_PROCESSING_GUARANTEE: exactly_once needs a broker with transactions"]
+        )
+    guarantee = choose(settings, transactions)
+    log.info(describe(settings, guarantee))
+    return guarantee
+
+
+def _ready_check(app: faust.App, lifeline: Lifeline | None, calls: ClickHouseIO) -> ReadyCheck:
+    """``/readyz``'s checks: the broker (and the lifeline's contact with it), ClickHouse."""
+
+    async def ready() -> dict[str, str]:
+        checks = {"broker": "ok" if app.consumer and app.producer else "starting"}
+        if (
+            lifeline is not None
+            and (silent := lifeline.broker_silent_for()) > 3 * lifeline.interval
+        ):
+            checks["broker"] = f"no answer for {silent:.0f}s"
+        try:  # the writer's thread and connection: busy only with inserts
+            await asyncio.wait_for(
+                calls.call_once(lambda c: c.query_rows("SELECT 1")), READY_TIMEOUT_SECONDS
+            )
+            checks["clickhouse"] = "ok"
+        except TimeoutError:
+            checks["clickhouse"] = f"error: no answer in {READY_TIMEOUT_SECONDS:g} s"
+        except Exception as exc:  # reported, not raised: this is a probe
+            checks["clickhouse"] = f"error: {type(exc).__name__}"
+        checks["stripe"] = "ok"
+        return checks
+
+    return ready
 
 
 GC_YOUNG_THRESHOLD = 200_000

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from meterstream.endpoints import kafka_bootstrap
+from meterstream.kafka import client_options
 from meterstream.settings import Settings
 from meterstream_client import *  # noqa: F403
 from meterstream_client import __all__ as __all__
@@ -19,9 +21,6 @@ class UsageClient(_sdk.UsageClient):  # type: ignore[no-redef]
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> UsageClient:
         """A client for the broker, credentials and topic prefix of ``settings``."""
-        from meterstream.endpoints import kafka_bootstrap
-        from meterstream.kafka import client_options
-
         return cls(
             kafka_bootstrap(settings),
             topic=settings.topic("usage-events"),

@@ -39,7 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from meterstream.embedded.processes import die_with_parent, free_port, stop_process, wait_for_port
+from meterstream.embedded.processes import (
+    die_with_parent,
+    free_port,
+    log_tail,
+    stop_process,
+    wait_for_port,
+)
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.errors import BrokerError, ConfigError
 from meterstream.settings import Settings
@@ -478,11 +484,7 @@ class KafkaBroker:
             return ""
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(text[-lines:])
+        return log_tail(self.log, lines)
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM (Kafka's clean shutdown), then SIGKILL after ``timeout``."""

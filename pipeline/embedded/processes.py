@@ -61,6 +61,15 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen[A
     raise BrokerError(f"nothing listening on {host}:{port} after {timeout:.0f}s")
 
 
+def log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a child's log ("" when there is none yet)."""
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
 def stop_process(proc: subprocess.Popen[Any], sig: int, timeout: float = 10.0) -> None:
     """Send ``sig``, wait, then SIGKILL: the process is gone when this returns."""
     if proc.poll() is not None:

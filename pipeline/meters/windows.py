@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
+from meterstream.events import EPOCH
+
 MINUTE_MS = 60_000
 HOUR_MS = 60 * MINUTE_MS
 DAY_MS = 24 * HOUR_MS
 WINDOW_MS: dict[str, int] = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS}
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _LABEL = re.compile(r"(\d{4})-(\d{2})")
 
 
@@ -30,11 +31,11 @@ def window_bounds(window: str, ts_ms: int) -> tuple[int, int]:
 
 
 def _month_start_ms(year: int, month: int) -> int:
-    return (datetime(year, month, 1, tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
+    return (datetime(year, month, 1, tzinfo=UTC) - EPOCH) // timedelta(milliseconds=1)
 
 
 def _year_month(ts_ms: int) -> tuple[int, int]:
-    moment = _EPOCH + timedelta(milliseconds=ts_ms)
+    moment = EPOCH + timedelta(milliseconds=ts_ms)
     return moment.year, moment.month
 
 

@@ -37,13 +37,17 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from meterstream.errors import ClickHouseError, QueryLimitExceeded, QueryRefused
+from meterstream.errors import (
+    AstDumpError,
+    ClickHouseError,
+    QueryLimitExceeded,
+    QueryRefused,
+    StatementError,
+)
 from meterstream.sinks.clickhouse.client import ClickHouse, as_clickhouse_error
 from meterstream.sinks.clickhouse.sqlpolicy import (
     OUTFILE_REFUSED,
-    AstDumpError,
     Policy,
-    StatementError,
     check_ast,
     into_outfile,
     parse_ast,

@@ -48,7 +48,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import Error as DriverError
 from pydantic import SecretStr
 
-from meterstream.errors import ClickHouseError
+from meterstream.errors import ClickHouseError, NotEncodable
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import columns
 
@@ -65,59 +65,6 @@ def quote_identifier(name: str) -> str:
     if not _IDENTIFIER.match(name):
         raise ValueError(f"{name!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)")
     return f"`{name}`"
-
-
-def split_statements(sql: str) -> list[str]:
-    """Split SQL text on ``;`` outside quotes and comments; drop empty / comment-only parts.
-
-    Handles '...', "...", `...` (with backslash escapes and doubled quotes),
-    ``-- ...`` / ``# ...`` line comments and ``/* ... */`` block comments.
-    Each returned statement keeps its own comments and is stripped.
-    """
-    statements: list[str] = []
-    current: list[str] = []
-    has_code = False
-    i, n = 0, len(sql)
-    while i < n:
-        ch = sql[i]
-        if ch in "'\"`":
-            j = i + 1
-            while j < n:
-                if sql[j] == "\\":
-                    j += 2
-                    continue
-                if sql[j] == ch:
-                    if j + 1 < n and sql[j + 1] == ch:  # doubled quote
-                        j += 2
-                        continue
-                    break
-                j += 1
-            current.append(sql[i : j + 1])
-            has_code = True
-            i = j + 1
-        elif sql.startswith("--", i) or ch == "#":
-            j = sql.find("\n", i)
-            j = n if j < 0 else j
-            current.append(sql[i:j])
-            i = j
-        elif sql.startswith("/*", i):
-            j = sql.find("*/", i + 2)
-            j = n if j < 0 else j + 2
-            current.append(sql[i:j])
-            i = j
-        elif ch == ";":
-            if has_code:
-                statements.append("".join(current).strip())
-            current, has_code = [], False
-            i += 1
-        else:
-            current.append(ch)
-            if not ch.isspace():
-                has_code = True
-            i += 1
-    if has_code:
-        statements.append("".join(current).strip())
-    return statements
 
 
 def _error_code(exc: BaseException) -> int | None:
@@ -299,7 +246,7 @@ class ClickHouse:
         def run() -> None:
             try:
                 block = columns.encode(rows, names, self._column_types(table))
-            except columns.NotEncodable:
+            except NotEncodable:
                 self._client.insert(table, list(rows), column_names=names, settings=settings)
                 return
             self._client.raw_insert(

@@ -28,11 +28,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import orjson
+
+from meterstream.errors import NotEncodable
+from meterstream.events import EPOCH
 
 FORMAT = "JSONCompactColumns"
 
@@ -42,12 +45,7 @@ _AS_IS = re.compile(
     r"^(String|LowCardinality\(String\)|U?Int(8|16|32|64)|Array\(String\)"
     r"|Array\(LowCardinality\(String\)\))$"
 )
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_SECONDS = 9_999_999_999  # ten digits: 2286-11-20
-
-
-class NotEncodable(ValueError):
-    """These rows cannot go as JSON columns; insert them through the driver."""
 
 
 def _datetime64(precision: int) -> Callable[[Sequence[Any]], list[str]]:
@@ -58,7 +56,7 @@ def _datetime64(precision: int) -> Callable[[Sequence[Any]], list[str]]:
         if type(value) is int:
             ticks = value
         elif isinstance(value, datetime) and value.tzinfo is not None and tick is not None:
-            ticks = (value - _EPOCH) // tick
+            ticks = (value - EPOCH) // tick
         else:
             raise NotEncodable(f"{type(value).__name__} for a DateTime64({precision}) column")
         seconds, fraction = divmod(ticks, scale)

@@ -25,7 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from meterstream.errors import ClickHouseError, MigrationError
-from meterstream.sinks.clickhouse.client import ClickHouse, split_statements
+from meterstream.sinks.clickhouse.client import ClickHouse
+from meterstream.sinks.clickhouse.sqltext import split_statements
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")

@@ -49,7 +49,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from meterstream.errors import AstDumpError, StatementError
 from meterstream.sinks.clickhouse import sqlfunctions as fn
+from meterstream.sinks.clickhouse.sqltext import quote_end, split_statements
 
 _LINE = re.compile(r"^( *)(\S.*?)(?: \(children (\d+)\))?\s*$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -137,10 +139,6 @@ REFUSED_NODES = {
 OUTFILE_REFUSED = "INTO OUTFILE (and COMPRESSION) is not allowed: read-only SQL writes no file"
 # Statements with an output (FORMAT, INTO OUTFILE, SETTINGS, COMPRESSION hang off them).
 OUTPUT_NODES = frozenset(ROOTS)
-
-
-class AstDumpError(ValueError):
-    """The EXPLAIN AST text is not a well-formed tree."""
 
 
 @dataclass
@@ -428,10 +426,6 @@ def into_outfile(canonical: str) -> bool:
     return any(a == "INTO" and b == "OUTFILE" for a, b in itertools.pairwise(words))
 
 
-class StatementError(ValueError):
-    """The SQL text is refused before ClickHouse parses it."""
-
-
 def single_statement(sql: str) -> str:
     """The one statement in ``sql`` (a trailing ``;`` is fine), or StatementError.
 
@@ -440,8 +434,6 @@ def single_statement(sql: str) -> str:
     (`` `...` `` and ``"..."``): no analyst needs them, and a line break in a
     name is printed as is by ``EXPLAIN AST``.
     """
-    from meterstream.sinks.clickhouse.client import split_statements
-
     if _CONTROL.search(sql):
         raise StatementError("control characters are not allowed in SQL")
     statements = split_statements(sql)
@@ -463,17 +455,7 @@ def _quoted_names(sql: str) -> list[str]:
     while i < n:
         ch = sql[i]
         if ch in "'\"`":
-            j = i + 1
-            while j < n:
-                if sql[j] == "\\":
-                    j += 2
-                    continue
-                if sql[j] == ch:
-                    if j + 1 < n and sql[j + 1] == ch:
-                        j += 2
-                        continue
-                    break
-                j += 1
+            j = quote_end(sql, i)
             if ch != "'":
                 names.append(sql[i : j + 1])
             i = j + 1

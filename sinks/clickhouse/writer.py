@@ -1,4 +1,4 @@
-"""Write side of ClickHouse: pure row builders and an idempotent batch writer.
+"""Write side of ClickHouse: pure row builders and the insert token of one call.
 
 Row builders turn pipeline objects into tuples in the column order of the
 ``*_COLUMNS`` constants. The hot rows (usage_events, meter_windows) write their
@@ -11,17 +11,13 @@ process-local time (measured).
 
 from __future__ import annotations
 
-import hashlib
-import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal, InvalidOperation
 from typing import Any, Protocol
 
-from meterstream.events import ALL_METERS, Rejection, UsageEvent, content_fingerprint
-from meterstream.sinks.clickhouse.client import ClickHouse
+from meterstream.events import ALL_METERS, EPOCH, Rejection, UsageEvent, content_fingerprint
 
 USAGE_EVENTS = "usage_events"
 METER_WINDOWS = "meter_windows"
@@ -86,7 +82,6 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     STRIPE_METER_EVENTS: STRIPE_METER_EVENTS_COLUMNS,
 }
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SCALE = Decimal("1e-9")
 _DECIMAL_38_9_LIMIT = Decimal(10) ** 29  # 38 digits, 9 of them after the point
 _CONTEXT = Context(prec=80)
@@ -103,7 +98,7 @@ class WindowStateLike(Protocol):
 
 def utc_datetime(epoch_ms: int) -> datetime:
     """Exact aware UTC datetime from epoch milliseconds (no float rounding)."""
-    return _EPOCH + timedelta(milliseconds=int(epoch_ms))
+    return EPOCH + timedelta(milliseconds=int(epoch_ms))
 
 
 def decimal_38_9(value: Decimal) -> Decimal:
@@ -249,132 +244,6 @@ def call_token(table: str, rows: Sequence[Sequence[Any]]) -> str:
     For the worker's inserts, whose rows carry the batch's receive time: a replayed
     batch never repeats them (the tables' keys, not the token, absorb the replay),
     so the token only has to make a retry of this one call a no-op. Hashing the
-    rows (:func:`dedup_token`) cost ~4% of the worker's time for nothing more.
+    rows instead cost ~4% of the worker's time for nothing more.
     """
     return f"{table}-{len(rows)}-{uuid.uuid4().hex}"
-
-
-def dedup_token(table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Deterministic ``insert_deduplication_token``: sha256 of table, columns and rows.
-
-    The rows are hashed as one ``repr`` of the row list, in C: the reprs of str,
-    int, bool, Decimal, aware datetime, tuple and list values are stable across
-    processes and name their type (``'1'``, ``1``, ``True``, ``Decimal('1')`` all
-    differ), so equal rows give equal tokens and different rows different ones.
-    """
-    digest = hashlib.sha256()
-    digest.update(table.encode() + b"\x00" + ",".join(columns).encode() + b"\x00")
-    digest.update(repr(list(rows)).encode())
-    return f"{table}-{len(rows)}-{digest.hexdigest()}"
-
-
-@dataclass(frozen=True, slots=True)
-class _Batch:
-    table: str
-    rows: tuple[tuple[Any, ...], ...]
-    token: str
-
-
-class BatchWriter:
-    """Buffers rows per table; flushes on ``max_rows`` pending rows or ``max_seconds`` age.
-
-    Not thread-safe by itself: the worker owns it from one task/thread.
-    """
-
-    def __init__(
-        self,
-        max_rows: int = 5000,
-        max_seconds: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.max_rows = max_rows
-        self.max_seconds = max_seconds
-        self._clock = clock
-        self._buffers: dict[str, list[tuple[Any, ...]]] = {}
-        self._sealed: list[_Batch] = []
-        self._first_row_at: float | None = None
-
-    # -- buffering
-    def add(self, table: str, row: Sequence[Any]) -> None:
-        if table not in TABLE_COLUMNS:
-            raise ValueError(f"unknown table {table!r}")
-        columns = TABLE_COLUMNS[table]
-        if len(row) != len(columns):
-            raise ValueError(f"{table} rows have {len(columns)} columns, got {len(row)}")
-        if self._first_row_at is None:
-            self._first_row_at = self._clock()
-        self._buffers.setdefault(table, []).append(tuple(row))
-
-    def add_event(self, event: UsageEvent, ingested_at_ms: int) -> None:
-        self.add(USAGE_EVENTS, usage_event_row(event, ingested_at_ms))
-
-    def add_rejection(self, rejection: Rejection, received_at_ms: int) -> None:
-        self.add(REJECTED_EVENTS, rejected_row(rejection, received_at_ms))
-
-    def add_window(self, row: Sequence[Any]) -> None:
-        self.add(METER_WINDOWS, row)
-
-    @property
-    def pending_rows(self) -> int:
-        """Rows not yet inserted: buffered plus sealed by a failed flush."""
-        return sum(len(rows) for rows in self._buffers.values()) + sum(
-            len(batch.rows) for batch in self._sealed
-        )
-
-    def pending(self, table: str) -> int:
-        return len(self._buffers.get(table, ())) + sum(
-            len(b.rows) for b in self._sealed if b.table == table
-        )
-
-    def should_flush(self, now: float | None = None) -> bool:
-        """True when ``max_rows`` rows are pending or the oldest is ``max_seconds`` old.
-
-        ``now`` is on the writer's clock (``time.monotonic`` by default).
-        """
-        pending = self.pending_rows
-        if pending == 0:
-            return False
-        if pending >= self.max_rows or self._sealed:
-            return True
-        now = self._clock() if now is None else now
-        return self._first_row_at is not None and now - self._first_row_at >= self.max_seconds
-
-    # -- flushing
-    def flush(self, ch: ClickHouse) -> dict[str, int]:
-        """Insert everything pending: ONE insert per table; returns rows inserted per table.
-
-        Order of side effects, and what each guarantees:
-
-        1. The buffers are *sealed* into one batch per table, each with a
-           deterministic ``insert_deduplication_token`` (sha256 of the rows).
-           Rows added after this go to new buffers, so a sealed batch never
-           changes and its token never changes.
-        2. Each sealed batch is inserted in one INSERT carrying its token, and
-           dropped from memory only when ClickHouse acknowledged it. If the
-           insert fails (or its acknowledgement is lost), the batch stays
-           sealed and ClickHouseError is raised: nothing is lost, and the next
-           ``flush`` resends the identical batch with the identical token, which
-           ClickHouse drops if the first attempt had in fact been written
-           (tables keep ``non_replicated_deduplication_window = 1000``; the same
-           holds per part when one insert spans several partitions).
-        3. Only after ``flush`` returns does the caller commit the Kafka offsets
-           of the records in the batch. A crash before the commit replays those
-           records; the rebuilt rows are identical when the builders were given
-           record timestamps, so the token matches again, and in any case
-           usage_events and meter_windows collapse duplicates by key
-           (ReplacingMergeTree, read with LIMIT 1 BY / argMax).
-        """
-        for table, rows in self._buffers.items():
-            if rows:
-                self._sealed.append(
-                    _Batch(table, tuple(rows), dedup_token(table, TABLE_COLUMNS[table], rows))
-                )
-        self._buffers = {}
-        self._first_row_at = None
-        inserted: dict[str, int] = {}
-        while self._sealed:
-            batch = self._sealed[0]
-            ch.insert(batch.table, batch.rows, TABLE_COLUMNS[batch.table], dedup_token=batch.token)
-            self._sealed.pop(0)
-            inserted[batch.table] = inserted.get(batch.table, 0) + len(batch.rows)
-        return inserted

@@ -125,7 +125,3 @@ def for_period(ch: ClickHouse, meter: str, period: str) -> list[LedgerRow]:
 def by_status(ch: ClickHouse, status: str) -> list[LedgerRow]:
     rows = _rows(ch, "1", {})
     return [r for r in rows if r.status == status]
-
-
-def all_rows(ch: ClickHouse) -> list[LedgerRow]:
-    return _rows(ch, "1", {})

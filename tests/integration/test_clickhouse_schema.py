@@ -7,6 +7,7 @@ server variant skips with a clear reason otherwise).
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -24,19 +25,24 @@ from hypothesis import strategies as st
 from meterstream.errors import ClickHouseError, MigrationError
 from meterstream.events import Reason, Rejection, UsageEvent
 from meterstream.meters.aggregation import WindowState
+from meterstream.metrics import Metrics
 from meterstream.sinks.clickhouse import queries as q
 from meterstream.sinks.clickhouse.analyst import AnalystSQL, SqlLimits
+from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.clickhouse.migrate import MIGRATIONS_DIR, migrate
 from meterstream.sinks.clickhouse.writer import (
     METER_WINDOWS,
     METER_WINDOWS_COLUMNS,
     REJECTED_EVENTS,
+    REJECTED_EVENTS_COLUMNS,
     USAGE_EVENTS,
     USAGE_EVENTS_COLUMNS,
-    BatchWriter,
+    call_token,
     meter_window_row,
+    rejected_row,
     usage_event_row,
+    usage_event_rows,
 )
 from tests.integration.clickhouse_fixtures import *  # noqa: F403
 from tests.support import MIGRATIONS
@@ -414,28 +420,47 @@ def event(key: str, customer: str = "c1", ts: int = JAN31_22, **props: Any) -> U
     return UsageEvent("api_call", customer, key, ts, props or {"tokens": Decimal("1.10")})
 
 
-class AckLost:
-    """Inserts, then fails as if the acknowledgement was lost (timeout after the write)."""
+class AckLostOnce:
+    """Inserts; the first insert then fails as if its acknowledgement was lost (a timeout
+    after the write)."""
 
     def __init__(self, ch: ClickHouse) -> None:
         self.ch = ch
+        self.lost = 0
 
     def insert(self, *args: Any, **kwargs: Any) -> None:
         self.ch.insert(*args, **kwargs)
-        raise ClickHouseError("Timeout: the server may have written the block", 159)
+        if not self.lost:
+            self.lost += 1
+            raise ClickHouseError("Timeout: the server may have written the block", 159)
+
+    def close(self) -> None:
+        pass  # the fixture's connection
 
 
-def test_retried_flush_leaves_no_duplicates(db: ClickHouse) -> None:
-    writer = BatchWriter()
-    for i in range(50):
-        writer.add_event(event(f"k{i:03d}", ts=JAN31_22 + i * 10 * 60_000), 1)  # spans 2 months
-    for i in range(7):
-        writer.add_rejection(Rejection(Reason.INVALID_JSON, f"bad {i}", b"{"), 2)
-    with pytest.raises(ClickHouseError):
-        writer.flush(AckLost(db))  # type: ignore[arg-type]
-    assert writer.pending_rows == 57  # nothing lost
-    assert writer.flush(db) == {USAGE_EVENTS: 50, REJECTED_EVENTS: 7}
-    # raw row counts, no FINAL: the retry was dropped by the dedup token
+def test_retried_insert_leaves_no_duplicates(db: ClickHouse) -> None:
+    """The worker's inserts (pipeline/worker/app.py, ``_insert``): one insert token per call
+    (``writer.call_token``), kept by ClickHouseIO's retries of that call."""
+    events = [event(f"k{i:03d}", ts=JAN31_22 + i * 10 * 60_000) for i in range(50)]  # 2 months
+    counted = {(e.customer_id, e.idempotency_key): ["api_calls"] for e in events}
+    usage, usage_columns = usage_event_rows(events, 1, counted, {})
+    rejected = [rejected_row(Rejection(Reason.INVALID_JSON, f"bad {i}", b"{"), 2) for i in range(7)]
+    flaky = AckLostOnce(db)
+    calls = ClickHouseIO(flaky, Metrics(), max_backoff=0.05)  # type: ignore[arg-type]
+
+    async def insert(table: str, rows: list[tuple[Any, ...]], columns: Iterable[str]) -> None:
+        token = call_token(table, rows)
+        await calls.call(lambda ch: ch.insert(table, rows, list(columns), dedup_token=token))
+
+    async def insert_both() -> None:
+        await insert(USAGE_EVENTS, usage, usage_columns)
+        await insert(REJECTED_EVENTS, rejected, REJECTED_EVENTS_COLUMNS)
+
+    asyncio.run(insert_both())
+    calls.close()
+    assert flaky.lost == 1  # the first insert wrote, failed, and was retried: nothing lost
+    # raw row counts, no FINAL: the retry was dropped (insert deduplication: the call's
+    # token; the retried block is also identical, so its hash alone would match too)
     assert db.query_rows("SELECT count() FROM usage_events") == [(50,)]
     assert db.query_rows("SELECT count() FROM rejected_events") == [(7,)]
     assert q.rejected_counts(db) == {"invalid_json": 7}

@@ -25,7 +25,7 @@ MAX_EVENT_BYTES = 64 * 1024
 MAX_FUTURE_MS = 5 * 60 * 1000
 MAX_PROPERTIES_DEPTH = 32
 MAX_TIMESTAMP_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # epoch milliseconds count from here
 ALL_METERS = "*"
 """``UsageEvent.refused_meters`` of an event set aside as unprocessable: no meter counts it."""
 EVENT_FIELDS = frozenset(
@@ -300,6 +300,18 @@ def parse_timestamp(value: Any) -> int:
     return ms
 
 
+def parse_time(text: str | None) -> int | None:
+    """A time given as a query parameter or a command's flag: RFC 3339 or epoch ms ->
+    epoch ms (None when empty). Without an offset it means UTC. Raises ValueError."""
+    if not text:
+        return None
+    if text.lstrip("-").isdigit():
+        return parse_timestamp(int(text))
+    if datetime.fromisoformat(text).tzinfo is None:
+        text += "+00:00"  # a query parameter without an offset means UTC
+    return parse_timestamp(text)
+
+
 def _timestamp_ms(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError("timestamp must be an RFC 3339 string or epoch milliseconds")
@@ -314,7 +326,7 @@ def _timestamp_ms(value: Any) -> int:
             raise ValueError(f"timestamp {value!r} is not RFC 3339") from None
         if parsed.tzinfo is None:
             raise ValueError(f"timestamp {value!r} has no UTC offset (RFC 3339 requires one)")
-        return (parsed - _EPOCH) // timedelta(milliseconds=1)
+        return (parsed - EPOCH) // timedelta(milliseconds=1)
     raise ValueError("timestamp must be an RFC 3339 string or epoch milliseconds")
 
 

@@ -41,7 +41,8 @@ CUSTOMERS = [
     f"{CUSTOMER_PREFIX}{name}" for name in ("acme", "globex", "initech", "umbrella", "hooli")
 ]
 # Who pays, the operator's decision: the demo maps its customers at start
-# (pipeline/embedded/stack.py, map_demo_customers); nothing in its events names a Stripe customer.
+# (pipeline/embedded/demo/totals.py, map_demo_customers); nothing in its events
+# names a Stripe customer.
 STRIPE_CUSTOMERS = {
     customer: f"cus_demo_{customer.removeprefix(CUSTOMER_PREFIX)}" for customer in CUSTOMERS
 }

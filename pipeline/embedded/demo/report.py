@@ -26,6 +26,7 @@ from meterstream.embedded.demo.load import (
     Expected,
 )
 from meterstream.embedded.demo.load import is_demo_customer as _is_demo
+from meterstream.meters.windows import DAY_MS
 from meterstream.sinks.stripe.payloads import Rounding, period_value
 
 Totals = Mapping[tuple[str, str], Decimal]
@@ -72,7 +73,7 @@ def fmt_time(ms: float) -> str:
 def fmt_window(start_ms: int, end_ms: int) -> str:
     start = dt.datetime.fromtimestamp(start_ms / 1000, tz=dt.UTC)
     end = dt.datetime.fromtimestamp(end_ms / 1000, tz=dt.UTC)
-    if end_ms - start_ms >= 86_400_000:
+    if end_ms - start_ms >= DAY_MS:
         return f"day {start:%m-%d}"
     return f"{start:%H:%M}-{end:%H:%M} UTC"
 

@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 from aiokafka import AIOKafkaProducer
 
@@ -57,21 +57,20 @@ from meterstream.embedded.demo.report import (
     round_covering,
     summary_lines,
 )
-from meterstream.embedded.stack import (
+from meterstream.embedded.demo.totals import (
     TOTALS_SQL,
     map_demo_customers,
     period_totals,
-    sql_rows,
     stripe_totals,
 )
+from meterstream.embedded.harness import sql_rows
+from meterstream.embedded.stack import Stack
 from meterstream.errors import MeterstreamError
+from meterstream.events import canonical_json
 from meterstream.meters.config import MetersConfig
 from meterstream.meters.windows import month_bounds, period_label
 from meterstream.sinks.stripe.payloads import Rounding
 from meterstream.topics import USAGE_EVENTS
-
-if TYPE_CHECKING:
-    from meterstream.embedded.stack import Stack
 
 HISTORY_EVENTS = 2000
 RECORD_WAIT_SECONDS = 120.0  # after --duration: the worker catches up
@@ -309,7 +308,7 @@ class DemoRun:
             if self.duration is not None and time.monotonic() - self.started >= self.duration:
                 break
             assert self.stack.worker is not None
-            if self.stack.worker.poll() is not None:
+            if self.stack.worker.proc.poll() is not None:
                 self.screen.say("the worker stopped:\n" + self.stack.log_tail("worker.log"))
                 return False
             await send(load.next_batch(max(1, int(self.rate / 5)), _now_ms()))
@@ -372,7 +371,9 @@ class DemoRun:
             if have >= want:
                 return True
             worker = self.stack.worker
-            if time.monotonic() >= deadline or (worker is not None and worker.poll() is not None):
+            if time.monotonic() >= deadline or (
+                worker is not None and worker.proc.poll() is not None
+            ):
                 return False
             if await self._pause(1.0, self.stop_now):
                 return False
@@ -506,8 +507,6 @@ class StripeRead:
 
 
 def _encode(event: dict[str, Any]) -> bytes:
-    from meterstream.events import canonical_json
-
     return canonical_json(event).encode()
 
 

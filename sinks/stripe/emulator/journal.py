@@ -35,9 +35,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-
-class JournalLocked(RuntimeError):
-    """Another process holds the journal."""
+from meterstream.errors import JournalLocked
 
 
 class Journal:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from meterstream.api.ingest import IngestCheck, MalformedBody, check_body
+from meterstream.api.ingest import IngestCheck, check_body
 from meterstream.api.keys import KeyStore, split_key
-from meterstream.errors import ConfigError
+from meterstream.errors import ConfigError, MalformedBody
 from meterstream.events import derive_idempotency_key, loads_exact, parse_event
 
 NOW = 1_800_000_000_000

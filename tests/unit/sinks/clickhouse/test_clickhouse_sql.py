@@ -14,22 +14,16 @@ from typing import Any
 
 import pytest
 
-from meterstream.errors import ClickHouseError
 from meterstream.events import Reason, Rejection, UsageEvent, content_fingerprint
 from meterstream.meters.aggregation import aggregator_for
 from meterstream.sinks.clickhouse import queries as q
-from meterstream.sinks.clickhouse.client import split_statements
 from meterstream.sinks.clickhouse.migrate import MIGRATIONS_DIR, checksum, load_migrations
+from meterstream.sinks.clickhouse.sqltext import split_statements
 from meterstream.sinks.clickhouse.writer import (
-    METER_WINDOWS,
     METER_WINDOWS_COLUMNS,
-    REJECTED_EVENTS,
     REJECTED_EVENTS_COLUMNS,
-    USAGE_EVENTS,
     USAGE_EVENTS_COLUMNS,
-    BatchWriter,
     decimal_38_9,
-    dedup_token,
     meter_window_row,
     rejected_row,
     usage_event_row,
@@ -212,22 +206,6 @@ def test_table_ddl_fragments(file: str, fragments: list[str]) -> None:
 
 
 # ---------------------------------------------------------------- statement splitting
-
-
-def test_split_statements_ignores_semicolons_in_strings_and_comments() -> None:
-    sql = (
-        "-- header; with a semicolon\n"
-        "CREATE TABLE a (s String DEFAULT ';') ENGINE = Memory;\n"
-        "/* block ; comment */\n"
-        "SELECT 'it\\'s; fine', \"x;y\", `c;d` FROM a -- trailing; comment\n"
-        ";\n"
-        "  ;  \n"
-        "-- only a comment;\n"
-    )
-    assert split_statements(sql) == [
-        "-- header; with a semicolon\nCREATE TABLE a (s String DEFAULT ';') ENGINE = Memory",
-        "/* block ; comment */\nSELECT 'it\\'s; fine', \"x;y\", `c;d` FROM a -- trailing; comment",
-    ]
 
 
 # ---------------------------------------------------------------- query builders
@@ -418,100 +396,6 @@ def test_decimal_38_9_rounds_half_even_and_checks_range() -> None:
 def test_utc_datetime_is_exact() -> None:
     assert utc_datetime(1_706_745_600_999) == datetime(2024, 2, 1, 0, 0, 0, 999000, tzinfo=UTC)
     assert utc_datetime(-1) == datetime(1969, 12, 31, 23, 59, 59, 999000, tzinfo=UTC)
-
-
-def test_dedup_token_is_deterministic_and_content_sensitive() -> None:
-    rows = [usage_event_row(_event(), 5)]
-    token = dedup_token(USAGE_EVENTS, USAGE_EVENTS_COLUMNS, rows)
-    assert token == dedup_token(USAGE_EVENTS, USAGE_EVENTS_COLUMNS, [usage_event_row(_event(), 5)])
-    assert token.startswith("usage_events-1-")
-    assert token != dedup_token(USAGE_EVENTS, USAGE_EVENTS_COLUMNS, [usage_event_row(_event(), 6)])
-    assert token != dedup_token(REJECTED_EVENTS, USAGE_EVENTS_COLUMNS, rows)
-    # Decimal("1.5") and Decimal("1.50") are stored alike but hashed apart: harmless (a
-    # retry rebuilds the identical objects), and never merges two different batches.
-    assert dedup_token("t", ("a",), [(1,)]) != dedup_token("t", ("a",), [("1",)])
-
-
-# ---------------------------------------------------------------- batch writer
-
-
-class FakeClickHouse:
-    def __init__(self, fail_times: int = 0, fail_after_write: bool = False) -> None:
-        self.inserts: list[tuple[str, tuple[Any, ...], tuple[str, ...], str | None]] = []
-        self.fail_times = fail_times
-        self.fail_after_write = fail_after_write
-
-    def insert(self, table: str, rows: Any, column_names: Any, dedup_token: str | None) -> None:
-        if self.fail_times and not self.fail_after_write:
-            self.fail_times -= 1
-            raise ClickHouseError("Timeout exceeded", 159)
-        self.inserts.append((table, tuple(rows), tuple(column_names), dedup_token))
-        if self.fail_times:
-            self.fail_times -= 1
-            raise ClickHouseError("connection reset after the write", None)
-
-
-def test_should_flush_on_rows_or_age() -> None:
-    now = [100.0]
-    writer = BatchWriter(max_rows=3, max_seconds=1.0, clock=lambda: now[0])
-    assert not writer.should_flush()
-    writer.add_event(_event(), 1)
-    assert not writer.should_flush(100.5)
-    assert writer.should_flush(101.0)
-    writer.add_event(_event(idempotency_key="b"), 1)
-    writer.add_rejection(Rejection(Reason.TOO_LARGE, "x", b""), 1)
-    assert writer.pending_rows == 3
-    assert writer.should_flush(100.0)
-
-
-def test_flush_inserts_each_table_once_with_its_token() -> None:
-    writer = BatchWriter()
-    for i in range(5):
-        writer.add_event(_event(idempotency_key=f"k{i}"), 1)
-    writer.add_rejection(Rejection(Reason.TOO_LATE, "old", b"{}"), 1)
-    ch = FakeClickHouse()
-    assert writer.flush(ch) == {USAGE_EVENTS: 5, REJECTED_EVENTS: 1}  # type: ignore[arg-type]
-    assert [(t, len(r), c) for t, r, c, _ in ch.inserts] == [
-        (USAGE_EVENTS, 5, USAGE_EVENTS_COLUMNS),
-        (REJECTED_EVENTS, 1, REJECTED_EVENTS_COLUMNS),
-    ]
-    assert ch.inserts[0][3] == dedup_token(USAGE_EVENTS, USAGE_EVENTS_COLUMNS, ch.inserts[0][1])
-    assert writer.pending_rows == 0
-    assert writer.flush(ch) == {}  # type: ignore[arg-type]
-    assert len(ch.inserts) == 2
-
-
-@pytest.mark.parametrize("fail_after_write", [False, True])
-def test_failed_flush_keeps_the_batch_and_retries_it_unchanged(fail_after_write: bool) -> None:
-    writer = BatchWriter()
-    writer.add_event(_event(idempotency_key="a"), 1)
-    writer.add_window(
-        meter_window_row("m", "sum", "c", "{}", 0, 60_000, _state(), 1, 1, value=Decimal(1))
-    )
-    ch = FakeClickHouse(fail_times=1, fail_after_write=fail_after_write)
-    with pytest.raises(ClickHouseError):
-        writer.flush(ch)  # type: ignore[arg-type]
-    assert writer.pending_rows == 2
-    assert writer.should_flush(0.0)
-    writer.add_event(_event(idempotency_key="b"), 1)  # arrives between the failure and the retry
-    assert writer.flush(ch) == {USAGE_EVENTS: 2, METER_WINDOWS: 1}  # type: ignore[arg-type]
-    usage_inserts = [i for i in ch.inserts if i[0] == USAGE_EVENTS]
-    # the sealed batch is resent with the same rows and token; the late row goes separately
-    first, *rest = usage_inserts
-    assert [r[0] for r in first[1]] == ["a"]
-    if fail_after_write:
-        assert rest[0] == first
-        rest = rest[1:]
-    assert [r[0] for r in rest[-1][1]] == ["b"]
-    assert writer.pending_rows == 0
-
-
-def test_add_checks_table_and_width() -> None:
-    writer = BatchWriter()
-    with pytest.raises(ValueError):
-        writer.add("nope", ())
-    with pytest.raises(ValueError):
-        writer.add(USAGE_EVENTS, ("too", "short"))
 
 
 def test_usage_event_rows_leave_out_refused_meters_unless_needed() -> None:

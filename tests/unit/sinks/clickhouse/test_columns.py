@@ -9,7 +9,8 @@ from decimal import Decimal
 import orjson
 import pytest
 
-from meterstream.sinks.clickhouse.columns import NotEncodable, encode
+from meterstream.errors import NotEncodable
+from meterstream.sinks.clickhouse.columns import encode
 
 TYPES = {
     "key": "String",

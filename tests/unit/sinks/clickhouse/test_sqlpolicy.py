@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 
+from meterstream.errors import AstDumpError, StatementError
 from meterstream.sinks.clickhouse.sqlpolicy import (
-    AstDumpError,
     Policy,
-    StatementError,
     check_ast,
     function_allowed,
     parse_ast,

@@ -1,0 +1,33 @@
+"""What every command does with its common flags: the settings (``--state-dir``,
+``--meters``, ``--plans``, ``--broker`` over ``METERSTREAM_*``) and a private state dir."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from meterstream.cli.statedir import make_private, notice
+from meterstream.settings import Settings, load_settings
+
+
+def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+    """The settings, with the command's common flags over the environment."""
+    overrides: dict[str, Any] = dict(extra)
+    if getattr(args, "state_dir", None):
+        overrides["state_dir"] = Path(args.state_dir)
+    if getattr(args, "meters", None):
+        overrides["meters_file"] = Path(args.meters)
+    if getattr(args, "plans", None):
+        overrides["plans_file"] = Path(args.plans)
+    if getattr(args, "broker", None):
+        overrides["embedded_broker"] = args.broker
+    return load_settings(**overrides)
+
+
+def private_state_dir(settings: Settings) -> None:
+    """Tighten a state dir made earlier with looser modes (see pipeline/cli/statedir.py)."""
+    line = notice(settings.state_dir, make_private(settings.state_dir))
+    if line:
+        print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,64 @@
+"""The test controls under ``/_emulator`` (no key; behind the Host check, and a
+change must be JSON): accepted events, the error report, stats, reset, faults,
+and the customer registry."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, fields, replace
+
+from aiohttp import web
+
+from meterstream.sinks.stripe.emulator.protocol import ApiError, json_body
+from meterstream.sinks.stripe.emulator.state import STATE_KEY, FaultConfig
+
+
+async def emulator_events(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    data = [e.public() for e in state.events]
+    for name in ("event_name", "customer", "identifier"):
+        wanted = request.query.get(name)
+        if wanted is not None:
+            data = [e for e in data if e[name] == wanted]
+    return web.json_response({"data": data})
+
+
+async def emulator_errors(request: web.Request) -> web.Response:
+    return web.json_response({"data": request.app[STATE_KEY].errors})
+
+
+async def emulator_stats(request: web.Request) -> web.Response:
+    return web.json_response(asdict(request.app[STATE_KEY].stats))
+
+
+async def emulator_reset(request: web.Request) -> web.Response:
+    request.app[STATE_KEY].reset()
+    return web.json_response({"reset": True})
+
+
+async def emulator_faults(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    if request.method == "POST":
+        body = await json_body(request)
+        known = {f.name for f in fields(FaultConfig)}
+        unknown = set(body) - known
+        if unknown:
+            raise ApiError(400, f"Unknown fault settings: {sorted(unknown)}")
+        try:
+            state.set_faults(replace(state.faults, **body))
+        except (TypeError, ValueError) as err:
+            raise ApiError(400, str(err)) from None
+    return web.json_response(asdict(state.faults))
+
+
+async def emulator_customers(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    if request.method == "POST":
+        ids = (await json_body(request)).get("ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+            raise ApiError(400, 'Body must be {"ids": ["cus_...", ...]}.')
+        state.customers.update(ids)
+        state.log("customers", ids=sorted(state.customers))
+    elif request.method == "DELETE":
+        state.customers.clear()
+        state.log("customers", ids=[])
+    return web.json_response({"ids": sorted(state.customers)})
