@@ -6,6 +6,10 @@ worker (drains and commits), emulator, broker. SIGTERM and SIGHUP (the
 terminal closed) do the same; a second signal while stopping ends the
 supervisor at once, and with it the children (below).
 
+A worker that dies on its own (SIGKILL, OOM, a crash) is restarted after a
+backoff, with a log line; one that keeps dying at start-up stops the stack with
+the reason and exit code 1: see pipeline/embedded/restarts.py.
+
 Nothing outlives meterstream, however it dies (SIGKILL included) and under
 load: each child gets a signal from the kernel when this process dies
 (``PR_SET_PDEATHSIG``; Tansu SIGINT, the others SIGTERM), and the worker,
@@ -34,6 +38,7 @@ from typing import Any
 
 from meterstream.embedded.kafka import KafkaBroker, broker_name, embedded_broker
 from meterstream.embedded.processes import die_with_parent, free_port, stop_process, wait_for_port
+from meterstream.embedded.restarts import WorkerRestarts
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.endpoints import write_endpoints
 from meterstream.errors import ConfigError, MeterstreamError
@@ -150,6 +155,7 @@ class Stack:
     broker: EmbeddedBroker | KafkaBroker | None = None
     emulator: subprocess.Popen[bytes] | None = None
     worker: subprocess.Popen[bytes] | None = None
+    restarts: WorkerRestarts | None = None
     endpoints: dict[str, str] = field(default_factory=dict)
 
     def start(self, meters_file: Path) -> None:
@@ -188,6 +194,12 @@ class Stack:
         self.worker = self._spawn(["worker"], "worker.log", env)
         web_url = f"http://127.0.0.1:{web_port}"
         self._wait_healthy(web_url, timeout=120)
+        self.restarts = WorkerRestarts(  # a worker that dies comes back (restarts.py)
+            lambda: self._spawn(["worker"], "worker.log", env),
+            self.worker,
+            healthz_url=f"{web_url}/healthz",
+            log_path=self.state_dir / "worker.log",
+        )
         self.endpoints = {
             "kafka_bootstrap": bootstrap,
             "broker": broker_name(self.broker) if self.broker else "configured",
@@ -225,6 +237,13 @@ class Stack:
                 return
             time.sleep(0.2)
         raise MeterstreamError("the worker did not become healthy:\n" + self.log_tail("worker.log"))
+
+    def check_worker(self) -> None:
+        """Restart the worker if it died (after a backoff); raises
+        :class:`~meterstream.embedded.restarts.WorkerCrashLoop` when it keeps dying at
+        start-up. Call from the main thread, often (pipeline/embedded/restarts.py)."""
+        if self.restarts is not None:
+            self.worker = self.restarts.poll()
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         try:
@@ -293,10 +312,7 @@ def _run(
             return asyncio.run(run_demo(stack, meters, duration, rate))
         deadline = time.monotonic() + duration if duration else None
         while deadline is None or time.monotonic() < deadline:
-            assert stack.worker is not None
-            if stack.worker.poll() is not None:
-                print("the worker stopped:\n" + stack.log_tail("worker.log"), file=sys.stderr)
-                return 1
+            stack.check_worker()
             time.sleep(0.5)
         return 0
     except KeyboardInterrupt:

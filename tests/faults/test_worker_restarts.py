@@ -1,0 +1,341 @@
+"""Under ``meterstream run``, a worker that dies comes back, exact; one that keeps dying at
+start-up stops the stack with the reason (pipeline/embedded/restarts.py).
+
+Real processes, as a user starts them: ``meterstream run`` with its own embedded broker
+(Apache Kafka where this machine has Java 17+ and the jars, and Tansu), Stripe emulator
+and worker. The worker is found in /proc under the run's process and SIGKILLed while the
+record is growing; every window's total is then compared with an oracle computed here,
+in plain Decimal arithmetic, from the produced events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meterstream.events import canonical_json
+from tests.faults.test_nothing_outlives_run import Proc, descendants, recorded
+from tests.harness import REPO, http_json, wait_until
+
+pytestmark = pytest.mark.faults
+
+MINUTE = 60_000
+HOUR = 60 * MINUTE
+
+METERS = """
+meters:
+  - name: spend
+    event_name: api_call
+    aggregation: sum
+    value: properties.cost
+    group_by: [properties.region]
+    window: minute
+  - name: calls
+    event_name: api_call
+    aggregation: count
+    window: hour
+  - name: peak
+    event_name: api_call
+    aggregation: max
+    value: properties.cost
+    window: hour
+"""
+
+CUSTOMERS = 30
+REGIONS = ("eu", "us")
+
+
+def make_stream(unique: int, duplicates: int, start_ms: int) -> list[dict[str, Any]]:
+    """Events over the 30 minutes from ``start_ms`` (closed windows), in produce order,
+    with resends of earlier keys: half exact, half with another cost (the first one a
+    partition sees counts; a customer's events share a partition)."""
+    import random
+
+    rng = random.Random(23)
+    events = [
+        {
+            "event_name": "api_call",
+            "customer_id": f"cust-{rng.randrange(CUSTOMERS):02d}",
+            "idempotency_key": f"k{i:06d}",
+            "timestamp": start_ms + rng.randrange(30 * MINUTE),
+            "properties": {
+                "cost": str(Decimal(rng.randrange(1, 1_000_000)) / 1000),
+                "region": rng.choice(REGIONS),
+            },
+        }
+        for i in range(unique)
+    ]
+    stream = list(events)
+    for n in range(duplicates):
+        at = rng.randrange(len(stream) // 4, len(stream) + 1)
+        copy = json.loads(json.dumps(rng.choice(stream[:at])))
+        if n % 2:
+            copy["properties"]["cost"] = "123456.789"
+        stream.insert(at, copy)
+    return stream
+
+
+def oracle(stream: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], Decimal]:
+    """(meter, customer, group key, window start ms) -> the window's total, from the
+    first event of each (customer, idempotency key)."""
+    seen: set[tuple[str, str]] = set()
+    sums: dict[tuple[str, str, str, int], Decimal] = defaultdict(Decimal)
+    counts: dict[tuple[str, str, str, int], Decimal] = defaultdict(Decimal)
+    peaks: dict[tuple[str, str, str, int], Decimal] = {}
+    for event in stream:
+        key = (event["customer_id"], event["idempotency_key"])
+        if key in seen:
+            continue
+        seen.add(key)
+        customer, ts, cost = event["customer_id"], event["timestamp"], event["properties"]["cost"]
+        group = json.dumps({"properties.region": event["properties"]["region"]})
+        minute, hour = ts - ts % MINUTE, ts - ts % HOUR
+        sums[("spend", customer, group, minute)] += Decimal(cost)
+        counts[("calls", customer, "{}", hour)] += 1
+        peak = ("peak", customer, "{}", hour)
+        peaks[peak] = max(peaks.get(peak, Decimal(cost)), Decimal(cost))
+    return {**sums, **counts, **peaks}
+
+
+WINDOWS_SQL = """
+SELECT meter, customer_id, group_key, toUnixTimestamp64Milli(window_start) AS start,
+       toString(argMax(value, version)) AS value
+FROM meter_windows
+GROUP BY meter, customer_id, group_key, window_start
+"""
+
+
+def windows(web_url: str) -> dict[tuple[str, str, str, int], Decimal]:
+    result = http_json(f"{web_url}/v1/sql", {"sql": WINDOWS_SQL})
+    out = {}
+    for meter, customer, group, start, value in result["rows"]:
+        group = json.dumps(json.loads(group))  # the oracle's spelling of the group key
+        out[(meter, customer, group, int(start))] = Decimal(value)
+    return out
+
+
+def differences(
+    got: dict[tuple[str, str, str, int], Decimal], want: dict[tuple[str, str, str, int], Decimal]
+) -> list[str]:
+    keys = sorted(set(got) | set(want))
+    return [f"{k}: got {got.get(k)} want {want.get(k)}" for k in keys if got.get(k) != want.get(k)]
+
+
+class Producer(threading.Thread):
+    """Sends the stream at about ``rate`` records per second (so a kill lands mid-stream)."""
+
+    def __init__(self, bootstrap: str, stream: list[dict[str, Any]], rate: int) -> None:
+        super().__init__(daemon=True)
+        self.bootstrap, self.stream, self.rate = bootstrap, stream, rate
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        async def send() -> None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap, acks="all", linger_ms=5
+            )
+            await producer.start()
+            try:
+                chunk = max(1, self.rate // 10)
+                for at in range(0, len(self.stream), chunk):
+                    started = time.monotonic()
+                    for event in self.stream[at : at + chunk]:
+                        await producer.send(
+                            "usage-events",
+                            key=event["customer_id"].encode(),
+                            value=canonical_json(event).encode(),
+                        )
+                    await producer.flush()
+                    self.sent = min(len(self.stream), at + chunk)
+                    await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
+            finally:
+                await producer.stop()
+
+        try:
+            asyncio.run(send())
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+
+def start_run(
+    tmp: Path, meters_file: Path, *extra: str, **env: str
+) -> tuple[subprocess.Popen[bytes], dict[str, str], Path]:
+    """``meterstream run`` (no demo) with a state dir of its own; its output to a file."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    clean.update(env)
+    state = tmp / "state"
+    out_path = tmp / "run.out"
+    args = [sys.executable, "-m", "meterstream.cli", "run", "--meters", str(meters_file),
+            "--state-dir", str(state), *extra]  # fmt: skip
+    out = open(out_path, "wb")  # noqa: SIM115 (closed with the process)
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=clean, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+    )
+    endpoints = state / "endpoints.json"
+
+    def started() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited {proc.returncode}: {out_path.read_text()[-3000:]}")
+        return endpoints.exists()
+
+    wait_until(started, timeout=240, what="endpoints.json")
+    return proc, json.loads(endpoints.read_text()), out_path
+
+
+def the_worker(run: subprocess.Popen[bytes]) -> Proc:
+    workers = [p for p in descendants(run.pid) if "meterstream.cli worker" in p.cmdline]
+    assert len(workers) == 1, workers
+    return workers[0]
+
+
+def healthy(web_url: str) -> bool:
+    try:
+        http_json(f"{web_url}/healthz", timeout=2)
+    except OSError:
+        return False
+    return True
+
+
+def stop_run(run: subprocess.Popen[bytes], children: list[Proc]) -> int | None:
+    """SIGTERM (a clean stop), then every child must be gone; returns the exit code."""
+    rc = None
+    if run.poll() is None:
+        run.send_signal(signal.SIGTERM)
+        try:
+            rc = run.wait(120)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.wait(10)
+    else:
+        rc = run.returncode
+    wait_until(
+        lambda: not [c for c in children if c.alive()], timeout=60, what="every child gone"
+    )
+    return rc
+
+
+BROKERS = ["kafka", "tansu"]
+
+
+@pytest.mark.parametrize("broker", BROKERS)
+def test_a_sigkilled_worker_comes_back_and_every_window_is_exact(
+    tmp_path: Path, broker: str
+) -> None:
+    if broker == "kafka":
+        from meterstream.embedded.kafka import kafka_unavailable
+        from meterstream.settings import Settings
+
+        problem = kafka_unavailable(Settings())
+        if problem is not None:
+            pytest.skip(f"the embedded Apache Kafka cannot run here: {problem}")
+    meters_file = tmp_path / "meters.yaml"
+    meters_file.write_text(METERS)
+    now = time.time_ns() // 1_000_000
+    stream = make_stream(30_000, 1_500, start_ms=(now // HOUR - 1) * HOUR)
+    want = oracle(stream)
+    unique = len({(e["customer_id"], e["idempotency_key"]) for e in stream})
+    run, endpoints, out_path = start_run(tmp_path, meters_file, "--broker", broker)
+    children: list[Proc] = []
+    try:
+        assert endpoints["broker"] == broker
+        web = endpoints["web_url"]
+        children = descendants(run.pid)
+        first = the_worker(run)
+        producer = Producer(endpoints["kafka_bootstrap"], stream, rate=1500)
+        producer.start()
+        # The kill lands on a worker with work in flight: the record is growing.
+        wait_until(lambda: recorded(web) >= 4000, timeout=180, what="4,000 events recorded")
+        before = recorded(web)
+        wait_until(lambda: recorded(web) > before, timeout=60, what="the record growing")
+        os.kill(first.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        at_kill = recorded_or_none(web)
+        assert at_kill is None or at_kill < unique, at_kill  # not done yet
+
+        second = wait_until(
+            lambda: [w for w in [the_worker_or_none(run)] if w and w.pid != first.pid],
+            timeout=60,
+            what="a new worker process",
+        )[0]
+        wait_until(lambda: healthy(web), timeout=180, what="the restarted worker's /healthz")
+        back_after = time.monotonic() - killed_at
+        children += [second]
+        output = out_path.read_text()
+        assert f"the worker (pid {first.pid}) killed by SIGKILL" in output, output[-3000:]
+        assert f"the worker restarted (pid {second.pid}, restart 1)" in output, output[-3000:]
+
+        producer.join(300)
+        assert producer.error is None, producer.error
+        assert producer.sent == len(stream)
+        wait_until(lambda: recorded(web) >= unique, timeout=300, what="every event recorded")
+        assert recorded(web) == unique
+        # The windows land right after the record; then every one must be exact.
+        deadline = time.monotonic() + 120
+        while (got := windows(web)) != want and time.monotonic() < deadline:
+            time.sleep(2)
+        diff = differences(got, want)
+        assert not diff, "\n".join(diff[:30])
+        print(
+            f"{broker}: {len(stream):,} records ({unique:,} unique), worker killed at "
+            f"{at_kill} recorded, healthy again after {back_after:.1f} s; "
+            f"{len(want):,} windows exact"
+        )
+        assert run.poll() is None  # the stack carried on
+    finally:
+        rc = stop_run(run, children + descendants(run.pid))
+    assert rc == 0, out_path.read_text()[-3000:]
+
+
+def recorded_or_none(web_url: str) -> int | None:
+    """The record's count, or None when nobody answers (the worker was just killed)."""
+    try:
+        return recorded(web_url)
+    except OSError:
+        return None
+
+
+def the_worker_or_none(run: subprocess.Popen[bytes]) -> Proc | None:
+    workers = [p for p in descendants(run.pid) if "meterstream.cli worker" in p.cmdline]
+    return workers[0] if len(workers) == 1 else None
+
+
+def test_a_worker_that_dies_at_every_start_stops_the_stack_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """The meters file is broken after the stack started (an operator's bad edit); the
+    worker is killed; every restart fails on the file: crash loop, the stack stops."""
+    meters_file = tmp_path / "meters.yaml"
+    meters_file.write_text(METERS)
+    run, endpoints, out_path = start_run(tmp_path, meters_file)
+    children = descendants(run.pid)
+    try:
+        first = the_worker(run)
+        meters_file.write_text(METERS.replace("aggregation: max", "aggregation: maximum"))
+        os.kill(first.pid, signal.SIGKILL)
+        rc = run.wait(240)
+        output = out_path.read_text()
+        assert rc == 1, output[-3000:]
+        assert "the worker keeps dying at start-up: 3 times in a row" in output, output[-3000:]
+        # the reason: the worker's own words about the file, from its last life
+        assert "maximum" in output.split("keeps dying at start-up", 1)[1], output[-3000:]
+        assert output.count("restarting it in") == 3, output[-3000:]
+    finally:
+        stop_run(run, children)
+    commands = " | ".join(c.cmdline for c in children)
+    assert "kafka.Kafka" in commands or "tansu" in commands, commands
+    assert not [c for c in children if c.alive()]  # the broker included
