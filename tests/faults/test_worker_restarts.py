@@ -4,8 +4,9 @@ start-up stops the stack with the reason (pipeline/embedded/restarts.py).
 Real processes, as a user starts them: ``meterstream run`` with its own embedded broker
 (Apache Kafka where this machine has Java 17+ and the jars, and Tansu), Stripe emulator
 and worker. The worker is found in /proc under the run's process and SIGKILLed while the
-record is growing; every window's total is then compared with an oracle computed here,
-in plain Decimal arithmetic, from the produced events.
+record is growing; every window's total, and what Stripe received, is then compared
+with an oracle computed from the produced events in plain Decimal arithmetic
+(tests/faults/fault_load.py).
 """
 
 from __future__ import annotations
@@ -18,117 +19,48 @@ import subprocess
 import sys
 import threading
 import time
-from collections import defaultdict
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from meterstream.embedded.stack import stripe_totals
 from meterstream.events import canonical_json
+from meterstream.meters.config import load_meters
+from tests.faults.fault_load import METERS, make_load, reference, stripe_reference
 from tests.faults.test_nothing_outlives_run import Proc, descendants, recorded
 from tests.harness import REPO, http_json, wait_until
 
 pytestmark = pytest.mark.faults
 
-MINUTE = 60_000
-HOUR = 60 * MINUTE
-
-METERS = """
-meters:
-  - name: spend
-    event_name: api_call
-    aggregation: sum
-    value: properties.cost
-    group_by: [properties.region]
-    window: minute
-  - name: calls
-    event_name: api_call
-    aggregation: count
-    window: hour
-  - name: peak
-    event_name: api_call
-    aggregation: max
-    value: properties.cost
-    window: hour
-"""
-
 CUSTOMERS = 30
-REGIONS = ("eu", "us")
+# An operator's bad edit: the worker refuses this file at start-up.
+BROKEN_METERS = METERS.replace("aggregation: count", "aggregation: counting")
 
 
-def make_stream(unique: int, duplicates: int, start_ms: int) -> list[dict[str, Any]]:
-    """Events over the 30 minutes from ``start_ms`` (closed windows), in produce order,
-    with resends of earlier keys: half exact, half with another cost (the first one a
-    partition sees counts; a customer's events share a partition)."""
-    import random
-
-    rng = random.Random(23)
-    events = [
-        {
-            "event_name": "api_call",
-            "customer_id": f"cust-{rng.randrange(CUSTOMERS):02d}",
-            "idempotency_key": f"k{i:06d}",
-            "timestamp": start_ms + rng.randrange(30 * MINUTE),
-            "properties": {
-                "cost": str(Decimal(rng.randrange(1, 1_000_000)) / 1000),
-                "region": rng.choice(REGIONS),
-            },
-        }
-        for i in range(unique)
-    ]
-    stream = list(events)
-    for n in range(duplicates):
-        at = rng.randrange(len(stream) // 4, len(stream) + 1)
-        copy = json.loads(json.dumps(rng.choice(stream[:at])))
-        if n % 2:
-            copy["properties"]["cost"] = "123456.789"
-        stream.insert(at, copy)
-    return stream
+def windows(web_url: str) -> dict[tuple[str, str, int], Decimal]:
+    """(meter, customer, window start ms) -> the latest version of every window."""
+    result = http_json(
+        f"{web_url}/v1/sql",
+        {"sql": "SELECT meter, customer_id, toUnixTimestamp64Milli(window_start) AS ws,"
+                " toString(argMax(value, version)) AS v FROM meter_windows"
+                " GROUP BY meter, customer_id, group_key, window_start"},
+    )  # fmt: skip
+    return {(m, c, int(ws)): Decimal(v) for m, c, ws, v in result["rows"]}
 
 
-def oracle(stream: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], Decimal]:
-    """(meter, customer, group key, window start ms) -> the window's total, from the
-    first event of each (customer, idempotency key)."""
-    seen: set[tuple[str, str]] = set()
-    sums: dict[tuple[str, str, str, int], Decimal] = defaultdict(Decimal)
-    counts: dict[tuple[str, str, str, int], Decimal] = defaultdict(Decimal)
-    peaks: dict[tuple[str, str, str, int], Decimal] = {}
-    for event in stream:
-        key = (event["customer_id"], event["idempotency_key"])
-        if key in seen:
-            continue
-        seen.add(key)
-        customer, ts, cost = event["customer_id"], event["timestamp"], event["properties"]["cost"]
-        group = json.dumps({"properties.region": event["properties"]["region"]})
-        minute, hour = ts - ts % MINUTE, ts - ts % HOUR
-        sums[("spend", customer, group, minute)] += Decimal(cost)
-        counts[("calls", customer, "{}", hour)] += 1
-        peak = ("peak", customer, "{}", hour)
-        peaks[peak] = max(peaks.get(peak, Decimal(cost)), Decimal(cost))
-    return {**sums, **counts, **peaks}
+def stripe(api_base: str, meters_file: Path) -> dict[tuple[str, str], Decimal]:
+    """What the emulator received per (meter, customer): the load's Stripe customer is
+    ``cus_<customer>``."""
+    customers = {f"cust-{i:03d}" for i in range(CUSTOMERS)}
+    got = stripe_totals(
+        api_base, load_meters(meters_file), None, {c: f"cus_{c}" for c in customers}
+    )
+    return {k: v for k, v in got.items() if v}
 
 
-WINDOWS_SQL = """
-SELECT meter, customer_id, group_key, toUnixTimestamp64Milli(window_start) AS start,
-       toString(argMax(value, version)) AS value
-FROM meter_windows
-GROUP BY meter, customer_id, group_key, window_start
-"""
-
-
-def windows(web_url: str) -> dict[tuple[str, str, str, int], Decimal]:
-    result = http_json(f"{web_url}/v1/sql", {"sql": WINDOWS_SQL})
-    out = {}
-    for meter, customer, group, start, value in result["rows"]:
-        group = json.dumps(json.loads(group))  # the oracle's spelling of the group key
-        out[(meter, customer, group, int(start))] = Decimal(value)
-    return out
-
-
-def differences(
-    got: dict[tuple[str, str, str, int], Decimal], want: dict[tuple[str, str, str, int], Decimal]
-) -> list[str]:
+def differences(got: dict[Any, Decimal], want: dict[Any, Decimal]) -> list[str]:
     keys = sorted(set(got) | set(want))
     return [f"{k}: got {got.get(k)} want {want.get(k)}" for k in keys if got.get(k) != want.get(k)]
 
@@ -241,10 +173,13 @@ def test_a_sigkilled_worker_comes_back_and_every_window_is_exact(
             pytest.skip(f"the embedded Apache Kafka cannot run here: {problem}")
     meters_file = tmp_path / "meters.yaml"
     meters_file.write_text(METERS)
-    now = time.time_ns() // 1_000_000
-    stream = make_stream(30_000, 1_500, start_ms=(now // HOUR - 1) * HOUR)
-    want = oracle(stream)
-    unique = len({(e["customer_id"], e["idempotency_key"]) for e in stream})
+    stream, counted = make_load(unique=30_000, duplicates=1_500, seed=23, customers=CUSTOMERS)
+    want = reference(counted)
+    want_stripe = {
+        (event_name.removeprefix("fault_"), customer.removeprefix("cus_")): Decimal(value)
+        for (event_name, customer), value in stripe_reference(want).items()
+    }
+    unique = len(counted)
     run, endpoints, out_path = start_run(tmp_path, meters_file, "--broker", broker)
     children: list[Proc] = []
     try:
@@ -286,10 +221,19 @@ def test_a_sigkilled_worker_comes_back_and_every_window_is_exact(
             time.sleep(2)
         diff = differences(got, want)
         assert not diff, "\n".join(diff[:30])
+        # Stripe: every window is closed (the load's last hour ended), so all is due.
+        api_base = endpoints["stripe_api_base"]
+        deadline = time.monotonic() + 120
+        while (
+            sent := stripe(api_base, meters_file)
+        ) != want_stripe and time.monotonic() < deadline:
+            time.sleep(2)
+        diff = differences(sent, want_stripe)
+        assert not diff, "\n".join(diff[:30])
         print(
             f"{broker}: {len(stream):,} records ({unique:,} unique), worker killed at "
             f"{at_kill:,} recorded, healthy again after {back_after:.1f} s; "
-            f"{len(want):,} windows exact"
+            f"{len(want):,} windows and {len(want_stripe)} Stripe totals exact"
         )
         assert run.poll() is None  # the stack carried on
     finally:
@@ -313,14 +257,14 @@ def test_a_worker_that_dies_at_every_start_stops_the_stack_with_the_reason(
     children = descendants(run.pid)
     try:
         first = the_worker(run)
-        meters_file.write_text(METERS.replace("aggregation: max", "aggregation: maximum"))
+        meters_file.write_text(BROKEN_METERS)
         os.kill(first.pid, signal.SIGKILL)
         rc = run.wait(240)
         output = out_path.read_text()
         assert rc == 1, output[-3000:]
         assert "the worker keeps dying at start-up: 3 times in a row" in output, output[-3000:]
         # the reason: the worker's own words about the file, from its last life
-        assert "maximum" in output.split("keeps dying at start-up", 1)[1], output[-3000:]
+        assert "counting" in output.split("keeps dying at start-up", 1)[1], output[-3000:]
         assert output.count("restarting it in") == 3, output[-3000:]
     finally:
         stop_run(run, children)
