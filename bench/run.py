@@ -679,8 +679,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--extra-rows",
         default=None,
         help="comma-separated extra configurations: memory (the headline's broker, memory "
-        "store), tansu, kafka (that broker, the headline's store); default with --broker "
-        "kafka: memory,tansu; none otherwise",
+        "store), at_least_once (the headline without transactions), tansu, kafka (that "
+        "broker, the headline's store); default with --broker kafka: memory,tansu; none "
+        "otherwise",
     )
     p.add_argument(
         "--repeat",
@@ -711,8 +712,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.extra_rows is None:
         args.extra_rows = "memory,tansu" if args.broker == "kafka" else ""
     args.extra_rows = [x for x in args.extra_rows.split(",") if x]
-    if bad := [x for x in args.extra_rows if x not in ("memory", "tansu", "kafka")]:
-        p.error(f"--extra-rows: unknown {bad} (memory, tansu, kafka)")
+    known = ("memory", "at_least_once", "tansu", "kafka")
+    if bad := [x for x in args.extra_rows if x not in known]:
+        p.error(f"--extra-rows: unknown {bad} ({', '.join(known)})")
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     if args.repeat < 1:
@@ -744,13 +746,16 @@ def default_guarantee(broker: str) -> str:
 
 def rows_for(args: argparse.Namespace) -> list[Row]:
     """The headline (``--broker``, ``--store``, ``--guarantee``), then ``--extra-rows``:
-    ``memory`` (the headline's broker with the memory store), ``tansu`` (Tansu with the
-    headline's store) or ``kafka``."""
+    ``memory`` (the headline's broker with the memory store), ``at_least_once`` (the
+    headline without transactions), ``tansu`` (Tansu with the headline's store) or
+    ``kafka``."""
     headline = Row(args.broker, args.store, args.guarantee, headline=True)
     rows = [headline]
     for extra in args.extra_rows:
         if extra == "memory":
             row = Row(args.broker, "memory", args.guarantee)
+        elif extra == "at_least_once":
+            row = Row(args.broker, args.store, "at_least_once")
         else:
             row = Row(extra, args.store, default_guarantee(extra))
         if row != Row(headline.broker, headline.store, headline.guarantee):
