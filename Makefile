@@ -98,8 +98,8 @@ format: $(STAMP) ## apply ruff format and autofixes
 
 # A soak runs on RocksDB (what the deployment files use) unless STORE says otherwise: the
 # memory store keeps every dedup key of the horizon in the heap, so its RSS grows by design.
-bench: $(STAMP) ## the throughput benchmark (SOAK=600 adds an RSS soak on RocksDB; see README)
-	$(BIN)/python -m bench.run $(if $(SOAK),--soak $(SOAK),) \
+bench: $(STAMP) $(if $(filter kafka,$(BROKER)),kafka-jars) ## the throughput benchmark (BROKER=kafka: the production configuration; SOAK=600 adds an RSS soak; see bench/README.md)
+	$(BIN)/python -m bench.run $(if $(BROKER),--broker $(BROKER),) $(if $(SOAK),--soak $(SOAK),) \
 	  $(if $(or $(STORE),$(SOAK)),--store $(or $(STORE),rocksdb),)
 
 bench-ingest: $(STAMP) ## the ingest benchmark: SDK and events API vs raw aiokafka

@@ -21,7 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from unittest import mock
 
 import faust
@@ -41,11 +41,28 @@ def pipeline_app_arguments(settings: Any, bootstrap: str) -> tuple[tuple[Any, ..
 
     with mock.patch.object(pipeline_app.faust, "App", capture):
         try:
-            pipeline_app.create_app(settings, None, None, bootstrap)  # type: ignore[arg-type]
+            pipeline_app.create_app(
+                settings,
+                cast(Any, None),  # no meters: the app is never built
+                cast(Any, None),
+                bootstrap,
+                # the guarantee the bench gives the worker (exactly_once: transactions)
+                guarantee_of(settings),
+            )
         except _Captured as captured:
             args, kwargs = captured.args
             return tuple(args), dict(kwargs)
     raise RuntimeError("meterstream.worker.app.create_app did not construct a faust.App")
+
+
+def guarantee_of(settings: Any) -> str:
+    """The worker's guarantee where the bench sets it explicitly (it always does);
+    ``auto`` would need the broker probed, as the worker does: at_least_once here."""
+    return (
+        "at_least_once"
+        if settings.processing_guarantee == "auto"
+        else str(settings.processing_guarantee)
+    )
 
 
 def main(result_path: str, expected: int) -> None:

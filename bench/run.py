@@ -39,6 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,6 @@ from bench.load import METERS, EventMaker, Load, closed_end_ms, customer_ids, ge
 from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
 from meterstream.cli.progress import progress
 from meterstream.embedded.processes import stop_process
-from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.settings import Settings
 from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 from meterstream.topics.admin import ensure_topics
@@ -160,13 +160,15 @@ async def produce_at_rate(
 # ----------------------------------------------------------------------------- phases
 
 
-def run_bare_faust(stack: StackEnv, expected: int) -> dict[str, Any]:
-    result = stack.tmp / "bare-result.json"
-    log_path = stack.tmp / "bare-faust.log"
+def run_bare_faust(
+    stack: StackEnv, expected: int, name: str = "bare-faust", **extra_env: str
+) -> dict[str, Any]:
+    result = stack.tmp / f"{name}-result.json"
+    log_path = stack.tmp / f"{name}.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.bare_faust", str(result), str(expected)],
         cwd=REPO,
-        env=stack.worker_env("bare-faust"),
+        env=stack.worker_env(name, **extra_env),
         stdout=open(log_path, "wb"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
@@ -661,10 +663,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="py-spy the worker during (b): .svg flamegraph, else raw collapsed stacks",
     )
     p.add_argument(
+        "--broker",
+        choices=["kafka", "tansu"],
+        default="tansu",
+        help="the headline's broker (make bench BROKER=kafka): kafka = the production "
+        "configuration, RocksDB and exactly_once unless --store/--guarantee say otherwise",
+    )
+    p.add_argument(
         "--store",
         choices=["memory", "rocksdb"],
-        default="memory",
-        help="the worker's table store (rocksdb needs: .venv/bin/pip install -e '.[rocksdb]')",
+        default=None,
+        help="the worker's table store (default: rocksdb on kafka, memory on tansu; "
+        "rocksdb needs: .venv/bin/pip install -e '.[rocksdb]')",
+    )
+    p.add_argument(
+        "--guarantee",
+        choices=["exactly_once", "at_least_once"],
+        default=None,
+        help="the worker's processing guarantee (default: the worker's auto, exactly_once "
+        "on kafka, at_least_once on tansu, which has no transactions)",
+    )
+    p.add_argument(
+        "--extra-rows",
+        default=None,
+        help="comma-separated extra configurations: memory (the headline's broker, memory "
+        "store), at_least_once (the headline without transactions), tansu, kafka (that "
+        "broker, the headline's store); default with --broker kafka: memory,tansu; none "
+        "otherwise",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs of each configuration (default 3, quick 1): ratios print as median and min-max",
     )
     p.add_argument(
         "--stripe-transport",
@@ -680,13 +711,210 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.events = QUICK_EVENTS if args.quick else DEFAULT_EVENTS
     if args.latency_seconds is None:
         args.latency_seconds = 10.0 if args.quick else 30.0
+    if args.store is None:
+        args.store = "rocksdb" if args.broker == "kafka" else "memory"
+    if args.guarantee is None:
+        args.guarantee = default_guarantee(args.broker)
+    if args.guarantee == "exactly_once" and args.broker == "tansu":
+        p.error("--guarantee exactly_once needs --broker kafka (Tansu has no transactions)")
+    if args.extra_rows is None:
+        args.extra_rows = "memory,tansu" if args.broker == "kafka" else ""
+    args.extra_rows = [x for x in args.extra_rows.split(",") if x]
+    known = ("memory", "at_least_once", "tansu", "kafka")
+    if bad := [x for x in args.extra_rows if x not in known]:
+        p.error(f"--extra-rows: unknown {bad} ({', '.join(known)})")
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 3
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     return args
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration the bench measures ``--repeat`` times."""
+
+    broker: str  # kafka | tansu
+    store: str  # memory | rocksdb
+    guarantee: str  # exactly_once | at_least_once
+    headline: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{BROKER_LABEL[self.broker]}, {self.store}, {self.guarantee}"
+
+
+BROKER_LABEL = {"kafka": "Apache Kafka", "tansu": "Tansu"}
+
+
+def default_guarantee(broker: str) -> str:
+    """The worker's ``auto`` on each broker: transactions on Apache Kafka, none on Tansu."""
+    return "exactly_once" if broker == "kafka" else "at_least_once"
+
+
+def rows_for(args: argparse.Namespace) -> list[Row]:
+    """The headline (``--broker``, ``--store``, ``--guarantee``), then ``--extra-rows``:
+    ``memory`` (the headline's broker with the memory store), ``at_least_once`` (the
+    headline without transactions), ``tansu`` (Tansu with the headline's store) or
+    ``kafka``."""
+    headline = Row(args.broker, args.store, args.guarantee, headline=True)
+    rows = [headline]
+    for extra in args.extra_rows:
+        if extra == "memory":
+            row = Row(args.broker, "memory", args.guarantee)
+        elif extra == "at_least_once":
+            row = Row(args.broker, args.store, "at_least_once")
+        else:
+            row = Row(extra, args.store, default_guarantee(extra))
+        if row != Row(headline.broker, headline.store, headline.guarantee):
+            rows.append(row)
+    return rows
+
+
+def start_broker(name: str, tmp: Path) -> Any:
+    from meterstream.embedded.kafka import BrokerChoice, kafka_unavailable, new_broker
+    from meterstream.settings import Settings
+
+    settings = Settings()
+    if name == "kafka" and (problem := kafka_unavailable(settings)):
+        raise BenchError(f"--broker kafka: {problem}")
+    broker = new_broker(
+        BrokerChoice("kafka" if name == "kafka" else "tansu", "the bench"),
+        settings,
+        state_dir=tmp / f"{name}-state",
+        log_path=tmp / f"{name}-broker.log",
+    )
+    return broker.start()
+
+
+def stripe_check(
+    worker: Worker, emulator_url: str, load: Load, customers: list[str], since: float
+) -> dict[str, Any]:
+    """Once a forward round of every Stripe meter started after ``since`` (every window
+    was in ClickHouse then, and closed more than its grace before), the emulator's
+    totals per meter and customer must equal the generator's (whole numbers: no
+    rounding to carry)."""
+    from meterstream.embedded.demo.runner import forward_gauges
+    from meterstream.embedded.demo.totals import stripe_totals
+    from meterstream.meters.config import load_meters
+
+    wait_until(
+        lambda: (
+            (g := forward_gauges(worker.web_url))
+            and all(g.get(m, 0.0) >= since for m in STRIPE_METERS)
+        ),
+        timeout=3 * STRIPE_INTERVAL_S + 60,
+        what="a Stripe forward round of every meter after the last window",
+        interval=0.5,
+    )
+    waited = time.time() - since
+    got = stripe_totals(
+        emulator_url, load_meters(HERE / "meters.yaml"), None, {c: f"cus_{c}" for c in customers}
+    )
+    totals = load.expected.totals()
+    want = {(m, c): value for m in STRIPE_METERS for c, (value, _) in totals[m].items()}
+    problems = [
+        f"{m}/{c}: Stripe has {got.get((m, c), 0)}, expected {want.get((m, c), 0)}"
+        for m, c in sorted(set(got) | set(want))
+        if got.get((m, c), Decimal(0)) != want.get((m, c), Decimal(0))
+    ]
+    if problems:
+        raise BenchError(
+            f"SELF-CHECK FAILED (Stripe): {len(problems)} of {len(want)} meter/customer "
+            "totals in the emulator differ from the generator's:\n  " + "\n  ".join(problems[:30])
+        )
+    return {"stripe_totals": len(want), "waited_s": waited}
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def measure_row(
+    row: Row,
+    index: int,
+    rep: int,
+    stack: StackEnv,
+    load: Load,
+    emulator: Any,
+    args: argparse.Namespace,
+    keep: bool,
+) -> tuple[dict[str, Any], Worker | None]:
+    """One run of one row on the produced topic: raw, bare Faust, the pipeline, the
+    self-check (ClickHouse, then Stripe); a fresh consumer group, ClickHouse database
+    and state dir. Returns the figures and, with ``keep``, the running worker."""
+    load_avg = os.getloadavg()
+    run_stack = replace(stack, database=f"bench_{index}_{rep}")
+    guarantee = {"METERSTREAM_PROCESSING_GUARANTEE": row.guarantee}
+    out: dict[str, Any] = {"load_avg": [round(x, 2) for x in load_avg]}
+    out["raw"] = asyncio.run(
+        raw_consume(stack.bootstrap, stack.topic, stack.partitions, load.events)
+    )
+    out["bare_faust"] = run_bare_faust(run_stack, load.events, f"bare-{index}-{rep}", **guarantee)
+    emulator.reset()
+    worker = Worker.start(
+        run_stack,
+        f"meterstream-{index}-{rep}",
+        METERSTREAM_STORE=row.store,
+        METERSTREAM_STRIPE_TRANSPORT=args.stripe_transport,
+        **guarantee,
+    )
+    try:
+        out["pipeline"] = measure_pipeline(worker, load, args.profile if keep else None)
+        done = time.time()
+        out["worker_memory"] = {"peak_after_pipeline_mb": worker.memory_kb()["VmHWM"] / 1024}
+        out["stripe_after_pipeline"] = emulator.stats()
+        out["check"] = self_check(worker, load)
+        out["check"].update(
+            stripe_check(worker, emulator.url, load, customer_ids(args.customers), done)
+        )
+    except BaseException:
+        print(f"--- worker log tail ({worker.log_path}) ---\n{worker.log_tail()}", file=sys.stderr)
+        worker.stop()
+        raise
+    out["ratios"] = {
+        "pipeline_raw": out["pipeline"]["rate"] / out["raw"]["rate"],
+        "pipeline_faust": out["pipeline"]["rate"] / out["bare_faust"]["rate"],
+    }
+    log(
+        f"{row.label} run {rep + 1}: bare {out['bare_faust']['rate']:,.0f}/s, pipeline "
+        f"{out['pipeline']['rate']:,.0f}/s, pipeline/faust {out['ratios']['pipeline_faust']:.3f}"
+        f" (load {load_avg[0]:.2f}); ClickHouse and Stripe checked"
+    )
+    if keep:
+        return out, worker
+    worker.stop()
+    return out, None
+
+
+def summarise(row: Row, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    spread = {}
+    for key in ("pipeline_faust", "pipeline_raw"):
+        values = [r["ratios"][key] for r in runs]
+        spread[key] = {"median": median(values), "min": min(values), "max": max(values),
+                       "runs": values}  # fmt: skip
+    for key in ("raw", "bare_faust", "pipeline"):
+        values = [r[key]["rate"] for r in runs]
+        spread[key] = {"median": median(values), "min": min(values), "max": max(values)}
+    return {
+        "broker": row.broker,
+        "store": row.store,
+        "guarantee": row.guarantee,
+        "headline": row.headline,
+        "label": row.label,
+        "spread": spread,
+        "load_avg": [r["load_avg"] for r in runs],
+        "runs": runs,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     partitions = args.partitions or Settings.model_fields["partitions"].default
-    if args.store == "rocksdb" and importlib.util.find_spec("rocksdict") is None:
-        raise BenchError("--store rocksdb needs: .venv/bin/pip install -e '.[rocksdb]'")
+    rows = rows_for(args)
+    if any(r.store == "rocksdb" for r in rows) and importlib.util.find_spec("rocksdict") is None:
+        raise BenchError("the rocksdb store needs: .venv/bin/pip install -e '.[rocksdb]'")
     tmp = Path(tempfile.mkdtemp(prefix="meterstream-bench-"))
     prefix = f"bench{uuid.uuid4().hex[:6]}-"
     results: dict[str, Any] = {
@@ -700,22 +928,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "partitions": partitions,
             "latency_seconds": args.latency_seconds,
             "topic_prefix": prefix,
+            "broker": args.broker,
             "store": args.store,
+            "guarantee": args.guarantee,
+            "repeat": args.repeat,
             "stripe_transport": args.stripe_transport,
         },
+        "rows": [],
     }
-    broker = EmbeddedBroker(log=tmp / "broker.log").start()
     emulator = BackgroundEmulator().start()
     worker: Worker | None = None
-    stack = StackEnv(
-        broker.bootstrap,
-        tmp / "clickhouse",
-        emulator.url,
-        tmp,
-        prefix,
-        partitions,
-        HERE / "meters.yaml",
-    )
     try:
         log(f"generating {args.events:,} records for {args.customers:,} customers")
         load = generate(
@@ -730,64 +952,107 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "distinct": load.unique,
             "end_ms": load.end_ms,
         }
-        asyncio.run(ensure_topics(broker.bootstrap, prefix=prefix, partitions=partitions))
-        results["produce_rate"] = asyncio.run(
-            produce_all(broker.bootstrap, stack.topic, load.records)
-        )
-        log(f"produced at {results['produce_rate']:,.0f}/s; raw consume")
-        results["raw"] = asyncio.run(
-            raw_consume(broker.bootstrap, stack.topic, partitions, load.events)
-        )
-        log(f"raw {results['raw']['rate']:,.0f}/s; bare Faust agent")
-        results["bare_faust"] = run_bare_faust(stack, load.events)
-        log(f"bare Faust {results['bare_faust']['rate']:,.0f}/s; starting the pipeline worker")
-        worker = Worker.start(
-            stack,
-            METERSTREAM_STORE=args.store,
-            METERSTREAM_STRIPE_TRANSPORT=args.stripe_transport,
-        )
-        log(f"worker pid {worker.proc.pid} healthy; measuring the pipeline")
-        results["pipeline"] = measure_pipeline(worker, load, args.profile)
-        log(f"pipeline {results['pipeline']['rate']:,.0f}/s; self-check")
-        results["worker_memory"] = {"peak_after_pipeline_mb": worker.memory_kb()["VmHWM"] / 1024}
-        stripe_after = emulator.stats()
-        results["check"] = self_check(worker, load)
-        log("self-check passed; latency at half load")
-        half = results["pipeline"]["rate"] / 2
         customers = customer_ids(args.customers)
-        results["latency"] = measure_latency(worker, stack, half, args.latency_seconds, customers)
-        if args.soak:
-            log(f"soak: {args.soak:.0f} s at {half:,.0f} records/s")
-            results["soak"] = soak(worker, stack, half, args.soak, customers)
-        stats = emulator.stats()
-        results["stripe"] = {
-            **stats,
-            "requests_after_pipeline": stripe_after["requests"],
-            "stripe_meters": len(STRIPE_METERS),
-            "bound_per_interval": args.customers * len(STRIPE_METERS),
-        }
-        mem = worker.memory_kb()
-        results["worker_memory"].update(peak_mb=mem["VmHWM"] / 1024, rss_mb=mem["VmRSS"] / 1024)
+        for broker_name in dict.fromkeys(r.broker for r in rows):  # the headline's first
+            broker = start_broker(broker_name, tmp)
+            try:
+                stack = StackEnv(broker.bootstrap, tmp / "clickhouse", emulator.url, tmp, prefix,
+                                 partitions, HERE / "meters.yaml")  # fmt: skip
+                asyncio.run(ensure_topics(broker.bootstrap, prefix=prefix, partitions=partitions))
+                produce_rate = asyncio.run(produce_all(broker.bootstrap, stack.topic, load.records))
+                log(f"{BROKER_LABEL[broker_name]}: produced at {produce_rate:,.0f}/s")
+                # The headline last on its broker: its latency phase (and soak) add live
+                # events to the topic, which a later row would count.
+                mine = [(i, r) for i, r in enumerate(rows) if r.broker == broker_name]
+                for index, row in sorted(mine, key=lambda ir: ir[1].headline):
+                    runs = []
+                    for rep in range(args.repeat):
+                        keep = row.headline and rep == args.repeat - 1
+                        figures, kept = measure_row(
+                            row, index, rep, stack, load, emulator, args, keep
+                        )
+                        runs.append(figures)
+                        if kept is not None:
+                            worker = kept
+                    summary = summarise(row, runs)
+                    summary["produce_rate"] = produce_rate
+                    results["rows"].insert(0 if row.headline else len(results["rows"]), summary)
+                    if not row.headline:
+                        continue
+                    # the headline's last run: latency, soak, Stripe requests, memory
+                    last = runs[-1]
+                    results.update(
+                        produce_rate=produce_rate,
+                        raw=last["raw"],
+                        bare_faust=last["bare_faust"],
+                        pipeline=last["pipeline"],
+                        check=last["check"],
+                        worker_memory=last["worker_memory"],
+                    )
+                    assert worker is not None
+                    log("latency at half load")
+                    half = last["pipeline"]["rate"] / 2
+                    results["latency"] = measure_latency(
+                        worker, stack, half, args.latency_seconds, customers
+                    )
+                    if args.soak:
+                        log(f"soak: {args.soak:.0f} s at {half:,.0f} records/s")
+                        results["soak"] = soak(worker, stack, half, args.soak, customers)
+                    stats = emulator.stats()
+                    results["stripe"] = {
+                        **stats,
+                        "requests_after_pipeline": last["stripe_after_pipeline"]["requests"],
+                        "stripe_meters": len(STRIPE_METERS),
+                        "bound_per_interval": args.customers * len(STRIPE_METERS),
+                    }
+                    mem = worker.memory_kb()
+                    results["worker_memory"].update(
+                        peak_mb=mem["VmHWM"] / 1024, rss_mb=mem["VmRSS"] / 1024
+                    )
+                    worker.stop()
+                    worker = None
+            finally:
+                if worker is not None:
+                    worker.stop()
+                    worker = None
+                broker.stop()
+        headline = results["rows"][0]["spread"]
         results["ratios"] = {
-            "pipeline_raw": results["pipeline"]["rate"] / results["raw"]["rate"],
-            "pipeline_faust": results["pipeline"]["rate"] / results["bare_faust"]["rate"],
+            "pipeline_raw": headline["pipeline_raw"]["median"],
+            "pipeline_faust": headline["pipeline_faust"]["median"],
         }
         return results
-    except BenchError:
-        if worker is not None:
-            print(
-                f"--- worker log tail ({worker.log_path}) ---\n{worker.log_tail()}", file=sys.stderr
-            )
-        raise
     finally:
-        if worker is not None:
-            worker.stop()
         emulator.stop()
-        broker.stop()
         if args.keep:
             log(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def spread_text(spread: dict[str, float], n: int) -> str:
+    if n == 1:
+        return f"{spread['median']:.3f} (one run)"
+    return (
+        f"{spread['median']:.3f} (median of {n}, min-max {spread['min']:.3f}-{spread['max']:.3f})"
+    )
+
+
+def rows_table(results: dict[str, Any]) -> list[str]:
+    """One line per configuration: pipeline/faust median and spread, rates, machine load."""
+    lines = ["pipeline/faust per configuration (each run: its own bare-Faust ceiling):"]
+    for row in results["rows"]:
+        sp, n = row["spread"], len(row["runs"])
+        loads = ", ".join(f"{la[0]:.2f}" for la in row["load_avg"])
+        tag = " (headline)" if row["headline"] else ""
+        lines.append(
+            f"  {row['label']}{tag}: {spread_text(sp['pipeline_faust'], n)}; runs "
+            + " ".join(f"{v:.3f}" for v in sp["pipeline_faust"]["runs"])
+            + f"; pipeline {sp['pipeline']['median']:,.0f}/s "
+            f"({sp['pipeline']['min']:,.0f}-{sp['pipeline']['max']:,.0f}), bare Faust "
+            f"{sp['bare_faust']['median']:,.0f}/s; load average at each run's start: {loads}"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -801,9 +1066,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for line in table(results):
         print(line)
+    print()
+    for line in rows_table(results):
+        print(line)
     print(f"results: {args.results}")
-    print(f"pipeline/raw ratio: {results['ratios']['pipeline_raw']:.3f}")
-    print(f"pipeline/faust ratio: {results['ratios']['pipeline_faust']:.3f}")
+    headline = results["rows"][0]
+    n = len(headline["runs"])
+    print(f"[{headline['label']}]")
+    print(f"pipeline/raw ratio: {spread_text(headline['spread']['pipeline_raw'], n)}")
+    print(f"pipeline/faust ratio: {spread_text(headline['spread']['pipeline_faust'], n)}")
     return 0
 
 

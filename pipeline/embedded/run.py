@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -70,10 +69,7 @@ def _run(
             return asyncio.run(run_demo(stack, meters, duration, rate))
         deadline = time.monotonic() + duration if duration else None
         while deadline is None or time.monotonic() < deadline:
-            assert stack.worker is not None
-            if stack.worker.proc.poll() is not None:
-                print("the worker stopped:\n" + stack.log_tail("worker.log"), file=sys.stderr)
-                return 1
+            stack.check_worker()  # a dead worker is restarted; a crash loop raises
             time.sleep(0.5)
         return 0
     except KeyboardInterrupt:

@@ -7,6 +7,10 @@ worker (drains and commits), emulator, broker. SIGTERM and SIGHUP (the
 terminal closed) do the same; a second signal while stopping ends the
 supervisor at once, and with it the children (below).
 
+A worker that dies on its own (SIGKILL, OOM, a crash) is restarted after a
+backoff, with a log line; one that keeps dying at start-up stops the stack with
+the reason and exit code 1: see pipeline/embedded/restarts.py.
+
 Nothing outlives meterstream, however it dies (SIGKILL included) and under
 load: each child gets a signal from the kernel when this process dies
 (``PR_SET_PDEATHSIG``; Tansu SIGINT, the others SIGTERM), and the worker,
@@ -27,6 +31,7 @@ from pathlib import Path
 from meterstream.embedded.harness import WorkerProcess, spawn_cli
 from meterstream.embedded.kafka import KafkaBroker, broker_name, embedded_broker
 from meterstream.embedded.processes import free_port, log_tail, stop_process, wait_for_port
+from meterstream.embedded.restarts import WorkerRestarts
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.endpoints import write_endpoints
 from meterstream.settings import Settings
@@ -39,6 +44,7 @@ class Stack:
     broker: EmbeddedBroker | KafkaBroker | None = None
     emulator: subprocess.Popen[bytes] | None = None
     worker: WorkerProcess | None = None
+    restarts: WorkerRestarts | None = None
     endpoints: dict[str, str] = field(default_factory=dict)
 
     def start(self, meters_file: Path) -> None:
@@ -82,6 +88,16 @@ class Stack:
         )
         self.worker.wait_healthy(timeout=120)
         web_url = self.worker.web_url
+        self.restarts = WorkerRestarts(  # a worker that dies comes back (restarts.py)
+            lambda: (
+                WorkerProcess.spawn(
+                    {**os.environ, **env}, self.state_dir / "worker.log", supervised=True
+                ).proc
+            ),
+            self.worker.proc,
+            healthz_url=f"{web_url}/healthz",
+            log_path=self.state_dir / "worker.log",
+        )
         self.endpoints = {
             "kafka_bootstrap": bootstrap,
             "broker": broker_name(self.broker) if self.broker else "configured",
@@ -95,6 +111,13 @@ class Stack:
         self, args: list[str], log_name: str, env: dict[str, str]
     ) -> subprocess.Popen[bytes]:
         return spawn_cli(args, {**os.environ, **env}, self.state_dir / log_name, supervised=True)
+
+    def check_worker(self) -> None:
+        """Restart the worker if it died (after a backoff); raises
+        :class:`~meterstream.embedded.restarts.WorkerCrashLoop` when it keeps dying at
+        start-up. Call from the main thread, often (pipeline/embedded/restarts.py)."""
+        if self.restarts is not None and self.worker is not None:
+            self.worker.proc = self.restarts.poll()
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         """The last lines of ``name`` in the state dir (``worker.log``, ...)."""

@@ -307,10 +307,7 @@ class DemoRun:
         while not self.stop_requested.is_set():
             if self.duration is not None and time.monotonic() - self.started >= self.duration:
                 break
-            assert self.stack.worker is not None
-            if self.stack.worker.proc.poll() is not None:
-                self.screen.say("the worker stopped:\n" + self.stack.log_tail("worker.log"))
-                return False
+            self.stack.check_worker()  # a dead worker is restarted; a crash loop raises
             await send(load.next_batch(max(1, int(self.rate / 5)), _now_ms()))
             if time.monotonic() >= next_show:
                 next_show = time.monotonic() + self.screen.refresh_seconds
@@ -370,10 +367,8 @@ class DemoRun:
                 have = -1
             if have >= want:
                 return True
-            worker = self.stack.worker
-            if time.monotonic() >= deadline or (
-                worker is not None and worker.proc.poll() is not None
-            ):
+            self.stack.check_worker()
+            if time.monotonic() >= deadline:
                 return False
             if await self._pause(1.0, self.stop_now):
                 return False
@@ -457,9 +452,14 @@ class DemoRun:
             )
 
         while True:
+            self.stack.check_worker()
             try:
                 gauges = await _to_thread(forward_gauges, self.web)
             except OSError as exc:
+                restarts = self.stack.restarts
+                if restarts is not None and restarts.starting and time.monotonic() < deadline:
+                    await asyncio.sleep(1)  # restarting: /metrics answers again soon
+                    continue
                 return StripeRead(
                     {}, None, f"the worker's /metrics could not be read ({exc})", True
                 )

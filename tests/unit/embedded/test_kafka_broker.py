@@ -93,3 +93,10 @@ def test_a_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) 
     drawn = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
     monkeypatch.setattr(uuid, "uuid4", lambda: next(drawn))
     assert new_cluster_id() == "AQEBAQEBAQEBAQEBAQEBAQ"
+
+
+def test_the_default_jars_folder_is_next_to_the_pom_make_kafka_jars_uses() -> None:
+    from meterstream.embedded.kafka import DEFAULT_JARS_DIR
+
+    assert DEFAULT_JARS_DIR == ROOT / "deploy" / "kafka" / "jars"
+    assert (DEFAULT_JARS_DIR.parent / "pom.xml").is_file()
