@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from meterstream.embedded.stack import stripe_totals
+from meterstream.embedded.demo.totals import stripe_totals
 from meterstream.events import canonical_json
 from meterstream.meters.config import load_meters
 from tests.faults.fault_load import METERS, make_load, reference, stripe_reference
