@@ -91,7 +91,6 @@ from typing import Any, Literal
 import orjson
 
 from meterstream.billing.plan import (
-    DAY_MS,
     Check,
     RecordDeltas,
     StripeDifference,
@@ -111,7 +110,7 @@ from meterstream.events import UsageEvent
 from meterstream.meters.aggregation import WindowState
 from meterstream.meters.config import Meter, MetersConfig
 from meterstream.meters.fold import WindowKey
-from meterstream.meters.windows import month_bounds, period_label
+from meterstream.meters.windows import DAY_MS, month_bounds, period_label
 from meterstream.metrics import Metrics
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
@@ -613,7 +612,7 @@ class Forwarder:
         upto, _ = meter.window_bounds(closed_until)
         periods = [period_label(upto - 1)]
         previous = period_label(month_bounds(periods[0])[0] - 1)
-        if upto - month_bounds(periods[0])[0] < LATE_PERIOD_DAYS * 86_400_000:
+        if upto - month_bounds(periods[0])[0] < LATE_PERIOD_DAYS * DAY_MS:
             periods.insert(0, previous)
         sent = 0
         held: dict[str, str] = {}

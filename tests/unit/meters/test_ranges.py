@@ -27,6 +27,8 @@ from meterstream.meters.fold import (
     windows_of,
 )
 from meterstream.meters.windows import WINDOW_MS
+from meterstream.sinks.clickhouse.writer import decimal_38_9
+from tests.unit.billing.test_forwarding import meter
 
 HOUR = 3_600_000
 T0 = 1_790_000_000_000 // HOUR * HOUR
@@ -232,8 +234,6 @@ def test_a_rebuild_skips_unprocessable_and_excluded_events() -> None:
 
 
 def test_the_forwarder_holds_a_total_the_ledger_cannot_hold() -> None:
-    from tests.unit.test_forwarding import meter
-
     m = meter("sum")
     plan = plan_sends(
         m, "2026-11", {"c": Decimal(2**63), "d": Decimal(5)}, {"c": "x", "d": "y"}, []
@@ -262,8 +262,6 @@ def test_no_values_make_the_window_computation_or_its_rows_raise(
 ) -> None:
     """Whatever the values, the batch's windows are computed and written: every result
     fits meter_windows (Decimal(38, 9)), before and after a base near the limit."""
-    from meterstream.sinks.clickhouse.writer import decimal_38_9
-
     events = [ev(f"k{i:03d}", v, model) for i, (v, model) in enumerate(values)]
     for base_fraction in (Decimal(0), Decimal("0.99"), Decimal("-0.99")):
         contrib = contributions(METERS, events)
