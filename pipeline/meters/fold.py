@@ -226,11 +226,11 @@ def fold(
             if live is not None and agg.kind == "sum":  # a Decimal: enforce_limits' bound
                 high, low, name = live.sum_high, live.sum_low, m.name
                 top = high.get(name)
-                if top is None or value > top:  # type: ignore[operator]
-                    high[name] = value  # type: ignore[assignment]
+                if top is None or value > top:
+                    high[name] = value
                 bottom = low.get(name)
-                if bottom is None or value < bottom:  # type: ignore[operator]
-                    low[name] = value  # type: ignore[assignment]
+                if bottom is None or value < bottom:
+                    low[name] = value
     return states
 
 
