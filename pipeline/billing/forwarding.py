@@ -296,7 +296,7 @@ class Forwarder:
     #   into the record, their windows' states (the same meter code over the same
     #   events as a re-read), and the windows it counted from the record
     #   (re-read), after both the record and meter_windows inserts returned and
-    #   while it still holds the record lock (pipeline/worker/app.py). Each reconciliation
+    #   while it still holds the record lock (pipeline/worker/batch.py). Each reconciliation
     #   query takes that lock, and whatever it reads it also drops from the pending
     #   deltas under the same lock: so every inserted event is either in a read or
     #   in the deltas merged afterwards, never both and never neither.

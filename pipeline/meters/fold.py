@@ -1,6 +1,6 @@
 """What one batch of records does, as pure functions (no Kafka, no ClickHouse).
 
-The Faust agent (pipeline/worker/app.py) calls these in order:
+A batch of the worker (pipeline/worker/batch.py) calls these in order:
 
 1. :func:`~meterstream.dedup.resolve.decode_batch` - every record becomes a
    ``UsageEvent`` or a ``Rejection`` (pipeline/dedup/resolve.py).
@@ -226,11 +226,11 @@ def fold(
             if live is not None and agg.kind == "sum":  # a Decimal: enforce_limits' bound
                 high, low, name = live.sum_high, live.sum_low, m.name
                 top = high.get(name)
-                if top is None or value > top:
-                    high[name] = value
+                if top is None or value > top:  # type: ignore[operator]
+                    high[name] = value  # type: ignore[assignment]
                 bottom = low.get(name)
-                if bottom is None or value < bottom:
-                    low[name] = value
+                if bottom is None or value < bottom:  # type: ignore[operator]
+                    low[name] = value  # type: ignore[assignment]
     return states
 
 

@@ -20,7 +20,8 @@ from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.stripe.ledger import LedgerRow
 from meterstream.topics import STRIPE_ERRORS
-from meterstream.worker.app import Pipeline
+from meterstream.worker.batch import Pipeline
+from meterstream.worker.raw_topics import raw_topic
 
 log = logging.getLogger("meterstream.stripe")
 
@@ -45,13 +46,7 @@ def install_forwarder(
         return None
     source = settings.topic("usage-events")
     follower = mappings or MappingStore(settings, chio, settings.kafka_bootstrap_servers or "")
-    errors_topic = app.topic(
-        settings.topic(STRIPE_ERRORS.name),
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
+    errors_topic = raw_topic(app, settings.topic(STRIPE_ERRORS.name))
 
     def owns(customer: str) -> bool:
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source}
