@@ -370,7 +370,7 @@ def _routes(
                 rows = await stripe.retry_errors()
             except StripeError as exc:
                 return respond(self, {"error": str(exc), "code": exc.code}, 502)
-            from meterstream.billing.forwarding import row_summary
+            from meterstream.billing.deliver import row_summary
 
             return respond(self, {"rows": [row_summary(r) for r in rows]})
 
@@ -385,7 +385,7 @@ def _routes(
             except ValueError as exc:
                 return respond(self, {"error": str(exc)}, 400)
             try:
-                diffs = await stripe.reconcile(period)
+                diffs = await stripe.compare_with_stripe(period)
             except StripeError as exc:
                 return respond(self, {"error": str(exc), "code": exc.code}, 502)
             return respond(

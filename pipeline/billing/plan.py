@@ -1,5 +1,5 @@
 """The billing plan, pure: what to send to Stripe for a period, and how Stripe's
-totals are compared with ours. No I/O; pipeline/billing/forwarding.py does the sending.
+totals are compared with ours. No I/O; pipeline/billing/deliver.py does the sending.
 """
 
 from __future__ import annotations

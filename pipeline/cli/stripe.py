@@ -118,7 +118,7 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
 
 
 def cmd_create_meters(args: argparse.Namespace) -> int:
-    from meterstream.billing.forwarding import stripe_client
+    from meterstream.billing.deliver import stripe_client
     from meterstream.meters.config import load_meters, meters_path
     from meterstream.sinks.stripe.payloads import formula_for
 
@@ -161,7 +161,8 @@ def cmd_create_meters(args: argparse.Namespace) -> int:
 
 def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
     """A Forwarder over a direct ClickHouse connection (no worker is running)."""
-    from meterstream.billing.forwarding import Forwarder, error_message, stripe_client
+    from meterstream.billing.deliver import error_message, stripe_client
+    from meterstream.billing.forwarding import Forwarder
     from meterstream.meters.config import load_meters, meters_path
     from meterstream.metrics import Metrics
     from meterstream.sinks.clickhouse.calls import ClickHouseIO
@@ -222,7 +223,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
             raise MeterstreamError(f"the worker could not retry: {result['error']}")
         rows = list(result["rows"])
     else:
-        from meterstream.billing.forwarding import row_summary
+        from meterstream.billing.deliver import row_summary
 
         forwarder, chio = _direct_forwarder(settings)
         try:
@@ -265,7 +266,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     else:
         forwarder, chio = _direct_forwarder(settings)
         try:
-            lines = [d.describe() for d in asyncio.run(forwarder.reconcile(args.period))]
+            lines = [d.describe() for d in asyncio.run(forwarder.compare_with_stripe(args.period))]
         finally:
             chio.close()
     for line in lines:

@@ -1,6 +1,6 @@
 """The Stripe forwarder's Faust install: a timer on the worker that forwards the customers
 of its own partitions, the ``customers`` topic follower and the ``stripe-errors`` topic.
-What it forwards, and how, is pipeline/billing/forwarding.py.
+What it forwards, and how, is pipeline/billing/ (forwarding.py: verify -> plan -> deliver).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any
 import faust
 
 from meterstream.billing.customers import MappingStore
-from meterstream.billing.forwarding import Forwarder, error_message, stripe_client
+from meterstream.billing.deliver import error_message, stripe_client
+from meterstream.billing.forwarding import Forwarder
 from meterstream.errors import StripeError
 from meterstream.kafka import customer_partition
 from meterstream.meters.config import MetersConfig
@@ -70,11 +71,11 @@ def install_forwarder(
         publish_refusal=publish_refusal,
     )
     if pipeline is not None:
-        forwarder.track_changes(pipeline.record_lock)
-        pipeline.record_listeners.append(forwarder.record_changed)
+        forwarder.verifier.track_changes(pipeline.record_lock)
+        pipeline.record_listeners.append(forwarder.verifier.record_changed)
 
         def on_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-            forwarder.invalidate()
+            forwarder.verifier.invalidate()
 
         app.on_partitions_revoked.connect(on_rebalance)
         app.on_partitions_assigned.connect(on_rebalance)

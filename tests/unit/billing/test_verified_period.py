@@ -128,7 +128,7 @@ def stored_days(meter: Meter, states):  # type: ignore[no-untyped-def]
 
 
 def told(meter: Meter, deltas: RecordDeltas, batch: list[UsageEvent]) -> None:
-    """What Forwarder.record_changed does with one batch the worker inserted."""
+    """What Verifier.record_changed does with one batch the worker inserted."""
     for key, state in contributions(METERS, batch).states.items():
         if key.meter == meter.name:
             deltas.add(meter, key.customer_id, key.window_start_ms, state)
