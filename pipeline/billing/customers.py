@@ -42,7 +42,7 @@ from typing import Any
 import orjson
 
 from meterstream.billing.stripe_ids import check_stripe_customer_id
-from meterstream.errors import ConfigError, MeterstreamError
+from meterstream.errors import BadRecord, ConfigError, MeterstreamError
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.stripe import customers as store
@@ -65,10 +65,6 @@ def encode_mapping(stripe_customer_id: str | None) -> bytes | None:
     if stripe_customer_id is None:
         return None
     return orjson.dumps({"stripe_customer_id": stripe_customer_id})
-
-
-class BadRecord(ValueError):
-    """A ``customers`` topic record that is neither a mapping nor a tombstone."""
 
 
 def decode_record(key: bytes | None, value: bytes | None) -> tuple[str, str | None]:

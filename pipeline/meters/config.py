@@ -85,7 +85,7 @@ from pydantic import (
     model_validator,
 )
 
-from meterstream.errors import ConfigError
+from meterstream.errors import ConfigError, InvalidValue
 from meterstream.events import UsageEvent, canonical_json
 from meterstream.meters.aggregation import EXACT, Aggregator, aggregator_for
 from meterstream.meters.windows import WINDOW_MS
@@ -127,18 +127,6 @@ _ORDERING = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": op
 
 Getter = Callable[[UsageEvent], Any]
 Predicate = Callable[[UsageEvent], bool]
-
-
-class InvalidValue(Exception):
-    """A meter cannot read its value from an event; the worker dead-letters the event.
-
-    Deliberately not a :class:`~meterstream.errors.MeterstreamError`: a bad event is
-    data (``Reason.INVALID_VALUE``), never a reason to stop the worker.
-    """
-
-    def __init__(self, detail: str) -> None:
-        self.detail = detail
-        super().__init__(detail)
 
 
 # -- values ------------------------------------------------------------------

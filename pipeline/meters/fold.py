@@ -43,9 +43,10 @@ from typing import Final, NamedTuple
 import orjson
 
 from meterstream.dedup.key import DedupKey, json_key
+from meterstream.errors import InvalidValue
 from meterstream.events import ALL_METERS, Reason, Rejection, UsageEvent
 from meterstream.meters.aggregation import EXACT, WindowState
-from meterstream.meters.config import InvalidValue, Meter, MetersConfig
+from meterstream.meters.config import Meter, MetersConfig
 
 ALL_GROUPS: Final = "*"
 """The ``group_key`` of a customer-total key: the customer's window total over every

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from meterstream.billing.plan import fits_ledger, plan_sends
 from meterstream.dedup.key import DedupKey
+from meterstream.errors import InvalidValue
 from meterstream.events import ALL_METERS, Reason, UsageEvent, content_fingerprint
 from meterstream.meters.aggregation import WindowState, aggregator_for
-from meterstream.meters.config import COLUMN_LIMITS, STRIPE_LIMITS, InvalidValue, parse_meters
+from meterstream.meters.config import COLUMN_LIMITS, STRIPE_LIMITS, parse_meters
 from meterstream.meters.fold import (
     ALL_GROUPS,
     WindowKey,
