@@ -107,7 +107,7 @@ from meterstream.billing.plan import (
     event_timestamp_s,
     plan_sends,
 )
-from meterstream.billing.record import record_states
+from meterstream.billing.record import read_record
 from meterstream.billing.stripe_ids import Pin, Refusal, Resolution, is_property_source
 from meterstream.billing.stripe_ids import resolve as resolve_ids
 from meterstream.billing.verify import Verifier
@@ -136,7 +136,7 @@ def period_data(
     for meter in meters.meters:
         if meter.stripe is None:
             continue
-        totals = customer_totals(meter, record_states(ch, meters, meter, start, end))
+        totals = customer_totals(meter, read_record(ch, meters, meter, start, end).states)
         out.append((meter, totals, ledger.for_period(ch, meter.name, period)))
     return out
 

@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from meterstream.events import UsageEvent
 from meterstream.meters.aggregation import WindowState, aggregator_for
@@ -43,6 +43,14 @@ class Difference:
         )
 
 
+class RecordRead(NamedTuple):
+    """A meter's windows computed from the record, and the record's events of the
+    meter's event name per (customer, UTC day start)."""
+
+    states: dict[WindowKey, WindowState]
+    days: Counter[tuple[str, int]]
+
+
 def read_record(
     ch: ClickHouse,
     meters: MetersConfig,
@@ -50,7 +58,7 @@ def read_record(
     start_ms: int,
     end_ms: int,
     customers: Sequence[str] | None = None,
-) -> tuple[dict[WindowKey, WindowState], Counter[tuple[str, int]]]:
+) -> RecordRead:
     """Every window of ``meter`` with events in [start, end), computed from the record
     (of ``customers`` only, when given), and the record's events of the meter's event
     name per (customer, UTC day), matching the meter or not.
@@ -71,20 +79,7 @@ def read_record(
 
     rows = queries.events_in_range(ch, customers, [meter.event_name], start_ms, end_ms)
     states = fold(meters, counted_per_day(rows), meter=meter, empty_windows=True)
-    return states, days
-
-
-def record_states(
-    ch: ClickHouse,
-    meters: MetersConfig,
-    meter: Meter,
-    start_ms: int,
-    end_ms: int,
-    customers: Sequence[str] | None = None,
-) -> dict[WindowKey, WindowState]:
-    """Every window of ``meter`` with events in [start, end), computed from the record
-    (of ``customers`` only, when given)."""
-    return read_record(ch, meters, meter, start_ms, end_ms, customers)[0]
+    return RecordRead(states, days)
 
 
 def stored_states(

@@ -53,7 +53,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import faust
 import orjson
@@ -111,6 +111,17 @@ class BatchReport:
     rejected: Counter[str] = field(default_factory=Counter)
     windows_written: int = 0
     windows_recomputed: int = 0
+
+
+class Batch(NamedTuple):
+    """One batch as its steps see it: the records (gaps filled, in offset order per
+    partition), each partition's last event (Faust's context for table writes), the
+    consumer generation, and when it was received (epoch ms)."""
+
+    records: Sequence[resolve.SourceRecord]
+    context: dict[int, EventT]
+    generation: int | None
+    received: int
 
 
 @dataclass
@@ -291,20 +302,18 @@ class Pipeline:
         context: dict[int, EventT] = {ev.message.partition: ev for ev in batch}
         records = await self._source_records(batch)
         generation = batch[-1].message.generation_id if batch else None
+        taken = Batch(records, context, generation, received)
         attempt = Attempt()
         try:
-            return await self._process_records(records, context, generation, received, attempt)
+            return await self._process_records(taken, attempt)
         except Exception as exc:
             if is_dependency_failure(exc):
                 raise
-            return await self._isolate(records, context, generation, received, attempt, exc)
+            return await self._isolate(taken, attempt, exc)
 
     async def _process_records(
         self,
-        records: Sequence[resolve.SourceRecord],
-        context: dict[int, EventT],
-        generation: int | None,
-        received: int,
+        batch: Batch,
         attempt: Attempt,
         exclude: AbstractSet[DedupKey] = frozenset(),
         use_coverage: bool = True,
@@ -314,6 +323,7 @@ class Pipeline:
         an isolation must clean up if it raises). While a batch is isolated: ``exclude``,
         events in the record but not counted yet that window rebuilds must skip, and no
         coverage (a failed attempt may have inserted rows without writing their keys)."""
+        records, context, generation, received = batch
         decoded = self._decode_and_validate(records, received)
         dedup = await self._dedup(decoded.events, received, generation, use_coverage)
         dd = dedup.resolved
@@ -914,15 +924,8 @@ class Pipeline:
     # * A dependency failure (ClickHouse, the broker) is never data: it is retried
     #   inside chio.call, or stops the batch as before (no offsets committed; replayed).
 
-    async def _isolate(
-        self,
-        records: Sequence[resolve.SourceRecord],
-        context: dict[int, EventT],
-        generation: int | None,
-        received: int,
-        attempt: Attempt,
-        error: Exception,
-    ) -> BatchReport:
+    async def _isolate(self, batch: Batch, attempt: Attempt, error: Exception) -> BatchReport:
+        records, context, received = batch.records, batch.context, batch.received
         log.error(
             "batch of %d records failed (%s: %s); isolating the record(s) that make it fail",
             len(records),
@@ -955,10 +958,7 @@ class Pipeline:
             sub = Attempt()
             try:
                 got = await self._process_records(
-                    records[lo:hi],
-                    context,
-                    generation,
-                    received,
+                    batch._replace(records=records[lo:hi]),
                     sub,
                     exclude=frozenset((responsible - done - part_keys) | excluded),
                     use_coverage=False,

@@ -19,11 +19,10 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-import yaml
 
 import meterstream.billing.verify as verification
 from meterstream.billing.plan import customer_totals
-from meterstream.billing.record import read_record, reconcile_meter, record_states
+from meterstream.billing.record import read_record, reconcile_meter
 from meterstream.events import UsageEvent
 from meterstream.meters.aggregation import WindowState
 from meterstream.meters.config import parse_meters
@@ -49,19 +48,16 @@ HOUR = 3_600_000
 DAY = 24 * HOUR
 START = 1_790_000_000_000 // DAY * DAY  # a UTC midnight
 END = START + 3 * DAY
-METERS = parse_meters(
-    yaml.safe_load(
-        """
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    window: hour
-    stripe: {event_name: tokens, interval: 30s}
-"""
-    )
-)
+# the hourly Stripe meter of these tests: plain (METERS) and by model (GROUPED)
+TOKENS = {
+    "name": "tokens",
+    "event_name": "chat",
+    "aggregation": "sum",
+    "value": "properties.tokens",
+    "window": "hour",
+    "stripe": {"event_name": "tokens", "interval": "30s"},
+}
+METERS = parse_meters({"meters": [TOKENS]})
 METER = METERS.by_name("tokens")
 CUSTOMERS = [f"c{i}" for i in range(5)]
 
@@ -106,7 +102,7 @@ def test_full_verification_reads_in_slices_and_misses_no_one(
 
     # six customers (c9 from meter_windows only), two per read, each read once
     assert slices == [["c0", "c1"], ["c2", "c3"], ["c4", "c9"]]
-    everyone = record_states(ch, METERS, METER, START, END)
+    everyone = read_record(ch, METERS, METER, START, END).states
     assert totals == customer_totals(METER, everyone)
     assert totals["c0"] == sum(Decimal(j) for j in range(8))  # not the late event
     assert "c9" not in totals
@@ -120,19 +116,15 @@ def test_full_verification_reads_in_slices_and_misses_no_one(
 # -- after the full read: what the worker tells, checked against the record --
 
 GROUPED = parse_meters(
-    yaml.safe_load(
-        """
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    group_by: [properties.model]
-    filters: [{property: properties.model, operator: neq, value: skip}]
-    window: hour
-    stripe: {event_name: tokens, interval: 30s}
-"""
-    )
+    {
+        "meters": [
+            {
+                **TOKENS,
+                "group_by": ["properties.model"],
+                "filters": [{"property": "properties.model", "operator": "neq", "value": "skip"}],
+            }
+        ]
+    }
 )
 GROUPED_METER = GROUPED.by_name("tokens")
 VERSION = itertools.count(1)
@@ -173,7 +165,7 @@ def worker_batch(ch: ClickHouse, verifier: verification.Verifier, batch: list[Us
     meter_windows, then it tells the verifier what it inserted."""
     insert_record(ch, batch)
     deltas = contributions(GROUPED, batch).states
-    truth = record_states(ch, GROUPED, GROUPED_METER, START, END)
+    truth = read_record(ch, GROUPED, GROUPED_METER, START, END).states
     store_windows(ch, {k: truth[k] for k in deltas})
     verifier.record_changed(batch, deltas, set())
 
@@ -207,7 +199,7 @@ def test_rounds_merge_what_was_told_and_reread_only_what_differs(
     def verify() -> dict[str, Decimal]:
         _, totals = asyncio.run(verifier.verify(GROUPED_METER, "2026-09", START, END))
         assert totals == customer_totals(
-            GROUPED_METER, record_states(ch, GROUPED, GROUPED_METER, START, END)
+            GROUPED_METER, read_record(ch, GROUPED, GROUPED_METER, START, END).states
         )
         return totals
 
@@ -251,7 +243,7 @@ def test_rounds_merge_what_was_told_and_reread_only_what_differs(
 
     # 4. A stored window that went wrong on a changed day is found and repaired.
     reads.clear()
-    truth = record_states(ch, GROUPED, GROUPED_METER, START, END)
+    truth = read_record(ch, GROUPED, GROUPED_METER, START, END).states
     key = next(k for k in truth if k.customer_id == "c0" and k.window_start_ms == START + HOUR)
     store_windows(ch, {key: WindowState(event_count=truth[key].event_count, value=Decimal(-1))})
     worker_batch(ch, verifier, [chat("c0", "n7", START + 4 * HOUR, 1)])

@@ -174,13 +174,3 @@ def test_batches_with_duplicates_equal_recompute_from_the_record(
         agg = aggregator_for(METERS.by_name(key.meter).aggregation)
         assert agg.result(state[key]) == agg.result(s)  # type: ignore[arg-type]
         assert state[key].event_count == s.event_count  # type: ignore[attr-defined]
-
-
-def test_missing_ranges_before_and_inside_a_batch() -> None:
-    from meterstream.worker.gaps import missing_ranges
-
-    assert missing_ranges([10, 11, 12], expected=10) == []
-    assert missing_ranges([13, 14], expected=10) == [(10, 13)]
-    assert missing_ranges([10, 12, 13, 17], expected=10) == [(11, 12), (14, 17)]
-    assert missing_ranges([5, 6, 10], expected=8) == [(8, 10)]  # 5, 6: redelivered
-    assert missing_ranges([3, 4], expected=None) == []
