@@ -588,7 +588,7 @@ class MetersConfig(BaseModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> MetersConfig:
-        problems = _duplicate_names([m.name for m in self.meters])
+        problems = duplicate_names([m.name for m in self.meters])
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -623,7 +623,10 @@ class MetersConfig(BaseModel):
         return self._by_name[name]
 
 
-def _duplicate_names(names: list[Any]) -> list[str]:
+def duplicate_names(names: list[Any], items: str = "meters", item: str = "meter") -> list[str]:
+    """A problem line for each name of ``names`` (the ``name`` field of each of the
+    document's ``items``) that an earlier one already had; names that are not strings
+    are someone else's problem."""
     first: dict[str, int] = {}
     problems = []
     for i, name in enumerate(names):
@@ -631,7 +634,7 @@ def _duplicate_names(names: list[Any]) -> list[str]:
             continue
         if name in first:
             problems.append(
-                f"meters[{i}].name: duplicate meter name {name!r} (also meters[{first[name]}])"
+                f"{items}[{i}].name: duplicate {item} name {name!r} (also {items}[{first[name]}])"
             )
         else:
             first[name] = i
@@ -722,7 +725,7 @@ def parse_meters(doc: Any, source: str = "meters") -> MetersConfig:
                 except ValidationError as exc:
                     problems += _problems(exc, f"meters[{i}]")
             names = [item.get("name") if isinstance(item, dict) else None for item in items]
-            problems += _duplicate_names(names)
+            problems += duplicate_names(names)
     if problems:
         raise ConfigError(problems, source=source)
     return MetersConfig(meters=tuple(meters))

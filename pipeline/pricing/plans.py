@@ -68,6 +68,7 @@ from pydantic import (
 )
 
 from meterstream.errors import ConfigError
+from meterstream.meters.config import duplicate_names, yaml_load_exact
 from meterstream.pricing.money import ZERO, Currency, currency, plain, stripe_decimal_places
 from meterstream.pricing.prices import (
     MAX_BOUND,
@@ -386,7 +387,7 @@ class PlansConfig(BaseModel):
 
     @model_validator(mode="after")
     def _names(self) -> PlansConfig:
-        problems = _duplicate_names([p.name for p in self.plans])
+        problems = duplicate_names([p.name for p in self.plans], "plans", "plan")
         if self.default_plan is not None and self.default_plan not in self._by_name:
             problems.append(f"default_plan: no plan named {self.default_plan!r}")
         if problems:
@@ -416,48 +417,7 @@ class PlansConfig(BaseModel):
         )
 
 
-def _duplicate_names(names: list[Any]) -> list[str]:
-    first: dict[str, int] = {}
-    problems = []
-    for i, name in enumerate(names):
-        if not isinstance(name, str):
-            continue
-        if name in first:
-            problems.append(
-                f"plans[{i}].name: duplicate plan name {name!r} (also plans[{first[name]}])"
-            )
-        else:
-            first[name] = i
-    return problems
-
-
 # -- loading -------------------------------------------------------------------------
-
-
-class _ExactLoader(yaml.SafeLoader):
-    """SafeLoader with exact Decimal numbers and YAML 1.2 booleans (true/false only)."""
-
-
-def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Decimal:
-    text = str(loader.construct_scalar(node)).replace("_", "")
-    if _NUMERIC.fullmatch(text):
-        return Decimal(text)
-    return Decimal(repr(loader.construct_yaml_float(node)))  # .inf, .nan
-
-
-_ExactLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_ExactLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-_ExactLoader.add_implicit_resolver(  # YAML 1.2 also reads 1e3 (no dot) as a number
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-_ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
 
 _MESSAGES = {
     "missing": "required",
@@ -517,7 +477,7 @@ def parse_plans(doc: Any, source: str = "plans", meters: MeterNames | None = Non
                 except ValidationError as exc:
                     problems += _problems(exc, f"plans[{i}]")
             names = [item.get("name") if isinstance(item, dict) else None for item in items]
-            problems += _duplicate_names(names)
+            problems += duplicate_names(names, "plans", "plan")
             default_plan = doc.get("default_plan")
             if default_plan is not None:
                 try:
@@ -558,7 +518,7 @@ def load_plans(path: str | Path, meters: MeterNames | None = None) -> PlansConfi
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read file: {exc}"], source=source) from None
     try:
-        doc = yaml.load(text, Loader=_ExactLoader)  # a SafeLoader subclass: safe
+        doc = yaml_load_exact(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
