@@ -114,16 +114,9 @@ def compare(
         have = stored.get(key)
         if have is None and count == 0:
             continue
-        if have is None or have[0] != value or have[1] != count:
-            diffs.append(
-                Difference(
-                    key,
-                    have[0] if have else None,
-                    have[1] if have else None,
-                    value,
-                    count,
-                )
-            )
+        if have is None or have != (value, count):
+            stored_value, stored_count = have if have is not None else (None, None)
+            diffs.append(Difference(key, stored_value, stored_count, value, count))
     return diffs
 
 
