@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -58,26 +59,23 @@ def stripe_client(settings: Settings) -> StripeMeterClient:
     )
 
 
+@dataclass(eq=False)
 class Delivery:
     """The forwarder's side of Stripe: one thread for every call, the Stripe meters
     known to exist, and the delivery of ledger rows."""
 
-    def __init__(
-        self,
-        chio: ClickHouseIO,
-        metrics: Metrics,
-        client: StripeMeterClient,
-        transport: Transport,
-        publish_error: PublishError | None = None,
-    ) -> None:
-        self.chio = chio
-        self.metrics = metrics
-        self.client = client
-        self.transport: Transport = transport
-        self.publish_error = publish_error
-        self.stalled = False  # a delivery stopped at a retryable failure this round
-        self._meter_ready: set[str] = set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stripe")
+    chio: ClickHouseIO
+    metrics: Metrics
+    client: StripeMeterClient
+    transport: Transport
+    publish_error: PublishError | None = None
+    # a delivery stopped at a retryable failure this round
+    stalled: bool = field(default=False, init=False)
+    _meter_ready: set[str] = field(default_factory=set, init=False)
+    _executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="stripe"),
+        init=False,
+    )
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the one thread that talks to Stripe."""
