@@ -202,17 +202,7 @@ def fold(
                 value = m.extract(event)
             except InvalidValue as exc:
                 if live is not None:
-                    live.invalid_windows.add(key)
-                    live.rejections.append(
-                        Rejection(
-                            Reason.INVALID_VALUE,
-                            str(exc),
-                            event.to_json().encode(),
-                            event.customer_id,
-                            event.idempotency_key,
-                            meter=m.name,
-                        )
-                    )
+                    _invalid_value(live, m, event, key, exc)
                 continue
             ts, ikey = event.timestamp_ms, event.idempotency_key
             if wanted is None or key in wanted:
@@ -233,6 +223,24 @@ def fold(
                 if bottom is None or value < bottom:  # type: ignore[operator]
                     low[name] = value  # type: ignore[assignment]
     return states
+
+
+def _invalid_value(
+    live: Contributions, meter: Meter, event: UsageEvent, key: WindowKey, exc: InvalidValue
+) -> None:
+    """A fresh event's value ``meter`` cannot read: dead-lettered ``invalid_value``
+    naming the meter (the event still counts for its other meters)."""
+    live.invalid_windows.add(key)
+    live.rejections.append(
+        Rejection(
+            Reason.INVALID_VALUE,
+            str(exc),
+            event.to_json().encode(),
+            event.customer_id,
+            event.idempotency_key,
+            meter=meter.name,
+        )
+    )
 
 
 def enforce_limits(
