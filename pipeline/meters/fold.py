@@ -169,8 +169,13 @@ def fold(
     ``invalid_value`` rejections and their windows, and each sum meter's greatest and
     least value (the bound of :func:`enforce_limits`).
     """
-    aggs = meters.aggregators
+    aggs, for_event_name = meters.aggregators, meters.for_event_name
     states = {} if wanted is None else {key: aggs[key.meter].start() for key in wanted}
+    counted_by = None if live is None else live.counted_by
+    high: dict[str, Decimal] | None = None  # live: each sum meter's greatest value
+    low: dict[str, Decimal] = {}  # and least
+    if live is not None:
+        high, low = live.sum_high, live.sum_low
     counted: list[str] | None = None
     for event in events:
         refused = event.refused_meters
@@ -178,10 +183,10 @@ def fold(
             continue
         if exclude and DedupKey.of(event) in exclude:
             continue
-        if live is not None:
-            counted = live.counted_by[DedupKey.of(event)] = []
+        if counted_by is not None:
+            counted = counted_by[DedupKey.of(event)] = []
         if meter is None:
-            candidates = meters.for_event_name(event.event_name)
+            candidates = for_event_name(event.event_name)
         else:
             candidates = (meter,) if event.event_name == meter.event_name else ()
         for m in candidates:
@@ -189,14 +194,17 @@ def fold(
                 continue
             key = window_key(m, event)
             tkey = None
-            if wanted is not None:
-                tkey = total_key(key) if m.guards_customer_total else None
-                if key not in wanted and (tkey is None or tkey not in wanted):
+            if wanted is not None and m.guards_customer_total:
+                tkey = total_key(key)
+                if key not in wanted and tkey not in wanted:
                     continue
-            agg = aggs[m.name]
+            elif wanted is not None and key not in wanted:
+                continue
+            name = m.name
+            agg = aggs[name]
             if empty_windows and key not in states:
                 states[key] = agg.start()
-            if refused and m.name in refused:
+            if refused and name in refused:
                 continue
             try:
                 value = m.extract(event)
@@ -204,18 +212,20 @@ def fold(
                 if live is not None:
                     _invalid_value(live, m, event, key, exc)
                 continue
-            ts, ikey = event.timestamp_ms, event.idempotency_key
-            if wanted is None or key in wanted:
+            if tkey is None:  # the window alone (live, read, or a rebuild's window)
                 state = states.get(key)
                 if state is None:
                     state = states[key] = agg.start()
-                states[key] = agg.add(state, value, ts, ikey)
-            if tkey is not None and tkey in wanted:  # type: ignore[operator]
-                states[tkey] = agg.add(states[tkey], value, ts, ikey)
+                states[key] = agg.add(state, value, event.timestamp_ms, event.idempotency_key)
+            else:  # a rebuild of a window and/or its customer total
+                for target in (key, tkey):
+                    if target in wanted:  # type: ignore[operator]
+                        states[target] = agg.add(
+                            states[target], value, event.timestamp_ms, event.idempotency_key
+                        )
             if counted is not None:
-                counted.append(m.name)
-            if live is not None and agg.kind == "sum":  # a Decimal: enforce_limits' bound
-                high, low, name = live.sum_high, live.sum_low, m.name
+                counted.append(name)
+            if high is not None and agg.kind == "sum":  # a Decimal: enforce_limits' bound
                 top = high.get(name)
                 if top is None or value > top:  # type: ignore[operator]
                     high[name] = value  # type: ignore[assignment]
