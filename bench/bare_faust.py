@@ -6,7 +6,8 @@ Run as a subprocess with the worker's environment (``METERSTREAM_*``):
     python -m bench.bare_faust RESULT_JSON EXPECTED_RECORDS
 
 The app is built with exactly the arguments ``meterstream.worker.app.create_app`` passes
-to ``faust.App`` (captured by calling it with ``faust.App`` patched), so a
+to ``faust.App`` (captured by calling it with ``faust.App`` patched), and its source
+topic is declared as the worker declares it (``usage_events_topic``), so a
 setting that raises Faust's ceiling raises this number and the pipeline's
 alike. The agent reads batches the way the worker does (``take_batches``, the
 pipeline's batch size, timeout and backlog rule; the worker's garbage-collector
@@ -27,6 +28,12 @@ from unittest import mock
 import faust
 import orjson
 
+from meterstream.cli.worker import tune_gc
+from meterstream.settings import load_settings
+from meterstream.worker import app as pipeline_app
+from meterstream.worker.batching import broker_backlog, take_batches
+from meterstream.worker.raw_topics import usage_events_topic
+
 
 class _Captured(Exception):
     pass
@@ -34,7 +41,6 @@ class _Captured(Exception):
 
 def pipeline_app_arguments(settings: Any, bootstrap: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The (args, kwargs) meterstream.worker.app.create_app gives faust.App for these settings."""
-    from meterstream.worker import app as pipeline_app
 
     def capture(*args: Any, **kwargs: Any) -> None:
         raise _Captured(args, kwargs)
@@ -66,24 +72,12 @@ def guarantee_of(settings: Any) -> str:
 
 
 def main(result_path: str, expected: int) -> None:
-    from meterstream.cli.worker import tune_gc
-    from meterstream.settings import load_settings
-    from meterstream.topics import USAGE_EVENTS
-    from meterstream.worker.batching import broker_backlog, take_batches
-
     settings = load_settings()
     bootstrap = settings.kafka_bootstrap_servers or ""
     (settings.store_path or settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)
     args, kwargs = pipeline_app_arguments(settings, bootstrap)
     app = faust.App(*args, **kwargs)
-    source = app.topic(
-        settings.topic(USAGE_EVENTS.name),
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=settings.partitions,
-    )
+    source = usage_events_topic(app, settings)  # the worker's own declaration
     state: dict[str, Any] = {"n": 0, "batches": 0, "first": None, "last": None, "done": False}
     batch_size, within = settings.clickhouse_flush_rows, settings.clickhouse_flush_seconds
 

@@ -262,7 +262,7 @@ def measure_pipeline(worker: Worker, load: Load, profile: Path | None) -> dict[s
         0
     ]["t"]
     first = int(first_ms) / 1000
-    # ingested_at is the batch's receive time (pipeline/worker/app.py); if that ever
+    # ingested_at is the batch's receive time (pipeline/worker/batch.py); if that ever
     # changes meaning, fall back to the first completed batch (an underestimate
     # of the span, so an overestimate of the rate: flagged in the results).
     source = "min(usage_events.ingested_at) = first batch received"

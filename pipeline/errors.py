@@ -1,8 +1,10 @@
 """Every exception meterstream raises, under one root.
 
-A bad *event* is never an exception: it is a :class:`meterstream.events.Rejection`
-(data, dead-lettered with a reason). Exceptions here are for bad configuration
-and broken dependencies, which stop the worker loudly.
+A bad *event* is never an exception that leaves the worker: it is a
+:class:`meterstream.events.Rejection` (data, dead-lettered with a reason); the
+:class:`BadInput` exceptions are raised and caught where data is read, to become one.
+The others are for bad configuration and broken dependencies, which stop the worker
+loudly.
 """
 
 from __future__ import annotations
@@ -20,6 +22,25 @@ class ConfigError(MeterstreamError):
         self.source = source
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{source} has {len(self.problems)} problem(s):\n{lines}")
+
+
+class BadInput(MeterstreamError):
+    """Bad data, not bad configuration or a broken dependency: whoever reads it turns it
+    into a rejection (a bad event is dead-lettered with a reason) and goes on; it never
+    stops the worker."""
+
+
+class InvalidValue(BadInput):
+    """A meter cannot read its value from an event (``Reason.INVALID_VALUE``); the
+    worker dead-letters the event and it still counts for its other meters."""
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(detail)
+
+
+class BadRecord(BadInput):
+    """A ``customers`` topic record that is neither a mapping nor a tombstone."""
 
 
 class PricingError(MeterstreamError):
@@ -86,18 +107,6 @@ class CreditsError(MeterstreamError):
 
 class WebhookSignatureError(CreditsError):
     """A webhook's signature header is missing, malformed, outside the tolerance or wrong."""
-
-
-class InvalidValue(MeterstreamError):
-    """A meter cannot read its value from an event; the worker dead-letters the event.
-
-    Data, not a failure: it is caught where a meter reads the event
-    (``Reason.INVALID_VALUE``) and never stops the worker.
-    """
-
-    def __init__(self, detail: str) -> None:
-        self.detail = detail
-        super().__init__(detail)
 
 
 class MalformedBody(MeterstreamError, ValueError):

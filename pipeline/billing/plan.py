@@ -1,5 +1,5 @@
 """The billing plan, pure: what to send to Stripe for a period, and how Stripe's
-totals are compared with ours. No I/O; pipeline/billing/forwarding.py does the sending.
+totals are compared with ours. No I/O; pipeline/billing/deliver.py does the sending.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from meterstream.meters.aggregation import WindowState, aggregator_for
 from meterstream.meters.config import Meter
 from meterstream.meters.fold import WindowKey
-from meterstream.meters.windows import month_bounds
+from meterstream.meters.windows import day_of, month_bounds
 from meterstream.sinks.stripe.ledger import LedgerRow
 from meterstream.sinks.stripe.payloads import (
     Rounding,
@@ -55,13 +55,6 @@ def customer_totals(meter: Meter, states: Mapping[WindowKey, WindowState]) -> di
         base = merged.get(key.customer_id)
         merged[key.customer_id] = state if base is None else agg.merge(base, state)
     return {customer: agg.result(state) for customer, state in merged.items()}
-
-
-DAY_MS = 86_400_000
-
-
-def day_of(window_start_ms: int) -> int:
-    return window_start_ms - window_start_ms % DAY_MS
 
 
 @dataclass

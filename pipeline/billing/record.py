@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any, NamedTuple
 
-from meterstream.billing.plan import day_of
-from meterstream.events import ALL_METERS, UsageEvent
+from meterstream.events import UsageEvent
 from meterstream.meters.aggregation import WindowState, aggregator_for
-from meterstream.meters.config import InvalidValue, Meter, MetersConfig
-from meterstream.meters.fold import WindowKey, window_key
+from meterstream.meters.config import Meter, MetersConfig
+from meterstream.meters.fold import WindowKey, fold
+from meterstream.meters.windows import day_of
 from meterstream.sinks.clickhouse import queries, writer
 from meterstream.sinks.clickhouse.client import ClickHouse
 
@@ -42,6 +43,14 @@ class Difference:
         )
 
 
+class RecordRead(NamedTuple):
+    """A meter's windows computed from the record, and the record's events of the
+    meter's event name per (customer, UTC day start)."""
+
+    states: dict[WindowKey, WindowState]
+    days: Counter[tuple[str, int]]
+
+
 def read_record(
     ch: ClickHouse,
     meters: MetersConfig,
@@ -49,55 +58,28 @@ def read_record(
     start_ms: int,
     end_ms: int,
     customers: Sequence[str] | None = None,
-) -> tuple[dict[WindowKey, WindowState], Counter[tuple[str, int]]]:
+) -> RecordRead:
     """Every window of ``meter`` with events in [start, end), computed from the record
     (of ``customers`` only, when given), and the record's events of the meter's event
     name per (customer, UTC day), matching the meter or not.
 
-    As :func:`meterstream.meters.fold.recompute_windows`: the meters an event's record row
-    says refused it do not count it (its window is there, empty, as for a value the
-    meter cannot read), and an event set aside as unprocessable counts for none."""
-    # One pass, as recompute_windows over every window of the events (a window whose
-    # values a meter cannot read is there, empty): a full read of a busy period is
-    # hundreds of thousands of events, read while the worker runs.
-    agg = meters.aggregators[meter.name]
-    states: dict[WindowKey, WindowState] = {}
+    The one fold (:func:`meterstream.meters.fold.fold`), as a rebuild: the meters an
+    event's record row says refused it do not count it (its window is there, empty, as
+    for a value the meter cannot read), and an event set aside as unprocessable counts
+    for none."""
+    # One pass over the rows as they come (a full read of a busy period is hundreds
+    # of thousands of events, read while the worker runs), counted per day on the way.
     days: Counter[tuple[str, int]] = Counter()
-    matches, extract, name = meter.matches, meter.extract, meter.name
-    for row in queries.events_in_range(ch, customers, [meter.event_name], start_ms, end_ms):
-        event = UsageEvent(**row)
-        ts = event.timestamp_ms
-        days[(event.customer_id, day_of(ts))] += 1
-        refused = event.refused_meters
-        if refused and ALL_METERS in refused:
-            continue
-        if not matches(event):
-            continue
-        key = window_key(meter, event)
-        state = states.get(key)
-        if state is None:
-            state = states[key] = agg.start()
-        if refused and name in refused:
-            continue
-        try:
-            value = extract(event)
-        except InvalidValue:
-            continue
-        states[key] = agg.add(state, value, ts, event.idempotency_key)
-    return states, days
 
+    def counted_per_day(rows: Iterable[dict[str, Any]]) -> Iterator[UsageEvent]:
+        for row in rows:
+            event = UsageEvent(**row)
+            days[(event.customer_id, day_of(event.timestamp_ms))] += 1
+            yield event
 
-def record_states(
-    ch: ClickHouse,
-    meters: MetersConfig,
-    meter: Meter,
-    start_ms: int,
-    end_ms: int,
-    customers: Sequence[str] | None = None,
-) -> dict[WindowKey, WindowState]:
-    """Every window of ``meter`` with events in [start, end), computed from the record
-    (of ``customers`` only, when given)."""
-    return read_record(ch, meters, meter, start_ms, end_ms, customers)[0]
+    rows = queries.events_in_range(ch, customers, [meter.event_name], start_ms, end_ms)
+    states = fold(meters, counted_per_day(rows), meter=meter, empty_windows=True)
+    return RecordRead(states, days)
 
 
 def stored_states(
@@ -132,16 +114,9 @@ def compare(
         have = stored.get(key)
         if have is None and count == 0:
             continue
-        if have is None or have[0] != value or have[1] != count:
-            diffs.append(
-                Difference(
-                    key,
-                    have[0] if have else None,
-                    have[1] if have else None,
-                    value,
-                    count,
-                )
-            )
+        if have is None or have != (value, count):
+            stored_value, stored_count = have if have is not None else (None, None)
+            diffs.append(Difference(key, stored_value, stored_count, value, count))
     return diffs
 
 

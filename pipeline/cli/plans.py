@@ -265,7 +265,7 @@ def cmd_invoice_preview(args: argparse.Namespace) -> int:
 
 def cmd_create_prices(args: argparse.Namespace) -> int:
     """Create the plan's products and prices on Stripe; what exists already is kept."""
-    from meterstream.billing.forwarding import stripe_client
+    from meterstream.billing.deliver import stripe_client
     from meterstream.meters.config import load_meters, meters_path
     from meterstream.pricing.stripe_prices import plan_requests, unsupported
 

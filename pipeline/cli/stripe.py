@@ -121,7 +121,7 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
 
 
 def cmd_create_meters(args: argparse.Namespace) -> int:
-    from meterstream.billing.forwarding import stripe_client
+    from meterstream.billing.deliver import stripe_client
 
     settings = settings_from(args)
     meters = load_meters(meters_path(settings))
@@ -162,7 +162,8 @@ def cmd_create_meters(args: argparse.Namespace) -> int:
 
 def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
     """A Forwarder over a direct ClickHouse connection (no worker is running)."""
-    from meterstream.billing.forwarding import Forwarder, error_message, stripe_client
+    from meterstream.billing.deliver import error_message, stripe_client
+    from meterstream.billing.forwarding import Forwarder
     from meterstream.sinks.clickhouse.calls import ClickHouseIO
     from meterstream.sinks.clickhouse.client import open_clickhouse
     from meterstream.sinks.clickhouse.migrate import migrate
@@ -233,7 +234,7 @@ def _through_forwarder(
 
 def cmd_retry(args: argparse.Namespace) -> int:
     def retry(forwarder: Any) -> list[Any]:
-        from meterstream.billing.forwarding import row_summary  # the Stripe SDK: see main
+        from meterstream.billing.deliver import row_summary  # the Stripe SDK: see main
 
         return [row_summary(r) for r in asyncio.run(forwarder.retry_errors())]
 
@@ -269,7 +270,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         settings,
         (f"/v1/stripe/reconcile?{query}", None),
         "lines",
-        lambda forwarder: [d.describe() for d in asyncio.run(forwarder.reconcile(args.period))],
+        lambda forwarder: [
+            d.describe() for d in asyncio.run(forwarder.compare_with_stripe(args.period))
+        ],
     )
     for line in lines:
         print(line)

@@ -11,7 +11,7 @@ counted, that is work whose answer is known. Why the shortcut is exact (the
 argument the worker relies on, next to :class:`RecordCoverage`'s):
 
 * **Table ⊆ meter_windows.** A window key is written to the windows table only
-  after the batch's ``meter_windows`` insert returned (pipeline/worker/app.py, steps 2
+  after the batch's ``meter_windows`` insert returned (pipeline/worker/batch.py, steps 2
   then 3), and recovery restores only keys written that way. So ``T`` (table keys
   of customer ``c`` with window start >= ``cutoff``, counted by one scan when the
   coverage is built plus every new key this worker writes since) is a subset of
@@ -57,7 +57,7 @@ class RecordCoverage:
     Why this is safe (the argument the worker relies on):
 
     * **Table ⊆ record.** A dedup key is written only after the batch's record
-      insert returned (pipeline/worker/app.py, steps 1 then 3), with its event's
+      insert returned (pipeline/worker/batch.py, steps 1 then 3), with its event's
       timestamp; changelog recovery only restores keys written that way. So every
       table key of a customer is a record key of that customer, same timestamp.
     * **The check.** At the start of a batch (batches are processed one after

@@ -1,6 +1,6 @@
 """What one batch of records does, as pure functions (no Kafka, no ClickHouse).
 
-The Faust agent (pipeline/worker/app.py) calls these in order:
+A batch of the worker (pipeline/worker/batch.py) calls these in order:
 
 1. :func:`~meterstream.dedup.resolve.decode_batch` - every record becomes a
    ``UsageEvent`` or a ``Rejection`` (pipeline/dedup/resolve.py).
@@ -43,9 +43,10 @@ from typing import Final, NamedTuple
 import orjson
 
 from meterstream.dedup.key import DedupKey, json_key
+from meterstream.errors import InvalidValue
 from meterstream.events import ALL_METERS, Reason, Rejection, UsageEvent
 from meterstream.meters.aggregation import EXACT, WindowState
-from meterstream.meters.config import InvalidValue, Meter, MetersConfig
+from meterstream.meters.config import Meter, MetersConfig
 
 ALL_GROUPS: Final = "*"
 """The ``group_key`` of a customer-total key: the customer's window total over every
@@ -127,50 +128,129 @@ class Contributions:
 
 def contributions(meters: MetersConfig, events: Iterable[UsageEvent]) -> Contributions:
     """Partial window states from ``events``, the invalid_value rejections, and
-    the meters that counted each event (empty: it matched no meter).
+    the meters that counted each event (empty: it matched no meter): :func:`fold`
+    of the live batch.
 
     Range decisions on running totals need the windows' states before the batch:
     they are taken afterwards by :func:`enforce_limits`, which also adds the
     customer-total keys."""
     out = Contributions()
-    states, counted_by, aggs = out.states, out.counted_by, meters.aggregators
-    high, low = out.sum_high, out.sum_low
+    out.states = fold(meters, events, live=out)
+    return out
+
+
+def fold(
+    meters: MetersConfig,
+    events: Iterable[UsageEvent],
+    *,
+    wanted: Collection[WindowKey] | None = None,
+    meter: Meter | None = None,
+    exclude: Collection[DedupKey] = (),
+    empty_windows: bool = False,
+    live: Contributions | None = None,
+) -> dict[WindowKey, WindowState]:
+    """The fold of events into window states: the one place that says which event
+    counts for which window, used by the live batch (:func:`contributions`), the
+    rebuild from the record (:func:`recompute_windows`) and the record's read for
+    verification and ``meterstream reconcile`` (pipeline/billing/record.py).
+
+    Every event counts, for every meter it matches, in that meter's window, except:
+    an event set aside as unprocessable (``refused_meters`` holds ``*``), the meters
+    its record row says refused it, a value the meter cannot read (dead-lettered
+    ``invalid_value`` when first seen), and the events of ``exclude`` (a batch being
+    isolated: events it inserted that are not yet counted). Fresh events carry no
+    refusals (a producer never sets them), so the live batch counts them all.
+
+    ``wanted``: only these windows and customer-total keys (each one there, empty
+    when nothing counts for it), every other window ignored. ``meter``: only this
+    meter's windows. ``empty_windows``: a window an event matches is there even when
+    the event's value does not count (refused, or unreadable). ``live``: the batch's
+    other outcomes, collected as it folds: the meters that counted each event, the
+    ``invalid_value`` rejections and their windows, and each sum meter's greatest and
+    least value (the bound of :func:`enforce_limits`).
+    """
+    aggs, for_event_name = meters.aggregators, meters.for_event_name
+    states = {} if wanted is None else {key: aggs[key.meter].start() for key in wanted}
+    counted_by = None if live is None else live.counted_by
+    high: dict[str, Decimal] | None = None  # live: each sum meter's greatest value
+    low: dict[str, Decimal] = {}  # and least
+    if live is not None:
+        high, low = live.sum_high, live.sum_low
+    counted: list[str] | None = None
     for event in events:
-        counted = counted_by[DedupKey.of(event)] = []
-        for meter in meters.for_event_name(event.event_name):
-            if not meter.matches(event):
+        refused = event.refused_meters
+        if refused and ALL_METERS in refused:
+            continue
+        if exclude and DedupKey.of(event) in exclude:
+            continue
+        if counted_by is not None:
+            counted = counted_by[DedupKey.of(event)] = []
+        if meter is None:
+            candidates = for_event_name(event.event_name)
+        else:
+            candidates = (meter,) if event.event_name == meter.event_name else ()
+        for m in candidates:
+            if not m.matches(event):
                 continue
-            key = window_key(meter, event)
+            key = window_key(m, event)
+            tkey = None
+            if wanted is not None and m.guards_customer_total:
+                tkey = total_key(key)
+                if key not in wanted and tkey not in wanted:
+                    continue
+            elif wanted is not None and key not in wanted:
+                continue
+            name = m.name
+            agg = aggs[name]
+            if empty_windows and key not in states:
+                states[key] = agg.start()
+            if refused and name in refused:
+                continue
             try:
-                value = meter.extract(event)
+                value = m.extract(event)
             except InvalidValue as exc:
-                out.invalid_windows.add(key)
-                out.rejections.append(
-                    Rejection(
-                        Reason.INVALID_VALUE,
-                        str(exc),
-                        event.to_json().encode(),
-                        event.customer_id,
-                        event.idempotency_key,
-                        meter=meter.name,
-                    )
-                )
+                if live is not None:
+                    _invalid_value(live, m, event, key, exc)
                 continue
-            agg = aggs[meter.name]
-            state = states.get(key)
-            if state is None:
-                state = states[key] = agg.start()
-            states[key] = agg.add(state, value, event.timestamp_ms, event.idempotency_key)
-            counted.append(meter.name)
-            if agg.kind == "sum":  # the value is a Decimal: the bound of enforce_limits
-                name = meter.name
+            if tkey is None:  # the window alone (live, read, or a rebuild's window)
+                state = states.get(key)
+                if state is None:
+                    state = states[key] = agg.start()
+                states[key] = agg.add(state, value, event.timestamp_ms, event.idempotency_key)
+            else:  # a rebuild of a window and/or its customer total
+                for target in (key, tkey):
+                    if target in wanted:  # type: ignore[operator]
+                        states[target] = agg.add(
+                            states[target], value, event.timestamp_ms, event.idempotency_key
+                        )
+            if counted is not None:
+                counted.append(name)
+            if high is not None and agg.kind == "sum":  # a Decimal: enforce_limits' bound
                 top = high.get(name)
                 if top is None or value > top:  # type: ignore[operator]
                     high[name] = value  # type: ignore[assignment]
                 bottom = low.get(name)
                 if bottom is None or value < bottom:  # type: ignore[operator]
                     low[name] = value  # type: ignore[assignment]
-    return out
+    return states
+
+
+def _invalid_value(
+    live: Contributions, meter: Meter, event: UsageEvent, key: WindowKey, exc: InvalidValue
+) -> None:
+    """A fresh event's value ``meter`` cannot read: dead-lettered ``invalid_value``
+    naming the meter (the event still counts for its other meters)."""
+    live.invalid_windows.add(key)
+    live.rejections.append(
+        Rejection(
+            Reason.INVALID_VALUE,
+            str(exc),
+            event.to_json().encode(),
+            event.customer_id,
+            event.idempotency_key,
+            meter=meter.name,
+        )
+    )
 
 
 def enforce_limits(
@@ -351,7 +431,7 @@ def recompute_windows(
     exclude: Collection[DedupKey] = (),
 ) -> dict[WindowKey, WindowState]:
     """Exact states of ``keys`` (windows and customer-total keys) from the record's
-    events (the source of truth).
+    events (the source of truth): :func:`fold` of the record.
 
     ``record`` must hold every recorded event of those windows; events of other
     windows are ignored. Values a meter cannot read are skipped, as they were
@@ -360,35 +440,7 @@ def recompute_windows(
     events of ``exclude`` (a batch being isolated: events it inserted that are not
     yet counted).
     """
-    wanted = set(keys)
-    aggs = meters.aggregators
-    states = {key: aggs[key.meter].start() for key in wanted}
-    for event in record:
-        refused = event.refused_meters
-        if refused and ALL_METERS in refused:
-            continue
-        if exclude and DedupKey.of(event) in exclude:
-            continue
-        for meter in meters.for_event_name(event.event_name):
-            if refused and meter.name in refused:
-                continue
-            if not meter.matches(event):
-                continue
-            key = window_key(meter, event)
-            tkey = total_key(key) if meter.guards_customer_total else None
-            if key not in wanted and (tkey is None or tkey not in wanted):
-                continue
-            try:
-                value = meter.extract(event)
-            except InvalidValue:
-                continue
-            agg = aggs[meter.name]
-            for target in (key, tkey):
-                if target is not None and target in wanted:
-                    states[target] = agg.add(
-                        states[target], value, event.timestamp_ms, event.idempotency_key
-                    )
-    return states
+    return fold(meters, record, wanted=set(keys), exclude=exclude)
 
 
 def merge_into(

@@ -30,6 +30,11 @@ def window_bounds(window: str, ts_ms: int) -> tuple[int, int]:
     return start, start + size
 
 
+def day_of(ts_ms: int) -> int:
+    """The start of the UTC day holding ``ts_ms``."""
+    return ts_ms - ts_ms % DAY_MS
+
+
 def _month_start_ms(year: int, month: int) -> int:
     return (datetime(year, month, 1, tzinfo=UTC) - EPOCH) // timedelta(milliseconds=1)
 

@@ -1,6 +1,6 @@
 """The Stripe forwarder's Faust install: a timer on the worker that forwards the customers
 of its own partitions, the ``customers`` topic follower and the ``stripe-errors`` topic.
-What it forwards, and how, is pipeline/billing/forwarding.py.
+What it forwards, and how, is pipeline/billing/ (forwarding.py: verify -> plan -> deliver).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any
 import faust
 
 from meterstream.billing.customers import MappingStore
-from meterstream.billing.forwarding import Forwarder, error_message, stripe_client
+from meterstream.billing.deliver import error_message, stripe_client
+from meterstream.billing.forwarding import Forwarder
 from meterstream.errors import StripeError
 from meterstream.kafka import customer_partition
 from meterstream.meters.config import MetersConfig
@@ -20,7 +21,8 @@ from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.stripe.ledger import LedgerRow
 from meterstream.topics import STRIPE_ERRORS
-from meterstream.worker.app import Pipeline
+from meterstream.worker.batch import Pipeline
+from meterstream.worker.raw_topics import raw_topic
 
 log = logging.getLogger("meterstream.stripe")
 
@@ -45,13 +47,7 @@ def install_forwarder(
         return None
     source = settings.topic("usage-events")
     follower = mappings or MappingStore(settings, chio, settings.kafka_bootstrap_servers or "")
-    errors_topic = app.topic(
-        settings.topic(STRIPE_ERRORS.name),
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
+    errors_topic = raw_topic(app, settings.topic(STRIPE_ERRORS.name))
 
     def owns(customer: str) -> bool:
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == source}
@@ -75,11 +71,11 @@ def install_forwarder(
         publish_refusal=publish_refusal,
     )
     if pipeline is not None:
-        forwarder.track_changes(pipeline.record_lock)
-        pipeline.record_listeners.append(forwarder.record_changed)
+        forwarder.verifier.track_changes(pipeline.record_lock)
+        pipeline.record_listeners.append(forwarder.verifier.record_changed)
 
         def on_rebalance(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-            forwarder.invalidate()
+            forwarder.verifier.invalidate()
             metrics.stripe_arrivals.clear()
 
         app.on_partitions_revoked.connect(on_rebalance)

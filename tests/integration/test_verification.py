@@ -19,17 +19,15 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-import yaml
 
-import meterstream.billing.forwarding as forwarding
+import meterstream.billing.verify as verification
 from meterstream.billing.plan import customer_totals
-from meterstream.billing.record import read_record, reconcile_meter, record_states
+from meterstream.billing.record import read_record, reconcile_meter
 from meterstream.events import UsageEvent
 from meterstream.meters.aggregation import WindowState
 from meterstream.meters.config import parse_meters
 from meterstream.meters.fold import WindowKey, contributions, recompute_windows, windows_of
 from meterstream.metrics import Metrics
-from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.clickhouse.migrate import migrate
@@ -43,7 +41,6 @@ from meterstream.sinks.clickhouse.writer import (
     usage_event_row,
 )
 from tests.integration.clickhouse_fixtures import *  # noqa: F403
-from tests.support.meters import BY_MODEL, meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
@@ -51,11 +48,16 @@ HOUR = 3_600_000
 DAY = 24 * HOUR
 START = 1_790_000_000_000 // DAY * DAY  # a UTC midnight
 END = START + 3 * DAY
-TOKENS_STRIPE = stripe("tokens", "interval: 30s")
-TOKENS = meter_entry(
-    "tokens", "chat", "sum", "properties.tokens", window="hour", stripe=TOKENS_STRIPE
-)
-METERS = parse_meters(yaml.safe_load(meters_yaml(TOKENS)))
+# the hourly Stripe meter of these tests: plain (METERS) and by model (GROUPED)
+TOKENS = {
+    "name": "tokens",
+    "event_name": "chat",
+    "aggregation": "sum",
+    "value": "properties.tokens",
+    "window": "hour",
+    "stripe": {"event_name": "tokens", "interval": "30s"},
+}
+METERS = parse_meters({"meters": [TOKENS]})
 METER = METERS.by_name("tokens")
 CUSTOMERS = [f"c{i}" for i in range(5)]
 
@@ -84,29 +86,23 @@ def test_full_verification_reads_in_slices_and_misses_no_one(
     ]
     ch.insert(METER_WINDOWS, rows, column_names=list(METER_WINDOWS_COLUMNS))
 
-    monkeypatch.setattr(forwarding, "REVERIFY_CUSTOMERS_PER_CALL", 2)
-    monkeypatch.setattr(forwarding, "REVERIFY_PAUSE_FACTOR", 0.0)
-    forwarder = forwarding.Forwarder(
-        Settings(),
-        METERS,
-        ClickHouseIO(ch, Metrics()),
-        Metrics(),
-        client=None,  # type: ignore[arg-type]
-    )
-    forwarder.track_changes()
+    monkeypatch.setattr(verification, "REVERIFY_CUSTOMERS_PER_CALL", 2)
+    monkeypatch.setattr(verification, "REVERIFY_PAUSE_FACTOR", 0.0)
+    verifier = verification.Verifier(METERS, ClickHouseIO(ch, Metrics()), Metrics())
+    verifier.track_changes()
     slices: list[list[str] | None] = []
-    reconcile = forwarder._reconcile
+    reconcile = verifier._verify_range
 
     async def spy(meter: Any, start: int, end: int, customers: Any = None) -> Any:
         slices.append(None if customers is None else list(customers))
         return await reconcile(meter, start, end, customers)
 
-    monkeypatch.setattr(forwarder, "_reconcile", spy)
-    diffs, totals = asyncio.run(forwarder._verify(METER, "2026-09", START, END))
+    monkeypatch.setattr(verifier, "_verify_range", spy)
+    diffs, totals = asyncio.run(verifier.verify(METER, "2026-09", START, END))
 
     # six customers (c9 from meter_windows only), two per read, each read once
     assert slices == [["c0", "c1"], ["c2", "c3"], ["c4", "c9"]]
-    everyone = record_states(ch, METERS, METER, START, END)
+    everyone = read_record(ch, METERS, METER, START, END).states
     assert totals == customer_totals(METER, everyone)
     assert totals["c0"] == sum(Decimal(j) for j in range(8))  # not the late event
     assert "c9" not in totals
@@ -120,14 +116,16 @@ def test_full_verification_reads_in_slices_and_misses_no_one(
 # -- after the full read: what the worker tells, checked against the record --
 
 GROUPED = parse_meters(
-    yaml.safe_load(
-        meters_yaml(
-            meter_entry("tokens", "chat", "sum", "properties.tokens", group_by=BY_MODEL,
-                        filters="[{property: properties.model, operator: neq, value: skip}]",
-                        window="hour", stripe=TOKENS_STRIPE)
-        )
-    )
-)  # fmt: skip
+    {
+        "meters": [
+            {
+                **TOKENS,
+                "group_by": ["properties.model"],
+                "filters": [{"property": "properties.model", "operator": "neq", "value": "skip"}],
+            }
+        ]
+    }
+)
 GROUPED_METER = GROUPED.by_name("tokens")
 VERSION = itertools.count(1)
 
@@ -162,14 +160,14 @@ def store_windows(ch: ClickHouse, states: dict[WindowKey, WindowState]) -> None:
     ch.insert(METER_WINDOWS, rows, column_names=list(METER_WINDOWS_COLUMNS))
 
 
-def worker_batch(ch: ClickHouse, forwarder: forwarding.Forwarder, batch: list[UsageEvent]) -> None:
+def worker_batch(ch: ClickHouse, verifier: verification.Verifier, batch: list[UsageEvent]) -> None:
     """What the worker does for a batch: the record, then its windows' new states in
-    meter_windows, then it tells the forwarder what it inserted."""
+    meter_windows, then it tells the verifier what it inserted."""
     insert_record(ch, batch)
     deltas = contributions(GROUPED, batch).states
-    truth = record_states(ch, GROUPED, GROUPED_METER, START, END)
+    truth = read_record(ch, GROUPED, GROUPED_METER, START, END).states
     store_windows(ch, {k: truth[k] for k in deltas})
-    forwarder.record_changed(batch, deltas, set())
+    verifier.record_changed(batch, deltas, set())
 
 
 def test_rounds_merge_what_was_told_and_reread_only_what_differs(
@@ -185,44 +183,38 @@ def test_rounds_merge_what_was_told_and_reread_only_what_differs(
             for j in range(10)
         ],
     )
-    monkeypatch.setattr(forwarding, "REVERIFY_PAUSE_FACTOR", 0.0)
+    monkeypatch.setattr(verification, "REVERIFY_PAUSE_FACTOR", 0.0)
     metrics = Metrics()
-    forwarder = forwarding.Forwarder(
-        Settings(),
-        GROUPED,
-        ClickHouseIO(ch, metrics),
-        metrics,
-        client=None,  # type: ignore[arg-type]
-    )
-    forwarder.track_changes()
+    verifier = verification.Verifier(GROUPED, ClickHouseIO(ch, metrics), metrics)
+    verifier.track_changes()
     reads: list[tuple[int, int, list[str] | None]] = []
-    reconcile = forwarder._reconcile
+    reconcile = verifier._verify_range
 
     async def spy(meter: Any, start: int, end: int, chosen: Any = None) -> Any:
         reads.append((start, end, None if chosen is None else list(chosen)))
         return await reconcile(meter, start, end, chosen)
 
-    monkeypatch.setattr(forwarder, "_reconcile", spy)
+    monkeypatch.setattr(verifier, "_verify_range", spy)
 
     def verify() -> dict[str, Decimal]:
-        _, totals = asyncio.run(forwarder._verify(GROUPED_METER, "2026-09", START, END))
+        _, totals = asyncio.run(verifier.verify(GROUPED_METER, "2026-09", START, END))
         assert totals == customer_totals(
-            GROUPED_METER, record_states(ch, GROUPED, GROUPED_METER, START, END)
+            GROUPED_METER, read_record(ch, GROUPED, GROUPED_METER, START, END).states
         )
         return totals
 
     # told before the full read, which reads it: it must not be merged again after
-    worker_batch(ch, forwarder, [chat("c3", "n0", START + 7 * HOUR, 3)])
+    worker_batch(ch, verifier, [chat("c3", "n0", START + 7 * HOUR, 3)])
     verify()  # the full read, which also stores every window
     assert reads == [(START, END, customers)]
     assert reconcile_meter(ch, GROUPED, GROUPED_METER, START, END, fix=False)[0] == []
 
     # 1. Told batches (a new customer, one the meter filters out, late events): no re-read.
     reads.clear()
-    worker_batch(ch, forwarder, [chat("c0", "n1", START + HOUR, 5), chat("c9", "n2", START, 7)])
+    worker_batch(ch, verifier, [chat("c0", "n1", START + HOUR, 5), chat("c9", "n2", START, 7)])
     worker_batch(
         ch,
-        forwarder,
+        verifier,
         [chat("c1", "n3", START + 2 * DAY, 11, "b"), chat("c2", "n4", START + 3, 1, "skip")],
     )
     totals = verify()
@@ -234,8 +226,8 @@ def test_rounds_merge_what_was_told_and_reread_only_what_differs(
     #    day alone is re-read, and its stored window repaired.
     reads.clear()
     insert_record(ch, [chat("c1", "untold", START + 2 * DAY + 1, 100, "b")])
-    worker_batch(ch, forwarder, [chat("c1", "n5", START + 2 * DAY + HOUR, 1)])
-    worker_batch(ch, forwarder, [chat("c3", "n6", START + DAY, 2)])
+    worker_batch(ch, verifier, [chat("c1", "n5", START + 2 * DAY + HOUR, 1)])
+    worker_batch(ch, verifier, [chat("c3", "n6", START + DAY, 2)])
     verify()
     assert reads == [(START + 2 * DAY, START + 3 * DAY, ["c1"])]
     assert reconcile_meter(ch, GROUPED, GROUPED_METER, START, END, fix=False)[0] == []
@@ -244,17 +236,17 @@ def test_rounds_merge_what_was_told_and_reread_only_what_differs(
     #    the event counts differ, the day is re-read, the key counts once.
     reads.clear()
     again = chat("c2", "kc2-3", START + 3 * 5 * HOUR + 2, 3, "b")
-    forwarder.record_changed([again], contributions(GROUPED, [again]).states, set())
+    verifier.record_changed([again], contributions(GROUPED, [again]).states, set())
     insert_record(ch, [again])
     totals = verify()
     assert reads == [(START, START + DAY, ["c2"])]
 
     # 4. A stored window that went wrong on a changed day is found and repaired.
     reads.clear()
-    truth = record_states(ch, GROUPED, GROUPED_METER, START, END)
+    truth = read_record(ch, GROUPED, GROUPED_METER, START, END).states
     key = next(k for k in truth if k.customer_id == "c0" and k.window_start_ms == START + HOUR)
     store_windows(ch, {key: WindowState(event_count=truth[key].event_count, value=Decimal(-1))})
-    worker_batch(ch, forwarder, [chat("c0", "n7", START + 4 * HOUR, 1)])
+    worker_batch(ch, verifier, [chat("c0", "n7", START + 4 * HOUR, 1)])
     verify()
     assert reads == [(START, START + DAY, ["c0"])]
     assert reconcile_meter(ch, GROUPED, GROUPED_METER, START, END, fix=False)[0] == []

@@ -44,7 +44,7 @@ class Reason(StrEnum):
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     INVALID_VALUE = "invalid_value"
     # processing the record raised (a bug or an input nobody foresaw); the worker set it
-    # aside and went on with the rest of its batch (pipeline/worker/app.py, batch isolation)
+    # aside and went on with the rest of its batch (pipeline/worker/batch.py, batch isolation)
     UNPROCESSABLE = "unprocessable"
     DUPLICATE = (
         "duplicate"  # exact duplicate: recorded in ClickHouse for analysts, not dead-lettered

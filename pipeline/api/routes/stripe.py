@@ -10,7 +10,8 @@ import time
 from faust.web import Request, Response, View
 
 from meterstream.api.http import Routes, unrestricted
-from meterstream.billing.forwarding import Forwarder, row_summary
+from meterstream.billing.deliver import row_summary
+from meterstream.billing.forwarding import Forwarder
 from meterstream.errors import StripeError
 from meterstream.meters.windows import month_bounds, period_label
 
@@ -42,7 +43,7 @@ def register(routes: Routes, stripe: Forwarder) -> None:
             except ValueError as exc:
                 return respond(self, {"error": str(exc)}, 400)
             try:
-                diffs = await stripe.reconcile(period)
+                diffs = await stripe.compare_with_stripe(period)
             except StripeError as exc:
                 return respond(self, {"error": str(exc), "code": exc.code}, 502)
             return respond(

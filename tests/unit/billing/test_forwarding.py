@@ -14,7 +14,7 @@ from meterstream.billing.plan import (
     plan_sends,
     sequence_of,
 )
-from meterstream.meters.config import Meter, parse_meters
+from meterstream.meters.config import Meter, parse_meters, yaml_load_exact
 from meterstream.meters.windows import month_bounds
 from meterstream.sinks.stripe.ledger import LedgerRow
 from meterstream.sinks.stripe.payloads import meter_event_identifier
@@ -31,8 +31,6 @@ meters:
     aggregation: {aggregation}{value}
     stripe: {{event_name: s, rounding: {rounding}, interval: 1s, grace: 0s}}
 """
-    from meterstream.meters.config import yaml_load_exact
-
     return parse_meters(yaml_load_exact(doc)).meters[0]
 
 

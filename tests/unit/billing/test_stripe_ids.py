@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from meterstream.billing.customers import BadRecord, decode_record
+from meterstream.billing.customers import decode_record
 from meterstream.billing.stripe_ids import Pin, Refusal, check_stripe_customer_id, resolve
+from meterstream.errors import BadRecord
 
 PROP = "properties.stripe_customer_id"
 

@@ -12,7 +12,6 @@ from decimal import Decimal
 import yaml
 
 from meterstream.billing.plan import (
-    DAY_MS,
     RecordDeltas,
     VerifiedPeriod,
     customer_totals,
@@ -22,6 +21,7 @@ from meterstream.events import UsageEvent
 from meterstream.meters.aggregation import WindowState, aggregator_for
 from meterstream.meters.config import Meter, parse_meters
 from meterstream.meters.fold import WindowKey, contributions, recompute_windows, windows_of
+from meterstream.meters.windows import DAY_MS
 
 HOUR = 3_600_000
 P0 = 1_790_000_000_000 // DAY_MS * DAY_MS
@@ -128,7 +128,7 @@ def stored_days(meter: Meter, states):  # type: ignore[no-untyped-def]
 
 
 def told(meter: Meter, deltas: RecordDeltas, batch: list[UsageEvent]) -> None:
-    """What Forwarder.record_changed does with one batch the worker inserted."""
+    """What Verifier.record_changed does with one batch the worker inserted."""
     for key, state in contributions(METERS, batch).states.items():
         if key.meter == meter.name:
             deltas.add(meter, key.customer_id, key.window_start_ms, state)

@@ -4,11 +4,10 @@ from typing import Any
 
 import pytest
 
-from meterstream.errors import ConfigError
+from meterstream.errors import ConfigError, InvalidValue
 from meterstream.events import UsageEvent, loads_exact
 from meterstream.meters.config import (
     Filter,
-    InvalidValue,
     Meter,
     MetersConfig,
     StripeBlock,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 from decimal import Decimal
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +18,7 @@ from meterstream.meters.config import parse_meters
 from meterstream.meters.fold import (
     WindowKey,
     contributions,
+    fold,
     merge_into,
     recompute_windows,
     windows_of,
@@ -176,11 +179,57 @@ def test_batches_with_duplicates_equal_recompute_from_the_record(
         assert state[key].event_count == s.event_count  # type: ignore[attr-defined]
 
 
-def test_missing_ranges_before_and_inside_a_batch() -> None:
-    from meterstream.worker.gaps import missing_ranges
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2),  # customer
+            st.sampled_from([1, 2, 7, "x", None]),  # tokens ("x", None: unreadable)
+            st.integers(0, 5),  # half hours after T0
+            st.sampled_from(["a", "b"]),  # model
+            st.sampled_from([(), ("tokens",), ("*",)]),  # what the record row refused
+        ),
+        max_size=30,
+    )
+)
+def test_the_live_batch_the_rebuild_and_the_records_read_fold_alike(
+    rows: list[tuple[int, object, int, str, tuple[str, ...]]],
+) -> None:
+    """One fold (meters/fold.fold) behind contributions, recompute_windows and the
+    record's read for verification (billing/record.read_record): the same events give
+    the same states, whichever of the three folds them."""
+    fresh = [
+        ev(f"k{i}", tokens, T0 + half * HOUR // 2, model, customer=f"c{c}")
+        for i, (c, tokens, half, model, _) in enumerate(rows)
+    ]
+    recorded = [
+        dataclasses.replace(e, refused_meters=refused)
+        for e, (*_, refused) in zip(fresh, rows, strict=True)
+    ]
 
-    assert missing_ranges([10, 11, 12], expected=10) == []
-    assert missing_ranges([13, 14], expected=10) == [(10, 13)]
-    assert missing_ranges([10, 12, 13, 17], expected=10) == [(11, 12), (14, 17)]
-    assert missing_ranges([5, 6, 10], expected=8) == [(8, 10)]  # 5, 6: redelivered
-    assert missing_ranges([3, 4], expected=None) == []
+    def dumps(states: dict[WindowKey, Any]) -> dict[WindowKey, Any]:
+        return {k: METERS.aggregators[k.meter].dump(s) for k, s in states.items()}
+
+    # live: fresh events carry no refusals; a window only its unreadable values fall in
+    # has no state (the rebuild has it, empty)
+    live = dumps(contributions(METERS, fresh).states)
+    rebuilt_fresh = dumps(recompute_windows(METERS, windows_of(METERS, fresh), fresh))
+    assert live == {k: d for k, d in rebuilt_fresh.items() if k in live}
+    assert all(rebuilt_fresh[k] == empty_of(k) for k in rebuilt_fresh.keys() - live.keys())
+
+    # the record's read, one meter at a time, against the rebuild of the same record
+    rebuilt = dumps(recompute_windows(METERS, windows_of(METERS, recorded), recorded))
+    for meter in METERS.meters:
+        read = dumps(fold(METERS, recorded, meter=meter, empty_windows=True))
+        mine = {k: d for k, d in rebuilt.items() if k.meter == meter.name}
+        assert read == {k: d for k, d in mine.items() if k in read}
+        # every window of the events not set aside ('*') is there, empty when the meter
+        # refused or could not read all its events; the others are empty in the rebuild
+        kept = [e for e in recorded if "*" not in e.refused_meters]
+        assert read.keys() == {k for k in windows_of(METERS, kept) if k.meter == meter.name}
+        assert all(mine[k] == empty_of(k) for k in mine.keys() - read.keys())
+
+
+def empty_of(key: WindowKey) -> Any:
+    agg = METERS.aggregators[key.meter]
+    return agg.dump(agg.start())

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 from meterstream.billing.plan import fits_ledger, plan_sends
 from meterstream.dedup.key import DedupKey
+from meterstream.errors import InvalidValue
 from meterstream.events import ALL_METERS, Reason, UsageEvent, content_fingerprint
 from meterstream.meters.aggregation import WindowState, aggregator_for
-from meterstream.meters.config import COLUMN_LIMITS, STRIPE_LIMITS, InvalidValue, parse_meters
+from meterstream.meters.config import COLUMN_LIMITS, STRIPE_LIMITS, parse_meters
 from meterstream.meters.fold import (
     ALL_GROUPS,
     WindowKey,
@@ -27,6 +28,7 @@ from meterstream.meters.fold import (
     windows_of,
 )
 from meterstream.meters.windows import WINDOW_MS
+from meterstream.sinks.clickhouse.writer import decimal_38_9
 from tests.unit.billing.test_forwarding import meter
 
 HOUR = 3_600_000
@@ -261,8 +263,6 @@ def test_no_values_make_the_window_computation_or_its_rows_raise(
 ) -> None:
     """Whatever the values, the batch's windows are computed and written: every result
     fits meter_windows (Decimal(38, 9)), before and after a base near the limit."""
-    from meterstream.sinks.clickhouse.writer import decimal_38_9
-
     events = [ev(f"k{i:03d}", v, model) for i, (v, model) in enumerate(values)]
     for base_fraction in (Decimal(0), Decimal("0.99"), Decimal("-0.99")):
         contrib = contributions(METERS, events)

@@ -10,7 +10,15 @@ import pytest
 from faust.streams import _current_event
 from faust.types import TP
 
-from meterstream.worker.tables import write_by_partition_batched
+from meterstream.settings import Settings
+from meterstream.worker.tables import (
+    DecodedValues,
+    RocksDBMemory,
+    changelog_encoders,
+    table_options,
+    table_reader,
+    write_by_partition_batched,
+)
 
 
 class FakeBatch:
@@ -107,9 +115,6 @@ def test_every_key_stored_and_logged_in_its_partition(capacity: int) -> None:
 def test_rocksdb_options_reach_faust_and_are_fresh_per_table() -> None:
     from faust.stores.rocksdb import RocksDBOptions
 
-    from meterstream.settings import Settings
-    from meterstream.worker.tables import table_options
-
     assert table_options(Settings()) is None  # the memory store takes no options
     settings = Settings(store="rocksdb", rocksdb_write_buffer_mb=8, rocksdb_block_cache_mb=32)
     first, second = table_options(settings), table_options(settings)
@@ -125,9 +130,6 @@ def test_rocksdb_options_reach_faust_and_are_fresh_per_table() -> None:
 def test_rocksdb_memory_is_one_bounded_cache_for_every_partition(tmp_path: Any) -> None:
     pytest.importorskip("rocksdict", reason="the rocksdb extra is not installed")
     import faust
-
-    from meterstream.settings import Settings
-    from meterstream.worker.tables import RocksDBMemory, table_options
 
     app = faust.App("memory-test", store="rocksdb://", datadir=str(tmp_path))
     settings = Settings(store="rocksdb", rocksdb_write_buffer_mb=2, rocksdb_block_cache_mb=8)
@@ -153,8 +155,6 @@ def test_rocksdb_memory_is_one_bounded_cache_for_every_partition(tmp_path: Any) 
 
 def test_changelog_encoders_give_what_the_changelog_topic_gives(tmp_path: Any) -> None:
     import faust
-
-    from meterstream.worker.tables import changelog_encoders
 
     class Point(faust.Record, serializer="json"):
         x: int
@@ -191,8 +191,6 @@ def test_changelog_encoders_give_what_the_changelog_topic_gives(tmp_path: Any) -
 def test_table_reader_answers_as_table_get(tmp_path: Any) -> None:
     import faust
 
-    from meterstream.worker.tables import table_reader
-
     app = faust.App("reader-test", store="memory://", datadir=str(tmp_path))
     table = app.Table("t", key_type=bytes)
     table.data[b"a"] = ["fp", 1]
@@ -205,8 +203,6 @@ def test_table_reader_answers_as_table_get(tmp_path: Any) -> None:
 
 
 def test_decoded_values_are_reused_only_for_the_very_stored_object() -> None:
-    from meterstream.worker.tables import DecodedValues
-
     decodes: list[object] = []
 
     def decode(stored: dict[str, int]) -> tuple[int]:
@@ -227,8 +223,6 @@ def test_decoded_values_are_reused_only_for_the_very_stored_object() -> None:
 
 
 def test_decoded_values_live_two_batches_and_clear() -> None:
-    from meterstream.worker.tables import DecodedValues
-
     def never(stored: object) -> object:
         return "decoded"
 
