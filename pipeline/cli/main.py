@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     from meterstream.cli import plans as plans_cli
 
     plans_cli.register(sub, common, _settings)
+    from meterstream.cli import credits as credits_cli
+
+    credits_cli.register(sub, common, _settings)
     return parser
 
 

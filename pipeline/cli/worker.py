@@ -138,7 +138,8 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         app, settings, meters, chio, metrics, pipeline=pipeline, mappings=mappings
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
-    install_pricing(app, settings, meters, chio, metrics, keys, reads, bootstrap)
+    plans = install_pricing(app, settings, meters, chio, metrics, keys, reads, bootstrap)
+    install_credits(app, settings, chio, metrics, keys, reads, plans, pipeline)
     web.register(
         app,
         settings,
@@ -170,7 +171,7 @@ def install_pricing(
     keys: KeyStore,
     reads: ReadIO,
     bootstrap: str,
-) -> None:
+) -> Any:
     """Plans (checked at start), the plan schedule follower, the pricing runs into
     ``priced_usage_daily`` and the invoice routes (before the guard is installed)."""
     from meterstream.api import invoices as invoice_routes
@@ -200,6 +201,39 @@ def install_pricing(
                     await chio.call_once(write_priced_usage, rows)
                 except Exception:  # logged, retried next interval; never stops the worker
                     log.exception("pricing run for %s failed; retried next interval", period)
+
+    return plans
+
+
+def install_credits(
+    app: faust.App,
+    settings: Settings,
+    chio: ClickHouseIO,
+    metrics: Metrics,
+    keys: KeyStore,
+    reads: ReadIO,
+    plans: Any,
+    pipeline: Any,
+) -> None:
+    """Prepaid credits (pipeline/worker/credits.py): the books rebuilt at start, the burn
+    timer, the record listener that marks customers dirty, and the routes."""
+    from meterstream.api import credits as credit_routes
+    from meterstream.worker.credits import CreditService
+
+    credits = CreditService(app, settings, chio, plans)
+    pipeline.record_listeners.append(credits.record_changed)
+    credit_routes.register(app, settings, metrics, keys, reads, credits)
+
+    @app.task
+    async def resume_credits() -> None:
+        await credits.start()
+
+    @app.timer(settings.credits_burn_seconds)
+    async def burn_credits() -> None:
+        try:
+            await credits.burn()
+        except Exception:  # logged, the customers stay dirty; never stops the worker
+            log.exception("burning credits failed; retried next interval")
 
 
 GC_YOUNG_THRESHOLD = 200_000

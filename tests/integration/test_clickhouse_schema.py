@@ -85,6 +85,8 @@ def test_migrations_apply_once(ch: ClickHouse) -> None:
         "customer_plans": "ReplacingMergeTree",
         "priced_usage_runs": "MergeTree",
         "priced_usage_daily": "View",
+        "credit_grants": "ReplacingMergeTree",
+        "credit_ledger": "ReplacingMergeTree",
     }
     recorded = ch.query_rows("SELECT version, name FROM schema_migrations ORDER BY version")
     assert recorded == [(i + 1, name) for i, name in enumerate(MIGRATIONS)]
