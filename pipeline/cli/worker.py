@@ -220,7 +220,7 @@ def install_credits(
     from meterstream.api import credits as credit_routes
     from meterstream.worker.credits import CreditService
 
-    credits = CreditService(app, settings, chio, plans)
+    credits = CreditService(app, settings, chio, plans, reads.read)
     pipeline.record_listeners.append(credits.record_changed)
     credit_routes.register(app, settings, metrics, keys, reads, credits)
 

@@ -46,7 +46,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal, localcontext
 from typing import Any
 
@@ -276,8 +276,12 @@ class CreditService:
         settings: Settings,
         chio: ClickHouseIO,
         plans: PlansConfig,
+        read: Callable[..., Awaitable[Any]] | None = None,
     ) -> None:
         self.app = app
+        # reads of the record (spend levels) go to the read-only connection's thread when
+        # given, so the burn never queues behind the batch's inserts
+        self.read = read or chio.call
         self.settings = settings
         self.chio = chio
         self.plans = plans
@@ -335,7 +339,7 @@ class CreditService:
         spends: list[SpendChange] = []
         use: tuple[str, dict[str, Decimal]] = (period_label(now), {})
         for label in _periods_between(first, now):
-            found = await self.chio.call(spend_levels, self.plans, customer, Period.month(label))
+            found = await self.read(spend_levels, self.plans, customer, Period.month(label))
             spends += self._changes(customer, currency, found, None, now)
             if label == period_label(now):
                 use = (label, found.usage)
@@ -417,9 +421,7 @@ class CreditService:
             this_period = period_label(now)
             for customer, periods in dirty.items():
                 for label in sorted(periods):
-                    found = await self.chio.call(
-                        spend_levels, self.plans, customer, Period.month(label)
-                    )
+                    found = await self.read(spend_levels, self.plans, customer, Period.month(label))
                     if label == this_period:
                         self.usage[customer] = (label, found.usage)
                     book = self.books.get(customer)
@@ -465,7 +467,7 @@ class CreditService:
         customer = grant.customer_id
         spends: list[SpendChange] = []
         for label in _periods_between(min(grant.effective_ms, now), now):
-            found = await self.chio.call(spend_levels, self.plans, customer, Period.month(label))
+            found = await self.read(spend_levels, self.plans, customer, Period.month(label))
             spends += self._changes(customer, grant.currency, found, None, now)
             if label == period_label(now):
                 self.usage[customer] = (label, found.usage)
