@@ -146,12 +146,43 @@ async function loadInvoice(bounds) {
 
 async function loadCredits() {
   const body = document.getElementById("credits-body");
-  const found = await api(customerPath("entitlements"));
+  const [found, credits] = await Promise.all([
+    api(customerPath("entitlements")), api(customerPath("credits"))]);
   if (found.status === 404) {
     body.replaceChildren(el("p", { class: "note" }, "Prepaid credits and alerts are not enabled on this meterstream."));
     return;
   }
-  body.replaceChildren(el("pre", {}, JSON.stringify(found.body, null, 2)));
+  if (found.status !== 200) {
+    body.replaceChildren(el("p", { class: "note" }, `Not available (${found.status}).`));
+    return;
+  }
+  const e = found.body;
+  const why = e.reasons.map((r) => r.replaceAll("_", " ")).join(", ");
+  const parts = [el("p", {}, "Access: ",
+    el("strong", { id: "credits-access" }, e.has_access ? "yes" : `no (${why})`))];
+  if (credits.status === 200) {
+    const c = credits.body;
+    parts.push(el("p", {}, "Balance: ",
+      el("strong", { id: "credits-balance" }, `${c.balance} ${c.currency.toUpperCase()}`)));
+    parts.push(c.grants.length ? table(
+      [{ label: "grant" }, { label: "amount", num: true }, { label: "left", num: true },
+        { label: "priority", num: true }, { label: "usable from" }, { label: "until" }],
+      c.grants.map((g) => ({ attrs: { "data-grant": g.grant_id },
+        cells: [g.grant_id, g.amount, g.remaining, String(g.priority), when(g.effective_ms),
+          g.voided_ms ? `voided ${when(g.voided_ms)}` : when(g.expires_ms)] })),
+      { "aria-label": "credit grants" }) : el("p", { class: "note" }, "No grants."));
+  } else {
+    parts.push(el("p", { class: "note" }, "No prepaid credits: usage is invoiced."));
+  }
+  const meters = Object.entries(e.usage);
+  if (meters.length) {
+    parts.push(table([{ label: "meter" }, { label: `used in ${e.period}`, num: true },
+      { label: "limit", num: true }],
+      meters.map(([m, u]) => ({ cells: [m, u.used, u.limit ?? "none"] })),
+      { "aria-label": "usage this period" }));
+  }
+  parts.push(el("p", { class: "note" }, "Alerts are not available yet."));
+  body.replaceChildren(...parts);
 }
 
 function when(ms) { return ms ? new Date(ms).toISOString().replace(".000Z", "Z") : "never"; }
