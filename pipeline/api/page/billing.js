@@ -165,10 +165,9 @@ async function loadCredits() {
     parts.push(el("p", {}, "Balance: ",
       el("strong", { id: "credits-balance" }, `${c.balance} ${c.currency.toUpperCase()}`)));
     parts.push(c.grants.length ? table(
-      [{ label: "grant" }, { label: "amount", num: true }, { label: "left", num: true },
-        { label: "priority", num: true }, { label: "usable from" }, { label: "until" }],
-      c.grants.map((g) => ({ attrs: { "data-grant": g.grant_id },
-        cells: [g.grant_id, g.amount, g.remaining, String(g.priority), when(g.effective_ms),
+      [{ label: "grant" }, { label: "left / granted", num: true }, { label: "until" }],
+      c.grants.map((g) => ({ attrs: { "data-grant": g.grant_id, title: `priority ${g.priority}` },
+        cells: [g.grant_id.slice(0, 12), `${g.remaining} / ${g.amount}`,
           g.voided_ms ? `voided ${when(g.voided_ms)}` : when(g.expires_ms)] })),
       { "aria-label": "credit grants" }) : el("p", { class: "note" }, "No grants."));
   } else {
