@@ -189,7 +189,7 @@ def register(
             customer = reader(request, customer_id)
             if (busy := not_ready(self)) is not None:
                 return busy
-            doc = credits.entitlement_document(customer)
+            doc = await credits.entitlement_document(customer)
             meter = request.query.get("meter")
             if meter:
                 doc["usage"] = {m: u for m, u in doc["usage"].items() if m == meter}

@@ -308,9 +308,13 @@ class CreditService:
     def record_changed(
         self, events: Sequence[Any], states: Mapping[Any, Any], reread: set[Any]
     ) -> None:
-        """A record listener: the customers and periods whose windows changed."""
-        for key in (*states.keys(), *reread):
-            self.dirty[key.customer_id].add(period_label(key.window_start_ms))
+        """A record listener: the customers with credits and the months whose windows
+        changed (a set insert per touched window; customers without credits cost a lookup)."""
+        books = self.books
+        for keys in (states.keys(), reread):
+            for key in keys:
+                if key.customer_id in books:
+                    self.dirty[key.customer_id].add(period_label(key.window_start_ms))
 
     # -- start
 
@@ -420,16 +424,15 @@ class CreditService:
             now = now_ms()
             this_period = period_label(now)
             for customer, periods in dirty.items():
+                book = self.books.get(customer)
+                if book is None:  # no credits: nothing to burn, its entitlement is read
+                    continue
                 for label in sorted(periods):
                     found = await self.read(spend_levels, self.plans, customer, Period.month(label))
                     if label == this_period:
                         self.usage[customer] = (label, found.usage)
-                    book = self.books.get(customer)
-                    if book is not None:
-                        for change in self._changes(
-                            customer, book.currency, found, book, now, label
-                        ):
-                            await self._append(book.apply(change, now))
+                    for change in self._changes(customer, book.currency, found, book, now, label):
+                        await self._append(book.apply(change, now))
                 await self._decide(customer, f"usage:{now}")
             for customer, book in self.books.items():
                 step = book.advance(now)
@@ -515,18 +518,23 @@ class CreditService:
             "grants": grants,
         }
 
-    def entitlement_document(self, customer: str) -> dict[str, Any]:
+    async def entitlement_document(self, customer: str) -> dict[str, Any]:
+        """A customer with credits: from the worker's state. Without: access (plans have no
+        usage limits yet) and this month's usage read from the record."""
         found = self.entitlements.get(customer)
-        if found is not None:
+        if found is not None and customer in self.books:
             return found.to_json()
-        # no credits and no usage since the worker started: no balance to require
+        now = now_ms()
+        label = period_label(now)
+        spend = await self.read(spend_levels, self.plans, customer, Period.month(label))
         status = CustomerStatus(
             customer_id=customer,
             currency=self.plans.default.money.code,
-            at_ms=now_ms(),
-            cause="none",
+            at_ms=now,
+            cause=f"read:{now}",
             balance=_ZERO,
-            period=period_label(now_ms()),
+            period=label,
+            usage=spend.usage,
         )
         return decide(status, requires_balance=False).to_json()
 
