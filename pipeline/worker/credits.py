@@ -60,7 +60,7 @@ from meterstream.credits.ledger import EntryKind, LedgerEntry, totals
 from meterstream.credits.money import EXACT, canon
 from meterstream.credits.spend import SpendChange, window_source
 from meterstream.credits.status import CustomerStatus
-from meterstream.errors import CreditsError
+from meterstream.errors import CreditsError, PricingError
 from meterstream.meters.windows import period_label
 from meterstream.pricing.invoice import Period
 from meterstream.pricing.plans import PlansConfig
@@ -420,6 +420,14 @@ class CreditService:
         if not self.ready.is_set():
             return
         dirty, self.dirty = self.dirty, defaultdict(set)
+        try:
+            await self._burn(dirty)
+        except BaseException:  # what was not burned is burned next time
+            for customer, periods in dirty.items():
+                self.dirty[customer] |= periods
+            raise
+
+    async def _burn(self, dirty: Mapping[str, set[str]]) -> None:
         async with self.lock:
             now = now_ms()
             this_period = period_label(now)
@@ -428,7 +436,13 @@ class CreditService:
                 if book is None:  # no credits: nothing to burn, its entitlement is read
                     continue
                 for label in sorted(periods):
-                    found = await self.read(spend_levels, self.plans, customer, Period.month(label))
+                    try:
+                        found = await self.read(
+                            spend_levels, self.plans, customer, Period.month(label)
+                        )
+                    except (PricingError, KeyError, ValueError) as exc:  # e.g. two currencies
+                        log.warning("credits of %s: %s not priced: %s", customer, label, exc)
+                        continue
                     if label == this_period:
                         self.usage[customer] = (label, found.usage)
                     for change in self._changes(customer, book.currency, found, book, now, label):

@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from meterstream.sinks.clickhouse.client import ClickHouse
+from meterstream.sinks.clickhouse.pricing import _dt, _ms
 
 CREDIT_GRANTS = "credit_grants"
 CREDIT_GRANTS_COLUMNS = (
@@ -43,23 +44,16 @@ CREDIT_LEDGER_COLUMNS = (
     "written_at",
 )
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-
-
-def _dt(ms: int) -> dt.datetime:
-    return _EPOCH + dt.timedelta(milliseconds=ms)
-
-
-def _ms(value: Any) -> int:
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
-        return (value - _EPOCH) // dt.timedelta(milliseconds=1)
-    return int(value)
-
 
 def _now() -> dt.datetime:
     return _dt(time.time_ns() // 1_000_000)
+
+
+def _customers_filter(customers: Iterable[str] | None) -> tuple[str, dict[str, Any]]:
+    """A WHERE clause on ``customers`` (none: every customer) and its parameters."""
+    if customers is None:
+        return "", {}
+    return "WHERE customer_id IN {customers:Array(String)}", {"customers": sorted(set(customers))}
 
 
 def append_grants(ch: ClickHouse, rows: Sequence[Sequence[Any]]) -> None:
@@ -78,11 +72,7 @@ def append_grants(ch: ClickHouse, rows: Sequence[Sequence[Any]]) -> None:
 
 def grant_rows(ch: ClickHouse, customers: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Every grant and void row (of ``customers``, or all), times in epoch ms."""
-    params: dict[str, Any] = {}
-    where = ""
-    if customers is not None:
-        params["customers"] = sorted(set(customers))
-        where = "WHERE customer_id IN {customers:Array(String)}"
+    where, params = _customers_filter(customers)
     rows = ch.query_rows(
         f"""
         SELECT customer_id, grant_id, kind, toString(amount), currency, effective_at,
@@ -125,11 +115,7 @@ def append_entries(ch: ClickHouse, rows: Sequence[Sequence[Any]]) -> None:
 
 def ledger_rows(ch: ClickHouse, customers: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Every ledger row (of ``customers``, or all), one per entry id, in time order."""
-    params: dict[str, Any] = {}
-    where = ""
-    if customers is not None:
-        params["customers"] = sorted(set(customers))
-        where = "WHERE customer_id IN {customers:Array(String)}"
+    where, params = _customers_filter(customers)
     rows = ch.query_rows(
         f"""
         SELECT customer_id, entry_id, kind, toString(amount), currency, at, grant_id, source,
