@@ -318,6 +318,25 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     assert shown.returncode == 0, shown.stderr
     assert Decimal(json.loads(shown.stdout)["totals"]["burned"]) == expected["burned"]
 
+    # grant C pays the overrun first (settle); a void takes what is left of it
+    c_amount = Decimal("3.00")
+    made = _request(
+        f"{base}/credits/grants", operator, "POST", {"amount": "3.00", "grant_id": "grant-c"}
+    )
+    settled = min(c_amount, expected["uncovered"])
+    assert Decimal(made["balance"]) == expected["balance"] + c_amount
+    void_url = f"{base}/credits/grants/grant-c/void"
+    assert _status(void_url, acme_key, "POST", {"reason": "test"}) == 403
+    assert _status(f"{base}/credits/grants/nope/void", operator, "POST", {}) == 404
+    voided = _request(void_url, operator, "POST", {"reason": "test"})
+    final = expected["balance"] + settled
+    assert Decimal(voided["balance"]) == final
+    totals = _ledger_totals(worker, "acme")
+    assert sum(totals.values(), Decimal(0)) == final
+    assert -totals.get("settle", 0) == settled
+    assert -totals.get("void", 0) == c_amount - settled
+    assert -totals.get("uncovered", 0) == expected["uncovered"] - settled
+
     # a plain restart writes nothing new and changes nothing
     rows_before = worker.sql("SELECT count() AS n FROM credit_ledger FINAL")[0]["n"]
     assert worker.stop() == 0
@@ -328,6 +347,6 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     )
     base = f"{worker.web_url}/v1/customers/acme"
     wait_until(lambda: _status(f"{base}/credits", operator) == 200, what="credits resumed")
-    assert balance() == expected["balance"]
+    assert balance() == final
     time.sleep(2)
     assert worker.sql("SELECT count() AS n FROM credit_ledger FINAL")[0]["n"] == rows_before
