@@ -90,6 +90,18 @@ ENTITLEMENTS = TopicSpec(
     retention_ms=None,
     cleanup_policy="compact",
 )
+BILLING_ALERTS = TopicSpec(
+    name="billing-alerts",
+    key="customer_id (UTF-8)",
+    value=(
+        'JSON {"id": "alrt_...", "object": "billing_alert", "type", "customer_id",'
+        ' "threshold_id", "at_ms", "cause", "value", "threshold", "currency", "meter", ...}:'
+        " each credit alert once per crossing (pipeline/worker/alerts.py); consumers"
+        " deduplicate by id"
+    ),
+    retention_ms=30 * DAY_MS,
+    cleanup_policy="delete",
+)
 ALL_TOPICS = (
     USAGE_EVENTS,
     USAGE_EVENTS_DLQ,
@@ -97,4 +109,5 @@ ALL_TOPICS = (
     CUSTOMER_PLANS,
     STRIPE_ERRORS,
     ENTITLEMENTS,
+    BILLING_ALERTS,
 )

@@ -13,6 +13,9 @@ writes always need an unrestricted (operator) key: a customer cannot grant itsel
 - ``POST /v1/customers/{id}/credits/grants/{grant_id}/void`` ``{"reason": ...}``: voids
   what is left of the grant from now on.
 - ``GET /v1/customers/{id}/credits/ledger``: the ledger lines in ClickHouse and their sums.
+- ``PUT /v1/customers/{id}/credits/alerts`` ``{"thresholds": [{"threshold_id": "low",
+  "kind": "balance_below", "amount": "5"}, ...]}`` (kinds: pipeline/credits/alerts.py) and
+  ``GET``: the customer's alert thresholds and their states (pipeline/worker/alerts.py).
 - ``GET /v1/customers/{id}/entitlements[?meter=NAME]``: access, balance, usage this period
   per meter (served from the worker's state; 503 until the books are rebuilt at start).
 """
@@ -36,6 +39,7 @@ from meterstream.metrics import Metrics
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import credits as store
 from meterstream.sinks.clickhouse.reads import ReadIO
+from meterstream.worker.alerts import thresholds_of
 from meterstream.worker.credits import CreditService, ledger_document, new_grant
 
 
@@ -181,6 +185,26 @@ def register(
             customer = reader(request, customer_id)
             rows = await reads.read(store.ledger_rows, [customer])
             return respond(self, ledger_document(rows, customer))
+
+    @app.page("/v1/customers/{customer_id}/credits/alerts")
+    class CreditAlerts(View):
+        @guarded
+        async def get(self, request: Request, customer_id: str) -> Response:
+            customer = reader(request, customer_id)
+            if (busy := not_ready(self)) is not None:
+                return busy
+            assert credits.alerts is not None
+            return respond(self, credits.alerts.document(customer))
+
+        @guarded
+        async def put(self, request: Request, customer_id: str) -> Response:
+            key = operator(request)
+            customer = customer_of(customer_id)
+            found = thresholds_of(await json_body(request))
+            await credits.ready.wait()
+            assert credits.alerts is not None
+            await credits.alerts.set_thresholds(customer, found, f"key {key.id} ({key.name})")
+            return respond(self, credits.alerts.document(customer))
 
     @app.page("/v1/customers/{customer_id}/entitlements")
     class Entitlements(View):

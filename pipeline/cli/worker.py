@@ -218,15 +218,27 @@ def install_credits(
     """Prepaid credits (pipeline/worker/credits.py): the books rebuilt at start, the burn
     timer, the record listener that marks customers dirty, and the routes."""
     from meterstream.api import credits as credit_routes
+    from meterstream.worker.alerts import AlertDesk
     from meterstream.worker.credits import CreditService
 
-    credits = CreditService(app, settings, chio, plans, reads.read)
+    alerts = AlertDesk(app, settings, chio)
+    credits = CreditService(app, settings, chio, plans, reads.read, alerts)
     pipeline.record_listeners.append(credits.record_changed)
     credit_routes.register(app, settings, metrics, keys, reads, credits)
 
     @app.task
     async def resume_credits() -> None:
+        await alerts.start()  # states first: resuming the books evaluates thresholds
         await credits.start()
+
+    @app.timer(0.5)
+    async def deliver_alerts() -> None:
+        if not credits.ready.is_set():
+            return
+        try:
+            await alerts.deliver()
+        except Exception:  # logged, retried next interval; never stops the worker
+            log.exception("delivering credit alerts failed; retried next interval")
 
     @app.timer(settings.credits_burn_seconds)
     async def burn_credits() -> None:

@@ -72,6 +72,7 @@ from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.clickhouse.queries import latest_windows
 from meterstream.topics import ENTITLEMENTS
+from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.invoices import merge_windows, segments_for
 
 log = logging.getLogger("meterstream.credits")
@@ -277,8 +278,10 @@ class CreditService:
         chio: ClickHouseIO,
         plans: PlansConfig,
         read: Callable[..., Awaitable[Any]] | None = None,
+        alerts: AlertDesk | None = None,
     ) -> None:
         self.app = app
+        self.alerts = alerts
         # reads of the record (spend levels) go to the read-only connection's thread when
         # given, so the burn never queues behind the batch's inserts
         self.read = read or chio.call
@@ -574,6 +577,8 @@ class CreditService:
         )
         entitlement = decide(status, requires_balance=book is not None)
         self.entitlements[customer] = entitlement
+        if self.alerts is not None and book is not None:
+            await self.alerts.evaluate(status, book.live_grants())
         doc = entitlement.to_json()
         compared = {k: v for k, v in doc.items() if k not in ("at_ms", "cause")}
         if self._published.get(customer) == compared or self.topic is None:

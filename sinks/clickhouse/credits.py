@@ -151,3 +151,68 @@ def ledger_balance(ch: ClickHouse, customer_id: str) -> Decimal:
         parameters={"customer": customer_id},
     )
     return Decimal(str(rows[0][0])) if rows else Decimal(0)
+
+
+# ------------------------------------------------------------------ alerts
+
+
+def set_thresholds(ch: ClickHouse, customer_id: str, doc: str, version: int, by: str) -> None:
+    ch.insert(
+        "credit_alert_thresholds",
+        [(customer_id, doc, version, by)],
+        column_names=["customer_id", "thresholds", "version", "changed_by"],
+    )
+
+
+def thresholds(ch: ClickHouse) -> dict[str, str]:
+    """The current thresholds JSON per customer."""
+    rows = ch.query_rows(
+        "SELECT customer_id, argMax(thresholds, version) FROM credit_alert_thresholds"
+        " GROUP BY customer_id"
+    )
+    return {str(r[0]): str(r[1]) for r in rows}
+
+
+def append_alert_change(
+    ch: ClickHouse, customer_id: str, version: int, states: str, alerts: str
+) -> None:
+    ch.insert(
+        "credit_alerts",
+        [(customer_id, version, states, alerts, _now())],
+        column_names=["customer_id", "version", "states", "alerts", "created_at"],
+    )
+
+
+def alert_states(ch: ClickHouse) -> dict[str, tuple[int, str]]:
+    """The latest (version, states JSON) per customer."""
+    rows = ch.query_rows(
+        "SELECT customer_id, max(version), argMax(states, version) FROM credit_alerts"
+        " GROUP BY customer_id"
+    )
+    return {str(r[0]): (int(r[1]), str(r[2])) for r in rows}
+
+
+def undelivered_alerts(ch: ClickHouse, channel: str) -> list[str]:
+    """Alerts JSON (one string per alert) not yet delivered (nor dead) on ``channel``."""
+    rows = ch.query_rows(
+        """
+        SELECT alert FROM (
+            SELECT arrayJoin(JSONExtractArrayRaw(alerts)) AS alert FROM credit_alerts FINAL
+        )
+        WHERE JSONExtractString(alert, 'id') NOT IN (
+            SELECT alert_id FROM credit_alert_deliveries WHERE channel = {channel:String}
+        )
+        """,
+        parameters={"channel": channel},
+    )
+    return [str(r[0]) for r in rows]
+
+
+def record_delivery(
+    ch: ClickHouse, alert_id: str, channel: str, attempts: int, outcome: str
+) -> None:
+    ch.insert(
+        "credit_alert_deliveries",
+        [(alert_id, channel, _now(), attempts, outcome)],
+        column_names=["alert_id", "channel", "delivered_at", "attempts", "outcome"],
+    )

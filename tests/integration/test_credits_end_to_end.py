@@ -9,15 +9,19 @@ credits package.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import os
 import random
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from decimal import Decimal
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -126,10 +130,51 @@ def _ledger_totals(worker: Worker, customer: str) -> dict[str, Decimal]:
     return {r["kind"]: Decimal(r["amount"]) for r in rows}
 
 
-def _entitlement_records(stack: StackSlice, worker: Worker) -> list[dict[str, Any]]:
+SECRET = "whsec_test_credits"
+
+
+class Receiver:
+    """A webhook endpoint: refuses each alert's first attempt (500), accepts the next."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, bytes]] = []  # (event id, signature header, body)
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                event = self.headers["Meterstream-Event-Id"]
+                first = all(e != event for e, _, _ in receiver.calls)
+                receiver.calls.append((event, self.headers["Meterstream-Signature"], body))
+                self.send_response(500 if first else 200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def accepted(self) -> dict[str, dict[str, Any]]:
+        """Alerts answered 200, by id, each signature checked here (Stripe's scheme)."""
+        out: dict[str, dict[str, Any]] = {}
+        for event, header, body in self.calls:
+            parts = dict(p.split("=", 1) for p in header.split(","))
+            mac = hmac.new(SECRET.encode(), f"{parts['t']}.".encode() + body, hashlib.sha256)
+            assert hmac.compare_digest(mac.hexdigest(), parts["v1"]), header
+            assert abs(int(parts["t"]) - time.time()) < 300
+            doc = json.loads(body)
+            assert doc["id"] == event
+            if [e for e, _, _ in self.calls].count(event) >= 2:
+                out[event] = doc
+        return out
+
+
+def _records(stack: StackSlice, topic: str) -> list[dict[str, Any]]:
     async def read() -> list[dict[str, Any]]:
         consumer = AIOKafkaConsumer(
-            f"{stack.prefix}entitlements",
+            f"{stack.prefix}{topic}",
             bootstrap_servers=stack.bootstrap,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
@@ -176,14 +221,20 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
 
     plans_file = stack.tmp / "plans.yaml"
     plans_file.write_text(PLANS)
+    receiver = Receiver()
+    env = {
+        "METERSTREAM_PLANS_FILE": str(plans_file),
+        "METERSTREAM_CREDITS_BURN_SECONDS": "0.5",
+        "METERSTREAM_CREDITS_WEBHOOK_URL": receiver.url,
+        "METERSTREAM_CREDITS_WEBHOOK_SECRET": SECRET,
+    }
     keys = KeyStore(stack.tmp / "state" / "api_keys.json")
     _, operator = keys.create("operator")
     _, acme_key = keys.create("acme only", "acme")
     _, other_key = keys.create("other only", "other")
     worker = stack.start_worker(
         stack.meters_file(METERS),
-        METERSTREAM_PLANS_FILE=str(plans_file),
-        METERSTREAM_CREDITS_BURN_SECONDS="0.5",
+        **env,
     )
     base = f"{worker.web_url}/v1/customers/acme"
     wait_until(lambda: _status(f"{base}/entitlements", operator) == 200, what="credits ready")
@@ -229,6 +280,15 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
          "expires": None},
     ]  # fmt: skip
     assert Decimal(_request(f"{base}/credits", acme_key)["balance"]) == b_amount
+    low = (b_amount / 2).quantize(Decimal("0.01"))
+    thresholds = {"thresholds": [
+        {"threshold_id": "low", "kind": "balance_below", "amount": str(low)},
+        {"threshold_id": "out", "kind": "balance_exhausted"},
+    ]}  # fmt: skip
+    assert _status(f"{base}/credits/alerts", acme_key, "PUT", thresholds) == 403
+    bad = {"thresholds": [{"threshold_id": "x", "kind": "nope"}]}
+    assert _status(f"{base}/credits/alerts", operator, "PUT", bad) == 400
+    _request(f"{base}/credits/alerts", operator, "PUT", thresholds)
     assert _request(f"{base}/entitlements", acme_key)["has_access"] is True
 
     # the stream, part one: before t_mid, sent twice (duplicates burn nothing)
@@ -250,8 +310,7 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     stack.produce(after[20:] + late + before[:5])
     worker = stack.start_worker(
         stack.meters_file(METERS),
-        METERSTREAM_PLANS_FILE=str(plans_file),
-        METERSTREAM_CREDITS_BURN_SECONDS="0.5",
+        **env,
     )
     base = f"{worker.web_url}/v1/customers/acme"
     everything = before + after + late
@@ -287,7 +346,7 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     assert Decimal(ent["usage"]["tokens"]["used"]) == sum(
         e["properties"]["tokens"] for e in everything
     )
-    records = _entitlement_records(stack, worker)
+    records = _records(stack, "entitlements")
     flips = [r["has_access"] for r in records]
     assert True in flips and flips[-1] is False
     assert Decimal(records[-1]["balance"]) == expected["balance"]
@@ -337,16 +396,30 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     assert -totals.get("void", 0) == c_amount - settled
     assert -totals.get("uncovered", 0) == expected["uncovered"] - settled
 
+    # the alerts: each threshold crossed once (low, then out), each delivered once after a
+    # refused first attempt (retried under the same id, same body), signed; on the topic
+    wait_until(lambda: len(receiver.accepted()) == 2, timeout=60, what="two alerts delivered")
+    accepted = receiver.accepted()
+    assert sorted(d["threshold_id"] for d in accepted.values()) == ["low", "out"]
+    assert sorted(d["type"] for d in accepted.values()) == ["balance_below", "balance_exhausted"]
+    for event in accepted:
+        bodies = {body for e, _, body in receiver.calls if e == event}
+        assert len(bodies) == 1  # a retry resends the same body
+    on_topic = {d["id"]: d for d in _records(stack, "billing-alerts")}
+    assert on_topic == accepted
+    calls_before = len(receiver.calls)
+
     # a plain restart writes nothing new and changes nothing
     rows_before = worker.sql("SELECT count() AS n FROM credit_ledger FINAL")[0]["n"]
     assert worker.stop() == 0
     worker = stack.start_worker(
         stack.meters_file(METERS),
-        METERSTREAM_PLANS_FILE=str(plans_file),
-        METERSTREAM_CREDITS_BURN_SECONDS="0.5",
+        **env,
     )
     base = f"{worker.web_url}/v1/customers/acme"
     wait_until(lambda: _status(f"{base}/credits", operator) == 200, what="credits resumed")
     assert balance() == final
     time.sleep(2)
     assert worker.sql("SELECT count() AS n FROM credit_ledger FINAL")[0]["n"] == rows_before
+    assert len(receiver.calls) == calls_before  # no alert sent again
+    receiver.server.shutdown()

@@ -45,3 +45,40 @@ CREATE TABLE IF NOT EXISTS credit_ledger
 )
 ENGINE = ReplacingMergeTree
 ORDER BY (customer_id, entry_id);
+
+-- Alert thresholds per customer (the whole list, JSON; the greatest version is current).
+CREATE TABLE IF NOT EXISTS credit_alert_thresholds
+(
+    customer_id String,
+    thresholds String COMMENT 'JSON list of thresholds (pipeline/credits/alerts.py)',
+    version UInt64 COMMENT 'epoch ms of the change',
+    changed_by String
+)
+ENGINE = ReplacingMergeTree(version)
+ORDER BY customer_id;
+
+-- Every change of a customer's threshold states, with the alerts it fired, in one row (one
+-- insert: a state that says "fired" is never recorded without its alert). The latest
+-- version per customer is the current state; a restart never fires an alert again.
+CREATE TABLE IF NOT EXISTS credit_alerts
+(
+    customer_id String,
+    version UInt64 COMMENT 'order of the changes of one customer',
+    states String COMMENT 'JSON {threshold_id: state} after this change',
+    alerts String COMMENT 'JSON list of the alerts fired by this change (may be empty)',
+    created_at DateTime64(3, 'UTC')
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (customer_id, version);
+
+-- Each alert's delivery per channel: topic (billing-alerts) or webhook.
+CREATE TABLE IF NOT EXISTS credit_alert_deliveries
+(
+    alert_id String,
+    channel LowCardinality(String) COMMENT 'topic or webhook',
+    delivered_at DateTime64(3, 'UTC'),
+    attempts UInt32,
+    outcome LowCardinality(String) COMMENT 'delivered, or dead (gave up after 3 days)'
+)
+ENGINE = ReplacingMergeTree
+ORDER BY (alert_id, channel);
