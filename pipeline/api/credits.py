@@ -22,6 +22,7 @@ writes always need an unrestricted (operator) key: a customer cannot grant itsel
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -204,6 +205,7 @@ def register(
             await credits.ready.wait()
             assert credits.alerts is not None
             await credits.alerts.set_thresholds(customer, found, f"key {key.id} ({key.name})")
+            await credits.refresh(customer, f"alerts:{key.id}:{time.time_ns()}")
             return respond(self, credits.alerts.document(customer))
 
     @app.page("/v1/customers/{customer_id}/entitlements")

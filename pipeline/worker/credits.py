@@ -512,6 +512,12 @@ class CreditService:
             await self._decide(customer, f"void:{grant_id}")
             return {"void": void.to_json(), "balance": canon(book.balance)}
 
+    async def refresh(self, customer: str, cause: str) -> None:
+        """Decide the customer's entitlement and alerts again (thresholds changed)."""
+        async with self.lock:
+            if customer in self.books:
+                await self._decide(customer, cause)
+
     # -- reads (worker state)
 
     def balance_document(self, customer: str) -> dict[str, Any] | None:

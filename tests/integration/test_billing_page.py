@@ -151,6 +151,15 @@ def test_a_customer_link_shows_the_apis_numbers_and_nothing_else(
         return dict(answer.json())
 
     wait_until(lambda: Decimal(credits()["balance"]) == 100 - cost, what="credits burned")
+    alerts = {"thresholds": [
+        {"threshold_id": "low", "kind": "balance_below", "amount": "10"},
+        {"threshold_id": "high", "kind": "balance_below", "amount": "1000"},
+    ]}  # fmt: skip
+    answer = requests.put(
+        f"{worker.web_url}/v1/customers/acme/credits/alerts", json=alerts,
+        headers={"Authorization": f"Bearer {admin}"}, timeout=60,
+    )  # fmt: skip
+    assert answer.status_code == 200, answer.text
 
     made = cli("billing", "link", "acme", "--base-url", worker.web_url, "--state-dir", str(state))
     assert made.returncode == 0, made.stderr
@@ -209,6 +218,8 @@ def test_a_customer_link_shows_the_apis_numbers_and_nothing_else(
     balance = page.locator("#credits-balance").inner_text()
     assert balance == f"{credits()['balance']} USD" and Decimal(balance.split()[0]) == 100 - cost
     assert page.locator("#credits-access").inner_text() == "yes"
+    assert "armed" in page.locator("#credits-body tr[data-threshold='low']").inner_text()
+    assert "fired" in page.locator("#credits-body tr[data-threshold='high']").inner_text()
     grant_id = granted.json()["grant"]["grant_id"]
     assert "100" in page.locator(f"#credits-body tr[data-grant='{grant_id}']").inner_text()
 

@@ -180,7 +180,13 @@ async function loadCredits() {
       meters.map(([m, u]) => ({ cells: [m, u.used, u.limit ?? "none"] })),
       { "aria-label": "usage this period" }));
   }
-  parts.push(el("p", { class: "note" }, "Alerts are not available yet."));
+  const alerts = await api(customerPath("credits/alerts"));
+  const set = alerts.status === 200 ? alerts.body.thresholds : [];
+  parts.push(set.length ? table([{ label: "alert" }, { label: "when" }, { label: "state" }],
+    set.map((t) => ({ attrs: { "data-threshold": t.threshold_id }, cells: [t.threshold_id,
+      `${t.kind.replaceAll("_", " ")}${t.amount ? ` ${t.amount}` : ""}${t.meter ? ` (${t.meter})` : ""}`,
+      alerts.body.states[t.threshold_id]?.fired ? "fired" : "armed"] })),
+    { "aria-label": "alerts" }) : el("p", { class: "note" }, "No alerts set."));
   body.replaceChildren(...parts);
 }
 
