@@ -138,6 +138,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, bytes]] = []  # (event id, signature header, body)
+        self.down = False  # refuse everything (503) while set
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -146,7 +147,7 @@ class Receiver:
                 event = self.headers["Meterstream-Event-Id"]
                 first = all(e != event for e, _, _ in receiver.calls)
                 receiver.calls.append((event, self.headers["Meterstream-Signature"], body))
-                self.send_response(500 if first else 200)
+                self.send_response(503 if receiver.down else 500 if first else 200)
                 self.end_headers()
 
             def log_message(self, *args: Any) -> None:
@@ -422,4 +423,54 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     time.sleep(2)
     assert worker.sql("SELECT count() AS n FROM credit_ledger FINAL")[0]["n"] == rows_before
     assert len(receiver.calls) == calls_before  # no alert sent again
+    receiver.server.shutdown()
+
+
+def test_an_alert_pending_at_a_kill_is_delivered_once_after_the_restart(stack: StackSlice) -> None:
+    now = time.time_ns() // 1_000_000
+    plans_file = stack.tmp / "plans.yaml"
+    plans_file.write_text(PLANS)
+    receiver = Receiver()
+    receiver.down = True
+    env = {
+        "METERSTREAM_PLANS_FILE": str(plans_file),
+        "METERSTREAM_CREDITS_BURN_SECONDS": "0.5",
+        "METERSTREAM_CREDITS_WEBHOOK_URL": receiver.url,
+        "METERSTREAM_CREDITS_WEBHOOK_SECRET": SECRET,
+    }
+    keys = KeyStore(stack.tmp / "state" / "api_keys.json")
+    _, operator = keys.create("operator")
+    worker = stack.start_worker(stack.meters_file(METERS), **env)
+    base = f"{worker.web_url}/v1/customers/acme"
+    wait_until(lambda: _status(f"{base}/entitlements", operator) == 200, what="credits ready")
+    _request(f"{base}/credits/grants", operator, "POST",
+             {"amount": "1.00", "effective": _iso(now - HOUR)})  # fmt: skip
+    out = {"thresholds": [{"threshold_id": "out", "kind": "balance_exhausted"}]}
+    _request(f"{base}/credits/alerts", operator, "PUT", out)
+    stack.produce(
+        [
+            {"event_name": "chat", "customer_id": "acme", "idempotency_key": f"k-{i}",
+             "timestamp": now - 10 * MINUTE + i, "properties": {"tokens": 500}}
+            for i in range(3)
+        ]
+    )  # fmt: skip  # 1.50 of usage: the balance runs out
+    wait_until(lambda: len(receiver.calls) >= 1, timeout=60, what="a refused webhook attempt")
+    fired = {e for e, _, _ in receiver.calls}
+    assert len(fired) == 1
+    worker.kill()
+    receiver.down = False
+    worker = stack.start_worker(stack.meters_file(METERS), **env)
+    wait_until(lambda: len(receiver.accepted()) == 1, timeout=60, what="the alert delivered")
+    assert set(receiver.accepted()) == fired  # the same alert, not a new one
+    alerts = worker.sql(
+        "SELECT count() AS n FROM credit_alerts FINAL ARRAY JOIN JSONExtractArrayRaw(alerts) AS a"
+    )
+    assert alerts[0]["n"] == 1  # it fired once
+    calls = len(receiver.calls)
+    assert worker.stop() == 0
+    worker = stack.start_worker(stack.meters_file(METERS), **env)
+    base = f"{worker.web_url}/v1/customers/acme"
+    wait_until(lambda: _status(f"{base}/credits", operator) == 200, what="credits resumed")
+    time.sleep(2)
+    assert len(receiver.calls) == calls  # delivered: never sent again
     receiver.server.shutdown()
