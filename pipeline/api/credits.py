@@ -23,7 +23,6 @@ writes always need an unrestricted (operator) key: a customer cannot grant itsel
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -32,10 +31,17 @@ import orjson
 from faust.web import Request, Response, View
 
 from meterstream.api.keys import ApiKey, KeyStore
-from meterstream.api.web import Denied, bearer_key, dumps, page_link_secret, read_body, read_key
+from meterstream.api.web import (
+    Denied,
+    bearer_key,
+    json_routes,
+    page_link_secret,
+    read_body,
+    read_key,
+)
 from meterstream.billing.assignments import BadSchedule, parse_instant
 from meterstream.billing.customers import check_customer_id
-from meterstream.errors import CreditsError, DependencyError
+from meterstream.errors import CreditsError
 from meterstream.metrics import Metrics
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import credits as store
@@ -84,28 +90,7 @@ def register(
 ) -> None:
     """Add the routes; call before ``web.register`` (which installs the guard)."""
 
-    def respond(view: View, body: Any, status: int = 200) -> Response:
-        metrics.api_requests.inc(route=type(view).__name__.lower(), status=str(status))
-        return view.bytes(dumps(body), content_type="application/json", status=status)
-
-    def guarded(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-        async def run(view: View, request: Request, **kwargs: Any) -> Response:
-            try:
-                return await handler(view, request, **kwargs)
-            except Denied as exc:
-                metrics.api_requests.inc(route=type(view).__name__.lower(), status=str(exc.status))
-                return view.bytes(
-                    dumps({"error": exc.error}),
-                    content_type="application/json",
-                    status=exc.status,
-                    headers=exc.headers,
-                )
-            except CreditsError as exc:
-                return respond(view, {"error": str(exc)}, 400)
-            except DependencyError as exc:
-                return respond(view, {"error": f"ClickHouse: {exc}"}, 503)
-
-        return run
+    respond, guarded = json_routes(metrics, (CreditsError,))
 
     link_secret = page_link_secret(settings)
 

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -23,7 +22,14 @@ import orjson
 from faust.web import Request, Response, View
 
 from meterstream.api.keys import ApiKey, KeyStore
-from meterstream.api.web import Denied, bearer_key, dumps, page_link_secret, read_body, read_key
+from meterstream.api.web import (
+    Denied,
+    bearer_key,
+    json_routes,
+    page_link_secret,
+    read_body,
+    read_key,
+)
 from meterstream.billing.assignments import (
     AssignmentStore,
     BadSchedule,
@@ -31,7 +37,7 @@ from meterstream.billing.assignments import (
     parse_instant,
 )
 from meterstream.billing.customers import check_customer_id
-from meterstream.errors import DependencyError, PricingError
+from meterstream.errors import PricingError
 from meterstream.meters.windows import period_label
 from meterstream.metrics import Metrics
 from meterstream.pricing.invoice import Period
@@ -52,26 +58,7 @@ def register(
 ) -> None:
     """Add the routes; call before ``web.register`` (which installs the guard)."""
 
-    def respond(view: View, body: Any, status: int = 200) -> Response:
-        metrics.api_requests.inc(route=type(view).__name__.lower(), status=str(status))
-        return view.bytes(dumps(body), content_type="application/json", status=status)
-
-    def guarded(handler: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-        async def run(view: View, request: Request, **kwargs: Any) -> Response:
-            try:
-                return await handler(view, request, **kwargs)
-            except Denied as exc:
-                metrics.api_requests.inc(route=type(view).__name__.lower(), status=str(exc.status))
-                return view.bytes(
-                    dumps({"error": exc.error}),
-                    content_type="application/json",
-                    status=exc.status,
-                    headers=exc.headers,
-                )
-            except DependencyError as exc:
-                return respond(view, {"error": f"ClickHouse: {exc}"}, 503)
-
-        return run
+    respond, guarded = json_routes(metrics)
 
     link_secret = page_link_secret(settings)
 

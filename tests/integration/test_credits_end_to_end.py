@@ -172,6 +172,17 @@ class Receiver:
         return out
 
 
+def _worker_env(stack: StackSlice, receiver: Receiver) -> dict[str, str]:
+    plans_file = stack.tmp / "plans.yaml"
+    plans_file.write_text(PLANS)
+    return {
+        "METERSTREAM_PLANS_FILE": str(plans_file),
+        "METERSTREAM_CREDITS_BURN_SECONDS": "0.5",
+        "METERSTREAM_CREDITS_WEBHOOK_URL": receiver.url,
+        "METERSTREAM_CREDITS_WEBHOOK_SECRET": SECRET,
+    }
+
+
 def _records(stack: StackSlice, topic: str) -> list[dict[str, Any]]:
     async def read() -> list[dict[str, Any]]:
         consumer = AIOKafkaConsumer(
@@ -220,15 +231,8 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     b_amount = (s2 / 2).quantize(Decimal("0.01"))
     effective = now - 2 * HOUR
 
-    plans_file = stack.tmp / "plans.yaml"
-    plans_file.write_text(PLANS)
     receiver = Receiver()
-    env = {
-        "METERSTREAM_PLANS_FILE": str(plans_file),
-        "METERSTREAM_CREDITS_BURN_SECONDS": "0.5",
-        "METERSTREAM_CREDITS_WEBHOOK_URL": receiver.url,
-        "METERSTREAM_CREDITS_WEBHOOK_SECRET": SECRET,
-    }
+    env = _worker_env(stack, receiver)
     keys = KeyStore(stack.tmp / "state" / "api_keys.json")
     _, operator = keys.create("operator")
     _, acme_key = keys.create("acme only", "acme")
@@ -428,16 +432,9 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
 
 def test_an_alert_pending_at_a_kill_is_delivered_once_after_the_restart(stack: StackSlice) -> None:
     now = time.time_ns() // 1_000_000
-    plans_file = stack.tmp / "plans.yaml"
-    plans_file.write_text(PLANS)
     receiver = Receiver()
     receiver.down = True
-    env = {
-        "METERSTREAM_PLANS_FILE": str(plans_file),
-        "METERSTREAM_CREDITS_BURN_SECONDS": "0.5",
-        "METERSTREAM_CREDITS_WEBHOOK_URL": receiver.url,
-        "METERSTREAM_CREDITS_WEBHOOK_SECRET": SECRET,
-    }
+    env = _worker_env(stack, receiver)
     keys = KeyStore(stack.tmp / "state" / "api_keys.json")
     _, operator = keys.create("operator")
     worker = stack.start_worker(stack.meters_file(METERS), **env)
