@@ -468,6 +468,47 @@ def _credit_paths(key_required: list[dict[str, list[str]]]) -> dict[str, Any]:
                 },
             }
         },
+        "/v1/customers/{customer_id}/credits/alerts": {
+            "parameters": [_CUSTOMER],
+            "get": {
+                "summary": "A customer's alert thresholds and their states",
+                "security": key_required,
+                "responses": {
+                    "200": _json({"type": "object"}, "Thresholds and states."),
+                    "400": _error("A bad customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": restricted,
+                    "503": busy,
+                },
+            },
+            "put": {
+                "summary": "Set a customer's alert thresholds (the whole list)",
+                "security": key_required,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["thresholds"],
+                                "properties": {
+                                    "thresholds": {"type": "array", "items": {"type": "object"}}
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json({"type": "object"}, "Thresholds and states."),
+                    "400": _error("A bad body, threshold or customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": operator_only,
+                    "413": _error("The body is too large."),
+                    "415": _error("The body is not application/json."),
+                    "503": busy,
+                },
+            },
+        },
         "/v1/customers/{customer_id}/entitlements": {
             "get": {
                 "summary": "Whether a customer has access, and why not",
