@@ -478,7 +478,13 @@ class CreditService:
             if book is None:
                 book = await self._new_book(grant, now)
             else:
+                earliest = min(g.effective_ms for g in book.grants.values())
                 await self._append(book.add_grant(grant, now))
+                if grant.effective_ms < earliest:  # the months before: priced next tick,
+                    # as a restart (which starts at the earliest grant's month) would
+                    self.dirty[grant.customer_id].update(
+                        _periods_between(grant.effective_ms, min(earliest, now))
+                    )
             await self._decide(grant.customer_id, f"grant:{grant.grant_id}")
             return {"grant": grant.to_json(), "balance": canon(book.balance)}
 
