@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     # How often the worker reprices the current (and previous) period into ClickHouse
     # priced_usage_daily (pipeline/worker/invoices.py); 0 turns it off.
     pricing_refresh_seconds: float = Field(default=60.0, ge=0)
+    # How often the worker burns prepaid credits for the customers whose usage changed
+    # (and writes expiries that came due; pipeline/worker/credits.py).
+    credits_burn_seconds: float = Field(default=1.0, gt=0)
+    # Where credit alerts are POSTed, signed with the secret (pipeline/worker/alerts.py);
+    # unset: alerts go to the topic billing-alerts only.
+    credits_webhook_url: str | None = None
+    credits_webhook_secret: SecretStr | None = None
     dedup_horizon_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     store: Literal["memory", "rocksdb"] = "memory"
     store_path: Path | None = None

@@ -78,4 +78,36 @@ STRIPE_ERRORS = TopicSpec(
     cleanup_policy="delete",
 )
 
-ALL_TOPICS = (USAGE_EVENTS, USAGE_EVENTS_DLQ, CUSTOMERS, CUSTOMER_PLANS, STRIPE_ERRORS)
+ENTITLEMENTS = TopicSpec(
+    name="entitlements",
+    key="customer_id (UTF-8)",
+    value=(
+        'JSON {"customer_id", "has_access", "reasons", "balance", "currency", "period",'
+        ' "usage": {meter: {"used", "limit", "remaining", "limit_reached"}},'
+        ' "requires_balance", "at_ms", "cause"}: the latest entitlement, written on every'
+        " change by the worker (pipeline/worker/credits.py)"
+    ),
+    retention_ms=None,
+    cleanup_policy="compact",
+)
+BILLING_ALERTS = TopicSpec(
+    name="billing-alerts",
+    key="customer_id (UTF-8)",
+    value=(
+        'JSON {"id": "alrt_...", "object": "billing_alert", "type", "customer_id",'
+        ' "threshold_id", "at_ms", "cause", "value", "threshold", "currency", "meter", ...}:'
+        " each credit alert once per crossing (pipeline/worker/alerts.py); consumers"
+        " deduplicate by id"
+    ),
+    retention_ms=30 * DAY_MS,
+    cleanup_policy="delete",
+)
+ALL_TOPICS = (
+    USAGE_EVENTS,
+    USAGE_EVENTS_DLQ,
+    CUSTOMERS,
+    CUSTOMER_PLANS,
+    STRIPE_ERRORS,
+    ENTITLEMENTS,
+    BILLING_ALERTS,
+)

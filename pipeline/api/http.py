@@ -19,7 +19,7 @@ from faust.web import Request, Response, View
 from meterstream.answers import dumps
 from meterstream.api import guard, links
 from meterstream.api.keys import ApiKey, KeyStore
-from meterstream.errors import Denied
+from meterstream.errors import Denied, DependencyError
 from meterstream.metrics import Metrics
 from meterstream.settings import Settings
 
@@ -144,14 +144,19 @@ class Routes:
             dumps(body), content_type="application/json", status=status, headers=headers
         )
 
-    def guarded(self, handler: Handler) -> Handler:
-        """The handler, with a :class:`Denied` raised in it answered as its JSON error."""
+    def guarded(self, handler: Handler, bad_input: tuple[type[Exception], ...] = ()) -> Handler:
+        """The handler, with a :class:`Denied` raised in it answered as its JSON error, an
+        exception of ``bad_input`` as 400 with its text, a failed dependency as 503."""
 
         async def run(view: View, request: Request, **kwargs: Any) -> Response:
             try:
                 return await handler(view, request, **kwargs)
             except Denied as exc:
                 return self.respond(view, {"error": exc.error}, exc.status, exc.headers)
+            except bad_input as exc:
+                return self.respond(view, {"error": str(exc)}, 400)
+            except DependencyError as exc:
+                return self.respond(view, {"error": f"ClickHouse: {exc}"}, 503)
 
         return run
 

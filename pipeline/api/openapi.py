@@ -285,6 +285,7 @@ def _routes_document() -> dict[str, Any]:
             **_usage_paths(),
             **_fate_and_page_paths(),
             **_price_paths(),
+            **_credit_paths(),
             **_customer_paths(),
             **_stripe_paths(),
         },
@@ -494,6 +495,165 @@ def _price_paths() -> dict[str, Any]:
                     "503": _error("ClickHouse unavailable."),
                 },
             },
+        },
+    }
+
+
+_GRANT_BODY = {
+    "type": "object",
+    "required": ["amount"],
+    "properties": {
+        "amount": {"type": "string", "description": "Decimal string, whole minor units."},
+        "priority": {"type": "integer", "description": "Burned lowest first (default 50)."},
+        "effective": {"type": "string", "description": "YYYY-MM-DD or RFC 3339 (now)."},
+        "expires": {"type": "string", "description": "YYYY-MM-DD or RFC 3339 (never)."},
+        "currency": {"type": "string", "description": "Default: the default plan's."},
+        "grant_id": {"type": "string", "description": "Your id: a retry is harmless."},
+    },
+}
+
+
+def _credit_paths() -> dict[str, Any]:
+    """The routes of pipeline/api/credits.py."""
+    restricted = _error("The key is restricted to another customer.")
+    operator_only = _error("A key restricted to a customer cannot do this.")
+    busy = _error("The worker is rebuilding its credit books (at start), or ClickHouse.")
+
+    def body(schema: dict[str, Any]) -> dict[str, Any]:
+        return {"required": False, "content": {"application/json": {"schema": schema}}}
+
+    return {
+        "/v1/customers/{customer_id}/credits": {
+            "get": {
+                "summary": "A customer's credit balance and grants",
+                "security": KEY_REQUIRED,
+                "parameters": [_CUSTOMER],
+                "responses": {
+                    "200": _json({"type": "object"}, "Balance, uncovered spend, grants."),
+                    "400": _error("A bad customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": restricted,
+                    "404": _error("The customer has no credits."),
+                    "503": busy,
+                },
+            }
+        },
+        "/v1/customers/{customer_id}/credits/grants": {
+            "post": {
+                "summary": "Grant a customer credit",
+                "security": KEY_REQUIRED,
+                "parameters": [_CUSTOMER],
+                "requestBody": body(_GRANT_BODY),
+                "responses": {
+                    "201": _json({"type": "object"}, "The grant and the balance after it."),
+                    "400": _error("A bad body, amount, date, currency or customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": operator_only,
+                    "413": _error("The body is too large."),
+                    "415": _error("The body is not application/json."),
+                    "503": busy,
+                },
+            }
+        },
+        "/v1/customers/{customer_id}/credits/grants/{grant_id}/void": {
+            "post": {
+                "summary": "Void what is left of a grant from now on",
+                "security": KEY_REQUIRED,
+                "parameters": [
+                    _CUSTOMER,
+                    {
+                        "name": "grant_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "requestBody": body(
+                    {"type": "object", "properties": {"reason": {"type": "string"}}}
+                ),
+                "responses": {
+                    "200": _json({"type": "object"}, "The void and the balance after it."),
+                    "400": _error("A bad body or customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": operator_only,
+                    "404": _error("No such grant for the customer."),
+                    "413": _error("The body is too large."),
+                    "415": _error("The body is not application/json."),
+                    "503": busy,
+                },
+            }
+        },
+        "/v1/customers/{customer_id}/credits/ledger": {
+            "get": {
+                "summary": "A customer's credit ledger and its sums by kind",
+                "security": KEY_REQUIRED,
+                "parameters": [_CUSTOMER],
+                "responses": {
+                    "200": _json({"type": "object"}, "Entries and totals."),
+                    "400": _error("A bad customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": restricted,
+                    "503": busy,
+                },
+            }
+        },
+        "/v1/customers/{customer_id}/credits/alerts": {
+            "parameters": [_CUSTOMER],
+            "get": {
+                "summary": "A customer's alert thresholds and their states",
+                "security": KEY_REQUIRED,
+                "responses": {
+                    "200": _json({"type": "object"}, "Thresholds and states."),
+                    "400": _error("A bad customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": restricted,
+                    "503": busy,
+                },
+            },
+            "put": {
+                "summary": "Set a customer's alert thresholds (the whole list)",
+                "security": KEY_REQUIRED,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["thresholds"],
+                                "properties": {
+                                    "thresholds": {"type": "array", "items": {"type": "object"}}
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json({"type": "object"}, "Thresholds and states."),
+                    "400": _error("A bad body, threshold or customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": operator_only,
+                    "413": _error("The body is too large."),
+                    "415": _error("The body is not application/json."),
+                    "503": busy,
+                },
+            },
+        },
+        "/v1/customers/{customer_id}/entitlements": {
+            "get": {
+                "summary": "Whether a customer has access, and why not",
+                "security": KEY_REQUIRED,
+                "parameters": [
+                    _CUSTOMER,
+                    {"name": "meter", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": _json({"type": "object"}, "Access, reasons, balance, usage."),
+                    "400": _error("A bad customer id."),
+                    "401": _UNAUTHORIZED,
+                    "403": restricted,
+                    "503": busy,
+                },
+            }
         },
     }
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from meterstream.api.keys import KeyStore
+from meterstream.cli import credits as credits_cli
 from meterstream.cli import plans as plans_cli
 from meterstream.cli import stripe as stripe_cli
 from meterstream.cli.options import private_state_dir, settings_from
@@ -195,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _page_commands(sub, common)
     stripe_cli.register(sub, common)
     plans_cli.register(sub, common, settings_from)
+    credits_cli.register(sub, common, settings_from)
     return parser
 
 

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import faust
 
+from meterstream.api import credits as credit_api
 from meterstream.api import invoices, web
 from meterstream.api.http import Routes
 from meterstream.api.keys import KeyStore, retire_cli_key_file
@@ -33,6 +34,7 @@ from meterstream.logs import configure_logging
 from meterstream.meters.config import MetersConfig, load_meters, meters_path
 from meterstream.metrics import Metrics
 from meterstream.pricing.invoice import Period
+from meterstream.pricing.plans import PlansConfig
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.clickhouse.client import ClickHouse, open_clickhouse
@@ -40,7 +42,10 @@ from meterstream.sinks.clickhouse.migrate import migrate
 from meterstream.sinks.clickhouse.pricing import write_priced_usage
 from meterstream.sinks.clickhouse.reads import ReadIO, sql_limits
 from meterstream.topics.admin import ensure_topics
+from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.app import create_app
+from meterstream.worker.batch import Pipeline
+from meterstream.worker.credits import CreditService
 from meterstream.worker.forwarder import install_forwarder
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
 from meterstream.worker.invoices import load_plans_for, priced_period_rows
@@ -109,7 +114,8 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         app, settings, meters, calls, metrics, pipeline=pipeline, mappings=mappings
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
-    invoice_routes = install_pricing(app, settings, meters, calls, reads, bootstrap)
+    plans, invoice_routes = install_pricing(app, settings, meters, calls, reads, bootstrap)
+    credit_routes = install_credits(app, settings, calls, reads, plans, pipeline)
     web.register(
         app,
         settings,
@@ -121,7 +127,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         mappings,
         reads=reads,
         meters=meters,
-        extra_routes=[invoice_routes],
+        extra_routes=[invoice_routes, credit_routes],
     )
 
     async def stop_publisher(sender: Any, *args: Any, **kwargs: Any) -> None:
@@ -139,9 +145,9 @@ def install_pricing(
     calls: ClickHouseIO,
     reads: ReadIO,
     bootstrap: str,
-) -> Callable[[Routes], None]:
+) -> tuple[PlansConfig, Callable[[Routes], None]]:
     """Plans (checked at start), the plan schedule follower and the pricing runs into
-    ``priced_usage_daily``; returns the registration of the invoice routes."""
+    ``priced_usage_daily``; returns the plans and the registration of the invoice routes."""
     plans = load_plans_for(settings, meters)
     assignments = AssignmentStore(settings, calls, bootstrap, [p.name for p in plans.plans])
 
@@ -163,7 +169,46 @@ def install_pricing(
                 except Exception:  # logged, retried next interval; never stops the worker
                     log.exception("pricing run for %s failed; retried next interval", period)
 
-    return lambda routes: invoices.register(routes, reads, plans, assignments)
+    return plans, lambda routes: invoices.register(routes, reads, plans, assignments)
+
+
+def install_credits(
+    app: faust.App,
+    settings: Settings,
+    calls: ClickHouseIO,
+    reads: ReadIO,
+    plans: PlansConfig,
+    pipeline: Pipeline,
+) -> Callable[[Routes], None]:
+    """Prepaid credits (pipeline/worker/credits.py): the books rebuilt at start, the burn
+    timer, the record listener that marks customers dirty; returns the registration of
+    the credit routes."""
+    alerts = AlertDesk(app, settings, calls)
+    credits = CreditService(app, settings, calls, plans, reads.read, alerts)
+    pipeline.record_listeners.append(credits.record_changed)
+
+    @app.task
+    async def resume_credits() -> None:
+        await alerts.start()  # states first: resuming the books evaluates thresholds
+        await credits.start()
+
+    @app.timer(0.5)
+    async def deliver_alerts() -> None:
+        if not credits.ready.is_set():
+            return
+        try:
+            await alerts.deliver()
+        except Exception:  # logged, retried next interval; never stops the worker
+            log.exception("delivering credit alerts failed; retried next interval")
+
+    @app.timer(settings.credits_burn_seconds)
+    async def burn_credits() -> None:
+        try:
+            await credits.burn()
+        except Exception:  # logged, the customers stay dirty; never stops the worker
+            log.exception("burning credits failed; retried next interval")
+
+    return lambda routes: credit_api.register(routes, reads, credits)
 
 
 def _topics_and_guarantee(settings: Settings, bootstrap: str) -> str:

@@ -134,6 +134,33 @@ def test_a_customer_link_shows_the_apis_numbers_and_nothing_else(
             tokens[day] += Decimal(str(e["properties"]["tokens"]))
             calls[day] += 1
 
+    # Prepaid credits: 100 usd granted now; the usage before it is settled from it.
+    granted = requests.post(
+        f"{worker.web_url}/v1/customers/acme/credits/grants", json={"amount": "100.00"},
+        headers={"Authorization": f"Bearer {admin}"}, timeout=60,
+    )  # fmt: skip
+    assert granted.status_code == 201, granted.text
+    cost = sum(tokens.values()) * Decimal("0.02")
+
+    def credits() -> dict[str, Any]:
+        answer = requests.get(
+            f"{worker.web_url}/v1/customers/acme/credits",
+            headers={"Authorization": f"Bearer {admin}"}, timeout=60,
+        )  # fmt: skip
+        answer.raise_for_status()
+        return dict(answer.json())
+
+    wait_until(lambda: Decimal(credits()["balance"]) == 100 - cost, what="credits burned")
+    alerts = {"thresholds": [
+        {"threshold_id": "low", "kind": "balance_below", "amount": "10"},
+        {"threshold_id": "high", "kind": "balance_below", "amount": "1000"},
+    ]}  # fmt: skip
+    answer = requests.put(
+        f"{worker.web_url}/v1/customers/acme/credits/alerts", json=alerts,
+        headers={"Authorization": f"Bearer {admin}"}, timeout=60,
+    )  # fmt: skip
+    assert answer.status_code == 200, answer.text
+
     made = cli("billing", "link", "acme", "--base-url", worker.web_url, "--state-dir", str(state))
     assert made.returncode == 0, made.stderr
     url = made.stdout.strip()
@@ -186,6 +213,15 @@ def test_a_customer_link_shows_the_apis_numbers_and_nothing_else(
     assert preview.status_code == 200, preview.text
     assert invoice == preview.json()["total"]
     assert Decimal(invoice) == 20 + sum(tokens.values()) * Decimal("0.02")
+
+    # Credits: the balance, the grant and the access, as the API says.
+    balance = page.locator("#credits-balance").inner_text()
+    assert balance == f"{credits()['balance']} USD" and Decimal(balance.split()[0]) == 100 - cost
+    assert page.locator("#credits-access").inner_text() == "yes"
+    assert "armed" in page.locator("#credits-body tr[data-threshold='low']").inner_text()
+    assert "fired" in page.locator("#credits-body tr[data-threshold='high']").inner_text()
+    grant_id = granted.json()["grant"]["grant_id"]
+    assert "100" in page.locator(f"#credits-body tr[data-grant='{grant_id}']").inner_text()
 
     page.fill("#lookup-key", "acme-1")
     page.click("#lookup-form button")

@@ -91,6 +91,11 @@ def test_migrations_apply_once(ch: ClickHouse) -> None:
         "customer_plans": "ReplacingMergeTree",
         "priced_usage_runs": "MergeTree",
         "priced_usage_daily": "View",
+        "credit_grants": "ReplacingMergeTree",
+        "credit_ledger": "ReplacingMergeTree",
+        "credit_alert_thresholds": "ReplacingMergeTree",
+        "credit_alerts": "ReplacingMergeTree",
+        "credit_alert_deliveries": "ReplacingMergeTree",
     }
     recorded = ch.query_rows("SELECT version, name FROM schema_migrations ORDER BY version")
     assert recorded == [(i + 1, name) for i, name in enumerate(MIGRATIONS)]

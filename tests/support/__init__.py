@@ -19,5 +19,6 @@ MIGRATIONS = [
     "0007_stripe_customers",
     "0008_usage_events_refused_meters",
     "0009_prices",
+    "0010_credits",
 ]
 """The ClickHouse migrations this version ships, in the order they apply."""

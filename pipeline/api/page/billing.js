@@ -146,12 +146,48 @@ async function loadInvoice(bounds) {
 
 async function loadCredits() {
   const body = document.getElementById("credits-body");
-  const found = await api(customerPath("entitlements"));
+  const [found, credits] = await Promise.all([
+    api(customerPath("entitlements")), api(customerPath("credits"))]);
   if (found.status === 404) {
     body.replaceChildren(el("p", { class: "note" }, "Prepaid credits and alerts are not enabled on this meterstream."));
     return;
   }
-  body.replaceChildren(el("pre", {}, JSON.stringify(found.body, null, 2)));
+  if (found.status !== 200) {
+    body.replaceChildren(el("p", { class: "note" }, `Not available (${found.status}).`));
+    return;
+  }
+  const e = found.body;
+  const why = e.reasons.map((r) => r.replaceAll("_", " ")).join(", ");
+  const parts = [el("p", {}, "Access: ",
+    el("strong", { id: "credits-access" }, e.has_access ? "yes" : `no (${why})`))];
+  if (credits.status === 200) {
+    const c = credits.body;
+    parts.push(el("p", {}, "Balance: ",
+      el("strong", { id: "credits-balance" }, `${c.balance} ${c.currency.toUpperCase()}`)));
+    parts.push(c.grants.length ? table(
+      [{ label: "grant" }, { label: "left / granted", num: true }, { label: "until" }],
+      c.grants.map((g) => ({ attrs: { "data-grant": g.grant_id, title: `priority ${g.priority}` },
+        cells: [g.grant_id.slice(0, 12), `${g.remaining} / ${g.amount}`,
+          g.voided_ms ? `voided ${when(g.voided_ms)}` : when(g.expires_ms)] })),
+      { "aria-label": "credit grants" }) : el("p", { class: "note" }, "No grants."));
+  } else {
+    parts.push(el("p", { class: "note" }, "No prepaid credits: usage is invoiced."));
+  }
+  const meters = Object.entries(e.usage);
+  if (meters.length) {
+    parts.push(table([{ label: "meter" }, { label: `used in ${e.period}`, num: true },
+      { label: "limit", num: true }],
+      meters.map(([m, u]) => ({ cells: [m, u.used, u.limit ?? "none"] })),
+      { "aria-label": "usage this period" }));
+  }
+  const alerts = await api(customerPath("credits/alerts"));
+  const set = alerts.status === 200 ? alerts.body.thresholds : [];
+  parts.push(set.length ? table([{ label: "alert" }, { label: "when" }, { label: "state" }],
+    set.map((t) => ({ attrs: { "data-threshold": t.threshold_id }, cells: [t.threshold_id,
+      `${t.kind.replaceAll("_", " ")}${t.amount ? ` ${t.amount}` : ""}${t.meter ? ` (${t.meter})` : ""}`,
+      alerts.body.states[t.threshold_id]?.fired ? "fired" : "armed"] })),
+    { "aria-label": "alerts" }) : el("p", { class: "note" }, "No alerts set."));
+  body.replaceChildren(...parts);
 }
 
 function when(ms) { return ms ? new Date(ms).toISOString().replace(".000Z", "Z") : "never"; }

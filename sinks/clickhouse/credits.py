@@ -1,0 +1,218 @@
+"""ClickHouse side of prepaid credits (migration 0010): grants and voids as given, and the
+append-only ledger. Plain reads and appends; the burn engine is pipeline/credits/.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from typing import Any
+
+from meterstream.sinks.clickhouse.client import ClickHouse
+from meterstream.sinks.clickhouse.pricing import _dt, _ms
+
+CREDIT_GRANTS = "credit_grants"
+CREDIT_GRANTS_COLUMNS = (
+    "customer_id",
+    "grant_id",
+    "kind",
+    "amount",
+    "currency",
+    "effective_at",
+    "expires_at",
+    "priority",
+    "origin",
+    "reason",
+    "changed_by",
+    "changed_at",
+)
+CREDIT_LEDGER = "credit_ledger"
+CREDIT_LEDGER_COLUMNS = (
+    "customer_id",
+    "entry_id",
+    "kind",
+    "amount",
+    "currency",
+    "at",
+    "grant_id",
+    "source",
+    "seq",
+    "key_total",
+    "cause",
+    "written_at",
+)
+
+
+def _now() -> dt.datetime:
+    return _dt(time.time_ns() // 1_000_000)
+
+
+def _customers_filter(customers: Iterable[str] | None) -> tuple[str, dict[str, Any]]:
+    """A WHERE clause on ``customers`` (none: every customer) and its parameters."""
+    if customers is None:
+        return "", {}
+    return "WHERE customer_id IN {customers:Array(String)}", {"customers": sorted(set(customers))}
+
+
+def append_grants(ch: ClickHouse, rows: Sequence[Sequence[Any]]) -> None:
+    """Append grant and void rows (columns :data:`CREDIT_GRANTS_COLUMNS` but ``changed_at``,
+    times in epoch ms); a repeat of the same (customer, grant id, kind) collapses."""
+    now = _now()
+    ch.insert(
+        CREDIT_GRANTS,
+        [
+            (*r[:5], _dt(int(r[5])), None if r[6] is None else _dt(int(r[6])), *r[7:11], now)
+            for r in rows
+        ],
+        column_names=list(CREDIT_GRANTS_COLUMNS),
+    )
+
+
+def grant_rows(ch: ClickHouse, customers: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Every grant and void row (of ``customers``, or all), times in epoch ms."""
+    where, params = _customers_filter(customers)
+    rows = ch.query_rows(
+        f"""
+        SELECT customer_id, grant_id, kind, toString(amount), currency, effective_at,
+               expires_at, priority, origin, reason, changed_by
+        FROM {CREDIT_GRANTS} FINAL {where}
+        ORDER BY customer_id, changed_at, grant_id, kind
+        """,
+        parameters=params,
+    )
+    return [
+        {
+            "customer_id": str(r[0]),
+            "grant_id": str(r[1]),
+            "kind": str(r[2]),
+            "amount": Decimal(str(r[3])),
+            "currency": str(r[4]),
+            "effective_ms": _ms(r[5]),
+            "expires_ms": None if r[6] is None else _ms(r[6]),
+            "priority": int(r[7]),
+            "origin": str(r[8]),
+            "reason": str(r[9]),
+            "changed_by": str(r[10]),
+        }
+        for r in rows
+    ]
+
+
+def append_entries(ch: ClickHouse, rows: Sequence[Sequence[Any]]) -> None:
+    """Append ledger rows (columns :data:`CREDIT_LEDGER_COLUMNS` but ``written_at``, ``at``
+    in epoch ms); a repeated entry id collapses (the table keeps one)."""
+    if not rows:
+        return
+    now = _now()
+    ch.insert(
+        CREDIT_LEDGER,
+        [(*r[:5], _dt(int(r[5])), *r[6:11], now) for r in rows],
+        column_names=list(CREDIT_LEDGER_COLUMNS),
+    )
+
+
+def ledger_rows(ch: ClickHouse, customers: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Every ledger row (of ``customers``, or all), one per entry id, in time order."""
+    where, params = _customers_filter(customers)
+    rows = ch.query_rows(
+        f"""
+        SELECT customer_id, entry_id, kind, toString(amount), currency, at, grant_id, source,
+               seq, toString(key_total), cause
+        FROM {CREDIT_LEDGER} FINAL {where}
+        ORDER BY customer_id, at, kind, grant_id, source, seq
+        """,
+        parameters=params,
+    )
+    return [
+        {
+            "customer_id": str(r[0]),
+            "entry_id": str(r[1]),
+            "kind": str(r[2]),
+            "amount": Decimal(str(r[3])),
+            "currency": str(r[4]),
+            "at_ms": _ms(r[5]),
+            "grant_id": str(r[6]) or None,
+            "source": str(r[7]) or None,
+            "seq": int(r[8]),
+            "key_total": Decimal(str(r[9])),
+            "cause": str(r[10]),
+        }
+        for r in rows
+    ]
+
+
+def ledger_balance(ch: ClickHouse, customer_id: str) -> Decimal:
+    """The sum of the customer's ledger, computed by ClickHouse."""
+    rows = ch.query_rows(
+        f"SELECT toString(sum(amount)) FROM {CREDIT_LEDGER} FINAL"
+        " WHERE customer_id = {customer:String}",
+        parameters={"customer": customer_id},
+    )
+    return Decimal(str(rows[0][0])) if rows else Decimal(0)
+
+
+# ------------------------------------------------------------------ alerts
+
+
+def set_thresholds(ch: ClickHouse, customer_id: str, doc: str, version: int, by: str) -> None:
+    ch.insert(
+        "credit_alert_thresholds",
+        [(customer_id, doc, version, by)],
+        column_names=["customer_id", "thresholds", "version", "changed_by"],
+    )
+
+
+def thresholds(ch: ClickHouse) -> dict[str, str]:
+    """The current thresholds JSON per customer."""
+    rows = ch.query_rows(
+        "SELECT customer_id, argMax(thresholds, version) FROM credit_alert_thresholds"
+        " GROUP BY customer_id"
+    )
+    return {str(r[0]): str(r[1]) for r in rows}
+
+
+def append_alert_change(
+    ch: ClickHouse, customer_id: str, version: int, states: str, alerts: str
+) -> None:
+    ch.insert(
+        "credit_alerts",
+        [(customer_id, version, states, alerts, _now())],
+        column_names=["customer_id", "version", "states", "alerts", "created_at"],
+    )
+
+
+def alert_states(ch: ClickHouse) -> dict[str, tuple[int, str]]:
+    """The latest (version, states JSON) per customer."""
+    rows = ch.query_rows(
+        "SELECT customer_id, max(version), argMax(states, version) FROM credit_alerts"
+        " GROUP BY customer_id"
+    )
+    return {str(r[0]): (int(r[1]), str(r[2])) for r in rows}
+
+
+def undelivered_alerts(ch: ClickHouse, channel: str) -> list[str]:
+    """Alerts JSON (one string per alert) not yet delivered (nor dead) on ``channel``."""
+    rows = ch.query_rows(
+        """
+        SELECT alert FROM (
+            SELECT arrayJoin(JSONExtractArrayRaw(alerts)) AS alert FROM credit_alerts FINAL
+        )
+        WHERE JSONExtractString(alert, 'id') NOT IN (
+            SELECT alert_id FROM credit_alert_deliveries WHERE channel = {channel:String}
+        )
+        """,
+        parameters={"channel": channel},
+    )
+    return [str(r[0]) for r in rows]
+
+
+def record_delivery(
+    ch: ClickHouse, alert_id: str, channel: str, attempts: int, outcome: str
+) -> None:
+    ch.insert(
+        "credit_alert_deliveries",
+        [(alert_id, channel, _now(), attempts, outcome)],
+        column_names=["alert_id", "channel", "delivered_at", "attempts", "outcome"],
+    )
