@@ -101,6 +101,20 @@ class Metrics:
         self.windows_recomputed = Metric(
             "meterstream_windows_recomputed_total", "Window states rebuilt from the record", c
         )
+        self.window_rebuilds = Metric(
+            "meterstream_window_rebuilds_total",
+            "Window states rebuilt from the record, by reason: absent (the table held no state"
+            " and the window was not provably new), uncounted (events in the record that no"
+            " table write counted: a batch replayed after a crash), isolation (rewritten after"
+            " a batch isolation)",
+            c,
+        )
+        self.end_markers = Metric(
+            "meterstream_changelog_end_markers_total",
+            "One-record batches that end a batch's changelog writes per partition"
+            " (Pipeline._end_markers; METERSTREAM_CHANGELOG_END_MARKERS)",
+            c,
+        )
         self.windows_new = Metric(
             "meterstream_windows_new_total",
             "Windows unknown to the table and provably new (not rebuilt from the record)",

@@ -1,8 +1,22 @@
-"""Session-wide real components: one embedded broker (and, for the tests that ask for it,
-one Apache Kafka), one Stripe emulator, one chdb path."""
+"""Session-wide real components: the session broker (Tansu, Apache Kafka or both, chosen
+by ``--broker``), one Stripe emulator, one chdb path.
+
+Options (each also an environment variable, for ``make test PYTEST_ARGS=...`` or CI):
+
+- ``--broker tansu|kafka|both`` (``METERSTREAM_TEST_BROKER``, default ``tansu``): the
+  broker behind the ``broker`` fixture, and so behind ``stack`` and every suite that
+  uses them. ``both`` runs each such test once per broker (ids ``[tansu]``,
+  ``[kafka]``), as quix-streams runs its state tests over every store; with one broker
+  the test ids are unchanged.
+- ``--guarantee auto|at_least_once|exactly_once`` (``METERSTREAM_TEST_GUARANTEE``) and
+  ``--store memory|rocksdb`` (``METERSTREAM_TEST_STORE``): the workers' default
+  ``METERSTREAM_PROCESSING_GUARANTEE`` and ``METERSTREAM_STORE`` in ``stack`` (unset:
+  the worker's own defaults, ``auto`` and ``memory``); a test's own setting wins.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,9 +26,65 @@ from meterstream.embedded.kafka import KafkaBroker
 from meterstream.embedded.tansu import EmbeddedBroker
 from tests.harness import StackSlice, http_json
 
+BROKERS = ("tansu", "kafka")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("meterstream", "meterstream's real stack")
+    group.addoption(
+        "--broker",
+        default=os.environ.get("METERSTREAM_TEST_BROKER", "tansu"),
+        choices=(*BROKERS, "both"),
+        help="the session broker the suites run on (env METERSTREAM_TEST_BROKER)",
+    )
+    group.addoption(
+        "--guarantee",
+        default=os.environ.get("METERSTREAM_TEST_GUARANTEE", ""),
+        choices=("", "auto", "at_least_once", "exactly_once"),
+        help="the workers' METERSTREAM_PROCESSING_GUARANTEE (env METERSTREAM_TEST_GUARANTEE)",
+    )
+    group.addoption(
+        "--store",
+        default=os.environ.get("METERSTREAM_TEST_STORE", ""),
+        choices=("", "memory", "rocksdb"),
+        help="the workers' METERSTREAM_STORE (env METERSTREAM_TEST_STORE)",
+    )
+
+
+def selected_brokers(config: pytest.Config) -> tuple[str, ...]:
+    chosen = str(config.getoption("--broker"))
+    return BROKERS if chosen == "both" else (chosen,)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    brokers = selected_brokers(metafunc.config)
+    if "broker" in metafunc.fixturenames and len(brokers) > 1:
+        metafunc.parametrize("broker", brokers, indirect=True, scope="session")
+
+
+def worker_defaults(config: pytest.Config) -> dict[str, str]:
+    """The settings ``--guarantee`` and ``--store`` give every worker of ``stack``."""
+    out = {}
+    if guarantee := config.getoption("--guarantee"):
+        out["METERSTREAM_PROCESSING_GUARANTEE"] = str(guarantee)
+    if store := config.getoption("--store"):
+        out["METERSTREAM_STORE"] = str(store)
+    return out
+
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+def broker(request: pytest.FixtureRequest) -> EmbeddedBroker | KafkaBroker:
+    """The session broker of ``--broker`` (with ``both``: this test's parameter)."""
+    name = getattr(request, "param", None) or selected_brokers(request.config)[0]
+    running: EmbeddedBroker | KafkaBroker = request.getfixturevalue(
+        "kafka_broker" if name == "kafka" else "tansu_broker"
+    )
+    return running
+
+
+@pytest.fixture(scope="session")
+def tansu_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """Tansu, whatever ``--broker`` says (for tests of Tansu's own behaviour)."""
     log = tmp_path_factory.mktemp("broker") / "broker.log"
     with EmbeddedBroker(log=log) as running:
         yield running
@@ -24,7 +94,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     """Apache Kafka (one KRaft node from Kafka's jars, pipeline/embedded/kafka.py) with its
     data in a session state dir; skips with the reason where Java 17+ or the jars
-    (`make kafka-jars`) are missing. The suites themselves run on ``broker`` (Tansu)."""
+    (`make kafka-jars`) are missing. ``broker`` is this one with ``--broker kafka``."""
     from meterstream.embedded.kafka import jars_dir, java_command, kafka_unavailable
     from meterstream.settings import Settings
 
@@ -56,10 +126,21 @@ def worker_chdb_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def stack(
-    broker: EmbeddedBroker, stripe_emulator: str, worker_chdb_path: Path, tmp_path: Path
+    request: pytest.FixtureRequest,
+    broker: EmbeddedBroker | KafkaBroker,
+    stripe_emulator: str,
+    worker_chdb_path: Path,
+    tmp_path: Path,
 ) -> Iterator[StackSlice]:
     http_json(f"{stripe_emulator}/_emulator/reset", {})
-    test_stack = StackSlice(broker.bootstrap, worker_chdb_path, stripe_emulator, tmp_path)
+    test_stack = StackSlice(
+        broker.bootstrap,
+        worker_chdb_path,
+        stripe_emulator,
+        tmp_path,
+        broker_name="kafka" if isinstance(broker, KafkaBroker) else "tansu",
+        worker_defaults=worker_defaults(request.config),
+    )
     try:
         yield test_stack
     finally:

@@ -92,6 +92,9 @@ class StackSlice:
     prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:8]}-")
     database: str = field(default_factory=lambda: f"t_{uuid.uuid4().hex[:8]}")
     workers: list[Worker] = field(default_factory=list)
+    broker_name: str = "tansu"  # "kafka": Apache Kafka (durable, transactions)
+    # every worker's settings unless the test sets them (conftest: --guarantee, --store)
+    worker_defaults: dict[str, str] = field(default_factory=dict)
 
     @property
     def topic(self) -> str:
@@ -107,7 +110,7 @@ class StackSlice:
             stripe_url=self.stripe_url,
             meters_file=meters_file,
             state_dir=self.tmp / "state",
-            **{"METERSTREAM_CLICKHOUSE_FLUSH_SECONDS": "0.2", **extra},
+            **{"METERSTREAM_CLICKHOUSE_FLUSH_SECONDS": "0.2", **self.worker_defaults, **extra},
         )
 
     def meters_file(self, text: str) -> Path:
@@ -138,8 +141,15 @@ class StackSlice:
         wait_until(healthy, timeout=90, what="worker /healthz")
         return worker
 
-    def produce(self, records: Iterable[bytes | dict[str, Any]], *, batch: bool = True) -> int:
-        """Send records keyed by customer_id with a plain aiokafka producer."""
+    def produce(
+        self,
+        records: Iterable[bytes | dict[str, Any]],
+        *,
+        batch: bool = True,
+        positions: list[tuple[int, int]] | None = None,
+    ) -> int:
+        """Send records keyed by customer_id with a plain aiokafka producer; with
+        ``positions``, append each record's (partition, offset) to it, in order."""
         import asyncio
 
         from aiokafka import AIOKafkaProducer
@@ -164,9 +174,13 @@ class StackSlice:
             )
             await producer.start()
             try:
-                for key, value in encoded:
-                    await producer.send(self.topic, key=key, value=value)
+                sent = [
+                    await producer.send(self.topic, key=key, value=value) for key, value in encoded
+                ]
                 await producer.flush()
+                if positions is not None:
+                    for metadata in await asyncio.gather(*sent):
+                        positions.append((metadata.partition, metadata.offset))
             finally:
                 await producer.stop()
 

@@ -369,6 +369,7 @@ class Pipeline:
                 generation,
             )
             rebuild = {k for k in absent if k not in (new_windows or ())} | uncounted_windows
+            self._count_rebuilds(rebuild, uncounted_windows)
             rebuilt = await self._recompute(rebuild, exclude) if rebuild else {}
             bases = {**table_states, **rebuilt}
             fold.enforce_limits(self.meters, contrib, bases, dd.fresh)
@@ -466,6 +467,18 @@ class Pipeline:
         self.metrics.windows_new.inc(len((new_windows or set()) - totals))
         self._count(report, contrib.unmetered, told_states)
         return report
+
+    def _count_rebuilds(
+        self, rebuild: set[processor.WindowKey], uncounted: set[processor.WindowKey]
+    ) -> None:
+        """``meterstream_window_rebuilds_total`` by reason (customer totals not counted,
+        as in ``meterstream_windows_recomputed_total``)."""
+        absent = sum(1 for k in rebuild if not k.is_total and k not in uncounted)
+        replayed = sum(1 for k in uncounted if not k.is_total)
+        if absent:
+            self.metrics.window_rebuilds.inc(absent, reason="absent")
+        if replayed:
+            self.metrics.window_rebuilds.inc(replayed, reason="uncounted")
 
     def _injected_fault(self, counted: Sequence[UsageEvent]) -> None:
         """Test-only (``METERSTREAM_FAULT_UNPROCESSABLE_KEY``): counting an event whose
@@ -648,6 +661,9 @@ class Pipeline:
         aggs = self.meters.aggregators
         async with self.record_lock:
             states = await self._recompute(keys, exclude)
+            self.metrics.window_rebuilds.inc(
+                sum(1 for k in keys if not k.is_total), reason="isolation"
+            )
             dumps = {k: aggs[k.meter].dump(state) for k, state in states.items()}
             rows = self._window_rows(states, dumps, received)
             if rows:
@@ -767,6 +783,7 @@ class Pipeline:
         ]
         await self.app.producer.flush()
         await asyncio.gather(*futures)
+        self.metrics.end_markers.inc(len(futures))
 
     def table_sizes(self) -> dict[str, int]:
         return {"dedup": len(self.dedup), "windows": len(self.windows)}

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -102,31 +103,162 @@ def reconcile_and_read(stack: StackSlice, meters_file: Path) -> dict[tuple[str, 
     }
 
 
+@dataclass
+class Landing:
+    """Where one stop of a worker landed, as the test proves it (see
+    :func:`test_three_crashes_mid_stream`)."""
+
+    worker: int  # index in stack.workers
+    started_ms: int  # wall clock before the worker was started
+    signalled_ms: int  # wall clock just before the signal
+    rows_before: int  # the worker's own usage_events rows (when the signal was decided; then
+    # all it inserted, read after it was gone)
+    in_flight: int = -1  # of those, rows whose offsets were not committed once it was gone
+    rows_after: int = -1  # rows the workers after it inserted (ingested_at after the signal)
+    metrics: str = ""  # its /metrics just before the signal
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def own_rows(worker: Worker, since_ms: int) -> int:
+    """usage_events rows inserted by batches this worker received (``ingested_at`` is the
+    batch's receive time; the workers of a test run one after another)."""
+    return int(
+        worker.sql(
+            "SELECT count() AS n FROM usage_events"
+            f" WHERE toUnixTimestamp64Milli(ingested_at) >= {since_ms}"
+        )[0]["n"]
+    )
+
+
+def wait_until_processing(worker: Worker, since_ms: int, timeout: float = 240) -> int:
+    """Block until the worker's own rows grew between two polls (it has partitions and is
+    inserting right now); returns its row count then."""
+    seen: list[int] = []
+
+    def growing() -> bool:
+        assert worker.proc.poll() is None, f"worker exited {worker.proc.returncode}"
+        seen.append(own_rows(worker, since_ms))
+        return len(seen) > 1 and seen[-1] > seen[-2]
+
+    wait_until(growing, timeout=timeout, interval=0.25, what="the worker inserting")
+    return seen[-1]
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets per partition of ``topic`` (0 where none), read with
+    OffsetFetch only: the reader never joins the group."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = await consumer._client._wait_on_metadata(topic)
+        out = {}
+        for partition in sorted(partitions):
+            committed = await consumer.committed(TopicPartition(topic, partition))
+            out[partition] = committed or 0
+        return out
+    finally:
+        await consumer.stop()
+
+
+def produce_paced(
+    stack: StackSlice,
+    records: list[dict[str, Any]],
+    positions: list[tuple[int, int]],
+    until: threading.Event,
+) -> threading.Thread:
+    """Send ``records`` in order, ~500 every 0.5 s (the last 10% 50 at a time) until
+    ``until`` is set, then the rest at once: the stream is still flowing when each
+    restarted worker starts processing, however long its start takes."""
+    reserve = len(records) // 10
+
+    def run() -> None:
+        i = 0
+        while i < len(records):
+            left = len(records) - i
+            n = 2_500 if until.is_set() else 500 if left > reserve else 50
+            stack.produce(records[i : i + n], positions=positions)
+            i += n
+            if not until.is_set():
+                until.wait(0.5)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.parametrize(
     ("sig", "store"),
-    [(signal.SIGKILL, "memory"), (signal.SIGTERM, "memory"), (signal.SIGKILL, "rocksdb")],
+    [(signal.SIGKILL, None), (signal.SIGTERM, None), (signal.SIGKILL, "rocksdb")],
     ids=["sigkill", "sigterm", "sigkill-rocksdb"],
 )
-def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store: str) -> None:
-    """With the RocksDB store (what the deployment files use) the tables survive a
-    kill on disk, and the worker recovers only the changelog records past the
-    offset it persisted with them (pipeline/worker/tables.py advances it per batch)."""
+def test_three_crashes_mid_stream(
+    stack: StackSlice, sig: signal.Signals, store: str | None
+) -> None:
+    """Three workers in turn are stopped (SIGKILL, or SIGTERM) while they process the
+    stream; every total stays exact.
+
+    Each stop is proved to land on a worker in the middle of its work:
+
+    - it is sent only once the worker's own rows in the record (``ingested_at`` at or
+      after its start) grew between two polls: it holds partitions and is inserting;
+    - after a SIGKILL, some of the rows it inserted belong to offsets its group had not
+      committed (read from the group once it is gone): the kill landed between a
+      batch's insert and its commit, and the next worker must process those records
+      again. A kill that landed between batches is not counted (another follows);
+    - after a SIGTERM (a clean stop: the batch in flight finishes, offsets are
+      committed) none of its rows is left uncommitted, and it exits 0;
+    - the workers after it insert rows too: the stream went on after the stop.
+
+    ``store`` None is the session's (``--store``, default memory). With RocksDB (what
+    the deployment files use) the tables survive a kill on disk, and the worker
+    recovers only the changelog records past the offset it persisted with them
+    (pipeline/worker/tables.py advances it per batch)."""
+    store = store or stack.worker_defaults.get("METERSTREAM_STORE", "memory")
     if store == "rocksdb":
         pytest.importorskip("rocksdict", reason="the rocksdb extra is not installed")
     records, counted = make_load(unique=45_000, duplicates=5_000, seed=int(sig))
     ref = reference(counted)
     meters_file = stack.meters_file(METERS)
     env = {"METERSTREAM_STORE": store}
+    positions: list[tuple[int, int]] = []
+    kills_done = threading.Event()
+    started = now_ms()
     worker = stack.start_worker(meters_file, **env)
-    producer = produce_in_background(stack, records, chunk=2_500)
+    producer = produce_paced(stack, records, positions, kills_done)
     rng = random.Random(int(sig))
-    for _ in range(3):
-        time.sleep(rng.uniform(3, 8))
-        if sig == signal.SIGKILL:
-            worker.kill()
-        else:
-            worker.stop(sig)
-        worker = stack.start_worker(meters_file, **env)
+    landings: list[Landing] = []
+    attempts = 0
+    try:
+        while len([x for x in landings if x.in_flight != 0 or sig != signal.SIGKILL]) < 3:
+            attempts += 1
+            assert attempts <= 6, f"kills that landed between batches: {landings}"
+            rows = wait_until_processing(worker, started)
+            time.sleep(rng.uniform(0.5, 4))  # after its first insert; a commit may come first
+            landing = Landing(stack.workers.index(worker), started, now_ms(), rows)
+            landing.metrics = worker.metrics()
+            landing.signalled_ms = now_ms()
+            if sig == signal.SIGKILL:
+                worker.kill()
+            else:
+                assert worker.stop(sig) == 0, worker.log()[-3000:]
+            time.sleep(0.5)  # a commit the broker was completing when it died
+            committed = asyncio.run(
+                committed_offsets(stack.bootstrap, f"{stack.prefix}meterstream", stack.topic)
+            )
+            started = now_ms()
+            worker = stack.start_worker(meters_file, **env)
+            landing.in_flight = uncommitted_rows(worker, landing, records, positions, committed)
+            landings.append(landing)
+            print(f"stop {len(landings)}: {landing}".split(", metrics=")[0])
+    finally:
+        kills_done.set()
     producer.join()
     wait_until(lambda: record_count(worker) == len(counted), timeout=300, what="record complete")
     assert record_totals(worker) == ref
@@ -134,6 +266,18 @@ def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store:
     expected_stripe = stripe_reference(ref)
     wait_until(lambda: stripe_totals(stack.stripe_url) == expected_stripe, timeout=120,
                what="Stripe totals")  # fmt: skip
+    inserted = [int(r["ms"]) for r in worker.sql(
+        "SELECT toUnixTimestamp64Milli(ingested_at) AS ms FROM usage_events")]  # fmt: skip
+    for landing in landings:
+        landing.rows_after = sum(1 for ms in inserted if ms > landing.signalled_ms)
+        assert landing.rows_before > 0 and landing.rows_after > 0, landing
+        if sig == signal.SIGKILL:
+            assert landing.in_flight >= 0, landing
+        else:
+            assert landing.in_flight == 0, f"a clean stop left rows uncommitted: {landing}"
+    landed = [x for x in landings if x.in_flight != 0] if sig == signal.SIGKILL else landings
+    assert len(landed) >= 3, landings
+    report_counters(landings, worker)
     if store == "rocksdb":  # one cache for the worker, every partition's memtables in it
         capacity = Settings().rocksdb_block_cache_mb * 2**20
         memory = 'meterstream_rocksdb_memory_bytes{kind="%s"}'
@@ -151,6 +295,61 @@ def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store:
         assert "max_write_buffer_number=2" in options
     else:
         assert not databases
+
+
+def uncommitted_rows(
+    worker: Worker,
+    landing: Landing,
+    records: list[dict[str, Any]],
+    positions: list[tuple[int, int]],
+    committed: dict[int, int],
+) -> int:
+    """The rows the stopped worker inserted whose records lie at or past its group's
+    committed offsets (asked of ``worker``, the next one)."""
+    position: dict[tuple[str, str], tuple[int, int]] = {}
+    for record, at in zip(records, list(positions), strict=False):
+        position.setdefault((record["customer_id"], record["idempotency_key"]), at)
+    rows = worker.sql(
+        "SELECT customer_id, idempotency_key FROM usage_events WHERE"
+        f" toUnixTimestamp64Milli(ingested_at) BETWEEN {landing.started_ms}"
+        f" AND {landing.signalled_ms}"
+    )
+    assert len(rows) >= landing.rows_before, (len(rows), landing)
+    landing.rows_before = len(rows)
+    beyond = 0
+    for row in rows:
+        partition, offset = position[(row["customer_id"], row["idempotency_key"])]
+        beyond += offset >= committed.get(partition, 0)
+    return beyond
+
+
+COUNTERS = (
+    "meterstream_gap_records_total",
+    "meterstream_changelog_end_markers_total",
+    "meterstream_windows_recomputed_total",
+    "meterstream_window_rebuilds_total",
+    "meterstream_record_lookups_total",
+    "meterstream_events_duplicate_total",
+)
+
+
+def report_counters(landings: list[Landing], last: Worker) -> None:
+    """Print what the workers' counters said (each stopped worker just before its stop,
+    the last one now): whether the gap reader, the end markers and the rebuilds from
+    the record fired."""
+    readings = [x.metrics for x in landings] + [last.metrics()]
+    for name in COUNTERS:
+        series = sorted(
+            {
+                line.rsplit(" ", 1)[0]
+                for text in readings
+                for line in text.splitlines()
+                if line.startswith(name) and not line.startswith("#")
+            }
+        ) or [name]
+        for line in series:
+            values = [metric_value(text, line) for text in readings]
+            print(f"{line}: {sum(values):g} (per worker {[f'{v:g}' for v in values]})")
 
 
 def test_clickhouse_outage_of_30_seconds(stack: StackSlice) -> None:
