@@ -95,6 +95,7 @@ class StackSlice:
     broker_name: str = "tansu"  # "kafka": Apache Kafka (durable, transactions)
     # every worker's settings unless the test sets them (conftest: --guarantee, --store)
     worker_defaults: dict[str, str] = field(default_factory=dict)
+    topics_on: set[str] = field(default_factory=set)  # bootstraps holding the slice's topics
 
     @property
     def topic(self) -> str:
@@ -169,6 +170,8 @@ class StackSlice:
                 encoded.append((key, rec))
 
         async def send() -> None:
+            if self.bootstrap not in self.topics_on:
+                await self.create_topics()
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap, acks="all", linger_ms=5 if batch else 0
             )
@@ -186,6 +189,17 @@ class StackSlice:
 
         asyncio.run(send())
         return len(encoded)
+
+    async def create_topics(self) -> None:
+        """The slice's topics, as a worker creates them (a test may produce before any
+        worker starts; Apache Kafka, unlike Tansu, does not create topics on use)."""
+        from meterstream.settings import Settings
+        from topics.admin import ensure_topics
+
+        default = Settings.model_fields["partitions"].default
+        partitions = int(self.worker_defaults.get("METERSTREAM_PARTITIONS", default))
+        await ensure_topics(self.bootstrap, prefix=self.prefix, partitions=partitions)
+        self.topics_on.add(self.bootstrap)
 
     def stop_all(self) -> None:
         for worker in self.workers:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,8 +21,16 @@ from typing import Any
 import pytest
 
 from meterstream.embedded.tansu import EmbeddedBroker
+from meterstream.embedded.kafka import KafkaBroker, jars_dir, java_command
 from meterstream.settings import Settings
-from tests.faults.fault_load import METERS, first_copies, make_load, reference, stripe_reference
+from tests.faults.fault_load import (
+    HOUR,
+    METERS,
+    first_copies,
+    make_load,
+    reference,
+    stripe_reference,
+)
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 
 pytestmark = pytest.mark.faults
@@ -376,10 +385,25 @@ def test_clickhouse_outage_of_30_seconds(stack: StackSlice) -> None:
     assert retries and float(retries[0].split()[-1]) > 0, "the outage was never hit"
 
 
+def own_broker(stack: StackSlice, state: Path, port: int | None = None) -> Any:
+    """A broker of this test's own, of the session's kind, not started: Tansu (memory only)
+    or Apache Kafka with its log in ``state`` (kept across its restarts)."""
+    if stack.broker_name == "kafka":
+        settings = Settings()
+        return KafkaBroker(state, port=port, java=java_command(settings), jars=jars_dir(settings))
+    return EmbeddedBroker(port=port, log=state / "tansu.log")
+
+
 def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: Path) -> None:
-    """The embedded broker keeps nothing across a restart; ClickHouse keeps the record.
-    Duplicates of earlier events and new events for the same windows must not make any
-    total regress or double."""
+    """The broker comes back with nothing kept; ClickHouse keeps the record. Duplicates of
+    earlier events and new events for the same windows must not make any total regress
+    or double.
+
+    On Tansu that is every restart (it keeps everything in memory). Apache Kafka keeps
+    its log across a restart (``test_durable_broker_restart_under_a_running_worker``),
+    so here it is a new, empty cluster: the log lost, as in a disaster recovery. The
+    worker's state dir is kept either way (with RocksDB, its tables are ahead of the
+    new changelogs)."""
     first_records, _ = make_load(unique=4_000, duplicates=400, seed=41)
     later_new, _ = make_load(unique=2_000, duplicates=0, seed=42)
     rng = random.Random(43)
@@ -392,7 +416,7 @@ def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: 
     ref = reference(first_copies(all_records))
     meters_file = stack.meters_file(METERS)
 
-    with EmbeddedBroker(log=tmp_path / "broker1.log") as broker1:
+    with own_broker(stack, tmp_path / "broker1") as broker1:
         stack.bootstrap = broker1.bootstrap
         worker = stack.start_worker(meters_file)
         stack.produce(first_records)
@@ -400,7 +424,7 @@ def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: 
         wait_until(lambda: window_totals(worker) == before_ref, timeout=120, what="first windows")
         before = window_totals(worker)
         worker.stop()
-    with EmbeddedBroker(log=tmp_path / "broker2.log") as broker2:
+    with own_broker(stack, tmp_path / "broker2") as broker2:
         stack.bootstrap = broker2.bootstrap
         worker = stack.start_worker(meters_file)
         stack.produce(resent + resent_changed + later_new)
@@ -411,6 +435,52 @@ def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: 
         expected_stripe = stripe_reference(ref)
         wait_until(lambda: stripe_totals(stack.stripe_url) == expected_stripe, timeout=120,
                    what="Stripe totals")  # fmt: skip
+        report_counters([], worker)
+        worker.stop()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_durable_broker_restart_under_a_running_worker(
+    stack: StackSlice, tmp_path: Path, how: str
+) -> None:
+    """What a broker restart means on Apache Kafka, which keeps its log: the broker is
+    stopped (SIGTERM, its clean shutdown, or SIGKILL) while the worker is processing and
+    comes back on the same port with the same log. The worker rides it out (no exit, no
+    restart) and every total stays exact; nothing is rebuilt from the record."""
+    if stack.broker_name != "kafka":
+        pytest.skip("Tansu keeps nothing across a restart: see the test above")
+    records, counted = make_load(unique=20_000, duplicates=2_000, seed=61)
+    half = len(records) // 2
+    ref = reference(counted)
+    meters_file = stack.meters_file(METERS)
+    with own_broker(stack, tmp_path / "broker") as broker:
+        stack.bootstrap = broker.bootstrap
+        started = now_ms()
+        worker = stack.start_worker(meters_file)
+        stack.produce(records[:half])
+        rows = wait_until_processing(worker, started)
+        assert rows < len(first_copies(records[:half])), "the worker had caught up already"
+        down = time.monotonic()
+        if how == "sigkill":
+            assert broker.proc is not None
+            broker.proc.kill()
+            broker.proc.wait(10)
+        else:
+            broker.stop()
+        broker.requested_port = broker.port
+        broker.start(timeout=120)
+        print(f"broker {how}: back in {time.monotonic() - down:.1f} s")
+        stack.produce(records[half:])
+        wait_until(lambda: record_count(worker) == len(counted), timeout=300,
+                   what="record complete")  # fmt: skip
+        assert record_totals(worker) == ref
+        wait_until(lambda: window_totals(worker) == ref, timeout=60, what="windows exact")
+        expected_stripe = stripe_reference(ref)
+        wait_until(lambda: stripe_totals(stack.stripe_url) == expected_stripe, timeout=120,
+                   what="Stripe totals")  # fmt: skip
+        assert worker.proc.poll() is None, f"the worker exited:\n{worker.log()[-3000:]}"
+        assert len(stack.workers) == 1
+        report_counters([], worker)
         worker.stop()
 
 
@@ -430,6 +500,8 @@ def test_lost_windows_table_with_dedup_table_kept_is_rebuilt(stack: StackSlice) 
 
     changelog = f"{stack.prefix}meterstream-windows-changelog"
     asyncio.run(delete_topic(stack.bootstrap, changelog))
+    for local in (stack.tmp / "state").rglob("windows-*.db"):  # RocksDB's copy of it
+        shutil.rmtree(local)
 
     worker = stack.start_worker(meters_file)
     stack.produce(later)
@@ -441,6 +513,99 @@ def test_lost_windows_table_with_dedup_table_kept_is_rebuilt(stack: StackSlice) 
     assert metric_value(metrics, "meterstream_record_lookups_total") == 0, (
         "the dedup table was kept: no key should have needed the record"
     )
+    worker.stop()
+
+
+def time_ordered_load(
+    unique: int, seed: int, hours: int, customers: int = 20
+) -> list[dict[str, Any]]:
+    """Events in time order over ``hours`` closed hours: each hourly window is written
+    during a short stretch of the stream only, never again after it."""
+    rng = random.Random(seed)
+    base = (now_ms() // HOUR - hours - 1) * HOUR
+    stamps = sorted(base + rng.randrange(hours * HOUR) for _ in range(unique))
+    out = []
+    for i, stamp in enumerate(stamps):
+        customer = f"cust-{rng.randrange(customers):03d}"
+        cost = str(Decimal(rng.randrange(1, 100_000)) / 1000)
+        properties = {"cost": cost, "stripe_customer_id": f"cus_{customer}"}
+        out.append({"event_name": "api_call", "customer_id": customer,
+                    "idempotency_key": f"{seed}-{i:06d}", "timestamp": stamp,
+                    "properties": properties})  # fmt: skip
+    return out
+
+
+def test_tables_restored_from_their_changelogs_after_a_kill_are_exact(
+    stack: StackSlice,
+) -> None:
+    """A worker is killed mid-batch and restarted on the same state dir; later its tables
+    are restored from their changelogs alone (a new pod without the old volume, another
+    machine taking the partitions: the local store is gone). New events for the same
+    windows must add to exact totals.
+
+    With exactly_once and RocksDB, Faust writes the store at once and the changelog in a
+    transaction: a kill aborts the transaction but leaves its writes in RocksDB. The
+    restarted worker then finds the replayed records counted (its store says so) and
+    never writes those windows to a changelog again; a store restored from the
+    changelog holds them without the aborted batch's events. The load is in time order
+    so that windows are not written again after the kill."""
+    first = time_ordered_load(20_000, seed=71, hours=48)
+    later = time_ordered_load(4_000, seed=72, hours=48)
+    meters_file = stack.meters_file(METERS)
+    positions: list[tuple[int, int]] = []
+    kills_done = threading.Event()
+    started = now_ms()
+    worker = stack.start_worker(meters_file)
+    producer = produce_paced(stack, first, positions, kills_done)
+    landings: list[Landing] = []
+    try:
+        while not any(x.in_flight > 0 for x in landings):
+            assert len(landings) < 4, f"no kill landed between an insert and its commit: {landings}"
+            rows = wait_until_processing(worker, started)
+            time.sleep(1.5)
+            landing = Landing(stack.workers.index(worker), started, now_ms(), rows)
+            landing.metrics = worker.metrics()
+            worker.kill()
+            time.sleep(0.5)
+            committed = asyncio.run(
+                committed_offsets(stack.bootstrap, f"{stack.prefix}meterstream", stack.topic)
+            )
+            started = now_ms()
+            worker = stack.start_worker(meters_file)
+            landing.in_flight = uncommitted_rows(worker, landing, first, positions, committed)
+            landings.append(landing)
+            print(f"kill {len(landings)}: {landing}".split(", metrics=")[0])
+    finally:
+        kills_done.set()
+    producer.join()
+    wait_until(lambda: record_count(worker) == len(first), timeout=300, what="record complete")
+    first_ref = reference(first)
+    wait_until(lambda: window_totals(worker) == first_ref, timeout=60, what="first windows")
+    report_counters(landings, worker)
+    worker.stop()
+    stores = list((stack.tmp / "state").rglob("*.db"))  # RocksDB's (none on the memory store)
+    for store in stores:
+        shutil.rmtree(store)
+    print(f"removed {len(stores)} local table stores")
+
+    worker = stack.start_worker(meters_file)
+    stack.produce(later)
+    wait_until(lambda: record_count(worker) == len(first) + len(later), timeout=300,
+               what="record complete")  # fmt: skip
+    ref = reference(first + later)
+    got: dict[tuple[str, str, int], Decimal] = {}
+
+    def exact() -> bool:
+        got.clear()
+        got.update(window_totals(worker))
+        return got == ref
+
+    try:
+        wait_until(exact, timeout=60, what="windows exact")
+    finally:
+        wrong = {k: (got.get(k), v) for k, v in ref.items() if got.get(k) != v}
+        print(f"windows differing from the reference: {len(wrong)} {sorted(wrong.items())[:6]}")
+        report_counters([], worker)
     worker.stop()
 
 
