@@ -35,8 +35,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from bench.stack import StackEnv, Worker
-from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.embedded.kafka import KafkaBroker, jars_dir, java_command
+from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.settings import Settings
 from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 

@@ -194,7 +194,7 @@ class StackSlice:
         """The slice's topics, as a worker creates them (a test may produce before any
         worker starts; Apache Kafka, unlike Tansu, does not create topics on use)."""
         from meterstream.settings import Settings
-        from topics.admin import ensure_topics
+        from meterstream.topics.admin import ensure_topics
 
         default = Settings.model_fields["partitions"].default
         partitions = int(self.worker_defaults.get("METERSTREAM_PARTITIONS", default))

@@ -468,9 +468,7 @@ class Pipeline:
         self._count(report, contrib.unmetered, told_states)
         return report
 
-    def _count_rebuilds(
-        self, rebuild: set[processor.WindowKey], uncounted: set[processor.WindowKey]
-    ) -> None:
+    def _count_rebuilds(self, rebuild: set[fold.WindowKey], uncounted: set[fold.WindowKey]) -> None:
         """``meterstream_window_rebuilds_total`` by reason (customer totals not counted,
         as in ``meterstream_windows_recomputed_total``)."""
         absent = sum(1 for k in rebuild if not k.is_total and k not in uncounted)

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.embedded.kafka import KafkaBroker, jars_dir, java_command
+from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.settings import Settings
 from tests.faults.fault_load import (
     HOUR,
