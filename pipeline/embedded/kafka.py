@@ -51,7 +51,7 @@ MIN_JAVA = 17
 # runs from (an editable install, as `make install` makes). METERSTREAM_KAFKA_JARS_DIR
 # points elsewhere (any folder holding kafka_2.13-*.jar and its dependencies, such as
 # the libs/ folder of a Kafka distribution).
-DEFAULT_JARS_DIR = Path(__file__).resolve().parents[1] / "deploy" / "kafka" / "jars"
+DEFAULT_JARS_DIR = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "jars"
 HEAP_MB = 512
 # Kafka's own choice of collector and pause target (kafka-run-class.sh) in a heap of
 # 128-512 MB (RSS ~190 MB idle; see bench/broker_startup.py); exit rather than limp on
