@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, cast
 
 import faust
@@ -34,6 +35,7 @@ from meterstream.topics.admin import ensure_topics
 from meterstream.worker.app import create_app
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
 from meterstream.worker.lifeline import BrokerProbe, Lifeline, StopControl, probe_timing
+from meterstream.worker.tables import drop_local_stores
 
 log = logging.getLogger("meterstream.worker")
 
@@ -89,6 +91,8 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         analyst_user=settings.sql_clickhouse_user is not None,
     )
     app, pipeline = create_app(settings, meters, chio, bootstrap, guarantee)
+    if guarantee == "exactly_once" and settings.store == "rocksdb":
+        drop_local_stores(Path(app.conf.tabledir))  # see there: faust's EOS on RocksDB
     if lifeline is not None:
         pipeline.batch_listeners.append(lifeline.contact)
 
