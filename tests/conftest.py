@@ -10,12 +10,23 @@ Options (each also an environment variable, for ``make test PYTEST_ARGS=...`` or
   the test ids are unchanged.
 - ``--guarantee auto|at_least_once|exactly_once`` (``METERSTREAM_TEST_GUARANTEE``) and
   ``--store memory|rocksdb`` (``METERSTREAM_TEST_STORE``): the workers' default
-  ``METERSTREAM_PROCESSING_GUARANTEE`` and ``METERSTREAM_STORE`` in ``stack`` (unset:
-  the worker's own defaults, ``auto`` and ``memory``); a test's own setting wins.
+  ``METERSTREAM_PROCESSING_GUARANTEE`` and ``METERSTREAM_STORE`` in ``stack``; a
+  test's own setting wins. Unset: on Tansu the worker's own defaults (``auto``, which
+  is at_least_once there, and ``memory``); on Apache Kafka the production
+  configuration of docker-compose.yml and deploy/k8s, ``exactly_once`` and
+  ``rocksdb`` (where the rocksdb extra is installed).
+
+Which tests run on which broker: ``@pytest.mark.brokers("session", "kafka")`` runs a
+test on each broker named ("session": the ``--broker`` choice) whatever ``--broker``
+says, with the broker in its id. ``make test`` (the default ``--broker tansu``) runs
+every suite on Tansu and the tests so marked on Apache Kafka too: the fault tests of
+what only Apache Kafka has (transactions, a durable log) and one end-to-end run each
+of the pipeline and the meters (README, "Tests").
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,15 +67,46 @@ def selected_brokers(config: pytest.Config) -> tuple[str, ...]:
     return BROKERS if chosen == "both" else (chosen,)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "brokers(*names): run on each broker named ('session': the --broker choice),"
+        " whatever --broker says (tests/conftest.py)",
+    )
+
+
+def brokers_of(metafunc: pytest.Metafunc) -> tuple[str, ...]:
+    """The brokers a test runs on: its ``brokers`` marker's, else ``--broker``'s."""
+    session = selected_brokers(metafunc.config)
+    marker = metafunc.definition.get_closest_marker("brokers")
+    if marker is None:
+        return session
+    named = (b for arg in marker.args for b in (session if arg == "session" else (arg,)))
+    chosen = tuple(dict.fromkeys(named))
+    unknown = set(chosen) - set(BROKERS)
+    if unknown:
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown brokers {unknown}")
+    return chosen
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    brokers = selected_brokers(metafunc.config)
-    if "broker" in metafunc.fixturenames and len(brokers) > 1:
+    if "broker" not in metafunc.fixturenames:
+        return
+    brokers = brokers_of(metafunc)
+    marked = metafunc.definition.get_closest_marker("brokers") is not None
+    if len(brokers) > 1 or marked:
         metafunc.parametrize("broker", brokers, indirect=True, scope="session")
 
 
-def worker_defaults(config: pytest.Config) -> dict[str, str]:
-    """The settings ``--guarantee`` and ``--store`` give every worker of ``stack``."""
+def worker_defaults(config: pytest.Config, broker: str) -> dict[str, str]:
+    """The settings every worker of ``stack`` gets unless the test sets them:
+    ``--guarantee`` and ``--store``; unset, on Apache Kafka, its production
+    configuration (exactly_once, RocksDB where the rocksdb extra is installed)."""
     out = {}
+    if broker == "kafka":
+        out["METERSTREAM_PROCESSING_GUARANTEE"] = "exactly_once"
+        if importlib.util.find_spec("rocksdict") is not None:
+            out["METERSTREAM_STORE"] = "rocksdb"
     if guarantee := config.getoption("--guarantee"):
         out["METERSTREAM_PROCESSING_GUARANTEE"] = str(guarantee)
     if store := config.getoption("--store"):
@@ -133,13 +175,14 @@ def stack(
     tmp_path: Path,
 ) -> Iterator[StackSlice]:
     http_json(f"{stripe_emulator}/_emulator/reset", {})
+    name = "kafka" if isinstance(broker, KafkaBroker) else "tansu"
     test_stack = StackSlice(
         broker.bootstrap,
         worker_chdb_path,
         stripe_emulator,
         tmp_path,
-        broker_name="kafka" if isinstance(broker, KafkaBroker) else "tansu",
-        worker_defaults=worker_defaults(request.config),
+        broker_name=name,
+        worker_defaults=worker_defaults(request.config, name),
     )
     try:
         yield test_stack

@@ -210,6 +210,17 @@ def produce_paced(
 def test_three_crashes_mid_stream(
     stack: StackSlice, sig: signal.Signals, store: str | None
 ) -> None:
+    three_crashes_mid_stream(stack, sig, store)
+
+
+@pytest.mark.brokers("kafka")
+def test_three_sigkills_on_the_production_configuration(stack: StackSlice) -> None:
+    """The configuration of docker-compose.yml and deploy/k8s: Apache Kafka, exactly_once
+    and RocksDB (the ``stack`` defaults on Apache Kafka), each SIGKILL mid-batch."""
+    three_crashes_mid_stream(stack, signal.SIGKILL, None)
+
+
+def three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store: str | None) -> None:
     """Three workers in turn are stopped (SIGKILL, or SIGTERM) while they process the
     stream; every total stays exact.
 
@@ -439,6 +450,7 @@ def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: 
         worker.stop()
 
 
+@pytest.mark.brokers("kafka")
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_durable_broker_restart_under_a_running_worker(
     stack: StackSlice, tmp_path: Path, how: str
@@ -447,8 +459,6 @@ def test_durable_broker_restart_under_a_running_worker(
     stopped (SIGTERM, its clean shutdown, or SIGKILL) while the worker is processing and
     comes back on the same port with the same log. The worker rides it out (no exit, no
     restart) and every total stays exact; nothing is rebuilt from the record."""
-    if stack.broker_name != "kafka":
-        pytest.skip("Tansu keeps nothing across a restart: see the test above")
     records, counted = make_load(unique=20_000, duplicates=2_000, seed=61)
     half = len(records) // 2
     ref = reference(counted)
@@ -535,6 +545,7 @@ def time_ordered_load(
     return out
 
 
+@pytest.mark.brokers("session", "kafka")
 def test_tables_restored_from_their_changelogs_after_a_kill_are_exact(
     stack: StackSlice,
 ) -> None:
