@@ -97,7 +97,9 @@ class GapFiller:
                 expected = await self._start_offset(partition)
             for start, end in missing_ranges(offs, expected):
                 records = await self._read(partition, start, end)
-                log.warning(
+                # none read: transaction markers or an aborted transaction (Apache Kafka)
+                log.log(
+                    logging.WARNING if records else logging.DEBUG,
                     "partition %d: offsets %d-%d were not delivered by Faust; read %d directly",
                     partition,
                     start,

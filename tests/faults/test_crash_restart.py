@@ -259,24 +259,10 @@ def three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store: str 
         while len([x for x in landings if x.in_flight != 0 or sig != signal.SIGKILL]) < 3:
             attempts += 1
             assert attempts <= 6, f"kills that landed between batches: {landings}"
-            rows = wait_until_processing(worker, started)
-            time.sleep(rng.uniform(0.5, 4))  # after its first insert; a commit may come first
-            landing = Landing(stack.workers.index(worker), started, now_ms(), rows)
-            landing.metrics = worker.metrics()
-            landing.signalled_ms = now_ms()
-            if sig == signal.SIGKILL:
-                worker.kill()
-            else:
-                assert worker.stop(sig) == 0, worker.log()[-3000:]
-            time.sleep(0.5)  # a commit the broker was completing when it died
-            committed = asyncio.run(
-                committed_offsets(stack.bootstrap, f"{stack.prefix}meterstream", stack.topic)
+            delay = rng.uniform(0.5, 4)  # after its first insert; a commit may come first
+            worker, started = stop_mid_batch(
+                stack, worker, started, sig, delay, (records, positions), meters_file, env, landings
             )
-            started = now_ms()
-            worker = stack.start_worker(meters_file, **env)
-            landing.in_flight = uncommitted_rows(worker, landing, records, positions, committed)
-            landings.append(landing)
-            print(f"stop {len(landings)}: {landing}".split(", metrics=")[0])
     finally:
         kills_done.set()
     producer.join()
@@ -315,6 +301,61 @@ def three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store: str 
         assert "max_write_buffer_number=2" in options
     else:
         assert not databases
+
+
+def stop_mid_batch(
+    stack: StackSlice,
+    worker: Worker,
+    started: int,
+    sig: signal.Signals,
+    delay: float,
+    sent: tuple[list[dict[str, Any]], list[tuple[int, int]]],
+    meters_file: Path,
+    env: dict[str, str],
+    landings: list[Landing],
+) -> tuple[Worker, int]:
+    """Once ``worker`` (started at ``started``) is inserting, wait ``delay`` seconds and
+    stop it with ``sig`` (its /metrics kept first), start the next worker on the same
+    meters file and settings, and append where the stop landed to ``landings``.
+    ``sent``: the records produced and their (partition, offset), in order. Returns the
+    next worker and the wall clock just before its start."""
+    rows = wait_until_processing(worker, started)
+    time.sleep(delay)
+    landing = Landing(stack.workers.index(worker), started, now_ms(), rows)
+    landing.metrics = worker.metrics()
+    landing.signalled_ms = now_ms()
+    if sig == signal.SIGKILL:
+        worker.kill()
+    else:
+        assert worker.stop(sig) == 0, worker.log()[-3000:]
+    time.sleep(0.5)  # a commit the broker was completing when it died
+    committed = asyncio.run(
+        committed_offsets(stack.bootstrap, f"{stack.prefix}meterstream", stack.topic)
+    )
+    next_started = now_ms()
+    replacement = stack.start_worker(meters_file, **env)
+    landing.in_flight = uncommitted_rows(replacement, landing, *sent, committed)
+    landings.append(landing)
+    print(f"stop {len(landings)} ({sig.name}): {landing}".split(", metrics=")[0])
+    return replacement, next_started
+
+
+def wait_windows_exact(
+    worker: Worker, ref: dict[tuple[str, str, int], Decimal], timeout: float = 60
+) -> None:
+    """Wait until every window equals ``ref``; on a timeout, print how many differ."""
+    got: dict[tuple[str, str, int], Decimal] = {}
+
+    def exact() -> bool:
+        got.clear()
+        got.update(window_totals(worker))
+        return got == ref
+
+    try:
+        wait_until(exact, timeout=timeout, what="windows exact")
+    finally:
+        wrong = {k: (got.get(k), v) for k, v in ref.items() if got.get(k) != v}
+        print(f"windows differing from the reference: {len(wrong)} {sorted(wrong.items())[:6]}")
 
 
 def uncommitted_rows(
@@ -572,20 +613,10 @@ def test_tables_restored_from_their_changelogs_after_a_kill_are_exact(
     try:
         while not any(x.in_flight > 0 for x in landings):
             assert len(landings) < 4, f"no kill landed between an insert and its commit: {landings}"
-            rows = wait_until_processing(worker, started)
-            time.sleep(1.5)
-            landing = Landing(stack.workers.index(worker), started, now_ms(), rows)
-            landing.metrics = worker.metrics()
-            worker.kill()
-            time.sleep(0.5)
-            committed = asyncio.run(
-                committed_offsets(stack.bootstrap, f"{stack.prefix}meterstream", stack.topic)
-            )
-            started = now_ms()
-            worker = stack.start_worker(meters_file)
-            landing.in_flight = uncommitted_rows(worker, landing, first, positions, committed)
-            landings.append(landing)
-            print(f"kill {len(landings)}: {landing}".split(", metrics=")[0])
+            worker, started = stop_mid_batch(
+                stack, worker, started, signal.SIGKILL, 1.5, (first, positions), meters_file, {},
+                landings,
+            )  # fmt: skip
     finally:
         kills_done.set()
     producer.join()
@@ -613,19 +644,9 @@ def test_tables_restored_from_their_changelogs_after_a_kill_are_exact(
     stack.produce(later)
     wait_until(lambda: record_count(worker) == len(first) + len(later), timeout=300,
                what="record complete")  # fmt: skip
-    ref = reference(first + later)
-    got: dict[tuple[str, str, int], Decimal] = {}
-
-    def exact() -> bool:
-        got.clear()
-        got.update(window_totals(worker))
-        return got == ref
-
     try:
-        wait_until(exact, timeout=60, what="windows exact")
+        wait_windows_exact(worker, reference(first + later))
     finally:
-        wrong = {k: (got.get(k), v) for k, v in ref.items() if got.get(k) != v}
-        print(f"windows differing from the reference: {len(wrong)} {sorted(wrong.items())[:6]}")
         report_counters([], worker)
     worker.stop()
 
