@@ -491,7 +491,6 @@ def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: 
         worker.stop()
 
 
-@pytest.mark.brokers("kafka")
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_durable_broker_restart_under_a_running_worker(
     stack: StackSlice, tmp_path: Path, how: str
@@ -499,7 +498,12 @@ def test_durable_broker_restart_under_a_running_worker(
     """What a broker restart means on Apache Kafka, which keeps its log: the broker is
     stopped (SIGTERM, its clean shutdown, or SIGKILL) while the worker is processing and
     comes back on the same port with the same log. The worker rides it out (no exit, no
-    restart) and every total stays exact; nothing is rebuilt from the record."""
+    restart) and every total stays exact; nothing is rebuilt from the record.
+
+    Runs with ``--broker kafka`` or ``both`` (not in ``make test``'s default set: it
+    adds ~100 s, and the production SIGKILL test covers Kafka's log across kills)."""
+    if stack.broker_name != "kafka":
+        pytest.skip("Tansu keeps nothing across a restart: see the test above")
     records, counted = make_load(unique=20_000, duplicates=2_000, seed=61)
     half = len(records) // 2
     ref = reference(counted)
@@ -597,10 +601,11 @@ def test_tables_restored_from_their_changelogs_after_a_kill_are_exact(
 
     With exactly_once and RocksDB, Faust writes the store at once and the changelog in a
     transaction: a kill aborts the transaction but leaves its writes in RocksDB. The
-    restarted worker then finds the replayed records counted (its store says so) and
-    never writes those windows to a changelog again; a store restored from the
-    changelog holds them without the aborted batch's events. The load is in time order
-    so that windows are not written again after the kill."""
+    restarted worker then found the replayed records counted (its store said so) and
+    never wrote them to a changelog again: 1,000 of 20,000 dedup keys were missing
+    from the committed changelog before the worker removed its local stores at start
+    under exactly_once (meterstream.worker.tables.drop_local_stores). The load is in
+    time order so that windows are not written again after the kill."""
     first = time_ordered_load(20_000, seed=71, hours=48)
     later = time_ordered_load(4_000, seed=72, hours=48)
     meters_file = stack.meters_file(METERS)
