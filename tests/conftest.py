@@ -21,7 +21,7 @@ test on each broker named ("session": the ``--broker`` choice) whatever ``--brok
 says, with the broker in its id. ``make test`` (the default ``--broker tansu``) runs
 every suite on Tansu and the tests so marked on Apache Kafka too: the fault tests of
 what only Apache Kafka has (transactions, a durable log) and one end-to-end run each
-of the pipeline and the meters (README, "Tests").
+of the pipeline and the meters (README, "Development").
 """
 
 from __future__ import annotations
