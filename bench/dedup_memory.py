@@ -112,7 +112,7 @@ async def changelog_records(bootstrap: str, topic: str) -> dict[str, float]:
         starts = {tp: await consumer.position(tp) for tp in partitions}
         t0 = time.monotonic()
         records = tombstones = 0
-        while any(await consumer.position(tp) < ends[tp] for tp in partitions):
+        while any([await consumer.position(tp) < ends[tp] for tp in partitions]):
             batch = await consumer.getmany(timeout_ms=1000, max_records=50_000)
             for messages in batch.values():
                 records += len(messages)
