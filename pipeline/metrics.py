@@ -246,6 +246,19 @@ class Metrics:
         self.windows_recomputed = counter(
             "meterstream_windows_recomputed_total", "Window states rebuilt from the record"
         )
+        self.window_rebuilds = counter(
+            "meterstream_window_rebuilds_total",
+            "Window states rebuilt from the record, by reason: absent (the table held no state"
+            " and the window was not provably new), uncounted (events in the record that no"
+            " table write counted: a batch replayed after a crash), isolation (rewritten after"
+            " a batch isolation)",
+            "reason",
+        )
+        self.end_markers = counter(
+            "meterstream_changelog_end_markers_total",
+            "One-record batches that end a batch's changelog writes per partition"
+            " (Pipeline._end_markers; METERSTREAM_CHANGELOG_END_MARKERS)",
+        )
         self.windows_new = counter(
             "meterstream_windows_new_total",
             "Windows unknown to the table and provably new (not rebuilt from the record)",

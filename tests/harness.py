@@ -24,6 +24,8 @@ from meterstream.embedded import harness
 from meterstream.embedded.harness import WorkerProcess, WorkerSlice, http_json
 from meterstream.embedded.processes import free_port
 from meterstream.events import canonical_json
+from meterstream.settings import Settings
+from meterstream.topics.admin import ensure_topics
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
@@ -45,9 +47,14 @@ class StackSlice(WorkerSlice):
     prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:8]}-")
     database: str = field(default_factory=lambda: f"t_{uuid.uuid4().hex[:8]}", kw_only=True)
     workers: list[Worker] = field(default_factory=list)
+    broker_name: str = "tansu"  # "kafka": Apache Kafka (durable, transactions)
+    # every worker's settings unless the test sets them (conftest: --guarantee, --store)
+    worker_defaults: dict[str, str] = field(default_factory=dict)
+    topics_on: set[str] = field(default_factory=set)  # bootstraps holding the slice's topics
 
     def env(self, meters_file: Path, **extra: str) -> dict[str, str]:
-        return super().env(meters_file, **{"METERSTREAM_CLICKHOUSE_FLUSH_SECONDS": "0.2", **extra})
+        defaults = {"METERSTREAM_CLICKHOUSE_FLUSH_SECONDS": "0.2", **self.worker_defaults}
+        return super().env(meters_file, **{**defaults, **extra})
 
     def meters_file(self, text: str) -> Path:
         path = self.tmp / f"meters-{uuid.uuid4().hex[:6]}.yaml"
@@ -62,8 +69,15 @@ class StackSlice(WorkerSlice):
         worker.wait_healthy(90, failure=AssertionError)
         return worker
 
-    def produce(self, records: Iterable[bytes | dict[str, Any]], *, batch: bool = True) -> int:
-        """Send records keyed by customer_id with a plain aiokafka producer."""
+    def produce(
+        self,
+        records: Iterable[bytes | dict[str, Any]],
+        *,
+        batch: bool = True,
+        positions: list[tuple[int, int]] | None = None,
+    ) -> int:
+        """Send records keyed by customer_id with a plain aiokafka producer; with
+        ``positions``, append each record's (partition, offset) to it, in order."""
         encoded: list[tuple[bytes, bytes]] = []
         for rec in records:
             if isinstance(rec, dict):
@@ -77,19 +91,33 @@ class StackSlice(WorkerSlice):
                 encoded.append((key, rec))
 
         async def send() -> None:
+            if self.bootstrap not in self.topics_on:
+                await self.create_topics()
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap, acks="all", linger_ms=5 if batch else 0
             )
             await producer.start()
             try:
-                for key, value in encoded:
-                    await producer.send(self.topic, key=key, value=value)
+                sent = [
+                    await producer.send(self.topic, key=key, value=value) for key, value in encoded
+                ]
                 await producer.flush()
+                if positions is not None:
+                    for metadata in await asyncio.gather(*sent):
+                        positions.append((metadata.partition, metadata.offset))
             finally:
                 await producer.stop()
 
         asyncio.run(send())
         return len(encoded)
+
+    async def create_topics(self) -> None:
+        """The slice's topics, as a worker creates them (a test may produce before any
+        worker starts; Apache Kafka, unlike Tansu, does not create topics on use)."""
+        default = Settings.model_fields["partitions"].default
+        partitions = int(self.worker_defaults.get("METERSTREAM_PARTITIONS", default))
+        await ensure_topics(self.bootstrap, prefix=self.prefix, partitions=partitions)
+        self.topics_on.add(self.bootstrap)
 
     def stop_all(self) -> None:
         for worker in self.workers:

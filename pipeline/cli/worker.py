@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import faust
@@ -50,6 +51,7 @@ from meterstream.worker.forwarder import install_forwarder
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
 from meterstream.worker.invoices import load_plans_for, priced_period_rows
 from meterstream.worker.lifeline import BrokerProbe, Lifeline, StopControl, probe_timing
+from meterstream.worker.tables import drop_local_stores
 
 log = logging.getLogger("meterstream.worker")
 
@@ -88,6 +90,8 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         analyst_user=settings.sql_clickhouse_user is not None,
     )
     app, pipeline = create_app(settings, meters, calls, bootstrap, guarantee)
+    if guarantee == "exactly_once" and settings.store == "rocksdb":
+        drop_local_stores(Path(app.conf.tabledir))  # see there: faust's EOS on RocksDB
     if lifeline is not None:
         pipeline.batch_listeners.append(lifeline.contact)
 

@@ -268,6 +268,10 @@ def server_properties(*, host: str, port: int, controller_port: int, data_dir: P
         "transaction.state.log.num.partitions": "8",
         # A single member joins at once (compose waits 3 s for the others).
         "group.initial.rebalance.delay.ms": "0",
+        # METERSTREAM_SESSION_TIMEOUT_SECONDS may be as low as 2 s (Kafka's minimum is 6 s:
+        # below it the worker's join failed with InvalidSessionTimeoutError and it never
+        # consumed; the Stripe fault test uses 4 s for a quick hand-over after a SIGKILL).
+        "group.min.session.timeout.ms": "2000",
         # Default retention >= the 7-day dedup horizon (usage-events sets 14 days itself).
         "log.retention.hours": "336",
         "message.max.bytes": "2097152",

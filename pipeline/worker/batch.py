@@ -547,6 +547,7 @@ class Pipeline:
             generation,
         )
         rebuild = {k for k in absent if k not in (new_windows or ())} | touched.uncounted
+        self._count_rebuilds(rebuild, touched.uncounted)
         rebuilt = await self._recompute(rebuild, exclude) if rebuild else {}
         return StatesBefore(table_states, new_windows or set(), rebuild, rebuilt)
 
@@ -860,6 +861,17 @@ class Pipeline:
         ]
         await self.app.producer.flush()
         await asyncio.gather(*futures)
+        self.metrics.end_markers.inc(len(futures))
+
+    def _count_rebuilds(self, rebuild: set[fold.WindowKey], uncounted: set[fold.WindowKey]) -> None:
+        """``meterstream_window_rebuilds_total`` by reason (customer totals not counted,
+        as in ``meterstream_windows_recomputed_total``)."""
+        absent = sum(1 for k in rebuild if not k.is_total and k not in uncounted)
+        replayed = sum(1 for k in uncounted if not k.is_total)
+        if absent:
+            self.metrics.window_rebuilds.inc(absent, reason="absent")
+        if replayed:
+            self.metrics.window_rebuilds.inc(replayed, reason="uncounted")
 
     def _report(
         self,
@@ -1092,6 +1104,9 @@ class Pipeline:
         aggs = self.meters.aggregators
         async with self.record_lock:
             states = await self._recompute(keys, exclude)
+            self.metrics.window_rebuilds.inc(
+                sum(1 for k in keys if not k.is_total), reason="isolation"
+            )
             dumps = {k: aggs[k.meter].dump(state) for k, state in states.items()}
             rows = self._window_rows(states, dumps, received)
             if rows:

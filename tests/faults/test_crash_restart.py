@@ -6,21 +6,31 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from meterstream.embedded.kafka import KafkaBroker, jars_dir, java_command
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.settings import Settings
-from tests.faults.fault_load import METERS, first_copies, make_load, reference, stripe_reference
+from tests.faults.fault_load import (
+    HOUR,
+    METERS,
+    first_copies,
+    make_load,
+    reference,
+    stripe_reference,
+)
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 
 pytestmark = pytest.mark.faults
@@ -102,31 +112,159 @@ def reconcile_and_read(stack: StackSlice, meters_file: Path) -> dict[tuple[str, 
     }
 
 
+@dataclass
+class Landing:
+    """Where one stop of a worker landed, as the test proves it (see
+    :func:`test_three_crashes_mid_stream`)."""
+
+    worker: int  # index in stack.workers
+    started_ms: int  # wall clock before the worker was started
+    signalled_ms: int  # wall clock just before the signal
+    rows_before: int  # the worker's own usage_events rows (when the signal was decided; then
+    # all it inserted, read after it was gone)
+    in_flight: int = -1  # of those, rows whose offsets were not committed once it was gone
+    rows_after: int = -1  # rows the workers after it inserted (ingested_at after the signal)
+    metrics: str = ""  # its /metrics just before the signal
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def own_rows(worker: Worker, since_ms: int) -> int:
+    """usage_events rows inserted by batches this worker received (``ingested_at`` is the
+    batch's receive time; the workers of a test run one after another)."""
+    return int(
+        worker.sql(
+            "SELECT count() AS n FROM usage_events"
+            f" WHERE toUnixTimestamp64Milli(ingested_at) >= {since_ms}"
+        )[0]["n"]
+    )
+
+
+def wait_until_processing(worker: Worker, since_ms: int, timeout: float = 240) -> int:
+    """Block until the worker's own rows grew between two polls (it has partitions and is
+    inserting right now); returns its row count then."""
+    seen: list[int] = []
+
+    def growing() -> bool:
+        assert worker.proc.poll() is None, f"worker exited {worker.proc.returncode}"
+        seen.append(own_rows(worker, since_ms))
+        return len(seen) > 1 and seen[-1] > seen[-2]
+
+    wait_until(growing, timeout=timeout, interval=0.25, what="the worker inserting")
+    return seen[-1]
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offsets per partition of ``topic`` (0 where none), read with
+    OffsetFetch only: the reader never joins the group."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = await consumer._client._wait_on_metadata(topic)
+        out = {}
+        for partition in sorted(partitions):
+            committed = await consumer.committed(TopicPartition(topic, partition))
+            out[partition] = committed or 0
+        return out
+    finally:
+        await consumer.stop()
+
+
+def produce_paced(
+    stack: StackSlice,
+    records: list[dict[str, Any]],
+    positions: list[tuple[int, int]],
+    until: threading.Event,
+) -> threading.Thread:
+    """Send ``records`` in order, ~500 every 0.5 s (the last 10% 50 at a time) until
+    ``until`` is set, then the rest at once: the stream is still flowing when each
+    restarted worker starts processing, however long its start takes."""
+    reserve = len(records) // 10
+
+    def run() -> None:
+        i = 0
+        while i < len(records):
+            left = len(records) - i
+            n = 2_500 if until.is_set() else 500 if left > reserve else 50
+            stack.produce(records[i : i + n], positions=positions)
+            i += n
+            if not until.is_set():
+                until.wait(0.5)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.parametrize(
     ("sig", "store"),
-    [(signal.SIGKILL, "memory"), (signal.SIGTERM, "memory"), (signal.SIGKILL, "rocksdb")],
+    [(signal.SIGKILL, None), (signal.SIGTERM, None), (signal.SIGKILL, "rocksdb")],
     ids=["sigkill", "sigterm", "sigkill-rocksdb"],
 )
-def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store: str) -> None:
-    """With the RocksDB store (what the deployment files use) the tables survive a
-    kill on disk, and the worker recovers only the changelog records past the
-    offset it persisted with them (pipeline/worker/tables.py advances it per batch)."""
+def test_three_crashes_mid_stream(
+    stack: StackSlice, sig: signal.Signals, store: str | None
+) -> None:
+    three_crashes_mid_stream(stack, sig, store)
+
+
+@pytest.mark.brokers("kafka")
+def test_three_sigkills_on_the_production_configuration(stack: StackSlice) -> None:
+    """The configuration of docker-compose.yml and deploy/k8s: Apache Kafka, exactly_once
+    and RocksDB (the ``stack`` defaults on Apache Kafka), each SIGKILL mid-batch."""
+    three_crashes_mid_stream(stack, signal.SIGKILL, None)
+
+
+def three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store: str | None) -> None:
+    """Three workers in turn are stopped (SIGKILL, or SIGTERM) while they process the
+    stream; every total stays exact.
+
+    Each stop is proved to land on a worker in the middle of its work:
+
+    - it is sent only once the worker's own rows in the record (``ingested_at`` at or
+      after its start) grew between two polls: it holds partitions and is inserting;
+    - after a SIGKILL, some of the rows it inserted belong to offsets its group had not
+      committed (read from the group once it is gone): the kill landed between a
+      batch's insert and its commit, and the next worker must process those records
+      again. A kill that landed between batches is not counted (another follows);
+    - after a SIGTERM (a clean stop: the batch in flight finishes, offsets are
+      committed) none of its rows is left uncommitted, and it exits 0;
+    - the workers after it insert rows too: the stream went on after the stop.
+
+    ``store`` None is the session's (``--store``, default memory). With RocksDB (what
+    the deployment files use) the tables survive a kill on disk, and the worker
+    recovers only the changelog records past the offset it persisted with them
+    (pipeline/worker/tables.py advances it per batch)."""
+    store = store or stack.worker_defaults.get("METERSTREAM_STORE", "memory")
     if store == "rocksdb":
         pytest.importorskip("rocksdict", reason="the rocksdb extra is not installed")
     records, counted = make_load(unique=45_000, duplicates=5_000, seed=int(sig))
     ref = reference(counted)
     meters_file = stack.meters_file(METERS)
     env = {"METERSTREAM_STORE": store}
+    positions: list[tuple[int, int]] = []
+    kills_done = threading.Event()
+    started = now_ms()
     worker = stack.start_worker(meters_file, **env)
-    producer = produce_in_background(stack, records, chunk=2_500)
+    producer = produce_paced(stack, records, positions, kills_done)
     rng = random.Random(int(sig))
-    for _ in range(3):
-        time.sleep(rng.uniform(3, 8))
-        if sig == signal.SIGKILL:
-            worker.kill()
-        else:
-            worker.stop(sig)
-        worker = stack.start_worker(meters_file, **env)
+    landings: list[Landing] = []
+    attempts = 0
+    try:
+        while len([x for x in landings if x.in_flight != 0 or sig != signal.SIGKILL]) < 3:
+            attempts += 1
+            assert attempts <= 6, f"kills that landed between batches: {landings}"
+            delay = rng.uniform(0.5, 4)  # after its first insert; a commit may come first
+            worker, started = stop_mid_batch(
+                stack, worker, started, sig, delay, (records, positions), meters_file, env, landings
+            )
+    finally:
+        kills_done.set()
     producer.join()
     wait_until(lambda: record_count(worker) == len(counted), timeout=300, what="record complete")
     assert record_totals(worker) == ref
@@ -134,6 +272,18 @@ def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store:
     expected_stripe = stripe_reference(ref)
     wait_until(lambda: stripe_totals(stack.stripe_url) == expected_stripe, timeout=120,
                what="Stripe totals")  # fmt: skip
+    inserted = [int(r["ms"]) for r in worker.sql(
+        "SELECT toUnixTimestamp64Milli(ingested_at) AS ms FROM usage_events")]  # fmt: skip
+    for landing in landings:
+        landing.rows_after = sum(1 for ms in inserted if ms > landing.signalled_ms)
+        assert landing.rows_before > 0 and landing.rows_after > 0, landing
+        if sig == signal.SIGKILL:
+            assert landing.in_flight >= 0, landing
+        else:
+            assert landing.in_flight == 0, f"a clean stop left rows uncommitted: {landing}"
+    landed = [x for x in landings if x.in_flight != 0] if sig == signal.SIGKILL else landings
+    assert len(landed) >= 3, landings
+    report_counters(landings, worker)
     if store == "rocksdb":  # one cache for the worker, every partition's memtables in it
         capacity = Settings().rocksdb_block_cache_mb * 2**20
         memory = 'meterstream_rocksdb_memory_bytes{kind="%s"}'
@@ -151,6 +301,116 @@ def test_three_crashes_mid_stream(stack: StackSlice, sig: signal.Signals, store:
         assert "max_write_buffer_number=2" in options
     else:
         assert not databases
+
+
+def stop_mid_batch(
+    stack: StackSlice,
+    worker: Worker,
+    started: int,
+    sig: signal.Signals,
+    delay: float,
+    sent: tuple[list[dict[str, Any]], list[tuple[int, int]]],
+    meters_file: Path,
+    env: dict[str, str],
+    landings: list[Landing],
+) -> tuple[Worker, int]:
+    """Once ``worker`` (started at ``started``) is inserting, wait ``delay`` seconds and
+    stop it with ``sig`` (its /metrics kept first), start the next worker on the same
+    meters file and settings, and append where the stop landed to ``landings``.
+    ``sent``: the records produced and their (partition, offset), in order. Returns the
+    next worker and the wall clock just before its start."""
+    rows = wait_until_processing(worker, started)
+    time.sleep(delay)
+    landing = Landing(stack.workers.index(worker), started, now_ms(), rows)
+    landing.metrics = worker.metrics()
+    landing.signalled_ms = now_ms()
+    if sig == signal.SIGKILL:
+        worker.kill()
+    else:
+        assert worker.stop(sig) == 0, worker.log()[-3000:]
+    time.sleep(0.5)  # a commit the broker was completing when it died
+    committed = asyncio.run(
+        committed_offsets(stack.bootstrap, f"{stack.prefix}meterstream", stack.topic)
+    )
+    next_started = now_ms()
+    replacement = stack.start_worker(meters_file, **env)
+    landing.in_flight = uncommitted_rows(replacement, landing, *sent, committed)
+    landings.append(landing)
+    print(f"stop {len(landings)} ({sig.name}): {landing}".split(", metrics=")[0])
+    return replacement, next_started
+
+
+def wait_windows_exact(
+    worker: Worker, ref: dict[tuple[str, str, int], Decimal], timeout: float = 60
+) -> None:
+    """Wait until every window equals ``ref``; on a timeout, print how many differ."""
+    got: dict[tuple[str, str, int], Decimal] = {}
+
+    def exact() -> bool:
+        got.clear()
+        got.update(window_totals(worker))
+        return got == ref
+
+    try:
+        wait_until(exact, timeout=timeout, what="windows exact")
+    finally:
+        wrong = {k: (got.get(k), v) for k, v in ref.items() if got.get(k) != v}
+        print(f"windows differing from the reference: {len(wrong)} {sorted(wrong.items())[:6]}")
+
+
+def uncommitted_rows(
+    worker: Worker,
+    landing: Landing,
+    records: list[dict[str, Any]],
+    positions: list[tuple[int, int]],
+    committed: dict[int, int],
+) -> int:
+    """The rows the stopped worker inserted whose records lie at or past its group's
+    committed offsets (asked of ``worker``, the next one)."""
+    position: dict[tuple[str, str], tuple[int, int]] = {}
+    for record, at in zip(records, list(positions), strict=False):
+        position.setdefault((record["customer_id"], record["idempotency_key"]), at)
+    rows = worker.sql(
+        "SELECT customer_id, idempotency_key FROM usage_events WHERE"
+        f" toUnixTimestamp64Milli(ingested_at) BETWEEN {landing.started_ms}"
+        f" AND {landing.signalled_ms}"
+    )
+    assert len(rows) >= landing.rows_before, (len(rows), landing)
+    landing.rows_before = len(rows)
+    beyond = 0
+    for row in rows:
+        partition, offset = position[(row["customer_id"], row["idempotency_key"])]
+        beyond += offset >= committed.get(partition, 0)
+    return beyond
+
+
+COUNTERS = (
+    "meterstream_gap_records_total",
+    "meterstream_changelog_end_markers_total",
+    "meterstream_windows_recomputed_total",
+    "meterstream_window_rebuilds_total",
+    "meterstream_record_lookups_total",
+    "meterstream_events_duplicate_total",
+)
+
+
+def report_counters(landings: list[Landing], last: Worker) -> None:
+    """Print what the workers' counters said (each stopped worker just before its stop,
+    the last one now): whether the gap reader, the end markers and the rebuilds from
+    the record fired."""
+    readings = [x.metrics for x in landings] + [last.metrics()]
+    for name in COUNTERS:
+        series = sorted(
+            {
+                line.rsplit(" ", 1)[0]
+                for text in readings
+                for line in text.splitlines()
+                if line.startswith(name) and not line.startswith("#")
+            }
+        ) or [name]
+        for line in series:
+            values = [metric_value(text, line) for text in readings]
+            print(f"{line}: {sum(values):g} (per worker {[f'{v:g}' for v in values]})")
 
 
 def test_clickhouse_outage_of_30_seconds(stack: StackSlice) -> None:
@@ -177,10 +437,25 @@ def test_clickhouse_outage_of_30_seconds(stack: StackSlice) -> None:
     assert retries and float(retries[0].split()[-1]) > 0, "the outage was never hit"
 
 
+def own_broker(stack: StackSlice, state: Path, port: int | None = None) -> Any:
+    """A broker of this test's own, of the session's kind, not started: Tansu (memory only)
+    or Apache Kafka with its log in ``state`` (kept across its restarts)."""
+    if stack.broker_name == "kafka":
+        settings = Settings()
+        return KafkaBroker(state, port=port, java=java_command(settings), jars=jars_dir(settings))
+    return EmbeddedBroker(port=port, log=state / "tansu.log")
+
+
 def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: Path) -> None:
-    """The embedded broker keeps nothing across a restart; ClickHouse keeps the record.
-    Duplicates of earlier events and new events for the same windows must not make any
-    total regress or double."""
+    """The broker comes back with nothing kept; ClickHouse keeps the record. Duplicates of
+    earlier events and new events for the same windows must not make any total regress
+    or double.
+
+    On Tansu that is every restart (it keeps everything in memory). Apache Kafka keeps
+    its log across a restart (``test_durable_broker_restart_under_a_running_worker``),
+    so here it is a new, empty cluster: the log lost, as in a disaster recovery. The
+    worker's state dir is kept either way (with RocksDB, its tables are ahead of the
+    new changelogs)."""
     first_records, _ = make_load(unique=4_000, duplicates=400, seed=41)
     later_new, _ = make_load(unique=2_000, duplicates=0, seed=42)
     rng = random.Random(43)
@@ -193,7 +468,7 @@ def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: 
     ref = reference(first_copies(all_records))
     meters_file = stack.meters_file(METERS)
 
-    with EmbeddedBroker(log=tmp_path / "broker1.log") as broker1:
+    with own_broker(stack, tmp_path / "broker1") as broker1:
         stack.bootstrap = broker1.bootstrap
         worker = stack.start_worker(meters_file)
         stack.produce(first_records)
@@ -201,7 +476,7 @@ def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: 
         wait_until(lambda: window_totals(worker) == before_ref, timeout=120, what="first windows")
         before = window_totals(worker)
         worker.stop()
-    with EmbeddedBroker(log=tmp_path / "broker2.log") as broker2:
+    with own_broker(stack, tmp_path / "broker2") as broker2:
         stack.bootstrap = broker2.bootstrap
         worker = stack.start_worker(meters_file)
         stack.produce(resent + resent_changed + later_new)
@@ -212,6 +487,55 @@ def test_embedded_stack_restart_keeps_totals_exact(stack: StackSlice, tmp_path: 
         expected_stripe = stripe_reference(ref)
         wait_until(lambda: stripe_totals(stack.stripe_url) == expected_stripe, timeout=120,
                    what="Stripe totals")  # fmt: skip
+        report_counters([], worker)
+        worker.stop()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_durable_broker_restart_under_a_running_worker(
+    stack: StackSlice, tmp_path: Path, how: str
+) -> None:
+    """What a broker restart means on Apache Kafka, which keeps its log: the broker is
+    stopped (SIGTERM, its clean shutdown, or SIGKILL) while the worker is processing and
+    comes back on the same port with the same log. The worker rides it out (no exit, no
+    restart) and every total stays exact; nothing is rebuilt from the record.
+
+    Runs with ``--broker kafka`` or ``both`` (not in ``make test``'s default set: it
+    adds ~100 s, and the production SIGKILL test covers Kafka's log across kills)."""
+    if stack.broker_name != "kafka":
+        pytest.skip("Tansu keeps nothing across a restart: see the test above")
+    records, counted = make_load(unique=20_000, duplicates=2_000, seed=61)
+    half = len(records) // 2
+    ref = reference(counted)
+    meters_file = stack.meters_file(METERS)
+    with own_broker(stack, tmp_path / "broker") as broker:
+        stack.bootstrap = broker.bootstrap
+        started = now_ms()
+        worker = stack.start_worker(meters_file)
+        stack.produce(records[:half])
+        rows = wait_until_processing(worker, started)
+        assert rows < len(first_copies(records[:half])), "the worker had caught up already"
+        down = time.monotonic()
+        if how == "sigkill":
+            assert broker.proc is not None
+            broker.proc.kill()
+            broker.proc.wait(10)
+        else:
+            broker.stop()
+        broker.requested_port = broker.port
+        broker.start(timeout=120)
+        print(f"broker {how}: back in {time.monotonic() - down:.1f} s")
+        stack.produce(records[half:])
+        wait_until(lambda: record_count(worker) == len(counted), timeout=300,
+                   what="record complete")  # fmt: skip
+        assert record_totals(worker) == ref
+        wait_until(lambda: window_totals(worker) == ref, timeout=60, what="windows exact")
+        expected_stripe = stripe_reference(ref)
+        wait_until(lambda: stripe_totals(stack.stripe_url) == expected_stripe, timeout=120,
+                   what="Stripe totals")  # fmt: skip
+        assert worker.proc.poll() is None, f"the worker exited:\n{worker.log()[-3000:]}"
+        assert len(stack.workers) == 1
+        report_counters([], worker)
         worker.stop()
 
 
@@ -231,6 +555,8 @@ def test_lost_windows_table_with_dedup_table_kept_is_rebuilt(stack: StackSlice) 
 
     changelog = f"{stack.prefix}meterstream-windows-changelog"
     asyncio.run(delete_topic(stack.bootstrap, changelog))
+    for local in (stack.tmp / "state").rglob("windows-*.db"):  # RocksDB's copy of it
+        shutil.rmtree(local)
 
     worker = stack.start_worker(meters_file)
     stack.produce(later)
@@ -243,6 +569,125 @@ def test_lost_windows_table_with_dedup_table_kept_is_rebuilt(stack: StackSlice) 
         "the dedup table was kept: no key should have needed the record"
     )
     worker.stop()
+
+
+def time_ordered_load(
+    unique: int, seed: int, hours: int, customers: int = 20
+) -> list[dict[str, Any]]:
+    """Events in time order over ``hours`` closed hours: each hourly window is written
+    during a short stretch of the stream only, never again after it."""
+    rng = random.Random(seed)
+    base = (now_ms() // HOUR - hours - 1) * HOUR
+    stamps = sorted(base + rng.randrange(hours * HOUR) for _ in range(unique))
+    out = []
+    for i, stamp in enumerate(stamps):
+        customer = f"cust-{rng.randrange(customers):03d}"
+        cost = str(Decimal(rng.randrange(1, 100_000)) / 1000)
+        properties = {"cost": cost, "stripe_customer_id": f"cus_{customer}"}
+        out.append({"event_name": "api_call", "customer_id": customer,
+                    "idempotency_key": f"{seed}-{i:06d}", "timestamp": stamp,
+                    "properties": properties})  # fmt: skip
+    return out
+
+
+@pytest.mark.brokers("session", "kafka")
+def test_tables_restored_from_their_changelogs_after_a_kill_are_exact(
+    stack: StackSlice,
+) -> None:
+    """A worker is killed mid-batch and restarted on the same state dir; later its tables
+    are restored from their changelogs alone (a new pod without the old volume, another
+    machine taking the partitions: the local store is gone). New events for the same
+    windows must add to exact totals.
+
+    With exactly_once and RocksDB, Faust writes the store at once and the changelog in a
+    transaction: a kill aborts the transaction but leaves its writes in RocksDB. The
+    restarted worker then found the replayed records counted (its store said so) and
+    never wrote them to a changelog again: 1,000 of 20,000 dedup keys were missing
+    from the committed changelog before the worker removed its local stores at start
+    under exactly_once (meterstream.worker.tables.drop_local_stores). The load is in
+    time order so that windows are not written again after the kill."""
+    first = time_ordered_load(20_000, seed=71, hours=48)
+    later = time_ordered_load(4_000, seed=72, hours=48)
+    meters_file = stack.meters_file(METERS)
+    positions: list[tuple[int, int]] = []
+    kills_done = threading.Event()
+    started = now_ms()
+    worker = stack.start_worker(meters_file)
+    producer = produce_paced(stack, first, positions, kills_done)
+    landings: list[Landing] = []
+    try:
+        while not any(x.in_flight > 0 for x in landings):
+            assert len(landings) < 4, f"no kill landed between an insert and its commit: {landings}"
+            worker, started = stop_mid_batch(
+                stack, worker, started, signal.SIGKILL, 1.5, (first, positions), meters_file, {},
+                landings,
+            )  # fmt: skip
+    finally:
+        kills_done.set()
+    producer.join()
+    wait_until(lambda: record_count(worker) == len(first), timeout=300, what="record complete")
+    first_ref = reference(first)
+    wait_until(lambda: window_totals(worker) == first_ref, timeout=60, what="first windows")
+    report_counters(landings, worker)
+    worker.stop()
+    # What a new pod restores: every counted event's dedup key is in the changelog's
+    # committed records (with exactly_once on RocksDB, the killed batch's keys were
+    # once only in the aborted transaction and the local store; see
+    # meterstream.worker.tables.drop_local_stores).
+    dedup_keys = asyncio.run(
+        changelog_keys(stack.bootstrap, f"{stack.prefix}meterstream-dedup-changelog")
+    )
+    assert len(dedup_keys) == len(first), (
+        f"{len(first) - len(dedup_keys)} counted event(s) missing from the dedup changelog"
+    )
+    stores = list((stack.tmp / "state").rglob("*.db"))  # RocksDB's (none on the memory store)
+    for store in stores:
+        shutil.rmtree(store)
+    print(f"removed {len(stores)} local table stores")
+
+    worker = stack.start_worker(meters_file)
+    stack.produce(later)
+    wait_until(lambda: record_count(worker) == len(first) + len(later), timeout=300,
+               what="record complete")  # fmt: skip
+    try:
+        wait_windows_exact(worker, reference(first + later))
+    finally:
+        report_counters([], worker)
+    worker.stop()
+
+
+async def changelog_keys(bootstrap: str, topic: str) -> set[bytes]:
+    """The keys a table restored from ``topic`` holds: its committed records
+    (read_committed, as Faust's recovery reads under exactly_once) up to the end,
+    the last value per key not a tombstone, the end marker excluded."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from meterstream.worker.app import END_MARKER
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = await consumer._client._wait_on_metadata(topic)
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)  # the last stable offset, read_committed
+        live: dict[bytes, bool] = {}
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < ends[tp] for tp in tps])
+
+        while await behind():
+            batches = await consumer.getmany(timeout_ms=1000)
+            for records in batches.values():
+                for record in records:
+                    if record.key is not None and record.key != END_MARKER:
+                        live[record.key] = record.value is not None
+        return {key for key, alive in live.items() if alive}
+    finally:
+        await consumer.stop()
 
 
 async def delete_topic(bootstrap: str, topic: str) -> None:

@@ -15,14 +15,14 @@ pytestmark = pytest.mark.integration
 
 
 def test_no_transactions_on_tansu_is_an_answer_not_an_error(
-    broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
+    tansu_broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
 ) -> None:
     """aiokafka logs the refused InitProducerId at ERROR: on every worker start that
     was an ERROR line for something expected. Now: one INFO line with the reason."""
     sender = logging.getLogger("aiokafka.producer.sender")
     before = sender.level
     caplog.set_level(logging.DEBUG)
-    assert asyncio.run(broker_supports_transactions(broker.bootstrap)) is False
+    assert asyncio.run(broker_supports_transactions(tansu_broker.bootstrap)) is False
     loud = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
     assert loud == []
     assert sender.level == before  # quiet during the probe only

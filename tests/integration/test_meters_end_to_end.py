@@ -166,6 +166,7 @@ def _reference(events: list[dict[str, Any]], period: str) -> dict[tuple[str, ...
     return out
 
 
+@pytest.mark.brokers("session", "kafka")
 def test_views_equal_an_independent_reference(stack: StackSlice) -> None:
     now = time.time_ns() // 1_000_000
     events = _make_events(now)

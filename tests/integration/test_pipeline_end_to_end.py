@@ -35,6 +35,7 @@ def _event(key: str, customer: str, name: str, ts: int, **props: object) -> dict
     }
 
 
+@pytest.mark.brokers("session", "kafka")
 def test_events_to_clickhouse_and_stripe(stack: StackSlice) -> None:
     now = time.time_ns() // 1_000_000
     base = (now // HOUR - 3) * HOUR  # three hours ago: windows are closed
