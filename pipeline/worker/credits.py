@@ -61,7 +61,7 @@ from meterstream.credits.money import EXACT, canon
 from meterstream.credits.spend import SpendChange, window_source
 from meterstream.credits.status import CustomerStatus
 from meterstream.errors import CreditsError, PricingError
-from meterstream.meters.windows import period_label
+from meterstream.meters.windows import day_of, period_label
 from meterstream.pricing.invoice import Period
 from meterstream.pricing.plans import PlansConfig
 from meterstream.pricing.prices import daily_amounts
@@ -634,4 +634,21 @@ def ledger_document(rows: Sequence[Mapping[str, Any]], customer: str) -> dict[st
         "customer_id": customer,
         "entries": [e.to_json() for e in entries],
         "totals": totals(entries).to_json(),
+        "balance_by_day": balance_by_day(entries),
     }
+
+
+def balance_by_day(entries: Sequence[LedgerEntry]) -> list[dict[str, str]]:
+    """The balance at the end of each UTC day that has ledger lines (by their time ``at_ms``:
+    a burn is dated at its window, a grant at its effective time), exact: the running sum of
+    the ledger, as the balance always is."""
+    by_day: dict[int, Decimal] = {}
+    for entry in entries:
+        day = day_of(entry.at_ms)
+        by_day[day] = by_day.get(day, Decimal(0)) + Decimal(entry.amount)
+    out, running = [], Decimal(0)
+    for day in sorted(by_day):
+        running += by_day[day]
+        label = dt.datetime.fromtimestamp(day / 1000, dt.UTC).date().isoformat()
+        out.append({"day": label, "balance": str(running)})
+    return out

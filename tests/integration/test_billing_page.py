@@ -218,6 +218,18 @@ def test_a_customer_link_shows_the_apis_numbers_and_nothing_else(
     balance = page.locator("#credits-balance").inner_text()
     assert balance == f"{credits()['balance']} USD" and Decimal(balance.split()[0]) == 100 - cost
     assert page.locator("#credits-access").inner_text() == "yes"
+    # The balance over time: the ledger's running sum per day, the last day's is the balance.
+    ledger = api(worker, "/v1/customers/acme/credits/ledger", token).json()
+    by_day = {d["day"]: d["balance"] for d in ledger["balance_by_day"]}
+    shown_days = page.locator("#credits-body tr[data-balance-day]")
+    assert {
+        shown_days.nth(i).get_attribute("data-balance-day"): shown_days.nth(i)
+        .locator("td[data-value]")
+        .inner_text()
+        for i in range(shown_days.count())
+    } == by_day
+    assert Decimal(by_day[max(by_day)]) == 100 - cost
+    assert sum(Decimal(e["amount"]) for e in ledger["entries"]) == 100 - cost
     assert "armed" in page.locator("#credits-body tr[data-threshold='low']").inner_text()
     assert "fired" in page.locator("#credits-body tr[data-threshold='high']").inner_text()
     grant_id = granted.json()["grant"]["grant_id"]

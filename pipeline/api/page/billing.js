@@ -170,6 +170,17 @@ async function loadCredits() {
         cells: [g.grant_id.slice(0, 12), `${g.remaining} / ${g.amount}`,
           g.voided_ms ? `voided ${when(g.voided_ms)}` : when(g.expires_ms)] })),
       { "aria-label": "credit grants" }) : el("p", { class: "note" }, "No grants."));
+    const ledger = await api(customerPath("credits/ledger"));
+    const days = ledger.status === 200 ? ledger.body.balance_by_day : [];
+    if (days.length) {
+      const rows = days.map((d) => ({ day: d.day, value: d.balance }));
+      parts.push(el("h3", {}, "Balance over time"), el("div", { class: "meter" },
+        chart("balance", days.map((d) => d.day), rows),
+        table([{ label: "day" }, { label: "balance at its end", num: true }],
+          days.map((d) => ({ attrs: { "data-balance-day": d.day },
+            cells: [d.day, { text: d.balance, attrs: { "data-value": "" } }] })),
+          { "aria-label": "balance over time" })));
+    }
   } else {
     parts.push(el("p", { class: "note" }, "No prepaid credits: usage is invoiced."));
   }
