@@ -95,7 +95,7 @@ def _direct_change(
         with_assignment,
         without_assignment,
     )
-    from meterstream.billing.customers import _direct, publish_copy
+    from meterstream.billing.customers import _direct, change_result
     from meterstream.sinks.clickhouse import pricing as store
 
     ch = _direct(settings)
@@ -109,13 +109,11 @@ def _direct_change(
         row = store.append_schedule(ch, customer, schedule, "cli", _operator())
     finally:
         ch.close()
-    if row is None:
-        return {"change": None, "published": False}
-    published = publish_copy(
+    return change_result(
         settings,
-        lambda bootstrap: publish(settings, bootstrap, customer, row.schedule, row.version),
+        row,
+        lambda row, bootstrap: publish(settings, bootstrap, customer, row.schedule, row.version),
     )
-    return {"change": row.public(), "published": published}
 
 
 def _change(args: argparse.Namespace, plan: str | None) -> int:
