@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,6 +75,12 @@ class StackSlice(WorkerSlice):
                 except (ValueError, AttributeError):
                     key = b""
                 encoded.append((key, rec))
+        return self.produce_raw(encoded, batch=batch)
+
+    def produce_raw(
+        self, records: Sequence[tuple[bytes | None, bytes]], *, batch: bool = True
+    ) -> int:
+        """Send (key, value) records as given, in order, with a plain aiokafka producer."""
 
         async def send() -> None:
             producer = AIOKafkaProducer(
@@ -82,14 +88,14 @@ class StackSlice(WorkerSlice):
             )
             await producer.start()
             try:
-                for key, value in encoded:
+                for key, value in records:
                     await producer.send(self.topic, key=key, value=value)
                 await producer.flush()
             finally:
                 await producer.stop()
 
         asyncio.run(send())
-        return len(encoded)
+        return len(records)
 
     def stop_all(self) -> None:
         for worker in self.workers:

@@ -324,14 +324,9 @@ def set_mapping(settings: Settings, customer_id: str, stripe_id: str | None) -> 
             return dict(_request(settings, "DELETE", _customer_url(url, customer_id)))
         body = {"stripe_customer_id": stripe_id}
         return dict(_request(settings, "PUT", _customer_url(url, customer_id), body))
-    ch = _direct(settings)
-    try:
-        row = store.append_change(ch, customer_id, stripe_id, "cli", _operator())
-    finally:
-        ch.close()
-    return change_result(
+    return direct_change(
         settings,
-        row,
+        lambda ch: store.append_change(ch, customer_id, stripe_id, "cli", _operator()),
         lambda row, bootstrap: publish(
             settings, bootstrap, customer_id, row.stripe_customer_id, row.version
         ),
@@ -345,12 +340,19 @@ class _Change(Protocol):
 _C = TypeVar("_C", bound=_Change)
 
 
-def change_result(
-    settings: Settings, row: _C | None, send: Callable[[_C, str], Awaitable[None]]
+def direct_change(
+    settings: Settings,
+    record: Callable[[Any], _C | None],
+    send: Callable[[_C, str], Awaitable[None]],
 ) -> dict[str, Any]:
-    """What the CLI reports of a change it recorded in ClickHouse itself (``None``: nothing
-    changed): ``{"change": row or None, "published": bool}``, the copy published by
-    ``send(row, bootstrap)`` (:func:`publish_copy`)."""
+    """A change the CLI records in ClickHouse itself (no worker): ``record(ch)`` returns the
+    new row (``None``: nothing changed), ``send(row, bootstrap)`` publishes its copy
+    (:func:`publish_copy`). Returns ``{"change": row or None, "published": bool}``."""
+    ch = _direct(settings)
+    try:
+        row = record(ch)
+    finally:
+        ch.close()
     if row is None:
         return {"change": None, "published": False}
     published = publish_copy(settings, lambda bootstrap: send(row, bootstrap))
