@@ -14,7 +14,7 @@ from typing import Any
 
 from faust.web import Request, Response, View
 
-from meterstream.api.fate import iso
+from meterstream.api.fate import rejection_doc
 from meterstream.api.http import Routes
 from meterstream.errors import DependencyError
 from meterstream.sinks.clickhouse import lookup
@@ -99,10 +99,4 @@ def register(routes: Routes, reads: ReadIO) -> None:
 
 
 def _rejection(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "received_at": iso(row["received_at_ms"]),
-        "reason": row["reason"],
-        "detail": row["detail"],
-        "idempotency_key": row["idempotency_key"],
-        "meter": row["meter"],
-    }
+    return rejection_doc(row, idempotency_key=row["idempotency_key"], meter=row["meter"])
