@@ -4,8 +4,11 @@ version (epoch ms) that orders a customer's changes."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from meterstream.sinks.clickhouse.client import ClickHouse
 
 
 @dataclass(frozen=True)
@@ -34,3 +37,16 @@ def next_version(current: Change | None, version: int | None, now_ms: int) -> in
     if version is not None:
         return version
     return max(now_ms, (current.version + 1) if current else 0)
+
+
+def latest_rows(
+    ch: ClickHouse, latest_sql: str, customers: Iterable[str] | None
+) -> list[tuple[Any, ...]]:
+    """The rows of ``latest_sql`` (one per customer; its ``{where}`` is filled in) of
+    ``customers``, or of every customer."""
+    params: dict[str, Any] = {}
+    where = ""
+    if customers is not None:
+        params["customers"] = sorted(set(customers))
+        where = "WHERE customer_id IN {customers:Array(String)}"
+    return ch.query_rows(latest_sql.format(where=where), parameters=params)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from meterstream.sinks.clickhouse.changes import Change, next_version
+from meterstream.sinks.clickhouse.changes import Change, latest_rows, next_version
 from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.clickhouse.queries import (
     MERGED_VALUE_SQL,
@@ -140,12 +140,7 @@ def current_schedules(
     ch: ClickHouse, customers: Iterable[str] | None = None
 ) -> dict[str, ScheduleRow]:
     """The latest schedule per customer (empty ones included), of ``customers`` or all."""
-    params: dict[str, Any] = {}
-    where = ""
-    if customers is not None:
-        params["customers"] = sorted(set(customers))
-        where = "WHERE customer_id IN {customers:Array(String)}"
-    rows = ch.query_rows(_CURRENT.format(where=where), parameters=params)
+    rows = latest_rows(ch, _CURRENT, customers)
     return {str(r[0]): _schedule_row(r) for r in rows}
 
 

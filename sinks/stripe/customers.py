@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meterstream.sinks.clickhouse.changes import Change, next_version
+from meterstream.sinks.clickhouse.changes import Change, latest_rows, next_version
 from meterstream.sinks.clickhouse.client import ClickHouse
 
 CUSTOMER_MAPPINGS = "customer_mappings"
@@ -84,12 +84,7 @@ ORDER BY customer_id
 
 def current_rows(ch: ClickHouse, customers: Iterable[str] | None = None) -> dict[str, MappingRow]:
     """The latest change per customer (removals included), of ``customers`` or of everyone."""
-    params: dict[str, Any] = {}
-    where = ""
-    if customers is not None:
-        params["customers"] = sorted(set(customers))
-        where = "WHERE customer_id IN {customers:Array(String)}"
-    rows = ch.query_rows(_CURRENT.format(where=where), parameters=params)
+    rows = latest_rows(ch, _CURRENT, customers)
     return {str(r[0]): _row(r) for r in rows}
 
 
