@@ -121,6 +121,9 @@ class Metric:
 class Summary:
     """Count and sum of observations (batch sizes, insert seconds), by label."""
 
+    default_buckets: Sequence[float] | None = None
+    """Buckets when none are given: none is a summary (count and sum only)."""
+
     def __init__(
         self,
         name: str,
@@ -129,6 +132,8 @@ class Summary:
         registry: CollectorRegistry | None = None,
         buckets: Sequence[float] | None = None,
     ) -> None:
+        if buckets is None:
+            buckets = self.default_buckets
         self.name = name
         self.labelnames = tuple(labels)
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -150,15 +155,7 @@ class Summary:
 class Histogram(Summary):
     """Observations counted in buckets (:data:`LATENCY_BUCKETS`), by label."""
 
-    def __init__(
-        self,
-        name: str,
-        help_text: str,
-        labels: Sequence[str] = (),
-        registry: CollectorRegistry | None = None,
-        buckets: Sequence[float] = LATENCY_BUCKETS,
-    ) -> None:
-        super().__init__(name, help_text, labels, registry, buckets)
+    default_buckets = LATENCY_BUCKETS
 
     def observe_since(self, arrivals_ms: Iterable[int], now_s: float | None = None) -> None:
         """One observation per arrival (epoch ms): seconds from it to ``now_s`` (or now),

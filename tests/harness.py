@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,6 +89,17 @@ class StackSlice(WorkerSlice):
                 except (ValueError, AttributeError):
                     key = b""
                 encoded.append((key, rec))
+        return self.produce_raw(encoded, batch=batch, positions=positions)
+
+    def produce_raw(
+        self,
+        records: Sequence[tuple[bytes | None, bytes]],
+        *,
+        batch: bool = True,
+        positions: list[tuple[int, int]] | None = None,
+    ) -> int:
+        """Send (key, value) records as given, in order, with a plain aiokafka producer;
+        with ``positions``, append each record's (partition, offset) to it, in order."""
 
         async def send() -> None:
             if self.bootstrap not in self.topics_on:
@@ -99,7 +110,7 @@ class StackSlice(WorkerSlice):
             await producer.start()
             try:
                 sent = [
-                    await producer.send(self.topic, key=key, value=value) for key, value in encoded
+                    await producer.send(self.topic, key=key, value=value) for key, value in records
                 ]
                 await producer.flush()
                 if positions is not None:
@@ -109,7 +120,7 @@ class StackSlice(WorkerSlice):
                 await producer.stop()
 
         asyncio.run(send())
-        return len(encoded)
+        return len(records)
 
     async def create_topics(self) -> None:
         """The slice's topics, as a worker creates them (a test may produce before any

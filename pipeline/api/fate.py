@@ -131,14 +131,18 @@ def _not_counted_lines(
     return lines
 
 
-def _copy(row: Mapping[str, Any]) -> dict[str, Any]:
+def rejection_doc(row: Mapping[str, Any], **more: Any) -> dict[str, Any]:
+    """A dead-letter row as the API shows it: when, why, then ``more`` fields."""
     return {
         "received_at": iso(row["received_at_ms"]),
         "reason": row["reason"],
         "detail": row["detail"],
-        "raw": row["raw"],
-        **({"meter": row["meter"]} if row["meter"] else {}),
+        **more,
     }
+
+
+def _copy(row: Mapping[str, Any]) -> dict[str, Any]:
+    return rejection_doc(row, raw=row["raw"], **({"meter": row["meter"]} if row["meter"] else {}))
 
 
 def _event_doc(event: UsageEvent, ingested_at_ms: int) -> dict[str, Any]:

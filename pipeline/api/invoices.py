@@ -54,6 +54,11 @@ def register(
         except ValueError as exc:
             raise Denied(400, str(exc)) from None
 
+    def readable_customer(request: Request, customer_id: str) -> str:
+        """``customer_id`` checked, once the request's key may read it (403 otherwise)."""
+        routes.customer_reader(request, customer_id)
+        return customer_of(customer_id)
+
     def schedule_document(customer: str, row: Any) -> dict[str, Any]:
         plans_now = row.public()["plans"] if row is not None else []
         return {"customer_id": customer, "default_plan": plans.default.name, "plans": plans_now}
@@ -62,8 +67,7 @@ def register(
     class InvoicePreview(View):
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            routes.customer_reader(request, customer_id)
-            customer = customer_of(customer_id)
+            customer = readable_customer(request, customer_id)
             label = request.query.get("period") or period_label(time.time_ns() // 1_000_000)
             try:
                 period = Period.month(label)
@@ -81,8 +85,7 @@ def register(
     class CustomerPlans(View):
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            routes.customer_reader(request, customer_id)
-            customer = customer_of(customer_id)
+            customer = readable_customer(request, customer_id)
             try:
                 row = await assignments.current(customer)
             except DependencyError as exc:

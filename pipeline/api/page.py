@@ -9,14 +9,15 @@ Content-Security-Policy that allows this server only: no CDN, no outside font.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from faust.web import Request, Response, View
 
-from meterstream.api.fate import iso
+from meterstream.api.fate import rejection_doc
 from meterstream.api.http import Routes
-from meterstream.errors import DependencyError
+from meterstream.errors import Denied, DependencyError
 from meterstream.sinks.clickhouse import lookup
 from meterstream.sinks.clickhouse.reads import ReadIO
 
@@ -30,6 +31,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 REJECTED_LIMIT_MAX = 200
+T = TypeVar("T")
 
 
 def _asset(name: str) -> bytes:
@@ -45,6 +47,14 @@ def register(routes: Routes, reads: ReadIO) -> None:
         routes.customer_reader,
     )
     html = _asset("billing.html")
+
+    async def read(fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`ReadIO.read`, ClickHouse out of reach answered 503 (as :class:`Denied`)."""
+        try:
+            return await reads.read(fn, *args)
+        except DependencyError as exc:
+            raise Denied(503, f"ClickHouse: {exc}") from None
+
     assets = {name: (_asset(name), kind) for name, kind in ASSETS.items()}
 
     def page(view: View) -> Response:
@@ -79,10 +89,7 @@ def register(routes: Routes, reads: ReadIO) -> None:
                 return respond(self, {"error": "limit must be a whole number"}, 400)
             if not 1 <= limit <= REJECTED_LIMIT_MAX:
                 return respond(self, {"error": f"limit must be 1-{REJECTED_LIMIT_MAX}"}, 400)
-            try:
-                rows = await reads.read(lookup.recent_rejections, customer_id, limit)
-            except DependencyError as exc:
-                return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
+            rows = await read(lookup.recent_rejections, customer_id, limit)
             shown = [_rejection(row) for row in rows]
             return respond(self, {"customer_id": customer_id, "rejected": shown})
 
@@ -91,18 +98,9 @@ def register(routes: Routes, reads: ReadIO) -> None:
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
             allowed(request, customer_id)
-            try:
-                status = await reads.read(lookup.stripe_status, customer_id)
-            except DependencyError as exc:
-                return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
+            status = await read(lookup.stripe_status, customer_id)
             return respond(self, {"customer_id": customer_id, **status})
 
 
 def _rejection(row: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "received_at": iso(row["received_at_ms"]),
-        "reason": row["reason"],
-        "detail": row["detail"],
-        "idempotency_key": row["idempotency_key"],
-        "meter": row["meter"],
-    }
+    return rejection_doc(row, idempotency_key=row["idempotency_key"], meter=row["meter"])

@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from meterstream.billing.customers import check_customer_id, follow_topic
+from meterstream.billing.customers import check_customer_id, follow_topic, published
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import pricing as store
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
@@ -204,12 +204,8 @@ class AssignmentStore:
         log.warning(
             "plan schedule of %s: %s (%s, by %s)", customer_id, schedule, origin, changed_by
         )
-        try:
-            await publish(self.settings, self.bootstrap, customer_id, row.schedule, row.version)
-        except Exception as exc:  # recorded durably already; the topic is a copy
-            log.warning("plan schedule of %s not published to the topic: %s", customer_id, exc)
-            return row, False
-        return row, True
+        sent = publish(self.settings, self.bootstrap, customer_id, row.schedule, row.version)
+        return row, await published(sent, f"plan schedule of {customer_id}", log)
 
     async def import_record(
         self, key: bytes | None, value: bytes | None, timestamp_ms: int

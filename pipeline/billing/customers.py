@@ -37,7 +37,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from decimal import Decimal
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -93,6 +93,17 @@ def decode_record(key: bytes | None, value: bytes | None) -> tuple[str, str | No
         return customer, check_stripe_customer_id(found)
     except ValueError as exc:
         raise BadRecord(f"{customer}: {exc}") from None
+
+
+async def published(send: Awaitable[None], what: str, logger: logging.Logger) -> bool:
+    """Await the topic copy of a change recorded durably already; whether it was published
+    (a failure is a warning naming ``what``: the topic is a copy)."""
+    try:
+        await send
+    except Exception as exc:  # recorded durably already; the topic is a copy
+        logger.warning("%s not published to the topic: %s", what, exc)
+        return False
+    return True
 
 
 async def publish(
@@ -155,14 +166,10 @@ class MappingStore:
             origin,
             changed_by,
         )
-        try:
-            await publish(
-                self.settings, self.bootstrap, customer_id, row.stripe_customer_id, row.version
-            )
-        except Exception as exc:  # recorded durably already; the topic is a copy
-            log.warning("customer mapping of %s not published to the topic: %s", customer_id, exc)
-            return row, False
-        return row, True
+        sent = publish(
+            self.settings, self.bootstrap, customer_id, row.stripe_customer_id, row.version
+        )
+        return row, await published(sent, f"customer mapping of {customer_id}", log)
 
     async def import_record(
         self, key: bytes | None, value: bytes | None, timestamp_ms: int
@@ -317,19 +324,38 @@ def set_mapping(settings: Settings, customer_id: str, stripe_id: str | None) -> 
             return dict(_request(settings, "DELETE", _customer_url(url, customer_id)))
         body = {"stripe_customer_id": stripe_id}
         return dict(_request(settings, "PUT", _customer_url(url, customer_id), body))
+    return direct_change(
+        settings,
+        lambda ch: store.append_change(ch, customer_id, stripe_id, "cli", _operator()),
+        lambda row, bootstrap: publish(
+            settings, bootstrap, customer_id, row.stripe_customer_id, row.version
+        ),
+    )
+
+
+class _Change(Protocol):
+    def public(self) -> dict[str, Any]: ...
+
+
+_C = TypeVar("_C", bound=_Change)
+
+
+def direct_change(
+    settings: Settings,
+    record: Callable[[Any], _C | None],
+    send: Callable[[_C, str], Awaitable[None]],
+) -> dict[str, Any]:
+    """A change the CLI records in ClickHouse itself (no worker): ``record(ch)`` returns the
+    new row (``None``: nothing changed), ``send(row, bootstrap)`` publishes its copy
+    (:func:`publish_copy`). Returns ``{"change": row or None, "published": bool}``."""
     ch = _direct(settings)
     try:
-        row = store.append_change(ch, customer_id, stripe_id, "cli", _operator())
+        row = record(ch)
     finally:
         ch.close()
     if row is None:
         return {"change": None, "published": False}
-    published = publish_copy(
-        settings,
-        lambda bootstrap: publish(
-            settings, bootstrap, customer_id, row.stripe_customer_id, row.version
-        ),
-    )
+    published = publish_copy(settings, lambda bootstrap: send(row, bootstrap))
     return {"change": row.public(), "published": published}
 
 

@@ -95,27 +95,23 @@ def _direct_change(
         with_assignment,
         without_assignment,
     )
-    from meterstream.billing.customers import _direct, publish_copy
+    from meterstream.billing.customers import direct_change
     from meterstream.sinks.clickhouse import pricing as store
 
-    ch = _direct(settings)
-    try:
+    def record(ch: Any) -> store.ScheduleRow | None:
         current = store.current_schedules(ch, [customer]).get(customer)
         schedule = current.schedule if current else ()
         if plan is None:
             schedule = without_assignment(schedule, when)
         else:
             schedule = with_assignment(schedule, plan, when)
-        row = store.append_schedule(ch, customer, schedule, "cli", _operator())
-    finally:
-        ch.close()
-    if row is None:
-        return {"change": None, "published": False}
-    published = publish_copy(
+        return store.append_schedule(ch, customer, schedule, "cli", _operator())
+
+    return direct_change(
         settings,
-        lambda bootstrap: publish(settings, bootstrap, customer, row.schedule, row.version),
+        record,
+        lambda row, bootstrap: publish(settings, bootstrap, customer, row.schedule, row.version),
     )
-    return {"change": row.public(), "published": published}
 
 
 def _change(args: argparse.Namespace, plan: str | None) -> int:

@@ -347,15 +347,7 @@ class KafkaBroker:
             self.controller_port = free_port(self.host)
             while self.controller_port == self.port:
                 self.controller_port = free_port(self.host)
-            config = self.dir / "server.properties"
-            config.write_text(
-                server_properties(
-                    host=self.host,
-                    port=self.port,
-                    controller_port=self.controller_port,
-                    data_dir=self.data_dir,
-                )
-            )
+            config = self._write_config("server.properties", self.data_dir)
             if not (self.data_dir / "meta.properties").exists():
                 self._format()
             offset = self._log_size()
@@ -369,6 +361,19 @@ class KafkaBroker:
             return self
         raise AssertionError("unreachable")
 
+    def _write_config(self, name: str, data_dir: Path) -> Path:
+        """The broker's properties (this host and ports, logs in ``data_dir``) as ``name``."""
+        path = self.dir / name
+        path.write_text(
+            server_properties(
+                host=self.host,
+                port=self.port,
+                controller_port=self.controller_port,
+                data_dir=data_dir,
+            )
+        )
+        return path
+
     def _format(self) -> None:
         """Format a new data dir (once: its meta.properties keeps the cluster id).
         Formatted beside it and renamed, so an interrupted format leaves no half."""
@@ -379,15 +384,7 @@ class KafkaBroker:
             )
         staging = self.dir / "data.formatting"
         shutil.rmtree(staging, ignore_errors=True)
-        staging_config = self.dir / "format.properties"
-        staging_config.write_text(
-            server_properties(
-                host=self.host,
-                port=self.port,
-                controller_port=self.controller_port,
-                data_dir=staging,
-            )
-        )
+        staging_config = self._write_config("format.properties", staging)
         cmd = [
             self.java,
             "-Xmx256m",

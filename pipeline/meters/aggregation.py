@@ -113,16 +113,31 @@ class CountAggregator(Aggregator):
         return Decimal(state.event_count)
 
 
-class SumAggregator(Aggregator):
-    kind = "sum"
+class _ValueAggregator(Aggregator):
+    """An aggregation of decimal values: each counted, then folded in by :meth:`fold`;
+    the result is the state's value (0 for none)."""
 
     def add(
         self, state: WindowState, value: Decimal | str, timestamp_ms: int, idempotency_key: str
     ) -> WindowState:
         number = _decimal(value)
         state.event_count += 1
-        state.value = number if state.value is None else EXACT.add(state.value, number)
+        self.fold(state, number, timestamp_ms, idempotency_key)
         return state
+
+    @abstractmethod
+    def fold(self, state: WindowState, number: Decimal, timestamp_ms: int, key: str) -> None:
+        """Fold one event's value (already counted) into ``state``."""
+
+    def result(self, state: WindowState) -> Decimal:
+        return _ZERO if state.value is None else state.value
+
+
+class SumAggregator(_ValueAggregator):
+    kind = "sum"
+
+    def fold(self, state: WindowState, number: Decimal, timestamp_ms: int, key: str) -> None:
+        state.value = number if state.value is None else EXACT.add(state.value, number)
 
     def merge(self, a: WindowState, b: WindowState) -> WindowState:
         if a.value is None or b.value is None:
@@ -131,11 +146,8 @@ class SumAggregator(Aggregator):
             value = EXACT.add(a.value, b.value)
         return WindowState(event_count=a.event_count + b.event_count, value=value)
 
-    def result(self, state: WindowState) -> Decimal:
-        return _ZERO if state.value is None else state.value
 
-
-class _ExtremumAggregator(Aggregator):
+class _ExtremumAggregator(_ValueAggregator):
     """max (``sign = 1``) or min (``sign = -1``) under ``Decimal.compare_total``."""
 
     sign: ClassVar[int]
@@ -143,21 +155,13 @@ class _ExtremumAggregator(Aggregator):
     def _wins(self, candidate: Decimal, current: Decimal | None) -> bool:
         return current is None or int(candidate.compare_total(current)) * self.sign > 0
 
-    def add(
-        self, state: WindowState, value: Decimal | str, timestamp_ms: int, idempotency_key: str
-    ) -> WindowState:
-        number = _decimal(value)
-        state.event_count += 1
+    def fold(self, state: WindowState, number: Decimal, timestamp_ms: int, key: str) -> None:
         if self._wins(number, state.value):
             state.value = number
-        return state
 
     def merge(self, a: WindowState, b: WindowState) -> WindowState:
         value = b.value if b.value is not None and self._wins(b.value, a.value) else a.value
         return WindowState(event_count=a.event_count + b.event_count, value=value)
-
-    def result(self, state: WindowState) -> Decimal:
-        return _ZERO if state.value is None else state.value
 
 
 class MaxAggregator(_ExtremumAggregator):
@@ -207,19 +211,14 @@ def _later(ts: int, key: str, value: Decimal, than: WindowState) -> bool:
     return value.compare_total(than.value) > 0
 
 
-class LatestAggregator(Aggregator):
+class LatestAggregator(_ValueAggregator):
     kind = "latest"
 
-    def add(
-        self, state: WindowState, value: Decimal | str, timestamp_ms: int, idempotency_key: str
-    ) -> WindowState:
-        number = _decimal(value)
-        state.event_count += 1
-        if _later(timestamp_ms, idempotency_key, number, state):
+    def fold(self, state: WindowState, number: Decimal, timestamp_ms: int, key: str) -> None:
+        if _later(timestamp_ms, key, number, state):
             state.value = number
             state.latest_ts = timestamp_ms
-            state.latest_key = idempotency_key
-        return state
+            state.latest_key = key
 
     def merge(self, a: WindowState, b: WindowState) -> WindowState:
         winner = b if b.value is not None and _later(b.latest_ts, b.latest_key, b.value, a) else a
@@ -229,9 +228,6 @@ class LatestAggregator(Aggregator):
             latest_ts=winner.latest_ts,
             latest_key=winner.latest_key,
         )
-
-    def result(self, state: WindowState) -> Decimal:
-        return _ZERO if state.value is None else state.value
 
 
 _AGGREGATORS: dict[str, Aggregator] = {

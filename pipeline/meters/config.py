@@ -132,15 +132,19 @@ Predicate = Callable[[UsageEvent], bool]
 # -- values ------------------------------------------------------------------
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any, *, width: int = 80, sequence: str = "an array") -> str:
+    """``value`` as an error message names it: short, and never a whole object or list."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict):
         return "an object"
     if isinstance(value, list | tuple):
-        return "an array"
+        return sequence
     text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+_show = show_value
 
 
 def _number(value: Any) -> Decimal | None:
@@ -233,13 +237,18 @@ def _present(value: Any) -> bool:
 # -- validators ----------------------------------------------------------------
 
 
-def _one_of(*allowed: str) -> BeforeValidator:
+def one_of(*allowed: str, show: Callable[[Any], str] = show_value) -> BeforeValidator:
+    """A validator: the value is one of ``allowed`` (strings)."""
+
     def check(value: Any) -> Any:
         if not (isinstance(value, str) and value in allowed):
-            raise ValueError(f"{_show(value)} is not one of {', '.join(allowed)}")
+            raise ValueError(f"{show(value)} is not one of {', '.join(allowed)}")
         return value
 
     return BeforeValidator(check)
+
+
+_one_of = one_of
 
 
 def _text(limit: int) -> BeforeValidator:
@@ -251,13 +260,21 @@ def _text(limit: int) -> BeforeValidator:
     return BeforeValidator(check)
 
 
-def _check_slug(value: Any) -> Any:
-    if not (isinstance(value, str) and _SLUG.fullmatch(value)):
-        raise ValueError(
-            f"{_show(value)} is not a valid meter name: lowercase letters, digits and "
-            "underscores, starting with a letter, at most 63 characters"
-        )
-    return value
+def slug_check(what: str, show: Callable[[Any], str] = show_value) -> Callable[[Any], Any]:
+    """A check that a value is a slug (a meter's or a plan's name); ``what`` names it."""
+
+    def check(value: Any) -> Any:
+        if not (isinstance(value, str) and _SLUG.fullmatch(value)):
+            raise ValueError(
+                f"{show(value)} is not a valid {what}: lowercase letters, digits and "
+                "underscores, starting with a letter, at most 63 characters"
+            )
+        return value
+
+    return check
+
+
+_check_slug = slug_check("meter name")
 
 
 def parse_duration(value: Any, *, minimum: int = 0) -> int:

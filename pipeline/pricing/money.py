@@ -42,22 +42,21 @@ the only rounding is :meth:`Currency.round`.
 
 from __future__ import annotations
 
+import decimal
 from dataclasses import dataclass
-from decimal import (
-    ROUND_HALF_UP,
-    Context,
-    Decimal,
-    DivisionByZero,
-    Inexact,
-    InvalidOperation,
-    Overflow,
-    Rounded,
-)
+from decimal import Decimal
 from fractions import Fraction
 from typing import Final
 
-EXACT: Final = Context(
-    prec=1000, traps=[InvalidOperation, DivisionByZero, Overflow, Inexact, Rounded]
+EXACT: Final = decimal.Context(
+    prec=1000,
+    traps=[
+        decimal.InvalidOperation,
+        decimal.DivisionByZero,
+        decimal.Overflow,
+        decimal.Inexact,
+        decimal.Rounded,
+    ],
 )
 """Arithmetic for money: wide enough for every bounded input, and any rounding raises."""
 
@@ -116,7 +115,7 @@ class Currency:
                 whole += 1
             signed = -whole if scaled < 0 else whole
             return Decimal(signed).scaleb(-self.exponent, EXACT)
-        return amount.quantize(self.quantum, rounding=ROUND_HALF_UP, context=_ROUNDING)
+        return amount.quantize(self.quantum, rounding=decimal.ROUND_HALF_UP, context=_ROUNDING)
 
     def is_whole(self, amount: Decimal) -> bool:
         """Whether ``amount`` is a whole number of minor units (no rounding needed)."""
@@ -137,7 +136,7 @@ class Currency:
         return format(self.round(amount), "f")
 
 
-_ROUNDING: Final = Context(prec=1000, traps=[InvalidOperation, Overflow])
+_ROUNDING: Final = decimal.Context(prec=1000, traps=[decimal.InvalidOperation, decimal.Overflow])
 
 
 def _table() -> dict[str, Currency]:

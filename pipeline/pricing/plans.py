@@ -71,7 +71,10 @@ from meterstream.errors import ConfigError
 from meterstream.meters.config import (
     PYDANTIC_MESSAGES,
     duplicate_names,
+    one_of,
     read_yaml_file,
+    show_value,
+    slug_check,
     validate_items,
 )
 from meterstream.pricing.money import ZERO, Currency, currency, plain, stripe_decimal_places
@@ -96,7 +99,6 @@ MAX_UNIT_DECIMALS: Final = 12
 MAX_MINOR_UNITS: Final = 10**12 - 1
 """Largest amount in minor units we accept for any price, fee or minimum."""
 
-_SLUG = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _NUMERIC = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -121,14 +123,7 @@ class _Problems(ValueError):
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list | tuple):
-        return "a list"
-    text = repr(value) if isinstance(value, str) else str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return show_value(value, width=60, sequence="a list")
 
 
 def _check_amount(value: Any) -> Any:
@@ -175,21 +170,10 @@ def _count(*, inf: bool) -> BeforeValidator:
 
 
 def _one_of(*allowed: str) -> BeforeValidator:
-    def check(value: Any) -> Any:
-        if not (isinstance(value, str) and value in allowed):
-            raise ValueError(f"{_show(value)} is not one of {', '.join(allowed)}")
-        return value
-
-    return BeforeValidator(check)
+    return one_of(*allowed, show=_show)
 
 
-def _check_slug(value: Any) -> Any:
-    if not (isinstance(value, str) and _SLUG.fullmatch(value)):
-        raise ValueError(
-            f"{_show(value)} is not a valid name: lowercase letters, digits and underscores, "
-            "starting with a letter, at most 63 characters"
-        )
-    return value
+_check_slug = slug_check("name", _show)
 
 
 def _check_currency(value: Any) -> Any:

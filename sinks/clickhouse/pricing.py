@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from meterstream.sinks.clickhouse.changes import Change, latest_rows, next_version
 from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.clickhouse.queries import (
     MERGED_VALUE_SQL,
@@ -106,30 +107,22 @@ def customers_with_windows(ch: ClickHouse, start_ms: int, end_ms: int) -> list[s
 
 
 @dataclass(frozen=True)
-class ScheduleRow:
+class ScheduleRow(Change):
     """One change of a customer's plan schedule: ``(plan, effective epoch ms)`` ascending."""
 
-    customer_id: str
     schedule: tuple[tuple[str, int], ...]
-    origin: str
-    changed_by: str
-    changed_at_ms: int
-    version: int
 
     def public(self) -> dict[str, Any]:
         return {
             "customer_id": self.customer_id,
             "plans": [{"plan": plan, "from": _iso(ms)} for plan, ms in self.schedule],
-            "origin": self.origin,
-            "changed_by": self.changed_by,
-            "changed_at": _iso(self.changed_at_ms),
-            "version": self.version,
+            **self.provenance(_iso(self.changed_at_ms)),
         }
 
 
 def _schedule_row(r: Sequence[Any]) -> ScheduleRow:
     schedule = tuple((str(p), _ms(e)) for p, e in zip(r[1], r[2], strict=True))
-    return ScheduleRow(str(r[0]), schedule, str(r[3]), str(r[4]), _ms(r[5]), int(r[6]))
+    return ScheduleRow(str(r[0]), str(r[3]), str(r[4]), _ms(r[5]), int(r[6]), schedule)
 
 
 _CURRENT = """
@@ -147,12 +140,7 @@ def current_schedules(
     ch: ClickHouse, customers: Iterable[str] | None = None
 ) -> dict[str, ScheduleRow]:
     """The latest schedule per customer (empty ones included), of ``customers`` or all."""
-    params: dict[str, Any] = {}
-    where = ""
-    if customers is not None:
-        params["customers"] = sorted(set(customers))
-        where = "WHERE customer_id IN {customers:Array(String)}"
-    rows = ch.query_rows(_CURRENT.format(where=where), parameters=params)
+    rows = latest_rows(ch, _CURRENT, customers)
     return {str(r[0]): _schedule_row(r) for r in rows}
 
 
@@ -187,9 +175,8 @@ def append_schedule(
     if version is None and (current.schedule if current else ()) == ordered:
         return None
     now = _now_ms()
-    if version is None:
-        version = max(now, (current.version + 1) if current else 0)
-    row = ScheduleRow(customer_id, ordered, origin, changed_by, now, version)
+    version = next_version(current, version, now)
+    row = ScheduleRow(customer_id, origin, changed_by, now, version, ordered)
     ch.insert(
         CUSTOMER_PLANS,
         [

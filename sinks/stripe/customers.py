@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from meterstream.sinks.clickhouse.changes import Change, latest_rows, next_version
 from meterstream.sinks.clickhouse.client import ClickHouse
 
 CUSTOMER_MAPPINGS = "customer_mappings"
@@ -50,29 +51,24 @@ def _dt(ms: int) -> dt.datetime:
 
 
 @dataclass(frozen=True)
-class MappingRow:
+class MappingRow(Change):
     """One change of the operator's mapping (``stripe_customer_id`` '' = removed)."""
 
-    customer_id: str
     stripe_customer_id: str
-    origin: str
-    changed_by: str
-    changed_at_ms: int
-    version: int
 
     def public(self) -> dict[str, Any]:
+        changed_at = _dt(self.changed_at_ms).isoformat(timespec="milliseconds")
         return {
             "customer_id": self.customer_id,
             "stripe_customer_id": self.stripe_customer_id or None,
-            "origin": self.origin,
-            "changed_by": self.changed_by,
-            "changed_at": _dt(self.changed_at_ms).isoformat(timespec="milliseconds"),
-            "version": self.version,
+            **self.provenance(changed_at),
         }
 
 
 def _row(r: tuple[Any, ...]) -> MappingRow:
-    return MappingRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]), int(r[5]))
+    """``(customer_id, stripe_customer_id, origin, changed_by, changed_at ms, version)``."""
+    customer, stripe_id, origin, changed_by = (str(v) for v in r[:4])
+    return MappingRow(customer, origin, changed_by, int(r[4]), int(r[5]), stripe_id)
 
 
 _CURRENT = """
@@ -88,12 +84,7 @@ ORDER BY customer_id
 
 def current_rows(ch: ClickHouse, customers: Iterable[str] | None = None) -> dict[str, MappingRow]:
     """The latest change per customer (removals included), of ``customers`` or of everyone."""
-    params: dict[str, Any] = {}
-    where = ""
-    if customers is not None:
-        params["customers"] = sorted(set(customers))
-        where = "WHERE customer_id IN {customers:Array(String)}"
-    rows = ch.query_rows(_CURRENT.format(where=where), parameters=params)
+    rows = latest_rows(ch, _CURRENT, customers)
     return {str(r[0]): _row(r) for r in rows}
 
 
@@ -113,9 +104,7 @@ def history(ch: ClickHouse, customer_id: str) -> list[MappingRow]:
         """,
         parameters={"customer": customer_id},
     )
-    return [
-        MappingRow(str(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]), int(r[5])) for r in rows
-    ]
+    return [_row(r) for r in rows]
 
 
 def append_change(
@@ -140,9 +129,8 @@ def append_change(
     if current is None and not wanted and version is None:
         return None  # nothing to remove
     now = _now_ms()
-    if version is None:
-        version = max(now, (current.version + 1) if current else 0)
-    row = MappingRow(customer_id, wanted, origin, changed_by, now, version)
+    version = next_version(current, version, now)
+    row = MappingRow(customer_id, origin, changed_by, now, version, wanted)
     ch.insert(
         CUSTOMER_MAPPINGS,
         [(customer_id, wanted, origin, changed_by, _dt(now), version)],

@@ -18,31 +18,17 @@ from meterstream.endpoints import write_endpoints
 from tests.harness import StackSlice, Worker, wait_until
 from tests.integration.test_cli import cli
 from tests.integration.test_events_api import keys_cli
+from tests.support.meters import BY_MODEL, meter_entry, meters_yaml
 
 pytestmark = pytest.mark.integration
 
-METERS = """
-meters:
-  - name: tokens
-    event_name: ai_tokens
-    aggregation: sum
-    value: properties.tokens
-    group_by: [properties.model]
-    window: hour
-  - name: us_tokens
-    event_name: ai_tokens
-    aggregation: sum
-    value: properties.tokens
-    window: day
-    filters:
-      - property: properties.country
-        operator: eq
-        value: "US"
-  - name: calls
-    event_name: ai_tokens
-    aggregation: count
-    window: hour
-"""
+METERS = meters_yaml(
+    meter_entry("tokens", "ai_tokens", "sum", "properties.tokens", group_by=BY_MODEL,
+                window="hour"),
+    meter_entry("us_tokens", "ai_tokens", "sum", "properties.tokens", window="day",
+                filters='[{property: properties.country, operator: eq, value: "US"}]'),
+    meter_entry("calls", "ai_tokens", "count", window="hour"),
+)  # fmt: skip
 HOUR = 3_600_000
 
 

@@ -76,19 +76,7 @@ def raw_chat(customer: str, key: str, tokens_json: str, ts: int) -> bytes:
 
 def send(stack: StackSlice, records: Sequence[tuple[bytes | None, bytes]]) -> None:
     """(key, value) records to usage-events, in order, with a plain aiokafka producer."""
-    from aiokafka import AIOKafkaProducer
-
-    async def run() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=stack.bootstrap, acks="all")
-        await producer.start()
-        try:
-            for key, value in records:
-                await producer.send(stack.topic, key=key, value=value)
-            await producer.flush()
-        finally:
-            await producer.stop()
-
-    asyncio.run(run())
+    stack.produce_raw(records, batch=False)
 
 
 def as_record(event: dict[str, Any] | bytes, customer: str) -> tuple[bytes, bytes]:

@@ -33,6 +33,7 @@ from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 from tests.support.kafka import consume_all
+from tests.support.meters import meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
@@ -40,27 +41,16 @@ HOUR = 3_600_000
 STRIPE = "interval: 1s, grace: 0s"
 # The meter's payload key for the customer is `customer`, so an event property of that
 # name is one more spelling a producer might try.
-METERS = f"""
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    stripe: {{event_name: sec_tokens, customer_key: customer, {STRIPE}}}
-  - name: calls
-    event_name: chat
-    aggregation: count
-    stripe: {{event_name: sec_calls, {STRIPE}}}
-"""
-BY_PROPERTY = f"""
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    stripe: {{event_name: pin_tokens, customer_id_from: properties.stripe_customer_id,
-              {STRIPE}}}
-"""
+METERS = meters_yaml(
+    meter_entry("tokens", "chat", "sum", "properties.tokens",
+                stripe=stripe("sec_tokens", f"customer_key: customer, {STRIPE}")),
+    meter_entry("calls", "chat", "count", stripe=stripe("sec_calls", STRIPE)),
+)  # fmt: skip
+BY_PROPERTY = meters_yaml(
+    meter_entry("tokens", "chat", "sum", "properties.tokens",
+                stripe=stripe("pin_tokens",
+                              f"customer_id_from: properties.stripe_customer_id, {STRIPE}")),
+)  # fmt: skip
 VICTIM = "cus_victim"
 # Every way an event could name the victim's Stripe customer.
 SPELLINGS: list[dict[str, Any]] = [

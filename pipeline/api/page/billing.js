@@ -203,14 +203,22 @@ async function loadCredits() {
 
 function when(ms) { return ms ? new Date(ms).toISOString().replace(".000Z", "Z") : "never"; }
 
-async function loadStripe() {
-  const body = document.getElementById("stripe-body");
-  const got = await api(customerPath("stripe-status"));
+// A section's body element and the customer's `path` read from the API: null, and a note
+// in the body, unless the answer is 200.
+async function readInto(bodyId, path) {
+  const body = document.getElementById(bodyId);
+  const got = await api(customerPath(path));
   if (got.status !== 200) {
     body.replaceChildren(el("p", { class: "note" }, `Not available (${got.status}).`));
-    return;
+    return null;
   }
-  const s = got.body;
+  return { body, data: got.body };
+}
+
+async function loadStripe() {
+  const got = await readInto("stripe-body", "stripe-status");
+  if (!got) return;
+  const { body, data: s } = got;
   const counts = Object.entries(s.counts).map(([k, v]) => `${v} ${k}`).join(", ") || "nothing sent yet";
   body.replaceChildren(
     el("p", {}, "Last accepted by Stripe: ", el("strong", { id: "stripe-last" }, when(s.last_sent_at_ms))),
@@ -223,13 +231,10 @@ async function loadStripe() {
 }
 
 async function loadRejected() {
-  const body = document.getElementById("rejected-body");
-  const got = await api(customerPath("rejected?limit=20"));
-  if (got.status !== 200) {
-    body.replaceChildren(el("p", { class: "note" }, `Not available (${got.status}).`));
-    return;
-  }
-  const rows = got.body.rejected;
+  const got = await readInto("rejected-body", "rejected?limit=20");
+  if (!got) return;
+  const { body } = got;
+  const rows = got.data.rejected;
   body.replaceChildren(rows.length ? table(
     [{ label: "received" }, { label: "reason" }, { label: "key" }, { label: "detail" }],
     rows.map((r) => ({ attrs: { "data-key": r.idempotency_key },

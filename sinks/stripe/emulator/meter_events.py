@@ -16,6 +16,7 @@ from meterstream.sinks.stripe.emulator.meters import active_meter
 from meterstream.sinks.stripe.emulator.protocol import (
     WHOLE_NUMBER,
     ApiError,
+    authorized,
     bearer,
     int_param,
     new_id,
@@ -226,9 +227,7 @@ def counted(state: EmulatorState, fn: Callable[[], MeterEvent]) -> MeterEvent:
 
 
 async def create_meter_event(request: web.Request) -> web.Response:
-    require_api_key(request)
-    state = request.app[STATE_KEY]
-    params = await read_params(request)
+    state, params = await authorized(request)
 
     def run() -> MeterEvent:
         event_name = required_str(params, "event_name", MAX_EVENT_NAME_LENGTH)
@@ -274,9 +273,7 @@ def _v2_event_params(raw: Any) -> dict[str, Any]:
 
 
 async def create_meter_event_v2(request: web.Request) -> web.Response:
-    require_api_key(request)
-    state = request.app[STATE_KEY]
-    params = await read_params(request)
+    state, params = await authorized(request)
     event = counted(state, lambda: ingest(state, **_v2_event_params(params), api="v2"))
     return web.json_response(
         {

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from meterstream.sinks.stripe.emulator.protocol import (
     ApiError,
+    authorized,
     int_param,
     list_object,
     new_id,
@@ -44,9 +45,7 @@ def find_meter(state: EmulatorState, meter_id: str) -> dict[str, Any]:
 
 
 async def create_meter(request: web.Request) -> web.Response:
-    require_api_key(request)
-    state = request.app[STATE_KEY]
-    params = await read_params(request)
+    state, params = await authorized(request)
     display_name = required_str(params, "display_name", 250)
     event_name = required_str(params, "event_name", MAX_EVENT_NAME_LENGTH)
     aggregation = params.get("default_aggregation")
@@ -103,9 +102,7 @@ async def create_meter(request: web.Request) -> web.Response:
 
 
 async def list_meters(request: web.Request) -> web.Response:
-    require_api_key(request)
-    state = request.app[STATE_KEY]
-    params = await read_params(request)
+    state, params = await authorized(request)
     status = params.get("status")
     meters = [m for m in state.meters.values() if status is None or m["status"] == status]
     return list_object(request, meters, params)
@@ -124,6 +121,20 @@ async def deactivate_meter(request: web.Request) -> web.Response:
     meter.update(status="inactive", updated=now, status_transitions={"deactivated_at": now})
     state.log("meter", meter=meter)
     return web.json_response(meter)
+
+
+def live_events(
+    state: EmulatorState, meter: dict[str, Any], customer: str, start: int, end: int
+) -> list[MeterEvent]:
+    """The meter's events of ``customer`` in ``[start, end)`` (seconds), cancelled ones left out."""
+    return [
+        e
+        for e in state.events
+        if e.meter == meter["id"]
+        and e.customer == customer
+        and not e.cancelled
+        and start <= e.timestamp < end
+    ]
 
 
 def aggregate(formula: str, events: list[MeterEvent]) -> int:
@@ -163,14 +174,7 @@ async def event_summaries(request: web.Request) -> web.Response:
             )
     if end <= start:
         raise ApiError(400, "end_time must be after start_time.", param="end_time")
-    matching = [
-        e
-        for e in state.events
-        if e.meter == meter["id"]
-        and e.customer == customer
-        and not e.cancelled
-        and start <= e.timestamp < end
-    ]
+    matching = live_events(state, meter, customer, start, end)
     formula = meter["default_aggregation"]["formula"]
     summaries = []
     for lo in range(start, end, step):

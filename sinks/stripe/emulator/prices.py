@@ -13,13 +13,13 @@ from typing import Any
 
 from aiohttp import web
 
-from meterstream.sinks.stripe.emulator.meters import aggregate
+from meterstream.sinks.stripe.emulator.meters import aggregate, live_events
 from meterstream.sinks.stripe.emulator.protocol import (
     ApiError,
+    authorized,
     int_param,
     list_object,
     new_id,
-    read_params,
     require_api_key,
     required_str,
 )
@@ -102,9 +102,7 @@ def _price_tiers(raw: Any) -> list[dict[str, Any]]:
 
 
 async def create_product(request: web.Request) -> web.Response:
-    require_api_key(request)
-    state = request.app[STATE_KEY]
-    params = await read_params(request)
+    state, params = await authorized(request)
     name = required_str(params, "name", 250)
     product_id = params.get("id") or new_id("prod")
     if not isinstance(product_id, str) or len(product_id) > 250:
@@ -145,9 +143,7 @@ async def get_product(request: web.Request) -> web.Response:
 
 
 async def create_price(request: web.Request) -> web.Response:
-    require_api_key(request)
-    state = request.app[STATE_KEY]
-    params = await read_params(request)
+    state, params = await authorized(request)
     currency = required_str(params, "currency").lower()
     if not re.fullmatch(r"[a-z]{3}", currency):
         raise ApiError(400, f"Invalid currency: {currency}", param="currency")
@@ -253,9 +249,7 @@ async def create_price(request: web.Request) -> web.Response:
 
 
 async def list_prices(request: web.Request) -> web.Response:
-    require_api_key(request)
-    state = request.app[STATE_KEY]
-    params = await read_params(request)
+    state, params = await authorized(request)
     keys = params.get("lookup_keys")
     prices = [
         p
@@ -303,9 +297,7 @@ def _month(epoch: float) -> tuple[int, int]:
 
 
 async def invoice_preview(request: web.Request) -> web.Response:
-    require_api_key(request)
-    state = request.app[STATE_KEY]
-    params = await read_params(request)
+    state, params = await authorized(request)
     customer = required_str(params, "customer")
     details = params.get("subscription_details") or {}
     items = details.get("items") if isinstance(details, dict) else None
@@ -339,14 +331,7 @@ async def invoice_preview(request: web.Request) -> web.Response:
         recurring = price.get("recurring") or {}
         if recurring.get("usage_type") == "metered":
             meter = state.meters[recurring["meter"]]
-            events = [
-                e
-                for e in state.events
-                if e.meter == meter["id"]
-                and e.customer == customer
-                and not e.cancelled
-                and start <= e.timestamp < end
-            ]
+            events = live_events(state, meter, customer, start, end)
             formula = meter["default_aggregation"]["formula"]
             quantity = max(aggregate(formula, events), 0) if events else 0
         else:

@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from meterstream.errors import MeterstreamError
+from meterstream.sinks.stripe.emulator.state import STATE_KEY, EmulatorState
 
 WHOLE_NUMBER = re.compile(r"-?[0-9]+")
 _FORM_KEY = re.compile(r"^([^\[\]]+)((?:\[[^\[\]]*\])*)$")
@@ -138,6 +139,12 @@ def require_api_key(request: web.Request) -> None:
     key = bearer(request)
     if not key.startswith(("sk_", "rk_")):
         raise ApiError(401, "Invalid API Key provided.")
+
+
+async def authorized(request: web.Request) -> tuple[EmulatorState, dict[str, Any]]:
+    """A handler's start: the API key checked, then the state and the request's parameters."""
+    require_api_key(request)
+    return request.app[STATE_KEY], await read_params(request)
 
 
 def required_str(params: Mapping[str, Any], name: str, max_len: int | None = None) -> str:

@@ -11,21 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meterstream.errors import PricingError
-from meterstream.pricing.invoice import (
-    Invoice,
-    Period,
-    PlanAssignment,
-    Segment,
-    SegmentUsage,
-    compute_invoice,
-    plan_segments,
-    preview_invoice,
-)
+from meterstream.pricing import invoice as inv
 from meterstream.pricing.plans import PlansConfig, load_plans, parse_plans
 from tests.support import REPO
 
 D = Decimal
-DECEMBER = Period.month("2026-12")  # 31 days
+DECEMBER = inv.Period.month("2026-12")  # 31 days
 
 
 def day(n: int, month: int = 12, year: int = 2026) -> datetime:
@@ -36,22 +27,22 @@ def example() -> PlansConfig:
     return load_plans(REPO / "plans.example.yaml")
 
 
-def one_plan_invoice(plans: PlansConfig, plan: str, quantities: dict[str, Any]) -> Invoice:
-    assignments = [PlanAssignment(plan, day(1, 11))]
-    return preview_invoice(plans, DECEMBER, assignments, lambda start, end: quantities, "acme")
+def one_plan_invoice(plans: PlansConfig, plan: str, quantities: dict[str, Any]) -> inv.Invoice:
+    assignments = [inv.PlanAssignment(plan, day(1, 11))]
+    return inv.preview_invoice(plans, DECEMBER, assignments, lambda start, end: quantities, "acme")
 
 
 def test_period_month() -> None:
     assert (DECEMBER.start, DECEMBER.end) == (day(1), day(1, 1, 2027))
-    assert Period.month("2027-02").length == timedelta(days=28)
-    assert Period.containing(datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) == DECEMBER
+    assert inv.Period.month("2027-02").length == timedelta(days=28)
+    assert inv.Period.containing(datetime(2026, 12, 31, 23, 59, tzinfo=UTC)) == DECEMBER
     for bad in ("2026-13", "2026", "december"):
         with pytest.raises(PricingError, match="not a month"):
-            Period.month(bad)
+            inv.Period.month(bad)
     with pytest.raises(PricingError, match="time zone"):
-        Period(datetime(2026, 12, 1), datetime(2027, 1, 1))
+        inv.Period(datetime(2026, 12, 1), datetime(2027, 1, 1))
     with pytest.raises(PricingError, match="not after"):
-        Period(day(2), day(1))
+        inv.Period(day(2), day(1))
 
 
 # -- worked examples -----------------------------------------------------------------
@@ -139,7 +130,7 @@ def test_zero_and_three_decimal_currencies() -> None:
 
 
 def test_usage_before_any_plan_is_free_by_default() -> None:
-    segments = plan_segments([PlanAssignment("compute", day(11))], DECEMBER, "default")
+    segments = inv.plan_segments([inv.PlanAssignment("compute", day(11))], DECEMBER, "default")
     assert [(s.plan, s.start, s.end, s.share, s.default) for s in segments] == [
         ("default", day(1), day(11), Fraction(10, 31), True),
         ("compute", day(11), day(1, 1, 2027), Fraction(21, 31), False),
@@ -148,11 +139,11 @@ def test_usage_before_any_plan_is_free_by_default() -> None:
 
 def test_mid_period_change_is_prorated() -> None:
     assignments = [
-        PlanAssignment("compute", day(11)),
-        PlanAssignment("compute_with_base", day(21)),
+        inv.PlanAssignment("compute", day(11)),
+        inv.PlanAssignment("compute_with_base", day(21)),
     ]
     usage = {day(1): D(500), day(11): D(100), day(21): D(100)}
-    invoice = preview_invoice(
+    invoice = inv.preview_invoice(
         example(), DECEMBER, assignments, lambda start, end: {"compute_units": usage[start]}
     )
     out = invoice.to_dict()
@@ -169,9 +160,12 @@ def test_mid_period_change_is_prorated() -> None:
 
 def test_tiers_restart_with_each_plan_segment() -> None:
     # servers_pro from Dec 16: its first tier's 99 is charged in full for that segment
-    assignments = [PlanAssignment("servers_basic", day(1)), PlanAssignment("servers_pro", day(16))]
+    assignments = [
+        inv.PlanAssignment("servers_basic", day(1)),
+        inv.PlanAssignment("servers_pro", day(16)),
+    ]
     peaks = {day(1): D(80), day(16): D(120)}
-    invoice = preview_invoice(
+    invoice = inv.preview_invoice(
         example(), DECEMBER, assignments, lambda start, end: {"active_servers": peaks[start]}
     )
     servers = [line for line in invoice.lines if line.meter == "active_servers"]
@@ -183,24 +177,26 @@ def test_tiers_restart_with_each_plan_segment() -> None:
 
 
 def test_segments_edge_cases() -> None:
-    before = PlanAssignment("compute", day(1, 10))
-    again = PlanAssignment("compute", day(5))
-    (whole,) = plan_segments([again, before], DECEMBER, "default")  # order does not matter
+    before = inv.PlanAssignment("compute", day(1, 10))
+    again = inv.PlanAssignment("compute", day(5))
+    (whole,) = inv.plan_segments([again, before], DECEMBER, "default")  # order does not matter
     assert (whole.plan, whole.start, whole.end, whole.share) == (
         "compute",
         day(1),
         day(1, 1, 2027),
         1,
     )
-    later = plan_segments([PlanAssignment("compute", day(1, 1, 2027))], DECEMBER, "default")
+    later = inv.plan_segments([inv.PlanAssignment("compute", day(1, 1, 2027))], DECEMBER, "default")
     assert [s.plan for s in later] == ["default"]
     with pytest.raises(PricingError, match="both effective"):
-        plan_segments([PlanAssignment("a", day(5)), PlanAssignment("b", day(5))], DECEMBER, "d")
+        inv.plan_segments(
+            [inv.PlanAssignment("a", day(5)), inv.PlanAssignment("b", day(5))], DECEMBER, "d"
+        )
     with pytest.raises(PricingError, match="time zone"):
-        plan_segments([PlanAssignment("a", datetime(2026, 12, 5))], DECEMBER, "d")
+        inv.plan_segments([inv.PlanAssignment("a", datetime(2026, 12, 5))], DECEMBER, "d")
     offset = timezone(timedelta(hours=2))
-    (first, second) = plan_segments(
-        [PlanAssignment("a", datetime(2026, 12, 5, 2, tzinfo=offset))], DECEMBER, "d"
+    (first, second) = inv.plan_segments(
+        [inv.PlanAssignment("a", datetime(2026, 12, 5, 2, tzinfo=offset))], DECEMBER, "d"
     )
     assert first.end == day(5) and second.start == day(5)
 
@@ -243,8 +239,8 @@ def test_price_and_plan_minimums_top_up() -> None:
 
 
 def test_minimums_are_prorated_with_the_plan() -> None:
-    assignments = [PlanAssignment("committed", day(17))]  # 15 of 31 days
-    invoice = preview_invoice(minimum_plans(), DECEMBER, assignments, lambda s, e: {})
+    assignments = [inv.PlanAssignment("committed", day(17))]  # 15 of 31 days
+    invoice = inv.preview_invoice(minimum_plans(), DECEMBER, assignments, lambda s, e: {})
     # base 20 x 15/31 = 9.677.. -> 9.68; calls minimum 5 x 15/31 = 2.419.. -> 2.42;
     # plan minimum 50 x 15/31 = 24.193.. -> 24.19, minus 9.68 + 0 + 0 + 2.42 = 12.09
     assert [(line.kind, line.meter, line.amount) for line in invoice.lines] == [
@@ -269,12 +265,12 @@ def test_one_currency_per_invoice() -> None:
             ]
         }
     )
-    both = [PlanAssignment("us", day(1)), PlanAssignment("eu", day(10))]
+    both = [inv.PlanAssignment("us", day(1)), inv.PlanAssignment("eu", day(10))]
     with pytest.raises(PricingError, match="several currencies"):
-        preview_invoice(plans, DECEMBER, both, lambda s, e: {"m": D(1)})
+        inv.preview_invoice(plans, DECEMBER, both, lambda s, e: {"m": D(1)})
     # the built-in free default (in usd, the first plan's currency) binds no currency
-    euros = preview_invoice(
-        plans, DECEMBER, [PlanAssignment("eu", day(10))], lambda s, e: {"m": D(1)}
+    euros = inv.preview_invoice(
+        plans, DECEMBER, [inv.PlanAssignment("eu", day(10))], lambda s, e: {"m": D(1)}
     )
     assert euros.currency.code == "eur" and euros.total == D(1)
 
@@ -282,13 +278,13 @@ def test_one_currency_per_invoice() -> None:
 def test_bad_inputs_are_pricing_errors() -> None:
     plans = example()
     with pytest.raises(PricingError, match="no plan named 'gold'"):
-        preview_invoice(plans, DECEMBER, [PlanAssignment("gold", day(1))], lambda s, e: {})
+        inv.preview_invoice(plans, DECEMBER, [inv.PlanAssignment("gold", day(1))], lambda s, e: {})
     for bad in (1.5, "3", Decimal("NaN"), None):
         with pytest.raises(PricingError, match="compute_units"):
             one_plan_invoice(plans, "compute", {"compute_units": bad})
-    outside = Segment("compute", day(1), day(2, 1, 2027), Fraction(1), False)
+    outside = inv.Segment("compute", day(1), day(2, 1, 2027), Fraction(1), False)
     with pytest.raises(PricingError, match="outside the period"):
-        compute_invoice(plans, DECEMBER, [SegmentUsage(outside, {})])
+        inv.compute_invoice(plans, DECEMBER, [inv.SegmentUsage(outside, {})])
 
 
 def test_negative_usage_is_priced_as_zero() -> None:
@@ -310,8 +306,11 @@ def _json_types_only(value: Any) -> bool:
 
 
 def test_json_is_exact_and_plain() -> None:
-    assignments = [PlanAssignment("essential", day(1)), PlanAssignment("enterprise", day(9))]
-    invoice = preview_invoice(
+    assignments = [
+        inv.PlanAssignment("essential", day(1)),
+        inv.PlanAssignment("enterprise", day(9)),
+    ]
+    invoice = inv.preview_invoice(
         example(), DECEMBER, assignments, lambda s, e: {"ai_tokens": D("1000.5")}, "acme"
     )
     out = invoice.to_dict()
@@ -353,10 +352,10 @@ def test_total_is_the_sum_of_the_rounded_lines(
         }
     )
     start = DECEMBER.start + timedelta(hours=hours)
-    invoice = preview_invoice(
+    invoice = inv.preview_invoice(
         plans,
         DECEMBER,
-        [PlanAssignment("p", start)],
+        [inv.PlanAssignment("p", start)],
         lambda s, e: {f"m{i}": q for i, (_, q) in enumerate(prices)},
     )
     money = invoice.currency
