@@ -23,6 +23,7 @@ import pytest
 from meterstream.embedded.kafka import KafkaBroker, jars_dir, java_command
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.settings import Settings
+from meterstream.worker.batch import END_MARKER
 from tests.faults.fault_load import (
     HOUR,
     METERS,
@@ -661,8 +662,6 @@ async def changelog_keys(bootstrap: str, topic: str) -> set[bytes]:
     (read_committed, as Faust's recovery reads under exactly_once) up to the end,
     the last value per key not a tombstone, the end marker excluded."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from meterstream.worker.app import END_MARKER
 
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, isolation_level="read_committed", enable_auto_commit=False
