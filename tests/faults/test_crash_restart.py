@@ -441,6 +441,7 @@ def test_clickhouse_outage_of_30_seconds(stack: StackSlice) -> None:
 def own_broker(stack: StackSlice, state: Path, port: int | None = None) -> Any:
     """A broker of this test's own, of the session's kind, not started: Tansu (memory only)
     or Apache Kafka with its log in ``state`` (kept across its restarts)."""
+    state.mkdir(parents=True, exist_ok=True)
     if stack.broker_name == "kafka":
         settings = Settings()
         return KafkaBroker(state, port=port, java=java_command(settings), jars=jars_dir(settings))
