@@ -30,11 +30,9 @@ from typing import Any
 import orjson
 from faust.web import Request, Response, View
 
-from meterstream.api.http import Routes, unrestricted
-from meterstream.api.keys import ApiKey
+from meterstream.api.http import Routes
 from meterstream.billing.assignments import BadSchedule, parse_instant
-from meterstream.billing.customers import check_customer_id
-from meterstream.errors import CreditsError, Denied
+from meterstream.errors import CreditsError
 from meterstream.sinks.clickhouse import credits as store
 from meterstream.sinks.clickhouse.reads import ReadIO
 from meterstream.worker.alerts import thresholds_of
@@ -76,21 +74,6 @@ def register(routes: Routes, reads: ReadIO, credits: CreditService) -> None:
     app, respond = routes.app, routes.respond
     guarded = functools.partial(routes.guarded, bad_input=(CreditsError,))
 
-    def customer_of(customer_id: str) -> str:
-        try:
-            return check_customer_id(customer_id)
-        except ValueError as exc:
-            raise Denied(400, str(exc)) from None
-
-    def reader(request: Request, customer_id: str) -> str:
-        routes.customer_reader(request, customer_id)
-        return customer_of(customer_id)
-
-    def operator(request: Request) -> ApiKey:
-        key = routes.key(request)
-        unrestricted(key, "change credits")
-        return key
-
     def not_ready(view: View) -> Response | None:
         if credits.ready.is_set():
             return None
@@ -107,7 +90,7 @@ def register(routes: Routes, reads: ReadIO, credits: CreditService) -> None:
     class Credits(View):
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = reader(request, customer_id)
+            customer = routes.readable_customer(request, customer_id)
             if (busy := not_ready(self)) is not None:
                 return busy
             doc = credits.balance_document(customer)
@@ -119,8 +102,8 @@ def register(routes: Routes, reads: ReadIO, credits: CreditService) -> None:
     class CreditGrants(View):
         @guarded
         async def post(self, request: Request, customer_id: str) -> Response:
-            key = operator(request)
-            customer = customer_of(customer_id)
+            key = routes.operator(request, "change credits")
+            customer = routes.checked_customer(customer_id)
             grant = grant_from_body(
                 customer, await json_body(request), credits.plans.default.money.code
             )
@@ -131,8 +114,8 @@ def register(routes: Routes, reads: ReadIO, credits: CreditService) -> None:
     class CreditVoid(View):
         @guarded
         async def post(self, request: Request, customer_id: str, grant_id: str) -> Response:
-            key = operator(request)
-            customer = customer_of(customer_id)
+            key = routes.operator(request, "change credits")
+            customer = routes.checked_customer(customer_id)
             body = await json_body(request)
             reason = body.get("reason", "") if isinstance(body, dict) else ""
             try:
@@ -147,7 +130,7 @@ def register(routes: Routes, reads: ReadIO, credits: CreditService) -> None:
     class CreditLedger(View):
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = reader(request, customer_id)
+            customer = routes.readable_customer(request, customer_id)
             rows = await reads.read(store.ledger_rows, [customer])
             return respond(self, ledger_document(rows, customer))
 
@@ -155,7 +138,7 @@ def register(routes: Routes, reads: ReadIO, credits: CreditService) -> None:
     class CreditAlerts(View):
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = reader(request, customer_id)
+            customer = routes.readable_customer(request, customer_id)
             if (busy := not_ready(self)) is not None:
                 return busy
             assert credits.alerts is not None
@@ -163,8 +146,8 @@ def register(routes: Routes, reads: ReadIO, credits: CreditService) -> None:
 
         @guarded
         async def put(self, request: Request, customer_id: str) -> Response:
-            key = operator(request)
-            customer = customer_of(customer_id)
+            key = routes.operator(request, "change credits")
+            customer = routes.checked_customer(customer_id)
             found = thresholds_of(await json_body(request))
             await credits.ready.wait()
             assert credits.alerts is not None
@@ -176,7 +159,7 @@ def register(routes: Routes, reads: ReadIO, credits: CreditService) -> None:
     class Entitlements(View):
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = reader(request, customer_id)
+            customer = routes.readable_customer(request, customer_id)
             if (busy := not_ready(self)) is not None:
                 return busy
             doc = await credits.entitlement_document(customer)

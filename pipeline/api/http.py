@@ -19,6 +19,7 @@ from faust.web import Request, Response, View
 from meterstream.answers import dumps
 from meterstream.api import guard, links
 from meterstream.api.keys import ApiKey, KeyStore
+from meterstream.billing.customers import check_customer_id
 from meterstream.errors import Denied, DependencyError
 from meterstream.metrics import Metrics
 from meterstream.settings import Settings
@@ -173,6 +174,24 @@ class Routes:
         """:meth:`reader`, and 403 unless the key may read ``customer_id``."""
         key = self.reader(request)
         only_customer(key, customer_id)
+        return key
+
+    def checked_customer(self, customer_id: str) -> str:
+        """``customer_id`` as the contract allows it (1-200 characters), or 400."""
+        try:
+            return check_customer_id(customer_id)
+        except ValueError as exc:
+            raise Denied(400, str(exc)) from None
+
+    def readable_customer(self, request: Request, customer_id: str) -> str:
+        """``customer_id`` checked, once the request's key may read it (403 otherwise)."""
+        self.customer_reader(request, customer_id)
+        return self.checked_customer(customer_id)
+
+    def operator(self, request: Request, what: str) -> ApiKey:
+        """The request's key, unrestricted (a customer's key cannot ``what``: 403)."""
+        key = self.key(request)
+        unrestricted(key, what)
         return key
 
     async def json_body(self, request: Request) -> bytes:

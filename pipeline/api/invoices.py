@@ -20,16 +20,14 @@ from typing import Any
 import orjson
 from faust.web import Request, Response, View
 
-from meterstream.api.http import Routes, unrestricted
-from meterstream.api.keys import ApiKey
+from meterstream.api.http import Routes
 from meterstream.billing.assignments import (
     AssignmentStore,
     BadSchedule,
     check_plan_name,
     parse_instant,
 )
-from meterstream.billing.customers import check_customer_id
-from meterstream.errors import Denied, DependencyError, PricingError
+from meterstream.errors import DependencyError, PricingError
 from meterstream.meters.windows import period_label
 from meterstream.pricing.invoice import Period
 from meterstream.pricing.plans import PlansConfig
@@ -43,22 +41,6 @@ def register(
     """Add the routes; call before ``web.register`` (which installs the guard)."""
     respond, guarded = routes.respond, routes.guarded
 
-    def operator(request: Request) -> ApiKey:
-        key = routes.key(request)
-        unrestricted(key, "assign plans")
-        return key
-
-    def customer_of(customer_id: str) -> str:
-        try:
-            return check_customer_id(customer_id)
-        except ValueError as exc:
-            raise Denied(400, str(exc)) from None
-
-    def readable_customer(request: Request, customer_id: str) -> str:
-        """``customer_id`` checked, once the request's key may read it (403 otherwise)."""
-        routes.customer_reader(request, customer_id)
-        return customer_of(customer_id)
-
     def schedule_document(customer: str, row: Any) -> dict[str, Any]:
         plans_now = row.public()["plans"] if row is not None else []
         return {"customer_id": customer, "default_plan": plans.default.name, "plans": plans_now}
@@ -67,7 +49,7 @@ def register(
     class InvoicePreview(View):
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = readable_customer(request, customer_id)
+            customer = routes.readable_customer(request, customer_id)
             label = request.query.get("period") or period_label(time.time_ns() // 1_000_000)
             try:
                 period = Period.month(label)
@@ -85,7 +67,7 @@ def register(
     class CustomerPlans(View):
         @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = readable_customer(request, customer_id)
+            customer = routes.readable_customer(request, customer_id)
             try:
                 row = await assignments.current(customer)
             except DependencyError as exc:
@@ -94,8 +76,8 @@ def register(
 
         @guarded
         async def put(self, request: Request, customer_id: str) -> Response:
-            key = operator(request)
-            customer = customer_of(customer_id)
+            key = routes.operator(request, "assign plans")
+            customer = routes.checked_customer(customer_id)
             try:
                 body = orjson.loads(await routes.json_body(request))
                 if not isinstance(body, dict):
@@ -110,8 +92,8 @@ def register(
 
         @guarded
         async def delete(self, request: Request, customer_id: str) -> Response:
-            key = operator(request)
-            customer = customer_of(customer_id)
+            key = routes.operator(request, "assign plans")
+            customer = routes.checked_customer(customer_id)
             try:
                 when = parse_instant(request.query.get("from"))
                 row, published = await assignments.change(
