@@ -33,7 +33,7 @@ EXIT_BATCH_FAILED = 70
 # None of Faust's own views (/table shows table data, /router the cluster, /stats, /graph,
 # /performance internals; none asks for a key). The index at / has no setting:
 # pipeline/api/guard.py answers 404 for every route web.py did not add.
-NO_FAUST_VIEWS = {
+NO_FAUST_VIEWS: dict[str, Any] = {
     f"web_{view}_enabled": False for view in ("tables", "router", "stats", "graph", "metrics")
 }
 
