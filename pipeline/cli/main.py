@@ -27,7 +27,7 @@ from meterstream.api.keys import KeyStore
 from meterstream.cli import credits as credits_cli
 from meterstream.cli import plans as plans_cli
 from meterstream.cli import stripe as stripe_cli
-from meterstream.cli.options import private_state_dir, settings_from
+from meterstream.cli.options import command_group, private_state_dir, settings_from
 from meterstream.cli.output import add_format, format_table, print_result
 from meterstream.cli.progress import progress
 from meterstream.cli.sql import print_event_fate, print_usage, reconcile_command, run_sql
@@ -256,8 +256,7 @@ def _data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     add_format(p)
     p.set_defaults(func=cmd_usage)
 
-    meters = sub.add_parser("meters", help="meter definitions")
-    msub = meters.add_subparsers(dest="meters_command", required=True)
+    msub = command_group(sub, "meters", "meter definitions")
     p = msub.add_parser("check", parents=[common], help="validate a meters file")
     p.add_argument("file")
     p.set_defaults(func=cmd_meters_check)
@@ -291,8 +290,7 @@ def _data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _key_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """``keys create|revoke|list``: API keys for the web API."""
-    keys = sub.add_parser("keys", help="API keys for the web API")
-    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    ksub = command_group(sub, "keys", "API keys for the web API")
     keyfile = argparse.ArgumentParser(add_help=False, parents=[common])
     keyfile.add_argument("--file", help="key file (default <state dir>/api_keys.json)")
     p = ksub.add_parser("create", parents=[keyfile], help="create a key; prints it once")
@@ -317,8 +315,7 @@ def _page_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_event)
 
-    billing = sub.add_parser("billing", help="the billing page")
-    bsub = billing.add_subparsers(dest="billing_command", required=True)
+    bsub = command_group(sub, "billing", "the billing page")
     p = bsub.add_parser(
         "link", parents=[common], help="a signed, expiring link to one customer's billing page"
     )
