@@ -27,6 +27,7 @@ import stripe
 from meterstream.embedded.processes import free_port
 from meterstream.sinks.stripe.emulator.options import WebhookOption
 from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
+from meterstream.sinks.stripe.emulator.state import FaultConfig
 
 KEY = "sk_test_emulator"
 PAY_EVENTS = ["payment_intent.succeeded", "payment_intent.payment_failed"]
@@ -111,15 +112,16 @@ def call(
 
 
 @pytest.fixture(scope="module")
-def emulator() -> Iterator[BackgroundEmulator]:
-    with BackgroundEmulator() as emu:
+def running() -> Iterator[BackgroundEmulator]:
+    """One emulator for the module, retrying webhooks after 100 ms (then doubling)."""
+    with BackgroundEmulator(faults=FaultConfig(webhook_retry_base_ms=100)) as emu:
         yield emu
 
 
-@pytest.fixture(autouse=True)
-def _fresh_state(emulator: BackgroundEmulator) -> None:
-    emulator.reset()
-    emulator.set_faults(webhook_retry_base_ms=100)
+@pytest.fixture
+def emulator(running: BackgroundEmulator) -> BackgroundEmulator:
+    running.reset()  # back to the faults it started with
+    return running
 
 
 @pytest.fixture

@@ -32,9 +32,9 @@ from meterstream.sinks.stripe.emulator.protocol import (
     ApiError,
     authorized,
     known_params,
-    list_object,
     metadata_param,
     new_id,
+    newest_first,
     no_such,
 )
 from meterstream.sinks.stripe.emulator.state import EmulatorState
@@ -221,9 +221,7 @@ async def update_customer(request: web.Request) -> web.Response:
 
 async def list_customers(request: web.Request) -> web.Response:
     state, params = await authorized(request)
-    email = params.get("email")
-    found = [c for c in state.pay.customers.values() if email in (None, c["email"])]
-    return list_object(request, found[::-1], params)
+    return newest_first(request, state.pay.customers.values(), params, "email")
 
 
 async def get_payment_method(request: web.Request) -> web.Response:

@@ -36,9 +36,9 @@ from meterstream.sinks.stripe.emulator.protocol import (
     bool_param,
     int_param,
     known_params,
-    list_object,
     metadata_param,
     new_id,
+    newest_first,
     no_such,
 )
 from meterstream.sinks.stripe.emulator.state import EmulatorState
@@ -256,9 +256,7 @@ async def get_payment_intent(request: web.Request) -> web.Response:
 
 async def list_payment_intents(request: web.Request) -> web.Response:
     state, params = await authorized(request)
-    customer = params.get("customer")
-    found = [p for p in state.pay.payment_intents.values() if customer in (None, p["customer"])]
-    return list_object(request, found[::-1], params)
+    return newest_first(request, state.pay.payment_intents.values(), params, "customer")
 
 
 async def confirm_payment_intent(request: web.Request) -> web.Response:
