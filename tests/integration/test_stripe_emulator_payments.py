@@ -288,6 +288,31 @@ def test_idempotency_key_replays_the_answer_and_charges_once(
     assert {e.request.idempotency_key for e in events} == {"pur_9", "pur_10"}
 
 
+def test_a_lost_answer_is_recovered_by_its_idempotency_key_only(
+    sdk: stripe.StripeClient, emulator: BackgroundEmulator
+) -> None:
+    customer = paying_customer(sdk)
+    emulator.set_faults(lost_answer_rate=1.0)
+    lost = call(emulator.url, "POST", "/v1/payment_intents", _valid(customer), key="pur_lost")
+    assert lost[0] == 500 and lost[2]["Stripe-Should-Retry"] == "true"
+    retried = call(emulator.url, "POST", "/v1/payment_intents", _valid(customer), key="pur_lost")
+    assert retried[0] == 200 and retried[2].get("Idempotent-Replayed") == "true"
+    # the SDK retries the 500 by itself, with its own idempotency key: one charge
+    emulator.set_faults(lost_answer_rate=0.5, seed=7)
+    retrying = stripe.StripeClient(KEY, base_addresses={"api": emulator.url}, max_network_retries=8)
+    for _ in range(4):
+        assert retrying.v1.payment_intents.create(purchase_params(customer)).status == "succeeded"
+    emulator.set_faults(lost_answer_rate=0.0)
+    assert len(sdk.v1.payment_intents.list({"limit": 100}).data) == 5
+    assert emulator.stats()["faults_injected"] >= 2
+    # without a key, a lost answer's retry charges again (what the key is for)
+    emulator.set_faults(lost_answer_rate=1.0)
+    for _ in range(2):
+        assert call(emulator.url, "POST", "/v1/payment_intents", _valid(customer))[0] == 500
+    emulator.set_faults(lost_answer_rate=0.0)
+    assert len(sdk.v1.payment_intents.list({"limit": 100}).data) == 7
+
+
 @pytest.mark.parametrize(
     ("change", "status", "code", "param"),
     [

@@ -202,9 +202,11 @@ async def create_payment_intent(request: web.Request) -> web.Response:
     pm_id = params.get("payment_method")
     if pm_id is not None:
         pm_id = _usable_method(state, pm_id, customer)
+    for name in ("description", "receipt_email"):
+        value = params.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > 1000):
+            raise ApiError(400, f"Invalid string: {name}", param=name)
     description = params.get("description")
-    if description is not None and (not isinstance(description, str) or len(description) > 1000):
-        raise ApiError(400, "Invalid string: description", param="description")
     intent_id = new_id("pi")
     intent: dict[str, Any] = {
         "id": intent_id,
