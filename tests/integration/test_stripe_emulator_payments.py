@@ -41,12 +41,14 @@ class Receiver:
         self.requests: list[dict[str, Any]] = []
         self.script: list[int] = []
         self.then = 200
+        self.hang = 0.0  # seconds to wait before answering
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 status = receiver.script.pop(0) if receiver.script else receiver.then
+                time.sleep(receiver.hang)
                 receiver.requests.append(
                     {
                         "signature": self.headers.get("Stripe-Signature"),
@@ -378,6 +380,39 @@ def test_customers_made_through_the_api_pass_the_meter_event_customer_check(
     assert len(emulator.events()) == 2
 
 
+@pytest.mark.parametrize(
+    ("path", "form", "param"),
+    [
+        ("/v1/customers", {"metadata[k]": "v" * 501}, "metadata[k]"),
+        ("/v1/customers", {"metadata[a][b]": "c"}, "metadata[a]"),
+        ("/v1/customers", {"invoice_settings": "pm_card_visa"}, "invoice_settings"),
+        ("/v1/customers", {"invoice_settings[default_payment_method]": "pm_bogus"},
+         "invoice_settings[default_payment_method]"),
+        ("/v1/customers", {"id": "cus_mine"}, "id"),
+        ("/v1/customers", {"payment_method[x]": "1"}, "payment_method"),
+        ("/v1/payment_intents", {"amount[]": "1", "currency": "usd"}, "amount"),
+        ("/v1/payment_intents", {"amount": "100", "currency": "usd", "confirm": "maybe"},
+         "confirm"),
+        ("/v1/payment_intents", {"amount": "100", "currency": "usd", "customer[a]": "b"},
+         "customer"),
+        ("/v1/webhook_endpoints", {"url": "ftp://x/", "enabled_events[]": "*"}, "url"),
+        ("/v1/webhook_endpoints", {"url": "http://x/", "enabled_events[]": "payment_intent.*"},
+         "enabled_events"),
+        ("/v1/webhook_endpoints", {"url": "http://x/", "enabled_events[a]": "*"},
+         "enabled_events"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_refused_with_the_parameter_named(
+    sdk: stripe.StripeClient, emulator: BackgroundEmulator, path: str, form: dict[str, str],
+    param: str,
+) -> None:  # fmt: skip
+    status, body, _ = call(emulator.url, "POST", path, form)
+    assert status == 400, body
+    assert body["error"]["type"] == "invalid_request_error" and body["error"]["param"] == param
+    assert sdk.v1.customers.list().data == []
+    assert sdk.v1.webhook_endpoints.list().data == []
+
+
 # ------------------------------------------------------------------------ webhooks
 
 
@@ -410,6 +445,19 @@ def test_a_succeeded_payment_arrives_signed_at_the_endpoint(
         (event["id"], "delivered", 200)
     ]
     assert deliveries["owed"] == 0
+
+
+def test_delivery_never_holds_up_the_api_answer(
+    sdk: stripe.StripeClient, emulator: BackgroundEmulator, receiver: Receiver
+) -> None:
+    receiver.hang = 5.0
+    endpoint(sdk, receiver.url)
+    customer = paying_customer(sdk)
+    started = time.monotonic()
+    sdk.v1.payment_intents.create(purchase_params(customer))
+    sdk.v1.payment_intents.create(purchase_params(customer))
+    assert time.monotonic() - started < 4.0  # the receiver takes 5 s per webhook
+    wait_for(lambda: receiver.requests)
 
 
 def test_a_failed_delivery_is_retried_with_the_same_event_and_a_fresh_signature(
@@ -503,14 +551,24 @@ def test_out_of_order_sends_the_later_event_first(
     sdk.v1.payment_intents.confirm(intent_id, {"payment_method": "pm_card_visa"})
     wait_for(lambda: len(receiver.requests) >= 2)
     assert receiver.types() == ["payment_intent.succeeded", "payment_intent.payment_failed"]
-    # a PaymentIntent that stays failed is held until released
-    with pytest.raises(stripe.CardError):
-        sdk.v1.payment_intents.create(purchase_params(customer))
+    # a PaymentIntent that stays failed is held until released (or the fault is off)
+    for _ in range(2):
+        with pytest.raises(stripe.CardError):
+            sdk.v1.payment_intents.create(purchase_params(customer))
     time.sleep(0.3)
     assert len(receiver.requests) == 2
-    assert emulator.release_webhooks() == 1
-    wait_for(lambda: len(receiver.requests) == 3)
-    assert receiver.types()[-1] == "payment_intent.payment_failed"
+    assert emulator.release_webhooks() == 2
+    wait_for(lambda: len(receiver.requests) == 4)
+    with pytest.raises(stripe.CardError) as last:
+        sdk.v1.payment_intents.create(purchase_params(customer))
+    assert emulator.webhook_deliveries()["held"] == 1
+    emulator.set_faults(webhook_out_of_order=False)
+    wait_for(lambda: len(receiver.requests) == 5)
+    newest_first = [r["event"]["data"]["object"]["created"] for r in receiver.requests[2:4]]
+    assert newest_first == sorted(newest_first, reverse=True)
+    assert receiver.requests[4]["event"]["data"]["object"]["id"] == (
+        last.value.error.payment_intent.id
+    )
 
 
 def test_delay_holds_back_the_first_attempt(
