@@ -41,43 +41,44 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     if refused is not None:
         return refused.response()
     key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
-    if not key:
-        try:
-            response = await handler(request)
-        except ApiError as err:
-            return err.response()
-        executed = request.method == "POST" and 200 <= response.status < 300
-        return _lost(state, faults, executed) or response
-    fingerprint = await _fingerprint(request)
-    replay = _replay(state, key, fingerprint)
-    if replay is not None:
-        return replay
-    if key in state.in_flight:
-        return ApiError(
-            409,
-            "There is currently another in-progress request using this Idempotency-Key "
-            "(that probably means you submitted twice, and the other request is still "
-            "going through). Please try again later.",
-            code="idempotency_key_in_use",
-            type="idempotency_error",
-        ).response()
-    state.in_flight.add(key)
+    fingerprint = ""
+    if key:
+        fingerprint = await _fingerprint(request)
+        refused = _replay(state, key, fingerprint) or _in_flight(state, key)
+        if refused is not None:
+            return refused
+        state.in_flight.add(key)
     try:
         response = await handler(request)
-        executed = 200 <= response.status < 300
+        executed = request.method == "POST" and 200 <= response.status < 300
     except ApiError as err:
         response, executed = err.response(), err.executed
     finally:
-        state.in_flight.discard(key)
+        if key:
+            state.in_flight.discard(key)
     # Like Stripe, only executed requests are saved for replay (a declined charge
     # was executed: it made a PaymentIntent); a request that failed validation,
     # or was faulted or rate limited, is not.
-    if executed and isinstance(response, web.Response):
+    if key and executed and isinstance(response, web.Response):
         assert response.text is not None
         saved_reply = (state.clock(), fingerprint, response.status, response.text)
         state.idempotency[key] = saved_reply
         state.log("idempotency", key=key, value=list(saved_reply))
     return _lost(state, faults, executed) or response
+
+
+def _in_flight(state: EmulatorState, key: str) -> web.Response | None:
+    """409 while another request with this key runs (Stripe's ``idempotency_key_in_use``)."""
+    if key not in state.in_flight:
+        return None
+    return ApiError(
+        409,
+        "There is currently another in-progress request using this Idempotency-Key "
+        "(that probably means you submitted twice, and the other request is still "
+        "going through). Please try again later.",
+        code="idempotency_key_in_use",
+        type="idempotency_error",
+    ).response()
 
 
 def _lost(state: EmulatorState, faults: FaultConfig, executed: bool) -> web.Response | None:
