@@ -44,9 +44,9 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     fingerprint = ""
     if key:
         fingerprint = await _fingerprint(request)
-        refused = _replay(state, key, fingerprint) or _in_flight(state, key)
-        if refused is not None:
-            return refused
+        answered = _replay(state, key, fingerprint) or _in_flight(state, key)
+        if answered is not None:
+            return answered
         state.in_flight.add(key)
     try:
         response = await handler(request)
