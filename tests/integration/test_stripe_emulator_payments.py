@@ -339,6 +339,8 @@ def test_refused_payment_intents_make_nothing(
     got, body, _ = call(emulator.url, "POST", "/v1/payment_intents", form, key="refused")
     assert got == status, body
     assert body["error"].get("code") == code and body["error"]["param"] == param
+    if code == "amount_too_small":
+        assert body["error"]["message"] == "Amount must be at least $0.50 usd"  # Stripe's words
     assert sdk.v1.payment_intents.list().data == []
     assert sdk.v1.events.list().data == []
     # a refused request is not saved: the key works for a valid request afterwards

@@ -68,7 +68,8 @@ def _amount(params: Mapping[str, Any], currency: str) -> int:
     assert amount is not None
     minimum = MINIMUM_AMOUNTS.get(currency, 50)
     if amount < minimum:
-        shown = str(minimum) if currency in ZERO_DECIMAL else f"{minimum / 100:.2f}"
+        symbol = {"usd": "$", "eur": "€", "gbp": "£", "jpy": "¥"}.get(currency, "")
+        shown = symbol + (str(minimum) if currency in ZERO_DECIMAL else f"{minimum / 100:.2f}")
         raise ApiError(
             400,
             f"Amount must be at least {shown} {currency}",
