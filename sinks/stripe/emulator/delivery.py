@@ -13,7 +13,9 @@ recorded (``/_emulator/webhook_deliveries``), then an ended delivery is journale
 no longer owed (``webhook_done``), so a restart resends only what was not delivered.
 
 Deliveries to one endpoint go one at a time, in queue order (so a held, reordered
-batch arrives in the order given); a slow endpoint holds up only its own.
+batch arrives in the order given); a slow endpoint holds up only its own. When the app
+stops, the attempts under way get ``STOP_GRACE_S`` to finish and be recorded; one cut
+off is sent again after a restart (webhooks are delivered at least once, as Stripe's).
 """
 
 from __future__ import annotations
