@@ -24,9 +24,8 @@ def _is_api(request: web.Request) -> bool:
 
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Order: count, latency, faults, rate limit, idempotent replay (or 409 while the
-    key's first request runs), handler, saving the executed answer for replay, and last
-    a lost answer (``lost_answer_rate``)."""
+    """Order: count, latency, faults, rate limit, idempotent replay, handler, saving the
+    executed answer for replay, and last a lost answer (``lost_answer_rate``)."""
     if not _is_api(request):
         try:
             return await handler(request)
@@ -44,18 +43,16 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     fingerprint = ""
     if key:
         fingerprint = await _fingerprint(request)
-        answered = _replay(state, key, fingerprint) or _in_flight(state, key)
-        if answered is not None:
-            return answered
-        state.in_flight.add(key)
+        replay = _replay(state, key, fingerprint)
+        if replay is not None:
+            return replay
+    # The handlers do not wait once they start (their body is read already), so two
+    # requests with one key cannot run at once: no 409 idempotency_key_in_use here.
     try:
         response = await handler(request)
         executed = request.method == "POST" and 200 <= response.status < 300
     except ApiError as err:
         response, executed = err.response(), err.executed
-    finally:
-        if key:
-            state.in_flight.discard(key)
     # Like Stripe, only executed requests are saved for replay (a declined charge
     # was executed: it made a PaymentIntent); a request that failed validation,
     # or was faulted or rate limited, is not.
@@ -65,20 +62,6 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         state.idempotency[key] = saved_reply
         state.log("idempotency", key=key, value=list(saved_reply))
     return _lost(state, faults, executed) or response
-
-
-def _in_flight(state: EmulatorState, key: str) -> web.Response | None:
-    """409 while another request with this key runs (Stripe's ``idempotency_key_in_use``)."""
-    if key not in state.in_flight:
-        return None
-    return ApiError(
-        409,
-        "There is currently another in-progress request using this Idempotency-Key "
-        "(that probably means you submitted twice, and the other request is still "
-        "going through). Please try again later.",
-        code="idempotency_key_in_use",
-        type="idempotency_error",
-    ).response()
 
 
 def _lost(state: EmulatorState, faults: FaultConfig, executed: bool) -> web.Response | None:

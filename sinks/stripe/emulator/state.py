@@ -151,7 +151,6 @@ class EmulatorState:
     seq: itertools.count[int] = field(default_factory=itertools.count)
     journal: Journal | None = None
     pay: PaymentsState = field(default_factory=PaymentsState)
-    in_flight: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.set_faults(self.initial_faults)
