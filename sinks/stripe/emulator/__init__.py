@@ -34,8 +34,10 @@ Error bodies are Stripe-shaped (``{"error": {"type", "code", "message",
   ``An event already exists with identifier <id>.`` and **no code**, which is
   what Stripe is observed to return (integrations match on this message).
 * An unknown customer, only while the customer registry is non-empty:
-  ``resource_missing`` (``No such customer: '<id>'``). Real Stripe accepts
-  the event and reports ``meter_event_customer_not_found`` asynchronously.
+  ``resource_missing`` (``No such customer: '<id>'``); a customer is known when
+  registered (``/_emulator/customers``) or made by ``POST /v1/customers``. Real
+  Stripe accepts the event and reports ``meter_event_customer_not_found``
+  asynchronously.
 * An expired v2 meter event session: ``401``, type
   ``temporary_session_expired``, code ``billing_meter_event_session_expired``.
 
