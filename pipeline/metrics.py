@@ -311,6 +311,17 @@ class Metrics:
             "Stripe customer ids named by event properties and refused, by reason",
             "reason",
         )
+        self.stripe_uncorrectable = counter(
+            "meterstream_stripe_uncorrectable_total",
+            "(customer, period) series found wrong at Stripe and no longer correctable "
+            "(recorded in stripe_uncorrectable)",
+            "meter",
+        )
+        self.stripe_cancellations = counter(
+            "meterstream_stripe_cancellations_total",
+            "Superseded `last` meter events cancelled at Stripe, by outcome",
+            "outcome",
+        )
         self.consumer_lag = gauge(
             "meterstream_consumer_lag", "Records behind the end, by partition", "partition"
         )

@@ -267,7 +267,9 @@ def test_timestamp_window(client: StripeMeterClient) -> None:
     assert send(now + 4 * 60, "ahead-but-ok").status == "sent"
 
 
-def test_last_formula_takes_latest_event_time(client: StripeMeterClient) -> None:
+def test_last_formula_takes_latest_event_time(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
     meter = new_meter(client, "last")
     assert meter["default_aggregation"] == {"formula": "last"}
     now = int(time.time())
@@ -279,10 +281,17 @@ def test_last_formula_takes_latest_event_time(client: StripeMeterClient) -> None
         )
     [summary] = client.event_summaries(meter["id"], "cus_l", start, start + 600)
     assert summary.aggregated_value == Decimal(10)
-    # A tie on timestamp: the later received wins.
+    # A tie on timestamp: Stripe leaves the winner undefined; the emulator flags it and
+    # answers the earliest received of the tied events (never the correction).
+    assert emulator.stats()["last_ties"] == 0
     client.send_meter_event(build_meter_event(meter["event_name"], "l4", "cus_l", 7, start + 300))
     [summary] = client.event_summaries(meter["id"], "cus_l", start, start + 600)
-    assert summary.aggregated_value == Decimal(7)
+    assert summary.aggregated_value == Decimal(10)
+    assert emulator.stats()["last_ties"] == 1
+    ties = emulator.request("GET", "/_emulator/ties")["data"]
+    assert [(t["customer"], t["timestamp"], t["identifiers"]) for t in ties] == [
+        ("cus_l", start + 300, ["l1", "l4"])
+    ]
 
 
 def test_count_formula_counts_events(client: StripeMeterClient) -> None:
