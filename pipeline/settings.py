@@ -69,8 +69,9 @@ class Settings(BaseSettings):
     stripe_transport: Literal["auto", "v1", "v2"] = "auto"
     # How long after a billing period ends it is still corrected at Stripe (its invoice is
     # taken as final after that: a later change is reported in stripe_uncorrectable). At
-    # most 30: a correction must be stamped within Stripe's 35 days.
-    stripe_correction_days: int = Field(default=3, ge=0, le=30)
+    # most 31: a correction is stamped in the period's last hour, which must stay within
+    # Stripe's 35 days.
+    stripe_correction_days: int = Field(default=3, ge=0, le=31)
 
     # Worker
     state_dir: Path = DEFAULT_STATE_DIR

@@ -974,4 +974,46 @@ def _stripe_paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/stripe/corrections": {
+            "get": {
+                "summary": "What Stripe holds wrong and can no longer be corrected",
+                "description": (
+                    "Per meter, customer and period (past the correction horizon, or a "
+                    "`last` tie past Stripe's 24 hours): Stripe's value, meterstream's, the "
+                    "difference and the units to credit (ClickHouse stripe_uncorrectable). "
+                    "Only on a worker with a meter that forwards to Stripe."
+                ),
+                "security": KEY_REQUIRED,
+                "parameters": [
+                    {
+                        "name": "period",
+                        "in": "query",
+                        "description": "YYYY-MM (default: every period).",
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": _json({"type": "object"}, "The series still wrong at Stripe."),
+                    "400": _error("A bad period."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "404": {"description": "No meter forwards to Stripe."},
+                },
+            },
+            "post": {
+                "summary": "Check the periods past the correction horizon against the record",
+                "description": (
+                    'Body {"period": "YYYY-MM"} (optional; default every period in the '
+                    "ledger). Records what differs, then answers as GET."
+                ),
+                "security": KEY_REQUIRED,
+                "responses": {
+                    "200": _json({"type": "object"}, "The series still wrong at Stripe."),
+                    "400": _error("A bad body or period."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "404": {"description": "No meter forwards to Stripe."},
+                },
+            },
+        },
     }

@@ -102,8 +102,11 @@ class Delivery:
         )
         self._meter_ready.add(meter.name)
 
-    async def deliver(self, meter: Meter, todo: list[tuple[LedgerRow, int]]) -> list[LedgerRow]:
-        """Send ``pending`` rows (with their timestamps) in order; record each outcome.
+    async def deliver(
+        self, meter: Meter, todo: list[tuple[LedgerRow, int]], now_ms: int | None = None
+    ) -> list[LedgerRow]:
+        """Send ``pending`` rows (with their timestamps) in order; record each outcome
+        (``sent_at``: ``now_ms``, the forward's time, default the clock's).
 
         Stops at a retryable failure that outlived the client's retries: that
         row and the rest stay ``pending`` for the next forward.
@@ -155,7 +158,8 @@ class Delivery:
             self.metrics.stripe_requests.inc(outcome=result.status)
             self.metrics.stripe_arrivals.delivered(meter.name, (r.customer_id for r in chunk))
             done += [
-                r.with_status("sent", attempts=r.attempts + max(1, result.attempts)) for r in chunk
+                r.with_status("sent", attempts=r.attempts + max(1, result.attempts), at_ms=now_ms)
+                for r in chunk
             ]
         if done:
             await self.chio.call(ledger.write, done)

@@ -324,7 +324,7 @@ class Forwarder:
         timestamp_s = event_timestamp_s(period, now_ms)
         todo = [(r, r.timestamp_s or timestamp_s - 1) for r in plan.resend]
         todo += [(r, r.timestamp_s or timestamp_s) for r in plan.new]
-        done = await self.delivery.deliver(meter, todo) if todo else []
+        done = await self.delivery.deliver(meter, todo, now_ms) if todo else []
         went_out = {r.identifier for r in done if r.status == "sent"}
         waiting = {r.customer_id for r in plan.new if r.identifier not in went_out}
         cancel = [r for r in plan.cancel if r.customer_id not in waiting]

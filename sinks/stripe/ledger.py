@@ -34,10 +34,12 @@ class LedgerRow:
     sent_at_ms: int = 0
     timestamp_s: int = 0
 
-    def with_status(self, status: str, error_code: str = "", attempts: int = 0) -> LedgerRow:
-        """The row in a new state; ``sent_at`` is set when it becomes ``sent`` (and kept
-        by later states: a cancellation is judged by it)."""
-        now = time.time_ns() // 1_000_000
+    def with_status(
+        self, status: str, error_code: str = "", attempts: int = 0, at_ms: int | None = None
+    ) -> LedgerRow:
+        """The row in a new state; ``sent_at`` is set (to ``at_ms``, default now) when it
+        becomes ``sent``, and kept by later states: a cancellation is judged by it."""
+        now = at_ms if at_ms is not None else time.time_ns() // 1_000_000
         return LedgerRow(
             self.identifier,
             self.meter,
