@@ -19,6 +19,8 @@ import asyncio
 import time
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,7 +41,9 @@ from meterstream.sinks.stripe.client import StripeMeterClient
 from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 from meterstream.sinks.stripe.ledger import LedgerRow
 from meterstream.sinks.stripe.payloads import build_meter_event, meter_event_identifier
+from tests.harness import StackSlice, Worker, http_json, wait_until
 from tests.integration.clickhouse_fixtures import *  # noqa: F403
+from tests.support.meters import meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
@@ -293,3 +297,78 @@ def test_a_period_past_the_correction_horizon_lands_in_the_report(
     found = asyncio.run(stack.forwarder.check_past_periods(PERIOD, END + 4 * DAY))
     assert "tokens" not in {u.meter for u in found}
     assert report.current(ch, PERIOD, "tokens") == []
+
+
+# ------------------------------------------------------------------ on a real worker
+
+WORKER_DAY_S = 86_400
+
+
+def worker_meters(stack: StackSlice, name: str, aggregation: str, event_name: str) -> Path:
+    return stack.meters_file(
+        meters_yaml(
+            meter_entry(
+                name,
+                "chat",
+                aggregation,
+                "properties.v",
+                window="hour",
+                stripe=stripe(event_name, STRIPE),
+            )
+        )
+    )
+
+
+# The previous month, still corrected (31 days) and its events still deduplicated.
+LATE_ENV = {
+    "METERSTREAM_STRIPE_CORRECTION_DAYS": "31",
+    "METERSTREAM_DEDUP_HORIZON_SECONDS": str(40 * WORKER_DAY_S),
+    "METERSTREAM_STRIPE_TRANSPORT": "v1",
+}
+
+
+def chat(key: str, ts: int, value: str) -> dict[str, Any]:
+    return {
+        "event_name": "chat",
+        "customer_id": CUSTOMER,
+        "idempotency_key": key,
+        "timestamp": ts,
+        "properties": {"v": value},
+    }
+
+
+def worker_ledger(worker: Worker, meter: str) -> list[tuple[int, str]]:
+    rows = worker.sql(
+        f"""SELECT identifier, argMax(value, version) AS value, argMax(status, version) AS status,
+                  argMax(timestamp_s, version) AS ts
+           FROM stripe_meter_events WHERE meter = '{meter}' GROUP BY identifier ORDER BY ts"""
+    )
+    return [(int(r["value"]), str(r["status"])) for r in rows]
+
+
+def period_value(stack: StackSlice, event_name: str) -> Decimal:
+    client = StripeMeterClient(None, stack.stripe_url, rate_limit_per_second=None)
+    meter = next((m for m in client.list_meters() if m["event_name"] == event_name), None)
+    if meter is None:
+        return Decimal(0)
+    summaries = client.event_summaries(meter["id"], CUSTOMER, START // 1000, END // 1000)
+    return sum((s.aggregated_value for s in summaries), Decimal(0))
+
+
+def test_worker_a_last_meter_corrected_twice_after_its_month_has_no_tie(stack: StackSlice) -> None:
+    worker = stack.start_worker(worker_meters(stack, "peak", "max", "w_peak"), **LATE_ENV)
+    # The previous month has ended: every send for it is a correction of a closed month.
+    for i, (offset, value, sends) in enumerate([(3, "10", 1), (2, "20", 2), (1, "30", 3)]):
+        stack.produce([chat(f"k{i}", END - offset * HOUR, value)])
+        wait_until(
+            lambda n=sends: [s for _, s in worker_ledger(worker, "peak")] == ["sent"] * n,
+            timeout=60,
+            what=f"{sends} send(s) of the peak",
+        )
+    assert period_value(stack, "w_peak") == 30
+    stats = http_json(f"{stack.stripe_url}/_emulator/stats")  # (ties are found by summaries)
+    assert stats["last_ties"] == 0 and stats["rejected_other"] == 0
+    assert [v for v, _ in worker_ledger(worker, "peak")] == [10, 20, 30]  # by timestamp
+    stamps = [e["timestamp"] for e in http_json(f"{stack.stripe_url}/_emulator/events")["data"]]
+    assert len(stamps) == 3 and stamps == sorted(set(stamps))
+    assert all(START // 1000 <= s < END // 1000 for s in stamps)
