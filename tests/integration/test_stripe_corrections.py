@@ -16,7 +16,11 @@ Expected values are computed by hand from the events of each test.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -24,7 +28,9 @@ from typing import Any
 
 import pytest
 
+from meterstream.api.keys import KeyStore
 from meterstream.billing.forwarding import Forwarder
+from meterstream.endpoints import write_endpoints
 from meterstream.events import UsageEvent
 from meterstream.meters.config import MetersConfig, parse_meters
 from meterstream.meters.fold import WindowKey
@@ -41,7 +47,7 @@ from meterstream.sinks.stripe.client import StripeMeterClient
 from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 from meterstream.sinks.stripe.ledger import LedgerRow
 from meterstream.sinks.stripe.payloads import build_meter_event, meter_event_identifier
-from tests.harness import StackSlice, Worker, http_json, wait_until
+from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 from tests.integration.clickhouse_fixtures import *  # noqa: F403
 from tests.support.meters import meter_entry, meters_yaml, stripe
 
@@ -372,3 +378,87 @@ def test_worker_a_last_meter_corrected_twice_after_its_month_has_no_tie(stack: S
     stamps = [e["timestamp"] for e in http_json(f"{stack.stripe_url}/_emulator/events")["data"]]
     assert len(stamps) == 3 and stamps == sorted(set(stamps))
     assert all(START // 1000 <= s < END // 1000 for s in stamps)
+
+
+def operator_key(stack: StackSlice) -> str:
+    return KeyStore(stack.tmp / "state" / "api_keys.json").create("operator")[1]
+
+
+def void(worker: Worker, key: str, token: str) -> dict[str, Any]:
+    body = {
+        "kind": "void",
+        "keys": [{"customer_id": CUSTOMER, "idempotency_key": key}],
+        "author": "ops@example.com",
+        "reason": "a bug doubled this event",
+    }
+    request = urllib.request.Request(
+        f"{worker.web_url}/v1/corrections",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return dict(json.loads(response.read()))
+
+
+def test_worker_a_voided_sum_window_ends_at_the_corrected_total(stack: StackSlice) -> None:
+    token = operator_key(stack)
+    worker = stack.start_worker(worker_meters(stack, "tokens", "sum", "w_tokens"), **LATE_ENV)
+    stack.produce([chat("k1", END - 3 * HOUR, "10"), chat("k2", END - 2 * HOUR, "5.4")])
+    wait_until(lambda: period_value(stack, "w_tokens") == 15, timeout=60, what="Stripe's 15")
+
+    assert void(worker, "k1", token)["events_affected"] == 1  # after the month ended
+    wait_until(lambda: period_value(stack, "w_tokens") == 5, timeout=60, what="Stripe's 5")
+    assert worker_ledger(worker, "tokens") == [(15, "sent"), (-10, "sent")]
+    assert worker.sql("SELECT count() AS n FROM stripe_uncorrectable")[0]["n"] in (0, "0")
+
+
+def test_worker_a_void_past_the_correction_horizon_is_reported_with_the_credit(
+    stack: StackSlice,
+) -> None:
+    token = operator_key(stack)
+    meters_file = worker_meters(stack, "tokens", "sum", "w_tokens")
+    worker = stack.start_worker(meters_file, **LATE_ENV)
+    stack.produce([chat("k1", END - 3 * HOUR, "10"), chat("k2", END - 2 * HOUR, "5.4")])
+    wait_until(lambda: period_value(stack, "w_tokens") == 15, timeout=60, what="Stripe's 15")
+    worker.stop()
+
+    # The same worker, its horizon now behind the month (the invoice is final): a void.
+    worker = stack.start_worker(
+        meters_file, **{**LATE_ENV, "METERSTREAM_STRIPE_CORRECTION_DAYS": "0"}
+    )
+    assert void(worker, "k1", token)["events_affected"] == 1
+
+    def reported() -> list[dict[str, Any]]:
+        return worker.sql(
+            "SELECT customer_id, period, argMax(stripe_value, version) AS stripe,"
+            " argMax(expected, version) AS expected, argMax(to_credit, version) AS credit,"
+            " argMax(reason, version) AS reason FROM stripe_uncorrectable"
+            " GROUP BY customer_id, period"
+        )
+
+    wait_until(reported, timeout=120, what="the void reported")
+    (row,) = reported()
+    assert (row["customer_id"], row["period"], row["reason"]) == (
+        CUSTOMER,
+        PERIOD,
+        "past_correction_horizon",
+    )
+    assert [int(row[k]) for k in ("stripe", "expected", "credit")] == [15, 5, 10]
+    assert period_value(stack, "w_tokens") == 15  # nothing sent for an invoiced month
+    assert worker_ledger(worker, "tokens") == [(15, "sent")]
+
+    # The command shows it (through the worker, which holds ClickHouse).
+    write_endpoints(stack.tmp / "state", {"web_url": worker.web_url})
+    result = subprocess.run(
+        [sys.executable, "-m", "meterstream.cli", "stripe", "corrections", "--period", PERIOD],
+        cwd=REPO,
+        env=stack.env(meters_file),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{PERIOD} tokens customer={CUSTOMER}" in result.stdout
+    assert "Stripe bills 15, meterstream 5" in result.stdout and "credit 10" in result.stdout
+    assert "10 unit(s) to credit" in result.stderr
