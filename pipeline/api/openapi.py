@@ -934,6 +934,27 @@ def _mapping_put() -> dict[str, Any]:
     }
 
 
+def _period_query(default: str) -> dict[str, Any]:
+    """The ``period`` query parameter of a Stripe route."""
+    return {
+        "name": "period",
+        "in": "query",
+        "description": f"YYYY-MM (default: {default}).",
+        "schema": {"type": "string"},
+    }
+
+
+def _corrections_responses(bad: str) -> dict[str, Any]:
+    """The answers of ``/v1/stripe/corrections`` (GET and POST)."""
+    return {
+        "200": _json({"type": "object"}, "The series still wrong at Stripe."),
+        "400": _error(bad),
+        "401": _UNAUTHORIZED,
+        "403": _OPERATOR_ONLY,
+        "404": {"description": "No meter forwards to Stripe."},
+    }
+
+
 def _stripe_paths() -> dict[str, Any]:
     """Stripe forwarding (only on a worker with a meter that forwards to Stripe)."""
     return {
@@ -956,14 +977,7 @@ def _stripe_paths() -> dict[str, Any]:
                 "summary": "Compare what Stripe holds with the record, for a month",
                 "description": "Only on a worker with a meter that forwards to Stripe.",
                 "security": KEY_REQUIRED,
-                "parameters": [
-                    {
-                        "name": "period",
-                        "in": "query",
-                        "description": "YYYY-MM (default: the current month).",
-                        "schema": {"type": "string"},
-                    }
-                ],
+                "parameters": [_period_query("the current month")],
                 "responses": {
                     "200": _json({"type": "object"}, "Differences, if any."),
                     "400": _error("A bad period."),
@@ -984,21 +998,8 @@ def _stripe_paths() -> dict[str, Any]:
                     "Only on a worker with a meter that forwards to Stripe."
                 ),
                 "security": KEY_REQUIRED,
-                "parameters": [
-                    {
-                        "name": "period",
-                        "in": "query",
-                        "description": "YYYY-MM (default: every period).",
-                        "schema": {"type": "string"},
-                    }
-                ],
-                "responses": {
-                    "200": _json({"type": "object"}, "The series still wrong at Stripe."),
-                    "400": _error("A bad period."),
-                    "401": _UNAUTHORIZED,
-                    "403": _OPERATOR_ONLY,
-                    "404": {"description": "No meter forwards to Stripe."},
-                },
+                "parameters": [_period_query("every period")],
+                "responses": _corrections_responses("A bad period."),
             },
             "post": {
                 "summary": "Check the periods past the correction horizon against the record",
@@ -1007,13 +1008,7 @@ def _stripe_paths() -> dict[str, Any]:
                     "ledger). Records what differs, then answers as GET."
                 ),
                 "security": KEY_REQUIRED,
-                "responses": {
-                    "200": _json({"type": "object"}, "The series still wrong at Stripe."),
-                    "400": _error("A bad body or period."),
-                    "401": _UNAUTHORIZED,
-                    "403": _OPERATOR_ONLY,
-                    "404": {"description": "No meter forwards to Stripe."},
-                },
+                "responses": _corrections_responses("A bad body or period."),
             },
         },
     }

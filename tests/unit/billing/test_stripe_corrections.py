@@ -20,27 +20,15 @@ from meterstream.billing.stripe_corrections import (
     ties_to_cancel,
     uncorrectable,
 )
-from meterstream.meters.config import Meter, parse_meters, yaml_load_exact
 from meterstream.meters.windows import DAY_MS, month_bounds
 from meterstream.sinks.stripe.ledger import LedgerRow
 from meterstream.sinks.stripe.payloads import meter_event_identifier
+from tests.unit.billing.test_forwarding import meter
 
 P = "2026-11"
 START, END = month_bounds(P)
 LAST_S = END // 1000 - 1  # the period's last second
 HOUR = 3_600_000
-
-
-def meter(aggregation: str) -> Meter:
-    value = "" if aggregation == "count" else "\n    value: properties.v"
-    doc = f"""
-meters:
-  - name: m
-    event_name: e
-    aggregation: {aggregation}{value}
-    stripe: {{event_name: s, interval: 1s, grace: 0s}}
-"""
-    return parse_meters(yaml_load_exact(doc)).meters[0]
 
 
 def row(
