@@ -249,7 +249,9 @@ def plan_sends(
     """What to send for one meter and period, given the ledger so far (pure).
 
     Per customer: an ``error`` row holds the customer (nothing resent or
-    planned); ``pending`` rows are resent as they are; a new row is planned
+    planned); ``pending`` rows are resent as they are; a customer with rows sent
+    or pending but no total any more (all its events voided) has a total of 0,
+    sent to the Stripe customer of its last row; a new row is planned
     when the whole-number value to send is not zero (``sum``: the delta
     against everything sent or pending) or differs from the last one sent
     (``last``); a customer without a Stripe id is held, and so is one whose
@@ -281,26 +283,30 @@ def plan_sends(
             held_error.append(customer)
             continue
         resend.extend(r for r in history if r.status == "pending")
-        if customer not in totals:
+        counted = [r for r in history if r.status in ("sent", "pending")]
+        if customer not in totals and not counted:
             continue
-        stripe_id = stripe_ids.get(customer)
+        # A customer forwarded before but absent from the totals now (every event of
+        # the period voided): its total is 0, corrected at the Stripe customer it went to.
+        stripe_id = stripe_ids.get(customer) or (
+            counted[-1].stripe_customer_id if customer not in totals else ""
+        )
         if not stripe_id:
             held_no_customer.append(customer)
             continue
-        exact = totals[customer]
-        counted = [r for r in history if r.status in ("sent", "pending")]
+        exact = totals.get(customer, Decimal(0))
         if not exact.is_finite() or exact.copy_abs() >= EXACT_TOTAL_LIMIT:
             held_out_of_range.append(customer)
             continue
-        value: int | None
+        value: int | None  # None: nothing to send
         if formula == "sum":
-            value = next_delta(exact, sum(r.value for r in counted), rounding)
+            value = next_delta(exact, sum(r.value for r in counted), rounding) or None
         else:
             value = period_value(exact, rounding)
             last = counted[-1] if counted else None
             if last is not None and last.value == value:
                 value = None
-        if value == 0 or value is None:
+        if value is None:
             if formula == "last" and now_ms is not None:
                 _ties(history, now_ms, cancel, ties)
             continue

@@ -247,17 +247,25 @@ def test_a_sum_whose_forwarded_window_goes_down_ends_at_the_corrected_total(
 ) -> None:
     stack = Stack(ch, emulator, days=31)
     stack.record(("k1", END - 3 * HOUR, "10"), ("k2", END - 2 * HOUR, "5.4"))
-    for meter in ("tokens", "calls"):
+    for meter in ("tokens", "calls", "peak"):
         stack.forward(meter, clock.set(END - HOUR))
-    assert (stack.stripe_value("c_tokens"), stack.stripe_value("c_calls")) == (15, 2)
+    assert [stack.stripe_value(m) for m in ("c_tokens", "c_calls", "c_peak")] == [15, 2, 10]
 
     stack.void("k1")  # the window of k1 goes from 10 to 0, after the month ended
-    for meter in ("tokens", "calls"):
+    for meter in ("tokens", "calls", "peak"):
         stack.forward(meter, clock.set(END + 2 * HOUR))
-    assert (stack.stripe_value("c_tokens"), stack.stripe_value("c_calls")) == (5, 1)
+    assert [stack.stripe_value(m) for m in ("c_tokens", "c_calls", "c_peak")] == [5, 1, 5]
     assert [r.value for r in stack.ledger("tokens")] == [15, -10]
     assert [r.value for r in stack.ledger("calls")] == [2, -1]
     assert report.current(ch) == []
+
+    # Every event of the customer voided: no total any more, Stripe's goes to 0.
+    stack.void("k2")
+    for meter in ("tokens", "calls", "peak"):
+        stack.forward(meter, clock.set(END + 3 * HOUR))
+    assert [stack.stripe_value(m) for m in ("c_tokens", "c_calls", "c_peak")] == [0, 0, 0]
+    assert [r.value for r in stack.ledger("tokens")] == [15, -10, -5]
+    assert [r.value for r in stack.ledger("peak")] == [10, 5, 0]
 
 
 def test_a_period_past_the_correction_horizon_lands_in_the_report(

@@ -163,6 +163,18 @@ def test_a_sum_that_goes_down_sends_a_negative_delta_stamped_later(aggregation: 
     assert stripe_holds("sum", [*history, *sent(plan.new, END)]) == 6
 
 
+@pytest.mark.parametrize(("aggregation", "value"), [("sum", -10), ("count", -10), ("max", 0)])
+def test_a_customer_whose_events_were_all_voided_goes_to_zero(aggregation: str, value: int) -> None:
+    history = [row(1, 10, ts=100, sent_at=START)]
+    # no total any more, and (absent from the totals) no Stripe id resolved: the ledger's
+    plan = plan_sends(meter(aggregation), P, {}, {}, history, now_ms=END + HOUR)
+    (new,) = plan.new
+    assert (new.value, new.stripe_customer_id, new.exact_total) == (value, "cus_c", 0)
+    assert plan.held_no_customer == []
+    # one never forwarded and without a total: nothing
+    assert plan_sends(meter(aggregation), P, {}, {}, [], now_ms=END).new == []
+
+
 # ------------------------------------------------------------------ the correction horizon
 
 
