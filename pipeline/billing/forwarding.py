@@ -563,9 +563,9 @@ class Forwarder:
                 ]
                 await self.chio.call(ledger.write, flipped)
                 mine = [r for r in flipped if self.owns_customer(r.customer_id)]
-                todo = [(r, event_timestamp_s(r.period, now)) for r in mine]
+                todo = [(r, r.timestamp_s or event_timestamp_s(r.period, now)) for r in mine]
                 done = (
-                    {r.identifier: r for r in await self.delivery.deliver(meter, todo)}
+                    {r.identifier: r for r in await self.delivery.deliver(meter, todo, now)}
                     if todo
                     else {}
                 )
