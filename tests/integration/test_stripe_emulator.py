@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.error
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -557,6 +558,33 @@ def test_cancel_after_24_hours_is_refused() -> None:
         assert [e["cancelled"] for e in emu.events()] == [False, True]
         stats = emu.stats()
         assert (stats["cancelled"], stats["rejected_cancellations"]) == (1, 1)
+
+
+def test_the_clock_control_moves_time_for_every_limit(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
+    meter = new_meter(client)
+    now = int(emulator.request("GET", "/_emulator/clock")["now"])
+    [ident] = send_events(client, meter["event_name"], "cus_k", [3], now)
+    moved = emulator.advance_clock(DAY + 1)  # the shared emulator's time, 24 h 1 s on
+    assert moved >= now + DAY + 1
+    with pytest.raises(StripeError) as err:
+        client.cancel_meter_event(meter["event_name"], ident)
+    assert "within 24 hours" in str(err.value)
+    # the identifier is free again after 24 hours, and timestamps are judged by the moved clock
+    stamp = int(moved) - 60
+    sent = client.send_meter_event(build_meter_event(meter["event_name"], ident, "cus_k", 1, stamp))
+    assert sent.status == "sent"
+    # 34 days before the wall clock, 35 days and a second before the emulator's
+    old = build_meter_event(meter["event_name"], "k2", "cus_k", 1, now - 34 * DAY)
+    with pytest.raises(StripeError) as late:
+        client.send_meter_event(old)
+    assert late.value.code == "timestamp_too_far_in_past"
+    for bad in ({"advance_seconds": -1}, {"advance_seconds": "1"}, {}):
+        with pytest.raises(urllib.error.HTTPError):
+            emulator.request("POST", "/_emulator/clock", bad)
+    emulator.reset()  # back to the wall clock
+    assert abs(emulator.request("GET", "/_emulator/clock")["now"] - time.time()) < 60
 
 
 def test_cancel_unknown_identifier_or_other_event_name_is_refused(
