@@ -11,7 +11,7 @@ import random
 import time
 import urllib.error
 import urllib.request
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import pytest
@@ -121,6 +121,10 @@ def _stream(now: int, n: int = 80, seed: int = 26) -> list[dict[str, Any]]:
         )
     duplicates = [dict(e) for e in rng.sample(events, 15)]
     return events + duplicates
+
+
+def _month(ms: int) -> str:
+    return time.strftime("%Y-%m", time.gmtime(ms / 1000))
 
 
 def _start(stack: StackSlice, **env: str) -> tuple[Worker, str]:
@@ -287,6 +291,22 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     assert changed == {window: (before[window], after[window])}
     period = next(p for p in dry["periods"] if p["meter"] == "tokens")
     assert Decimal(period["change"]) == after[window] - before[window]
+    month = time.strftime("%Y-%m", time.gmtime(target["timestamp"] / 1000))
+    month_total = sum(
+        (v for (c, start), v in before.items() if c == "acme" and _month(start) == month),
+        Decimal(0),
+    )
+    assert Decimal(period["before"]["value"]) == month_total
+    assert Decimal(period["after"]["value"]) == month_total + after[window] - before[window]
+    preview_url = f"{worker.web_url}/v1/customers/acme/invoice-preview?period={month}"
+    invoice = next(i for i in dry["invoices"] if i["customer_id"] == "acme")
+    assert Decimal(invoice["total_before"]) == Decimal(_request(preview_url, operator)["total"])
+    cents = Decimal("0.01")
+    month_after = month_total + after[window] - before[window]
+    assert Decimal(invoice["change"]) == (
+        (month_after * Decimal("0.001")).quantize(cents, ROUND_HALF_UP)
+        - (month_total * Decimal("0.001")).quantize(cents, ROUND_HALF_UP)
+    )
     time.sleep(2)
     _settle(worker, {"tokens": before})
     assert worker.sql("SELECT count() AS n FROM event_corrections")[0]["n"] == 0
@@ -294,6 +314,8 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     doc = _request(url, operator, "POST", body)
     assert doc["events_affected"] == 1
     _settle(worker, {"tokens": after})
+    # what the dry run said the invoice would be, it is
+    assert Decimal(_request(preview_url, operator)["total"]) == Decimal(invoice["total_after"])
 
     # a SIGKILL and a restart keep the corrected totals (rebuilt from the effective record)
     worker.kill()
