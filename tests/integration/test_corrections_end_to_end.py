@@ -390,3 +390,140 @@ def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
     assert f'meterstream_corrected_events_total{{action="backfilled"}} {backfilled}.0' in (
         worker.metrics()
     )
+
+
+STRIPE_METERS = """
+meters:
+  - name: tokens
+    event_name: chat
+    aggregation: sum
+    value: properties.tokens
+    window: minute
+    stripe: {event_name: chat_tokens, customer_id_from: properties.stripe_customer_id, interval: 1s, grace: 0s}
+"""
+
+
+def _stripe_total(stack: StackSlice) -> Decimal:
+    """What Stripe holds for cus_acme's chat_tokens meter, over every period."""
+    from meterstream.sinks.stripe.client import StripeMeterClient
+
+    client = StripeMeterClient(None, stack.stripe_url, rate_limit_per_second=None)
+    now_s = int(time.time())
+    lo, hi = (now_s // 60) * 60 - 2 * 86_400, (now_s // 60 + 1) * 60
+    total = Decimal(0)
+    for meter in client.list_meters():
+        if meter["event_name"] == "chat_tokens":
+            for s in client.event_summaries(meter["id"], "cus_acme", lo, hi):
+                total += s.aggregated_value
+    return total
+
+
+def _stripe_reference(events: list[dict[str, Any]]) -> Decimal:
+    """Per month, the distinct events' tokens rounded half up (``carry``), summed."""
+    months: dict[str, Decimal] = {}
+    seen: set[str] = set()
+    for e in events:
+        if e["idempotency_key"] in seen:
+            continue
+        seen.add(e["idempotency_key"])
+        month = _month(e["timestamp"])
+        months[month] = months.get(month, Decimal(0)) + Decimal(str(e["properties"]["tokens"]))
+    return sum((v.quantize(Decimal(1), ROUND_HALF_UP) for v in months.values()), Decimal(0))
+
+
+def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackSlice) -> None:
+    """The issue's check: a range void and then a backfill (a file of old events and the
+    too_late ones kept in rejected_events) leave meter_windows, the credit balance and
+    what the Stripe emulator holds equal to the reference."""
+    now = time.time_ns() // 1_000_000
+    rng = random.Random(2612)
+
+    def event(i: int, lo: int, hi: int) -> dict[str, Any]:
+        return {
+            "event_name": "chat",
+            "customer_id": "acme",
+            "idempotency_key": f"s-{i:04d}",
+            "timestamp": rng.randrange(lo, hi),
+            "properties": {
+                "tokens": str(Decimal(rng.randrange(1, 5000)) / 10),
+                "stripe_customer_id": "cus_acme",
+            },
+        }
+
+    live = [event(i, now - 9 * MINUTE, now - MINUTE) for i in range(30)]
+    live += [dict(e) for e in rng.sample(live, 8)]  # duplicates
+    late = [event(100 + i, now - 50 * MINUTE, now - 20 * MINUTE) for i in range(12)]
+    old = [event(200 + i, now - 80 * MINUTE, now - 55 * MINUTE) for i in range(12)]
+
+    plans_file = stack.tmp / "plans.yaml"
+    plans_file.write_text(PLANS)
+    keys = KeyStore(stack.tmp / "state" / "api_keys.json")
+    _, operator = keys.create("operator")
+    worker = stack.start_worker(
+        stack.meters_file(STRIPE_METERS),
+        METERSTREAM_PLANS_FILE=str(plans_file),
+        METERSTREAM_DEDUP_HORIZON_SECONDS="600",
+        METERSTREAM_CREDITS_BURN_SECONDS="0.5",
+    )
+    credits = f"{worker.web_url}/v1/customers/acme/credits"
+    wait_until(
+        lambda: _status(f"{worker.web_url}/v1/customers/acme/entitlements", operator) == 200,
+        what="credits ready",
+    )
+    grant = Decimal("5000.00")
+    _request(f"{credits}/grants", operator, "POST", {"amount": str(grant), "grant_id": "g1"})
+    stack.produce(live + late)
+
+    def check(counted: list[dict[str, Any]]) -> None:
+        windows = _reference(counted, "tokens")
+        _settle(worker, {"tokens": windows})
+        tokens = sum(windows.values(), Decimal(0))
+        # the burn prices each window (0.001 per token) and takes it from the grant
+        wait_until(
+            lambda: (
+                Decimal(_request(credits, operator)["balance"]) == grant - tokens * Decimal("0.001")
+            ),
+            timeout=60,
+            what=f"balance {grant - tokens * Decimal('0.001')}",
+        )
+        want = _stripe_reference(counted)
+        wait_until(lambda: _stripe_total(stack) == want, timeout=120, what=f"Stripe {want}")
+
+    check(live)
+
+    lo, hi = now - 7 * MINUTE, now - 3 * MINUTE
+    voided = {
+        e["idempotency_key"]
+        for e in live
+        if lo <= e["timestamp"] < hi and Decimal(e["properties"]["tokens"]) >= 200
+    }
+    assert voided
+    doc = _request(
+        f"{worker.web_url}/v1/corrections",
+        operator,
+        "POST",
+        {
+            "kind": "void",
+            "customer_id": "acme",
+            "meter": "tokens",
+            "from": lo,
+            "to": hi,
+            "where": [{"property": "properties.tokens", "operator": "gte", "value": 200}],
+            "reason": "tokens doubled by a client bug",
+        },
+    )
+    assert doc["events_affected"] == len(voided)
+    kept = [e for e in live if e["idempotency_key"] not in voided]
+    check(kept)
+
+    backfill = f"{worker.web_url}/v1/backfill"
+    doc = _request(backfill, operator, "POST", {"events": old, "reason": "last hour's import"})
+    assert doc["counts"] == {"backfilled": len(old)}
+    doc = _request(backfill, operator, "POST", {"rejected": "too_late", "reason": "re-import"})
+    assert doc["counts"] == {"backfilled": len(late)}
+    check(kept + old + late)
+    # again: nothing changes
+    doc = _request(backfill, operator, "POST", {"events": old, "reason": "twice"})
+    assert doc["counts"] == {"already_recorded": len(old)}
+    time.sleep(3)
+    check(kept + old + late)
