@@ -282,10 +282,10 @@ class CorrectionService:
         plans = self.plans
         states = fold.fold(self.meters, after)
         months: dict[tuple[str, str], set[str]] = {}
-        for customer, meter, period in effective.months_affected(
+        for customer, meter, month in effective.months_affected(
             k for k in windows if not k.is_total
         ):
-            months.setdefault((customer, period), set()).add(meter)
+            months.setdefault((customer, month), set()).add(meter)
         out = []
         for (customer, label), names in sorted(months.items()):
             period = Period.month(label)
@@ -493,20 +493,8 @@ class CorrectionService:
             )
 
 
-def install_corrections(
-    app: faust.App,
-    settings: Settings,
-    meters: MetersConfig,
-    chio: ClickHouseIO,
-    pipeline: Pipeline,
-    send_corrections: Send,
-    send_events: Send,
-    plans: PlansConfig | None = None,
-) -> CorrectionService:
-    """The correction service and its agent on ``usage-corrections``."""
-    service = CorrectionService(
-        settings, meters, chio, pipeline, send_corrections, send_events, plans
-    )
+def install_corrections(app: faust.App, settings: Settings, service: CorrectionService) -> None:
+    """The agent on ``usage-corrections`` that applies ``service``'s records."""
     topic = raw_topic(
         app,
         settings.topic(USAGE_CORRECTIONS.name),
@@ -530,5 +518,3 @@ def install_corrections(
                     event.message.offset,
                     event.message.partition,
                 )
-
-    return service

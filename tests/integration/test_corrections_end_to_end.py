@@ -11,8 +11,6 @@ import random
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -21,6 +19,8 @@ import pytest
 from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.support.api import api_request as _request
+from tests.support.api import api_status as _status
 from tests.support.meters import FAST_STRIPE, meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
@@ -48,24 +48,6 @@ plans:
       - {meter: tokens, unit_price: 0.001}
 default_plan: metered
 """
-
-
-def _request(url: str, token: str | None = None, method: str = "GET", body: Any = None) -> Any:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
-
-
-def _status(url: str, token: str | None, method: str = "GET", body: Any = None) -> int:
-    try:
-        _request(url, token, method, body)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    return 200
 
 
 def _windows(worker: Worker, meter: str) -> dict[tuple[str, int], Decimal]:

@@ -18,8 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -30,6 +28,8 @@ from aiokafka import AIOKafkaConsumer
 from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.support.api import api_request as _request
+from tests.support.api import api_status as _status
 
 pytestmark = pytest.mark.integration
 
@@ -54,24 +54,6 @@ plans:
       - {meter: tokens, unit_price: 0.001}
 default_plan: prepaid
 """
-
-
-def _request(url: str, token: str | None = None, method: str = "GET", body: Any = None) -> Any:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
-
-
-def _status(url: str, token: str, method: str = "GET", body: Any = None) -> int:
-    try:
-        _request(url, token, method, body)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    return 200
 
 
 def _iso(ms: int) -> str:

@@ -30,6 +30,8 @@ from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
 from meterstream.sinks.stripe.client import StripeMeterClient
 from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.support.api import api_request as _request
+from tests.support.api import api_status as _status
 
 pytestmark = pytest.mark.integration
 
@@ -212,24 +214,6 @@ def _reference(
         for meter, (kind, params) in REFERENCE_PLANS[plan].items():
             lines[(plan, "usage", meter)] = _cents(_price(kind, params, quantities[meter]))
     return lines, sum(lines.values(), Decimal("0.00"))
-
-
-def _request(url: str, token: str | None = None, method: str = "GET", body: Any = None) -> Any:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
-
-
-def _status(url: str, token: str) -> int:
-    try:
-        _request(url, token)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    return 200
 
 
 def _preview_lines(doc: dict[str, Any]) -> dict[tuple[str, str, str], Decimal]:
