@@ -74,6 +74,7 @@ from meterstream.sinks.clickhouse.queries import latest_windows
 from meterstream.topics import ENTITLEMENTS
 from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.invoices import merge_windows, segments_for
+from meterstream.worker.raw_topics import raw_topic
 
 log = logging.getLogger("meterstream.credits")
 
@@ -297,13 +298,8 @@ class CreditService:
         self.lock = asyncio.Lock()
         self.topic: Any = None
         if app is not None:
-            self.topic = app.topic(
-                settings.topic(ENTITLEMENTS.name),
-                key_type=bytes,
-                value_type=bytes,
-                key_serializer="raw",
-                value_serializer="raw",
-                partitions=settings.partitions,
+            self.topic = raw_topic(
+                app, settings.topic(ENTITLEMENTS.name), partitions=settings.partitions
             )
 
     # -- the batch's side: mark, nothing else

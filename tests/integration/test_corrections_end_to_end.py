@@ -19,8 +19,7 @@ import pytest
 from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, wait_until
-from tests.support.api import api_request as _request
-from tests.support.api import api_status as _status
+from tests.support.http import request_json, status_of
 from tests.support.meters import FAST_STRIPE, meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
@@ -140,7 +139,7 @@ def _start(stack: StackSlice, **env: str) -> tuple[Worker, str]:
 
 
 def _usage_total(worker: Worker, token: str, customer: str, lo: int, hi: int) -> Decimal:
-    doc = _request(
+    doc = request_json(
         f"{worker.web_url}/v1/customers/{customer}/usage?meter=tokens&from={lo}&to={hi}", token
     )
     return sum((Decimal(str(r["value"])) for r in doc["usage"]), Decimal(0))
@@ -177,11 +176,11 @@ def test_range_void_with_property_filter(stack: StackSlice) -> None:
     # a customer's own key may not correct history; no key neither
     keys = KeyStore(stack.tmp / "state" / "api_keys.json")
     _, acme_key = keys.create("acme only", "acme")
-    assert _status(url, acme_key, "POST", body) == 403
-    assert _status(url, None, "POST", body) == 401
-    assert _status(url, operator, "POST", {**body, "reason": None}) == 400
+    assert status_of(url, acme_key, "POST", body) == 403
+    assert status_of(url, None, "POST", body) == 401
+    assert status_of(url, operator, "POST", {**body, "reason": None}) == 400
 
-    doc = _request(url, operator, "POST", body)
+    doc = request_json(url, operator, "POST", body)
     assert doc["events_affected"] == len(voided)
     assert doc["status"] == "applied"
     kept = [e for e in events if e["idempotency_key"] not in voided]
@@ -195,7 +194,7 @@ def test_range_void_with_property_filter(stack: StackSlice) -> None:
     spans_months = time.strftime("%Y-%m", time.gmtime((now - 40 * MINUTE) / 1000)) != period
 
     def preview_tokens() -> Decimal:
-        doc = _request(
+        doc = request_json(
             f"{worker.web_url}/v1/customers/acme/invoice-preview?period={period}", operator
         )
         line = next(x for x in doc["lines"] if x["meter"] == "tokens")
@@ -233,15 +232,17 @@ def test_range_void_with_property_filter(stack: StackSlice) -> None:
     assert len(shown["events"]) == len(voided)
 
     # a repeat with the same correction_id is the same correction: nothing changes
-    again = _request(url, operator, "POST", body)
+    again = request_json(url, operator, "POST", body)
     assert again["repeated"] is True
     assert again["events_affected"] == len(voided)
     time.sleep(2)
     _settle(worker, expected)
     assert len(worker.sql("SELECT * FROM corrections WHERE correction_id = 'void-large-1'")) == 1
-    shown = _request(f"{url}/void-large-1", operator)
+    shown = request_json(f"{url}/void-large-1", operator)
     assert {e["idempotency_key"] for e in shown["events"]} == voided
-    assert any(c["correction_id"] == "void-large-1" for c in _request(url, operator)["corrections"])
+    assert any(
+        c["correction_id"] == "void-large-1" for c in request_json(url, operator)["corrections"]
+    )
     metrics = worker.metrics()
     assert 'meterstream_corrections_total{kind="void"} 1.0' in metrics
     assert f'meterstream_corrected_events_total{{action="voided"}} {len(voided)}.0' in metrics
@@ -283,7 +284,7 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     after = _reference(amended, "tokens")
 
     # the dry run says exactly what the amendment then does, and changes nothing
-    dry = _request(url, operator, "POST", {**body, "dry_run": True})
+    dry = request_json(url, operator, "POST", {**body, "dry_run": True})
     assert dry["status"] == "dry_run"
     changed = {
         (w["customer_id"], w["window_start_ms"]): (
@@ -306,7 +307,7 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     assert Decimal(period["after"]["value"]) == month_total + after[window] - before[window]
     preview_url = f"{worker.web_url}/v1/customers/acme/invoice-preview?period={month}"
     invoice = next(i for i in dry["invoices"] if i["customer_id"] == "acme")
-    assert Decimal(invoice["total_before"]) == Decimal(_request(preview_url, operator)["total"])
+    assert Decimal(invoice["total_before"]) == Decimal(request_json(preview_url, operator)["total"])
     cents = Decimal("0.01")
     month_after = month_total + after[window] - before[window]
     assert Decimal(invoice["change"]) == (
@@ -333,11 +334,11 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     assert by_cli["windows"] == dry["windows"]
     assert by_cli["periods"] == dry["periods"]
 
-    doc = _request(url, operator, "POST", body)
+    doc = request_json(url, operator, "POST", body)
     assert doc["events_affected"] == 1
     _settle(worker, {"tokens": after})
     # what the dry run said the invoice would be, it is
-    assert Decimal(_request(preview_url, operator)["total"]) == Decimal(invoice["total_after"])
+    assert Decimal(request_json(preview_url, operator)["total"]) == Decimal(invoice["total_after"])
 
     # a SIGKILL and a restart keep the corrected totals (rebuilt from the effective record)
     worker.kill()
@@ -380,16 +381,18 @@ def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
     url = f"{worker.web_url}/v1/backfill"
     # a dry run of the file: what would be backfilled, nothing written
     file_body = {"events": old + live[:3], "reason": "import of last quarter", "author": "ops"}
-    dry = _request(url, operator, "POST", {**file_body, "dry_run": True})
+    dry = request_json(url, operator, "POST", {**file_body, "dry_run": True})
     assert dry["counts"] == {"backfilled": len(old), "live": 3}
     time.sleep(1)
     _settle(worker, {"tokens": _reference(live, "tokens")})
 
-    doc = _request(url, operator, "POST", file_body)
+    doc = request_json(url, operator, "POST", file_body)
     assert doc["counts"] == {"backfilled": len(old), "live": 3}
     _settle(worker, {"tokens": _reference(live + old, "tokens")})
     # the too_late events, re-imported from rejected_events
-    doc = _request(url, operator, "POST", {"rejected": "too_late", "reason": "horizon was short"})
+    doc = request_json(
+        url, operator, "POST", {"rejected": "too_late", "reason": "horizon was short"}
+    )
     assert doc["counts"] == {"backfilled": len(late)}
     everything = live + old + late
     _settle(worker, {"tokens": _reference(everything, "tokens")})
@@ -401,7 +404,7 @@ def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
         stack, worker, "backfill", str(events_file), "--reason", "again", "--batch-size", "7"
     )
     assert again["counts"] == {"already_recorded": len(old), "live": 3}
-    again = _request(url, operator, "POST", {"rejected": "too_late", "reason": "twice"})
+    again = request_json(url, operator, "POST", {"rejected": "too_late", "reason": "twice"})
     assert again["counts"] == {"already_recorded": len(late)}
     time.sleep(3)
     _settle(worker, {"tokens": _reference(everything, "tokens")})
@@ -496,11 +499,11 @@ def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackS
     )
     credits = f"{worker.web_url}/v1/customers/acme/credits"
     wait_until(
-        lambda: _status(f"{worker.web_url}/v1/customers/acme/entitlements", operator) == 200,
+        lambda: status_of(f"{worker.web_url}/v1/customers/acme/entitlements", operator) == 200,
         what="credits ready",
     )
     grant = Decimal("5000.00")
-    _request(f"{credits}/grants", operator, "POST", {"amount": str(grant), "grant_id": "g1"})
+    request_json(f"{credits}/grants", operator, "POST", {"amount": str(grant), "grant_id": "g1"})
     stack.produce(live + late)
 
     def check(counted: list[dict[str, Any]]) -> None:
@@ -510,7 +513,8 @@ def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackS
         # the burn prices each window (0.001 per token) and takes it from the grant
         wait_until(
             lambda: (
-                Decimal(_request(credits, operator)["balance"]) == grant - tokens * Decimal("0.001")
+                Decimal(request_json(credits, operator)["balance"])
+                == grant - tokens * Decimal("0.001")
             ),
             timeout=60,
             what=f"balance {grant - tokens * Decimal('0.001')}",
@@ -527,7 +531,7 @@ def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackS
         if lo <= e["timestamp"] < hi and Decimal(e["properties"]["tokens"]) >= 200
     }
     assert voided
-    doc = _request(
+    doc = request_json(
         f"{worker.web_url}/v1/corrections",
         operator,
         "POST",
@@ -546,13 +550,13 @@ def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackS
     check(kept)
 
     backfill = f"{worker.web_url}/v1/backfill"
-    doc = _request(backfill, operator, "POST", {"events": old, "reason": "last hour's import"})
+    doc = request_json(backfill, operator, "POST", {"events": old, "reason": "last hour's import"})
     assert doc["counts"] == {"backfilled": len(old)}
-    doc = _request(backfill, operator, "POST", {"rejected": "too_late", "reason": "re-import"})
+    doc = request_json(backfill, operator, "POST", {"rejected": "too_late", "reason": "re-import"})
     assert doc["counts"] == {"backfilled": len(late)}
     check(kept + old + late)
     # again: nothing changes
-    doc = _request(backfill, operator, "POST", {"events": old, "reason": "twice"})
+    doc = request_json(backfill, operator, "POST", {"events": old, "reason": "twice"})
     assert doc["counts"] == {"already_recorded": len(old)}
     time.sleep(3)
     check(kept + old + late)

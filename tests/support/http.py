@@ -1,4 +1,4 @@
-"""A test's calls of the worker's web API with a key: the JSON answer, or the status."""
+"""HTTP calls of the integration tests to a worker's API (JSON in and out, a bearer key)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import urllib.request
 from typing import Any
 
 
-def api_request(url: str, token: str | None = None, method: str = "GET", body: Any = None) -> Any:
-    """``method url`` with ``body`` as JSON and the key as a bearer token; the JSON answer
-    (an HTTPError for a status of 400 or more)."""
+def request_json(url: str, token: str | None = None, method: str = "GET", body: Any = None) -> Any:
+    """The JSON answer of ``method url`` (raises ``urllib.error.HTTPError`` on a 4xx/5xx)."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -20,10 +19,10 @@ def api_request(url: str, token: str | None = None, method: str = "GET", body: A
         return json.loads(resp.read())
 
 
-def api_status(url: str, token: str | None, method: str = "GET", body: Any = None) -> int:
-    """The status :func:`api_request` gets (200 for any success)."""
+def status_of(url: str, token: str | None = None, method: str = "GET", body: Any = None) -> int:
+    """The HTTP status ``method url`` answers (200 for any success)."""
     try:
-        api_request(url, token, method, body)
+        request_json(url, token, method, body)
     except urllib.error.HTTPError as exc:
         return exc.code
     return 200
