@@ -20,9 +20,9 @@ from typing import Any
 from faust.web import Request, Response, View
 
 from meterstream.api.http import Routes
-from meterstream.corrections.request import parse_correction
+from meterstream.corrections.request import instant, parse_correction
 from meterstream.errors import CorrectionError
-from meterstream.events import Reason, canonical_json, loads_exact, parse_time
+from meterstream.events import Reason, canonical_json, loads_exact
 from meterstream.meters.config import MetersConfig
 from meterstream.sinks.clickhouse import corrections as store
 from meterstream.worker.corrections import MAX_BACKFILL_EVENTS, CorrectionService
@@ -33,21 +33,6 @@ def _body(raw: bytes) -> Any:
         return loads_exact(raw) if raw.strip() else {}
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise CorrectionError("body is not JSON") from None
-
-
-def _time(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    try:
-        ms = parse_time(value) if isinstance(value, str) else None
-    except ValueError as exc:
-        raise CorrectionError(f"{name}: {exc}") from None
-    if ms is None:
-        raise CorrectionError(f"{name}: must be RFC 3339 or epoch milliseconds")
-    return ms
 
 
 def backfill_request(body: Any) -> tuple[dict[str, Any], list[bytes] | None]:
@@ -65,6 +50,9 @@ def backfill_request(body: Any) -> tuple[dict[str, Any], list[bytes] | None]:
         problems.append("reason: required, a string of 1-1000 characters")
     if not isinstance(author, str) or len(author) > 200:
         problems.append("author: a string of at most 200 characters")
+    customer = body.get("customer_id")
+    if customer is not None and (not isinstance(customer, str) or not 1 <= len(customer) <= 200):
+        problems.append("customer_id: a string of 1-200 characters")
     if not isinstance(body.get("dry_run", False), bool):
         problems.append("dry_run: must be true or false")
     events = body.get("events")
@@ -84,9 +72,11 @@ def backfill_request(body: Any) -> tuple[dict[str, Any], list[bytes] | None]:
         "reason": reason,
         "dry_run": body.get("dry_run", False),
         "customer_id": body.get("customer_id"),
-        "from": _time(body, "from"),
-        "to": _time(body, "to"),
+        "from": instant(body, "from", problems),
+        "to": instant(body, "to", problems),
     }
+    if problems:
+        raise CorrectionError(problems)
     raws = None if events is None else [canonical_json(e).encode() for e in events]
     return options, raws
 

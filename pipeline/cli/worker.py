@@ -49,7 +49,7 @@ from meterstream.topics.admin import ensure_topics
 from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.app import create_app
 from meterstream.worker.batch import Pipeline
-from meterstream.worker.corrections import Send, install_corrections
+from meterstream.worker.corrections import CorrectionService, Send, install_corrections
 from meterstream.worker.credits import CreditService
 from meterstream.worker.forwarder import install_forwarder
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
@@ -127,9 +127,16 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     corrections_out = EventPublisher(
         bootstrap, settings.topic(USAGE_CORRECTIONS.name), **client_options(settings)
     )
-    corrections = install_corrections(
-        app, settings, meters, calls, pipeline, _sender(corrections_out), _sender(publisher)
+    corrections = CorrectionService(
+        settings,
+        meters,
+        calls,
+        pipeline,
+        _sender(corrections_out),
+        _sender(publisher),
+        plans,
     )
+    install_corrections(app, settings, corrections)
     web.register(
         app,
         settings,

@@ -62,6 +62,9 @@ from meterstream.events import (
 )
 from meterstream.meters import fold
 from meterstream.meters.config import MetersConfig
+from meterstream.meters.windows import month_bounds
+from meterstream.pricing.invoice import Period
+from meterstream.pricing.plans import PlansConfig
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import corrections as store
 from meterstream.sinks.clickhouse import queries
@@ -69,6 +72,7 @@ from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.topics import USAGE_CORRECTIONS
 from meterstream.worker.app import EXIT_BATCH_FAILED
 from meterstream.worker.batch import Pipeline, is_dependency_failure, now_ms
+from meterstream.worker.invoices import preview
 from meterstream.worker.raw_topics import raw_topic
 
 log = logging.getLogger("meterstream.corrections")
@@ -76,7 +80,22 @@ Send = Callable[[Sequence[tuple[bytes, bytes]]], Awaitable[None]]
 """Produce (key, value) records to a topic; returns once the broker acknowledged them."""
 MAX_BACKFILL_EVENTS = 5_000
 """Events per ``POST /v1/backfill`` (the CLI sends a file in batches of this size or less)."""
-_CHUNK = 500  # events per usage-corrections record of a backfill
+_CHUNK = 500  # events or windows per usage-corrections record (well under 1 MB)
+
+
+def _chunks(raws: Sequence[bytes], max_bytes: int = 512 * 1024) -> Iterable[list[bytes]]:
+    """``raws`` in order, in lists of at most ``_CHUNK`` events and about ``max_bytes``
+    (one usage-corrections record each, under the broker's 1 MB message limit)."""
+    chunk: list[bytes] = []
+    size = 0
+    for raw in raws:
+        if chunk and (len(chunk) == _CHUNK or size + len(raw) > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(raw)
+        size += len(raw)
+    if chunk:
+        yield chunk
 
 
 def new_correction_id() -> str:
@@ -98,7 +117,9 @@ class CorrectionService:
         pipeline: Pipeline,
         send_corrections: Send,
         send_events: Send,
+        plans: PlansConfig | None = None,
     ) -> None:
+        self.plans = plans
         self.settings = settings
         self.meters = meters
         self.chio = chio
@@ -129,20 +150,25 @@ class CorrectionService:
             )
         return [UsageEvent(**row) for row in rows]
 
-    async def record_of(
+    async def record_of_months(
         self, keys: Iterable[fold.WindowKey], without: str | None = None
     ) -> list[UsageEvent]:
-        """Every event of the effective record in these windows (once each)."""
-        ranges: dict[tuple[int, int], set[fold.WindowKey]] = {}
-        for key in keys:
-            bounds = self.meters.by_name(key.meter).window_bounds(key.window_start_ms)
-            ranges.setdefault(bounds, set()).add(key)
+        """Every event of the effective record in the UTC months of these windows, of
+        their customers and meters' event names (once each): what a dry run folds."""
+        ranges: dict[tuple[int, int], tuple[set[str], set[str]]] = {}
+        for customer, meter, period in effective.months_affected(keys):
+            customers, names = ranges.setdefault(month_bounds(period), (set(), set()))
+            customers.add(customer)
+            names.add(self.meters.by_name(meter).event_name)
         events: dict[tuple[str, str], UsageEvent] = {}
-        for (start, end), group in ranges.items():
-            customers = sorted({k.customer_id for k in group})
-            names = sorted({self.meters.by_name(k.meter).event_name for k in group})
+        for (start, end), (customers, names) in ranges.items():
             rows = await self.chio.call(
-                queries.events_in_range, customers, names, start, end, without_correction=without
+                queries.events_in_range,
+                sorted(customers),
+                sorted(names),
+                start,
+                end,
+                without_correction=without,
             )
             for row in rows:
                 events[(row["customer_id"], row["idempotency_key"])] = UsageEvent(**row)
@@ -188,10 +214,10 @@ class CorrectionService:
             ],
         }
         if c.dry_run:
-            before = await self.record_of(windows, without=cid)
+            before = await self.record_of_months(windows, without=cid)
             after = effective.effective(before, fixes)
             doc["status"] = "dry_run"
-            doc.update(self.preview(windows, before, after))
+            doc.update(await self.preview(windows, before, after))
             return doc
         if not chosen:
             doc["status"] = "nothing_to_correct"
@@ -219,41 +245,69 @@ class CorrectionService:
     def _author(author: str, operator: str) -> str:
         return f"{author} ({operator})" if author else operator
 
-    def preview(
+    async def preview(
         self,
         windows: set[fold.WindowKey],
         before: Sequence[UsageEvent],
         after: Sequence[UsageEvent],
     ) -> dict[str, Any]:
         """The dry-run's answer: windows and (customer, meter, month) totals before and
-        after, and what the Stripe forwarder would send for the months' change."""
+        after, the invoice previews before and after (plans loaded), and what the Stripe
+        forwarder would send for the months' change."""
         changes = effective.diff(self.meters, windows, before, after)
         stripe = []
         for period in changes["periods"]:
             meter = self.meters.by_name(period["meter"])
             if meter.stripe is None:
                 continue
-            if meter.aggregation in ("sum", "count"):
-                stripe.append(
-                    {
-                        "customer_id": period["customer_id"],
-                        "meter": meter.name,
-                        "period": period["period"],
-                        "mode": "delta",
-                        "value": period["change"],
-                    }
-                )
-            else:
-                stripe.append(
-                    {
-                        "customer_id": period["customer_id"],
-                        "meter": meter.name,
-                        "period": period["period"],
-                        "mode": "period_to_date",
-                        "value": period["after"]["value"],
-                    }
-                )
-        return {**changes, "stripe": stripe}
+            additive = meter.aggregation in ("sum", "count")
+            stripe.append(
+                {
+                    "customer_id": period["customer_id"],
+                    "meter": meter.name,
+                    "period": period["period"],
+                    "mode": "delta" if additive else "period_to_date",
+                    "value": period["change"] if additive else period["after"]["value"],
+                }
+            )
+        return {**changes, "invoices": await self._invoices(windows, after), "stripe": stripe}
+
+    async def _invoices(
+        self, windows: set[fold.WindowKey], after: Sequence[UsageEvent]
+    ) -> list[dict[str, Any]]:
+        """Each affected (customer, month)'s invoice preview now and after the correction
+        (the corrected meters' quantities from the fold of ``after``, the others stored)."""
+        if self.plans is None:
+            return []
+        plans = self.plans
+        states = fold.fold(self.meters, after)
+        months: dict[tuple[str, str], set[str]] = {}
+        for customer, meter, month in effective.months_affected(
+            k for k in windows if not k.is_total
+        ):
+            months.setdefault((customer, month), set()).add(meter)
+        out = []
+        for (customer, label), names in sorted(months.items()):
+            period = Period.month(label)
+
+            def override(start: int, end: int, c: str = customer, n: set[str] = names) -> Any:
+                return effective.quantities(self.meters, states, c, n, start, end)
+
+            now = await self.chio.call(lambda ch, c=customer, p=period: preview(ch, plans, c, p))
+            then = await self.chio.call(
+                lambda ch, c=customer, p=period, o=override: preview(ch, plans, c, p, o)
+            )
+            out.append(
+                {
+                    "customer_id": customer,
+                    "period": label,
+                    "currency": now.currency.code,
+                    "total_before": str(now.total),
+                    "total_after": str(then.total),
+                    "change": str(then.total - now.total),
+                }
+            )
+        return out
 
     async def _resend(self, cid: str, kind: str) -> None:
         """A repeat of a logged correction: its windows rebuilt again (idempotent)."""
@@ -276,9 +330,12 @@ class CorrectionService:
             [
                 (
                     customer.encode(),
-                    orjson.dumps({"correction_id": cid, "kind": kind, "windows": keys}),
+                    orjson.dumps(
+                        {"correction_id": cid, "kind": kind, "windows": keys[i : i + _CHUNK]}
+                    ),
                 )
                 for customer, keys in by_customer.items()
+                for i in range(0, len(keys), _CHUNK)
             ]
         )
 
@@ -376,10 +433,13 @@ class CorrectionService:
             doc["correction_id"] = cid
             records = []
             for customer, items in new.items():
-                for i in range(0, len(items), _CHUNK):
-                    chunk = [loads_exact(r) for r in items[i : i + _CHUNK]]
+                for chunk in _chunks(items):
                     value = canonical_json(
-                        {"correction_id": cid, "kind": "backfill", "events": chunk}
+                        {
+                            "correction_id": cid,
+                            "kind": "backfill",
+                            "events": [loads_exact(r) for r in chunk],
+                        }
                     )
                     records.append((customer.encode(), value.encode()))
             await self.send_corrections(records)
@@ -433,17 +493,8 @@ class CorrectionService:
             )
 
 
-def install_corrections(
-    app: faust.App,
-    settings: Settings,
-    meters: MetersConfig,
-    chio: ClickHouseIO,
-    pipeline: Pipeline,
-    send_corrections: Send,
-    send_events: Send,
-) -> CorrectionService:
-    """The correction service and its agent on ``usage-corrections``."""
-    service = CorrectionService(settings, meters, chio, pipeline, send_corrections, send_events)
+def install_corrections(app: faust.App, settings: Settings, service: CorrectionService) -> None:
+    """The agent on ``usage-corrections`` that applies ``service``'s records."""
     topic = raw_topic(
         app,
         settings.topic(USAGE_CORRECTIONS.name),
@@ -467,5 +518,3 @@ def install_corrections(
                     event.message.offset,
                     event.message.partition,
                 )
-
-    return service
