@@ -346,25 +346,30 @@ class Forwarder:
         found: list[Uncorrectable],
         checked: set[str] | None,
     ) -> list[Uncorrectable]:
-        """Record ``found`` in ``stripe_uncorrectable`` (each logged), and as resolved the
-        customers reported before, among ``checked``, that are right again."""
-        before = await self.chio.call(report.reported_customers, meter.name, period)
-        now_right = before - {u.customer_id for u in found}
-        if checked is not None:
-            now_right &= checked
-        else:
-            now_right = set()
-        rows = [u.as_dict() for u in found]
+        """Record in ``stripe_uncorrectable`` what ``found`` changes (a finding already
+        recorded as it is is not written again; each new one is logged and counted), and
+        as resolved the customers reported before, among ``checked``, that are right
+        again."""
+        current = {
+            r["customer_id"]: r for r in await self.chio.call(report.current, period, meter.name)
+        }
+        rows = []
+        for item in found:
+            doc = item.as_dict()
+            had = current.get(item.customer_id)
+            if had is None:
+                log.error("Stripe can no longer be corrected: %s", item.describe())
+                self.metrics.stripe_uncorrectable.inc(meter=meter.name)
+            same = ("stripe_value", "expected", "difference", "reason")
+            if had is None or any(had[k] != doc[k] for k in same):
+                rows.append(doc)
+        right = set(current) - {u.customer_id for u in found}
         formula = formula_for(meter.aggregation)
-        for customer in sorted(now_right):
+        for customer in sorted(right & checked if checked is not None else set()):
             ok = Uncorrectable(meter.name, customer, "", period, formula, 0, 0, Decimal(0), "")
             rows.append({**ok.as_dict(), "reason": "resolved"})
-        new = [u for u in found if u.customer_id not in before]
-        for item in new:
-            log.error("Stripe can no longer be corrected: %s", item.describe())
         if rows:
             await self.chio.call(report.write, rows)
-            self.metrics.stripe_uncorrectable.inc(len(new), meter=meter.name)
         return found
 
     async def _check_stale(self, meter: Meter, stale: set[tuple[str, int]], now_ms: int) -> None:

@@ -107,8 +107,3 @@ ORDER BY period, meter, customer_id
             }
         )
     return out
-
-
-def reported_customers(ch: ClickHouse, meter: str, period: str) -> set[str]:
-    """Customers of (meter, period) whose current row is not resolved."""
-    return {r["customer_id"] for r in current(ch, period, meter)}

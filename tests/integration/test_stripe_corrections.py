@@ -298,6 +298,11 @@ def test_a_period_past_the_correction_horizon_lands_in_the_report(
         10,
     )
     assert Decimal(row["exact_total"]) == Decimal("5.4")
+    # told again, found the same: recorded once
+    stack.forwarder.verifier.windows_changed([window])
+    stack.forward("tokens", clock.set(END + 4 * DAY + HOUR))
+    versions = ch.query_rows("SELECT count() FROM stripe_uncorrectable WHERE meter = 'tokens'")
+    assert versions[0][0] == 1
 
     # The same by an explicit check (the CLI's --check), which checks every meter: the
     # two this test never forwarded are reported as under-billed (nothing to credit).
