@@ -628,9 +628,17 @@ def test_double_cancel_is_refused(client: StripeMeterClient, emulator: Backgroun
     now = int(time.time())
     [ident] = send_events(client, meter["event_name"], "cus_d", [8], now)
     client.cancel_meter_event(meter["event_name"], ident)
-    with pytest.raises(StripeError) as err:
-        client.cancel_meter_event(meter["event_name"], ident)
-    assert (err.value.status, err.value.code, err.value.retryable) == (400, None, False)
+    # (the client's own second call replays its first answer: another idempotency key here)
+    params: Any = {
+        "event_name": meter["event_name"],
+        "type": "cancel",
+        "cancel": {"identifier": ident},
+    }
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        raw_sdk(emulator).v1.billing.meter_event_adjustments.create(
+            params, {"idempotency_key": "another"}
+        )
+    assert (err.value.http_status, err.value.code) == (400, None)
     assert "already been canceled" in str(err.value)
     [summary] = client.event_summaries(
         meter["id"], "cus_d", minute_start(now) - 60, minute_start(now) + 60
@@ -667,6 +675,9 @@ def test_cancel_retries_replay_through_the_idempotency_key(
     stats = emulator.stats()
     assert stats["faults_injected"] > 0
     assert (stats["cancelled"], stats["rejected_cancellations"]) == (2, 0)
+    # A second call (a crash before the first one's outcome was recorded) replays it.
+    assert client.cancel_meter_event(meter["event_name"], ident2) == adjustment
+    assert (emulator.stats()["cancelled"], emulator.stats()["rejected_cancellations"]) == (2, 0)
 
 
 def test_v2_meter_event_adjustment(emulator: BackgroundEmulator) -> None:
