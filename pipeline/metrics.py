@@ -248,8 +248,22 @@ class Metrics:
             "Window states rebuilt from the record, by reason: absent (the table held no state"
             " and the window was not provably new), uncounted (events in the record that no"
             " table write counted: a batch replayed after a crash), isolation (rewritten after"
-            " a batch isolation)",
+            " a batch isolation), correction (a void, amend or backfill; pipeline/worker/"
+            "corrections.py)",
             "reason",
+        )
+        self.corrections = counter(
+            "meterstream_corrections_total",
+            "Corrections applied (dry runs and repeats not counted), by kind: void, amend,"
+            " backfill",
+            "kind",
+        )
+        self.corrected_events = counter(
+            "meterstream_corrected_events_total",
+            "Events changed by corrections, by action: voided, amended, backfilled (older"
+            " than the dedup horizon, counted through the correction path; newer ones are"
+            " produced to usage-events and counted as any event)",
+            "action",
         )
         self.end_markers = counter(
             "meterstream_changelog_end_markers_total",
@@ -310,6 +324,17 @@ class Metrics:
             "meterstream_stripe_customer_refusals_total",
             "Stripe customer ids named by event properties and refused, by reason",
             "reason",
+        )
+        self.stripe_uncorrectable = counter(
+            "meterstream_stripe_uncorrectable_total",
+            "(customer, period) series found wrong at Stripe and no longer correctable "
+            "(recorded in stripe_uncorrectable)",
+            "meter",
+        )
+        self.stripe_cancellations = counter(
+            "meterstream_stripe_cancellations_total",
+            "Superseded `last` meter events cancelled at Stripe, by outcome",
+            "outcome",
         )
         self.consumer_lag = gauge(
             "meterstream_consumer_lag", "Records behind the end, by partition", "partition"

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     stripe_rate_limit_per_second: float = Field(default=25.0, gt=0)
     # v2 meter event stream (batches of 100) or v1 meter_events; auto = v2 with a live key.
     stripe_transport: Literal["auto", "v1", "v2"] = "auto"
+    # How long after a billing period ends it is still corrected at Stripe (its invoice is
+    # taken as final after that: a later change is reported in stripe_uncorrectable). At
+    # most 31: a correction is stamped in the period's last hour, which must stay within
+    # Stripe's 35 days.
+    stripe_correction_days: int = Field(default=3, ge=0, le=31)
 
     # Worker
     state_dir: Path = DEFAULT_STATE_DIR

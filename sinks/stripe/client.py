@@ -26,7 +26,6 @@ import logging
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -216,13 +215,16 @@ class StripeMeterClient:
 
         Stripe only cancels events it received within the past 24 hours; it
         applies the cancellation asynchronously (the answer's ``status`` is
-        ``"pending"``). Retries reuse one idempotency key, so a retry after a
-        lost answer replays the first answer instead of failing as "already
-        canceled". Returns the ``billing.meter_event_adjustment`` as a dict;
-        raises :class:`StripeError` if Stripe refuses the cancellation.
+        ``"pending"``). The idempotency key is the event's (an identifier is
+        cancelled once), so a retry after a lost answer, or a second call after
+        a crash before the first one's outcome was recorded, replays the first
+        answer (within Stripe's 24 hours of idempotency, which cover the 24 hours
+        a cancellation is allowed) instead of failing as "already canceled".
+        Returns the ``billing.meter_event_adjustment`` as a dict; raises
+        :class:`StripeError` if Stripe refuses the cancellation.
         """
         params = {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}}
-        options = {"idempotency_key": f"meterstream-cancel-{uuid.uuid4()}"}
+        options = {"idempotency_key": f"meterstream-cancel-{event_name}-{identifier}"}
         create = self._stripe.v1.billing.meter_event_adjustments.create
         adjustment, _ = self._with_retries(
             lambda: create(cast(Any, params), cast(Any, options)),
