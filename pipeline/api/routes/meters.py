@@ -1,0 +1,113 @@
+"""``POST /v1/meters/diff``: the totals of the record under two meters files
+(``meterstream meters diff`` while this worker holds ClickHouse). Read-only; it needs
+an operator's key (a key restricted to a customer cannot: 403).
+
+Body: ``{"old": "<meters YAML>", "new": "<meters YAML>", "from": ..., "to": ...,
+"customer": ..., "meter": ..., "by_window": false}`` (times RFC 3339 or epoch ms;
+``old``, ``new``, ``from`` and ``to`` required). Everything is validated first: 400
+with every problem, each with its path (``old: meters[0].versions[1].effective_until:
+...``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from faust.web import Request, Response, View
+
+from meterstream.api.http import Routes
+from meterstream.billing.record import diff_from_record
+from meterstream.errors import ConfigError, Denied
+from meterstream.events import parse_time
+from meterstream.meters.config import MetersConfig, parse_meters, yaml_load_exact
+from meterstream.sinks.clickhouse.client import ClickHouse
+from meterstream.sinks.clickhouse.reads import ReadIO
+
+MAX_RANGE_MS = 400 * 86_400_000
+"""The longest range one request reads (the record's events of it are held in memory)."""
+FIELDS = frozenset({"old", "new", "from", "to", "customer", "meter", "by_window"})
+
+
+def register(routes: Routes, reads: ReadIO) -> None:
+    respond = routes.respond
+
+    @routes.app.page("/v1/meters/diff")
+    class MetersDiff(View):
+        @routes.guarded
+        async def post(self, request: Request) -> Response:
+            routes.operator(request, "compare meter definitions")
+            try:
+                body = orjson.loads(await routes.json_body(request))
+            except ValueError:
+                raise Denied(400, "body must be a JSON object") from None
+            if not isinstance(body, dict):
+                raise Denied(400, "body must be a JSON object")
+            problems = [f"{key}: unknown field" for key in sorted(set(body) - FIELDS)]
+            old, new = (_config(body, side, problems) for side in ("old", "new"))
+            start, end = _time(body, "from", problems), _time(body, "to", problems)
+            customer, meter = _text(body, "customer", problems), _text(body, "meter", problems)
+            by_window = body.get("by_window", False)
+            if not isinstance(by_window, bool):
+                problems.append("by_window: must be true or false")
+            if start is not None and end is not None and not 0 < end - start <= MAX_RANGE_MS:
+                problems.append("to: must be after from, and at most 400 days after it")
+            if old is not None and new is not None and meter is not None:
+                if meter not in {m.name for m in old.meters + new.meters}:
+                    problems.append(f"meter: {meter!r} is in neither meters file")
+            if problems or old is None or new is None or start is None or end is None:
+                return respond(self, {"error": "invalid request", "problems": problems}, 400)
+            answer = await reads.read(
+                _diff, old, new, start, end, customer, meter, bool(by_window)
+            )
+            return respond(self, answer)
+
+
+def _diff(
+    ch: ClickHouse,
+    old: MetersConfig,
+    new: MetersConfig,
+    start: int,
+    end: int,
+    customer: str | None,
+    meter: str | None,
+    by_window: bool,
+) -> dict[str, Any]:
+    diff = diff_from_record(
+        ch, old, new, start, end, customer=customer, meter=meter, by_window=by_window
+    )
+    return diff.as_json()
+
+
+def _config(body: dict[str, Any], side: str, problems: list[str]) -> MetersConfig | None:
+    text = body.get(side)
+    if not isinstance(text, str):
+        problems.append(f"{side}: required, a meters YAML document as a string")
+        return None
+    try:
+        return parse_meters(yaml_load_exact(text), side)
+    except ConfigError as exc:
+        problems += [f"{side}: {line}" for line in exc.problems]
+    except Exception as exc:  # a YAML syntax error, said as a problem of that side
+        problems.append(f"{side}: not YAML: {str(exc).splitlines()[0] if str(exc) else exc}")
+    return None
+
+
+def _time(body: dict[str, Any], name: str, problems: list[str]) -> int | None:
+    value = body.get(name)
+    try:
+        parsed = parse_time(str(value)) if isinstance(value, str | int) else None
+    except ValueError as exc:
+        problems.append(f"{name}: {exc}")
+        return None
+    if parsed is None:
+        problems.append(f"{name}: required, RFC 3339 or epoch milliseconds")
+    return parsed
+
+
+def _text(body: dict[str, Any], name: str, problems: list[str]) -> str | None:
+    value = body.get(name)
+    if value is None or (isinstance(value, str) and 0 < len(value) <= 200):
+        return value
+    problems.append(f"{name}: must be a string of 1-200 characters")
+    return None
