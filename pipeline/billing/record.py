@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 from meterstream.events import UsageEvent
 from meterstream.meters.aggregation import WindowState, aggregator_for
 from meterstream.meters.config import Meter, MetersConfig
-from meterstream.meters.fold import WindowKey, fold
 from meterstream.meters.diff import MetersDiff, diff_meters, event_names
+from meterstream.meters.fold import WindowKey, fold
 from meterstream.meters.windows import DAY_MS, day_of
 from meterstream.sinks.clickhouse import queries, writer
 from meterstream.sinks.clickhouse.client import ClickHouse

@@ -52,14 +52,12 @@ def register(routes: Routes, reads: ReadIO) -> None:
                 problems.append("by_window: must be true or false")
             if start is not None and end is not None and not 0 < end - start <= MAX_RANGE_MS:
                 problems.append("to: must be after from, and at most 400 days after it")
-            if old is not None and new is not None and meter is not None:
-                if meter not in {m.name for m in old.meters + new.meters}:
-                    problems.append(f"meter: {meter!r} is in neither meters file")
+            names = {m.name for c in (old, new) if c is not None for m in c.meters}
+            if old is not None and new is not None and meter is not None and meter not in names:
+                problems.append(f"meter: {meter!r} is in neither meters file")
             if problems or old is None or new is None or start is None or end is None:
                 return respond(self, {"error": "invalid request", "problems": problems}, 400)
-            answer = await reads.read(
-                _diff, old, new, start, end, customer, meter, bool(by_window)
-            )
+            answer = await reads.read(_diff, old, new, start, end, customer, meter, bool(by_window))
             return respond(self, answer)
 
 

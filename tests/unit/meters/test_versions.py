@@ -88,14 +88,12 @@ def test_fold_uses_each_events_definition() -> None:
 
 def test_an_unreadable_value_names_the_path_of_its_version() -> None:
     meter = config().by_name("tokens")
-    with pytest.raises(InvalidValue, match="properties.tokens is missing"):
+    with pytest.raises(InvalidValue, match=r"properties\.tokens is missing"):
         meter.extract(ev(CUT - 1, "x", kind="chat", total=1))
 
 
 def test_a_meter_without_versions_is_as_before() -> None:
-    meters = config(
-        "meters:\n  - {name: n, event_name: llm, aggregation: count, window: day}\n"
-    )
+    meters = config("meters:\n  - {name: n, event_name: llm, aggregation: count, window: day}\n")
     meter = meters.by_name("n")
     assert meter.versions == () and meter.effective_from_ms is None
     assert meter.matches(ev(0, "a")) and meter.matches(ev(CUT, "b"))
@@ -149,16 +147,11 @@ meters:
     versions: [{effective_until: 2026-12-01T00:00:00Z, value: properties.a}]
 """
     )
-    expected = [
-        "meters[0].versions[0].effective_until: Value error, ",  # checked below by prefix
-    ]
-    del expected
     joined = "\n".join(found)
     assert "meters[0].versions[0].effective_until: " in joined and "offset" in joined
     assert "meters[0].versions[1].value: required for aggregation 'sum'" in found
     assert any(p.startswith("meters[0].versions[2].effective_until: ") for p in found), found
-    assert any(
-        p.startswith("meters[0].versions[3].window: unknown field: a version changes") for p in found
-    ), found
+    unknown = "meters[0].versions[3].window: unknown field: a version changes"
+    assert any(p.startswith(unknown) for p in found), found
     assert "meters[0].versions[4].filters[0].value: required for operator 'gt'" in found
     assert "meters[1].versions[0].value: must be absent for aggregation 'count'" in found
