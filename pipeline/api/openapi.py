@@ -288,6 +288,7 @@ def _routes_document() -> dict[str, Any]:
             **_credit_paths(),
             **_customer_paths(),
             **_stripe_paths(),
+            **_meters_paths(),
         },
     }
 
@@ -974,4 +975,95 @@ def _stripe_paths() -> dict[str, Any]:
                 },
             }
         },
+    }
+
+
+_TOTAL = {
+    "type": ["object", "null"],
+    "description": "A total under one meters file; null where that file counts nothing.",
+    "properties": {
+        "value": {"type": "string", "description": "Exact decimal."},
+        "event_count": {"type": "integer"},
+        "out_of_range": {
+            "type": "boolean",
+            "description": "A window of it is outside the meter's range (sum meters).",
+        },
+    },
+}
+
+
+def _meters_paths() -> dict[str, Any]:
+    """Meter definitions: the record's totals under two meters files."""
+    time_ = {"type": ["string", "integer"], "description": "RFC 3339 or epoch ms."}
+    return {
+        "/v1/meters/diff": {
+            "post": {
+                "summary": "The record's totals under two meters files, and the difference",
+                "description": "Read-only; `meterstream meters diff` uses it while this "
+                "worker holds ClickHouse. Per customer, meter, group and UTC month (or "
+                "window, `by_window`), computed from the record with the worker's fold.",
+                "security": KEY_REQUIRED,
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "required": ["old", "new", "from", "to"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "old": {"type": "string", "description": "A meters YAML document."},
+                            "new": {"type": "string", "description": "A meters YAML document."},
+                            "from": time_,
+                            "to": time_,
+                            "customer": {"type": ["string", "null"]},
+                            "meter": {"type": ["string", "null"]},
+                            "by_window": {"type": "boolean"},
+                        },
+                    }
+                ),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "meters": {
+                                    "type": "object",
+                                    "description": "Each meter's status: changed, "
+                                    "unchanged, added or removed.",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                "refused": {
+                                    "type": "object",
+                                    "description": "Added meters: events refused by the "
+                                    "meter's range, decided now.",
+                                    "additionalProperties": {"type": "integer"},
+                                },
+                                "rows": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "customer_id": {"type": "string"},
+                                            "meter": {"type": "string"},
+                                            "group_key": {"type": "string"},
+                                            "period": {"type": "string"},
+                                            "window_start_ms": {"type": ["integer", "null"]},
+                                            "status": {"type": "string"},
+                                            "old": _TOTAL,
+                                            "new": _TOTAL,
+                                            "difference": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                        "The totals.",
+                    ),
+                    "400": _error("A problem of the request (`problems`, each with its path)."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
+                    "503": _CLICKHOUSE_DOWN,
+                },
+            }
+        }
     }

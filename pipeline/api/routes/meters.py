@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import yaml
 from faust.web import Request, Response, View
 
 from meterstream.api.http import Routes
@@ -82,6 +83,9 @@ def _config(body: dict[str, Any], side: str, problems: list[str]) -> MetersConfi
     if not isinstance(text, str):
         problems.append(f"{side}: required, a meters YAML document as a string")
         return None
+    if _has_alias(text):
+        problems.append(f"{side}: YAML anchors and aliases are not accepted here")
+        return None
     try:
         return parse_meters(yaml_load_exact(text), side)
     except ConfigError as exc:
@@ -89,6 +93,15 @@ def _config(body: dict[str, Any], side: str, problems: list[str]) -> MetersConfi
     except Exception as exc:  # a YAML syntax error, said as a problem of that side
         problems.append(f"{side}: not YAML: {str(exc).splitlines()[0] if str(exc) else exc}")
     return None
+
+
+def _has_alias(text: str) -> bool:
+    """Whether the YAML text uses an alias (``*name``): a few bytes of aliases can stand
+    for a document too large to validate, so a request may not use them."""
+    try:
+        return any(isinstance(token, yaml.AliasToken) for token in yaml.scan(text))
+    except yaml.YAMLError:
+        return False  # the parse says what is wrong
 
 
 def _time(body: dict[str, Any], name: str, problems: list[str]) -> int | None:
