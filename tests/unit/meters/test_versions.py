@@ -33,6 +33,14 @@ meters:
         filters: [{property: properties.kind, operator: in, value: [chat, embed]}]
 """
 
+SUM_METER = """
+meters:
+  - name: m
+    event_name: llm
+    aggregation: sum
+    value: properties.v
+"""
+
 
 def ev(ts: int, key: str, **properties: Any) -> UsageEvent:
     return UsageEvent(
@@ -101,13 +109,8 @@ def test_a_meter_without_versions_is_as_before() -> None:
 
 def test_versions_out_of_order_overlap_and_off_window_are_each_reported() -> None:
     found = problems(
-        """
-meters:
-  - name: m
-    event_name: llm
-    aggregation: sum
-    value: properties.v
-    window: day
+        SUM_METER
+        + """    window: day
     versions:
       - {effective_until: 2026-12-01T00:00:00Z, value: properties.a}
       - {effective_until: 2026-11-01T00:00:00Z, value: properties.b}
@@ -127,13 +130,8 @@ meters:
 
 def test_version_fields_are_checked_with_their_paths() -> None:
     found = problems(
-        """
-meters:
-  - name: m
-    event_name: llm
-    aggregation: sum
-    value: properties.v
-    versions:
+        SUM_METER
+        + """    versions:
       - {effective_until: 2026-12-01T00:00:00, value: properties.a}
       - {effective_until: 2026-12-02T00:00:00Z}
       - {effective_until: soon, value: properties.a}
