@@ -35,7 +35,7 @@ from meterstream.meters.config import Meter, MetersConfig
 from meterstream.meters.fold import WindowKey, contributions, enforce_limits, fold
 from meterstream.meters.windows import period_label
 
-Status = Literal["changed", "unchanged", "added", "removed"]
+Status = Literal["changed", "unchanged", "added", "removed", "recompute"]
 
 
 @dataclass(frozen=True)
@@ -171,24 +171,55 @@ def diff_meters(
                 refused[name] = refused.get(name, 0) + 1
         for m in added:
             refused.setdefault(m.name, 0)
-    old_totals = _totals(old, before, by_window)
-    new_totals = _totals(new, after, by_window)
+    rows = _rows(statuses, _totals(old, before, by_window), _totals(new, after, by_window))
+    return MetersDiff(rows, statuses, refused)
+
+
+def recompute_preview(
+    meters: MetersConfig,
+    meter: str,
+    stored: Iterable[dict[str, Any]],
+    events: Iterable[Any],
+    *,
+    by_window: bool = False,
+) -> MetersDiff:
+    """What a recompute of ``meter`` from the record would change: its windows as stored
+    (``stored``: the latest version of each window, rows of ``queries.latest_windows``)
+    against the same windows folded from the record's ``events`` under ``meters`` (the
+    definition valid at each event's time; recorded range decisions applied), per
+    period or per window. Status ``recompute`` for every row."""
+    m = meters.by_name(meter)
+    agg = aggregator_for(m.aggregation)
+    before: dict[WindowKey, WindowState] = {}
+    for row in stored:
+        key = WindowKey(row["meter"], row["customer_id"], row["group_key"], row["window_start_ms"])
+        before[key] = agg.load(
+            {
+                "event_count": row["event_count"],
+                "value": None if m.aggregation in ("count", "unique_count") else row["value"],
+                "distinct": row["distinct_values"] if m.aggregation == "unique_count" else None,
+                "latest_ts": row["latest_ts_ms"] if m.aggregation == "latest" else -1,
+                "latest_key": row["latest_key"] if m.aggregation == "latest" else "",
+            }
+        )
+    after = fold(meters, events, meter=m)
+    statuses: dict[str, Status] = {meter: "recompute"}
+    rows = _rows(statuses, _totals(meters, before, by_window), _totals(meters, after, by_window))
+    return MetersDiff(rows, statuses, {})
+
+
+def _rows(
+    statuses: dict[str, Status], old: dict[_RowKey, Total], new: dict[_RowKey, Total]
+) -> list[DiffRow]:
     rows = []
-    for key in sorted(set(old_totals) | set(new_totals), key=_order):
+    for key in sorted(set(old) | set(new), key=_order):
         customer, name, group, period, start = key
         rows.append(
             DiffRow(
-                customer,
-                name,
-                group,
-                period,
-                start,
-                statuses[name],
-                old_totals.get(key),
-                new_totals.get(key),
+                customer, name, group, period, start, statuses[name], old.get(key), new.get(key)
             )
         )
-    return MetersDiff(rows, statuses, refused)
+    return rows
 
 
 def _fold(

@@ -1,12 +1,19 @@
-"""``POST /v1/meters/diff``: the totals of the record under two meters files
-(``meterstream meters diff`` while this worker holds ClickHouse). Read-only; it needs
-an operator's key (a key restricted to a customer cannot: 403).
+"""Meter definitions against the record; read-only, an operator's key (a key
+restricted to a customer cannot: 403).
+
+``POST /v1/meters/diff``: the totals of the record under two meters files
+(``meterstream meters diff`` while this worker holds ClickHouse).
 
 Body: ``{"old": "<meters YAML>", "new": "<meters YAML>", "from": ..., "to": ...,
 "customer": ..., "meter": ..., "by_window": false}`` (times RFC 3339 or epoch ms;
 ``old``, ``new``, ``from`` and ``to`` required). Everything is validated first: 400
 with every problem, each with its path (``old: meters[0].versions[1].effective_until:
 ...``).
+
+``POST /v1/meters/recompute/preview``: ``{"meter": ..., "from": ..., "to": ...,
+"customer": ..., "by_window": false}``, what a recompute of the meter's windows from the
+record under this worker's meters file would change (``meterstream meters recompute
+--dry-run``): the windows as stored against the record's fold.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import yaml
 from faust.web import Request, Response, View
 
 from meterstream.api.http import Routes
-from meterstream.billing.record import diff_from_record
+from meterstream.billing.record import diff_from_record, recompute_preview_from_record
 from meterstream.errors import ConfigError, Denied
 from meterstream.events import parse_time
 from meterstream.meters.config import MetersConfig, parse_meters, yaml_load_exact
@@ -28,31 +35,44 @@ from meterstream.sinks.clickhouse.reads import ReadIO
 MAX_RANGE_MS = 400 * 86_400_000
 """The longest range one request reads (the record's events of it are held in memory)."""
 FIELDS = frozenset({"old", "new", "from", "to", "customer", "meter", "by_window"})
+PREVIEW_FIELDS = frozenset({"from", "to", "customer", "meter", "by_window"})
 
 
-def register(routes: Routes, reads: ReadIO) -> None:
+def register(routes: Routes, reads: ReadIO, meters: MetersConfig) -> None:
     respond = routes.respond
+
+    @routes.app.page("/v1/meters/recompute/preview")
+    class RecomputePreview(View):
+        @routes.guarded
+        async def post(self, request: Request) -> Response:
+            routes.operator(request, "preview a recompute")
+            body = await _object(routes, request)
+            problems = [f"{key}: unknown field" for key in sorted(set(body) - PREVIEW_FIELDS)]
+            start, end = _time(body, "from", problems), _time(body, "to", problems)
+            customer, meter = _text(body, "customer", problems), _text(body, "meter", problems)
+            by_window = _flag(body, "by_window", problems)
+            _check_range(start, end, problems)
+            if meter is None:
+                problems.append("meter: required")
+            elif meter not in {m.name for m in meters.meters}:
+                problems.append(f"meter: {meter!r} is not a meter of this worker")
+            if problems or meter is None or start is None or end is None:
+                return respond(self, {"error": "invalid request", "problems": problems}, 400)
+            answer = await reads.read(_preview, meters, meter, start, end, customer, by_window)
+            return respond(self, answer)
 
     @routes.app.page("/v1/meters/diff")
     class MetersDiff(View):
         @routes.guarded
         async def post(self, request: Request) -> Response:
             routes.operator(request, "compare meter definitions")
-            try:
-                body = orjson.loads(await routes.json_body(request))
-            except ValueError:
-                raise Denied(400, "body must be a JSON object") from None
-            if not isinstance(body, dict):
-                raise Denied(400, "body must be a JSON object")
+            body = await _object(routes, request)
             problems = [f"{key}: unknown field" for key in sorted(set(body) - FIELDS)]
             old, new = (_config(body, side, problems) for side in ("old", "new"))
             start, end = _time(body, "from", problems), _time(body, "to", problems)
             customer, meter = _text(body, "customer", problems), _text(body, "meter", problems)
-            by_window = body.get("by_window", False)
-            if not isinstance(by_window, bool):
-                problems.append("by_window: must be true or false")
-            if start is not None and end is not None and not 0 < end - start <= MAX_RANGE_MS:
-                problems.append("to: must be after from, and at most 400 days after it")
+            by_window = _flag(body, "by_window", problems)
+            _check_range(start, end, problems)
             names = {m.name for c in (old, new) if c is not None for m in c.meters}
             if old is not None and new is not None and meter is not None and meter not in names:
                 problems.append(f"meter: {meter!r} is in neither meters file")
@@ -76,6 +96,45 @@ def _diff(
         ch, old, new, start, end, customer=customer, meter=meter, by_window=by_window
     )
     return diff.as_json()
+
+
+def _preview(
+    ch: ClickHouse,
+    meters: MetersConfig,
+    meter: str,
+    start: int,
+    end: int,
+    customer: str | None,
+    by_window: bool,
+) -> dict[str, Any]:
+    preview = recompute_preview_from_record(
+        ch, meters, meter, start, end, customer=customer, by_window=by_window
+    )
+    return preview.as_json()
+
+
+async def _object(routes: Routes, request: Request) -> dict[str, Any]:
+    """The request's body, a JSON object (400 otherwise)."""
+    try:
+        body = orjson.loads(await routes.json_body(request))
+    except ValueError:
+        raise Denied(400, "body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise Denied(400, "body must be a JSON object")
+    return body
+
+
+def _flag(body: dict[str, Any], name: str, problems: list[str]) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        problems.append(f"{name}: must be true or false")
+        return False
+    return value
+
+
+def _check_range(start: int | None, end: int | None, problems: list[str]) -> None:
+    if start is not None and end is not None and not 0 < end - start <= MAX_RANGE_MS:
+        problems.append("to: must be after from, and at most 400 days after it")
 
 
 def _config(body: dict[str, Any], side: str, problems: list[str]) -> MetersConfig | None:

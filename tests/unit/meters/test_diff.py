@@ -8,7 +8,7 @@ from typing import Any
 
 from meterstream.events import UsageEvent, parse_timestamp
 from meterstream.meters.config import parse_meters, yaml_load_exact
-from meterstream.meters.diff import diff_meters
+from meterstream.meters.diff import diff_meters, recompute_preview
 
 NOV = parse_timestamp("2026-11-10T10:00:00Z")
 DEC = parse_timestamp("2026-12-02T10:00:00Z")
@@ -124,3 +124,37 @@ meters:
     assert ("c1", "tokens", "2026-11") not in rows  # nothing counts before the date, both
     dec = rows[("c1", "tokens", "2026-12")]
     assert dec.old is None and dec.new.value == 6
+
+
+def test_recompute_preview_compares_the_stored_windows_with_the_record() -> None:
+    meters = cfg(NEW)
+    hour = NOV - NOV % 3_600_000
+
+    def stored(meter: str, value: str, count: int, start: int = hour) -> dict[str, Any]:
+        return {
+            "meter": meter,
+            "customer_id": "c1",
+            "group_key": "{}",
+            "window_start_ms": start,
+            "value": Decimal(value),
+            "event_count": count,
+            "distinct_values": [],
+            "latest_ts_ms": 0,
+            "latest_key": "",
+        }
+
+    # as the old definition wrote them: chat only (10), and a window nothing counts for now
+    rows = [stored("tokens", "10", 1), stored("tokens", "4", 1, hour - 3_600_000)]
+    record = [ev("a", NOV, kind="chat", tokens=10), ev("b", NOV + 1, kind="embed", tokens=5)]
+    preview = recompute_preview(meters, "tokens", rows, record, by_window=True)
+    got = {
+        r.window_start_ms: (r.old and r.old.value, r.new and r.new.value, r.difference)
+        for r in preview.rows
+    }
+    assert got == {
+        hour - 3_600_000: (Decimal(4), None, Decimal(-4)),
+        hour: (Decimal(10), Decimal(15), Decimal(5)),
+    }
+    assert preview.meters == {"tokens": "recompute"}
+    per_period = recompute_preview(meters, "tokens", rows, record)
+    assert [(r.old.value, r.new.value) for r in per_period.rows] == [(Decimal(14), Decimal(15))]
