@@ -105,6 +105,14 @@ class CreditsError(MeterstreamError):
     """A credit input (grant, void, spend, threshold, purchase, webhook) is invalid."""
 
 
+class CorrectionError(MeterstreamError):
+    """A correction or backfill request is invalid (every problem listed)."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
 class WebhookSignatureError(CreditsError):
     """A webhook's signature header is missing, malformed, outside the tolerance or wrong."""
 

@@ -248,8 +248,22 @@ class Metrics:
             "Window states rebuilt from the record, by reason: absent (the table held no state"
             " and the window was not provably new), uncounted (events in the record that no"
             " table write counted: a batch replayed after a crash), isolation (rewritten after"
-            " a batch isolation)",
+            " a batch isolation), correction (a void, amend or backfill; pipeline/worker/"
+            "corrections.py)",
             "reason",
+        )
+        self.corrections = counter(
+            "meterstream_corrections_total",
+            "Corrections applied (dry runs and repeats not counted), by kind: void, amend,"
+            " backfill",
+            "kind",
+        )
+        self.corrected_events = counter(
+            "meterstream_corrected_events_total",
+            "Events changed by corrections, by action: voided, amended, backfilled (older"
+            " than the dedup horizon, counted through the correction path; newer ones are"
+            " produced to usage-events and counted as any event)",
+            "action",
         )
         self.end_markers = counter(
             "meterstream_changelog_end_markers_total",

@@ -102,9 +102,23 @@ BILLING_ALERTS = TopicSpec(
     retention_ms=30 * DAY_MS,
     cleanup_policy="delete",
 )
+USAGE_CORRECTIONS = TopicSpec(
+    name="usage-corrections",
+    key="customer_id (UTF-8); same partition count as usage-events (co-partitioned)",
+    value=(
+        'JSON {"correction_id", "kind": "void"|"amend"|"backfill", "windows": [[meter,'
+        ' customer_id, group_key, window_start_ms], ...], "events": [event JSON, ...]}:'
+        " written by the worker's correction and backfill routes only; the worker rebuilds"
+        " those windows from the effective record (backfill: counts the events first)"
+        " (pipeline/worker/corrections.py)"
+    ),
+    retention_ms=14 * DAY_MS,
+    cleanup_policy="delete",
+)
 ALL_TOPICS = (
     USAGE_EVENTS,
     USAGE_EVENTS_DLQ,
+    USAGE_CORRECTIONS,
     CUSTOMERS,
     CUSTOMER_PLANS,
     STRIPE_ERRORS,

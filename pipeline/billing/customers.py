@@ -278,7 +278,9 @@ def _request(settings: Settings, method: str, url: str, body: Any = None) -> Any
     # this client of the worker's routes moves out of billing/, with cli_key).
     from meterstream.cli.sql import cli_key
 
-    data = json.dumps(body).encode() if body is not None else None
+    data = (
+        body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
+    )  # bytes: JSON already (exact decimals written by the caller)
     with cli_key(settings) as token:
         headers = {"Authorization": f"Bearer {token}"}
         if data is not None:

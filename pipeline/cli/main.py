@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from meterstream.api.keys import KeyStore
+from meterstream.cli import corrections as corrections_cli
 from meterstream.cli import credits as credits_cli
 from meterstream.cli import plans as plans_cli
 from meterstream.cli import stripe as stripe_cli
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     stripe_cli.register(sub, common)
     plans_cli.register(sub, common, settings_from)
     credits_cli.register(sub, common, settings_from)
+    corrections_cli.register(sub, common, settings_from)
     return parser
 
 

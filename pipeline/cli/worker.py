@@ -21,9 +21,11 @@ from typing import Any, cast
 
 import faust
 
+from meterstream.api import corrections as correction_api
 from meterstream.api import credits as credit_api
 from meterstream.api import invoices, web
 from meterstream.api.http import Routes
+from meterstream.api.ingest import IngestRecord
 from meterstream.api.keys import KeyStore, retire_cli_key_file
 from meterstream.api.publisher import EventPublisher
 from meterstream.api.routes.health import ReadyCheck
@@ -42,10 +44,12 @@ from meterstream.sinks.clickhouse.client import ClickHouse, open_clickhouse
 from meterstream.sinks.clickhouse.migrate import migrate
 from meterstream.sinks.clickhouse.pricing import write_priced_usage
 from meterstream.sinks.clickhouse.reads import ReadIO, sql_limits
+from meterstream.topics import USAGE_CORRECTIONS
 from meterstream.topics.admin import ensure_topics
 from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.app import create_app
 from meterstream.worker.batch import Pipeline
+from meterstream.worker.corrections import Send, install_corrections
 from meterstream.worker.credits import CreditService
 from meterstream.worker.forwarder import install_forwarder
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
@@ -120,6 +124,12 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
     plans, invoice_routes = install_pricing(app, settings, meters, calls, reads, bootstrap)
     credit_routes = install_credits(app, settings, calls, reads, plans, pipeline)
+    corrections_out = EventPublisher(
+        bootstrap, settings.topic(USAGE_CORRECTIONS.name), **client_options(settings)
+    )
+    corrections = install_corrections(
+        app, settings, meters, calls, pipeline, _sender(corrections_out), _sender(publisher)
+    )
     web.register(
         app,
         settings,
@@ -131,15 +141,29 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         mappings,
         reads=reads,
         meters=meters,
-        extra_routes=[invoice_routes, credit_routes],
+        extra_routes=[
+            invoice_routes,
+            credit_routes,
+            lambda routes: correction_api.register(routes, corrections, meters),
+        ],
     )
 
     async def stop_publisher(sender: Any, *args: Any, **kwargs: Any) -> None:
         await publisher.stop()
+        await corrections_out.stop()
 
     app.on_before_shutdown.connect(cast(Any, stop_publisher))
 
     return app
+
+
+def _sender(publisher: EventPublisher) -> Send:
+    """(key, value) records to ``publisher``'s topic, acknowledged by every replica."""
+
+    async def send(records: Any) -> None:
+        await publisher.publish([IngestRecord(k, v, "", False) for k, v in records])
+
+    return send
 
 
 def install_pricing(

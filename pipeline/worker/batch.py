@@ -122,6 +122,8 @@ class Batch(NamedTuple):
     context: dict[int, EventT]
     generation: int | None
     received: int
+    horizon_ms: int | None = None
+    """How old an event may be (None: the dedup horizon); a backfill's is unbounded."""
 
 
 @dataclass
@@ -271,6 +273,12 @@ class Pipeline:
         self.batch_listeners: list[Callable[[], None]] = []
         # Held from the record insert to the meter_windows insert (and by reconciliation).
         self.record_lock = asyncio.Lock()
+        # Held for a whole batch, and by a correction's rebuild or a backfill
+        # (pipeline/worker/corrections.py): they never interleave with a batch, whose
+        # window states read in step 0 are written back in step 3 outside the record
+        # lock. One lock for the worker rather than one per partition: a batch spans
+        # every assigned partition, and corrections are rare.
+        self.apply_lock = asyncio.Lock()
         self._coverage: RecordCoverage | None = None
         # Which customers' missing windows are new (pipeline/dedup/coverage.py); same epochs.
         self._window_coverage: WindowCoverage | None = None
@@ -303,12 +311,28 @@ class Pipeline:
         """
         received = now_ms()
         context: dict[int, EventT] = {ev.message.partition: ev for ev in batch}
-        records = await self._source_records(batch)
-        generation = batch[-1].message.generation_id if batch else None
-        taken = Batch(records, context, generation, received)
+        async with self.apply_lock:
+            records = await self._source_records(batch)
+            generation = batch[-1].message.generation_id if batch else None
+            return await self._run(Batch(records, context, generation, received))
+
+    async def process_backfill(
+        self, records: Sequence[resolve.SourceRecord], context: dict[int, EventT]
+    ) -> BatchReport:
+        """Backfilled events older than the dedup horizon (pipeline/worker/corrections.py)
+        through the same walk as a batch: the same parse and validation, dedup against the
+        table and the record (every key looked up: no coverage), the range decisions, the
+        record insert, windows rebuilt from the record, the listeners told; only the
+        horizon is not applied. ``records``: in the partitions of ``context``."""
+        async with self.apply_lock:
+            return await self._run(Batch(records, context, None, now_ms(), horizon_ms=1 << 62))
+
+    async def _run(self, taken: Batch) -> BatchReport:
         attempt = Attempt()
         try:
-            return await self._process_records(taken, attempt)
+            return await self._process_records(
+                taken, attempt, use_coverage=taken.horizon_ms is None
+            )
         except Exception as exc:
             if is_dependency_failure(exc):
                 raise
@@ -326,8 +350,8 @@ class Pipeline:
         an isolation must clean up if it raises). While a batch is isolated: ``exclude``,
         events in the record but not counted yet that window rebuilds must skip, and no
         coverage (a failed attempt may have inserted rows without writing their keys)."""
-        records, context, generation, received = batch
-        decoded = self._decode_and_validate(records, received)
+        records, context, generation, received, horizon_ms = batch
+        decoded = self._decode_and_validate(records, received, horizon_ms or self.horizon_ms)
         dedup = await self._dedup(decoded.events, received, generation, use_coverage)
         dd = dedup.resolved
         counted_now = (*dd.fresh, *dd.recorded_uncounted)
@@ -427,12 +451,10 @@ class Pipeline:
         return records
 
     def _decode_and_validate(
-        self, records: Sequence[resolve.SourceRecord], received: int
+        self, records: Sequence[resolve.SourceRecord], received: int, horizon_ms: int
     ) -> Decoded:
         """Every record becomes an event or a rejection (pipeline/dedup/resolve.py)."""
-        decoded, rejections = resolve.decode_batch(
-            records, now_ms=received, horizon_ms=self.horizon_ms
-        )
+        decoded, rejections = resolve.decode_batch(records, now_ms=received, horizon_ms=horizon_ms)
         return Decoded(
             events=[ev for _, ev in decoded],
             rejections=rejections,
@@ -984,7 +1006,8 @@ class Pipeline:
             exc_info=error,
         )
         self.metrics.batch_isolations.inc()
-        parsed = [_decode_one(rec, received, self.horizon_ms) for rec in records]
+        horizon_ms = batch.horizon_ms or self.horizon_ms
+        parsed = [_decode_one(rec, received, horizon_ms) for rec in records]
         keys = [_key_of(p) for p in parsed]
         responsible = set(attempt.responsible)
         dirty = set(attempt.windows)
@@ -1029,7 +1052,14 @@ class Pipeline:
         # set aside; then the record is told they are set aside; then the dead letters.
         # (A crash before the marks replays the batch, which fails and is isolated again.)
         if dirty:
-            await self._rewrite_windows(dirty, records, keys, context, received, excluded)
+            partition_of_customer = {
+                key.customer_id: rec.partition
+                for rec, key in zip(records, keys, strict=True)
+                if key is not None
+            }
+            await self.rebuild_windows(
+                dirty, partition_of_customer, context, received, "isolation", excluded
+            )
         for index, exc, mark in aside:
             await self._set_aside(records[index], parsed[index], exc, received, mark)
         report.rejected[str(Reason.UNPROCESSABLE)] += len(aside)
@@ -1081,32 +1111,32 @@ class Pipeline:
         self.metrics.events_in.inc()
         self.metrics.rejected.inc(reason=str(Reason.UNPROCESSABLE))
 
-    async def _rewrite_windows(
+    async def rebuild_windows(
         self,
         keys: set[fold.WindowKey],
-        records: Sequence[resolve.SourceRecord],
-        record_keys: Sequence[DedupKey | None],
+        partition_of_customer: Mapping[str, int],
         context: dict[int, EventT],
         received: int,
-        exclude: AbstractSet[DedupKey],
-    ) -> None:
-        """Rebuild ``keys`` from the record (without ``exclude``) and write them
-        (meter_windows, the windows table): what failed attempts of an isolated batch may
-        have written is replaced."""
-        partition_of_customer = {
-            key.customer_id: rec.partition
-            for rec, key in zip(records, record_keys, strict=True)
-            if key is not None
-        }
+        reason: str,
+        exclude: AbstractSet[DedupKey] = frozenset(),
+    ) -> int:
+        """Rebuild ``keys`` from the (effective) record, without ``exclude``, and write them
+        (meter_windows with a fresh version, the windows table), telling the record
+        listeners (Stripe forwarder, credits) they changed; returns the windows rebuilt
+        (customer totals not counted). Idempotent: the same record gives the same states.
+
+        Used after an isolated batch (``reason`` isolation: what failed attempts may have
+        written is replaced) and by corrections (``correction``, under ``apply_lock``).
+        Only windows of customers in ``partition_of_customer`` (partitions of
+        ``context``) are rebuilt."""
         keys = {k for k in keys if k.customer_id in partition_of_customer}
         if not keys:
-            return
+            return 0
         aggs = self.meters.aggregators
+        rebuilt = sum(1 for k in keys if not k.is_total)
         async with self.record_lock:
             states = await self._recompute(keys, exclude)
-            self.metrics.window_rebuilds.inc(
-                sum(1 for k in keys if not k.is_total), reason="isolation"
-            )
+            self.metrics.window_rebuilds.inc(rebuilt, reason=reason)
             dumps = {k: aggs[k.meter].dump(state) for k, state in states.items()}
             rows = self._window_rows(states, dumps, received)
             if rows:
@@ -1119,4 +1149,5 @@ class Pipeline:
         await self.app.producer.flush()
         if self.settings.changelog_end_markers:
             await self._end_markers({(self.windows, p) for p in partitions.values()})
-        log.info("rewrote %d window(s) from the record after isolating a batch", len(keys))
+        log.info("rebuilt %d window(s) from the record (%s)", rebuilt, reason)
+        return rebuilt

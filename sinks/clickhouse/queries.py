@@ -274,8 +274,13 @@ def events_in_range_sql(
     event_names: Sequence[str] | None,
     start_ms: int,
     end_ms: int,
+    *,
+    without_correction: str | None = None,
 ) -> str:
-    """Raw events with ``start_ms <= timestamp < end_ms``, one row per (customer_id, key).
+    """Events of the effective record with ``start_ms <= timestamp < end_ms``, one row per
+    (customer_id, key): voided events left out, amended ones with their new properties
+    (the latest row of ``event_corrections`` per key wins, by (corrected_at,
+    correction_id); ``without_correction``: as if that correction had not been made).
 
     ``LIMIT 1 BY`` (first ingested wins) rather than FINAL: it does not depend
     on merges or on duplicates sharing a partition, and keeps the result
@@ -285,7 +290,7 @@ def events_in_range_sql(
     """
     names = "" if event_names is None else f"  AND event_name IN {sql_string_list(event_names)}\n"
     customers = "1" if customer_ids is None else f"customer_id IN {sql_string_list(customer_ids)}"
-    return (
+    record = (
         f"SELECT {EVENT_COLUMNS_SQL}\n"
         "FROM usage_events\n"
         f"WHERE {customers}\n"
@@ -294,6 +299,36 @@ def events_in_range_sql(
         f"  AND timestamp < {sql_ms(end_ms)}\n"
         "ORDER BY customer_id, idempotency_key, ingested_at\n"
         "LIMIT 1 BY customer_id, idempotency_key"
+    )
+    return effective_sql(record, customers, without_correction)
+
+
+def effective_sql(record: str, customers: str, without_correction: str | None = None) -> str:
+    """``record`` (a query of :data:`EVENT_COLUMNS_SQL`, one row per key, of customers
+    ``customers``) as the effective record: voided events out, amended properties in."""
+    fixes = latest_corrections_sql(customers, without_correction)
+    return (
+        f"SELECT {EFFECTIVE_COLUMNS_SQL}\n"
+        f"FROM (\n{textwrap.indent(record, '  ')}\n) AS e\n"
+        f"LEFT JOIN (\n{textwrap.indent(fixes, '  ')}\n)"
+        " AS c ON e.customer_id = c.customer_id AND e.idempotency_key = c.idempotency_key\n"
+        "WHERE c.action != 'void'\n"
+        "ORDER BY customer_id, idempotency_key"
+    )
+
+
+def latest_corrections_sql(where: str = "1", without_correction: str | None = None) -> str:
+    """The correction that wins for each corrected event (``event_corrections``): its
+    action and, for an amend, the new properties."""
+    if without_correction is not None:
+        where += f" AND correction_id != {sql_string(without_correction)}"
+    return (
+        "SELECT customer_id, idempotency_key,\n"
+        "    argMax(action, (corrected_at, correction_id)) AS action,\n"
+        "    argMax(properties, (corrected_at, correction_id)) AS properties\n"
+        "FROM event_corrections\n"
+        f"WHERE {where}\n"
+        "GROUP BY customer_id, idempotency_key"
     )
 
 
@@ -489,8 +524,12 @@ def events_in_range(
     event_names: Sequence[str] | None,
     start_ms: int,
     end_ms: int,
+    *,
+    without_correction: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Accepted events in [start_ms, end_ms), one per (customer_id, idempotency_key).
+    """Events of the effective record (accepted, not voided, amendments applied) in
+    [start_ms, end_ms), one per (customer_id, idempotency_key); see
+    :func:`events_in_range_sql`.
 
     Each dict has exactly the :class:`meterstream.events.UsageEvent` fields
     (event_name, customer_id, idempotency_key, timestamp_ms, properties parsed
@@ -502,7 +541,9 @@ def events_in_range(
         return []
     if event_names is not None and not event_names:
         return []
-    sql = events_in_range_sql(customer_ids, event_names, start_ms, end_ms)
+    sql = events_in_range_sql(
+        customer_ids, event_names, start_ms, end_ms, without_correction=without_correction
+    )
     return [event_fields(row) for row in ch.query_plain_rows(sql)]
 
 
@@ -511,6 +552,15 @@ EVENT_COLUMNS_SQL: Final = (
     "\n       properties, key_derived, fingerprint, refused_meters"
 )
 """The record's columns that make a UsageEvent, in the order :func:`event_fields` reads."""
+EFFECTIVE_COLUMNS_SQL: Final = (
+    "e.event_name AS event_name, e.customer_id AS customer_id,"
+    " e.idempotency_key AS idempotency_key, e.timestamp_ms AS timestamp_ms,"
+    "\n       if(c.action = 'amend', c.properties, e.properties) AS properties,"
+    " e.key_derived AS key_derived, e.fingerprint AS fingerprint,"
+    " e.refused_meters AS refused_meters"
+)
+""":data:`EVENT_COLUMNS_SQL` of the effective record (``e``: the record, ``c``: the
+latest correction per key, :func:`latest_corrections_sql`)."""
 
 
 def event_fields(row: Sequence[Any]) -> dict[str, Any]:

@@ -1,0 +1,371 @@
+"""Fixing history end to end (issue #26): voids, amendments, dry runs and backfills on a real
+worker, broker and chdb. Every expectation is a reference computed here from the events
+sent (minus the voided ones, with the amended values), never from meterstream's code:
+ClickHouse meter_windows, the usage API, the invoice preview and the corrections log.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from meterstream.api.keys import KeyStore
+from tests.harness import StackSlice, Worker, wait_until
+
+pytestmark = pytest.mark.integration
+
+MINUTE = 60_000
+
+METERS = """
+meters:
+  - name: tokens
+    event_name: chat
+    aggregation: sum
+    value: properties.tokens
+    window: minute
+  - name: calls
+    event_name: chat
+    aggregation: count
+    window: minute
+"""
+
+PLANS = """
+plans:
+  - name: metered
+    currency: usd
+    prices:
+      - {meter: tokens, unit_price: 0.001}
+default_plan: metered
+"""
+
+
+def _request(url: str, token: str | None = None, method: str = "GET", body: Any = None) -> Any:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+def _status(url: str, token: str | None, method: str = "GET", body: Any = None) -> int:
+    try:
+        _request(url, token, method, body)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    return 200
+
+
+def _windows(worker: Worker, meter: str) -> dict[tuple[str, int], Decimal]:
+    """meter_windows, latest version of each window, as (customer, window start) -> value."""
+    rows = worker.sql(
+        "SELECT customer_id, toUnixTimestamp64Milli(window_start) AS start,"
+        " toString(argMax(value, version)) AS v FROM meter_windows"
+        f" WHERE meter = '{meter}' GROUP BY customer_id, start"
+    )
+    return {
+        (r["customer_id"], int(r["start"])): Decimal(r["v"])
+        for r in rows
+        if Decimal(r["v"]) != 0
+    }
+
+
+def _reference(events: list[dict[str, Any]], meter: str) -> dict[tuple[str, int], Decimal]:
+    """Per (customer, minute): the sum of tokens (or the count) of the distinct events."""
+    seen: set[tuple[str, str]] = set()
+    out: dict[tuple[str, int], Decimal] = {}
+    for e in events:
+        key = (e["customer_id"], e["idempotency_key"])
+        if key in seen:
+            continue
+        seen.add(key)
+        window = (e["customer_id"], e["timestamp"] // MINUTE * MINUTE)
+        add = Decimal(e["properties"]["tokens"]) if meter == "tokens" else Decimal(1)
+        out[window] = out.get(window, Decimal(0)) + add
+    return {k: v for k, v in out.items() if v != 0}
+
+
+def _settle(worker: Worker, expected: dict[str, dict[tuple[str, int], Decimal]]) -> None:
+    def same() -> bool:
+        return all(_windows(worker, m) == want for m, want in expected.items())
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not same():
+        time.sleep(0.5)
+    for meter, want in expected.items():
+        assert _windows(worker, meter) == want, meter
+
+
+def _stream(now: int, n: int = 80, seed: int = 26) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    events = []
+    for i in range(n):
+        customer = "acme" if i % 4 else "other"
+        events.append(
+            {
+                "event_name": "chat",
+                "customer_id": customer,
+                "idempotency_key": f"ev-{i:04d}",
+                "timestamp": rng.randrange(now - 40 * MINUTE, now - 2 * MINUTE),
+                "properties": {
+                    "tokens": rng.randrange(1, 500),
+                    "model": rng.choice(["small", "large"]),
+                },
+            }
+        )
+    duplicates = [dict(e) for e in rng.sample(events, 15)]
+    return events + duplicates
+
+
+def _start(stack: StackSlice, **env: str) -> tuple[Worker, str]:
+    plans_file = stack.tmp / "plans.yaml"
+    plans_file.write_text(PLANS)
+    keys = KeyStore(stack.tmp / "state" / "api_keys.json")
+    _, operator = keys.create("operator")
+    worker = stack.start_worker(
+        stack.meters_file(METERS), METERSTREAM_PLANS_FILE=str(plans_file), **env
+    )
+    return worker, operator
+
+
+def _usage_total(worker: Worker, token: str, customer: str, lo: int, hi: int) -> Decimal:
+    doc = _request(
+        f"{worker.web_url}/v1/customers/{customer}/usage?meter=tokens&from={lo}&to={hi}", token
+    )
+    return sum((Decimal(str(r["value"])) for r in doc["usage"]), Decimal(0))
+
+
+def test_range_void_with_property_filter(stack: StackSlice) -> None:
+    now = time.time_ns() // 1_000_000
+    events = _stream(now)
+    worker, operator = _start(stack)
+    stack.produce(events)
+    _settle(worker, {"tokens": _reference(events, "tokens"), "calls": _reference(events, "calls")})
+
+    lo = (now - 30 * MINUTE) // MINUTE * MINUTE
+    hi = (now - 10 * MINUTE) // MINUTE * MINUTE
+    voided = {
+        e["idempotency_key"]
+        for e in events
+        if e["customer_id"] == "acme"
+        and lo <= e["timestamp"] < hi
+        and e["properties"]["model"] == "large"
+    }
+    assert voided  # the selection is not empty
+    body = {
+        "kind": "void",
+        "customer_id": "acme",
+        "from": lo,
+        "to": hi,
+        "where": [{"property": "properties.model", "operator": "eq", "value": "large"}],
+        "author": "ops@example.com",
+        "reason": "a bug doubled large-model tokens",
+        "correction_id": "void-large-1",
+    }
+    url = f"{worker.web_url}/v1/corrections"
+    # a customer's own key may not correct history; no key neither
+    keys = KeyStore(stack.tmp / "state" / "api_keys.json")
+    _, acme_key = keys.create("acme only", "acme")
+    assert _status(url, acme_key, "POST", body) == 403
+    assert _status(url, None, "POST", body) == 401
+    assert _status(url, operator, "POST", {**body, "reason": None}) == 400
+
+    doc = _request(url, operator, "POST", body)
+    assert doc["events_affected"] == len(voided)
+    assert doc["status"] == "applied"
+    kept = [e for e in events if e["idempotency_key"] not in voided]
+    expected = {"tokens": _reference(kept, "tokens"), "calls": _reference(kept, "calls")}
+    _settle(worker, expected)
+
+    # the usage API (from meter_windows) and the invoice preview follow
+    total = sum((v for (c, _), v in expected["tokens"].items() if c == "acme"), Decimal(0))
+    assert _usage_total(worker, operator, "acme", now - 60 * MINUTE, now) == total
+    period = time.strftime("%Y-%m", time.gmtime(now / 1000))
+    spans_months = time.strftime("%Y-%m", time.gmtime((now - 40 * MINUTE) / 1000)) != period
+
+    def preview_tokens() -> Decimal:
+        doc = _request(
+            f"{worker.web_url}/v1/customers/acme/invoice-preview?period={period}", operator
+        )
+        line = next(x for x in doc["lines"] if x["meter"] == "tokens")
+        return Decimal(line["quantity"])
+
+    if not spans_months:
+        assert preview_tokens() == total
+
+    # the record is unchanged; the effective view leaves the voided events out
+    recorded = worker.sql("SELECT uniqExact(customer_id, idempotency_key) AS n FROM usage_events")
+    assert recorded[0]["n"] == len({(e["customer_id"], e["idempotency_key"]) for e in events})
+    effective = worker.sql(
+        "SELECT uniqExact(customer_id, idempotency_key) AS n FROM usage_events_effective"
+    )
+    assert effective[0]["n"] == recorded[0]["n"] - len(voided)
+
+    # the log: who, why, what
+    log = worker.sql(
+        "SELECT kind, author, reason, events_affected FROM corrections FINAL"
+        " WHERE correction_id = 'void-large-1'"
+    )
+    assert len(log) == 1
+    assert log[0]["kind"] == "void"
+    assert log[0]["author"].startswith("ops@example.com (key ")
+    assert log[0]["reason"] == "a bug doubled large-model tokens"
+    assert int(log[0]["events_affected"]) == len(voided)
+    marked = worker.sql(
+        "SELECT idempotency_key FROM event_corrections WHERE correction_id = 'void-large-1'"
+    )
+    assert {r["idempotency_key"] for r in marked} == voided
+
+    # a repeat with the same correction_id is the same correction: nothing changes
+    again = _request(url, operator, "POST", body)
+    assert again["repeated"] is True
+    assert again["events_affected"] == len(voided)
+    time.sleep(2)
+    _settle(worker, expected)
+    assert len(worker.sql("SELECT * FROM corrections WHERE correction_id = 'void-large-1'")) == 1
+    shown = _request(f"{url}/void-large-1", operator)
+    assert {e["idempotency_key"] for e in shown["events"]} == voided
+    assert any(c["correction_id"] == "void-large-1" for c in _request(url, operator)["corrections"])
+    metrics = worker.metrics()
+    assert 'meterstream_corrections_total{kind="void"} 1.0' in metrics
+    assert f'meterstream_corrected_events_total{{action="voided"}} {len(voided)}.0' in metrics
+    assert 'meterstream_window_rebuilds_total{reason="correction"}' in metrics
+
+    # the voided keys stay seen: sent again, they are duplicates, not counted
+    stack.produce([e for e in events if e["idempotency_key"] in voided])
+    time.sleep(3)
+    _settle(worker, expected)
+
+
+def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
+    now = time.time_ns() // 1_000_000
+    events = _stream(now, n=40, seed=7)
+    worker, operator = _start(stack)
+    stack.produce(events)
+    _settle(worker, {"tokens": _reference(events, "tokens")})
+    url = f"{worker.web_url}/v1/corrections"
+
+    target = next(e for e in events if e["customer_id"] == "acme")
+    body = {
+        "kind": "amend",
+        "keys": [
+            {
+                "customer_id": "acme",
+                "idempotency_key": target["idempotency_key"],
+                "properties": {"tokens": 100000, "model": "small"},
+            }
+        ],
+        "reason": "the producer sent the wrong token count",
+    }
+    amended = [
+        {**e, "properties": {"tokens": 100000, "model": "small"}}
+        if e["idempotency_key"] == target["idempotency_key"]
+        else e
+        for e in events
+    ]
+    before = _reference(events, "tokens")
+    after = _reference(amended, "tokens")
+
+    # the dry run says exactly what the amendment then does, and changes nothing
+    dry = _request(url, operator, "POST", {**body, "dry_run": True})
+    assert dry["status"] == "dry_run"
+    changed = {
+        (w["customer_id"], w["window_start_ms"]): (
+            Decimal(w["before"]["value"]),
+            Decimal(w["after"]["value"]),
+        )
+        for w in dry["windows"]
+        if w["meter"] == "tokens"
+    }
+    window = ("acme", target["timestamp"] // MINUTE * MINUTE)
+    assert changed == {window: (before[window], after[window])}
+    period = next(p for p in dry["periods"] if p["meter"] == "tokens")
+    assert Decimal(period["change"]) == after[window] - before[window]
+    time.sleep(2)
+    _settle(worker, {"tokens": before})
+    assert worker.sql("SELECT count() AS n FROM event_corrections")[0]["n"] == 0
+
+    doc = _request(url, operator, "POST", body)
+    assert doc["events_affected"] == 1
+    _settle(worker, {"tokens": after})
+
+    # a SIGKILL and a restart keep the corrected totals (rebuilt from the effective record)
+    worker.kill()
+    stack.workers.remove(worker)
+    worker, _ = _start(stack)
+    # every window of acme is rebuilt from the record on the next batch that touches it
+    stack.produce([{**target, "idempotency_key": "after-restart", "properties": {"tokens": 1}}])
+    amended.append({**target, "idempotency_key": "after-restart", "properties": {"tokens": 1}})
+    _settle(worker, {"tokens": _reference(amended, "tokens")})
+
+
+def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
+    now = time.time_ns() // 1_000_000
+    horizon = {"METERSTREAM_DEDUP_HORIZON_SECONDS": "600"}  # 10 minutes
+    worker, operator = _start(stack, **horizon)
+    rng = random.Random(3)
+
+    def event(i: int, lo: int, hi: int) -> dict[str, Any]:
+        return {
+            "event_name": "chat",
+            "customer_id": "acme",
+            "idempotency_key": f"bf-{i:04d}",
+            "timestamp": rng.randrange(lo, hi),
+            "properties": {"tokens": rng.randrange(1, 500), "model": "small"},
+        }
+
+    live = [event(i, now - 5 * MINUTE, now - MINUTE) for i in range(10)]
+    late = [event(100 + i, now - 50 * MINUTE, now - 20 * MINUTE) for i in range(10)]
+    old = [event(200 + i, now - 90 * MINUTE, now - 60 * MINUTE) for i in range(15)]
+    stack.produce(live + late)  # the late ones are rejected too_late by the stream
+    wait_until(
+        lambda: worker.sql("SELECT count() AS n FROM rejected_events WHERE reason = 'too_late'")[
+            0
+        ]["n"]
+        == len(late),
+        what="too_late events rejected",
+    )
+    _settle(worker, {"tokens": _reference(live, "tokens")})
+
+    url = f"{worker.web_url}/v1/backfill"
+    # a dry run of the file: what would be backfilled, nothing written
+    file_body = {"events": old + live[:3], "reason": "import of last quarter", "author": "ops"}
+    dry = _request(url, operator, "POST", {**file_body, "dry_run": True})
+    assert dry["counts"] == {"backfilled": len(old), "live": 3}
+    time.sleep(1)
+    _settle(worker, {"tokens": _reference(live, "tokens")})
+
+    doc = _request(url, operator, "POST", file_body)
+    assert doc["counts"] == {"backfilled": len(old), "live": 3}
+    _settle(worker, {"tokens": _reference(live + old, "tokens")})
+    # the too_late events, re-imported from rejected_events
+    doc = _request(url, operator, "POST", {"rejected": "too_late", "reason": "horizon was short"})
+    assert doc["counts"] == {"backfilled": len(late)}
+    everything = live + old + late
+    _settle(worker, {"tokens": _reference(everything, "tokens")})
+
+    # a second run of both changes nothing
+    again = _request(url, operator, "POST", file_body)
+    assert again["counts"] == {"already_recorded": len(old), "live": 3}
+    again = _request(url, operator, "POST", {"rejected": "too_late", "reason": "twice"})
+    assert again["counts"] == {"already_recorded": len(late)}
+    time.sleep(3)
+    _settle(worker, {"tokens": _reference(everything, "tokens")})
+    recorded = worker.sql("SELECT uniqExact(idempotency_key) AS n, count() AS rows FROM usage_events FINAL")
+    assert recorded[0]["n"] == len(everything)
+    log = worker.sql("SELECT kind, events_affected FROM corrections FINAL ORDER BY created_at")
+    assert [(r["kind"], int(r["events_affected"])) for r in log] == [
+        ("backfill", len(old)),
+        ("backfill", len(late)),
+    ]
+    assert f'meterstream_corrected_events_total{{action="backfilled"}} {len(old) + len(late)}.0' in (
+        worker.metrics()
+    )
