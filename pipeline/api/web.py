@@ -82,7 +82,7 @@ def register(
     sql.register(routes, reads)
     usage.register(routes, reads)
     fate.register(routes, reads, meters)
-    meters_routes.register(routes, reads, meters)
+    meters_routes.register(routes, reads)
     page.register(routes, reads)
     for more in extra_routes:  # e.g. the invoice routes (pipeline/api/invoices.py)
         more(routes)

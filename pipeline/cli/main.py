@@ -136,6 +136,12 @@ def cmd_meters_diff(args: argparse.Namespace) -> int:
     return print_meters_diff(settings_from(args), args)
 
 
+def cmd_meters_recompute(args: argparse.Namespace) -> int:
+    from meterstream.cli.meters import print_meters_recompute
+
+    return print_meters_recompute(settings_from(args), args)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     from meterstream.sinks.clickhouse.client import open_clickhouse
     from meterstream.sinks.clickhouse.migrate import migrate
@@ -294,6 +300,23 @@ def _data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--window", action="store_true", help="per window, not per period")
     add_format(p)
     p.set_defaults(func=cmd_meters_diff)
+    p = msub.add_parser(
+        "recompute",
+        parents=[common],
+        help="rebuild a meter's windows from the record under the current meters file",
+    )
+    p.add_argument("meter")
+    p.add_argument("--from", dest="start", required=True, help="RFC 3339 start")
+    p.add_argument("--to", dest="end", help="RFC 3339 end (default: now)")
+    p.add_argument("--customer", help="only this customer")
+    p.add_argument("--reason", help="why (required unless --dry-run; kept in the log)")
+    p.add_argument("--author", default="", help="who asks (the API key is recorded too)")
+    p.add_argument("--correction-id", help="an id of yours: a repeat rebuilds again")
+    p.add_argument("--dry-run", action="store_true", help="show what would change")
+    p.add_argument("--window", action="store_true", help="dry run: per window")
+    p.add_argument("--meters", help="meters YAML file (a dry run without a worker)")
+    add_format(p)
+    p.set_defaults(func=cmd_meters_recompute)
 
     p = sub.add_parser("migrate", parents=[common], help="apply pending ClickHouse migrations")
     p.add_argument("--json", action="store_true", help='print {"applied": [names]}')

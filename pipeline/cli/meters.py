@@ -1,5 +1,7 @@
 """``meterstream meters diff OLD.yaml NEW.yaml``: the record's totals under two meters
-files, per customer, meter, group and billing period (a UTC month), or per window.
+files, per customer, meter, group and billing period (a UTC month), or per window; and
+``meterstream meters recompute METER --from``: a meter's history rebuilt under the file
+the worker runs with, an audited correction (pipeline/worker/recompute.py).
 
 Both files are validated first (every problem with its path: exit 2). While
 ``meterstream run`` holds the embedded engine (chdb allows one process per data path)
@@ -19,9 +21,9 @@ from typing import Any
 from meterstream.cli.output import format_table
 from meterstream.cli.sql import worker_request
 from meterstream.endpoints import web_url
-from meterstream.errors import ConfigError
+from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.events import parse_time
-from meterstream.meters.config import MetersConfig, load_meters
+from meterstream.meters.config import MetersConfig, load_meters, meters_path
 from meterstream.meters.windows import month_bounds, period_label
 from meterstream.settings import Settings
 
@@ -146,4 +148,59 @@ def print_meters_diff(settings: Settings, args: Any) -> int:
         print(format_diff(answer, args.window))
     changed = sum(1 for row in answer["rows"] if row["difference"] not in ("0", "0E-9"))
     print(f"{changed} total(s) differ", file=sys.stderr)
+    return 0
+
+
+def meters_recompute(settings: Settings, args: Any) -> dict[str, Any]:
+    """``meterstream meters recompute``'s answer: through the running worker (its
+    ``POST /v1/meters/recompute``); a dry run without a worker reads ClickHouse itself,
+    with the meters file of ``--meters`` / ``METERSTREAM_METERS_FILE``."""
+    start, end = time_range(None, args.start, args.end)
+    url = web_url(settings)
+    if url:
+        body = {
+            "meter": args.meter,
+            "from": start,
+            "to": end,
+            "customer": args.customer,
+            "dry_run": args.dry_run,
+            "by_window": args.window,
+            "author": args.author,
+            "reason": args.reason,
+            "correction_id": args.correction_id,
+        }
+        return dict(worker_request(settings, f"{url}/v1/meters/recompute", body))
+    if not args.dry_run:
+        raise MeterstreamError(
+            "a recompute needs the running worker (meterstream run): its corrections agent "
+            "rebuilds the windows; --dry-run works without one"
+        )
+    from meterstream.sinks.clickhouse.client import open_clickhouse
+    from meterstream.worker.recompute import preview
+
+    meters = load_meters(meters_path(settings))
+    if args.meter not in {m.name for m in meters.meters}:
+        raise ConfigError([f"{args.meter!r} is not a meter of the file"], source="meters")
+    ch = open_clickhouse(settings)
+    try:
+        return preview(ch, meters, args.meter, start, end, args.customer, args.window)
+    finally:
+        ch.close()
+
+
+def print_meters_recompute(settings: Settings, args: Any) -> int:
+    if not args.dry_run and not args.reason:
+        raise ConfigError(["--reason is required (it goes into the corrections log)"])
+    answer = meters_recompute(settings, args)
+    if args.format == "json":
+        print(json.dumps(answer, sort_keys=True, default=str))
+    elif answer.get("status") == "dry_run":
+        print(format_diff(answer, args.window))
+    else:
+        repeated = " (a repeat: rebuilt again)" if answer.get("repeated") else ""
+        print(
+            f"{answer['correction_id']}: recompute of {args.meter} by {answer['author']}:"
+            f" {answer['windows_affected']} window(s) being rebuilt from the record,"
+            f" {answer['events_affected']} event(s) counted{repeated}"
+        )
     return 0

@@ -28,6 +28,7 @@ from meterstream.api.http import Routes
 from meterstream.api.ingest import IngestRecord
 from meterstream.api.keys import KeyStore, retire_cli_key_file
 from meterstream.api.publisher import EventPublisher
+from meterstream.api.routes import meters as meter_routes
 from meterstream.api.routes.health import ReadyCheck
 from meterstream.billing.assignments import AssignmentStore
 from meterstream.billing.customers import MappingStore
@@ -145,6 +146,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
             invoice_routes,
             credit_routes,
             lambda routes: correction_api.register(routes, corrections, meters),
+            lambda routes: meter_routes.register_recompute(routes, reads, corrections, meters),
         ],
     )
 

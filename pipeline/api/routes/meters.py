@@ -10,10 +10,13 @@ Body: ``{"old": "<meters YAML>", "new": "<meters YAML>", "from": ..., "to": ...,
 with every problem, each with its path (``old: meters[0].versions[1].effective_until:
 ...``).
 
-``POST /v1/meters/recompute/preview``: ``{"meter": ..., "from": ..., "to": ...,
-"customer": ..., "by_window": false}``, what a recompute of the meter's windows from the
-record under this worker's meters file would change (``meterstream meters recompute
---dry-run``): the windows as stored against the record's fold.
+``POST /v1/meters/recompute``: ``{"meter": ..., "from": ..., "to": ..., "customer":
+..., "reason": ..., "author": ..., "correction_id": ..., "dry_run": false, "by_window":
+false}``: the meter's windows of the range rebuilt from the record under this worker's
+meters file, as a correction of kind ``recompute`` in the corrections log
+(pipeline/worker/recompute.py). ``dry_run``: what it would change (the windows as
+stored against the record's fold), read-only; ``reason`` is required otherwise. A
+repeat with the same ``correction_id`` rebuilds the same windows again.
 """
 
 from __future__ import annotations
@@ -25,41 +28,26 @@ import yaml
 from faust.web import Request, Response, View
 
 from meterstream.api.http import Routes
-from meterstream.billing.record import diff_from_record, recompute_preview_from_record
-from meterstream.errors import ConfigError, Denied
+from meterstream.billing.record import diff_from_record
+from meterstream.corrections.request import CORRECTION_ID
+from meterstream.errors import ConfigError, CorrectionError, Denied
 from meterstream.events import parse_time
 from meterstream.meters.config import MetersConfig, parse_meters, yaml_load_exact
 from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.clickhouse.reads import ReadIO
+from meterstream.worker import recompute
+from meterstream.worker.corrections import CorrectionService
 
 MAX_RANGE_MS = 400 * 86_400_000
 """The longest range one request reads (the record's events of it are held in memory)."""
 FIELDS = frozenset({"old", "new", "from", "to", "customer", "meter", "by_window"})
-PREVIEW_FIELDS = frozenset({"from", "to", "customer", "meter", "by_window"})
+RECOMPUTE_FIELDS = frozenset(
+    {"meter", "from", "to", "customer", "by_window", "dry_run", "author", "reason", "correction_id"}
+)
 
 
-def register(routes: Routes, reads: ReadIO, meters: MetersConfig) -> None:
+def register(routes: Routes, reads: ReadIO) -> None:
     respond = routes.respond
-
-    @routes.app.page("/v1/meters/recompute/preview")
-    class RecomputePreview(View):
-        @routes.guarded
-        async def post(self, request: Request) -> Response:
-            routes.operator(request, "preview a recompute")
-            body = await _object(routes, request)
-            problems = [f"{key}: unknown field" for key in sorted(set(body) - PREVIEW_FIELDS)]
-            start, end = _time(body, "from", problems), _time(body, "to", problems)
-            customer, meter = _text(body, "customer", problems), _text(body, "meter", problems)
-            by_window = _flag(body, "by_window", problems)
-            _check_range(start, end, problems)
-            if meter is None:
-                problems.append("meter: required")
-            elif meter not in {m.name for m in meters.meters}:
-                problems.append(f"meter: {meter!r} is not a meter of this worker")
-            if problems or meter is None or start is None or end is None:
-                return respond(self, {"error": "invalid request", "problems": problems}, 400)
-            answer = await reads.read(_preview, meters, meter, start, end, customer, by_window)
-            return respond(self, answer)
 
     @routes.app.page("/v1/meters/diff")
     class MetersDiff(View):
@@ -98,19 +86,57 @@ def _diff(
     return diff.as_json()
 
 
-def _preview(
-    ch: ClickHouse,
-    meters: MetersConfig,
-    meter: str,
-    start: int,
-    end: int,
-    customer: str | None,
-    by_window: bool,
-) -> dict[str, Any]:
-    preview = recompute_preview_from_record(
-        ch, meters, meter, start, end, customer=customer, by_window=by_window
-    )
-    return preview.as_json()
+def register_recompute(
+    routes: Routes, reads: ReadIO, service: CorrectionService, meters: MetersConfig
+) -> None:
+    """``POST /v1/meters/recompute`` (it needs the worker's correction service)."""
+    respond = routes.respond
+
+    @routes.app.page("/v1/meters/recompute")
+    class MetersRecompute(View):
+        @routes.guarded
+        async def post(self, request: Request) -> Response:
+            key = routes.operator(request, "recompute a meter")
+            body = await _object(routes, request)
+            problems = [f"{name}: unknown field" for name in sorted(set(body) - RECOMPUTE_FIELDS)]
+            start, end = _time(body, "from", problems), _time(body, "to", problems)
+            customer, meter = _text(body, "customer", problems), _text(body, "meter", problems)
+            by_window = _flag(body, "by_window", problems)
+            dry_run = _flag(body, "dry_run", problems)
+            author = _text(body, "author", problems) or ""
+            reason = body.get("reason")
+            if not dry_run and not (isinstance(reason, str) and 1 <= len(reason) <= 1000):
+                problems.append("reason: required, a string of 1-1000 characters")
+            cid = body.get("correction_id")
+            if cid is not None and not (isinstance(cid, str) and CORRECTION_ID.fullmatch(cid)):
+                problems.append("correction_id: 1-100 letters, digits and _.:-")
+            _check_range(start, end, problems)
+            if meter is None:
+                problems.append("meter: required")
+            elif meter not in {m.name for m in meters.meters}:
+                problems.append(f"meter: {meter!r} is not a meter of this worker's file")
+            if problems or meter is None or start is None or end is None:
+                return respond(self, {"error": "invalid request", "problems": problems}, 400)
+            if dry_run:
+                answer = await reads.read(
+                    recompute.preview, meters, meter, start, end, customer, by_window
+                )
+                return respond(self, answer)
+            try:
+                answer = await recompute.recompute(
+                    service,
+                    meter,
+                    start,
+                    end,
+                    customer=customer,
+                    author=author,
+                    reason=str(reason),
+                    operator=f"key {key.id} ({key.name})",
+                    correction_id=cid,
+                )
+            except CorrectionError as exc:
+                return respond(self, {"error": str(exc)}, 409)
+            return respond(self, answer)
 
 
 async def _object(routes: Routes, request: Request) -> dict[str, Any]:
