@@ -992,10 +992,13 @@ _TOTAL = {
 }
 
 
+_TIME = {"type": ["string", "integer"], "description": "RFC 3339 or epoch ms."}
+
+
 def _meters_paths() -> dict[str, Any]:
-    """Meter definitions: the record's totals under two meters files."""
-    time_ = {"type": ["string", "integer"], "description": "RFC 3339 or epoch ms."}
+    """Meter definitions: the record's totals under two meters files; a recompute."""
     return {
+        **_recompute_path(),
         "/v1/meters/diff": {
             "post": {
                 "summary": "The record's totals under two meters files, and the difference",
@@ -1011,8 +1014,8 @@ def _meters_paths() -> dict[str, Any]:
                         "properties": {
                             "old": {"type": "string", "description": "A meters YAML document."},
                             "new": {"type": "string", "description": "A meters YAML document."},
-                            "from": time_,
-                            "to": time_,
+                            "from": _TIME,
+                            "to": _TIME,
                             "customer": {"type": ["string", "null"]},
                             "meter": {"type": ["string", "null"]},
                             "by_window": {"type": "boolean"},
@@ -1060,6 +1063,59 @@ def _meters_paths() -> dict[str, Any]:
                     "400": _error("A problem of the request (`problems`, each with its path)."),
                     "401": _UNAUTHORIZED,
                     "403": _OPERATOR_ONLY,
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
+                    "503": _CLICKHOUSE_DOWN,
+                },
+            }
+        },
+    }
+
+
+def _recompute_path() -> dict[str, Any]:
+    return {
+        "/v1/meters/recompute": {
+            "post": {
+                "summary": "Rebuild a meter's windows from the record under this worker's file",
+                "description": "A correction of kind `recompute` in the corrections log "
+                "(`meterstream meters recompute`): every window of the meter in the range "
+                "is rebuilt by the corrections agent. `dry_run`: what it would change (the "
+                "windows as stored against the record), nothing written.",
+                "security": KEY_REQUIRED,
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "required": ["meter", "from", "to"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "meter": {"type": "string"},
+                            "from": _TIME,
+                            "to": _TIME,
+                            "customer": {"type": ["string", "null"]},
+                            "reason": {
+                                "type": ["string", "null"],
+                                "description": "Why; required unless dry_run.",
+                            },
+                            "author": {"type": ["string", "null"]},
+                            "correction_id": {
+                                "type": ["string", "null"],
+                                "description": "A repeat with the same id rebuilds again.",
+                            },
+                            "dry_run": {"type": "boolean"},
+                            "by_window": {"type": "boolean"},
+                        },
+                    }
+                ),
+                "responses": {
+                    "200": _json(
+                        {"type": "object"},
+                        "The correction's log row (`repeated` for a repeat), or the dry "
+                        "run's rows as `/v1/meters/diff` answers them.",
+                    ),
+                    "400": _error("A problem of the request (`problems`, each with its path)."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "409": _error("The correction_id is another correction's."),
                     "413": _TOO_LARGE,
                     "415": _NOT_JSON,
                     "503": _CLICKHOUSE_DOWN,

@@ -165,7 +165,7 @@ def meters_recompute(settings: Settings, args: Any) -> dict[str, Any]:
             "customer": args.customer,
             "dry_run": args.dry_run,
             "by_window": args.window,
-            "author": args.author,
+            "author": args.author or None,
             "reason": args.reason,
             "correction_id": args.correction_id,
         }

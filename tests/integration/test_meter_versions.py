@@ -225,3 +225,101 @@ def test_effective_date_and_diff_against_a_reference(stack: StackSlice) -> None:
     assert status == 403
     status, answer = post(url, body, operator)
     assert status == 400 and answer["problems"] == ["new: meters[0]: must be a mapping"]
+
+
+@pytest.mark.brokers("session")
+def test_recompute_applies_the_new_definition_to_history(stack: StackSlice) -> None:
+    now = time.time_ns() // 1_000_000
+    start = now - now % HOUR - 3 * HOUR
+    rng = random.Random(27)
+    events = [
+        {
+            "event_name": "llm",
+            "customer_id": rng.choice(["c1", "c2"]),
+            "idempotency_key": f"r{i:03d}",
+            "timestamp": min(start + rng.randrange(3 * HOUR), now - 1000),
+            "properties": {
+                "kind": rng.choice(["chat", "embed", "other"]),
+                "legacy": Decimal(rng.randrange(1, 1000)) / 10,
+                "tokens": rng.randrange(1, 5000),
+            },
+        }
+        for i in range(150)
+    ]
+    keys = KeyStore(stack.tmp / "state" / "api_keys.json")
+    _, operator = keys.create("operator")
+    stack.produce(events)
+    worker = stack.start_worker(stack.meters_file(meters(OLD_DEF)))
+
+    def hourly(w: Any) -> dict[tuple[str, str], tuple[Decimal, int]]:
+        rows = w.sql(
+            "SELECT customer_id, toString(toUnixTimestamp64Milli(period_start)) AS h, value,"
+            " event_count FROM meter_usage_hourly WHERE meter = 'tokens'"
+        )
+        return {
+            (r["customer_id"], r["h"]): (Decimal(str(r["value"])), int(r["event_count"]))
+            for r in rows
+        }
+
+    old_ref = reference(events, lambda e: old_counts(e["properties"]), "hour")
+    new_ref = reference(events, lambda e: new_counts(e["properties"]), "hour")
+    wait_until(lambda: hourly(worker) == old_ref, what="windows under the old definition")
+    worker.stop()
+
+    # the worker restarts with the changed file: history keeps what it was counted with
+    worker = stack.start_worker(stack.meters_file(meters(NEW_DEF)))
+    assert hourly(worker) == old_ref
+    state = stack.tmp / "cli-state"
+    write_endpoints(state, {"web_url": worker.web_url})
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    clean["METERSTREAM_API_KEY"] = operator
+
+    def recompute(*more: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meterstream.cli", "meters", "recompute", "tokens",
+             "--from", iso(start - HOUR), "--format", "json", *more, "--state-dir", str(state)],
+            cwd=REPO, env=clean, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    # the dry run: the windows as stored against the record under the file now
+    run = recompute("--dry-run", "--window")
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    assert answer["status"] == "dry_run"
+    got = {
+        side: {
+            (r["customer_id"], str(r["window_start_ms"])): (
+                Decimal(r[side]["value"]),
+                r[side]["event_count"],
+            )
+            for r in answer["rows"]
+            if r[side] is not None
+        }
+        for side in ("old", "new")
+    }
+    assert got == {"old": old_ref, "new": new_ref}
+    assert hourly(worker) == old_ref  # nothing written
+
+    run = recompute()  # no reason: refused
+    assert run.returncode == 2 and "--reason" in run.stderr
+    run = recompute("--reason", "tokens counted as in the contract", "--author", "ops")
+    assert run.returncode == 0, run.stderr
+    done = json.loads(run.stdout)
+    assert done["kind"] == "recompute" and done["author"].startswith("ops (key ")
+    assert done["events_affected"] == sum(n for _, n in new_ref.values())
+    wait_until(lambda: hourly(worker) == new_ref, what="windows under the new definition")
+    log = worker.sql("SELECT kind, reason, windows_affected FROM corrections FINAL")
+    assert log == [
+        {
+            "kind": "recompute",
+            "reason": "tokens counted as in the contract",
+            "windows_affected": len(set(old_ref) | set(new_ref)),
+        }
+    ]
+    # a repeat with the same correction_id: the same windows again, one log row
+    again = recompute("--reason", "again", "--correction-id", done["correction_id"])
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["repeated"] is True
+    time.sleep(2)
+    assert hourly(worker) == new_ref
+    assert len(worker.sql("SELECT correction_id FROM corrections FINAL")) == 1
