@@ -6,10 +6,8 @@ windows before the date keep the old definition, later ones use the new; and
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,8 +19,8 @@ from typing import Any
 import pytest
 
 from meterstream.api.keys import KeyStore
-from meterstream.endpoints import write_endpoints
-from tests.harness import REPO, StackSlice, wait_until
+from tests.harness import StackSlice, wait_until
+from tests.support.cli import worker_cli
 
 pytestmark = pytest.mark.integration
 
@@ -152,18 +150,11 @@ def test_effective_date_and_diff_against_a_reference(stack: StackSlice) -> None:
     wait_until(lambda: hourly() == expected, timeout=60, what="windows equal the reference")
 
     # `meterstream meters diff`, through the running worker (an operator key)
-    state = stack.tmp / "cli-state"
-    write_endpoints(state, {"web_url": worker.web_url})
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
-    clean["METERSTREAM_API_KEY"] = operator
+    meters_cli = worker_cli(stack.tmp / "cli-state", worker.web_url, operator, "meters")
     span = ["--from", iso(cut - 3 * HOUR), "--to", iso(now + 1000)]
 
     def diff(old: Any, new: Any, *more: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "meterstream.cli", "meters", "diff", str(old), str(new),
-             *span, *more, "--state-dir", str(state)],
-            cwd=REPO, env=clean, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        return meters_cli("diff", str(old), str(new), *span, *more)
 
     def totals(answer: dict[str, Any], side: str) -> dict[tuple[str, str], tuple[Decimal, int]]:
         got = {}
@@ -269,17 +260,11 @@ def test_recompute_applies_the_new_definition_to_history(stack: StackSlice) -> N
     # the worker restarts with the changed file: history keeps what it was counted with
     worker = stack.start_worker(stack.meters_file(meters(NEW_DEF)))
     assert hourly(worker) == old_ref
-    state = stack.tmp / "cli-state"
-    write_endpoints(state, {"web_url": worker.web_url})
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
-    clean["METERSTREAM_API_KEY"] = operator
+    meters_cli = worker_cli(stack.tmp / "cli-state", worker.web_url, operator, "meters")
 
     def recompute(*more: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "meterstream.cli", "meters", "recompute", "tokens",
-             "--from", iso(start - HOUR), "--format", "json", *more, "--state-dir", str(state)],
-            cwd=REPO, env=clean, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        since = iso(start - HOUR)
+        return meters_cli("recompute", "tokens", "--from", since, "--format", "json", *more)
 
     # the dry run: the windows as stored against the record under the file now
     run = recompute("--dry-run", "--window")
