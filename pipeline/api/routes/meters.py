@@ -190,15 +190,15 @@ def _has_alias(text: str) -> bool:
 
 
 def _time(body: dict[str, Any], name: str, problems: list[str]) -> int | None:
+    """``body[name]``, a required time (RFC 3339 or epoch ms), as epoch ms."""
     value = body.get(name)
     try:
-        parsed = parse_time(str(value)) if isinstance(value, str | int) else None
+        if value in ("", None) or not isinstance(value, str | int) or isinstance(value, bool):
+            raise ValueError("required, RFC 3339 or epoch milliseconds")
+        return parse_time(str(value))
     except ValueError as exc:
         problems.append(f"{name}: {exc}")
         return None
-    if parsed is None:
-        problems.append(f"{name}: required, RFC 3339 or epoch milliseconds")
-    return parsed
 
 
 def _text(body: dict[str, Any], name: str, problems: list[str]) -> str | None:
