@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from meterstream.api.keys import KeyStore
-from tests.harness import StackSlice, wait_until
+from tests.harness import REPO, StackSlice, wait_until
 from tests.support.cli import worker_cli
 
 pytestmark = pytest.mark.integration
@@ -218,6 +219,21 @@ def test_effective_date_and_diff_against_a_reference(stack: StackSlice) -> None:
     assert status == 400 and answer["problems"] == ["new: meters[0]: must be a mapping"]
 
 
+def window_totals(answer: dict[str, Any]) -> dict[str, dict[tuple[str, str], Any]]:
+    """A diff's per-window rows: each side's (customer, window start) -> (value, events)."""
+    return {
+        side: {
+            (r["customer_id"], str(r["window_start_ms"])): (
+                Decimal(r[side]["value"]),
+                r[side]["event_count"],
+            )
+            for r in answer["rows"]
+            if r[side] is not None
+        }
+        for side in ("old", "new")
+    }
+
+
 @pytest.mark.brokers("session")
 def test_recompute_applies_the_new_definition_to_history(stack: StackSlice) -> None:
     now = time.time_ns() // 1_000_000
@@ -240,7 +256,8 @@ def test_recompute_applies_the_new_definition_to_history(stack: StackSlice) -> N
     keys = KeyStore(stack.tmp / "state" / "api_keys.json")
     _, operator = keys.create("operator")
     stack.produce(events)
-    worker = stack.start_worker(stack.meters_file(meters(OLD_DEF)))
+    old_file, new_file = stack.meters_file(meters(OLD_DEF)), stack.meters_file(meters(NEW_DEF))
+    worker = stack.start_worker(old_file)
 
     def hourly(w: Any) -> dict[tuple[str, str], tuple[Decimal, int]]:
         rows = w.sql(
@@ -258,7 +275,7 @@ def test_recompute_applies_the_new_definition_to_history(stack: StackSlice) -> N
     worker.stop()
 
     # the worker restarts with the changed file: history keeps what it was counted with
-    worker = stack.start_worker(stack.meters_file(meters(NEW_DEF)))
+    worker = stack.start_worker(new_file)
     assert hourly(worker) == old_ref
     meters_cli = worker_cli(stack.tmp / "cli-state", worker.web_url, operator, "meters")
 
@@ -271,18 +288,7 @@ def test_recompute_applies_the_new_definition_to_history(stack: StackSlice) -> N
     assert run.returncode == 0, run.stderr
     answer = json.loads(run.stdout)
     assert answer["status"] == "dry_run"
-    got = {
-        side: {
-            (r["customer_id"], str(r["window_start_ms"])): (
-                Decimal(r[side]["value"]),
-                r[side]["event_count"],
-            )
-            for r in answer["rows"]
-            if r[side] is not None
-        }
-        for side in ("old", "new")
-    }
-    assert got == {"old": old_ref, "new": new_ref}
+    assert window_totals(answer) == {"old": old_ref, "new": new_ref}
     assert hourly(worker) == old_ref  # nothing written
 
     run = recompute()  # no reason: refused
@@ -308,3 +314,25 @@ def test_recompute_applies_the_new_definition_to_history(stack: StackSlice) -> N
     time.sleep(2)
     assert hourly(worker) == new_ref
     assert len(worker.sql("SELECT correction_id FROM corrections FINAL")) == 1
+
+    # without a worker: straight from ClickHouse (the DSN), the same totals
+    worker.stop()
+    offline_state = stack.tmp / "offline"
+    env = stack.env(new_file, state_dir=offline_state)
+
+    def offline(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meterstream.cli", "meters", *args,
+             "--state-dir", str(offline_state)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    since = ["--from", iso(start - HOUR), "--window", "--format", "json"]
+    run = offline("diff", str(old_file), str(new_file), *since)
+    assert run.returncode == 0, run.stderr
+    assert window_totals(json.loads(run.stdout)) == {"old": old_ref, "new": new_ref}
+    run = offline("recompute", "tokens", "--dry-run", *since)
+    assert run.returncode == 0, run.stderr
+    assert window_totals(json.loads(run.stdout)) == {"old": new_ref, "new": new_ref}
+    run = offline("recompute", "tokens", "--from", iso(start), "--reason", "offline")
+    assert run.returncode == 1 and "needs the running worker" in run.stderr
