@@ -129,7 +129,14 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         bootstrap, settings.topic(USAGE_CORRECTIONS.name), **client_options(settings)
     )
     corrections = install_corrections(
-        app, settings, meters, calls, pipeline, _sender(corrections_out), _sender(publisher)
+        app,
+        settings,
+        meters,
+        calls,
+        pipeline,
+        _sender(corrections_out),
+        _sender(publisher),
+        plans,
     )
     web.register(
         app,

@@ -127,6 +127,34 @@ def _state_doc(meters: MetersConfig, meter: str, state: WindowState) -> dict[str
     return {"value": str(value), "event_count": state.event_count}
 
 
+def quantities(
+    meters: MetersConfig,
+    states: Mapping[fold.WindowKey, WindowState],
+    customer_id: str,
+    meter_names: Iterable[str],
+    start_ms: int,
+    end_ms: int,
+) -> dict[str, Decimal]:
+    """Per meter of ``meter_names``, the customer's value over windows starting in
+    [start_ms, end_ms), all groups merged (the invoice's quantity of a plan segment)."""
+    aggs = meters.aggregators
+    merged = {name: aggs[name].start() for name in meter_names}
+    for key, state in states.items():
+        if (
+            key.customer_id == customer_id
+            and key.meter in merged
+            and not key.is_total
+            and start_ms <= key.window_start_ms < end_ms
+        ):
+            merged[key.meter] = aggs[key.meter].merge(merged[key.meter], state)
+    return {name: aggs[name].result(state) for name, state in merged.items()}
+
+
+def months_affected(keys: Iterable[fold.WindowKey]) -> set[tuple[str, str, str]]:
+    """(customer_id, meter, "YYYY-MM") of each window: the totals a correction changes."""
+    return {(k.customer_id, k.meter, period_label(k.window_start_ms)) for k in keys}
+
+
 def diff(
     meters: MetersConfig,
     keys: Iterable[fold.WindowKey],
@@ -134,20 +162,19 @@ def diff(
     after: Sequence[UsageEvent],
 ) -> dict[str, list[dict[str, Any]]]:
     """Before and after of every window of ``keys`` (customer totals left out) and of
-    every (customer, meter, month) they fall in, from the two records, by the meters'
-    fold; only what changes is listed."""
+    every (customer, meter, month) they fall in, from the two records by the meters' fold;
+    only what changes is listed. ``before``/``after`` must hold every event of those
+    months of those customers (the month totals are folded from them)."""
     wanted = {k for k in keys if not k.is_total}
-    states_before = fold.recompute_windows(meters, wanted, before)
-    states_after = fold.recompute_windows(meters, wanted, after)
+    months = months_affected(wanted)
+    states_before = fold.fold(meters, before)
+    states_after = fold.fold(meters, after)
     aggs = meters.aggregators
     windows = []
-    periods: dict[tuple[str, str, str], list[WindowState]] = {}
-    periods_after: dict[tuple[str, str, str], list[WindowState]] = {}
     for key in sorted(wanted):
-        b, a = states_before[key], states_after[key]
-        pkey = (key.customer_id, key.meter, period_label(key.window_start_ms))
-        periods.setdefault(pkey, []).append(b)
-        periods_after.setdefault(pkey, []).append(a)
+        agg = aggs[key.meter]
+        b = states_before.get(key) or agg.start()
+        a = states_after.get(key) or agg.start()
         db, da = _state_doc(meters, key.meter, b), _state_doc(meters, key.meter, a)
         if db == da:
             continue
@@ -159,21 +186,28 @@ def diff(
                 "group_key": key.group_key,
                 "window_start_ms": start,
                 "window_end_ms": end,
-                "period": pkey[2],
+                "period": period_label(start),
                 "before": db,
                 "after": da,
             }
         )
+    merged: dict[tuple[str, str, str], list[WindowState]] = {m: [] for m in months}
+    merged_after: dict[tuple[str, str, str], list[WindowState]] = {m: [] for m in months}
+    for states, into in ((states_before, merged), (states_after, merged_after)):
+        for key, state in states.items():
+            month = (key.customer_id, key.meter, period_label(key.window_start_ms))
+            if month in into:
+                into[month].append(state)
     totals = []
-    for pkey, states in sorted(periods.items()):
-        customer, meter, period = pkey
+    for month in sorted(months):
+        customer, meter, period = month
         agg = aggs[meter]
-        merged_b, merged_a = agg.start(), agg.start()
-        for s in states:
-            merged_b = agg.merge(merged_b, s)
-        for s in periods_after[pkey]:
-            merged_a = agg.merge(merged_a, s)
-        db, da = _state_doc(meters, meter, merged_b), _state_doc(meters, meter, merged_a)
+        total_b, total_a = agg.start(), agg.start()
+        for state in merged[month]:
+            total_b = agg.merge(total_b, state)
+        for state in merged_after[month]:
+            total_a = agg.merge(total_a, state)
+        db, da = _state_doc(meters, meter, total_b), _state_doc(meters, meter, total_a)
         if db == da:
             continue
         totals.append(

@@ -62,6 +62,9 @@ from meterstream.events import (
 )
 from meterstream.meters import fold
 from meterstream.meters.config import MetersConfig
+from meterstream.meters.windows import month_bounds
+from meterstream.pricing.invoice import Period
+from meterstream.pricing.plans import PlansConfig
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import corrections as store
 from meterstream.sinks.clickhouse import queries
@@ -69,6 +72,7 @@ from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.topics import USAGE_CORRECTIONS
 from meterstream.worker.app import EXIT_BATCH_FAILED
 from meterstream.worker.batch import Pipeline, is_dependency_failure, now_ms
+from meterstream.worker.invoices import preview
 from meterstream.worker.raw_topics import raw_topic
 
 log = logging.getLogger("meterstream.corrections")
@@ -98,7 +102,9 @@ class CorrectionService:
         pipeline: Pipeline,
         send_corrections: Send,
         send_events: Send,
+        plans: PlansConfig | None = None,
     ) -> None:
+        self.plans = plans
         self.settings = settings
         self.meters = meters
         self.chio = chio
@@ -129,20 +135,25 @@ class CorrectionService:
             )
         return [UsageEvent(**row) for row in rows]
 
-    async def record_of(
+    async def record_of_months(
         self, keys: Iterable[fold.WindowKey], without: str | None = None
     ) -> list[UsageEvent]:
-        """Every event of the effective record in these windows (once each)."""
-        ranges: dict[tuple[int, int], set[fold.WindowKey]] = {}
-        for key in keys:
-            bounds = self.meters.by_name(key.meter).window_bounds(key.window_start_ms)
-            ranges.setdefault(bounds, set()).add(key)
+        """Every event of the effective record in the UTC months of these windows, of
+        their customers and meters' event names (once each): what a dry run folds."""
+        ranges: dict[tuple[int, int], tuple[set[str], set[str]]] = {}
+        for customer, meter, period in effective.months_affected(keys):
+            customers, names = ranges.setdefault(month_bounds(period), (set(), set()))
+            customers.add(customer)
+            names.add(self.meters.by_name(meter).event_name)
         events: dict[tuple[str, str], UsageEvent] = {}
-        for (start, end), group in ranges.items():
-            customers = sorted({k.customer_id for k in group})
-            names = sorted({self.meters.by_name(k.meter).event_name for k in group})
+        for (start, end), (customers, names) in ranges.items():
             rows = await self.chio.call(
-                queries.events_in_range, customers, names, start, end, without_correction=without
+                queries.events_in_range,
+                sorted(customers),
+                sorted(names),
+                start,
+                end,
+                without_correction=without,
             )
             for row in rows:
                 events[(row["customer_id"], row["idempotency_key"])] = UsageEvent(**row)
@@ -188,10 +199,10 @@ class CorrectionService:
             ],
         }
         if c.dry_run:
-            before = await self.record_of(windows, without=cid)
+            before = await self.record_of_months(windows, without=cid)
             after = effective.effective(before, fixes)
             doc["status"] = "dry_run"
-            doc.update(self.preview(windows, before, after))
+            doc.update(await self.preview(windows, before, after))
             return doc
         if not chosen:
             doc["status"] = "nothing_to_correct"
@@ -219,41 +230,69 @@ class CorrectionService:
     def _author(author: str, operator: str) -> str:
         return f"{author} ({operator})" if author else operator
 
-    def preview(
+    async def preview(
         self,
         windows: set[fold.WindowKey],
         before: Sequence[UsageEvent],
         after: Sequence[UsageEvent],
     ) -> dict[str, Any]:
         """The dry-run's answer: windows and (customer, meter, month) totals before and
-        after, and what the Stripe forwarder would send for the months' change."""
+        after, the invoice previews before and after (plans loaded), and what the Stripe
+        forwarder would send for the months' change."""
         changes = effective.diff(self.meters, windows, before, after)
         stripe = []
         for period in changes["periods"]:
             meter = self.meters.by_name(period["meter"])
             if meter.stripe is None:
                 continue
-            if meter.aggregation in ("sum", "count"):
-                stripe.append(
-                    {
-                        "customer_id": period["customer_id"],
-                        "meter": meter.name,
-                        "period": period["period"],
-                        "mode": "delta",
-                        "value": period["change"],
-                    }
-                )
-            else:
-                stripe.append(
-                    {
-                        "customer_id": period["customer_id"],
-                        "meter": meter.name,
-                        "period": period["period"],
-                        "mode": "period_to_date",
-                        "value": period["after"]["value"],
-                    }
-                )
-        return {**changes, "stripe": stripe}
+            additive = meter.aggregation in ("sum", "count")
+            stripe.append(
+                {
+                    "customer_id": period["customer_id"],
+                    "meter": meter.name,
+                    "period": period["period"],
+                    "mode": "delta" if additive else "period_to_date",
+                    "value": period["change"] if additive else period["after"]["value"],
+                }
+            )
+        return {**changes, "invoices": await self._invoices(windows, after), "stripe": stripe}
+
+    async def _invoices(
+        self, windows: set[fold.WindowKey], after: Sequence[UsageEvent]
+    ) -> list[dict[str, Any]]:
+        """Each affected (customer, month)'s invoice preview now and after the correction
+        (the corrected meters' quantities from the fold of ``after``, the others stored)."""
+        if self.plans is None:
+            return []
+        plans = self.plans
+        states = fold.fold(self.meters, after)
+        months: dict[tuple[str, str], set[str]] = {}
+        for customer, meter, period in effective.months_affected(
+            k for k in windows if not k.is_total
+        ):
+            months.setdefault((customer, period), set()).add(meter)
+        out = []
+        for (customer, label), names in sorted(months.items()):
+            period = Period.month(label)
+
+            def override(start: int, end: int, c: str = customer, n: set[str] = names) -> Any:
+                return effective.quantities(self.meters, states, c, n, start, end)
+
+            now = await self.chio.call(lambda ch, c=customer, p=period: preview(ch, plans, c, p))
+            then = await self.chio.call(
+                lambda ch, c=customer, p=period, o=override: preview(ch, plans, c, p, o)
+            )
+            out.append(
+                {
+                    "customer_id": customer,
+                    "period": label,
+                    "currency": now.currency.code,
+                    "total_before": str(now.total),
+                    "total_after": str(then.total),
+                    "change": str(then.total - now.total),
+                }
+            )
+        return out
 
     async def _resend(self, cid: str, kind: str) -> None:
         """A repeat of a logged correction: its windows rebuilt again (idempotent)."""
@@ -441,9 +480,12 @@ def install_corrections(
     pipeline: Pipeline,
     send_corrections: Send,
     send_events: Send,
+    plans: PlansConfig | None = None,
 ) -> CorrectionService:
     """The correction service and its agent on ``usage-corrections``."""
-    service = CorrectionService(settings, meters, chio, pipeline, send_corrections, send_events)
+    service = CorrectionService(
+        settings, meters, chio, pipeline, send_corrections, send_events, plans
+    )
     topic = raw_topic(
         app,
         settings.topic(USAGE_CORRECTIONS.name),

@@ -25,7 +25,7 @@ import datetime as dt
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -90,13 +90,24 @@ def segments_for(
     return plan_segments(assignments(schedule), period, plans.default.name)
 
 
-def preview(ch: ClickHouse, plans: PlansConfig, customer_id: str, period: Period) -> Invoice:
-    """The customer's invoice for ``period`` from the verified record (module docstring)."""
+def preview(
+    ch: ClickHouse,
+    plans: PlansConfig,
+    customer_id: str,
+    period: Period,
+    override: Callable[[int, int], Mapping[str, Decimal]] | None = None,
+) -> Invoice:
+    """The customer's invoice for ``period`` from the verified record (module docstring);
+    ``override(start_ms, end_ms)``: quantities that replace the stored ones of a segment
+    (a correction's dry run: what the invoice would be after it)."""
     schedule = store.current_schedules(ch, [customer_id]).get(customer_id)
-    usage = [
-        SegmentUsage(s, store.segment_quantities(ch, customer_id, _ms(s.start), _ms(s.end)))
-        for s in segments_for(plans, period, schedule)
-    ]
+    usage = []
+    for s in segments_for(plans, period, schedule):
+        start, end = _ms(s.start), _ms(s.end)
+        quantities = store.segment_quantities(ch, customer_id, start, end)
+        if override is not None:
+            quantities.update(override(start, end))
+        usage.append(SegmentUsage(s, quantities))
     return compute_invoice(plans, period, usage, customer_id)
 
 

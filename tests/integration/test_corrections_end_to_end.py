@@ -11,7 +11,7 @@ import random
 import time
 import urllib.error
 import urllib.request
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import pytest
@@ -121,6 +121,10 @@ def _stream(now: int, n: int = 80, seed: int = 26) -> list[dict[str, Any]]:
         )
     duplicates = [dict(e) for e in rng.sample(events, 15)]
     return events + duplicates
+
+
+def _month(ms: int) -> str:
+    return time.strftime("%Y-%m", time.gmtime(ms / 1000))
 
 
 def _start(stack: StackSlice, **env: str) -> tuple[Worker, str]:
@@ -287,6 +291,22 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     assert changed == {window: (before[window], after[window])}
     period = next(p for p in dry["periods"] if p["meter"] == "tokens")
     assert Decimal(period["change"]) == after[window] - before[window]
+    month = time.strftime("%Y-%m", time.gmtime(target["timestamp"] / 1000))
+    month_total = sum(
+        (v for (c, start), v in before.items() if c == "acme" and _month(start) == month),
+        Decimal(0),
+    )
+    assert Decimal(period["before"]["value"]) == month_total
+    assert Decimal(period["after"]["value"]) == month_total + after[window] - before[window]
+    preview_url = f"{worker.web_url}/v1/customers/acme/invoice-preview?period={month}"
+    invoice = next(i for i in dry["invoices"] if i["customer_id"] == "acme")
+    assert Decimal(invoice["total_before"]) == Decimal(_request(preview_url, operator)["total"])
+    cents = Decimal("0.01")
+    month_after = month_total + after[window] - before[window]
+    assert Decimal(invoice["change"]) == (
+        (month_after * Decimal("0.001")).quantize(cents, ROUND_HALF_UP)
+        - (month_total * Decimal("0.001")).quantize(cents, ROUND_HALF_UP)
+    )
     time.sleep(2)
     _settle(worker, {"tokens": before})
     assert worker.sql("SELECT count() AS n FROM event_corrections")[0]["n"] == 0
@@ -294,6 +314,8 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     doc = _request(url, operator, "POST", body)
     assert doc["events_affected"] == 1
     _settle(worker, {"tokens": after})
+    # what the dry run said the invoice would be, it is
+    assert Decimal(_request(preview_url, operator)["total"]) == Decimal(invoice["total_after"])
 
     # a SIGKILL and a restart keep the corrected totals (rebuilt from the effective record)
     worker.kill()
@@ -368,3 +390,140 @@ def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
     assert f'meterstream_corrected_events_total{{action="backfilled"}} {backfilled}.0' in (
         worker.metrics()
     )
+
+
+STRIPE_METERS = """
+meters:
+  - name: tokens
+    event_name: chat
+    aggregation: sum
+    value: properties.tokens
+    window: minute
+    stripe: {event_name: chat_tokens, customer_id_from: properties.stripe_customer_id, interval: 1s, grace: 0s}
+"""
+
+
+def _stripe_total(stack: StackSlice) -> Decimal:
+    """What Stripe holds for cus_acme's chat_tokens meter, over every period."""
+    from meterstream.sinks.stripe.client import StripeMeterClient
+
+    client = StripeMeterClient(None, stack.stripe_url, rate_limit_per_second=None)
+    now_s = int(time.time())
+    lo, hi = (now_s // 60) * 60 - 2 * 86_400, (now_s // 60 + 1) * 60
+    total = Decimal(0)
+    for meter in client.list_meters():
+        if meter["event_name"] == "chat_tokens":
+            for s in client.event_summaries(meter["id"], "cus_acme", lo, hi):
+                total += s.aggregated_value
+    return total
+
+
+def _stripe_reference(events: list[dict[str, Any]]) -> Decimal:
+    """Per month, the distinct events' tokens rounded half up (``carry``), summed."""
+    months: dict[str, Decimal] = {}
+    seen: set[str] = set()
+    for e in events:
+        if e["idempotency_key"] in seen:
+            continue
+        seen.add(e["idempotency_key"])
+        month = _month(e["timestamp"])
+        months[month] = months.get(month, Decimal(0)) + Decimal(str(e["properties"]["tokens"]))
+    return sum((v.quantize(Decimal(1), ROUND_HALF_UP) for v in months.values()), Decimal(0))
+
+
+def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackSlice) -> None:
+    """The issue's check: a range void and then a backfill (a file of old events and the
+    too_late ones kept in rejected_events) leave meter_windows, the credit balance and
+    what the Stripe emulator holds equal to the reference."""
+    now = time.time_ns() // 1_000_000
+    rng = random.Random(2612)
+
+    def event(i: int, lo: int, hi: int) -> dict[str, Any]:
+        return {
+            "event_name": "chat",
+            "customer_id": "acme",
+            "idempotency_key": f"s-{i:04d}",
+            "timestamp": rng.randrange(lo, hi),
+            "properties": {
+                "tokens": str(Decimal(rng.randrange(1, 5000)) / 10),
+                "stripe_customer_id": "cus_acme",
+            },
+        }
+
+    live = [event(i, now - 9 * MINUTE, now - MINUTE) for i in range(30)]
+    live += [dict(e) for e in rng.sample(live, 8)]  # duplicates
+    late = [event(100 + i, now - 50 * MINUTE, now - 20 * MINUTE) for i in range(12)]
+    old = [event(200 + i, now - 80 * MINUTE, now - 55 * MINUTE) for i in range(12)]
+
+    plans_file = stack.tmp / "plans.yaml"
+    plans_file.write_text(PLANS)
+    keys = KeyStore(stack.tmp / "state" / "api_keys.json")
+    _, operator = keys.create("operator")
+    worker = stack.start_worker(
+        stack.meters_file(STRIPE_METERS),
+        METERSTREAM_PLANS_FILE=str(plans_file),
+        METERSTREAM_DEDUP_HORIZON_SECONDS="600",
+        METERSTREAM_CREDITS_BURN_SECONDS="0.5",
+    )
+    credits = f"{worker.web_url}/v1/customers/acme/credits"
+    wait_until(
+        lambda: _status(f"{worker.web_url}/v1/customers/acme/entitlements", operator) == 200,
+        what="credits ready",
+    )
+    grant = Decimal("5000.00")
+    _request(f"{credits}/grants", operator, "POST", {"amount": str(grant), "grant_id": "g1"})
+    stack.produce(live + late)
+
+    def check(counted: list[dict[str, Any]]) -> None:
+        windows = _reference(counted, "tokens")
+        _settle(worker, {"tokens": windows})
+        tokens = sum(windows.values(), Decimal(0))
+        # the burn prices each window (0.001 per token) and takes it from the grant
+        wait_until(
+            lambda: (
+                Decimal(_request(credits, operator)["balance"]) == grant - tokens * Decimal("0.001")
+            ),
+            timeout=60,
+            what=f"balance {grant - tokens * Decimal('0.001')}",
+        )
+        want = _stripe_reference(counted)
+        wait_until(lambda: _stripe_total(stack) == want, timeout=120, what=f"Stripe {want}")
+
+    check(live)
+
+    lo, hi = now - 7 * MINUTE, now - 3 * MINUTE
+    voided = {
+        e["idempotency_key"]
+        for e in live
+        if lo <= e["timestamp"] < hi and Decimal(e["properties"]["tokens"]) >= 200
+    }
+    assert voided
+    doc = _request(
+        f"{worker.web_url}/v1/corrections",
+        operator,
+        "POST",
+        {
+            "kind": "void",
+            "customer_id": "acme",
+            "meter": "tokens",
+            "from": lo,
+            "to": hi,
+            "where": [{"property": "properties.tokens", "operator": "gte", "value": 200}],
+            "reason": "tokens doubled by a client bug",
+        },
+    )
+    assert doc["events_affected"] == len(voided)
+    kept = [e for e in live if e["idempotency_key"] not in voided]
+    check(kept)
+
+    backfill = f"{worker.web_url}/v1/backfill"
+    doc = _request(backfill, operator, "POST", {"events": old, "reason": "last hour's import"})
+    assert doc["counts"] == {"backfilled": len(old)}
+    doc = _request(backfill, operator, "POST", {"rejected": "too_late", "reason": "re-import"})
+    assert doc["counts"] == {"backfilled": len(late)}
+    check(kept + old + late)
+    # again: nothing changes
+    doc = _request(backfill, operator, "POST", {"events": old, "reason": "twice"})
+    assert doc["counts"] == {"already_recorded": len(old)}
+    time.sleep(3)
+    check(kept + old + late)

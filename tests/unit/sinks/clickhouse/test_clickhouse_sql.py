@@ -140,9 +140,9 @@ def test_views_migration_file_is_generated_by_the_python_function() -> None:
 def test_migration_files_are_versioned_in_order() -> None:
     migrations = load_migrations()
     assert [m.name for m in migrations] == MIGRATIONS
-    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     assert all(m.checksum == checksum(m.sql) for m in migrations)
-    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1, 3, 1, 3, 5]
+    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1, 3, 1, 3, 5, 3]
 
 
 def _squash(sql: str) -> str:
@@ -224,20 +224,39 @@ def test_existing_keys_sql_escapes_and_sorts() -> None:
     )
 
 
-def test_events_in_range_sql() -> None:
+def test_events_in_range_sql_reads_the_effective_record() -> None:
     assert q.events_in_range_sql(["c2", "c1"], ["api_call"], 1000, 2000) == (
-        "SELECT event_name, customer_id, idempotency_key,"
+        "SELECT e.event_name AS event_name, e.customer_id AS customer_id,"
+        " e.idempotency_key AS idempotency_key, e.timestamp_ms AS timestamp_ms,\n"
+        "       if(c.action = 'amend', c.properties, e.properties) AS properties,"
+        " e.key_derived AS key_derived, e.fingerprint AS fingerprint,"
+        " e.refused_meters AS refused_meters\n"
+        "FROM (\n"
+        "  SELECT event_name, customer_id, idempotency_key,"
         " toUnixTimestamp64Milli(timestamp) AS timestamp_ms,\n"
-        "       properties, key_derived, fingerprint, refused_meters\n"
-        "FROM usage_events\n"
-        "WHERE customer_id IN ('c1', 'c2')\n"
-        "  AND event_name IN ('api_call')\n"
-        "  AND timestamp >= fromUnixTimestamp64Milli(toInt64(1000), 'UTC')\n"
-        "  AND timestamp < fromUnixTimestamp64Milli(toInt64(2000), 'UTC')\n"
-        "ORDER BY customer_id, idempotency_key, ingested_at\n"
-        "LIMIT 1 BY customer_id, idempotency_key"
+        "         properties, key_derived, fingerprint, refused_meters\n"
+        "  FROM usage_events\n"
+        "  WHERE customer_id IN ('c1', 'c2')\n"
+        "    AND event_name IN ('api_call')\n"
+        "    AND timestamp >= fromUnixTimestamp64Milli(toInt64(1000), 'UTC')\n"
+        "    AND timestamp < fromUnixTimestamp64Milli(toInt64(2000), 'UTC')\n"
+        "  ORDER BY customer_id, idempotency_key, ingested_at\n"
+        "  LIMIT 1 BY customer_id, idempotency_key\n"
+        ") AS e\n"
+        "LEFT JOIN (\n"
+        "  SELECT customer_id, idempotency_key,\n"
+        "      argMax(action, (corrected_at, correction_id)) AS action,\n"
+        "      argMax(properties, (corrected_at, correction_id)) AS properties\n"
+        "  FROM event_corrections\n"
+        "  WHERE customer_id IN ('c1', 'c2')\n"
+        "  GROUP BY customer_id, idempotency_key\n"
+        ") AS c ON e.customer_id = c.customer_id AND e.idempotency_key = c.idempotency_key\n"
+        "WHERE c.action != 'void'\n"
+        "ORDER BY customer_id, idempotency_key"
     )
     assert "event_name IN" not in q.events_in_range_sql(["c1"], None, 0, 1)
+    without = q.events_in_range_sql(["c1"], None, 0, 1, without_correction="cor_'x")
+    assert "AND correction_id != 'cor_\\'x'" in without
 
 
 def test_usage_sql_uses_the_view_merge_with_filters_on_key_columns() -> None:
