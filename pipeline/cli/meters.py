@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +147,7 @@ def print_meters_diff(settings: Settings, args: Any) -> int:
         print(json.dumps(answer, sort_keys=True))
     else:
         print(format_diff(answer, args.window))
-    changed = sum(1 for row in answer["rows"] if row["difference"] not in ("0", "0E-9"))
+    changed = sum(1 for row in answer["rows"] if Decimal(str(row["difference"])) != 0)
     print(f"{changed} total(s) differ", file=sys.stderr)
     return 0
 
