@@ -607,9 +607,9 @@ class Meter(BaseModel):
                 problems.append(
                     (
                         f"{at}.effective_until",
-                        f"{version.effective_until_text} is not the start of a {window} "
-                        "window: a version ends where the meter's windows end, so every "
-                        "window has one definition",
+                        f"{version.effective_until_text} is not a window boundary of this "
+                        f"meter ({window} windows): a version ends where a window ends, so "
+                        "every window has one definition",
                     )
                 )
             if previous is not None and until <= previous[1].effective_until:

@@ -122,7 +122,7 @@ def test_versions_out_of_order_overlap_and_off_window_are_each_reported() -> Non
         for p in found
     ), found
     assert any(
-        p.startswith("meters[0].versions[2].effective_until: 2026-12-05T12:00:00Z is not the start")
+        p.startswith("meters[0].versions[2].effective_until: 2026-12-05T12:00:00Z is not a window")
         for p in found
     ), found
     assert len(found) == 2, found
