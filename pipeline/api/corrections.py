@@ -65,6 +65,9 @@ def backfill_request(body: Any) -> tuple[dict[str, Any], list[bytes] | None]:
         problems.append("reason: required, a string of 1-1000 characters")
     if not isinstance(author, str) or len(author) > 200:
         problems.append("author: a string of at most 200 characters")
+    customer = body.get("customer_id")
+    if customer is not None and (not isinstance(customer, str) or not 1 <= len(customer) <= 200):
+        problems.append("customer_id: a string of 1-200 characters")
     if not isinstance(body.get("dry_run", False), bool):
         problems.append("dry_run: must be true or false")
     events = body.get("events")

@@ -286,6 +286,7 @@ def _routes_document() -> dict[str, Any]:
             **_fate_and_page_paths(),
             **_price_paths(),
             **_credit_paths(),
+            **_correction_paths(),
             **_customer_paths(),
             **_stripe_paths(),
             **_meters_paths(),
@@ -653,6 +654,152 @@ def _credit_paths() -> dict[str, Any]:
                     "401": _UNAUTHORIZED,
                     "403": restricted,
                     "503": busy,
+                },
+            }
+        },
+    }
+
+
+_FILTER = {
+    "type": "object",
+    "description": "A property filter, as in the meters file.",
+    "required": ["property", "operator"],
+    "properties": {
+        "property": {"type": "string"},
+        "operator": {"type": "string"},
+        "value": {},
+    },
+}
+_CORRECTION_BODY = {
+    "type": "object",
+    "description": (
+        "A void by keys or by range (customer_id, event_name and/or meter, [from, to),"
+        " where), or an amend by keys (each with its new properties)."
+    ),
+    "required": ["kind", "reason"],
+    "additionalProperties": False,
+    "properties": {
+        "kind": {"enum": ["void", "amend"]},
+        "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+        "author": {"type": "string", "maxLength": 200},
+        "dry_run": {"type": "boolean"},
+        "correction_id": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,100}$"},
+        "keys": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 10000,
+            "items": {
+                "type": "object",
+                "required": ["customer_id", "idempotency_key"],
+                "properties": {
+                    "customer_id": {"type": "string"},
+                    "idempotency_key": {"type": "string"},
+                    "properties": {"type": "object"},
+                },
+            },
+        },
+        "customer_id": {"type": "string"},
+        "event_name": {"type": "string"},
+        "meter": {"type": "string"},
+        "from": {"type": ["string", "integer"], "description": "RFC 3339 or epoch ms"},
+        "to": {"type": ["string", "integer"], "description": "exclusive"},
+        "where": {"type": "array", "items": _FILTER},
+    },
+}
+_BACKFILL_BODY = {
+    "type": "object",
+    "description": "Events to import (at most 5,000), or the rejected too_late events.",
+    "required": ["reason"],
+    "additionalProperties": False,
+    "properties": {
+        "events": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 5000,
+            "items": {
+                "description": (
+                    "A usage event (DESIGN.md, 'The event'); one that is not valid is"
+                    " dead-lettered as on the stream and reported in the answer's outcomes."
+                )
+            },
+        },
+        "rejected": {"enum": ["too_late"]},
+        "customer_id": {"type": "string"},
+        "from": {"type": ["string", "integer"]},
+        "to": {"type": ["string", "integer"]},
+        "reason": {"type": "string", "minLength": 1, "maxLength": 1000},
+        "author": {"type": "string", "maxLength": 200},
+        "dry_run": {"type": "boolean"},
+    },
+}
+
+
+def _correction_paths() -> dict[str, Any]:
+    """The routes of pipeline/api/corrections.py (operator keys only)."""
+    common = {
+        "400": _error("A bad body: every problem listed."),
+        "401": _UNAUTHORIZED,
+        "403": _OPERATOR_ONLY,
+        "413": _TOO_LARGE,
+        "415": _NOT_JSON,
+        "503": _CLICKHOUSE_DOWN,
+    }
+    return {
+        "/v1/corrections": {
+            "post": {
+                "summary": "Void or amend recorded events (or a dry run of it)",
+                "security": KEY_REQUIRED,
+                "requestBody": _body(_CORRECTION_BODY),
+                "responses": {
+                    "200": _json({"type": "object"}, "A dry run, or a repeat of a correction."),
+                    "201": _json({"type": "object"}, "The correction, as logged."),
+                    **common,
+                },
+            },
+            "get": {
+                "summary": "The corrections log, newest first",
+                "security": KEY_REQUIRED,
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                ],
+                "responses": {
+                    "200": _json({"type": "object"}, "The log rows."),
+                    "400": _error("A bad limit."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "503": _CLICKHOUSE_DOWN,
+                },
+            },
+        },
+        "/v1/corrections/{correction_id}": {
+            "get": {
+                "summary": "One correction and the events it changed",
+                "security": KEY_REQUIRED,
+                "parameters": [
+                    {
+                        "name": "correction_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": _json({"type": "object"}, "The correction and its events."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "404": _error("No such correction."),
+                    "503": _CLICKHOUSE_DOWN,
+                },
+            }
+        },
+        "/v1/backfill": {
+            "post": {
+                "summary": "Import historical events exactly once (or a dry run of it)",
+                "security": KEY_REQUIRED,
+                "requestBody": _body(_BACKFILL_BODY),
+                "responses": {
+                    "200": _json({"type": "object"}, "Each event's outcome, counted."),
+                    **common,
                 },
             }
         },

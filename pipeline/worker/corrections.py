@@ -80,7 +80,22 @@ Send = Callable[[Sequence[tuple[bytes, bytes]]], Awaitable[None]]
 """Produce (key, value) records to a topic; returns once the broker acknowledged them."""
 MAX_BACKFILL_EVENTS = 5_000
 """Events per ``POST /v1/backfill`` (the CLI sends a file in batches of this size or less)."""
-_CHUNK = 500  # events per usage-corrections record of a backfill
+_CHUNK = 500  # events or windows per usage-corrections record (well under 1 MB)
+
+
+def _chunks(raws: Sequence[bytes], max_bytes: int = 512 * 1024) -> Iterable[list[bytes]]:
+    """``raws`` in order, in lists of at most ``_CHUNK`` events and about ``max_bytes``
+    (one usage-corrections record each, under the broker's 1 MB message limit)."""
+    chunk: list[bytes] = []
+    size = 0
+    for raw in raws:
+        if chunk and (len(chunk) == _CHUNK or size + len(raw) > max_bytes):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(raw)
+        size += len(raw)
+    if chunk:
+        yield chunk
 
 
 def new_correction_id() -> str:
@@ -315,9 +330,12 @@ class CorrectionService:
             [
                 (
                     customer.encode(),
-                    orjson.dumps({"correction_id": cid, "kind": kind, "windows": keys}),
+                    orjson.dumps(
+                        {"correction_id": cid, "kind": kind, "windows": keys[i : i + _CHUNK]}
+                    ),
                 )
                 for customer, keys in by_customer.items()
+                for i in range(0, len(keys), _CHUNK)
             ]
         )
 
@@ -415,10 +433,13 @@ class CorrectionService:
             doc["correction_id"] = cid
             records = []
             for customer, items in new.items():
-                for i in range(0, len(items), _CHUNK):
-                    chunk = [loads_exact(r) for r in items[i : i + _CHUNK]]
+                for chunk in _chunks(items):
                     value = canonical_json(
-                        {"correction_id": cid, "kind": "backfill", "events": chunk}
+                        {
+                            "correction_id": cid,
+                            "kind": "backfill",
+                            "events": [loads_exact(r) for r in chunk],
+                        }
                     )
                     records.append((customer.encode(), value.encode()))
             await self.send_corrections(records)

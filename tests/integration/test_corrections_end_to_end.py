@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,7 +19,9 @@ from typing import Any
 import pytest
 
 from meterstream.api.keys import KeyStore
-from tests.harness import StackSlice, Worker, wait_until
+from meterstream.endpoints import write_endpoints
+from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.support.meters import FAST_STRIPE, meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
@@ -123,6 +127,21 @@ def _stream(now: int, n: int = 80, seed: int = 26) -> list[dict[str, Any]]:
     return events + duplicates
 
 
+def _cli(stack: StackSlice, worker: Worker, *args: str) -> Any:
+    """``meterstream ARGS --format json`` through the running worker; its JSON answer."""
+    write_endpoints(stack.tmp / "state", {"web_url": worker.web_url})
+    run = subprocess.run(
+        [sys.executable, "-m", "meterstream.cli", *args, "--format", "json"],
+        cwd=REPO,
+        env=stack.env(stack.meters_file(METERS)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return json.loads(run.stdout)
+
+
 def _month(ms: int) -> str:
     return time.strftime("%Y-%m", time.gmtime(ms / 1000))
 
@@ -226,6 +245,11 @@ def test_range_void_with_property_filter(stack: StackSlice) -> None:
     )
     assert {r["idempotency_key"] for r in marked} == voided
 
+    # the command shows it too
+    shown = _cli(stack, worker, "corrections", "show", "void-large-1")
+    assert shown["reason"] == "a bug doubled large-model tokens"
+    assert len(shown["events"]) == len(voided)
+
     # a repeat with the same correction_id is the same correction: nothing changes
     again = _request(url, operator, "POST", body)
     assert again["repeated"] is True
@@ -311,6 +335,22 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     _settle(worker, {"tokens": before})
     assert worker.sql("SELECT count() AS n FROM event_corrections")[0]["n"] == 0
 
+    # the command's dry run answers the same
+    by_cli = _cli(
+        stack,
+        worker,
+        "corrections",
+        "amend",
+        f"acme/{target['idempotency_key']}",
+        "--properties",
+        json.dumps({"tokens": 100000, "model": "small"}),
+        "--reason",
+        "the producer sent the wrong token count",
+        "--dry-run",
+    )
+    assert by_cli["windows"] == dry["windows"]
+    assert by_cli["periods"] == dry["periods"]
+
     doc = _request(url, operator, "POST", body)
     assert doc["events_affected"] == 1
     _settle(worker, {"tokens": after})
@@ -372,8 +412,12 @@ def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
     everything = live + old + late
     _settle(worker, {"tokens": _reference(everything, "tokens")})
 
-    # a second run of both changes nothing
-    again = _request(url, operator, "POST", file_body)
+    # a second run of both changes nothing (the file through the command)
+    events_file = stack.tmp / "events.jsonl"
+    events_file.write_text("".join(json.dumps(e) + "\n" for e in old + live[:3]))
+    again = _cli(
+        stack, worker, "backfill", str(events_file), "--reason", "again", "--batch-size", "7"
+    )
     assert again["counts"] == {"already_recorded": len(old), "live": 3}
     again = _request(url, operator, "POST", {"rejected": "too_late", "reason": "twice"})
     assert again["counts"] == {"already_recorded": len(late)}
@@ -392,15 +436,18 @@ def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
     )
 
 
-STRIPE_METERS = """
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    window: minute
-    stripe: {event_name: chat_tokens, customer_id_from: properties.stripe_customer_id, interval: 1s, grace: 0s}
-"""
+STRIPE_METERS = meters_yaml(
+    meter_entry(
+        "tokens",
+        "chat",
+        "sum",
+        "properties.tokens",
+        window="minute",
+        stripe=stripe(
+            "chat_tokens", f"customer_id_from: properties.stripe_customer_id, {FAST_STRIPE}"
+        ),
+    )
+)
 
 
 def _stripe_total(stack: StackSlice) -> Decimal:
