@@ -38,10 +38,6 @@ from meterstream.worker.corrections import CorrectionService, new_correction_id
 
 log = logging.getLogger("meterstream.corrections")
 KIND = "recompute"
-WINDOWS_PER_SEND = 2_000
-"""Windows per round of ``usage-corrections`` records (each record holds one customer's
-windows of a round: a month of minute windows is sent in several records, each far below
-the broker's message size limit)."""
 
 
 def _windows(
@@ -124,9 +120,7 @@ async def recompute(
     if logged is None:
         await service.chio.call(store.append_correction, doc)
         service.metrics.corrections.inc(kind=KIND)
-    ordered = sorted(windows)
-    for i in range(0, len(ordered), WINDOWS_PER_SEND):
-        await service._send_rebuilds(cid, KIND, ordered[i : i + WINDOWS_PER_SEND])
+    await service._send_rebuilds(cid, KIND, windows)  # chunked per customer there
     log.info(
         "recompute %s of %s by %s: %d window(s) to rebuild%s",
         cid,
