@@ -20,8 +20,10 @@ from typing import Any
 import pytest
 
 from meterstream.api.keys import KeyStore
+from meterstream.settings import Settings
 from tests.harness import REPO, StackSlice, wait_until
 from tests.support.cli import worker_cli
+from tests.support.kafka import group_offsets
 
 pytestmark = pytest.mark.integration
 
@@ -272,6 +274,15 @@ def test_recompute_applies_the_new_definition_to_history(stack: StackSlice) -> N
     old_ref = reference(events, lambda e: old_counts(e["properties"]), "hour")
     new_ref = reference(events, lambda e: new_counts(e["properties"]), "hour")
     wait_until(lambda: hourly(worker) == old_ref, what="windows under the old definition")
+    # stopped once its offsets are committed: a replay after the restart would rebuild the
+    # replayed events' windows from the record, under the new file
+    group, partitions = f"{stack.prefix}meterstream", Settings.model_fields["partitions"].default
+
+    def all_committed() -> bool:  # by records sent (Tansu's end offsets are not counts)
+        _, committed = group_offsets(stack.bootstrap, stack.topic, partitions, group)
+        return sum(offset or 0 for offset in committed.values()) == len(events)
+
+    wait_until(all_committed, what="every offset committed")
     worker.stop()
 
     # the worker restarts with the changed file: history keeps what it was counted with
