@@ -584,22 +584,33 @@ def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackS
         if lo <= e["timestamp"] < hi and Decimal(e["properties"]["tokens"]) >= 200
     }
     assert voided
-    doc = request_json(
-        f"{worker.web_url}/v1/corrections",
-        operator,
-        "POST",
-        {
-            "kind": "void",
-            "customer_id": "acme",
-            "meter": "tokens",
-            "from": lo,
-            "to": hi,
-            "where": [{"property": "properties.tokens", "operator": "gte", "value": 200}],
-            "reason": "tokens doubled by a client bug",
-        },
-    )
-    assert doc["events_affected"] == len(voided)
+    void = {
+        "kind": "void",
+        "customer_id": "acme",
+        "meter": "tokens",
+        "from": lo,
+        "to": hi,
+        "where": [{"property": "properties.tokens", "operator": "gte", "value": 200}],
+        "reason": "tokens doubled by a client bug",
+    }
     kept = [e for e in live if e["idempotency_key"] not in voided]
+    price = Decimal("0.001")
+
+    def tokens(events: list[dict[str, Any]]) -> Decimal:
+        return sum(_reference(events, "tokens").values(), Decimal(0))
+
+    # the dry run: the balance and what Stripe receives, before anything changes
+    dry = request_json(
+        f"{worker.web_url}/v1/corrections", operator, "POST", {**void, "dry_run": True}
+    )
+    assert [
+        (b["customer_id"], Decimal(b["balance_before"]), Decimal(b["balance_after"]))
+        for b in dry["balances"]
+    ] == [("acme", grant - tokens(live) * price, grant - tokens(kept) * price)]
+    assert Decimal(dry["balances"][0]["change"]) == (tokens(live) - tokens(kept)) * price
+    assert sum(Decimal(s["value"]) for s in dry["stripe"]) == tokens(kept) - tokens(live)
+    doc = request_json(f"{worker.web_url}/v1/corrections", operator, "POST", void)
+    assert doc["events_affected"] == len(voided)
     check(kept)
 
     backfill = f"{worker.web_url}/v1/backfill"
