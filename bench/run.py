@@ -662,27 +662,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="py-spy the worker during (b): .svg flamegraph, else raw collapsed stacks",
     )
-    p.add_argument(
-        "--broker",
-        choices=["kafka", "tansu"],
-        default="tansu",
-        help="the headline's broker (make bench BROKER=kafka): kafka = the production "
-        "configuration, RocksDB and exactly_once unless --store/--guarantee say otherwise",
-    )
-    p.add_argument(
-        "--store",
-        choices=["memory", "rocksdb"],
-        default=None,
-        help="the worker's table store (default: rocksdb on kafka, memory on tansu; "
-        "rocksdb needs: .venv/bin/pip install -e '.[rocksdb]')",
-    )
-    p.add_argument(
-        "--guarantee",
-        choices=["exactly_once", "at_least_once"],
-        default=None,
-        help="the worker's processing guarantee (default: the worker's auto, exactly_once "
-        "on kafka, at_least_once on tansu, which has no transactions)",
-    )
+    # The configuration's choices: flag -> (choices, default, help).
+    choices: dict[str, tuple[list[str], str | None, str]] = {
+        "--broker": (
+            ["kafka", "tansu"],
+            "tansu",
+            "the headline's broker (make bench BROKER=kafka): kafka = the production "
+            "configuration, RocksDB and exactly_once unless --store/--guarantee say otherwise",
+        ),
+        "--store": (
+            ["memory", "rocksdb"],
+            None,
+            "the worker's table store (default: rocksdb on kafka, memory on tansu; "
+            "rocksdb needs: .venv/bin/pip install -e '.[rocksdb]')",
+        ),
+        "--guarantee": (
+            ["exactly_once", "at_least_once"],
+            None,
+            "the worker's processing guarantee (default: the worker's auto, exactly_once "
+            "on kafka, at_least_once on tansu, which has no transactions)",
+        ),
+        "--stripe-transport": (
+            ["v1", "v2"],
+            "v2",
+            "v2 (default): what a live key uses, 100 meter events per request; "
+            "v1: test mode's default, one request per meter event",
+        ),
+    }
+    for flag, (values, default, text) in choices.items():
+        p.add_argument(flag, choices=values, default=default, help=text)
     p.add_argument(
         "--extra-rows",
         default=None,
@@ -696,13 +704,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=None,
         help="runs of each configuration (default 3, quick 1): ratios print as median and min-max",
-    )
-    p.add_argument(
-        "--stripe-transport",
-        choices=["v1", "v2"],
-        default="v2",
-        help="v2 (default): what a live key uses, 100 meter events per request; "
-        "v1: test mode's default, one request per meter event",
     )
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, chdb)")
     p.add_argument("--results", type=Path, default=HERE / "results.json")

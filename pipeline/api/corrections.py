@@ -20,9 +20,9 @@ from typing import Any
 from faust.web import Request, Response, View
 
 from meterstream.api.http import Routes
-from meterstream.corrections.request import parse_correction
+from meterstream.corrections.request import instant, parse_correction
 from meterstream.errors import CorrectionError
-from meterstream.events import Reason, canonical_json, loads_exact, parse_time
+from meterstream.events import Reason, canonical_json, loads_exact
 from meterstream.meters.config import MetersConfig
 from meterstream.sinks.clickhouse import corrections as store
 from meterstream.worker.corrections import MAX_BACKFILL_EVENTS, CorrectionService
@@ -33,21 +33,6 @@ def _body(raw: bytes) -> Any:
         return loads_exact(raw) if raw.strip() else {}
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise CorrectionError("body is not JSON") from None
-
-
-def _time(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    try:
-        ms = parse_time(value) if isinstance(value, str) else None
-    except ValueError as exc:
-        raise CorrectionError(f"{name}: {exc}") from None
-    if ms is None:
-        raise CorrectionError(f"{name}: must be RFC 3339 or epoch milliseconds")
-    return ms
 
 
 def backfill_request(body: Any) -> tuple[dict[str, Any], list[bytes] | None]:
@@ -87,9 +72,11 @@ def backfill_request(body: Any) -> tuple[dict[str, Any], list[bytes] | None]:
         "reason": reason,
         "dry_run": body.get("dry_run", False),
         "customer_id": body.get("customer_id"),
-        "from": _time(body, "from"),
-        "to": _time(body, "to"),
+        "from": instant(body, "from", problems),
+        "to": instant(body, "to", problems),
     }
+    if problems:
+        raise CorrectionError(problems)
     raws = None if events is None else [canonical_json(e).encode() for e in events]
     return options, raws
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from meterstream.cli.options import command_group
 from meterstream.errors import MeterstreamError
 from meterstream.events import canonical_json, loads_exact
 from meterstream.settings import Settings
@@ -232,8 +233,7 @@ def register(
     change.add_argument(
         "--id", dest="correction_id", help="an id of your own (a retry is harmless)"
     )
-    group = sub.add_parser("corrections", help="void or amend recorded events; the log")
-    csub = group.add_subparsers(dest="corrections_command", required=True)
+    csub = command_group(sub, "corrections", "void or amend recorded events; the log")
     p = csub.add_parser("void", parents=[change], help="void events by key or by range")
     p.add_argument(
         "--key", action="append", type=_key, help="CUSTOMER/IDEMPOTENCY_KEY (repeatable)"

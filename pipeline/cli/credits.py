@@ -15,6 +15,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
+from meterstream.cli.options import command_group
 from meterstream.errors import CreditsError, MeterstreamError
 from meterstream.settings import Settings
 
@@ -186,8 +187,7 @@ def register(
     base = argparse.ArgumentParser(add_help=False, parents=[common])
     base.set_defaults(settings_of=settings_of)
     base.add_argument("--plans", help="plans YAML file (default METERSTREAM_PLANS_FILE)")
-    credits = sub.add_parser("credits", help="prepaid credits: grants, balance, ledger")
-    csub = credits.add_subparsers(dest="credits_command", required=True)
+    csub = command_group(sub, "credits", "prepaid credits: grants, balance, ledger")
     p = csub.add_parser("grant", parents=[base], help="grant a customer credit")
     p.add_argument("customer")
     p.add_argument("amount", type=_amount, help="in the plan's currency, e.g. 20.00")

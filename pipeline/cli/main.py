@@ -28,15 +28,15 @@ from meterstream.cli import corrections as corrections_cli
 from meterstream.cli import credits as credits_cli
 from meterstream.cli import plans as plans_cli
 from meterstream.cli import stripe as stripe_cli
-from meterstream.cli.options import private_state_dir, settings_from
+from meterstream.cli.options import command_group, private_state_dir, settings_from
 from meterstream.cli.output import add_format, format_table, print_result
 from meterstream.cli.progress import progress
 from meterstream.cli.sql import print_event_fate, print_usage, reconcile_command, run_sql
 from meterstream.cli.statedir import private_umask
 from meterstream.embedded.kafka import choose_broker, describe_broker, new_broker
 from meterstream.errors import ConfigError, MeterstreamError
-from meterstream.hosts import split_list
 from meterstream.meters.config import load_meters
+from meterstream.sinks.stripe.emulator.options import add_webhook_arguments
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -78,9 +78,13 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_stripe_emulator(args: argparse.Namespace) -> int:
-    from meterstream.sinks.stripe.emulator.server import run_emulator
+    from meterstream.sinks.stripe.emulator.server import run_from_args
 
-    run_emulator(args.host, args.port, split_list(args.allowed_hosts), args.state_file)
+    try:
+        run_from_args(args)
+    except ValueError as err:
+        print(f"meterstream stripe-emulator: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -259,6 +263,7 @@ def _process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "beyond loopback, IP addresses; others get 421",
     )
     p.add_argument("--state-file", help="keep meters and meter events in this file across restarts")
+    add_webhook_arguments(p)
     p.set_defaults(func=cmd_stripe_emulator)
 
 
@@ -280,8 +285,7 @@ def _data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     add_format(p)
     p.set_defaults(func=cmd_usage)
 
-    meters = sub.add_parser("meters", help="meter definitions")
-    msub = meters.add_subparsers(dest="meters_command", required=True)
+    msub = command_group(sub, "meters", "meter definitions")
     p = msub.add_parser("check", parents=[common], help="validate a meters file")
     p.add_argument("file")
     p.set_defaults(func=cmd_meters_check)
@@ -347,8 +351,7 @@ def _data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _key_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """``keys create|revoke|list``: API keys for the web API."""
-    keys = sub.add_parser("keys", help="API keys for the web API")
-    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    ksub = command_group(sub, "keys", "API keys for the web API")
     keyfile = argparse.ArgumentParser(add_help=False, parents=[common])
     keyfile.add_argument("--file", help="key file (default <state dir>/api_keys.json)")
     p = ksub.add_parser("create", parents=[keyfile], help="create a key; prints it once")
@@ -373,8 +376,7 @@ def _page_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_event)
 
-    billing = sub.add_parser("billing", help="the billing page")
-    bsub = billing.add_subparsers(dest="billing_command", required=True)
+    bsub = command_group(sub, "billing", "the billing page")
     p = bsub.add_parser(
         "link", parents=[common], help="a signed, expiring link to one customer's billing page"
     )

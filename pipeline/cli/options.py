@@ -31,3 +31,10 @@ def private_state_dir(settings: Settings) -> None:
     line = notice(settings.state_dir, make_private(settings.state_dir))
     if line:
         print(line, file=sys.stderr, flush=True)
+
+
+def command_group(sub: Any, name: str, help_text: str) -> Any:
+    """``meterstream NAME ...``: a command with subcommands (the chosen one in
+    ``args.NAME_command``); returns the subparsers to add them to."""
+    group = sub.add_parser(name, help=help_text)
+    return group.add_subparsers(dest=f"{name}_command", required=True)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from meterstream.cli.options import command_group
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.settings import Settings
 
@@ -342,8 +343,7 @@ def register(
     with_plans.add_argument("--plans", help="plans YAML file (default METERSTREAM_PLANS_FILE)")
     with_plans.add_argument("--meters", help="meters YAML file")
 
-    plans = sub.add_parser("plans", help="plans and the customers on them")
-    psub = plans.add_subparsers(dest="plans_command", required=True)
+    psub = command_group(sub, "plans", "plans and the customers on them")
     p = psub.add_parser("check", parents=[with_plans], help="validate a plans file")
     p.add_argument("file", nargs="?", help="plans YAML file (default: --plans)")
     p.set_defaults(func=cmd_plans_check)
@@ -363,8 +363,7 @@ def register(
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.set_defaults(func=cmd_plans_list)
 
-    invoice = sub.add_parser("invoice", help="what the usage costs")
-    isub = invoice.add_subparsers(dest="invoice_command", required=True)
+    isub = command_group(sub, "invoice", "what the usage costs")
     p = isub.add_parser(
         "preview", parents=[with_plans], help="a customer's invoice so far, from the record"
     )

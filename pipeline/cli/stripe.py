@@ -30,7 +30,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from meterstream.cli.options import settings_from
+from meterstream.cli.options import command_group, settings_from
 from meterstream.cli.output import add_format
 from meterstream.cli.plans import register_stripe
 from meterstream.cli.sql import worker_request
@@ -284,8 +284,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the ``customers`` and ``stripe`` command groups to the ``meterstream`` parser."""
-    customers = sub.add_parser("customers", help="customer -> Stripe customer mapping")
-    csub = customers.add_subparsers(dest="customers_command", required=True)
+    csub = command_group(sub, "customers", "customer -> Stripe customer mapping")
     p = csub.add_parser("set", parents=[common], help="map a customer to a Stripe customer id")
     p.add_argument("customer_id")
     p.add_argument("stripe_customer_id")
@@ -303,8 +302,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     add_format(p)
     p.set_defaults(func=cmd_customers_list)
 
-    stripe = sub.add_parser("stripe", help="Stripe meters, retries and reconciliation")
-    ssub = stripe.add_subparsers(dest="stripe_command", required=True)
+    ssub = command_group(sub, "stripe", "Stripe meters, retries and reconciliation")
     p = ssub.add_parser(
         "create-meters", parents=[common], help="create missing Stripe meters (refuse mismatches)"
     )

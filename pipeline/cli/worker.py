@@ -50,7 +50,7 @@ from meterstream.topics.admin import ensure_topics
 from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.app import create_app
 from meterstream.worker.batch import Pipeline
-from meterstream.worker.corrections import Send, install_corrections
+from meterstream.worker.corrections import CorrectionService, Send, install_corrections
 from meterstream.worker.credits import CreditService
 from meterstream.worker.forwarder import install_forwarder
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
@@ -124,12 +124,11 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
     plans, invoice_routes = install_pricing(app, settings, meters, calls, reads, bootstrap)
-    credit_routes = install_credits(app, settings, calls, reads, plans, pipeline)
+    credit_routes, credits = install_credits(app, settings, calls, reads, plans, pipeline)
     corrections_out = EventPublisher(
         bootstrap, settings.topic(USAGE_CORRECTIONS.name), **client_options(settings)
     )
-    corrections = install_corrections(
-        app,
+    corrections = CorrectionService(
         settings,
         meters,
         calls,
@@ -137,7 +136,9 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         _sender(corrections_out),
         _sender(publisher),
         plans,
+        credits,
     )
+    install_corrections(app, settings, corrections)
     web.register(
         app,
         settings,
@@ -216,10 +217,10 @@ def install_credits(
     reads: ReadIO,
     plans: PlansConfig,
     pipeline: Pipeline,
-) -> Callable[[Routes], None]:
+) -> tuple[Callable[[Routes], None], CreditService]:
     """Prepaid credits (pipeline/worker/credits.py): the books rebuilt at start, the burn
     timer, the record listener that marks customers dirty; returns the registration of
-    the credit routes."""
+    the credit routes and the service."""
     alerts = AlertDesk(app, settings, calls)
     credits = CreditService(app, settings, calls, plans, reads.read, alerts)
     pipeline.record_listeners.append(credits.record_changed)
@@ -245,7 +246,7 @@ def install_credits(
         except Exception:  # logged, the customers stay dirty; never stops the worker
             log.exception("burning credits failed; retried next interval")
 
-    return lambda routes: credit_api.register(routes, reads, credits)
+    return (lambda routes: credit_api.register(routes, reads, credits)), credits
 
 
 def _topics_and_guarantee(settings: Settings, bootstrap: str) -> str:

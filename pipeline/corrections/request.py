@@ -27,7 +27,13 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from meterstream.errors import CorrectionError
-from meterstream.events import UsageEvent, canonical_json, parse_time, validate_document
+from meterstream.events import (
+    UsageEvent,
+    canonical_json,
+    parse_time,
+    parse_timestamp,
+    validate_document,
+)
 from meterstream.meters.config import Filter, Meter, MetersConfig
 
 MAX_KEYS = 10_000
@@ -119,13 +125,15 @@ def _text(body: dict[str, Any], name: str, limit: int, problems: list[str]) -> s
     return value
 
 
-def _instant(body: dict[str, Any], name: str, problems: list[str]) -> int | None:
+def instant(body: dict[str, Any], name: str, problems: list[str]) -> int | None:
+    """``body[name]`` as epoch ms (RFC 3339 text or epoch ms), None when absent or bad
+    (the problem appended)."""
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
     try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return parse_timestamp(value)
         ms = parse_time(value) if isinstance(value, str) else None
     except ValueError as exc:
         problems.append(f"{name}: {exc}")
@@ -238,8 +246,8 @@ def parse_correction(body: Any, meters: MetersConfig) -> Correction:
             )
         keys = _keys(body, kind, problems)
     else:
-        from_ms = _instant(body, "from", problems)
-        to_ms = _instant(body, "to", problems)
+        from_ms = instant(body, "from", problems)
+        to_ms = instant(body, "to", problems)
         if "from" not in body or "to" not in body:
             problems.append("from, to: a range void needs both (to is exclusive)")
         elif from_ms is not None and to_ms is not None and from_ms >= to_ms:

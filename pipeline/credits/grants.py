@@ -20,11 +20,18 @@ from typing import Any
 
 from meterstream.credits.money import (
     amount_problem,
-    canon,
     currency_problem,
     in_minor_units_problem,
 )
-from meterstream.credits.values import MAX_MS, id_problem, int_problem, ms_problem, raise_problems
+from meterstream.credits.values import (
+    MAX_MS,
+    JsonFields,
+    id_problem,
+    int_problem,
+    json_decimal,
+    ms_problem,
+    raise_problems,
+)
 from meterstream.errors import CreditsError
 
 ORIGINS = ("manual", "promotion", "purchase", "recharge")
@@ -34,7 +41,7 @@ _NEVER = MAX_MS + 1  # sorts after every real expiry
 
 
 @dataclass(frozen=True)
-class Grant:
+class Grant(JsonFields):
     """``amount`` of credit for ``customer_id``, usable on ``[effective_ms, expires_ms)``.
 
     ``origin`` says where it came from (``manual``, ``promotion``, ``purchase`` or
@@ -73,19 +80,6 @@ class Grant:
         raise_problems("grant", [problem])
         object.__setattr__(self, "amount", Decimal(self.amount))
 
-    def to_json(self) -> dict[str, Any]:
-        """The grant as JSON (amount as a decimal string, times in epoch ms)."""
-        return {
-            "grant_id": self.grant_id,
-            "customer_id": self.customer_id,
-            "amount": canon(self.amount),
-            "currency": self.currency,
-            "effective_ms": self.effective_ms,
-            "expires_ms": self.expires_ms,
-            "priority": self.priority,
-            "origin": self.origin,
-        }
-
     @classmethod
     def from_json(cls, doc: Any) -> Grant:
         """A grant from :meth:`to_json`'s shape; raises :class:`CreditsError` on anything else."""
@@ -95,7 +89,7 @@ class Grant:
         return cls(
             grant_id=fields["grant_id"],
             customer_id=fields["customer_id"],
-            amount=_decimal(fields["amount"], "amount"),
+            amount=json_decimal(fields["amount"], "amount"),
             currency=fields["currency"],
             effective_ms=fields["effective_ms"],
             expires_ms=fields.get("expires_ms"),
@@ -105,7 +99,7 @@ class Grant:
 
 
 @dataclass(frozen=True)
-class Void:
+class Void(JsonFields):
     """Removes what is left of ``grant_id`` at ``voided_ms``; the earliest void wins."""
 
     grant_id: str
@@ -125,14 +119,6 @@ class Void:
                 else "reason must be a string of at most 500 characters",
             ],
         )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "grant_id": self.grant_id,
-            "customer_id": self.customer_id,
-            "voided_ms": self.voided_ms,
-            "reason": self.reason,
-        }
 
     @classmethod
     def from_json(cls, doc: Any) -> Void:
@@ -173,13 +159,3 @@ def _fields(doc: Any, what: str, required: tuple[str, ...]) -> dict[str, Any]:
     if missing:
         raise CreditsError(f"invalid {what}: missing {', '.join(missing)}")
     return doc
-
-
-def _decimal(value: Any, what: str) -> Decimal:
-    """A JSON amount (a decimal string or an integer) as a Decimal; floats are refused."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise CreditsError(f"{what} must be a decimal string, got {type(value).__name__}")
-    try:
-        return Decimal(value)
-    except ArithmeticError:
-        raise CreditsError(f"{what} is not a decimal: {value!r}") from None

@@ -47,6 +47,7 @@ from meterstream.credits.money import (
 )
 from meterstream.credits.values import (
     MAX_MS,
+    JsonFields,
     id_problem,
     int_problem,
     ms_problem,
@@ -82,7 +83,7 @@ _STRIPE_TYPES = {
 
 
 @dataclass(frozen=True)
-class Purchase:
+class Purchase(JsonFields):
     """A request to buy ``amount`` of credit; the grant it leads to has these terms."""
 
     purchase_id: str
@@ -129,18 +130,6 @@ class Purchase:
             priority=self.priority,
             origin=self.origin,
         )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "purchase_id": self.purchase_id,
-            "customer_id": self.customer_id,
-            "amount": canon(self.amount),
-            "currency": self.currency,
-            "created_ms": self.created_ms,
-            "origin": self.origin,
-            "priority": self.priority,
-            "expires_after_ms": self.expires_after_ms,
-        }
 
 
 def purchase_id(customer_id: str, request_key: str) -> str:
@@ -251,23 +240,13 @@ def _at(doc: Any, *keys: str, path: str = "") -> Any:
 
 
 @dataclass(frozen=True)
-class PurchaseState:
+class PurchaseState(JsonFields):
     purchase: Purchase
     status: PurchaseStatus = PurchaseStatus.CREATED
     payment_intent_id: str | None = None
     seen_event_ids: frozenset[str] = frozenset()
     granted_ms: int | None = None  # when the grant starts (set on success)
     failure_code: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "purchase": self.purchase.to_json(),
-            "status": self.status.value,
-            "payment_intent_id": self.payment_intent_id,
-            "seen_event_ids": sorted(self.seen_event_ids),
-            "granted_ms": self.granted_ms,
-            "failure_code": self.failure_code,
-        }
 
 
 @dataclass(frozen=True)

@@ -44,12 +44,19 @@ from meterstream.credits.money import (
 )
 from meterstream.credits.purchases import Purchase
 from meterstream.credits.status import CustomerStatus
-from meterstream.credits.values import MAX_MS, id_problem, int_problem, raise_problems, stable_id
+from meterstream.credits.values import (
+    MAX_MS,
+    JsonFields,
+    id_problem,
+    int_problem,
+    raise_problems,
+    stable_id,
+)
 from meterstream.errors import CreditsError
 
 
 @dataclass(frozen=True)
-class AutoRecharge:
+class AutoRecharge(JsonFields):
     """A customer's recharge rule: at ``balance <= threshold``, buy back up to ``target``."""
 
     customer_id: str
@@ -83,19 +90,9 @@ class AutoRecharge:
                 f"the threshold ({canon(Decimal(self.threshold))})"
             )
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "customer_id": self.customer_id,
-            "currency": self.currency,
-            "threshold": canon(self.threshold),
-            "target": canon(self.target),
-            "priority": self.priority,
-            "expires_after_ms": self.expires_after_ms,
-        }
-
 
 @dataclass(frozen=True)
-class RechargeState:
+class RechargeState(JsonFields):
     """``enabled`` (off after a failed payment), ``armed``, the purchase ``pending``."""
 
     enabled: bool = True
@@ -103,15 +100,6 @@ class RechargeState:
     pending: str | None = None
     generation: int = 0
     disabled_reason: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "enabled": self.enabled,
-            "armed": self.armed,
-            "pending": self.pending,
-            "generation": self.generation,
-            "disabled_reason": self.disabled_reason,
-        }
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> RechargeState:

@@ -28,11 +28,13 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from meterstream.credits.money import EXACT, amount_problem, canon, currency_problem
+from meterstream.credits.money import EXACT, amount_problem, currency_problem
 from meterstream.credits.values import (
     MAX_ID_CHARS,
+    JsonFields,
     id_problem,
     int_problem,
+    json_decimal,
     ms_problem,
     raise_problems,
 )
@@ -42,7 +44,7 @@ MAX_REVISION = 2**63 - 1
 
 
 @dataclass(frozen=True)
-class SpendChange:
+class SpendChange(JsonFields):
     """The cost of ``source`` (usage at ``event_ms``) changed from ``previous`` to ``amount``."""
 
     customer_id: str
@@ -90,17 +92,6 @@ class SpendChange:
             other.currency,
         )
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "customer_id": self.customer_id,
-            "source": self.source,
-            "event_ms": self.event_ms,
-            "amount": canon(self.amount),
-            "currency": self.currency,
-            "revision": self.revision,
-            "previous": None if self.previous is None else canon(self.previous),
-        }
-
     @classmethod
     def from_json(cls, doc: Any) -> SpendChange:
         if not isinstance(doc, dict):
@@ -111,10 +102,10 @@ class SpendChange:
                 customer_id=doc["customer_id"],
                 source=doc["source"],
                 event_ms=doc["event_ms"],
-                amount=_decimal(doc["amount"]),
+                amount=json_decimal(doc["amount"], "amount"),
                 currency=doc["currency"],
                 revision=doc["revision"],
-                previous=None if previous is None else _decimal(previous),
+                previous=None if previous is None else json_decimal(previous, "previous"),
             )
         except KeyError as exc:
             raise CreditsError(f"invalid spend change: missing {exc}") from None
@@ -132,12 +123,3 @@ def window_source(meter: str, window_start_ms: int, group_key: str = "") -> str:
         digest = hashlib.sha256(name.encode()).hexdigest()[:32]
         name = f"{meter[:100]}|{window_start_ms}|#{digest}"
     return name
-
-
-def _decimal(value: Any) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise CreditsError(f"amounts must be decimal strings, got {type(value).__name__}")
-    try:
-        return Decimal(value)
-    except ArithmeticError:
-        raise CreditsError(f"not a decimal: {value!r}") from None

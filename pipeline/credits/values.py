@@ -7,9 +7,14 @@ mistaken input is refused with a clear message before it can reach the ledger.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable
+from decimal import Decimal
+from enum import Enum
+from typing import Any
 
+from meterstream.credits.money import canon
 from meterstream.errors import CreditsError
 
 MAX_ID_CHARS = 200
@@ -46,6 +51,17 @@ def int_problem(value: object, what: str, low: int, high: int) -> str | None:
     return None
 
 
+def json_decimal(value: Any, what: str) -> Decimal:
+    """A JSON amount (a decimal string or an integer) as a Decimal; floats are refused
+    (a float has already lost the exact amount)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise CreditsError(f"{what} must be a decimal string, got {type(value).__name__}")
+    try:
+        return Decimal(value)
+    except ArithmeticError:
+        raise CreditsError(f"{what} is not a decimal: {value!r}") from None
+
+
 def raise_problems(what: str, problems: Iterable[str | None]) -> None:
     """Raise one :class:`CreditsError` listing every non-``None`` problem, if any."""
     found = [p for p in problems if p is not None]
@@ -62,3 +78,28 @@ def stable_id(prefix: str, *parts: str) -> str:
     """
     digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
     return f"{prefix}{digest[:32]}"
+
+
+def json_value(value: Any) -> Any:
+    """``value`` as JSON: amounts as canonical decimal strings (:func:`canon`), enums by
+    value, sets sorted, sequences element by element, value objects by their ``to_json``."""
+    if isinstance(value, Decimal):
+        return canon(value)
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, set | frozenset):
+        return sorted(json_value(v) for v in value)
+    if isinstance(value, tuple | list):
+        return [json_value(v) for v in value]
+    if hasattr(value, "to_json"):
+        return value.to_json()
+    return value
+
+
+class JsonFields:
+    """A dataclass value object as JSON: every field in declaration order, by
+    :func:`json_value` (what the API answers and ClickHouse keeps)."""
+
+    def to_json(self) -> dict[str, Any]:
+        assert dataclasses.is_dataclass(self)
+        return {f.name: json_value(getattr(self, f.name)) for f in dataclasses.fields(self)}

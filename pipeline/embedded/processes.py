@@ -104,17 +104,18 @@ def isolated_worker_env(
         for k, v in os.environ.items()
         if not k.startswith("METERSTREAM_") or k == "METERSTREAM_DEBUG"
     }
-    env.update(
-        METERSTREAM_KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-        METERSTREAM_CLICKHOUSE_DSN=clickhouse_dsn,
-        METERSTREAM_CLICKHOUSE_DATABASE=database,
-        METERSTREAM_TOPIC_PREFIX=prefix,
-        METERSTREAM_APP_ID=app_id,
-        METERSTREAM_STRIPE_API_BASE=stripe_url,
-        METERSTREAM_STRIPE_METER_EVENTS_BASE=stripe_url,
-        METERSTREAM_METERS_FILE=str(meters_file),
-        METERSTREAM_STATE_DIR=str(state_dir),
-        METERSTREAM_LOG_FORMAT="text",
-    )
+    slice_settings = {
+        "kafka_bootstrap_servers": bootstrap,
+        "clickhouse_dsn": clickhouse_dsn,
+        "clickhouse_database": database,
+        "topic_prefix": prefix,
+        "app_id": app_id,
+        "stripe_api_base": stripe_url,
+        "stripe_meter_events_base": stripe_url,
+        "meters_file": str(meters_file),
+        "state_dir": str(state_dir),
+        "log_format": "text",
+    }
+    env.update({f"METERSTREAM_{name.upper()}": value for name, value in slice_settings.items()})
     env.update(extra)
     return env

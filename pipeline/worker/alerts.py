@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import faust
@@ -34,12 +34,14 @@ import orjson
 from meterstream.credits.alerts import AlertKind, Threshold, ThresholdState, evaluate
 from meterstream.credits.grants import Grant
 from meterstream.credits.status import CustomerStatus
+from meterstream.credits.values import json_decimal
 from meterstream.credits.webhooks import build_request, canonical_body, delivered, next_attempt_ms
 from meterstream.errors import CreditsError
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import credits as store
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.topics import BILLING_ALERTS
+from meterstream.worker.raw_topics import raw_topic
 
 log = logging.getLogger("meterstream.alerts")
 MAX_THRESHOLDS = 100
@@ -62,12 +64,7 @@ def threshold_of(doc: Any) -> Threshold:
         value = doc.get(name)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise CreditsError(f"{name} must be a decimal string, not {type(value).__name__}")
-        try:
-            return Decimal(value)
-        except InvalidOperation:
-            raise CreditsError(f"{name} is not a decimal: {value!r}") from None
+        return json_decimal(value, name)
 
     try:
         kind = AlertKind(str(doc.get("kind")))
@@ -121,13 +118,8 @@ class AlertDesk:
         self.secret = secret.get_secret_value() if secret is not None else ""
         self.topic: Any = None
         if app is not None:
-            self.topic = app.topic(
-                settings.topic(BILLING_ALERTS.name),
-                key_type=bytes,
-                value_type=bytes,
-                key_serializer="raw",
-                value_serializer="raw",
-                partitions=settings.partitions,
+            self.topic = raw_topic(
+                app, settings.topic(BILLING_ALERTS.name), partitions=settings.partitions
             )
         self._sending = asyncio.Lock()
 

@@ -30,6 +30,14 @@ log = logging.getLogger("meterstream.worker")
 EXIT_BATCH_FAILED = 70
 
 
+# None of Faust's own views (/table shows table data, /router the cluster, /stats, /graph,
+# /performance internals; none asks for a key). The index at / has no setting:
+# pipeline/api/guard.py answers 404 for every route web.py did not add.
+NO_FAUST_VIEWS: dict[str, Any] = {
+    f"web_{view}_enabled": False for view in ("tables", "router", "stats", "graph", "metrics")
+}
+
+
 def create_app(
     settings: Settings,
     meters: MetersConfig,
@@ -56,14 +64,7 @@ def create_app(
         web_port=settings.web_port,
         web_bind=settings.web_host,
         web_in_thread=False,
-        # None of Faust's own views (/table shows table data, /router the cluster, /stats,
-        # /graph, /performance internals; none asks for a key). The index at / has no
-        # setting: pipeline/api/guard.py answers 404 for every route web.py did not add.
-        web_tables_enabled=False,
-        web_router_enabled=False,
-        web_stats_enabled=False,
-        web_graph_enabled=False,
-        web_metrics_enabled=False,
+        **NO_FAUST_VIEWS,
         consumer_auto_offset_reset="earliest",
         producer_linger_ms=5,
         producer_max_batch_size=256 * 1024,

@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from meterstream.sinks.clickhouse.client import ClickHouse
-from meterstream.sinks.clickhouse.pricing import _dt, _ms
+from meterstream.sinks.clickhouse.pricing import _dt
 
 CREDIT_GRANTS = "credit_grants"
 CREDIT_GRANTS_COLUMNS = (
@@ -73,31 +73,18 @@ def append_grants(ch: ClickHouse, rows: Sequence[Sequence[Any]]) -> None:
 def grant_rows(ch: ClickHouse, customers: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Every grant and void row (of ``customers``, or all), times in epoch ms."""
     where, params = _customers_filter(customers)
-    rows = ch.query_rows(
+    rows = ch.query_dicts(
         f"""
-        SELECT customer_id, grant_id, kind, toString(amount), currency, effective_at,
-               expires_at, priority, origin, reason, changed_by
+        SELECT customer_id, grant_id, kind, toString(amount) AS amount, currency,
+               toUnixTimestamp64Milli(effective_at) AS effective_ms,
+               toUnixTimestamp64Milli(expires_at) AS expires_ms,
+               toInt64(priority) AS priority, origin, reason, changed_by
         FROM {CREDIT_GRANTS} FINAL {where}
         ORDER BY customer_id, changed_at, grant_id, kind
         """,
         parameters=params,
     )
-    return [
-        {
-            "customer_id": str(r[0]),
-            "grant_id": str(r[1]),
-            "kind": str(r[2]),
-            "amount": Decimal(str(r[3])),
-            "currency": str(r[4]),
-            "effective_ms": _ms(r[5]),
-            "expires_ms": None if r[6] is None else _ms(r[6]),
-            "priority": int(r[7]),
-            "origin": str(r[8]),
-            "reason": str(r[9]),
-            "changed_by": str(r[10]),
-        }
-        for r in rows
-    ]
+    return [_decimals(r, "amount") for r in rows]
 
 
 def append_entries(ch: ClickHouse, rows: Sequence[Sequence[Any]]) -> None:
@@ -116,31 +103,23 @@ def append_entries(ch: ClickHouse, rows: Sequence[Sequence[Any]]) -> None:
 def ledger_rows(ch: ClickHouse, customers: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Every ledger row (of ``customers``, or all), one per entry id, in time order."""
     where, params = _customers_filter(customers)
-    rows = ch.query_rows(
+    rows = ch.query_dicts(
         f"""
-        SELECT customer_id, entry_id, kind, toString(amount), currency, at, grant_id, source,
-               seq, toString(key_total), cause
+        SELECT customer_id, entry_id, kind, toString(amount) AS amount, currency,
+               toUnixTimestamp64Milli(at) AS at_ms, nullIf(grant_id, '') AS grant_id,
+               nullIf(source, '') AS source, toInt64(seq) AS seq,
+               toString(key_total) AS key_total, cause
         FROM {CREDIT_LEDGER} FINAL {where}
-        ORDER BY customer_id, at, kind, grant_id, source, seq
+        ORDER BY customer_id, at, kind, ifNull(grant_id, ''), ifNull(source, ''), seq
         """,
         parameters=params,
     )
-    return [
-        {
-            "customer_id": str(r[0]),
-            "entry_id": str(r[1]),
-            "kind": str(r[2]),
-            "amount": Decimal(str(r[3])),
-            "currency": str(r[4]),
-            "at_ms": _ms(r[5]),
-            "grant_id": str(r[6]) or None,
-            "source": str(r[7]) or None,
-            "seq": int(r[8]),
-            "key_total": Decimal(str(r[9])),
-            "cause": str(r[10]),
-        }
-        for r in rows
-    ]
+    return [_decimals(r, "amount", "key_total") for r in rows]
+
+
+def _decimals(row: dict[str, Any], *names: str) -> dict[str, Any]:
+    """``row`` with the decimal strings ``names`` (ClickHouse's ``toString``) as Decimals."""
+    return {**row, **{name: Decimal(row[name]) for name in names}}
 
 
 def ledger_balance(ch: ClickHouse, customer_id: str) -> Decimal:

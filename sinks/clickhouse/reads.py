@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 from typing import Any, TypeVar
 
 from meterstream.errors import (
@@ -49,15 +50,9 @@ GRACE_SECONDS = 5.0
 
 
 def sql_limits(settings: Settings) -> SqlLimits:
-    """The METERSTREAM_SQL_* limits."""
-    return SqlLimits(
-        max_seconds=settings.sql_max_seconds,
-        max_memory_mb=settings.sql_max_memory_mb,
-        max_rows_read=settings.sql_max_rows_read,
-        max_result_rows=settings.sql_max_result_rows,
-        max_result_bytes=settings.sql_max_result_bytes,
-        max_threads=settings.sql_max_threads,
-    )
+    """The METERSTREAM_SQL_* limits: each field of :class:`SqlLimits` from the setting
+    ``sql_<field>``."""
+    return SqlLimits(**{f.name: getattr(settings, f"sql_{f.name}") for f in fields(SqlLimits)})
 
 
 class SqlBusy(MeterstreamError):

@@ -11,8 +11,6 @@ import random
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -21,24 +19,17 @@ import pytest
 from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.support.http import request_json, status_of
 from tests.support.meters import FAST_STRIPE, meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
 MINUTE = 60_000
 
-METERS = """
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    window: minute
-  - name: calls
-    event_name: chat
-    aggregation: count
-    window: minute
-"""
+METERS = meters_yaml(
+    meter_entry("tokens", "chat", "sum", "properties.tokens", window="minute"),
+    meter_entry("calls", "chat", "count", window="minute"),
+)
 
 PLANS = """
 plans:
@@ -48,24 +39,6 @@ plans:
       - {meter: tokens, unit_price: 0.001}
 default_plan: metered
 """
-
-
-def _request(url: str, token: str | None = None, method: str = "GET", body: Any = None) -> Any:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
-
-
-def _status(url: str, token: str | None, method: str = "GET", body: Any = None) -> int:
-    try:
-        _request(url, token, method, body)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    return 200
 
 
 def _windows(worker: Worker, meter: str) -> dict[tuple[str, int], Decimal]:
@@ -142,6 +115,17 @@ def _cli(stack: StackSlice, worker: Worker, *args: str) -> Any:
     return json.loads(run.stdout)
 
 
+def _acme(key: str, timestamp: int, tokens: Any, **properties: str) -> dict[str, Any]:
+    """A chat event of customer acme."""
+    return {
+        "event_name": "chat",
+        "customer_id": "acme",
+        "idempotency_key": key,
+        "timestamp": timestamp,
+        "properties": {"tokens": tokens, **properties},
+    }
+
+
 def _month(ms: int) -> str:
     return time.strftime("%Y-%m", time.gmtime(ms / 1000))
 
@@ -158,7 +142,7 @@ def _start(stack: StackSlice, **env: str) -> tuple[Worker, str]:
 
 
 def _usage_total(worker: Worker, token: str, customer: str, lo: int, hi: int) -> Decimal:
-    doc = _request(
+    doc = request_json(
         f"{worker.web_url}/v1/customers/{customer}/usage?meter=tokens&from={lo}&to={hi}", token
     )
     return sum((Decimal(str(r["value"])) for r in doc["usage"]), Decimal(0))
@@ -195,11 +179,33 @@ def test_range_void_with_property_filter(stack: StackSlice) -> None:
     # a customer's own key may not correct history; no key neither
     keys = KeyStore(stack.tmp / "state" / "api_keys.json")
     _, acme_key = keys.create("acme only", "acme")
-    assert _status(url, acme_key, "POST", body) == 403
-    assert _status(url, None, "POST", body) == 401
-    assert _status(url, operator, "POST", {**body, "reason": None}) == 400
+    assert status_of(url, acme_key, "POST", body) == 403
+    assert status_of(url, None, "POST", body) == 401
+    assert status_of(url, operator, "POST", {**body, "reason": None}) == 400
 
-    doc = _request(url, operator, "POST", body)
+    # the command's dry run selects the same events, and changes nothing
+    dry = _cli(
+        stack,
+        worker,
+        "corrections",
+        "void",
+        "--customer",
+        "acme",
+        "--from",
+        str(lo),
+        "--to",
+        str(hi),
+        "--where",
+        json.dumps(body["where"][0]),
+        "--reason",
+        "a bug doubled large-model tokens",
+        "--dry-run",
+    )
+    assert dry["status"] == "dry_run"
+    assert dry["events_affected"] == len(voided)
+    assert worker.sql("SELECT count() AS n FROM event_corrections")[0]["n"] == 0
+
+    doc = request_json(url, operator, "POST", body)
     assert doc["events_affected"] == len(voided)
     assert doc["status"] == "applied"
     kept = [e for e in events if e["idempotency_key"] not in voided]
@@ -213,7 +219,7 @@ def test_range_void_with_property_filter(stack: StackSlice) -> None:
     spans_months = time.strftime("%Y-%m", time.gmtime((now - 40 * MINUTE) / 1000)) != period
 
     def preview_tokens() -> Decimal:
-        doc = _request(
+        doc = request_json(
             f"{worker.web_url}/v1/customers/acme/invoice-preview?period={period}", operator
         )
         line = next(x for x in doc["lines"] if x["meter"] == "tokens")
@@ -251,15 +257,17 @@ def test_range_void_with_property_filter(stack: StackSlice) -> None:
     assert len(shown["events"]) == len(voided)
 
     # a repeat with the same correction_id is the same correction: nothing changes
-    again = _request(url, operator, "POST", body)
+    again = request_json(url, operator, "POST", body)
     assert again["repeated"] is True
     assert again["events_affected"] == len(voided)
     time.sleep(2)
     _settle(worker, expected)
     assert len(worker.sql("SELECT * FROM corrections WHERE correction_id = 'void-large-1'")) == 1
-    shown = _request(f"{url}/void-large-1", operator)
+    shown = request_json(f"{url}/void-large-1", operator)
     assert {e["idempotency_key"] for e in shown["events"]} == voided
-    assert any(c["correction_id"] == "void-large-1" for c in _request(url, operator)["corrections"])
+    assert any(
+        c["correction_id"] == "void-large-1" for c in request_json(url, operator)["corrections"]
+    )
     metrics = worker.metrics()
     assert 'meterstream_corrections_total{kind="void"} 1.0' in metrics
     assert f'meterstream_corrected_events_total{{action="voided"}} {len(voided)}.0' in metrics
@@ -301,7 +309,7 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     after = _reference(amended, "tokens")
 
     # the dry run says exactly what the amendment then does, and changes nothing
-    dry = _request(url, operator, "POST", {**body, "dry_run": True})
+    dry = request_json(url, operator, "POST", {**body, "dry_run": True})
     assert dry["status"] == "dry_run"
     changed = {
         (w["customer_id"], w["window_start_ms"]): (
@@ -324,7 +332,7 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     assert Decimal(period["after"]["value"]) == month_total + after[window] - before[window]
     preview_url = f"{worker.web_url}/v1/customers/acme/invoice-preview?period={month}"
     invoice = next(i for i in dry["invoices"] if i["customer_id"] == "acme")
-    assert Decimal(invoice["total_before"]) == Decimal(_request(preview_url, operator)["total"])
+    assert Decimal(invoice["total_before"]) == Decimal(request_json(preview_url, operator)["total"])
     cents = Decimal("0.01")
     month_after = month_total + after[window] - before[window]
     assert Decimal(invoice["change"]) == (
@@ -351,20 +359,38 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     assert by_cli["windows"] == dry["windows"]
     assert by_cli["periods"] == dry["periods"]
 
-    doc = _request(url, operator, "POST", body)
+    doc = request_json(url, operator, "POST", body)
     assert doc["events_affected"] == 1
     _settle(worker, {"tokens": after})
     # what the dry run said the invoice would be, it is
-    assert Decimal(_request(preview_url, operator)["total"]) == Decimal(invoice["total_after"])
+    assert Decimal(request_json(preview_url, operator)["total"]) == Decimal(invoice["total_after"])
 
-    # a SIGKILL and a restart keep the corrected totals (rebuilt from the effective record)
+    # a void, and a SIGKILL as soon as it is answered (its rebuild may not have run, or
+    # run without its offset committed): after the restart the totals are the corrected
+    # ones (the usage-corrections record is replayed; a rebuild reads the record)
+    victim = next(
+        e
+        for e in events
+        if e["customer_id"] == "acme" and e["idempotency_key"] != target["idempotency_key"]
+    )
+    void = {
+        "kind": "void",
+        "keys": [{"customer_id": "acme", "idempotency_key": victim["idempotency_key"]}],
+        "reason": "test traffic",
+    }
+    assert request_json(url, operator, "POST", void)["events_affected"] == 1
     worker.kill()
-    stack.workers.remove(worker)
+    kept = [e for e in amended if e["idempotency_key"] != victim["idempotency_key"]]
     worker, _ = _start(stack)
-    # every window of acme is rebuilt from the record on the next batch that touches it
-    stack.produce([{**target, "idempotency_key": "after-restart", "properties": {"tokens": 1}}])
-    amended.append({**target, "idempotency_key": "after-restart", "properties": {"tokens": 1}})
-    _settle(worker, {"tokens": _reference(amended, "tokens")})
+    _settle(worker, {"tokens": _reference(kept, "tokens")})
+    # and the worker's own window states are the corrected ones: an event added to the
+    # amended and the voided windows lands on the corrected totals
+    more = [
+        {**target, "idempotency_key": "after-restart-1", "properties": {"tokens": 1}},
+        {**victim, "idempotency_key": "after-restart-2", "properties": {"tokens": 2}},
+    ]
+    stack.produce(more)
+    _settle(worker, {"tokens": _reference(kept + more, "tokens")})
 
 
 def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
@@ -374,13 +400,7 @@ def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
     rng = random.Random(3)
 
     def event(i: int, lo: int, hi: int) -> dict[str, Any]:
-        return {
-            "event_name": "chat",
-            "customer_id": "acme",
-            "idempotency_key": f"bf-{i:04d}",
-            "timestamp": rng.randrange(lo, hi),
-            "properties": {"tokens": rng.randrange(1, 500), "model": "small"},
-        }
+        return _acme(f"bf-{i:04d}", rng.randrange(lo, hi), rng.randrange(1, 500), model="small")
 
     live = [event(i, now - 5 * MINUTE, now - MINUTE) for i in range(10)]
     late = [event(100 + i, now - 50 * MINUTE, now - 20 * MINUTE) for i in range(10)]
@@ -396,18 +416,43 @@ def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
     _settle(worker, {"tokens": _reference(live, "tokens")})
 
     url = f"{worker.web_url}/v1/backfill"
+    # an old event whose value no meter can read, and one that is not a valid event: each
+    # dead-lettered with its reason, as the stream does
+    unreadable = _acme("bf-bad-value", now - 70 * MINUTE, "lots")
+    invalid = {**_acme("bf-bad-event", now - 70 * MINUTE, 5), "colour": "red"}
+    doc = request_json(url, operator, "POST", {"events": [unreadable, invalid], "reason": "bad"})
+    assert doc["counts"] == {"backfilled": 1, "live": 1}
+    assert [(o["index"], o["rejected"]) for o in doc["outcomes"] if "rejected" in o] == [
+        (1, "invalid_event")
+    ]
+    wait_until(
+        lambda: (
+            {
+                (r["idempotency_key"], r["reason"])
+                for r in worker.sql(
+                    "SELECT idempotency_key, reason FROM rejected_events"
+                    " WHERE idempotency_key LIKE 'bf-bad-%'"
+                )
+            }
+            == {("bf-bad-value", "invalid_value"), ("bf-bad-event", "invalid_event")}
+        ),
+        what="the bad backfilled events dead-lettered",
+    )
+
     # a dry run of the file: what would be backfilled, nothing written
     file_body = {"events": old + live[:3], "reason": "import of last quarter", "author": "ops"}
-    dry = _request(url, operator, "POST", {**file_body, "dry_run": True})
+    dry = request_json(url, operator, "POST", {**file_body, "dry_run": True})
     assert dry["counts"] == {"backfilled": len(old), "live": 3}
     time.sleep(1)
     _settle(worker, {"tokens": _reference(live, "tokens")})
 
-    doc = _request(url, operator, "POST", file_body)
+    doc = request_json(url, operator, "POST", file_body)
     assert doc["counts"] == {"backfilled": len(old), "live": 3}
     _settle(worker, {"tokens": _reference(live + old, "tokens")})
     # the too_late events, re-imported from rejected_events
-    doc = _request(url, operator, "POST", {"rejected": "too_late", "reason": "horizon was short"})
+    doc = request_json(
+        url, operator, "POST", {"rejected": "too_late", "reason": "horizon was short"}
+    )
     assert doc["counts"] == {"backfilled": len(late)}
     everything = live + old + late
     _settle(worker, {"tokens": _reference(everything, "tokens")})
@@ -419,18 +464,19 @@ def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
         stack, worker, "backfill", str(events_file), "--reason", "again", "--batch-size", "7"
     )
     assert again["counts"] == {"already_recorded": len(old), "live": 3}
-    again = _request(url, operator, "POST", {"rejected": "too_late", "reason": "twice"})
+    again = request_json(url, operator, "POST", {"rejected": "too_late", "reason": "twice"})
     assert again["counts"] == {"already_recorded": len(late)}
     time.sleep(3)
     _settle(worker, {"tokens": _reference(everything, "tokens")})
     recorded = worker.sql("SELECT count() AS n FROM usage_events FINAL")
-    assert recorded[0]["n"] == len(everything)
+    assert recorded[0]["n"] == len(everything) + 1  # the unreadable one, counted by no meter
     log = worker.sql("SELECT kind, events_affected FROM corrections FINAL ORDER BY created_at")
     assert [(r["kind"], int(r["events_affected"])) for r in log] == [
+        ("backfill", 1),
         ("backfill", len(old)),
         ("backfill", len(late)),
     ]
-    backfilled = len(old) + len(late)
+    backfilled = 1 + len(old) + len(late)
     assert f'meterstream_corrected_events_total{{action="backfilled"}} {backfilled}.0' in (
         worker.metrics()
     )
@@ -486,16 +532,8 @@ def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackS
     rng = random.Random(2612)
 
     def event(i: int, lo: int, hi: int) -> dict[str, Any]:
-        return {
-            "event_name": "chat",
-            "customer_id": "acme",
-            "idempotency_key": f"s-{i:04d}",
-            "timestamp": rng.randrange(lo, hi),
-            "properties": {
-                "tokens": str(Decimal(rng.randrange(1, 5000)) / 10),
-                "stripe_customer_id": "cus_acme",
-            },
-        }
+        tokens = str(Decimal(rng.randrange(1, 5000)) / 10)
+        return _acme(f"s-{i:04d}", rng.randrange(lo, hi), tokens, stripe_customer_id="cus_acme")
 
     live = [event(i, now - 9 * MINUTE, now - MINUTE) for i in range(30)]
     live += [dict(e) for e in rng.sample(live, 8)]  # duplicates
@@ -514,11 +552,11 @@ def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackS
     )
     credits = f"{worker.web_url}/v1/customers/acme/credits"
     wait_until(
-        lambda: _status(f"{worker.web_url}/v1/customers/acme/entitlements", operator) == 200,
+        lambda: status_of(f"{worker.web_url}/v1/customers/acme/entitlements", operator) == 200,
         what="credits ready",
     )
     grant = Decimal("5000.00")
-    _request(f"{credits}/grants", operator, "POST", {"amount": str(grant), "grant_id": "g1"})
+    request_json(f"{credits}/grants", operator, "POST", {"amount": str(grant), "grant_id": "g1"})
     stack.produce(live + late)
 
     def check(counted: list[dict[str, Any]]) -> None:
@@ -528,7 +566,8 @@ def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackS
         # the burn prices each window (0.001 per token) and takes it from the grant
         wait_until(
             lambda: (
-                Decimal(_request(credits, operator)["balance"]) == grant - tokens * Decimal("0.001")
+                Decimal(request_json(credits, operator)["balance"])
+                == grant - tokens * Decimal("0.001")
             ),
             timeout=60,
             what=f"balance {grant - tokens * Decimal('0.001')}",
@@ -545,32 +584,43 @@ def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackS
         if lo <= e["timestamp"] < hi and Decimal(e["properties"]["tokens"]) >= 200
     }
     assert voided
-    doc = _request(
-        f"{worker.web_url}/v1/corrections",
-        operator,
-        "POST",
-        {
-            "kind": "void",
-            "customer_id": "acme",
-            "meter": "tokens",
-            "from": lo,
-            "to": hi,
-            "where": [{"property": "properties.tokens", "operator": "gte", "value": 200}],
-            "reason": "tokens doubled by a client bug",
-        },
-    )
-    assert doc["events_affected"] == len(voided)
+    void = {
+        "kind": "void",
+        "customer_id": "acme",
+        "meter": "tokens",
+        "from": lo,
+        "to": hi,
+        "where": [{"property": "properties.tokens", "operator": "gte", "value": 200}],
+        "reason": "tokens doubled by a client bug",
+    }
     kept = [e for e in live if e["idempotency_key"] not in voided]
+    price = Decimal("0.001")
+
+    def tokens(events: list[dict[str, Any]]) -> Decimal:
+        return sum(_reference(events, "tokens").values(), Decimal(0))
+
+    # the dry run: the balance and what Stripe receives, before anything changes
+    dry = request_json(
+        f"{worker.web_url}/v1/corrections", operator, "POST", {**void, "dry_run": True}
+    )
+    assert [
+        (b["customer_id"], Decimal(b["balance_before"]), Decimal(b["balance_after"]))
+        for b in dry["balances"]
+    ] == [("acme", grant - tokens(live) * price, grant - tokens(kept) * price)]
+    assert Decimal(dry["balances"][0]["change"]) == (tokens(live) - tokens(kept)) * price
+    assert sum(Decimal(s["value"]) for s in dry["stripe"]) == tokens(kept) - tokens(live)
+    doc = request_json(f"{worker.web_url}/v1/corrections", operator, "POST", void)
+    assert doc["events_affected"] == len(voided)
     check(kept)
 
     backfill = f"{worker.web_url}/v1/backfill"
-    doc = _request(backfill, operator, "POST", {"events": old, "reason": "last hour's import"})
+    doc = request_json(backfill, operator, "POST", {"events": old, "reason": "last hour's import"})
     assert doc["counts"] == {"backfilled": len(old)}
-    doc = _request(backfill, operator, "POST", {"rejected": "too_late", "reason": "re-import"})
+    doc = request_json(backfill, operator, "POST", {"rejected": "too_late", "reason": "re-import"})
     assert doc["counts"] == {"backfilled": len(late)}
     check(kept + old + late)
     # again: nothing changes
-    doc = _request(backfill, operator, "POST", {"events": old, "reason": "twice"})
+    doc = request_json(backfill, operator, "POST", {"events": old, "reason": "twice"})
     assert doc["counts"] == {"already_recorded": len(old)}
     time.sleep(3)
     check(kept + old + late)

@@ -18,8 +18,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -30,6 +28,7 @@ from aiokafka import AIOKafkaConsumer
 from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.support.http import request_json, status_of
 
 pytestmark = pytest.mark.integration
 
@@ -54,24 +53,6 @@ plans:
       - {meter: tokens, unit_price: 0.001}
 default_plan: prepaid
 """
-
-
-def _request(url: str, token: str | None = None, method: str = "GET", body: Any = None) -> Any:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
-
-
-def _status(url: str, token: str, method: str = "GET", body: Any = None) -> int:
-    try:
-        _request(url, token, method, body)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    return 200
 
 
 def _iso(ms: int) -> str:
@@ -242,8 +223,8 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
         **env,
     )
     base = f"{worker.web_url}/v1/customers/acme"
-    wait_until(lambda: _status(f"{base}/entitlements", operator) == 200, what="credits ready")
-    assert _status(f"{base}/credits", operator) == 404  # no grant yet
+    wait_until(lambda: status_of(f"{base}/entitlements", operator) == 200, what="credits ready")
+    assert status_of(f"{base}/credits", operator) == 404  # no grant yet
 
     # grant A through the API; a restricted key may not grant, even to itself
     body_a = {
@@ -253,14 +234,14 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
         "expires": _iso(t_mid),
         "grant_id": "grant-a",
     }
-    assert _status(f"{base}/credits/grants", acme_key, "POST", body_a) == 403
-    made = _request(f"{base}/credits/grants", operator, "POST", body_a)
+    assert status_of(f"{base}/credits/grants", acme_key, "POST", body_a) == 403
+    made = request_json(f"{base}/credits/grants", operator, "POST", body_a)
     assert made["grant"]["grant_id"] == "grant-a"
     # nothing used yet: all of A expired at t_mid (already past)
     assert Decimal(made["balance"]) == 0
     # a float amount is refused
     refused = {"amount": 1.5, "grant_id": "float"}
-    assert _status(f"{base}/credits/grants", operator, "POST", refused) == 400
+    assert status_of(f"{base}/credits/grants", operator, "POST", refused) == 400
 
     # grant B through the CLI (through the running worker)
     state = stack.tmp / "cli-state"
@@ -284,17 +265,17 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
         {"id": "grant-b", "amount": b_amount, "priority": 50, "effective": effective,
          "expires": None},
     ]  # fmt: skip
-    assert Decimal(_request(f"{base}/credits", acme_key)["balance"]) == b_amount
+    assert Decimal(request_json(f"{base}/credits", acme_key)["balance"]) == b_amount
     low = (b_amount / 2).quantize(Decimal("0.01"))
     thresholds = {"thresholds": [
         {"threshold_id": "low", "kind": "balance_below", "amount": str(low)},
         {"threshold_id": "out", "kind": "balance_exhausted"},
     ]}  # fmt: skip
-    assert _status(f"{base}/credits/alerts", acme_key, "PUT", thresholds) == 403
+    assert status_of(f"{base}/credits/alerts", acme_key, "PUT", thresholds) == 403
     bad = {"thresholds": [{"threshold_id": "x", "kind": "nope"}]}
-    assert _status(f"{base}/credits/alerts", operator, "PUT", bad) == 400
-    _request(f"{base}/credits/alerts", operator, "PUT", thresholds)
-    assert _request(f"{base}/entitlements", acme_key)["has_access"] is True
+    assert status_of(f"{base}/credits/alerts", operator, "PUT", bad) == 400
+    request_json(f"{base}/credits/alerts", operator, "PUT", thresholds)
+    assert request_json(f"{base}/entitlements", acme_key)["has_access"] is True
 
     # the stream, part one: before t_mid, sent twice (duplicates burn nothing)
     stack.produce(before)
@@ -303,10 +284,10 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     assert part_one["balance"] > 0
 
     def balance() -> Decimal:
-        return Decimal(_request(f"{base}/credits", operator)["balance"])
+        return Decimal(request_json(f"{base}/credits", operator)["balance"])
 
     wait_until(lambda: balance() == part_one["balance"], timeout=60, what="part one burned")
-    assert _request(f"{base}/entitlements", operator)["has_access"] is True
+    assert request_json(f"{base}/entitlements", operator)["has_access"] is True
 
     # part two: after t_mid, then a late event from before it; SIGKILL mid-stream
     stack.produce(after[:20])
@@ -322,11 +303,11 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     expected = _reference(everything, grants)
     assert expected["uncovered"] > 0  # the stream overran the credits
     wait_until(
-        lambda: _status(f"{base}/credits", operator) == 200 and balance() == expected["balance"],
+        lambda: status_of(f"{base}/credits", operator) == 200 and balance() == expected["balance"],
         timeout=90,
         what="everything burned",
     )
-    doc = _request(f"{base}/credits", acme_key)
+    doc = request_json(f"{base}/credits", acme_key)
     left = {g["grant_id"]: Decimal(g["remaining"]) for g in doc["grants"]}
     assert left == {"grant-a": 0, "grant-b": 0}
     assert Decimal(doc["uncovered"]) == expected["uncovered"]
@@ -338,14 +319,14 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     assert -totals.get("burn", 0) == expected["burned"]
     assert -totals.get("expiry", 0) == expected["expired"]
     assert -totals.get("uncovered", 0) == expected["uncovered"]
-    ledger = _request(f"{base}/credits/ledger", acme_key)
+    ledger = request_json(f"{base}/credits/ledger", acme_key)
     assert Decimal(ledger["totals"]["balance"]) == expected["balance"]
     assert Decimal(ledger["totals"]["expired"]) == expected["expired"]
     ids = [e["entry_id"] for e in ledger["entries"]]
     assert len(ids) == len(set(ids))
 
     # the entitlement flipped: no access at zero balance, on the API and on the topic
-    ent = _request(f"{base}/entitlements", acme_key)
+    ent = request_json(f"{base}/entitlements", acme_key)
     assert ent["has_access"] is False and ent["reasons"] == ["balance_exhausted"]
     assert Decimal(ent["balance"]) == expected["balance"]
     assert Decimal(ent["usage"]["tokens"]["used"]) == sum(
@@ -361,7 +342,7 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     took = []
     for _ in range(300):
         started = time.perf_counter()
-        _request(f"{base}/entitlements", acme_key)
+        request_json(f"{base}/entitlements", acme_key)
         took.append(time.perf_counter() - started)
     took.sort()
     print(
@@ -370,8 +351,8 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     )
 
     # keys: a restricted key reads its own customer only
-    assert _status(f"{base}/credits", other_key) == 403
-    assert _status(f"{base}/entitlements", other_key) == 403
+    assert status_of(f"{base}/credits", other_key) == 403
+    assert status_of(f"{base}/entitlements", other_key) == 403
 
     # the CLI reads the same balance and ledger (through the restarted worker)
     write_endpoints(state, {"web_url": worker.web_url})
@@ -384,15 +365,15 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
 
     # grant C pays the overrun first (settle); a void takes what is left of it
     c_amount = Decimal("3.00")
-    made = _request(
+    made = request_json(
         f"{base}/credits/grants", operator, "POST", {"amount": "3.00", "grant_id": "grant-c"}
     )
     settled = min(c_amount, expected["uncovered"])
     assert Decimal(made["balance"]) == expected["balance"] + c_amount
     void_url = f"{base}/credits/grants/grant-c/void"
-    assert _status(void_url, acme_key, "POST", {"reason": "test"}) == 403
-    assert _status(f"{base}/credits/grants/nope/void", operator, "POST", {}) == 404
-    voided = _request(void_url, operator, "POST", {"reason": "test"})
+    assert status_of(void_url, acme_key, "POST", {"reason": "test"}) == 403
+    assert status_of(f"{base}/credits/grants/nope/void", operator, "POST", {}) == 404
+    voided = request_json(void_url, operator, "POST", {"reason": "test"})
     final = expected["balance"] + settled
     assert Decimal(voided["balance"]) == final
     totals = _ledger_totals(worker, "acme")
@@ -422,7 +403,7 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
         **env,
     )
     base = f"{worker.web_url}/v1/customers/acme"
-    wait_until(lambda: _status(f"{base}/credits", operator) == 200, what="credits resumed")
+    wait_until(lambda: status_of(f"{base}/credits", operator) == 200, what="credits resumed")
     assert balance() == final
     time.sleep(2)
     assert worker.sql("SELECT count() AS n FROM credit_ledger FINAL")[0]["n"] == rows_before
@@ -439,11 +420,11 @@ def test_an_alert_pending_at_a_kill_is_delivered_once_after_the_restart(stack: S
     _, operator = keys.create("operator")
     worker = stack.start_worker(stack.meters_file(METERS), **env)
     base = f"{worker.web_url}/v1/customers/acme"
-    wait_until(lambda: _status(f"{base}/entitlements", operator) == 200, what="credits ready")
-    _request(f"{base}/credits/grants", operator, "POST",
+    wait_until(lambda: status_of(f"{base}/entitlements", operator) == 200, what="credits ready")
+    request_json(f"{base}/credits/grants", operator, "POST",
              {"amount": "1.00", "effective": _iso(now - HOUR)})  # fmt: skip
     out = {"thresholds": [{"threshold_id": "out", "kind": "balance_exhausted"}]}
-    _request(f"{base}/credits/alerts", operator, "PUT", out)
+    request_json(f"{base}/credits/alerts", operator, "PUT", out)
     stack.produce(
         [
             {"event_name": "chat", "customer_id": "acme", "idempotency_key": f"k-{i}",
@@ -467,7 +448,7 @@ def test_an_alert_pending_at_a_kill_is_delivered_once_after_the_restart(stack: S
     assert worker.stop() == 0
     worker = stack.start_worker(stack.meters_file(METERS), **env)
     base = f"{worker.web_url}/v1/customers/acme"
-    wait_until(lambda: _status(f"{base}/credits", operator) == 200, what="credits resumed")
+    wait_until(lambda: status_of(f"{base}/credits", operator) == 200, what="credits resumed")
     time.sleep(2)
     assert len(receiver.calls) == calls  # delivered: never sent again
     receiver.server.shutdown()

@@ -30,6 +30,7 @@ from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
 from meterstream.sinks.stripe.client import StripeMeterClient
 from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.support.http import request_json, status_of
 
 pytestmark = pytest.mark.integration
 
@@ -214,24 +215,6 @@ def _reference(
     return lines, sum(lines.values(), Decimal("0.00"))
 
 
-def _request(url: str, token: str | None = None, method: str = "GET", body: Any = None) -> Any:
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers=headers, method=method)
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
-
-
-def _status(url: str, token: str) -> int:
-    try:
-        _request(url, token)
-    except urllib.error.HTTPError as exc:
-        return exc.code
-    return 200
-
-
 def _preview_lines(doc: dict[str, Any]) -> dict[tuple[str, str, str], Decimal]:
     return {
         (line["plan"], line["kind"], line["meter"] or ""): Decimal(line["amount"])
@@ -286,16 +269,22 @@ def test_preview_equals_reference_and_the_priced_view(stack: StackSlice) -> None
         ("c2", "basic", f"{label}-01"),
         ("c2", "pro", _iso(change)),
     ):
-        answer = _request(plans_url.format(customer), operator, "PUT", {"plan": plan, "from": when})
+        answer = request_json(
+            plans_url.format(customer), operator, "PUT", {"plan": plan, "from": when}
+        )
         assert answer["change"] is not None
     # an unknown plan and a restricted key are refused; nothing changes
     with pytest.raises(urllib.error.HTTPError) as refused:
-        _request(plans_url.format("c0"), operator, "PUT", {"plan": "gold", "from": f"{label}-01"})
+        request_json(
+            plans_url.format("c0"), operator, "PUT", {"plan": "gold", "from": f"{label}-01"}
+        )
     assert refused.value.code == 400
     with pytest.raises(urllib.error.HTTPError) as refused:
-        _request(plans_url.format("c1"), c1_key, "PUT", {"plan": "basic", "from": f"{label}-02"})
+        request_json(
+            plans_url.format("c1"), c1_key, "PUT", {"plan": "basic", "from": f"{label}-02"}
+        )
     assert refused.value.code == 403
-    assert [p["plan"] for p in _request(plans_url.format("c2"))["plans"]] == ["basic", "pro"]
+    assert [p["plan"] for p in request_json(plans_url.format("c2"))["plans"]] == ["basic", "pro"]
 
     wait_until(
         lambda: worker.sql("SELECT count() AS n FROM usage_events FINAL")[0]["n"] == len(events),
@@ -310,7 +299,7 @@ def test_preview_equals_reference_and_the_priced_view(stack: StackSlice) -> None
     preview_url = f"{worker.web_url}/v1/customers/{{}}/invoice-preview?period={label}"
 
     def previews() -> dict[str, Any]:
-        return {c: _request(preview_url.format(c)) for c in segments}
+        return {c: request_json(preview_url.format(c)) for c in segments}
 
     deadline = time.monotonic() + 30  # the windows settle with the batch that wrote them
     while time.monotonic() < deadline:
@@ -330,10 +319,10 @@ def test_preview_equals_reference_and_the_priced_view(stack: StackSlice) -> None
     assert calls["tiers"][0]["flat_price"] == "1"
 
     # a customer-restricted key reads its own customer only
-    assert _status(preview_url.format("c1"), c1_key) == 200
-    assert _status(preview_url.format("c2"), c1_key) == 403
+    assert status_of(preview_url.format("c1"), c1_key) == 200
+    assert status_of(preview_url.format("c2"), c1_key) == 403
     bad_period = f"{worker.web_url}/v1/customers/c1/invoice-preview?period=2026-13"
-    assert _status(bad_period, operator) == 400
+    assert status_of(bad_period, operator) == 400
 
     # ClickHouse priced_usage_daily, summed per customer, meter and plan and rounded once,
     # equals the preview's usage lines
@@ -440,11 +429,11 @@ def test_preview_equals_reference_and_the_priced_view(stack: StackSlice) -> None
     asyncio.run(produce_plans())
     wait_until(
         lambda: (
-            _request(plans_url.format("c9"))["plans"]
+            request_json(plans_url.format("c9"))["plans"]
             == [{"plan": "basic", "from": f"{label}-03T00:00:00.000Z"}]
         ),
         what="the topic's schedule recorded",
     )
-    assert _request(plans_url.format("c8"))["plans"] == []
-    assert _request(plans_url.format("c7"))["plans"] == []
+    assert request_json(plans_url.format("c8"))["plans"] == []
+    assert request_json(plans_url.format("c7"))["plans"] == []
     assert "customer-plans topic: record refused" in worker.log()

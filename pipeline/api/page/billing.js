@@ -123,17 +123,19 @@ function moneyRows(preview) {
   return rows;
 }
 
+// Unless `got` is a 200: a note in `body` (`offNote` for a 404, the feature being off on
+// this meterstream, where given) and true.
+function noted(body, got, offNote) {
+  if (got.status === 200) return false;
+  const text = got.status === 404 && offNote ? offNote : `Not available (${got.status}).`;
+  body.replaceChildren(el("p", { class: "note" }, text));
+  return true;
+}
+
 async function loadInvoice(bounds) {
   const body = document.getElementById("invoice-body");
   const preview = await api(customerPath(`invoice-preview?period=${bounds.label}`));
-  if (preview.status === 404) {
-    body.replaceChildren(el("p", { class: "note" }, "No prices are configured on this meterstream."));
-    return;
-  }
-  if (preview.status !== 200) {
-    body.replaceChildren(el("p", { class: "note" }, `Not available (${preview.status}).`));
-    return;
-  }
+  if (noted(body, preview, "No prices are configured on this meterstream.")) return;
   const p = preview.body;
   const rows = moneyRows(p);
   rows.push({ attrs: { class: "total", "data-subtotal": "" }, cells: ["subtotal", "", p.subtotal ?? ""] });
@@ -148,14 +150,7 @@ async function loadCredits() {
   const body = document.getElementById("credits-body");
   const [found, credits] = await Promise.all([
     api(customerPath("entitlements")), api(customerPath("credits"))]);
-  if (found.status === 404) {
-    body.replaceChildren(el("p", { class: "note" }, "Prepaid credits and alerts are not enabled on this meterstream."));
-    return;
-  }
-  if (found.status !== 200) {
-    body.replaceChildren(el("p", { class: "note" }, `Not available (${found.status}).`));
-    return;
-  }
+  if (noted(body, found, "Prepaid credits and alerts are not enabled on this meterstream.")) return;
   const e = found.body;
   const why = e.reasons.map((r) => r.replaceAll("_", " ")).join(", ");
   const parts = [el("p", {}, "Access: ",
@@ -208,11 +203,7 @@ function when(ms) { return ms ? new Date(ms).toISOString().replace(".000Z", "Z")
 async function readInto(bodyId, path) {
   const body = document.getElementById(bodyId);
   const got = await api(customerPath(path));
-  if (got.status !== 200) {
-    body.replaceChildren(el("p", { class: "note" }, `Not available (${got.status}).`));
-    return null;
-  }
-  return { body, data: got.body };
+  return noted(body, got) ? null : { body, data: got.body };
 }
 
 async function loadStripe() {
