@@ -39,6 +39,15 @@ Evaluation semantics (the hot path; paths and filters are compiled once):
 - **group_key** is canonical JSON of ``{path: value}``; missing values are
   ``null`` and values are kept as sent (``1`` and ``1.0`` are different groups).
 
+Versions (README, "Meters that change"): a meter may list earlier definitions under
+``versions``, oldest first, each valid until its ``effective_until`` (the first from the
+beginning of time, each next from where the one before ends, the top-level definition
+from the last ``effective_until`` on). :meth:`Meter.matches` and :meth:`Meter.extract`
+use the definition valid at the event's timestamp, so every fold (the live batch, every
+rebuild from the record) counts history with the definition of its time. A version
+changes ``filters`` and ``value`` only; each ``effective_until`` is on a window boundary
+of the meter, so every window has one definition.
+
 Ranges (DESIGN.md: no value, and no combination of values, may leave what a
 column or Stripe can hold). Every value of a sum/max/min/latest meter, every
 window total of a sum meter, and for a sum meter with a ``stripe`` block and a
