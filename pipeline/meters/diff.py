@@ -225,10 +225,10 @@ def _rows(
 def _fold(
     config: MetersConfig, meters: Sequence[Meter], record: list[Any]
 ) -> dict[WindowKey, WindowState]:
-    states: dict[WindowKey, WindowState] = {}
-    for m in meters:
-        states.update(fold(config, record, meter=m))
-    return states
+    if len(meters) == 1:
+        return fold(config, record, meter=meters[0])
+    names = {m.name for m in meters}  # one pass over the record for all of them
+    return {k: s for k, s in fold(config, record).items() if k.meter in names}
 
 
 _RowKey = tuple[str, str, str, str, int | None]
