@@ -217,6 +217,7 @@ SCHEMAS: dict[str, Any] = {
                     "uncounted",
                     "rejected",
                     "never_seen",
+                    "voided",
                 ],
             },
             "summary": {"type": "string"},
@@ -227,6 +228,11 @@ SCHEMAS: dict[str, Any] = {
             "conflicting_copies": {"type": "array", "items": {"type": "object"}},
             "rejections": {"type": "array", "items": {"type": "object"}},
             "rejections_total": {"type": "integer"},
+            "corrections": {
+                "type": "array",
+                "items": {"type": "object"},
+                "description": "The event's corrections, oldest first (the last one wins).",
+            },
         },
     },
 }

@@ -251,6 +251,13 @@ def test_range_void_with_property_filter(stack: StackSlice) -> None:
     )
     assert {r["idempotency_key"] for r in marked} == voided
 
+    # a voided event's fate says so, and who voided it, and why
+    some = sorted(voided)[0]
+    answer = request_json(f"{worker.web_url}/v1/events/acme/{some}", operator)
+    assert answer["fate"] == "voided"
+    assert "a bug doubled large-model tokens" in answer["summary"]
+    assert [c["correction_id"] for c in answer["corrections"]] == ["void-large-1"]
+
     # the command shows it too
     shown = _cli(stack, worker, "corrections", "show", "void-large-1")
     assert shown["reason"] == "a bug doubled large-model tokens"
