@@ -15,7 +15,13 @@ which one of these happened, with the evidence:
 - ``rejected``: never counted: every dead-letter reason with every problem (an event set
   aside as ``unprocessable`` is in the record, marked, and counts for no meter);
 - ``never_seen``: neither the record nor the dead letters know the key (not sent, sent to
-  another customer or topic, or still in flight: a batch is recorded within seconds).
+  another customer or topic, or still in flight: a batch is recorded within seconds);
+- ``voided``: in the record, voided by a correction (README, "Fixing history"): counted by
+  no meter; a copy sent again is a duplicate.
+
+An amended event is answered with its amended properties (what every count reads), and
+every answer about a corrected event lists its corrections (``corrections``: who, when,
+why, the last one wins).
 
 Every answer about a recorded event lists, for each meter of its event name that did not
 count it, why (``not_counted``).
@@ -28,12 +34,22 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Final
 
+from meterstream.corrections import effective
 from meterstream.events import ALL_METERS, Reason, UsageEvent
 from meterstream.meters.config import InvalidValue, Meter, MetersConfig
 from meterstream.sinks.clickhouse import lookup
 from meterstream.sinks.clickhouse.client import ClickHouse
+from meterstream.sinks.clickhouse.corrections import key_corrections
 
-FATES: Final = ("counted", "duplicate", "conflicting", "uncounted", "rejected", "never_seen")
+FATES: Final = (
+    "counted",
+    "duplicate",
+    "conflicting",
+    "uncounted",
+    "rejected",
+    "never_seen",
+    "voided",
+)
 
 WindowRef = tuple[str, str, int]
 """(meter, group_key, window_start_ms) of one customer's window."""
@@ -164,13 +180,15 @@ def fate(
     rejected_total: int,
     meters: MetersConfig,
     windows: Mapping[WindowRef, tuple[Decimal, int]],
+    corrections: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """The answer of ``GET /v1/events/{customer_id}/{idempotency_key}``.
 
     ``record``: the key's usage_events rows, first ingested first (``event``: the
     UsageEvent fields, ``meters``, ``ingested_at_ms``); ``rejected``: its rejected_events
     rows, oldest first (``rejected_total``: how many there are, the list may be cut);
-    ``windows``: the current value and event count of the windows the event is in.
+    ``windows``: the current value and event count of the windows the event is in;
+    ``corrections``: the event's corrections, oldest first (the last one wins).
     """
     answer: dict[str, Any] = {"customer_id": customer_id, "idempotency_key": idempotency_key}
     duplicates = [r for r in rejected if r["reason"] == Reason.DUPLICATE]
@@ -191,6 +209,21 @@ def fate(
         answer["rejections"] = [_copy(r) for r in rejected]
         answer["rejections_total"] = rejected_total
         return answer
+    if corrections:
+        answer["corrections"] = [
+            {k: v for k, v in c.items() if k != "properties_json"} for c in corrections
+        ]
+        last = corrections[-1]
+        if last["action"] == "void":
+            answer["event"] = _event_doc(event, record[0]["ingested_at_ms"])
+            answer["fate"] = "voided"
+            answer["summary"] = (
+                f"voided by correction {last['correction_id']} ({last['author']}:"
+                f" {last['reason']}); counted by no meter, a copy sent again is a duplicate"
+            )
+            answer["rejections_total"] = rejected_total
+            return answer
+        event = effective.amended(event, last["properties_json"])
     answer["event"] = _event_doc(event, record[0]["ingested_at_ms"])
     if ALL_METERS in event.refused_meters:
         answer["fate"] = "rejected"
@@ -221,6 +254,8 @@ def fate(
     else:
         answer["fate"] = "counted"
         answer["summary"] = f"counted by {', '.join(counted_by)}"
+    if corrections:
+        answer["summary"] += f"; amended by correction {corrections[-1]['correction_id']}"
     if duplicates:
         answer["duplicates"] = [iso(r["received_at_ms"]) for r in duplicates]
     if others:
@@ -240,4 +275,5 @@ def read_fate(
     if event is not None:
         refs = windows_of(event, meters, record[0]["meters"])
         windows = lookup.window_values(ch, customer_id, refs)
-    return fate(customer_id, idempotency_key, record, rejected, total, meters, windows)
+    fixes = key_corrections(ch, customer_id, idempotency_key) if event is not None else []
+    return fate(customer_id, idempotency_key, record, rejected, total, meters, windows, fixes)

@@ -217,6 +217,7 @@ SCHEMAS: dict[str, Any] = {
                     "uncounted",
                     "rejected",
                     "never_seen",
+                    "voided",
                 ],
             },
             "summary": {"type": "string"},
@@ -227,6 +228,11 @@ SCHEMAS: dict[str, Any] = {
             "conflicting_copies": {"type": "array", "items": {"type": "object"}},
             "rejections": {"type": "array", "items": {"type": "object"}},
             "rejections_total": {"type": "integer"},
+            "corrections": {
+                "type": "array",
+                "items": {"type": "object"},
+                "description": "The event's corrections, oldest first (the last one wins).",
+            },
         },
     },
 }
@@ -289,6 +295,7 @@ def _routes_document() -> dict[str, Any]:
             **_correction_paths(),
             **_customer_paths(),
             **_stripe_paths(),
+            **_meters_paths(),
         },
     }
 
@@ -1158,4 +1165,151 @@ def _stripe_paths() -> dict[str, Any]:
                 "responses": _corrections_responses("A bad body or period."),
             },
         },
+    }
+
+
+_TOTAL = {
+    "type": ["object", "null"],
+    "description": "A total under one meters file; null where that file counts nothing.",
+    "properties": {
+        "value": {"type": "string", "description": "Exact decimal."},
+        "event_count": {"type": "integer"},
+        "out_of_range": {
+            "type": "boolean",
+            "description": "A window of it is outside the meter's range (sum meters).",
+        },
+    },
+}
+
+
+_TIME = {"type": ["string", "integer"], "description": "RFC 3339 or epoch ms."}
+
+
+def _meters_paths() -> dict[str, Any]:
+    """Meter definitions: the record's totals under two meters files; a recompute."""
+    return {
+        **_recompute_path(),
+        "/v1/meters/diff": {
+            "post": {
+                "summary": "The record's totals under two meters files, and the difference",
+                "description": "Read-only; `meterstream meters diff` uses it while this "
+                "worker holds ClickHouse. Per customer, meter, group and UTC month (or "
+                "window, `by_window`), computed from the record with the worker's fold.",
+                "security": KEY_REQUIRED,
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "required": ["old", "new", "from", "to"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "old": {"type": "string", "description": "A meters YAML document."},
+                            "new": {"type": "string", "description": "A meters YAML document."},
+                            "from": _TIME,
+                            "to": _TIME,
+                            "customer": {"type": ["string", "null"]},
+                            "meter": {"type": ["string", "null"]},
+                            "by_window": {"type": "boolean"},
+                        },
+                    }
+                ),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "meters": {
+                                    "type": "object",
+                                    "description": "Each meter's status: changed, "
+                                    "unchanged, added or removed.",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                "refused": {
+                                    "type": "object",
+                                    "description": "Added meters: events refused by the "
+                                    "meter's range, decided now.",
+                                    "additionalProperties": {"type": "integer"},
+                                },
+                                "rows": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "customer_id": {"type": "string"},
+                                            "meter": {"type": "string"},
+                                            "group_key": {"type": "string"},
+                                            "period": {"type": "string"},
+                                            "window_start_ms": {"type": ["integer", "null"]},
+                                            "status": {"type": "string"},
+                                            "old": _TOTAL,
+                                            "new": _TOTAL,
+                                            "difference": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                        "The totals.",
+                    ),
+                    "400": _error("A problem of the request (`problems`, each with its path)."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
+                    "503": _CLICKHOUSE_DOWN,
+                },
+            }
+        },
+    }
+
+
+def _recompute_path() -> dict[str, Any]:
+    return {
+        "/v1/meters/recompute": {
+            "post": {
+                "summary": "Rebuild a meter's windows from the record under this worker's file",
+                "description": "A correction of kind `recompute` in the corrections log "
+                "(`meterstream meters recompute`): every window of the meter in the range "
+                "is rebuilt by the corrections agent. `dry_run`: what it would change (the "
+                "windows as stored against the record), nothing written.",
+                "security": KEY_REQUIRED,
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "required": ["meter", "from", "to"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "meter": {"type": "string"},
+                            "from": _TIME,
+                            "to": _TIME,
+                            "customer": {"type": ["string", "null"]},
+                            "reason": {
+                                "type": ["string", "null"],
+                                "description": "Why; required unless dry_run.",
+                            },
+                            "author": {"type": ["string", "null"]},
+                            "correction_id": {
+                                "type": ["string", "null"],
+                                "description": "A repeat with the same id rebuilds again.",
+                            },
+                            "dry_run": {"type": "boolean"},
+                            "by_window": {"type": "boolean"},
+                        },
+                    }
+                ),
+                "responses": {
+                    "200": _json(
+                        {"type": "object"},
+                        "The correction's log row (`repeated` for a repeat), or the dry "
+                        "run's rows as `/v1/meters/diff` answers them.",
+                    ),
+                    "400": _error("A problem of the request (`problems`, each with its path)."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "409": _error("The correction_id is another correction's."),
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
+                    "503": _CLICKHOUSE_DOWN,
+                },
+            }
+        }
     }

@@ -28,6 +28,7 @@ from meterstream.api.http import Routes
 from meterstream.api.ingest import IngestRecord
 from meterstream.api.keys import KeyStore, retire_cli_key_file
 from meterstream.api.publisher import EventPublisher
+from meterstream.api.routes import meters as meter_routes
 from meterstream.api.routes.health import ReadyCheck
 from meterstream.billing.assignments import AssignmentStore
 from meterstream.billing.customers import MappingStore
@@ -123,7 +124,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
     plans, invoice_routes = install_pricing(app, settings, meters, calls, reads, bootstrap)
-    credit_routes = install_credits(app, settings, calls, reads, plans, pipeline)
+    credit_routes, credits = install_credits(app, settings, calls, reads, plans, pipeline)
     corrections_out = EventPublisher(
         bootstrap, settings.topic(USAGE_CORRECTIONS.name), **client_options(settings)
     )
@@ -135,6 +136,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         _sender(corrections_out),
         _sender(publisher),
         plans,
+        credits,
     )
     install_corrections(app, settings, corrections)
     web.register(
@@ -152,6 +154,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
             invoice_routes,
             credit_routes,
             lambda routes: correction_api.register(routes, corrections, meters),
+            lambda routes: meter_routes.register_recompute(routes, reads, corrections, meters),
         ],
     )
 
@@ -214,10 +217,10 @@ def install_credits(
     reads: ReadIO,
     plans: PlansConfig,
     pipeline: Pipeline,
-) -> Callable[[Routes], None]:
+) -> tuple[Callable[[Routes], None], CreditService]:
     """Prepaid credits (pipeline/worker/credits.py): the books rebuilt at start, the burn
     timer, the record listener that marks customers dirty; returns the registration of
-    the credit routes."""
+    the credit routes and the service."""
     alerts = AlertDesk(app, settings, calls)
     credits = CreditService(app, settings, calls, plans, reads.read, alerts)
     pipeline.record_listeners.append(credits.record_changed)
@@ -243,7 +246,7 @@ def install_credits(
         except Exception:  # logged, the customers stay dirty; never stops the worker
             log.exception("burning credits failed; retried next interval")
 
-    return lambda routes: credit_api.register(routes, reads, credits)
+    return (lambda routes: credit_api.register(routes, reads, credits)), credits
 
 
 def _topics_and_guarantee(settings: Settings, bootstrap: str) -> str:

@@ -27,7 +27,13 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from meterstream.errors import CorrectionError
-from meterstream.events import UsageEvent, canonical_json, parse_time, validate_document
+from meterstream.events import (
+    UsageEvent,
+    canonical_json,
+    parse_time,
+    parse_timestamp,
+    validate_document,
+)
 from meterstream.meters.config import Filter, Meter, MetersConfig
 
 MAX_KEYS = 10_000
@@ -125,9 +131,9 @@ def instant(body: dict[str, Any], name: str, problems: list[str]) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
     try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return parse_timestamp(value)
         ms = parse_time(value) if isinstance(value, str) else None
     except ValueError as exc:
         problems.append(f"{name}: {exc}")

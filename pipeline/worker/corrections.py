@@ -41,7 +41,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import faust
@@ -61,8 +61,9 @@ from meterstream.events import (
     parse_event,
 )
 from meterstream.meters import fold
+from meterstream.meters.aggregation import WindowState
 from meterstream.meters.config import MetersConfig
-from meterstream.meters.windows import month_bounds
+from meterstream.meters.windows import month_bounds, period_label
 from meterstream.pricing.invoice import Period
 from meterstream.pricing.plans import PlansConfig
 from meterstream.settings import Settings
@@ -72,6 +73,7 @@ from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.topics import USAGE_CORRECTIONS
 from meterstream.worker.app import EXIT_BATCH_FAILED
 from meterstream.worker.batch import Pipeline, is_dependency_failure, now_ms
+from meterstream.worker.credits import CreditService
 from meterstream.worker.invoices import preview
 from meterstream.worker.raw_topics import raw_topic
 
@@ -98,6 +100,25 @@ def _chunks(raws: Sequence[bytes], max_bytes: int = 512 * 1024) -> Iterable[list
         yield chunk
 
 
+def window_row(
+    aggregation: str, key: fold.WindowKey, state: WindowState, value: Any
+) -> dict[str, Any]:
+    """A window state as a stored window row (queries.latest_windows' fields that pricing
+    reads)."""
+    return {
+        "meter": key.meter,
+        "aggregation": aggregation,
+        "customer_id": key.customer_id,
+        "group_key": key.group_key,
+        "window_start_ms": key.window_start_ms,
+        "value": value,
+        "event_count": state.event_count,
+        "distinct_values": sorted(state.distinct or ()),
+        "latest_ts_ms": state.latest_ts,
+        "latest_key": state.latest_key,
+    }
+
+
 def new_correction_id() -> str:
     return f"cor_{time.time_ns() // 1_000_000:013d}_{secrets.token_hex(6)}"
 
@@ -118,8 +139,10 @@ class CorrectionService:
         send_corrections: Send,
         send_events: Send,
         plans: PlansConfig | None = None,
+        credits: CreditService | None = None,
     ) -> None:
         self.plans = plans
+        self.credits = credits
         self.settings = settings
         self.meters = meters
         self.chio = chio
@@ -270,17 +293,73 @@ class CorrectionService:
                     "value": period["change"] if additive else period["after"]["value"],
                 }
             )
-        return {**changes, "invoices": await self._invoices(windows, after), "stripe": stripe}
+        states = fold.fold(self.meters, after)
+        return {
+            **changes,
+            "invoices": await self._invoices(windows, states),
+            "balances": await self._balances(windows, states),
+            "stripe": stripe,
+        }
+
+    async def _balances(
+        self, windows: set[fold.WindowKey], states: Mapping[fold.WindowKey, WindowState]
+    ) -> list[dict[str, Any]]:
+        """Each affected customer with credits: its balance now and after the correction
+        (its book, on a copy, burning the months priced from the corrected windows)."""
+        if self.credits is None:
+            return []
+        wanted = sorted(k for k in windows if not k.is_total)
+        aggs = self.meters.aggregators
+        out = []
+        for customer in sorted({k.customer_id for k in wanted}):
+            mine = [k for k in wanted if k.customer_id == customer]
+            rows = [
+                window_row(
+                    self.meters.by_name(k.meter).aggregation,
+                    k,
+                    states.get(k) or aggs[k.meter].start(),
+                    aggs[k.meter].result(states.get(k) or aggs[k.meter].start()),
+                )
+                for k in mine
+            ]
+            replaced = {(k.meter, k.group_key, k.window_start_ms) for k in mine}
+
+            def rewrite(
+                stored: list[dict[str, Any]],
+                rows: list[dict[str, Any]] = rows,
+                replaced: set[tuple[str, str, int]] = replaced,
+            ) -> list[dict[str, Any]]:
+                kept = [
+                    r
+                    for r in stored
+                    if (r["meter"], r["group_key"], int(r["window_start_ms"])) not in replaced
+                ]
+                return kept + rows
+
+            months = {period_label(k.window_start_ms) for k in mine}
+            found = await self.credits.balance_after(customer, months, rewrite)
+            if found is None:
+                continue
+            now, then = found
+            out.append(
+                {
+                    "customer_id": customer,
+                    "balance_before": str(now),
+                    "balance_after": str(then),
+                    "change": str(then - now),
+                }
+            )
+        return out
 
     async def _invoices(
-        self, windows: set[fold.WindowKey], after: Sequence[UsageEvent]
+        self, windows: set[fold.WindowKey], states: Mapping[fold.WindowKey, WindowState]
     ) -> list[dict[str, Any]]:
         """Each affected (customer, month)'s invoice preview now and after the correction
-        (the corrected meters' quantities from the fold of ``after``, the others stored)."""
+        (the corrected meters' quantities from the fold of the record after it, the others
+        stored)."""
         if self.plans is None:
             return []
         plans = self.plans
-        states = fold.fold(self.meters, after)
         months: dict[tuple[str, str], set[str]] = {}
         for customer, meter, month in effective.months_affected(
             k for k in windows if not k.is_total

@@ -41,12 +41,13 @@ would burn only for the customers of its partitions (not built).
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 import logging
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from decimal import Decimal, localcontext
 from typing import Any
 
@@ -101,10 +102,19 @@ class PeriodSpend:
         self.usage: dict[str, Decimal] = {}
 
 
+WindowRewrite = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+"""Stored window rows (latest_windows) in, the rows to price out (a correction's dry run)."""
+
+
 def spend_levels(
-    ch: ClickHouse, plans: PlansConfig, customer_id: str, period: Period
+    ch: ClickHouse,
+    plans: PlansConfig,
+    customer_id: str,
+    period: Period,
+    rewrite: WindowRewrite | None = None,
 ) -> PeriodSpend:
-    """The spend level of every priced window of ``customer_id`` in ``period``.
+    """The spend level of every priced window of ``customer_id`` in ``period`` (the
+    stored windows, or what ``rewrite`` makes of them).
 
     Per plan segment and priced meter, the windows (all groups merged) in start order;
     a window's level is ``charge(value through it) - charge(value before it)``
@@ -117,6 +127,8 @@ def spend_levels(
     schedule = pricing_store.current_schedules(ch, [customer_id]).get(customer_id)
     p_start, p_end = _ms(period.start), _ms(period.end)
     all_windows = latest_windows(ch, customer_id=customer_id, start_ms=p_start, end_ms=p_end)
+    if rewrite is not None:
+        all_windows = rewrite(all_windows)
     by_meter_all: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for window in all_windows:
         by_meter_all[str(window["meter"])].append(window)
@@ -452,6 +464,27 @@ class CreditService:
                 if step.entries:
                     await self._append(step)
                     await self._decide(customer, f"clock:{now}")
+
+    async def balance_after(
+        self, customer: str, periods: Iterable[str], rewrite: WindowRewrite
+    ) -> tuple[Decimal, Decimal] | None:
+        """The customer's balance now and after its windows of ``periods`` were priced as
+        ``rewrite`` makes them (on a copy of the book: nothing is written); None without
+        credits."""
+        await self.ready.wait()
+        async with self.lock:
+            book = self.books.get(customer)
+            if book is None:
+                return None
+            trial = copy.deepcopy(book)
+            now = now_ms()
+            for label in sorted(periods):
+                found = await self.read(
+                    spend_levels, self.plans, customer, Period.month(label), rewrite
+                )
+                for change in self._changes(customer, trial.currency, found, trial, now, label):
+                    trial.apply(change, now)
+            return book.balance, trial.balance
 
     # -- grants and voids
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-
+from meterstream.events import canonical_json, loads_exact
 from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.clickhouse.queries import (
     EVENT_COLUMNS_SQL,
@@ -66,7 +65,7 @@ def append_correction(ch: ClickHouse, row: dict[str, Any]) -> None:
                 row["author"],
                 row["reason"],
                 utc_datetime(int(row["created_at_ms"])),
-                orjson.dumps(row["selector"]).decode(),
+                canonical_json(row["selector"]),
                 int(row["events_affected"]),
                 int(row["windows_affected"]),
                 row["status"],
@@ -91,7 +90,7 @@ def _log_doc(row: Sequence[Any]) -> dict[str, Any]:
         "author": author,
         "reason": reason,
         "created_at_ms": int(created),
-        "selector": orjson.loads(selector) if selector else {},
+        "selector": loads_exact(selector) if selector else {},
         "events_affected": int(events),
         "windows_affected": int(windows),
         "status": status,
@@ -134,10 +133,37 @@ def event_corrections_of(ch: ClickHouse, correction_id: str) -> list[dict[str, A
             "customer_id": c,
             "idempotency_key": k,
             "action": a,
-            "properties": orjson.loads(p) if p else None,
+            "properties": loads_exact(p) if p else None,
             "corrected_at_ms": int(t),
         }
         for c, k, a, p, t in rows
+    ]
+
+
+def key_corrections(ch: ClickHouse, customer_id: str, idempotency_key: str) -> list[dict[str, Any]]:
+    """Every correction of one event, oldest first (the last one wins), with its log row's
+    kind, author and reason."""
+    rows = ch.query_plain_rows(
+        "SELECT e.correction_id, e.action, e.properties,"
+        " toUnixTimestamp64Milli(e.corrected_at) AS at, c.author, c.reason\n"
+        "FROM (SELECT * FROM event_corrections FINAL"
+        f" WHERE customer_id = {sql_string(customer_id)}"
+        f" AND idempotency_key = {sql_string(idempotency_key)}) AS e\n"
+        "LEFT JOIN (SELECT correction_id, author, reason FROM corrections FINAL) AS c"
+        " ON e.correction_id = c.correction_id\n"
+        "ORDER BY at, e.correction_id"
+    )
+    return [
+        {
+            "correction_id": cid,
+            "action": action,
+            "properties": loads_exact(props) if props else None,
+            "properties_json": props,
+            "corrected_at_ms": int(at),
+            "author": author,
+            "reason": reason,
+        }
+        for cid, action, props, at, author, reason in rows
     ]
 
 

@@ -183,6 +183,28 @@ def test_range_void_with_property_filter(stack: StackSlice) -> None:
     assert status_of(url, None, "POST", body) == 401
     assert status_of(url, operator, "POST", {**body, "reason": None}) == 400
 
+    # the command's dry run selects the same events, and changes nothing
+    dry = _cli(
+        stack,
+        worker,
+        "corrections",
+        "void",
+        "--customer",
+        "acme",
+        "--from",
+        str(lo),
+        "--to",
+        str(hi),
+        "--where",
+        json.dumps(body["where"][0]),
+        "--reason",
+        "a bug doubled large-model tokens",
+        "--dry-run",
+    )
+    assert dry["status"] == "dry_run"
+    assert dry["events_affected"] == len(voided)
+    assert worker.sql("SELECT count() AS n FROM event_corrections")[0]["n"] == 0
+
     doc = request_json(url, operator, "POST", body)
     assert doc["events_affected"] == len(voided)
     assert doc["status"] == "applied"
@@ -228,6 +250,13 @@ def test_range_void_with_property_filter(stack: StackSlice) -> None:
         "SELECT idempotency_key FROM event_corrections WHERE correction_id = 'void-large-1'"
     )
     assert {r["idempotency_key"] for r in marked} == voided
+
+    # a voided event's fate says so, and who voided it, and why
+    some = sorted(voided)[0]
+    answer = request_json(f"{worker.web_url}/v1/events/acme/{some}", operator)
+    assert answer["fate"] == "voided"
+    assert "a bug doubled large-model tokens" in answer["summary"]
+    assert [c["correction_id"] for c in answer["corrections"]] == ["void-large-1"]
 
     # the command shows it too
     shown = _cli(stack, worker, "corrections", "show", "void-large-1")
@@ -394,6 +423,29 @@ def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
     _settle(worker, {"tokens": _reference(live, "tokens")})
 
     url = f"{worker.web_url}/v1/backfill"
+    # an old event whose value no meter can read, and one that is not a valid event: each
+    # dead-lettered with its reason, as the stream does
+    unreadable = _acme("bf-bad-value", now - 70 * MINUTE, "lots")
+    invalid = {**_acme("bf-bad-event", now - 70 * MINUTE, 5), "colour": "red"}
+    doc = request_json(url, operator, "POST", {"events": [unreadable, invalid], "reason": "bad"})
+    assert doc["counts"] == {"backfilled": 1, "live": 1}
+    assert [(o["index"], o["rejected"]) for o in doc["outcomes"] if "rejected" in o] == [
+        (1, "invalid_event")
+    ]
+    wait_until(
+        lambda: (
+            {
+                (r["idempotency_key"], r["reason"])
+                for r in worker.sql(
+                    "SELECT idempotency_key, reason FROM rejected_events"
+                    " WHERE idempotency_key LIKE 'bf-bad-%'"
+                )
+            }
+            == {("bf-bad-value", "invalid_value"), ("bf-bad-event", "invalid_event")}
+        ),
+        what="the bad backfilled events dead-lettered",
+    )
+
     # a dry run of the file: what would be backfilled, nothing written
     file_body = {"events": old + live[:3], "reason": "import of last quarter", "author": "ops"}
     dry = request_json(url, operator, "POST", {**file_body, "dry_run": True})
@@ -424,13 +476,14 @@ def test_backfill_old_and_too_late_events_once(stack: StackSlice) -> None:
     time.sleep(3)
     _settle(worker, {"tokens": _reference(everything, "tokens")})
     recorded = worker.sql("SELECT count() AS n FROM usage_events FINAL")
-    assert recorded[0]["n"] == len(everything)
+    assert recorded[0]["n"] == len(everything) + 1  # the unreadable one, counted by no meter
     log = worker.sql("SELECT kind, events_affected FROM corrections FINAL ORDER BY created_at")
     assert [(r["kind"], int(r["events_affected"])) for r in log] == [
+        ("backfill", 1),
         ("backfill", len(old)),
         ("backfill", len(late)),
     ]
-    backfilled = len(old) + len(late)
+    backfilled = 1 + len(old) + len(late)
     assert f'meterstream_corrected_events_total{{action="backfilled"}} {backfilled}.0' in (
         worker.metrics()
     )
@@ -538,22 +591,33 @@ def test_range_void_then_backfill_reach_windows_balance_and_stripe(stack: StackS
         if lo <= e["timestamp"] < hi and Decimal(e["properties"]["tokens"]) >= 200
     }
     assert voided
-    doc = request_json(
-        f"{worker.web_url}/v1/corrections",
-        operator,
-        "POST",
-        {
-            "kind": "void",
-            "customer_id": "acme",
-            "meter": "tokens",
-            "from": lo,
-            "to": hi,
-            "where": [{"property": "properties.tokens", "operator": "gte", "value": 200}],
-            "reason": "tokens doubled by a client bug",
-        },
-    )
-    assert doc["events_affected"] == len(voided)
+    void = {
+        "kind": "void",
+        "customer_id": "acme",
+        "meter": "tokens",
+        "from": lo,
+        "to": hi,
+        "where": [{"property": "properties.tokens", "operator": "gte", "value": 200}],
+        "reason": "tokens doubled by a client bug",
+    }
     kept = [e for e in live if e["idempotency_key"] not in voided]
+    price = Decimal("0.001")
+
+    def tokens(events: list[dict[str, Any]]) -> Decimal:
+        return sum(_reference(events, "tokens").values(), Decimal(0))
+
+    # the dry run: the balance and what Stripe receives, before anything changes
+    dry = request_json(
+        f"{worker.web_url}/v1/corrections", operator, "POST", {**void, "dry_run": True}
+    )
+    assert [
+        (b["customer_id"], Decimal(b["balance_before"]), Decimal(b["balance_after"]))
+        for b in dry["balances"]
+    ] == [("acme", grant - tokens(live) * price, grant - tokens(kept) * price)]
+    assert Decimal(dry["balances"][0]["change"]) == (tokens(live) - tokens(kept)) * price
+    assert sum(Decimal(s["value"]) for s in dry["stripe"]) == tokens(kept) - tokens(live)
+    doc = request_json(f"{worker.web_url}/v1/corrections", operator, "POST", void)
+    assert doc["events_affected"] == len(voided)
     check(kept)
 
     backfill = f"{worker.web_url}/v1/backfill"

@@ -116,3 +116,27 @@ def test_no_meter_reads_the_event_name_and_a_meter_gone_from_the_file() -> None:
     assert answer["not_counted"] == [
         {"meter": "", "reason": "no_meter", "detail": "no meter reads 'unmetered'"}
     ]
+
+
+def fix(action: str, cid: str, props: str = "") -> dict[str, Any]:
+    return {"correction_id": cid, "action": action, "properties_json": props,
+            "properties": None, "corrected_at_ms": TS + 5000, "author": "ops (key k1 (a))",
+            "reason": "a bug"}  # fmt: skip
+
+
+def test_a_voided_event_says_who_voided_it_and_why() -> None:
+    answer = fate("c", "k", [row()], [], 0, METERS, {}, [fix("amend", "cor_1", '{"tokens":9}'),
+                                                          fix("void", "cor_2")])  # fmt: skip
+    assert answer["fate"] == "voided"
+    assert answer["summary"].startswith("voided by correction cor_2 (ops (key k1 (a)): a bug)")
+    assert [c["correction_id"] for c in answer["corrections"]] == ["cor_1", "cor_2"]
+    assert "counted" not in answer
+
+
+def test_an_amended_event_is_answered_with_its_new_properties() -> None:
+    refs = {("tokens", "{}", TS - 30 * 60_000): (Decimal(9), 1)}
+    answer = fate("c", "k", [row()], [], 0, METERS, refs, [fix("amend", "cor_1", '{"tokens":9}')])
+    assert answer["fate"] == "counted"
+    assert answer["summary"] == "counted by tokens; amended by correction cor_1"
+    assert answer["event"]["properties"] == {"tokens": 9}
+    assert answer["counted"][0]["value_taken"] == "9"

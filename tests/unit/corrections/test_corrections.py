@@ -62,6 +62,10 @@ def test_a_range_void_needs_a_range_a_scope_and_a_reason_every_problem_listed() 
         ({"kind": "erase"}, "kind: must be 'void' or 'amend'"),
         ({"kind": "void", "reason": "r", "keys": []}, "keys: must be a list of 1-10000 objects"),
         (
+            {"kind": "void", "reason": "r", "from": -1, "to": 5, "customer_id": "c"},
+            "from: timestamp -1 is outside 1970-01-01 .. 9999-12-31 UTC",
+        ),
+        (
             {"kind": "void", "reason": "r", "keys": [{"customer_id": "c"}]},
             "keys[0].customer_id and idempotency_key are required",
         ),
