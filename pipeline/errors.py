@@ -105,6 +105,11 @@ class CreditsError(MeterstreamError):
     """A credit input (grant, void, spend, threshold, purchase, webhook) is invalid."""
 
 
+class PurchaseRefused(CreditsError):
+    """A credit purchase that cannot be made (no Stripe customer or payment method, an id
+    reused with other terms): answered 409, nothing charged."""
+
+
 class WebhookSignatureError(CreditsError):
     """A webhook's signature header is missing, malformed, outside the tolerance or wrong."""
 

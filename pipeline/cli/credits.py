@@ -1,4 +1,5 @@
-"""``meterstream credits grant|void|balance|ledger``: prepaid credits (issue #25).
+"""``meterstream credits grant|void|balance|ledger|purchase|purchases|recharge``: prepaid
+credits (issue #25).
 
 Through the running worker's API while it holds the embedded ClickHouse (the worker keeps
 the credit books: a grant burns at once). Without a worker, ``grant`` and ``void`` are
@@ -179,6 +180,92 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker_url(settings: Settings, what: str) -> str:
+    from meterstream.endpoints import web_url
+
+    url = web_url(settings)
+    if not url:
+        raise MeterstreamError(
+            f"{what} needs a running worker (it calls Stripe and receives its webhook): "
+            "start one with meterstream run or meterstream worker"
+        )
+    return url
+
+
+def _purchase_line(doc: Any) -> str:
+    failure = f" ({doc['failure_code']})" if doc.get("failure_code") else ""
+    return (
+        f"{doc['purchase_id']}  {doc['amount']} {doc['currency']}  {doc['status']}{failure}"
+        f"  {doc.get('payment_intent_id') or '-'}  {doc['origin']}"
+    )
+
+
+def cmd_purchase(args: argparse.Namespace) -> int:
+    from meterstream.billing.customers import _request
+
+    settings = _settings(args)
+    customer = _customer(args.customer)
+    body: dict[str, Any] = {"amount": args.amount, "priority": args.priority}
+    for name in ("expires", "purchase_id"):
+        if getattr(args, name):
+            body[name] = getattr(args, name)
+    url = _worker_url(settings, "a purchase")
+    doc = _request(settings, "POST", _url(url, customer, "/purchases"), body)
+    if args.format == "json":
+        print(json.dumps(doc, sort_keys=True))
+    else:
+        print(f"{customer}: {_purchase_line(doc)}")
+        if doc["status"] == "created":
+            print("  paid on Stripe's confirmation: see meterstream credits purchases")
+    return 0 if doc["status"] != "failed" else 1
+
+
+def cmd_purchases(args: argparse.Namespace) -> int:
+    from meterstream.billing.customers import _request
+
+    settings = _settings(args)
+    customer = _customer(args.customer)
+    url = _worker_url(settings, "purchases")
+    doc = _request(settings, "GET", _url(url, customer, "/purchases"))
+    _print(doc, args.format, lambda d: print("\n".join(map(_purchase_line, d["purchases"]))))
+    return 0
+
+
+def cmd_recharge(args: argparse.Namespace) -> int:
+    from meterstream.billing.customers import _request
+
+    settings = _settings(args)
+    customer = _customer(args.customer)
+    url = _worker_url(settings, "auto-recharge")
+    if args.off:
+        body: dict[str, Any] | None = {"enabled": False}
+    elif args.threshold is not None and args.target is not None:
+        body = {"threshold": args.threshold, "target": args.target, "priority": args.priority}
+    elif args.threshold is None and args.target is None:
+        body = None  # show it
+    else:
+        raise MeterstreamError("give both --threshold and --target (or --off)")
+    tail = "/recharge"
+    if body is None:
+        doc = _request(settings, "GET", _url(url, customer, tail))
+    else:
+        doc = _request(settings, "PUT", _url(url, customer, tail), body)
+
+    def text(d: Any) -> None:
+        rule, state = d.get("rule"), d.get("state") or {}
+        if rule is None:
+            print(f"{customer}: no auto-recharge")
+            return
+        how = "on" if d["enabled"] else f"off ({state.get('disabled_reason') or 'off'})"
+        print(
+            f"{customer}: auto-recharge {how}: at {rule['threshold']} {rule['currency']} "
+            f"back to {rule['target']}"
+        )
+
+    _print(doc, args.format, text)
+    return 0
+
+
 def register(
     sub: Any, common: argparse.ArgumentParser, settings_of: Callable[[argparse.Namespace], Settings]
 ) -> None:
@@ -202,7 +289,28 @@ def register(
     p.add_argument("grant_id")
     p.add_argument("--reason", default="")
     p.set_defaults(func=cmd_void)
+    p = csub.add_parser("purchase", parents=[base], help="buy credits on the customer's card")
+    p.add_argument("customer")
+    p.add_argument("amount", type=_amount, help="in the customer's credit currency")
+    p.add_argument("--priority", type=int, default=50, help="of the grant (default 50)")
+    p.add_argument("--expires", help="the grant's expiry, YYYY-MM-DD or RFC 3339")
+    p.add_argument(
+        "--purchase-id",
+        dest="purchase_id",
+        help="an id of your own (Stripe's idempotency key: a retry never charges twice)",
+    )
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_purchase)
+    p = csub.add_parser("recharge", parents=[base], help="auto-recharge: show, set or turn off")
+    p.add_argument("customer")
+    p.add_argument("--threshold", type=_amount, help="buy when the balance reaches this")
+    p.add_argument("--target", type=_amount, help="back up to this balance")
+    p.add_argument("--priority", type=int, default=50, help="of the grants bought")
+    p.add_argument("--off", action="store_true", help="turn auto-recharge off")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_recharge)
     for name, func, what in (
+        ("purchases", cmd_purchases, "a customer's credit purchases and their status"),
         ("balance", cmd_balance, "a customer's balance and grants"),
         ("ledger", cmd_ledger, "a customer's credit ledger"),
     ):

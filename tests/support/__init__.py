@@ -20,5 +20,6 @@ MIGRATIONS = [
     "0008_usage_events_refused_meters",
     "0009_prices",
     "0010_credits",
+    "0012_credit_purchases",
 ]
 """The ClickHouse migrations this version ships, in the order they apply."""
