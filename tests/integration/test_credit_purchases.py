@@ -264,8 +264,8 @@ def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
     shop = Shop(stack, receiver)
     stripe_id = shop.customer("acme", "pm_card_visa")
     _faults(stack, duplicate=1.0, reorder=True)
-    shop.call("POST", "/v1/customers/acme/credits/grants",
-              {"amount": "10.00", "grant_id": "start", "effective": _iso(_now() - HOUR)})  # fmt: skip
+    start = {"amount": "10.00", "grant_id": "start", "effective": _iso(_now() - HOUR)}
+    shop.call("POST", "/v1/customers/acme/credits/grants", start)
     rule = {"threshold": "5", "target": "20"}
     doc = shop.call("PUT", "/v1/customers/acme/credits/recharge", rule)
     assert doc["enabled"] is True and doc["rule"]["target"] == "20"
