@@ -140,12 +140,13 @@ class PurchaseDesk:
                 log.error("a credit purchase not loaded: %s", exc)
                 continue
             self.purchases[state.purchase.purchase_id] = state
-        for customer, (_, rule, state) in (await self.chio.call(store.recharge_settings)).items():
+        settings = await self.chio.call(store.recharge_settings)
+        for customer, (_, rule_text, state_text) in settings.items():
             try:
-                doc = orjson.loads(rule)
+                doc = orjson.loads(rule_text)
                 if doc:
                     self.rules[customer] = _rule_of(doc)
-                self.recharge[customer] = RechargeState.from_json(orjson.loads(state))
+                self.recharge[customer] = RechargeState.from_json(orjson.loads(state_text))
             except (CreditsError, KeyError, ValueError) as exc:
                 log.error("auto-recharge of %s not loaded: %s", customer, exc)
         for state in self.purchases.values():  # a crash between purchase and recharge rows
