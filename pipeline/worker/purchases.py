@@ -75,7 +75,12 @@ from meterstream.credits.recharge import (
 )
 from meterstream.credits.status import CustomerStatus
 from meterstream.credits.webhooks import DEFAULT_TOLERANCE_S, verify_header
-from meterstream.errors import CreditsError, PurchaseRefused, WebhookSignatureError
+from meterstream.errors import (
+    CreditsError,
+    PurchaseRefused,
+    StripeError,
+    WebhookSignatureError,
+)
 from meterstream.metrics import Metrics
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import credits as store
@@ -195,7 +200,15 @@ class PurchaseDesk:
                 f"customer {customer!r} has no Stripe customer: map it first "
                 "(meterstream customers set CUSTOMER cus_...); nothing was charged"
             )
-        found = await asyncio.to_thread(self.client.retrieve_customer, stripe_id)
+        try:
+            found = await asyncio.to_thread(self.client.retrieve_customer, stripe_id)
+        except StripeError as exc:
+            if exc.status != 404:
+                raise  # Stripe unreachable or failing: 503, nothing charged; retry
+            raise PurchaseRefused(
+                f"Stripe has no customer {stripe_id} (mapped to {customer!r}): {exc}; "
+                "nothing was charged"
+            ) from None
         method = (found.get("invoice_settings") or {}).get("default_payment_method")
         if isinstance(method, dict):
             method = method.get("id")
