@@ -17,6 +17,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -112,9 +113,21 @@ class Shop:
         )
 
 
-def _faults(stack: StackSlice, **faults: Any) -> None:
-    """The emulator's webhook delivery faults (its ``/_emulator`` controls)."""
-    http_json(f"{stack.stripe_url}/_emulator/webhooks/faults", faults)
+def _faults(stack: StackSlice, on: bool) -> None:
+    """The emulator's webhook delivery faults (``/_emulator/faults``): every event
+    delivered twice, and held until its PaymentIntent is final, then sent newest first."""
+    faults = {"webhook_duplicates": on, "webhook_out_of_order": on}
+    http_json(f"{stack.stripe_url}/_emulator/faults", faults)
+
+
+@pytest.fixture
+def faulty(stack: StackSlice) -> Iterator[StackSlice]:
+    """``stack`` with the webhook faults on (off again after the test)."""
+    _faults(stack, True)
+    try:
+        yield stack
+    finally:
+        _faults(stack, False)
 
 
 def _payment_failed(receiver: Receiver) -> list[dict[str, Any]]:
@@ -136,13 +149,13 @@ def _usage(customer: str, tokens: int, key: str, at_ms: int) -> dict[str, Any]:
 
 
 def test_a_paid_purchase_grants_once_and_a_declined_one_grants_nothing(
-    stack: StackSlice,
+    faulty: StackSlice,
 ) -> None:
+    stack = faulty
     receiver = Receiver()
     shop = Shop(stack, receiver)
     shop.customer("acme", "pm_card_visa")
     shop.customer("bob", "pm_card_chargeDeclined")
-    _faults(stack, duplicate=1.0, reorder=True)
 
     # no Stripe customer: refused, nothing recorded or charged
     assert shop.status("POST", "/v1/customers/nobody/credits/purchases", {"amount": "5"}) == 409
@@ -258,12 +271,12 @@ def test_a_webhook_with_a_bad_signature_or_an_old_timestamp_is_refused(stack: St
 
 
 def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
-    stack: StackSlice,
+    faulty: StackSlice,
 ) -> None:
+    stack = faulty
     receiver = Receiver()
     shop = Shop(stack, receiver)
     stripe_id = shop.customer("acme", "pm_card_visa")
-    _faults(stack, duplicate=1.0, reorder=True)
     start = {"amount": "10.00", "grant_id": "start", "effective": _iso(_now() - HOUR)}
     shop.call("POST", "/v1/customers/acme/credits/grants", start)
     rule = {"threshold": "5", "target": "20"}
