@@ -36,6 +36,7 @@ from meterstream.embedded.kafka import choose_broker, describe_broker, new_broke
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.hosts import split_list
 from meterstream.meters.config import load_meters
+from meterstream.sinks.stripe.emulator.options import add_webhook_arguments
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -77,9 +78,21 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_stripe_emulator(args: argparse.Namespace) -> int:
-    from meterstream.sinks.stripe.emulator.server import run_emulator
+    from meterstream.sinks.stripe.emulator.server import run_emulator, webhook_settings
 
-    run_emulator(args.host, args.port, split_list(args.allowed_hosts), args.state_file)
+    try:
+        faults, webhooks = webhook_settings(args)
+    except ValueError as err:
+        print(f"meterstream stripe-emulator: {err}", file=sys.stderr)
+        return 2
+    run_emulator(
+        args.host,
+        args.port,
+        split_list(args.allowed_hosts),
+        args.state_file,
+        faults=faults,
+        webhooks=webhooks,
+    )
     return 0
 
 
@@ -235,6 +248,7 @@ def _process_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "beyond loopback, IP addresses; others get 421",
     )
     p.add_argument("--state-file", help="keep meters and meter events in this file across restarts")
+    add_webhook_arguments(p)
     p.set_defaults(func=cmd_stripe_emulator)
 
 

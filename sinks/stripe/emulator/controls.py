@@ -1,6 +1,7 @@
 """The test controls under ``/_emulator`` (no key; behind the Host check, and a
-change must be JSON): accepted events, the error report, stats, reset, faults,
-and the customer registry."""
+change must be JSON): accepted events, the error report, stats, reset, faults
+(webhook delivery's included), the customer registry, the webhook delivery
+attempts and the release of held webhooks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from meterstream.sinks.stripe.emulator.protocol import ApiError, json_body
 from meterstream.sinks.stripe.emulator.state import STATE_KEY, FaultConfig
+from meterstream.sinks.stripe.emulator.webhooks import release
 
 
 async def emulator_events(request: web.Request) -> web.Response:
@@ -47,6 +49,8 @@ async def emulator_faults(request: web.Request) -> web.Response:
             state.set_faults(replace(state.faults, **body))
         except (TypeError, ValueError) as err:
             raise ApiError(400, str(err)) from None
+        if not state.faults.webhook_out_of_order:
+            release(state)  # what was held goes out (newest first)
     return web.json_response(asdict(state.faults))
 
 
@@ -62,3 +66,23 @@ async def emulator_customers(request: web.Request) -> web.Response:
         state.customers.clear()
         state.log("customers", ids=[])
     return web.json_response({"ids": sorted(state.customers)})
+
+
+async def emulator_webhook_deliveries(request: web.Request) -> web.Response:
+    """Every webhook attempt made, oldest first (filters: event, type, endpoint, outcome),
+    and how many deliveries wait (queued for a retry or their first attempt) or are held."""
+    pay = request.app[STATE_KEY].pay
+    data = pay.attempts
+    for name in ("event", "type", "endpoint", "outcome"):
+        wanted = request.query.get(name)
+        if wanted is not None:
+            data = [a for a in data if a[name] == wanted]
+    owed = sum(len(endpoints) for endpoints in pay.owed.values())
+    return web.json_response(
+        {"data": data, "queued": len(pay.queue), "held": len(pay.held), "owed": owed}
+    )
+
+
+async def emulator_webhook_release(request: web.Request) -> web.Response:
+    """Send the held webhooks now, newest event first."""
+    return web.json_response({"released": release(request.app[STATE_KEY])})

@@ -39,19 +39,36 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     if refused is not None:
         return refused.response()
     key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
-    fingerprint = ""
-    if key:
-        fingerprint = await _fingerprint(request)
-        replay = _replay(state, key, fingerprint)
-        if replay is not None:
-            return replay
+    if not key:
+        try:
+            return await handler(request)
+        except ApiError as err:
+            return err.response()
+    fingerprint = await _fingerprint(request)
+    replay = _replay(state, key, fingerprint)
+    if replay is not None:
+        return replay
+    if key in state.in_flight:
+        return ApiError(
+            409,
+            "There is currently another in-progress request using this Idempotency-Key "
+            "(that probably means you submitted twice, and the other request is still "
+            "going through). Please try again later.",
+            code="idempotency_key_in_use",
+            type="idempotency_error",
+        ).response()
+    state.in_flight.add(key)
     try:
         response = await handler(request)
+        executed = 200 <= response.status < 300
     except ApiError as err:
-        return err.response()
-    # Like Stripe, only executed requests are saved for replay; a request that
-    # failed validation, or was faulted or rate limited, is not.
-    if key and 200 <= response.status < 300 and isinstance(response, web.Response):
+        response, executed = err.response(), err.executed
+    finally:
+        state.in_flight.discard(key)
+    # Like Stripe, only executed requests are saved for replay (a declined charge
+    # was executed: it made a PaymentIntent); a request that failed validation,
+    # or was faulted or rate limited, is not.
+    if executed and isinstance(response, web.Response):
         assert response.text is not None
         saved_reply = (state.clock(), fingerprint, response.status, response.text)
         state.idempotency[key] = saved_reply

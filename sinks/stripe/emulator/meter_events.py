@@ -61,7 +61,7 @@ def ingest(
     customer, customer_key = _customer_of(meter, payload)
     value = _value_of(meter, payload)
     ts = _timestamp_of(now, timestamp)
-    if state.customers and customer not in state.customers:
+    if state.customers and customer not in state.customers and customer not in state.pay.customers:
         raise ApiError(
             400,
             f"No such customer: '{customer}'",

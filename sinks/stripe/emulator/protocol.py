@@ -34,9 +34,15 @@ class ApiError(MeterstreamError):
         param: str | None = None,
         type: str = "invalid_request_error",
         duplicate: bool = False,
+        extra: Mapping[str, Any] | None = None,
+        executed: bool = False,
     ) -> None:
         super().__init__(message)
         self.duplicate = duplicate
+        self.extra = dict(extra or {})
+        # executed: the request changed the account (a declined charge made a
+        # PaymentIntent), so, like Stripe, its answer is saved for Idempotency-Key replays
+        self.executed = executed
         self.status = status
         self.message = message
         self.code = code
@@ -49,6 +55,7 @@ class ApiError(MeterstreamError):
             error["code"] = self.code
         if self.param is not None:
             error["param"] = self.param
+        error.update(self.extra)
         retry = self.status == 429 or self.status >= 500
         headers = {"Stripe-Should-Retry": "true" if retry else "false"}
         return web.json_response({"error": error}, status=self.status, headers=headers)
@@ -208,3 +215,56 @@ def list_object(
             "url": request.path,
         }
     )
+
+
+def known_params(params: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    """Refuse a parameter the endpoint does not take, as Stripe does (``parameter_unknown``)."""
+    for name in params:
+        if name not in allowed:
+            raise ApiError(
+                400, f"Received unknown parameter: {name}", code="parameter_unknown", param=name
+            )
+
+
+def bool_param(params: Mapping[str, Any], name: str, default: bool = False) -> bool:
+    value = params.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if value in ("true", "false"):
+        return value == "true"
+    raise ApiError(400, f"Invalid boolean: {value}", param=name)
+
+
+def metadata_param(
+    params: Mapping[str, Any], current: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """``metadata[...]`` merged into ``current`` (an empty value removes a key), by Stripe's
+    limits: at most 50 keys of at most 40 characters, values of at most 500."""
+    out = dict(current or {})
+    raw = params.get("metadata")
+    if raw is None or raw == "":
+        return {} if raw == "" else out
+    if not isinstance(raw, dict):
+        raise ApiError(400, "Invalid metadata: must be a hash.", param="metadata")
+    for key, value in raw.items():
+        if not isinstance(value, str) or len(key) > 40 or len(value) > 500:
+            raise ApiError(
+                400,
+                "Invalid metadata: keys are at most 40 characters and values strings of "
+                "at most 500.",
+                param=f"metadata[{key}]",
+            )
+        if value == "":
+            out.pop(key, None)
+        else:
+            out[key] = value
+    if len(out) > 50:
+        raise ApiError(400, "Invalid metadata: at most 50 keys.", param="metadata")
+    return out
+
+
+def no_such(kind: str, object_id: Any, param: str | None, status: int = 400) -> ApiError:
+    """Stripe's answer to an id it does not know: 404 in the path, 400 in a parameter."""
+    return ApiError(status, f"No such {kind}: '{object_id}'", code="resource_missing", param=param)

@@ -31,7 +31,18 @@ from meterstream.sinks.stripe.emulator.controls import (
     emulator_faults,
     emulator_reset,
     emulator_stats,
+    emulator_webhook_deliveries,
+    emulator_webhook_release,
 )
+from meterstream.sinks.stripe.emulator.customers import (
+    attach_payment_method,
+    create_customer,
+    get_customer,
+    get_payment_method,
+    list_customers,
+    update_customer,
+)
+from meterstream.sinks.stripe.emulator.delivery import install_sender
 from meterstream.sinks.stripe.emulator.guard import (
     api_middleware,
     controls_take_json,
@@ -51,6 +62,18 @@ from meterstream.sinks.stripe.emulator.meters import (
     get_meter,
     list_meters,
 )
+from meterstream.sinks.stripe.emulator.options import (
+    WebhookOption,
+    add_webhook_arguments,
+    webhook_options,
+)
+from meterstream.sinks.stripe.emulator.payment_intents import (
+    cancel_payment_intent,
+    confirm_payment_intent,
+    create_payment_intent,
+    get_payment_intent,
+    list_payment_intents,
+)
 from meterstream.sinks.stripe.emulator.prices import (
     create_price,
     create_product,
@@ -59,9 +82,39 @@ from meterstream.sinks.stripe.emulator.prices import (
     list_prices,
 )
 from meterstream.sinks.stripe.emulator.state import STATE_KEY, Clock, EmulatorState, FaultConfig
+from meterstream.sinks.stripe.emulator.webhooks import (
+    create_webhook_endpoint,
+    delete_webhook_endpoint,
+    endpoint_object,
+    get_event,
+    get_webhook_endpoint,
+    list_events,
+    list_webhook_endpoints,
+    new_secret,
+    update_webhook_endpoint,
+)
 from meterstream.webhosts import host_check
 
 DEFAULT_PORT = 12111
+
+
+def _configure_webhooks(state: EmulatorState, webhooks: Iterable[WebhookOption]) -> None:
+    for option in webhooks:
+        endpoint = endpoint_object(
+            state,
+            option.url,
+            list(option.enabled_events),
+            endpoint_id=option.endpoint_id,
+            secret=option.secret,
+            description="--webhook-url",
+        )
+        known = state.pay.endpoints.get(endpoint["id"])
+        if known is not None:
+            endpoint["created"] = known["created"]
+        if known != endpoint:
+            state.pay.endpoints[endpoint["id"]] = endpoint
+            state.log("webhook_endpoint", endpoint=endpoint)
+        state.pay.configured.append(endpoint)
 
 
 def create_emulator_app(
@@ -70,6 +123,7 @@ def create_emulator_app(
     clock: Clock = time.time,
     hosts: HostPolicy | None = None,
     state_file: str | os.PathLike[str] | None = None,
+    webhooks: Iterable[WebhookOption] = (),
 ) -> web.Application:
     """The emulator as an aiohttp app (v1, v2 and ``/_emulator`` routes on one base).
 
@@ -78,12 +132,15 @@ def create_emulator_app(
     it is read and compacted here, every change is journaled before its request
     is answered, and the file is locked against a second emulator until the app
     is cleaned up. Without it (tests) the state lives in memory only.
+    ``webhooks``: endpoints to send events to from the start (sinks/stripe/emulator/delivery.py
+    sends them while the app runs).
     """
     if hosts is None:
         hosts = emulator_hosts("127.0.0.1")
     app = web.Application(middlewares=[host_check(hosts), controls_take_json, api_middleware])
     state = EmulatorState(clock=clock, initial_faults=faults or FaultConfig())
     app[STATE_KEY] = state
+    install_sender(app)  # before the journal's close: the sender stops first
     if state_file is not None:
         journal = Journal(Path(state_file)).open()
         try:
@@ -98,6 +155,7 @@ def create_emulator_app(
             journal.close()
 
         app.on_cleanup.append(close_journal)
+    _configure_webhooks(state, webhooks)
     app.add_routes(
         [
             web.post("/v1/billing/meters", create_meter),
@@ -117,6 +175,24 @@ def create_emulator_app(
             web.get("/v1/prices", list_prices),
             web.post("/v1/invoices/create_preview", invoice_preview),
             web.get("/v1/invoices/upcoming", invoice_preview),
+            web.post("/v1/customers", create_customer),
+            web.get("/v1/customers", list_customers),
+            web.get("/v1/customers/{id}", get_customer),
+            web.post("/v1/customers/{id}", update_customer),
+            web.get("/v1/payment_methods/{id}", get_payment_method),
+            web.post("/v1/payment_methods/{id}/attach", attach_payment_method),
+            web.post("/v1/payment_intents", create_payment_intent),
+            web.get("/v1/payment_intents", list_payment_intents),
+            web.get("/v1/payment_intents/{id}", get_payment_intent),
+            web.post("/v1/payment_intents/{id}/confirm", confirm_payment_intent),
+            web.post("/v1/payment_intents/{id}/cancel", cancel_payment_intent),
+            web.get("/v1/events", list_events),
+            web.get("/v1/events/{id}", get_event),
+            web.post("/v1/webhook_endpoints", create_webhook_endpoint),
+            web.get("/v1/webhook_endpoints", list_webhook_endpoints),
+            web.get("/v1/webhook_endpoints/{id}", get_webhook_endpoint),
+            web.post("/v1/webhook_endpoints/{id}", update_webhook_endpoint),
+            web.delete("/v1/webhook_endpoints/{id}", delete_webhook_endpoint),
             web.get("/_emulator/events", emulator_events),
             web.get("/_emulator/errors", emulator_errors),
             web.get("/_emulator/stats", emulator_stats),
@@ -126,6 +202,8 @@ def create_emulator_app(
             web.get("/_emulator/customers", emulator_customers),
             web.post("/_emulator/customers", emulator_customers),
             web.delete("/_emulator/customers", emulator_customers),
+            web.get("/_emulator/webhook_deliveries", emulator_webhook_deliveries),
+            web.post("/_emulator/webhook_release", emulator_webhook_release),
         ]
     )
     return app
@@ -139,6 +217,7 @@ async def serve_emulator(
     clock: Clock = time.time,
     allowed_hosts: Iterable[str] = (),
     state_file: str | os.PathLike[str] | None = None,
+    webhooks: Iterable[WebhookOption] = (),
 ) -> tuple[web.AppRunner, int]:
     """Start the emulator on the running loop.
 
@@ -149,6 +228,7 @@ async def serve_emulator(
         clock=clock,
         hosts=emulator_hosts(host, allowed_hosts),
         state_file=state_file,
+        webhooks=webhooks,
     )
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -163,13 +243,22 @@ def run_emulator(
     port: int = DEFAULT_PORT,
     allowed_hosts: Iterable[str] = (),
     state_file: str | os.PathLike[str] | None = None,
+    *,
+    faults: FaultConfig | None = None,
+    webhooks: Iterable[WebhookOption] = (),
 ) -> None:
     """Serve the emulator until interrupted (blocking; for the CLI).
 
     ``state_file``: keep the state there across restarts (``meterstream run``
-    uses ``<state dir>/stripe-emulator.jsonl``).
+    uses ``<state dir>/stripe-emulator.jsonl``). ``faults``: the settings to start
+    with (and return to on reset); ``webhooks``: endpoints configured at start.
     """
-    app = create_emulator_app(hosts=emulator_hosts(host, allowed_hosts), state_file=state_file)
+    app = create_emulator_app(
+        hosts=emulator_hosts(host, allowed_hosts),
+        state_file=state_file,
+        faults=faults,
+        webhooks=webhooks,
+    )
     web.run_app(app, host=host, port=port, access_log=None)
 
 
@@ -187,8 +276,10 @@ class BackgroundEmulator:
         faults: FaultConfig | None = None,
         clock: Clock = time.time,
         state_file: str | os.PathLike[str] | None = None,
+        webhooks: Iterable[WebhookOption] = (),
     ) -> None:
         self.host = host
+        self._webhooks = tuple(webhooks)
         self._requested_port = port
         self._faults = faults
         self._clock = clock
@@ -216,6 +307,7 @@ class BackgroundEmulator:
                 faults=self._faults,
                 clock=self._clock,
                 state_file=self._state_file,
+                webhooks=self._webhooks,
             ),
             loop,
         )
@@ -273,6 +365,24 @@ class BackgroundEmulator:
     def register_customers(self, *ids: str) -> None:
         self.request("POST", "/_emulator/customers", {"ids": list(ids)})
 
+    def webhook_deliveries(self, **filters: str) -> dict[str, Any]:
+        """``/_emulator/webhook_deliveries``: ``data`` (the attempts), ``queued``, ``held``,
+        ``owed``."""
+        query = urllib.parse.urlencode(filters)
+        path = "/_emulator/webhook_deliveries" + (f"?{query}" if query else "")
+        return dict(self.request("GET", path))
+
+    def release_webhooks(self) -> int:
+        return int(self.request("POST", "/_emulator/webhook_release", {})["released"])
+
+
+def webhook_settings(args: argparse.Namespace) -> tuple[FaultConfig, list[WebhookOption]]:
+    """The start settings and endpoints from the options of
+    sinks/stripe/emulator/options.py (a ``ValueError`` says what is wrong)."""
+    retry_base_ms, max_attempts, webhooks = webhook_options(args, new_secret)
+    faults = FaultConfig(webhook_retry_base_ms=retry_base_ms, webhook_max_attempts=max_attempts)
+    return faults, webhooks
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Local Stripe Billing meter API emulator")
@@ -280,9 +390,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--allowed-hosts", default="", help="names to answer to besides loopback")
     parser.add_argument("--state-file", help="keep the state in this file across restarts")
+    add_webhook_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        faults, webhooks = webhook_settings(args)
+    except ValueError as err:
+        parser.error(str(err))
     with contextlib.suppress(KeyboardInterrupt):
-        run_emulator(args.host, args.port, split_list(args.allowed_hosts), args.state_file)
+        run_emulator(
+            args.host,
+            args.port,
+            split_list(args.allowed_hosts),
+            args.state_file,
+            faults=faults,
+            webhooks=webhooks,
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Any, Literal
 from aiohttp import web
 
 from meterstream.sinks.stripe.emulator.journal import Journal
+from meterstream.sinks.stripe.emulator.options import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_BASE_MS
+from meterstream.sinks.stripe.emulator.payments_state import PaymentsState
 
 MAX_IDENTIFIER_LENGTH = 100
 MAX_EVENT_NAME_LENGTH = 100
@@ -36,6 +38,18 @@ class FaultConfig:
     ``random.Random(seed)``); ``latency_ms`` delays every API request;
     ``rate_limit_per_second`` (``None`` = off) answers ``429 rate_limit`` to
     API requests beyond that many in one clock second.
+
+    Webhook delivery (sinks/stripe/emulator/webhooks.py): ``webhook_duplicates``
+    sends every event twice (two deliveries, each with its own retries);
+    ``webhook_out_of_order`` holds every new event until its PaymentIntent is
+    final (``succeeded``/``canceled``) or ``POST /_emulator/webhook_release``,
+    then sends the held events newest first; ``webhook_drop_first`` fails the
+    first N attempts of every delivery without sending them (so retries
+    happen); ``webhook_delay_ms`` delays every first attempt. Not faults but
+    kept here so they are set the same way: ``webhook_retry_base_ms`` (the
+    first retry's wait, doubling after each failed attempt),
+    ``webhook_max_attempts`` (then the delivery is given up) and
+    ``webhook_timeout_ms`` (per attempt).
     """
 
     rate_429: float = 0.0
@@ -43,6 +57,13 @@ class FaultConfig:
     latency_ms: int = 0
     seed: int | None = None
     rate_limit_per_second: int | None = None
+    webhook_duplicates: bool = False
+    webhook_out_of_order: bool = False
+    webhook_drop_first: int = 0
+    webhook_delay_ms: int = 0
+    webhook_retry_base_ms: int = DEFAULT_RETRY_BASE_MS
+    webhook_max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    webhook_timeout_ms: int = 10_000
 
     def __post_init__(self) -> None:
         for name in ("rate_429", "rate_500"):
@@ -55,6 +76,19 @@ class FaultConfig:
             raise ValueError("latency_ms must be >= 0")
         if self.rate_limit_per_second is not None and self.rate_limit_per_second < 1:
             raise ValueError("rate_limit_per_second must be >= 1 or null")
+        for name in ("webhook_duplicates", "webhook_out_of_order"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false")
+        for name, low in (
+            ("webhook_drop_first", 0),
+            ("webhook_delay_ms", 0),
+            ("webhook_retry_base_ms", 1),
+            ("webhook_max_attempts", 1),
+            ("webhook_timeout_ms", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}")
 
 
 @dataclass
@@ -111,6 +145,8 @@ class EmulatorState:
     rate_window: tuple[int, int] = (0, 0)
     seq: itertools.count[int] = field(default_factory=itertools.count)
     journal: Journal | None = None
+    pay: PaymentsState = field(default_factory=PaymentsState)
+    in_flight: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.set_faults(self.initial_faults)
@@ -118,10 +154,13 @@ class EmulatorState:
     # -- persistence (``--state-file``; sinks/stripe/emulator/journal.py) ---------------
     #
     # What a Stripe account keeps is journaled: meters, meter events (with their
-    # cancellations), the customer registry, idempotent replies, v2 sessions and
-    # the v2 error report. Identifiers seen are the events' identifiers, so they
-    # are rebuilt from the events. Counters (``/_emulator/stats``), fault settings
-    # and the rate-limit window start afresh with each process.
+    # cancellations), the customer registry, idempotent replies, v2 sessions,
+    # the v2 error report, and the payments side (customers, payment methods,
+    # PaymentIntents, events, webhook endpoints and which deliveries are still
+    # owed: sinks/stripe/emulator/payments_state.py). Identifiers seen are the
+    # events' identifiers, so they are rebuilt from the events. Counters
+    # (``/_emulator/stats``), fault settings, the rate-limit window and the
+    # webhook delivery attempts start afresh with each process.
 
     def log(self, op: str, **fields: Any) -> None:
         """Journal one change (before the request that made it is answered)."""
@@ -141,6 +180,7 @@ class EmulatorState:
         ]
         out += [{"op": "session", "token": t, "expires": x} for t, x in self.sessions.items()]
         out += [{"op": "error", "error": e} for e in self.errors]
+        out += self.pay.records()
         return out
 
     def restore(self, records: Iterable[dict[str, Any]]) -> None:
@@ -173,12 +213,15 @@ class EmulatorState:
             elif op == "reset":
                 self.reset(journal=False)
                 by_seq.clear()
+            elif self.pay.restore_record(record):
+                pass
             else:
                 raise ValueError(f"unknown emulator journal record {op!r}")
         now = self.clock()
         self.identifiers = {e.identifier: e.received_at for e in self.events}
         self.sessions = {t: x for t, x in self.sessions.items() if x > now}
         self.seq = itertools.count(max((e.seq for e in self.events), default=-1) + 1)
+        self.pay.owe_pending()
         self.prune(now)
 
     def set_faults(self, faults: FaultConfig) -> None:
@@ -197,6 +240,7 @@ class EmulatorState:
         self.sessions.clear()
         self.idempotency.clear()
         self.errors.clear()
+        self.pay.clear()
         self.stats = Stats()
         self.rate_window = (0, 0)
         self.set_faults(self.initial_faults)
