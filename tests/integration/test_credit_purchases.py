@@ -130,6 +130,12 @@ def faulty(stack: StackSlice) -> Iterator[StackSlice]:
         _faults(stack, False)
 
 
+def _metric(shop: Shop, sample: str) -> float:
+    text = urllib.request.urlopen(f"{shop.url}/metrics", timeout=30).read().decode()
+    found = [line for line in text.splitlines() if line.startswith(sample + " ")]
+    return float(found[0].split()[-1]) if found else 0.0
+
+
 def _payment_failed(receiver: Receiver) -> list[dict[str, Any]]:
     return [d for d in receiver.accepted().values() if d["type"] == "payment_failed"]
 
@@ -193,6 +199,13 @@ def test_a_paid_purchase_grants_once_and_a_declined_one_grants_nothing(
     intent = shop.stripe.v1.payment_intents.retrieve(made["payment_intent_id"])
     assert (intent.status, intent.amount, intent.currency) == ("succeeded", 2000, "usd")
     assert intent.metadata["meterstream_purchase_id"] == "pur-acme-1"
+    # the emulator did deliver the success twice, and the worker answered both 2xx
+    sent = http_json(
+        f"{stack.stripe_url}/_emulator/webhook_deliveries?type=payment_intent.succeeded"
+    )["data"]
+    assert len(sent) >= 2 and all(a["outcome"] == "delivered" for a in sent)
+    assert _metric(shop, 'meterstream_stripe_webhooks_total{result="duplicate"}') >= 1
+    assert _metric(shop, 'meterstream_credit_purchases_total{outcome="succeeded"}') == 1
 
     # bob's card is declined: failed at once, nothing granted, payment_failed once
     failed = shop.call("POST", "/v1/customers/bob/credits/purchases", {"amount": "15.00"})
@@ -262,8 +275,7 @@ def test_a_webhook_with_a_bad_signature_or_an_old_timestamp_is_refused(stack: St
     assert shop.balance("acme") is None
     (purchase,) = shop.purchases("acme")
     assert purchase["status"] == "failed" and "evt_forged" not in purchase["stripe_event_ids"]
-    metrics = urllib.request.urlopen(f"{shop.url}/metrics", timeout=30).read().decode()
-    assert 'meterstream_stripe_webhooks_total{result="rejected"} 5.0' in metrics
+    assert _metric(shop, 'meterstream_stripe_webhooks_total{result="rejected"}') == 5
     # the same bytes, signed with the secret: accepted (the signature was the only problem)
     assert _post_webhook(shop.url, forged, _signed(shop.secret, forged, now)) == 200
     wait_until(lambda: shop.balance("acme") == Decimal(7), timeout=30, what="granted")
@@ -332,3 +344,27 @@ def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
     time.sleep(2)
     assert len(shop.purchases("acme")) == 3
     receiver.server.shutdown()
+
+
+def test_a_lost_webhook_loses_no_paid_purchase(stack: StackSlice) -> None:
+    """Every delivery dropped (Stripe gives up): the worker's catch-up reads the
+    PaymentIntent back a minute after the purchase and grants it, once."""
+    http_json(f"{stack.stripe_url}/_emulator/faults", {"webhook_drop_first": 100})
+    try:
+        receiver = Receiver()
+        shop = Shop(stack, receiver)
+        shop.customer("acme", "pm_card_visa")
+        made = shop.call("POST", "/v1/customers/acme/credits/purchases", {"amount": "12.50"})
+        assert made["status"] == "created"
+        time.sleep(5)
+        assert shop.balance("acme") is None  # no webhook reached the worker
+        wait_until(lambda: shop.balance("acme") == Decimal("12.5"), timeout=150,
+                   what="granted by the catch-up")  # fmt: skip
+        (bought,) = shop.purchases("acme")
+        assert bought["status"] == "succeeded"
+        assert bought["stripe_event_ids"] == [f"pi:{made['payment_intent_id']}:succeeded"]
+        time.sleep(12)  # another catch-up round changes nothing
+        assert shop.balance("acme") == Decimal("12.5")
+        receiver.server.shutdown()
+    finally:
+        http_json(f"{stack.stripe_url}/_emulator/faults", {"webhook_drop_first": 0})
