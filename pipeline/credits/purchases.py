@@ -79,6 +79,8 @@ _STRIPE_TYPES = {
     "payment_intent.canceled": PaymentOutcome.CANCELED,
     "payment_intent.processing": PaymentOutcome.PROCESSING,
 }
+#: The Stripe event types a purchase listens to (a webhook endpoint's ``enabled_events``).
+STRIPE_EVENT_TYPES = tuple(_STRIPE_TYPES)
 
 
 @dataclass(frozen=True)
