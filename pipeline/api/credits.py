@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -44,6 +44,7 @@ from faust.web import Request, Response, View
 
 from meterstream.api.http import Routes, read_body
 from meterstream.billing.assignments import BadSchedule, parse_instant
+from meterstream.credits.money import json_decimal
 from meterstream.credits.purchases import Purchase
 from meterstream.credits.recharge import AutoRecharge
 from meterstream.errors import CreditsError, PurchaseRefused
@@ -57,13 +58,7 @@ MAX_STRIPE_WEBHOOK_BYTES = 256 * 1024  # Stripe's events are a few kB
 
 
 def _decimal(body: dict[str, Any], name: str) -> Decimal:
-    value = body.get(name)
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise CreditsError(f'{name} must be a decimal string (never a float), e.g. "20.00"')
-    try:
-        return Decimal(value)
-    except InvalidOperation:
-        raise CreditsError(f"{name} is not a decimal: {value!r}") from None
+    return json_decimal(body.get(name), name)
 
 
 def _fields(body: Any, allowed: set[str], example: str) -> dict[str, Any]:
@@ -249,6 +244,14 @@ def _register_purchases(
     app, respond = routes.app, routes.respond
     guarded = functools.partial(routes.guarded, bad_input=(CreditsError,))
 
+    async def operator_input(request: Request, customer_id: str, parse: Any) -> Any:
+        """(what the body asks, who asks): an operator's request about a customer."""
+        key = routes.operator(request, "change credits")
+        customer = routes.checked_customer(customer_id)
+        await credits.ready.wait()
+        body = await json_body(request)
+        return parse(customer, body, credits.currency_of(customer)), f"key {key.id} ({key.name})"
+
     @app.page("/v1/customers/{customer_id}/credits/purchases")
     class CreditPurchases(View):
         @guarded
@@ -258,14 +261,9 @@ def _register_purchases(
 
         @guarded
         async def post(self, request: Request, customer_id: str) -> Response:
-            key = routes.operator(request, "buy credits")
-            customer = routes.checked_customer(customer_id)
-            await credits.ready.wait()
-            made = purchase_from_body(
-                customer, await json_body(request), credits.currency_of(customer)
-            )
+            made, who = await operator_input(request, customer_id, purchase_from_body)
             try:
-                doc = await purchases.purchase(made, f"key {key.id} ({key.name})")
+                doc = await purchases.purchase(made, who)
             except PurchaseRefused as exc:
                 return respond(self, {"error": str(exc)}, 409)
             return respond(self, doc, 201)
@@ -279,14 +277,9 @@ def _register_purchases(
 
         @guarded
         async def put(self, request: Request, customer_id: str) -> Response:
-            key = routes.operator(request, "change credits")
+            rule, who = await operator_input(request, customer_id, recharge_from_body)
             customer = routes.checked_customer(customer_id)
-            await credits.ready.wait()
-            rule = recharge_from_body(
-                customer, await json_body(request), credits.currency_of(customer)
-            )
-            doc = await purchases.set_recharge(customer, rule, f"key {key.id} ({key.name})")
-            return respond(self, doc)
+            return respond(self, await purchases.set_recharge(customer, rule, who))
 
     @app.page("/v1/stripe/webhooks")
     class StripeWebhooks(View):

@@ -180,16 +180,23 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
-def _worker_url(settings: Settings, what: str) -> str:
+def _through_worker(
+    args: argparse.Namespace, method: str, tail: str, body: Any = None
+) -> tuple[str, Any]:
+    """(customer, the worker's answer) of a purchase or recharge request: these need a
+    running worker (it calls Stripe and receives its webhook)."""
+    from meterstream.billing.customers import _request
     from meterstream.endpoints import web_url
 
+    settings = _settings(args)
+    customer = _customer(args.customer)
     url = web_url(settings)
     if not url:
         raise MeterstreamError(
-            f"{what} needs a running worker (it calls Stripe and receives its webhook): "
-            "start one with meterstream run or meterstream worker"
+            "credit purchases and auto-recharge need a running worker (it calls Stripe and "
+            "receives its webhook): start one with meterstream run or meterstream worker"
         )
-    return url
+    return customer, _request(settings, method, _url(url, customer, tail), body)
 
 
 def _purchase_line(doc: Any) -> str:
@@ -201,16 +208,11 @@ def _purchase_line(doc: Any) -> str:
 
 
 def cmd_purchase(args: argparse.Namespace) -> int:
-    from meterstream.billing.customers import _request
-
-    settings = _settings(args)
-    customer = _customer(args.customer)
     body: dict[str, Any] = {"amount": args.amount, "priority": args.priority}
     for name in ("expires", "purchase_id"):
         if getattr(args, name):
             body[name] = getattr(args, name)
-    url = _worker_url(settings, "a purchase")
-    doc = _request(settings, "POST", _url(url, customer, "/purchases"), body)
+    customer, doc = _through_worker(args, "POST", "/purchases", body)
     if args.format == "json":
         print(json.dumps(doc, sort_keys=True))
     else:
@@ -221,35 +223,21 @@ def cmd_purchase(args: argparse.Namespace) -> int:
 
 
 def cmd_purchases(args: argparse.Namespace) -> int:
-    from meterstream.billing.customers import _request
-
-    settings = _settings(args)
-    customer = _customer(args.customer)
-    url = _worker_url(settings, "purchases")
-    doc = _request(settings, "GET", _url(url, customer, "/purchases"))
+    _, doc = _through_worker(args, "GET", "/purchases")
     _print(doc, args.format, lambda d: print("\n".join(map(_purchase_line, d["purchases"]))))
     return 0
 
 
 def cmd_recharge(args: argparse.Namespace) -> int:
-    from meterstream.billing.customers import _request
-
-    settings = _settings(args)
-    customer = _customer(args.customer)
-    url = _worker_url(settings, "auto-recharge")
     if args.off:
-        body: dict[str, Any] | None = {"enabled": False}
+        customer, doc = _through_worker(args, "PUT", "/recharge", {"enabled": False})
     elif args.threshold is not None and args.target is not None:
-        body = {"threshold": args.threshold, "target": args.target, "priority": args.priority}
+        rule = {"threshold": args.threshold, "target": args.target, "priority": args.priority}
+        customer, doc = _through_worker(args, "PUT", "/recharge", rule)
     elif args.threshold is None and args.target is None:
-        body = None  # show it
+        customer, doc = _through_worker(args, "GET", "/recharge")
     else:
         raise MeterstreamError("give both --threshold and --target (or --off)")
-    tail = "/recharge"
-    if body is None:
-        doc = _request(settings, "GET", _url(url, customer, tail))
-    else:
-        doc = _request(settings, "PUT", _url(url, customer, tail), body)
 
     def text(d: Any) -> None:
         rule, state = d.get("rule"), d.get("state") or {}

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import faust
@@ -33,6 +33,7 @@ import orjson
 
 from meterstream.credits.alerts import Alert, AlertKind, Threshold, ThresholdState, evaluate
 from meterstream.credits.grants import Grant
+from meterstream.credits.money import json_decimal
 from meterstream.credits.status import CustomerStatus
 from meterstream.credits.webhooks import build_request, canonical_body, delivered, next_attempt_ms
 from meterstream.errors import CreditsError
@@ -60,14 +61,7 @@ def threshold_of(doc: Any) -> Threshold:
 
     def dec(name: str) -> Decimal | None:
         value = doc.get(name)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            raise CreditsError(f"{name} must be a decimal string, not {type(value).__name__}")
-        try:
-            return Decimal(value)
-        except InvalidOperation:
-            raise CreditsError(f"{name} is not a decimal: {value!r}") from None
+        return None if value is None else json_decimal(value, name)
 
     try:
         kind = AlertKind(str(doc.get("kind")))
