@@ -136,6 +136,10 @@ def _metric(shop: Shop, sample: str) -> float:
     return float(found[0].split()[-1]) if found else 0.0
 
 
+def _statuses(shop: Shop, customer: str = "acme") -> list[str]:
+    return [p["status"] for p in shop.purchases(customer)]
+
+
 def _payment_failed(receiver: Receiver) -> list[dict[str, Any]]:
     return [d for d in receiver.accepted().values() if d["type"] == "payment_failed"]
 
@@ -181,6 +185,7 @@ def test_a_paid_purchase_grants_once_and_a_declined_one_grants_nothing(
     assert made["purchase_id"] == "pur-acme-1" and made["status"] in ("created", "succeeded")
     assert made["payment_intent_id"].startswith("pi_")
     wait_until(lambda: shop.balance("acme") == Decimal(20), timeout=60, what="acme granted")
+    wait_until(lambda: _statuses(shop) == ["succeeded"], what="recorded")
     # a retried request is the same purchase (Stripe's idempotency key), not a second charge
     again = shop.call(
         "POST", "/v1/customers/acme/credits/purchases",
@@ -299,6 +304,7 @@ def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
     # 6.00 of usage: 10 -> 4, at or below 5: one purchase of 16.00 back to 20
     stack.produce([_usage("acme", 3000, f"u1-{i}", _now()) for i in range(2)])
     wait_until(lambda: shop.balance("acme") == Decimal(20), timeout=90, what="recharged to 20")
+    wait_until(lambda: _statuses(shop) == ["succeeded"], what="recorded")  # after the grant
     (first,) = shop.purchases("acme")
     assert first["origin"] == "recharge" and first["status"] == "succeeded"
     assert Decimal(first["amount"]) == Decimal(16)
@@ -312,6 +318,7 @@ def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
     stack.produce([_usage("acme", 8500, f"u2-{i}", _now()) for i in range(2)])
     wait_until(lambda: len(shop.purchases("acme")) == 2, timeout=90, what="second recharge")
     wait_until(lambda: shop.balance("acme") == Decimal(20), timeout=90, what="back to 20")
+    wait_until(lambda: _statuses(shop) == ["succeeded"] * 2, what="recorded")
     second = shop.purchases("acme")[1]
     assert Decimal(second["amount"]) == Decimal(17) and second["status"] == "succeeded"
 
@@ -322,8 +329,9 @@ def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
     )
     stack.produce([_usage("acme", 8000, f"u3-{i}", _now()) for i in range(2)])
     wait_until(lambda: len(_payment_failed(receiver)) == 1, timeout=90, what="payment_failed")
-    doc = shop.call("GET", "/v1/customers/acme/credits/recharge")
-    assert doc["enabled"] is False and doc["state"]["enabled"] is False
+    recharge = "/v1/customers/acme/credits/recharge"
+    wait_until(lambda: shop.call("GET", recharge)["enabled"] is False, what="turned off")
+    assert shop.call("GET", recharge)["state"]["disabled_reason"]
     third = shop.purchases("acme")[2]
     assert third["status"] == "failed" and third["origin"] == "recharge"
     (alert,) = _payment_failed(receiver)
@@ -360,6 +368,7 @@ def test_a_lost_webhook_loses_no_paid_purchase(stack: StackSlice) -> None:
         assert shop.balance("acme") is None  # no webhook reached the worker
         wait_until(lambda: shop.balance("acme") == Decimal("12.5"), timeout=150,
                    what="granted by the catch-up")  # fmt: skip
+        wait_until(lambda: _statuses(shop) == ["succeeded"], what="recorded")
         (bought,) = shop.purchases("acme")
         assert bought["status"] == "succeeded"
         assert bought["stripe_event_ids"] == [f"pi:{made['payment_intent_id']}:succeeded"]
