@@ -34,7 +34,6 @@ from meterstream.cli.sql import print_event_fate, print_usage, reconcile_command
 from meterstream.cli.statedir import private_umask
 from meterstream.embedded.kafka import choose_broker, describe_broker, new_broker
 from meterstream.errors import ConfigError, MeterstreamError
-from meterstream.hosts import split_list
 from meterstream.meters.config import load_meters
 from meterstream.sinks.stripe.emulator.options import add_webhook_arguments
 
@@ -78,21 +77,13 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_stripe_emulator(args: argparse.Namespace) -> int:
-    from meterstream.sinks.stripe.emulator.server import run_emulator, webhook_settings
+    from meterstream.sinks.stripe.emulator.server import run_from_args
 
     try:
-        faults, webhooks = webhook_settings(args)
+        run_from_args(args)
     except ValueError as err:
         print(f"meterstream stripe-emulator: {err}", file=sys.stderr)
         return 2
-    run_emulator(
-        args.host,
-        args.port,
-        split_list(args.allowed_hosts),
-        args.state_file,
-        faults=faults,
-        webhooks=webhooks,
-    )
     return 0
 
 

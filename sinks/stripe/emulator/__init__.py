@@ -34,8 +34,10 @@ Error bodies are Stripe-shaped (``{"error": {"type", "code", "message",
   ``An event already exists with identifier <id>.`` and **no code**, which is
   what Stripe is observed to return (integrations match on this message).
 * An unknown customer, only while the customer registry is non-empty:
-  ``resource_missing`` (``No such customer: '<id>'``). Real Stripe accepts
-  the event and reports ``meter_event_customer_not_found`` asynchronously.
+  ``resource_missing`` (``No such customer: '<id>'``); a customer is known when
+  registered (``/_emulator/customers``) or made by ``POST /v1/customers``. Real
+  Stripe accepts the event and reports ``meter_event_customer_not_found``
+  asynchronously.
 * An expired v2 meter event session: ``401``, type
   ``temporary_session_expired``, code ``billing_meter_event_session_expired``.
 
@@ -69,15 +71,26 @@ Products and prices (``POST /v1/products``, ``GET /v1/products/{id}``, ``POST`` 
 (``POST /v1/invoices/create_preview``, ``GET /v1/invoices/upcoming``), priced from the
 meter events received by Stripe's tier rules: sinks/stripe/emulator/prices.py.
 
+Payments, for prepaid credits: customers and Stripe's test payment methods
+(sinks/stripe/emulator/customers.py), PaymentIntents created and confirmed with
+Stripe's answers, a declined card's ``402 card_error`` included
+(sinks/stripe/emulator/payment_intents.py), the events they make and webhook
+endpoints (sinks/stripe/emulator/webhooks.py), and the asynchronous, signed,
+retried webhook delivery with its faults (sinks/stripe/emulator/delivery.py;
+configured at start by sinks/stripe/emulator/options.py).
+
 With a state file (``--state-file``, what ``meterstream run`` uses) the
 emulator keeps what an account keeps across restarts (meters, meter events,
-products, prices, identifiers, customers, idempotent replies; sinks/stripe/emulator/journal.py);
-without one (tests' ``BackgroundEmulator``) it starts empty.
+products, prices, identifiers, customers, idempotent replies, payment methods,
+PaymentIntents, events, webhook endpoints and the deliveries still owed;
+sinks/stripe/emulator/journal.py); without one (tests' ``BackgroundEmulator``)
+it starts empty.
 
 Test controls live under ``/_emulator``: accepted events, stats, reset,
-customer registry, fault injection (429/500 with a seeded RNG, latency) and a
-per-second rate limit. Faults are injected before anything is recorded: a
-faulted request accepts nothing.
+customer registry, fault injection (429/500 with a seeded RNG, latency), a
+per-second rate limit, webhook delivery faults (duplicates, out of order, dropped
+attempts, delay), the webhook attempts made and the release of held webhooks.
+Faults are injected before anything is recorded: a faulted request accepts nothing.
 
 The controls need no key, and the accepted events carry customer ids and usage,
 so the emulator is guarded like the worker's web server (pipeline/hosts.py): it

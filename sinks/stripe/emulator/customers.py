@@ -32,9 +32,9 @@ from meterstream.sinks.stripe.emulator.protocol import (
     ApiError,
     authorized,
     known_params,
-    list_object,
     metadata_param,
     new_id,
+    newest_first,
     no_such,
 )
 from meterstream.sinks.stripe.emulator.state import EmulatorState
@@ -59,6 +59,7 @@ TEST_CARDS = {
     ),
 }
 
+_DEFAULT_PARAM = "invoice_settings[default_payment_method]"
 _CUSTOMER_PARAMS = (
     "description",
     "email",
@@ -105,22 +106,32 @@ def card_of(state: EmulatorState, pm_id: str) -> TestCard:
     return TEST_CARDS[state.pay.pm_tokens.get(pm_id, pm_id)]
 
 
-def attach(state: EmulatorState, pm_id: Any, customer_id: str, param: str) -> dict[str, Any]:
-    """Attach ``pm_id`` to the customer: a test id makes a new attached payment method."""
+def attach(
+    state: EmulatorState, pm_id: Any, customer_id: str, param: str
+) -> tuple[dict[str, Any], str | None]:
+    """``pm_id`` attached to the customer, and the test id it is made from when it is new:
+    a test id makes a new payment method, not recorded until :func:`keep` (so a request
+    refused later records nothing)."""
     pm = payment_method(state, pm_id, param)
     if pm["customer"] == customer_id:
-        return pm
+        return pm, None
     if pm["customer"] is not None:
         raise ApiError(
             400,
             "The payment method you provided has already been attached to a customer.",
             param=param,
         )
-    attached = _card_object(new_id("pm"), TEST_CARDS[pm_id], customer_id, int(state.clock()))
-    state.pay.payment_methods[attached["id"]] = attached
-    state.pay.pm_tokens[attached["id"]] = pm_id
-    state.log("payment_method", payment_method=attached, token=pm_id)
-    return attached
+    made = _card_object(new_id("pm"), TEST_CARDS[pm_id], customer_id, int(state.clock()))
+    return made, pm_id
+
+
+def keep(state: EmulatorState, pm: dict[str, Any], token: str | None) -> dict[str, Any]:
+    """Record a payment method :func:`attach` made (nothing for one it found)."""
+    if token is not None:
+        state.pay.payment_methods[pm["id"]] = pm
+        state.pay.pm_tokens[pm["id"]] = token
+        state.log("payment_method", payment_method=pm, token=token)
+    return pm
 
 
 def customer_of(state: EmulatorState, customer_id: Any, param: str | None) -> dict[str, Any]:
@@ -140,21 +151,14 @@ def _string_fields(params: Mapping[str, Any], customer: dict[str, Any]) -> None:
         customer[name] = value or None
 
 
-def _set_default(state: EmulatorState, customer: dict[str, Any], params: Mapping[str, Any]) -> None:
+def _default_wanted(params: Mapping[str, Any]) -> Any:
+    """``invoice_settings[default_payment_method]``: None when not given, "" to unset."""
     settings = params.get("invoice_settings")
     if settings is None:
-        return
-    param = "invoice_settings[default_payment_method]"
+        return None
     if not isinstance(settings, dict):
         raise ApiError(400, "Invalid invoice_settings: must be a hash.", param="invoice_settings")
-    if "default_payment_method" not in settings:
-        return
-    wanted = settings["default_payment_method"]
-    if wanted == "":
-        customer["invoice_settings"]["default_payment_method"] = None
-        return
-    pm = attach(state, wanted, customer["id"], param)
-    customer["invoice_settings"]["default_payment_method"] = pm["id"]
+    return settings.get("default_payment_method")
 
 
 def _save(state: EmulatorState, customer: dict[str, Any]) -> web.Response:
@@ -193,13 +197,19 @@ async def create_customer(request: web.Request) -> web.Response:
         "test_clock": None,
     }
     _string_fields(params, customer)
+    made = []
     first = params.get("payment_method")
     if first is not None:
-        attached = attach(state, first, customer["id"], "payment_method")
-        settings = params.get("invoice_settings")
-        if isinstance(settings, dict) and settings.get("default_payment_method") == first:
-            params = {**params, "invoice_settings": {"default_payment_method": attached["id"]}}
-    _set_default(state, customer, params)
+        made.append(attach(state, first, customer["id"], "payment_method"))
+    default = _default_wanted(params)
+    if default:
+        found = made[0] if first is not None and default == first else None
+        if found is None:
+            found = attach(state, default, customer["id"], _DEFAULT_PARAM)
+            made.append(found)
+        customer["invoice_settings"]["default_payment_method"] = found[0]["id"]
+    for pm, token in made:
+        keep(state, pm, token)
     return _save(state, customer)
 
 
@@ -215,15 +225,18 @@ async def update_customer(request: web.Request) -> web.Response:
     customer["invoice_settings"] = dict(customer["invoice_settings"])
     customer["metadata"] = metadata_param(params, customer["metadata"])
     _string_fields(params, customer)
-    _set_default(state, customer, params)
+    default = _default_wanted(params)
+    if default == "":
+        customer["invoice_settings"]["default_payment_method"] = None
+    elif default is not None:
+        pm = keep(state, *attach(state, default, customer["id"], _DEFAULT_PARAM))
+        customer["invoice_settings"]["default_payment_method"] = pm["id"]
     return _save(state, customer)
 
 
 async def list_customers(request: web.Request) -> web.Response:
     state, params = await authorized(request)
-    email = params.get("email")
-    found = [c for c in state.pay.customers.values() if email in (None, c["email"])]
-    return list_object(request, found[::-1], params)
+    return newest_first(request, state.pay.customers.values(), params, "email")
 
 
 async def get_payment_method(request: web.Request) -> web.Response:
@@ -235,4 +248,5 @@ async def attach_payment_method(request: web.Request) -> web.Response:
     state, params = await authorized(request)
     known_params(params, ("customer", "expand"))
     customer = customer_of(state, params.get("customer"), "customer")
-    return web.json_response(attach(state, request.match_info["id"], customer["id"], "customer"))
+    pm = keep(state, *attach(state, request.match_info["id"], customer["id"], "customer"))
+    return web.json_response(pm)

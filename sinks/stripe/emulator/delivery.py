@@ -13,7 +13,9 @@ recorded (``/_emulator/webhook_deliveries``), then an ended delivery is journale
 no longer owed (``webhook_done``), so a restart resends only what was not delivered.
 
 Deliveries to one endpoint go one at a time, in queue order (so a held, reordered
-batch arrives in the order given); a slow endpoint holds up only its own.
+batch arrives in the order given); a slow endpoint holds up only its own. When the app
+stops, the attempts under way get ``STOP_GRACE_S`` to finish and be recorded; one cut
+off is sent again after a restart (webhooks are delivered at least once, as Stripe's).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from meterstream.sinks.stripe.emulator.webhooks import signature_header
 log = logging.getLogger(__name__)
 
 USER_AGENT = "Stripe/1.0 (+https://stripe.com/docs/webhooks)"
+STOP_GRACE_S = 2.0
 
 
 def event_body(event: dict[str, Any]) -> bytes:
@@ -52,6 +55,7 @@ class Sender:
         self.busy: dict[str, asyncio.Task[None]] = {}  # endpoint id -> its sending task
         self.task: asyncio.Task[None] | None = None
         self.session: aiohttp.ClientSession | None = None
+        self.stopping = False
 
     async def start(self, app: web.Application) -> None:
         self.session = aiohttp.ClientSession()
@@ -59,8 +63,16 @@ class Sender:
         self.task = asyncio.get_running_loop().create_task(self.run(), name="webhook-sender")
 
     async def stop(self, app: web.Application) -> None:
+        """Stop sending: the attempts under way get up to ``STOP_GRACE_S`` to finish and be
+        recorded (an attempt cut off is sent again after a restart: at least once)."""
         self.state.pay.wake = None
-        tasks = [t for t in (self.task, *self.busy.values()) if t is not None]
+        self.stopping = True
+        if self.task is not None:
+            self.task.cancel()
+        under_way = list(self.busy.values())
+        if under_way:
+            await asyncio.wait(under_way, timeout=STOP_GRACE_S)
+        tasks = [t for t in (self.task, *under_way) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -92,7 +104,10 @@ class Sender:
 
     async def _send_all(self, endpoint_id: str, batch: list[Delivery]) -> None:
         try:
-            for delivery in batch:
+            for n, delivery in enumerate(batch):
+                if self.stopping:
+                    self.state.pay.queue.extend(batch[n:])
+                    return
                 try:
                     await self._attempt(delivery)
                 except Exception:  # a bug here must not lose the delivery

@@ -1,7 +1,7 @@
 """What stands in front of the emulator's routes: the Host check
 (pipeline/webhosts.py), JSON-only changes through ``/_emulator``, and for the
 API routes, in order: count, latency, injected faults, the rate limit, the
-idempotent replay of ``Idempotency-Key`` requests."""
+idempotent replay of ``Idempotency-Key`` requests, and a lost answer."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def _is_api(request: web.Request) -> bool:
 
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Order: count, latency, faults, rate limit, idempotent replay, handler."""
+    """Order: count, latency, faults, rate limit, idempotent replay, handler, saving the
+    executed answer for replay, and last a lost answer (``lost_answer_rate``)."""
     if not _is_api(request):
         try:
             return await handler(request)
@@ -39,41 +40,40 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     if refused is not None:
         return refused.response()
     key = request.headers.get("Idempotency-Key") if request.method == "POST" else None
-    if not key:
-        try:
-            return await handler(request)
-        except ApiError as err:
-            return err.response()
-    fingerprint = await _fingerprint(request)
-    replay = _replay(state, key, fingerprint)
-    if replay is not None:
-        return replay
-    if key in state.in_flight:
-        return ApiError(
-            409,
-            "There is currently another in-progress request using this Idempotency-Key "
-            "(that probably means you submitted twice, and the other request is still "
-            "going through). Please try again later.",
-            code="idempotency_key_in_use",
-            type="idempotency_error",
-        ).response()
-    state.in_flight.add(key)
+    fingerprint = ""
+    if key:
+        fingerprint = await _fingerprint(request)
+        replay = _replay(state, key, fingerprint)
+        if replay is not None:
+            return replay
+    # The handlers do not wait once they start (their body is read already), so two
+    # requests with one key cannot run at once: no 409 idempotency_key_in_use here.
     try:
         response = await handler(request)
-        executed = 200 <= response.status < 300
+        executed = request.method == "POST" and 200 <= response.status < 300
     except ApiError as err:
         response, executed = err.response(), err.executed
-    finally:
-        state.in_flight.discard(key)
     # Like Stripe, only executed requests are saved for replay (a declined charge
     # was executed: it made a PaymentIntent); a request that failed validation,
     # or was faulted or rate limited, is not.
-    if executed and isinstance(response, web.Response):
+    if key and executed and isinstance(response, web.Response):
         assert response.text is not None
         saved_reply = (state.clock(), fingerprint, response.status, response.text)
         state.idempotency[key] = saved_reply
         state.log("idempotency", key=key, value=list(saved_reply))
-    return response
+    return _lost(state, faults, executed) or response
+
+
+def _lost(state: EmulatorState, faults: FaultConfig, executed: bool) -> web.Response | None:
+    """A 500 in place of an executed POST's answer, drawn at ``lost_answer_rate``, or None."""
+    if not executed or not faults.lost_answer_rate:
+        return None
+    if state.rng.random() >= faults.lost_answer_rate:
+        return None
+    state.stats.faults_injected += 1
+    return ApiError(
+        500, "The answer was lost (injected by the emulator after executing).", type="api_error"
+    ).response()
 
 
 def _injected_fault(state: EmulatorState, faults: FaultConfig) -> ApiError | None:

@@ -36,9 +36,9 @@ from meterstream.sinks.stripe.emulator.protocol import (
     bool_param,
     int_param,
     known_params,
-    list_object,
     metadata_param,
     new_id,
+    newest_first,
     no_such,
 )
 from meterstream.sinks.stripe.emulator.state import EmulatorState
@@ -68,7 +68,8 @@ def _amount(params: Mapping[str, Any], currency: str) -> int:
     assert amount is not None
     minimum = MINIMUM_AMOUNTS.get(currency, 50)
     if amount < minimum:
-        shown = str(minimum) if currency in ZERO_DECIMAL else f"{minimum / 100:.2f}"
+        symbol = {"usd": "$", "eur": "€", "gbp": "£", "jpy": "¥"}.get(currency, "")
+        shown = symbol + (str(minimum) if currency in ZERO_DECIMAL else f"{minimum / 100:.2f}")
         raise ApiError(
             400,
             f"Amount must be at least {shown} {currency}",
@@ -202,9 +203,11 @@ async def create_payment_intent(request: web.Request) -> web.Response:
     pm_id = params.get("payment_method")
     if pm_id is not None:
         pm_id = _usable_method(state, pm_id, customer)
+    for name in ("description", "receipt_email"):
+        value = params.get(name)
+        if value is not None and (not isinstance(value, str) or len(value) > 1000):
+            raise ApiError(400, f"Invalid string: {name}", param=name)
     description = params.get("description")
-    if description is not None and (not isinstance(description, str) or len(description) > 1000):
-        raise ApiError(400, "Invalid string: description", param="description")
     intent_id = new_id("pi")
     intent: dict[str, Any] = {
         "id": intent_id,
@@ -256,9 +259,7 @@ async def get_payment_intent(request: web.Request) -> web.Response:
 
 async def list_payment_intents(request: web.Request) -> web.Response:
     state, params = await authorized(request)
-    customer = params.get("customer")
-    found = [p for p in state.pay.payment_intents.values() if customer in (None, p["customer"])]
-    return list_object(request, found[::-1], params)
+    return newest_first(request, state.pay.payment_intents.values(), params, "customer")
 
 
 async def confirm_payment_intent(request: web.Request) -> web.Response:

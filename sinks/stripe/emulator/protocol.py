@@ -268,3 +268,13 @@ def metadata_param(
 def no_such(kind: str, object_id: Any, param: str | None, status: int = 400) -> ApiError:
     """Stripe's answer to an id it does not know: 404 in the path, 400 in a parameter."""
     return ApiError(status, f"No such {kind}: '{object_id}'", code="resource_missing", param=param)
+
+
+def newest_first(
+    request: web.Request, objects: Iterable[Mapping[str, Any]], params: Mapping[str, Any], by: str
+) -> web.Response:
+    """A list object of ``objects`` (oldest first), newest first, keeping those whose ``by``
+    equals the ``by`` parameter when it is given (Stripe's list filters)."""
+    wanted = params.get(by)
+    kept = [dict(o) for o in objects if wanted in (None, o.get(by))]
+    return list_object(request, kept[::-1], params)

@@ -376,12 +376,14 @@ class BackgroundEmulator:
         return int(self.request("POST", "/_emulator/webhook_release", {})["released"])
 
 
-def webhook_settings(args: argparse.Namespace) -> tuple[FaultConfig, list[WebhookOption]]:
-    """The start settings and endpoints from the options of
-    sinks/stripe/emulator/options.py (a ``ValueError`` says what is wrong)."""
+def run_from_args(args: argparse.Namespace) -> None:
+    """:func:`run_emulator` with the command line's options (``--host``, ``--port``,
+    ``--allowed-hosts``, ``--state-file`` and sinks/stripe/emulator/options.py's);
+    a ``ValueError`` before it starts says what is wrong with them."""
     retry_base_ms, max_attempts, webhooks = webhook_options(args, new_secret)
     faults = FaultConfig(webhook_retry_base_ms=retry_base_ms, webhook_max_attempts=max_attempts)
-    return faults, webhooks
+    hosts = split_list(args.allowed_hosts)
+    run_emulator(args.host, args.port, hosts, args.state_file, faults=faults, webhooks=webhooks)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -392,19 +394,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-file", help="keep the state in this file across restarts")
     add_webhook_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        faults, webhooks = webhook_settings(args)
-    except ValueError as err:
-        parser.error(str(err))
     with contextlib.suppress(KeyboardInterrupt):
-        run_emulator(
-            args.host,
-            args.port,
-            split_list(args.allowed_hosts),
-            args.state_file,
-            faults=faults,
-            webhooks=webhooks,
-        )
+        try:
+            run_from_args(args)
+        except ValueError as err:
+            parser.error(str(err))
 
 
 if __name__ == "__main__":

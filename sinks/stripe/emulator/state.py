@@ -37,7 +37,11 @@ class FaultConfig:
     ``rate_429`` and ``rate_500`` are probabilities per API request (drawn from
     ``random.Random(seed)``); ``latency_ms`` delays every API request;
     ``rate_limit_per_second`` (``None`` = off) answers ``429 rate_limit`` to
-    API requests beyond that many in one clock second.
+    API requests beyond that many in one clock second. ``lost_answer_rate`` is the
+    probability that a POST which was executed (and, with an ``Idempotency-Key``,
+    saved for replay) answers ``500`` instead, as if its answer were lost on the
+    way: a retry with the same key gets the saved answer, one without a key
+    executes again (a second charge).
 
     Webhook delivery (sinks/stripe/emulator/webhooks.py): ``webhook_duplicates``
     sends every event twice (two deliveries, each with its own retries);
@@ -57,6 +61,7 @@ class FaultConfig:
     latency_ms: int = 0
     seed: int | None = None
     rate_limit_per_second: int | None = None
+    lost_answer_rate: float = 0.0
     webhook_duplicates: bool = False
     webhook_out_of_order: bool = False
     webhook_drop_first: int = 0
@@ -66,7 +71,7 @@ class FaultConfig:
     webhook_timeout_ms: int = 10_000
 
     def __post_init__(self) -> None:
-        for name in ("rate_429", "rate_500"):
+        for name in ("rate_429", "rate_500", "lost_answer_rate"):
             rate = getattr(self, name)
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {rate}")
@@ -146,7 +151,6 @@ class EmulatorState:
     seq: itertools.count[int] = field(default_factory=itertools.count)
     journal: Journal | None = None
     pay: PaymentsState = field(default_factory=PaymentsState)
-    in_flight: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.set_faults(self.initial_faults)
