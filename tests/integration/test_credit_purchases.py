@@ -14,11 +14,16 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +31,7 @@ import stripe
 
 from meterstream.api.keys import KeyStore
 from meterstream.embedded.processes import free_port
-from tests.harness import StackSlice, Worker, http_json, wait_until
+from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 from tests.integration.test_credits_end_to_end import (
     HOUR,
     METERS,
@@ -377,3 +382,41 @@ def test_a_lost_webhook_loses_no_paid_purchase(stack: StackSlice) -> None:
         receiver.server.shutdown()
     finally:
         http_json(f"{stack.stripe_url}/_emulator/faults", {"webhook_drop_first": 0})
+
+
+def test_meterstream_run_buys_credits_out_of_the_box(tmp_path: Path) -> None:
+    """``meterstream run`` (no Stripe key): its emulator sends the payment webhooks to the
+    worker with a secret both got at start; a purchase is granted with nothing configured."""
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    env |= {"METERSTREAM_STATE_DIR": str(state), "METERSTREAM_EMBEDDED_BROKER": "tansu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meterstream.cli", "run", "--meters", "meters.example.yaml"],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: (state / "endpoints.json").exists(), timeout=180, what="the stack")
+        emulator = json.loads((state / "endpoints.json").read_text())["stripe_api_base"]
+        made = _stripe(emulator).v1.customers.create(
+            {"invoice_settings": {"default_payment_method": "pm_card_visa"}}
+        )
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "meterstream.cli", *args], cwd=REPO, env=env,
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+
+        assert cli("customers", "set", "acme", made.id).returncode == 0
+        bought = cli("credits", "purchase", "acme", "20.00", "--format", "json")
+        assert bought.returncode == 0, bought.stderr
+        assert json.loads(bought.stdout)["payment_intent_id"].startswith("pi_")
+
+        def balance() -> str:
+            shown = cli("credits", "balance", "acme", "--format", "json")
+            return str(json.loads(shown.stdout)["balance"]) if shown.returncode == 0 else ""
+
+        wait_until(lambda: balance() == "20", timeout=60, what="granted")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
