@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     credits_webhook_url: str | None = None
     credits_webhook_secret: SecretStr | None = None
     # The signing secret (whsec_...) of Stripe's webhook to POST /v1/stripe/webhooks (credit
-    # purchases, pipeline/worker/purchases.py); unset: that route answers 503.
+    # purchases, pipeline/worker/purchases.py); unset: that route answers 404.
     stripe_webhook_secret: SecretStr | None = None
     dedup_horizon_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     store: Literal["memory", "rocksdb"] = "memory"

@@ -27,8 +27,8 @@ writes always need an unrestricted (operator) key: a customer cannot grant itsel
 - ``PUT /v1/customers/{id}/credits/recharge`` ``{"threshold": "5", "target": "20"}`` or
   ``{"enabled": false}``, and ``GET``: the customer's auto-recharge and its state.
 - ``POST /v1/stripe/webhooks``: Stripe's webhook; no API key, authenticated by its
-  ``Stripe-Signature`` (400 when missing or wrong, 503 without
-  ``METERSTREAM_STRIPE_WEBHOOK_SECRET``).
+  ``Stripe-Signature`` (400 when missing or wrong; 404 without
+  ``METERSTREAM_STRIPE_WEBHOOK_SECRET``: the route is off).
 """
 
 from __future__ import annotations

@@ -762,7 +762,8 @@ def _purchase_paths() -> dict[str, Any]:
                     "400": _error("Missing or bad signature, or an old timestamp."),
                     "413": _error("The body is too large."),
                     "415": _error("The body is not application/json."),
-                    "503": _error("No webhook secret configured, or ClickHouse; retried."),
+                    "404": _error("No METERSTREAM_STRIPE_WEBHOOK_SECRET: the route is off."),
+                    "503": _error("ClickHouse did not answer; Stripe delivers it again."),
                 },
             }
         },

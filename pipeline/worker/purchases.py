@@ -95,6 +95,7 @@ log = logging.getLogger("meterstream.purchases")
 CATCH_UP_AFTER_MS = 60_000
 CATCH_UP_SECONDS = 10.0
 DEFAULT_PAYMENT_FAILED = Threshold("payment_failed", AlertKind.PAYMENT_FAILED)
+WEBHOOK_OFF = "no Stripe webhook here: METERSTREAM_STRIPE_WEBHOOK_SECRET is not set"
 
 
 def now_ms() -> int:
@@ -316,9 +317,11 @@ class PurchaseDesk:
         """One delivery of Stripe's webhook: (HTTP status, answer). 2xx only once its
         outcome is recorded (an exception here is a 5xx: Stripe delivers it again)."""
         secret = self.settings.stripe_webhook_secret
-        if secret is None:
-            return 503, {"error": "METERSTREAM_STRIPE_WEBHOOK_SECRET is not set"}
+        if header and secret is None:  # the route is off (Stripe retries until it is on)
+            return 404, {"error": WEBHOOK_OFF}
         try:
+            if secret is None:
+                raise WebhookSignatureError("no signature header")
             verify_header(
                 body,
                 header,
