@@ -174,6 +174,9 @@ class PurchaseDesk:
     async def purchase(self, purchase: Purchase, changed_by: str) -> dict[str, Any]:
         """Record and pay ``purchase`` (a retry with the same id answers the same one)."""
         await self.credits.ready.wait()
+        payer = None
+        if purchase.purchase_id not in self.purchases:  # refused: nothing recorded
+            payer = await self._payment_method(purchase.customer_id)  # (not under the lock)
         async with self.lock:
             held = self.purchases.get(purchase.purchase_id)
             if held is not None:
@@ -183,12 +186,11 @@ class PurchaseDesk:
                     )
                 state = held
             else:
-                await self._payment_method(purchase.customer_id)  # refused: nothing recorded
                 state = PurchaseState(purchase)
                 await self._record(state, f"created by {changed_by}")
                 self.metrics.credit_purchases.inc(outcome="created")
         if state.status == PurchaseStatus.CREATED and state.payment_intent_id is None:
-            await self._pay(purchase.purchase_id)
+            await self._pay(purchase.purchase_id, payer)
         return purchase_document(self.purchases[purchase.purchase_id])
 
     async def _payment_method(self, customer: str) -> tuple[str, str]:
@@ -220,12 +222,13 @@ class PurchaseDesk:
             )
         return stripe_id, method
 
-    async def _pay(self, purchase_id: str) -> None:
-        """Create the PaymentIntent (idempotency key: the purchase id); a decline or a
+    async def _pay(self, purchase_id: str, payer: tuple[str, str] | None = None) -> None:
+        """Create the PaymentIntent (idempotency key: the purchase id) on ``payer`` (the
+        Stripe customer and payment method; looked up when not given); a decline or a
         customer who cannot pay (a recharge's: no mapping, no method) fails it now."""
         purchase = self.purchases[purchase_id].purchase
         try:
-            stripe_id, method = await self._payment_method(purchase.customer_id)
+            stripe_id, method = payer or await self._payment_method(purchase.customer_id)
         except PurchaseRefused as exc:
             await self._apply(_local_failure(purchase, "no_payment_method"), str(exc))
             return
