@@ -514,10 +514,13 @@ _GRANT_BODY = {
 }
 
 
+_RESTRICTED = _error("The key is restricted to another customer.")
+_OPERATOR_ONLY = _error("A key restricted to a customer cannot do this.")
+
+
 def _credit_paths() -> dict[str, Any]:
     """The routes of pipeline/api/credits.py."""
-    restricted = _error("The key is restricted to another customer.")
-    operator_only = _error("A key restricted to a customer cannot do this.")
+    restricted, operator_only = _RESTRICTED, _OPERATOR_ONLY
     busy = _error("The worker is rebuilding its credit books (at start), or ClickHouse.")
 
     def body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -686,8 +689,7 @@ _RECHARGE_BODY = {
 
 def _purchase_paths() -> dict[str, Any]:
     """Purchases, auto-recharge and Stripe's webhook (pipeline/api/credits.py)."""
-    restricted = _error("The key is restricted to another customer.")
-    operator_only = _error("A key restricted to a customer cannot do this.")
+    restricted, operator_only = _RESTRICTED, _OPERATOR_ONLY
     busy = _error("ClickHouse or Stripe did not answer; retry.")
     bad_body = {
         "400": _error("A bad body, amount, date or customer id."),

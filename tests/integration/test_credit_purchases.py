@@ -41,6 +41,7 @@ from tests.integration.test_credits_end_to_end import (
     _request,
     _status,
 )
+from tests.security.test_poison import chat
 
 pytestmark = pytest.mark.integration
 
@@ -151,16 +152,6 @@ def _payment_failed(receiver: Receiver) -> list[dict[str, Any]]:
 
 def _now() -> int:
     return time.time_ns() // 1_000_000
-
-
-def _usage(customer: str, tokens: int, key: str, at_ms: int) -> dict[str, Any]:
-    return {
-        "event_name": "chat",
-        "customer_id": customer,
-        "idempotency_key": key,
-        "timestamp": at_ms,
-        "properties": {"tokens": tokens},
-    }
 
 
 def test_a_paid_purchase_grants_once_and_a_declined_one_grants_nothing(
@@ -307,7 +298,7 @@ def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
     assert shop.purchases("acme") == []  # 10 > 5: nothing to buy
 
     # 6.00 of usage: 10 -> 4, at or below 5: one purchase of 16.00 back to 20
-    stack.produce([_usage("acme", 3000, f"u1-{i}", _now()) for i in range(2)])
+    stack.produce([chat("acme", f"u1-{i}", 3000, _now()) for i in range(2)])
     wait_until(lambda: shop.balance("acme") == Decimal(20), timeout=90, what="recharged to 20")
     wait_until(lambda: _statuses(shop) == ["succeeded"], what="recorded")  # after the grant
     (first,) = shop.purchases("acme")
@@ -320,7 +311,7 @@ def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
     assert recharges == [{"kind": "recharge", "grant_id": first["purchase_id"], "amount": "16"}]
 
     # a second crossing: 17.00 more -> 3; one more purchase, of 17.00
-    stack.produce([_usage("acme", 8500, f"u2-{i}", _now()) for i in range(2)])
+    stack.produce([chat("acme", f"u2-{i}", 8500, _now()) for i in range(2)])
     wait_until(lambda: len(shop.purchases("acme")) == 2, timeout=90, what="second recharge")
     wait_until(lambda: shop.balance("acme") == Decimal(20), timeout=90, what="back to 20")
     wait_until(lambda: _statuses(shop) == ["succeeded"] * 2, what="recorded")
@@ -332,7 +323,7 @@ def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
     shop.stripe.v1.customers.update(
         stripe_id, {"invoice_settings": {"default_payment_method": "pm_card_chargeDeclined"}}
     )
-    stack.produce([_usage("acme", 8000, f"u3-{i}", _now()) for i in range(2)])
+    stack.produce([chat("acme", f"u3-{i}", 8000, _now()) for i in range(2)])
     wait_until(lambda: len(_payment_failed(receiver)) == 1, timeout=90, what="payment_failed")
     recharge = "/v1/customers/acme/credits/recharge"
     wait_until(lambda: shop.call("GET", recharge)["enabled"] is False, what="turned off")
@@ -342,7 +333,7 @@ def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
     (alert,) = _payment_failed(receiver)
     assert alert["purchase_id"] == third["purchase_id"] and alert["customer_id"] == "acme"
     assert shop.balance("acme") == Decimal(4)
-    stack.produce([_usage("acme", 1000, "u4", _now())])
+    stack.produce([chat("acme", "u4", 1000, _now())])
     wait_until(lambda: shop.balance("acme") == Decimal(3), timeout=60, what="burned on")
     time.sleep(3)
     assert len(shop.purchases("acme")) == 3
