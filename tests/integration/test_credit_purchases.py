@@ -411,3 +411,25 @@ def test_meterstream_run_buys_credits_out_of_the_box(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
+
+
+def test_a_worker_killed_while_stripe_is_paying_grants_once(faulty: StackSlice) -> None:
+    """SIGKILL right after the purchase, before Stripe's webhooks (delayed, duplicated,
+    retried) reach the worker: once restarted it is granted exactly once."""
+    stack = faulty
+    http_json(f"{stack.stripe_url}/_emulator/faults", {"webhook_delay_ms": 2000})
+    receiver = Receiver()
+    shop = Shop(stack, receiver)
+    shop.customer("acme", "pm_card_visa")
+    made = shop.call("POST", "/v1/customers/acme/credits/purchases", {"amount": "9.99"})
+    assert made["status"] == "created"
+    shop.worker.kill()
+    shop.worker = stack.start_worker(stack.meters_file(METERS), **shop.env)
+    wait_until(lambda: shop.balance("acme") == Decimal("9.99"), timeout=150, what="granted")
+    wait_until(lambda: _statuses(shop) == ["succeeded"], what="recorded")
+    time.sleep(5)  # what is still owed or duplicated lands
+    assert shop.balance("acme") == Decimal("9.99")
+    grants = [r for r in shop.ledger("acme") if r["kind"] == "grant"]
+    assert grants == [{"kind": "grant", "grant_id": made["purchase_id"], "amount": "9.99"}]
+    http_json(f"{stack.stripe_url}/_emulator/faults", {"webhook_delay_ms": 0})
+    receiver.server.shutdown()
