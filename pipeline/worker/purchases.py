@@ -11,7 +11,8 @@ This module feeds them and writes what they decide:
   recorded or charged); the purchase is recorded ``created`` in ClickHouse
   ``credit_purchases``, then the PaymentIntent is created and confirmed off-session with
   the purchase id as Stripe's ``Idempotency-Key``. A decline (Stripe's 402 with the
-  PaymentIntent) fails the purchase at once; a success waits for Stripe's word.
+  PaymentIntent) or a refusal no retry can change (:data:`REFUSED_FOR_GOOD`, e.g.
+  ``amount_too_small``) fails the purchase at once; a success waits for Stripe's word.
 - **Granted on Stripe's word**: ``payment_intent.succeeded`` on ``POST
   /v1/stripe/webhooks`` (signature verified with ``METERSTREAM_STRIPE_WEBHOOK_SECRET``,
   300 s tolerance) moves the state machine, which grants once (grant id = purchase id,
@@ -36,7 +37,8 @@ This module feeds them and writes what they decide:
   of a customer with credits (the burn, grants, expiries: a listener of the credit
   service, under its lock). A purchase it decides is recorded first, then the recharge
   state (a crash between is reconciled at start: a ``created`` recharge purchase is the
-  pending one), then paid in the background. Its failure turns auto-recharge off
+  pending one; a finished one whose outcome the recharge state lacks is applied), then
+  paid in the background. Its failure turns auto-recharge off
   (durably) and fires ``payment_failed``.
 """
 
@@ -95,6 +97,9 @@ log = logging.getLogger("meterstream.purchases")
 CATCH_UP_AFTER_MS = 60_000
 CATCH_UP_SECONDS = 10.0
 DEFAULT_PAYMENT_FAILED = Threshold("payment_failed", AlertKind.PAYMENT_FAILED)
+# Stripe's answers to a PaymentIntent's creation that a retry under the same key cannot
+# change (e.g. amount_too_small): the purchase fails, nothing was charged.
+REFUSED_FOR_GOOD = (400, 402, 404)
 WEBHOOK_OFF = "no Stripe webhook here: METERSTREAM_STRIPE_WEBHOOK_SECRET is not set"
 
 
@@ -158,13 +163,12 @@ class PurchaseDesk:
         for state in self.purchases.values():  # a crash between purchase and recharge rows
             p = state.purchase
             held = self.recharge.get(p.customer_id)
-            if (
-                p.origin == "recharge"
-                and state.status == PurchaseStatus.CREATED
-                and held is not None
-                and held.pending is None
-            ):
+            if p.origin != "recharge" or held is None:
+                continue
+            if state.status == PurchaseStatus.CREATED and held.pending is None:
                 self.recharge[p.customer_id] = replace(held, pending=p.purchase_id, armed=False)
+            elif state.status != PurchaseStatus.CREATED and held.pending == p.purchase_id:
+                await self._recharge_done(state)  # its outcome, not yet in credit_recharge
         log.info(
             "credits: %d purchase(s), %d auto-recharge(s)", len(self.purchases), len(self.rules)
         )
@@ -235,9 +239,16 @@ class PurchaseDesk:
         params = payment_intent_params(
             purchase, stripe_customer_id=stripe_id, payment_method=method
         )
-        intent = await asyncio.to_thread(
-            self.client.create_payment_intent, params, purchase.purchase_id
-        )
+        try:
+            intent = await asyncio.to_thread(
+                self.client.create_payment_intent, params, purchase.purchase_id
+            )
+        except StripeError as exc:
+            if exc.status not in REFUSED_FOR_GOOD:
+                raise  # Stripe down or failing: tried again (same key) by the catch-up
+            code = exc.code or f"stripe_{exc.status}"
+            await self._apply(_local_failure(purchase, code), f"refused by Stripe: {exc}")
+            return
         async with self.lock:
             state = self.purchases[purchase_id]
             if state.payment_intent_id is None:

@@ -433,3 +433,17 @@ def test_a_worker_killed_while_stripe_is_paying_grants_once(faulty: StackSlice) 
     assert grants == [{"kind": "grant", "grant_id": made["purchase_id"], "amount": "9.99"}]
     http_json(f"{stack.stripe_url}/_emulator/faults", {"webhook_delay_ms": 0})
     receiver.server.shutdown()
+
+
+def test_a_purchase_stripe_refuses_for_good_fails_at_once(stack: StackSlice) -> None:
+    """Below Stripe's minimum charge (0.50 usd): Stripe's 400 ``amount_too_small`` fails
+    the purchase at once (a retry under the same key gets the same answer)."""
+    receiver = Receiver()
+    shop = Shop(stack, receiver)
+    shop.customer("acme", "pm_card_visa")
+    made = shop.call("POST", "/v1/customers/acme/credits/purchases", {"amount": "0.10"})
+    assert (made["status"], made["failure_code"]) == ("failed", "amount_too_small")
+    assert made["payment_intent_id"] in (None, "")
+    wait_until(lambda: len(_payment_failed(receiver)) == 1, timeout=60, what="payment_failed")
+    assert shop.balance("acme") is None
+    receiver.server.shutdown()
