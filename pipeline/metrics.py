@@ -352,6 +352,16 @@ class Metrics:
             "Series held back because their period total does not fit Stripe's whole numbers",
             "meter",
         )
+        self.credit_purchases = counter(
+            "meterstream_credit_purchases_total",
+            "Credit purchases, by outcome: created, succeeded, failed, mismatch",
+            "outcome",
+        )
+        self.stripe_webhooks = counter(
+            "meterstream_stripe_webhooks_total",
+            "Stripe webhooks received, by result: applied, duplicate, ignored, rejected",
+            "result",
+        )
         self.api_requests = counter(
             "meterstream_api_requests_total",
             "Web API requests, by route and status",

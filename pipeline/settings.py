@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     # unset: alerts go to the topic billing-alerts only.
     credits_webhook_url: str | None = None
     credits_webhook_secret: SecretStr | None = None
+    # The signing secret (whsec_...) of Stripe's webhook to POST /v1/stripe/webhooks (credit
+    # purchases, pipeline/worker/purchases.py); unset: that route answers 404.
+    stripe_webhook_secret: SecretStr | None = None
     dedup_horizon_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     store: Literal["memory", "rocksdb"] = "memory"
     store_path: Path | None = None
@@ -162,6 +165,7 @@ class Settings(BaseSettings):
         "stripe_api_key",
         "stripe_api_base",
         "stripe_meter_events_base",
+        "stripe_webhook_secret",
         mode="before",
     )
     @classmethod

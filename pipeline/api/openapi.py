@@ -40,6 +40,7 @@ _TOO_LARGE = _error("The body is over the size limit.")
 _NOT_JSON = _error("Content-Type is not application/json.")
 _CLICKHOUSE_DOWN = _error("ClickHouse unavailable.")
 _OPERATOR_ONLY = _error("A key restricted to a customer cannot do this.")
+_RESTRICTED = _error("The key is restricted to another customer.")
 _UNAUTHORIZED = _error(
     "No valid API key (missing, unknown or revoked).",
     **{"WWW-Authenticate": "Bearer challenge"},
@@ -293,6 +294,7 @@ def _routes_document() -> dict[str, Any]:
             **_price_paths(),
             **_credit_paths(),
             **_correction_paths(),
+            **_purchase_paths(),
             **_customer_paths(),
             **_stripe_paths(),
             **_meters_paths(),
@@ -523,8 +525,7 @@ _GRANT_BODY = {
 
 def _credit_paths() -> dict[str, Any]:
     """The routes of pipeline/api/credits.py."""
-    restricted = _error("The key is restricted to another customer.")
-    operator_only = _error("A key restricted to a customer cannot do this.")
+    restricted, operator_only = _RESTRICTED, _OPERATOR_ONLY
     busy = _error("The worker is rebuilding its credit books (at start), or ClickHouse.")
 
     def body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -1312,4 +1313,114 @@ def _recompute_path() -> dict[str, Any]:
                 },
             }
         }
+    }
+
+
+_PURCHASE_BODY = {
+    "type": "object",
+    "required": ["amount"],
+    "properties": {
+        "amount": {"type": "string", "description": "Decimal string, whole minor units."},
+        "priority": {"type": "integer", "description": "Of the grant (default 50)."},
+        "expires": {"type": "string", "description": "The grant's expiry (never)."},
+        "purchase_id": {
+            "type": "string",
+            "description": "Your id, also Stripe's idempotency key: a retry never charges twice.",
+        },
+    },
+}
+
+_RECHARGE_BODY = {
+    "type": "object",
+    "properties": {
+        "threshold": {"type": "string", "description": "Buy when the balance reaches this."},
+        "target": {"type": "string", "description": "Back up to this balance."},
+        "priority": {"type": "integer", "description": "Of the grants bought (default 50)."},
+        "enabled": {"type": "boolean", "description": "false (alone): turn it off."},
+    },
+}
+
+
+def _purchase_paths() -> dict[str, Any]:
+    """Purchases, auto-recharge and Stripe's webhook (pipeline/api/credits.py)."""
+    restricted, operator_only = _RESTRICTED, _OPERATOR_ONLY
+    busy = _error("ClickHouse or Stripe did not answer; retry.")
+    bad_body = {
+        "400": _error("A bad body, amount, date or customer id."),
+        "401": _UNAUTHORIZED,
+        "403": operator_only,
+        "413": _error("The body is too large."),
+        "415": _error("The body is not application/json."),
+        "503": busy,
+    }
+    read = {
+        "400": _error("A bad customer id."),
+        "401": _UNAUTHORIZED,
+        "403": restricted,
+    }
+    return {
+        "/v1/customers/{customer_id}/credits/purchases": {
+            "get": {
+                "summary": "A customer's credit purchases and their status",
+                "security": KEY_REQUIRED,
+                "parameters": [_CUSTOMER],
+                "responses": {"200": _json({"type": "object"}, "The purchases."), **read},
+            },
+            "post": {
+                "summary": "Buy credits: a PaymentIntent on the customer's default card",
+                "security": KEY_REQUIRED,
+                "parameters": [_CUSTOMER],
+                "requestBody": _body(_PURCHASE_BODY),
+                "responses": {
+                    "201": _json(
+                        {"type": "object"},
+                        "The purchase: created (granted on Stripe's success) or failed.",
+                    ),
+                    "409": _error(
+                        "No Stripe customer or default payment method, or the purchase id"
+                        " is taken by other terms; nothing charged."
+                    ),
+                    **bad_body,
+                },
+            },
+        },
+        "/v1/customers/{customer_id}/credits/recharge": {
+            "get": {
+                "summary": "A customer's auto-recharge and its state",
+                "security": KEY_REQUIRED,
+                "parameters": [_CUSTOMER],
+                "responses": {"200": _json({"type": "object"}, "Rule and state."), **read},
+            },
+            "put": {
+                "summary": "Set or turn off a customer's auto-recharge",
+                "security": KEY_REQUIRED,
+                "parameters": [_CUSTOMER],
+                "requestBody": _body(_RECHARGE_BODY),
+                "responses": {"200": _json({"type": "object"}, "Rule and state."), **bad_body},
+            },
+        },
+        "/v1/stripe/webhooks": {
+            "post": {
+                "summary": "Stripe's webhook (payment_intent.* events of credit purchases)",
+                "description": "No API key: authenticated by the Stripe-Signature header.",
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "Stripe-Signature",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "requestBody": _body({"type": "object"}),
+                "responses": {
+                    "200": _json({"type": "object"}, "Received (applied, or ignored)."),
+                    "400": _error("Missing or bad signature, or an old timestamp."),
+                    "413": _error("The body is too large."),
+                    "415": _error("The body is not application/json."),
+                    "404": _error("No METERSTREAM_STRIPE_WEBHOOK_SECRET: the route is off."),
+                    "503": _error("ClickHouse did not answer; Stripe delivers it again."),
+                },
+            }
+        },
     }

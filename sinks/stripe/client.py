@@ -388,6 +388,43 @@ class StripeMeterClient:
         )[0]
         return invoice.to_dict()
 
+    # ------------------------------------------------------------ payments (credit purchases)
+
+    def retrieve_customer(self, customer_id: str) -> dict[str, Any]:
+        """``GET /v1/customers/{id}`` as a dict (``invoice_settings.default_payment_method``)."""
+        retrieve = self._stripe.v1.customers.retrieve
+        return dict(
+            self._with_retries(lambda: retrieve(customer_id), what="get customer")[0].to_dict()
+        )
+
+    def create_payment_intent(
+        self, params: Mapping[str, Any], idempotency_key: str
+    ) -> dict[str, Any]:
+        """``POST /v1/payment_intents`` with an idempotency key (a retry never charges twice).
+
+        A declined card is Stripe's 402 ``card_error`` carrying the PaymentIntent (status
+        ``requires_payment_method``, ``last_payment_error`` set): that PaymentIntent is
+        returned, not raised. Any other error raises :class:`StripeError`.
+        """
+        try:
+            return self._create(
+                self._stripe.v1.payment_intents.create, params, idempotency_key, "payment intent"
+            )
+        except StripeError as exc:
+            cause = exc.__cause__
+            body = getattr(cause, "json_body", None) if cause is not None else None
+            error = body.get("error") if isinstance(body, dict) else None
+            intent = error.get("payment_intent") if isinstance(error, dict) else None
+            if exc.status == 402 and isinstance(intent, dict):
+                return dict(intent)
+            raise
+
+    def retrieve_payment_intent(self, intent_id: str) -> dict[str, Any]:
+        """``GET /v1/payment_intents/{id}`` as a dict."""
+        retrieve = self._stripe.v1.payment_intents.retrieve
+        found = self._with_retries(lambda: retrieve(intent_id), what="get payment intent")[0]
+        return dict(found.to_dict())
+
     # ------------------------------------------------------------ retries
 
     def backoff_delay(self, retry: int) -> float:
