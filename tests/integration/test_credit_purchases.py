@@ -38,10 +38,9 @@ from tests.integration.test_credits_end_to_end import (
     PLANS,
     Receiver,
     _iso,
-    _request,
-    _status,
 )
 from tests.security.test_poison import chat
+from tests.support.http import request_json, status_of
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +82,7 @@ class Shop:
         self.worker: Worker = stack.start_worker(stack.meters_file(METERS), **self.env)
         self.url = self.worker.web_url
         wait_until(
-            lambda: _status(f"{self.url}/v1/customers/x/entitlements", self.operator) == 200,
+            lambda: status_of(f"{self.url}/v1/customers/x/entitlements", self.operator) == 200,
             what="credits ready",
         )
 
@@ -96,10 +95,10 @@ class Shop:
         return str(made.id)
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
-        return _request(f"{self.url}{path}", self.operator, method, body)
+        return request_json(f"{self.url}{path}", self.operator, method, body)
 
     def status(self, method: str, path: str, body: Any = None) -> int:
-        return _status(f"{self.url}{path}", self.operator, method, body)
+        return status_of(f"{self.url}{path}", self.operator, method, body)
 
     def balance(self, customer: str) -> Decimal | None:
         if self.status("GET", f"/v1/customers/{customer}/credits") == 404:
@@ -170,7 +169,7 @@ def test_a_paid_purchase_grants_once_and_a_declined_one_grants_nothing(
     keys = KeyStore(stack.tmp / "state" / "api_keys.json")
     _, acme_key = keys.create("acme only", "acme")
     path = f"{shop.url}/v1/customers/acme/credits/purchases"
-    assert _status(path, acme_key, "POST", {"amount": "20.00"}) == 403
+    assert status_of(path, acme_key, "POST", {"amount": "20.00"}) == 403
     assert shop.status("POST", "/v1/customers/acme/credits/purchases", {"amount": 1.5}) == 400
 
     # acme pays 20.00 on a good card: granted once, whatever the deliveries
