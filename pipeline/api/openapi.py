@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from meterstream.api.fate import FATES
 from meterstream.api.ingest import MAX_BATCH_EVENTS
 from meterstream.events import MAX_PROPERTIES_DEPTH
 
@@ -211,15 +212,7 @@ SCHEMAS: dict[str, Any] = {
             "idempotency_key": {"type": "string"},
             "fate": {
                 "type": "string",
-                "enum": [
-                    "counted",
-                    "duplicate",
-                    "conflicting",
-                    "uncounted",
-                    "rejected",
-                    "never_seen",
-                    "voided",
-                ],
+                "enum": list(FATES),
             },
             "summary": {"type": "string"},
             "event": {"type": "object", "description": "The copy the record keeps."},

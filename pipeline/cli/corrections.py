@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from meterstream.cli.options import command_group
+from meterstream.cli.options import SettingsOf, command_group, group_parent
 from meterstream.errors import MeterstreamError
 from meterstream.events import canonical_json, loads_exact
 from meterstream.settings import Settings
@@ -219,12 +219,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(
-    sub: Any, common: argparse.ArgumentParser, settings_of: Callable[[argparse.Namespace], Settings]
-) -> None:
+def register(sub: Any, common: argparse.ArgumentParser, settings_of: SettingsOf) -> None:
     """Add the ``corrections`` command group and ``backfill``."""
-    base = argparse.ArgumentParser(add_help=False, parents=[common])
-    base.set_defaults(settings_of=settings_of)
+    base = group_parent(common, settings_of)
     base.add_argument("--format", choices=["table", "json"], default="table")
     change = argparse.ArgumentParser(add_help=False, parents=[base])
     change.add_argument("--reason", required=True, help="why history is changed (logged)")

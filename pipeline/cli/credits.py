@@ -16,7 +16,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-from meterstream.cli.options import command_group
+from meterstream.cli.options import SettingsOf, command_group, group_parent
 from meterstream.errors import CreditsError, MeterstreamError
 from meterstream.settings import Settings
 
@@ -255,12 +255,9 @@ def cmd_recharge(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(
-    sub: Any, common: argparse.ArgumentParser, settings_of: Callable[[argparse.Namespace], Settings]
-) -> None:
+def register(sub: Any, common: argparse.ArgumentParser, settings_of: SettingsOf) -> None:
     """Add the ``credits`` command group."""
-    base = argparse.ArgumentParser(add_help=False, parents=[common])
-    base.set_defaults(settings_of=settings_of)
+    base = group_parent(common, settings_of)
     base.add_argument("--plans", help="plans YAML file (default METERSTREAM_PLANS_FILE)")
     csub = command_group(sub, "credits", "prepaid credits: grants, balance, ledger")
     p = csub.add_parser("grant", parents=[base], help="grant a customer credit")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,3 +39,17 @@ def command_group(sub: Any, name: str, help_text: str) -> Any:
     ``args.NAME_command``); returns the subparsers to add them to."""
     group = sub.add_parser(name, help=help_text)
     return group.add_subparsers(dest=f"{name}_command", required=True)
+
+
+#: How a command group finds its settings from the parsed arguments (cli/main.py's).
+SettingsOf = Callable[[argparse.Namespace], Settings]
+
+
+def group_parent(
+    common: argparse.ArgumentParser, settings_of: SettingsOf
+) -> argparse.ArgumentParser:
+    """The parent parser of a command group's subcommands: the common options, and the
+    settings found by ``settings_of`` (``args.settings_of(args)``)."""
+    base = argparse.ArgumentParser(add_help=False, parents=[common])
+    base.set_defaults(settings_of=settings_of)
+    return base

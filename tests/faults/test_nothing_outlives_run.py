@@ -28,7 +28,7 @@ import pytest
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.worker.lifeline import EXIT_BROKER_LOST, PARENT_GONE_GRACE_SECONDS
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
-from tests.support.cli import port_open
+from tests.support.cli import port_open, run_endpoints
 
 pytestmark = pytest.mark.faults
 
@@ -199,15 +199,7 @@ def start_demo(
         )  # fmt: skip
         os.close(terminal.slave)
         terminal.start()
-    endpoints = state / "endpoints.json"
-
-    def started() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited {proc.returncode}: {out_path.read_text()[-3000:]}")
-        return endpoints.exists()
-
-    wait_until(started, timeout=180, what="endpoints.json")
-    return proc, json.loads(endpoints.read_text())
+    return proc, run_endpoints(proc, state, out_path, timeout=180)
 
 
 # How long after the signal every child must be gone. SIGKILL: the worker's

@@ -31,6 +31,7 @@ from meterstream.meters.config import load_meters
 from tests.faults.fault_load import METERS, make_load, reference, stripe_reference
 from tests.faults.test_nothing_outlives_run import Proc, descendants, recorded
 from tests.harness import REPO, http_json, wait_until
+from tests.support.cli import run_endpoints
 
 pytestmark = pytest.mark.faults
 
@@ -116,15 +117,7 @@ def start_run(
     proc = subprocess.Popen(
         args, cwd=REPO, env=clean, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
     )
-    endpoints = state / "endpoints.json"
-
-    def started() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited {proc.returncode}: {out_path.read_text()[-3000:]}")
-        return endpoints.exists()
-
-    wait_until(started, timeout=240, what="endpoints.json")
-    return proc, json.loads(endpoints.read_text()), out_path
+    return proc, run_endpoints(proc, state, out_path, timeout=240), out_path
 
 
 def the_worker(run: subprocess.Popen[bytes]) -> Proc:

@@ -20,7 +20,7 @@ from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, wait_until
 from tests.support.http import request_json, status_of
-from tests.support.meters import FAST_STRIPE, meter_entry, meters_yaml, stripe
+from tests.support.meters import FAST_STRIPE, meter_entry, meters_yaml, plans_yaml, stripe
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +31,7 @@ METERS = meters_yaml(
     meter_entry("calls", "chat", "count", window="minute"),
 )
 
-PLANS = """
-plans:
-  - name: metered
-    currency: usd
-    prices:
-      - {meter: tokens, unit_price: 0.001}
-default_plan: metered
-"""
+PLANS = plans_yaml("metered", tokens="0.001")
 
 
 def _windows(worker: Worker, meter: str) -> dict[tuple[str, int], Decimal]:

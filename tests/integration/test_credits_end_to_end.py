@@ -29,6 +29,7 @@ from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, wait_until
 from tests.support.http import request_json, status_of
+from tests.support.meters import meter_entry, meters_yaml, plans_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -36,23 +37,9 @@ MINUTE = 60_000
 HOUR = 3_600_000
 PRICE = Decimal("0.001")  # per token
 
-METERS = """
-meters:
-  - name: tokens
-    event_name: chat
-    aggregation: sum
-    value: properties.tokens
-    window: minute
-"""
+METERS = meters_yaml(meter_entry("tokens", "chat", "sum", "properties.tokens", window="minute"))
 
-PLANS = """
-plans:
-  - name: prepaid
-    currency: usd
-    prices:
-      - {meter: tokens, unit_price: 0.001}
-default_plan: prepaid
-"""
+PLANS = plans_yaml("prepaid", tokens="0.001")
 
 
 def _iso(ms: int) -> str:

@@ -3,6 +3,7 @@ as several test files use them."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from meterstream.embedded.harness import wait_until
 from meterstream.endpoints import write_endpoints
 from tests.support import REPO
 
@@ -55,3 +57,19 @@ def worker_cli(
         )  # fmt: skip
 
     return run
+
+
+def run_endpoints(
+    proc: subprocess.Popen[bytes], state: Path, out_path: Path, timeout: float
+) -> dict[str, str]:
+    """The ``endpoints.json`` a starting ``meterstream run`` writes into ``state``; fails
+    with the tail of its output (``out_path``) if it exits first."""
+    endpoints = state / "endpoints.json"
+
+    def started() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited {proc.returncode}: {out_path.read_text()[-3000:]}")
+        return endpoints.exists()
+
+    wait_until(started, timeout=timeout, what="endpoints.json")
+    return dict(json.loads(endpoints.read_text()))

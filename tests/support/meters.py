@@ -28,3 +28,13 @@ def meters_yaml(*meters: str) -> str:
 def stripe(event_name: str, options: str = FAST_STRIPE) -> str:
     """A meter's ``stripe`` flow mapping: the Stripe event name, then ``options``."""
     return f"{{event_name: {event_name}, {options}}}"
+
+
+def plans_yaml(default: str, **unit_prices: str) -> str:
+    """A plans file of one plan in usd, named ``default`` and the default plan, with a
+    per-unit price per meter (``tokens="0.001"``)."""
+    prices = "".join(f"      - {{meter: {m}, unit_price: {p}}}\n" for m, p in unit_prices.items())
+    return (
+        f"\nplans:\n  - name: {default}\n    currency: usd\n    prices:\n{prices}"
+        f"default_plan: {default}\n"
+    )
