@@ -23,7 +23,10 @@ A correction (``POST /v1/corrections``), in order:
 A crash after 3 and before 5 is repaired by a repeat of the request with the same
 ``correction_id`` (it finds the log row and sends the rebuild records again) or by the
 replay of the ``usage-corrections`` record (Faust commits its offset after the rebuild);
-a rebuild reads the record, so doing it twice changes nothing.
+a rebuild reads the record, so doing it twice changes nothing. Faust can skip a record
+around the rebalance of a restart (worker/gaps.py): a gap before a delivered record is
+read directly (GapFiller), and every ``TAIL_SECONDS`` a partition's end that Faust has not
+delivered for a whole interval is read directly too (:meth:`CorrectionService.tail`).
 
 A backfill (``POST /v1/backfill``): events inside the dedup horizon are produced to
 ``usage-events`` like any event (the live dedup and validation handle them, invalid ones
