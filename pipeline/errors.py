@@ -113,6 +113,11 @@ class CorrectionError(MeterstreamError):
         super().__init__("; ".join(self.problems))
 
 
+class PurchaseRefused(CreditsError):
+    """A credit purchase that cannot be made (no Stripe customer or payment method, an id
+    reused with other terms): answered 409, nothing charged."""
+
+
 class WebhookSignatureError(CreditsError):
     """A webhook's signature header is missing, malformed, outside the tolerance or wrong."""
 

@@ -325,6 +325,17 @@ class Metrics:
             "Stripe customer ids named by event properties and refused, by reason",
             "reason",
         )
+        self.stripe_uncorrectable = counter(
+            "meterstream_stripe_uncorrectable_total",
+            "(customer, period) series found wrong at Stripe and no longer correctable "
+            "(recorded in stripe_uncorrectable)",
+            "meter",
+        )
+        self.stripe_cancellations = counter(
+            "meterstream_stripe_cancellations_total",
+            "Superseded `last` meter events cancelled at Stripe, by outcome",
+            "outcome",
+        )
         self.consumer_lag = gauge(
             "meterstream_consumer_lag", "Records behind the end, by partition", "partition"
         )
@@ -340,6 +351,16 @@ class Metrics:
             "meterstream_stripe_held_out_of_range",
             "Series held back because their period total does not fit Stripe's whole numbers",
             "meter",
+        )
+        self.credit_purchases = counter(
+            "meterstream_credit_purchases_total",
+            "Credit purchases, by outcome: created, succeeded, failed, mismatch",
+            "outcome",
+        )
+        self.stripe_webhooks = counter(
+            "meterstream_stripe_webhooks_total",
+            "Stripe webhooks received, by result: applied, duplicate, ignored, rejected",
+            "result",
         )
         self.api_requests = counter(
             "meterstream_api_requests_total",

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     stripe_rate_limit_per_second: float = Field(default=25.0, gt=0)
     # v2 meter event stream (batches of 100) or v1 meter_events; auto = v2 with a live key.
     stripe_transport: Literal["auto", "v1", "v2"] = "auto"
+    # How long after a billing period ends it is still corrected at Stripe (its invoice is
+    # taken as final after that: a later change is reported in stripe_uncorrectable). At
+    # most 31: a correction is stamped in the period's last hour, which must stay within
+    # Stripe's 35 days.
+    stripe_correction_days: int = Field(default=3, ge=0, le=31)
 
     # Worker
     state_dir: Path = DEFAULT_STATE_DIR
@@ -84,6 +89,9 @@ class Settings(BaseSettings):
     # unset: alerts go to the topic billing-alerts only.
     credits_webhook_url: str | None = None
     credits_webhook_secret: SecretStr | None = None
+    # The signing secret (whsec_...) of Stripe's webhook to POST /v1/stripe/webhooks (credit
+    # purchases, pipeline/worker/purchases.py); unset: that route answers 404.
+    stripe_webhook_secret: SecretStr | None = None
     dedup_horizon_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     store: Literal["memory", "rocksdb"] = "memory"
     store_path: Path | None = None
@@ -157,6 +165,7 @@ class Settings(BaseSettings):
         "stripe_api_key",
         "stripe_api_base",
         "stripe_meter_events_base",
+        "stripe_webhook_secret",
         mode="before",
     )
     @classmethod

@@ -62,7 +62,8 @@ class StackSlice(WorkerSlice):
         return path
 
     def start_worker(self, meters_file: Path, **extra_env: str) -> Worker:
-        env = self.env(meters_file, METERSTREAM_WEB_PORT=str(free_port()), **extra_env)
+        port = {"METERSTREAM_WEB_PORT": str(free_port())}  # unless the test chose one
+        env = self.env(meters_file, **{**port, **extra_env})
         log_path = self.tmp / f"worker-{len(self.workers)}.log"
         worker = Worker.spawn(env, log_path, cwd=REPO)
         self.workers.append(worker)

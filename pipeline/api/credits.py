@@ -18,41 +18,105 @@ writes always need an unrestricted (operator) key: a customer cannot grant itsel
   ``GET``: the customer's alert thresholds and their states (pipeline/worker/alerts.py).
 - ``GET /v1/customers/{id}/entitlements[?meter=NAME]``: access, balance, usage this period
   per meter (served from the worker's state; 503 until the books are rebuilt at start).
+- ``POST /v1/customers/{id}/credits/purchases`` ``{"amount": "20.00", "priority": 10,
+  "expires": DATE, "purchase_id": ID}`` (all but ``amount`` optional; ``purchase_id``, also
+  Stripe's idempotency key, makes a retry answer the same purchase): 201 with the purchase
+  (``created``, or ``failed`` at once on a declined card); 409 when the customer has no
+  Stripe customer or default payment method (nothing charged). ``GET``: every purchase of
+  the customer with its status (pipeline/worker/purchases.py).
+- ``PUT /v1/customers/{id}/credits/recharge`` ``{"threshold": "5", "target": "20"}`` or
+  ``{"enabled": false}``, and ``GET``: the customer's auto-recharge and its state.
+- ``POST /v1/stripe/webhooks``: Stripe's webhook; no API key, authenticated by its
+  ``Stripe-Signature`` (400 when missing or wrong; 404 without
+  ``METERSTREAM_STRIPE_WEBHOOK_SECRET``: the route is off).
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from decimal import Decimal, InvalidOperation
+import uuid
+from decimal import Decimal
 from typing import Any
 
 import orjson
 from faust.web import Request, Response, View
 
-from meterstream.api.http import Routes
+from meterstream.api.http import Routes, read_body
 from meterstream.billing.assignments import BadSchedule, parse_instant
-from meterstream.errors import CreditsError
+from meterstream.credits.money import json_decimal
+from meterstream.credits.purchases import Purchase
+from meterstream.credits.recharge import AutoRecharge
+from meterstream.errors import CreditsError, PurchaseRefused
 from meterstream.sinks.clickhouse import credits as store
 from meterstream.sinks.clickhouse.reads import ReadIO
 from meterstream.worker.alerts import thresholds_of
-from meterstream.worker.credits import CreditService, ledger_document, new_grant
+from meterstream.worker.credits import CreditService, ledger_document, new_grant, now_ms
+from meterstream.worker.purchases import PurchaseDesk
+
+MAX_STRIPE_WEBHOOK_BYTES = 256 * 1024  # Stripe's events are a few kB
+
+
+def _decimal(body: dict[str, Any], name: str) -> Decimal:
+    return json_decimal(body.get(name), name)
+
+
+def _fields(body: Any, allowed: set[str], example: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise CreditsError(f"body must be JSON {example}")
+    unknown = set(body) - allowed
+    if unknown:
+        raise CreditsError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    return body
+
+
+def purchase_from_body(customer: str, body: Any, currency: str) -> Purchase:
+    """A purchase from a request body (a fresh ``pur_`` id unless ``purchase_id`` is given)."""
+    body = _fields(
+        body, {"amount", "priority", "expires", "purchase_id"}, '{"amount": "20.00", ...}'
+    )
+    made = now_ms()
+    try:
+        expires = parse_instant(body["expires"]) if body.get("expires") else None
+    except BadSchedule as exc:
+        raise CreditsError(str(exc)) from None
+    return Purchase(
+        purchase_id=body.get("purchase_id") or f"pur_{uuid.uuid4().hex}",
+        customer_id=customer,
+        amount=_decimal(body, "amount"),
+        currency=currency,
+        created_ms=made,
+        priority=body.get("priority", 50),
+        expires_ms=expires,
+    )
+
+
+def recharge_from_body(customer: str, body: Any, currency: str) -> AutoRecharge | None:
+    """An auto-recharge rule from a request body; ``None`` for ``{"enabled": false}``."""
+    body = _fields(
+        body, {"threshold", "target", "priority", "enabled"}, '{"threshold": "5", "target": "20"}'
+    )
+    if body.get("enabled", True) is False:
+        if set(body) - {"enabled"}:
+            raise CreditsError('{"enabled": false} takes no other field')
+        return None
+    return AutoRecharge(
+        customer_id=customer,
+        currency=currency,
+        threshold=_decimal(body, "threshold"),
+        target=_decimal(body, "target"),
+        priority=body.get("priority", 50),
+    )
 
 
 def grant_from_body(customer: str, body: Any, default_currency: str) -> Any:
     """A grant from a request body; :class:`CreditsError` with every problem otherwise."""
-    if not isinstance(body, dict):
-        raise CreditsError('body must be JSON {"amount": "20.00", ...}')
-    unknown = set(body) - {"amount", "priority", "effective", "expires", "currency", "grant_id"}
-    if unknown:
-        raise CreditsError(f"unknown field(s): {', '.join(sorted(unknown))}")
-    amount = body.get("amount")
-    if isinstance(amount, bool) or not isinstance(amount, str | int):
-        raise CreditsError('amount must be a decimal string (never a float), e.g. "20.00"')
-    try:
-        value = Decimal(amount)
-    except InvalidOperation:
-        raise CreditsError(f"amount is not a decimal: {amount!r}") from None
+    body = _fields(
+        body,
+        {"amount", "priority", "effective", "expires", "currency", "grant_id"},
+        '{"amount": "20.00", ...}',
+    )
+    value = _decimal(body, "amount")
     try:
         effective = parse_instant(body["effective"]) if body.get("effective") else None
         expires = parse_instant(body["expires"]) if body.get("expires") else None
@@ -69,7 +133,9 @@ def grant_from_body(customer: str, body: Any, default_currency: str) -> Any:
     )
 
 
-def register(routes: Routes, reads: ReadIO, credits: CreditService) -> None:
+def register(
+    routes: Routes, reads: ReadIO, credits: CreditService, purchases: PurchaseDesk | None = None
+) -> None:
     """Add the routes; call before the guard is installed (pipeline/api/web.py)."""
     app, respond = routes.app, routes.respond
     guarded = functools.partial(routes.guarded, bad_input=(CreditsError,))
@@ -167,3 +233,58 @@ def register(routes: Routes, reads: ReadIO, credits: CreditService) -> None:
             if meter:
                 doc["usage"] = {m: u for m, u in doc["usage"].items() if m == meter}
             return respond(self, doc)
+
+    if purchases is not None:
+        _register_purchases(routes, credits, purchases, json_body)
+
+
+def _register_purchases(
+    routes: Routes, credits: CreditService, purchases: PurchaseDesk, json_body: Any
+) -> None:
+    app, respond = routes.app, routes.respond
+    guarded = functools.partial(routes.guarded, bad_input=(CreditsError,))
+
+    async def operator_input(request: Request, customer_id: str, parse: Any) -> Any:
+        """(what the body asks, who asks): an operator's request about a customer."""
+        key = routes.operator(request, "change credits")
+        customer = routes.checked_customer(customer_id)
+        await credits.ready.wait()
+        body = await json_body(request)
+        return parse(customer, body, credits.currency_of(customer)), f"key {key.id} ({key.name})"
+
+    @app.page("/v1/customers/{customer_id}/credits/purchases")
+    class CreditPurchases(View):
+        @guarded
+        async def get(self, request: Request, customer_id: str) -> Response:
+            customer = routes.readable_customer(request, customer_id)
+            return respond(self, purchases.purchases_document(customer))
+
+        @guarded
+        async def post(self, request: Request, customer_id: str) -> Response:
+            made, who = await operator_input(request, customer_id, purchase_from_body)
+            try:
+                doc = await purchases.purchase(made, who)
+            except PurchaseRefused as exc:
+                return respond(self, {"error": str(exc)}, 409)
+            return respond(self, doc, 201)
+
+    @app.page("/v1/customers/{customer_id}/credits/recharge")
+    class CreditRecharge(View):
+        @guarded
+        async def get(self, request: Request, customer_id: str) -> Response:
+            customer = routes.readable_customer(request, customer_id)
+            return respond(self, purchases.recharge_document(customer))
+
+        @guarded
+        async def put(self, request: Request, customer_id: str) -> Response:
+            rule, who = await operator_input(request, customer_id, recharge_from_body)
+            customer = routes.checked_customer(customer_id)
+            return respond(self, await purchases.set_recharge(customer, rule, who))
+
+    @app.page("/v1/stripe/webhooks")
+    class StripeWebhooks(View):
+        @guarded
+        async def post(self, request: Request) -> Response:
+            body = await read_body(request, MAX_STRIPE_WEBHOOK_BYTES)
+            status, doc = await purchases.webhook(body, request.headers.get("Stripe-Signature"))
+            return respond(self, doc, status)

@@ -40,6 +40,7 @@ _TOO_LARGE = _error("The body is over the size limit.")
 _NOT_JSON = _error("Content-Type is not application/json.")
 _CLICKHOUSE_DOWN = _error("ClickHouse unavailable.")
 _OPERATOR_ONLY = _error("A key restricted to a customer cannot do this.")
+_RESTRICTED = _error("The key is restricted to another customer.")
 _UNAUTHORIZED = _error(
     "No valid API key (missing, unknown or revoked).",
     **{"WWW-Authenticate": "Bearer challenge"},
@@ -293,8 +294,10 @@ def _routes_document() -> dict[str, Any]:
             **_price_paths(),
             **_credit_paths(),
             **_correction_paths(),
+            **_purchase_paths(),
             **_customer_paths(),
             **_stripe_paths(),
+            **_meters_paths(),
         },
     }
 
@@ -522,8 +525,7 @@ _GRANT_BODY = {
 
 def _credit_paths() -> dict[str, Any]:
     """The routes of pipeline/api/credits.py."""
-    restricted = _error("The key is restricted to another customer.")
-    operator_only = _error("A key restricted to a customer cannot do this.")
+    restricted, operator_only = _RESTRICTED, _OPERATOR_ONLY
     busy = _error("The worker is rebuilding its credit books (at start), or ClickHouse.")
 
     def body(schema: dict[str, Any]) -> dict[str, Any]:
@@ -1087,6 +1089,27 @@ def _mapping_put() -> dict[str, Any]:
     }
 
 
+def _period_query(default: str) -> dict[str, Any]:
+    """The ``period`` query parameter of a Stripe route."""
+    return {
+        "name": "period",
+        "in": "query",
+        "description": f"YYYY-MM (default: {default}).",
+        "schema": {"type": "string"},
+    }
+
+
+def _corrections_responses(bad: str) -> dict[str, Any]:
+    """The answers of ``/v1/stripe/corrections`` (GET and POST)."""
+    return {
+        "200": _json({"type": "object"}, "The series still wrong at Stripe."),
+        "400": _error(bad),
+        "401": _UNAUTHORIZED,
+        "403": _OPERATOR_ONLY,
+        "404": {"description": "No meter forwards to Stripe."},
+    }
+
+
 def _stripe_paths() -> dict[str, Any]:
     """Stripe forwarding (only on a worker with a meter that forwards to Stripe)."""
     return {
@@ -1109,14 +1132,7 @@ def _stripe_paths() -> dict[str, Any]:
                 "summary": "Compare what Stripe holds with the record, for a month",
                 "description": "Only on a worker with a meter that forwards to Stripe.",
                 "security": KEY_REQUIRED,
-                "parameters": [
-                    {
-                        "name": "period",
-                        "in": "query",
-                        "description": "YYYY-MM (default: the current month).",
-                        "schema": {"type": "string"},
-                    }
-                ],
+                "parameters": [_period_query("the current month")],
                 "responses": {
                     "200": _json({"type": "object"}, "Differences, if any."),
                     "400": _error("A bad period."),
@@ -1124,6 +1140,286 @@ def _stripe_paths() -> dict[str, Any]:
                     "403": _OPERATOR_ONLY,
                     "404": {"description": "No meter forwards to Stripe."},
                     "502": _error("Stripe failed."),
+                },
+            }
+        },
+        "/v1/stripe/corrections": {
+            "get": {
+                "summary": "What Stripe holds wrong and can no longer be corrected",
+                "description": (
+                    "Per meter, customer and period (past the correction horizon, or a "
+                    "`last` tie past Stripe's 24 hours): Stripe's value, meterstream's, the "
+                    "difference and the units to credit (ClickHouse stripe_uncorrectable). "
+                    "Only on a worker with a meter that forwards to Stripe."
+                ),
+                "security": KEY_REQUIRED,
+                "parameters": [_period_query("every period")],
+                "responses": _corrections_responses("A bad period."),
+            },
+            "post": {
+                "summary": "Check the periods past the correction horizon against the record",
+                "description": (
+                    'Body {"period": "YYYY-MM"} (optional; default every period in the '
+                    "ledger). Records what differs, then answers as GET."
+                ),
+                "security": KEY_REQUIRED,
+                "responses": _corrections_responses("A bad body or period."),
+            },
+        },
+    }
+
+
+_TOTAL = {
+    "type": ["object", "null"],
+    "description": "A total under one meters file; null where that file counts nothing.",
+    "properties": {
+        "value": {"type": "string", "description": "Exact decimal."},
+        "event_count": {"type": "integer"},
+        "out_of_range": {
+            "type": "boolean",
+            "description": "A window of it is outside the meter's range (sum meters).",
+        },
+    },
+}
+
+
+_TIME = {"type": ["string", "integer"], "description": "RFC 3339 or epoch ms."}
+
+
+def _meters_paths() -> dict[str, Any]:
+    """Meter definitions: the record's totals under two meters files; a recompute."""
+    return {
+        **_recompute_path(),
+        "/v1/meters/diff": {
+            "post": {
+                "summary": "The record's totals under two meters files, and the difference",
+                "description": "Read-only; `meterstream meters diff` uses it while this "
+                "worker holds ClickHouse. Per customer, meter, group and UTC month (or "
+                "window, `by_window`), computed from the record with the worker's fold.",
+                "security": KEY_REQUIRED,
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "required": ["old", "new", "from", "to"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "old": {"type": "string", "description": "A meters YAML document."},
+                            "new": {"type": "string", "description": "A meters YAML document."},
+                            "from": _TIME,
+                            "to": _TIME,
+                            "customer": {"type": ["string", "null"]},
+                            "meter": {"type": ["string", "null"]},
+                            "by_window": {"type": "boolean"},
+                        },
+                    }
+                ),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "meters": {
+                                    "type": "object",
+                                    "description": "Each meter's status: changed, "
+                                    "unchanged, added or removed.",
+                                    "additionalProperties": {"type": "string"},
+                                },
+                                "refused": {
+                                    "type": "object",
+                                    "description": "Added meters: events refused by the "
+                                    "meter's range, decided now.",
+                                    "additionalProperties": {"type": "integer"},
+                                },
+                                "rows": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "properties": {
+                                            "customer_id": {"type": "string"},
+                                            "meter": {"type": "string"},
+                                            "group_key": {"type": "string"},
+                                            "period": {"type": "string"},
+                                            "window_start_ms": {"type": ["integer", "null"]},
+                                            "status": {"type": "string"},
+                                            "old": _TOTAL,
+                                            "new": _TOTAL,
+                                            "difference": {"type": "string"},
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                        "The totals.",
+                    ),
+                    "400": _error("A problem of the request (`problems`, each with its path)."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
+                    "503": _CLICKHOUSE_DOWN,
+                },
+            }
+        },
+    }
+
+
+def _recompute_path() -> dict[str, Any]:
+    return {
+        "/v1/meters/recompute": {
+            "post": {
+                "summary": "Rebuild a meter's windows from the record under this worker's file",
+                "description": "A correction of kind `recompute` in the corrections log "
+                "(`meterstream meters recompute`): every window of the meter in the range "
+                "is rebuilt by the corrections agent. `dry_run`: what it would change (the "
+                "windows as stored against the record), nothing written.",
+                "security": KEY_REQUIRED,
+                "requestBody": _body(
+                    {
+                        "type": "object",
+                        "required": ["meter", "from", "to"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "meter": {"type": "string"},
+                            "from": _TIME,
+                            "to": _TIME,
+                            "customer": {"type": ["string", "null"]},
+                            "reason": {
+                                "type": ["string", "null"],
+                                "description": "Why; required unless dry_run.",
+                            },
+                            "author": {"type": ["string", "null"]},
+                            "correction_id": {
+                                "type": ["string", "null"],
+                                "description": "A repeat with the same id rebuilds again.",
+                            },
+                            "dry_run": {"type": "boolean"},
+                            "by_window": {"type": "boolean"},
+                        },
+                    }
+                ),
+                "responses": {
+                    "200": _json(
+                        {"type": "object"},
+                        "The correction's log row (`repeated` for a repeat), or the dry "
+                        "run's rows as `/v1/meters/diff` answers them.",
+                    ),
+                    "400": _error("A problem of the request (`problems`, each with its path)."),
+                    "401": _UNAUTHORIZED,
+                    "403": _OPERATOR_ONLY,
+                    "409": _error("The correction_id is another correction's."),
+                    "413": _TOO_LARGE,
+                    "415": _NOT_JSON,
+                    "503": _CLICKHOUSE_DOWN,
+                },
+            }
+        }
+    }
+
+
+_PURCHASE_BODY = {
+    "type": "object",
+    "required": ["amount"],
+    "properties": {
+        "amount": {"type": "string", "description": "Decimal string, whole minor units."},
+        "priority": {"type": "integer", "description": "Of the grant (default 50)."},
+        "expires": {"type": "string", "description": "The grant's expiry (never)."},
+        "purchase_id": {
+            "type": "string",
+            "description": "Your id, also Stripe's idempotency key: a retry never charges twice.",
+        },
+    },
+}
+
+_RECHARGE_BODY = {
+    "type": "object",
+    "properties": {
+        "threshold": {"type": "string", "description": "Buy when the balance reaches this."},
+        "target": {"type": "string", "description": "Back up to this balance."},
+        "priority": {"type": "integer", "description": "Of the grants bought (default 50)."},
+        "enabled": {"type": "boolean", "description": "false (alone): turn it off."},
+    },
+}
+
+
+def _purchase_paths() -> dict[str, Any]:
+    """Purchases, auto-recharge and Stripe's webhook (pipeline/api/credits.py)."""
+    restricted, operator_only = _RESTRICTED, _OPERATOR_ONLY
+    busy = _error("ClickHouse or Stripe did not answer; retry.")
+    bad_body = {
+        "400": _error("A bad body, amount, date or customer id."),
+        "401": _UNAUTHORIZED,
+        "403": operator_only,
+        "413": _error("The body is too large."),
+        "415": _error("The body is not application/json."),
+        "503": busy,
+    }
+    read = {
+        "400": _error("A bad customer id."),
+        "401": _UNAUTHORIZED,
+        "403": restricted,
+    }
+    return {
+        "/v1/customers/{customer_id}/credits/purchases": {
+            "get": {
+                "summary": "A customer's credit purchases and their status",
+                "security": KEY_REQUIRED,
+                "parameters": [_CUSTOMER],
+                "responses": {"200": _json({"type": "object"}, "The purchases."), **read},
+            },
+            "post": {
+                "summary": "Buy credits: a PaymentIntent on the customer's default card",
+                "security": KEY_REQUIRED,
+                "parameters": [_CUSTOMER],
+                "requestBody": _body(_PURCHASE_BODY),
+                "responses": {
+                    "201": _json(
+                        {"type": "object"},
+                        "The purchase: created (granted on Stripe's success) or failed.",
+                    ),
+                    "409": _error(
+                        "No Stripe customer or default payment method, or the purchase id"
+                        " is taken by other terms; nothing charged."
+                    ),
+                    **bad_body,
+                },
+            },
+        },
+        "/v1/customers/{customer_id}/credits/recharge": {
+            "get": {
+                "summary": "A customer's auto-recharge and its state",
+                "security": KEY_REQUIRED,
+                "parameters": [_CUSTOMER],
+                "responses": {"200": _json({"type": "object"}, "Rule and state."), **read},
+            },
+            "put": {
+                "summary": "Set or turn off a customer's auto-recharge",
+                "security": KEY_REQUIRED,
+                "parameters": [_CUSTOMER],
+                "requestBody": _body(_RECHARGE_BODY),
+                "responses": {"200": _json({"type": "object"}, "Rule and state."), **bad_body},
+            },
+        },
+        "/v1/stripe/webhooks": {
+            "post": {
+                "summary": "Stripe's webhook (payment_intent.* events of credit purchases)",
+                "description": "No API key: authenticated by the Stripe-Signature header.",
+                "security": [],
+                "parameters": [
+                    {
+                        "name": "Stripe-Signature",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "requestBody": _body({"type": "object"}),
+                "responses": {
+                    "200": _json({"type": "object"}, "Received (applied, or ignored)."),
+                    "400": _error("Missing or bad signature, or an old timestamp."),
+                    "413": _error("The body is too large."),
+                    "415": _error("The body is not application/json."),
+                    "404": _error("No METERSTREAM_STRIPE_WEBHOOK_SECRET: the route is off."),
+                    "503": _error("ClickHouse did not answer; Stripe delivers it again."),
                 },
             }
         },

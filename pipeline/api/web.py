@@ -13,6 +13,9 @@
   the way to query the embedded engine while the worker holds it.
 - ``GET /v1/customers/{customer_id}/usage?meter=&from=&to=&window=``: usage totals.
 - ``GET /v1/events/{customer_id}/{idempotency_key}``: one event's fate.
+- ``POST /v1/meters/diff``: the record's totals under two meters files;
+  ``POST /v1/meters/recompute/preview``: what a recompute of a meter's windows from the
+  record would change (both read-only, an operator's key; pipeline/api/routes/meters.py).
 - ``GET /billing[/{customer_id}]``: the billing page (pipeline/api/page.py), with
   ``/v1/customers/{id}/rejected`` and ``/stripe-status``; a billing link (a signed,
   expiring token for one customer, pipeline/api/links.py) reads these routes, never writes.
@@ -46,6 +49,7 @@ from meterstream.api.http import Routes, page_link_secret
 from meterstream.api.keys import KeyStore
 from meterstream.api.publisher import EventPublisher
 from meterstream.api.routes import customers, events, fate, health, sql, stripe, usage
+from meterstream.api.routes import meters as meters_routes
 from meterstream.api.routes.health import ReadyCheck
 from meterstream.billing.customers import MappingStore
 from meterstream.billing.forwarding import Forwarder
@@ -78,6 +82,7 @@ def register(
     sql.register(routes, reads)
     usage.register(routes, reads)
     fate.register(routes, reads, meters)
+    meters_routes.register(routes, reads)
     page.register(routes, reads)
     for more in extra_routes:  # e.g. the invoice routes (pipeline/api/invoices.py)
         more(routes)

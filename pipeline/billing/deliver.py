@@ -22,6 +22,7 @@ from typing import Any, Literal
 import orjson
 
 from meterstream.billing.plan import Check
+from meterstream.billing.stripe_corrections import CANCEL_REFUSED
 from meterstream.billing.stripe_ids import Refusal
 from meterstream.errors import StripeError
 from meterstream.meters.config import Meter, MetersConfig
@@ -37,6 +38,9 @@ from meterstream.sinks.stripe.payloads import build_meter_event, formula_for
 log = logging.getLogger("meterstream.stripe")
 
 Transport = Literal["v1", "v2"]
+ALREADY_CANCELLED = "already been canceled"
+"""In Stripe's refusal of a cancellation that already happened (the emulator's wording:
+Stripe documents no code for it): success, the event no longer counts."""
 PublishError = Callable[[LedgerRow, str], Awaitable[None]]
 PublishRefusal = Callable[[str, bytes], Awaitable[None]]  # (record key, record value)
 
@@ -98,8 +102,11 @@ class Delivery:
         )
         self._meter_ready.add(meter.name)
 
-    async def deliver(self, meter: Meter, todo: list[tuple[LedgerRow, int]]) -> list[LedgerRow]:
-        """Send ``pending`` rows (with their timestamps) in order; record each outcome.
+    async def deliver(
+        self, meter: Meter, todo: list[tuple[LedgerRow, int]], now_ms: int | None = None
+    ) -> list[LedgerRow]:
+        """Send ``pending`` rows (with their timestamps) in order; record each outcome
+        (``sent_at``: ``now_ms``, the forward's time, default the clock's).
 
         Stops at a retryable failure that outlived the client's retries: that
         row and the rest stay ``pending`` for the next forward.
@@ -151,13 +158,42 @@ class Delivery:
             self.metrics.stripe_requests.inc(outcome=result.status)
             self.metrics.stripe_arrivals.delivered(meter.name, (r.customer_id for r in chunk))
             done += [
-                r.with_status("sent", attempts=r.attempts + max(1, result.attempts)) for r in chunk
+                r.with_status("sent", attempts=r.attempts + max(1, result.attempts), at_ms=now_ms)
+                for r in chunk
             ]
         if done:
             await self.chio.call(ledger.write, done)
         if self.publish_error is not None:
             for row, message in failed:
                 await self.publish_error(row, message)
+        return done
+
+    async def cancel(self, meter: Meter, rows: list[LedgerRow]) -> list[LedgerRow]:
+        """Cancel ``rows``' events (superseded `last` events) with meter event adjustments:
+        ``cancelled`` when Stripe took it, still ``sent`` with ``error_code``
+        ``cancel_refused`` when Stripe refused it (never tried again: reported as a tie);
+        a retryable failure leaves the rest for the next forward. Recorded in the ledger."""
+        stripe_block = meter.stripe
+        assert stripe_block is not None
+        done: list[LedgerRow] = []
+        for row in rows:
+            try:
+                await self.call(
+                    self.client.cancel_meter_event, stripe_block.event_name, row.identifier
+                )
+            except StripeError as exc:
+                if exc.retryable:
+                    self.stalled = True
+                    break
+                if ALREADY_CANCELLED not in str(exc):
+                    log.error("Stripe refused to cancel %s: %s", row.identifier, exc)
+                    self.metrics.stripe_cancellations.inc(outcome="refused")
+                    done.append(row.with_status("sent", CANCEL_REFUSED))
+                    continue
+            self.metrics.stripe_cancellations.inc(outcome="cancelled")
+            done.append(row.with_status("cancelled"))
+        if done:
+            await self.chio.call(ledger.write, done)
         return done
 
 

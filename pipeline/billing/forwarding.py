@@ -21,7 +21,12 @@ partition this worker owns:
      timestamp and wins at Stripe.
 
    The billing period is the UTC calendar month; the previous month keeps
-   being corrected for ``LATE_PERIOD_DAYS`` into the next one.
+   being corrected for ``METERSTREAM_STRIPE_CORRECTION_DAYS`` (default
+   ``LATE_PERIOD_DAYS``) into the next one. Each send is stamped later than the
+   ones before it, so a ``last`` meter's winner is defined; a tie left by the
+   stamps running out is cancelled within Stripe's 24 hours; a change of a
+   period past the horizon, or a tie no longer cancellable, is reported in
+   ``stripe_uncorrectable`` (pipeline/billing/stripe_corrections.py).
 3. **Whole numbers, per meter** (``stripe.rounding``, default ``carry``).
    The rule applies to the *running* period total, never to one forward, so
    a fraction is carried to the next forward instead of being lost:
@@ -105,9 +110,11 @@ from meterstream.billing.plan import (
     customer_totals,
     differences,
     event_timestamp_s,
+    expected_whole,
     plan_sends,
 )
 from meterstream.billing.record import read_record
+from meterstream.billing.stripe_corrections import Uncorrectable, correctable, uncorrectable
 from meterstream.billing.stripe_ids import Pin, Refusal, Resolution, is_property_source
 from meterstream.billing.stripe_ids import resolve as resolve_ids
 from meterstream.billing.verify import Verifier
@@ -119,8 +126,10 @@ from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.stripe import customers as stripe_customers
 from meterstream.sinks.stripe import ledger
+from meterstream.sinks.stripe import uncorrectable as report
 from meterstream.sinks.stripe.client import StripeMeterClient
 from meterstream.sinks.stripe.ledger import LedgerRow
+from meterstream.sinks.stripe.payloads import formula_for
 
 log = logging.getLogger("meterstream.stripe")
 LATE_PERIOD_DAYS = 3  # keep correcting the previous month for this long into the next
@@ -170,6 +179,7 @@ class Forwarder:
         self._reported: set[tuple[str, str, str]] | None = None  # refusals recorded
         self.publish_refusal = publish_refusal
         self.stripe_meters = [m for m in meters.meters if m.stripe is not None]
+        self.correction_days = settings.stripe_correction_days
         self._last_run: dict[str, float] = {}
         self._lock = asyncio.Lock()
         # 1. verify (incremental once the worker reports its inserts: track_changes)
@@ -208,13 +218,15 @@ class Forwarder:
         upto, _ = meter.window_bounds(closed_until)
         periods = [period_label(upto - 1)]
         previous = period_label(month_bounds(periods[0])[0] - 1)
-        if upto - month_bounds(periods[0])[0] < LATE_PERIOD_DAYS * DAY_MS:
+        if upto - month_bounds(periods[0])[0] < self.correction_days * DAY_MS:
             periods.insert(0, previous)
         sent = 0
         held: dict[str, str] = {}
         async with self._lock:
             self.delivery.stalled = False
+            stale = self.verifier.take_stale(meter, month_bounds(periods[0])[0])
             self.verifier.keep_periods(meter, periods, month_bounds(periods[0])[0])
+            await self._check_stale(meter, stale, now_ms)
             for period in periods:
                 p_start, p_end = month_bounds(period)
                 end = min(upto, p_end)
@@ -237,7 +249,7 @@ class Forwarder:
         """One period of one meter: verify -> plan -> deliver; the events sent."""
         assert meter.stripe is not None
         totals = await self._verified_totals(meter, period, start, end)
-        plan, resolution = await self._plan(meter, period, totals)
+        plan, resolution = await self._plan(meter, period, totals, now_ms)
         self._note_plan_holds(meter, period, plan, resolution, held)
         return await self._deliver_plan(meter, period, plan, now_ms)
 
@@ -254,13 +266,14 @@ class Forwarder:
         return {c: v for c, v in record_totals.items() if self.owns_customer(c)}
 
     async def _plan(
-        self, meter: Meter, period: str, totals: dict[str, Decimal]
+        self, meter: Meter, period: str, totals: dict[str, Decimal], now_ms: int
     ) -> tuple[Plan, Resolution]:
         """2. Plan: the customers' Stripe ids, then the ledger rows to send."""
         resolution = await self.resolve(meter, sorted(totals))
         rows = await self.chio.call(ledger.for_period, meter.name, period)
         rows = [r for r in rows if self.owns_customer(r.customer_id)]
-        return plan_sends(meter, period, totals, resolution.ids, rows), resolution
+        plan = plan_sends(meter, period, totals, resolution.ids, rows, now_ms=now_ms)
+        return plan, resolution
 
     def _note_plan_holds(
         self,
@@ -302,15 +315,120 @@ class Forwarder:
 
     async def _deliver_plan(self, meter: Meter, period: str, plan: Plan, now_ms: int) -> int:
         """3. Deliver: the new rows into the ledger (``pending``), then every row to
-        send, resends first; the events sent."""
+        send, resends first, each with its timestamp (rows from before the ledger kept
+        one: the forward time); then the `last` ties the plan found are cancelled (for
+        customers whose new event went out) and those Stripe no longer cancels
+        reported. The events sent."""
         if plan.new:
             await self.chio.call(ledger.write, plan.new)
         timestamp_s = event_timestamp_s(period, now_ms)
-        todo = [(r, timestamp_s - 1) for r in plan.resend] + [(r, timestamp_s) for r in plan.new]
-        if not todo:
-            return 0
-        done = await self.delivery.deliver(meter, todo)
-        return sum(1 for r in done if r.status == "sent")
+        todo = [(r, r.timestamp_s or timestamp_s - 1) for r in plan.resend]
+        todo += [(r, r.timestamp_s or timestamp_s) for r in plan.new]
+        done = await self.delivery.deliver(meter, todo, now_ms) if todo else []
+        went_out = {r.identifier for r in done if r.status == "sent"}
+        waiting = {r.customer_id for r in plan.new if r.identifier not in went_out}
+        cancel = [r for r in plan.cancel if r.customer_id not in waiting]
+        if cancel:
+            for row in await self.delivery.cancel(meter, cancel):
+                log.info(
+                    "%s: superseded `last` event %s: %s", meter.name, row.identifier, row.status
+                )
+        if plan.ties:
+            await self._report(meter, period, plan.ties, None)
+        return len(went_out)
+
+    # -- what can no longer be corrected ---------------------------------------------------
+
+    async def _report(
+        self,
+        meter: Meter,
+        period: str,
+        found: list[Uncorrectable],
+        checked: set[str] | None,
+    ) -> list[Uncorrectable]:
+        """Record in ``stripe_uncorrectable`` what ``found`` changes (a finding already
+        recorded as it is is not written again; each new one is logged and counted), and
+        as resolved the customers reported before, among ``checked``, that are right
+        again."""
+        current = {
+            r["customer_id"]: r for r in await self.chio.call(report.current, period, meter.name)
+        }
+        rows = []
+        for item in found:
+            doc = item.as_dict()
+            had = current.get(item.customer_id)
+            if had is None:
+                log.error("Stripe can no longer be corrected: %s", item.describe())
+                self.metrics.stripe_uncorrectable.inc(meter=meter.name)
+            same = ("stripe_value", "expected", "difference", "reason")
+            if had is None or any(had[k] != doc[k] for k in same):
+                rows.append(doc)
+        right = set(current) - {u.customer_id for u in found}
+        formula = formula_for(meter.aggregation)
+        for customer in sorted(right & checked if checked is not None else set()):
+            ok = Uncorrectable(meter.name, customer, "", period, formula, 0, 0, Decimal(0), "")
+            rows.append({**ok.as_dict(), "reason": "resolved"})
+        if rows:
+            await self.chio.call(report.write, rows)
+        return found
+
+    async def _check_stale(self, meter: Meter, stale: set[tuple[str, int]], now_ms: int) -> None:
+        """Record changes told for periods no longer forwarded: check those periods'
+        customers (:meth:`check_period`)."""
+        by_period: dict[str, set[str]] = defaultdict(set)
+        for customer, window_start in stale:
+            if self.owns_customer(customer):
+                by_period[period_label(window_start)].add(customer)
+        for period, customers in sorted(by_period.items()):
+            await self.check_period(meter, period, now_ms, sorted(customers))
+
+    async def check_period(
+        self, meter: Meter, period: str, now_ms: int, customers: list[str] | None = None
+    ) -> list[Uncorrectable]:
+        """What Stripe holds wrong for ``period`` (of ``customers``; None: all this worker
+        owns) if the period is past the correction horizon: the record's totals against
+        the ledger's sent events, recorded in ``stripe_uncorrectable``. A period still
+        corrected gives [] (the next forward corrects it)."""
+        if correctable(period, now_ms, self.correction_days):
+            return []
+        start, end = month_bounds(period)
+        record = await self.chio.call(read_record, self.meters, meter, start, end, customers)
+        totals = customer_totals(meter, record.states)
+        rows = await self.chio.call(ledger.for_period, meter.name, period)
+        chosen = set(customers) if customers is not None else None
+        rows = [
+            r
+            for r in rows
+            if self.owns_customer(r.customer_id) and (chosen is None or r.customer_id in chosen)
+        ]
+        expected = {
+            c: (exact, expected_whole(meter, exact))
+            for c, exact in totals.items()
+            if self.owns_customer(c)
+        }
+        found = uncorrectable(
+            meter.name, formula_for(meter.aggregation), period, expected, rows, {}
+        )
+        checked = set(expected) | {r.customer_id for r in rows}
+        return await self._report(meter, period, found, checked)
+
+    async def check_past_periods(
+        self, period: str | None = None, now_ms: int | None = None
+    ) -> list[Uncorrectable]:
+        """``stripe corrections --check``: :meth:`check_period` for ``period``, or for every
+        period with ledger rows that is past the correction horizon, of every meter."""
+        now = now_ms or time.time_ns() // 1_000_000
+        found: list[Uncorrectable] = []
+        async with self._lock:
+            for meter in self.stripe_meters:
+                periods = (
+                    [period]
+                    if period is not None
+                    else await self.chio.call(ledger.periods, meter.name)
+                )
+                for each in periods:
+                    found += await self.check_period(meter, each, now)
+        return found
 
     # -- customers' Stripe ids ------------------------------------------------------------
 
@@ -450,9 +568,9 @@ class Forwarder:
                 ]
                 await self.chio.call(ledger.write, flipped)
                 mine = [r for r in flipped if self.owns_customer(r.customer_id)]
-                todo = [(r, event_timestamp_s(r.period, now)) for r in mine]
+                todo = [(r, r.timestamp_s or event_timestamp_s(r.period, now)) for r in mine]
                 done = (
-                    {r.identifier: r for r in await self.delivery.deliver(meter, todo)}
+                    {r.identifier: r for r in await self.delivery.deliver(meter, todo, now)}
                     if todo
                     else {}
                 )

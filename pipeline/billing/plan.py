@@ -11,6 +11,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from meterstream.billing.stripe_corrections import (
+    Uncorrectable,
+    next_timestamp,
+    stamped_at,
+    ties_to_cancel,
+)
 from meterstream.meters.aggregation import WindowState, aggregator_for
 from meterstream.meters.config import Meter
 from meterstream.meters.fold import WindowKey
@@ -34,6 +40,11 @@ class Plan:
     # customers whose total, or the whole number to send, does not fit the ledger
     # (Int64 value, Decimal(38, 9) exact_total): nothing is planned for them
     held_out_of_range: list[str] = field(default_factory=list)
+    # `last` meters: earlier events tied with (or stamped after) the newest one, which
+    # must lose: cancelled once the newest is sent (``cancel``), or no longer cancellable
+    # at Stripe (``ties``: reported; pipeline/billing/stripe_corrections.py)
+    cancel: list[LedgerRow] = field(default_factory=list)
+    ties: list[Uncorrectable] = field(default_factory=list)
 
 
 INT64_MAX = 2**63 - 1
@@ -233,15 +244,23 @@ def plan_sends(
     totals: dict[str, Decimal],
     stripe_ids: dict[str, str],
     rows: Iterable[LedgerRow],
+    now_ms: int | None = None,
 ) -> Plan:
     """What to send for one meter and period, given the ledger so far (pure).
 
     Per customer: an ``error`` row holds the customer (nothing resent or
-    planned); ``pending`` rows are resent as they are; a new row is planned
+    planned); ``pending`` rows are resent as they are; a customer with rows sent
+    or pending but no total any more (all its events voided) has a total of 0,
+    sent to the Stripe customer of its last row; a new row is planned
     when the whole-number value to send is not zero (``sum``: the delta
     against everything sent or pending) or differs from the last one sent
     (``last``); a customer without a Stripe id is held, and so is one whose
     total or value to send does not fit the ledger (:func:`fits_ledger`).
+
+    With ``now_ms`` a new row carries its timestamp, later than every live earlier
+    one (:func:`~meterstream.billing.stripe_corrections.next_timestamp`), and for
+    ``last`` meters the earlier events it ties with are to be cancelled (``cancel``)
+    or, past Stripe's 24 hours, reported (``ties``).
     """
     assert meter.stripe is not None
     rounding = Rounding(meter.stripe.rounding)
@@ -253,6 +272,8 @@ def plan_sends(
     held_no_customer: list[str] = []
     held_error: list[str] = []
     held_out_of_range: list[str] = []
+    cancel: list[LedgerRow] = []
+    ties: list[Uncorrectable] = []
     formula = formula_for(meter.aggregation)
     for customer in sorted(set(totals) | set(by_customer)):
         history = by_customer.get(customer, [])
@@ -262,39 +283,81 @@ def plan_sends(
             held_error.append(customer)
             continue
         resend.extend(r for r in history if r.status == "pending")
-        if customer not in totals:
+        counted = [r for r in history if r.status in ("sent", "pending")]
+        if customer not in totals and not counted:
             continue
-        stripe_id = stripe_ids.get(customer)
+        # A customer forwarded before but absent from the totals now (every event of
+        # the period voided): its total is 0, corrected at the Stripe customer it went to.
+        stripe_id = stripe_ids.get(customer) or (
+            counted[-1].stripe_customer_id if customer not in totals else ""
+        )
         if not stripe_id:
             held_no_customer.append(customer)
             continue
-        exact = totals[customer]
-        counted = [r for r in history if r.status in ("sent", "pending")]
+        exact = totals.get(customer, Decimal(0))
         if not exact.is_finite() or exact.copy_abs() >= EXACT_TOTAL_LIMIT:
             held_out_of_range.append(customer)
             continue
+        value: int | None  # None: nothing to send
         if formula == "sum":
-            value = next_delta(exact, sum(r.value for r in counted), rounding)
-            if value == 0:
-                continue
+            value = next_delta(exact, sum(r.value for r in counted), rounding) or None
         else:
             value = period_value(exact, rounding)
             last = counted[-1] if counted else None
             if last is not None and last.value == value:
-                continue
+                value = None
+        if value is None:
+            if formula == "last" and now_ms is not None:
+                _ties(history, now_ms, cancel, ties)
+            continue
         if not fits_ledger(exact, value):
             held_out_of_range.append(customer)
             continue
         next_seq = max(seq.values(), default=0) + 1
         identifier = meter_event_identifier(meter.name, customer, period, next_seq)
-        new.append(
-            LedgerRow(identifier, meter.name, customer, stripe_id, period, value, exact, "pending")
+        stamp = 0
+        if now_ms is not None:
+            stamp = next_timestamp(period, now_ms, max(map(stamped_at, counted), default=None))
+        row = LedgerRow(
+            identifier, meter.name, customer, stripe_id, period, value, exact, "pending"
         )
-    return Plan(resend, new, held_no_customer, held_error, held_out_of_range)
+        row = dataclasses.replace(row, timestamp_s=stamp)
+        new.append(row)
+        if formula == "last" and now_ms is not None:
+            _ties([*history, row], now_ms, cancel, ties)
+    return Plan(
+        resend, new, held_no_customer, held_error, held_out_of_range, cancel=cancel, ties=ties
+    )
+
+
+def _ties(
+    history: list[LedgerRow], now_ms: int, cancel: list[LedgerRow], ties: list[Uncorrectable]
+) -> None:
+    """Add one customer's `last` ties (:func:`ties_to_cancel`; ``history`` in sequence
+    order, the newest last) to ``cancel``, and those Stripe no longer cancels to ``ties``
+    as a report of the value that should win."""
+    to_cancel, stuck = ties_to_cancel(history, now_ms)
+    cancel.extend(to_cancel)
+    if stuck:
+        newest = [r for r in history if r.status in ("sent", "pending")][-1]
+        ties.append(
+            Uncorrectable(
+                newest.meter,
+                newest.customer_id,
+                newest.stripe_customer_id,
+                newest.period,
+                "last",
+                None,
+                newest.value,
+                newest.exact_total,
+                "tie",
+            )
+        )
 
 
 def event_timestamp_s(period: str, now_ms: int) -> int:
-    """The timestamp of a forward: now, clamped into the period, minus 1 s."""
+    """The timestamp of a send of a row planned without one (``timestamp_s`` 0, rows from
+    before the ledger kept it): now, clamped into the period, minus 1 s."""
     _, p_end = month_bounds(period)
     return (min(now_ms, p_end) - 1000) // 1000
 

@@ -19,8 +19,9 @@ from typing import Any, NamedTuple
 from meterstream.events import UsageEvent
 from meterstream.meters.aggregation import WindowState, aggregator_for
 from meterstream.meters.config import Meter, MetersConfig
+from meterstream.meters.diff import MetersDiff, diff_meters, event_names, recompute_preview
 from meterstream.meters.fold import WindowKey, fold
-from meterstream.meters.windows import day_of
+from meterstream.meters.windows import DAY_MS, day_of
 from meterstream.sinks.clickhouse import queries, writer
 from meterstream.sinks.clickhouse.client import ClickHouse
 
@@ -174,3 +175,51 @@ def reconcile_meter(
     if fix:
         repair(ch, meters, record, diffs)
     return diffs, record, days
+
+
+def diff_from_record(
+    ch: ClickHouse,
+    old: MetersConfig,
+    new: MetersConfig,
+    start_ms: int,
+    end_ms: int,
+    *,
+    customer: str | None = None,
+    meter: str | None = None,
+    by_window: bool = False,
+) -> MetersDiff:
+    """``meterstream meters diff``: the record's events of [start, end) (widened to
+    whole UTC days, so every window is whole) under both definitions
+    (:func:`meterstream.meters.diff.diff_meters`, the one fold)."""
+    start_ms = day_of(start_ms)
+    end_ms = day_of(end_ms - 1) + DAY_MS
+    customers = None if customer is None else [customer]
+    names = event_names(old, new, meter)
+    rows = queries.events_in_range(ch, customers, names, start_ms, end_ms)
+    return diff_meters(
+        old, new, (UsageEvent(**row) for row in rows), meter=meter, by_window=by_window
+    )
+
+
+def recompute_preview_from_record(
+    ch: ClickHouse,
+    meters: MetersConfig,
+    meter: str,
+    start_ms: int,
+    end_ms: int,
+    *,
+    customer: str | None = None,
+    by_window: bool = False,
+) -> MetersDiff:
+    """``meterstream meters recompute --dry-run``: ``meter``'s windows of [start, end)
+    (widened to whole windows) as stored against the same windows from the record under
+    ``meters`` (:func:`meterstream.meters.diff.recompute_preview`)."""
+    m = meters.by_name(meter)
+    lo, _ = m.window_bounds(start_ms)
+    _, hi = m.window_bounds(end_ms - 1)
+    customers = None if customer is None else [customer]
+    stored = queries.latest_windows(ch, meter=meter, start_ms=lo, end_ms=hi, customer_ids=customers)
+    rows = queries.events_in_range(ch, customers, [m.event_name], lo, hi)
+    return recompute_preview(
+        meters, meter, stored, (UsageEvent(**row) for row in rows), by_window=by_window
+    )

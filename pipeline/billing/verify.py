@@ -269,6 +269,19 @@ class Verifier:
             )
         return differ
 
+    def take_stale(self, meter: Meter, before_ms: int) -> set[tuple[str, int]]:
+        """(customer, window start) of the record changes told since the last call to
+        windows before ``before_ms``, of periods no longer forwarded: the forwarder checks
+        them for what Stripe can no longer be corrected on. Call before keep_periods."""
+        changed = self._changed.get(meter.name)
+        if changed is None:
+            return set()
+        stale = {c for c in changed if c[1] < before_ms}
+        changed.difference_update(stale)
+        deltas = self._deltas[meter.name]
+        stale |= {k for k in (*deltas.states, *deltas.events) if k[1] < before_ms}
+        return stale
+
     def keep_periods(self, meter: Meter, periods: Sequence[str], start_ms: int) -> None:
         """Forget what was verified of ``meter`` outside ``periods`` and the pending
         deltas before ``start_ms`` (the first period's start): the forwarder no longer

@@ -1,4 +1,5 @@
-"""``meterstream credits grant|void|balance|ledger``: prepaid credits (issue #25).
+"""``meterstream credits grant|void|balance|ledger|purchase|purchases|recharge``: prepaid
+credits (issue #25).
 
 Through the running worker's API while it holds the embedded ClickHouse (the worker keeps
 the credit books: a grant burns at once). Without a worker, ``grant`` and ``void`` are
@@ -180,6 +181,80 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _through_worker(
+    args: argparse.Namespace, method: str, tail: str, body: Any = None
+) -> tuple[str, Any]:
+    """(customer, the worker's answer) of a purchase or recharge request: these need a
+    running worker (it calls Stripe and receives its webhook)."""
+    from meterstream.billing.customers import _request
+    from meterstream.endpoints import web_url
+
+    settings = _settings(args)
+    customer = _customer(args.customer)
+    url = web_url(settings)
+    if not url:
+        raise MeterstreamError(
+            "credit purchases and auto-recharge need a running worker (it calls Stripe and "
+            "receives its webhook): start one with meterstream run or meterstream worker"
+        )
+    return customer, _request(settings, method, _url(url, customer, tail), body)
+
+
+def _purchase_line(doc: Any) -> str:
+    failure = f" ({doc['failure_code']})" if doc.get("failure_code") else ""
+    return (
+        f"{doc['purchase_id']}  {doc['amount']} {doc['currency']}  {doc['status']}{failure}"
+        f"  {doc.get('payment_intent_id') or '-'}  {doc['origin']}"
+    )
+
+
+def cmd_purchase(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"amount": args.amount, "priority": args.priority}
+    for name in ("expires", "purchase_id"):
+        if getattr(args, name):
+            body[name] = getattr(args, name)
+    customer, doc = _through_worker(args, "POST", "/purchases", body)
+    if args.format == "json":
+        print(json.dumps(doc, sort_keys=True))
+    else:
+        print(f"{customer}: {_purchase_line(doc)}")
+        if doc["status"] == "created":
+            print("  paid on Stripe's confirmation: see meterstream credits purchases")
+    return 0 if doc["status"] != "failed" else 1
+
+
+def cmd_purchases(args: argparse.Namespace) -> int:
+    _, doc = _through_worker(args, "GET", "/purchases")
+    _print(doc, args.format, lambda d: print("\n".join(map(_purchase_line, d["purchases"]))))
+    return 0
+
+
+def cmd_recharge(args: argparse.Namespace) -> int:
+    if args.off:
+        customer, doc = _through_worker(args, "PUT", "/recharge", {"enabled": False})
+    elif args.threshold is not None and args.target is not None:
+        rule = {"threshold": args.threshold, "target": args.target, "priority": args.priority}
+        customer, doc = _through_worker(args, "PUT", "/recharge", rule)
+    elif args.threshold is None and args.target is None:
+        customer, doc = _through_worker(args, "GET", "/recharge")
+    else:
+        raise MeterstreamError("give both --threshold and --target (or --off)")
+
+    def text(d: Any) -> None:
+        rule, state = d.get("rule"), d.get("state") or {}
+        if rule is None:
+            print(f"{customer}: no auto-recharge")
+            return
+        how = "on" if d["enabled"] else f"off ({state.get('disabled_reason') or 'off'})"
+        print(
+            f"{customer}: auto-recharge {how}: at {rule['threshold']} {rule['currency']} "
+            f"back to {rule['target']}"
+        )
+
+    _print(doc, args.format, text)
+    return 0
+
+
 def register(
     sub: Any, common: argparse.ArgumentParser, settings_of: Callable[[argparse.Namespace], Settings]
 ) -> None:
@@ -202,7 +277,28 @@ def register(
     p.add_argument("grant_id")
     p.add_argument("--reason", default="")
     p.set_defaults(func=cmd_void)
+    p = csub.add_parser("purchase", parents=[base], help="buy credits on the customer's card")
+    p.add_argument("customer")
+    p.add_argument("amount", type=_amount, help="in the customer's credit currency")
+    p.add_argument("--priority", type=int, default=50, help="of the grant (default 50)")
+    p.add_argument("--expires", help="the grant's expiry, YYYY-MM-DD or RFC 3339")
+    p.add_argument(
+        "--purchase-id",
+        dest="purchase_id",
+        help="an id of your own (Stripe's idempotency key: a retry never charges twice)",
+    )
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_purchase)
+    p = csub.add_parser("recharge", parents=[base], help="auto-recharge: show, set or turn off")
+    p.add_argument("customer")
+    p.add_argument("--threshold", type=_amount, help="buy when the balance reaches this")
+    p.add_argument("--target", type=_amount, help="back up to this balance")
+    p.add_argument("--priority", type=int, default=50, help="of the grants bought")
+    p.add_argument("--off", action="store_true", help="turn auto-recharge off")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_recharge)
     for name, func, what in (
+        ("purchases", cmd_purchases, "a customer's credit purchases and their status"),
         ("balance", cmd_balance, "a customer's balance and grants"),
         ("ledger", cmd_ledger, "a customer's credit ledger"),
     ):

@@ -119,9 +119,31 @@ def cmd_billing_link(args: argparse.Namespace) -> int:
 def cmd_meters_check(args: argparse.Namespace) -> int:
     config = load_meters(Path(args.file))
     for meter in config.meters:
-        print(f"ok  {meter.name}: {meter.aggregation} of {meter.event_name} per {meter.window}")
+        since = meter.effective_from_ms
+        versions = (
+            ""
+            if since is None
+            else f" ({len(meter.versions)} earlier version(s); this one from "
+            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since / 1000))})"
+        )
+        print(
+            f"ok  {meter.name}: {meter.aggregation} of {meter.event_name} per {meter.window}"
+            + versions
+        )
     print(f"{args.file}: {len(config.meters)} meter(s), no problems")
     return 0
+
+
+def cmd_meters_diff(args: argparse.Namespace) -> int:
+    from meterstream.cli.meters import print_meters_diff
+
+    return print_meters_diff(settings_from(args), args)
+
+
+def cmd_meters_recompute(args: argparse.Namespace) -> int:
+    from meterstream.cli.meters import print_meters_recompute
+
+    return print_meters_recompute(settings_from(args), args)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -267,6 +289,38 @@ def _data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = msub.add_parser("check", parents=[common], help="validate a meters file")
     p.add_argument("file")
     p.set_defaults(func=cmd_meters_check)
+    p = msub.add_parser(
+        "diff",
+        parents=[common],
+        help="the record's totals under two meters files, and the difference",
+    )
+    p.add_argument("old", help="the meters file now in use (or before the change)")
+    p.add_argument("new", help="the changed meters file")
+    p.add_argument("--period", help="YYYY-MM (default: the current month)")
+    p.add_argument("--from", dest="start", help="RFC 3339 start (instead of --period)")
+    p.add_argument("--to", dest="end", help="RFC 3339 end (default: now)")
+    p.add_argument("--customer", help="only this customer")
+    p.add_argument("--meter", help="only this meter")
+    p.add_argument("--window", action="store_true", help="per window, not per period")
+    add_format(p)
+    p.set_defaults(func=cmd_meters_diff)
+    p = msub.add_parser(
+        "recompute",
+        parents=[common],
+        help="rebuild a meter's windows from the record under the current meters file",
+    )
+    p.add_argument("meter")
+    p.add_argument("--from", dest="start", required=True, help="RFC 3339 start")
+    p.add_argument("--to", dest="end", help="RFC 3339 end (default: now)")
+    p.add_argument("--customer", help="only this customer")
+    p.add_argument("--reason", help="why (required unless --dry-run; kept in the log)")
+    p.add_argument("--author", default="", help="who asks (the API key is recorded too)")
+    p.add_argument("--correction-id", help="an id of yours: a repeat rebuilds again")
+    p.add_argument("--dry-run", action="store_true", help="show what would change")
+    p.add_argument("--window", action="store_true", help="dry run: per window")
+    p.add_argument("--meters", help="meters YAML file (a dry run without a worker)")
+    add_format(p)
+    p.set_defaults(func=cmd_meters_recompute)
 
     p = sub.add_parser("migrate", parents=[common], help="apply pending ClickHouse migrations")
     p.add_argument("--json", action="store_true", help='print {"applied": [names]}')

@@ -74,8 +74,11 @@ def worker_request(settings: Settings, url: str, body: dict[str, Any] | None = N
                 return json.loads(response.read(), parse_float=Decimal)
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")
-            with contextlib.suppress(ValueError):
-                detail = json.loads(detail).get("error", detail)
+            with contextlib.suppress(ValueError, AttributeError):
+                answer = json.loads(detail)
+                detail = answer.get("error", detail)
+                if isinstance(answer.get("problems"), list):  # each with its path
+                    detail = "\n  - ".join([str(detail), *map(str, answer["problems"])])
             raise ClickHouseError(str(detail)) from None
         except urllib.error.URLError as exc:
             raise MeterstreamError(f"worker at {url} not reachable: {exc.reason}") from None

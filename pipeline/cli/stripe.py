@@ -13,6 +13,11 @@
 * ``stripe reconcile --period YYYY-MM``: Stripe's meter event summaries against
   meterstream's period totals, per meter and customer; prints every
   difference (exit 1 if any).
+* ``stripe corrections [--period YYYY-MM] [--check]``: what Stripe holds wrong and
+  meterstream can no longer correct (periods past the correction horizon, `last`
+  ties past Stripe's 24 hours), per meter, customer and period, with the amount to
+  credit (ClickHouse ``stripe_uncorrectable``); ``--check`` first compares the
+  periods past the horizon with the record again (exit 1 if anything is listed).
 
 retry and reconcile need ClickHouse: while a worker holds the embedded engine
 (``endpoints.json`` names its web server, or ``--worker URL``) they run inside
@@ -282,6 +287,58 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 1 if lines else 0
 
 
+def _print_uncorrectable(rows: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        held = "undefined (tie)" if r["stripe_value"] is None else r["stripe_value"]
+        print(
+            f"{r['period']} {r['meter']} customer={r['customer_id']} "
+            f"stripe_customer={r['stripe_customer_id'] or '-'}: Stripe bills {held}, "
+            f"meterstream {r['expected']} (exact {r['exact_total']}); difference "
+            f"{r['difference']:+d}; credit {r['to_credit']} ({r['reason']})"
+        )
+
+
+def cmd_corrections(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    if args.period is not None:
+        try:
+            month_bounds(args.period)
+        except ValueError as exc:
+            raise MeterstreamError(str(exc)) from None
+    url = _worker_url(args, settings)
+    if url:
+        query = f"?{urllib.parse.urlencode({'period': args.period})}" if args.period else ""
+        if args.check:
+            body = {"period": args.period} if args.period else {}
+            result = _get_json(settings, f"{url}/v1/stripe/corrections", body)
+        else:
+            result = _get_json(settings, f"{url}/v1/stripe/corrections{query}")
+        if "error" in result:
+            raise MeterstreamError(f"the worker could not list corrections: {result['error']}")
+        rows = list(result["uncorrectable"])
+    else:
+        from meterstream.sinks.stripe import uncorrectable as report
+
+        forwarder, calls = _direct_forwarder(settings)
+        try:
+            if args.check:
+                asyncio.run(forwarder.check_past_periods(args.period))
+            rows = report.current(calls.ch, args.period)
+        finally:
+            calls.close()
+    _print_uncorrectable(rows, args.format == "json")
+    credit = sum(r["to_credit"] for r in rows)
+    print(
+        f"{len(rows)} series Stripe holds wrong and meterstream no longer corrects; "
+        f"{credit} unit(s) to credit",
+        file=sys.stderr,
+    )
+    return 1 if rows else 0
+
+
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the ``customers`` and ``stripe`` command groups to the ``meterstream`` parser."""
     csub = command_group(sub, "customers", "customer -> Stripe customer mapping")
@@ -320,3 +377,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--meters", help="meters YAML file")
     p.add_argument("--worker", dest="worker_url", help="the running worker's web URL")
     p.set_defaults(func=cmd_reconcile)
+    p = ssub.add_parser(
+        "corrections",
+        parents=[common],
+        help="what Stripe holds wrong and can no longer be corrected (amounts to credit)",
+    )
+    p.add_argument("--period", help="billing period YYYY-MM (default: every period)")
+    p.add_argument(
+        "--check", action="store_true", help="compare the periods past the horizon again first"
+    )
+    p.add_argument("--meters", help="meters YAML file")
+    p.add_argument("--worker", dest="worker_url", help="the running worker's web URL")
+    add_format(p)
+    p.set_defaults(func=cmd_corrections)

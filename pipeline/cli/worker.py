@@ -28,6 +28,7 @@ from meterstream.api.http import Routes
 from meterstream.api.ingest import IngestRecord
 from meterstream.api.keys import KeyStore, retire_cli_key_file
 from meterstream.api.publisher import EventPublisher
+from meterstream.api.routes import meters as meter_routes
 from meterstream.api.routes.health import ReadyCheck
 from meterstream.billing.assignments import AssignmentStore
 from meterstream.billing.customers import MappingStore
@@ -56,6 +57,7 @@ from meterstream.worker.gaps import GapFiller
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
 from meterstream.worker.invoices import load_plans_for, priced_period_rows
 from meterstream.worker.lifeline import BrokerProbe, Lifeline, StopControl, probe_timing
+from meterstream.worker.purchases import CATCH_UP_SECONDS, PurchaseDesk
 from meterstream.worker.tables import drop_local_stores
 
 log = logging.getLogger("meterstream.worker")
@@ -124,7 +126,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
     plans, invoice_routes = install_pricing(app, settings, meters, calls, reads, bootstrap)
-    credit_routes, credits = install_credits(app, settings, calls, reads, plans, pipeline)
+    credit_routes, credits = install_credits(app, settings, calls, reads, plans, pipeline, metrics)
     corrections_out = EventPublisher(
         bootstrap, settings.topic(USAGE_CORRECTIONS.name), **client_options(settings)
     )
@@ -160,6 +162,7 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
             invoice_routes,
             credit_routes,
             lambda routes: correction_api.register(routes, corrections, meters),
+            lambda routes: meter_routes.register_recompute(routes, reads, corrections, meters),
         ],
     )
 
@@ -222,18 +225,29 @@ def install_credits(
     reads: ReadIO,
     plans: PlansConfig,
     pipeline: Pipeline,
+    metrics: Metrics,
 ) -> tuple[Callable[[Routes], None], CreditService]:
     """Prepaid credits (pipeline/worker/credits.py): the books rebuilt at start, the burn
-    timer, the record listener that marks customers dirty; returns the registration of
+    timer, the record listener that marks customers dirty, purchases and auto-recharge
+    (pipeline/worker/purchases.py) and their catch-up timer; returns the registration of
     the credit routes and the service."""
     alerts = AlertDesk(app, settings, calls)
     credits = CreditService(app, settings, calls, plans, reads.read, alerts)
+    purchases = PurchaseDesk(settings, calls, credits, alerts, metrics)
     pipeline.record_listeners.append(credits.record_changed)
 
     @app.task
     async def resume_credits() -> None:
         await alerts.start()  # states first: resuming the books evaluates thresholds
+        await purchases.start()  # and the auto-recharges
         await credits.start()
+
+    @app.timer(CATCH_UP_SECONDS)
+    async def catch_up_purchases() -> None:
+        try:
+            await purchases.catch_up()
+        except Exception:  # logged, retried next interval; never stops the worker
+            log.exception("purchase catch-up failed; retried next interval")
 
     @app.timer(0.5)
     async def deliver_alerts() -> None:
@@ -251,7 +265,7 @@ def install_credits(
         except Exception:  # logged, the customers stay dirty; never stops the worker
             log.exception("burning credits failed; retried next interval")
 
-    return (lambda routes: credit_api.register(routes, reads, credits)), credits
+    return (lambda routes: credit_api.register(routes, reads, credits, purchases)), credits
 
 
 def _topics_and_guarantee(settings: Settings, bootstrap: str) -> str:

@@ -22,13 +22,13 @@ from meterstream.credits.money import (
     amount_problem,
     currency_problem,
     in_minor_units_problem,
+    json_decimal,
 )
 from meterstream.credits.values import (
     MAX_MS,
     JsonFields,
     id_problem,
     int_problem,
-    json_decimal,
     ms_problem,
     raise_problems,
 )

@@ -34,6 +34,8 @@ from decimal import (
     localcontext,
 )
 
+from meterstream.errors import CreditsError
+
 MAX_SCALE = 18
 MAX_INTEGER_DIGITS = 20
 
@@ -118,6 +120,20 @@ def in_minor_units_problem(
     if EXACT.remainder(value, step) != 0:
         return f"{what} must be a whole number of {canon(step)} {currency}, got {canon(value)}"
     return None
+
+
+def json_decimal(value: object, name: str) -> Decimal:
+    """An amount from a JSON document: a decimal string or an integer, never a float (a
+    binary number is not the amount the sender wrote); :class:`CreditsError` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise CreditsError(
+            f'{name} must be a decimal string (never a float), e.g. "20.00", '
+            f"not {type(value).__name__}"
+        )
+    try:
+        return Decimal(value)
+    except InvalidOperation:
+        raise CreditsError(f"{name} is not a decimal: {value!r}") from None
 
 
 def canon(value: Decimal) -> str:

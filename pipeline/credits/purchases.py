@@ -80,6 +80,8 @@ _STRIPE_TYPES = {
     "payment_intent.canceled": PaymentOutcome.CANCELED,
     "payment_intent.processing": PaymentOutcome.PROCESSING,
 }
+#: The Stripe event types a purchase listens to (a webhook endpoint's ``enabled_events``).
+STRIPE_EVENT_TYPES = tuple(_STRIPE_TYPES)
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Purchase(JsonFields):
     origin: str = "purchase"  # or "recharge"
     priority: int = DEFAULT_PRIORITY
     expires_after_ms: int | None = None
+    expires_ms: int | None = None  # a fixed expiry (wins over ``expires_after_ms``)
 
     def __post_init__(self) -> None:
         problems = [
@@ -107,6 +110,10 @@ class Purchase(JsonFields):
         ]
         if self.expires_after_ms is not None:
             problems.append(int_problem(self.expires_after_ms, "expires_after_ms", 1, MAX_MS))
+        if self.expires_ms is not None:
+            problems.append(ms_problem(self.expires_ms, "expires_ms"))
+            if isinstance(self.expires_ms, int) and self.expires_ms <= self.created_ms:
+                problems.append("expires_ms must be after the purchase is made")
         raise_problems("purchase", problems)
         unit = charge_unit(self.currency)
         raise_problems(
@@ -116,9 +123,15 @@ class Purchase(JsonFields):
         object.__setattr__(self, "amount", Decimal(self.amount))
 
     def grant(self, effective_ms: int) -> Grant:
-        """The grant this purchase gives once paid (``grant_id`` = ``purchase_id``)."""
+        """The grant this purchase gives once paid (``grant_id`` = ``purchase_id``).
+
+        A fixed ``expires_ms`` that the payment came too late for gives a grant that
+        expires at once (it stays in the ledger: the money was taken).
+        """
         expires = None
-        if self.expires_after_ms is not None:
+        if self.expires_ms is not None:
+            expires = max(self.expires_ms, effective_ms + 1)
+        elif self.expires_after_ms is not None:
             expires = min(effective_ms + self.expires_after_ms, MAX_MS)
         return Grant(
             grant_id=self.purchase_id,
@@ -129,6 +142,21 @@ class Purchase(JsonFields):
             expires_ms=expires,
             priority=self.priority,
             origin=self.origin,
+        )
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Purchase:
+        """The inverse of :meth:`to_json` (checked like any purchase)."""
+        return cls(
+            purchase_id=doc["purchase_id"],
+            customer_id=doc["customer_id"],
+            amount=Decimal(str(doc["amount"])),
+            currency=doc["currency"],
+            created_ms=doc["created_ms"],
+            origin=doc.get("origin", "purchase"),
+            priority=doc.get("priority", DEFAULT_PRIORITY),
+            expires_after_ms=doc.get("expires_after_ms"),
+            expires_ms=doc.get("expires_ms"),
         )
 
 
@@ -247,6 +275,46 @@ class PurchaseState(JsonFields):
     seen_event_ids: frozenset[str] = frozenset()
     granted_ms: int | None = None  # when the grant starts (set on success)
     failure_code: str | None = None
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> PurchaseState:
+        """The inverse of :meth:`to_json`."""
+        return cls(
+            purchase=Purchase.from_json(doc["purchase"]),
+            status=PurchaseStatus(doc["status"]),
+            payment_intent_id=doc.get("payment_intent_id"),
+            seen_event_ids=frozenset(doc.get("seen_event_ids") or ()),
+            granted_ms=doc.get("granted_ms"),
+            failure_code=doc.get("failure_code"),
+        )
+
+
+def event_of_payment_intent(intent: Mapping[str, Any], *, seen_ms: int) -> PaymentEvent | None:
+    """A :class:`PaymentEvent` from a PaymentIntent object read from Stripe (the create
+    answer, a decline's error, or ``GET /v1/payment_intents/{id}``), ``None`` while it has
+    no outcome yet (``requires_*``, ``processing``).
+
+    Its event id, ``pi:<id>:<status>``, is ours (Stripe's event ids start ``evt_``): the
+    same read twice is one event, and a webhook for the same outcome later is
+    ``unchanged``. ``seen_ms`` dates it (a PaymentIntent has no time of its outcome).
+    """
+    status = intent.get("status")
+    if status == "succeeded":
+        kind = "payment_intent.succeeded"
+    elif status == "canceled":
+        kind = "payment_intent.canceled"
+    elif status == "requires_payment_method" and intent.get("last_payment_error"):
+        kind = "payment_intent.payment_failed"  # a declined confirmation
+    else:
+        return None
+    return parse_stripe_event(
+        {
+            "id": f"pi:{intent.get('id')}:{status}",
+            "type": kind,
+            "created": seen_ms // 1000,
+            "data": {"object": intent},
+        }
+    )
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,12 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from meterstream.credits.money import EXACT, amount_problem, currency_problem
+from meterstream.credits.money import EXACT, amount_problem, currency_problem, json_decimal
 from meterstream.credits.values import (
     MAX_ID_CHARS,
     JsonFields,
     id_problem,
     int_problem,
-    json_decimal,
     ms_problem,
     raise_problems,
 )

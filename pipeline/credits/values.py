@@ -51,17 +51,6 @@ def int_problem(value: object, what: str, low: int, high: int) -> str | None:
     return None
 
 
-def json_decimal(value: Any, what: str) -> Decimal:
-    """A JSON amount (a decimal string or an integer) as a Decimal; floats are refused
-    (a float has already lost the exact amount)."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise CreditsError(f"{what} must be a decimal string, got {type(value).__name__}")
-    try:
-        return Decimal(value)
-    except ArithmeticError:
-        raise CreditsError(f"{what} is not a decimal: {value!r}") from None
-
-
 def raise_problems(what: str, problems: Iterable[str | None]) -> None:
     """Raise one :class:`CreditsError` listing every non-``None`` problem, if any."""
     found = [p for p in problems if p is not None]

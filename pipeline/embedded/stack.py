@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meterstream.credits.purchases import STRIPE_EVENT_TYPES
 from meterstream.embedded.harness import WorkerProcess, spawn_cli
 from meterstream.embedded.kafka import KafkaBroker, broker_name, embedded_broker
 from meterstream.embedded.processes import free_port, log_tail, stop_process, wait_for_port
@@ -35,6 +37,7 @@ from meterstream.embedded.restarts import WorkerRestarts
 from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.endpoints import write_endpoints
 from meterstream.settings import Settings
+from meterstream.sinks.stripe.emulator.options import WEBHOOK_SECRET_ENV
 
 
 @dataclass
@@ -57,18 +60,24 @@ class Stack:
             ).start()
             bootstrap = self.broker.bootstrap
         api_base = s.stripe_api_base
+        web_port = free_port()
+        webhook_secret: str | None = None
         if not api_base and s.stripe_api_key is None:
             port = free_port()
             state_file = self.state_dir / "stripe-emulator.jsonl"  # Stripe does not forget
+            # the emulator sends its payment webhooks to the worker, signed with a secret
+            # both get at start (in the environment: never on a command line)
+            webhook_secret = f"whsec_{secrets.token_hex(24)}"
+            hook = f"http://127.0.0.1:{web_port}/v1/stripe/webhooks"
             self.emulator = self._spawn(
-                ["stripe-emulator", "--port", str(port), "--state-file", str(state_file)],
+                ["stripe-emulator", "--port", str(port), "--state-file", str(state_file),
+                 "--webhook-url", hook, "--webhook-events", ",".join(STRIPE_EVENT_TYPES)],
                 "emulator.log",
-                {},
-            )
+                {WEBHOOK_SECRET_ENV: webhook_secret},
+            )  # fmt: skip
             wait_for_port("127.0.0.1", port, 30, self.emulator)
             api_base = f"http://127.0.0.1:{port}"
         dsn = s.clickhouse_dsn or s.embedded_clickhouse_dsn
-        web_port = free_port()
         env = {
             "METERSTREAM_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "METERSTREAM_CLICKHOUSE_DSN": dsn,
@@ -79,6 +88,8 @@ class Stack:
         }
         if s.plans_file is not None:
             env["METERSTREAM_PLANS_FILE"] = str(s.plans_file.resolve())
+        if webhook_secret is not None:
+            env["METERSTREAM_STRIPE_WEBHOOK_SECRET"] = webhook_secret
         if api_base:
             env["METERSTREAM_STRIPE_API_BASE"] = api_base
             env["METERSTREAM_STRIPE_METER_EVENTS_BASE"] = s.stripe_meter_events_base or api_base

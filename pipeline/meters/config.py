@@ -39,6 +39,15 @@ Evaluation semantics (the hot path; paths and filters are compiled once):
 - **group_key** is canonical JSON of ``{path: value}``; missing values are
   ``null`` and values are kept as sent (``1`` and ``1.0`` are different groups).
 
+Versions (README, "Meters that change"): a meter may list earlier definitions under
+``versions``, oldest first, each valid until its ``effective_until`` (the first from the
+beginning of time, each next from where the one before ends, the top-level definition
+from the last ``effective_until`` on). :meth:`Meter.matches` and :meth:`Meter.extract`
+use the definition valid at the event's timestamp, so every fold (the live batch, every
+rebuild from the record) counts history with the definition of its time. A version
+changes ``filters`` and ``value`` only; each ``effective_until`` is on a window boundary
+of the meter, so every window has one definition.
+
 Ranges (DESIGN.md: no value, and no combination of values, may leave what a
 column or Stripe can hold). Every value of a sum/max/min/latest meter, every
 window total of a sum meter, and for a sum meter with a ``stripe`` block and a
@@ -66,8 +75,11 @@ from __future__ import annotations
 
 import operator
 import re
+import time
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from functools import cached_property
 from pathlib import Path
@@ -86,7 +98,7 @@ from pydantic import (
 )
 
 from meterstream.errors import ConfigError, InvalidValue
-from meterstream.events import UsageEvent, canonical_json
+from meterstream.events import UsageEvent, canonical_json, parse_timestamp
 from meterstream.meters.aggregation import EXACT, Aggregator, aggregator_for
 from meterstream.meters.windows import WINDOW_MS
 from meterstream.settings import Settings
@@ -117,6 +129,10 @@ STRIPE_LIMITS: Final[dict[str, Decimal]] = {
 """Per window size, for meters with a ``stripe`` block: a 31-day month of customer windows
 within ±limit keeps the period total and every delta within Int64."""
 
+_VERSION_FIELD: Final = (
+    "a version changes filters and value only (a meter with another event_name, "
+    "aggregation, window, group_by or stripe block is a new meter)"
+)
 _MISSING: Final = object()
 _ONE: Final = Decimal(1)
 _SLUG = re.compile(r"[a-z][a-z0-9_]{0,62}")
@@ -465,12 +481,69 @@ class StripeBlock(BaseModel):
 
 
 @dataclass(frozen=True, slots=True)
+class _Definition:
+    """What a version of a meter decides per event: its filters and its value path."""
+
+    filters: tuple[Predicate, ...]
+    value: Getter | None
+    value_path: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Compiled:
     filters: tuple[Predicate, ...]
     value: Getter | None
     group_by: tuple[tuple[str, Getter], ...]
     window_ms: int
     limit: Decimal
+    # earlier versions: their ``effective_until`` (epoch ms, ascending) and definitions
+    until_ms: tuple[int, ...]
+    earlier: tuple[_Definition, ...]
+
+
+def _instant(value: Any) -> int:
+    """Epoch ms of an RFC 3339 time with an offset (YAML reads one as a datetime)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"{value.isoformat()} has no UTC offset: write it with Z")
+        return parse_timestamp(value.isoformat())
+    if isinstance(value, str):
+        return parse_timestamp(value)
+    raise ValueError(
+        f"{_show(value)} is not a time: use RFC 3339 with an offset, e.g. 2026-12-01T00:00:00Z"
+    )
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+class PathProblems(ValueError):
+    """Several problems of one field, each at a path below it (``[1].effective_until``);
+    a config file's problem list shows each with its full path."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
+
+
+class MeterVersion(BaseModel):
+    """An earlier definition of a meter, valid for events before ``effective_until``
+    (and at or after the previous version's ``effective_until``). A version changes
+    what counts (``filters``) and what is counted (``value``) only: the series
+    (event name, aggregation, window, groups) and its forwarding stay the meter's, as
+    the windows, their ranges and Stripe's meter are one series over time."""
+
+    model_config = _FROZEN
+
+    effective_until: Annotated[int, BeforeValidator(_instant)]
+    value: OptionalPath = None
+    filters: tuple[Filter, ...] = ()
+    description: str | None = None
+
+    @property
+    def effective_until_text(self) -> str:
+        return _iso(self.effective_until)
 
 
 class Meter(BaseModel):
@@ -488,6 +561,7 @@ class Meter(BaseModel):
     description: str | None = None
     unit: str | None = None
     stripe: StripeBlock | None = None
+    versions: tuple[MeterVersion, ...] = ()
 
     @field_validator("value")
     @classmethod
@@ -507,6 +581,60 @@ class Meter(BaseModel):
             raise ValueError(f"duplicate path(s): {', '.join(repeated)}")
         return paths
 
+    @field_validator("versions", mode="before")
+    @classmethod
+    def _versions_in_order(cls, versions: Any, info: ValidationInfo) -> Any:
+        """Each version valid on its own, ending after the one before (no overlap; no gap
+        by construction: a version starts where the one before ends) and on a window
+        boundary, with a value exactly when the aggregation needs one. Every problem of
+        every version is reported, each with its path."""
+        if not isinstance(versions, list | tuple):
+            return versions  # pydantic says what is wrong with it
+        kind, window = info.data.get("aggregation"), info.data.get("window")
+        problems: list[tuple[str, str]] = []
+        parsed: list[MeterVersion] = []
+        previous: tuple[int, MeterVersion] | None = None
+        for i, item in enumerate(versions):
+            at = f"[{i}]"
+            try:
+                version = MeterVersion.model_validate(item)
+            except ValidationError as exc:
+                for line in _problems(exc, at):
+                    path, _, message = line.partition(": ")
+                    field = path.rpartition(".")[2]
+                    if message == "unknown field" and field in cls.model_fields:
+                        message = f"unknown field: {_VERSION_FIELD}"
+                    problems.append((path, message))
+                continue
+            parsed.append(version)
+            if kind == "count" and version.value is not None:
+                problems.append((f"{at}.value", "must be absent for aggregation 'count'"))
+            if kind not in (None, "count") and version.value is None:
+                problems.append((f"{at}.value", f"required for aggregation '{kind}'"))
+            until = version.effective_until
+            if window in WINDOW_MS and until % WINDOW_MS[window]:
+                problems.append(
+                    (
+                        f"{at}.effective_until",
+                        f"{version.effective_until_text} is not a window boundary of this "
+                        f"meter ({window} windows): a version ends where a window ends, so "
+                        "every window has one definition",
+                    )
+                )
+            if previous is not None and until <= previous[1].effective_until:
+                problems.append(
+                    (
+                        f"{at}.effective_until",
+                        f"{version.effective_until_text} must be after versions[{previous[0]}]'s "
+                        f"{previous[1].effective_until_text} (versions are listed oldest "
+                        "first and cannot overlap)",
+                    )
+                )
+            previous = (i, version)
+        if problems:
+            raise PathProblems(problems)
+        return tuple(parsed)
+
     @cached_property
     def _compiled(self) -> _Compiled:
         return _Compiled(
@@ -515,7 +643,34 @@ class Meter(BaseModel):
             group_by=tuple((path, compile_path(path)) for path in sorted(self.group_by)),
             window_ms=WINDOW_MS[self.window],
             limit=(STRIPE_LIMITS if self.stripe is not None else COLUMN_LIMITS)[self.window],
+            until_ms=tuple(v.effective_until for v in self.versions),
+            earlier=tuple(
+                _Definition(
+                    filters=tuple(f._predicate for f in v.filters),
+                    value=None if v.value is None else compile_path(v.value),
+                    value_path=v.value,
+                )
+                for v in self.versions
+            ),
         )
+
+    def _definition(self, timestamp_ms: int) -> _Definition | None:
+        """The earlier version valid at ``timestamp_ms``; None for the current one."""
+        compiled = self._compiled
+        i = bisect_right(compiled.until_ms, timestamp_ms)
+        return compiled.earlier[i] if i < len(compiled.earlier) else None
+
+    @property
+    def effective_from_ms(self) -> int | None:
+        """When the current definition starts (the last version's end); None: always."""
+        return self.versions[-1].effective_until if self.versions else None
+
+    def definition_at(self, timestamp_ms: int) -> tuple[tuple[Filter, ...], str | None]:
+        """The filters and value path that decide for an event at ``timestamp_ms``."""
+        i = bisect_right(self._compiled.until_ms, timestamp_ms)
+        if i < len(self.versions):
+            return self.versions[i].filters, self.versions[i].value
+        return self.filters, self.value
 
     def model_post_init(self, context: Any, /) -> None:
         self._compiled  # noqa: B018 - compile once, at construction
@@ -547,19 +702,32 @@ class Meter(BaseModel):
         )
 
     def matches(self, event: UsageEvent) -> bool:
-        """The event has this meter's event name and every filter holds."""
+        """The event has this meter's event name and every filter holds, of the
+        definition valid at the event's time (:attr:`versions`)."""
         if event.event_name != self.event_name:
             return False
-        for predicate in self._compiled.filters:  # noqa: SIM110 - a loop beats all(genexpr)
+        compiled = self._compiled
+        filters = compiled.filters
+        if compiled.until_ms:
+            earlier = self._definition(event.timestamp_ms)
+            if earlier is not None:
+                filters = earlier.filters
+        for predicate in filters:  # noqa: SIM110 - a loop beats all(genexpr)
             if not predicate(event):
                 return False
         return True
 
     def extract(self, event: UsageEvent) -> Decimal | str:
-        """The event's value for this meter; :class:`InvalidValue` if it has none."""
+        """The event's value for this meter, read with the definition valid at the
+        event's time; :class:`InvalidValue` if it has none."""
         if self.aggregation == "count":
             return _ONE
-        getter = self._compiled.value
+        compiled = self._compiled
+        getter, path = compiled.value, self.value
+        if compiled.until_ms:
+            earlier = self._definition(event.timestamp_ms)
+            if earlier is not None:
+                getter, path = earlier.value, earlier.value_path
         assert getter is not None  # guaranteed by validation: only count has no value
         raw = getter(event)
         try:
@@ -570,12 +738,12 @@ class Meter(BaseModel):
             parsed = _number(raw)  # too many digits: say which range it is out of
             problem = None if parsed is None else self.range_problem(parsed)
             raise InvalidValue(
-                f"meter {self.name!r}: {self.value} "
+                f"meter {self.name!r}: {path} "
                 + (str(exc) if problem is None else f"{_show(raw)} {problem}")
             ) from None
-        if number.copy_abs() >= self._compiled.limit:
+        if number.copy_abs() >= compiled.limit:
             problem = self.range_problem(number)
-            raise InvalidValue(f"meter {self.name!r}: {self.value} {_show(raw)} {problem}")
+            raise InvalidValue(f"meter {self.name!r}: {path} {_show(raw)} {problem}")
         return number
 
     def group_key(self, event: UsageEvent) -> str:
@@ -708,6 +876,10 @@ def _problems(exc: ValidationError, prefix: str) -> list[str]:
     lines = []
     for err in exc.errors(include_url=False):
         path = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        error = err.get("ctx", {}).get("error")
+        if err["type"] == "value_error" and isinstance(error, PathProblems):
+            lines += [f"{path}{below}: {message}" for below, message in error.problems]
+            continue
         if err["type"] == "value_error":
             message = str(err["ctx"]["error"])
         else:

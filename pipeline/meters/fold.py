@@ -395,10 +395,11 @@ def _refuse(
         if key.is_total
         else "the window total" + ("" if key.group_key == "{}" else f" of group {key.group_key}")
     )
+    path = meter.definition_at(event.timestamp_ms)[1]  # the value path of the event's time
     contrib.rejections.append(
         Rejection(
             Reason.INVALID_VALUE,
-            f"meter {meter.name!r}: {meter.value} {value} would take {what} in the window "
+            f"meter {meter.name!r}: {path} {value} would take {what} in the window "
             f"from {start} to {total}: {meter.range_text()}; not counted by this meter",
             event.to_json().encode(),
             event.customer_id,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -31,10 +31,10 @@ from typing import Any
 import faust
 import orjson
 
-from meterstream.credits.alerts import AlertKind, Threshold, ThresholdState, evaluate
+from meterstream.credits.alerts import Alert, AlertKind, Threshold, ThresholdState, evaluate
 from meterstream.credits.grants import Grant
+from meterstream.credits.money import json_decimal
 from meterstream.credits.status import CustomerStatus
-from meterstream.credits.values import json_decimal
 from meterstream.credits.webhooks import build_request, canonical_body, delivered, next_attempt_ms
 from meterstream.errors import CreditsError
 from meterstream.settings import Settings
@@ -62,9 +62,7 @@ def threshold_of(doc: Any) -> Threshold:
 
     def dec(name: str) -> Decimal | None:
         value = doc.get(name)
-        if value is None:
-            return None
-        return json_decimal(value, name)
+        return None if value is None else json_decimal(value, name)
 
     try:
         kind = AlertKind(str(doc.get("kind")))
@@ -122,6 +120,7 @@ class AlertDesk:
                 app, settings.topic(BILLING_ALERTS.name), partitions=settings.partitions
             )
         self._sending = asyncio.Lock()
+        self._recording = asyncio.Lock()
 
     async def start(self) -> None:
         """Thresholds, states and what was not delivered, from ClickHouse."""
@@ -170,18 +169,31 @@ class AlertDesk:
         step = evaluate(thresholds, before, status, live_grants=live_grants)
         if dict(step.states) == before and not step.alerts:
             return
-        version = max(now_ms(), self.versions.get(customer, 0) + 1)
-        docs = [a.to_json() for a in step.alerts]
-        states = {k: v.to_json() for k, v in step.states.items()}
-        await self.chio.call(
-            store.append_alert_change,
-            customer,
-            version,
-            orjson.dumps(states).decode(),
-            orjson.dumps(docs).decode(),
-        )
-        self.versions[customer] = version
-        self.states[customer] = dict(step.states)
+        await self._record(customer, dict(step.states), step.alerts)
+
+    async def fire(self, customer: str, alerts: Sequence[Alert]) -> None:
+        """Record and queue alerts fired by an event rather than a threshold's crossing
+        (``payment_failed``: once per failed purchase, its id derived from the purchase);
+        one ``credit_alerts`` row with the customer's threshold states unchanged."""
+        if alerts:
+            await self._record(customer, dict(self.states.get(customer, {})), alerts)
+
+    async def _record(
+        self, customer: str, states: dict[str, ThresholdState], alerts: Sequence[Alert]
+    ) -> None:
+        """One ``credit_alerts`` row (the new states and the alerts), then the queues."""
+        async with self._recording:  # one version per row, even from two callers
+            version = max(now_ms(), self.versions.get(customer, 0) + 1)
+            docs = [a.to_json() for a in alerts]
+            await self.chio.call(
+                store.append_alert_change,
+                customer,
+                version,
+                orjson.dumps({k: v.to_json() for k, v in states.items()}).decode(),
+                orjson.dumps(docs).decode(),
+            )
+            self.versions[customer] = version
+            self.states[customer] = states
         for doc in docs:
             log.info("alert %s for %s: %s", doc["id"], customer, doc["type"])
             self.to_topic[doc["id"]] = _Pending(customer, doc)

@@ -308,6 +308,9 @@ class CreditService:
         self.dirty: dict[str, set[str]] = defaultdict(set)  # customer -> period labels
         self.ready = asyncio.Event()
         self.lock = asyncio.Lock()
+        # called with every status of a customer with credits, after its alerts (the
+        # auto-recharge of pipeline/worker/purchases.py), under the lock
+        self.status_listeners: list[Callable[[CustomerStatus], Awaitable[None]]] = []
         self.topic: Any = None
         if app is not None:
             self.topic = raw_topic(
@@ -555,6 +558,16 @@ class CreditService:
 
     # -- reads (worker state)
 
+    def holds(self, customer: str, grant_id: str) -> bool:
+        """Whether the customer's book has the grant (a purchase's grant is made once)."""
+        book = self.books.get(customer)
+        return book is not None and grant_id in book.grants
+
+    def currency_of(self, customer: str) -> str:
+        """The customer's credit currency: its book's, else the default plan's."""
+        book = self.books.get(customer)
+        return book.currency if book is not None else self.plans.default.money.code
+
     def balance_document(self, customer: str) -> dict[str, Any] | None:
         book = self.books.get(customer)
         if book is None:
@@ -620,6 +633,9 @@ class CreditService:
         self.entitlements[customer] = entitlement
         if self.alerts is not None and book is not None:
             await self.alerts.evaluate(status, book.live_grants())
+        if book is not None:
+            for listener in self.status_listeners:
+                await listener(status)
         doc = entitlement.to_json()
         compared = {k: v for k, v in doc.items() if k not in ("at_ms", "cause")}
         if self._published.get(customer) == compared or self.topic is None:

@@ -195,3 +195,75 @@ def record_delivery(
         [(alert_id, channel, _now(), attempts, outcome)],
         column_names=["alert_id", "channel", "delivered_at", "attempts", "outcome"],
     )
+
+
+# ------------------------------------------------------------------ purchases (0012)
+
+CREDIT_PURCHASES_COLUMNS = (
+    "purchase_id",
+    "customer_id",
+    "origin",
+    "amount",
+    "currency",
+    "status",
+    "payment_intent_id",
+    "stripe_event_ids",
+    "failure_code",
+    "note",
+    "state",
+    "version",
+    "created_at",
+    "updated_at",
+)
+
+
+def append_purchase(ch: ClickHouse, row: Sequence[Any]) -> None:
+    """Append one purchase state (columns :data:`CREDIT_PURCHASES_COLUMNS` but
+    ``updated_at``; ``created_at`` in epoch ms)."""
+    ch.insert(
+        "credit_purchases",
+        [(*row[:12], _dt(int(row[12])), _now())],
+        column_names=list(CREDIT_PURCHASES_COLUMNS),
+    )
+
+
+def purchase_states(ch: ClickHouse, customers: Iterable[str] | None = None) -> list[str]:
+    """The latest state JSON of every purchase (of ``customers``, or all), oldest first."""
+    where, params = _customers_filter(customers)
+    rows = ch.query_rows(
+        f"""
+        SELECT argMax(state, version), min(created_at) AS made
+        FROM credit_purchases {where}
+        GROUP BY customer_id, purchase_id
+        ORDER BY made
+        """,
+        parameters=params,
+    )
+    return [str(r[0]) for r in rows]
+
+
+def append_recharge(
+    ch: ClickHouse, customer_id: str, rule: str, state: str, enabled: bool, version: int, by: str
+) -> None:
+    ch.insert(
+        "credit_recharge",
+        [(customer_id, rule, state, enabled, version, by, _now())],
+        column_names=[
+            "customer_id",
+            "rule",
+            "state",
+            "enabled",
+            "version",
+            "changed_by",
+            "changed_at",
+        ],
+    )
+
+
+def recharge_settings(ch: ClickHouse) -> dict[str, tuple[int, str, str]]:
+    """The latest (version, rule JSON, state JSON) per customer."""
+    rows = ch.query_rows(
+        "SELECT customer_id, max(version), argMax(rule, version), argMax(state, version)"
+        " FROM credit_recharge GROUP BY customer_id"
+    )
+    return {str(r[0]): (int(r[1]), str(r[2]), str(r[3])) for r in rows}

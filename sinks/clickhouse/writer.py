@@ -74,6 +74,7 @@ STRIPE_METER_EVENTS_COLUMNS: tuple[str, ...] = (
     "sent_at",
     "updated_at",
     "version",
+    "timestamp_s",
 )
 TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     USAGE_EVENTS: USAGE_EVENTS_COLUMNS,

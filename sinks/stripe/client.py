@@ -26,7 +26,6 @@ import logging
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -216,13 +215,16 @@ class StripeMeterClient:
 
         Stripe only cancels events it received within the past 24 hours; it
         applies the cancellation asynchronously (the answer's ``status`` is
-        ``"pending"``). Retries reuse one idempotency key, so a retry after a
-        lost answer replays the first answer instead of failing as "already
-        canceled". Returns the ``billing.meter_event_adjustment`` as a dict;
-        raises :class:`StripeError` if Stripe refuses the cancellation.
+        ``"pending"``). The idempotency key is the event's (an identifier is
+        cancelled once), so a retry after a lost answer, or a second call after
+        a crash before the first one's outcome was recorded, replays the first
+        answer (within Stripe's 24 hours of idempotency, which cover the 24 hours
+        a cancellation is allowed) instead of failing as "already canceled".
+        Returns the ``billing.meter_event_adjustment`` as a dict; raises
+        :class:`StripeError` if Stripe refuses the cancellation.
         """
         params = {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}}
-        options = {"idempotency_key": f"meterstream-cancel-{uuid.uuid4()}"}
+        options = {"idempotency_key": f"meterstream-cancel-{event_name}-{identifier}"}
         create = self._stripe.v1.billing.meter_event_adjustments.create
         adjustment, _ = self._with_retries(
             lambda: create(cast(Any, params), cast(Any, options)),
@@ -385,6 +387,43 @@ class StripeMeterClient:
             lambda: preview(cast(Any, dict(params))), what="invoice preview"
         )[0]
         return invoice.to_dict()
+
+    # ------------------------------------------------------------ payments (credit purchases)
+
+    def retrieve_customer(self, customer_id: str) -> dict[str, Any]:
+        """``GET /v1/customers/{id}`` as a dict (``invoice_settings.default_payment_method``)."""
+        retrieve = self._stripe.v1.customers.retrieve
+        return dict(
+            self._with_retries(lambda: retrieve(customer_id), what="get customer")[0].to_dict()
+        )
+
+    def create_payment_intent(
+        self, params: Mapping[str, Any], idempotency_key: str
+    ) -> dict[str, Any]:
+        """``POST /v1/payment_intents`` with an idempotency key (a retry never charges twice).
+
+        A declined card is Stripe's 402 ``card_error`` carrying the PaymentIntent (status
+        ``requires_payment_method``, ``last_payment_error`` set): that PaymentIntent is
+        returned, not raised. Any other error raises :class:`StripeError`.
+        """
+        try:
+            return self._create(
+                self._stripe.v1.payment_intents.create, params, idempotency_key, "payment intent"
+            )
+        except StripeError as exc:
+            cause = exc.__cause__
+            body = getattr(cause, "json_body", None) if cause is not None else None
+            error = body.get("error") if isinstance(body, dict) else None
+            intent = error.get("payment_intent") if isinstance(error, dict) else None
+            if exc.status == 402 and isinstance(intent, dict):
+                return dict(intent)
+            raise
+
+    def retrieve_payment_intent(self, intent_id: str) -> dict[str, Any]:
+        """``GET /v1/payment_intents/{id}`` as a dict."""
+        retrieve = self._stripe.v1.payment_intents.retrieve
+        found = self._with_retries(lambda: retrieve(intent_id), what="get payment intent")[0]
+        return dict(found.to_dict())
 
     # ------------------------------------------------------------ retries
 

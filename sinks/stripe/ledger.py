@@ -2,7 +2,10 @@
 
 Rows are versioned (ReplacingMergeTree(version)); the latest version of an
 identifier is its state: ``pending`` (written before the send), ``sent`` or
-``error`` (with Stripe's error code).
+``error`` (with Stripe's error code), or ``cancelled`` (a superseded ``last`` event
+cancelled with a meter event adjustment). ``timestamp_s`` is the event's timestamp,
+chosen when the row is planned and kept for its resends (0: a row written before the
+ledger kept it).
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ class LedgerRow:
     error_code: str = ""
     attempts: int = 0
     sent_at_ms: int = 0
+    timestamp_s: int = 0
 
-    def with_status(self, status: str, error_code: str = "", attempts: int = 0) -> LedgerRow:
-        now = time.time_ns() // 1_000_000
+    def with_status(
+        self, status: str, error_code: str = "", attempts: int = 0, at_ms: int | None = None
+    ) -> LedgerRow:
+        """The row in a new state; ``sent_at`` is set (to ``at_ms``, default now) when it
+        becomes ``sent``, and kept by later states: a cancellation is judged by it."""
+        now = at_ms if at_ms is not None else time.time_ns() // 1_000_000
         return LedgerRow(
             self.identifier,
             self.meter,
@@ -43,7 +51,8 @@ class LedgerRow:
             status,
             error_code,
             attempts or self.attempts,
-            now if status == "sent" else self.sent_at_ms,
+            now if status == "sent" and self.status != "sent" else self.sent_at_ms,
+            self.timestamp_s,
         )
 
 
@@ -73,6 +82,7 @@ def write(ch: ClickHouse, rows: list[LedgerRow]) -> None:
                 _ms_to_dt(r.sent_at_ms),
                 _ms_to_dt(now_ms),
                 version,
+                r.timestamp_s,
             )
             for r in rows
         ],
@@ -85,7 +95,7 @@ SELECT identifier,
        argMax(meter, version), argMax(customer_id, version), argMax(stripe_customer_id, version),
        argMax(period, version), argMax(value, version), argMax(exact_total, version),
        argMax(status, version), argMax(error_code, version), argMax(attempts, version),
-       toUnixTimestamp64Milli(argMax(sent_at, version))
+       toUnixTimestamp64Milli(argMax(sent_at, version)), argMax(timestamp_s, version)
 FROM stripe_meter_events
 WHERE {where}
 GROUP BY identifier
@@ -109,6 +119,7 @@ def _rows(ch: ClickHouse, where: str, params: dict[str, Any]) -> list[LedgerRow]
                 r[8],
                 int(r[9]),
                 int(r[10]),
+                int(r[11]),
             )
         )
     return out
@@ -120,6 +131,16 @@ def for_period(ch: ClickHouse, meter: str, period: str) -> list[LedgerRow]:
         "meter = {meter:String} AND period = {period:String}",
         {"meter": meter, "period": period},
     )
+
+
+def periods(ch: ClickHouse, meter: str) -> list[str]:
+    """The billing periods ``meter`` has ledger rows for, in order."""
+    rows = ch.query_rows(
+        "SELECT DISTINCT period FROM stripe_meter_events WHERE meter = {meter:String} "
+        "ORDER BY period",
+        parameters={"meter": meter},
+    )
+    return [str(r[0]) for r in rows]
 
 
 def by_status(ch: ClickHouse, status: str) -> list[LedgerRow]:

@@ -283,7 +283,7 @@ def test_demo_with_its_worker_sigkilled_ends_with_clickhouse_and_stripe_exact(
     env = {"PYTHONUNBUFFERED": "1"}
     clean = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
     args = [sys.executable, "-m", "meterstream.cli", "run", "--meters", "meters.example.yaml",
-            "--demo", "--duration", "60", "--rate", "1000", "--state-dir", str(state)]  # fmt: skip
+            "--demo", "--duration", "30", "--rate", "1000", "--state-dir", str(state)]  # fmt: skip
     out_path = tmp_path / "run.out"
     state.mkdir()
     with out_path.open("wb") as out:
@@ -297,18 +297,22 @@ def test_demo_with_its_worker_sigkilled_ends_with_clickhouse_and_stripe_exact(
                    timeout=240, what="endpoints.json")  # fmt: skip
         assert run.poll() is None, out_path.read_text()[-3000:]
         web = json.loads((state / "endpoints.json").read_text())["web_url"]
+        up = time.monotonic()
         children = descendants(run.pid)
         wait_until(lambda: recorded(web) >= 4000, timeout=120, what="the demo load recorded")
         before = recorded(web)
         wait_until(lambda: recorded(web) > before, timeout=60, what="the record growing")
         first = the_worker(run)
         os.kill(first.pid, signal.SIGKILL)
+        killed_at = time.monotonic() - up
         second = wait_until(
             lambda: [w for w in [the_worker_or_none(run)] if w and w.pid != first.pid],
             timeout=60,
             what="a new worker process",
         )[0]
         children.append(second)
+        print(f"killed {killed_at:.1f} s into the 30 s demo, restarted after"
+              f" {time.monotonic() - up - killed_at:.1f} s")  # fmt: skip
         rc = run.wait(600)
         output = out_path.read_text()
         assert rc == 0, output[-4000:]

@@ -37,6 +37,7 @@ from meterstream.errors import ConfigError
 from meterstream.settings import Settings
 from meterstream.worker.guarantee import broker_supports_transactions
 from tests.harness import REPO, wait_until
+from tests.support.kafka import group_offsets
 
 pytestmark = pytest.mark.integration
 
@@ -117,21 +118,6 @@ async def _read_all(
         await consumer.stop()
 
 
-async def _offsets(
-    bootstrap: str, topic: str, partitions: int, group: str
-) -> tuple[dict[int, int], dict[int, int]]:
-    """(end offsets, the group's committed offsets) per partition."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
-    await consumer.start()
-    try:
-        parts = [TopicPartition(topic, p) for p in range(partitions)]
-        ends = await consumer.end_offsets(parts)
-        committed = {tp.partition: await consumer.committed(tp) for tp in parts}
-        return {tp.partition: off for tp, off in ends.items()}, committed  # type: ignore[return-value]
-    finally:
-        await consumer.stop()
-
-
 def test_the_log_survives_a_restart(kafka_settings: Settings, tmp_path: Path) -> None:
     """Records, end offsets and a group's committed offsets are on disk under the state
     dir: a second start on it (new ports, no format) serves them all again."""
@@ -153,7 +139,7 @@ def test_the_log_survives_a_restart(kafka_settings: Settings, tmp_path: Path) ->
         assert not second.formatted
         assert second.cluster_id == cluster
         after = asyncio.run(_read_all(second.bootstrap, "survive", 3))
-        ends, committed = asyncio.run(_offsets(second.bootstrap, "survive", 3, "g1"))
+        ends, committed = group_offsets(second.bootstrap, "survive", 3, "g1")
     assert after == before  # same partitions, offsets, keys and values
     assert ends == per_partition
     assert committed == per_partition

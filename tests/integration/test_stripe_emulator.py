@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+import urllib.error
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -267,7 +268,9 @@ def test_timestamp_window(client: StripeMeterClient) -> None:
     assert send(now + 4 * 60, "ahead-but-ok").status == "sent"
 
 
-def test_last_formula_takes_latest_event_time(client: StripeMeterClient) -> None:
+def test_last_formula_takes_latest_event_time(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
     meter = new_meter(client, "last")
     assert meter["default_aggregation"] == {"formula": "last"}
     now = int(time.time())
@@ -279,10 +282,17 @@ def test_last_formula_takes_latest_event_time(client: StripeMeterClient) -> None
         )
     [summary] = client.event_summaries(meter["id"], "cus_l", start, start + 600)
     assert summary.aggregated_value == Decimal(10)
-    # A tie on timestamp: the later received wins.
+    # A tie on timestamp: Stripe leaves the winner undefined; the emulator flags it and
+    # answers the earliest received of the tied events (never the correction).
+    assert emulator.stats()["last_ties"] == 0
     client.send_meter_event(build_meter_event(meter["event_name"], "l4", "cus_l", 7, start + 300))
     [summary] = client.event_summaries(meter["id"], "cus_l", start, start + 600)
-    assert summary.aggregated_value == Decimal(7)
+    assert summary.aggregated_value == Decimal(10)
+    assert emulator.stats()["last_ties"] == 1
+    ties = emulator.request("GET", "/_emulator/ties")["data"]
+    assert [(t["customer"], t["timestamp"], t["identifiers"]) for t in ties] == [
+        ("cus_l", start + 300, ["l1", "l4"])
+    ]
 
 
 def test_count_formula_counts_events(client: StripeMeterClient) -> None:
@@ -550,6 +560,33 @@ def test_cancel_after_24_hours_is_refused() -> None:
         assert (stats["cancelled"], stats["rejected_cancellations"]) == (1, 1)
 
 
+def test_the_clock_control_moves_time_for_every_limit(
+    client: StripeMeterClient, emulator: BackgroundEmulator
+) -> None:
+    meter = new_meter(client)
+    now = int(emulator.request("GET", "/_emulator/clock")["now"])
+    [ident] = send_events(client, meter["event_name"], "cus_k", [3], now)
+    moved = emulator.advance_clock(DAY + 1)  # the shared emulator's time, 24 h 1 s on
+    assert moved >= now + DAY + 1
+    with pytest.raises(StripeError) as err:
+        client.cancel_meter_event(meter["event_name"], ident)
+    assert "within 24 hours" in str(err.value)
+    # the identifier is free again after 24 hours, and timestamps are judged by the moved clock
+    stamp = int(moved) - 60
+    sent = client.send_meter_event(build_meter_event(meter["event_name"], ident, "cus_k", 1, stamp))
+    assert sent.status == "sent"
+    # 34 days before the wall clock, 35 days and a second before the emulator's
+    old = build_meter_event(meter["event_name"], "k2", "cus_k", 1, now - 34 * DAY)
+    with pytest.raises(StripeError) as late:
+        client.send_meter_event(old)
+    assert late.value.code == "timestamp_too_far_in_past"
+    for bad in ({"advance_seconds": -1}, {"advance_seconds": "1"}, {}):
+        with pytest.raises(urllib.error.HTTPError):
+            emulator.request("POST", "/_emulator/clock", bad)
+    emulator.reset()  # back to the wall clock
+    assert abs(emulator.request("GET", "/_emulator/clock")["now"] - time.time()) < 60
+
+
 def test_cancel_unknown_identifier_or_other_event_name_is_refused(
     client: StripeMeterClient, emulator: BackgroundEmulator
 ) -> None:
@@ -591,9 +628,17 @@ def test_double_cancel_is_refused(client: StripeMeterClient, emulator: Backgroun
     now = int(time.time())
     [ident] = send_events(client, meter["event_name"], "cus_d", [8], now)
     client.cancel_meter_event(meter["event_name"], ident)
-    with pytest.raises(StripeError) as err:
-        client.cancel_meter_event(meter["event_name"], ident)
-    assert (err.value.status, err.value.code, err.value.retryable) == (400, None, False)
+    # (the client's own second call replays its first answer: another idempotency key here)
+    params: Any = {
+        "event_name": meter["event_name"],
+        "type": "cancel",
+        "cancel": {"identifier": ident},
+    }
+    with pytest.raises(stripe.InvalidRequestError) as err:
+        raw_sdk(emulator).v1.billing.meter_event_adjustments.create(
+            params, {"idempotency_key": "another"}
+        )
+    assert (err.value.http_status, err.value.code) == (400, None)
     assert "already been canceled" in str(err.value)
     [summary] = client.event_summaries(
         meter["id"], "cus_d", minute_start(now) - 60, minute_start(now) + 60
@@ -630,6 +675,9 @@ def test_cancel_retries_replay_through_the_idempotency_key(
     stats = emulator.stats()
     assert stats["faults_injected"] > 0
     assert (stats["cancelled"], stats["rejected_cancellations"]) == (2, 0)
+    # A second call (a crash before the first one's outcome was recorded) replays it.
+    assert client.cancel_meter_event(meter["event_name"], ident2) == adjustment
+    assert (emulator.stats()["cancelled"], emulator.stats()["rejected_cancellations"]) == (2, 0)
 
 
 def test_v2_meter_event_adjustment(emulator: BackgroundEmulator) -> None:

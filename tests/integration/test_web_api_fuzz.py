@@ -30,6 +30,13 @@ METERS = meters_yaml(
 # older than the dedup horizon, a SQL statement ClickHouse rejects), so
 # "schema-valid means 2xx" is not a property of this API. Every other check runs.
 EXCLUDED_CHECKS = "positive_data_acceptance"
+# Examples per operation of the fuzzing and stateful phases (the coverage phase's
+# boundary cases of every parameter do not depend on it). Measured with seed 7 on 26
+# operations (HAR reports, distinct operation x status answers): 150 reached 211 in
+# ~80-160 s of fuzzing, 50 reached 210 in ~30 s; the one missing, the 413 of POST
+# /v1/events for a body over the limit, is asserted by test_events_api.py
+# (test_body_limits_and_content_type).
+MAX_EXAMPLES = 50
 
 
 def st_command() -> list[str]:
@@ -62,7 +69,7 @@ def test_schemathesis_finds_no_server_error(
                 "--exclude-checks",
                 EXCLUDED_CHECKS,
                 "--max-examples",
-                "150",
+                str(MAX_EXAMPLES),
                 "--workers",
                 "1",
                 "--request-timeout",

@@ -162,6 +162,8 @@ class Surface:
             ("GET", "/openapi.json", None, None),
             ("GET", "/v1/stripe/reconcile", self.admin, None),
             ("POST", "/v1/stripe/retry", self.admin, {}),
+            ("GET", "/v1/stripe/corrections", self.admin, None),
+            ("POST", "/v1/stripe/corrections", self.admin, {}),
         ]
 
 

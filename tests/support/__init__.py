@@ -21,5 +21,7 @@ MIGRATIONS = [
     "0009_prices",
     "0010_credits",
     "0011_corrections",
+    "0012_credit_purchases",
+    "0013_stripe_corrections",
 ]
 """The ClickHouse migrations this version ships, in the order they apply."""

@@ -1,12 +1,16 @@
-"""The ``meterstream keys`` command and a port probe, as several test files use them."""
+"""The ``meterstream keys`` command, a command through a running worker and a port probe,
+as several test files use them."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from meterstream.endpoints import write_endpoints
 from tests.support import REPO
 
 
@@ -31,3 +35,23 @@ def port_open(address: str) -> bool:
             return True
     except OSError:
         return False
+
+
+def worker_cli(
+    state_dir: Path, web_url: str, api_key: str, *command: str
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``meterstream COMMAND ARGS --state-dir STATE_DIR`` as a function of ARGS, through the
+    running worker at ``web_url`` (written to the state dir's endpoints.json) with
+    ``api_key``; the environment's other METERSTREAM_* settings left out."""
+    write_endpoints(state_dir, {"web_url": web_url})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METERSTREAM_")}
+    env["METERSTREAM_API_KEY"] = api_key
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "meterstream.cli", *command, *args,
+             "--state-dir", str(state_dir)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    return run

@@ -1,11 +1,12 @@
-"""Reading a topic back with a plain aiokafka consumer (no group, from the earliest)."""
+"""Reading a topic back with a plain aiokafka consumer (no group, from the earliest), and
+a consumer group's committed offsets."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 
 def consume_all(bootstrap: str, topic: str, timeout: float = 10) -> list[tuple[bytes, bytes]]:
@@ -27,6 +28,26 @@ def consume_all(bootstrap: str, topic: str, timeout: float = 10) -> list[tuple[b
                 if out and not batches:
                     break
             return out
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
+
+
+def group_offsets(
+    bootstrap: str, topic: str, partitions: int, group: str
+) -> tuple[dict[int, int], dict[int, int | None]]:
+    """(end offsets, the group's committed offsets: None where it committed none) per
+    partition of ``topic``."""
+
+    async def read() -> tuple[dict[int, int], dict[int, int | None]]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
+        await consumer.start()
+        try:
+            parts = [TopicPartition(topic, p) for p in range(partitions)]
+            ends = await consumer.end_offsets(parts)
+            committed = {tp.partition: await consumer.committed(tp) for tp in parts}
+            return {tp.partition: off for tp, off in ends.items()}, committed
         finally:
             await consumer.stop()
 

@@ -378,6 +378,7 @@ def test_secret_holds_placeholders_only(k8s: dict[tuple[str, str], dict[str, Any
         "METERSTREAM_SQL_CLICKHOUSE_PASSWORD",
         "METERSTREAM_BILLING_LINK_SECRET",
         "METERSTREAM_CREDITS_WEBHOOK_SECRET",
+        "METERSTREAM_STRIPE_WEBHOOK_SECRET",
     }
     assert all("REPLACE_ME" in value for value in data.values())
     secret_fields = {

@@ -86,8 +86,15 @@ PaymentIntents, events, webhook endpoints and the deliveries still owed;
 sinks/stripe/emulator/journal.py); without one (tests' ``BackgroundEmulator``)
 it starts empty.
 
+Event summaries aggregate by the meter's formula; ``last`` is Stripe's rule, the
+value of the event with the latest timestamp. Stripe does not define which of several
+events with that same timestamp wins, so the emulator flags such a tie (stats
+``last_ties``, ``GET /_emulator/ties``) and answers the earliest received of them.
+
 Test controls live under ``/_emulator``: accepted events, stats, reset,
-customer registry, fault injection (429/500 with a seeded RNG, latency), a
+customer registry, `last` ties, the clock (``POST /_emulator/clock
+{"advance_seconds": N}`` moves the emulator's time forward, for the 24-hour and
+35-day limits), fault injection (429/500 with a seeded RNG, latency), a
 per-second rate limit, webhook delivery faults (duplicates, out of order, dropped
 attempts, delay), the webhook attempts made and the release of held webhooks.
 Faults are injected before anything is recorded: a faulted request accepts nothing.

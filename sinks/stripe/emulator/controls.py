@@ -28,6 +28,23 @@ async def emulator_errors(request: web.Request) -> web.Response:
     return web.json_response({"data": request.app[STATE_KEY].errors})
 
 
+async def emulator_ties(request: web.Request) -> web.Response:
+    """The `last` ties event summaries met (Stripe leaves their winner undefined)."""
+    return web.json_response({"data": list(request.app[STATE_KEY].ties.values())})
+
+
+async def emulator_clock(request: web.Request) -> web.Response:
+    """``GET``: the emulator's time; ``POST {"advance_seconds": N}`` moves it forward
+    (never back: identifiers and adjustments are judged by it)."""
+    state = request.app[STATE_KEY]
+    if request.method == "POST":
+        advance = (await json_body(request)).get("advance_seconds")
+        if isinstance(advance, bool) or not isinstance(advance, int | float) or advance < 0:
+            raise ApiError(400, 'Body must be {"advance_seconds": N} with N >= 0.')
+        state.clock_offset += float(advance)
+    return web.json_response({"now": state.clock(), "offset_seconds": state.clock_offset})
+
+
 async def emulator_stats(request: web.Request) -> web.Response:
     return web.json_response(asdict(request.app[STATE_KEY].stats))
 

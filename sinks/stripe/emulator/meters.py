@@ -137,13 +137,31 @@ def live_events(
     ]
 
 
-def aggregate(formula: str, events: list[MeterEvent]) -> int:
+def aggregate(formula: str, events: list[MeterEvent], state: EmulatorState | None = None) -> int:
+    """The formula over live events. ``last``: the value of the event with the latest
+    timestamp (Stripe's rule). Stripe does not define which of several events with that
+    same timestamp wins, so the emulator does not pretend to know: when they disagree it
+    flags the tie (``last_ties`` in stats, ``GET /_emulator/ties``) and answers the value
+    of the earliest received of them, the one a sender correcting itself by resending at
+    the same timestamp would not want (a tie must never decide a bill silently)."""
     if formula == "count":
         return len(events)
     if formula == "sum":
         return sum(int(e.value or 0) for e in events)
-    last = max(events, key=lambda e: (e.timestamp, e.seq))
-    return int(last.value or 0)
+    latest = max(e.timestamp for e in events)
+    tied = sorted((e for e in events if e.timestamp == latest), key=lambda e: e.seq)
+    if len({e.value for e in tied}) > 1 and state is not None:
+        key = (tied[0].meter, tied[0].customer, latest)
+        if key not in state.ties:
+            state.stats.last_ties += 1
+        state.ties[key] = {
+            "meter": tied[0].meter,
+            "customer": tied[0].customer,
+            "timestamp": latest,
+            "identifiers": [e.identifier for e in tied],
+            "values": [e.value for e in tied],
+        }
+    return int(tied[0].value or 0)
 
 
 async def event_summaries(request: web.Request) -> web.Response:
@@ -187,7 +205,7 @@ async def event_summaries(request: web.Request) -> web.Response:
             {
                 "id": f"mtrusg_{digest}",
                 "object": "billing.meter_event_summary",
-                "aggregated_value": aggregate(formula, bucket) if bucket else 0,
+                "aggregated_value": aggregate(formula, bucket, state) if bucket else 0,
                 "end_time": hi,
                 "livemode": False,
                 "meter": meter["id"],

@@ -25,12 +25,14 @@ from meterstream.sinks.stripe.emulator.adjustments import (
     create_meter_event_adjustment_v2,
 )
 from meterstream.sinks.stripe.emulator.controls import (
+    emulator_clock,
     emulator_customers,
     emulator_errors,
     emulator_events,
     emulator_faults,
     emulator_reset,
     emulator_stats,
+    emulator_ties,
     emulator_webhook_deliveries,
     emulator_webhook_release,
 )
@@ -196,6 +198,9 @@ def create_emulator_app(
             web.get("/_emulator/events", emulator_events),
             web.get("/_emulator/errors", emulator_errors),
             web.get("/_emulator/stats", emulator_stats),
+            web.get("/_emulator/ties", emulator_ties),
+            web.get("/_emulator/clock", emulator_clock),
+            web.post("/_emulator/clock", emulator_clock),
             web.post("/_emulator/reset", emulator_reset),
             web.get("/_emulator/faults", emulator_faults),
             web.post("/_emulator/faults", emulator_faults),
@@ -349,6 +354,10 @@ class BackgroundEmulator:
 
     def stats(self) -> dict[str, int]:
         return dict(self.request("GET", "/_emulator/stats"))
+
+    def advance_clock(self, seconds: float) -> float:
+        """Move the emulator's time forward; returns its new time (epoch seconds)."""
+        return float(self.request("POST", "/_emulator/clock", {"advance_seconds": seconds})["now"])
 
     def events(self, **filters: str) -> list[dict[str, Any]]:
         query = urllib.parse.urlencode(filters)

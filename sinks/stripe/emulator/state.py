@@ -106,6 +106,7 @@ class Stats:
     requests: int = 0
     cancelled: int = 0
     rejected_cancellations: int = 0
+    last_ties: int = 0  # summaries of a `last` meter whose latest timestamp was a tie
 
 
 @dataclass
@@ -150,10 +151,18 @@ class EmulatorState:
     rate_window: tuple[int, int] = (0, 0)
     seq: itertools.count[int] = field(default_factory=itertools.count)
     journal: Journal | None = None
+    # `last` ties seen by summaries (Stripe does not define the winner; the emulator flags
+    # them): one entry per (meter, customer, timestamp), GET /_emulator/ties.
+    ties: dict[tuple[str, str, int], dict[str, Any]] = field(default_factory=dict)
+    # Seconds added to the wall clock (POST /_emulator/clock): tests move time to reach
+    # Stripe's limits (24 h adjustments, 35 days of timestamps) without waiting.
+    clock_offset: float = 0.0
     pay: PaymentsState = field(default_factory=PaymentsState)
 
     def __post_init__(self) -> None:
         self.set_faults(self.initial_faults)
+        wall = self.clock
+        self.clock = lambda: wall() + self.clock_offset
 
     # -- persistence (``--state-file``; sinks/stripe/emulator/journal.py) ---------------
     #
@@ -244,6 +253,8 @@ class EmulatorState:
         self.sessions.clear()
         self.idempotency.clear()
         self.errors.clear()
+        self.ties.clear()
+        self.clock_offset = 0.0
         self.pay.clear()
         self.stats = Stats()
         self.rate_window = (0, 0)

@@ -76,3 +76,15 @@ def test_amounts_and_currencies_are_checked() -> None:
     for bad in ("USD", "us", "usdx", "", None, "u$d"):
         assert currency_problem(bad) is not None
     assert currency_problem("eur") is None
+
+
+def test_an_amount_from_json_is_a_string_or_an_integer_never_a_float() -> None:
+    from meterstream.credits.money import json_decimal
+    from meterstream.errors import CreditsError
+
+    assert json_decimal("20.50", "amount") == Decimal("20.50")
+    assert json_decimal(7, "amount") == Decimal(7)
+    for bad, why in ((1.5, "never a float"), (True, "never a float"), (None, "never a float"),
+                     ("2,5", "not a decimal")):  # fmt: skip
+        with pytest.raises(CreditsError, match=why):
+            json_decimal(bad, "amount")

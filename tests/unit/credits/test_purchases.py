@@ -16,6 +16,7 @@ from meterstream.credits.purchases import (
     PurchaseState,
     PurchaseStatus,
     apply_event,
+    event_of_payment_intent,
     parse_stripe_event,
     payment_intent_params,
     purchase_id,
@@ -199,3 +200,53 @@ def test_payment_intent_parameters() -> None:
         Purchase("pur_k", "acme", D("1.001"), "kwd", 0)  # Stripe: charges end in 0
     kwd = Purchase("pur_k", "acme", D("1.01"), "kwd", 0)
     assert payment_intent_params(kwd, stripe_customer_id="c", payment_method="p")["amount"] == 1010
+
+
+# -- what the worker adds: read back from ClickHouse, a PaymentIntent read, a fixed expiry
+
+
+def test_a_purchase_state_reads_back_from_its_json() -> None:
+    state = PurchaseState(PURCHASE)
+    state, _ = apply_event(state, event("evt_9", PaymentOutcome.SUCCEEDED))
+    assert PurchaseState.from_json(state.to_json()) == state
+    fixed = Purchase("pur_x", "acme", D("5.5"), "usd", created_ms=10, origin="recharge",
+                     priority=3, expires_ms=5_000)  # fmt: skip
+    assert Purchase.from_json(fixed.to_json()) == fixed
+
+
+def test_a_fixed_expiry_is_the_grants_and_must_follow_the_purchase() -> None:
+    fixed = Purchase("pur_x", "acme", D("5"), "usd", created_ms=1_000, expires_ms=9_000)
+    assert fixed.grant(2_000).expires_ms == 9_000
+    assert fixed.grant(9_500).expires_ms == 9_501  # paid too late: expires at once
+    with pytest.raises(CreditsError, match="after the purchase"):
+        Purchase("pur_x", "acme", D("5"), "usd", created_ms=1_000, expires_ms=1_000)
+
+
+def test_a_payment_intent_read_is_an_event_of_its_final_status_only() -> None:
+    intent = stripe_event("-", "payment_intent.succeeded")["data"]["object"]
+    intent["status"] = "succeeded"
+    found = event_of_payment_intent(intent, seen_ms=2_000_500)
+    assert found is not None
+    assert (found.event_id, found.outcome, found.created_ms) == (
+        "pi:pi_1:succeeded", PaymentOutcome.SUCCEEDED, 2_000_000)  # fmt: skip
+    declined = stripe_event("-", "payment_intent.payment_failed")["data"]["object"]
+    declined["status"] = "requires_payment_method"
+    found = event_of_payment_intent(declined, seen_ms=2_000_000)
+    assert found is not None and found.outcome == PaymentOutcome.FAILED
+    assert found.failure_code == "insufficient_funds"
+    for status in ("processing", "requires_confirmation", "requires_action"):
+        intent["status"] = status
+        assert event_of_payment_intent(intent, seen_ms=2_000_000) is None
+    fresh = dict(declined, last_payment_error=None)  # never tried yet: no outcome
+    assert event_of_payment_intent(fresh, seen_ms=2_000_000) is None
+
+
+def test_a_read_then_the_webhook_grant_once() -> None:
+    intent = stripe_event("-", "payment_intent.succeeded")["data"]["object"]
+    intent["status"] = "succeeded"
+    read = event_of_payment_intent(intent, seen_ms=1_002_000)
+    assert read is not None
+    state, first = apply_event(PurchaseState(PURCHASE), read)
+    state, second = apply_event(state, event("evt_late", PaymentOutcome.SUCCEEDED))
+    assert first.grant is not None and second.grant is None
+    assert second.outcome == "unchanged"

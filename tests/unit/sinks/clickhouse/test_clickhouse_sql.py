@@ -140,9 +140,9 @@ def test_views_migration_file_is_generated_by_the_python_function() -> None:
 def test_migration_files_are_versioned_in_order() -> None:
     migrations = load_migrations()
     assert [m.name for m in migrations] == MIGRATIONS
-    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert [m.version for m in migrations] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]
     assert all(m.checksum == checksum(m.sql) for m in migrations)
-    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1, 3, 1, 3, 5, 3]
+    assert [len(m.statements) for m in migrations] == [1, 1, 1, 1, 4, 1, 3, 1, 3, 5, 3, 2, 2]
 
 
 def _squash(sql: str) -> str:
