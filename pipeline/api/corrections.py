@@ -35,6 +35,14 @@ def _body(raw: bytes) -> Any:
         raise CorrectionError("body is not JSON") from None
 
 
+def _has_timestamp(raw: bytes) -> bool:
+    try:
+        doc = loads_exact(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return True  # not JSON: the stream dead-letters it again, with its reason
+    return not isinstance(doc, dict) or doc.get("timestamp") is not None
+
+
 def backfill_request(body: Any) -> tuple[dict[str, Any], list[bytes] | None]:
     """The options of a backfill body, and its events (raw JSON each; None: re-import
     rejected events); :class:`CorrectionError` otherwise."""
@@ -126,10 +134,15 @@ def register(routes: Routes, service: CorrectionService, meters: MetersConfig) -
         async def post(self, request: Request) -> Response:
             who = operator_name(request)
             options, raws = backfill_request(_body(await routes.json_body(request)))
+            untimed = 0
             if raws is None:
-                raws = await service.rejected(
+                kept = await service.rejected(
                     str(Reason.TOO_LATE), options["customer_id"], options["from"], options["to"]
                 )
+                # an event sent without a timestamp was timed by its Kafka record, which the
+                # dead letters do not keep: re-imported, it would count at today's time
+                raws = [raw for raw in kept if _has_timestamp(raw)]
+                untimed = len(kept) - len(raws)
             doc = await service.backfill(
                 raws,
                 author=options["author"],
@@ -137,4 +150,6 @@ def register(routes: Routes, service: CorrectionService, meters: MetersConfig) -
                 dry_run=options["dry_run"],
                 operator=who,
             )
+            if untimed:
+                doc["counts"]["no_timestamp"] = untimed
             return respond(self, doc, 200)

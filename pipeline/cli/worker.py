@@ -53,6 +53,7 @@ from meterstream.worker.batch import Pipeline
 from meterstream.worker.corrections import CorrectionService, Send, install_corrections
 from meterstream.worker.credits import CreditService
 from meterstream.worker.forwarder import install_forwarder
+from meterstream.worker.gaps import GapFiller
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
 from meterstream.worker.invoices import load_plans_for, priced_period_rows
 from meterstream.worker.lifeline import BrokerProbe, Lifeline, StopControl, probe_timing
@@ -138,6 +139,12 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         _sender(publisher),
         plans,
         credits,
+        GapFiller(
+            bootstrap,
+            settings.topic(USAGE_CORRECTIONS.name),
+            settings.app_id,
+            **client_options(settings),
+        ),
     )
     install_corrections(app, settings, corrections)
     web.register(

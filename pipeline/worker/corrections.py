@@ -23,7 +23,10 @@ A correction (``POST /v1/corrections``), in order:
 A crash after 3 and before 5 is repaired by a repeat of the request with the same
 ``correction_id`` (it finds the log row and sends the rebuild records again) or by the
 replay of the ``usage-corrections`` record (Faust commits its offset after the rebuild);
-a rebuild reads the record, so doing it twice changes nothing.
+a rebuild reads the record, so doing it twice changes nothing. Faust can skip a record
+around the rebalance of a restart (worker/gaps.py): a gap before a delivered record is
+read directly (GapFiller), and every ``TAIL_SECONDS`` a partition's end that Faust has not
+delivered for a whole interval is read directly too (:meth:`CorrectionService.tail`).
 
 A backfill (``POST /v1/backfill``): events inside the dedup horizon are produced to
 ``usage-events`` like any event (the live dedup and validation handle them, invalid ones
@@ -37,6 +40,7 @@ backfill finds every key in the record and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -46,6 +50,7 @@ from typing import Any
 
 import faust
 import orjson
+from aiokafka import TopicPartition
 from faust.types import EventT
 
 from meterstream.corrections import effective
@@ -74,6 +79,7 @@ from meterstream.topics import USAGE_CORRECTIONS
 from meterstream.worker.app import EXIT_BATCH_FAILED
 from meterstream.worker.batch import Pipeline, is_dependency_failure, now_ms
 from meterstream.worker.credits import CreditService
+from meterstream.worker.gaps import GapFiller
 from meterstream.worker.invoices import preview
 from meterstream.worker.raw_topics import raw_topic
 
@@ -82,6 +88,8 @@ Send = Callable[[Sequence[tuple[bytes, bytes]]], Awaitable[None]]
 """Produce (key, value) records to a topic; returns once the broker acknowledged them."""
 MAX_BACKFILL_EVENTS = 5_000
 """Events per ``POST /v1/backfill`` (the CLI sends a file in batches of this size or less)."""
+TAIL_SECONDS = 2.0
+"""How often the records Faust left undelivered at a partition's end are looked for."""
 _CHUNK = 500  # events or windows per usage-corrections record (well under 1 MB)
 
 
@@ -140,9 +148,16 @@ class CorrectionService:
         send_events: Send,
         plans: PlansConfig | None = None,
         credits: CreditService | None = None,
+        gaps: GapFiller | None = None,
     ) -> None:
         self.plans = plans
         self.credits = credits
+        # records Faust skips are read directly (worker/gaps.py), in the context of the
+        # last event Faust delivered of their partition
+        self.gaps = gaps
+        self.last_event: dict[int, EventT] = {}
+        self._waiting: dict[int, int] = {}
+        self.tail_lock = asyncio.Lock()  # the agent and the tail check, one at a time
         self.settings = settings
         self.meters = meters
         self.chio = chio
@@ -538,20 +553,66 @@ class CorrectionService:
     # -- the agent -----------------------------------------------------------------------
 
     async def on_record(self, event: EventT) -> None:
-        """One ``usage-corrections`` record: a backfill's events counted, or the windows
-        of a correction rebuilt from the effective record."""
+        """One ``usage-corrections`` record as Faust delivers it (:meth:`apply`), after the
+        records of its partition Faust skipped before it (worker/gaps.py)."""
         message = event.message
         partition = message.partition
-        doc = loads_exact(message.value or b"{}")
-        customer = (message.key or b"").decode("utf-8", "replace")
-        context = {partition: event}
+        self.last_event[partition] = event
+        if self.gaps is not None:
+            skipped = await self.gaps.missing(message.generation_id, {partition: [message.offset]})
+            for record in skipped:
+                await self.apply(record.key, record.value, record.timestamp, event)
+        await self.apply(message.key, message.value, int(message.timestamp * 1000), event)
+
+    async def tail(self, highwater: Callable[[int], int | None]) -> int:
+        """Records at the end of a partition that Faust has not delivered for a whole
+        interval (a record skipped around a rebalance, with none after it to reveal the
+        gap): read directly and applied (idempotent if Faust delivers them later too).
+        ``highwater(partition)``: the partition's end offset. Returns the records applied."""
+        if self.gaps is None:
+            return 0
+        applied = 0
+        for partition, expected in self.gaps.next_offsets().items():
+            end = highwater(partition)
+            context = self.last_event.get(partition)
+            if end is None or end <= expected or context is None:
+                self._waiting.pop(partition, None)
+                continue
+            if self._waiting.get(partition) != expected:
+                self._waiting[partition] = expected  # give Faust one interval first
+                continue
+            records = await self.gaps.read(partition, expected, end)
+            log.warning(
+                "usage-corrections partition %d: offsets %d-%d not delivered; read %d directly",
+                partition,
+                expected,
+                end - 1,
+                len(records),
+            )
+            for record in records:
+                await self.apply(record.key, record.value, record.timestamp, context)
+                applied += 1
+            self.gaps.advance(partition, end)
+            self._waiting.pop(partition, None)
+        return applied
+
+    async def apply(
+        self, key: bytes | None, value: bytes | None, timestamp_ms: int, context_event: EventT
+    ) -> None:
+        """One ``usage-corrections`` record: a backfill's events counted, or the windows
+        of a correction rebuilt from the effective record. ``context_event``: an event of
+        the record's partition (the Faust tables are written in its context)."""
+        partition = context_event.message.partition
+        doc = loads_exact(value or b"{}")
+        customer = (key or b"").decode("utf-8", "replace")
+        context = {partition: context_event}
         if doc.get("kind") == "backfill":
             records = [
                 resolve.SourceRecord(
                     canonical_json(item).encode(),
                     partition,
-                    message.offset,
-                    int(message.timestamp * 1000),
+                    context_event.message.offset,
+                    timestamp_ms,
                     customer.encode(),
                 )
                 for item in doc.get("events", [])
@@ -581,11 +642,29 @@ def install_corrections(app: faust.App, settings: Settings, service: CorrectionS
         retention_seconds=(USAGE_CORRECTIONS.retention_ms or 0) / 1000 or None,
     )
 
+    topic_name = settings.topic(USAGE_CORRECTIONS.name)
+
+    def highwater(partition: int) -> int | None:
+        end = app.consumer.highwater(TopicPartition(topic_name, partition))
+        return None if end is None else int(end)
+
+    @app.timer(TAIL_SECONDS)
+    async def corrections_tail() -> None:
+        try:
+            async with service.tail_lock:
+                await service.tail(highwater)
+        except Exception as exc:
+            if is_dependency_failure(exc):
+                log.warning("usage-corrections tail check failed; retried: %s", exc)
+            else:
+                log.exception("usage-corrections tail check failed; retried")
+
     @app.agent(topic, name="meterstream.corrections")
     async def apply_corrections(stream: Any) -> None:
         async for event in stream.events():
             try:
-                await service.on_record(event)
+                async with service.tail_lock:
+                    await service.on_record(event)
             except Exception as exc:
                 if is_dependency_failure(exc):
                     # Never acked: replayed after the restart (the rebuild is idempotent).

@@ -111,6 +111,16 @@ class GapFiller:
         self.filled += len(found)
         return found
 
+    def advance(self, partition: int, offset: int) -> None:
+        """Records before ``offset`` of ``partition`` were processed (read directly)."""
+        self._expected[partition] = max(offset, self._expected.get(partition, offset))
+
+    async def read(
+        self, partition: int, start: int, end: int
+    ) -> list[ConsumerRecord[bytes, bytes]]:
+        """The records of offsets [start, end) of ``partition``, read directly."""
+        return await self._read(partition, start, end)
+
     async def _read(
         self, partition: int, start: int, end: int
     ) -> list[ConsumerRecord[bytes, bytes]]:

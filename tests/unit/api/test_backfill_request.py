@@ -61,3 +61,12 @@ def test_chunks_keep_order_and_bound_count_and_size() -> None:
     assert [r for c in chunks for r in c] == raws
     assert all(len(c) <= 500 for c in chunks)
     assert all(sum(map(len, c)) <= 512 * 1024 or len(c) == 1 for c in chunks)
+
+
+def test_a_dead_letter_without_a_timestamp_is_not_re_imported() -> None:
+    from meterstream.api.corrections import _has_timestamp
+
+    assert _has_timestamp(b'{"event_name": "x", "customer_id": "c", "timestamp": 5}')
+    assert not _has_timestamp(b'{"event_name": "x", "customer_id": "c"}')
+    assert not _has_timestamp(b'{"event_name": "x", "timestamp": null}')
+    assert _has_timestamp(b"not json")  # dead-lettered again by the stream, with its reason
