@@ -416,7 +416,8 @@ def test_a_worker_killed_while_stripe_is_paying_grants_once(faulty: StackSlice) 
     """SIGKILL right after the purchase, before Stripe's webhooks (delayed, duplicated,
     retried) reach the worker: once restarted it is granted exactly once."""
     stack = faulty
-    http_json(f"{stack.stripe_url}/_emulator/faults", {"webhook_delay_ms": 2000})
+    # Long enough that the answer (on a loaded machine too) comes before any webhook.
+    http_json(f"{stack.stripe_url}/_emulator/faults", {"webhook_delay_ms": 8000})
     receiver = Receiver()
     shop = Shop(stack, receiver)
     shop.customer("acme", "pm_card_visa")
