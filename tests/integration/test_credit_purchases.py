@@ -416,8 +416,10 @@ def test_a_worker_killed_while_stripe_is_paying_grants_once(faulty: StackSlice) 
     """SIGKILL right after the purchase, before Stripe's webhooks (delayed, duplicated,
     retried) reach the worker: once restarted it is granted exactly once."""
     stack = faulty
-    # Long enough that the answer (on a loaded machine too) comes before any webhook.
-    http_json(f"{stack.stripe_url}/_emulator/faults", {"webhook_delay_ms": 8000})
+    # Duplicated and held 8 s, in order: an out-of-order hold is released the moment the
+    # PaymentIntent succeeds (the delay does not apply), which could beat the answer.
+    held = {"webhook_duplicates": True, "webhook_out_of_order": False, "webhook_delay_ms": 8000}
+    http_json(f"{stack.stripe_url}/_emulator/faults", held)
     receiver = Receiver()
     shop = Shop(stack, receiver)
     shop.customer("acme", "pm_card_visa")
