@@ -168,6 +168,21 @@ def spend_levels(
     return out
 
 
+def plan_limits(
+    ch: ClickHouse, plans: PlansConfig, customer_id: str, at_ms: int
+) -> dict[str, Decimal]:
+    """The usage limits per meter of the plan in force for ``customer_id`` at ``at_ms`` (its
+    assignment then, else the default plan), for the period (UTC month) of ``at_ms``."""
+    if not plans.has_limits:
+        return {}
+    schedule = pricing_store.current_schedules(ch, [customer_id]).get(customer_id)
+    period = Period.month(period_label(at_ms))
+    for segment in segments_for(plans, period, schedule):
+        if _ms(segment.start) <= at_ms < _ms(segment.end):
+            return dict(plans.by_name(segment.plan).limits)
+    return {}
+
+
 def _period_bounds(label: str) -> tuple[int, int]:
     period = Period.month(label)
     return _ms(period.start), _ms(period.end)
@@ -304,6 +319,7 @@ class CreditService:
         self.books: dict[str, CreditBook] = {}
         self.usage: dict[str, tuple[str, dict[str, Decimal]]] = {}  # customer -> (period, use)
         self.entitlements: dict[str, Entitlement] = {}
+        self.limits: dict[str, dict[str, Decimal]] = {}  # customer -> its plan's limits now
         self._published: dict[str, dict[str, Any]] = {}
         self.dirty: dict[str, set[str]] = defaultdict(set)  # customer -> period labels
         self.ready = asyncio.Event()
@@ -322,12 +338,14 @@ class CreditService:
     def record_changed(
         self, events: Sequence[Any], states: Mapping[Any, Any], reread: set[Any]
     ) -> None:
-        """A record listener: the customers with credits and the months whose windows
-        changed (a set insert per touched window; customers without credits cost a lookup)."""
+        """A record listener: the customers with credits (or every customer, when a plan sets
+        usage limits) and the months whose windows changed (a set insert per touched window;
+        without limits, customers without credits cost a lookup)."""
         books = self.books
+        everyone = self.plans.has_limits
         for keys in (states.keys(), reread):
             for key in keys:
-                if key.customer_id in books:
+                if everyone or key.customer_id in books:
                     self.dirty[key.customer_id].add(period_label(key.window_start_ms))
 
     # -- start
@@ -447,7 +465,9 @@ class CreditService:
             this_period = period_label(now)
             for customer, periods in dirty.items():
                 book = self.books.get(customer)
-                if book is None:  # no credits: nothing to burn, its entitlement is read
+                if book is None:  # no credits: nothing to burn; a limited plan's usage counts
+                    if this_period in periods:
+                        await self._usage_limited(customer, this_period, now)
                     continue
                 for label in sorted(periods):
                     try:
@@ -467,6 +487,27 @@ class CreditService:
                 if step.entries:
                     await self._append(step)
                     await self._decide(customer, f"clock:{now}")
+
+    async def _usage_limited(self, customer: str, label: str, now: int) -> None:
+        """A customer without credits whose usage of this period changed: its entitlement is
+        decided (and published) when its plan has limits, or had them (a plan change)."""
+        try:
+            limits = await self.read(plan_limits, self.plans, customer, now)
+        except (PricingError, KeyError, ValueError) as exc:
+            log.warning("limits of %s not read: %s", customer, exc)
+            return
+        if not limits and customer not in self.limits:
+            return  # a plan without limits: one read per dirty tick, nothing kept
+        try:
+            found = await self.read(spend_levels, self.plans, customer, Period.month(label))
+        except (PricingError, KeyError, ValueError) as exc:
+            log.warning("usage of %s: %s not read: %s", customer, label, exc)
+            return
+        self.usage[customer] = (label, found.usage)
+        await self._decide(customer, f"usage:{now}", limits)
+        if not limits:
+            self.limits.pop(customer, None)
+            self.entitlements.pop(customer, None)
 
     async def balance_after(
         self, customer: str, periods: Iterable[str], rewrite: WindowRewrite
@@ -553,7 +594,7 @@ class CreditService:
     async def refresh(self, customer: str, cause: str) -> None:
         """Decide the customer's entitlement and alerts again (thresholds changed)."""
         async with self.lock:
-            if customer in self.books:
+            if customer in self.books or customer in self.limits:
                 await self._decide(customer, cause)
 
     # -- reads (worker state)
@@ -590,14 +631,16 @@ class CreditService:
         }
 
     async def entitlement_document(self, customer: str) -> dict[str, Any]:
-        """A customer with credits: from the worker's state. Without: access (plans have no
-        usage limits yet) and this month's usage read from the record."""
+        """A customer with credits, or on a plan with usage limits that has used it this
+        period: from the worker's state. Otherwise: read from the record (this month's usage
+        and the limits of its plan now)."""
         found = self.entitlements.get(customer)
-        if found is not None and customer in self.books:
-            return found.to_json()
         now = now_ms()
         label = period_label(now)
+        if found is not None and (customer in self.books or found.period == label):
+            return found.to_json()
         spend = await self.read(spend_levels, self.plans, customer, Period.month(label))
+        limits = await self.read(plan_limits, self.plans, customer, now)
         status = CustomerStatus(
             customer_id=customer,
             currency=self.plans.default.money.code,
@@ -606,6 +649,7 @@ class CreditService:
             balance=_ZERO,
             period=label,
             usage=spend.usage,
+            limits=limits,
         )
         return decide(status, requires_balance=False).to_json()
 
@@ -615,24 +659,36 @@ class CreditService:
         if step.entries:
             await self.chio.call(store.append_entries, [entry_row(e) for e in step.entries])
 
-    async def _decide(self, customer: str, cause: str) -> None:
+    async def _decide(
+        self, customer: str, cause: str, limits: Mapping[str, Decimal] | None = None
+    ) -> None:
+        """Decide the customer's entitlement (with ``limits``, else its plan's limits now,
+        read when a plan sets any), run its alerts and listeners, publish a change."""
         book = self.books.get(customer)
-        label, use = self.usage.get(customer, (period_label(now_ms()), {}))
-        if label != period_label(now_ms()):
-            label, use = period_label(now_ms()), {}
+        now = now_ms()
+        label, use = self.usage.get(customer, (period_label(now), {}))
+        if label != period_label(now):
+            label, use = period_label(now), {}
+        if limits is None:
+            limits = {}
+            if self.plans.has_limits:
+                limits = await self.read(plan_limits, self.plans, customer, now)
+        if limits:
+            self.limits[customer] = dict(limits)
         status = CustomerStatus(
             customer_id=customer,
             currency=book.currency if book is not None else self.plans.default.money.code,
-            at_ms=now_ms(),
+            at_ms=now,
             cause=cause,
             balance=book.balance if book is not None else _ZERO,
             period=label,
             usage=use,
+            limits=limits,
         )
         entitlement = decide(status, requires_balance=book is not None)
         self.entitlements[customer] = entitlement
-        if self.alerts is not None and book is not None:
-            await self.alerts.evaluate(status, book.live_grants())
+        if self.alerts is not None:
+            await self.alerts.evaluate(status, () if book is None else book.live_grants())
         if book is not None:
             for listener in self.status_listeners:
                 await listener(status)

@@ -1,0 +1,104 @@
+"""A plan's usage limit per period end to end (issue #25, item 4): a free-tier customer with
+no credit grant sends events one at a time; its entitlement (the API and the compacted
+``entitlements`` topic) flips to no access exactly at the event that brings the month's usage
+to the limit (``usage >= limit``), with ``limit`` and ``remaining`` equal to a reference
+computed here.
+"""
+
+from __future__ import annotations
+
+import time
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from meterstream.api.keys import KeyStore
+from tests.harness import StackSlice, wait_until
+from tests.integration.test_credits_end_to_end import METERS, _records
+from tests.support.http import request_json, status_of
+
+pytestmark = pytest.mark.integration
+
+LIMIT = Decimal(1000)
+
+# a free tier (no price, a limit on a meter it does not price) as the default plan
+PLANS = """
+plans:
+  - name: free_tier
+    currency: usd
+    limits: {tokens: 1000}
+default_plan: free_tier
+"""
+
+
+def test_a_free_tier_loses_access_at_the_event_that_reaches_its_limit(stack: StackSlice) -> None:
+    plans_file = stack.tmp / "plans.yaml"
+    plans_file.write_text(PLANS)
+    keys = KeyStore(stack.tmp / "state" / "api_keys.json")
+    _, operator = keys.create("operator")
+    worker = stack.start_worker(
+        stack.meters_file(METERS),
+        METERSTREAM_PLANS_FILE=str(plans_file),
+        METERSTREAM_CREDITS_BURN_SECONDS="0.5",
+    )
+    base = f"{worker.web_url}/v1/customers/acme"
+    wait_until(lambda: status_of(f"{base}/entitlements", operator) == 200, what="worker ready")
+    assert status_of(f"{base}/credits", operator) == 404  # no grant, ever
+
+    first = request_json(f"{base}/entitlements", operator)
+    assert first["has_access"] is True
+    assert first["usage"] == {
+        "tokens": {"used": "0", "limit": "1000", "remaining": "1000", "limit_reached": False}
+    }
+
+    # 300 + 300 + 300 + 99 = 999 (access), + 1 = 1000 (the limit: no access), + 50 = 1050
+    steps = [300, 300, 300, 99, 1, 50]
+    used = Decimal(0)
+    start = time.time_ns() // 1_000_000 - 5_000
+    seen: list[dict[str, Any]] = []
+    for i, tokens in enumerate(steps):
+        stack.produce(
+            [
+                {
+                    "event_name": "chat",
+                    "customer_id": "acme",
+                    "idempotency_key": f"lim-{i}",
+                    "timestamp": start + i,
+                    "properties": {"tokens": tokens},
+                }
+            ]
+        )
+        used += tokens
+
+        def answer(want: Decimal = used) -> dict[str, Any] | None:
+            doc = request_json(f"{base}/entitlements", operator)
+            return doc if Decimal(doc["usage"]["tokens"]["used"]) == want else None
+
+        doc = wait_until(answer, timeout=60, what=f"usage {used} seen")
+        assert doc is not None
+        seen.append(doc)
+        reference_remaining = max(LIMIT - used, Decimal(0))
+        tokens_doc = doc["usage"]["tokens"]
+        assert Decimal(tokens_doc["limit"]) == LIMIT
+        assert Decimal(tokens_doc["remaining"]) == reference_remaining
+        assert tokens_doc["limit_reached"] is (used >= LIMIT)
+        assert doc["has_access"] is (used < LIMIT), (used, doc)
+        assert doc["reasons"] == ([] if used < LIMIT else ["usage_limit"])
+        assert doc["requires_balance"] is False
+
+    # the flip is on the compacted topic: access while under the limit, then no access from
+    # the record whose usage is exactly the limit on
+    def flipped() -> list[dict[str, Any]] | None:
+        records = _records(stack, "entitlements")
+        return records if records and records[-1]["usage"]["tokens"]["used"] == "1050" else None
+
+    records = wait_until(flipped, timeout=60, what="entitlements published")
+    assert records is not None
+    first_off = next(r for r in records if r["has_access"] is False)
+    assert Decimal(first_off["usage"]["tokens"]["used"]) == LIMIT
+    assert first_off["reasons"] == ["usage_limit"]
+    assert first_off["usage"]["tokens"]["remaining"] == "0"
+    for record in records:
+        assert record["has_access"] is (Decimal(record["usage"]["tokens"]["used"]) < LIMIT)
+    assert any(r["has_access"] for r in records)  # it had access before the flip
