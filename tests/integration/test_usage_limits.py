@@ -51,6 +51,14 @@ def test_a_free_tier_loses_access_at_the_event_that_reaches_its_limit(stack: Sta
     assert first["usage"] == {
         "tokens": {"used": "0", "limit": "1000", "remaining": "1000", "limit_reached": False}
     }
+    # a usage_percent alert at 90% of the plan's limit (900 tokens)
+    ninety = {"thresholds": [{"threshold_id": "p90", "kind": "usage_percent", "meter": "tokens",
+                              "percent": "90"}]}  # fmt: skip
+    request_json(f"{base}/credits/alerts", operator, "PUT", ninety)
+
+    def p90_fired() -> bool:
+        states = request_json(f"{base}/credits/alerts", operator)["states"]
+        return bool(states.get("p90", {}).get("fired"))
 
     # 300 + 300 + 300 + 99 = 999 (access), + 1 = 1000 (the limit: no access), + 50 = 1050
     steps = [300, 300, 300, 99, 1, 50]
@@ -86,6 +94,10 @@ def test_a_free_tier_loses_access_at_the_event_that_reaches_its_limit(stack: Sta
         assert doc["has_access"] is (used < LIMIT), (used, doc)
         assert doc["reasons"] == ([] if used < LIMIT else ["usage_limit"])
         assert doc["requires_balance"] is False
+        if used >= LIMIT * Decimal("0.9"):
+            wait_until(p90_fired, timeout=30, what="usage_percent fired")
+        else:
+            assert not p90_fired()
 
     # the flip is on the compacted topic: access while under the limit, then no access from
     # the record whose usage is exactly the limit on
@@ -102,3 +114,29 @@ def test_a_free_tier_loses_access_at_the_event_that_reaches_its_limit(stack: Sta
     for record in records:
         assert record["has_access"] is (Decimal(record["usage"]["tokens"]["used"]) < LIMIT)
     assert any(r["has_access"] for r in records)  # it had access before the flip
+
+    # a customer with credits on the same plan: a balance left, and still cut at the limit
+    bob = f"{worker.web_url}/v1/customers/bob"
+    grant = {"amount": "5", "grant_id": "bob-1"}
+    request_json(f"{bob}/credits/grants", operator, "POST", grant)
+    stack.produce(
+        [
+            {
+                "event_name": "chat",
+                "customer_id": "bob",
+                "idempotency_key": "bob-1",
+                "timestamp": start,
+                "properties": {"tokens": 1000},
+            }
+        ]
+    )
+
+    def bob_off() -> dict[str, Any] | None:
+        doc = request_json(f"{bob}/entitlements", operator)
+        return doc if doc["usage"].get("tokens", {}).get("used") == "1000" else None
+
+    doc = wait_until(bob_off, timeout=60, what="bob's usage seen")
+    assert doc is not None
+    assert doc["has_access"] is False and doc["reasons"] == ["usage_limit"]
+    assert doc["requires_balance"] is True and Decimal(doc["balance"]) == 5
+    assert doc["usage"]["tokens"]["limit"] == "1000" and doc["usage"]["tokens"]["remaining"] == "0"
