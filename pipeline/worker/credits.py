@@ -30,9 +30,14 @@ one per customer with a grant). This module feeds it and writes what it returns:
   ids it would have used, and the book's balance is checked against ClickHouse's
   ``sum(amount)`` of the ledger before the routes answer (503 until then).
 - **Entitlements** are decided after every change
-  (:func:`~meterstream.credits.entitlements.decide`), kept in memory (the route answers
-  from there) and written to the compacted topic ``entitlements`` whenever they differ
-  from the last one written.
+  (:func:`~meterstream.credits.entitlements.decide`) with the usage limits of the plan in
+  force now (:func:`plan_limits`), kept in memory (the route answers from there) and
+  written to the compacted topic ``entitlements`` whenever they differ from the last one
+  written. When a plan of the file sets limits, the batch marks every customer, not only
+  those with credits; the timer reads the plans of the customers without credits (one
+  read per tick for all of them) and keeps and publishes the entitlement of each only
+  while its plan has limits (a free tier). Without limits in the file, customers without
+  credits cost what they did.
 
 One worker holds every book (the embedded deployment); with several workers each one
 would burn only for the customers of its partitions (not built).
@@ -173,14 +178,24 @@ def plan_limits(
 ) -> dict[str, Decimal]:
     """The usage limits per meter of the plan in force for ``customer_id`` at ``at_ms`` (its
     assignment then, else the default plan), for the period (UTC month) of ``at_ms``."""
-    if not plans.has_limits:
-        return {}
-    schedule = pricing_store.current_schedules(ch, [customer_id]).get(customer_id)
+    return plans_limits(ch, plans, [customer_id], at_ms)[customer_id]
+
+
+def plans_limits(
+    ch: ClickHouse, plans: PlansConfig, customers: Sequence[str], at_ms: int
+) -> dict[str, dict[str, Decimal]]:
+    """:func:`plan_limits` of several customers in one read of their schedules (none
+    without limits in ``plans``)."""
+    out: dict[str, dict[str, Decimal]] = {c: {} for c in customers}
+    if not plans.has_limits or not customers:
+        return out
+    schedules = pricing_store.current_schedules(ch, list(customers))
     period = Period.month(period_label(at_ms))
-    for segment in segments_for(plans, period, schedule):
-        if _ms(segment.start) <= at_ms < _ms(segment.end):
-            return dict(plans.by_name(segment.plan).limits)
-    return {}
+    for customer in customers:
+        for segment in segments_for(plans, period, schedules.get(customer)):
+            if _ms(segment.start) <= at_ms < _ms(segment.end):
+                out[customer] = dict(plans.by_name(segment.plan).limits)
+    return out
 
 
 def _period_bounds(label: str) -> tuple[int, int]:
@@ -463,11 +478,12 @@ class CreditService:
         async with self.lock:
             now = now_ms()
             this_period = period_label(now)
+            no_book = [c for c, p in dirty.items() if c not in self.books and this_period in p]
+            if no_book:  # no credits: nothing to burn; a limited plan's usage counts
+                await self._usage_limited(no_book, this_period, now)
             for customer, periods in dirty.items():
                 book = self.books.get(customer)
-                if book is None:  # no credits: nothing to burn; a limited plan's usage counts
-                    if this_period in periods:
-                        await self._usage_limited(customer, this_period, now)
+                if book is None:
                     continue
                 for label in sorted(periods):
                     try:
@@ -488,26 +504,30 @@ class CreditService:
                     await self._append(step)
                     await self._decide(customer, f"clock:{now}")
 
-    async def _usage_limited(self, customer: str, label: str, now: int) -> None:
-        """A customer without credits whose usage of this period changed: its entitlement is
-        decided (and published) when its plan has limits, or had them (a plan change)."""
+    async def _usage_limited(self, customers: Sequence[str], label: str, now: int) -> None:
+        """Customers without credits whose usage of this period changed: the entitlement of
+        each whose plan has limits, or had them (a plan change), is decided and published
+        (one read of all their plans, then one usage read per limited customer)."""
         try:
-            limits = await self.read(plan_limits, self.plans, customer, now)
+            limits = await self.read(plans_limits, self.plans, customers, now)
         except (PricingError, KeyError, ValueError) as exc:
-            log.warning("limits of %s not read: %s", customer, exc)
+            log.warning("limits of %d customer(s) not read: %s", len(customers), exc)
             return
-        if not limits and customer not in self.limits:
-            return  # a plan without limits: one read per dirty tick, nothing kept
-        try:
-            found = await self.read(spend_levels, self.plans, customer, Period.month(label))
-        except (PricingError, KeyError, ValueError) as exc:
-            log.warning("usage of %s: %s not read: %s", customer, label, exc)
-            return
-        self.usage[customer] = (label, found.usage)
-        await self._decide(customer, f"usage:{now}", limits)
-        if not limits:
-            self.limits.pop(customer, None)
-            self.entitlements.pop(customer, None)
+        for customer in customers:
+            mine = limits.get(customer, {})
+            if not mine and customer not in self.limits:
+                continue  # a plan without limits: nothing read, nothing kept
+            try:
+                found = await self.read(spend_levels, self.plans, customer, Period.month(label))
+            except (PricingError, KeyError, ValueError) as exc:
+                log.warning("usage of %s: %s not read: %s", customer, label, exc)
+                continue
+            self.usage[customer] = (label, found.usage)
+            await self._decide(customer, f"usage:{now}", mine)
+            if not mine:
+                self.limits.pop(customer, None)
+                self.entitlements.pop(customer, None)
+                self.usage.pop(customer, None)
 
     async def balance_after(
         self, customer: str, periods: Iterable[str], rewrite: WindowRewrite
