@@ -2,7 +2,9 @@
 no credit grant sends events one at a time; its entitlement (the API and the compacted
 ``entitlements`` topic) flips to no access exactly at the event that brings the month's usage
 to the limit (``usage >= limit``), with ``limit`` and ``remaining`` equal to a reference
-computed here.
+computed here; a ``usage_percent`` alert fires against that limit. A customer with credits
+on the same plan is cut at the limit with a balance left; a customer assigned to a plan
+without limits keeps access past it (``limit`` null).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ plans:
   - name: free_tier
     currency: usd
     limits: {tokens: 1000}
+  - name: pro
+    currency: usd
+    prices: [{meter: tokens, unit_price: 0.001}]
 default_plan: free_tier
 """
 
@@ -136,6 +141,31 @@ def test_a_free_tier_loses_access_at_the_event_that_reaches_its_limit(stack: Sta
     assert doc["has_access"] is False and doc["reasons"] == ["usage_limit"]
     assert doc["requires_balance"] is True and Decimal(doc["balance"]) == 5
     assert doc["usage"]["tokens"]["limit"] == "1000" and doc["usage"]["tokens"]["remaining"] == "0"
+
+    # a customer assigned to a plan without limits (the assignment in force, not the
+    # default plan): past 1000 tokens it keeps access, and its limit is null
+    dave = f"{worker.web_url}/v1/customers/dave"
+    month = time.strftime("%Y-%m-01", time.gmtime(start / 1000))
+    request_json(f"{dave}/plans", operator, "PUT", {"plan": "pro", "from": month})
+    stack.produce(
+        [
+            {
+                "event_name": "chat",
+                "customer_id": "dave",
+                "idempotency_key": "dave-1",
+                "timestamp": start,
+                "properties": {"tokens": 1500},
+            }
+        ]
+    )
+
+    def dave_used() -> dict[str, Any] | None:
+        doc = request_json(f"{dave}/entitlements", operator)
+        return doc if doc["usage"].get("tokens", {}).get("used") == "1500" else None
+
+    doc = wait_until(dave_used, timeout=60, what="dave's usage seen")
+    assert doc is not None and doc["has_access"] is True and doc["reasons"] == []
+    assert doc["usage"]["tokens"]["limit"] is None and doc["usage"]["tokens"]["remaining"] is None
 
     # served from the worker's state for a free-tier customer that has used it this month;
     # read from the record for one never seen (printed, not asserted: 2 shared cores)
