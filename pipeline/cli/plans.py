@@ -54,6 +54,7 @@ def _plans(settings: Settings) -> Any:
 
 
 def cmd_plans_check(args: argparse.Namespace) -> int:
+    from meterstream.pricing.money import plain
     from meterstream.pricing.plans import load_plans
 
     settings = _settings(args)
@@ -67,7 +68,8 @@ def cmd_plans_check(args: argparse.Namespace) -> int:
         priced = ", ".join(
             f"{p.meter} ({p.tiers_mode or p.billing_scheme})" for p in plan.prices
         )  # fmt: skip
-        print(f"ok  {plan.name}: {plan.currency}{fee}; {priced or 'no prices'}")
+        limited = "".join(f"; limit {m} {plain(v)}/month" for m, v in sorted(plan.limits.items()))
+        print(f"ok  {plan.name}: {plan.currency}{fee}; {priced or 'no prices'}{limited}")
     note = "" if meters is not None else " (no meters file found: priced meters not checked)"
     print(
         f"{path}: {len(plans.plans)} plan(s), default plan {plans.default.name}, no problems{note}"

@@ -183,6 +183,17 @@ def _check_currency(value: Any) -> Any:
 
 
 Amount = Annotated[Decimal, BeforeValidator(_check_amount)]
+
+
+def _check_limit(value: Any) -> Any:
+    """A usage limit: a positive exact amount (zero would be a plan nobody can use)."""
+    value = _check_amount(value)
+    if value.is_zero():
+        raise ValueError("must be positive, not 0")
+    return value
+
+
+Limit = Annotated[Decimal, BeforeValidator(_check_limit)]
 Slug = Annotated[str, BeforeValidator(_check_slug)]
 CurrencyCode = Annotated[str, BeforeValidator(_check_currency)]
 
@@ -350,7 +361,14 @@ class PlanPrice(BaseModel):
 
 
 class Plan(BaseModel):
-    """A plan: currency, optional base fee and minimum per period, one price per meter."""
+    """A plan: currency, optional base fee and minimum per period, one price per meter, and
+    optional usage limits per meter and billing period (the UTC month).
+
+    ``limits`` is a mapping ``{meter: positive amount}`` on the plan, not a field of a price:
+    a free tier limits meters it does not price (``prices: []``, ``limits: {tokens: 10000}``).
+    A customer on the plan has access until its usage of the period reaches a limit
+    (``usage >= limit``; see :mod:`meterstream.credits.entitlements`).
+    """
 
     model_config = _FROZEN
 
@@ -360,6 +378,7 @@ class Plan(BaseModel):
     base_fee: Amount = ZERO
     minimum: Amount | None = None
     prices: tuple[PlanPrice, ...] = ()
+    limits: dict[Slug, Limit] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _amounts(self) -> Plan:
@@ -416,6 +435,11 @@ class PlansConfig(BaseModel):
 
     plans: tuple[Plan, ...] = Field(min_length=1)
     default_plan: Slug | None = None
+
+    @cached_property
+    def has_limits(self) -> bool:
+        """Whether any plan sets a usage limit (else entitlements never need the plan)."""
+        return any(plan.limits for plan in self.plans)
 
     @model_validator(mode="after")
     def _names(self) -> PlansConfig:
@@ -536,6 +560,13 @@ def _unknown_meters(items: list[Any], meters: MeterNames) -> list[str]:
             if isinstance(name, str) and name not in known:
                 problems.append(
                     f"plans[{i}].prices[{j}].meter: no meter named {name!r} in the meters file "
+                    f"(meters: {', '.join(sorted(known))})"
+                )
+        limits = item.get("limits") if isinstance(item, dict) else None
+        for name in limits if isinstance(limits, dict) else {}:
+            if isinstance(name, str) and name not in known:
+                problems.append(
+                    f"plans[{i}].limits.{name}: no meter named {name!r} in the meters file "
                     f"(meters: {', '.join(sorted(known))})"
                 )
     return problems

@@ -30,9 +30,14 @@ one per customer with a grant). This module feeds it and writes what it returns:
   ids it would have used, and the book's balance is checked against ClickHouse's
   ``sum(amount)`` of the ledger before the routes answer (503 until then).
 - **Entitlements** are decided after every change
-  (:func:`~meterstream.credits.entitlements.decide`), kept in memory (the route answers
-  from there) and written to the compacted topic ``entitlements`` whenever they differ
-  from the last one written.
+  (:func:`~meterstream.credits.entitlements.decide`) with the usage limits of the plan in
+  force now (:func:`plan_limits`), kept in memory (the route answers from there) and
+  written to the compacted topic ``entitlements`` whenever they differ from the last one
+  written. When a plan of the file sets limits, the batch marks every customer, not only
+  those with credits; the timer reads the plans of the customers without credits (one
+  read per tick for all of them) and keeps and publishes the entitlement of each only
+  while its plan has limits (a free tier). Without limits in the file, customers without
+  credits cost what they did.
 
 One worker holds every book (the embedded deployment); with several workers each one
 would burn only for the customers of its partitions (not built).
@@ -165,6 +170,31 @@ def spend_levels(
                         max(level, _ZERO),
                         plan.money.code,
                     )
+    return out
+
+
+def plan_limits(
+    ch: ClickHouse, plans: PlansConfig, customer_id: str, at_ms: int
+) -> dict[str, Decimal]:
+    """The usage limits per meter of the plan in force for ``customer_id`` at ``at_ms`` (its
+    assignment then, else the default plan), for the period (UTC month) of ``at_ms``."""
+    return plans_limits(ch, plans, [customer_id], at_ms)[customer_id]
+
+
+def plans_limits(
+    ch: ClickHouse, plans: PlansConfig, customers: Sequence[str], at_ms: int
+) -> dict[str, dict[str, Decimal]]:
+    """:func:`plan_limits` of several customers in one read of their schedules (none
+    without limits in ``plans``)."""
+    out: dict[str, dict[str, Decimal]] = {c: {} for c in customers}
+    if not plans.has_limits or not customers:
+        return out
+    schedules = pricing_store.current_schedules(ch, list(customers))
+    period = Period.month(period_label(at_ms))
+    for customer in customers:
+        for segment in segments_for(plans, period, schedules.get(customer)):
+            if _ms(segment.start) <= at_ms < _ms(segment.end):
+                out[customer] = dict(plans.by_name(segment.plan).limits)
     return out
 
 
@@ -304,6 +334,7 @@ class CreditService:
         self.books: dict[str, CreditBook] = {}
         self.usage: dict[str, tuple[str, dict[str, Decimal]]] = {}  # customer -> (period, use)
         self.entitlements: dict[str, Entitlement] = {}
+        self.limits: dict[str, dict[str, Decimal]] = {}  # customer -> its plan's limits now
         self._published: dict[str, dict[str, Any]] = {}
         self.dirty: dict[str, set[str]] = defaultdict(set)  # customer -> period labels
         self.ready = asyncio.Event()
@@ -322,12 +353,14 @@ class CreditService:
     def record_changed(
         self, events: Sequence[Any], states: Mapping[Any, Any], reread: set[Any]
     ) -> None:
-        """A record listener: the customers with credits and the months whose windows
-        changed (a set insert per touched window; customers without credits cost a lookup)."""
+        """A record listener: the customers with credits (or every customer, when a plan sets
+        usage limits) and the months whose windows changed (a set insert per touched window;
+        without limits, customers without credits cost a lookup)."""
         books = self.books
+        everyone = self.plans.has_limits
         for keys in (states.keys(), reread):
             for key in keys:
-                if key.customer_id in books:
+                if everyone or key.customer_id in books:
                     self.dirty[key.customer_id].add(period_label(key.window_start_ms))
 
     # -- start
@@ -445,9 +478,12 @@ class CreditService:
         async with self.lock:
             now = now_ms()
             this_period = period_label(now)
+            no_book = [c for c, p in dirty.items() if c not in self.books and this_period in p]
+            if no_book:  # no credits: nothing to burn; a limited plan's usage counts
+                await self._usage_limited(no_book, this_period, now)
             for customer, periods in dirty.items():
                 book = self.books.get(customer)
-                if book is None:  # no credits: nothing to burn, its entitlement is read
+                if book is None:
                     continue
                 for label in sorted(periods):
                     try:
@@ -467,6 +503,31 @@ class CreditService:
                 if step.entries:
                     await self._append(step)
                     await self._decide(customer, f"clock:{now}")
+
+    async def _usage_limited(self, customers: Sequence[str], label: str, now: int) -> None:
+        """Customers without credits whose usage of this period changed: the entitlement of
+        each whose plan has limits, or had them (a plan change), is decided and published
+        (one read of all their plans, then one usage read per limited customer)."""
+        try:
+            limits = await self.read(plans_limits, self.plans, customers, now)
+        except (PricingError, KeyError, ValueError) as exc:
+            log.warning("limits of %d customer(s) not read: %s", len(customers), exc)
+            return
+        for customer in customers:
+            mine = limits.get(customer, {})
+            if not mine and customer not in self.limits:
+                continue  # a plan without limits: nothing read, nothing kept
+            try:
+                found = await self.read(spend_levels, self.plans, customer, Period.month(label))
+            except (PricingError, KeyError, ValueError) as exc:
+                log.warning("usage of %s: %s not read: %s", customer, label, exc)
+                continue
+            self.usage[customer] = (label, found.usage)
+            await self._decide(customer, f"usage:{now}", mine)
+            if not mine:
+                self.limits.pop(customer, None)
+                self.entitlements.pop(customer, None)
+                self.usage.pop(customer, None)
 
     async def balance_after(
         self, customer: str, periods: Iterable[str], rewrite: WindowRewrite
@@ -553,7 +614,7 @@ class CreditService:
     async def refresh(self, customer: str, cause: str) -> None:
         """Decide the customer's entitlement and alerts again (thresholds changed)."""
         async with self.lock:
-            if customer in self.books:
+            if customer in self.books or customer in self.limits:
                 await self._decide(customer, cause)
 
     # -- reads (worker state)
@@ -590,14 +651,16 @@ class CreditService:
         }
 
     async def entitlement_document(self, customer: str) -> dict[str, Any]:
-        """A customer with credits: from the worker's state. Without: access (plans have no
-        usage limits yet) and this month's usage read from the record."""
+        """A customer with credits, or on a plan with usage limits that has used it this
+        period: from the worker's state. Otherwise: read from the record (this month's usage
+        and the limits of its plan now)."""
         found = self.entitlements.get(customer)
-        if found is not None and customer in self.books:
-            return found.to_json()
         now = now_ms()
         label = period_label(now)
+        if found is not None and (customer in self.books or found.period == label):
+            return found.to_json()
         spend = await self.read(spend_levels, self.plans, customer, Period.month(label))
+        limits = await self.read(plan_limits, self.plans, customer, now)
         status = CustomerStatus(
             customer_id=customer,
             currency=self.plans.default.money.code,
@@ -606,6 +669,7 @@ class CreditService:
             balance=_ZERO,
             period=label,
             usage=spend.usage,
+            limits=limits,
         )
         return decide(status, requires_balance=False).to_json()
 
@@ -615,24 +679,36 @@ class CreditService:
         if step.entries:
             await self.chio.call(store.append_entries, [entry_row(e) for e in step.entries])
 
-    async def _decide(self, customer: str, cause: str) -> None:
+    async def _decide(
+        self, customer: str, cause: str, limits: Mapping[str, Decimal] | None = None
+    ) -> None:
+        """Decide the customer's entitlement (with ``limits``, else its plan's limits now,
+        read when a plan sets any), run its alerts and listeners, publish a change."""
         book = self.books.get(customer)
-        label, use = self.usage.get(customer, (period_label(now_ms()), {}))
-        if label != period_label(now_ms()):
-            label, use = period_label(now_ms()), {}
+        now = now_ms()
+        label, use = self.usage.get(customer, (period_label(now), {}))
+        if label != period_label(now):
+            label, use = period_label(now), {}
+        if limits is None:
+            limits = {}
+            if self.plans.has_limits:
+                limits = await self.read(plan_limits, self.plans, customer, now)
+        if limits:
+            self.limits[customer] = dict(limits)
         status = CustomerStatus(
             customer_id=customer,
             currency=book.currency if book is not None else self.plans.default.money.code,
-            at_ms=now_ms(),
+            at_ms=now,
             cause=cause,
             balance=book.balance if book is not None else _ZERO,
             period=label,
             usage=use,
+            limits=limits,
         )
         entitlement = decide(status, requires_balance=book is not None)
         self.entitlements[customer] = entitlement
-        if self.alerts is not None and book is not None:
-            await self.alerts.evaluate(status, book.live_grants())
+        if self.alerts is not None:
+            await self.alerts.evaluate(status, () if book is None else book.live_grants())
         if book is not None:
             for listener in self.status_listeners:
                 await listener(status)

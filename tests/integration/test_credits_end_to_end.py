@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaConsumer
 from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, wait_until
-from tests.support.http import request_json, status_of
+from tests.support.http import read_latencies, request_json, status_of
 from tests.support.meters import meter_entry, meters_yaml, plans_yaml
 
 pytestmark = pytest.mark.integration
@@ -326,16 +326,7 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
 
     # served from the worker's state: the latency of 300 reads, printed (measured, not
     # asserted: 2 shared cores), keep-alive off, one request at a time
-    took = []
-    for _ in range(300):
-        started = time.perf_counter()
-        request_json(f"{base}/entitlements", acme_key)
-        took.append(time.perf_counter() - started)
-    took.sort()
-    print(
-        f"entitlements GET over HTTP: p50 {took[149] * 1000:.2f} ms,"
-        f" p99 {took[296] * 1000:.2f} ms, max {took[-1] * 1000:.2f} ms"
-    )
+    print(f"entitlements GET over HTTP: {read_latencies(f'{base}/entitlements', acme_key, 300)}")
 
     # keys: a restricted key reads its own customer only
     assert status_of(f"{base}/credits", other_key) == 403

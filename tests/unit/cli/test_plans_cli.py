@@ -42,4 +42,5 @@ def test_check_the_example_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plans", "check", str(REPO / "plans.example.yaml"), "--meters", meters]) == 0
     out = capsys.readouterr().out
     assert "ok  servers_pro: usd; active_servers (graduated)" in out
-    assert "7 plan(s), default plan default, no problems" in out
+    assert "ok  free_tier: usd; no prices; limit ai_tokens 10000/month" in out
+    assert "8 plan(s), default plan default, no problems" in out

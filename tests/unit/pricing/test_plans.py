@@ -48,7 +48,11 @@ def test_example_file_loads_against_the_example_meters() -> None:
         "servers_pro",
         "compute",
         "compute_with_base",
+        "free_tier",
     ]
+    free_tier = config.by_name("free_tier")
+    assert free_tier.limits == {"ai_tokens": D(10000)} and free_tier.prices == ()
+    assert config.has_limits
     essential = config.by_name("essential").price_for("ai_tokens")
     assert essential is not None
     assert essential.model == PerUnit(D("0.05"), TransformQuantity(1000, "up"))
@@ -229,6 +233,58 @@ def test_meters_are_cross_checked() -> None:
         "plans[0].prices[1].meter: no meter named 'tokens' in the meters file"
     )
     assert parse_plans(doc).by_name("p").price_for("tokens") is not None  # without meters: fine
+
+
+def test_usage_limits_per_meter_on_a_plan() -> None:
+    doc = {
+        "plans": [
+            plan(name="free", limits={"ai_tokens": 10000, "compute_units": "2.5"}),
+            plan(name="pro", prices=[per_unit(meter="ai_tokens")]),
+        ]
+    }
+    config = parse_plans(doc, meters=load_meters(REPO / "meters.example.yaml"))
+    free = config.by_name("free")
+    assert free.limits == {"ai_tokens": D(10000), "compute_units": D("2.5")}
+    assert free.prices == ()  # a limit needs no price
+    assert config.by_name("pro").limits == {}
+    assert config.has_limits
+    assert not parse_plans({"plans": [plan()]}).has_limits
+
+
+def test_usage_limit_problems_have_their_paths() -> None:
+    doc = {
+        "plans": [
+            plan(
+                limits={
+                    "zero": 0,
+                    "negative": "-1",
+                    "float": 1.5,
+                    "text": "lots",
+                    "Bad Name": 5,
+                    "ok": "10000.5",
+                }
+            ),
+            plan(name="q", limits=[10000]),
+        ]
+    }
+    found = problems(doc)
+    assert "plans[0].limits.zero: must be positive, not 0" in found
+    assert "plans[0].limits.negative: must not be negative, not -1" in found
+    assert any(p.startswith("plans[0].limits.float: 1.5 is a float") for p in found)
+    assert any(p.startswith("plans[0].limits.text: must be an amount") for p in found)
+    assert any(p.startswith("plans[0].limits.Bad Name") for p in found)
+    assert any(p.startswith("plans[1].limits:") for p in found)
+    assert not any(".ok" in p for p in found)
+    assert len(found) == 6, found
+
+
+def test_limited_meters_are_cross_checked() -> None:
+    meters = load_meters(REPO / "meters.example.yaml")
+    doc = {"plans": [plan(limits={"ai_tokens": 10, "tokens": 10000})]}
+    found = problems(doc, meters=meters)
+    assert len(found) == 1
+    assert found[0].startswith("plans[0].limits.tokens: no meter named 'tokens' in the meters file")
+    assert parse_plans(doc).by_name("p").limits["tokens"] == D(10000)  # without meters: fine
 
 
 def test_duplicate_names_and_documents() -> None:
