@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -28,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from bench.stack import BenchError
 from meterstream.api.keys import KeyStore
 
 UNIT_PRICE = Decimal("0.001")  # usd per ai_tokens token
@@ -111,8 +113,11 @@ class Credits:
             data=data,
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"},
         )
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            return orjson.loads(resp.read())
+        try:
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return orjson.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise BenchError(f"{req.get_method()} {url}: {exc.code} {exc.read()[:500]!r}") from None
 
     def grant(self, web_url: str, effective_ms: int) -> None:
         """A grant of ``GRANT`` usd to every sampled customer, effective ``effective_ms``."""
@@ -151,7 +156,7 @@ class BalanceWatch:
     def start(self) -> None:
         self._thread.start()
         if not self._ready.wait(60):
-            raise RuntimeError(f"entitlements watcher not positioned: {self.errors}")
+            raise BenchError(f"entitlements watcher not positioned: {self.errors}")
 
     def snapshot(self) -> dict[str, list[tuple[float, Decimal]]]:
         with self._lock:
