@@ -57,6 +57,13 @@ def event_cost(value: bytes) -> tuple[str, Decimal] | None:
     return str(event["customer_id"]), tokens * UNIT_PRICE
 
 
+def tick_start_ms(cause: object) -> int | None:
+    """The burn tick's start of an entitlement caused by usage (``usage:<ms>``)."""
+    if isinstance(cause, str) and cause.startswith("usage:") and cause[6:].isdigit():
+        return int(cause[6:])
+    return None
+
+
 def first_including(
     events: Iterable[tuple[str, int, Decimal]],
     start: Decimal,
@@ -146,6 +153,9 @@ class BalanceWatch:
     sample: set[str]
     seen: dict[str, list[tuple[float, Decimal]]] = field(default_factory=lambda: defaultdict(list))
     errors: list[str] = field(default_factory=list)
+    # per balance of a burn tick (cause ``usage:<tick start ms>``): read at - tick start,
+    # seconds: how far into the burn's tick a customer's new balance is published
+    into_tick: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -198,6 +208,9 @@ class BalanceWatch:
                                 self.seen[doc["customer_id"]].append(
                                     (now_ms, Decimal(str(doc["balance"])))
                                 )
+                            tick = tick_start_ms(doc.get("cause"))
+                            if tick is not None:
+                                self.into_tick.append((now_ms - tick) / 1000)
         finally:
             await consumer.stop()
 

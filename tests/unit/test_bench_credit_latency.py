@@ -7,7 +7,13 @@ from decimal import Decimal
 
 import orjson
 
-from bench.credit_latency import UNIT_PRICE, balance_latencies, event_cost, first_including
+from bench.credit_latency import (
+    UNIT_PRICE,
+    balance_latencies,
+    event_cost,
+    first_including,
+    tick_start_ms,
+)
 
 
 def chat(customer: str, tokens: int) -> bytes:
@@ -59,3 +65,10 @@ def test_only_priced_events_of_sampled_customers_count_and_the_end_balance_is_ch
     _, missing, problems = balance_latencies(sent, payloads, start, {})
     assert missing == 2
     assert problems == ["acme: balance 50, expected 48.500"]
+
+
+def test_the_burn_tick_of_an_entitlement_is_read_from_its_cause() -> None:
+    assert tick_start_ms("usage:1733470000123") == 1733470000123
+    assert tick_start_ms("grant:bench-c1") is None
+    assert tick_start_ms("usage:") is None
+    assert tick_start_ms(None) is None
