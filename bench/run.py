@@ -48,7 +48,15 @@ from typing import Any
 
 import orjson
 
-from bench.credit_latency import BalanceWatch, Credits, balance_latencies, wait_all_included
+from bench.credit_latency import (
+    PRICED_METER,
+    SAMPLE,
+    UNIT_PRICE,
+    BalanceWatch,
+    Credits,
+    balance_latencies,
+    wait_all_included,
+)
 from bench.load import HOUR_MS, METERS, EventMaker, Load, closed_end_ms, customer_ids, generate
 from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
 from meterstream.cli.progress import progress
@@ -604,6 +612,38 @@ def machine() -> dict[str, Any]:
     }
 
 
+def credit_rows(results: dict[str, Any], phase: str) -> list[tuple[str, str]]:
+    """The table's credit lines of phase (b) or (c); none with ``--credit-customers 0``."""
+    credits, lat = results.get("credits"), results["latency"]
+    if not credits:
+        return []
+    if phase == "b":
+        return [
+            (
+                "    credit grants, during (b)",
+                f"{credits['sampled_customers']} customers in "
+                f"{results['rows'][0]['runs'][-1]['credit_grants']['seconds']:.1f} s "
+                f"(plans file: {credits['priced_meter']} at "
+                f"{credits['unit_price_usd']} usd a unit)",
+            )
+        ]
+    met = "met" if lat["balance_p99_s"] <= BALANCE_TARGET_S else "NOT met"
+    return [
+        (
+            "    event -> credit balance",
+            f"p50 {lat['balance_p50_s']:.2f} s, p99 {lat['balance_p99_s']:.2f} s "
+            f"(target <= {BALANCE_TARGET_S:.0f} s: {met}), max "
+            f"{lat['balance_max_s']:.2f} s; {lat['balance_events']:,} priced events of "
+            f"{lat['balance_customers']} customers with credits, via the entitlements topic",
+        ),
+        (
+            "    burn tick start -> balance read",
+            f"p50 {lat['balance_into_tick_p50_s']:.2f} s, "
+            f"p99 {lat['balance_into_tick_p99_s']:.2f} s (the rest is the wait for a tick)",
+        ),
+    ]
+
+
 def table(results: dict[str, Any]) -> list[str]:
     raw, bare, pipe = results["raw"], results["bare_faust"], results["pipeline"]
     lat, stripe, mem = results["latency"], results["stripe"], results["worker_memory"]
@@ -627,13 +667,7 @@ def table(results: dict[str, Any]) -> list[str]:
             f"{pipe['rate']:,.0f} records/s ({pipe['seconds']:.1f} s; "
             f"CPU {pipe['cpu_us_per_record']:.0f} us/record, all threads)",
         ),
-        (
-            "    credit grants, during (b)",
-            f"{results['credits']['sampled_customers']} customers in "
-            f"{results['rows'][0]['runs'][-1]['credit_grants']['seconds']:.1f} s "
-            f"(plans file: {results['credits']['priced_meter']} at "
-            f"{results['credits']['unit_price_usd']} usd a unit)",
-        ),
+        *credit_rows(results, "b"),
         (
             "    self-check",
             f"OK: {results['check']['meter_customer_totals']:,} "
@@ -646,19 +680,7 @@ def table(results: dict[str, Any]) -> list[str]:
             f"p99 {lat['visible_p99_s']:.2f} s (pickup p50 {lat['pickup_p50_s']:.2f} s, "
             f"p99 {lat['pickup_p99_s']:.2f} s)",
         ),
-        (
-            "    event -> credit balance",
-            f"p50 {lat['balance_p50_s']:.2f} s, p99 {lat['balance_p99_s']:.2f} s "
-            f"(target <= {BALANCE_TARGET_S:.0f} s: "
-            f"{'met' if lat['balance_p99_s'] <= BALANCE_TARGET_S else 'NOT met'}), max "
-            f"{lat['balance_max_s']:.2f} s; {lat['balance_events']:,} priced events of "
-            f"{lat['balance_customers']} customers with credits, via the entitlements topic",
-        ),
-        (
-            "    burn tick start -> balance read",
-            f"p50 {lat['balance_into_tick_p50_s']:.2f} s, "
-            f"p99 {lat['balance_into_tick_p99_s']:.2f} s (the rest is the wait for a tick)",
-        ),
+        *credit_rows(results, "c"),
         (
             f"(d) Stripe requests ({results['config']['stripe_transport']})",
             f"{stripe['requests_after_pipeline']:,} by end of (b), "
@@ -727,6 +749,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=None, help="default: the pipeline's")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_EVENTS:,} records")
     p.add_argument("--latency-seconds", type=float, default=None, help="default 30 (quick 10)")
+    p.add_argument(
+        "--credit-customers",
+        type=int,
+        default=SAMPLE,
+        metavar="N",
+        help=f"customers granted credits during (b) and (c), whose event -> balance latency "
+        f"(c) measures (default {SAMPLE}; 0: no plans file, no grants, as before issue 25)",
+    )
     p.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="half-load RSS soak")
     p.add_argument(
         "--profile",
@@ -800,6 +830,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.repeat = 1 if args.quick else 3
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.credit_customers < 0:
+        p.error("--credit-customers must be 0 or more")
     return args
 
 
@@ -914,7 +946,7 @@ def measure_row(
     emulator: Any,
     args: argparse.Namespace,
     keep: bool,
-    credits: Credits,
+    credits: Credits | None,
 ) -> tuple[dict[str, Any], Worker | None]:
     """One run of one row on the produced topic: raw, bare Faust, the pipeline (with the
     plans and credit grants of ``credits``: the burn runs during it), the self-check
@@ -935,7 +967,7 @@ def measure_row(
         METERSTREAM_STORE=row.store,
         METERSTREAM_STRIPE_TRANSPORT=args.stripe_transport,
         **guarantee,
-        **credits.env(),
+        **(credits.env() if credits is not None else {}),
     )
     # The grants go in while (b) runs (a thread: the wait for the last window must not
     # wait for them), effective from the load's first window, so its spend burns.
@@ -944,7 +976,8 @@ def measure_row(
     def grant() -> None:
         started = time.perf_counter()
         try:
-            credits.grant(worker.web_url, load.end_ms - 2 * HOUR_MS)
+            if credits is not None:
+                credits.grant(worker.web_url, load.end_ms - 2 * HOUR_MS)
         except BaseException as exc:  # raised in the bench's thread below
             granting["error"] = exc
         granting["seconds"] = time.perf_counter() - started
@@ -957,7 +990,7 @@ def measure_row(
         if "error" in granting or granter.is_alive():
             raise BenchError(f"credit grants failed: {granting.get('error', 'timed out')}")
         out["credit_grants"] = {
-            "customers": len(credits.sample),
+            "customers": len(credits.sample) if credits is not None else 0,
             "seconds": granting["seconds"],
         }
         done = time.time()
@@ -1030,6 +1063,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "guarantee": args.guarantee,
             "repeat": args.repeat,
             "stripe_transport": args.stripe_transport,
+            "credit_customers": args.credit_customers,
         },
         "rows": [],
     }
@@ -1050,13 +1084,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "end_ms": load.end_ms,
         }
         customers = customer_ids(args.customers)
-        credits = Credits.create(tmp, customers)
-        results["credits"] = {
-            "sampled_customers": len(credits.sample),
-            "priced_meter": "ai_tokens",
-            "unit_price_usd": "0.001",
-            "balance_target_p99_s": BALANCE_TARGET_S,
-        }
+        credits = None
+        if args.credit_customers:
+            credits = Credits.create(tmp, customers, args.credit_customers)
+            results["credits"] = {
+                "sampled_customers": len(credits.sample),
+                "priced_meter": PRICED_METER,
+                "unit_price_usd": str(UNIT_PRICE),
+                "balance_target_p99_s": BALANCE_TARGET_S,
+            }
         for broker_name in dict.fromkeys(r.broker for r in rows):  # the headline's first
             broker = start_broker(broker_name, tmp)
             try:
