@@ -6,6 +6,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import orjson
+import pytest
 
 from bench.credit_latency import (
     UNIT_PRICE,
@@ -14,6 +15,7 @@ from bench.credit_latency import (
     first_including,
     tick_start_ms,
 )
+from bench.run import parse_args
 
 
 def chat(customer: str, tokens: int) -> bytes:
@@ -72,3 +74,10 @@ def test_the_burn_tick_of_an_entitlement_is_read_from_its_cause() -> None:
     assert tick_start_ms("grant:bench-c1") is None
     assert tick_start_ms("usage:") is None
     assert tick_start_ms(None) is None
+
+
+def test_credit_customers_default_and_off() -> None:
+    assert parse_args([]).credit_customers == 25
+    assert parse_args(["--credit-customers", "0"]).credit_customers == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--credit-customers", "-1"])
