@@ -8,11 +8,13 @@ order, on that same topic:
 a. raw aiokafka consume (``getmany`` + orjson decode): the physical limit;
    the bare-Faust ceiling: a subprocess with the pipeline's own faust.App
    arguments whose agent only reads and decodes in batches (``take_batches``);
-b. the pipeline: a real worker (``python -m meterstream.cli worker``) from its
+b. the pipeline: a real worker (``python -m meterstream.cli worker``) with a plans
+   file and credit grants for a sample of customers (so the credit burn runs), from its
    first consumed batch to the last window visible in ClickHouse; then the
    self-check (ClickHouse totals == the generator's totals, per meter and
    customer) - a mismatch exits 1 without ratio lines;
-c. latency at a fixed produce rate of half the pipeline's measured rate;
+c. latency at a fixed produce rate of half the pipeline's measured rate: event to
+   record, and event to the first credit balance that includes it (issue 25, <= 2 s);
 d. Stripe requests (emulator stats); e. the worker's peak RSS;
 optionally a soak at half load sampling RSS every 10 s.
 
@@ -46,7 +48,16 @@ from typing import Any
 
 import orjson
 
-from bench.load import METERS, EventMaker, Load, closed_end_ms, customer_ids, generate
+from bench.credit_latency import (
+    PRICED_METER,
+    SAMPLE,
+    UNIT_PRICE,
+    BalanceWatch,
+    Credits,
+    balance_latencies,
+    wait_all_included,
+)
+from bench.load import HOUR_MS, METERS, EventMaker, Load, closed_end_ms, customer_ids, generate
 from bench.stack import REPO, BenchError, StackEnv, Worker, wait_until
 from meterstream.cli.progress import progress
 from meterstream.embedded.processes import stop_process
@@ -59,6 +70,7 @@ DEFAULT_EVENTS = 300_000
 QUICK_EVENTS = 30_000
 STRIPE_METERS = ("ai_tokens", "api_requests", "peak_servers")  # as in bench/meters.yaml
 STRIPE_INTERVAL_S = 30
+BALANCE_TARGET_S = 2.0  # issue 25 item 3: p99 event -> updated balance at half load
 
 
 def log(msg: str) -> None:
@@ -130,8 +142,10 @@ async def produce_at_rate(
     tag: str,
     customers: list[str],
     sent: dict[str, int] | None = None,
+    payloads: dict[str, bytes] | None = None,
 ) -> dict[str, Any]:
-    """Live events (timestamp = send time, key ``tag + seq``) at a fixed rate."""
+    """Live events (timestamp = send time, key ``tag + seq``) at a fixed rate; ``sent``
+    gets each key's timestamp, ``payloads`` its value."""
     from aiokafka import AIOKafkaProducer
 
     maker = EventMaker(random.Random(tag), customers, None)
@@ -148,6 +162,8 @@ async def produce_at_rate(
                 k, v = maker.make(key, ts)
                 if sent is not None:
                     sent[key] = ts
+                if payloads is not None:
+                    payloads[key] = v
                 await producer.send(topic, key=k, value=v)
                 i += 1
             await asyncio.sleep(0.005)
@@ -357,14 +373,22 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure_latency(
-    worker: Worker, stack: StackEnv, rate: float, seconds: float, customers: list[str]
+    worker: Worker,
+    stack: StackEnv,
+    rate: float,
+    seconds: float,
+    customers: list[str],
+    credits: Credits | None = None,
 ) -> dict[str, Any]:
     """Events stamped with their send time; a poller sees them appear in usage_events.
 
     visible latency = the time the poll that first returned the event came back
     minus its timestamp (an upper bound: poll period 0.1 s plus the query);
     pickup latency = ClickHouse ingested_at (the batch's receive time) minus its
-    timestamp (a lower bound: before the batch was processed).
+    timestamp (a lower bound: before the batch was processed);
+    with ``credits``, balance latency = the time the first balance that includes a
+    priced event of a sampled customer was read off the ``entitlements`` topic minus
+    its timestamp (bench/credit_latency.py).
     """
     tag = f"lat{uuid.uuid4().hex[:6]}-"
     sent: dict[str, int] = {}
@@ -395,22 +419,57 @@ def measure_latency(
                     cursor = max(cursor, int(row["i"]))
             time.sleep(max(0.0, 0.1 - (time.time() - t0)))
 
+    payloads: dict[str, bytes] = {}
+    watch: BalanceWatch | None = None
+    start_balances: dict[str, Decimal] = {}
+    if credits is not None:
+        watch = BalanceWatch(
+            stack.bootstrap, f"{stack.prefix}entitlements", stack.partitions, set(credits.sample)
+        )
+        watch.start()  # at the topic's end, before the balances are read
+        start_balances = credits.balances(worker.web_url)
     poller = threading.Thread(target=poll, name="latency-poll", daemon=True)
     poller.start()
     try:
         produced = asyncio.run(
-            produce_at_rate(stack.bootstrap, stack.topic, rate, seconds, tag, customers, sent)
+            produce_at_rate(
+                stack.bootstrap, stack.topic, rate, seconds, tag, customers, sent, payloads
+            )
         )
         deadline = time.monotonic() + 60
         while len(seen) < len(sent) and time.monotonic() < deadline:
             worker.alive()
             time.sleep(0.2)
+        if watch is not None:
+            wait_all_included(sent, payloads, start_balances, watch, timeout=60)
     finally:
         stop.set()
         poller.join(10)
+        if watch is not None:
+            watch.stop()
     missing = len(sent) - len(seen)
     if missing:
         raise BenchError(f"{missing} of {len(sent)} latency events never reached ClickHouse")
+    balance: dict[str, Any] = {}
+    if watch is not None:
+        waits, unmatched, problems = balance_latencies(
+            sent, payloads, start_balances, watch.snapshot()
+        )
+        if unmatched or problems or watch.errors:
+            raise BenchError(
+                f"credit balances: {unmatched} priced event(s) of the sampled customers never "
+                f"in a balance on the entitlements topic; {problems[:10]}; {watch.errors[:3]}"
+            )
+        balance = {
+            "balance_customers": len(start_balances),
+            "balance_events": len(waits),
+            "balance_p50_s": percentile(waits, 0.50),
+            "balance_p99_s": percentile(waits, 0.99),
+            "balance_max_s": max(waits, default=float("nan")),
+            # how far into a burn tick (1 s timer) each sampled balance was read
+            "balance_into_tick_p50_s": percentile(watch.into_tick, 0.50),
+            "balance_into_tick_p99_s": percentile(watch.into_tick, 0.99),
+        }
     visible = [(seen[k][0] - ts) / 1000 for k, ts in sent.items()]
     pickup = [(seen[k][1] - ts) / 1000 for k, ts in sent.items()]
     return {
@@ -423,6 +482,7 @@ def measure_latency(
         "pickup_p50_s": percentile(pickup, 0.50),
         "pickup_p99_s": percentile(pickup, 0.99),
         "poll_errors": poll_errors[:5],
+        **balance,
     }
 
 
@@ -552,6 +612,38 @@ def machine() -> dict[str, Any]:
     }
 
 
+def credit_rows(results: dict[str, Any], phase: str) -> list[tuple[str, str]]:
+    """The table's credit lines of phase (b) or (c); none with ``--credit-customers 0``."""
+    credits, lat = results.get("credits"), results["latency"]
+    if not credits:
+        return []
+    if phase == "b":
+        return [
+            (
+                "    credit grants, during (b)",
+                f"{credits['sampled_customers']} customers in "
+                f"{results['rows'][0]['runs'][-1]['credit_grants']['seconds']:.1f} s "
+                f"(plans file: {credits['priced_meter']} at "
+                f"{credits['unit_price_usd']} usd a unit)",
+            )
+        ]
+    met = "met" if lat["balance_p99_s"] <= BALANCE_TARGET_S else "NOT met"
+    return [
+        (
+            "    event -> credit balance",
+            f"p50 {lat['balance_p50_s']:.2f} s, p99 {lat['balance_p99_s']:.2f} s "
+            f"(target <= {BALANCE_TARGET_S:.0f} s: {met}), max "
+            f"{lat['balance_max_s']:.2f} s; {lat['balance_events']:,} priced events of "
+            f"{lat['balance_customers']} customers with credits, via the entitlements topic",
+        ),
+        (
+            "    burn tick start -> balance read",
+            f"p50 {lat['balance_into_tick_p50_s']:.2f} s, "
+            f"p99 {lat['balance_into_tick_p99_s']:.2f} s (the rest is the wait for a tick)",
+        ),
+    ]
+
+
 def table(results: dict[str, Any]) -> list[str]:
     raw, bare, pipe = results["raw"], results["bare_faust"], results["pipeline"]
     lat, stripe, mem = results["latency"], results["stripe"], results["worker_memory"]
@@ -575,6 +667,7 @@ def table(results: dict[str, Any]) -> list[str]:
             f"{pipe['rate']:,.0f} records/s ({pipe['seconds']:.1f} s; "
             f"CPU {pipe['cpu_us_per_record']:.0f} us/record, all threads)",
         ),
+        *credit_rows(results, "b"),
         (
             "    self-check",
             f"OK: {results['check']['meter_customer_totals']:,} "
@@ -587,6 +680,7 @@ def table(results: dict[str, Any]) -> list[str]:
             f"p99 {lat['visible_p99_s']:.2f} s (pickup p50 {lat['pickup_p50_s']:.2f} s, "
             f"p99 {lat['pickup_p99_s']:.2f} s)",
         ),
+        *credit_rows(results, "c"),
         (
             f"(d) Stripe requests ({results['config']['stripe_transport']})",
             f"{stripe['requests_after_pipeline']:,} by end of (b), "
@@ -655,6 +749,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=None, help="default: the pipeline's")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_EVENTS:,} records")
     p.add_argument("--latency-seconds", type=float, default=None, help="default 30 (quick 10)")
+    p.add_argument(
+        "--credit-customers",
+        type=int,
+        default=SAMPLE,
+        metavar="N",
+        help=f"customers granted credits during (b) and (c), whose event -> balance latency "
+        f"(c) measures (default {SAMPLE}; 0: no plans file, no grants, as before issue 25)",
+    )
     p.add_argument("--soak", type=float, default=0, metavar="SECONDS", help="half-load RSS soak")
     p.add_argument(
         "--profile",
@@ -728,6 +830,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.repeat = 1 if args.quick else 3
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
+    if args.credit_customers < 0:
+        p.error("--credit-customers must be 0 or more")
     return args
 
 
@@ -842,10 +946,12 @@ def measure_row(
     emulator: Any,
     args: argparse.Namespace,
     keep: bool,
+    credits: Credits | None,
 ) -> tuple[dict[str, Any], Worker | None]:
-    """One run of one row on the produced topic: raw, bare Faust, the pipeline, the
-    self-check (ClickHouse, then Stripe); a fresh consumer group, ClickHouse database
-    and state dir. Returns the figures and, with ``keep``, the running worker."""
+    """One run of one row on the produced topic: raw, bare Faust, the pipeline (with the
+    plans and credit grants of ``credits``: the burn runs during it), the self-check
+    (ClickHouse, then Stripe); a fresh consumer group, ClickHouse database and state
+    dir. Returns the figures and, with ``keep``, the running worker."""
     load_avg = os.getloadavg()
     run_stack = replace(stack, database=f"bench_{index}_{rep}")
     guarantee = {"METERSTREAM_PROCESSING_GUARANTEE": row.guarantee}
@@ -861,9 +967,32 @@ def measure_row(
         METERSTREAM_STORE=row.store,
         METERSTREAM_STRIPE_TRANSPORT=args.stripe_transport,
         **guarantee,
+        **(credits.env() if credits is not None else {}),
     )
+    # The grants go in while (b) runs (a thread: the wait for the last window must not
+    # wait for them), effective from the load's first window, so its spend burns.
+    granting: dict[str, Any] = {}
+
+    def grant() -> None:
+        started = time.perf_counter()
+        try:
+            if credits is not None:
+                credits.grant(worker.web_url, load.end_ms - 2 * HOUR_MS)
+        except BaseException as exc:  # raised in the bench's thread below
+            granting["error"] = exc
+        granting["seconds"] = time.perf_counter() - started
+
+    granter = threading.Thread(target=grant, name="credit-grants", daemon=True)
+    granter.start()
     try:
         out["pipeline"] = measure_pipeline(worker, load, args.profile if keep else None)
+        granter.join(300)
+        if "error" in granting or granter.is_alive():
+            raise BenchError(f"credit grants failed: {granting.get('error', 'timed out')}")
+        out["credit_grants"] = {
+            "customers": len(credits.sample) if credits is not None else 0,
+            "seconds": granting["seconds"],
+        }
         done = time.time()
         out["worker_memory"] = {"peak_after_pipeline_mb": worker.memory_kb()["VmHWM"] / 1024}
         out["stripe_after_pipeline"] = emulator.stats()
@@ -934,6 +1063,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "guarantee": args.guarantee,
             "repeat": args.repeat,
             "stripe_transport": args.stripe_transport,
+            "credit_customers": args.credit_customers,
         },
         "rows": [],
     }
@@ -954,6 +1084,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "end_ms": load.end_ms,
         }
         customers = customer_ids(args.customers)
+        credits = None
+        if args.credit_customers:
+            credits = Credits.create(tmp, customers, args.credit_customers)
+            results["credits"] = {
+                "sampled_customers": len(credits.sample),
+                "priced_meter": PRICED_METER,
+                "unit_price_usd": str(UNIT_PRICE),
+                "balance_target_p99_s": BALANCE_TARGET_S,
+            }
         for broker_name in dict.fromkeys(r.broker for r in rows):  # the headline's first
             broker = start_broker(broker_name, tmp)
             try:
@@ -970,7 +1109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for rep in range(args.repeat):
                         keep = row.headline and rep == args.repeat - 1
                         figures, kept = measure_row(
-                            row, index, rep, stack, load, emulator, args, keep
+                            row, index, rep, stack, load, emulator, args, keep, credits
                         )
                         runs.append(figures)
                         if kept is not None:
@@ -994,7 +1133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     log("latency at half load")
                     half = last["pipeline"]["rate"] / 2
                     results["latency"] = measure_latency(
-                        worker, stack, half, args.latency_seconds, customers
+                        worker, stack, half, args.latency_seconds, customers, credits
                     )
                     if args.soak:
                         log(f"soak: {args.soak:.0f} s at {half:,.0f} records/s")

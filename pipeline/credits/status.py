@@ -45,7 +45,8 @@ class CustomerStatus:
         ]
         for meter, used in self.usage.items():
             problems.append(id_problem(meter, "usage meter"))
-            problems.append(amount_problem(used, f"usage[{meter!r}]", non_negative=True))
+            # any exact amount: a min or latest meter (a balance gauge) may be negative
+            problems.append(amount_problem(used, f"usage[{meter!r}]"))
         for meter, limit in self.limits.items():
             problems.append(id_problem(meter, "limit meter"))
             problems.append(amount_problem(limit, f"limits[{meter!r}]", non_negative=True))

@@ -48,3 +48,13 @@ def test_a_flip_is_a_change_of_access_or_reasons() -> None:
     a, b = decide(status("5", 1)), decide(status("4", 2))
     assert a.same_access(b) and not a.same_access(None)
     assert not a.same_access(decide(status("0", 2)))
+
+
+def test_a_meter_with_negative_usage_is_a_valid_status() -> None:
+    # a min or latest meter (a balance gauge) can be negative: the status (and with it
+    # the burn and every grant of the customer) must not be refused for it
+    found = decide(
+        CustomerStatus("acme", "usd", 5, "le_1", D(5), "2025-01", {"min_balance": D("-588.88")})
+    )
+    assert found.has_access
+    assert found.to_json()["usage"]["min_balance"]["used"] == "-588.88"
