@@ -96,6 +96,12 @@ def test_migrations_apply_once(ch: ClickHouse) -> None:
         "credit_alert_thresholds": "ReplacingMergeTree",
         "credit_alerts": "ReplacingMergeTree",
         "credit_alert_deliveries": "ReplacingMergeTree",
+        "corrections": "ReplacingMergeTree",
+        "event_corrections": "ReplacingMergeTree",
+        "usage_events_effective": "View",
+        "credit_purchases": "MergeTree",
+        "credit_recharge": "MergeTree",
+        "stripe_uncorrectable": "ReplacingMergeTree",
     }
     recorded = ch.query_rows("SELECT version, name FROM schema_migrations ORDER BY version")
     assert recorded == [(i + 1, name) for i, name in enumerate(MIGRATIONS)]
