@@ -357,7 +357,11 @@ class CreditService:
         usage limits) and the months whose windows changed (a set insert per touched window;
         without limits, customers without credits cost a lookup)."""
         books = self.books
-        everyone = self.plans.has_limits
+        # Until the books are resumed every customer counts: a batch that lands while
+        # ``start`` reads the record may land after the read, and its change must be
+        # burned once the books are there (else the balance stays stale until the
+        # customer's next event).
+        everyone = self.plans.has_limits or not self.ready.is_set()
         for keys in (states.keys(), reread):
             for key in keys:
                 if everyone or key.customer_id in books:

@@ -1,0 +1,37 @@
+"""Which customers a batch marks for the next burn (CreditService.record_changed)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from meterstream.meters.fold import WindowKey
+from meterstream.pricing.plans import free_plans
+from meterstream.settings import Settings
+from meterstream.worker.credits import CreditService
+
+NOV = 1_793_491_200_000  # 2026-11-01T00:00:00Z
+
+
+def _service() -> CreditService:
+    calls = SimpleNamespace(call=None, metrics=None)  # no ClickHouse call is made here
+    return CreditService(None, Settings(), calls, free_plans())  # type: ignore[arg-type]
+
+
+def _key(customer: str) -> WindowKey:
+    return WindowKey("tokens", customer, "", NOV)
+
+
+def test_a_batch_while_the_books_resume_marks_every_customer_it_touched() -> None:
+    """A batch that lands while ``start`` reads the record may land after that read:
+    its customers are burned once the books are there, not at their next event."""
+    credits = _service()
+    credits.record_changed([], {_key("acme"): None, _key("bob"): None}, set())
+    assert dict(credits.dirty) == {"acme": {"2026-11"}, "bob": {"2026-11"}}
+
+
+def test_once_resumed_only_customers_with_credits_are_marked() -> None:
+    credits = _service()
+    credits.ready.set()
+    credits.books["acme"] = object()  # type: ignore[assignment]
+    credits.record_changed([], {_key("acme"): None}, {_key("bob")})
+    assert dict(credits.dirty) == {"acme": {"2026-11"}}
