@@ -41,10 +41,12 @@ def _meter(client: StripeMeterClient, name: str, formula: Any = "sum") -> str:
 
 
 def _send(client: StripeMeterClient, name: str, customer: str, *values: int) -> None:
-    now = int(time.time())
+    # One second apart, oldest first: for a `last` meter the latest timestamp wins (a
+    # tie is undefined at Stripe, and the emulator flags it rather than pick one).
+    now = int(time.time()) - len(values)
     for i, value in enumerate(values):
         client.send_meter_event(
-            build_meter_event(name, f"{name}-{customer}-{i}", customer, value, now)
+            build_meter_event(name, f"{name}-{customer}-{i}", customer, value, now + i)
         )
 
 
