@@ -1103,6 +1103,22 @@ def _stripe_paths() -> dict[str, Any]:
                     'Body {"period": "YYYY-MM"} (optional; default every period in the '
                     "ledger). Records what differs, then answers as GET."
                 ),
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "period": {
+                                        "type": ["string", "null"],
+                                        "description": "YYYY-MM; null or absent: every period.",
+                                    }
+                                },
+                            }
+                        }
+                    },
+                },
                 "responses": _corrections_responses("A bad body or period."),
             },
         },
