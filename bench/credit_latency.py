@@ -16,6 +16,9 @@ Latency = the time that entitlement was read off the topic - the event's timesta
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -31,6 +34,11 @@ import orjson
 
 from bench.stack import BenchError
 from meterstream.api.keys import KeyStore
+from meterstream.billing.customers import _direct
+from meterstream.credits.grants import Grant
+from meterstream.settings import Settings
+from meterstream.sinks.clickhouse import credits as store
+from meterstream.worker.credits import grant_row
 
 UNIT_PRICE = Decimal("0.001")  # usd per ai_tokens token
 PRICED_METER = "ai_tokens"
@@ -126,14 +134,27 @@ class Credits:
         except urllib.error.HTTPError as exc:
             raise BenchError(f"{req.get_method()} {url}: {exc.code} {exc.read()[:500]!r}") from None
 
-    def grant(self, web_url: str, effective_ms: int) -> None:
-        """A grant of ``GRANT`` usd to every sampled customer, effective ``effective_ms``."""
-        effective = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(effective_ms / 1000))
-        for customer in self.sample:
-            self._call(
-                f"{web_url}/v1/customers/{customer}/credits/grants",
-                {"amount": str(GRANT), "effective": effective, "grant_id": f"bench-{customer}"},
-            )
+    def record_grants(self, env: Mapping[str, str], effective_ms: int) -> None:
+        """A grant of ``GRANT`` usd to every sampled customer, effective ``effective_ms``,
+        recorded in the ClickHouse of ``env`` (a worker's environment) before that worker
+        starts, as ``meterstream credits grant`` does without a worker: the worker resumes
+        the books at start, so the pipeline phase measures the burn, not grant creation
+        (one process: chdb is one process per path)."""
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.credit_latency",
+                "grant",
+                str(effective_ms),
+                *self.sample,
+            ],
+            env={**os.environ, **env},
+            cwd=Path(__file__).resolve().parent.parent,
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
 
     def balances(self, web_url: str) -> dict[str, Decimal]:
         return {
@@ -153,8 +174,8 @@ class BalanceWatch:
     sample: set[str]
     seen: dict[str, list[tuple[float, Decimal]]] = field(default_factory=lambda: defaultdict(list))
     errors: list[str] = field(default_factory=list)
-    # per balance of a burn tick (cause ``usage:<tick start ms>``): read at - tick start,
-    # seconds: how far into the burn's tick a customer's new balance is published
+    # per balance of a burn tick begun after the watch started (cause ``usage:<tick start
+    # ms>``): read at - tick start, seconds: how far into the tick a new balance is published
     into_tick: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -196,6 +217,7 @@ class BalanceWatch:
             await consumer.seek_to_end(*parts)
             for tp in parts:  # resolve the end offsets before any event is sent
                 await consumer.position(tp)
+            positioned_ms = time.time() * 1000
             self._ready.set()
             while not self._stop.is_set():
                 batches = await consumer.getmany(timeout_ms=100)
@@ -209,7 +231,9 @@ class BalanceWatch:
                                     (now_ms, Decimal(str(doc["balance"])))
                                 )
                             tick = tick_start_ms(doc.get("cause"))
-                            if tick is not None:
+                            # a tick begun before the watch (during the self-check, whose
+                            # reads it queued behind) says nothing of the half-load phase
+                            if tick is not None and tick >= positioned_ms:
                                 self.into_tick.append((now_ms - tick) / 1000)
         finally:
             await consumer.stop()
@@ -261,3 +285,28 @@ def wait_all_included(
         if not missing and not problems:
             return
         time.sleep(0.5)
+
+
+def _record_grants(effective_ms: int, customers: list[str]) -> None:
+    """``python -m bench.credit_latency grant EFFECTIVE_MS CUSTOMER...`` (the settings from
+    the environment): the bench's grants written to ``credit_grants``."""
+    ch = _direct(Settings())
+    try:
+        store.append_grants(
+            ch,
+            [
+                grant_row(
+                    Grant(f"bench-{c}", c, GRANT, "usd", effective_ms, None, 0, "manual"),
+                    "bench",
+                )
+                for c in customers
+            ],
+        )
+    finally:
+        ch.close()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] != "grant":
+        sys.exit("usage: python -m bench.credit_latency grant EFFECTIVE_MS CUSTOMER...")
+    _record_grants(int(sys.argv[2]), sys.argv[3:])

@@ -466,7 +466,8 @@ def measure_latency(
             "balance_p50_s": percentile(waits, 0.50),
             "balance_p99_s": percentile(waits, 0.99),
             "balance_max_s": max(waits, default=float("nan")),
-            # how far into a burn tick (1 s timer) each sampled balance was read
+            # how far into a burn tick (woken by the batch that marks the customer) each
+            # sampled balance was read
             "balance_into_tick_p50_s": percentile(watch.into_tick, 0.50),
             "balance_into_tick_p99_s": percentile(watch.into_tick, 0.99),
         }
@@ -620,9 +621,10 @@ def credit_rows(results: dict[str, Any], phase: str) -> list[tuple[str, str]]:
     if phase == "b":
         return [
             (
-                "    credit grants, during (b)",
-                f"{credits['sampled_customers']} customers in "
-                f"{results['rows'][0]['runs'][-1]['credit_grants']['seconds']:.1f} s "
+                "    credit grants, before (b)",
+                f"{credits['sampled_customers']} customers, recorded in "
+                f"{results['rows'][0]['runs'][-1]['credit_grants']['seconds']:.1f} s before the "
+                "worker starts, resumed by it "
                 f"(plans file: {credits['priced_meter']} at "
                 f"{credits['unit_price_usd']} usd a unit)",
             )
@@ -639,7 +641,7 @@ def credit_rows(results: dict[str, Any], phase: str) -> list[tuple[str, str]]:
         (
             "    burn tick start -> balance read",
             f"p50 {lat['balance_into_tick_p50_s']:.2f} s, "
-            f"p99 {lat['balance_into_tick_p99_s']:.2f} s (the rest is the wait for a tick)",
+            f"p99 {lat['balance_into_tick_p99_s']:.2f} s (the rest: the batch, the burn's wait)",
         ),
     ]
 
@@ -961,38 +963,24 @@ def measure_row(
     )
     out["bare_faust"] = run_bare_faust(run_stack, load.events, f"bare-{index}-{rep}", **guarantee)
     emulator.reset()
-    worker = Worker.start(
-        run_stack,
-        f"meterstream-{index}-{rep}",
-        METERSTREAM_STORE=row.store,
-        METERSTREAM_STRIPE_TRANSPORT=args.stripe_transport,
+    env = {
+        "METERSTREAM_STORE": row.store,
+        "METERSTREAM_STRIPE_TRANSPORT": args.stripe_transport,
         **guarantee,
         **(credits.env() if credits is not None else {}),
-    )
-    # The grants go in while (b) runs (a thread: the wait for the last window must not
-    # wait for them), effective from the load's first window, so its spend burns.
-    granting: dict[str, Any] = {}
-
-    def grant() -> None:
+    }
+    name = f"meterstream-{index}-{rep}"
+    granted: dict[str, Any] = {"customers": 0, "seconds": 0.0}
+    if credits is not None:
+        # recorded before the worker starts, effective from the load's first window: the
+        # worker resumes the books at start and (b) burns with credits present
         started = time.perf_counter()
-        try:
-            if credits is not None:
-                credits.grant(worker.web_url, load.end_ms - 2 * HOUR_MS)
-        except BaseException as exc:  # raised in the bench's thread below
-            granting["error"] = exc
-        granting["seconds"] = time.perf_counter() - started
-
-    granter = threading.Thread(target=grant, name="credit-grants", daemon=True)
-    granter.start()
+        credits.record_grants(run_stack.worker_env(name, **env), load.end_ms - 2 * HOUR_MS)
+        granted = {"customers": len(credits.sample), "seconds": time.perf_counter() - started}
+    worker = Worker.start(run_stack, name, **env)
     try:
         out["pipeline"] = measure_pipeline(worker, load, args.profile if keep else None)
-        granter.join(300)
-        if "error" in granting or granter.is_alive():
-            raise BenchError(f"credit grants failed: {granting.get('error', 'timed out')}")
-        out["credit_grants"] = {
-            "customers": len(credits.sample) if credits is not None else 0,
-            "seconds": granting["seconds"],
-        }
+        out["credit_grants"] = granted
         done = time.time()
         out["worker_memory"] = {"peak_after_pipeline_mb": worker.memory_kb()["VmHWM"] / 1024}
         out["stripe_after_pipeline"] = emulator.stats()

@@ -26,7 +26,7 @@ import asyncio
 import datetime as dt
 import logging
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import orjson
@@ -170,6 +170,12 @@ class AssignmentStore:
         self.plans = frozenset(plans)
         self.ready = asyncio.Event()
         self._lock = asyncio.Lock()
+        # told the customer whose schedule was recorded (the credit burn re-prices it)
+        self.changed: list[Callable[[str], None]] = []
+
+    def _tell(self, customer_id: str) -> None:
+        for listener in self.changed:
+            listener(customer_id)
 
     async def current(self, customer_id: str) -> ScheduleRow | None:
         rows = await self.chio.call_once(store.current_schedules, [customer_id])
@@ -201,6 +207,7 @@ class AssignmentStore:
             )
         if row is None:
             return None, False
+        self._tell(customer_id)
         log.warning(
             "plan schedule of %s: %s (%s, by %s)", customer_id, schedule, origin, changed_by
         )
@@ -231,7 +238,7 @@ class AssignmentStore:
                 return
             if timestamp_ms <= 0 or (current is None and not schedule):
                 return
-            await self.chio.call(
+            row = await self.chio.call(
                 store.append_schedule,
                 customer,
                 schedule,
@@ -239,6 +246,8 @@ class AssignmentStore:
                 "customer-plans topic",
                 timestamp_ms,
             )
+        if row is not None:
+            self._tell(customer)
 
     async def follow(self) -> None:
         """Import the topic from the beginning and keep following it (every worker)."""

@@ -51,7 +51,7 @@ from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.app import create_app
 from meterstream.worker.batch import Pipeline
 from meterstream.worker.corrections import CorrectionService, Send, install_corrections
-from meterstream.worker.credits import CreditService
+from meterstream.worker.credits import BURN_GAP_SECONDS, CreditService
 from meterstream.worker.forwarder import install_forwarder
 from meterstream.worker.gaps import GapFiller
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
@@ -125,8 +125,11 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
         app, settings, meters, calls, metrics, pipeline=pipeline, mappings=mappings
     )
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
-    plans, invoice_routes = install_pricing(app, settings, meters, calls, reads, bootstrap)
+    plans, assignments, invoice_routes = install_pricing(
+        app, settings, meters, calls, reads, bootstrap
+    )
     credit_routes, credits = install_credits(app, settings, calls, reads, plans, pipeline, metrics)
+    assignments.changed.append(credits.plan_changed)
     corrections_out = EventPublisher(
         bootstrap, settings.topic(USAGE_CORRECTIONS.name), **client_options(settings)
     )
@@ -191,9 +194,10 @@ def install_pricing(
     calls: ClickHouseIO,
     reads: ReadIO,
     bootstrap: str,
-) -> tuple[PlansConfig, Callable[[Routes], None]]:
+) -> tuple[PlansConfig, AssignmentStore, Callable[[Routes], None]]:
     """Plans (checked at start), the plan schedule follower and the pricing runs into
-    ``priced_usage_daily``; returns the plans and the registration of the invoice routes."""
+    ``priced_usage_daily``; returns the plans, the schedules and the registration of the
+    invoice routes."""
     plans = load_plans_for(settings, meters)
     assignments = AssignmentStore(settings, calls, bootstrap, [p.name for p in plans.plans])
 
@@ -215,7 +219,7 @@ def install_pricing(
                 except Exception:  # logged, retried next interval; never stops the worker
                     log.exception("pricing run for %s failed; retried next interval", period)
 
-    return plans, lambda routes: invoices.register(routes, reads, plans, assignments)
+    return plans, assignments, lambda routes: invoices.register(routes, reads, plans, assignments)
 
 
 def install_credits(
@@ -258,12 +262,19 @@ def install_credits(
         except Exception:  # logged, retried next interval; never stops the worker
             log.exception("delivering credit alerts failed; retried next interval")
 
-    @app.timer(settings.credits_burn_seconds)
+    @app.task
     async def burn_credits() -> None:
-        try:
-            await credits.burn()
-        except Exception:  # logged, the customers stay dirty; never stops the worker
-            log.exception("burning credits failed; retried next interval")
+        # soon after a batch marks a customer (the balance follows its usage within a
+        # fraction of a second), else every CREDITS_BURN_SECONDS (expiries come due)
+        every = settings.credits_burn_seconds
+        gap = min(BURN_GAP_SECONDS, every)
+        while True:
+            await credits.burn_soon(every, gap)
+            try:
+                await credits.burn()
+            except Exception:  # logged, the customers stay dirty; never stops the worker
+                log.exception("burning credits failed; retried in %.1f s", every)
+                await asyncio.sleep(every)
 
     return (lambda routes: credit_api.register(routes, reads, credits, purchases)), credits
 

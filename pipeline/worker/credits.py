@@ -20,15 +20,19 @@ one per customer with a grant). This module feeds it and writes what it returns:
   the difference as correcting entries at the window's own time, against the grants
   usable then.
 - **When**: the batch only marks the customer and period dirty (a record listener, a
-  set insert per touched window); a timer (``METERSTREAM_CREDITS_BURN_SECONDS``, default
-  1 s) re-prices each dirty customer-period from ``meter_windows`` and applies the
-  levels that changed, then moves every book's clock (expiries come due). The hot path
-  pays nothing else.
+  set insert per touched window) and wakes the burn loop, which waits
+  :data:`BURN_GAP_SECONDS` more (a burst is one tick) or at most
+  ``METERSTREAM_CREDITS_BURN_SECONDS`` (expiries come due). A tick prices every dirty
+  customer of a period together (:func:`spend_levels_of`: two reads whatever their
+  number), applies the levels that changed, moves every book's clock, writes the tick's
+  ledger lines in one insert, then decides each changed customer. The hot path pays
+  nothing else. A plan change (:meth:`CreditService.plan_changed`) marks the customer too.
 - **Restart**: at start every book is rebuilt from ``credit_grants`` and the spend levels
-  recomputed from the record, then resumed against the ledger rows
-  (:meth:`CreditBook.resume`): whatever the killed run had not written is written with the
-  ids it would have used, and the book's balance is checked against ClickHouse's
-  ``sum(amount)`` of the ledger before the routes answer (503 until then).
+  recomputed from the record (batched: two reads per month for all the customers), then
+  resumed against the ledger rows (:meth:`CreditBook.resume`): whatever the killed run had
+  not written is written with the ids it would have used, and each book's balance is
+  checked against ClickHouse's ``sum(amount)`` of its ledger before the routes answer (503
+  until then); a book that fails the check is not loaded (logged).
 - **Entitlements** are decided after every change
   (:func:`~meterstream.credits.entitlements.decide`) with the usage limits of the plan in
   force now (:func:`plan_limits`), kept in memory (the route answers from there) and
@@ -36,8 +40,10 @@ one per customer with a grant). This module feeds it and writes what it returns:
   written. When a plan of the file sets limits, the batch marks every customer, not only
   those with credits; the timer reads the plans of the customers without credits (one
   read per tick for all of them) and keeps and publishes the entitlement of each only
-  while its plan has limits (a free tier). Without limits in the file, customers without
-  credits cost what they did.
+  while its plan has limits (a free tier). Any other customer whose entitlement is read is
+  read from the record once and followed from then on (``watched``: marked by its
+  batches, kept in memory, not published). At the first tick of a month every customer
+  with credits or limits is decided again and published (usage starts again).
 
 One worker holds every book (the embedded deployment); with several workers each one
 would burn only for the customers of its partitions (not built).
@@ -79,10 +85,18 @@ from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.clickhouse.queries import latest_windows
 from meterstream.topics import ENTITLEMENTS
 from meterstream.worker.alerts import AlertDesk
-from meterstream.worker.invoices import merge_windows, segments_for
+from meterstream.worker.invoices import merge_windows, merged_to_date, segments_for
 from meterstream.worker.raw_topics import raw_topic
 
 log = logging.getLogger("meterstream.credits")
+
+WATCH_LIMIT = 100_000
+"""How many customers without credits or limits the worker follows once their entitlement
+was read (beyond it, each read of a new one goes to the record)."""
+
+BURN_GAP_SECONDS = 0.2
+"""After a batch marks a customer, the burn waits this long, so the batches of a burst are
+priced in one tick (the balance follows usage within about this, plus the tick)."""
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ZERO = Decimal(0)
@@ -105,6 +119,7 @@ class PeriodSpend:
     def __init__(self) -> None:
         self.levels: dict[str, tuple[int, Decimal, str]] = {}  # source -> (ms, amount, cur)
         self.usage: dict[str, Decimal] = {}
+        self.limits: dict[str, Decimal] = {}  # of the plan in force (when asked for)
 
 
 WindowRewrite = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
@@ -119,7 +134,58 @@ def spend_levels(
     rewrite: WindowRewrite | None = None,
 ) -> PeriodSpend:
     """The spend level of every priced window of ``customer_id`` in ``period`` (the
-    stored windows, or what ``rewrite`` makes of them).
+    stored windows, or what ``rewrite`` makes of them): :func:`spend_levels_of` of one."""
+    return spend_levels_of(ch, plans, [customer_id], period, rewrite)[customer_id]
+
+
+def spend_levels_of(
+    ch: ClickHouse,
+    plans: PlansConfig,
+    customers: Sequence[str],
+    period: Period,
+    rewrite: WindowRewrite | None = None,
+    errors: dict[str, Exception] | None = None,
+    limits_at_ms: int | None = None,
+) -> dict[str, PeriodSpend]:
+    """:func:`priced_windows` of each of ``customers`` in ``period``, in two reads whatever
+    their number (their plan schedules, then the period's latest windows of all of them):
+    the burn prices every dirty customer of a tick at once. With ``errors``, a customer
+    whose usage cannot be priced is put there and left out, instead of raising. With
+    ``limits_at_ms``, each one's ``limits`` are those of its plan in force then (from the
+    same read of the schedules)."""
+    schedules = pricing_store.current_schedules(ch, list(customers))
+    windows = latest_windows(
+        ch, customer_ids=list(customers), start_ms=_ms(period.start), end_ms=_ms(period.end)
+    )
+    if rewrite is not None:
+        windows = rewrite(windows)
+    by_customer: dict[str, list[dict[str, Any]]] = {c: [] for c in customers}
+    for window in windows:
+        found = by_customer.get(str(window["customer_id"]))
+        if found is not None:
+            found.append(window)
+    out: dict[str, PeriodSpend] = {}
+    for customer, found in by_customer.items():
+        schedule = schedules.get(customer)
+        try:
+            out[customer] = priced_windows(plans, period, schedule, found)
+            if limits_at_ms is not None:
+                out[customer].limits = limits_at(plans, schedule, limits_at_ms)
+        except (PricingError, KeyError, ValueError) as exc:  # e.g. two currencies
+            if errors is None:
+                raise
+            errors[customer] = exc
+    return out
+
+
+def priced_windows(
+    plans: PlansConfig,
+    period: Period,
+    schedule: pricing_store.ScheduleRow | None,
+    windows: Sequence[dict[str, Any]],
+) -> PeriodSpend:
+    """One customer's spend levels and usage in ``period`` from its stored ``windows``
+    (latest_windows rows) and plan ``schedule`` (pure).
 
     Per plan segment and priced meter, the windows (all groups merged) in start order;
     a window's level is ``charge(value through it) - charge(value before it)``
@@ -129,13 +195,8 @@ def spend_levels(
     into the next windows' levels, which never go below zero.
     """
     out = PeriodSpend()
-    schedule = pricing_store.current_schedules(ch, [customer_id]).get(customer_id)
-    p_start, p_end = _ms(period.start), _ms(period.end)
-    all_windows = latest_windows(ch, customer_id=customer_id, start_ms=p_start, end_ms=p_end)
-    if rewrite is not None:
-        all_windows = rewrite(all_windows)
     by_meter_all: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for window in all_windows:
+    for window in windows:
         by_meter_all[str(window["meter"])].append(window)
     for meter, found in by_meter_all.items():
         out.usage[meter] = merge_windows(str(found[0]["aggregation"]), found)
@@ -153,13 +214,8 @@ def spend_levels(
             starts: dict[int, list[dict[str, Any]]] = defaultdict(list)
             for window in found:
                 starts[int(window["window_start_ms"])].append(window)
-            aggregation = str(found[0]["aggregation"])
             order = sorted(starts)
-            so_far: list[dict[str, Any]] = []
-            to_date = []
-            for at in order:
-                so_far += starts[at]
-                to_date.append(merge_windows(aggregation, so_far))
+            to_date = merged_to_date(str(found[0]["aggregation"]), [starts[at] for at in order])
             carry = _ZERO
             with localcontext(EXACT):
                 for at, amount in zip(order, daily_amounts(price.model, to_date), strict=True):
@@ -186,16 +242,22 @@ def plans_limits(
 ) -> dict[str, dict[str, Decimal]]:
     """:func:`plan_limits` of several customers in one read of their schedules (none
     without limits in ``plans``)."""
-    out: dict[str, dict[str, Decimal]] = {c: {} for c in customers}
     if not plans.has_limits or not customers:
-        return out
+        return {c: {} for c in customers}
     schedules = pricing_store.current_schedules(ch, list(customers))
-    period = Period.month(period_label(at_ms))
-    for customer in customers:
-        for segment in segments_for(plans, period, schedules.get(customer)):
-            if _ms(segment.start) <= at_ms < _ms(segment.end):
-                out[customer] = dict(plans.by_name(segment.plan).limits)
-    return out
+    return {c: limits_at(plans, schedules.get(c), at_ms) for c in customers}
+
+
+def limits_at(
+    plans: PlansConfig, schedule: pricing_store.ScheduleRow | None, at_ms: int
+) -> dict[str, Decimal]:
+    """The usage limits of the plan ``schedule`` puts in force at ``at_ms`` (pure)."""
+    if not plans.has_limits:
+        return {}
+    for segment in segments_for(plans, Period.month(period_label(at_ms)), schedule):
+        if _ms(segment.start) <= at_ms < _ms(segment.end):
+            return dict(plans.by_name(segment.plan).limits)
+    return {}
 
 
 def _period_bounds(label: str) -> tuple[int, int]:
@@ -337,6 +399,12 @@ class CreditService:
         self.limits: dict[str, dict[str, Decimal]] = {}  # customer -> its plan's limits now
         self._published: dict[str, dict[str, Any]] = {}
         self.dirty: dict[str, set[str]] = defaultdict(set)  # customer -> period labels
+        self.marked = asyncio.Event()  # set when a batch marks a customer: burn soon
+        # customers without credits or limits whose entitlement was read: followed from
+        # then on (their batches mark them), so the next reads come from memory
+        self.watched: set[str] = set()
+        self._period: str | None = None  # the month of the last burn tick
+        self._unwritten: list[LedgerEntry] = []  # ledger lines made, not yet written
         self.ready = asyncio.Event()
         self.lock = asyncio.Lock()
         # called with every status of a customer with credits, after its alerts (the
@@ -362,66 +430,121 @@ class CreditService:
         # burned once the books are there (else the balance stays stale until the
         # customer's next event).
         everyone = self.plans.has_limits or not self.ready.is_set()
+        dirty, watched = self.dirty, self.watched
         for keys in (states.keys(), reread):
             for key in keys:
-                if everyone or key.customer_id in books:
-                    self.dirty[key.customer_id].add(period_label(key.window_start_ms))
+                customer = key.customer_id
+                if everyone or customer in books or customer in watched:
+                    dirty[customer].add(period_label(key.window_start_ms))
+        if dirty:
+            self.marked.set()
+
+    def plan_changed(self, customer: str) -> None:
+        """An assignment listener: ``customer``'s plan schedule changed. Its spend is priced
+        again (every month since its first grant: a change may date back) and its
+        entitlement decided again (limits) at the next tick."""
+        now = now_ms()
+        book = self.books.get(customer)
+        first = now if book is None else min(g.effective_ms for g in book.grants.values())
+        self.dirty[customer].update(_periods_between(min(first, now), now))
+        self.marked.set()
+
+    async def burn_soon(self, every: float, gap: float) -> None:
+        """Wait until a batch has marked a customer (then ``gap`` more, so the batches of a
+        burst are priced in one tick), or at most ``every`` seconds (the clock: expiries
+        come due); the worker's burn loop calls :meth:`burn` after each wait."""
+        try:
+            await asyncio.wait_for(self.marked.wait(), timeout=every)
+        except TimeoutError:
+            return
+        await asyncio.sleep(gap)
 
     # -- start
 
     async def start(self) -> None:
-        """Rebuild every book from ClickHouse and the record; write what the ledger lacks."""
+        """Rebuild every book from ClickHouse and the record; write what the ledger lacks;
+        check each book against the ledger's sum. Batched: one read of the grants, of the
+        ledger and of its sums, and two reads of the record per month, whatever the number
+        of customers (a restart of a worker with many books is answered in seconds)."""
         async with self.lock:
             rows = await self.chio.call(store.grant_rows)
             by_customer: dict[str, list[dict[str, Any]]] = defaultdict(list)
             for row in rows:
                 by_customer[row["customer_id"]].append(row)
-            for customer, grant_rows in by_customer.items():
-                try:
-                    await self._resume(customer, grant_rows)
-                except CreditsError as exc:
-                    log.error("credits of %s not loaded: %s", customer, exc)
+            now = now_ms()
+            inputs = {c: inputs_of(r) for c, r in by_customer.items()}
+            inputs = {c: (g, v) for c, (g, v) in inputs.items() if g}
+            if inputs:
+                await self._resume(inputs, now)
             self.ready.set()
         log.info("credits: %d book(s) resumed", len(self.books))
 
-    async def _resume(self, customer: str, grant_rows: Sequence[Mapping[str, Any]]) -> None:
-        grants, voids = inputs_of(grant_rows)
-        if not grants:
-            return
-        currency = grants[0].currency
-        now = now_ms()
-        first = min(g.effective_ms for g in grants)
-        spends: list[SpendChange] = []
-        use: tuple[str, dict[str, Decimal]] = (period_label(now), {})
-        for label in _periods_between(first, now):
-            found = await self.read(spend_levels, self.plans, customer, Period.month(label))
-            spends += self._changes(customer, currency, found, None, now)
-            if label == period_label(now):
-                use = (label, found.usage)
-        ledger = [entry_of(r) for r in await self.chio.call(store.ledger_rows, [customer])]
-        book, step = CreditBook.resume(
-            customer,
-            currency,
-            ledger=ledger,
-            grants=grants,
-            voids=voids,
-            spends=spends,
-            now_ms=now,
-        )
-        await self._append(step)
-        recorded = await self.chio.call(store.ledger_balance, customer)
-        if recorded != book.balance:
-            raise CreditsError(
-                f"ledger sum {canon(recorded)} differs from the recomputed balance "
-                f"{canon(book.balance)} after resuming"
+    async def _resume(self, inputs: Mapping[str, tuple[list[Grant], list[Void]]], now: int) -> None:
+        """The books of every customer of ``inputs`` (grants, voids) resumed at ``now``."""
+        this_period = period_label(now)
+        by_period: dict[str, list[str]] = defaultdict(list)
+        for customer, (grants, _) in inputs.items():
+            for label in _periods_between(min(g.effective_ms for g in grants), now):
+                by_period[label].append(customer)
+        spends: dict[str, list[SpendChange]] = defaultdict(list)
+        failed: dict[str, str] = {}
+        for label in sorted(by_period):
+            errors: dict[str, Exception] = {}
+            found = await self.read(
+                spend_levels_of, self.plans, by_period[label], Period.month(label), errors=errors
             )
-        if step.entries:
-            log.warning(
-                "credits of %s: %d ledger line(s) written on resume", customer, len(step.entries)
-            )
-        self.books[customer] = book
-        self.usage[customer] = use
-        await self._decide(customer, f"resume:{now}")
+            for customer, exc in errors.items():
+                failed[customer] = f"{label} not priced: {exc}"
+            for customer, spend in found.items():
+                currency = inputs[customer][0][0].currency
+                spends[customer] += self._changes(customer, currency, spend, None, now)
+                if label == this_period:
+                    self.usage[customer] = (label, spend.usage)
+        ledgers: dict[str, list[LedgerEntry]] = defaultdict(list)
+        for row in await self.chio.call(store.ledger_rows, list(inputs)):
+            ledgers[row["customer_id"]].append(entry_of(row))
+        books: dict[str, CreditBook] = {}
+        for customer, (grants, voids) in inputs.items():
+            if customer in failed:
+                continue
+            try:
+                book, step = CreditBook.resume(
+                    customer,
+                    grants[0].currency,
+                    ledger=ledgers[customer],
+                    grants=grants,
+                    voids=voids,
+                    spends=spends[customer],
+                    now_ms=now,
+                )
+            except CreditsError as exc:
+                failed[customer] = str(exc)
+                continue
+            if step.entries:
+                log.warning(
+                    "credits of %s: %d ledger line(s) written on resume",
+                    customer,
+                    len(step.entries),
+                )
+            self._unwritten += step.entries
+            books[customer] = book
+        await self._flush()
+        recorded = await self.chio.call(store.ledger_balances, list(books))
+        for customer, book in books.items():
+            held = recorded.get(customer, _ZERO)
+            if held != book.balance:
+                failed[customer] = (
+                    f"ledger sum {canon(held)} differs from the recomputed balance "
+                    f"{canon(book.balance)} after resuming"
+                )
+                continue
+            self.books[customer] = book
+        for customer, why in failed.items():
+            log.error("credits of %s not loaded: %s", customer, why)
+            self.usage.pop(customer, None)
+        limits = await self._limits_now(list(self.books), now)
+        for customer in self.books:
+            await self._decide(customer, f"resume:{now}", limits.get(customer, {}))
 
     def _changes(
         self,
@@ -471,6 +594,7 @@ class CreditService:
         if not self.ready.is_set():
             return
         dirty, self.dirty = self.dirty, defaultdict(set)
+        self.marked.clear()
         try:
             await self._burn(dirty)
         except BaseException:  # what was not burned is burned next time
@@ -479,59 +603,95 @@ class CreditService:
             raise
 
     async def _burn(self, dirty: Mapping[str, set[str]]) -> None:
+        """One tick: the dirty customers of each period priced together (two reads per
+        period, whatever their number), every changed level applied and every clock moved,
+        the ledger lines of the whole tick written in one insert, then each changed
+        customer's entitlement decided (its plan's limits read once for all)."""
         async with self.lock:
+            await self._flush()  # what a failed tick left unwritten, before anything else
             now = now_ms()
             this_period = period_label(now)
             no_book = [c for c, p in dirty.items() if c not in self.books and this_period in p]
             if no_book:  # no credits: nothing to burn; a limited plan's usage counts
                 await self._usage_limited(no_book, this_period, now)
+            by_period: dict[str, list[str]] = defaultdict(list)
             for customer, periods in dirty.items():
-                book = self.books.get(customer)
-                if book is None:
-                    continue
-                for label in sorted(periods):
-                    try:
-                        found = await self.read(
-                            spend_levels, self.plans, customer, Period.month(label)
-                        )
-                    except (PricingError, KeyError, ValueError) as exc:  # e.g. two currencies
-                        log.warning("credits of %s: %s not priced: %s", customer, label, exc)
-                        continue
+                if customer in self.books:
+                    for label in periods:
+                        by_period[label].append(customer)
+            changed: dict[str, str] = {}  # customer -> the cause of its decision
+            for label in sorted(by_period):
+                for customer, found in (await self._priced(by_period[label], label)).items():
+                    book = self.books[customer]
                     if label == this_period:
                         self.usage[customer] = (label, found.usage)
                     for change in self._changes(customer, book.currency, found, book, now, label):
-                        await self._append(book.apply(change, now))
-                await self._decide(customer, f"usage:{now}")
+                        self._unwritten += book.apply(change, now).entries
+                    changed[customer] = f"usage:{now}"
             for customer, book in self.books.items():
-                step = book.advance(now)
-                if step.entries:
-                    await self._append(step)
-                    await self._decide(customer, f"clock:{now}")
+                entries = book.advance(now).entries
+                if entries:
+                    self._unwritten += entries
+                    changed.setdefault(customer, f"clock:{now}")
+            if self._period is not None and self._period != this_period:
+                # a new month: usage and limits start again, for every customer followed
+                for customer in (*self.books, *self.limits):
+                    changed.setdefault(customer, f"period:{now}")
+            self._period = this_period
+            await self._flush()
+            limits = await self._limits_now(list(changed), now)
+            for customer, cause in changed.items():
+                await self._decide(customer, cause, limits.get(customer, {}))
+
+    async def _priced(self, customers: Sequence[str], label: str) -> dict[str, PeriodSpend]:
+        """:func:`spend_levels_of` of ``customers`` in the period ``label``; a customer whose
+        usage cannot be priced (two currencies, a plan no longer in the file) is logged and
+        left out, the others are priced."""
+        errors: dict[str, Exception] = {}
+        found = await self.read(
+            spend_levels_of, self.plans, customers, Period.month(label), errors=errors
+        )
+        for customer, exc in errors.items():
+            log.warning("credits of %s: %s not priced: %s", customer, label, exc)
+        return dict(found)
+
+    async def _limits_now(
+        self, customers: Sequence[str], now: int
+    ) -> dict[str, dict[str, Decimal]]:
+        """The limits of the plan in force of each of ``customers`` (one read; none without
+        limits in the plans file)."""
+        if not self.plans.has_limits or not customers:
+            return {}
+        return dict(await self.read(plans_limits, self.plans, customers, now))
 
     async def _usage_limited(self, customers: Sequence[str], label: str, now: int) -> None:
         """Customers without credits whose usage of this period changed: the entitlement of
         each whose plan has limits, or had them (a plan change), is decided and published
-        (one read of all their plans, then one usage read per limited customer)."""
+        (one read of all their plans, then one usage read for all the limited ones)."""
         try:
             limits = await self.read(plans_limits, self.plans, customers, now)
         except (PricingError, KeyError, ValueError) as exc:
             log.warning("limits of %d customer(s) not read: %s", len(customers), exc)
             return
-        for customer in customers:
+        # a plan without limits, and none before, and nobody reads it: nothing kept
+        watched = self.watched
+        tracked = [c for c in customers if limits.get(c) or c in self.limits or c in watched]
+        if not tracked:
+            return
+        for customer, found in (await self._priced(tracked, label)).items():
             mine = limits.get(customer, {})
-            if not mine and customer not in self.limits:
-                continue  # a plan without limits: nothing read, nothing kept
-            try:
-                found = await self.read(spend_levels, self.plans, customer, Period.month(label))
-            except (PricingError, KeyError, ValueError) as exc:
-                log.warning("usage of %s: %s not read: %s", customer, label, exc)
-                continue
             self.usage[customer] = (label, found.usage)
+            if not mine and customer not in self.limits:  # only read: kept, not published
+                self.entitlements[customer] = decide(
+                    self._status(customer, f"usage:{now}", {}), requires_balance=False
+                )
+                continue
             await self._decide(customer, f"usage:{now}", mine)
             if not mine:
                 self.limits.pop(customer, None)
-                self.entitlements.pop(customer, None)
-                self.usage.pop(customer, None)
+                if customer not in watched:
+                    self.entitlements.pop(customer, None)
+                    self.usage.pop(customer, None)
 
     async def balance_after(
         self, customer: str, periods: Iterable[str], rewrite: WindowRewrite
@@ -655,16 +815,19 @@ class CreditService:
         }
 
     async def entitlement_document(self, customer: str) -> dict[str, Any]:
-        """A customer with credits, or on a plan with usage limits that has used it this
-        period: from the worker's state. Otherwise: read from the record (this month's usage
-        and the limits of its plan now)."""
+        """From the worker's state: a customer with credits, on a plan with usage limits or
+        read before. A customer read for the first time (or first this month) is read from
+        the record (this month's usage and its plan's limits, two reads) and followed from
+        then on, up to :data:`WATCH_LIMIT` customers, so its next reads come from memory."""
         found = self.entitlements.get(customer)
         now = now_ms()
         label = period_label(now)
         if found is not None and (customer in self.books or found.period == label):
             return found.to_json()
-        spend = await self.read(spend_levels, self.plans, customer, Period.month(label))
-        limits = await self.read(plan_limits, self.plans, customer, now)
+        spends = await self.read(
+            spend_levels_of, self.plans, [customer], Period.month(label), limits_at_ms=now
+        )
+        spend = spends[customer]
         status = CustomerStatus(
             customer_id=customer,
             currency=self.plans.default.money.code,
@@ -673,33 +836,43 @@ class CreditService:
             balance=_ZERO,
             period=label,
             usage=spend.usage,
-            limits=limits,
+            limits=spend.limits,
         )
-        return decide(status, requires_balance=False).to_json()
+        entitlement = decide(status, requires_balance=False)
+        if customer not in self.entitlements and len(self.watched) < WATCH_LIMIT:
+            # followed from now: its batches mark it, and the next tick reads it again
+            # (a batch that landed during this read is not missed)
+            self.watched.add(customer)
+            self.entitlements[customer] = entitlement
+            self.usage.setdefault(customer, (label, spend.usage))
+            self.dirty[customer].add(label)
+            self.marked.set()
+        return entitlement.to_json()
 
     # -- internals
 
     async def _append(self, step: Step) -> None:
-        if step.entries:
-            await self.chio.call(store.append_entries, [entry_row(e) for e in step.entries])
+        self._unwritten += step.entries
+        await self._flush()
 
-    async def _decide(
-        self, customer: str, cause: str, limits: Mapping[str, Decimal] | None = None
-    ) -> None:
-        """Decide the customer's entitlement (with ``limits``, else its plan's limits now,
-        read when a plan sets any), run its alerts and listeners, publish a change."""
+    async def _flush(self) -> None:
+        """Write the ledger lines the books made and the ledger lacks, in one insert. On a
+        failure they stay and are written first by the next write (an entry id repeated
+        collapses in ``credit_ledger``), so a book never runs ahead of its ledger for
+        longer than a failed write; nothing is decided or published before they are in."""
+        if self._unwritten:
+            entries = list(self._unwritten)
+            await self.chio.call(store.append_entries, [entry_row(e) for e in entries])
+            del self._unwritten[: len(entries)]
+
+    def _status(self, customer: str, cause: str, limits: Mapping[str, Decimal]) -> CustomerStatus:
+        """What the worker holds of ``customer`` now: balance, this month's usage, limits."""
         book = self.books.get(customer)
         now = now_ms()
         label, use = self.usage.get(customer, (period_label(now), {}))
         if label != period_label(now):
             label, use = period_label(now), {}
-        if limits is None:
-            limits = {}
-            if self.plans.has_limits:
-                limits = await self.read(plan_limits, self.plans, customer, now)
-        if limits:
-            self.limits[customer] = dict(limits)
-        status = CustomerStatus(
+        return CustomerStatus(
             customer_id=customer,
             currency=book.currency if book is not None else self.plans.default.money.code,
             at_ms=now,
@@ -709,6 +882,21 @@ class CreditService:
             usage=use,
             limits=limits,
         )
+
+    async def _decide(
+        self, customer: str, cause: str, limits: Mapping[str, Decimal] | None = None
+    ) -> None:
+        """Decide the customer's entitlement (with ``limits``, else its plan's limits now,
+        read when a plan sets any), run its alerts and listeners, publish a change."""
+        book = self.books.get(customer)
+        now = now_ms()
+        if limits is None:
+            limits = {}
+            if self.plans.has_limits:
+                limits = await self.read(plan_limits, self.plans, customer, now)
+        if limits:
+            self.limits[customer] = dict(limits)
+        status = self._status(customer, cause, limits)
         entitlement = decide(status, requires_balance=book is not None)
         self.entitlements[customer] = entitlement
         if self.alerts is not None:

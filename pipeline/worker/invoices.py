@@ -139,6 +139,47 @@ def merge_windows(aggregation: str, windows: Sequence[Mapping[str, Any]]) -> Dec
     raise ValueError(f"unknown aggregation {aggregation!r}")
 
 
+def merged_to_date(
+    aggregation: str, batches: Sequence[Sequence[Mapping[str, Any]]]
+) -> list[Decimal]:
+    """``merge_windows`` of the windows of ``batches[0..i]``, for every ``i``, in one pass
+    (the credit burn prices a month of hourly windows each tick: a merge from scratch per
+    window would be quadratic)."""
+    out: list[Decimal] = []
+    if aggregation == "unique_count":
+        seen: set[Any] = set()
+        for batch in batches:
+            for w in batch:
+                seen.update(w["distinct_values"])
+            out.append(Decimal(len(seen)))
+        return out
+    if aggregation == "latest":
+        last: Mapping[str, Any] | None = None
+        for batch in batches:
+            for w in batch:
+                if last is None or (w["latest_ts_ms"], str(w["latest_key"]).encode()) > (
+                    last["latest_ts_ms"],
+                    str(last["latest_key"]).encode(),
+                ):
+                    last = w
+            out.append(ZERO if last is None else Decimal(last["value"]))
+        return out
+    value: Decimal | None = None
+    for batch in batches:
+        if batch:
+            here = merge_windows(aggregation, batch)
+            if value is None:
+                value = here
+            elif aggregation in ("sum", "count"):
+                value += here
+            elif aggregation == "max":
+                value = max(value, here)
+            else:
+                value = min(value, here)
+        out.append(ZERO if value is None else value)
+    return out
+
+
 def _day(ms: int) -> int:
     return ms - ms % DAY_MS
 

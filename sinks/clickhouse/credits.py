@@ -124,12 +124,22 @@ def _decimals(row: dict[str, Any], *names: str) -> dict[str, Any]:
 
 def ledger_balance(ch: ClickHouse, customer_id: str) -> Decimal:
     """The sum of the customer's ledger, computed by ClickHouse."""
+    return ledger_balances(ch, [customer_id]).get(customer_id, Decimal(0))
+
+
+def ledger_balances(ch: ClickHouse, customers: Iterable[str]) -> dict[str, Decimal]:
+    """The sum of the ledger of each of ``customers`` that has one, computed by ClickHouse
+    (one read)."""
+    customers = list(customers)
+    if not customers:
+        return {}
+    where, params = _customers_filter(customers)
     rows = ch.query_rows(
-        f"SELECT toString(sum(amount)) FROM {CREDIT_LEDGER} FINAL"
-        " WHERE customer_id = {customer:String}",
-        parameters={"customer": customer_id},
+        f"SELECT customer_id, toString(sum(amount)) FROM {CREDIT_LEDGER} FINAL {where}"
+        " GROUP BY customer_id",
+        parameters=params,
     )
-    return Decimal(str(rows[0][0])) if rows else Decimal(0)
+    return {str(r[0]): Decimal(str(r[1])) for r in rows}
 
 
 # ------------------------------------------------------------------ alerts

@@ -169,17 +169,18 @@ class ReadIO:
 
     # -- other reads -----------------------------------------------------------------
 
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(reader, *args)`` on the reads thread with its read-only connection."""
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(reader, *args, **kwargs)`` on the reads thread with its read-only
+        connection."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reads, self._read, fn, *args)
+        return await loop.run_in_executor(self._reads, lambda: self._read(fn, *args, **kwargs))
 
-    def _read(self, fn: Callable[..., T], *args: Any) -> T:
+    def _read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._reader is None:
             self._reader = self._ch.reader(
                 {"max_execution_time": self.limits.max_seconds, "readonly": 1}
             )
-        return fn(self._reader, *args)
+        return fn(self._reader, *args, **kwargs)
 
     def close(self) -> None:
         for executor in (self._sql, self._control, self._reads):

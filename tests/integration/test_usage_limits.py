@@ -172,3 +172,106 @@ def test_a_free_tier_loses_access_at_the_event_that_reaches_its_limit(stack: Sta
     for who in ("acme", "carol"):
         url = f"{worker.web_url}/v1/customers/{who}/entitlements"
         print(f"entitlements GET over HTTP ({who}): {read_latencies(url, operator, 200)}")
+
+
+def _chat(customer: str, key: str, at_ms: int, tokens: int) -> dict[str, Any]:
+    return {
+        "event_name": "chat",
+        "customer_id": customer,
+        "idempotency_key": key,
+        "timestamp": at_ms,
+        "properties": {"tokens": tokens},
+    }
+
+
+def test_a_plan_change_takes_effect_without_new_usage(stack: StackSlice) -> None:
+    """A free-tier customer at its limit moved to an unlimited plan gets access back (API and
+    topic), and a customer with credits moved to a priced plan has its month's usage burned,
+    both with no event after the change (on the old worker: only at the next usage)."""
+    operator = KeyStore(stack.tmp / "state" / "api_keys.json").create("operator")[1]
+    (stack.tmp / "plans.yaml").write_text(PLANS)
+    worker = stack.start_worker(
+        stack.meters_file(METERS), METERSTREAM_PLANS_FILE=str(stack.tmp / "plans.yaml")
+    )
+    acme, bob = (f"{worker.web_url}/v1/customers/{c}" for c in ("acme", "bob"))
+    wait_until(lambda: status_of(f"{acme}/entitlements", operator) == 200, what="worker ready")
+    request_json(f"{bob}/credits/grants", operator, "POST", {"amount": "5", "grant_id": "b-1"})
+    start = time.time_ns() // 1_000_000 - 5_000
+    stack.produce([_chat("acme", "a-1", start, 1000), _chat("bob", "b-1", start, 1000)])
+
+    def used(base: str, want: str) -> dict[str, Any] | None:
+        doc = request_json(f"{base}/entitlements", operator)
+        return doc if doc["usage"].get("tokens", {}).get("used") == want else None
+
+    off = wait_until(lambda: used(acme, "1000"), timeout=60, what="acme at its limit")
+    assert off is not None and off["has_access"] is False and off["reasons"] == ["usage_limit"]
+    assert wait_until(lambda: used(bob, "1000"), timeout=60, what="bob's usage seen")
+    assert Decimal(request_json(f"{bob}/credits", operator)["balance"]) == 5  # free: no burn
+
+    month = time.strftime("%Y-%m-01", time.gmtime(start / 1000))
+    for base in (acme, bob):
+        request_json(f"{base}/plans", operator, "PUT", {"plan": "pro", "from": month})
+
+    def acme_back() -> dict[str, Any] | None:
+        doc = request_json(f"{acme}/entitlements", operator)
+        return doc if doc["has_access"] else None
+
+    doc = wait_until(acme_back, timeout=30, what="acme's access back after the plan change")
+    assert doc is not None and doc["reasons"] == [] and doc["usage"]["tokens"]["limit"] is None
+
+    def acme_published() -> dict[str, Any] | None:
+        mine = [r for r in _records(stack, "entitlements") if r["customer_id"] == "acme"]
+        return mine[-1] if mine and mine[-1]["has_access"] else None
+
+    last = wait_until(acme_published, timeout=30, what="acme's access on the topic")
+    assert last is not None and last["usage"]["tokens"]["used"] == "1000"
+
+    # 1000 tokens at 0.001 usd burned from bob's 5 usd, with no new event
+    expected = Decimal(5) - Decimal(1000) * Decimal("0.001")
+    wait_until(
+        lambda: Decimal(request_json(f"{bob}/credits", operator)["balance"]) == expected,
+        timeout=30,
+        what="bob's usage priced on the new plan",
+    )
+
+
+UNLIMITED = """
+plans:
+  - name: pro
+    currency: usd
+    prices: [{meter: tokens, unit_price: 0.001}]
+default_plan: pro
+"""
+
+
+def test_a_customer_read_once_is_followed_from_the_worker_state(stack: StackSlice) -> None:
+    """A customer without credits or limits: its first entitlement read comes from the record,
+    and from then on the worker follows its usage, so later reads (from memory) include the
+    events sent after the first read, exactly."""
+    operator = KeyStore(stack.tmp / "state" / "api_keys.json").create("operator")[1]
+    (stack.tmp / "plans.yaml").write_text(UNLIMITED)
+    worker = stack.start_worker(
+        stack.meters_file(METERS), METERSTREAM_PLANS_FILE=str(stack.tmp / "plans.yaml")
+    )
+    erin = f"{worker.web_url}/v1/customers/erin/entitlements"
+    wait_until(lambda: status_of(erin, operator) == 200, what="worker ready")
+    start = time.time_ns() // 1_000_000 - 5_000
+    stack.produce([_chat("erin", "e-0", start, 100)])
+
+    def used(want: str) -> dict[str, Any] | None:
+        doc = request_json(erin, operator)
+        return doc if doc["usage"].get("tokens", {}).get("used") == want else None
+
+    assert wait_until(lambda: used("100"), timeout=60, what="erin's first usage")
+    total = 100
+    for i, tokens in enumerate([7, 30, 200], start=1):  # each seen after the first read
+        stack.produce([_chat("erin", f"e-{i}", start + i, tokens)])
+        stack.produce([_chat("erin", f"e-{i}", start + i, tokens)])  # a duplicate: once
+        total += tokens
+        doc = wait_until(lambda t=total: used(str(t)), timeout=60, what=f"erin at {total}")
+        assert doc is not None and doc["has_access"] is True
+    time.sleep(1.5)  # a later tick changes nothing: the duplicates counted once
+    assert used(str(total)) is not None
+    print(f"entitlements GET over HTTP (erin, followed): {read_latencies(erin, operator, 200)}")
+    fresh = f"{worker.web_url}/v1/customers/frank/entitlements"
+    print(f"entitlements GET over HTTP (frank, first read): {read_latencies(fresh, operator, 1)}")

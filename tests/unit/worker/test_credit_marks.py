@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 from meterstream.meters.fold import WindowKey
@@ -35,3 +36,27 @@ def test_once_resumed_only_customers_with_credits_are_marked() -> None:
     credits.books["acme"] = object()  # type: ignore[assignment]
     credits.record_changed([], {_key("acme"): None}, {_key("bob")})
     assert dict(credits.dirty) == {"acme": {"2026-11"}}
+
+
+def test_a_mark_wakes_the_burn_and_nothing_else_does() -> None:
+    """The burn loop waits for a marked customer (then the gap), else the full interval."""
+
+    async def scenario() -> tuple[float, float, bool]:
+        credits = _service()
+        credits.ready.set()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        credits.record_changed([], {_key("nobody"): None}, set())  # no book: no mark
+        assert not credits.marked.is_set()
+        await credits.burn_soon(every=0.3, gap=0.0)  # nothing marked: the whole interval
+        idle = loop.time() - started
+        credits.books["acme"] = object()  # type: ignore[assignment]
+        loop.call_later(0.05, credits.record_changed, [], {_key("acme"): None}, set())
+        started = loop.time()
+        await credits.burn_soon(every=30.0, gap=0.0)  # woken by the batch, not the timer
+        return idle, loop.time() - started, credits.marked.is_set()
+
+    idle, woken, marked = asyncio.run(scenario())
+    assert idle >= 0.29
+    assert woken < 10.0
+    assert marked
