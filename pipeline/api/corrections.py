@@ -115,7 +115,7 @@ def register(routes: Routes, service: CorrectionService, meters: MetersConfig) -
                 limit = max(1, min(1000, int(request.query.get("limit", "100"))))
             except ValueError:
                 raise CorrectionError("limit: a number of 1-1000") from None
-            rows = await service.chio.call(store.corrections, limit)
+            rows = await service.services.chio.call(store.corrections, limit)
             return respond(self, {"corrections": rows})
 
     @app.page("/v1/corrections/{correction_id}")
@@ -123,7 +123,9 @@ def register(routes: Routes, service: CorrectionService, meters: MetersConfig) -
         @guarded
         async def get(self, request: Request, correction_id: str) -> Response:
             operator_name(request)
-            doc = await service.chio.call(store.correction, correction_id, with_events=True)
+            doc = await service.services.chio.call(
+                store.correction, correction_id, with_events=True
+            )
             if doc is None:
                 return respond(self, {"error": f"no correction {correction_id!r}"}, 404)
             return respond(self, doc)
