@@ -14,7 +14,7 @@ import pytest
 import stripe
 
 from meterstream.errors import StripeError
-from meterstream.sinks.stripe.client import SendResult, StripeMeterClient
+from meterstream.sinks.stripe.client import MeterSpec, SendResult, StripeMeterClient
 from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 from meterstream.sinks.stripe.payloads import build_meter_event, meter_event_identifier
 
@@ -78,7 +78,7 @@ def raw_create(sdk: stripe.StripeClient, params: Any, options: Any = None) -> An
 
 def new_meter(client: StripeMeterClient, formula: Any = "sum") -> dict[str, Any]:
     event_name = f"ev_{uuid.uuid4().hex[:10]}"
-    return client.create_meter(f"Meter {event_name}", event_name, formula)
+    return client.create_meter(MeterSpec(f"Meter {event_name}", event_name, formula))
 
 
 def minute_start(ts: int) -> int:
@@ -97,13 +97,13 @@ def test_create_and_list_meters(client: StripeMeterClient) -> None:
     assert [m["id"] for m in client.list_meters()] == [meter["id"]]
 
     with pytest.raises(StripeError) as err:
-        client.create_meter("again", meter["event_name"], "sum")
+        client.create_meter(MeterSpec("again", meter["event_name"], "sum"))
     assert err.value.status == 400
     assert err.value.code == "resource_already_exists"
     assert not err.value.retryable
-    assert client.ensure_meter("x", meter["event_name"], "sum")["id"] == meter["id"]
+    assert client.ensure_meter(MeterSpec("x", meter["event_name"], "sum"))["id"] == meter["id"]
     with pytest.raises(StripeError, match="expected"):
-        client.ensure_meter("x", meter["event_name"], "last")
+        client.ensure_meter(MeterSpec("x", meter["event_name"], "last"))
 
 
 def test_events_sum_into_event_summaries(
