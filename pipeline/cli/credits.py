@@ -124,26 +124,35 @@ def _balance_text(doc: Any) -> None:
         )
 
 
-def cmd_balance(args: argparse.Namespace) -> int:
+def _read(args: argparse.Namespace, tail: str, direct: Callable[[Any, str], Any]) -> Any:
+    """The running worker's answer to ``GET /v1/customers/{customer}/credits{tail}``, or,
+    without a worker, ``direct(ch, customer)`` on ClickHouse's credit tables."""
     from meterstream.billing.customers import _direct, _request
     from meterstream.endpoints import web_url
-    from meterstream.sinks.clickhouse import credits as store
 
     settings = _settings(args)
     customer = _customer(args.customer)
     url = web_url(settings)
     if url:
-        doc = _request(settings, "GET", _url(url, customer))
-    else:
-        ch = _direct(settings)
-        try:
-            rows = store.ledger_rows(ch, [customer])
-            total = store.ledger_balance(ch, customer)
-        finally:
-            ch.close()
-        currency = rows[0]["currency"] if rows else ""
-        doc = {"customer_id": customer, "balance": str(total), "currency": currency}
-    _print(doc, args.format, _balance_text)
+        return _request(settings, "GET", _url(url, customer, tail))
+    ch = _direct(settings)
+    try:
+        return direct(ch, customer)
+    finally:
+        ch.close()
+
+
+def _balance_direct(ch: Any, customer: str) -> dict[str, Any]:
+    from meterstream.sinks.clickhouse import credits as store
+
+    rows = store.ledger_rows(ch, [customer])
+    total = store.ledger_balance(ch, customer)
+    currency = rows[0]["currency"] if rows else ""
+    return {"customer_id": customer, "balance": str(total), "currency": currency}
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    _print(_read(args, "", _balance_direct), args.format, _balance_text)
     return 0
 
 
@@ -160,24 +169,15 @@ def _ledger_text(doc: Any) -> None:
     )
 
 
-def cmd_ledger(args: argparse.Namespace) -> int:
-    from meterstream.billing.customers import _direct, _request
-    from meterstream.endpoints import web_url
+def _ledger_direct(ch: Any, customer: str) -> dict[str, Any]:
     from meterstream.sinks.clickhouse import credits as store
     from meterstream.worker.credits import ledger_document
 
-    settings = _settings(args)
-    customer = _customer(args.customer)
-    url = web_url(settings)
-    if url:
-        doc = _request(settings, "GET", _url(url, customer, "/ledger"))
-    else:
-        ch = _direct(settings)
-        try:
-            doc = ledger_document(store.ledger_rows(ch, [customer]), customer)
-        finally:
-            ch.close()
-    _print(doc, args.format, _ledger_text)
+    return ledger_document(store.ledger_rows(ch, [customer]), customer)
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    _print(_read(args, "/ledger", _ledger_direct), args.format, _ledger_text)
     return 0
 
 
