@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from meterstream.cli.options import SettingsOf, command_group, group_parent
+from meterstream.cli.output import print_doc
 from meterstream.errors import CreditsError, MeterstreamError
 from meterstream.settings import Settings
 
@@ -37,13 +38,6 @@ def _customer(text: str) -> str:
         return check_customer_id(text)
     except ValueError as exc:
         raise MeterstreamError(str(exc)) from None
-
-
-def _print(doc: Any, fmt: str, text: Callable[[Any], None]) -> None:
-    if fmt == "json":
-        print(json.dumps(doc, sort_keys=True, default=str))
-    else:
-        text(doc)
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
@@ -152,7 +146,7 @@ def _balance_direct(ch: Any, customer: str) -> dict[str, Any]:
 
 
 def cmd_balance(args: argparse.Namespace) -> int:
-    _print(_read(args, "", _balance_direct), args.format, _balance_text)
+    print_doc(_read(args, "", _balance_direct), args.format, _balance_text)
     return 0
 
 
@@ -177,7 +171,7 @@ def _ledger_direct(ch: Any, customer: str) -> dict[str, Any]:
 
 
 def cmd_ledger(args: argparse.Namespace) -> int:
-    _print(_read(args, "/ledger", _ledger_direct), args.format, _ledger_text)
+    print_doc(_read(args, "/ledger", _ledger_direct), args.format, _ledger_text)
     return 0
 
 
@@ -225,7 +219,7 @@ def cmd_purchase(args: argparse.Namespace) -> int:
 
 def cmd_purchases(args: argparse.Namespace) -> int:
     _, doc = _through_worker(args, "GET", "/purchases")
-    _print(doc, args.format, lambda d: print("\n".join(map(_purchase_line, d["purchases"]))))
+    print_doc(doc, args.format, lambda d: print("\n".join(map(_purchase_line, d["purchases"]))))
     return 0
 
 
@@ -251,7 +245,7 @@ def cmd_recharge(args: argparse.Namespace) -> int:
             f"back to {rule['target']}"
         )
 
-    _print(doc, args.format, text)
+    print_doc(doc, args.format, text)
     return 0
 
 
