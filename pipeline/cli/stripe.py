@@ -188,12 +188,7 @@ def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
             await producer.stop()
 
     forwarder = Forwarder(
-        settings,
-        meters,
-        calls,
-        Metrics(),
-        stripe_client(settings),
-        publish_error=publish_error,
+        settings, meters, calls, stripe_client(settings), publish_error=publish_error
     )
     return forwarder, calls
 

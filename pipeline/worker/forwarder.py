@@ -49,7 +49,6 @@ def install_forwarder(services: WorkerServices) -> Forwarder | None:
         settings,
         services.meters,
         services.chio,
-        metrics,
         stripe_client(settings),
         owns,
         mapping_ready=follower.ready,

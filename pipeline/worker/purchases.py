@@ -108,17 +108,11 @@ def now_ms() -> int:
 class PurchaseDesk:
     """Every purchase's state, the auto-recharge rules, Stripe's calls and its webhook."""
 
-    def __init__(
-        self,
-        services: WorkerServices,
-        credits: CreditService,
-        alerts: AlertDesk,
-        client: StripeMeterClient | None = None,
-    ) -> None:
+    def __init__(self, services: WorkerServices, credits: CreditService, alerts: AlertDesk) -> None:
         self.services = services
         self.credits = credits
         self.alerts = alerts
-        self._client = client
+        self._client: StripeMeterClient | None = None  # made on the first call to Stripe
         self.purchases: dict[str, PurchaseState] = {}
         self.rules: dict[str, AutoRecharge] = {}
         self.recharge: dict[str, RechargeState] = {}

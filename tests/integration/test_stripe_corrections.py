@@ -129,9 +129,7 @@ class Stack:
         settings = Settings(
             stripe_api_base=emulator.url, stripe_transport="v1", stripe_correction_days=days
         )
-        self.forwarder = Forwarder(
-            settings, self.meters, ClickHouseIO(ch, Metrics()), Metrics(), self.client
-        )
+        self.forwarder = Forwarder(settings, self.meters, ClickHouseIO(ch, Metrics()), self.client)
 
     def record(self, *events: tuple[str, int, str]) -> None:
         """(idempotency key, timestamp, value) events of CUSTOMER into the record."""
