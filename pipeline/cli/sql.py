@@ -143,7 +143,8 @@ def usage_rows(
 
     ch = open_clickhouse(settings)
     try:
-        return json.loads(dumps(queries.usage(ch, customer, meter, start, end, None)))
+        rows = queries.usage(ch, queries.UsageQuery(customer, meter, start, end))
+        return json.loads(dumps(rows))
     finally:
         ch.close()
 
