@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from meterstream.cli.options import SettingsOf, command_group, group_parent
-from meterstream.cli.output import print_doc
+from meterstream.cli.output import add_format, print_doc
 from meterstream.errors import MeterstreamError
 from meterstream.events import canonical_json, loads_exact
 from meterstream.settings import Settings
@@ -216,7 +216,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 def register(sub: Any, common: argparse.ArgumentParser, settings_of: SettingsOf) -> None:
     """Add the ``corrections`` command group and ``backfill``."""
     base = group_parent(common, settings_of)
-    base.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(base)
     change = argparse.ArgumentParser(add_help=False, parents=[base])
     change.add_argument("--reason", required=True, help="why history is changed (logged)")
     change.add_argument("--author", help="who asks (logged, with the API key)")

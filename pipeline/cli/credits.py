@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from meterstream.cli.options import SettingsOf, command_group, group_parent
-from meterstream.cli.output import print_doc
+from meterstream.cli.output import add_format, print_doc
 from meterstream.errors import CreditsError, MeterstreamError
 from meterstream.settings import Settings
 
@@ -278,7 +278,7 @@ def register(sub: Any, common: argparse.ArgumentParser, settings_of: SettingsOf)
         dest="purchase_id",
         help="an id of your own (Stripe's idempotency key: a retry never charges twice)",
     )
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_purchase)
     p = csub.add_parser("recharge", parents=[base], help="auto-recharge: show, set or turn off")
     p.add_argument("customer")
@@ -286,7 +286,7 @@ def register(sub: Any, common: argparse.ArgumentParser, settings_of: SettingsOf)
     p.add_argument("--target", type=_amount, help="back up to this balance")
     p.add_argument("--priority", type=int, default=50, help="of the grants bought")
     p.add_argument("--off", action="store_true", help="turn auto-recharge off")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_recharge)
     for name, func, what in (
         ("purchases", cmd_purchases, "a customer's credit purchases and their status"),
@@ -295,7 +295,7 @@ def register(sub: Any, common: argparse.ArgumentParser, settings_of: SettingsOf)
     ):
         p = csub.add_parser(name, parents=[base], help=what)
         p.add_argument("customer")
-        p.add_argument("--format", choices=["table", "json"], default="table")
+        add_format(p)
         p.set_defaults(func=func)
 
 
