@@ -91,16 +91,15 @@ def backfill_request(body: Any) -> tuple[dict[str, Any], list[bytes] | None]:
 
 def register(routes: Routes, service: CorrectionService, meters: MetersConfig) -> None:
     """Add the routes; call before the guard is installed (pipeline/api/web.py)."""
-    app, respond = routes.app, routes.respond
-    guarded = functools.partial(routes.guarded, bad_input=(CorrectionError,))
+    respond = routes.respond
+    page = functools.partial(routes.page, bad_input=(CorrectionError,))
 
     def operator_name(request: Request) -> str:
         key = routes.operator(request, "correct history")
         return f"key {key.id} ({key.name})"
 
-    @app.page("/v1/corrections")
+    @page("/v1/corrections")
     class Corrections(View):
-        @guarded
         async def post(self, request: Request) -> Response:
             who = operator_name(request)
             correction = parse_correction(_body(await routes.json_body(request)), meters)
@@ -108,7 +107,6 @@ def register(routes: Routes, service: CorrectionService, meters: MetersConfig) -
             status = 200 if correction.dry_run or doc.get("repeated") else 201
             return respond(self, doc, status)
 
-        @guarded
         async def get(self, request: Request) -> Response:
             operator_name(request)
             try:
@@ -118,9 +116,8 @@ def register(routes: Routes, service: CorrectionService, meters: MetersConfig) -
             rows = await service.services.chio.call(store.corrections, limit)
             return respond(self, {"corrections": rows})
 
-    @app.page("/v1/corrections/{correction_id}")
+    @page("/v1/corrections/{correction_id}")
     class CorrectionOne(View):
-        @guarded
         async def get(self, request: Request, correction_id: str) -> Response:
             operator_name(request)
             doc = await service.services.chio.call(
@@ -130,9 +127,8 @@ def register(routes: Routes, service: CorrectionService, meters: MetersConfig) -
                 return respond(self, {"error": f"no correction {correction_id!r}"}, 404)
             return respond(self, doc)
 
-    @app.page("/v1/backfill")
+    @page("/v1/backfill")
     class Backfill(View):
-        @guarded
         async def post(self, request: Request) -> Response:
             who = operator_name(request)
             options, raws = backfill_request(_body(await routes.json_body(request)))

@@ -50,9 +50,8 @@ RECOMPUTE_FIELDS = frozenset(
 def register(routes: Routes, reads: ReadIO) -> None:
     respond = routes.respond
 
-    @routes.app.page("/v1/meters/diff")
+    @routes.page("/v1/meters/diff")
     class MetersDiff(View):
-        @routes.guarded
         async def post(self, request: Request) -> Response:
             routes.operator(request, "compare meter definitions")
             body = await _object(routes, request)
@@ -81,9 +80,8 @@ def register_recompute(
     """``POST /v1/meters/recompute`` (it needs the worker's correction service)."""
     respond = routes.respond
 
-    @routes.app.page("/v1/meters/recompute")
+    @routes.page("/v1/meters/recompute")
     class MetersRecompute(View):
-        @routes.guarded
         async def post(self, request: Request) -> Response:
             key = routes.operator(request, "recompute a meter")
             body = await _object(routes, request)

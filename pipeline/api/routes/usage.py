@@ -17,9 +17,8 @@ from meterstream.sinks.clickhouse.reads import ReadIO
 def register(routes: Routes, reads: ReadIO) -> None:
     respond = routes.respond
 
-    @routes.app.page("/v1/customers/{customer_id}/usage")
+    @routes.page("/v1/customers/{customer_id}/usage")
     class Usage(View):
-        @routes.guarded
         async def get(self, request: Request, customer_id: str) -> Response:
             key = routes.reader(request)
             if key is not None and key.customer_id not in (None, customer_id):
