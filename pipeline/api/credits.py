@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -47,7 +48,7 @@ from meterstream.billing.assignments import BadSchedule, parse_instant
 from meterstream.credits.money import json_decimal
 from meterstream.credits.purchases import Purchase
 from meterstream.credits.recharge import AutoRecharge
-from meterstream.errors import CreditsError, PurchaseRefused
+from meterstream.errors import CreditsError, Denied, PurchaseRefused
 from meterstream.sinks.clickhouse import credits as store
 from meterstream.sinks.clickhouse.reads import ReadIO
 from meterstream.worker.alerts import thresholds_of
@@ -140,10 +141,13 @@ def register(
     respond = routes.respond
     page = functools.partial(routes.page, bad_input=(CreditsError,))
 
-    def not_ready(view: View) -> Response | None:
-        if credits.ready.is_set():
-            return None
-        return respond(view, {"error": "credits are being rebuilt; retry shortly"}, 503)
+    def ready_customer(request: Request, customer_id: str) -> str:
+        """``customer_id``, once the request's key may read it and the books are rebuilt
+        (503 while they are: what they would answer is not yet the customer's)."""
+        customer = routes.readable_customer(request, customer_id)
+        if not credits.ready.is_set():
+            raise Denied(503, "credits are being rebuilt; retry shortly")
+        return customer
 
     async def json_body(request: Request) -> Any:
         raw = await routes.json_body(request)
@@ -155,9 +159,7 @@ def register(
     @page("/v1/customers/{customer_id}/credits")
     class Credits(View):
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = routes.readable_customer(request, customer_id)
-            if (busy := not_ready(self)) is not None:
-                return busy
+            customer = ready_customer(request, customer_id)
             doc = credits.balance_document(customer)
             if doc is None:
                 return respond(self, {"error": f"no credits for customer {customer!r}"}, 404)
@@ -199,9 +201,7 @@ def register(
     @page("/v1/customers/{customer_id}/credits/alerts")
     class CreditAlerts(View):
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = routes.readable_customer(request, customer_id)
-            if (busy := not_ready(self)) is not None:
-                return busy
+            customer = ready_customer(request, customer_id)
             assert credits.alerts is not None
             return respond(self, credits.alerts.document(customer))
 
@@ -218,9 +218,7 @@ def register(
     @page("/v1/customers/{customer_id}/entitlements")
     class Entitlements(View):
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = routes.readable_customer(request, customer_id)
-            if (busy := not_ready(self)) is not None:
-                return busy
+            customer = ready_customer(request, customer_id)
             doc = await credits.entitlement_document(customer)
             meter = request.query.get("meter")
             if meter:
@@ -245,11 +243,17 @@ def _register_purchases(
         body = await json_body(request)
         return parse(customer, body, credits.currency_of(customer)), f"key {key.id} ({key.name})"
 
+    def customer_document(document: Callable[[str], Any]) -> Any:
+        """A GET handler: ``document(customer)``, to a key that may read the customer."""
+
+        async def get(view: View, request: Request, customer_id: str) -> Response:
+            return respond(view, document(routes.readable_customer(request, customer_id)))
+
+        return get
+
     @page("/v1/customers/{customer_id}/credits/purchases")
     class CreditPurchases(View):
-        async def get(self, request: Request, customer_id: str) -> Response:
-            customer = routes.readable_customer(request, customer_id)
-            return respond(self, purchases.purchases_document(customer))
+        get = customer_document(purchases.purchases_document)
 
         async def post(self, request: Request, customer_id: str) -> Response:
             made, who = await operator_input(request, customer_id, purchase_from_body)
@@ -261,9 +265,7 @@ def _register_purchases(
 
     @page("/v1/customers/{customer_id}/credits/recharge")
     class CreditRecharge(View):
-        async def get(self, request: Request, customer_id: str) -> Response:
-            customer = routes.readable_customer(request, customer_id)
-            return respond(self, purchases.recharge_document(customer))
+        get = customer_document(purchases.recharge_document)
 
         async def put(self, request: Request, customer_id: str) -> Response:
             rule, who = await operator_input(request, customer_id, recharge_from_body)
