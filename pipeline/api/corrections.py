@@ -91,16 +91,15 @@ def backfill_request(body: Any) -> tuple[dict[str, Any], list[bytes] | None]:
 
 def register(routes: Routes, service: CorrectionService, meters: MetersConfig) -> None:
     """Add the routes; call before the guard is installed (pipeline/api/web.py)."""
-    app, respond = routes.app, routes.respond
-    guarded = functools.partial(routes.guarded, bad_input=(CorrectionError,))
+    respond = routes.respond
+    page = functools.partial(routes.page, bad_input=(CorrectionError,))
 
     def operator_name(request: Request) -> str:
         key = routes.operator(request, "correct history")
         return f"key {key.id} ({key.name})"
 
-    @app.page("/v1/corrections")
+    @page("/v1/corrections")
     class Corrections(View):
-        @guarded
         async def post(self, request: Request) -> Response:
             who = operator_name(request)
             correction = parse_correction(_body(await routes.json_body(request)), meters)
@@ -108,29 +107,28 @@ def register(routes: Routes, service: CorrectionService, meters: MetersConfig) -
             status = 200 if correction.dry_run or doc.get("repeated") else 201
             return respond(self, doc, status)
 
-        @guarded
         async def get(self, request: Request) -> Response:
             operator_name(request)
             try:
                 limit = max(1, min(1000, int(request.query.get("limit", "100"))))
             except ValueError:
                 raise CorrectionError("limit: a number of 1-1000") from None
-            rows = await service.chio.call(store.corrections, limit)
+            rows = await service.services.chio.call(store.corrections, limit)
             return respond(self, {"corrections": rows})
 
-    @app.page("/v1/corrections/{correction_id}")
+    @page("/v1/corrections/{correction_id}")
     class CorrectionOne(View):
-        @guarded
         async def get(self, request: Request, correction_id: str) -> Response:
             operator_name(request)
-            doc = await service.chio.call(store.correction, correction_id, with_events=True)
+            doc = await service.services.chio.call(
+                store.correction, correction_id, with_events=True
+            )
             if doc is None:
                 return respond(self, {"error": f"no correction {correction_id!r}"}, 404)
             return respond(self, doc)
 
-    @app.page("/v1/backfill")
+    @page("/v1/backfill")
     class Backfill(View):
-        @guarded
         async def post(self, request: Request) -> Response:
             who = operator_name(request)
             options, raws = backfill_request(_body(await routes.json_body(request)))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import time
 import uuid
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -47,7 +48,7 @@ from meterstream.billing.assignments import BadSchedule, parse_instant
 from meterstream.credits.money import json_decimal
 from meterstream.credits.purchases import Purchase
 from meterstream.credits.recharge import AutoRecharge
-from meterstream.errors import CreditsError, PurchaseRefused
+from meterstream.errors import CreditsError, Denied, PurchaseRefused
 from meterstream.sinks.clickhouse import credits as store
 from meterstream.sinks.clickhouse.reads import ReadIO
 from meterstream.worker.alerts import thresholds_of
@@ -137,13 +138,16 @@ def register(
     routes: Routes, reads: ReadIO, credits: CreditService, purchases: PurchaseDesk | None = None
 ) -> None:
     """Add the routes; call before the guard is installed (pipeline/api/web.py)."""
-    app, respond = routes.app, routes.respond
-    guarded = functools.partial(routes.guarded, bad_input=(CreditsError,))
+    respond = routes.respond
+    page = functools.partial(routes.page, bad_input=(CreditsError,))
 
-    def not_ready(view: View) -> Response | None:
-        if credits.ready.is_set():
-            return None
-        return respond(view, {"error": "credits are being rebuilt; retry shortly"}, 503)
+    def ready_customer(request: Request, customer_id: str) -> str:
+        """``customer_id``, once the request's key may read it and the books are rebuilt
+        (503 while they are: what they would answer is not yet the customer's)."""
+        customer = routes.readable_customer(request, customer_id)
+        if not credits.ready.is_set():
+            raise Denied(503, "credits are being rebuilt; retry shortly")
+        return customer
 
     async def json_body(request: Request) -> Any:
         raw = await routes.json_body(request)
@@ -152,21 +156,17 @@ def register(
         except orjson.JSONDecodeError:
             raise CreditsError("body is not JSON") from None
 
-    @app.page("/v1/customers/{customer_id}/credits")
+    @page("/v1/customers/{customer_id}/credits")
     class Credits(View):
-        @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = routes.readable_customer(request, customer_id)
-            if (busy := not_ready(self)) is not None:
-                return busy
+            customer = ready_customer(request, customer_id)
             doc = credits.balance_document(customer)
             if doc is None:
                 return respond(self, {"error": f"no credits for customer {customer!r}"}, 404)
             return respond(self, doc)
 
-    @app.page("/v1/customers/{customer_id}/credits/grants")
+    @page("/v1/customers/{customer_id}/credits/grants")
     class CreditGrants(View):
-        @guarded
         async def post(self, request: Request, customer_id: str) -> Response:
             key = routes.operator(request, "change credits")
             customer = routes.checked_customer(customer_id)
@@ -176,9 +176,8 @@ def register(
             result = await credits.grant(grant, f"key {key.id} ({key.name})")
             return respond(self, result, 201)
 
-    @app.page("/v1/customers/{customer_id}/credits/grants/{grant_id}/void")
+    @page("/v1/customers/{customer_id}/credits/grants/{grant_id}/void")
     class CreditVoid(View):
-        @guarded
         async def post(self, request: Request, customer_id: str, grant_id: str) -> Response:
             key = routes.operator(request, "change credits")
             customer = routes.checked_customer(customer_id)
@@ -192,25 +191,20 @@ def register(
                 return respond(self, {"error": f"no grant {grant_id!r} for {customer!r}"}, 404)
             return respond(self, result)
 
-    @app.page("/v1/customers/{customer_id}/credits/ledger")
+    @page("/v1/customers/{customer_id}/credits/ledger")
     class CreditLedger(View):
-        @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
             customer = routes.readable_customer(request, customer_id)
             rows = await reads.read(store.ledger_rows, [customer])
             return respond(self, ledger_document(rows, customer))
 
-    @app.page("/v1/customers/{customer_id}/credits/alerts")
+    @page("/v1/customers/{customer_id}/credits/alerts")
     class CreditAlerts(View):
-        @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = routes.readable_customer(request, customer_id)
-            if (busy := not_ready(self)) is not None:
-                return busy
+            customer = ready_customer(request, customer_id)
             assert credits.alerts is not None
             return respond(self, credits.alerts.document(customer))
 
-        @guarded
         async def put(self, request: Request, customer_id: str) -> Response:
             key = routes.operator(request, "change credits")
             customer = routes.checked_customer(customer_id)
@@ -221,13 +215,10 @@ def register(
             await credits.refresh(customer, f"alerts:{key.id}:{time.time_ns()}")
             return respond(self, credits.alerts.document(customer))
 
-    @app.page("/v1/customers/{customer_id}/entitlements")
+    @page("/v1/customers/{customer_id}/entitlements")
     class Entitlements(View):
-        @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
-            customer = routes.readable_customer(request, customer_id)
-            if (busy := not_ready(self)) is not None:
-                return busy
+            customer = ready_customer(request, customer_id)
             doc = await credits.entitlement_document(customer)
             meter = request.query.get("meter")
             if meter:
@@ -241,8 +232,8 @@ def register(
 def _register_purchases(
     routes: Routes, credits: CreditService, purchases: PurchaseDesk, json_body: Any
 ) -> None:
-    app, respond = routes.app, routes.respond
-    guarded = functools.partial(routes.guarded, bad_input=(CreditsError,))
+    respond = routes.respond
+    page = functools.partial(routes.page, bad_input=(CreditsError,))
 
     async def operator_input(request: Request, customer_id: str, parse: Any) -> Any:
         """(what the body asks, who asks): an operator's request about a customer."""
@@ -252,14 +243,18 @@ def _register_purchases(
         body = await json_body(request)
         return parse(customer, body, credits.currency_of(customer)), f"key {key.id} ({key.name})"
 
-    @app.page("/v1/customers/{customer_id}/credits/purchases")
-    class CreditPurchases(View):
-        @guarded
-        async def get(self, request: Request, customer_id: str) -> Response:
-            customer = routes.readable_customer(request, customer_id)
-            return respond(self, purchases.purchases_document(customer))
+    def customer_document(document: Callable[[str], Any]) -> Any:
+        """A GET handler: ``document(customer)``, to a key that may read the customer."""
 
-        @guarded
+        async def get(view: View, request: Request, customer_id: str) -> Response:
+            return respond(view, document(routes.readable_customer(request, customer_id)))
+
+        return get
+
+    @page("/v1/customers/{customer_id}/credits/purchases")
+    class CreditPurchases(View):
+        get = customer_document(purchases.purchases_document)
+
         async def post(self, request: Request, customer_id: str) -> Response:
             made, who = await operator_input(request, customer_id, purchase_from_body)
             try:
@@ -268,22 +263,17 @@ def _register_purchases(
                 return respond(self, {"error": str(exc)}, 409)
             return respond(self, doc, 201)
 
-    @app.page("/v1/customers/{customer_id}/credits/recharge")
+    @page("/v1/customers/{customer_id}/credits/recharge")
     class CreditRecharge(View):
-        @guarded
-        async def get(self, request: Request, customer_id: str) -> Response:
-            customer = routes.readable_customer(request, customer_id)
-            return respond(self, purchases.recharge_document(customer))
+        get = customer_document(purchases.recharge_document)
 
-        @guarded
         async def put(self, request: Request, customer_id: str) -> Response:
             rule, who = await operator_input(request, customer_id, recharge_from_body)
             customer = routes.checked_customer(customer_id)
             return respond(self, await purchases.set_recharge(customer, rule, who))
 
-    @app.page("/v1/stripe/webhooks")
+    @page("/v1/stripe/webhooks")
     class StripeWebhooks(View):
-        @guarded
         async def post(self, request: Request) -> Response:
             body = await read_body(request, MAX_STRIPE_WEBHOOK_BYTES)
             status, doc = await purchases.webhook(body, request.headers.get("Stripe-Signature"))

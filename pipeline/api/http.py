@@ -29,6 +29,8 @@ log = logging.getLogger("meterstream.web")
 UNAUTHORIZED = {"WWW-Authenticate": 'Bearer realm="meterstream"'}
 CLOSE = {"Connection": "close"}
 Handler = Callable[..., Awaitable[Response]]
+#: The methods of a faust View that answer requests.
+HANDLER_METHODS = ("get", "post", "put", "patch", "delete")
 
 
 def bearer_key(request: Request, keys: KeyStore) -> ApiKey:
@@ -160,6 +162,21 @@ class Routes:
                 return self.respond(view, {"error": f"ClickHouse: {exc}"}, 503)
 
         return run
+
+    def page(
+        self, path: str, bad_input: tuple[type[Exception], ...] = ()
+    ) -> Callable[[type[View]], type[View]]:
+        """A class decorator: the View registered at ``path``, each of its handlers
+        (:data:`HANDLER_METHODS`) :meth:`guarded`."""
+
+        def register(view: type[View]) -> type[View]:
+            for name in HANDLER_METHODS:
+                if name in vars(view):
+                    setattr(view, name, self.guarded(vars(view)[name], bad_input))
+            registered: type[View] = self.app.page(path)(view)
+            return registered
+
+        return register
 
     def key(self, request: Request) -> ApiKey:
         """The request's key; every write needs one (401 otherwise)."""

@@ -39,15 +39,14 @@ def register(
     routes: Routes, reads: ReadIO, plans: PlansConfig, assignments: AssignmentStore
 ) -> None:
     """Add the routes; call before ``web.register`` (which installs the guard)."""
-    respond, guarded = routes.respond, routes.guarded
+    respond = routes.respond
 
     def schedule_document(customer: str, row: Any) -> dict[str, Any]:
         plans_now = row.public()["plans"] if row is not None else []
         return {"customer_id": customer, "default_plan": plans.default.name, "plans": plans_now}
 
-    @routes.app.page("/v1/customers/{customer_id}/invoice-preview")
+    @routes.page("/v1/customers/{customer_id}/invoice-preview")
     class InvoicePreview(View):
-        @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
             customer = routes.readable_customer(request, customer_id)
             label = request.query.get("period") or period_label(time.time_ns() // 1_000_000)
@@ -63,9 +62,8 @@ def register(
                 return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
             return respond(self, body)
 
-    @routes.app.page("/v1/customers/{customer_id}/plans")
+    @routes.page("/v1/customers/{customer_id}/plans")
     class CustomerPlans(View):
-        @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
             customer = routes.readable_customer(request, customer_id)
             try:
@@ -74,7 +72,6 @@ def register(
                 return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
             return respond(self, schedule_document(customer, row))
 
-        @guarded
         async def put(self, request: Request, customer_id: str) -> Response:
             key = routes.operator(request, "assign plans")
             customer = routes.checked_customer(customer_id)
@@ -90,7 +87,6 @@ def register(
                 return respond(self, {"error": str(exc)}, 400)
             return respond(self, {"change": row.public() if row else None, "published": published})
 
-        @guarded
         async def delete(self, request: Request, customer_id: str) -> Response:
             key = routes.operator(request, "assign plans")
             customer = routes.checked_customer(customer_id)

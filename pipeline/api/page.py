@@ -40,12 +40,7 @@ def _asset(name: str) -> bytes:
 
 def register(routes: Routes, reads: ReadIO) -> None:
     """The page, its two assets, and the customer's rejected events and Stripe status."""
-    app, respond, guarded, allowed = (
-        routes.app,
-        routes.respond,
-        routes.guarded,
-        routes.customer_reader,
-    )
+    app, respond, allowed = routes.app, routes.respond, routes.customer_reader
     html = _asset("billing.html")
 
     async def read(fn: Callable[..., T], *args: Any) -> T:
@@ -78,9 +73,8 @@ def register(routes: Routes, reads: ReadIO) -> None:
             body, kind = assets[name]
             return self.bytes(body, content_type=kind, headers=SECURITY_HEADERS)
 
-    @app.page("/v1/customers/{customer_id}/rejected")
+    @routes.page("/v1/customers/{customer_id}/rejected")
     class Rejected(View):
-        @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
             allowed(request, customer_id)
             try:
@@ -93,9 +87,8 @@ def register(routes: Routes, reads: ReadIO) -> None:
             shown = [_rejection(row) for row in rows]
             return respond(self, {"customer_id": customer_id, "rejected": shown})
 
-    @app.page("/v1/customers/{customer_id}/stripe-status")
+    @routes.page("/v1/customers/{customer_id}/stripe-status")
     class StripeStatus(View):
-        @guarded
         async def get(self, request: Request, customer_id: str) -> Response:
             allowed(request, customer_id)
             status = await read(lookup.stripe_status, customer_id)

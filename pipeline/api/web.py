@@ -42,8 +42,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import faust
-
 from meterstream.api import guard, page
 from meterstream.api.http import Routes, page_link_secret
 from meterstream.api.keys import KeyStore
@@ -51,45 +49,38 @@ from meterstream.api.publisher import EventPublisher
 from meterstream.api.routes import customers, events, fate, health, sql, stripe, usage
 from meterstream.api.routes import meters as meters_routes
 from meterstream.api.routes.health import ReadyCheck
-from meterstream.billing.customers import MappingStore
 from meterstream.billing.forwarding import Forwarder
-from meterstream.meters.config import MetersConfig
-from meterstream.metrics import Metrics
-from meterstream.settings import Settings
-from meterstream.sinks.clickhouse.reads import ReadIO
+from meterstream.worker.services import WorkerServices
 
 
 def register(
-    app: faust.App,
-    settings: Settings,
-    metrics: Metrics,
+    services: WorkerServices,
     ready: ReadyCheck,
     publisher: EventPublisher,
     keys: KeyStore,
     forwarder: Forwarder | None = None,
-    mappings: MappingStore | None = None,
     *,
-    reads: ReadIO,
-    meters: MetersConfig,
     extra_routes: Sequence[Callable[[Routes], None]] = (),
 ) -> None:
     """meterstream's routes, behind the guard of pipeline/api/guard.py (Host check, no
-    other route served, body timeout). The customer mapping's routes need ``mappings``,
-    the Stripe ones a ``forwarder`` (a meter that forwards to Stripe)."""
-    routes = Routes(app, settings, metrics, keys, page_link_secret(settings))
+    other route served, body timeout). The Stripe routes need a ``forwarder`` (a meter
+    that forwards to Stripe)."""
+    settings, metrics, reads = services.settings, services.metrics, services.reads
+    routes = Routes(services.app, settings, metrics, keys, page_link_secret(settings))
     health.register(routes, ready)
     events.register(routes, publisher)
     sql.register(routes, reads)
     usage.register(routes, reads)
-    fate.register(routes, reads, meters)
+    fate.register(routes, reads, services.meters)
     meters_routes.register(routes, reads)
     page.register(routes, reads)
     for more in extra_routes:  # e.g. the invoice routes (pipeline/api/invoices.py)
         more(routes)
-    if mappings is not None:
-        customers.register(routes, mappings, forwarder)
+    customers.register(routes, services.mappings, forwarder)
     if forwarder is not None:
         stripe.register(routes, forwarder)
     guard.install(
-        app, settings, lambda status: metrics.api_requests.inc(route="guard", status=str(status))
+        services.app,
+        settings,
+        lambda status: metrics.api_requests.inc(route="guard", status=str(status)),
     )

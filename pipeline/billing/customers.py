@@ -36,7 +36,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
-from decimal import Decimal
 from typing import Any, Protocol, TypeVar, cast
 
 import orjson
@@ -276,26 +275,18 @@ def _operator() -> str:
 def _request(settings: Settings, method: str, url: str, body: Any = None) -> Any:
     # Inside: billing must not import the CLI (a known exception in pyproject.toml until
     # this client of the worker's routes moves out of billing/, with cli_key).
-    from meterstream.cli.sql import cli_key
+    from meterstream.cli.sql import call_worker
 
     data = (
         body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
     )  # bytes: JSON already (exact decimals written by the caller)
-    with cli_key(settings) as token:
-        headers = {"Authorization": f"Bearer {token}"}
-        if data is not None:
-            headers["Content-Type"] = "application/json"
-        request = urllib.request.Request(url, data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return json.loads(response.read(), parse_float=Decimal)
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            with contextlib.suppress(ValueError, AttributeError):
-                detail = json.loads(detail).get("error", detail)
-            raise MeterstreamError(f"the worker refused ({exc.code}): {detail}") from None
-        except urllib.error.URLError as exc:
-            raise MeterstreamError(f"worker at {url} not reachable: {exc.reason}") from None
+    return call_worker(settings, method, url, data, 60, _refused)
+
+
+def _refused(status: int, detail: str) -> Exception:
+    with contextlib.suppress(ValueError, AttributeError):
+        detail = json.loads(detail).get("error", detail)
+    return MeterstreamError(f"the worker refused ({status}): {detail}")
 
 
 def _customer_url(base: str, customer_id: str) -> str:

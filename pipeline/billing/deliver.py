@@ -31,7 +31,7 @@ from meterstream.metrics import Metrics
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.stripe import ledger
-from meterstream.sinks.stripe.client import MAX_V2_BATCH, StripeMeterClient
+from meterstream.sinks.stripe.client import MAX_V2_BATCH, MeterSpec, StripeMeterClient
 from meterstream.sinks.stripe.ledger import LedgerRow
 from meterstream.sinks.stripe.payloads import build_meter_event, formula_for
 
@@ -63,6 +63,20 @@ def stripe_client(settings: Settings) -> StripeMeterClient:
     )
 
 
+def meter_spec(meter: Meter) -> MeterSpec:
+    """The Stripe meter a meter with a ``stripe`` block forwards to: its description (or
+    name), the block's event name and payload keys, the formula of its aggregation."""
+    block = meter.stripe
+    assert block is not None
+    return MeterSpec(
+        meter.description or meter.name,
+        block.event_name,
+        formula_for(meter.aggregation),
+        block.customer_key,
+        block.value_key,
+    )
+
+
 @dataclass(eq=False)
 class Delivery:
     """The forwarder's side of Stripe: one thread for every call, the Stripe meters
@@ -88,18 +102,9 @@ class Delivery:
 
     async def ensure_meter(self, meter: Meter) -> None:
         """Create the Stripe meter if missing; refuse one whose formula contradicts ours."""
-        stripe_block = meter.stripe
-        assert stripe_block is not None
         if meter.name in self._meter_ready:
             return
-        await self.call(
-            self.client.ensure_meter,
-            meter.description or meter.name,
-            stripe_block.event_name,
-            formula_for(meter.aggregation),
-            stripe_block.customer_key,
-            stripe_block.value_key,
-        )
+        await self.call(self.client.ensure_meter, meter_spec(meter))
         self._meter_ready.add(meter.name)
 
     async def deliver(

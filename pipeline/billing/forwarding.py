@@ -120,7 +120,6 @@ from meterstream.billing.stripe_ids import resolve as resolve_ids
 from meterstream.billing.verify import Verifier
 from meterstream.meters.config import Meter, MetersConfig
 from meterstream.meters.windows import DAY_MS, month_bounds, period_label
-from meterstream.metrics import Metrics
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.clickhouse.client import ClickHouse
@@ -159,7 +158,6 @@ class Forwarder:
         settings: Settings,
         meters: MetersConfig,
         chio: ClickHouseIO,
-        metrics: Metrics,
         client: StripeMeterClient,
         owns_customer: Callable[[str], bool] | None = None,
         *,
@@ -170,7 +168,7 @@ class Forwarder:
     ) -> None:
         self.meters = meters
         self.chio = chio
-        self.metrics = metrics
+        self.metrics = chio.metrics  # the worker's: ClickHouse's calls count in it too
         self.client = client
         self.owns_customer = owns_customer or (lambda customer: True)
         self.mapping_ready = mapping_ready
@@ -183,11 +181,11 @@ class Forwarder:
         self._last_run: dict[str, float] = {}
         self._lock = asyncio.Lock()
         # 1. verify (incremental once the worker reports its inserts: track_changes)
-        self.verifier = Verifier(meters, chio, metrics)
+        self.verifier = Verifier(meters, chio, self.metrics)
         # 3. deliver
         self.delivery = Delivery(
             chio,
-            metrics,
+            self.metrics,
             client,
             transport or choose_transport(settings),
             publish_error,

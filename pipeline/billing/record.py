@@ -19,7 +19,13 @@ from typing import Any, NamedTuple
 from meterstream.events import UsageEvent
 from meterstream.meters.aggregation import WindowState, aggregator_for
 from meterstream.meters.config import Meter, MetersConfig
-from meterstream.meters.diff import MetersDiff, diff_meters, event_names, recompute_preview
+from meterstream.meters.diff import (
+    DiffScope,
+    MetersDiff,
+    diff_meters,
+    event_names,
+    recompute_preview,
+)
 from meterstream.meters.fold import WindowKey, fold
 from meterstream.meters.windows import DAY_MS, day_of
 from meterstream.sinks.clickhouse import queries, writer
@@ -178,27 +184,18 @@ def reconcile_meter(
 
 
 def diff_from_record(
-    ch: ClickHouse,
-    old: MetersConfig,
-    new: MetersConfig,
-    start_ms: int,
-    end_ms: int,
-    *,
-    customer: str | None = None,
-    meter: str | None = None,
-    by_window: bool = False,
+    ch: ClickHouse, old: MetersConfig, new: MetersConfig, scope: DiffScope
 ) -> MetersDiff:
-    """``meterstream meters diff``: the record's events of [start, end) (widened to
-    whole UTC days, so every window is whole) under both definitions
+    """``meterstream meters diff``: the record's events of the scope's [start, end)
+    (widened to whole UTC days, so every window is whole) under both definitions
     (:func:`meterstream.meters.diff.diff_meters`, the one fold)."""
-    start_ms = day_of(start_ms)
-    end_ms = day_of(end_ms - 1) + DAY_MS
-    customers = None if customer is None else [customer]
-    names = event_names(old, new, meter)
+    start_ms = day_of(scope.start_ms)
+    end_ms = day_of(scope.end_ms - 1) + DAY_MS
+    customers = None if scope.customer is None else [scope.customer]
+    names = event_names(old, new, scope.meter)
     rows = queries.events_in_range(ch, customers, names, start_ms, end_ms)
-    return diff_meters(
-        old, new, (UsageEvent(**row) for row in rows), meter=meter, by_window=by_window
-    )
+    events = (UsageEvent(**row) for row in rows)
+    return diff_meters(old, new, events, meter=scope.meter, by_window=scope.by_window)
 
 
 def recompute_preview_from_record(

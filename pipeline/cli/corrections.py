@@ -9,11 +9,12 @@ import argparse
 import json
 import sys
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from meterstream.cli.options import SettingsOf, command_group, group_parent
+from meterstream.cli.output import add_format, print_doc
 from meterstream.errors import MeterstreamError
 from meterstream.events import canonical_json, loads_exact
 from meterstream.settings import Settings
@@ -39,13 +40,6 @@ def _call(args: argparse.Namespace, method: str, tail: str, body: Any = None) ->
         )
     data = None if body is None else canonical_json(body).encode()
     return _request(settings, method, f"{url}{tail}", data)
-
-
-def _print(doc: Any, fmt: str, text: Callable[[Any], None]) -> None:
-    if fmt == "json":
-        print(json.dumps(doc, sort_keys=True, default=str))
-    else:
-        text(doc)
 
 
 def _key(text: str) -> dict[str, str]:
@@ -112,7 +106,7 @@ def cmd_void(args: argparse.Namespace) -> int:
                 body[field] = getattr(args, name)
         if args.where:
             body["where"] = args.where
-    _print(_call(args, "POST", "/v1/corrections", body), args.format, _result_text)
+    print_doc(_call(args, "POST", "/v1/corrections", body), args.format, _result_text)
     return 0
 
 
@@ -124,7 +118,7 @@ def cmd_amend(args: argparse.Namespace) -> int:
     except ValueError:
         raise MeterstreamError("--properties must be a JSON object") from None
     body["keys"] = [item]
-    _print(_call(args, "POST", "/v1/corrections", body), args.format, _result_text)
+    print_doc(_call(args, "POST", "/v1/corrections", body), args.format, _result_text)
     return 0
 
 
@@ -137,7 +131,7 @@ def _list_text(doc: Any) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    _print(_call(args, "GET", f"/v1/corrections?limit={args.limit}"), args.format, _list_text)
+    print_doc(_call(args, "GET", f"/v1/corrections?limit={args.limit}"), args.format, _list_text)
     return 0
 
 
@@ -147,7 +141,7 @@ def _show_text(doc: Any) -> None:
 
 def cmd_show(args: argparse.Namespace) -> int:
     tail = f"/v1/corrections/{urllib.parse.quote(args.correction_id, safe='')}"
-    _print(_call(args, "GET", tail), args.format, _show_text)
+    print_doc(_call(args, "GET", tail), args.format, _show_text)
     return 0
 
 
@@ -222,7 +216,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
 def register(sub: Any, common: argparse.ArgumentParser, settings_of: SettingsOf) -> None:
     """Add the ``corrections`` command group and ``backfill``."""
     base = group_parent(common, settings_of)
-    base.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(base)
     change = argparse.ArgumentParser(add_help=False, parents=[base])
     change.add_argument("--reason", required=True, help="why history is changed (logged)")
     change.add_argument("--author", help="who asks (logged, with the API key)")

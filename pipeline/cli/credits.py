@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from meterstream.cli.options import SettingsOf, command_group, group_parent
+from meterstream.cli.output import add_format, print_doc
 from meterstream.errors import CreditsError, MeterstreamError
 from meterstream.settings import Settings
 
@@ -37,13 +38,6 @@ def _customer(text: str) -> str:
         return check_customer_id(text)
     except ValueError as exc:
         raise MeterstreamError(str(exc)) from None
-
-
-def _print(doc: Any, fmt: str, text: Callable[[Any], None]) -> None:
-    if fmt == "json":
-        print(json.dumps(doc, sort_keys=True, default=str))
-    else:
-        text(doc)
 
 
 def cmd_grant(args: argparse.Namespace) -> int:
@@ -124,26 +118,35 @@ def _balance_text(doc: Any) -> None:
         )
 
 
-def cmd_balance(args: argparse.Namespace) -> int:
+def _read(args: argparse.Namespace, tail: str, direct: Callable[[Any, str], Any]) -> Any:
+    """The running worker's answer to ``GET /v1/customers/{customer}/credits{tail}``, or,
+    without a worker, ``direct(ch, customer)`` on ClickHouse's credit tables."""
     from meterstream.billing.customers import _direct, _request
     from meterstream.endpoints import web_url
-    from meterstream.sinks.clickhouse import credits as store
 
     settings = _settings(args)
     customer = _customer(args.customer)
     url = web_url(settings)
     if url:
-        doc = _request(settings, "GET", _url(url, customer))
-    else:
-        ch = _direct(settings)
-        try:
-            rows = store.ledger_rows(ch, [customer])
-            total = store.ledger_balance(ch, customer)
-        finally:
-            ch.close()
-        currency = rows[0]["currency"] if rows else ""
-        doc = {"customer_id": customer, "balance": str(total), "currency": currency}
-    _print(doc, args.format, _balance_text)
+        return _request(settings, "GET", _url(url, customer, tail))
+    ch = _direct(settings)
+    try:
+        return direct(ch, customer)
+    finally:
+        ch.close()
+
+
+def _balance_direct(ch: Any, customer: str) -> dict[str, Any]:
+    from meterstream.sinks.clickhouse import credits as store
+
+    rows = store.ledger_rows(ch, [customer])
+    total = store.ledger_balance(ch, customer)
+    currency = rows[0]["currency"] if rows else ""
+    return {"customer_id": customer, "balance": str(total), "currency": currency}
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    print_doc(_read(args, "", _balance_direct), args.format, _balance_text)
     return 0
 
 
@@ -160,24 +163,15 @@ def _ledger_text(doc: Any) -> None:
     )
 
 
-def cmd_ledger(args: argparse.Namespace) -> int:
-    from meterstream.billing.customers import _direct, _request
-    from meterstream.endpoints import web_url
+def _ledger_direct(ch: Any, customer: str) -> dict[str, Any]:
     from meterstream.sinks.clickhouse import credits as store
     from meterstream.worker.credits import ledger_document
 
-    settings = _settings(args)
-    customer = _customer(args.customer)
-    url = web_url(settings)
-    if url:
-        doc = _request(settings, "GET", _url(url, customer, "/ledger"))
-    else:
-        ch = _direct(settings)
-        try:
-            doc = ledger_document(store.ledger_rows(ch, [customer]), customer)
-        finally:
-            ch.close()
-    _print(doc, args.format, _ledger_text)
+    return ledger_document(store.ledger_rows(ch, [customer]), customer)
+
+
+def cmd_ledger(args: argparse.Namespace) -> int:
+    print_doc(_read(args, "/ledger", _ledger_direct), args.format, _ledger_text)
     return 0
 
 
@@ -225,7 +219,7 @@ def cmd_purchase(args: argparse.Namespace) -> int:
 
 def cmd_purchases(args: argparse.Namespace) -> int:
     _, doc = _through_worker(args, "GET", "/purchases")
-    _print(doc, args.format, lambda d: print("\n".join(map(_purchase_line, d["purchases"]))))
+    print_doc(doc, args.format, lambda d: print("\n".join(map(_purchase_line, d["purchases"]))))
     return 0
 
 
@@ -251,7 +245,7 @@ def cmd_recharge(args: argparse.Namespace) -> int:
             f"back to {rule['target']}"
         )
 
-    _print(doc, args.format, text)
+    print_doc(doc, args.format, text)
     return 0
 
 
@@ -284,7 +278,7 @@ def register(sub: Any, common: argparse.ArgumentParser, settings_of: SettingsOf)
         dest="purchase_id",
         help="an id of your own (Stripe's idempotency key: a retry never charges twice)",
     )
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_purchase)
     p = csub.add_parser("recharge", parents=[base], help="auto-recharge: show, set or turn off")
     p.add_argument("customer")
@@ -292,7 +286,7 @@ def register(sub: Any, common: argparse.ArgumentParser, settings_of: SettingsOf)
     p.add_argument("--target", type=_amount, help="back up to this balance")
     p.add_argument("--priority", type=int, default=50, help="of the grants bought")
     p.add_argument("--off", action="store_true", help="turn auto-recharge off")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_recharge)
     for name, func, what in (
         ("purchases", cmd_purchases, "a customer's credit purchases and their status"),
@@ -301,7 +295,7 @@ def register(sub: Any, common: argparse.ArgumentParser, settings_of: SettingsOf)
     ):
         p = csub.add_parser(name, parents=[base], help=what)
         p.add_argument("customer")
-        p.add_argument("--format", choices=["table", "json"], default="table")
+        add_format(p)
         p.set_defaults(func=func)
 
 

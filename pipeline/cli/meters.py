@@ -25,6 +25,7 @@ from meterstream.endpoints import web_url
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.events import parse_time
 from meterstream.meters.config import MetersConfig, load_meters, meters_path
+from meterstream.meters.diff import DiffScope
 from meterstream.meters.windows import month_bounds, period_label
 from meterstream.settings import Settings
 
@@ -64,18 +65,11 @@ def load_both(old_path: str, new_path: str) -> tuple[MetersConfig, MetersConfig]
 
 
 def meters_diff(
-    settings: Settings,
-    old_path: str,
-    new_path: str,
-    start_ms: int,
-    end_ms: int,
-    *,
-    customer: str | None = None,
-    meter: str | None = None,
-    by_window: bool = False,
+    settings: Settings, old_path: str, new_path: str, scope: DiffScope
 ) -> dict[str, Any]:
     """The diff's JSON (:meth:`meterstream.meters.diff.MetersDiff.as_json`)."""
     old, new = load_both(old_path, new_path)
+    meter = scope.meter
     if meter is not None and meter not in {m.name for m in old.meters + new.meters}:
         raise ConfigError([f"--meter: {meter!r} is in neither file"], source="meters diff")
     url = web_url(settings)
@@ -83,11 +77,11 @@ def meters_diff(
         body = {
             "old": Path(old_path).read_text(encoding="utf-8"),
             "new": Path(new_path).read_text(encoding="utf-8"),
-            "from": start_ms,
-            "to": end_ms,
-            "customer": customer,
+            "from": scope.start_ms,
+            "to": scope.end_ms,
+            "customer": scope.customer,
             "meter": meter,
-            "by_window": by_window,
+            "by_window": scope.by_window,
         }
         return dict(worker_request(settings, f"{url}/v1/meters/diff", body))
     from meterstream.billing.record import diff_from_record
@@ -95,10 +89,7 @@ def meters_diff(
 
     ch = open_clickhouse(settings)
     try:
-        diff = diff_from_record(
-            ch, old, new, start_ms, end_ms, customer=customer, meter=meter, by_window=by_window
-        )
-        return diff.as_json()
+        return diff_from_record(ch, old, new, scope).as_json()
     finally:
         ch.close()
 
@@ -133,16 +124,8 @@ def _side(total: dict[str, Any] | None) -> str:
 
 def print_meters_diff(settings: Settings, args: Any) -> int:
     start, end = time_range(args.period, args.start, args.end)
-    answer = meters_diff(
-        settings,
-        args.old,
-        args.new,
-        start,
-        end,
-        customer=args.customer,
-        meter=args.meter,
-        by_window=args.window,
-    )
+    scope = DiffScope(start, end, customer=args.customer, meter=args.meter, by_window=args.window)
+    answer = meters_diff(settings, args.old, args.new, scope)
     if args.format == "json":
         print(json.dumps(answer, sort_keys=True))
     else:

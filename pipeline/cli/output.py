@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import Any
 
 
@@ -27,3 +28,11 @@ def print_result(columns: list[str], rows: list[list[Any]], fmt: str) -> None:
         print(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str))
     else:
         print(format_table(columns, rows))
+
+
+def print_doc(doc: Any, fmt: str, text: Callable[[Any], None]) -> None:
+    """A worker's answer: as JSON (``--format json``), else as ``text`` prints it."""
+    if fmt == "json":
+        print(json.dumps(doc, sort_keys=True, default=str))
+    else:
+        text(doc)

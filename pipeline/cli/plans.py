@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from meterstream.cli.options import command_group
+from meterstream.cli.output import add_format
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.settings import Settings
 
@@ -362,7 +363,7 @@ def register(
     p.set_defaults(func=cmd_plans_unassign)
     p = psub.add_parser("list", parents=[with_plans], help="customers' plan schedules")
     p.add_argument("customer", nargs="?")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_plans_list)
 
     isub = command_group(sub, "invoice", "what the usage costs")
@@ -371,5 +372,5 @@ def register(
     )
     p.add_argument("customer")
     p.add_argument("--period", help="YYYY-MM (default: this month)")
-    p.add_argument("--format", choices=["table", "json"], default="table")
+    add_format(p)
     p.set_defaults(func=cmd_invoice_preview)

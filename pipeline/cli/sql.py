@@ -16,7 +16,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -61,27 +61,45 @@ def cli_key(settings: Settings) -> Iterator[str]:
         store.discard(key.id)
 
 
+def call_worker(
+    settings: Settings,
+    method: str,
+    url: str,
+    data: bytes | None,
+    timeout: float,
+    refused: Callable[[int, str], Exception],
+) -> Any:
+    """``method`` ``url`` of the running worker with the CLI's key and the JSON ``data``;
+    its JSON answer (exact decimals). A refusal raises ``refused(status, body text)``, an
+    unreachable worker a :class:`MeterstreamError` naming the URL."""
+    with cli_key(settings) as token:
+        headers = {"Authorization": f"Bearer {token}"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read(), parse_float=Decimal)
+        except urllib.error.HTTPError as exc:
+            raise refused(exc.code, exc.read().decode(errors="replace")) from None
+        except urllib.error.URLError as exc:
+            raise MeterstreamError(f"worker at {url} not reachable: {exc.reason}") from None
+
+
 def worker_request(settings: Settings, url: str, body: dict[str, Any] | None = None) -> Any:
     """GET (or POST ``body``) ``url`` of the running worker with the CLI's key; its JSON."""
     data = json.dumps(body).encode() if body is not None else None
-    with cli_key(settings) as token:
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
-        request = urllib.request.Request(
-            url, data=data, headers=headers, method="POST" if data else "GET"
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return json.loads(response.read(), parse_float=Decimal)
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            with contextlib.suppress(ValueError, AttributeError):
-                answer = json.loads(detail)
-                detail = answer.get("error", detail)
-                if isinstance(answer.get("problems"), list):  # each with its path
-                    detail = "\n  - ".join([str(detail), *map(str, answer["problems"])])
-            raise ClickHouseError(str(detail)) from None
-        except urllib.error.URLError as exc:
-            raise MeterstreamError(f"worker at {url} not reachable: {exc.reason}") from None
+    return call_worker(settings, "POST" if data else "GET", url, data, 120, _query_refused)
+
+
+def _query_refused(status: int, detail: str) -> Exception:
+    """The worker's error (and each problem, with its path) as a :class:`ClickHouseError`."""
+    with contextlib.suppress(ValueError, AttributeError):
+        answer = json.loads(detail)
+        detail = answer.get("error", detail)
+        if isinstance(answer.get("problems"), list):  # each with its path
+            detail = "\n  - ".join([str(detail), *map(str, answer["problems"])])
+    return ClickHouseError(str(detail))
 
 
 def run_sql(settings: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
@@ -125,7 +143,8 @@ def usage_rows(
 
     ch = open_clickhouse(settings)
     try:
-        return json.loads(dumps(queries.usage(ch, customer, meter, start, end, None)))
+        rows = queries.usage(ch, queries.UsageQuery(customer, meter, start, end))
+        return json.loads(dumps(rows))
     finally:
         ch.close()
 

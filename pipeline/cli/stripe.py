@@ -45,7 +45,6 @@ from meterstream.meters.config import load_meters, meters_path
 from meterstream.meters.windows import month_bounds
 from meterstream.metrics import Metrics
 from meterstream.settings import Settings
-from meterstream.sinks.stripe.payloads import formula_for
 from meterstream.topics import STRIPE_ERRORS
 
 
@@ -126,7 +125,7 @@ def cmd_customers_list(args: argparse.Namespace) -> int:
 
 
 def cmd_create_meters(args: argparse.Namespace) -> int:
-    from meterstream.billing.deliver import stripe_client
+    from meterstream.billing.deliver import meter_spec, stripe_client
 
     settings = settings_from(args)
     meters = load_meters(meters_path(settings))
@@ -137,15 +136,10 @@ def cmd_create_meters(args: argparse.Namespace) -> int:
         block = meter.stripe
         if block is None:
             continue
-        formula = formula_for(meter.aggregation)
+        spec = meter_spec(meter)
+        formula = spec.formula
         try:
-            stripe_meter = client.ensure_meter(
-                meter.description or meter.name,
-                block.event_name,
-                formula,
-                block.customer_key,
-                block.value_key,
-            )
+            stripe_meter = client.ensure_meter(spec)
         except StripeError as exc:
             if exc.code != "meter_mismatch":
                 raise
@@ -194,12 +188,7 @@ def _direct_forwarder(settings: Settings) -> tuple[Any, Any]:
             await producer.stop()
 
     forwarder = Forwarder(
-        settings,
-        meters,
-        calls,
-        Metrics(),
-        stripe_client(settings),
-        publish_error=publish_error,
+        settings, meters, calls, stripe_client(settings), publish_error=publish_error
     )
     return forwarder, calls
 

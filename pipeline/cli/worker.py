@@ -38,7 +38,6 @@ from meterstream.logs import configure_logging
 from meterstream.meters.config import MetersConfig, load_meters, meters_path
 from meterstream.metrics import Metrics
 from meterstream.pricing.invoice import Period
-from meterstream.pricing.plans import PlansConfig
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.clickhouse.client import ClickHouse, open_clickhouse
@@ -49,7 +48,6 @@ from meterstream.topics import USAGE_CORRECTIONS
 from meterstream.topics.admin import ensure_topics
 from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.app import create_app
-from meterstream.worker.batch import Pipeline
 from meterstream.worker.corrections import CorrectionService, Send, install_corrections
 from meterstream.worker.credits import BURN_GAP_SECONDS, CreditService
 from meterstream.worker.forwarder import install_forwarder
@@ -58,6 +56,7 @@ from meterstream.worker.guarantee import broker_supports_transactions, choose, d
 from meterstream.worker.invoices import load_plans_for, priced_period_rows
 from meterstream.worker.lifeline import BrokerProbe, Lifeline, StopControl, probe_timing
 from meterstream.worker.purchases import CATCH_UP_SECONDS, PurchaseDesk
+from meterstream.worker.services import WorkerServices
 from meterstream.worker.tables import drop_local_stores
 
 log = logging.getLogger("meterstream.worker")
@@ -120,27 +119,29 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
                 metrics.consumer_lag.set(lag, partition=str(tp.partition))
 
     ready = _ready_check(app, lifeline, calls)
-    mappings = MappingStore(settings, calls, bootstrap)
-    forwarder = install_forwarder(
-        app, settings, meters, calls, metrics, pipeline=pipeline, mappings=mappings
+    services = WorkerServices(
+        app=app,
+        settings=settings,
+        meters=meters,
+        plans=load_plans_for(settings, meters),
+        chio=calls,
+        reads=reads,
+        metrics=metrics,
+        pipeline=pipeline,
+        mappings=MappingStore(settings, calls, bootstrap),
     )
+    forwarder = install_forwarder(services)
     publisher = EventPublisher(bootstrap, source, **client_options(settings))
-    plans, assignments, invoice_routes = install_pricing(
-        app, settings, meters, calls, reads, bootstrap
-    )
-    credit_routes, credits = install_credits(app, settings, calls, reads, plans, pipeline, metrics)
-    assignments.changed.append(credits.plan_changed)
+    assignments, invoice_routes = install_pricing(services)
+    credit_routes, credits = install_credits(services)
+    assignments.changed.append(credits.plan_changed)  # a plan change re-prices at once
     corrections_out = EventPublisher(
         bootstrap, settings.topic(USAGE_CORRECTIONS.name), **client_options(settings)
     )
     corrections = CorrectionService(
-        settings,
-        meters,
-        calls,
-        pipeline,
+        services,
         _sender(corrections_out),
         _sender(publisher),
-        plans,
         credits,
         GapFiller(
             bootstrap,
@@ -151,16 +152,11 @@ def build_worker(settings: Settings, lifeline: Lifeline | None = None) -> faust.
     )
     install_corrections(app, settings, corrections)
     web.register(
-        app,
-        settings,
-        metrics,
+        services,
         ready,
         publisher,
         keys,
         forwarder,
-        mappings,
-        reads=reads,
-        meters=meters,
         extra_routes=[
             invoice_routes,
             credit_routes,
@@ -188,26 +184,21 @@ def _sender(publisher: EventPublisher) -> Send:
 
 
 def install_pricing(
-    app: faust.App,
-    settings: Settings,
-    meters: MetersConfig,
-    calls: ClickHouseIO,
-    reads: ReadIO,
-    bootstrap: str,
-) -> tuple[PlansConfig, AssignmentStore, Callable[[Routes], None]]:
-    """Plans (checked at start), the plan schedule follower and the pricing runs into
-    ``priced_usage_daily``; returns the plans, the schedules and the registration of the
-    invoice routes."""
-    plans = load_plans_for(settings, meters)
-    assignments = AssignmentStore(settings, calls, bootstrap, [p.name for p in plans.plans])
+    services: WorkerServices,
+) -> tuple[AssignmentStore, Callable[[Routes], None]]:
+    """The plan schedule follower and the pricing runs into ``priced_usage_daily``;
+    returns the schedules and the registration of the invoice routes."""
+    settings, calls, reads, plans = services.settings, services.chio, services.reads, services.plans
+    names = [p.name for p in plans.plans]
+    assignments = AssignmentStore(settings, calls, services.bootstrap, names)
 
-    @app.task
+    @services.app.task
     async def follow_customer_plans() -> None:
         await assignments.follow()
 
     if settings.pricing_refresh_seconds > 0:
 
-        @app.timer(settings.pricing_refresh_seconds)
+        @services.app.timer(settings.pricing_refresh_seconds)
         async def price_usage() -> None:
             now = Period.containing(datetime.now(UTC))
             previous = Period.containing(now.start - timedelta(days=1))
@@ -219,26 +210,19 @@ def install_pricing(
                 except Exception:  # logged, retried next interval; never stops the worker
                     log.exception("pricing run for %s failed; retried next interval", period)
 
-    return plans, assignments, lambda routes: invoices.register(routes, reads, plans, assignments)
+    return assignments, lambda routes: invoices.register(routes, reads, plans, assignments)
 
 
-def install_credits(
-    app: faust.App,
-    settings: Settings,
-    calls: ClickHouseIO,
-    reads: ReadIO,
-    plans: PlansConfig,
-    pipeline: Pipeline,
-    metrics: Metrics,
-) -> tuple[Callable[[Routes], None], CreditService]:
+def install_credits(services: WorkerServices) -> tuple[Callable[[Routes], None], CreditService]:
     """Prepaid credits (pipeline/worker/credits.py): the books rebuilt at start, the burn
     timer, the record listener that marks customers dirty, purchases and auto-recharge
     (pipeline/worker/purchases.py) and their catch-up timer; returns the registration of
     the credit routes and the service."""
+    app, settings, calls, reads = services.app, services.settings, services.chio, services.reads
     alerts = AlertDesk(app, settings, calls)
-    credits = CreditService(app, settings, calls, plans, reads.read, alerts)
-    purchases = PurchaseDesk(settings, calls, credits, alerts, metrics)
-    pipeline.record_listeners.append(credits.record_changed)
+    credits = CreditService(app, settings, calls, services.plans, reads.read, alerts)
+    purchases = PurchaseDesk(services, credits, alerts)
+    services.pipeline.record_listeners.append(credits.record_changed)
 
     @app.task
     async def resume_credits() -> None:

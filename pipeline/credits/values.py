@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from meterstream.credits.money import canon
 from meterstream.errors import CreditsError
+
+T = TypeVar("T")
 
 MAX_ID_CHARS = 200
 #: Latest accepted time: the year 9999 (ClickHouse ``DateTime64(3)`` ends there).
@@ -83,6 +85,13 @@ def json_value(value: Any) -> Any:
     if hasattr(value, "to_json"):
         return value.to_json()
     return value
+
+
+def from_row(cls: type[T], row: Mapping[str, Any], **given: Any) -> T:
+    """The dataclass ``cls`` from a row whose columns are named as its fields (``given``:
+    values to use in place of the row's, e.g. converted ones)."""
+    names = [f.name for f in dataclasses.fields(cast(Any, cls))]
+    return cls(**{name: given[name] if name in given else row[name] for name in names})
 
 
 class JsonFields:

@@ -39,6 +39,18 @@ Status = Literal["changed", "unchanged", "added", "removed", "recompute"]
 
 
 @dataclass(frozen=True)
+class DiffScope:
+    """What a meters diff compares: the record's events of [start_ms, end_ms), of one
+    customer and one meter when given, totalled per period or per window."""
+
+    start_ms: int
+    end_ms: int
+    customer: str | None = None
+    meter: str | None = None
+    by_window: bool = False
+
+
+@dataclass(frozen=True)
 class Total:
     """A total under one definition: the meter's value and the events it counted."""
 

@@ -67,21 +67,19 @@ from meterstream.events import (
 )
 from meterstream.meters import fold
 from meterstream.meters.aggregation import WindowState
-from meterstream.meters.config import MetersConfig
 from meterstream.meters.windows import month_bounds, period_label
 from meterstream.pricing.invoice import Period
-from meterstream.pricing.plans import PlansConfig
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import corrections as store
 from meterstream.sinks.clickhouse import queries
-from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.topics import USAGE_CORRECTIONS
 from meterstream.worker.app import EXIT_BATCH_FAILED
-from meterstream.worker.batch import Pipeline, is_dependency_failure, now_ms
+from meterstream.worker.batch import is_dependency_failure, now_ms
 from meterstream.worker.credits import CreditService
 from meterstream.worker.gaps import GapFiller
 from meterstream.worker.invoices import preview
 from meterstream.worker.raw_topics import raw_topic
+from meterstream.worker.services import WorkerServices
 
 log = logging.getLogger("meterstream.corrections")
 Send = Callable[[Sequence[tuple[bytes, bytes]]], Awaitable[None]]
@@ -140,17 +138,13 @@ class CorrectionService:
 
     def __init__(
         self,
-        settings: Settings,
-        meters: MetersConfig,
-        chio: ClickHouseIO,
-        pipeline: Pipeline,
+        services: WorkerServices,
         send_corrections: Send,
         send_events: Send,
-        plans: PlansConfig | None = None,
         credits: CreditService | None = None,
         gaps: GapFiller | None = None,
     ) -> None:
-        self.plans = plans
+        self.services = services
         self.credits = credits
         # records Faust skips are read directly (worker/gaps.py), in the context of the
         # last event Faust delivered of their partition
@@ -158,11 +152,6 @@ class CorrectionService:
         self.last_event: dict[int, EventT] = {}
         self._waiting: dict[int, int] = {}
         self.tail_lock = asyncio.Lock()  # the agent and the tail check, one at a time
-        self.settings = settings
-        self.meters = meters
-        self.chio = chio
-        self.pipeline = pipeline
-        self.metrics = chio.metrics
         self.send_corrections = send_corrections
         self.send_events = send_events
 
@@ -172,16 +161,16 @@ class CorrectionService:
         """The effective record's candidates of a selector (without correction ``without``)."""
         if c.by_keys:
             pairs = [(k.customer_id, k.idempotency_key) for k in c.keys]
-            rows = await self.chio.call(
+            rows = await self.services.chio.call(
                 store.effective_events_by_key, pairs, without_correction=without
             )
         else:
             assert c.from_ms is not None and c.to_ms is not None
             customers = None if c.customer_id is None else [c.customer_id]
-            rows = await self.chio.call(
+            rows = await self.services.chio.call(
                 queries.events_in_range,
                 customers,
-                c.event_names(self.meters),
+                c.event_names(self.services.meters),
                 c.from_ms,
                 c.to_ms,
                 without_correction=without,
@@ -197,10 +186,10 @@ class CorrectionService:
         for customer, meter, period in effective.months_affected(keys):
             customers, names = ranges.setdefault(month_bounds(period), (set(), set()))
             customers.add(customer)
-            names.add(self.meters.by_name(meter).event_name)
+            names.add(self.services.meters.by_name(meter).event_name)
         events: dict[tuple[str, str], UsageEvent] = {}
         for (start, end), (customers, names) in ranges.items():
-            rows = await self.chio.call(
+            rows = await self.services.chio.call(
                 queries.events_in_range,
                 sorted(customers),
                 sorted(names),
@@ -218,7 +207,7 @@ class CorrectionService:
         """Apply (or dry-run) one correction; the answer of ``POST /v1/corrections``."""
         cid = c.correction_id or new_correction_id()
         if c.correction_id is not None:
-            logged = await self.chio.call(store.correction, cid)
+            logged = await self.services.chio.call(store.correction, cid)
             if logged is not None:
                 if logged["kind"] != c.kind:
                     raise CorrectionError(
@@ -227,13 +216,13 @@ class CorrectionService:
                 if not c.dry_run:
                     await self._resend(cid, logged["kind"])
                 return {**logged, "repeated": True}
-        chosen = effective.selected(c, self.meters, await self._events(c, cid))
+        chosen = effective.selected(c, self.services.meters, await self._events(c, cid))
         found = {(e.customer_id, e.idempotency_key) for e in chosen}
         at = now_ms()
         rows = effective.planned(c, cid, chosen, at)
         fixes = effective.latest(rows)
         windows = effective.windows_affected(
-            self.meters, chosen, effective.effective(chosen, fixes)
+            self.services.meters, chosen, effective.effective(chosen, fixes)
         )
         doc: dict[str, Any] = {
             "correction_id": cid,
@@ -260,12 +249,12 @@ class CorrectionService:
         if not chosen:
             doc["status"] = "nothing_to_correct"
             return doc
-        await self.chio.call(
+        await self.services.chio.call(
             store.append_event_corrections, [tuple(r) for r in rows]
         )  # 3. the events, then the log row
-        await self.chio.call(store.append_correction, doc)
-        self.metrics.corrections.inc(kind=c.kind)
-        self.metrics.corrected_events.inc(
+        await self.services.chio.call(store.append_correction, doc)
+        self.services.metrics.corrections.inc(kind=c.kind)
+        self.services.metrics.corrected_events.inc(
             len(chosen), action="voided" if c.kind == "void" else "amended"
         )
         await self._send_rebuilds(cid, c.kind, windows)  # 4.
@@ -292,10 +281,10 @@ class CorrectionService:
         """The dry-run's answer: windows and (customer, meter, month) totals before and
         after, the invoice previews before and after (plans loaded), and what the Stripe
         forwarder would send for the months' change."""
-        changes = effective.diff(self.meters, windows, before, after)
+        changes = effective.diff(self.services.meters, windows, before, after)
         stripe = []
         for period in changes["periods"]:
-            meter = self.meters.by_name(period["meter"])
+            meter = self.services.meters.by_name(period["meter"])
             if meter.stripe is None:
                 continue
             additive = meter.aggregation in ("sum", "count")
@@ -308,7 +297,7 @@ class CorrectionService:
                     "value": period["change"] if additive else period["after"]["value"],
                 }
             )
-        states = fold.fold(self.meters, after)
+        states = fold.fold(self.services.meters, after)
         return {
             **changes,
             "invoices": await self._invoices(windows, states),
@@ -324,13 +313,13 @@ class CorrectionService:
         if self.credits is None:
             return []
         wanted = sorted(k for k in windows if not k.is_total)
-        aggs = self.meters.aggregators
+        aggs = self.services.meters.aggregators
         out = []
         for customer in sorted({k.customer_id for k in wanted}):
             mine = [k for k in wanted if k.customer_id == customer]
             rows = [
                 window_row(
-                    self.meters.by_name(k.meter).aggregation,
+                    self.services.meters.by_name(k.meter).aggregation,
                     k,
                     states.get(k) or aggs[k.meter].start(),
                     aggs[k.meter].result(states.get(k) or aggs[k.meter].start()),
@@ -372,9 +361,7 @@ class CorrectionService:
         """Each affected (customer, month)'s invoice preview now and after the correction
         (the corrected meters' quantities from the fold of the record after it, the others
         stored)."""
-        if self.plans is None:
-            return []
-        plans = self.plans
+        plans = self.services.plans
         months: dict[tuple[str, str], set[str]] = {}
         for customer, meter, month in effective.months_affected(
             k for k in windows if not k.is_total
@@ -385,10 +372,12 @@ class CorrectionService:
             period = Period.month(label)
 
             def override(start: int, end: int, c: str = customer, n: set[str] = names) -> Any:
-                return effective.quantities(self.meters, states, c, n, start, end)
+                return effective.quantities(self.services.meters, states, c, n, start, end)
 
-            now = await self.chio.call(lambda ch, c=customer, p=period: preview(ch, plans, c, p))
-            then = await self.chio.call(
+            now = await self.services.chio.call(
+                lambda ch, c=customer, p=period: preview(ch, plans, c, p)
+            )
+            then = await self.services.chio.call(
                 lambda ch, c=customer, p=period, o=override: preview(ch, plans, c, p, o)
             )
             out.append(
@@ -407,12 +396,16 @@ class CorrectionService:
         """A repeat of a logged correction: its windows rebuilt again (idempotent)."""
         if kind == "backfill":
             return  # its events are in the record; their batches rebuilt their windows
-        fixed = await self.chio.call(store.event_corrections_of, cid)
+        fixed = await self.services.chio.call(store.event_corrections_of, cid)
         pairs = [(r["customer_id"], r["idempotency_key"]) for r in fixed]
-        before = await self.chio.call(store.effective_events_by_key, pairs, without_correction=cid)
-        after = await self.chio.call(store.effective_events_by_key, pairs)
+        before = await self.services.chio.call(
+            store.effective_events_by_key, pairs, without_correction=cid
+        )
+        after = await self.services.chio.call(store.effective_events_by_key, pairs)
         windows = effective.windows_affected(
-            self.meters, [UsageEvent(**r) for r in before], [UsageEvent(**r) for r in after]
+            self.services.meters,
+            [UsageEvent(**r) for r in before],
+            [UsageEvent(**r) for r in after],
         )
         await self._send_rebuilds(cid, kind, windows)
 
@@ -447,7 +440,7 @@ class CorrectionService:
         duplicate, or an idempotency conflict when the content differs), or
         ``future_timestamp`` / the stream's reason for an old event (dead-lettered)."""
         received = now_ms()
-        horizon = self.pipeline.horizon_ms
+        horizon = self.services.pipeline.horizon_ms
         outcomes: list[dict[str, Any]] = []
         live: list[tuple[bytes, bytes]] = []
         old: list[tuple[UsageEvent, bytes]] = []
@@ -470,7 +463,7 @@ class CorrectionService:
                 outcome["rejected"] = str(parsed.reason)
                 outcome["detail"] = parsed.detail
             outcomes.append(outcome)
-        recorded = await self.chio.call(
+        recorded = await self.services.chio.call(
             queries.existing_keys, [(e.customer_id, e.idempotency_key) for e, _ in old]
         )
         new: dict[str, list[bytes]] = {}
@@ -506,7 +499,7 @@ class CorrectionService:
         backfilled = sum(len(v) for v in new.values())
         if backfilled:
             cid = new_correction_id()
-            await self.chio.call(
+            await self.services.chio.call(
                 store.append_correction,
                 {
                     "correction_id": cid,
@@ -523,7 +516,7 @@ class CorrectionService:
                     "status": "applied",
                 },
             )
-            self.metrics.corrections.inc(kind="backfill")
+            self.services.metrics.corrections.inc(kind="backfill")
             doc["correction_id"] = cid
             records = []
             for customer, items in new.items():
@@ -547,7 +540,9 @@ class CorrectionService:
         to_ms: int | None,
     ) -> list[bytes]:
         """The raw events kept in ``rejected_events`` for ``reason`` (their text)."""
-        rows = await self.chio.call(store.rejected_raw, reason, customer_id, from_ms, to_ms)
+        rows = await self.services.chio.call(
+            store.rejected_raw, reason, customer_id, from_ms, to_ms
+        )
         return [raw.encode() for _, raw, _ in rows]
 
     # -- the agent -----------------------------------------------------------------------
@@ -617,18 +612,18 @@ class CorrectionService:
                 )
                 for item in doc.get("events", [])
             ]
-            report = await self.pipeline.process_backfill(records, context)
-            self.metrics.corrected_events.inc(report.accepted, action="backfilled")
+            report = await self.services.pipeline.process_backfill(records, context)
+            self.services.metrics.corrected_events.inc(report.accepted, action="backfilled")
             return
         keys = {
             fold.WindowKey(str(m), str(c), str(g), int(s))
             for m, c, g, s in doc.get("windows", [])
             if c == customer
         }
-        names = {m.name for m in self.meters.meters}
+        names = {m.name for m in self.services.meters.meters}
         keys = {k for k in keys if k.meter in names}  # a meter removed since: not kept
-        async with self.pipeline.apply_lock:
-            await self.pipeline.rebuild_windows(
+        async with self.services.pipeline.apply_lock:
+            await self.services.pipeline.rebuild_windows(
                 keys, {customer: partition}, context, now_ms(), "correction"
             )
 

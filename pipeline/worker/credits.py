@@ -72,6 +72,7 @@ from meterstream.credits.ledger import EntryKind, LedgerEntry, totals
 from meterstream.credits.money import EXACT, canon
 from meterstream.credits.spend import SpendChange, window_source
 from meterstream.credits.status import CustomerStatus
+from meterstream.credits.values import from_row
 from meterstream.errors import CreditsError, PricingError
 from meterstream.meters.windows import day_of, period_label
 from meterstream.pricing.invoice import Period
@@ -297,19 +298,8 @@ def entry_row(e: LedgerEntry) -> tuple[Any, ...]:
 
 
 def entry_of(row: Mapping[str, Any]) -> LedgerEntry:
-    return LedgerEntry(
-        entry_id=row["entry_id"],
-        customer_id=row["customer_id"],
-        kind=EntryKind(row["kind"]),
-        amount=row["amount"],
-        currency=row["currency"],
-        at_ms=row["at_ms"],
-        grant_id=row["grant_id"],
-        source=row["source"],
-        seq=row["seq"],
-        key_total=row["key_total"],
-        cause=row["cause"],
-    )
+    """A ledger entry from its ``credit_ledger`` row (:func:`store.ledger_rows`)."""
+    return from_row(LedgerEntry, row, kind=EntryKind(row["kind"]))
 
 
 def grant_row(grant: Grant, changed_by: str) -> tuple[Any, ...]:
@@ -350,18 +340,7 @@ def inputs_of(rows: Sequence[Mapping[str, Any]]) -> tuple[list[Grant], list[Void
     voids: dict[str, Void] = {}
     for r in rows:
         if r["kind"] == "grant":
-            grants.append(
-                Grant(
-                    grant_id=r["grant_id"],
-                    customer_id=r["customer_id"],
-                    amount=r["amount"],
-                    currency=r["currency"],
-                    effective_ms=r["effective_ms"],
-                    expires_ms=r["expires_ms"],
-                    priority=r["priority"],
-                    origin=r["origin"],
-                )
-            )
+            grants.append(from_row(Grant, r))
         elif r["kind"] == "void":
             void = Void(r["grant_id"], r["customer_id"], r["effective_ms"], r["reason"])
             held = voids.get(void.grant_id)

@@ -83,14 +83,12 @@ from meterstream.errors import (
     StripeError,
     WebhookSignatureError,
 )
-from meterstream.metrics import Metrics
-from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import credits as store
-from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.stripe import customers as mappings
 from meterstream.sinks.stripe.client import StripeMeterClient
 from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.credits import CreditService
+from meterstream.worker.services import WorkerServices
 
 log = logging.getLogger("meterstream.purchases")
 
@@ -110,21 +108,11 @@ def now_ms() -> int:
 class PurchaseDesk:
     """Every purchase's state, the auto-recharge rules, Stripe's calls and its webhook."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        chio: ClickHouseIO,
-        credits: CreditService,
-        alerts: AlertDesk,
-        metrics: Metrics,
-        client: StripeMeterClient | None = None,
-    ) -> None:
-        self.settings = settings
-        self.chio = chio
+    def __init__(self, services: WorkerServices, credits: CreditService, alerts: AlertDesk) -> None:
+        self.services = services
         self.credits = credits
         self.alerts = alerts
-        self.metrics = metrics
-        self._client = client
+        self._client: StripeMeterClient | None = None  # made on the first call to Stripe
         self.purchases: dict[str, PurchaseState] = {}
         self.rules: dict[str, AutoRecharge] = {}
         self.recharge: dict[str, RechargeState] = {}
@@ -136,7 +124,7 @@ class PurchaseDesk:
     @property
     def client(self) -> StripeMeterClient:
         if self._client is None:
-            self._client = stripe_client(self.settings)
+            self._client = stripe_client(self.services.settings)
         return self._client
 
     # -- start
@@ -144,14 +132,14 @@ class PurchaseDesk:
     async def start(self) -> None:
         """Purchases and auto-recharge from ClickHouse (before the credit books resume:
         resuming evaluates the recharges)."""
-        for text in await self.chio.call(store.purchase_states):
+        for text in await self.services.chio.call(store.purchase_states):
             try:
                 state = PurchaseState.from_json(orjson.loads(text))
             except (CreditsError, KeyError, ValueError) as exc:
                 log.error("a credit purchase not loaded: %s", exc)
                 continue
             self.purchases[state.purchase.purchase_id] = state
-        settings = await self.chio.call(store.recharge_settings)
+        settings = await self.services.chio.call(store.recharge_settings)
         for customer, (_, rule_text, state_text) in settings.items():
             try:
                 doc = orjson.loads(rule_text)
@@ -192,14 +180,14 @@ class PurchaseDesk:
             else:
                 state = PurchaseState(purchase)
                 await self._record(state, f"created by {changed_by}")
-                self.metrics.credit_purchases.inc(outcome="created")
+                self.services.metrics.credit_purchases.inc(outcome="created")
         if state.status == PurchaseStatus.CREATED and state.payment_intent_id is None:
             await self._pay(purchase.purchase_id, payer)
         return purchase_document(self.purchases[purchase.purchase_id])
 
     async def _payment_method(self, customer: str) -> tuple[str, str]:
         """(Stripe customer id, its default payment method), or :class:`PurchaseRefused`."""
-        rows = await self.chio.call(mappings.current_rows, [customer])
+        rows = await self.services.chio.call(mappings.current_rows, [customer])
         row = rows.get(customer)
         stripe_id = row.stripe_customer_id if row is not None else ""
         if not stripe_id:
@@ -278,12 +266,12 @@ class PurchaseDesk:
                     event.purchase_id,
                     effects.problem,
                 )
-                self.metrics.credit_purchases.inc(outcome="mismatch")
+                self.services.metrics.credit_purchases.inc(outcome="mismatch")
             await self._record(new, f"{note}: {effects.outcome}")
             if grant is not None:
-                self.metrics.credit_purchases.inc(outcome="succeeded")
+                self.services.metrics.credit_purchases.inc(outcome="succeeded")
             if effects.newly_failed:
-                self.metrics.credit_purchases.inc(outcome="failed")
+                self.services.metrics.credit_purchases.inc(outcome="failed")
         if new.purchase.origin == "recharge" and (grant is not None or effects.newly_failed):
             await self._recharge_done(new)
         return effects.outcome
@@ -322,7 +310,7 @@ class PurchaseDesk:
             time.time_ns(),
             p.created_ms,
         )
-        await self.chio.call(store.append_purchase, row)
+        await self.services.chio.call(store.append_purchase, row)
         self.purchases[p.purchase_id] = state
 
     # -- Stripe's webhook
@@ -330,7 +318,7 @@ class PurchaseDesk:
     async def webhook(self, body: bytes, header: str | None) -> tuple[int, dict[str, Any]]:
         """One delivery of Stripe's webhook: (HTTP status, answer). 2xx only once its
         outcome is recorded (an exception here is a 5xx: Stripe delivers it again)."""
-        secret = self.settings.stripe_webhook_secret
+        secret = self.services.settings.stripe_webhook_secret
         if header and secret is None:  # the route is off (Stripe retries until it is on)
             return 404, {"error": WEBHOOK_OFF}
         try:
@@ -344,17 +332,17 @@ class PurchaseDesk:
                 tolerance_s=DEFAULT_TOLERANCE_S,
             )
         except WebhookSignatureError as exc:
-            self.metrics.stripe_webhooks.inc(result="rejected")
+            self.services.metrics.stripe_webhooks.inc(result="rejected")
             log.warning("Stripe webhook refused: %s", exc)
             return 400, {"error": f"signature: {exc}"}
         try:
             event = parse_stripe_event(orjson.loads(body))
         except (CreditsError, orjson.JSONDecodeError) as exc:  # signed, so Stripe's: retrying
-            self.metrics.stripe_webhooks.inc(result="ignored")  # cannot make it better
+            self.services.metrics.stripe_webhooks.inc(result="ignored")  # cannot make it better
             log.warning("Stripe webhook ignored: %s", exc)
             return 200, {"received": True, "ignored": str(exc)[:300]}
         if event is None:
-            self.metrics.stripe_webhooks.inc(result="ignored")
+            self.services.metrics.stripe_webhooks.inc(result="ignored")
             return 200, {"received": True, "ignored": "event type not used"}
         await self.credits.ready.wait()
         try:
@@ -363,7 +351,7 @@ class PurchaseDesk:
             log.error("Stripe webhook %s ignored: %s", event.event_id, exc)
             outcome = "ignored"
         result = {"duplicate": "duplicate", "unknown": "ignored", "ignored": "ignored"}
-        self.metrics.stripe_webhooks.inc(result=result.get(outcome, "applied"))
+        self.services.metrics.stripe_webhooks.inc(result=result.get(outcome, "applied"))
         return 200, {"received": True, "outcome": outcome}
 
     # -- catch-up
@@ -416,7 +404,7 @@ class PurchaseDesk:
         self, customer: str, rule: AutoRecharge | None, state: RechargeState, by: str
     ) -> None:
         doc = orjson.dumps(rule.to_json() if rule is not None else {}).decode()
-        await self.chio.call(
+        await self.services.chio.call(
             store.append_recharge,
             customer,
             doc,
@@ -446,7 +434,7 @@ class PurchaseDesk:
                 return
             if purchase is not None and purchase.purchase_id not in self.purchases:
                 await self._record(PurchaseState(purchase), f"auto-recharge at {status.cause}")
-                self.metrics.credit_purchases.inc(outcome="created")
+                self.services.metrics.credit_purchases.inc(outcome="created")
                 log.info(
                     "auto-recharge of %s: buying %s %s (%s)",
                     customer,

@@ -96,16 +96,18 @@ async def recompute(
 ) -> dict[str, Any]:
     """Apply a recompute of ``meter`` over [start, end); the answer of
     ``POST /v1/meters/recompute`` (its dry run is :func:`preview`)."""
-    meters = service.meters
+    meters = service.services.meters
     m = meters.by_name(meter)
     lo, _ = m.window_bounds(start_ms)
     _, hi = m.window_bounds(end_ms - 1)
     selector = {"meter": meter, "from": lo, "to": hi, "customer_id": customer}
     cid = correction_id or new_correction_id()
-    logged = None if correction_id is None else await service.chio.call(store.correction, cid)
+    logged = (
+        None if correction_id is None else await service.services.chio.call(store.correction, cid)
+    )
     if logged is not None and (logged["kind"] != KIND or logged["selector"] != selector):
         raise CorrectionError(f"correction_id {cid!r} is another correction ({logged['kind']})")
-    windows, counted = await service.chio.call(_windows, meters, meter, lo, hi, customer)
+    windows, counted = await service.services.chio.call(_windows, meters, meter, lo, hi, customer)
     doc: dict[str, Any] = logged or {
         "correction_id": cid,
         "kind": KIND,
@@ -118,8 +120,8 @@ async def recompute(
         "status": "applied",
     }
     if logged is None:
-        await service.chio.call(store.append_correction, doc)
-        service.metrics.corrections.inc(kind=KIND)
+        await service.services.chio.call(store.append_correction, doc)
+        service.services.metrics.corrections.inc(kind=KIND)
     await service._send_rebuilds(cid, KIND, windows)  # chunked per customer there
     log.info(
         "recompute %s of %s by %s: %d window(s) to rebuild%s",

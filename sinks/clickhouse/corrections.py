@@ -14,7 +14,9 @@ from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.clickhouse.queries import (
     EVENT_COLUMNS_SQL,
     effective_sql,
+    equal_to,
     event_fields,
+    in_range,
     sql_string,
     sql_string_list,
 )
@@ -200,13 +202,8 @@ def rejected_raw(
     """The raw events kept in ``rejected_events`` for ``reason`` (customer_id, raw text,
     received_at ms), optionally of one customer and received in [from_ms, to_ms); one
     per (customer_id, idempotency_key, raw), first received first."""
-    where = [f"reason = {sql_string(reason)}"]
-    if customer_id is not None:
-        where.append(f"customer_id = {sql_string(customer_id)}")
-    if from_ms is not None:
-        where.append(f"received_at >= fromUnixTimestamp64Milli({int(from_ms)}, 'UTC')")
-    if to_ms is not None:
-        where.append(f"received_at < fromUnixTimestamp64Milli({int(to_ms)}, 'UTC')")
+    where = equal_to(reason=reason, customer_id=customer_id)
+    where += in_range("received_at", from_ms, to_ms)
     rows = ch.query_plain_rows(
         "SELECT customer_id, raw, toUnixTimestamp64Milli(received_at)\n"
         f"FROM rejected_events\nWHERE {' AND '.join(where)}\n"

@@ -72,19 +72,14 @@ def append_grants(ch: ClickHouse, rows: Sequence[Sequence[Any]]) -> None:
 
 def grant_rows(ch: ClickHouse, customers: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Every grant and void row (of ``customers``, or all), times in epoch ms."""
-    where, params = _customers_filter(customers)
-    rows = ch.query_dicts(
-        f"""
-        SELECT customer_id, grant_id, kind, toString(amount) AS amount, currency,
-               toUnixTimestamp64Milli(effective_at) AS effective_ms,
-               toUnixTimestamp64Milli(expires_at) AS expires_ms,
-               toInt64(priority) AS priority, origin, reason, changed_by
-        FROM {CREDIT_GRANTS} FINAL {where}
-        ORDER BY customer_id, changed_at, grant_id, kind
-        """,
-        parameters=params,
-    )
-    return [_decimals(r, "amount") for r in rows]
+    return _final_rows(ch, CREDIT_GRANTS, _GRANT_SELECT, _GRANT_ORDER, customers, ("amount",))
+
+
+_GRANT_SELECT = """customer_id, grant_id, kind, toString(amount) AS amount, currency,
+       toUnixTimestamp64Milli(effective_at) AS effective_ms,
+       toUnixTimestamp64Milli(expires_at) AS expires_ms,
+       toInt64(priority) AS priority, origin, reason, changed_by"""
+_GRANT_ORDER = "customer_id, changed_at, grant_id, kind"
 
 
 def append_entries(ch: ClickHouse, rows: Sequence[Sequence[Any]]) -> None:
@@ -102,19 +97,32 @@ def append_entries(ch: ClickHouse, rows: Sequence[Sequence[Any]]) -> None:
 
 def ledger_rows(ch: ClickHouse, customers: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Every ledger row (of ``customers``, or all), one per entry id, in time order."""
+    decimals = ("amount", "key_total")
+    return _final_rows(ch, CREDIT_LEDGER, _LEDGER_SELECT, _LEDGER_ORDER, customers, decimals)
+
+
+_LEDGER_SELECT = """customer_id, entry_id, kind, toString(amount) AS amount, currency,
+       toUnixTimestamp64Milli(at) AS at_ms, nullIf(grant_id, '') AS grant_id,
+       nullIf(source, '') AS source, toInt64(seq) AS seq,
+       toString(key_total) AS key_total, cause"""
+_LEDGER_ORDER = "customer_id, at, kind, ifNull(grant_id, ''), ifNull(source, ''), seq"
+
+
+def _final_rows(
+    ch: ClickHouse,
+    table: str,
+    select: str,
+    order: str,
+    customers: Iterable[str] | None,
+    decimals: tuple[str, ...],
+) -> list[dict[str, Any]]:
+    """``select`` from ``table`` FINAL (of ``customers``, or all) in ``order``, with the
+    decimal strings ``decimals`` (ClickHouse's ``toString``) as Decimals."""
     where, params = _customers_filter(customers)
     rows = ch.query_dicts(
-        f"""
-        SELECT customer_id, entry_id, kind, toString(amount) AS amount, currency,
-               toUnixTimestamp64Milli(at) AS at_ms, nullIf(grant_id, '') AS grant_id,
-               nullIf(source, '') AS source, toInt64(seq) AS seq,
-               toString(key_total) AS key_total, cause
-        FROM {CREDIT_LEDGER} FINAL {where}
-        ORDER BY customer_id, at, kind, ifNull(grant_id, ''), ifNull(source, ''), seq
-        """,
-        parameters=params,
+        f"SELECT {select} FROM {table} FINAL {where} ORDER BY {order}", parameters=params
     )
-    return [_decimals(r, "amount", "key_total") for r in rows]
+    return [_decimals(r, *decimals) for r in rows]
 
 
 def _decimals(row: dict[str, Any], *names: str) -> dict[str, Any]:

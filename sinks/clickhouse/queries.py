@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
@@ -211,18 +212,25 @@ def _key_filters(
     end_ms: int | None,
     customer_ids: Sequence[str] | None = None,
 ) -> str:
-    parts = []
-    if meter is not None:
-        parts.append(f"meter = {sql_string(meter)}")
-    if customer_id is not None:
-        parts.append(f"customer_id = {sql_string(customer_id)}")
+    parts = equal_to(meter=meter, customer_id=customer_id)
     if customer_ids is not None:
         parts.append(f"customer_id IN {sql_string_list(customer_ids)}")
+    return " AND ".join(parts + in_range("window_start", start_ms, end_ms))
+
+
+def equal_to(**values: str | None) -> list[str]:
+    """A condition ``column = 'value'`` for each value given (None: no condition)."""
+    return [f"{column} = {sql_string(v)}" for column, v in values.items() if v is not None]
+
+
+def in_range(column: str, start_ms: int | None, end_ms: int | None) -> list[str]:
+    """The conditions that ``column`` is in [start_ms, end_ms) (None: that end open)."""
+    parts = []
     if start_ms is not None:
-        parts.append(f"window_start >= {sql_ms(start_ms)}")
+        parts.append(f"{column} >= {sql_ms(start_ms)}")
     if end_ms is not None:
-        parts.append(f"window_start < {sql_ms(end_ms)}")
-    return " AND ".join(parts)
+        parts.append(f"{column} < {sql_ms(end_ms)}")
+    return parts
 
 
 def existing_keys_sql(pairs: Sequence[tuple[str, str]]) -> str:
@@ -414,21 +422,28 @@ def latest_windows_query_sql(
     )
 
 
-def usage_sql(
-    customer_id: str,
-    meter: str | None = None,
-    from_ms: int | None = None,
-    to_ms: int | None = None,
-    period: Period | None = None,
-) -> str:
+@dataclass(frozen=True)
+class UsageQuery:
+    """One customer's usage (:func:`usage`): windows starting in [from_ms, to_ms) (open
+    where None), of one meter or all; with a ``period``, one row per period start."""
+
+    customer_id: str
+    meter: str | None = None
+    from_ms: int | None = None
+    to_ms: int | None = None
+    period: Period | None = None
+
+
+def usage_sql(query: UsageQuery) -> str:
     """Totals per meter and group for windows starting in [from_ms, to_ms).
 
     Same SQL as the views (``merge_windows_sql``) with the filter pushed into
     the latest-version subquery; ``period_start`` comes back as epoch ms.
     """
-    merged = merge_windows_sql(period, _key_filters(meter, customer_id, from_ms, to_ms))
-    head = "period, toUnixTimestamp64Milli(period_start) AS period_start_ms, " if period else ""
-    order = "period_start_ms, " if period else ""
+    q = query
+    merged = merge_windows_sql(q.period, _key_filters(q.meter, q.customer_id, q.from_ms, q.to_ms))
+    head = "period, toUnixTimestamp64Milli(period_start) AS period_start_ms, " if q.period else ""
+    order = "period_start_ms, " if q.period else ""
     return (
         f"SELECT {head}meter, aggregation, customer_id, group_key, value, event_count, windows\n"
         "FROM\n(\n"
@@ -642,24 +657,18 @@ def latest_windows(
     return rows
 
 
-def usage(
-    ch: ClickHouse,
-    customer_id: str,
-    meter: str | None = None,
-    from_ms: int | None = None,
-    to_ms: int | None = None,
-    period: Period | None = None,
-) -> list[dict[str, Any]]:
+def usage(ch: ClickHouse, query: UsageQuery) -> list[dict[str, Any]]:
     """Usage of one customer per meter and group (Subscribd's ``usageThisPeriod``).
 
-    ``period=None``: one total per (meter, group) over windows starting in
+    ``query.period`` None: one total per (meter, group) over windows starting in
     [from_ms, to_ms), merged per aggregation exactly like the views. With a
     period: one row per period start (``period_start_ms``), like the views.
     ``value`` is a Decimal; ``group_key`` is canonical JSON ('{}' when none).
     """
+    period = query.period
     if period is not None and period not in PERIODS:
         raise ValueError(f"period must be one of {sorted(PERIODS)} or None, got {period!r}")
-    rows = ch.query_dicts(usage_sql(customer_id, meter, from_ms, to_ms, period))
+    rows = ch.query_dicts(usage_sql(query))
     for row in rows:
         row["value"] = Decimal(row["value"])
         row["event_count"] = int(row["event_count"])

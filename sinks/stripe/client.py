@@ -52,6 +52,17 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
+class MeterSpec:
+    """A Stripe Billing meter as meterstream creates it (:meth:`StripeMeterClient.ensure_meter`)."""
+
+    display_name: str
+    event_name: str
+    formula: Literal["sum", "count", "last"]
+    customer_key: str = "stripe_customer_id"
+    value_key: str = "value"
+
+
+@dataclass(frozen=True)
 class SendResult:
     """Outcome of a delivered meter event (or v2 batch)."""
 
@@ -253,58 +264,45 @@ class StripeMeterClient:
 
         return self._with_retries(fetch, what="list meters")[0]
 
-    def create_meter(
-        self,
-        display_name: str,
-        event_name: str,
-        formula: Literal["sum", "count", "last"],
-        customer_key: str = "stripe_customer_id",
-        value_key: str = "value",
-    ) -> dict[str, Any]:
+    def create_meter(self, spec: MeterSpec) -> dict[str, Any]:
         """``POST /v1/billing/meters``; returns the meter as a dict."""
         params = {
-            "display_name": display_name,
-            "event_name": event_name,
-            "default_aggregation": {"formula": formula},
-            "customer_mapping": {"event_payload_key": customer_key, "type": "by_id"},
-            "value_settings": {"event_payload_key": value_key},
+            "display_name": spec.display_name,
+            "event_name": spec.event_name,
+            "default_aggregation": {"formula": spec.formula},
+            "customer_mapping": {"event_payload_key": spec.customer_key, "type": "by_id"},
+            "value_settings": {"event_payload_key": spec.value_key},
         }
         create = self._stripe.v1.billing.meters.create
         meter = self._with_retries(lambda: create(cast(Any, params)), what="create meter")[0]
         return meter.to_dict()
 
-    def ensure_meter(
-        self,
-        display_name: str,
-        event_name: str,
-        formula: Literal["sum", "count", "last"],
-        customer_key: str = "stripe_customer_id",
-        value_key: str = "value",
-    ) -> dict[str, Any]:
-        """The active meter for ``event_name``, created if missing.
+    def ensure_meter(self, spec: MeterSpec) -> dict[str, Any]:
+        """The active meter for ``spec.event_name``, created if missing.
 
         An existing meter with another formula or other payload keys is a
         configuration error Stripe will not fix for us (meters are immutable):
         it raises :class:`StripeError` with code ``meter_mismatch``.
         """
+        expected = (spec.formula, spec.customer_key, spec.value_key)
         for meter in self.list_meters():
-            if meter["event_name"] != event_name or meter.get("status") != "active":
+            if meter["event_name"] != spec.event_name or meter.get("status") != "active":
                 continue
             found = (
                 meter["default_aggregation"]["formula"],
                 meter["customer_mapping"]["event_payload_key"],
                 meter["value_settings"]["event_payload_key"],
             )
-            if found != (formula, customer_key, value_key):
+            if found != expected:
                 raise StripeError(
-                    f"Stripe meter {meter['id']} for event {event_name!r} has "
+                    f"Stripe meter {meter['id']} for event {spec.event_name!r} has "
                     f"(formula, customer key, value key) = {found}, expected "
-                    f"{(formula, customer_key, value_key)}",
+                    f"{expected}",
                     code="meter_mismatch",
                     status=400,
                 )
             return meter
-        return self.create_meter(display_name, event_name, formula, customer_key, value_key)
+        return self.create_meter(spec)
 
     def event_summaries(
         self,

@@ -248,7 +248,7 @@ def view_rows(ch: ClickHouse, view: str) -> dict[tuple[Any, ...], tuple[Any, ...
 def usage_rows(ch: ClickHouse, customers: Iterable[str], period: str | None, **kw: Any) -> dict:
     out = {}
     for customer in customers:
-        for r in q.usage(ch, customer, period=period, **kw):  # type: ignore[arg-type]
+        for r in q.usage(ch, q.UsageQuery(customer, period=period, **kw)):  # type: ignore[arg-type]
             start = r.get("period_start_ms")
             key = (start, r["meter"], r["aggregation"], r["customer_id"], r["group_key"])
             out[key] = (r["value"], r["event_count"], r["windows"])
@@ -358,7 +358,9 @@ def test_usage_equals_the_views(db: ClickHouse) -> None:
     assert {k[1:]: v for k, v in whole.items()} == feb
     # and over the whole range equals the reference with no period
     assert usage_rows(db, customers, None) == reference(windows, None)
-    only = q.usage(db, "c1", meter="seats", from_ms=JAN31_22, to_ms=JAN31_22 + 2 * HOUR)
+    only = q.usage(
+        db, q.UsageQuery("c1", meter="seats", from_ms=JAN31_22, to_ms=JAN31_22 + 2 * HOUR)
+    )
     assert [(r["meter"], r["value"], r["windows"]) for r in only] == [("seats", Decimal(4), 2)]
 
 

@@ -59,6 +59,7 @@ class Shop:
 
     def __init__(self, stack: StackSlice, receiver: Receiver) -> None:
         self.stack = stack
+        self.receiver = receiver
         self.stripe = _stripe(stack.stripe_url)
         port = free_port()
         endpoint = self.stripe.v1.webhook_endpoints.create(
@@ -135,6 +136,12 @@ def faulty(stack: StackSlice) -> Iterator[StackSlice]:
         _faults(stack, False)
 
 
+@pytest.fixture
+def faulty_shop(faulty: StackSlice) -> Shop:
+    """A shop on the stack with the webhook faults on, its alerts to a fresh receiver."""
+    return Shop(faulty, Receiver())
+
+
 def _metric(shop: Shop, sample: str) -> float:
     text = urllib.request.urlopen(f"{shop.url}/metrics", timeout=30).read().decode()
     found = [line for line in text.splitlines() if line.startswith(sample + " ")]
@@ -154,11 +161,10 @@ def _now() -> int:
 
 
 def test_a_paid_purchase_grants_once_and_a_declined_one_grants_nothing(
-    faulty: StackSlice,
+    faulty_shop: Shop,
 ) -> None:
-    stack = faulty
-    receiver = Receiver()
-    shop = Shop(stack, receiver)
+    shop = faulty_shop
+    stack, receiver = shop.stack, shop.receiver
     shop.customer("acme", "pm_card_visa")
     shop.customer("bob", "pm_card_chargeDeclined")
 
@@ -283,11 +289,10 @@ def test_a_webhook_with_a_bad_signature_or_an_old_timestamp_is_refused(stack: St
 
 
 def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
-    faulty: StackSlice,
+    faulty_shop: Shop,
 ) -> None:
-    stack = faulty
-    receiver = Receiver()
-    shop = Shop(stack, receiver)
+    shop = faulty_shop
+    stack, receiver = shop.stack, shop.receiver
     stripe_id = shop.customer("acme", "pm_card_visa")
     start = {"amount": "10.00", "grant_id": "start", "effective": _iso(_now() - HOUR)}
     shop.call("POST", "/v1/customers/acme/credits/grants", start)

@@ -16,10 +16,9 @@ import os
 import random
 import subprocess
 import sys
-import threading
 import time
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -28,7 +27,7 @@ from aiokafka import AIOKafkaConsumer
 from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
 from tests.harness import REPO, StackSlice, Worker, wait_until
-from tests.support.http import read_latencies, request_json, status_of
+from tests.support.http import read_latencies, request_json, serve_posts, status_of
 from tests.support.meters import meter_entry, meters_yaml, plans_yaml
 
 pytestmark = pytest.mark.integration
@@ -107,23 +106,13 @@ class Receiver:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, bytes]] = []  # (event id, signature header, body)
         self.down = False  # refuse everything (503) while set
-        receiver = self
+        self.server, self.url = serve_posts(self._answer, "/hook")
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                event = self.headers["Meterstream-Event-Id"]
-                first = all(e != event for e, _, _ in receiver.calls)
-                receiver.calls.append((event, self.headers["Meterstream-Signature"], body))
-                self.send_response(503 if receiver.down else 500 if first else 200)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, request: BaseHTTPRequestHandler, body: bytes) -> int:
+        event = request.headers["Meterstream-Event-Id"]
+        first = all(e != event for e, _, _ in self.calls)
+        self.calls.append((event, request.headers["Meterstream-Signature"], body))
+        return 503 if self.down else 500 if first else 200
 
     def accepted(self) -> dict[str, dict[str, Any]]:
         """Alerts answered 200, by id, each signature checked here (Stripe's scheme)."""

@@ -43,7 +43,7 @@ from meterstream.sinks.clickhouse.migrate import migrate
 from meterstream.sinks.clickhouse.writer import USAGE_EVENTS, USAGE_EVENTS_COLUMNS, usage_event_row
 from meterstream.sinks.stripe import ledger
 from meterstream.sinks.stripe import uncorrectable as report
-from meterstream.sinks.stripe.client import StripeMeterClient
+from meterstream.sinks.stripe.client import MeterSpec, StripeMeterClient
 from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 from meterstream.sinks.stripe.ledger import LedgerRow
 from meterstream.sinks.stripe.payloads import build_meter_event, meter_event_identifier
@@ -129,9 +129,7 @@ class Stack:
         settings = Settings(
             stripe_api_base=emulator.url, stripe_transport="v1", stripe_correction_days=days
         )
-        self.forwarder = Forwarder(
-            settings, self.meters, ClickHouseIO(ch, Metrics()), Metrics(), self.client
-        )
+        self.forwarder = Forwarder(settings, self.meters, ClickHouseIO(ch, Metrics()), self.client)
 
     def record(self, *events: tuple[str, int, str]) -> None:
         """(idempotency key, timestamp, value) events of CUSTOMER into the record."""
@@ -197,7 +195,7 @@ def test_a_tie_the_old_stamping_left_is_cancelled_or_past_24_hours_reported(
     # What the old forwarder did after the month ended: value 10 stamped at the month's
     # last second, its ledger row without a timestamp.
     clock.set(END + HOUR)
-    stack.client.ensure_meter("peak", "c_peak", "last")
+    stack.client.ensure_meter(MeterSpec("peak", "c_peak", "last"))
     identifier = meter_event_identifier("peak", CUSTOMER, PERIOD, 1)
     stack.client.send_meter_event(
         build_meter_event("c_peak", identifier, CUSTOMER, 10, END // 1000 - 1)

@@ -14,7 +14,7 @@ import pytest
 import stripe
 
 from meterstream.errors import StripeError
-from meterstream.sinks.stripe.client import SendResult, StripeMeterClient
+from meterstream.sinks.stripe.client import MeterSpec, SendResult, StripeMeterClient
 from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 from meterstream.sinks.stripe.payloads import build_meter_event, meter_event_identifier
 
@@ -78,7 +78,7 @@ def raw_create(sdk: stripe.StripeClient, params: Any, options: Any = None) -> An
 
 def new_meter(client: StripeMeterClient, formula: Any = "sum") -> dict[str, Any]:
     event_name = f"ev_{uuid.uuid4().hex[:10]}"
-    return client.create_meter(f"Meter {event_name}", event_name, formula)
+    return client.create_meter(MeterSpec(f"Meter {event_name}", event_name, formula))
 
 
 def minute_start(ts: int) -> int:
@@ -97,13 +97,13 @@ def test_create_and_list_meters(client: StripeMeterClient) -> None:
     assert [m["id"] for m in client.list_meters()] == [meter["id"]]
 
     with pytest.raises(StripeError) as err:
-        client.create_meter("again", meter["event_name"], "sum")
+        client.create_meter(MeterSpec("again", meter["event_name"], "sum"))
     assert err.value.status == 400
     assert err.value.code == "resource_already_exists"
     assert not err.value.retryable
-    assert client.ensure_meter("x", meter["event_name"], "sum")["id"] == meter["id"]
+    assert client.ensure_meter(MeterSpec("x", meter["event_name"], "sum"))["id"] == meter["id"]
     with pytest.raises(StripeError, match="expected"):
-        client.ensure_meter("x", meter["event_name"], "last")
+        client.ensure_meter(MeterSpec("x", meter["event_name"], "last"))
 
 
 def test_events_sum_into_event_summaries(
@@ -485,6 +485,17 @@ def send_events(
     return identifiers
 
 
+def cancellations(emulator: BackgroundEmulator) -> tuple[int, int]:
+    """The emulator's counts: (events cancelled, cancellations refused)."""
+    stats = emulator.stats()
+    return stats["cancelled"], stats["rejected_cancellations"]
+
+
+def cancel_params(event_name: str, identifier: str) -> Any:
+    """The meter event adjustment (v1 or v2) that cancels ``identifier``."""
+    return {"event_name": event_name, "type": "cancel", "cancel": {"identifier": identifier}}
+
+
 def test_cancel_within_24_hours_removes_the_value_from_summaries(
     client: StripeMeterClient, emulator: BackgroundEmulator
 ) -> None:
@@ -556,8 +567,7 @@ def test_cancel_after_24_hours_is_refused() -> None:
         assert "within 24 hours" in str(err.value)
         assert emu.stats()["requests"] == requests_before + 1  # permanent: not retried
         assert [e["cancelled"] for e in emu.events()] == [False, True]
-        stats = emu.stats()
-        assert (stats["cancelled"], stats["rejected_cancellations"]) == (1, 1)
+        assert cancellations(emu) == (1, 1)
 
 
 def test_the_clock_control_moves_time_for_every_limit(
@@ -619,8 +629,7 @@ def test_cancel_unknown_identifier_or_other_event_name_is_refused(
     assert bad_type.value.param == "type"
 
     assert [e["cancelled"] for e in emulator.events()] == [False]
-    stats = emulator.stats()
-    assert (stats["cancelled"], stats["rejected_cancellations"]) == (0, 5)
+    assert cancellations(emulator) == (0, 5)
 
 
 def test_double_cancel_is_refused(client: StripeMeterClient, emulator: BackgroundEmulator) -> None:
@@ -629,11 +638,7 @@ def test_double_cancel_is_refused(client: StripeMeterClient, emulator: Backgroun
     [ident] = send_events(client, meter["event_name"], "cus_d", [8], now)
     client.cancel_meter_event(meter["event_name"], ident)
     # (the client's own second call replays its first answer: another idempotency key here)
-    params: Any = {
-        "event_name": meter["event_name"],
-        "type": "cancel",
-        "cancel": {"identifier": ident},
-    }
+    params = cancel_params(meter["event_name"], ident)
     with pytest.raises(stripe.InvalidRequestError) as err:
         raw_sdk(emulator).v1.billing.meter_event_adjustments.create(
             params, {"idempotency_key": "another"}
@@ -644,8 +649,7 @@ def test_double_cancel_is_refused(client: StripeMeterClient, emulator: Backgroun
         meter["id"], "cus_d", minute_start(now) - 60, minute_start(now) + 60
     )
     assert summary.aggregated_value == Decimal(0)
-    stats = emulator.stats()
-    assert (stats["cancelled"], stats["rejected_cancellations"]) == (1, 1)
+    assert cancellations(emulator) == (1, 1)
 
 
 def test_cancel_retries_replay_through_the_idempotency_key(
@@ -653,11 +657,7 @@ def test_cancel_retries_replay_through_the_idempotency_key(
 ) -> None:
     meter = new_meter(client)
     [ident] = send_events(client, meter["event_name"], "cus_r", [2], int(time.time()))
-    params: Any = {
-        "event_name": meter["event_name"],
-        "type": "cancel",
-        "cancel": {"identifier": ident},
-    }
+    params = cancel_params(meter["event_name"], ident)
     sdk = raw_sdk(emulator)
     first = sdk.v1.billing.meter_event_adjustments.create(params, {"idempotency_key": "c1"})
     again = sdk.v1.billing.meter_event_adjustments.create(params, {"idempotency_key": "c1"})
@@ -677,7 +677,7 @@ def test_cancel_retries_replay_through_the_idempotency_key(
     assert (stats["cancelled"], stats["rejected_cancellations"]) == (2, 0)
     # A second call (a crash before the first one's outcome was recorded) replays it.
     assert client.cancel_meter_event(meter["event_name"], ident2) == adjustment
-    assert (emulator.stats()["cancelled"], emulator.stats()["rejected_cancellations"]) == (2, 0)
+    assert cancellations(emulator) == (2, 0)
 
 
 def test_v2_meter_event_adjustment(emulator: BackgroundEmulator) -> None:
@@ -687,7 +687,7 @@ def test_v2_meter_event_adjustment(emulator: BackgroundEmulator) -> None:
     [ident] = send_events(client, meter["event_name"], "cus_v2", [6], now)
     sdk = raw_sdk(emulator)
     adjustment = sdk.v2.billing.meter_event_adjustments.create(
-        {"event_name": meter["event_name"], "type": "cancel", "cancel": {"identifier": ident}}
+        cancel_params(meter["event_name"], ident)
     )
     assert adjustment.object == "v2.billing.meter_event_adjustment"
     assert adjustment.id.startswith("mtr_event_adj_")
@@ -726,9 +726,7 @@ def test_state_file_keeps_the_account_across_restarts(tmp_path: Any) -> None:
             params = build_meter_event(meter["event_name"], f"id-{i}", "cus_a", value, now)
             assert client.send_meter_event(params).status == "sent"
         sdk = raw_sdk(emu)
-        sdk.v1.billing.meter_event_adjustments.create(
-            {"event_name": meter["event_name"], "type": "cancel", "cancel": {"identifier": "id-2"}}
-        )
+        sdk.v1.billing.meter_event_adjustments.create(cancel_params(meter["event_name"], "id-2"))
     assert oct(state.stat().st_mode & 0o777) == "0o600"
 
     with BackgroundEmulator(state_file=state) as emu:

@@ -11,13 +11,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from meterstream.embedded.processes import free_port
 from meterstream.sinks.stripe.emulator.options import WebhookOption
 from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 from meterstream.sinks.stripe.emulator.state import FaultConfig
+from tests.support.http import serve_posts
 
 KEY = "sk_test_emulator"
 PAY_EVENTS = ["payment_intent.succeeded", "payment_intent.payment_failed"]
@@ -42,32 +42,22 @@ class Receiver:
         self.script: list[int] = []
         self.then = 200
         self.hang = 0.0  # seconds to wait before answering
-        receiver = self
+        self.server, self.url = serve_posts(self._answer, "/stripe")
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = receiver.script.pop(0) if receiver.script else receiver.then
-                time.sleep(receiver.hang)
-                receiver.requests.append(
-                    {
-                        "signature": self.headers.get("Stripe-Signature"),
-                        "content_type": self.headers.get("Content-Type"),
-                        "body": body,
-                        "event": json.loads(body),
-                        "status": status,
-                        "at": time.monotonic(),
-                    }
-                )
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stripe"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _answer(self, request: BaseHTTPRequestHandler, body: bytes) -> int:
+        status = self.script.pop(0) if self.script else self.then
+        time.sleep(self.hang)
+        self.requests.append(
+            {
+                "signature": request.headers.get("Stripe-Signature"),
+                "content_type": request.headers.get("Content-Type"),
+                "body": body,
+                "event": json.loads(body),
+                "status": status,
+                "at": time.monotonic(),
+            }
+        )
+        return status
 
     def close(self) -> None:
         self.server.shutdown()

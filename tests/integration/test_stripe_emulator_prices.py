@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from meterstream.errors import StripeError
-from meterstream.sinks.stripe.client import StripeMeterClient
+from meterstream.sinks.stripe.client import MeterSpec, StripeMeterClient
 from meterstream.sinks.stripe.emulator.server import BackgroundEmulator
 from meterstream.sinks.stripe.payloads import build_meter_event
 
@@ -37,7 +37,7 @@ def client(emulator: BackgroundEmulator) -> StripeMeterClient:
 
 
 def _meter(client: StripeMeterClient, name: str, formula: Any = "sum") -> str:
-    return str(client.create_meter(name, name, formula)["id"])
+    return str(client.create_meter(MeterSpec(name, name, formula))["id"])
 
 
 def _send(client: StripeMeterClient, name: str, customer: str, *values: int) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from meterstream.endpoints import write_endpoints
 from meterstream.meters.windows import month_bounds, period_label
-from meterstream.sinks.stripe.client import StripeMeterClient
+from meterstream.sinks.stripe.client import MeterSpec, StripeMeterClient
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 from tests.support.kafka import consume_all
 from tests.support.meters import meter_entry, meters_yaml, stripe
@@ -342,7 +342,7 @@ meters:
 """
     )
     client = stripe_client(stack)
-    client.create_meter("legacy", "cm_tokens", "last")  # a sum meter needs formula sum
+    client.create_meter(MeterSpec("legacy", "cm_tokens", "last"))  # a sum meter needs formula sum
     result = cli(stack, meters_file, "stripe", "create-meters")
     assert result.returncode == 1
     assert "REFUSED tokens" in result.stderr and "'sum'" in result.stderr

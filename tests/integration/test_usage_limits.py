@@ -116,28 +116,35 @@ def test_a_free_tier_loses_access_at_the_event_that_reaches_its_limit(stack: Sta
         assert record["has_access"] is (Decimal(record["usage"]["tokens"]["used"]) < LIMIT)
     assert any(r["has_access"] for r in records)  # it had access before the flip
 
+    def chat_seen(customer: str, tokens: int) -> dict[str, Any]:
+        """Produce one chat event of ``tokens`` for ``customer`` (key ``CUSTOMER-1``); its
+        entitlements once the worker has counted it."""
+        stack.produce(
+            [
+                {
+                    "event_name": "chat",
+                    "customer_id": customer,
+                    "idempotency_key": f"{customer}-1",
+                    "timestamp": start,
+                    "properties": {"tokens": tokens},
+                }
+            ]
+        )
+        url = f"{worker.web_url}/v1/customers/{customer}/entitlements"
+
+        def seen() -> dict[str, Any] | None:
+            doc = request_json(url, operator)
+            return doc if doc["usage"].get("tokens", {}).get("used") == str(tokens) else None
+
+        doc = wait_until(seen, timeout=60, what=f"{customer}'s usage seen")
+        assert doc is not None
+        return doc
+
     # a customer with credits on the same plan: a balance left, and still cut at the limit
     bob = f"{worker.web_url}/v1/customers/bob"
     grant = {"amount": "5", "grant_id": "bob-1"}
     request_json(f"{bob}/credits/grants", operator, "POST", grant)
-    stack.produce(
-        [
-            {
-                "event_name": "chat",
-                "customer_id": "bob",
-                "idempotency_key": "bob-1",
-                "timestamp": start,
-                "properties": {"tokens": 1000},
-            }
-        ]
-    )
-
-    def bob_off() -> dict[str, Any] | None:
-        doc = request_json(f"{bob}/entitlements", operator)
-        return doc if doc["usage"].get("tokens", {}).get("used") == "1000" else None
-
-    doc = wait_until(bob_off, timeout=60, what="bob's usage seen")
-    assert doc is not None
+    doc = chat_seen("bob", 1000)
     assert doc["has_access"] is False and doc["reasons"] == ["usage_limit"]
     assert doc["requires_balance"] is True and Decimal(doc["balance"]) == 5
     assert doc["usage"]["tokens"]["limit"] == "1000" and doc["usage"]["tokens"]["remaining"] == "0"
@@ -147,23 +154,7 @@ def test_a_free_tier_loses_access_at_the_event_that_reaches_its_limit(stack: Sta
     dave = f"{worker.web_url}/v1/customers/dave"
     month = time.strftime("%Y-%m-01", time.gmtime(start / 1000))
     request_json(f"{dave}/plans", operator, "PUT", {"plan": "pro", "from": month})
-    stack.produce(
-        [
-            {
-                "event_name": "chat",
-                "customer_id": "dave",
-                "idempotency_key": "dave-1",
-                "timestamp": start,
-                "properties": {"tokens": 1500},
-            }
-        ]
-    )
-
-    def dave_used() -> dict[str, Any] | None:
-        doc = request_json(f"{dave}/entitlements", operator)
-        return doc if doc["usage"].get("tokens", {}).get("used") == "1500" else None
-
-    doc = wait_until(dave_used, timeout=60, what="dave's usage seen")
+    doc = chat_seen("dave", 1500)
     assert doc is not None and doc["has_access"] is True and doc["reasons"] == []
     assert doc["usage"]["tokens"]["limit"] is None and doc["usage"]["tokens"]["remaining"] is None
 

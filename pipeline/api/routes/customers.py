@@ -59,9 +59,8 @@ def register(routes: Routes, mappings: MappingStore, forwarder: Forwarder | None
             return respond(view, {"error": f"ClickHouse: {exc}"}, 503)
         return respond(view, {"change": row.public() if row else None, "published": published})
 
-    @routes.app.page("/v1/stripe/customers")
+    @routes.page("/v1/stripe/customers")
     class StripeCustomers(View):
-        @routes.guarded
         async def get(self, request: Request) -> Response:
             operator_only(read_key(request))
             try:
@@ -71,9 +70,8 @@ def register(routes: Routes, mappings: MappingStore, forwarder: Forwarder | None
             current = [r.public() for r in rows.values() if r.stripe_customer_id]
             return respond(self, {"customers": current, "held": held(forwarder)})
 
-    @routes.app.page("/v1/stripe/customers/{customer_id}")
+    @routes.page("/v1/stripe/customers/{customer_id}")
     class StripeCustomer(View):
-        @routes.guarded
         async def get(self, request: Request, customer_id: str) -> Response:
             operator_only(read_key(request))
             customer = customer_of(customer_id)
@@ -83,7 +81,6 @@ def register(routes: Routes, mappings: MappingStore, forwarder: Forwarder | None
                 return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
             return respond(self, mapping_document(customer, history, held(forwarder, customer)))
 
-        @routes.guarded
         async def put(self, request: Request, customer_id: str) -> Response:
             key = routes.key(request)
             operator_only(key)
@@ -100,7 +97,6 @@ def register(routes: Routes, mappings: MappingStore, forwarder: Forwarder | None
                 )
             return await change(self, key, customer, stripe_id)
 
-        @routes.guarded
         async def delete(self, request: Request, customer_id: str) -> Response:
             key = routes.key(request)
             operator_only(key)

@@ -19,9 +19,8 @@ def register(routes: Routes, publisher: EventPublisher) -> None:
     respond, metrics = routes.respond, routes.metrics
     horizon_ms = routes.settings.dedup_horizon_seconds * 1000
 
-    @routes.app.page("/v1/events")
+    @routes.page("/v1/events")
     class Events(View):
-        @routes.guarded
         async def post(self, request: Request) -> Response:
             key = routes.key(request)
             body = await routes.json_body(request)

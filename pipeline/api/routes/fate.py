@@ -15,9 +15,8 @@ from meterstream.sinks.clickhouse.reads import ReadIO
 def register(routes: Routes, reads: ReadIO, meters: MetersConfig) -> None:
     respond = routes.respond
 
-    @routes.app.page("/v1/events/{customer_id}/{idempotency_key}")
+    @routes.page("/v1/events/{customer_id}/{idempotency_key}")
     class EventFate(View):
-        @routes.guarded
         async def get(self, request: Request, customer_id: str, idempotency_key: str) -> Response:
             routes.customer_reader(request, customer_id)
             try:

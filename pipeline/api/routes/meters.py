@@ -33,6 +33,7 @@ from meterstream.corrections.request import CORRECTION_ID
 from meterstream.errors import ConfigError, CorrectionError, Denied
 from meterstream.events import parse_time
 from meterstream.meters.config import MetersConfig, parse_meters, yaml_load_exact
+from meterstream.meters.diff import DiffScope
 from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.clickhouse.reads import ReadIO
 from meterstream.worker import recompute
@@ -49,9 +50,8 @@ RECOMPUTE_FIELDS = frozenset(
 def register(routes: Routes, reads: ReadIO) -> None:
     respond = routes.respond
 
-    @routes.app.page("/v1/meters/diff")
+    @routes.page("/v1/meters/diff")
     class MetersDiff(View):
-        @routes.guarded
         async def post(self, request: Request) -> Response:
             routes.operator(request, "compare meter definitions")
             body = await _object(routes, request)
@@ -66,24 +66,12 @@ def register(routes: Routes, reads: ReadIO) -> None:
                 problems.append(f"meter: {meter!r} is in neither meters file")
             if problems or old is None or new is None or start is None or end is None:
                 return respond(self, {"error": "invalid request", "problems": problems}, 400)
-            answer = await reads.read(_diff, old, new, start, end, customer, meter, bool(by_window))
-            return respond(self, answer)
+            scope = DiffScope(start, end, customer, meter, bool(by_window))
+            return respond(self, await reads.read(_diff, old, new, scope))
 
 
-def _diff(
-    ch: ClickHouse,
-    old: MetersConfig,
-    new: MetersConfig,
-    start: int,
-    end: int,
-    customer: str | None,
-    meter: str | None,
-    by_window: bool,
-) -> dict[str, Any]:
-    diff = diff_from_record(
-        ch, old, new, start, end, customer=customer, meter=meter, by_window=by_window
-    )
-    return diff.as_json()
+def _diff(ch: ClickHouse, old: MetersConfig, new: MetersConfig, scope: DiffScope) -> dict[str, Any]:
+    return diff_from_record(ch, old, new, scope).as_json()
 
 
 def register_recompute(
@@ -92,9 +80,8 @@ def register_recompute(
     """``POST /v1/meters/recompute`` (it needs the worker's correction service)."""
     respond = routes.respond
 
-    @routes.app.page("/v1/meters/recompute")
+    @routes.page("/v1/meters/recompute")
     class MetersRecompute(View):
-        @routes.guarded
         async def post(self, request: Request) -> Response:
             key = routes.operator(request, "recompute a meter")
             body = await _object(routes, request)

@@ -17,9 +17,8 @@ from meterstream.sinks.clickhouse.reads import ReadIO, SqlBusy
 def register(routes: Routes, reads: ReadIO) -> None:
     respond = routes.respond
 
-    @routes.app.page("/v1/sql")
+    @routes.page("/v1/sql")
     class SQL(View):
-        @routes.guarded
         async def post(self, request: Request) -> Response:
             unrestricted(routes.reader(request), "run SQL")
             try:

@@ -26,9 +26,8 @@ FORWARDING = "manage Stripe forwarding"
 def register(routes: Routes, stripe: Forwarder) -> None:
     respond = routes.respond
 
-    @routes.app.page("/v1/stripe/retry")
+    @routes.page("/v1/stripe/retry")
     class StripeRetry(View):
-        @routes.guarded
         async def post(self, request: Request) -> Response:
             unrestricted(routes.key(request), FORWARDING)
             try:
@@ -37,9 +36,8 @@ def register(routes: Routes, stripe: Forwarder) -> None:
                 return respond(self, {"error": str(exc), "code": exc.code}, 502)
             return respond(self, {"rows": [row_summary(r) for r in rows]})
 
-    @routes.app.page("/v1/stripe/reconcile")
+    @routes.page("/v1/stripe/reconcile")
     class StripeReconcile(View):
-        @routes.guarded
         async def get(self, request: Request) -> Response:
             unrestricted(routes.reader(request), FORWARDING)
             period = request.query.get("period") or period_label(time.time_ns() // 1_000_000)
@@ -60,9 +58,8 @@ def register(routes: Routes, stripe: Forwarder) -> None:
                 },
             )
 
-    @routes.app.page("/v1/stripe/corrections")
+    @routes.page("/v1/stripe/corrections")
     class StripeCorrections(View):
-        @routes.guarded
         async def get(self, request: Request) -> Response:
             unrestricted(routes.reader(request), FORWARDING)
             period = request.query.get("period") or None
@@ -74,7 +71,6 @@ def register(routes: Routes, stripe: Forwarder) -> None:
             rows = await stripe.chio.call(report.current, period)
             return respond(self, {"period": period, "uncorrectable": rows})
 
-        @routes.guarded
         async def post(self, request: Request) -> Response:
             routes.operator(request, FORWARDING)
             raw = await routes.json_body(request)

@@ -3,6 +3,8 @@ A key restricted to a customer reads that customer only."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from faust.web import Request, Response, View
 
 from meterstream.api.http import Routes
@@ -15,9 +17,8 @@ from meterstream.sinks.clickhouse.reads import ReadIO
 def register(routes: Routes, reads: ReadIO) -> None:
     respond = routes.respond
 
-    @routes.app.page("/v1/customers/{customer_id}/usage")
+    @routes.page("/v1/customers/{customer_id}/usage")
     class Usage(View):
-        @routes.guarded
         async def get(self, request: Request, customer_id: str) -> Response:
             key = routes.reader(request)
             if key is not None and key.customer_id not in (None, customer_id):
@@ -31,9 +32,9 @@ def register(routes: Routes, reads: ReadIO) -> None:
             except ValueError as exc:
                 return respond(self, {"error": f"bad time: {exc}"}, 400)
             try:
-                rows = await reads.read(
-                    queries.usage, customer_id, q.get("meter") or None, start, end, window
-                )
+                period = cast("queries.Period | None", window)  # checked above
+                query = queries.UsageQuery(customer_id, q.get("meter") or None, start, end, period)
+                rows = await reads.read(queries.usage, query)
             except DependencyError as exc:
                 return respond(self, {"error": f"ClickHouse: {exc}"}, 503)
             return respond(self, {"customer_id": customer_id, "usage": rows})

@@ -260,7 +260,7 @@ def test_events_in_range_sql_reads_the_effective_record() -> None:
 
 
 def test_usage_sql_uses_the_view_merge_with_filters_on_key_columns() -> None:
-    sql = q.usage_sql("c1", "m", 0, 3_600_000, None)
+    sql = q.usage_sql(q.UsageQuery("c1", "m", 0, 3_600_000, None))
     assert sql.startswith(
         "SELECT meter, aggregation, customer_id, group_key, value, event_count, windows\nFROM\n("
     )
@@ -272,7 +272,7 @@ def test_usage_sql_uses_the_view_merge_with_filters_on_key_columns() -> None:
     ) in sql
     assert q.MERGED_VALUE_SQL.replace("\n", "\n    ") in sql
     assert "GROUP BY meter, aggregation, customer_id, group_key\n" in sql
-    hourly = q.usage_sql("c1", period="hour")
+    hourly = q.usage_sql(q.UsageQuery("c1", period="hour"))
     assert hourly.startswith(
         "SELECT period, toUnixTimestamp64Milli(period_start) AS period_start_ms, meter,"
     )
