@@ -220,7 +220,10 @@ def install_credits(services: WorkerServices) -> tuple[Callable[[Routes], None],
     the credit routes and the service."""
     app, settings, calls, reads = services.app, services.settings, services.chio, services.reads
     alerts = AlertDesk(app, settings, calls)
-    credits = CreditService(app, settings, calls, services.plans, reads.read, alerts)
+    # the burn reads on a lane of its own: never queued behind a pricing run of every
+    # customer (seconds) on the shared reads thread
+    burn_reads = reads.lane("credits").read
+    credits = CreditService(app, settings, calls, services.plans, burn_reads, alerts)
     purchases = PurchaseDesk(services, credits, alerts)
     services.pipeline.record_listeners.append(credits.record_changed)
 

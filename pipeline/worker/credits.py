@@ -99,6 +99,8 @@ BURN_GAP_SECONDS = 0.2
 """After a batch marks a customer, the burn waits this long, so the batches of a burst are
 priced in one tick (the balance follows usage within about this, plus the tick)."""
 
+SLOW_TICK_MS = 1000
+
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ZERO = Decimal(0)
 
@@ -621,6 +623,9 @@ class CreditService:
             limits = await self._limits_now(list(changed), now)
             for customer, cause in changed.items():
                 await self._decide(customer, cause, limits.get(customer, {}))
+            took = now_ms() - now
+            if took > SLOW_TICK_MS:  # balances lag usage by this much: worth a line
+                log.warning("credit burn tick took %d ms (%d customer(s))", took, len(changed))
 
     async def _priced(self, customers: Sequence[str], label: str) -> dict[str, PeriodSpend]:
         """:func:`spend_levels_of` of ``customers`` in the period ``label``; a customer whose

@@ -14,7 +14,8 @@ connection. Reads never use either:
   HTTP client has gone away, or the query outlives its time limit by
   ``GRACE_SECONDS`` (the engine checks the limit between blocks), the query
   is killed and :class:`QueryCancelled` raised;
-- the usage endpoint's reads run on one more thread and read-only connection.
+- the usage endpoint's reads run on one more thread and read-only connection, and the
+  credit burn's on one of its own (:meth:`ReadIO.lane`).
 
 chdb runs queries of different connections at the same time, so none of
 these waits for an insert, and an insert does not wait for them.
@@ -76,8 +77,8 @@ class ReadIO:
         self._ch = ch
         self._sql = ThreadPoolExecutor(concurrency, thread_name_prefix="clickhouse-sql")
         self._control = ThreadPoolExecutor(1, thread_name_prefix="clickhouse-sql-control")
-        self._reads = ThreadPoolExecutor(1, thread_name_prefix="clickhouse-reads")
-        self._reader: ClickHouse | None = None
+        self._main = ReadLane(ch, limits, "clickhouse-reads")
+        self._lanes: dict[str, ReadLane] = {}
         self._slots: asyncio.Semaphore | None = None
 
     # -- analyst SQL -----------------------------------------------------------------
@@ -171,9 +172,39 @@ class ReadIO:
 
     async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(reader, *args, **kwargs)`` on the reads thread with its read-only
-        connection."""
+        connection (the usage endpoint, pricing runs, the forwarder's reads)."""
+        return await self._main.read(fn, *args, **kwargs)
+
+    def lane(self, name: str) -> ReadLane:
+        """A reads thread and read-only connection of their own, for reads that must not
+        queue behind the others (the credit burn behind a pricing run of every customer)."""
+        if name not in self._lanes:
+            self._lanes[name] = ReadLane(self._ch, self.limits, f"clickhouse-reads-{name}")
+        return self._lanes[name]
+
+    def close(self) -> None:
+        for executor in (self._sql, self._control):
+            executor.shutdown(wait=True, cancel_futures=True)
+        for lane in (self._main, *self._lanes.values()):
+            lane.close()
+        self.analyst.close()
+
+
+class ReadLane:
+    """One thread and its read-only connection (opened at the first read): the reads given
+    to it run one after another, beside every other lane (chdb runs the queries of
+    different connections at the same time)."""
+
+    def __init__(self, ch: ClickHouse, limits: SqlLimits, name: str) -> None:
+        self._ch = ch
+        self.limits = limits
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self._reader: ClickHouse | None = None
+
+    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(reader, *args, **kwargs)`` on this lane's thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reads, lambda: self._read(fn, *args, **kwargs))
+        return await loop.run_in_executor(self._executor, lambda: self._read(fn, *args, **kwargs))
 
     def _read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._reader is None:
@@ -183,9 +214,7 @@ class ReadIO:
         return fn(self._reader, *args, **kwargs)
 
     def close(self) -> None:
-        for executor in (self._sql, self._control, self._reads):
-            executor.shutdown(wait=True, cancel_futures=True)
-        self.analyst.close()
+        self._executor.shutdown(wait=True, cancel_futures=True)
         if self._reader is not None:
             self._reader.close()
 

@@ -39,8 +39,8 @@ from tests.integration.test_credits_end_to_end import (
     Receiver,
     _iso,
 )
-from tests.security.test_poison import chat
 from tests.support.http import request_json, status_of
+from tests.support.meters import chat
 
 pytestmark = pytest.mark.integration
 

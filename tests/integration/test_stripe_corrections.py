@@ -49,7 +49,7 @@ from meterstream.sinks.stripe.ledger import LedgerRow
 from meterstream.sinks.stripe.payloads import build_meter_event, meter_event_identifier
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 from tests.integration.clickhouse_fixtures import *  # noqa: F403
-from tests.security.test_poison import chat as poison_chat
+from tests.support.meters import chat as poison_chat
 from tests.support.meters import meter_entry, meters_yaml, stripe
 
 pytestmark = pytest.mark.integration

@@ -19,6 +19,7 @@ from meterstream.api.keys import KeyStore
 from tests.harness import StackSlice, wait_until
 from tests.integration.test_credits_end_to_end import METERS, _records
 from tests.support.http import read_latencies, request_json, status_of
+from tests.support.meters import chat
 
 pytestmark = pytest.mark.integration
 
@@ -165,16 +166,6 @@ def test_a_free_tier_loses_access_at_the_event_that_reaches_its_limit(stack: Sta
         print(f"entitlements GET over HTTP ({who}): {read_latencies(url, operator, 200)}")
 
 
-def _chat(customer: str, key: str, at_ms: int, tokens: int) -> dict[str, Any]:
-    return {
-        "event_name": "chat",
-        "customer_id": customer,
-        "idempotency_key": key,
-        "timestamp": at_ms,
-        "properties": {"tokens": tokens},
-    }
-
-
 def test_a_plan_change_takes_effect_without_new_usage(stack: StackSlice) -> None:
     """A free-tier customer at its limit moved to an unlimited plan gets access back (API and
     topic), and a customer with credits moved to a priced plan has its month's usage burned,
@@ -188,7 +179,7 @@ def test_a_plan_change_takes_effect_without_new_usage(stack: StackSlice) -> None
     wait_until(lambda: status_of(f"{acme}/entitlements", operator) == 200, what="worker ready")
     request_json(f"{bob}/credits/grants", operator, "POST", {"amount": "5", "grant_id": "b-1"})
     start = time.time_ns() // 1_000_000 - 5_000
-    stack.produce([_chat("acme", "a-1", start, 1000), _chat("bob", "b-1", start, 1000)])
+    stack.produce([chat("acme", "a-1", 1000, start), chat("bob", "b-1", 1000, start)])
 
     def used(base: str, want: str) -> dict[str, Any] | None:
         doc = request_json(f"{base}/entitlements", operator)
@@ -247,7 +238,7 @@ def test_a_customer_read_once_is_followed_from_the_worker_state(stack: StackSlic
     erin = f"{worker.web_url}/v1/customers/erin/entitlements"
     wait_until(lambda: status_of(erin, operator) == 200, what="worker ready")
     start = time.time_ns() // 1_000_000 - 5_000
-    stack.produce([_chat("erin", "e-0", start, 100)])
+    stack.produce([chat("erin", "e-0", 100, start)])
 
     def used(want: str) -> dict[str, Any] | None:
         doc = request_json(erin, operator)
@@ -256,8 +247,8 @@ def test_a_customer_read_once_is_followed_from_the_worker_state(stack: StackSlic
     assert wait_until(lambda: used("100"), timeout=60, what="erin's first usage")
     total = 100
     for i, tokens in enumerate([7, 30, 200], start=1):  # each seen after the first read
-        stack.produce([_chat("erin", f"e-{i}", start + i, tokens)])
-        stack.produce([_chat("erin", f"e-{i}", start + i, tokens)])  # a duplicate: once
+        stack.produce([chat("erin", f"e-{i}", tokens, start + i)])
+        stack.produce([chat("erin", f"e-{i}", tokens, start + i)])  # a duplicate: once
         total += tokens
         doc = wait_until(lambda t=total: used(str(t)), timeout=60, what=f"erin at {total}")
         assert doc is not None and doc["has_access"] is True

@@ -32,7 +32,7 @@ import pytest
 from meterstream.meters.config import COLUMN_LIMITS, STRIPE_LIMITS
 from tests.faults.test_crash_restart import delete_topic, metric_value, stripe_totals
 from tests.harness import REPO, StackSlice, Worker, wait_until
-from tests.support.meters import meter_entry, meters_yaml
+from tests.support.meters import chat, meter_entry, meters_yaml
 
 pytestmark = pytest.mark.integration
 
@@ -54,16 +54,6 @@ def window_start() -> int:
     """The start of the previous hour: closed, inside the horizon, not in the future."""
     now = time.time_ns() // 1_000_000
     return now - now % HOUR - HOUR
-
-
-def chat(customer: str, key: str, tokens: Any, ts: int) -> dict[str, Any]:
-    return {
-        "event_name": "chat",
-        "customer_id": customer,
-        "idempotency_key": key,
-        "timestamp": ts,
-        "properties": {"tokens": tokens},
-    }
 
 
 def raw_chat(customer: str, key: str, tokens_json: str, ts: int) -> bytes:

@@ -5,6 +5,8 @@ is written as it would be in the file."""
 
 from __future__ import annotations
 
+from typing import Any
+
 FAST_STRIPE = "interval: 1s, grace: 0s"
 """Stripe options of a meter whose windows are sent as soon as they close."""
 BY_MODEL = "[properties.model]"
@@ -38,3 +40,15 @@ def plans_yaml(default: str, **unit_prices: str) -> str:
         f"\nplans:\n  - name: {default}\n    currency: usd\n    prices:\n{prices}"
         f"default_plan: {default}\n"
     )
+
+
+def chat(customer: str, key: str, tokens: Any, ts: int) -> dict[str, Any]:
+    """A ``chat`` event of ``customer`` with ``tokens`` (any JSON value: tests send bad ones
+    too) at ``ts`` (epoch ms)."""
+    return {
+        "event_name": "chat",
+        "customer_id": customer,
+        "idempotency_key": key,
+        "timestamp": ts,
+        "properties": {"tokens": tokens},
+    }
