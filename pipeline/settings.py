@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     # How often the worker burns prepaid credits for the customers whose usage changed
     # (and writes expiries that came due; pipeline/worker/credits.py).
     credits_burn_seconds: float = Field(default=1.0, gt=0)
+    # How long a credit purchase waits for Stripe's webhook before the worker reads its
+    # PaymentIntent back (a lost webhook loses nothing; pipeline/worker/purchases.py).
+    credits_purchase_catch_up_seconds: float = Field(default=60.0, gt=0, le=86_400)
     # Where credit alerts are POSTed, signed with the secret (pipeline/worker/alerts.py);
     # unset: alerts go to the topic billing-alerts only.
     credits_webhook_url: str | None = None

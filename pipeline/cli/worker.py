@@ -233,7 +233,7 @@ def install_credits(services: WorkerServices) -> tuple[Callable[[Routes], None],
         await purchases.start()  # and the auto-recharges
         await credits.start()
 
-    @app.timer(CATCH_UP_SECONDS)
+    @app.timer(min(CATCH_UP_SECONDS, settings.credits_purchase_catch_up_seconds))
     async def catch_up_purchases() -> None:
         try:
             await purchases.catch_up()

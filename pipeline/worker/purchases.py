@@ -22,7 +22,8 @@ This module feeds them and writes what they decide:
   restart, is a duplicate; a crash between the grant and the row replays the event, and
   the grant, already in the book, is not made again.
 - **Catch-up** (a lost webhook must not lose a paid purchase): every
-  :data:`CATCH_UP_SECONDS`, each purchase still ``created`` a minute after it was made is
+  :data:`CATCH_UP_SECONDS`, each purchase still ``created`` a minute (the setting
+  ``METERSTREAM_CREDITS_PURCHASE_CATCH_UP_SECONDS``) after it was made is
   read back with ``GET /v1/payment_intents/{id}``, and a final status is applied as an
   event of ours (``pi:<id>:<status>``); one whose PaymentIntent was never created (a crash
   or Stripe down before the answer) is created again under the same idempotency key,
@@ -92,7 +93,6 @@ from meterstream.worker.services import WorkerServices
 
 log = logging.getLogger("meterstream.purchases")
 
-CATCH_UP_AFTER_MS = 60_000
 CATCH_UP_SECONDS = 10.0
 DEFAULT_PAYMENT_FAILED = Threshold("payment_failed", AlertKind.PAYMENT_FAILED)
 # Stripe's answers to a PaymentIntent's creation that a retry under the same key cannot
@@ -357,15 +357,15 @@ class PurchaseDesk:
     # -- catch-up
 
     async def catch_up(self) -> None:
-        """Read back what Stripe did with every purchase still ``created`` after a minute."""
+        """Read back what Stripe did with every purchase still ``created`` after
+        ``METERSTREAM_CREDITS_PURCHASE_CATCH_UP_SECONDS`` (a minute)."""
         if not self.credits.ready.is_set():
             return
         now = now_ms()
+        after_ms = int(self.services.settings.credits_purchase_catch_up_seconds * 1000)
         for state in list(self.purchases.values()):
             purchase = state.purchase
-            if state.status != PurchaseStatus.CREATED or (
-                now - purchase.created_ms < CATCH_UP_AFTER_MS
-            ):
+            if state.status != PurchaseStatus.CREATED or (now - purchase.created_ms < after_ms):
                 continue
             try:
                 if state.payment_intent_id is None:

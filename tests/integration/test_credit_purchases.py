@@ -57,7 +57,7 @@ class Shop:
     """A worker whose Stripe webhook is registered at the emulator (Stripe's API), an
     operator key, and the customers' Stripe side."""
 
-    def __init__(self, stack: StackSlice, receiver: Receiver) -> None:
+    def __init__(self, stack: StackSlice, receiver: Receiver, **env: str) -> None:
         self.stack = stack
         self.receiver = receiver
         self.stripe = _stripe(stack.stripe_url)
@@ -77,6 +77,7 @@ class Shop:
             "METERSTREAM_CREDITS_WEBHOOK_SECRET": "whsec_test_credits",
             "METERSTREAM_STRIPE_WEBHOOK_SECRET": self.secret,
             "METERSTREAM_STRIPE_API_BASE": stack.stripe_url,
+            **env,
         }
         keys = KeyStore(stack.tmp / "state" / "api_keys.json")
         _, self.operator = keys.create("operator")
@@ -356,15 +357,16 @@ def test_auto_recharge_buys_once_per_crossing_and_a_decline_turns_it_off(
 
 def test_a_lost_webhook_loses_no_paid_purchase(stack: StackSlice) -> None:
     """Every delivery dropped (Stripe gives up): the worker's catch-up reads the
-    PaymentIntent back a minute after the purchase and grants it, once."""
+    PaymentIntent back (METERSTREAM_CREDITS_PURCHASE_CATCH_UP_SECONDS after the purchase,
+    here 8 s rather than a minute) and grants it, once."""
     http_json(f"{stack.stripe_url}/_emulator/faults", {"webhook_drop_first": 100})
     try:
         receiver = Receiver()
-        shop = Shop(stack, receiver)
+        shop = Shop(stack, receiver, METERSTREAM_CREDITS_PURCHASE_CATCH_UP_SECONDS="8")
         shop.customer("acme", "pm_card_visa")
         made = shop.call("POST", "/v1/customers/acme/credits/purchases", {"amount": "12.50"})
         assert made["status"] == "created"
-        time.sleep(5)
+        time.sleep(4)
         assert shop.balance("acme") is None  # no webhook reached the worker
         wait_until(lambda: shop.balance("acme") == Decimal("12.5"), timeout=150,
                    what="granted by the catch-up")  # fmt: skip

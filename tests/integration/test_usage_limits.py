@@ -120,17 +120,7 @@ def test_a_free_tier_loses_access_at_the_event_that_reaches_its_limit(stack: Sta
     def chat_seen(customer: str, tokens: int) -> dict[str, Any]:
         """Produce one chat event of ``tokens`` for ``customer`` (key ``CUSTOMER-1``); its
         entitlements once the worker has counted it."""
-        stack.produce(
-            [
-                {
-                    "event_name": "chat",
-                    "customer_id": customer,
-                    "idempotency_key": f"{customer}-1",
-                    "timestamp": start,
-                    "properties": {"tokens": tokens},
-                }
-            ]
-        )
+        stack.produce([chat(customer, f"{customer}-1", tokens, start)])
         url = f"{worker.web_url}/v1/customers/{customer}/entitlements"
 
         def seen() -> dict[str, Any] | None:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from decimal import Decimal
 from types import SimpleNamespace
 
+from meterstream.credits.burn import CreditBook
+from meterstream.credits.grants import Grant
 from meterstream.meters.fold import WindowKey
+from meterstream.meters.windows import period_label
 from meterstream.pricing.plans import free_plans
 from meterstream.settings import Settings
 from meterstream.worker.credits import CreditService
@@ -60,3 +65,24 @@ def test_a_mark_wakes_the_burn_and_nothing_else_does() -> None:
     assert idle >= 0.29
     assert woken < 10.0
     assert marked
+
+
+def test_a_new_month_decides_every_customer_with_credits_again() -> None:
+    """The first tick of a month decides (and would publish) each book's entitlement with
+    no usage: the month's usage starts again (on the old code: only at the next usage)."""
+    credits = _service()
+    credits.ready.set()
+    now = time.time_ns() // 1_000_000
+    grant = Grant("g-1", "acme", Decimal(10), "usd", NOV, None, 0, "manual")
+    book, _ = CreditBook.resume("acme", "usd", grants=[grant], now_ms=now)
+    credits.books["acme"] = book
+    credits.usage["acme"] = (period_label(now), {"tokens": Decimal(5)})
+
+    asyncio.run(credits._burn({}))  # the same month: nothing to decide
+    assert "acme" not in credits.entitlements
+
+    credits._period = "2000-01"  # the last tick was in another month
+    asyncio.run(credits._burn({}))
+    decided = credits.entitlements["acme"]
+    assert decided.cause.startswith("period:")
+    assert decided.period == period_label(now) and decided.balance == Decimal(10)
