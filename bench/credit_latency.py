@@ -35,10 +35,9 @@ import orjson
 from bench.stack import BenchError
 from meterstream.api.keys import KeyStore
 from meterstream.billing.customers import _direct
-from meterstream.credits.grants import Grant
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import credits as store
-from meterstream.worker.credits import grant_row
+from meterstream.worker.credits import grant_row, new_grant
 
 UNIT_PRICE = Decimal("0.001")  # usd per ai_tokens token
 PRICED_METER = "ai_tokens"
@@ -296,7 +295,7 @@ def _record_grants(effective_ms: int, customers: list[str]) -> None:
             ch,
             [
                 grant_row(
-                    Grant(f"bench-{c}", c, GRANT, "usd", effective_ms, None, 0, "manual"),
+                    new_grant(c, GRANT, "usd", effective_ms=effective_ms, grant_id=f"bench-{c}"),
                     "bench",
                 )
                 for c in customers

@@ -433,7 +433,9 @@ class CreditService:
     async def burn_soon(self, every: float, gap: float) -> None:
         """Wait until a batch has marked a customer (then ``gap`` more, so the batches of a
         burst are priced in one tick), or at most ``every`` seconds (the clock: expiries
-        come due); the worker's burn loop calls :meth:`burn` after each wait."""
+        come due); the worker's burn loop calls :meth:`burn` after each wait. Nothing
+        before the books are resumed (their batches stay marked)."""
+        await self.ready.wait()
         try:
             await asyncio.wait_for(self.marked.wait(), timeout=every)
         except TimeoutError:
@@ -470,12 +472,10 @@ class CreditService:
         spends: dict[str, list[SpendChange]] = defaultdict(list)
         failed: dict[str, str] = {}
         for label in sorted(by_period):
-            errors: dict[str, Exception] = {}
-            found = await self.read(
-                spend_levels_of, self.plans, by_period[label], Period.month(label), errors=errors
-            )
-            for customer, exc in errors.items():
-                failed[customer] = f"{label} not priced: {exc}"
+            found = await self._priced(by_period[label], label)
+            for customer in by_period[label]:
+                if customer not in found:  # why: logged by _priced
+                    failed[customer] = f"{label} not priced"
             for customer, spend in found.items():
                 currency = inputs[customer][0][0].currency
                 spends[customer] += self._changes(customer, currency, spend, None, now)
@@ -637,7 +637,7 @@ class CreditService:
         )
         for customer, exc in errors.items():
             log.warning("credits of %s: %s not priced: %s", customer, label, exc)
-        return dict(found)
+        return found
 
     async def _limits_now(
         self, customers: Sequence[str], now: int
@@ -646,7 +646,7 @@ class CreditService:
         limits in the plans file)."""
         if not self.plans.has_limits or not customers:
             return {}
-        return dict(await self.read(plans_limits, self.plans, customers, now))
+        return await self.read(plans_limits, self.plans, customers, now)
 
     async def _usage_limited(self, customers: Sequence[str], label: str, now: int) -> None:
         """Customers without credits whose usage of this period changed: the entitlement of
@@ -812,16 +812,7 @@ class CreditService:
             spend_levels_of, self.plans, [customer], Period.month(label), limits_at_ms=now
         )
         spend = spends[customer]
-        status = CustomerStatus(
-            customer_id=customer,
-            currency=self.plans.default.money.code,
-            at_ms=now,
-            cause=f"read:{now}",
-            balance=_ZERO,
-            period=label,
-            usage=spend.usage,
-            limits=spend.limits,
-        )
+        status = self._status(customer, f"read:{now}", spend.limits, (label, spend.usage))
         entitlement = decide(status, requires_balance=False)
         if customer not in self.entitlements and len(self.watched) < WATCH_LIMIT:
             # followed from now: its batches mark it, and the next tick reads it again
@@ -849,11 +840,18 @@ class CreditService:
             await self.chio.call(store.append_entries, [entry_row(e) for e in entries])
             del self._unwritten[: len(entries)]
 
-    def _status(self, customer: str, cause: str, limits: Mapping[str, Decimal]) -> CustomerStatus:
-        """What the worker holds of ``customer`` now: balance, this month's usage, limits."""
+    def _status(
+        self,
+        customer: str,
+        cause: str,
+        limits: Mapping[str, Decimal],
+        usage: tuple[str, dict[str, Decimal]] | None = None,
+    ) -> CustomerStatus:
+        """What the worker holds of ``customer`` now: balance, this month's usage (or
+        ``usage``: period, use per meter, just read), limits."""
         book = self.books.get(customer)
         now = now_ms()
-        label, use = self.usage.get(customer, (period_label(now), {}))
+        label, use = usage or self.usage.get(customer, (period_label(now), {}))
         if label != period_label(now):
             label, use = period_label(now), {}
         return CustomerStatus(
