@@ -58,9 +58,13 @@ class Verifier:
         self._changed: dict[str, set[tuple[str, int]]] = {m.name: set() for m in stripe_meters}
         self._deltas: dict[str, RecordDeltas] = {m.name: RecordDeltas() for m in stripe_meters}
         self._stripe_meter = {m.name: m for m in stripe_meters}
-        self._by_event: dict[str, list[Meter]] = defaultdict(list)
+        # event name -> (its meter's pending event counts, the meter's window in ms)
+        self._event_counters: dict[str, list[tuple[dict[tuple[str, int], int], int]]] = defaultdict(
+            list
+        )
         for m in stripe_meters:
-            self._by_event[m.event_name].append(m)
+            size = m.window_bounds(0)[1]
+            self._event_counters[m.event_name].append((self._deltas[m.name].events, size))
         self._epoch = 0  # invalidate() count: a round that saw one keeps nothing it read
 
     # -- incremental verification ------------------------------------------------------
@@ -167,11 +171,17 @@ class Verifier:
                 pending.add(
                     self._stripe_meter[key.meter], key.customer_id, key.window_start_ms, state
                 )
-        by_event = self._by_event
+        # Per event: each Stripe meter of its name counts it in its window (the loop's
+        # lookups hoisted: this runs for every event the worker inserts).
+        counters = self._event_counters
         for event in inserted:
-            for meter in by_event.get(event.event_name, ()):
-                window_start, _ = meter.window_bounds(event.timestamp_ms)
-                self._deltas[meter.name].count(event.customer_id, window_start)
+            targets = counters.get(event.event_name)
+            if targets:
+                ts = event.timestamp_ms
+                customer = event.customer_id
+                for counts, size in targets:
+                    at = (customer, ts - ts % size)
+                    counts[at] = counts.get(at, 0) + 1
         self.windows_changed(reread)
 
     def windows_changed(self, keys: Iterable[WindowKey]) -> None:

@@ -32,12 +32,29 @@ class ClickHouseIO:
         metrics: Metrics,
         max_backoff: float = 5.0,
         down_file: Path | None = None,
+        name: str = "clickhouse",
     ) -> None:
         self.ch = ch
         self.down_file = down_file
         self.metrics = metrics
         self.max_backoff = max_backoff
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._lanes: dict[str, ClickHouseIO] = {}
+
+    def lane(self, name: str) -> ClickHouseIO:
+        """Calls of their own: a thread and a (writable) connection of their own, with
+        the same retries and injected outage. For writes that need not queue behind the
+        batch's inserts on this thread, nor hold them up (the credit ledger); closed
+        with this one."""
+        if name not in self._lanes:
+            self._lanes[name] = ClickHouseIO(
+                self.ch.reader({}),
+                self.metrics,
+                self.max_backoff,
+                self.down_file,
+                name=f"clickhouse-{name}",
+            )
+        return self._lanes[name]
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn(ch, *args, **kwargs)`` in the ClickHouse thread; retry until it succeeds."""
@@ -74,5 +91,7 @@ class ClickHouseIO:
         return fn(self.ch, *args, **kwargs)
 
     def close(self) -> None:
+        for lane in self._lanes.values():
+            lane.close()
         self._executor.shutdown(wait=True)
         self.ch.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -722,3 +723,41 @@ def test_a_second_connection_sees_the_migrated_database(
     other = ch_factory(db.database)
     assert other.query_rows("SELECT count() FROM schema_migrations") == [(len(MIGRATIONS),)]
     assert migrate(other) == []
+
+
+def test_a_lane_of_calls_writes_on_its_own_thread_and_connection(
+    db: ClickHouse, ch_factory: Callable[..., ClickHouse], tmp_path: Path
+) -> None:
+    """``ClickHouseIO.lane`` (the credit ledger's writes): a thread and a writable
+    connection of its own, whose rows the main connection reads at once, retried through
+    the same injected outage, closed with its parent."""
+    down = tmp_path / "clickhouse-down"
+    calls = ClickHouseIO(ch_factory(db.database), Metrics(), max_backoff=0.05, down_file=down)
+    lane = calls.lane("credits")
+    assert calls.lane("credits") is lane
+
+    def where(ch: ClickHouse) -> tuple[str, int]:
+        return threading.current_thread().name, id(ch)
+
+    rejected = [rejected_row(Rejection(Reason.INVALID_JSON, f"bad {i}", b"{"), 2) for i in range(3)]
+
+    async def run() -> tuple[tuple[str, int], tuple[str, int], bool]:
+        main, own = await calls.call(where), await lane.call(where)
+        down.touch()  # an outage: the lane's write waits for it to end, loses nothing
+        write = asyncio.ensure_future(
+            lane.call(lambda ch: ch.insert(REJECTED_EVENTS, rejected, REJECTED_EVENTS_COLUMNS))
+        )
+        await asyncio.sleep(0.3)
+        waited = not write.done()
+        down.unlink()
+        await write
+        return main, own, waited
+
+    main, own, waited = asyncio.run(run())
+    assert main[0].startswith("clickhouse_") and own[0].startswith("clickhouse-credits_")
+    assert main[1] != own[1]  # another connection
+    assert waited
+    assert q.rejected_counts(db) == {"invalid_json": 3}  # seen by another connection
+    calls.close()
+    with pytest.raises(RuntimeError):  # the lane's thread is shut down with its parent
+        asyncio.run(lane.call(where))

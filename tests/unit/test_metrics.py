@@ -54,6 +54,27 @@ def test_latency_histograms() -> None:
     assert samples[("meterstream_event_to_window_seconds_count", ())] == 1
 
 
+def test_latencies_counted_per_batch_render_as_one_observation_each() -> None:
+    """observe_since counts a batch into the buckets at once; the exposition is what
+    prometheus_client's own observe() of each value gives (bounds included: le is <=)."""
+    now = 100_000.0
+    seconds = [0.0, 0.005, 0.0051, 0.1, 0.25, 0.7, 1.0, 2.5, 59.0, 86_400.0, 90_000.0, 3.3]
+    arrivals = [round((now - s) * 1000) for s in seconds] + [now * 1000 + 5]  # one ahead
+    batched, one_by_one = Metrics(), Metrics()
+    batched.event_to_window.observe_since(arrivals, now_s=now)
+    batched.event_to_window.observe_since([], now_s=now)
+    for arrival in arrivals:
+        one_by_one.event_to_window.observe(max(0.0, now - arrival / 1000))
+    got, want = _samples(batched.render()), _samples(one_by_one.render())
+    name = "meterstream_event_to_window_seconds"
+    assert {k: v for k, v in got.items() if k[0].startswith(name)} == {
+        k: v for k, v in want.items() if k[0].startswith(name)
+    }
+    assert got[(f"{name}_count", ())] == len(arrivals)
+    assert got[(f"{name}_bucket", (("le", "0.005"),))] >= 2  # 0 and the one ahead at least
+    assert got[(f"{name}_bucket", (("le", "+Inf"),))] == len(arrivals)
+
+
 def test_stripe_latency_from_the_oldest_waiting_event() -> None:
     metrics = Metrics()
     arrivals = metrics.stripe_arrivals
