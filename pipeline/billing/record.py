@@ -74,6 +74,12 @@ def read_record(
     event's record row says refused it do not count it (its window is there, empty, as
     for a value the meter cannot read), and an event set aside as unprocessable counts
     for none."""
+    rows = queries.events_in_range(ch, customers, [meter.event_name], start_ms, end_ms)
+    return fold_record(meters, meter, rows)
+
+
+def fold_record(meters: MetersConfig, meter: Meter, rows: Iterable[dict[str, Any]]) -> RecordRead:
+    """:func:`read_record` of rows already read (``queries.events_in_range`` rows; pure)."""
     # One pass over the rows as they come (a full read of a busy period is hundreds
     # of thousands of events, read while the worker runs), counted per day on the way.
     days: Counter[tuple[str, int]] = Counter()
@@ -84,9 +90,41 @@ def read_record(
             days[(event.customer_id, day_of(event.timestamp_ms))] += 1
             yield event
 
-    rows = queries.events_in_range(ch, customers, [meter.event_name], start_ms, end_ms)
     states = fold(meters, counted_per_day(rows), meter=meter, empty_windows=True)
     return RecordRead(states, days)
+
+
+class RecordSnapshot(NamedTuple):
+    """What a reconciliation reads of [start, end), in one visit: the record's raw rows
+    (``queries.events_in_range_sql``) and the stored windows' (value, event count)."""
+
+    rows: list[Sequence[Any]]
+    stored: dict[WindowKey, tuple[Decimal, int]]
+
+
+def record_snapshot(
+    ch: ClickHouse,
+    meter: Meter,
+    start_ms: int,
+    end_ms: int,
+    customers: Sequence[str] | None = None,
+) -> RecordSnapshot:
+    """The two reads of :func:`reconcile_meter`, nothing folded: the Stripe verifier reads
+    them under the record lock and folds them after releasing it (the fold is most of a
+    reconciliation's time, and the batch waits on that lock)."""
+    rows: list[Sequence[Any]] = []
+    if customers is None or customers:
+        sql = queries.events_in_range_sql(customers, [meter.event_name], start_ms, end_ms)
+        rows = ch.query_plain_rows(sql)
+    return RecordSnapshot(rows, stored_states(ch, meter, start_ms, end_ms, customers))
+
+
+def reconcile_snapshot(
+    meters: MetersConfig, meter: Meter, snapshot: RecordSnapshot
+) -> tuple[list[Difference], dict[WindowKey, WindowState], Counter[tuple[str, int]]]:
+    """:func:`reconcile_meter` without the repair, of a :func:`record_snapshot` (pure)."""
+    record, days = fold_record(meters, meter, map(queries.event_fields, snapshot.rows))
+    return compare(meter, record, snapshot.stored), record, days
 
 
 def stored_states(
@@ -175,9 +213,8 @@ def reconcile_meter(
     """Differences between stored windows and the record for windows in [start, end)
     (of ``customers`` only, when given); the record's states and its events per
     (customer, day) (:func:`read_record`)."""
-    record, days = read_record(ch, meters, meter, start_ms, end_ms, customers)
-    stored = stored_states(ch, meter, start_ms, end_ms, customers)
-    diffs = compare(meter, record, stored)
+    snapshot = record_snapshot(ch, meter, start_ms, end_ms, customers)
+    diffs, record, days = reconcile_snapshot(meters, meter, snapshot)
     if fix:
         repair(ch, meters, record, diffs)
     return diffs, record, days

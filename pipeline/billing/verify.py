@@ -24,7 +24,12 @@ from meterstream.billing.plan import (
     customer_totals,
     days_to_reverify,
 )
-from meterstream.billing.record import Difference, reconcile_meter
+from meterstream.billing.record import (
+    Difference,
+    reconcile_meter,
+    reconcile_snapshot,
+    record_snapshot,
+)
 from meterstream.events import UsageEvent
 from meterstream.meters.aggregation import WindowState
 from meterstream.meters.config import Meter, MetersConfig
@@ -115,14 +120,28 @@ class Verifier:
     async def _verify_range(
         self, meter: Meter, start: int, end: int, customers: list[str] | None = None
     ) -> tuple[list[Difference], Any, Any]:
-        """Reconcile (and repair) [start, end) under the record lock; what it read is no
-        longer pending as deltas. Returns the differences, the record's window states
-        and its events per (customer, day)."""
+        """Reconcile (and repair) [start, end); what it read is no longer pending as
+        deltas. Returns the differences, the record's window states and its events per
+        (customer, day).
+
+        The record and the stored windows are read under the record lock (the batch's
+        two inserts are never half seen), the deltas they cover dropped under it, and
+        the events folded and compared after it is released, off the writer's thread:
+        the fold is most of the time, and the next batch waits on that lock. Where
+        something differs, the range is reconciled again under the lock, read afresh
+        and repaired there (as the record is then, never from an older read)."""
+        deltas = self._deltas[meter.name]
+        async with self._record_lock:
+            snapshot = await self.chio.call(record_snapshot, meter, start, end, customers)
+            deltas.discard(customers, start, end)
+        found = await asyncio.to_thread(reconcile_snapshot, self.meters, meter, snapshot)
+        if not found[0]:
+            return found
         async with self._record_lock:
             found = await self.chio.call(
                 reconcile_meter, self.meters, meter, start, end, fix=True, customers=customers
             )
-            self._deltas[meter.name].discard(customers, start, end)
+            deltas.discard(customers, start, end)  # the fresh read covers those too
             return found
 
     async def _verify_slices(
