@@ -263,6 +263,35 @@ async def follow_topic(
         await consumer.stop()
 
 
+async def read_to_end(
+    settings: Settings, bootstrap: str, topic: str, timeout: float
+) -> dict[bytes | None, bytes | None]:
+    """The last value per key of a compacted topic as it is now (read from the beginning to
+    its end offsets at the call, with :func:`follow_topic`); ``TimeoutError`` past
+    ``timeout`` seconds, the follower's error if it fails."""
+    last: dict[bytes | None, bytes | None] = {}
+    ready = asyncio.Event()
+
+    async def keep(key: bytes | None, value: bytes | None, _timestamp: int) -> None:
+        last[key] = value
+
+    follower = asyncio.ensure_future(follow_topic(settings, bootstrap, topic, keep, ready))
+    waiting = asyncio.ensure_future(ready.wait())
+    try:
+        done, _ = await asyncio.wait(
+            {follower, waiting}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if follower in done:
+            follower.result()  # its error (it never returns)
+        if waiting not in done:
+            raise TimeoutError(f"{topic} not read to its end in {timeout:g} s")
+        return last
+    finally:
+        for task in (follower, waiting):
+            task.cancel()
+        await asyncio.gather(follower, waiting, return_exceptions=True)
+
+
 # -------------------------------------------------------------- the CLI's side
 
 

@@ -31,7 +31,7 @@ from meterstream.api.publisher import EventPublisher
 from meterstream.api.routes import meters as meter_routes
 from meterstream.api.routes.health import ReadyCheck
 from meterstream.billing.assignments import AssignmentStore
-from meterstream.billing.customers import MappingStore
+from meterstream.billing.customers import MappingStore, read_to_end
 from meterstream.errors import ConfigError, MeterstreamError
 from meterstream.kafka import client_options
 from meterstream.logs import configure_logging
@@ -44,12 +44,12 @@ from meterstream.sinks.clickhouse.client import ClickHouse, open_clickhouse
 from meterstream.sinks.clickhouse.migrate import migrate
 from meterstream.sinks.clickhouse.pricing import write_priced_usage
 from meterstream.sinks.clickhouse.reads import ReadIO, sql_limits
-from meterstream.topics import USAGE_CORRECTIONS
+from meterstream.topics import ENTITLEMENTS, USAGE_CORRECTIONS
 from meterstream.topics.admin import ensure_topics
 from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.app import create_app
 from meterstream.worker.corrections import CorrectionService, Send, install_corrections
-from meterstream.worker.credits import BURN_GAP_SECONDS, CreditService
+from meterstream.worker.credits import ADOPT_SECONDS, BURN_GAP_SECONDS, CreditService
 from meterstream.worker.forwarder import install_forwarder
 from meterstream.worker.gaps import GapFiller
 from meterstream.worker.guarantee import broker_supports_transactions, choose, describe
@@ -236,6 +236,16 @@ def install_credits(services: WorkerServices) -> tuple[Callable[[Routes], None],
     async def resume_credits() -> None:
         await alerts.start()  # states first: resuming the books evaluates thresholds
         await purchases.start()  # and the auto-recharges
+        # what the products hold: each customer on the topic is decided again at the first
+        # tick (a raised limit, a new month), published where it changed
+        topic = settings.topic(ENTITLEMENTS.name)
+        try:
+            records = await read_to_end(settings, services.bootstrap, topic, ADOPT_SECONDS)
+        except Exception as exc:  # the books still resume; only this re-decision is lost
+            log.warning("entitlements on %s not read at start: %s", topic, exc)
+        else:
+            log.info("credits: %d published entitlement(s) to decide again",
+                     credits.adopt_published(records))  # fmt: skip
         await credits.start()
 
     @app.timer(min(CATCH_UP_SECONDS, settings.credits_purchase_catch_up_seconds))

@@ -32,7 +32,10 @@ one per customer with a grant). This module feeds it and writes what it returns:
   resumed against the ledger rows (:meth:`CreditBook.resume`): whatever the killed run had
   not written is written with the ids it would have used, and each book's balance is
   checked against ClickHouse's ``sum(amount)`` of its ledger before the routes answer (503
-  until then); a book that fails the check is not loaded (logged).
+  until then); a book that fails the check is not loaded (logged). Before that, the
+  compacted ``entitlements`` topic is read to its end (:meth:`CreditService.adopt_published`):
+  each customer on it is taken as published and decided again at the first tick (a limit
+  raised, a month turned while the worker was down), published only where it changed.
 - **Entitlements** are decided after every change
   (:func:`~meterstream.credits.entitlements.decide`) with the usage limits of the plan in
   force now (:func:`plan_limits`), kept in memory (the route answers from there) and
@@ -100,6 +103,12 @@ BURN_GAP_SECONDS = 0.2
 priced in one tick (the balance follows usage within about this, plus the tick)."""
 
 SLOW_TICK_MS = 1000
+
+ADOPT_SECONDS = 60.0
+"""At start, how long the worker reads the compacted ``entitlements`` topic to its end
+(:meth:`CreditService.adopt_published`) before it resumes the books without it."""
+
+_UNCOMPARED = ("at_ms", "cause")  # what differs between two equal entitlements
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _ZERO = Decimal(0)
@@ -444,6 +453,36 @@ class CreditService:
 
     # -- start
 
+    def adopt_published(self, records: Mapping[bytes | None, bytes | None]) -> int:
+        """The last entitlement of each customer on the compacted topic at start (what the
+        products hold; ``records``: key -> value): each is taken as published and its
+        customer decided again at the first tick, published only where it changed. Without
+        this a restarted worker knew only the customers with credits: one cut off at a
+        free tier's limit, whose limit was then raised in the plans file or whose month
+        turned, kept the stale "no access" on the topic until its next usage, which a
+        product that gates on the topic would never send. A record that is not an
+        entitlement of ours (the topic is writable by the broker's clients) is skipped; at
+        most :data:`WATCH_LIMIT` are taken. Returns how many."""
+        label = period_label(now_ms())
+        taken = 0
+        for key, value in records.items():
+            if taken >= WATCH_LIMIT:
+                log.warning("entitlements: more than %d customers on the topic", WATCH_LIMIT)
+                break
+            try:
+                customer = (key or b"").decode()
+                doc = orjson.loads(value) if value else None
+            except (UnicodeDecodeError, orjson.JSONDecodeError):
+                continue
+            if not customer or not isinstance(doc, dict) or doc.get("customer_id") != customer:
+                continue
+            self._published[customer] = {k: v for k, v in doc.items() if k not in _UNCOMPARED}
+            self.dirty[customer].add(label)
+            taken += 1
+        if taken:
+            self.marked.set()
+        return taken
+
     async def start(self) -> None:
         """Rebuild every book from ClickHouse and the record; write what the ledger lacks;
         check each book against the ledger's sum. Batched: one read of the grants, of the
@@ -658,21 +697,30 @@ class CreditService:
             log.warning("limits of %d customer(s) not read: %s", len(customers), exc)
             return
         # a plan without limits, and none before, and nobody reads it: nothing kept
-        watched = self.watched
-        tracked = [c for c in customers if limits.get(c) or c in self.limits or c in watched]
+        # (one published before, by this worker or before its restart: decided again, so a
+        # customer whose plan lost its limits gets access back on the topic too)
+        watched, published = self.watched, self._published
+        tracked = [
+            c
+            for c in customers
+            if limits.get(c) or c in self.limits or c in watched or c in published
+        ]
         if not tracked:
             return
         for customer, found in (await self._priced(tracked, label)).items():
             mine = limits.get(customer, {})
             self.usage[customer] = (label, found.usage)
-            if not mine and customer not in self.limits:  # only read: kept, not published
+            if not mine and customer not in self.limits and customer not in published:
+                # only read: kept, not published
                 self.entitlements[customer] = decide(
                     self._status(customer, f"usage:{now}", {}), requires_balance=False
                 )
                 continue
-            await self._decide(customer, f"usage:{now}", mine)
+            held = await self._decide(customer, f"usage:{now}", mine)
             if not mine:
                 self.limits.pop(customer, None)
+                if held:  # the topic holds its entitlement without limits: not followed for it
+                    published.pop(customer, None)
                 if customer not in watched:
                     self.entitlements.pop(customer, None)
                     self.usage.pop(customer, None)
@@ -867,9 +915,10 @@ class CreditService:
 
     async def _decide(
         self, customer: str, cause: str, limits: Mapping[str, Decimal] | None = None
-    ) -> None:
+    ) -> bool:
         """Decide the customer's entitlement (with ``limits``, else its plan's limits now,
-        read when a plan sets any), run its alerts and listeners, publish a change."""
+        read when a plan sets any), run its alerts and listeners, publish a change. True
+        when the topic holds the decision (published now or before)."""
         book = self.books.get(customer)
         now = now_ms()
         if limits is None:
@@ -887,15 +936,18 @@ class CreditService:
             for listener in self.status_listeners:
                 await listener(status)
         doc = entitlement.to_json()
-        compared = {k: v for k, v in doc.items() if k not in ("at_ms", "cause")}
-        if self._published.get(customer) == compared or self.topic is None:
-            return
+        compared = {k: v for k, v in doc.items() if k not in _UNCOMPARED}
+        if self.topic is None:
+            return False
+        if self._published.get(customer) == compared:
+            return True
         try:
             await self.topic.send(key=customer.encode(), value=orjson.dumps(doc))
         except Exception as exc:  # the state answers; the topic is a copy, sent next change
             log.warning("entitlement of %s not published: %s", customer, exc)
-            return
+            return False
         self._published[customer] = compared
+        return True
 
 
 def new_grant(

@@ -247,3 +247,57 @@ def test_a_customer_read_once_is_followed_from_the_worker_state(stack: StackSlic
     print(f"entitlements GET over HTTP (erin, followed): {read_latencies(erin, operator, 200)}")
     fresh = f"{worker.web_url}/v1/customers/frank/entitlements"
     print(f"entitlements GET over HTTP (frank, first read): {read_latencies(fresh, operator, 1)}")
+
+
+def test_a_restarted_worker_decides_the_published_entitlements_again(stack: StackSlice) -> None:
+    """A free-tier customer cut off at its limit, then the limit raised in the plans file
+    while the worker is down: the restarted worker publishes its access back on the topic
+    with no new usage (it reads the entitlements the products hold at start). Before, a
+    restarted worker knew only the customers with credits, and the stale "no access" stayed
+    on the topic until the customer's next usage, which a product gating on the topic would
+    not send. A plain restart publishes nothing new."""
+    operator = KeyStore(stack.tmp / "state" / "api_keys.json").create("operator")[1]
+    plans = stack.tmp / "plans.yaml"
+    plans.write_text(PLANS)
+    env = {"METERSTREAM_PLANS_FILE": str(plans), "METERSTREAM_CREDITS_BURN_SECONDS": "0.5"}
+    meters = stack.meters_file(METERS)
+    worker = stack.start_worker(meters, **env)
+    acme = f"{worker.web_url}/v1/customers/acme/entitlements"
+    wait_until(lambda: status_of(acme, operator) == 200, what="worker ready")
+    stack.produce([chat("acme", "a-1", 1000, time.time_ns() // 1_000_000 - 5_000)])
+
+    def last_published() -> dict[str, Any] | None:
+        mine = [r for r in _records(stack, "entitlements") if r["customer_id"] == "acme"]
+        return mine[-1] if mine else None
+
+    def published(has_access: bool, limit: str) -> dict[str, Any] | None:
+        last = last_published()
+        ok = last and last["has_access"] is has_access and last["usage"]["tokens"]["limit"] == limit
+        return last if ok else None
+
+    off = wait_until(lambda: published(False, "1000"), timeout=60, what="acme cut off")
+    assert off is not None and off["usage"]["tokens"]["used"] == "1000"
+    count = len(_records(stack, "entitlements"))
+
+    def restarted() -> str:
+        nonlocal worker
+        assert worker.stop() == 0
+        worker = stack.start_worker(meters, **env)
+        wait_until(lambda: "published entitlement(s) to decide again" in worker.log(),
+                   timeout=60, what="the topic read at start")  # fmt: skip
+        return worker.web_url
+
+    # a plain restart: acme is decided again (one burn tick) and nothing changed
+    base = restarted()
+    assert "credits: 1 published entitlement(s) to decide again" in worker.log()
+    wait_until(lambda: status_of(f"{base}/v1/customers/acme/entitlements", operator) == 200,
+               what="credits resumed")  # fmt: skip
+    time.sleep(2.0)  # four burn intervals
+    assert len(_records(stack, "entitlements")) == count
+
+    # the limit raised while the worker is down: access back on the topic, no new usage
+    plans.write_text(PLANS.replace("limits: {tokens: 1000}", "limits: {tokens: 5000}"))
+    restarted()
+    back = wait_until(lambda: published(True, "5000"), timeout=30, what="acme's access back")
+    assert back is not None and back["usage"]["tokens"]["used"] == "1000"
+    assert back["usage"]["tokens"]["remaining"] == "4000"

@@ -7,6 +7,8 @@ import time
 from decimal import Decimal
 from types import SimpleNamespace
 
+import orjson
+
 from meterstream.credits.burn import CreditBook
 from meterstream.credits.grants import Grant
 from meterstream.meters.fold import WindowKey
@@ -86,3 +88,24 @@ def test_a_new_month_decides_every_customer_with_credits_again() -> None:
     decided = credits.entitlements["acme"]
     assert decided.cause.startswith("period:")
     assert decided.period == period_label(now) and decided.balance == Decimal(10)
+
+
+def test_the_entitlements_on_the_topic_at_start_are_decided_again() -> None:
+    """adopt_published: each customer's last entitlement on the topic is taken as published
+    (an unchanged decision is not sent again) and the customer marked for the first tick;
+    records that are not our entitlements (anyone with the broker can write) are skipped."""
+    credits = _service()
+    doc = {"customer_id": "acme", "has_access": False, "at_ms": 1, "cause": "usage:1"}
+    records = {
+        b"acme": orjson.dumps(doc),
+        b"bob": orjson.dumps({**doc, "customer_id": "mallory"}),  # not its own key
+        b"carol": b"not json",
+        b"\xff": orjson.dumps(doc),  # not UTF-8
+        b"dave": None,  # a tombstone
+        None: orjson.dumps(doc),
+        b"erin": b"[1, 2]",
+    }
+    assert credits.adopt_published(records) == 1
+    assert dict(credits.dirty) == {"acme": {period_label(time.time_ns() // 1_000_000)}}
+    assert credits._published == {"acme": {"customer_id": "acme", "has_access": False}}
+    assert credits.marked.is_set()
