@@ -87,7 +87,7 @@ browser: ## install Debian's chromium for the page tests (once; needs apt-get as
 	fi
 
 # Two pytest sessions side by side (pytest-xdist; TEST_WORKERS=0 for one): the suite mostly
-# waits on brokers, workers and timers, so two take ~30 min where one took ~45 on 2 cores.
+# waits on brokers, workers and timers, so two take ~23 min where one took ~45 on 2 cores.
 # Each session has its own broker, Stripe emulator and chdb path; an idle one takes the
 # other's pending tests (worksteal).
 TEST_WORKERS ?= 2
