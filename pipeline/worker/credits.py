@@ -86,7 +86,7 @@ from meterstream.sinks.clickhouse import credits as store
 from meterstream.sinks.clickhouse import pricing as pricing_store
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.clickhouse.client import ClickHouse
-from meterstream.sinks.clickhouse.queries import latest_windows
+from meterstream.sinks.clickhouse.queries import customer_chunks, latest_windows
 from meterstream.topics import ENTITLEMENTS
 from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.invoices import merge_windows, merged_to_date, segments_for
@@ -159,16 +159,19 @@ def spend_levels_of(
     errors: dict[str, Exception] | None = None,
     limits_at_ms: int | None = None,
 ) -> dict[str, PeriodSpend]:
-    """:func:`priced_windows` of each of ``customers`` in ``period``, in two reads whatever
-    their number (their plan schedules, then the period's latest windows of all of them):
+    """:func:`priced_windows` of each of ``customers`` in ``period``, in two reads (their plan
+    schedules, then the period's latest windows of all of them; of thousands, the windows
+    in slices that keep each query under ClickHouse's max_query_size, :func:`customer_chunks`):
     the burn prices every dirty customer of a tick at once. With ``errors``, a customer
     whose usage cannot be priced is put there and left out, instead of raising. With
     ``limits_at_ms``, each one's ``limits`` are those of its plan in force then (from the
     same read of the schedules)."""
-    schedules = pricing_store.current_schedules(ch, list(customers))
-    windows = latest_windows(
-        ch, customer_ids=list(customers), start_ms=_ms(period.start), end_ms=_ms(period.end)
-    )
+    schedules = pricing_store.current_schedules(ch, list(customers))  # an Array parameter
+    windows: list[dict[str, Any]] = []
+    for chunk in customer_chunks(customers):  # an IN list: under max_query_size per read
+        windows += latest_windows(
+            ch, customer_ids=chunk, start_ms=_ms(period.start), end_ms=_ms(period.end)
+        )
     if rewrite is not None:
         windows = rewrite(windows)
     by_customer: dict[str, list[dict[str, Any]]] = {c: [] for c in customers}

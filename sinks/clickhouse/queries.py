@@ -476,6 +476,21 @@ def _chunks_by_size(items: Sequence[tuple[str, str]], limit: int) -> list[list[t
     return chunks
 
 
+def customer_chunks(customers: Iterable[str], limit: int = MAX_SQL_BYTES) -> list[list[str]]:
+    """``customers`` (distinct, sorted) in lists whose ``IN (...)`` text stays under
+    ``limit`` bytes: a read of many customers' rows is one query per list."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for customer in sorted(set(customers)):
+        cost = len(sql_string(customer).encode()) + 2
+        if chunks[-1] and size + cost > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(customer)
+        size += cost
+    return chunks if chunks[-1] else []
+
+
 class RecordedKey(NamedTuple):
     fingerprint: str
     excluded: bool  # set aside as unprocessable: counted by no meter

@@ -309,6 +309,14 @@ def test_existing_keys_chunks_only_past_the_size_limit() -> None:
     assert [p for c in chunks for p in c] == big
 
 
+def test_customer_chunks_stay_under_the_limit() -> None:
+    ids = [f"c{i}" for i in range(5000)] + ["c1"]  # a repeat is read once
+    chunks = q.customer_chunks(ids, limit=1000)
+    assert sorted(c for chunk in chunks for c in chunk) == sorted(set(ids))
+    assert all(len(q.sql_string_list(chunk)) <= 1000 + 10 for chunk in chunks)
+    assert q.customer_chunks([]) == []
+
+
 # ---------------------------------------------------------------- row builders
 
 
