@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from meterstream.embedded.tansu import EmbeddedBroker
 from meterstream.worker.lifeline import EXIT_BROKER_LOST, PARENT_GONE_GRACE_SECONDS
 from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
 from tests.support.cli import port_open, run_endpoints
+from tests.support.terminal import readable
 
 pytestmark = pytest.mark.faults
 
@@ -161,8 +161,7 @@ class Terminal(threading.Thread):
     def run(self) -> None:
         with self.out.open("ab") as sink:
             while not self.closing.is_set():
-                ready, _, _ = select.select([self.master], [], [], 0.1)
-                if ready:
+                if readable(self.master, 0.1):
                     try:
                         sink.write(os.read(self.master, 65536))
                     except OSError:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import select
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from meterstream.sinks.clickhouse.migrate import load_migrations
 from tests.harness import REPO, wait_until
 from tests.integration.test_cli import _start_run, cli
+from tests.support.terminal import readable
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +50,7 @@ def test_migrate_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     os.close(slave)
     seen = b""
     while True:
-        ready, _, _ = select.select([master], [], [], 60)
-        if not ready:
+        if not readable(master, 60):
             break
         try:
             chunk = os.read(master, 4096)

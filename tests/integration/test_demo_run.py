@@ -13,7 +13,6 @@ import json
 import os
 import pty
 import re
-import select
 import subprocess
 import sys
 import termios
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import REPO, wait_until
+from tests.support.terminal import readable
 
 pytestmark = pytest.mark.integration
 
@@ -138,8 +138,7 @@ def test_two_demo_runs_on_one_state_dir_match_and_a_real_difference_fails(
 def _read_pty(master: int, until: float, stop: re.Pattern[bytes] | None = None) -> bytes:
     out = b""
     while time.monotonic() < until:
-        ready, _, _ = select.select([master], [], [], 1)
-        if not ready:
+        if not readable(master, 1):
             continue
         try:
             chunk = os.read(master, 65536)
