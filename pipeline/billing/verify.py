@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -63,13 +63,13 @@ class Verifier:
         self._changed: dict[str, set[tuple[str, int]]] = {m.name: set() for m in stripe_meters}
         self._deltas: dict[str, RecordDeltas] = {m.name: RecordDeltas() for m in stripe_meters}
         self._stripe_meter = {m.name: m for m in stripe_meters}
-        # event name -> (its meter's pending event counts, the meter's window in ms)
-        self._event_counters: dict[str, list[tuple[dict[tuple[str, int], int], int]]] = defaultdict(
+        # event name -> (its meter's pending deltas' counter, the meter's window in ms)
+        self._event_counters: dict[str, list[tuple[Callable[[str, int], None], int]]] = defaultdict(
             list
         )
         for m in stripe_meters:
             size = m.window_bounds(0)[1]
-            self._event_counters[m.event_name].append((self._deltas[m.name].events, size))
+            self._event_counters[m.event_name].append((self._deltas[m.name].count, size))
         self._epoch = 0  # invalidate() count: a round that saw one keeps nothing it read
 
     # -- incremental verification ------------------------------------------------------
@@ -198,9 +198,8 @@ class Verifier:
             if targets:
                 ts = event.timestamp_ms
                 customer = event.customer_id
-                for counts, size in targets:
-                    at = (customer, ts - ts % size)
-                    counts[at] = counts.get(at, 0) + 1
+                for count, size in targets:
+                    count(customer, ts - ts % size)
         self.windows_changed(reread)
 
     def windows_changed(self, keys: Iterable[WindowKey]) -> None:
