@@ -19,8 +19,10 @@ from typing import Any
 
 from faust import Schema
 from faust.serializers.codecs import get_codec
+from faust.serializers.codecs import json as JsonCodec
 from faust.streams import _current_event
 from faust.types import TP, EventT, ModelT, TableT
+from faust.utils.json import dumps as json_dumps
 
 from meterstream.settings import Settings
 
@@ -284,7 +286,13 @@ def changelog_encoders(table: Any) -> tuple[Callable[[Any], Any], Callable[[Any]
     value_codec = codec(schema.value_type, table.value_serializer, schema.value_serializer,
                         registry.value_serializer)  # fmt: skip
 
+    # Faust's json codec alone (the worker's tables): its dumps is faust.utils.json's,
+    # called here without the codec's node walk for the worker's values (tuples, dicts).
+    plain_json = type(value_codec) is JsonCodec and value_codec.nodes == (value_codec,)
+
     def encode_key(key: Any) -> Any:
+        if type(key) is bytes:  # the worker's keys: no codec, not a model
+            return key
         if isinstance(key, ModelT):
             return key_by_topic(key)
         if key is None or isinstance(key, bytes) or key_codec is None:
@@ -292,6 +300,9 @@ def changelog_encoders(table: Any) -> tuple[Callable[[Any], Any], Callable[[Any]
         return key_codec.dumps(key)
 
     def encode_value(value: Any) -> Any:
+        kind = type(value)
+        if plain_json and (kind is tuple or kind is dict or kind is list):
+            return json_dumps(value)
         if isinstance(value, ModelT):
             return value_by_topic(value)
         if isinstance(value, bytes) or value_codec is None:

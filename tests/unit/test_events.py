@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from decimal import Decimal
 
 import pytest
@@ -326,3 +327,32 @@ def test_any_event_shaped_document_parses_or_is_rejected(doc: dict[str, object])
         return
     result = parse_event(raw, record_timestamp_ms=NOW, now_ms=NOW, horizon_ms=HORIZON)
     assert isinstance(result, UsageEvent | Rejection)
+
+
+def test_the_hot_path_builds_the_same_event_as_the_dataclass() -> None:
+    # validate_document builds accepted events through their slots (accepted_event);
+    # every field, those left out of == included, must be what UsageEvent(...) sets.
+    parsed = parse_event(
+        b'{"event_name":"ai","customer_id":"c1","idempotency_key":"k1",'
+        b'"timestamp":1700000000000,"properties":{"tokens":1.50}}',
+        record_timestamp_ms=0,
+        now_ms=1700000000000,
+        horizon_ms=86_400_000,
+    )
+    assert isinstance(parsed, UsageEvent)
+    built = UsageEvent(
+        event_name="ai",
+        customer_id="c1",
+        idempotency_key="k1",
+        timestamp_ms=1700000000000,
+        properties={"tokens": Decimal("1.50")},
+        key_derived=False,
+        fingerprint=parsed.fingerprint,
+        properties_json='{"tokens":1.50}',
+    )
+    assert parsed == built
+    for f in dataclasses.fields(UsageEvent):
+        assert getattr(parsed, f.name) == getattr(built, f.name), f.name
+    assert parsed.fingerprint and parsed.refused_meters == ()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        parsed.customer_id = "other"  # type: ignore[misc]
