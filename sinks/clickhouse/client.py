@@ -67,6 +67,29 @@ def quote_identifier(name: str) -> str:
     return f"`{name}`"
 
 
+_SETTING_VALUE = re.compile(r"^[A-Za-z0-9_.:-]*$")
+
+
+def inline_insert(
+    table: str, column_names: Sequence[str], settings: Mapping[str, Any], block: bytes
+) -> bytes:
+    """``INSERT INTO table (columns) [SETTINGS ...] FORMAT JSONCompactColumns`` with
+    ``block`` as its data. Identifiers and setting names must be plain, setting values
+    plain words (numbers, tokens): anything else is refused, never quoted into SQL."""
+    clause = ""
+    if settings:
+        pairs = []
+        for name, value in settings.items():
+            text = str(value)
+            if not _SETTING_VALUE.match(text):
+                raise ValueError(f"setting {name}={text!r} is not a plain value")
+            pairs.append(f"{quote_identifier(name)[1:-1]} = '{text}'")
+        clause = " SETTINGS " + ", ".join(pairs)
+    cols = ", ".join(quote_identifier(name) for name in column_names)
+    head = f"INSERT INTO {quote_identifier(table)} ({cols}){clause} FORMAT {columns.FORMAT}\n"
+    return head.encode() + block
+
+
 def _error_code(exc: BaseException) -> int | None:
     code = getattr(exc, "code", None)
     if isinstance(code, int):
@@ -249,11 +272,36 @@ class ClickHouse:
             except NotEncodable:
                 self._client.insert(table, list(rows), column_names=names, settings=settings)
                 return
+            engine_call = self._inline_insert()
+            if engine_call is not None:
+                engine_call(inline_insert(table, names, settings, block))
+                return
             self._client.raw_insert(
                 table, names, insert_block=block, settings=settings, fmt=columns.FORMAT
             )
 
         self._call(run)
+
+    def _inline_insert(self) -> Callable[[bytes], Any] | None:
+        """On chdb, one engine call that runs an INSERT with its data inline.
+
+        clickhouse-connect's chdb ``raw_insert`` writes the block to a temporary file
+        and inserts ``FROM INFILE``: creating, writing, closing and removing the file
+        and the insert are each a blocking call that releases the GIL, and each time
+        this thread waits up to the switch interval (5 ms) to take it back while the
+        event loop's thread computes. Measured with 1,000 rows against a thread that
+        keeps the GIL busy: 31 ms an insert that way, 9 ms inline (3.6 and 3.2 ms
+        idle); in the worker, the record and ``meter_windows`` inserts are awaited by
+        every batch. None on a server (the driver streams the block over HTTP), or
+        if the driver's chdb backend lacks the call.
+        """
+        if self.backend != "chdb":
+            return None
+        run = getattr(getattr(self._client, "_backend", None), "_run", None)
+        if run is None:
+            return None
+        database = self.database
+        return lambda sql: run(sql, "TabSeparated", database=database)
 
     def _column_types(self, table: str) -> dict[str, str]:
         """Column name -> type of ``table`` in this database, read once (under the lock)."""

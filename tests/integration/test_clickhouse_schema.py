@@ -27,6 +27,7 @@ from meterstream.errors import ClickHouseError, MigrationError
 from meterstream.events import Reason, Rejection, UsageEvent
 from meterstream.meters.aggregation import WindowState
 from meterstream.metrics import Metrics
+from meterstream.sinks.clickhouse import client as client_module
 from meterstream.sinks.clickhouse import queries as q
 from meterstream.sinks.clickhouse.analyst import AnalystSQL, SqlLimits
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
@@ -544,16 +545,43 @@ def test_datetimes_come_back_aware_utc(db: ClickHouse) -> None:
 
 
 def _driver_only(db: ClickHouse, monkeypatch: Any) -> list[str]:
-    """Record which inserts took the JSON block (raw_insert) path."""
+    """Record which inserts took the JSON block path: inline in the INSERT on chdb (one
+    engine call, no temporary file), the driver's ``raw_insert`` on a server."""
     taken: list[str] = []
     raw_insert = db._client.raw_insert
+    inline = client_module.inline_insert
+    expected = "inline" if db.backend == "chdb" else "raw_insert"
 
-    def spy(table: str, *args: Any, **kwargs: Any) -> Any:
+    def spy_raw(table: str, *args: Any, **kwargs: Any) -> Any:
+        assert expected == "raw_insert", f"{table}: raw_insert on {db.backend}"
         taken.append(table)
         return raw_insert(table, *args, **kwargs)
 
-    monkeypatch.setattr(db._client, "raw_insert", spy)
+    def spy_inline(table: str, *args: Any, **kwargs: Any) -> bytes:
+        assert expected == "inline", f"{table}: inline insert on {db.backend}"
+        taken.append(table)
+        return inline(table, *args, **kwargs)
+
+    monkeypatch.setattr(db._client, "raw_insert", spy_raw)
+    monkeypatch.setattr(client_module, "inline_insert", spy_inline)
     return taken
+
+
+def test_inline_insert_takes_only_plain_names_and_values() -> None:
+    sql = client_module.inline_insert(
+        "t", ["a", "b"], {"insert_deduplicate": 1, "insert_deduplication_token": "t-2-ab_c"}, b"[]"
+    )
+    assert sql == (
+        b"INSERT INTO `t` (`a`, `b`) SETTINGS insert_deduplicate = '1',"
+        b" insert_deduplication_token = 't-2-ab_c' FORMAT JSONCompactColumns\n[]"
+    )
+    for bad_value in ("x' FORMAT", "a b", "x\\"):
+        with pytest.raises(ValueError, match="not a plain value"):
+            client_module.inline_insert("t", ["a"], {"s": bad_value}, b"[]")
+    with pytest.raises(ValueError, match="not a plain identifier"):
+        client_module.inline_insert("t; DROP TABLE x", ["a"], {}, b"[]")
+    with pytest.raises(ValueError, match="not a plain identifier"):
+        client_module.inline_insert("t", ["a"], {"s = 1, readonly": 0}, b"[]")
 
 
 def test_json_columns_store_what_the_driver_stores(db: ClickHouse, monkeypatch: Any) -> None:
