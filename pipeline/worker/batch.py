@@ -7,8 +7,8 @@ The walk of a batch (:meth:`Pipeline._process_records`), each step a method belo
 the order it runs: the source records (``_source_records``, with the consumer's gaps
 filled), decode and validate (``_decode_and_validate``), dedup (``_dedup``), the
 windows touched (``_windows_touched``), step 0 (``_states_before``), the record insert
-(``_write_record``) while the windows are folded (``_fold_windows``), the dead letters
-and the ``meter_windows`` insert, the record listeners (``_notify_record_listeners``),
+(``_write_record``) while the windows are folded (``_fold_windows``) and inserted into
+``meter_windows``, the dead letters, the record listeners (``_notify_record_listeners``),
 the changelogs (``_write_changelogs``) and the report (``_report``).
 
 Order of side effects for one batch (each step only after the previous succeeded):
@@ -25,9 +25,14 @@ Order of side effects for one batch (each step only after the previous succeeded
    to ``usage-events-dlq``. The record is now complete for this batch, decisions
    included.
 2. The new state of every touched window: step 0's state merged with the batch's
-   contribution. Insert them into ``meter_windows`` with a fresh version (the
-   states are computed while step 1's insert runs; this insert only starts after
-   it returned).
+   contribution. Insert them into ``meter_windows`` with a fresh version. The
+   states are computed while step 1's insert runs, and this insert runs beside it
+   (its own ClickHouse thread and connection); the batch goes on only when both
+   returned. Either may land first: a crash between them replays the batch, whose
+   events the record then lacks (fresh again: the same states, merged from the
+   same table states, inserted again) or holds uncounted (rebuilt from the
+   record), and the record lock keeps verifications and rebuilds from seeing one
+   insert without the other.
 3. Write window states, then dedup keys, to the Faust tables (one changelog record
    per key per batch, sent as whole record batches and acknowledged, windows
    before dedup keys; pipeline/worker/tables.py). Meanwhile the audit rows of rejected
@@ -232,6 +237,9 @@ class Pipeline:
         self.settings = settings
         self.meters = meters
         self.chio = chio
+        # The batch's meter_windows insert runs on its own thread and connection, at
+        # the same time as its record insert (module docstring, step 2).
+        self.windows_io = chio.lane("windows")
         self.metrics = chio.metrics
         self.horizon_ms = settings.dedup_horizon_seconds * 1000
         self._stripe_meters = {m.name for m in meters.meters if m.stripe is not None}
@@ -371,24 +379,37 @@ class Pipeline:
             fold.enforce_limits(self.meters, contrib, before.bases, dd.fresh)
             bad = decoded.rejections + dd.conflicts + contrib.rejections
             # 1. The record, inserted while the new window states are computed.
-            record_written = asyncio.ensure_future(
-                self._write_record(dd.fresh, contrib.counted_by, contrib.refused, received)
-            )
+            inserts = [
+                asyncio.ensure_future(
+                    self._write_record(dd.fresh, contrib.counted_by, contrib.refused, received)
+                )
+            ]
             try:
                 # Let it start now (build its rows, hand them to the ClickHouse thread):
                 # nothing below awaits until the states are computed.
                 await asyncio.sleep(0)
-                # 2. Windows: the state before the batch merged with what it adds.
+                # 2. Windows: the state before the batch merged with what it adds,
+                # inserted on a lane of their own while the record insert runs.
                 windows = self._fold_windows(contrib.states, before, received)
                 attempt.windows.update(windows.states)
+                if windows.rows:
+                    inserts.append(
+                        asyncio.ensure_future(
+                            self._insert(
+                                writer.METER_WINDOWS,
+                                windows.rows,
+                                writer.METER_WINDOWS_COLUMNS,
+                                self.windows_io,
+                            )
+                        )
+                    )
             finally:
-                await asyncio.wait([record_written])  # never left running behind the batch
-            record_written.result()  # a failed record insert fails the batch here
+                await asyncio.wait(inserts)  # never left running behind the batch
+            for insert in inserts:
+                insert.result()  # a failed insert fails the batch here
             arrivals = self._arrivals(decoded.arrived_at, dd.fresh)
             self.metrics.event_to_record.observe_since(t for _, t in arrivals.values())
             await self._send_dlq(bad, received)
-            if windows.rows:
-                await self._insert(writer.METER_WINDOWS, windows.rows, writer.METER_WINDOWS_COLUMNS)
             self._observe_windows(arrivals, contrib.counted_by)
             self._injected_fault(counted_now)
             # The audit rows of rejected and duplicate events go in while the tables are
@@ -708,11 +729,15 @@ class Pipeline:
             await asyncio.gather(*futures)
 
     async def _insert(
-        self, table: str, rows: list[tuple[Any, ...]], columns: Sequence[str]
+        self,
+        table: str,
+        rows: list[tuple[Any, ...]],
+        columns: Sequence[str],
+        io: ClickHouseIO | None = None,
     ) -> None:
         token = writer.call_token(table, rows)
         started = time.perf_counter()
-        await self.chio.call(
+        await (io or self.chio).call(
             lambda ch: ch.insert(table, rows, column_names=list(columns), dedup_token=token)
         )
         self.metrics.sink_batch_rows.observe(len(rows), table=table)
