@@ -25,7 +25,14 @@ from meterstream.sinks.clickhouse.writer import (
     METER_WINDOWS_COLUMNS,
     meter_window_row,
 )
-from meterstream.worker.invoices import preview, price_period
+from meterstream.worker import invoices
+from meterstream.worker.invoices import (
+    period_customers,
+    preview,
+    price_period,
+    priced_period_rows,
+    priced_usage_rows,
+)
 from tests.integration.clickhouse_fixtures import *  # noqa: F403
 
 pytestmark = pytest.mark.integration
@@ -146,14 +153,20 @@ def _windows(rng: random.Random, start_ms: int) -> list[tuple[object, ...]]:
     return rows
 
 
-def test_priced_usage_daily_equals_the_preview(ch: ClickHouse) -> None:
+def _november(ch: ClickHouse, seed: int) -> tuple[Period, int]:
+    """November 2026 with random windows of customers x and y; (period, its start ms)."""
     migrate(ch)
     period = Period.month("2026-11")
     start = int(period.start.timestamp() * 1000)
-    rows = _windows(random.Random(11), start)
+    rows = _windows(random.Random(seed), start)
     # one window per key: drop repeats of a (meter, customer, group, window_start)
     unique = {(r[0], r[2], r[3], r[4]): r for r in rows}
     ch.insert(METER_WINDOWS, list(unique.values()), list(METER_WINDOWS_COLUMNS))
+    return period, start
+
+
+def test_priced_usage_daily_equals_the_preview(ch: ClickHouse) -> None:
+    period, start = _november(ch, 11)
     change = start + 9 * DAY + 7 * HOUR
     store.append_schedule(ch, "x", [("a", start - DAY), ("b", change)], "cli", "test")
     plans = parse_plans(PLANS)
@@ -190,3 +203,24 @@ def test_priced_usage_daily_equals_the_preview(ch: ClickHouse) -> None:
         again[(customer, plan, meter)] += Decimal(amount)
     assert again == view
     assert datetime.fromtimestamp(change / 1000, UTC).day == 10
+
+
+def test_a_pricing_run_reads_in_slices_what_each_customer_reads_alone(
+    ch: ClickHouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run reads schedules and windows for many customers at once; its rows are, row
+    for row, those of each customer priced alone (a plan change mid-period included),
+    whatever the slice size."""
+    period, start = _november(ch, 5)
+    store.append_schedule(ch, "x", [("a", start - DAY), ("b", start + 3 * DAY)], "cli", "test")
+    plans = parse_plans(PLANS)
+    customers = period_customers(ch, period)
+    assert customers == ["x", "y"]
+    alone = sorted(row for c in customers for row in priced_usage_rows(ch, plans, c, period, 7))
+    assert len({row[0] for row in alone}) == 2
+    for size in (1, 500):
+        monkeypatch.setattr(invoices, "PRICING_SLICE", size)
+        assert sorted(priced_period_rows(ch, plans, period, 7)) == alone
+    # a customer with no windows is priced as alone (zero rows on its plan)
+    nobody = priced_usage_rows(ch, plans, "nobody", period, 7)
+    assert priced_period_rows(ch, plans, period, 7, customers=["nobody"]) == nobody
