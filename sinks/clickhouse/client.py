@@ -28,6 +28,11 @@ What differs on chdb, measured with chdb 4.4 / engine 26.9 and clickhouse-connec
   writes files itself, anywhere: ``user_files_path`` does not bind it).
   Analyst SQL goes through :mod:`meterstream.sinks.clickhouse.analyst`, which checks
   ClickHouse's parse of it first (:mod:`meterstream.sinks.clickhouse.sqlpolicy`).
+- An insert on chdb is one engine call with the block inline after ``FORMAT``
+  (:meth:`ClickHouse._inline_insert`), not the driver's temporary file and ``INSERT
+  ... FROM INFILE``: each system call of the file's round trip gave the GIL away and
+  waited for it back while the event loop computed (1,000 rows: 31 ms against 9 ms
+  with another thread busy, bench/README.md).
 - An empty result on chdb carries no column names (chdb emits no Native
   block for zero rows), so a read may return ``([], [])``.
 """
