@@ -72,7 +72,7 @@ def quote_identifier(name: str) -> str:
     return f"`{name}`"
 
 
-_SETTING_VALUE = re.compile(r"^[A-Za-z0-9_.:-]*$")
+_SETTING_VALUE = re.compile(r"[A-Za-z0-9_.:-]*")
 
 
 def inline_insert(
@@ -86,7 +86,7 @@ def inline_insert(
         pairs = []
         for name, value in settings.items():
             text = str(value)
-            if not _SETTING_VALUE.match(text):
+            if not _SETTING_VALUE.fullmatch(text):
                 raise ValueError(f"setting {name}={text!r} is not a plain value")
             pairs.append(f"{quote_identifier(name)[1:-1]} = '{text}'")
         clause = " SETTINGS " + ", ".join(pairs)

@@ -575,7 +575,7 @@ def test_inline_insert_takes_only_plain_names_and_values() -> None:
         b"INSERT INTO `t` (`a`, `b`) SETTINGS insert_deduplicate = '1',"
         b" insert_deduplication_token = 't-2-ab_c' FORMAT JSONCompactColumns\n[]"
     )
-    for bad_value in ("x' FORMAT", "a b", "x\\"):
+    for bad_value in ("x' FORMAT", "a b", "x\\", "x\n"):
         with pytest.raises(ValueError, match="not a plain value"):
             client_module.inline_insert("t", ["a"], {"s": bad_value}, b"[]")
     with pytest.raises(ValueError, match="not a plain identifier"):
