@@ -31,7 +31,14 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[1]
 Worker = WorkerProcess
 
-__all__ = ["REPO", "StackSlice", "Worker", "http_json", "wait_until"]
+__all__ = ["AFTER_SIGKILL", "REPO", "StackSlice", "Worker", "http_json", "wait_until"]
+
+# How long a test waits for a worker restarted after a SIGKILL to catch up. The killed
+# member cannot leave its consumer group, so the broker hands the new one the partitions
+# only once it drops the old (Tansu: after up to the rebalance timeout, 60 s); then the
+# tables recover from their changelogs. 19 s on an idle machine, over 60 s in a loaded
+# full run (CI, stop 34).
+AFTER_SIGKILL = 180.0
 
 
 def wait_until(

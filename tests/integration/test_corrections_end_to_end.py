@@ -18,7 +18,7 @@ import pytest
 
 from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
-from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.harness import AFTER_SIGKILL, REPO, StackSlice, Worker, wait_until
 from tests.support.http import request_json, status_of
 from tests.support.meters import FAST_STRIPE, meter_entry, meters_yaml, plans_yaml, stripe
 
@@ -61,11 +61,13 @@ def _reference(events: list[dict[str, Any]], meter: str) -> dict[tuple[str, int]
     return {k: v for k, v in out.items() if v != 0}
 
 
-def _settle(worker: Worker, expected: dict[str, dict[tuple[str, int], Decimal]]) -> None:
+def _settle(
+    worker: Worker, expected: dict[str, dict[tuple[str, int], Decimal]], timeout: float = 60
+) -> None:
     def same() -> bool:
         return all(_windows(worker, m) == want for m, want in expected.items())
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not same():
         time.sleep(0.5)
     for meter, want in expected.items():
@@ -382,7 +384,7 @@ def test_amend_and_dry_run_then_restart(stack: StackSlice) -> None:
     worker.kill()
     kept = [e for e in amended if e["idempotency_key"] != victim["idempotency_key"]]
     worker, _ = _start(stack)
-    _settle(worker, {"tokens": _reference(kept, "tokens")})
+    _settle(worker, {"tokens": _reference(kept, "tokens")}, timeout=AFTER_SIGKILL)
     # and the worker's own window states are the corrected ones: an event added to the
     # amended and the voided windows lands on the corrected totals
     more = [

@@ -31,7 +31,7 @@ import stripe
 
 from meterstream.api.keys import KeyStore
 from meterstream.embedded.processes import free_port
-from tests.harness import REPO, StackSlice, Worker, http_json, wait_until
+from tests.harness import AFTER_SIGKILL, REPO, StackSlice, Worker, http_json, wait_until
 from tests.integration.test_credits_end_to_end import (
     HOUR,
     METERS,
@@ -434,7 +434,9 @@ def test_a_worker_killed_while_stripe_is_paying_grants_once(faulty: StackSlice) 
     assert made["status"] == "created"
     shop.worker.kill()
     shop.worker = stack.start_worker(stack.meters_file(METERS), **shop.env)
-    wait_until(lambda: shop.balance("acme") == Decimal("9.99"), timeout=150, what="granted")
+    wait_until(
+        lambda: shop.balance("acme") == Decimal("9.99"), timeout=AFTER_SIGKILL, what="granted"
+    )
     wait_until(lambda: _statuses(shop) == ["succeeded"], what="recorded")
     time.sleep(5)  # what is still owed or duplicated lands
     assert shop.balance("acme") == Decimal("9.99")

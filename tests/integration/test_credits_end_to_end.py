@@ -26,7 +26,7 @@ from aiokafka import AIOKafkaConsumer
 
 from meterstream.api.keys import KeyStore
 from meterstream.endpoints import write_endpoints
-from tests.harness import REPO, StackSlice, Worker, wait_until
+from tests.harness import AFTER_SIGKILL, REPO, StackSlice, Worker, wait_until
 from tests.support.http import read_latencies, request_json, serve_posts, status_of
 from tests.support.meters import meter_entry, meters_yaml, plans_yaml
 
@@ -278,12 +278,9 @@ def test_two_grants_burn_expire_and_cut_off_exactly(stack: StackSlice) -> None:
     everything = before + after + late
     expected = _reference(everything, grants)
     assert expected["uncovered"] > 0  # the stream overran the credits
-    # After a SIGKILL the broker hands the restarted worker its partitions only once the
-    # killed member is dropped from the group (up to the rebalance timeout, 60 s, on
-    # Tansu), then its tables recover: a wait as long as the other SIGKILL tests'.
     wait_until(
         lambda: status_of(f"{base}/credits", operator) == 200 and balance() == expected["balance"],
-        timeout=180,
+        timeout=AFTER_SIGKILL,
         what="everything burned",
     )
     doc = request_json(f"{base}/credits", acme_key)
@@ -408,7 +405,9 @@ def test_an_alert_pending_at_a_kill_is_delivered_once_after_the_restart(stack: S
     worker.kill()
     receiver.down = False
     worker = stack.start_worker(stack.meters_file(METERS), **env)
-    wait_until(lambda: len(receiver.accepted()) == 1, timeout=60, what="the alert delivered")
+    wait_until(
+        lambda: len(receiver.accepted()) == 1, timeout=AFTER_SIGKILL, what="the alert delivered"
+    )
     assert set(receiver.accepted()) == fired  # the same alert, not a new one
     alerts = worker.sql(
         "SELECT count() AS n FROM credit_alerts FINAL ARRAY JOIN JSONExtractArrayRaw(alerts) AS a"
