@@ -86,7 +86,6 @@ from meterstream.sinks.clickhouse import credits as store
 from meterstream.sinks.clickhouse import pricing as pricing_store
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
 from meterstream.sinks.clickhouse.client import ClickHouse
-from meterstream.sinks.clickhouse.queries import customer_chunks, latest_windows
 from meterstream.topics import ENTITLEMENTS
 from meterstream.worker.alerts import AlertDesk
 from meterstream.worker.invoices import merge_windows, merged_to_date, segments_for
@@ -135,7 +134,8 @@ class PeriodSpend:
 
 
 WindowRewrite = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
-"""Stored window rows (latest_windows) in, the rows to price out (a correction's dry run)."""
+"""One customer's stored window rows (latest_windows) in, the rows to price out (a
+correction's dry run)."""
 
 
 def spend_levels(
@@ -159,26 +159,17 @@ def spend_levels_of(
     errors: dict[str, Exception] | None = None,
     limits_at_ms: int | None = None,
 ) -> dict[str, PeriodSpend]:
-    """:func:`priced_windows` of each of ``customers`` in ``period``, in two reads (their plan
-    schedules, then the period's latest windows of all of them; of thousands, the windows
-    in slices that keep each query under ClickHouse's max_query_size, :func:`customer_chunks`):
-    the burn prices every dirty customer of a tick at once. With ``errors``, a customer
+    """:func:`priced_windows` of each of ``customers`` in ``period``, in two reads
+    (``pricing_store.schedules_and_windows``): the burn prices every dirty customer of a
+    tick at once; ``rewrite`` applies to each customer's windows. With ``errors``, a customer
     whose usage cannot be priced is put there and left out, instead of raising. With
     ``limits_at_ms``, each one's ``limits`` are those of its plan in force then (from the
     same read of the schedules)."""
-    schedules = pricing_store.current_schedules(ch, list(customers))  # an Array parameter
-    windows: list[dict[str, Any]] = []
-    for chunk in customer_chunks(customers):  # an IN list: under max_query_size per read
-        windows += latest_windows(
-            ch, customer_ids=chunk, start_ms=_ms(period.start), end_ms=_ms(period.end)
-        )
+    schedules, by_customer = pricing_store.schedules_and_windows(
+        ch, customers, _ms(period.start), _ms(period.end)
+    )
     if rewrite is not None:
-        windows = rewrite(windows)
-    by_customer: dict[str, list[dict[str, Any]]] = {c: [] for c in customers}
-    for window in windows:
-        found = by_customer.get(str(window["customer_id"]))
-        if found is not None:
-            found.append(window)
+        by_customer = {c: rewrite(found) for c, found in by_customer.items()}
     out: dict[str, PeriodSpend] = {}
     for customer, found in by_customer.items():
         schedule = schedules.get(customer)

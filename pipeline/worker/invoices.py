@@ -46,7 +46,7 @@ from meterstream.pricing.prices import daily_amounts
 from meterstream.settings import Settings
 from meterstream.sinks.clickhouse import pricing as store
 from meterstream.sinks.clickhouse.client import ClickHouse
-from meterstream.sinks.clickhouse.queries import customer_chunks, latest_windows
+from meterstream.sinks.clickhouse.queries import latest_windows
 
 log = logging.getLogger("meterstream.pricing")
 
@@ -275,32 +275,22 @@ def priced_period_rows(
 ) -> list[tuple[Any, ...]]:
     """A pricing run's rows for ``customers`` (default :func:`period_customers`); reads
     only, so it can run on a read-only connection. A customer whose plans cannot price the
-    period (two currencies, an unknown plan) is logged and left out.
-
-    Read in slices of :data:`PRICING_SLICE` customers, two reads each (their schedules,
-    the period's latest windows of all of them), as the credit burn reads: one read per
-    customer made a run of the bench's 1,000 customers 25-28 s of a reads thread taking
-    the GIL thousands of times, while the consumer fell seconds behind.
-    """
+    period (two currencies, an unknown plan) is logged and left out. Read in slices of
+    :data:`PRICING_SLICE` customers, two reads each (``store.schedules_and_windows``)."""
     todo = list(customers) if customers is not None else period_customers(ch, period)
     start, end = _ms(period.start), _ms(period.end)
     rows: list[tuple[Any, ...]] = []
-    for chunk in customer_chunks(todo):
-        for i in range(0, len(chunk), PRICING_SLICE):
-            part = chunk[i : i + PRICING_SLICE]
-            schedules = store.current_schedules(ch, part)
-            by_customer: dict[str, list[dict[str, Any]]] = {c: [] for c in part}
-            for window in latest_windows(ch, customer_ids=part, start_ms=start, end_ms=end):
-                found = by_customer.get(str(window["customer_id"]))
-                if found is not None:
-                    found.append(window)
-            for customer, windows in by_customer.items():
-                try:
-                    rows += rows_of_windows(
-                        plans, customer, period, run, schedules.get(customer), windows
-                    )
-                except (KeyError, ValueError, PricingError) as exc:
-                    log.warning("pricing %s for %s skipped: %s", customer, period.start, exc)
+    for i in range(0, len(todo), PRICING_SLICE):
+        schedules, by_customer = store.schedules_and_windows(
+            ch, todo[i : i + PRICING_SLICE], start, end
+        )
+        for customer, windows in by_customer.items():
+            try:
+                rows += rows_of_windows(
+                    plans, customer, period, run, schedules.get(customer), windows
+                )
+            except (KeyError, ValueError, PricingError) as exc:
+                log.warning("pricing %s for %s skipped: %s", customer, period.start, exc)
     return rows
 
 

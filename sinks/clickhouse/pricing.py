@@ -17,6 +17,8 @@ from meterstream.sinks.clickhouse.client import ClickHouse
 from meterstream.sinks.clickhouse.queries import (
     MERGED_VALUE_SQL,
     _key_filters,
+    customer_chunks,
+    latest_windows,
     latest_windows_sql,
     sql_ms,
 )
@@ -142,6 +144,25 @@ def current_schedules(
     """The latest schedule per customer (empty ones included), of ``customers`` or all."""
     rows = latest_rows(ch, _CURRENT, customers)
     return {str(r[0]): _schedule_row(r) for r in rows}
+
+
+def schedules_and_windows(
+    ch: ClickHouse, customers: Sequence[str], start_ms: int, end_ms: int
+) -> tuple[dict[str, ScheduleRow], dict[str, list[dict[str, Any]]]]:
+    """What pricing ``customers`` in [start_ms, end_ms) reads, in two reads however many
+    they are: their latest schedules, and the range's latest windows of all of them (in
+    slices that keep each query under max_query_size, :func:`customer_chunks`), grouped
+    by customer (each of ``customers`` there, with no windows if none). A pricing run and
+    a credit burn read this way: one read per customer made a run of 1,000 customers
+    25-28 s of a thread taking the GIL thousands of times."""
+    schedules = current_schedules(ch, list(customers))  # an Array parameter
+    by_customer: dict[str, list[dict[str, Any]]] = {c: [] for c in customers}
+    for chunk in customer_chunks(customers):  # an IN list
+        for window in latest_windows(ch, customer_ids=chunk, start_ms=start_ms, end_ms=end_ms):
+            found = by_customer.get(str(window["customer_id"]))
+            if found is not None:
+                found.append(window)
+    return schedules, by_customer
 
 
 def schedule_history(ch: ClickHouse, customer_id: str) -> list[ScheduleRow]:
