@@ -362,6 +362,11 @@ class Metrics:
             "Superseded `last` meter events cancelled at Stripe, by outcome",
             "outcome",
         )
+        self.last_batch = gauge(
+            "meterstream_last_batch_seconds",
+            "End (epoch seconds) of the last batch of usage-events processed: one that stops "
+            "moving while the consumer lag grows is a stuck worker",
+        )
         self.consumer_lag = gauge(
             "meterstream_consumer_lag", "Records behind the end, by partition", "partition"
         )

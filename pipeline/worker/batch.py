@@ -976,6 +976,7 @@ class Pipeline:
     def _count(self, report: BatchReport, unmetered: int, deltas: dict[Any, WindowState]) -> None:
         m = self.metrics
         m.events_in.inc(report.records)
+        m.last_batch.set(time.time())
         m.accepted.inc(report.accepted)
         m.duplicates.inc(report.duplicates)
         m.unmetered.inc(unmetered)

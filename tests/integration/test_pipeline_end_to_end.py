@@ -65,6 +65,7 @@ def test_events_to_clickhouse_and_stripe(stack: StackSlice) -> None:
     for customer in ("acme", "globex"):
         mapped = cli(stack, meters_file, "customers", "set", customer, f"cus_{customer}")
         assert mapped.returncode == 0, mapped.stdout + mapped.stderr
+    sent_at = time.time()
     stack.produce(records)
     worker = stack.start_worker(meters_file)
 
@@ -157,6 +158,8 @@ def test_events_to_clickhouse_and_stripe(stack: StackSlice) -> None:
             name, value = line.rsplit(" ", 1)
             metrics[name] = float(value)
     assert metrics["meterstream_events_in_total"] == len(records)
+    # the end of the last batch: after the records were sent, before this read
+    assert sent_at < metrics["meterstream_last_batch_seconds"] <= time.time()
     assert metrics["meterstream_events_accepted_total"] == len(good)
     assert metrics["meterstream_events_duplicate_total"] == 1
     for reason, rows in by_reason.items():
