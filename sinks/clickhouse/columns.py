@@ -16,19 +16,26 @@ What each column type receives, exactly (nothing is rounded here):
   2286-11-20 the rows are :class:`NotEncodable` (the driver's path takes them).
 - ``Decimal(P, S)``: the decimal's text (ClickHouse reads ``1E-9`` and ``1.5E+3``
   exactly); a non-finite decimal or a float is not encodable.
+- ``Date``: a ``date`` (not a datetime) as ``YYYY-MM-DD``, from 1970-01-01 to
+  2149-06-06 (the type's range).
+- ``Bool``: ``True``/``False`` as JSON ``true``/``false``.
+- ``Nullable(T)`` of any type above: ``None`` as ``null``, anything else as ``T``.
 - ``String``, ``LowCardinality(String)``, integers, ``Array(String)``: as they are.
 
-Any other type (``Nullable``, ``Float``, ``UUID``, ...), a naive datetime, or a value
-orjson refuses raises :class:`NotEncodable`, and the caller inserts those rows
+Any other type (``Float``, ``UUID``, ``Array(DateTime64)``, ...), a naive datetime, or
+a value orjson refuses raises :class:`NotEncodable`, and the caller inserts those rows
 through the driver as before. So this path only ever takes values whose text
-ClickHouse reads back equal to what the driver would have written.
+ClickHouse reads back equal to what the driver would have written. (The driver's
+path also imports pandas the first time it is taken, ~1.6 s of a thread holding the
+GIL: in the worker, the first pricing run's ``Date`` column did that until
+2026-12-06.)
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -46,6 +53,8 @@ _AS_IS = re.compile(
     r"|Array\(LowCardinality\(String\)\))$"
 )
 _MAX_SECONDS = 9_999_999_999  # ten digits: 2286-11-20
+_NULLABLE = re.compile(r"^Nullable\((.+)\)$")
+_DATE_RANGE = (date(1970, 1, 1), date(2149, 6, 6))  # ClickHouse's Date
 
 
 def _datetime64(precision: int) -> Callable[[Sequence[Any]], list[str]]:
@@ -92,8 +101,40 @@ def _by_distinct(convert: Callable[[Any], Any]) -> Callable[[Sequence[Any]], lis
 _decimal_column = _by_distinct(_decimal)
 
 
+def _date(value: Any) -> str:
+    if type(value) is not date:  # a datetime is a date too: its zone would be guessed
+        raise NotEncodable(f"{type(value).__name__} for a Date column")
+    if not _DATE_RANGE[0] <= value <= _DATE_RANGE[1]:
+        raise NotEncodable(f"{value} is outside ClickHouse's Date range")
+    return value.isoformat()
+
+
+def _bool(values: Sequence[Any]) -> Sequence[Any]:
+    for value in values:
+        if type(value) is not bool:
+            raise NotEncodable(f"{type(value).__name__} for a Bool column")
+    return values
+
+
+def _nullable(inner: Callable[[Sequence[Any]], Any] | None) -> Callable[[Sequence[Any]], Any]:
+    def column(values: Sequence[Any]) -> list[Any]:
+        present = [value for value in values if value is not None]
+        if inner is not None:
+            present = list(inner(present))
+        it = iter(present)
+        return [None if value is None else next(it) for value in values]
+
+    return column
+
+
 def column_encoder(column_type: str) -> Callable[[Sequence[Any]], Any] | None:
     """How a column of ``column_type`` is written (None: as it is); NotEncodable if never."""
+    if match := _NULLABLE.match(column_type):
+        return _nullable(column_encoder(match.group(1)))
+    if column_type == "Date":
+        return _by_distinct(_date)
+    if column_type == "Bool":
+        return _bool
     if match := _DATETIME64.match(column_type):
         return _datetime64(int(match.group(1)))
     if _DECIMAL.match(column_type):

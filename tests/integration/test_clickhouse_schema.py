@@ -13,7 +13,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +28,7 @@ from meterstream.events import Reason, Rejection, UsageEvent
 from meterstream.meters.aggregation import WindowState
 from meterstream.metrics import Metrics
 from meterstream.sinks.clickhouse import client as client_module
+from meterstream.sinks.clickhouse import pricing
 from meterstream.sinks.clickhouse import queries as q
 from meterstream.sinks.clickhouse.analyst import AnalystSQL, SqlLimits
 from meterstream.sinks.clickhouse.calls import ClickHouseIO
@@ -668,6 +669,57 @@ def test_json_columns_store_what_the_driver_stores(db: ClickHouse, monkeypatch: 
         {"odd": odd},
     )
     assert (ts, note) == (datetime(1970, 1, 1, tzinfo=UTC), odd)
+
+
+def test_dates_bools_and_nullables_store_what_the_driver_stores(
+    db: ClickHouse, monkeypatch: Any
+) -> None:
+    """Date, Bool and Nullable columns (priced_usage_runs.day, credit_grants.expires_at,
+    credit_recharge.enabled, ...) through the JSON block read back as through the driver."""
+    db.command(
+        "CREATE TABLE typed (k String, day Date, on Bool,"
+        " expires Nullable(DateTime64(3, 'UTC')), n Nullable(Int64), s Nullable(String),"
+        " amount Nullable(Decimal(76, 30))) ENGINE = MergeTree ORDER BY k"
+    )
+    taken = _driver_only(db, monkeypatch)
+    rows = [
+        ("a", date(2026, 12, 1), True, None, -(2**63), None, Decimal("1E-30")),
+        ("b", date(1970, 1, 1), False, datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC),
+         None, 'q"\n', None),
+        ("c", date(2149, 6, 6), True, datetime(2024, 1, 31, 22, tzinfo=UTC), 2**63 - 1, "", None),
+    ]  # fmt: skip
+    names = ["k", "day", "on", "expires", "n", "s", "amount"]
+    db.insert("typed", [("j" + r[0], *r[1:]) for r in rows], names)
+    assert taken == ["typed"]
+    db._client.insert("typed", [("d" + r[0], *r[1:]) for r in rows], column_names=names)
+
+    def stored(prefix: str) -> list[tuple[Any, ...]]:
+        return db.query_rows(
+            "SELECT substring(k, 2) AS key, * EXCEPT k FROM typed"
+            f" WHERE startsWith(k, '{prefix}') ORDER BY key"
+        )
+
+    assert stored("j") == stored("d")
+    assert [r[1:] for r in stored("j")] == [
+        (date(2026, 12, 1), True, None, -(2**63), None, Decimal("1E-30")),
+        (date(1970, 1, 1), False, datetime(2023, 11, 14, 22, 13, 20, 123000, tzinfo=UTC),
+         None, 'q"\n', None),
+        (date(2149, 6, 6), True, datetime(2024, 1, 31, 22, tzinfo=UTC), 2**63 - 1, "", None),
+    ]  # fmt: skip
+
+
+def test_a_pricing_run_is_written_as_a_json_block(db: ClickHouse, monkeypatch: Any) -> None:
+    """Its ``day`` column once sent it down the driver's path (pandas imported on the
+    worker's ClickHouse thread, ~1.6 s holding the GIL, at the first run)."""
+    taken = _driver_only(db, monkeypatch)
+    row = ("acme", datetime(2026, 12, 1, tzinfo=UTC), 1, date(2026, 12, 3), "tokens", "metered",
+           datetime(2026, 12, 1, tzinfo=UTC), "usd", Decimal("10"), Decimal("25"),
+           Decimal("0.025"))  # fmt: skip
+    pricing.write_priced_usage(db, [row])
+    assert taken == [pricing.PRICED_USAGE_RUNS]
+    assert db.query_rows("SELECT day, amount FROM priced_usage_runs") == [
+        (date(2026, 12, 3), Decimal("0.025"))
+    ]
 
 
 def test_rows_json_cannot_carry_go_through_the_driver(db: ClickHouse, monkeypatch: Any) -> None:

@@ -3,7 +3,7 @@ encoding."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import orjson
@@ -76,13 +76,57 @@ def test_values_json_cannot_carry_exactly_are_refused(column: str, value: object
 def test_unknown_columns_types_and_ragged_rows_are_refused() -> None:
     with pytest.raises(NotEncodable, match="unknown columns"):
         encode([("k",)], ["nope"], TYPES)
-    with pytest.raises(NotEncodable, match="Nullable"):
-        encode([("k",)], ["n"], {"n": "Nullable(String)"})
     with pytest.raises(NotEncodable, match="Float64"):
         encode([(1.5,)], ["f"], {"f": "Float64"})
+    with pytest.raises(NotEncodable, match="Float64"):
+        encode([(None,)], ["f"], {"f": "Nullable(Float64)"})
+    with pytest.raises(NotEncodable, match="Array"):
+        encode([([],)], ["a"], {"a": "Array(DateTime64(3, 'UTC'))"})
     with pytest.raises(ValueError):
         encode([("k", "n"), ("k",)], ["key", "name"], TYPES)
 
 
 def test_integers_in_decimal_columns_stay_integers() -> None:
     assert decoded([("k", "n", 5, 7, 1, [])])[3] == [7]
+
+
+def test_dates_bools_and_nullables() -> None:
+    types = {
+        "day": "Date",
+        "on": "Bool",
+        "expires": "Nullable(DateTime64(3, 'UTC'))",
+        "n": "Nullable(Int64)",
+        "s": "Nullable(String)",
+    }
+    rows = [
+        (date(2026, 12, 1), True, None, -5, None),
+        (date(1970, 1, 1), False, 1_700_000_000_123, None, "x"),
+        (date(2149, 6, 6), True, datetime(2024, 1, 31, 22, tzinfo=UTC), None, None),
+    ]
+    assert orjson.loads(encode(rows, list(types), types)) == [
+        ["2026-12-01", "1970-01-01", "2149-06-06"],
+        [True, False, True],
+        [None, "1700000000.123", "1706738400.000"],
+        [-5, None, None],
+        [None, "x", None],
+    ]
+
+
+@pytest.mark.parametrize(
+    ("column_type", "value"),
+    [
+        ("Date", datetime(2026, 12, 1, tzinfo=UTC)),  # a datetime: which day is a guess
+        ("Date", "2026-12-01"),
+        ("Date", date(1969, 12, 31)),  # outside the type's range
+        ("Date", date(2149, 6, 7)),
+        ("Bool", 1),
+        ("Bool", "true"),
+        ("Nullable(DateTime64(3, 'UTC'))", -1),  # the inner type's refusals hold
+        ("Nullable(Date)", date(1969, 12, 31)),
+    ],
+)
+def test_dates_and_bools_json_cannot_carry_exactly_are_refused(
+    column_type: str, value: object
+) -> None:
+    with pytest.raises(NotEncodable):
+        encode([(value,)], ["c"], {"c": column_type})
