@@ -71,10 +71,10 @@ QUICK_EVENTS = 30_000
 STRIPE_METERS = ("ai_tokens", "api_requests", "peak_servers")  # as in bench/meters.yaml
 STRIPE_INTERVAL_S = 30
 BALANCE_TARGET_S = 2.0  # issue 25 item 3: p99 event -> updated balance at half load
-# How often (b) reads the worker's /metrics. Rendering and serving it is the worker's
-# main thread's work (~3% of it at 10 reads a second, py-spy), which the bare agent is
-# not asked to do; the end of (b) is the worker's own meterstream_last_batch_seconds,
-# so a slower poll does not blur it.
+# How often (b) reads the worker's /metrics. Serving it is work for the worker's main
+# thread (1.9% of its samples at 10 reads a second, py-spy) that the bare agent is not
+# asked to do; the end of (b) is the worker's own meterstream_last_batch_seconds, so a
+# slower poll does not blur it.
 POLL_SECONDS = 1.0
 
 
