@@ -116,13 +116,13 @@ def _bool(values: Sequence[Any]) -> Sequence[Any]:
     return values
 
 
-def _nullable(inner: Callable[[Sequence[Any]], Any] | None) -> Callable[[Sequence[Any]], Any]:
+_date_column = _by_distinct(_date)
+
+
+def _nullable(inner: Callable[[Sequence[Any]], Any]) -> Callable[[Sequence[Any]], Any]:
     def column(values: Sequence[Any]) -> list[Any]:
-        present = [value for value in values if value is not None]
-        if inner is not None:
-            present = list(inner(present))
-        it = iter(present)
-        return [None if value is None else next(it) for value in values]
+        present = iter(inner([value for value in values if value is not None]))
+        return [None if value is None else next(present) for value in values]
 
     return column
 
@@ -130,9 +130,10 @@ def _nullable(inner: Callable[[Sequence[Any]], Any] | None) -> Callable[[Sequenc
 def column_encoder(column_type: str) -> Callable[[Sequence[Any]], Any] | None:
     """How a column of ``column_type`` is written (None: as it is); NotEncodable if never."""
     if match := _NULLABLE.match(column_type):
-        return _nullable(column_encoder(match.group(1)))
+        inner = column_encoder(match.group(1))
+        return None if inner is None else _nullable(inner)  # None is JSON's null as it is
     if column_type == "Date":
-        return _by_distinct(_date)
+        return _date_column
     if column_type == "Bool":
         return _bool
     if match := _DATETIME64.match(column_type):
